@@ -1,0 +1,19 @@
+//! The router client that edges, connectors and the `portico` CLI share.
+//!
+//! It makes keys and CSRs ([`pki`]), keeps credentials and snapshots in a
+//! state directory ([`state`]), talks HTTPS+JSON to the router while pinning
+//! its CA ([`client`]), and enrolls and renews certificates ([`enroll`]).
+//!
+//! It does not listen on anything, hold tunnels or proxy requests: that is
+//! the edge's and the connector's work. It speaks to the router only through
+//! `portico_proto::api` types.
+
+pub mod client;
+pub mod enroll;
+pub mod error;
+pub mod pki;
+pub mod state;
+
+pub use client::{RouterClient, RouterTrust};
+pub use error::{ClientError, EnrollError, PkiError, StateError};
+pub use state::{Credentials, Secret, StateDir};

@@ -1,0 +1,279 @@
+//! Keys, CSRs, certificate parsing, and the rustls verifiers that pin the
+//! router's CA.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use portico_proto::api::Identity;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::danger::ClientCertVerifier;
+use rustls::server::WebPkiClientVerifier;
+use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
+
+use crate::error::PkiError;
+
+/// The one crypto provider of every Portico process: ring.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// A fresh ECDSA P-256 key pair.
+pub fn generate_key() -> Result<rcgen::KeyPair, PkiError> {
+    Ok(rcgen::KeyPair::generate()?)
+}
+
+/// A PKCS#10 CSR for `key`. It names nothing: the router decides the names.
+pub fn csr_pem(key: &rcgen::KeyPair) -> Result<String, PkiError> {
+    let params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    Ok(params.serialize_request(key)?.pem()?)
+}
+
+/// Every certificate in a PEM bundle, in order. At least one is required.
+pub fn parse_certs_pem(pem: &str) -> Result<Vec<CertificateDer<'static>>, PkiError> {
+    let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| PkiError::BadPem {
+            what: "certificate",
+            reason: e.to_string(),
+        })?;
+    if certs.is_empty() {
+        return Err(PkiError::NoPem {
+            what: "certificate",
+        });
+    }
+    Ok(certs)
+}
+
+/// The private key in a PEM document (PKCS#8, PKCS#1 or SEC1).
+pub fn parse_key_pem(pem: &str) -> Result<PrivateKeyDer<'static>, PkiError> {
+    PrivateKeyDer::from_pem_slice(pem.as_bytes()).map_err(|e| match e {
+        rustls::pki_types::pem::Error::NoItemsFound => PkiError::NoPem { what: "private key" },
+        other => PkiError::BadPem {
+            what: "private key",
+            reason: other.to_string(),
+        },
+    })
+}
+
+fn parse<'a>(cert: &'a CertificateDer<'_>) -> Result<x509_parser::certificate::X509Certificate<'a>, PkiError> {
+    x509_parser::parse_x509_certificate(cert.as_ref())
+        .map(|(_, c)| c)
+        .map_err(|e| PkiError::BadCertificate {
+            reason: e.to_string(),
+        })
+}
+
+/// The Portico identity a certificate names in its URI SANs.
+pub fn identity_of(cert: &CertificateDer<'_>) -> Result<Identity, PkiError> {
+    let cert = parse(cert)?;
+    let san = cert
+        .subject_alternative_name()
+        .map_err(|e| PkiError::BadCertificate {
+            reason: e.to_string(),
+        })?
+        .ok_or(PkiError::NoIdentity)?;
+    let uris = san.value.general_names.iter().filter_map(|n| match n {
+        x509_parser::extensions::GeneralName::URI(uri) => Some(&**uri),
+        _ => None,
+    });
+    Identity::from_uris(uris).ok_or(PkiError::NoIdentity)
+}
+
+/// A certificate's validity period.
+pub fn validity(cert: &CertificateDer<'_>) -> Result<(SystemTime, SystemTime), PkiError> {
+    let cert = parse(cert)?;
+    let v = cert.validity();
+    Ok((to_system_time(v.not_before.timestamp()), to_system_time(v.not_after.timestamp())))
+}
+
+/// When a certificate expires.
+pub fn not_after(cert: &CertificateDer<'_>) -> Result<SystemTime, PkiError> {
+    Ok(validity(cert)?.1)
+}
+
+/// The hex serial number of a certificate.
+pub fn serial_hex(cert: &CertificateDer<'_>) -> Result<String, PkiError> {
+    Ok(parse(cert)?.raw_serial_as_string().replace(':', ""))
+}
+
+fn to_system_time(unix: i64) -> SystemTime {
+    match u64::try_from(unix) {
+        Ok(secs) => UNIX_EPOCH + Duration::from_secs(secs),
+        Err(_) => UNIX_EPOCH,
+    }
+}
+
+/// Lower-case hex SHA-256 of `bytes`.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, bytes);
+    digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A root store holding the certificates of a PEM bundle (the router CA).
+pub fn root_store(ca_pem: &str) -> Result<RootCertStore, PkiError> {
+    let mut roots = RootCertStore::empty();
+    for cert in parse_certs_pem(ca_pem)? {
+        roots.add(cert)?;
+    }
+    Ok(roots)
+}
+
+/// A verifier of client certificates signed by the CA. With `optional`,
+/// clients without a certificate are let in (the router API serves admins
+/// with bearer tokens and agents with certificates on one listener).
+pub fn client_verifier(ca_pem: &str, optional: bool) -> Result<Arc<dyn ClientCertVerifier>, PkiError> {
+    let builder = WebPkiClientVerifier::builder_with_provider(Arc::new(root_store(ca_pem)?), provider());
+    let builder = if optional {
+        builder.allow_unauthenticated()
+    } else {
+        builder
+    };
+    Ok(builder.build()?)
+}
+
+/// A server verifier that checks the chain against the CA and the fixed
+/// `name`, whatever host or address the client dialed. The router is
+/// verified as [`portico_proto::api::ROUTER_SERVER_NAME`] this way.
+pub fn fixed_name_verifier(ca_pem: &str, name: &str) -> Result<Arc<dyn ServerCertVerifier>, PkiError> {
+    let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(root_store(ca_pem)?), provider())
+        .build()
+        .map_err(|e| PkiError::BadCertificate {
+            reason: e.to_string(),
+        })?;
+    Ok(Arc::new(FixedName {
+        inner: Verify::Ca(inner),
+        name: server_name(name)?,
+    }))
+}
+
+/// A server verifier for first contact: the server must present, in its
+/// chain, a CA certificate whose SHA-256 is `ca_sha256`, and its leaf must
+/// chain to that CA and carry `name`.
+pub fn pinned_verifier(ca_sha256: &str, name: &str) -> Result<Arc<dyn ServerCertVerifier>, PkiError> {
+    Ok(Arc::new(FixedName {
+        inner: Verify::Pinned(ca_sha256.to_ascii_lowercase()),
+        name: server_name(name)?,
+    }))
+}
+
+fn server_name(name: &str) -> Result<ServerName<'static>, PkiError> {
+    ServerName::try_from(name.to_owned()).map_err(|e| PkiError::BadCertificate {
+        reason: format!("invalid server name {name:?}: {e}"),
+    })
+}
+
+#[derive(Debug)]
+enum Verify {
+    Ca(Arc<WebPkiServerVerifier>),
+    Pinned(String),
+}
+
+#[derive(Debug)]
+struct FixedName {
+    inner: Verify,
+    name: ServerName<'static>,
+}
+
+impl ServerCertVerifier for FixedName {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _dialed: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        match &self.inner {
+            Verify::Ca(v) => v.verify_server_cert(end_entity, intermediates, &self.name, ocsp, now),
+            Verify::Pinned(pin) => {
+                let ca = intermediates
+                    .iter()
+                    .find(|c| sha256_hex(c.as_ref()) == *pin)
+                    .ok_or(rustls::Error::InvalidCertificate(
+                        rustls::CertificateError::UnknownIssuer,
+                    ))?;
+                let mut roots = RootCertStore::empty();
+                roots.add(ca.clone().into_owned())?;
+                let v = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
+                    .build()
+                    .map_err(|e| rustls::Error::General(e.to_string()))?;
+                v.verify_server_cert(end_entity, intermediates, &self.name, ocsp, now)
+            }
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &provider().signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &provider().signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use portico_proto::{ConnectorId, GroupId};
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+
+    #[test]
+    fn identity_and_validity_read_back() {
+        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().unwrap()).unwrap();
+        let id = Identity::Connector {
+            id: ConnectorId::new("c-1").unwrap(),
+            group: GroupId::default_group(),
+        };
+        let mut leaf = CertificateParams::new(Vec::<String>::new()).unwrap();
+        leaf.subject_alt_names = id
+            .to_uris()
+            .into_iter()
+            .map(|u| rcgen::SanType::URI(u.try_into().unwrap()))
+            .collect();
+        let key = generate_key().unwrap();
+        let cert = leaf.signed_by(&key, &ca).unwrap();
+        let der = cert.der().clone();
+        assert_eq!(identity_of(&der).unwrap(), id);
+        assert!(not_after(&der).unwrap() > SystemTime::now());
+        // A certificate without Portico URIs has no identity.
+        assert!(matches!(identity_of(ca.der()), Err(PkiError::NoIdentity)));
+        // PEM round trips.
+        let pem = cert.pem();
+        assert_eq!(parse_certs_pem(&pem).unwrap(), vec![der]);
+        assert!(parse_key_pem(&key.serialize_pem()).is_ok());
+        assert!(matches!(parse_certs_pem("junk"), Err(PkiError::NoPem { .. })));
+        assert!(csr_pem(&key).unwrap().contains("CERTIFICATE REQUEST"));
+    }
+}

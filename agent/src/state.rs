@@ -1,0 +1,222 @@
+//! The state directory of an edge or connector: its credentials (0600) and
+//! the last configuration snapshot it saw, written atomically.
+
+use std::fmt;
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use portico_proto::api::Identity;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{PkiError, StateError};
+use crate::pki;
+
+/// A secret string: its `Debug` and `Display` print `***`.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Secret {
+        Secret(s.into())
+    }
+
+    /// The secret itself. Call sites that need it are easy to audit.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// An identity's key, certificate and the CA that signed it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Credentials {
+    pub identity: Identity,
+    pub key_pem: Secret,
+    pub cert_pem: String,
+    pub ca_pem: String,
+    #[serde(skip, default = "epoch")]
+    pub not_before: SystemTime,
+    #[serde(skip, default = "epoch")]
+    pub not_after: SystemTime,
+}
+
+fn epoch() -> SystemTime {
+    SystemTime::UNIX_EPOCH
+}
+
+impl Credentials {
+    /// Builds credentials and reads the validity period from the certificate.
+    pub fn new(identity: Identity, key_pem: Secret, cert_pem: String, ca_pem: String) -> Result<Credentials, PkiError> {
+        let mut c = Credentials {
+            identity,
+            key_pem,
+            cert_pem,
+            ca_pem,
+            not_before: epoch(),
+            not_after: epoch(),
+        };
+        c.refresh_validity()?;
+        Ok(c)
+    }
+
+    fn refresh_validity(&mut self) -> Result<(), PkiError> {
+        let leaf = pki::parse_certs_pem(&self.cert_pem)?;
+        let (nb, na) = pki::validity(&leaf[0])?;
+        self.not_before = nb;
+        self.not_after = na;
+        pki::parse_key_pem(self.key_pem.expose())?;
+        Ok(())
+    }
+
+    /// The certificate chain to present (leaf first).
+    pub fn cert_chain(&self) -> Result<Vec<CertificateDer<'static>>, PkiError> {
+        pki::parse_certs_pem(&self.cert_pem)
+    }
+
+    pub fn private_key(&self) -> Result<PrivateKeyDer<'static>, PkiError> {
+        pki::parse_key_pem(self.key_pem.expose())
+    }
+
+    /// When to renew: at two thirds of the certificate's life.
+    pub fn renew_at(&self) -> SystemTime {
+        let life = self
+            .not_after
+            .duration_since(self.not_before)
+            .unwrap_or_default();
+        self.not_before + life * 2 / 3
+    }
+
+    pub fn is_expired(&self, now: SystemTime) -> bool {
+        now >= self.not_after
+    }
+}
+
+/// A directory that holds one component's state, mode 0700.
+#[derive(Debug, Clone)]
+pub struct StateDir {
+    path: PathBuf,
+}
+
+const CREDENTIALS: &str = "credentials.json";
+
+impl StateDir {
+    /// Opens the directory, creating it (0700) if needed.
+    pub fn open(path: impl Into<PathBuf>) -> Result<StateDir, StateError> {
+        let path = path.into();
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&path)
+            .map_err(|source| StateError::Io {
+                path: path.clone(),
+                source,
+            })?;
+        Ok(StateDir { path })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The saved credentials, if any.
+    pub fn load_credentials(&self) -> Result<Option<Credentials>, StateError> {
+        let Some(mut creds) = self.load_json::<Credentials>(CREDENTIALS)? else {
+            return Ok(None);
+        };
+        creds
+            .refresh_validity()
+            .map_err(|source| StateError::BadCredentials {
+                path: self.path.join(CREDENTIALS),
+                source,
+            })?;
+        Ok(Some(creds))
+    }
+
+    /// Saves credentials, readable by the owner only.
+    pub fn save_credentials(&self, creds: &Credentials) -> Result<(), StateError> {
+        self.save_json(CREDENTIALS, creds)
+    }
+
+    /// Reads `name` as JSON; `None` if it does not exist.
+    pub fn load_json<T: DeserializeOwned>(&self, name: &str) -> Result<Option<T>, StateError> {
+        let path = self.path.join(name);
+        let bytes = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(StateError::Io { path, source }),
+        };
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|source| StateError::Corrupt { path, source })
+    }
+
+    /// Writes `name` as JSON, atomically (temporary file, fsync, rename),
+    /// with mode 0600.
+    pub fn save_json<T: Serialize>(&self, name: &str, value: &T) -> Result<(), StateError> {
+        let path = self.path.join(name);
+        let tmp = self.path.join(format!(".{name}.tmp"));
+        let io = |source| StateError::Io {
+            path: path.clone(),
+            source,
+        };
+        let bytes = serde_json::to_vec_pretty(value).map_err(|source| StateError::Corrupt {
+            path: path.clone(),
+            source,
+        })?;
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(io)?;
+        f.set_permissions(fs::Permissions::from_mode(0o600)).map_err(io)?;
+        f.write_all(&bytes).map_err(io)?;
+        f.sync_all().map_err(io)?;
+        fs::rename(&tmp, &path).map_err(io)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_is_atomic_and_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::open(dir.path().join("s")).unwrap();
+        assert_eq!(state.load_json::<Vec<u32>>("x.json").unwrap(), None);
+        state.save_json("x.json", &vec![1, 2, 3]).unwrap();
+        assert_eq!(state.load_json::<Vec<u32>>("x.json").unwrap(), Some(vec![1, 2, 3]));
+        let mode = fs::metadata(state.path().join("x.json")).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let mode = fs::metadata(state.path()).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+        fs::write(state.path().join("bad.json"), b"{").unwrap();
+        assert!(matches!(state.load_json::<Vec<u32>>("bad.json"), Err(StateError::Corrupt { .. })));
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        let s = Secret::new("hunter2");
+        assert_eq!(format!("{s:?} {s}"), "*** ***");
+    }
+}

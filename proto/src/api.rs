@@ -1,0 +1,565 @@
+//! The router's HTTP API: request and response bodies (JSON via serde), the
+//! paths they travel on, and the naming rules for certificates and tokens.
+//!
+//! Edges, connectors and the CLI speak to the router only through these
+//! types, so none of them depends on the router crate.
+//!
+//! | method | path | auth | body → answer |
+//! |---|---|---|---|
+//! | GET | `/healthz`, `/ready` | none | text |
+//! | POST | `/v1/enroll` | join token in body | [`EnrollRequest`] → [`EnrollResponse`] |
+//! | POST | `/v1/renew` | client cert | [`CsrRequest`] → [`CertResponse`] |
+//! | GET | `/v1/edge/config?after=V&wait=S` | edge cert | → [`EdgeConfig`], or 304 when nothing changed within `wait` |
+//! | POST | `/v1/edge/report` | edge cert | [`EdgeReport`] → 204 |
+//! | POST | `/v1/edge/public-cert` | edge cert | [`CsrRequest`] → [`CertResponse`] (wildcard for the apps domain) |
+//! | GET | `/v1/connector/config?after=V&wait=S` | connector cert | → [`ConnectorConfig`], or 304 |
+//! | GET, POST | `/v1/groups` | admin token | → `[Group]`; [`CreateGroup`] → [`Group`] |
+//! | DELETE | `/v1/groups/{id}` | admin token | → 204, 404, or 409 when not empty |
+//! | GET, POST | `/v1/apps` | admin token | → `[App]`; [`AppSpec`] → [`App`] |
+//! | GET, DELETE | `/v1/apps/{id}` | admin token | → [`App`]; → 204 |
+//! | POST | `/v1/tokens` | admin token | [`CreateToken`] → [`TokenCreated`] |
+//! | GET | `/v1/connectors` | admin token | → `[Connector]` |
+//! | DELETE | `/v1/connectors/{id}` | admin token | → 204 (revokes it) |
+//! | GET | `/v1/edges` | admin token | → `[Edge]` |
+//!
+//! Every error answer is an [`ApiError`] with the HTTP status of its kind:
+//! 400 invalid input, 401 missing or wrong credentials, 403 revoked,
+//! 404 not found, 409 conflict.
+
+use std::fmt;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{AppId, ConnectorId, EdgeId, GroupId, RegionId};
+
+/// The name every router certificate carries, whatever address it is
+/// reached at. Clients verify the router against this name and the CA.
+pub const ROUTER_SERVER_NAME: &str = "router.portico.internal";
+
+/// The name an edge's tunnel certificate carries; connectors verify the
+/// edge they dial against it.
+pub fn edge_server_name(edge: &EdgeId) -> String {
+    format!("{edge}.edges.portico.internal")
+}
+
+/// The longest a long-poll may wait, in seconds.
+pub const MAX_WATCH_WAIT_SECS: u64 = 60;
+
+/// Who a certificate belongs to, as its URI SANs say.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Identity {
+    Connector { id: ConnectorId, group: GroupId },
+    Edge { id: EdgeId, region: RegionId },
+}
+
+const URN_CONNECTOR: &str = "urn:portico:connector:";
+const URN_GROUP: &str = "urn:portico:group:";
+const URN_EDGE: &str = "urn:portico:edge:";
+const URN_REGION: &str = "urn:portico:region:";
+
+impl Identity {
+    /// The URI SANs that name this identity in a certificate.
+    pub fn to_uris(&self) -> Vec<String> {
+        match self {
+            Identity::Connector { id, group } => {
+                vec![format!("{URN_CONNECTOR}{id}"), format!("{URN_GROUP}{group}")]
+            }
+            Identity::Edge { id, region } => {
+                vec![format!("{URN_EDGE}{id}"), format!("{URN_REGION}{region}")]
+            }
+        }
+    }
+
+    /// Reads an identity back from a certificate's URI SANs. Other SANs are
+    /// ignored; a certificate naming two identities is refused.
+    pub fn from_uris<'a>(uris: impl IntoIterator<Item = &'a str>) -> Option<Identity> {
+        let (mut connector, mut group, mut edge, mut region) = (None, None, None, None);
+        for uri in uris {
+            if let Some(v) = uri.strip_prefix(URN_CONNECTOR) {
+                connector = Some(ConnectorId::new(v).ok()?);
+            } else if let Some(v) = uri.strip_prefix(URN_GROUP) {
+                group = Some(GroupId::new(v).ok()?);
+            } else if let Some(v) = uri.strip_prefix(URN_EDGE) {
+                edge = Some(EdgeId::new(v).ok()?);
+            } else if let Some(v) = uri.strip_prefix(URN_REGION) {
+                region = Some(RegionId::new(v).ok()?);
+            }
+        }
+        match (connector, group, edge, region) {
+            (Some(id), Some(group), None, None) => Some(Identity::Connector { id, group }),
+            (None, None, Some(id), Some(region)) => Some(Identity::Edge { id, region }),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Identity::Connector { id, group } => write!(f, "connector {id} (group {group})"),
+            Identity::Edge { id, region } => write!(f, "edge {id} (region {region})"),
+        }
+    }
+}
+
+/// A join token as the admin hands it out: `pt1.<id>.<secret>.<ca-sha256>`.
+///
+/// The last part pins the router's CA, so a connector that holds only the
+/// token can verify the router on its very first connection.
+#[derive(Clone, PartialEq, Eq)]
+pub struct JoinToken {
+    /// Public part, used to find the token; 16 hex digits.
+    pub id: String,
+    /// Secret part; the router stores only its SHA-256.
+    pub secret: String,
+    /// SHA-256 of the router CA certificate (DER), 64 hex digits.
+    pub ca_sha256: String,
+}
+
+/// Why a join token string cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("malformed join token: expected pt1.<id>.<secret>.<ca-sha256> as printed by `portico token create`")]
+pub struct MalformedToken;
+
+impl std::str::FromStr for JoinToken {
+    type Err = MalformedToken;
+    fn from_str(s: &str) -> Result<Self, MalformedToken> {
+        let mut parts = s.trim().split('.');
+        let (Some("pt1"), Some(id), Some(secret), Some(pin), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(MalformedToken);
+        };
+        let hex = |s: &str, len: usize| s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit());
+        if !hex(id, 16) || !hex(secret, 32) || !hex(pin, 64) {
+            return Err(MalformedToken);
+        }
+        Ok(JoinToken {
+            id: id.to_owned(),
+            secret: secret.to_owned(),
+            ca_sha256: pin.to_ascii_lowercase(),
+        })
+    }
+}
+
+impl fmt::Display for JoinToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "pt1.{}.{}.{}", self.id, self.secret, self.ca_sha256)
+    }
+}
+
+impl fmt::Debug for JoinToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "JoinToken({}, ***)", self.id)
+    }
+}
+
+/// The body of every error answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiError {
+    /// A stable machine-readable kind: `invalid`, `unauthorized`, `revoked`,
+    /// `not_found`, `conflict`, `internal`.
+    pub error: String,
+    /// The request field at fault, when one is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+    /// What is wrong, for a person.
+    pub message: String,
+}
+
+impl fmt::Display for ApiError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.field {
+            Some(field) => write!(f, "{} ({}): {}", self.error, field, self.message),
+            None => write!(f, "{}: {}", self.error, self.message),
+        }
+    }
+}
+
+// ---- enrollment and certificates ----
+
+/// `POST /v1/enroll`: trade a join token and a CSR for a certificate.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnrollRequest {
+    /// The join token string (`pt1.…`).
+    pub token: String,
+    /// A PKCS#10 CSR in PEM. Only its public key is used: the router, not
+    /// the CSR, decides every name in the certificate.
+    pub csr_pem: String,
+    /// The enrolling machine's host name, for listings.
+    pub host: String,
+    /// The enrolling software's version.
+    pub version: String,
+}
+
+/// A signed certificate and the CA that signed it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CertResponse {
+    pub cert_pem: String,
+    pub ca_pem: String,
+    /// Expiry, in seconds since the Unix epoch.
+    pub not_after: u64,
+}
+
+/// The answer to `POST /v1/enroll`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnrollResponse {
+    pub identity: Identity,
+    #[serde(flatten)]
+    pub cert: CertResponse,
+}
+
+/// `POST /v1/renew` and `POST /v1/edge/public-cert`: a CSR, authenticated by
+/// the caller's current client certificate.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CsrRequest {
+    pub csr_pem: String,
+}
+
+// ---- admin resources ----
+
+/// A connector group.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Group {
+    pub id: GroupId,
+    /// `auto` or a region id.
+    pub region: String,
+    /// How many connectors are enrolled in it.
+    pub connectors: u32,
+}
+
+/// `POST /v1/groups`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateGroup {
+    pub id: GroupId,
+    /// `auto` (the default) or a region id.
+    #[serde(default)]
+    pub region: Option<String>,
+}
+
+/// How long a backend may take to answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BackendTimeout {
+    /// 85 seconds.
+    #[default]
+    Default,
+    /// 180 seconds.
+    Long,
+    /// An explicit number of seconds (1 to 3600).
+    Seconds(u32),
+}
+
+impl BackendTimeout {
+    pub const MAX_SECONDS: u32 = 3600;
+
+    pub fn duration(self) -> Duration {
+        match self {
+            BackendTimeout::Default => Duration::from_secs(85),
+            BackendTimeout::Long => Duration::from_secs(180),
+            BackendTimeout::Seconds(s) => Duration::from_secs(u64::from(s)),
+        }
+    }
+}
+
+impl fmt::Display for BackendTimeout {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BackendTimeout::Default => f.write_str("default"),
+            BackendTimeout::Long => f.write_str("long"),
+            BackendTimeout::Seconds(s) => write!(f, "{s}"),
+        }
+    }
+}
+
+impl std::str::FromStr for BackendTimeout {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "default" => Ok(BackendTimeout::Default),
+            "long" => Ok(BackendTimeout::Long),
+            n => match n.trim_end_matches('s').parse::<u32>() {
+                Ok(secs) if (1..=BackendTimeout::MAX_SECONDS).contains(&secs) => {
+                    Ok(BackendTimeout::Seconds(secs))
+                }
+                _ => Err(format!(
+                    "backend timeout must be `default` (85 s), `long` (180 s) or 1 to {} seconds, not {s:?}",
+                    BackendTimeout::MAX_SECONDS
+                )),
+            },
+        }
+    }
+}
+
+impl Serialize for BackendTimeout {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            BackendTimeout::Seconds(n) => s.serialize_u32(*n),
+            other => s.serialize_str(&other.to_string()),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for BackendTimeout {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Num(u64),
+            Str(String),
+        }
+        let text = match Raw::deserialize(d)? {
+            Raw::Num(n) => n.to_string(),
+            Raw::Str(s) => s,
+        };
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// `POST /v1/apps`: what an admin publishes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppSpec {
+    pub id: AppId,
+    /// The external host. Defaults to `<id>.<apps domain>`; must lie under
+    /// the apps domain.
+    #[serde(default)]
+    pub external_host: Option<String>,
+    /// `http://` or `https://` host, optional port and optional path.
+    pub internal_url: String,
+    #[serde(default = "GroupId::default_group")]
+    pub connector_group: GroupId,
+    #[serde(default)]
+    pub backend_timeout: BackendTimeout,
+    /// Verify the backend's TLS certificate (https internal URLs).
+    #[serde(default = "default_true")]
+    pub validate_backend_tls: bool,
+}
+
+/// A published app, as stored and distributed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct App {
+    pub id: AppId,
+    /// Lower-case host name, without port.
+    pub external_host: String,
+    /// `https://<external_host>/`, plus the edge's port when not 443.
+    pub external_url: String,
+    pub internal_url: String,
+    pub connector_group: GroupId,
+    pub backend_timeout: BackendTimeout,
+    pub validate_backend_tls: bool,
+    /// Seconds since the Unix epoch.
+    pub created_at: u64,
+}
+
+/// What a join token may enroll.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum TokenScope {
+    /// A connector in this group.
+    Connector { group: GroupId },
+    /// An edge in this region.
+    Edge { region: RegionId },
+}
+
+/// `POST /v1/tokens`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateToken {
+    pub scope: TokenScope,
+    /// Lifetime in seconds; default 3600, at most 7 days.
+    #[serde(default)]
+    pub ttl_secs: Option<u64>,
+}
+
+/// The answer to `POST /v1/tokens`. `token` is shown once and never stored.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenCreated {
+    pub id: String,
+    pub token: String,
+    pub scope: TokenScope,
+    pub expires_at: u64,
+}
+
+impl fmt::Debug for TokenCreated {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TokenCreated")
+            .field("id", &self.id)
+            .field("token", &"***")
+            .field("scope", &self.scope)
+            .field("expires_at", &self.expires_at)
+            .finish()
+    }
+}
+
+/// Whether a connector or edge has been seen recently (within 30 s).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    Active,
+    Inactive,
+}
+
+/// The seconds after which an unseen connector or edge is inactive.
+pub const ACTIVE_WINDOW_SECS: u64 = 30;
+
+/// An enrolled connector.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Connector {
+    pub id: ConnectorId,
+    pub group: GroupId,
+    pub version: String,
+    pub host: String,
+    /// The address the edges saw it connect from.
+    pub address_seen: Option<String>,
+    /// The edges it holds tunnels to.
+    pub edges: Vec<EdgeId>,
+    pub tunnels: u32,
+    pub status: Status,
+    /// Seconds since the Unix epoch.
+    pub last_seen: Option<u64>,
+    pub enrolled_at: u64,
+    /// Hex serial of its current certificate.
+    pub cert_serial: String,
+    pub cert_not_after: u64,
+}
+
+/// An enrolled edge.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Edge {
+    pub id: EdgeId,
+    pub region: RegionId,
+    pub host: String,
+    pub version: String,
+    /// Where connectors dial it (host:port, UDP).
+    pub tunnel_addr: Option<String>,
+    /// Where users reach it (host:port, TCP).
+    pub public_addr: Option<String>,
+    pub status: Status,
+    pub last_seen: Option<u64>,
+    /// Tunnels attached to it at its last report.
+    pub tunnels: u32,
+    pub enrolled_at: u64,
+}
+
+// ---- distribution to edges and connectors ----
+
+/// What every edge needs to route: pushed through a long-poll watch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EdgeConfig {
+    /// Grows with every change; a watch asks for anything newer.
+    pub version: u64,
+    pub region: RegionId,
+    /// For example `apps.example.com`; app hosts lie under it.
+    pub apps_domain: String,
+    pub apps: Vec<App>,
+    pub groups: Vec<GroupId>,
+    /// Connectors whose certificates must no longer be accepted; their
+    /// tunnels are closed at once.
+    pub revoked: Vec<ConnectorId>,
+}
+
+/// Where a connector can dial an edge.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EdgeEndpoint {
+    pub id: EdgeId,
+    pub region: RegionId,
+    /// host:port (UDP).
+    pub tunnel_addr: String,
+}
+
+/// What a connector needs: the apps of its group and the edges to dial.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConnectorConfig {
+    pub version: u64,
+    pub group: GroupId,
+    pub apps: Vec<App>,
+    pub edges: Vec<EdgeEndpoint>,
+}
+
+/// `POST /v1/edge/report`, every few seconds and on every tunnel change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EdgeReport {
+    /// Where connectors dial this edge (host:port).
+    pub tunnel_addr: String,
+    /// Where users reach it (host:port).
+    pub public_addr: String,
+    pub version: String,
+    pub tunnels: Vec<TunnelReport>,
+}
+
+/// One connector attached to the reporting edge.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TunnelReport {
+    pub connector_id: ConnectorId,
+    pub group: GroupId,
+    pub agent_version: String,
+    /// The connector's address as the edge sees it.
+    pub remote_addr: String,
+    /// How many tunnels this connector holds to the edge.
+    pub tunnels: u32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identity_uris_round_trip() {
+        let c = Identity::Connector {
+            id: ConnectorId::new("c-1").unwrap(),
+            group: GroupId::default_group(),
+        };
+        let uris = c.to_uris();
+        assert_eq!(Identity::from_uris(uris.iter().map(String::as_str)), Some(c));
+        let e = Identity::Edge {
+            id: EdgeId::new("e-1").unwrap(),
+            region: RegionId::default_region(),
+        };
+        let mut uris = e.to_uris();
+        assert_eq!(Identity::from_uris(uris.iter().map(String::as_str)), Some(e));
+        uris.push("urn:portico:connector:c-2".into());
+        assert_eq!(Identity::from_uris(uris.iter().map(String::as_str)), None);
+        assert_eq!(Identity::from_uris(["urn:portico:connector:bad id"]), None);
+    }
+
+    #[test]
+    fn join_token_parses_and_hides_its_secret() {
+        let t = JoinToken {
+            id: "0123456789abcdef".into(),
+            secret: "00112233445566778899aabbccddeeff".into(),
+            ca_sha256: "ab".repeat(32),
+        };
+        let s = t.to_string();
+        assert_eq!(s.parse::<JoinToken>(), Ok(t.clone()));
+        assert!(!format!("{t:?}").contains(&t.secret));
+        assert_eq!("pt1.x.y.z".parse::<JoinToken>(), Err(MalformedToken));
+        assert_eq!(format!("{s}.extra").parse::<JoinToken>(), Err(MalformedToken));
+    }
+
+    #[test]
+    fn backend_timeout_forms() {
+        let t: BackendTimeout = serde_json::from_str("\"long\"").unwrap();
+        assert_eq!(t.duration(), Duration::from_secs(180));
+        let t: BackendTimeout = serde_json::from_str("5").unwrap();
+        assert_eq!(t, BackendTimeout::Seconds(5));
+        assert_eq!(serde_json::to_string(&t).unwrap(), "5");
+        assert_eq!(serde_json::to_string(&BackendTimeout::Default).unwrap(), "\"default\"");
+        assert!(serde_json::from_str::<BackendTimeout>("0").is_err());
+        assert!(serde_json::from_str::<BackendTimeout>("\"forever\"").is_err());
+        let spec: AppSpec =
+            serde_json::from_str(r#"{"id":"hr","internal_url":"http://10.0.0.5:8080/"}"#).unwrap();
+        assert_eq!(spec.connector_group, GroupId::default_group());
+        assert!(spec.validate_backend_tls);
+        assert_eq!(spec.backend_timeout, BackendTimeout::Default);
+    }
+}

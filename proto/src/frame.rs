@@ -1,0 +1,737 @@
+//! The frames of the tunnel protocol. `proto/FORMAT.md` is the byte-level
+//! specification; this module is its implementation.
+//!
+//! Every frame is `type (u8) | length (varint) | payload`. The control stream
+//! carries `Hello`, `Welcome`, `Ping`, `Pong`, `Drain`, `ConfigChanged` and
+//! `Goodbye`. A data stream starts with a `StreamHead` from the edge, answered
+//! by a `ResponseHead` or an `Error`; raw body bytes follow both ways.
+
+use std::net::SocketAddr;
+
+use bytes::{Buf, BufMut};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
+
+use crate::codec::{
+    get_bytes, get_len, get_socket_addr, get_string, get_varint, get_varint_u32, need,
+    put_bytes, put_socket_addr, put_varint,
+};
+use crate::error::{DecodeError, EncodeError};
+use crate::ids::{AppId, ConnectorId, EdgeId, GroupId, RegionId, RequestId};
+use crate::limits::*;
+
+/// The type byte of a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum FrameType {
+    Hello,
+    Welcome,
+    Ping,
+    Pong,
+    Drain,
+    ConfigChanged,
+    Goodbye,
+    StreamHead,
+    ResponseHead,
+    Error,
+}
+
+impl FrameType {
+    pub fn to_byte(self) -> u8 {
+        match self {
+            FrameType::Hello => 0x01,
+            FrameType::Welcome => 0x02,
+            FrameType::Ping => 0x03,
+            FrameType::Pong => 0x04,
+            FrameType::Drain => 0x05,
+            FrameType::ConfigChanged => 0x06,
+            FrameType::Goodbye => 0x07,
+            FrameType::StreamHead => 0x10,
+            FrameType::ResponseHead => 0x11,
+            FrameType::Error => 0x12,
+        }
+    }
+
+    pub fn from_byte(b: u8) -> Result<FrameType, DecodeError> {
+        Ok(match b {
+            0x01 => FrameType::Hello,
+            0x02 => FrameType::Welcome,
+            0x03 => FrameType::Ping,
+            0x04 => FrameType::Pong,
+            0x05 => FrameType::Drain,
+            0x06 => FrameType::ConfigChanged,
+            0x07 => FrameType::Goodbye,
+            0x10 => FrameType::StreamHead,
+            0x11 => FrameType::ResponseHead,
+            0x12 => FrameType::Error,
+            ty => return Err(DecodeError::UnknownFrameType { ty }),
+        })
+    }
+
+    /// The largest payload this type may carry.
+    pub fn max_len(self) -> usize {
+        match self {
+            FrameType::StreamHead | FrameType::ResponseHead => MAX_HEAD_LEN,
+            _ => MAX_CONTROL_LEN,
+        }
+    }
+
+    /// Whether this frame belongs on the control stream.
+    pub fn is_control(self) -> bool {
+        !matches!(
+            self,
+            FrameType::StreamHead | FrameType::ResponseHead | FrameType::Error
+        )
+    }
+}
+
+/// A frame's type and payload length, read before its payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameHeader {
+    pub ty: FrameType,
+    pub len: usize,
+}
+
+impl FrameHeader {
+    /// Reads a frame header and checks the length against the type's limit,
+    /// before the payload is read or allocated.
+    pub fn decode(buf: &mut impl Buf) -> Result<FrameHeader, DecodeError> {
+        need(buf, 1)?;
+        let ty = FrameType::from_byte(buf.get_u8())?;
+        let len = get_varint(buf)?;
+        let max = ty.max_len();
+        match usize::try_from(len) {
+            Ok(len) if len <= max => Ok(FrameHeader { ty, len }),
+            _ => Err(DecodeError::FrameTooLarge {
+                ty,
+                len,
+                max: max as u64,
+            }),
+        }
+    }
+}
+
+/// A tunnel protocol frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Frame {
+    Hello(Hello),
+    Welcome(Welcome),
+    /// An opaque value the peer echoes in a `Pong`, for RTT.
+    Ping(u64),
+    Pong(u64),
+    /// No new streams, please; finish what is in flight.
+    Drain,
+    /// The configuration changed; the new version.
+    ConfigChanged(u64),
+    Goodbye(Goodbye),
+    StreamHead(StreamHead),
+    ResponseHead(ResponseHead),
+    Error(StreamError),
+}
+
+/// The connector's first frame on the control stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    /// The protocol version the connector speaks.
+    pub version: u32,
+    /// Capability bits ([`crate::capabilities`]); unknown bits are ignored.
+    pub capabilities: u64,
+    pub connector_id: ConnectorId,
+    pub group: GroupId,
+    /// The connector's software version, for `portico connector list`.
+    pub agent_version: String,
+}
+
+/// The edge's answer to `Hello`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Welcome {
+    /// The protocol version chosen for this tunnel.
+    pub version: u32,
+    pub capabilities: u64,
+    pub edge_id: EdgeId,
+    pub region: RegionId,
+    pub config_version: u64,
+}
+
+/// The last frame on a control stream before a close.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Goodbye {
+    /// A [`crate::CloseCode`] wire value.
+    pub code: u64,
+    pub reason: String,
+}
+
+/// What a data stream carries after its head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum StreamKind {
+    /// One HTTP request; the request body follows, FIN ends it.
+    Http,
+    /// An HTTP upgrade to WebSocket; after a `101` the stream is a byte pipe.
+    WebSocket,
+    /// A raw TCP byte pipe.
+    Tcp,
+}
+
+impl StreamKind {
+    fn to_byte(self) -> u8 {
+        match self {
+            StreamKind::Http => 0,
+            StreamKind::WebSocket => 1,
+            StreamKind::Tcp => 2,
+        }
+    }
+
+    fn from_byte(b: u8) -> Result<StreamKind, DecodeError> {
+        match b {
+            0 => Ok(StreamKind::Http),
+            1 => Ok(StreamKind::WebSocket),
+            2 => Ok(StreamKind::Tcp),
+            other => Err(DecodeError::ValueOutOfRange {
+                field: "kind",
+                value: u64::from(other),
+            }),
+        }
+    }
+}
+
+/// The first frame of a data stream, written by the edge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamHead {
+    pub kind: StreamKind,
+    pub request_id: RequestId,
+    pub app: AppId,
+    pub method: Method,
+    /// The external authority (host and optional port) the user asked for.
+    pub authority: String,
+    /// Path and query, as the user sent them.
+    pub path: String,
+    pub headers: HeaderMap,
+    /// The user's address, as the edge saw it.
+    pub client_addr: SocketAddr,
+    /// The authenticated user, when the app pre-authenticates.
+    pub identity: Option<String>,
+    /// How long the backend may take to answer, in milliseconds.
+    pub timeout_ms: u64,
+}
+
+/// The connector's answer to a `StreamHead`: the backend's response head.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResponseHead {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+}
+
+/// The connector's answer when it could not produce a response head.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamError {
+    pub code: crate::ErrorCode,
+    pub message: String,
+}
+
+impl Frame {
+    pub fn frame_type(&self) -> FrameType {
+        match self {
+            Frame::Hello(_) => FrameType::Hello,
+            Frame::Welcome(_) => FrameType::Welcome,
+            Frame::Ping(_) => FrameType::Ping,
+            Frame::Pong(_) => FrameType::Pong,
+            Frame::Drain => FrameType::Drain,
+            Frame::ConfigChanged(_) => FrameType::ConfigChanged,
+            Frame::Goodbye(_) => FrameType::Goodbye,
+            Frame::StreamHead(_) => FrameType::StreamHead,
+            Frame::ResponseHead(_) => FrameType::ResponseHead,
+            Frame::Error(_) => FrameType::Error,
+        }
+    }
+
+    /// Encodes the frame, header and payload. Fails, writing nothing, if the
+    /// frame would break a limit the peer enforces.
+    pub fn encode(&self, buf: &mut impl BufMut) -> Result<(), EncodeError> {
+        let mut payload = Vec::with_capacity(128);
+        self.encode_payload(&mut payload)?;
+        let ty = self.frame_type();
+        if payload.len() > ty.max_len() {
+            return Err(EncodeError::FrameTooLarge {
+                ty,
+                len: payload.len(),
+                max: ty.max_len(),
+            });
+        }
+        buf.put_u8(ty.to_byte());
+        put_varint(buf, payload.len() as u64);
+        buf.put_slice(&payload);
+        Ok(())
+    }
+
+    /// Encodes the frame into a fresh buffer.
+    pub fn to_bytes(&self) -> Result<bytes::Bytes, EncodeError> {
+        let mut buf = bytes::BytesMut::new();
+        self.encode(&mut buf)?;
+        Ok(buf.freeze())
+    }
+
+    /// Decodes one whole frame. `UnexpectedEnd` means more bytes are needed.
+    pub fn decode(buf: &mut impl Buf) -> Result<Frame, DecodeError> {
+        let header = FrameHeader::decode(buf)?;
+        need(buf, header.len)?;
+        let mut payload = buf.copy_to_bytes(header.len);
+        Frame::decode_payload(header.ty, &mut payload)
+    }
+
+    /// Decodes a payload whose header was already read. The payload must be
+    /// consumed exactly.
+    pub fn decode_payload(ty: FrameType, payload: &mut impl Buf) -> Result<Frame, DecodeError> {
+        let frame = match ty {
+            FrameType::Hello => Frame::Hello(Hello {
+                version: get_varint_u32(payload, "version")?,
+                capabilities: get_varint(payload)?,
+                connector_id: get_id(payload, "connector_id")?,
+                group: get_id(payload, "group")?,
+                agent_version: get_string(payload, "agent_version", MAX_ID_LEN)?,
+            }),
+            FrameType::Welcome => Frame::Welcome(Welcome {
+                version: get_varint_u32(payload, "version")?,
+                capabilities: get_varint(payload)?,
+                edge_id: get_id(payload, "edge_id")?,
+                region: get_id(payload, "region")?,
+                config_version: get_varint(payload)?,
+            }),
+            FrameType::Ping => {
+                need(payload, 8)?;
+                Frame::Ping(payload.get_u64())
+            }
+            FrameType::Pong => {
+                need(payload, 8)?;
+                Frame::Pong(payload.get_u64())
+            }
+            FrameType::Drain => Frame::Drain,
+            FrameType::ConfigChanged => Frame::ConfigChanged(get_varint(payload)?),
+            FrameType::Goodbye => Frame::Goodbye(Goodbye {
+                code: get_varint(payload)?,
+                reason: get_string(payload, "reason", MAX_MESSAGE_LEN)?,
+            }),
+            FrameType::StreamHead => Frame::StreamHead(decode_stream_head(payload)?),
+            FrameType::ResponseHead => {
+                let status = get_varint(payload)?;
+                let status = u16::try_from(status)
+                    .ok()
+                    .and_then(|s| StatusCode::from_u16(s).ok())
+                    .ok_or(DecodeError::ValueOutOfRange {
+                        field: "status",
+                        value: status,
+                    })?;
+                Frame::ResponseHead(ResponseHead {
+                    status,
+                    headers: get_headers(payload)?,
+                })
+            }
+            FrameType::Error => Frame::Error(StreamError {
+                code: crate::ErrorCode::from_wire(get_varint(payload)?),
+                message: get_string(payload, "message", MAX_MESSAGE_LEN)?,
+            }),
+        };
+        if payload.has_remaining() {
+            return Err(DecodeError::TrailingBytes {
+                ty,
+                extra: payload.remaining(),
+            });
+        }
+        Ok(frame)
+    }
+
+    fn encode_payload(&self, buf: &mut Vec<u8>) -> Result<(), EncodeError> {
+        match self {
+            Frame::Hello(h) => {
+                put_varint(buf, u64::from(h.version));
+                put_varint(buf, h.capabilities & crate::codec::VARINT_MAX);
+                put_bytes(buf, h.connector_id.as_str().as_bytes());
+                put_bytes(buf, h.group.as_str().as_bytes());
+                put_str(buf, "agent_version", &h.agent_version, MAX_ID_LEN)?;
+            }
+            Frame::Welcome(w) => {
+                put_varint(buf, u64::from(w.version));
+                put_varint(buf, w.capabilities & crate::codec::VARINT_MAX);
+                put_bytes(buf, w.edge_id.as_str().as_bytes());
+                put_bytes(buf, w.region.as_str().as_bytes());
+                put_varint(buf, w.config_version.min(crate::codec::VARINT_MAX));
+            }
+            Frame::Ping(v) | Frame::Pong(v) => buf.put_u64(*v),
+            Frame::Drain => {}
+            Frame::ConfigChanged(v) => put_varint(buf, (*v).min(crate::codec::VARINT_MAX)),
+            Frame::Goodbye(g) => {
+                put_varint(buf, g.code.min(crate::codec::VARINT_MAX));
+                put_str(buf, "reason", &g.reason, MAX_MESSAGE_LEN)?;
+            }
+            Frame::StreamHead(h) => encode_stream_head(h, buf)?,
+            Frame::ResponseHead(r) => {
+                put_varint(buf, u64::from(r.status.as_u16()));
+                put_headers(buf, &r.headers)?;
+            }
+            Frame::Error(e) => {
+                put_varint(buf, e.code.to_wire());
+                put_str(buf, "message", truncate(&e.message, MAX_MESSAGE_LEN), MAX_MESSAGE_LEN)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn encode_stream_head(h: &StreamHead, buf: &mut Vec<u8>) -> Result<(), EncodeError> {
+    buf.put_u8(h.kind.to_byte());
+    buf.put_u128(h.request_id.0);
+    put_bytes(buf, h.app.as_str().as_bytes());
+    put_str(buf, "method", h.method.as_str(), MAX_METHOD_LEN)?;
+    put_str(buf, "authority", &h.authority, MAX_AUTHORITY_LEN)?;
+    put_str(buf, "path", &h.path, MAX_PATH_LEN)?;
+    put_socket_addr(buf, &h.client_addr);
+    put_varint(buf, h.timeout_ms.min(crate::codec::VARINT_MAX));
+    match &h.identity {
+        None => buf.put_u8(0),
+        Some(id) => {
+            buf.put_u8(1);
+            put_str(buf, "identity", id, MAX_IDENTITY_LEN)?;
+        }
+    }
+    put_headers(buf, &h.headers)
+}
+
+fn decode_stream_head(buf: &mut impl Buf) -> Result<StreamHead, DecodeError> {
+    need(buf, 1 + 16)?;
+    let kind = StreamKind::from_byte(buf.get_u8())?;
+    let request_id = RequestId(buf.get_u128());
+    let app = get_id(buf, "app")?;
+    let method = get_bytes(buf, "method", MAX_METHOD_LEN)?;
+    let method =
+        Method::from_bytes(&method).map_err(|_| DecodeError::InvalidValue { field: "method" })?;
+    let authority = get_string(buf, "authority", MAX_AUTHORITY_LEN)?;
+    let path = get_string(buf, "path", MAX_PATH_LEN)?;
+    let client_addr = get_socket_addr(buf)?;
+    let timeout_ms = get_varint(buf)?;
+    need(buf, 1)?;
+    let identity = match buf.get_u8() {
+        0 => None,
+        1 => Some(get_string(buf, "identity", MAX_IDENTITY_LEN)?),
+        other => {
+            return Err(DecodeError::ValueOutOfRange {
+                field: "identity",
+                value: u64::from(other),
+            })
+        }
+    };
+    let headers = get_headers(buf)?;
+    Ok(StreamHead {
+        kind,
+        request_id,
+        app,
+        method,
+        authority,
+        path,
+        headers,
+        client_addr,
+        identity,
+        timeout_ms,
+    })
+}
+
+fn put_str(
+    buf: &mut Vec<u8>,
+    field: &'static str,
+    s: &str,
+    max: usize,
+) -> Result<(), EncodeError> {
+    if s.len() > max {
+        return Err(EncodeError::TooLong {
+            field,
+            len: s.len(),
+            max,
+        });
+    }
+    put_bytes(buf, s.as_bytes());
+    Ok(())
+}
+
+/// Cuts a free-text message at a character boundary so that it fits.
+fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+fn put_headers(buf: &mut Vec<u8>, headers: &HeaderMap) -> Result<(), EncodeError> {
+    if headers.len() > MAX_HEADERS {
+        return Err(EncodeError::TooMany {
+            field: "headers",
+            count: headers.len(),
+            max: MAX_HEADERS,
+        });
+    }
+    put_varint(buf, headers.len() as u64);
+    for (name, value) in headers {
+        // Names are at most MAX_HEADER_NAME_LEN by construction of the peer's
+        // decoder; check ours too so we never send what it would refuse.
+        if name.as_str().len() > MAX_HEADER_NAME_LEN {
+            return Err(EncodeError::TooLong {
+                field: "header name",
+                len: name.as_str().len(),
+                max: MAX_HEADER_NAME_LEN,
+            });
+        }
+        if value.len() > MAX_HEADER_VALUE_LEN {
+            return Err(EncodeError::TooLong {
+                field: "header value",
+                len: value.len(),
+                max: MAX_HEADER_VALUE_LEN,
+            });
+        }
+        put_bytes(buf, name.as_str().as_bytes());
+        put_bytes(buf, value.as_bytes());
+    }
+    Ok(())
+}
+
+fn get_headers(buf: &mut impl Buf) -> Result<HeaderMap, DecodeError> {
+    let count = get_varint(buf)?;
+    if count > MAX_HEADERS as u64 {
+        return Err(DecodeError::TooMany {
+            field: "headers",
+            count,
+            max: MAX_HEADERS as u64,
+        });
+    }
+    // Each header takes at least two bytes, so `count` is also bounded by
+    // what is left; never reserve more than that.
+    let mut headers = HeaderMap::with_capacity((count as usize).min(buf.remaining() / 2));
+    for _ in 0..count {
+        let name = get_bytes(buf, "header name", MAX_HEADER_NAME_LEN)?;
+        let name = HeaderName::from_bytes(&name)
+            .map_err(|_| DecodeError::InvalidValue { field: "header name" })?;
+        let value = get_bytes(buf, "header value", MAX_HEADER_VALUE_LEN)?;
+        let value = HeaderValue::from_maybe_shared(value)
+            .map_err(|_| DecodeError::InvalidValue { field: "header value" })?;
+        headers.append(name, value);
+    }
+    Ok(headers)
+}
+
+fn get_id<T>(buf: &mut impl Buf, field: &'static str) -> Result<T, DecodeError>
+where
+    T: TryFrom<String>,
+{
+    let len = get_len(buf, field, MAX_ID_LEN)?;
+    let bytes = buf.copy_to_bytes(len);
+    let s = String::from_utf8(bytes.to_vec()).map_err(|_| DecodeError::InvalidUtf8 { field })?;
+    T::try_from(s).map_err(|_| DecodeError::InvalidValue { field })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ErrorCode;
+    use proptest::prelude::*;
+    use std::net::{IpAddr, Ipv6Addr};
+
+    fn id_strategy() -> impl Strategy<Value = String> {
+        "[A-Za-z0-9._-]{1,40}"
+    }
+
+    fn headers_strategy() -> impl Strategy<Value = HeaderMap> {
+        prop::collection::vec(("[a-z][a-z0-9-]{0,20}", "[ -~]{0,60}"), 0..20).prop_map(|pairs| {
+            let mut map = HeaderMap::new();
+            for (n, v) in pairs {
+                map.append(
+                    HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                    HeaderValue::from_str(&v).unwrap(),
+                );
+            }
+            map
+        })
+    }
+
+    fn method_strategy() -> impl Strategy<Value = Method> {
+        prop_oneof![
+            Just(Method::GET),
+            Just(Method::POST),
+            Just(Method::PUT),
+            Just(Method::DELETE),
+            "[A-Z]{1,12}".prop_map(|m| Method::from_bytes(m.as_bytes()).unwrap()),
+        ]
+    }
+
+    fn frame_strategy() -> impl Strategy<Value = Frame> {
+        let hello = (any::<u32>(), 0..crate::codec::VARINT_MAX, id_strategy(), id_strategy(), "[ -~]{0,30}")
+            .prop_map(|(version, capabilities, c, g, agent_version)| {
+                Frame::Hello(Hello {
+                    version,
+                    capabilities,
+                    connector_id: ConnectorId::new(c).unwrap(),
+                    group: GroupId::new(g).unwrap(),
+                    agent_version,
+                })
+            });
+        let welcome = (any::<u32>(), 0..crate::codec::VARINT_MAX, id_strategy(), id_strategy(), 0..crate::codec::VARINT_MAX)
+            .prop_map(|(version, capabilities, e, r, config_version)| {
+                Frame::Welcome(Welcome {
+                    version,
+                    capabilities,
+                    edge_id: EdgeId::new(e).unwrap(),
+                    region: RegionId::new(r).unwrap(),
+                    config_version,
+                })
+            });
+        let head = (
+            any::<u128>(),
+            id_strategy(),
+            method_strategy(),
+            "[a-z0-9.:-]{1,60}",
+            "/[ -~]{0,100}",
+            headers_strategy(),
+            any::<u128>(),
+            any::<u16>(),
+            proptest::option::of("[ -~]{0,40}"),
+            0..crate::codec::VARINT_MAX,
+            0u8..3,
+        )
+            .prop_map(|(rid, app, method, authority, path, headers, ip, port, identity, timeout_ms, kind)| {
+                Frame::StreamHead(StreamHead {
+                    kind: StreamKind::from_byte(kind).unwrap(),
+                    request_id: RequestId(rid),
+                    app: AppId::new(app).unwrap(),
+                    method,
+                    authority,
+                    path,
+                    headers,
+                    client_addr: SocketAddr::new(IpAddr::V6(Ipv6Addr::from(ip)), port),
+                    identity,
+                    timeout_ms,
+                })
+            });
+        let response = (100u16..1000, headers_strategy()).prop_map(|(s, headers)| {
+            Frame::ResponseHead(ResponseHead {
+                status: StatusCode::from_u16(s).unwrap(),
+                headers,
+            })
+        });
+        let error = (0usize..ErrorCode::ALL.len(), "[ -~]{0,200}").prop_map(|(i, message)| {
+            Frame::Error(StreamError {
+                code: ErrorCode::ALL[i],
+                message,
+            })
+        });
+        prop_oneof![
+            hello,
+            welcome,
+            any::<u64>().prop_map(Frame::Ping),
+            any::<u64>().prop_map(Frame::Pong),
+            Just(Frame::Drain),
+            (0..crate::codec::VARINT_MAX).prop_map(Frame::ConfigChanged),
+            (0..crate::codec::VARINT_MAX, "[ -~]{0,100}")
+                .prop_map(|(code, reason)| Frame::Goodbye(Goodbye { code, reason })),
+            head,
+            response,
+            error,
+        ]
+    }
+
+    proptest! {
+        /// decode ∘ encode = id, for every frame type.
+        #[test]
+        fn every_frame_round_trips(frame in frame_strategy()) {
+            let bytes = frame.to_bytes().unwrap();
+            let mut slice = &bytes[..];
+            let decoded = Frame::decode(&mut slice).unwrap();
+            prop_assert_eq!(decoded, frame);
+            prop_assert!(slice.is_empty());
+        }
+
+        /// Every strict prefix of a frame is `UnexpectedEnd`, never a panic
+        /// or a wrong frame.
+        #[test]
+        fn truncated_frames_are_incomplete(frame in frame_strategy(), cut in any::<prop::sample::Index>()) {
+            let bytes = frame.to_bytes().unwrap();
+            let cut = cut.index(bytes.len());
+            prop_assert_eq!(Frame::decode(&mut &bytes[..cut]), Err(DecodeError::UnexpectedEnd));
+        }
+
+        /// Arbitrary bytes never panic the decoder.
+        #[test]
+        fn garbage_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+            let _ = Frame::decode(&mut &bytes[..]);
+        }
+    }
+
+    fn sample_head() -> StreamHead {
+        StreamHead {
+            kind: StreamKind::Http,
+            request_id: RequestId(1),
+            app: AppId::new("hello").unwrap(),
+            method: Method::GET,
+            authority: "hello.apps.localhost".into(),
+            path: "/".into(),
+            headers: HeaderMap::new(),
+            client_addr: "127.0.0.1:1".parse().unwrap(),
+            identity: None,
+            timeout_ms: 85_000,
+        }
+    }
+
+    #[test]
+    fn oversized_heads_are_refused_both_ways() {
+        // Encoder: 200 headers is more than the limit.
+        let mut head = sample_head();
+        for i in 0..200 {
+            head.headers.append(
+                HeaderName::from_bytes(format!("x-h{i}").as_bytes()).unwrap(),
+                HeaderValue::from_static("v"),
+            );
+        }
+        assert!(matches!(
+            Frame::StreamHead(head).to_bytes(),
+            Err(EncodeError::TooMany { field: "headers", count: 200, .. })
+        ));
+        // Decoder: a header that claims 1 MiB is refused before reading.
+        let mut buf = vec![FrameType::StreamHead.to_byte()];
+        put_varint(&mut buf, (MAX_HEAD_LEN + 1) as u64);
+        assert!(matches!(
+            Frame::decode(&mut &buf[..]),
+            Err(DecodeError::FrameTooLarge { len, .. }) if len == MAX_HEAD_LEN as u64 + 1
+        ));
+        // A head whose header count lies is refused, not allocated.
+        let mut payload = Vec::new();
+        put_varint(&mut payload, 200);
+        assert_eq!(
+            Frame::decode_payload(FrameType::ResponseHead, &mut &[&[0x40u8, 200][..], &payload].concat()[..]),
+            Err(DecodeError::TooMany { field: "headers", count: 200, max: MAX_HEADERS as u64 })
+        );
+    }
+
+    #[test]
+    fn unknown_types_and_trailing_bytes_are_errors() {
+        assert_eq!(
+            Frame::decode(&mut &[0x7fu8, 0][..]),
+            Err(DecodeError::UnknownFrameType { ty: 0x7f })
+        );
+        assert_eq!(
+            Frame::decode(&mut &[FrameType::Drain.to_byte(), 1, 0][..]),
+            Err(DecodeError::TrailingBytes { ty: FrameType::Drain, extra: 1 })
+        );
+    }
+
+    #[test]
+    fn header_injection_is_refused() {
+        let mut payload = Vec::new();
+        put_varint(&mut payload, 200); // status
+        put_varint(&mut payload, 1);
+        put_bytes(&mut payload, b"x-a");
+        put_bytes(&mut payload, b"ok\r\nset-cookie: evil");
+        assert_eq!(
+            Frame::decode_payload(FrameType::ResponseHead, &mut &payload[..]),
+            Err(DecodeError::InvalidValue { field: "header value" })
+        );
+    }
+}
