@@ -106,7 +106,11 @@ impl RouterClient {
         decode(path, &body)
     }
 
-    pub async fn post_json<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T, ClientError> {
+    pub async fn post_json<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, ClientError> {
         let (_, answer) = self
             .call(Method::POST, path, Some(encode(body)), CALL_TIMEOUT)
             .await?;
@@ -121,7 +125,9 @@ impl RouterClient {
     }
 
     pub async fn delete(&self, path: &str) -> Result<(), ClientError> {
-        self.call(Method::DELETE, path, None, CALL_TIMEOUT).await.map(drop)
+        self.call(Method::DELETE, path, None, CALL_TIMEOUT)
+            .await
+            .map(drop)
     }
 
     /// A long-poll: `GET path?after=V&wait=S`. `None` when nothing newer
@@ -167,10 +173,14 @@ impl RouterClient {
                 reason: e.to_string(),
             })?;
         let exchange = async {
-            let resp = self.client.request(req).await.map_err(|e| ClientError::Connect {
-                url: self.base.to_string(),
-                reason: error_chain(&e),
-            })?;
+            let resp = self
+                .client
+                .request(req)
+                .await
+                .map_err(|e| ClientError::Connect {
+                    url: self.base.to_string(),
+                    reason: error_chain(&e),
+                })?;
             let status = resp.status();
             let body = Limited::new(resp.into_body(), MAX_BODY)
                 .collect()
@@ -233,7 +243,9 @@ fn normalize_url(raw: &str) -> Result<String, ClientError> {
         return Err(bad("no host"));
     }
     if url.path() != "/" || url.query().is_some() {
-        return Err(bad("give only scheme, host and port, like https://router.example.com:7443"));
+        return Err(bad(
+            "give only scheme, host and port, like https://router.example.com:7443",
+        ));
     }
     Ok(url.as_str().trim_end_matches('/').to_owned())
 }
@@ -259,10 +271,25 @@ mod tests {
 
     #[test]
     fn router_urls_are_checked() {
-        assert_eq!(normalize_url("https://127.0.0.1:7443/").unwrap(), "https://127.0.0.1:7443");
-        assert_eq!(normalize_url("https://r.example.com").unwrap(), "https://r.example.com");
-        assert!(matches!(normalize_url("http://r:1"), Err(ClientError::InvalidUrl { .. })));
-        assert!(matches!(normalize_url("https://r:1/x"), Err(ClientError::InvalidUrl { .. })));
-        assert!(matches!(normalize_url("nonsense"), Err(ClientError::InvalidUrl { .. })));
+        assert_eq!(
+            normalize_url("https://127.0.0.1:7443/").unwrap(),
+            "https://127.0.0.1:7443"
+        );
+        assert_eq!(
+            normalize_url("https://r.example.com").unwrap(),
+            "https://r.example.com"
+        );
+        assert!(matches!(
+            normalize_url("http://r:1"),
+            Err(ClientError::InvalidUrl { .. })
+        ));
+        assert!(matches!(
+            normalize_url("https://r:1/x"),
+            Err(ClientError::InvalidUrl { .. })
+        ));
+        assert!(matches!(
+            normalize_url("nonsense"),
+            Err(ClientError::InvalidUrl { .. })
+        ));
     }
 }

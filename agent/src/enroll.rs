@@ -4,7 +4,9 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use portico_proto::api::{CertResponse, CsrRequest, EnrollRequest, EnrollResponse, Identity, JoinToken};
+use portico_proto::api::{
+    CertResponse, CsrRequest, EnrollRequest, EnrollResponse, Identity, JoinToken,
+};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -55,7 +57,11 @@ pub async fn obtain(state: &StateDir, opts: &EnrollOptions) -> Result<Credential
         });
     };
     let token: JoinToken = token.parse()?;
-    let client = RouterClient::new(&opts.router_url, RouterTrust::CaSha256(token.ca_sha256.clone()), None)?;
+    let client = RouterClient::new(
+        &opts.router_url,
+        RouterTrust::CaSha256(token.ca_sha256.clone()),
+        None,
+    )?;
     let key = pki::generate_key()?;
     let request = EnrollRequest {
         token: token.to_string(),
@@ -63,15 +69,16 @@ pub async fn obtain(state: &StateDir, opts: &EnrollOptions) -> Result<Credential
         host: opts.host.clone(),
         version: opts.version.clone(),
     };
-    let answer: EnrollResponse = client
-        .post_json("/v1/enroll", &request)
-        .await
-        .map_err(|e| match e.api_error() {
-            Some(api) if e.is_unauthorized() => EnrollError::TokenRefused {
-                message: api.message.clone(),
-            },
-            _ => EnrollError::Router(e),
-        })?;
+    let answer: EnrollResponse =
+        client
+            .post_json("/v1/enroll", &request)
+            .await
+            .map_err(|e| match e.api_error() {
+                Some(api) if e.is_unauthorized() => EnrollError::TokenRefused {
+                    message: api.message.clone(),
+                },
+                _ => EnrollError::Router(e),
+            })?;
     let ca_der = pki::parse_certs_pem(&answer.cert.ca_pem)?;
     let got = pki::sha256_hex(ca_der[0].as_ref());
     if got != token.ca_sha256 {
@@ -93,8 +100,16 @@ pub async fn obtain(state: &StateDir, opts: &EnrollOptions) -> Result<Credential
 
 /// Renews `creds` once: a new key, a CSR, authenticated by the current
 /// certificate. Saves and returns the new credentials.
-pub async fn renew(state: &StateDir, router_url: &str, creds: &Credentials) -> Result<Credentials, EnrollError> {
-    let client = RouterClient::new(router_url, RouterTrust::CaPem(creds.ca_pem.clone()), Some(creds))?;
+pub async fn renew(
+    state: &StateDir,
+    router_url: &str,
+    creds: &Credentials,
+) -> Result<Credentials, EnrollError> {
+    let client = RouterClient::new(
+        router_url,
+        RouterTrust::CaPem(creds.ca_pem.clone()),
+        Some(creds),
+    )?;
     let key = pki::generate_key()?;
     let answer: CertResponse = client
         .post_json(

@@ -100,8 +100,7 @@ impl ClientError {
 
     /// The caller's certificate was revoked (its connector or edge deleted).
     pub fn is_revoked(&self) -> bool {
-        self.status() == Some(403)
-            && self.api_error().is_some_and(|e| e.error == "revoked")
+        self.status() == Some(403) && self.api_error().is_some_and(|e| e.error == "revoked")
     }
 
     /// The credentials were missing or wrong.

@@ -51,7 +51,9 @@ pub fn parse_certs_pem(pem: &str) -> Result<Vec<CertificateDer<'static>>, PkiErr
 /// The private key in a PEM document (PKCS#8, PKCS#1 or SEC1).
 pub fn parse_key_pem(pem: &str) -> Result<PrivateKeyDer<'static>, PkiError> {
     PrivateKeyDer::from_pem_slice(pem.as_bytes()).map_err(|e| match e {
-        rustls::pki_types::pem::Error::NoItemsFound => PkiError::NoPem { what: "private key" },
+        rustls::pki_types::pem::Error::NoItemsFound => PkiError::NoPem {
+            what: "private key",
+        },
         other => PkiError::BadPem {
             what: "private key",
             reason: other.to_string(),
@@ -59,7 +61,9 @@ pub fn parse_key_pem(pem: &str) -> Result<PrivateKeyDer<'static>, PkiError> {
     })
 }
 
-fn parse<'a>(cert: &'a CertificateDer<'_>) -> Result<x509_parser::certificate::X509Certificate<'a>, PkiError> {
+fn parse<'a>(
+    cert: &'a CertificateDer<'_>,
+) -> Result<x509_parser::certificate::X509Certificate<'a>, PkiError> {
     x509_parser::parse_x509_certificate(cert.as_ref())
         .map(|(_, c)| c)
         .map_err(|e| PkiError::BadCertificate {
@@ -87,7 +91,10 @@ pub fn identity_of(cert: &CertificateDer<'_>) -> Result<Identity, PkiError> {
 pub fn validity(cert: &CertificateDer<'_>) -> Result<(SystemTime, SystemTime), PkiError> {
     let cert = parse(cert)?;
     let v = cert.validity();
-    Ok((to_system_time(v.not_before.timestamp()), to_system_time(v.not_after.timestamp())))
+    Ok((
+        to_system_time(v.not_before.timestamp()),
+        to_system_time(v.not_after.timestamp()),
+    ))
 }
 
 /// When a certificate expires.
@@ -125,8 +132,12 @@ pub fn root_store(ca_pem: &str) -> Result<RootCertStore, PkiError> {
 /// A verifier of client certificates signed by the CA. With `optional`,
 /// clients without a certificate are let in (the router API serves admins
 /// with bearer tokens and agents with certificates on one listener).
-pub fn client_verifier(ca_pem: &str, optional: bool) -> Result<Arc<dyn ClientCertVerifier>, PkiError> {
-    let builder = WebPkiClientVerifier::builder_with_provider(Arc::new(root_store(ca_pem)?), provider());
+pub fn client_verifier(
+    ca_pem: &str,
+    optional: bool,
+) -> Result<Arc<dyn ClientCertVerifier>, PkiError> {
+    let builder =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(root_store(ca_pem)?), provider());
     let builder = if optional {
         builder.allow_unauthenticated()
     } else {
@@ -138,12 +149,16 @@ pub fn client_verifier(ca_pem: &str, optional: bool) -> Result<Arc<dyn ClientCer
 /// A server verifier that checks the chain against the CA and the fixed
 /// `name`, whatever host or address the client dialed. The router is
 /// verified as [`portico_proto::api::ROUTER_SERVER_NAME`] this way.
-pub fn fixed_name_verifier(ca_pem: &str, name: &str) -> Result<Arc<dyn ServerCertVerifier>, PkiError> {
-    let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(root_store(ca_pem)?), provider())
-        .build()
-        .map_err(|e| PkiError::BadCertificate {
-            reason: e.to_string(),
-        })?;
+pub fn fixed_name_verifier(
+    ca_pem: &str,
+    name: &str,
+) -> Result<Arc<dyn ServerCertVerifier>, PkiError> {
+    let inner =
+        WebPkiServerVerifier::builder_with_provider(Arc::new(root_store(ca_pem)?), provider())
+            .build()
+            .map_err(|e| PkiError::BadCertificate {
+                reason: e.to_string(),
+            })?;
     Ok(Arc::new(FixedName {
         inner: Verify::Ca(inner),
         name: server_name(name)?,
@@ -153,7 +168,10 @@ pub fn fixed_name_verifier(ca_pem: &str, name: &str) -> Result<Arc<dyn ServerCer
 /// A server verifier for first contact: the server must present, in its
 /// chain, a CA certificate whose SHA-256 is `ca_sha256`, and its leaf must
 /// chain to that CA and carry `name`.
-pub fn pinned_verifier(ca_sha256: &str, name: &str) -> Result<Arc<dyn ServerCertVerifier>, PkiError> {
+pub fn pinned_verifier(
+    ca_sha256: &str,
+    name: &str,
+) -> Result<Arc<dyn ServerCertVerifier>, PkiError> {
     Ok(Arc::new(FixedName {
         inner: Verify::Pinned(ca_sha256.to_ascii_lowercase()),
         name: server_name(name)?,
@@ -273,7 +291,10 @@ mod tests {
         let pem = cert.pem();
         assert_eq!(parse_certs_pem(&pem).unwrap(), vec![der]);
         assert!(parse_key_pem(&key.serialize_pem()).is_ok());
-        assert!(matches!(parse_certs_pem("junk"), Err(PkiError::NoPem { .. })));
+        assert!(matches!(
+            parse_certs_pem("junk"),
+            Err(PkiError::NoPem { .. })
+        ));
         assert!(csr_pem(&key).unwrap().contains("CERTIFICATE REQUEST"));
     }
 }

@@ -51,6 +51,11 @@ pub struct Credentials {
     pub key_pem: Secret,
     pub cert_pem: String,
     pub ca_pem: String,
+    /// When this certificate was received (Unix seconds). Renewal counts
+    /// the certificate's life from here: routers backdate `not_before` to
+    /// absorb clock skew, which would otherwise bring renewal forward.
+    #[serde(default)]
+    pub obtained_at: u64,
     #[serde(skip, default = "epoch")]
     pub not_before: SystemTime,
     #[serde(skip, default = "epoch")]
@@ -63,12 +68,21 @@ fn epoch() -> SystemTime {
 
 impl Credentials {
     /// Builds credentials and reads the validity period from the certificate.
-    pub fn new(identity: Identity, key_pem: Secret, cert_pem: String, ca_pem: String) -> Result<Credentials, PkiError> {
+    pub fn new(
+        identity: Identity,
+        key_pem: Secret,
+        cert_pem: String,
+        ca_pem: String,
+    ) -> Result<Credentials, PkiError> {
         let mut c = Credentials {
             identity,
             key_pem,
             cert_pem,
             ca_pem,
+            obtained_at: SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
             not_before: epoch(),
             not_after: epoch(),
         };
@@ -94,13 +108,13 @@ impl Credentials {
         pki::parse_key_pem(self.key_pem.expose())
     }
 
-    /// When to renew: at two thirds of the certificate's life.
+    /// When to renew: at two thirds of the certificate's life, counted
+    /// from when it was obtained (or from `not_before` if that is later).
     pub fn renew_at(&self) -> SystemTime {
-        let life = self
-            .not_after
-            .duration_since(self.not_before)
-            .unwrap_or_default();
-        self.not_before + life * 2 / 3
+        let obtained = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(self.obtained_at);
+        let start = obtained.max(self.not_before);
+        let life = self.not_after.duration_since(start).unwrap_or_default();
+        start + life * 2 / 3
     }
 
     pub fn is_expired(&self, now: SystemTime) -> bool {
@@ -187,7 +201,8 @@ impl StateDir {
             .mode(0o600)
             .open(&tmp)
             .map_err(io)?;
-        f.set_permissions(fs::Permissions::from_mode(0o600)).map_err(io)?;
+        f.set_permissions(fs::Permissions::from_mode(0o600))
+            .map_err(io)?;
         f.write_all(&bytes).map_err(io)?;
         f.sync_all().map_err(io)?;
         fs::rename(&tmp, &path).map_err(io)?;
@@ -205,13 +220,41 @@ mod tests {
         let state = StateDir::open(dir.path().join("s")).unwrap();
         assert_eq!(state.load_json::<Vec<u32>>("x.json").unwrap(), None);
         state.save_json("x.json", &vec![1, 2, 3]).unwrap();
-        assert_eq!(state.load_json::<Vec<u32>>("x.json").unwrap(), Some(vec![1, 2, 3]));
-        let mode = fs::metadata(state.path().join("x.json")).unwrap().permissions().mode();
+        assert_eq!(
+            state.load_json::<Vec<u32>>("x.json").unwrap(),
+            Some(vec![1, 2, 3])
+        );
+        let mode = fs::metadata(state.path().join("x.json"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
         let mode = fs::metadata(state.path()).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o700);
         fs::write(state.path().join("bad.json"), b"{").unwrap();
-        assert!(matches!(state.load_json::<Vec<u32>>("bad.json"), Err(StateError::Corrupt { .. })));
+        assert!(matches!(
+            state.load_json::<Vec<u32>>("bad.json"),
+            Err(StateError::Corrupt { .. })
+        ));
+    }
+
+    #[test]
+    fn renewal_is_at_two_thirds_of_the_life_since_obtained() {
+        let t0 = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000);
+        let creds = Credentials {
+            identity: Identity::Edge {
+                id: portico_proto::EdgeId::new("e").unwrap(),
+                region: portico_proto::RegionId::default_region(),
+            },
+            key_pem: Secret::new(""),
+            cert_pem: String::new(),
+            ca_pem: String::new(),
+            obtained_at: 1_000_000,
+            // Backdated by five minutes, valid for 30 s after it was obtained.
+            not_before: t0 - std::time::Duration::from_secs(300),
+            not_after: t0 + std::time::Duration::from_secs(30),
+        };
+        assert_eq!(creds.renew_at(), t0 + std::time::Duration::from_secs(20));
     }
 
     #[test]

@@ -1,1 +1,240 @@
-//! placeholder
+//! The Portico connector: it runs inside a private network, enrolls with the
+//! router, keeps a pool of outbound QUIC tunnels to the edges the router
+//! lists, and proxies every stream an edge opens to the internal URL of the
+//! app it names (HTTP, HTTPS with or without certificate validation, and
+//! WebSocket upgrades), streaming bodies both ways with backpressure.
+//!
+//! It does not listen for users (the edge does), store configuration beyond
+//! its last snapshot, or talk to other connectors. It never accepts inbound
+//! connections except on the optional plain-HTTP metrics listener.
+//!
+//! [`start`] enrolls (or reuses saved credentials), loads the last config
+//! snapshot so it keeps serving while the router is away, and returns a
+//! [`Handle`] once its sockets are bound; [`Handle::wait`] resolves when the
+//! connector has drained and stopped.
+
+mod config;
+mod error;
+mod headers;
+mod metrics;
+mod origin;
+mod stream;
+mod tunnel;
+mod watch;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use portico_agent::enroll::{self, EnrollOptions};
+use portico_agent::StateDir;
+use portico_proto::api::{ConnectorConfig, Identity};
+use portico_proto::{CloseCode, ConnectorId, GroupId};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+pub use config::{Config, MAX_TUNNELS};
+pub use error::{Error, ProxyError};
+pub use metrics::Metrics;
+
+/// How long shutdown waits for in-flight streams.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Starts the connector: enrolls (first start) or loads its credentials,
+/// loads the saved config, binds the tunnel socket and the metrics
+/// listener, and starts the config watch and the tunnel pool. Returns once
+/// everything is bound; tunnels come up in the background.
+pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Handle, Error> {
+    config.validate()?;
+    let state = StateDir::open(&config.state_dir)?;
+    let options = EnrollOptions {
+        router_url: config.router_url.trim().to_owned(),
+        token: config.token.clone(),
+        host: config.host.clone(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+    };
+    let creds = enroll::obtain(&state, &options).await?;
+    let (id, group) = match &creds.identity {
+        Identity::Connector { id, group } => (id.clone(), group.clone()),
+        other => {
+            return Err(Error::NotAConnector {
+                identity: other.to_string(),
+            })
+        }
+    };
+    let span = tracing::info_span!("connector", connector.id = %id, group = %group);
+
+    let metrics = Metrics::new()?;
+    let origin = origin::Origin::new(&config.backend_ca)?;
+    let saved: Option<ConnectorConfig> = match state.load_json(watch::CONFIG_FILE) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(error = %e, "ignoring the saved config snapshot");
+            None
+        }
+    };
+
+    let stop = shutdown.child_token();
+    let tracker = TaskTracker::new();
+    let creds_rx = enroll::spawn_renewal(
+        state.clone(),
+        options.router_url.clone(),
+        creds,
+        stop.clone(),
+        &tracker,
+    );
+    let metrics_addr = match config.metrics_listen {
+        Some(addr) => Some(
+            metrics::serve(addr, metrics.clone(), stop.clone(), &tracker)
+                .instrument(span.clone())
+                .await?,
+        ),
+        None => None,
+    };
+    let endpoint = tunnel::bind_endpoint()?;
+    let streams = Arc::new(stream::StreamCtx {
+        group: group.clone(),
+        apps: ArcSwap::from_pointee(Default::default()),
+        origin,
+        metrics: metrics.clone(),
+    });
+    let (config_tx, config_rx) = tokio::sync::watch::channel(None);
+    let pool = Arc::new(tunnel::Pool::new(
+        id.clone(),
+        group.clone(),
+        endpoint.clone(),
+        Arc::new(tunnel::transport_config(config.max_streams_per_tunnel)),
+        creds_rx,
+        config_rx,
+        streams,
+        stop.clone(),
+        tracker.clone(),
+    ));
+    if let Some(saved) = saved {
+        tracing::info!(parent: &span, version = saved.version, apps = saved.apps.len(), edges = saved.edges.len(), "serving the saved config until the router answers");
+        watch::apply(&pool, &config_tx, Arc::new(saved));
+    }
+    tracker.spawn(
+        watch::run(pool.clone(), state, options.router_url.clone(), config_tx)
+            .instrument(tracing::info_span!(parent: &span, "config_watch")),
+    );
+    {
+        let _in = span.enter();
+        pool.spawn_slots(config.tunnels);
+    }
+    tracing::info!(
+        parent: &span,
+        tunnels = config.tunnels,
+        udp = ?endpoint.local_addr().ok(),
+        metrics = ?metrics_addr,
+        "connector started"
+    );
+    Ok(Handle {
+        id,
+        group,
+        metrics_addr,
+        metrics,
+        pool,
+        endpoint,
+        tracker,
+        span: span.clone(),
+    })
+}
+
+/// A running connector.
+pub struct Handle {
+    /// This connector's id, from its certificate.
+    pub id: ConnectorId,
+    /// Its group, from its certificate.
+    pub group: GroupId,
+    /// Where `/metrics`, `/healthz` and `/ready` are served, when asked.
+    pub metrics_addr: Option<SocketAddr>,
+    metrics: Metrics,
+    pool: Arc<tunnel::Pool>,
+    endpoint: quinn::Endpoint,
+    tracker: TaskTracker,
+    span: tracing::Span,
+}
+
+impl std::fmt::Debug for Handle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Handle")
+            .field("id", &self.id)
+            .field("group", &self.group)
+            .field("metrics_addr", &self.metrics_addr)
+            .field("tunnels", &self.tunnel_count())
+            .finish()
+    }
+}
+
+impl Handle {
+    /// Tunnels up right now (welcomed by an edge and not draining).
+    pub fn tunnel_count(&self) -> usize {
+        *self.pool.up.borrow()
+    }
+
+    /// Resolves once at least `n` tunnels are up, or the connector stopped.
+    pub async fn wait_tunnels(&self, n: usize) {
+        let mut rx = self.pool.up.subscribe();
+        tokio::select! {
+            _ = rx.wait_for(|up| *up >= n) => {}
+            _ = self.pool.stop.cancelled() => {}
+        }
+    }
+
+    /// The connector's metrics registry.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Resolves once the connector has stopped: after the shutdown token is
+    /// cancelled (tunnels drain, in-flight streams get up to 10 s), or on a
+    /// fatal error such as [`Error::Revoked`], which it returns.
+    pub async fn wait(self) -> Result<(), Error> {
+        let span = self.span.clone();
+        async move {
+            self.pool.stop.cancelled().await;
+            self.tracker.close();
+            if tokio::time::timeout(SHUTDOWN_GRACE, self.tracker.wait()).await.is_err() {
+                tracing::warn!("in-flight streams did not finish within {SHUTDOWN_GRACE:?}; closing the tunnels");
+            }
+            self.endpoint
+                .close(stream::code(CloseCode::Shutdown), b"connector shutting down");
+            let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+            let fatal = self
+                .pool
+                .fatal
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take();
+            match fatal {
+                Some(e) => Err(e),
+                None => {
+                    tracing::info!("connector stopped");
+                    Ok(())
+                }
+            }
+        }
+        .instrument(span)
+        .await
+    }
+}
+
+/// `start` and `wait` run inside `tokio::spawn`.
+#[allow(dead_code)]
+fn assert_send() {
+    fn is_send<T: Send>(_: &T) {}
+    let start = start(
+        Config::new("https://x", "/nonexistent"),
+        CancellationToken::new(),
+    );
+    is_send(&start);
+    fn wait_is_send(h: Handle) {
+        is_send(&h.wait());
+    }
+}
+
+#[cfg(test)]
+mod tests;

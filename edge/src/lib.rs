@@ -1,1 +1,295 @@
-//! placeholder
+//! The Portico edge: it serves users at the apps' external hostnames over
+//! HTTPS (HTTP/1.1 and HTTP/2), accepts QUIC tunnels from connectors (mutual
+//! TLS, ALPN `portico/1`), and carries each request over its own stream of a
+//! tunnel of the app's connector group. It enrolls with the router, renews
+//! its certificates, follows the router's config by long-poll (and keeps
+//! serving from the last saved snapshot while the router is away), reports
+//! the tunnels it holds, and exports Prometheus metrics.
+//!
+//! It does not talk to backends (the connector does), store configuration
+//! (the router does), pre-authenticate users, serve HTTP/3, or forward over
+//! an edge mesh; those are later work.
+
+mod certs;
+mod config;
+mod control;
+pub mod error;
+mod metrics;
+mod pages;
+mod public;
+mod routing;
+mod tunnel;
+mod tunnels;
+
+#[cfg(test)]
+mod tests;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use portico_proto::api::{EdgeConfig, Identity};
+use portico_proto::{CloseCode, EdgeId, RegionId};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+pub use config::Config;
+pub use error::Error;
+
+use certs::CertStore;
+use metrics::Metrics;
+use routing::RoutingTable;
+use tunnels::Tunnels;
+
+/// Starts an edge: enrolls (or loads saved credentials), loads the last
+/// config snapshot, binds every listener and returns once they listen.
+/// Everything stops when `shutdown` is cancelled; [`Handle::wait`] returns
+/// after the drain.
+pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Handle, Error> {
+    config.validate()?;
+    control::start(config, shutdown).await
+}
+
+/// A running edge.
+#[derive(Debug)]
+pub struct Handle {
+    /// This edge's id, from its certificate.
+    pub id: EdgeId,
+    /// The bound public (HTTPS) address.
+    pub public_addr: SocketAddr,
+    /// The bound tunnel (QUIC, UDP) address.
+    pub tunnel_addr: SocketAddr,
+    /// The bound metrics address, if any.
+    pub metrics_addr: Option<SocketAddr>,
+    shared: Arc<Shared>,
+    ready: watch::Receiver<bool>,
+}
+
+impl Handle {
+    /// Whether a config (fresh from the router, or the saved snapshot) is
+    /// loaded and the edge is not shutting down.
+    pub fn is_ready(&self) -> bool {
+        *self.ready.borrow()
+    }
+
+    /// Resolves once a config is loaded (or the edge shuts down).
+    pub async fn ready(&self) {
+        let mut rx = self.ready.clone();
+        tokio::select! {
+            _ = rx.wait_for(|r| *r) => {}
+            () = self.shared.shutdown.cancelled() => {}
+        }
+    }
+
+    /// The tunnels attached right now.
+    pub fn tunnel_count(&self) -> usize {
+        self.shared.tunnels.count()
+    }
+
+    /// The version of the loaded config (0 when none is).
+    pub fn config_version(&self) -> u64 {
+        self.shared.table.load().version()
+    }
+
+    /// Waits for shutdown (the token given to `start`) and the drain.
+    pub async fn wait(self) -> Result<(), Error> {
+        self.shared.shutdown.cancelled().await;
+        self.shared.tracker.close();
+        self.shared.tracker.wait().await;
+        Ok(())
+    }
+}
+
+/// What the listeners, the tunnels and the control loops share.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) edge_id: EdgeId,
+    pub(crate) region: RegionId,
+    pub(crate) table: ArcSwap<RoutingTable>,
+    pub(crate) tunnels: Tunnels,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) ready: watch::Sender<bool>,
+    pub(crate) connector_timeout_grace: Duration,
+    pub(crate) grace: Duration,
+    /// Cancelled to start the shutdown.
+    pub(crate) shutdown: CancellationToken,
+    /// Cancelled when the drain period is over: in-flight work is cut.
+    pub(crate) hard_stop: CancellationToken,
+    /// Every task of the edge (listeners, tunnels, control loops).
+    pub(crate) tracker: TaskTracker,
+    /// Public connections, request-body pumps and WebSocket pipes: the
+    /// work the drain waits for.
+    pub(crate) conns: TaskTracker,
+}
+
+impl Shared {
+    /// Installs a new config: swaps the routing table in one step, closes
+    /// the tunnels of revoked connectors and marks the edge ready.
+    pub(crate) fn apply_config(&self, config: EdgeConfig) {
+        let version = config.version;
+        let table = Arc::new(RoutingTable::new(config));
+        self.table.store(Arc::clone(&table));
+        self.metrics
+            .config_version
+            .set(i64::try_from(version).unwrap_or(i64::MAX));
+        let closed = self.tunnels.close_revoked(|c| table.is_revoked(c));
+        tracing::info!(
+            version,
+            apps = table.config.apps.len(),
+            revoked_tunnels_closed = closed,
+            "config loaded"
+        );
+        self.ready.send_replace(true);
+    }
+}
+
+/// Everything `serve` needs, whether it came from the router or a test.
+pub(crate) struct Parts {
+    pub(crate) edge_id: EdgeId,
+    pub(crate) region: RegionId,
+    /// The certificate the tunnel listener presents (the edge identity).
+    pub(crate) tunnel_cert: Arc<CertStore>,
+    /// The CA that signs connector certificates.
+    pub(crate) ca_pem: String,
+    pub(crate) public_cert: Arc<CertStore>,
+    pub(crate) initial_config: Option<EdgeConfig>,
+    pub(crate) public_listen: SocketAddr,
+    pub(crate) tunnel_listen: SocketAddr,
+    pub(crate) metrics_listen: Option<SocketAddr>,
+    pub(crate) grace: Duration,
+    pub(crate) connector_timeout_grace: Duration,
+}
+
+/// Binds the listeners and runs the data plane, without any router: the
+/// control loops (or a test) feed configs through `Shared::apply_config`.
+pub(crate) async fn serve(parts: Parts, shutdown: CancellationToken) -> Result<Handle, Error> {
+    let metrics = Arc::new(Metrics::new());
+    let (ready_tx, ready_rx) = watch::channel(false);
+    let shared = Arc::new(Shared {
+        edge_id: parts.edge_id.clone(),
+        region: parts.region.clone(),
+        table: ArcSwap::from_pointee(RoutingTable::empty(parts.region.clone())),
+        tunnels: Tunnels::default(),
+        metrics: Arc::clone(&metrics),
+        ready: ready_tx,
+        connector_timeout_grace: parts.connector_timeout_grace,
+        grace: parts.grace,
+        shutdown: shutdown.clone(),
+        hard_stop: CancellationToken::new(),
+        tracker: TaskTracker::new(),
+        conns: TaskTracker::new(),
+    });
+    if let Some(cfg) = parts.initial_config {
+        shared.apply_config(cfg);
+    }
+
+    let public_listener = public::bind(parts.public_listen)?;
+    let public_addr = public_listener.local_addr().map_err(|source| Error::Bind {
+        what: "public",
+        addr: parts.public_listen,
+        source,
+    })?;
+    let public_tls = public::tls_config(parts.public_cert)?;
+    let endpoint = tunnel::bind_endpoint(
+        parts.tunnel_listen,
+        tunnel::server_config(parts.tunnel_cert, &parts.ca_pem)?,
+    )?;
+    let tunnel_addr = endpoint.local_addr().map_err(|source| Error::Bind {
+        what: "tunnel",
+        addr: parts.tunnel_listen,
+        source,
+    })?;
+    let metrics_addr = match parts.metrics_listen {
+        Some(addr) => {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| Error::Bind {
+                    what: "metrics",
+                    addr,
+                    source,
+                })?;
+            let bound = l.local_addr().map_err(|source| Error::Bind {
+                what: "metrics",
+                addr,
+                source,
+            })?;
+            // Metrics stay up through the drain, until the hard stop.
+            metrics::serve(
+                l,
+                Arc::clone(&metrics),
+                ready_rx.clone(),
+                shared.hard_stop.clone(),
+                &shared.tracker,
+            );
+            Some(bound)
+        }
+        None => None,
+    };
+
+    let span = tracing::info_span!("edge", edge.id = %parts.edge_id);
+    shared.tracker.spawn(
+        public::accept_loop(public_listener, public_tls, Arc::clone(&shared))
+            .instrument(span.clone()),
+    );
+    shared
+        .tracker
+        .spawn(tunnel::accept_loop(endpoint.clone(), Arc::clone(&shared)).instrument(span.clone()));
+    shared
+        .tracker
+        .spawn(drain_on_shutdown(endpoint, Arc::clone(&shared)).instrument(span.clone()));
+    tracing::info!(parent: &span, %public_addr, %tunnel_addr, ?metrics_addr, "edge listening");
+
+    Ok(Handle {
+        id: parts.edge_id,
+        public_addr,
+        tunnel_addr,
+        metrics_addr,
+        shared,
+        ready: ready_rx,
+    })
+}
+
+/// Shutdown: stop accepting (the accept loops see the token), ask every
+/// connector to drain, let in-flight requests finish and connectors close
+/// their tunnels within the grace period, then close the QUIC endpoint with
+/// `CloseCode::Shutdown`.
+async fn drain_on_shutdown(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
+    shared.shutdown.cancelled().await;
+    tracing::info!(grace = ?shared.grace, "shutting down: draining");
+    // `/ready` answers 503 from now on, so load balancers move away.
+    shared.ready.send_replace(false);
+    for t in shared.tunnels.snapshot() {
+        t.drain_request.cancel();
+    }
+    shared.conns.close();
+    // Connectors answer Drain by finishing their streams and closing the
+    // tunnel; users' connections finish their requests. Wait for both.
+    let drained = async {
+        shared.conns.wait().await;
+        shared.tunnels.all_closed().await;
+    };
+    if tokio::time::timeout(shared.grace, drained).await.is_err() {
+        tracing::info!(
+            tunnels = shared.tunnels.count(),
+            "grace period over, closing what is left"
+        );
+    }
+    shared.hard_stop.cancel();
+    endpoint.close(CloseCode::Shutdown.to_wire().into(), b"edge shutting down");
+    let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), shared.conns.wait()).await;
+    tracing::info!("edge stopped");
+}
+
+/// The edge identity in a set of credentials.
+pub(crate) fn edge_identity(identity: &Identity) -> Result<(EdgeId, RegionId), Error> {
+    match identity {
+        Identity::Edge { id, region } => Ok((id.clone(), region.clone())),
+        other => Err(Error::NotAnEdge {
+            identity: other.to_string(),
+        }),
+    }
+}

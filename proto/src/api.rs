@@ -64,7 +64,10 @@ impl Identity {
     pub fn to_uris(&self) -> Vec<String> {
         match self {
             Identity::Connector { id, group } => {
-                vec![format!("{URN_CONNECTOR}{id}"), format!("{URN_GROUP}{group}")]
+                vec![
+                    format!("{URN_CONNECTOR}{id}"),
+                    format!("{URN_GROUP}{group}"),
+                ]
             }
             Identity::Edge { id, region } => {
                 vec![format!("{URN_EDGE}{id}"), format!("{URN_REGION}{region}")]
@@ -127,9 +130,13 @@ impl std::str::FromStr for JoinToken {
     type Err = MalformedToken;
     fn from_str(s: &str) -> Result<Self, MalformedToken> {
         let mut parts = s.trim().split('.');
-        let (Some("pt1"), Some(id), Some(secret), Some(pin), None) =
-            (parts.next(), parts.next(), parts.next(), parts.next(), parts.next())
-        else {
+        let (Some("pt1"), Some(id), Some(secret), Some(pin), None) = (
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+        ) else {
             return Err(MalformedToken);
         };
         let hex = |s: &str, len: usize| s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit());
@@ -520,13 +527,19 @@ mod tests {
             group: GroupId::default_group(),
         };
         let uris = c.to_uris();
-        assert_eq!(Identity::from_uris(uris.iter().map(String::as_str)), Some(c));
+        assert_eq!(
+            Identity::from_uris(uris.iter().map(String::as_str)),
+            Some(c)
+        );
         let e = Identity::Edge {
             id: EdgeId::new("e-1").unwrap(),
             region: RegionId::default_region(),
         };
         let mut uris = e.to_uris();
-        assert_eq!(Identity::from_uris(uris.iter().map(String::as_str)), Some(e));
+        assert_eq!(
+            Identity::from_uris(uris.iter().map(String::as_str)),
+            Some(e)
+        );
         uris.push("urn:portico:connector:c-2".into());
         assert_eq!(Identity::from_uris(uris.iter().map(String::as_str)), None);
         assert_eq!(Identity::from_uris(["urn:portico:connector:bad id"]), None);
@@ -543,7 +556,10 @@ mod tests {
         assert_eq!(s.parse::<JoinToken>(), Ok(t.clone()));
         assert!(!format!("{t:?}").contains(&t.secret));
         assert_eq!("pt1.x.y.z".parse::<JoinToken>(), Err(MalformedToken));
-        assert_eq!(format!("{s}.extra").parse::<JoinToken>(), Err(MalformedToken));
+        assert_eq!(
+            format!("{s}.extra").parse::<JoinToken>(),
+            Err(MalformedToken)
+        );
     }
 
     #[test]
@@ -553,7 +569,10 @@ mod tests {
         let t: BackendTimeout = serde_json::from_str("5").unwrap();
         assert_eq!(t, BackendTimeout::Seconds(5));
         assert_eq!(serde_json::to_string(&t).unwrap(), "5");
-        assert_eq!(serde_json::to_string(&BackendTimeout::Default).unwrap(), "\"default\"");
+        assert_eq!(
+            serde_json::to_string(&BackendTimeout::Default).unwrap(),
+            "\"default\""
+        );
         assert!(serde_json::from_str::<BackendTimeout>("0").is_err());
         assert!(serde_json::from_str::<BackendTimeout>("\"forever\"").is_err());
         let spec: AppSpec =

@@ -97,13 +97,21 @@ pub fn put_bytes(buf: &mut impl BufMut, bytes: &[u8]) {
 }
 
 /// Reads a length-prefixed byte string of at most `max` bytes.
-pub fn get_bytes(buf: &mut impl Buf, field: &'static str, max: usize) -> Result<Bytes, DecodeError> {
+pub fn get_bytes(
+    buf: &mut impl Buf,
+    field: &'static str,
+    max: usize,
+) -> Result<Bytes, DecodeError> {
     let len = get_len(buf, field, max)?;
     Ok(buf.copy_to_bytes(len))
 }
 
 /// Reads a length-prefixed UTF-8 string of at most `max` bytes.
-pub fn get_string(buf: &mut impl Buf, field: &'static str, max: usize) -> Result<String, DecodeError> {
+pub fn get_string(
+    buf: &mut impl Buf,
+    field: &'static str,
+    max: usize,
+) -> Result<String, DecodeError> {
     let bytes = get_bytes(buf, field, max)?;
     String::from_utf8(bytes.to_vec()).map_err(|_| DecodeError::InvalidUtf8 { field })
 }
@@ -187,7 +195,10 @@ mod tests {
     fn rfc9000_examples() {
         // RFC 9000 §A.1 sample varints.
         let cases: [(&[u8], u64); 4] = [
-            (&[0xc2, 0x19, 0x7c, 0x5e, 0xff, 0x14, 0xe8, 0x8c], 151_288_809_941_952_652),
+            (
+                &[0xc2, 0x19, 0x7c, 0x5e, 0xff, 0x14, 0xe8, 0x8c],
+                151_288_809_941_952_652,
+            ),
             (&[0x9d, 0x7f, 0x3e, 0x7d], 494_878_333),
             (&[0x7b, 0xbd], 15_293),
             (&[0x25], 37),
@@ -202,9 +213,18 @@ mod tests {
         let mut buf = Vec::new();
         put_varint(&mut buf, 1 << 40);
         let err = get_bytes(&mut &buf[..], "x", 10).unwrap_err();
-        assert!(matches!(err, DecodeError::TooLong { field: "x", .. }), "{err:?}");
+        assert!(
+            matches!(err, DecodeError::TooLong { field: "x", .. }),
+            "{err:?}"
+        );
         // A truncated varint is an error, not a panic.
-        assert_eq!(get_varint(&mut &[0xc0u8, 1][..]), Err(DecodeError::UnexpectedEnd));
-        assert_eq!(get_socket_addr(&mut &[9u8][..]), Err(DecodeError::InvalidAddressFamily { family: 9 }));
+        assert_eq!(
+            get_varint(&mut &[0xc0u8, 1][..]),
+            Err(DecodeError::UnexpectedEnd)
+        );
+        assert_eq!(
+            get_socket_addr(&mut &[9u8][..]),
+            Err(DecodeError::InvalidAddressFamily { family: 9 })
+        );
     }
 }

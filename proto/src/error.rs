@@ -177,7 +177,10 @@ impl ErrorCode {
     /// Whether the request may be retried on another connector: true only
     /// when no byte of it reached a backend.
     pub fn retry_safe(self) -> bool {
-        matches!(self, ErrorCode::ConnectorNotFound | ErrorCode::MeshUnreachable)
+        matches!(
+            self,
+            ErrorCode::ConnectorNotFound | ErrorCode::MeshUnreachable
+        )
     }
 }
 
@@ -190,7 +193,10 @@ impl fmt::Display for ErrorCode {
 impl std::str::FromStr for ErrorCode {
     type Err = ();
     fn from_str(s: &str) -> Result<Self, ()> {
-        ErrorCode::ALL.into_iter().find(|c| c.as_str() == s).ok_or(())
+        ErrorCode::ALL
+            .into_iter()
+            .find(|c| c.as_str() == s)
+            .ok_or(())
     }
 }
 

@@ -12,8 +12,8 @@ use bytes::{Buf, BufMut};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 
 use crate::codec::{
-    get_bytes, get_len, get_socket_addr, get_string, get_varint, get_varint_u32, need,
-    put_bytes, put_socket_addr, put_varint,
+    get_bytes, get_len, get_socket_addr, get_string, get_varint, get_varint_u32, need, put_bytes,
+    put_socket_addr, put_varint,
 };
 use crate::error::{DecodeError, EncodeError};
 use crate::ids::{AppId, ConnectorId, EdgeId, GroupId, RegionId, RequestId};
@@ -370,7 +370,12 @@ impl Frame {
             }
             Frame::Error(e) => {
                 put_varint(buf, e.code.to_wire());
-                put_str(buf, "message", truncate(&e.message, MAX_MESSAGE_LEN), MAX_MESSAGE_LEN)?;
+                put_str(
+                    buf,
+                    "message",
+                    truncate(&e.message, MAX_MESSAGE_LEN),
+                    MAX_MESSAGE_LEN,
+                )?;
             }
         }
         Ok(())
@@ -434,12 +439,7 @@ fn decode_stream_head(buf: &mut impl Buf) -> Result<StreamHead, DecodeError> {
     })
 }
 
-fn put_str(
-    buf: &mut Vec<u8>,
-    field: &'static str,
-    s: &str,
-    max: usize,
-) -> Result<(), EncodeError> {
+fn put_str(buf: &mut Vec<u8>, field: &'static str, s: &str, max: usize) -> Result<(), EncodeError> {
     if s.len() > max {
         return Err(EncodeError::TooLong {
             field,
@@ -509,11 +509,14 @@ fn get_headers(buf: &mut impl Buf) -> Result<HeaderMap, DecodeError> {
     let mut headers = HeaderMap::with_capacity((count as usize).min(buf.remaining() / 2));
     for _ in 0..count {
         let name = get_bytes(buf, "header name", MAX_HEADER_NAME_LEN)?;
-        let name = HeaderName::from_bytes(&name)
-            .map_err(|_| DecodeError::InvalidValue { field: "header name" })?;
+        let name = HeaderName::from_bytes(&name).map_err(|_| DecodeError::InvalidValue {
+            field: "header name",
+        })?;
         let value = get_bytes(buf, "header value", MAX_HEADER_VALUE_LEN)?;
-        let value = HeaderValue::from_maybe_shared(value)
-            .map_err(|_| DecodeError::InvalidValue { field: "header value" })?;
+        let value =
+            HeaderValue::from_maybe_shared(value).map_err(|_| DecodeError::InvalidValue {
+                field: "header value",
+            })?;
         headers.append(name, value);
     }
     Ok(headers)
@@ -564,7 +567,13 @@ mod tests {
     }
 
     fn frame_strategy() -> impl Strategy<Value = Frame> {
-        let hello = (any::<u32>(), 0..crate::codec::VARINT_MAX, id_strategy(), id_strategy(), "[ -~]{0,30}")
+        let hello = (
+            any::<u32>(),
+            0..crate::codec::VARINT_MAX,
+            id_strategy(),
+            id_strategy(),
+            "[ -~]{0,30}",
+        )
             .prop_map(|(version, capabilities, c, g, agent_version)| {
                 Frame::Hello(Hello {
                     version,
@@ -574,7 +583,13 @@ mod tests {
                     agent_version,
                 })
             });
-        let welcome = (any::<u32>(), 0..crate::codec::VARINT_MAX, id_strategy(), id_strategy(), 0..crate::codec::VARINT_MAX)
+        let welcome = (
+            any::<u32>(),
+            0..crate::codec::VARINT_MAX,
+            id_strategy(),
+            id_strategy(),
+            0..crate::codec::VARINT_MAX,
+        )
             .prop_map(|(version, capabilities, e, r, config_version)| {
                 Frame::Welcome(Welcome {
                     version,
@@ -597,20 +612,34 @@ mod tests {
             0..crate::codec::VARINT_MAX,
             0u8..3,
         )
-            .prop_map(|(rid, app, method, authority, path, headers, ip, port, identity, timeout_ms, kind)| {
-                Frame::StreamHead(StreamHead {
-                    kind: StreamKind::from_byte(kind).unwrap(),
-                    request_id: RequestId(rid),
-                    app: AppId::new(app).unwrap(),
+            .prop_map(
+                |(
+                    rid,
+                    app,
                     method,
                     authority,
                     path,
                     headers,
-                    client_addr: SocketAddr::new(IpAddr::V6(Ipv6Addr::from(ip)), port),
+                    ip,
+                    port,
                     identity,
                     timeout_ms,
-                })
-            });
+                    kind,
+                )| {
+                    Frame::StreamHead(StreamHead {
+                        kind: StreamKind::from_byte(kind).unwrap(),
+                        request_id: RequestId(rid),
+                        app: AppId::new(app).unwrap(),
+                        method,
+                        authority,
+                        path,
+                        headers,
+                        client_addr: SocketAddr::new(IpAddr::V6(Ipv6Addr::from(ip)), port),
+                        identity,
+                        timeout_ms,
+                    })
+                },
+            );
         let response = (100u16..1000, headers_strategy()).prop_map(|(s, headers)| {
             Frame::ResponseHead(ResponseHead {
                 status: StatusCode::from_u16(s).unwrap(),
@@ -692,7 +721,11 @@ mod tests {
         }
         assert!(matches!(
             Frame::StreamHead(head).to_bytes(),
-            Err(EncodeError::TooMany { field: "headers", count: 200, .. })
+            Err(EncodeError::TooMany {
+                field: "headers",
+                count: 200,
+                ..
+            })
         ));
         // Decoder: a header that claims 1 MiB is refused before reading.
         let mut buf = vec![FrameType::StreamHead.to_byte()];
@@ -705,8 +738,15 @@ mod tests {
         let mut payload = Vec::new();
         put_varint(&mut payload, 200);
         assert_eq!(
-            Frame::decode_payload(FrameType::ResponseHead, &mut &[&[0x40u8, 200][..], &payload].concat()[..]),
-            Err(DecodeError::TooMany { field: "headers", count: 200, max: MAX_HEADERS as u64 })
+            Frame::decode_payload(
+                FrameType::ResponseHead,
+                &mut &[&[0x40u8, 200][..], &payload].concat()[..]
+            ),
+            Err(DecodeError::TooMany {
+                field: "headers",
+                count: 200,
+                max: MAX_HEADERS as u64
+            })
         );
     }
 
@@ -718,7 +758,10 @@ mod tests {
         );
         assert_eq!(
             Frame::decode(&mut &[FrameType::Drain.to_byte(), 1, 0][..]),
-            Err(DecodeError::TrailingBytes { ty: FrameType::Drain, extra: 1 })
+            Err(DecodeError::TrailingBytes {
+                ty: FrameType::Drain,
+                extra: 1
+            })
         );
     }
 
@@ -731,7 +774,9 @@ mod tests {
         put_bytes(&mut payload, b"ok\r\nset-cookie: evil");
         assert_eq!(
             Frame::decode_payload(FrameType::ResponseHead, &mut &payload[..]),
-            Err(DecodeError::InvalidValue { field: "header value" })
+            Err(DecodeError::InvalidValue {
+                field: "header value"
+            })
         );
     }
 }

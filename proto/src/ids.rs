@@ -181,10 +181,7 @@ mod tests {
     #[test]
     fn ids_validate() {
         assert!(ConnectorId::new("c-0123abcd").is_ok());
-        assert_eq!(
-            GroupId::new(""),
-            Err(IdError::Empty { kind: "group id" })
-        );
+        assert_eq!(GroupId::new(""), Err(IdError::Empty { kind: "group id" }));
         assert!(matches!(
             AppId::new("a b"),
             Err(IdError::InvalidChar { found: ' ', .. })

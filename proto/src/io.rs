@@ -35,7 +35,9 @@ pub enum WriteError {
 /// Reads one frame. `Ok(None)` is a clean end of stream before any byte of a
 /// frame. The length is checked against the frame type's limit before the
 /// payload buffer is allocated.
-pub async fn read_frame<R: AsyncRead + Unpin + ?Sized>(r: &mut R) -> Result<Option<Frame>, ReadError> {
+pub async fn read_frame<R: AsyncRead + Unpin + ?Sized>(
+    r: &mut R,
+) -> Result<Option<Frame>, ReadError> {
     let mut head = [0u8; 9];
     if r.read(&mut head[..1]).await? == 0 {
         return Ok(None);
@@ -50,13 +52,19 @@ pub async fn read_frame<R: AsyncRead + Unpin + ?Sized>(r: &mut R) -> Result<Opti
 }
 
 /// Writes one frame. Nothing is written if the frame breaks a limit.
-pub async fn write_frame<W: AsyncWrite + Unpin + ?Sized>(w: &mut W, frame: &Frame) -> Result<(), WriteError> {
+pub async fn write_frame<W: AsyncWrite + Unpin + ?Sized>(
+    w: &mut W,
+    frame: &Frame,
+) -> Result<(), WriteError> {
     let bytes = frame.to_bytes()?;
     w.write_all(&bytes).await?;
     Ok(())
 }
 
-async fn read_exact<R: AsyncRead + Unpin + ?Sized>(r: &mut R, buf: &mut [u8]) -> Result<(), ReadError> {
+async fn read_exact<R: AsyncRead + Unpin + ?Sized>(
+    r: &mut R,
+    buf: &mut [u8],
+) -> Result<(), ReadError> {
     match r.read_exact(buf).await {
         Ok(_) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(ReadError::Truncated),
@@ -84,9 +92,14 @@ mod tests {
     async fn oversized_frame_is_refused_before_reading_it() {
         let (mut a, mut b) = tokio::io::duplex(64);
         // Claims a 1 GiB control frame, then sends nothing more.
-        a.write_all(&[0x01, 0xc0, 0, 0, 0, 0x40, 0, 0, 0]).await.unwrap();
+        a.write_all(&[0x01, 0xc0, 0, 0, 0, 0x40, 0, 0, 0])
+            .await
+            .unwrap();
         let err = read_frame(&mut b).await.unwrap_err();
-        assert!(matches!(err, ReadError::Decode(DecodeError::FrameTooLarge { .. })), "{err}");
+        assert!(
+            matches!(err, ReadError::Decode(DecodeError::FrameTooLarge { .. })),
+            "{err}"
+        );
     }
 
     #[tokio::test]
@@ -94,6 +107,9 @@ mod tests {
         let (mut a, mut b) = tokio::io::duplex(64);
         a.write_all(&[0x03, 8, 1, 2]).await.unwrap();
         drop(a);
-        assert!(matches!(read_frame(&mut b).await, Err(ReadError::Truncated)));
+        assert!(matches!(
+            read_frame(&mut b).await,
+            Err(ReadError::Truncated)
+        ));
     }
 }

@@ -1,1 +1,273 @@
-//! placeholder
+//! The region router: Portico's control plane.
+//!
+//! It keeps groups, apps, join tokens, connectors, edges and the config
+//! version in a [`Store`] (SQLite by default), is the deployment's
+//! certificate authority, and serves one HTTPS API (rustls, client
+//! certificates optional): admin calls with a bearer token, enrollment with a
+//! join token, and certificate renewal, config long-polls and presence
+//! reports with the agent's client certificate. It exports its own
+//! Prometheus registry on an optional plain-HTTP listener.
+//!
+//! It does not carry user traffic, hold tunnels, or serve DNS or a web
+//! console; it runs one region and has no etcd store yet.
+
+use std::collections::HashMap;
+use std::fs;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use portico_proto::ids::GroupId;
+use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+mod api;
+pub mod ca;
+mod config;
+pub mod error;
+mod metrics;
+mod server;
+pub mod store;
+mod util;
+
+pub use config::Config;
+pub use error::{Error, StoreError};
+pub use store::{SqliteStore, Store};
+
+/// How long `Handle::wait` lets in-flight work finish after shutdown.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// Lifetime of the API server certificate, issued afresh at each start.
+const SERVER_CERT_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// A running router.
+pub struct Handle {
+    /// Where the HTTPS API listens.
+    pub api_addr: SocketAddr,
+    /// Where `/metrics` listens, when configured.
+    pub metrics_addr: Option<SocketAddr>,
+    /// The CA certificate (PEM) that signs every certificate.
+    pub ca_pem: String,
+    /// Lower-case hex SHA-256 of the CA certificate (DER).
+    pub ca_sha256: String,
+    /// The file holding the admin token (0600).
+    pub admin_token_path: PathBuf,
+    admin_token: String,
+    store: Arc<dyn Store>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl std::fmt::Debug for Handle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Handle")
+            .field("api_addr", &self.api_addr)
+            .field("metrics_addr", &self.metrics_addr)
+            .field("ca_sha256", &self.ca_sha256)
+            .field("admin_token_path", &self.admin_token_path)
+            .field("admin_token", &"***")
+            .finish()
+    }
+}
+
+impl Handle {
+    /// The admin token (a secret: never log it).
+    pub fn admin_token(&self) -> String {
+        self.admin_token.clone()
+    }
+
+    /// The API's base URL, `https://IP:PORT` (loopback when listening on
+    /// every address).
+    pub fn url(&self) -> String {
+        let ip = match self.api_addr.ip() {
+            IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+            ip => ip,
+        };
+        format!("https://{}", SocketAddr::new(ip, self.api_addr.port()))
+    }
+
+    /// Resolves once `shutdown` has been cancelled, in-flight requests have
+    /// finished (bounded by a grace period) and the store is closed.
+    pub async fn wait(self) -> Result<(), Error> {
+        self.shutdown.cancelled().await;
+        self.tracker.close();
+        let drained = tokio::time::timeout(SHUTDOWN_GRACE, self.tracker.wait()).await;
+        let store = self.store.clone();
+        let _ = tokio::task::spawn_blocking(move || store.close()).await;
+        tracing::info!("router stopped");
+        drained.map_err(|_| Error::DrainTimeout {
+            grace: SHUTDOWN_GRACE,
+        })
+    }
+}
+
+/// Opens the store, loads or creates the CA and the admin token, binds the
+/// listeners and returns once they accept connections.
+pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Handle, Error> {
+    config.validate()?;
+    let dir = config.data_dir.clone();
+    let (ca, admin_token, admin_token_path, store) = {
+        let dir = dir.clone();
+        let err_dir = dir.clone();
+        tokio::task::spawn_blocking(move || -> Result<_, Error> {
+            prepare_dir(&dir)?;
+            let ca = ca::Ca::load_or_create(&dir)?;
+            let (token, path) = load_or_create_admin_token(&dir)?;
+            let store = SqliteStore::open(dir.join("portico.db"))?;
+            store.ensure_group(&store::GroupRecord {
+                id: GroupId::default_group(),
+                region: "auto".into(),
+                created_at: util::now_unix(),
+            })?;
+            Ok((ca, token, path, store))
+        })
+        .await
+        .map_err(|e| Error::Io {
+            action: "prepare",
+            path: err_dir,
+            source: std::io::Error::other(e.to_string()),
+        })??
+    };
+    let store: Arc<dyn Store> = Arc::new(store);
+    let version = store.config_version()?;
+
+    // The API's server certificate, issued afresh at each start.
+    let server_key = rcgen::KeyPair::generate().map_err(|source| Error::Ca {
+        what: "generating the API server key",
+        source,
+    })?;
+    let issued = ca
+        .sign(&server_key, &ca::Profile::RouterServer, SERVER_CERT_TTL)
+        .map_err(|e| Error::Tls {
+            reason: format!("issuing the API server certificate: {e}"),
+        })?;
+    let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(server_key.serialize_der()));
+    let tls_err = |reason: String| Error::Tls { reason };
+    let verifier = portico_agent::pki::client_verifier(ca.cert_pem(), true)
+        .map_err(|e| tls_err(format!("client verifier: {e}")))?;
+    let mut tls = rustls::ServerConfig::builder_with_provider(portico_agent::pki::provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| tls_err(e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(
+            vec![issued.cert_der.clone(), ca.cert_der().clone()],
+            key_der,
+        )
+        .map_err(|e| tls_err(e.to_string()))?;
+    tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+
+    let listener = server::bind(config.listen)?;
+    let api_addr = listener.local_addr().map_err(|source| Error::Bind {
+        addr: config.listen,
+        source,
+    })?;
+    let metrics_listener = match config.metrics_listen {
+        Some(addr) => Some(server::bind(addr)?),
+        None => None,
+    };
+    let metrics_addr = match &metrics_listener {
+        Some(l) => Some(l.local_addr().map_err(|source| Error::Bind {
+            addr: config.metrics_listen.unwrap_or(config.listen),
+            source,
+        })?),
+        None => None,
+    };
+
+    let metrics = metrics::Metrics::new()?;
+    metrics
+        .config_version
+        .set(i64::try_from(version).unwrap_or(i64::MAX));
+    let tracker = TaskTracker::new();
+    let (version_tx, _) = tokio::sync::watch::channel(version);
+    let ca_pem = ca.cert_pem().to_owned();
+    let ca_sha256 = ca.sha256().to_owned();
+    let state = Arc::new(api::AppState {
+        config: config.clone(),
+        store: store.clone(),
+        ca,
+        admin_hash: util::sha256(admin_token.as_bytes()),
+        version: version_tx,
+        presence: Mutex::new(HashMap::new()),
+        metrics,
+        shutdown: shutdown.clone(),
+        tracker: tracker.clone(),
+    });
+
+    tracker.spawn(server::serve_api(
+        listener,
+        acceptor,
+        api::routes(state.clone()),
+        shutdown.clone(),
+        tracker.clone(),
+    ));
+    if let Some(l) = metrics_listener {
+        tracker.spawn(server::serve_metrics(l, state.clone(), shutdown.clone()));
+    }
+    tracing::info!(
+        addr = %api_addr,
+        metrics = ?metrics_addr,
+        ca_sha256 = %ca_sha256,
+        apps_domain = %config.apps_domain,
+        region = %config.region,
+        version,
+        "router listening"
+    );
+    Ok(Handle {
+        api_addr,
+        metrics_addr,
+        ca_pem,
+        ca_sha256,
+        admin_token_path,
+        admin_token,
+        store,
+        shutdown,
+        tracker,
+    })
+}
+
+/// Creates the data directory (0700) when it does not exist.
+fn prepare_dir(dir: &Path) -> Result<(), Error> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|source| Error::Io {
+            action: "create",
+            path: dir.to_path_buf(),
+            source,
+        })
+}
+
+/// Reads `DIR/admin-token`, or creates it (32 random bytes, hex, 0600).
+fn load_or_create_admin_token(dir: &Path) -> Result<(String, PathBuf), Error> {
+    let path = dir.join("admin-token");
+    match fs::read_to_string(&path) {
+        Ok(text) => {
+            let token = text.trim().to_owned();
+            if token.len() != 64 || !token.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(Error::BadAdminToken { path });
+            }
+            // Tighten the mode in case someone loosened it.
+            let _ = fs::set_permissions(&path, fs::Permissions::from_mode(0o600));
+            Ok((token, path))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let token = util::random_hex::<32>()?;
+            ca::write_file(&path, format!("{token}\n").as_bytes(), 0o600)?;
+            tracing::info!(path = %path.display(), "created the admin token");
+            Ok((token, path))
+        }
+        Err(source) => Err(Error::Io {
+            action: "read",
+            path,
+            source,
+        }),
+    }
+}

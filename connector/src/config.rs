@@ -1,0 +1,167 @@
+//! The connector's configuration, as the CLI and tests build it.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use crate::error::Error;
+
+/// How the connector runs. Build with [`Config::new`], adjust the fields,
+/// then [`Config::validate`] (which [`crate::start`] also calls).
+#[derive(Clone)]
+pub struct Config {
+    /// `https://host:port` of the router.
+    pub router_url: String,
+    /// A join token (`pt1.…`), needed only on the first start; later starts
+    /// reuse the credentials saved in `state_dir`.
+    pub token: Option<String>,
+    /// Where credentials and the last config snapshot are kept (0700).
+    pub state_dir: PathBuf,
+    /// How many tunnels to keep, spread over the edges the router lists.
+    pub tunnels: usize,
+    /// A plain HTTP listener for `/metrics`, `/healthz` and `/ready`.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Extra PEM root certificates for validating https backends, besides
+    /// the system roots.
+    pub backend_ca: Vec<PathBuf>,
+    /// How many streams an edge may open at once on one tunnel.
+    pub max_streams_per_tunnel: u32,
+    /// The host name reported to the router.
+    pub host: String,
+}
+
+/// The most tunnels one connector keeps.
+pub const MAX_TUNNELS: usize = 64;
+
+impl Config {
+    /// A configuration with the defaults: 4 tunnels, 1024 streams per
+    /// tunnel, no metrics listener, the host name from `HOSTNAME` or
+    /// `/etc/hostname`.
+    pub fn new(router_url: impl Into<String>, state_dir: impl Into<PathBuf>) -> Self {
+        Config {
+            router_url: router_url.into(),
+            token: None,
+            state_dir: state_dir.into(),
+            tunnels: 4,
+            metrics_listen: None,
+            backend_ca: Vec::new(),
+            max_streams_per_tunnel: 1024,
+            host: default_host(),
+        }
+    }
+
+    /// Checks every field without touching the network or the disk.
+    pub fn validate(&self) -> Result<(), Error> {
+        let invalid =
+            |field: &'static str, reason: String| Err(Error::InvalidConfig { field, reason });
+        let url = self.router_url.trim();
+        if !url.starts_with("https://") || url.len() <= "https://".len() {
+            return invalid(
+                "router_url",
+                format!("{url:?} must be an https:// URL such as https://router.example.com:8443"),
+            );
+        }
+        if let Some(token) = &self.token {
+            if token.parse::<portico_proto::api::JoinToken>().is_err() {
+                return invalid(
+                    "token",
+                    "malformed join token: expected pt1.<id>.<secret>.<ca-sha256> as printed by `portico token create`"
+                        .into(),
+                );
+            }
+        }
+        if self.state_dir.as_os_str().is_empty() {
+            return invalid("state_dir", "must not be empty".into());
+        }
+        if self.tunnels == 0 || self.tunnels > MAX_TUNNELS {
+            return invalid(
+                "tunnels",
+                format!("{} is not within 1..={MAX_TUNNELS}", self.tunnels),
+            );
+        }
+        if self.max_streams_per_tunnel == 0 || self.max_streams_per_tunnel > 65_536 {
+            return invalid(
+                "max_streams_per_tunnel",
+                format!("{} is not within 1..=65536", self.max_streams_per_tunnel),
+            );
+        }
+        if self.host.trim().is_empty() || self.host.len() > 255 {
+            return invalid("host", "must be 1 to 255 bytes".into());
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("router_url", &self.router_url)
+            .field("token", &self.token.as_ref().map(|_| "***"))
+            .field("state_dir", &self.state_dir)
+            .field("tunnels", &self.tunnels)
+            .field("metrics_listen", &self.metrics_listen)
+            .field("backend_ca", &self.backend_ca)
+            .field("max_streams_per_tunnel", &self.max_streams_per_tunnel)
+            .field("host", &self.host)
+            .finish()
+    }
+}
+
+/// `HOSTNAME`, else `/etc/hostname`, else `localhost`.
+fn default_host() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|h| h.trim().to_owned())
+                .filter(|h| !h.is_empty())
+        })
+        .unwrap_or_else(|| "localhost".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_validate_and_hide_the_token() {
+        let mut c = Config::new("https://127.0.0.1:8443", "/tmp/x");
+        assert_eq!(c.tunnels, 4);
+        assert_eq!(c.max_streams_per_tunnel, 1024);
+        assert!(!c.host.is_empty());
+        c.validate().unwrap();
+        let token = format!(
+            "pt1.0123456789abcdef.00112233445566778899aabbccddeeff.{}",
+            "ab".repeat(32)
+        );
+        c.token = Some(token.clone());
+        c.validate().unwrap();
+        assert!(!format!("{c:?}").contains("00112233445566778899"));
+
+        c.token = Some("pt1.nope".into());
+        assert!(matches!(
+            c.validate(),
+            Err(Error::InvalidConfig { field: "token", .. })
+        ));
+        c.token = None;
+        c.tunnels = 0;
+        assert!(matches!(
+            c.validate(),
+            Err(Error::InvalidConfig {
+                field: "tunnels",
+                ..
+            })
+        ));
+        c.tunnels = 2;
+        c.router_url = "http://plain".into();
+        assert!(matches!(
+            c.validate(),
+            Err(Error::InvalidConfig {
+                field: "router_url",
+                ..
+            })
+        ));
+    }
+}

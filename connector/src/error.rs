@@ -1,0 +1,126 @@
+//! The connector's errors: what stops it from starting or running, and how a
+//! failed request to a backend maps to a stable error code.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use portico_proto::{ConnectorId, ErrorCode};
+
+/// Why the connector could not start, or why it stopped.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A configuration value is unusable.
+    #[error("invalid connector configuration: {field}: {reason}")]
+    InvalidConfig { field: &'static str, reason: String },
+
+    /// The state directory could not be opened, read or written.
+    #[error("connector state directory: {source}")]
+    State {
+        #[source]
+        source: portico_agent::StateError,
+    },
+
+    /// Enrollment failed: a used, expired or unknown token, an unreachable
+    /// router, or no token and no saved credentials.
+    #[error("enrollment failed: {source}")]
+    Enroll {
+        #[source]
+        source: portico_agent::EnrollError,
+    },
+
+    /// The saved credentials are not a connector's.
+    #[error("the credentials in the state directory belong to {identity}, not to a connector")]
+    NotAConnector { identity: String },
+
+    /// The connector was deleted on the router: its certificate is revoked.
+    #[error(
+        "connector {connector} was deleted on the router and its certificate is revoked ({detail}); \
+         it stops now. Enroll it again with a new join token (portico token create) and an empty state directory"
+    )]
+    Revoked {
+        connector: ConnectorId,
+        detail: String,
+    },
+
+    /// A PEM file of extra backend roots could not be read or parsed.
+    #[error("backend CA file {}: {reason}", path.display())]
+    BackendCa { path: PathBuf, reason: String },
+
+    /// TLS configuration could not be built from the credentials.
+    #[error("TLS configuration: {reason}")]
+    Tls { reason: String },
+
+    /// A socket could not be bound.
+    #[error("cannot bind {what} on {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// A metric could not be registered (a duplicate name: a bug).
+    #[error("metrics registry: {source}")]
+    Metrics {
+        #[source]
+        source: prometheus::Error,
+    },
+}
+
+impl From<portico_agent::StateError> for Error {
+    fn from(source: portico_agent::StateError) -> Self {
+        Error::State { source }
+    }
+}
+
+impl From<portico_agent::EnrollError> for Error {
+    fn from(source: portico_agent::EnrollError) -> Self {
+        Error::Enroll { source }
+    }
+}
+
+impl From<prometheus::Error> for Error {
+    fn from(source: prometheus::Error) -> Self {
+        Error::Metrics { source }
+    }
+}
+
+/// Why one proxied request failed before a response head could be sent.
+/// Each maps to exactly one stable [`ErrorCode`] the edge shows the user.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProxyError {
+    /// The app is unknown or belongs to another group.
+    #[error("app {app} is not published through this connector's group")]
+    AppNotFound { app: String },
+    /// The request cannot be sent (bad target, unsupported stream kind).
+    #[error("bad request: {reason}")]
+    BadRequest { reason: String },
+    /// The backend could not be reached (refused, DNS, reset).
+    #[error("backend {target} unreachable: {reason}")]
+    Unreachable { target: String, reason: String },
+    /// The backend took longer than the app's timeout to answer.
+    #[error("backend {target} did not answer within {timeout_ms} ms")]
+    Timeout { target: String, timeout_ms: u64 },
+    /// The backend's TLS certificate did not validate.
+    #[error("backend {target} presented an invalid TLS certificate: {reason}")]
+    CertInvalid { target: String, reason: String },
+    /// A fault inside the connector.
+    #[error("internal error: {reason}")]
+    Internal { reason: String },
+}
+
+impl ProxyError {
+    /// The stable code the edge shows for this failure.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            ProxyError::AppNotFound { .. } => ErrorCode::AppNotFound,
+            ProxyError::BadRequest { .. } => ErrorCode::BadRequest,
+            ProxyError::Unreachable { .. } => ErrorCode::BackendUnreachable,
+            ProxyError::Timeout { .. } => ErrorCode::BackendTimeout,
+            ProxyError::CertInvalid { .. } => ErrorCode::BackendCertInvalid,
+            ProxyError::Internal { .. } => ErrorCode::Internal,
+        }
+    }
+}

@@ -1,0 +1,305 @@
+//! Request target and header rewriting between the edge's `StreamHead` and
+//! the backend request, and back for the response head. Pure functions.
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::{Authority, Scheme, Uri};
+use portico_proto::{RequestId, StreamKind};
+
+use crate::error::ProxyError;
+
+/// The parsed internal URL of an app: where its requests go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct InternalUrl {
+    pub scheme: Scheme,
+    pub authority: Authority,
+    /// The path prefix without a trailing `/` (empty for the root).
+    pub prefix: String,
+}
+
+impl InternalUrl {
+    /// Parses an `http://` or `https://` URL with an optional path. A query
+    /// or fragment in the internal URL is ignored.
+    pub fn parse(url: &str) -> Result<InternalUrl, ProxyError> {
+        let bad = |reason: &str| ProxyError::BadRequest {
+            reason: format!("internal URL {url:?}: {reason}"),
+        };
+        let url = url.split('#').next().unwrap_or(url);
+        let uri: Uri = url.parse().map_err(|_| bad("not a URL"))?;
+        let scheme = uri.scheme().cloned().ok_or_else(|| bad("no scheme"))?;
+        if scheme != Scheme::HTTP && scheme != Scheme::HTTPS {
+            return Err(bad("scheme must be http or https"));
+        }
+        let authority = uri.authority().cloned().ok_or_else(|| bad("no host"))?;
+        if authority.as_str().contains('@') {
+            return Err(bad("user info is not allowed"));
+        }
+        let prefix = uri.path().trim_end_matches('/').to_owned();
+        Ok(InternalUrl {
+            scheme,
+            authority,
+            prefix,
+        })
+    }
+
+    /// The internal URL joined with the request's path and query:
+    /// `http://h:8080/app/` + `/x?y` → `http://h:8080/app/x?y`.
+    pub fn join(&self, path_and_query: &str) -> Result<Uri, ProxyError> {
+        let path = if path_and_query.starts_with('/') {
+            path_and_query.to_owned()
+        } else {
+            format!("/{path_and_query}")
+        };
+        let target = format!(
+            "{}://{}{}{}",
+            self.scheme, self.authority, self.prefix, path
+        );
+        target.parse().map_err(|_| ProxyError::BadRequest {
+            reason: format!("request target {path_and_query:?} does not form a valid URL"),
+        })
+    }
+}
+
+/// Headers that describe one connection, never forwarded by a proxy
+/// (RFC 9110 §7.6.1), besides those named in `Connection`.
+const HOP_BY_HOP: [HeaderName; 6] = [
+    header::CONNECTION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHENTICATE,
+];
+
+/// Removes the hop-by-hop headers: `Connection` and every header it names,
+/// `Keep-Alive`, `Proxy-*`, `TE`, `Trailer`, `Transfer-Encoding` and
+/// `Upgrade`. With `keep_upgrade`, `Upgrade` survives and `Connection` is
+/// set to `upgrade` (a WebSocket handshake).
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    let upgrade = headers.get(header::UPGRADE).cloned();
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+    let proxy: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| k.as_str().starts_with("proxy-") || k.as_str() == "keep-alive")
+        .cloned()
+        .collect();
+    for name in proxy {
+        headers.remove(name);
+    }
+    if keep_upgrade {
+        if let Some(upgrade) = upgrade {
+            headers.insert(header::UPGRADE, upgrade);
+            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        }
+    }
+}
+
+/// What the connector knows about a request besides its headers.
+pub(crate) struct RequestMeta<'a> {
+    pub kind: StreamKind,
+    pub request_id: RequestId,
+    /// The external authority the user asked for.
+    pub authority: &'a str,
+    pub client_ip: std::net::IpAddr,
+}
+
+/// Rewrites the user's request headers for the backend: hop-by-hop and
+/// client-sent `X-Portico-*` removed, `X-Forwarded-For` appended,
+/// `X-Forwarded-Proto`/`-Host`, `Host` and `X-Request-Id` set.
+pub(crate) fn request_headers(
+    mut headers: HeaderMap,
+    meta: &RequestMeta<'_>,
+    target: &InternalUrl,
+) -> HeaderMap {
+    strip_hop_by_hop(&mut headers, meta.kind == StreamKind::WebSocket);
+    let portico: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| k.as_str().starts_with("x-portico-"))
+        .cloned()
+        .collect();
+    for name in portico {
+        headers.remove(name);
+    }
+    // The edge already answered any `Expect: 100-continue`; the body is
+    // streamed as it comes.
+    headers.remove(header::EXPECT);
+
+    let client = meta.client_ip.to_string();
+    let previous: Vec<&str> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .collect();
+    let xff = if previous.is_empty() {
+        client
+    } else {
+        format!("{}, {client}", previous.join(", "))
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        headers.insert("x-forwarded-for", v);
+    }
+    headers.insert("x-forwarded-proto", HeaderValue::from_static("https"));
+    match HeaderValue::from_str(meta.authority) {
+        Ok(v) => {
+            headers.insert("x-forwarded-host", v);
+        }
+        Err(_) => {
+            headers.remove("x-forwarded-host");
+        }
+    }
+    if let Ok(v) = HeaderValue::from_str(target.authority.as_str()) {
+        headers.insert(header::HOST, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&meta.request_id.to_string()) {
+        headers.insert("x-request-id", v);
+    }
+    headers
+}
+
+/// The backend's response headers as the edge gets them: hop-by-hop
+/// removed, except `Upgrade`/`Connection` on a `101`.
+pub(crate) fn response_headers(mut headers: HeaderMap, switching: bool) -> HeaderMap {
+    strip_hop_by_hop(&mut headers, switching);
+    headers
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(kind: StreamKind) -> RequestMeta<'static> {
+        RequestMeta {
+            kind,
+            request_id: RequestId(0xabc),
+            authority: "hr.apps.example.com",
+            client_ip: "203.0.113.9".parse().unwrap(),
+        }
+    }
+
+    #[test]
+    fn path_joins_with_prefix_and_query() {
+        let u = InternalUrl::parse("http://h:8080/app/").unwrap();
+        assert_eq!(u.join("/x?y").unwrap().to_string(), "http://h:8080/app/x?y");
+        assert_eq!(u.join("/").unwrap().to_string(), "http://h:8080/app/");
+        let u = InternalUrl::parse("http://h:8080/app").unwrap();
+        assert_eq!(
+            u.join("/x/z?a=1&b=2").unwrap().to_string(),
+            "http://h:8080/app/x/z?a=1&b=2"
+        );
+        let u = InternalUrl::parse("https://10.0.0.5").unwrap();
+        assert_eq!(u.scheme, Scheme::HTTPS);
+        assert_eq!(u.join("/?q").unwrap().to_string(), "https://10.0.0.5/?q");
+        assert_eq!(u.join("x").unwrap().to_string(), "https://10.0.0.5/x");
+        assert!(InternalUrl::parse("ftp://h/").is_err());
+        assert!(InternalUrl::parse("/relative").is_err());
+        assert!(u.join("/bad path").is_err());
+    }
+
+    #[test]
+    fn request_headers_are_rewritten() {
+        let mut h = HeaderMap::new();
+        h.append(
+            "x-forwarded-for",
+            HeaderValue::from_static("10.1.1.1, 10.2.2.2"),
+        );
+        h.append("x-forwarded-for", HeaderValue::from_static("10.3.3.3"));
+        h.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, x-secret-hop"),
+        );
+        h.insert("x-secret-hop", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("proxy-authorization", HeaderValue::from_static("Basic x"));
+        h.insert("proxy-connection", HeaderValue::from_static("close"));
+        h.insert("te", HeaderValue::from_static("trailers"));
+        h.insert("trailer", HeaderValue::from_static("x-sum"));
+        h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
+        h.insert("upgrade", HeaderValue::from_static("h2c"));
+        h.insert("x-portico-user", HeaderValue::from_static("admin"));
+        h.insert("x-portico-identity", HeaderValue::from_static("evil"));
+        h.insert("host", HeaderValue::from_static("hr.apps.example.com"));
+        h.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+        h.insert("accept", HeaderValue::from_static("text/html"));
+        h.insert("content-length", HeaderValue::from_static("12"));
+        h.insert("expect", HeaderValue::from_static("100-continue"));
+        let target = InternalUrl::parse("http://backend.internal:8080/app/").unwrap();
+        let out = request_headers(h, &meta(StreamKind::Http), &target);
+
+        assert_eq!(
+            out["x-forwarded-for"],
+            "10.1.1.1, 10.2.2.2, 10.3.3.3, 203.0.113.9"
+        );
+        assert_eq!(out.get_all("x-forwarded-for").iter().count(), 1);
+        for gone in [
+            "connection",
+            "x-secret-hop",
+            "keep-alive",
+            "proxy-authorization",
+            "proxy-connection",
+            "te",
+            "trailer",
+            "transfer-encoding",
+            "upgrade",
+            "x-portico-user",
+            "x-portico-identity",
+            "expect",
+        ] {
+            assert!(!out.contains_key(gone), "{gone} must be removed: {out:?}");
+        }
+        assert_eq!(out["host"], "backend.internal:8080");
+        assert_eq!(out["x-forwarded-proto"], "https");
+        assert_eq!(out["x-forwarded-host"], "hr.apps.example.com");
+        assert_eq!(out["x-request-id"], "00000000000000000000000000000abc");
+        assert_eq!(out["accept"], "text/html");
+        assert_eq!(out["content-length"], "12");
+    }
+
+    #[test]
+    fn first_hop_gets_a_fresh_forwarded_for() {
+        let target = InternalUrl::parse("http://b/").unwrap();
+        let out = request_headers(HeaderMap::new(), &meta(StreamKind::Http), &target);
+        assert_eq!(out["x-forwarded-for"], "203.0.113.9");
+        assert_eq!(out["host"], "b");
+    }
+
+    #[test]
+    fn websocket_keeps_its_upgrade() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", HeaderValue::from_static("Upgrade"));
+        h.insert("upgrade", HeaderValue::from_static("websocket"));
+        h.insert(
+            "sec-websocket-key",
+            HeaderValue::from_static("dGhlIHNhbXBsZSBub25jZQ=="),
+        );
+        h.insert("sec-websocket-version", HeaderValue::from_static("13"));
+        let target = InternalUrl::parse("http://b/").unwrap();
+        let out = request_headers(h, &meta(StreamKind::WebSocket), &target);
+        assert_eq!(out["connection"], "upgrade");
+        assert_eq!(out["upgrade"], "websocket");
+        assert_eq!(out["sec-websocket-key"], "dGhlIHNhbXBsZSBub25jZQ==");
+        assert_eq!(out["sec-websocket-version"], "13");
+    }
+
+    #[test]
+    fn response_headers_lose_hop_by_hop() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", HeaderValue::from_static("close"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
+        h.insert("content-type", HeaderValue::from_static("text/plain"));
+        h.insert("set-cookie", HeaderValue::from_static("a=b"));
+        let out = response_headers(h, false);
+        assert_eq!(out.len(), 2, "{out:?}");
+        assert_eq!(out["content-type"], "text/plain");
+    }
+}

@@ -1,0 +1,753 @@
+//! The tunnel pool: a fixed number of slots, each keeping one QUIC tunnel to
+//! an edge (spread round-robin over the edges the router lists), with the
+//! control stream (`Hello`/`Welcome`, pings, drain, goodbye), reconnects
+//! with jittered exponential backoff, and gradual moves when the edge list
+//! changes.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use portico_agent::{pki, Credentials};
+use portico_proto::api::{edge_server_name, ConnectorConfig, EdgeEndpoint};
+use portico_proto::io::{read_frame, write_frame};
+use portico_proto::{
+    capabilities, CloseCode, ConnectorId, Frame, Goodbye, GroupId, Hello, TunnelId, Welcome, ALPN,
+    PROTOCOL_VERSION,
+};
+use quinn::crypto::rustls::QuicClientConfig;
+use quinn::{
+    Connection, ConnectionError, Endpoint, RecvStream, SendStream, TransportConfig, VarInt,
+};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::error::Error;
+use crate::metrics::Metrics;
+use crate::stream::{code, serve_stream, StreamCtx};
+
+/// How long dialing, the handshake and `Welcome` may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the control stream is pinged.
+const PING_INTERVAL: Duration = Duration::from_secs(10);
+/// First reconnect delay, doubled up to [`BACKOFF_MAX`].
+const BACKOFF_MIN: Duration = Duration::from_millis(200);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// A tunnel that stayed up this long resets its slot's backoff.
+const STABLE_AFTER: Duration = Duration::from_secs(60);
+/// The delay between slots when tunnels move to new edges.
+const MOVE_STAGGER: Duration = Duration::from_secs(1);
+/// How long a drained tunnel may take to finish its in-flight streams.
+const DRAIN_LIMIT: Duration = Duration::from_secs(600);
+
+/// What the pool shares with its slots and tunnels.
+pub(crate) struct Pool {
+    pub id: ConnectorId,
+    pub group: GroupId,
+    pub endpoint: Endpoint,
+    pub transport: Arc<TransportConfig>,
+    pub creds: watch::Receiver<Arc<Credentials>>,
+    pub config: watch::Receiver<Option<Arc<ConnectorConfig>>>,
+    pub streams: Arc<StreamCtx>,
+    pub metrics: Metrics,
+    /// Tunnels up (welcomed, not draining).
+    pub up: watch::Sender<usize>,
+    /// Cancelled on shutdown or on a fatal error.
+    pub stop: CancellationToken,
+    pub fatal: Mutex<Option<Error>>,
+    pub tracker: TaskTracker,
+    next_tunnel: AtomicU64,
+}
+
+impl Pool {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        id: ConnectorId,
+        group: GroupId,
+        endpoint: Endpoint,
+        transport: Arc<TransportConfig>,
+        creds: watch::Receiver<Arc<Credentials>>,
+        config: watch::Receiver<Option<Arc<ConnectorConfig>>>,
+        streams: Arc<StreamCtx>,
+        stop: CancellationToken,
+        tracker: TaskTracker,
+    ) -> Pool {
+        let metrics = streams.metrics.clone();
+        Pool {
+            id,
+            group,
+            endpoint,
+            transport,
+            creds,
+            config,
+            streams,
+            metrics,
+            up: watch::channel(0).0,
+            stop,
+            fatal: Mutex::new(None),
+            tracker,
+            next_tunnel: AtomicU64::new(1),
+        }
+    }
+
+    /// Stops the connector for good with `error`; the first error wins.
+    pub fn fail(&self, error: Error) {
+        let mut fatal = self.fatal.lock().unwrap_or_else(|p| p.into_inner());
+        if fatal.is_none() {
+            tracing::error!(error = %error, "connector stopping");
+            *fatal = Some(error);
+        }
+        drop(fatal);
+        self.stop.cancel();
+    }
+
+    pub fn revoked(&self, detail: String) {
+        self.fail(Error::Revoked {
+            connector: self.id.clone(),
+            detail,
+        });
+    }
+
+    /// Starts the slots.
+    pub fn spawn_slots(self: &Arc<Self>, n: usize) {
+        for slot in 0..n {
+            let pool = self.clone();
+            self.tracker
+                .spawn(run_slot(pool, slot).instrument(tracing::info_span!("slot", slot)));
+        }
+    }
+}
+
+/// The transport settings of every tunnel.
+pub(crate) fn transport_config(max_streams: u32) -> TransportConfig {
+    let mut t = TransportConfig::default();
+    t.max_concurrent_bidi_streams(VarInt::from_u32(max_streams));
+    t.max_concurrent_uni_streams(VarInt::from_u32(0));
+    t.stream_receive_window(VarInt::from_u32(8 << 20));
+    t.receive_window(VarInt::from_u32(32 << 20));
+    t.keep_alive_interval(Some(Duration::from_secs(5)));
+    t.max_idle_timeout(Some(VarInt::from_u32(30_000).into()));
+    t
+}
+
+/// Binds the UDP socket of the pool with 4 MiB buffers: dual-stack IPv6
+/// where the host allows it, else IPv4.
+pub(crate) fn bind_endpoint() -> Result<Endpoint, Error> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let make = |addr: SocketAddr| -> std::io::Result<std::net::UdpSocket> {
+        let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+        if addr.is_ipv6() {
+            socket.set_only_v6(false)?;
+        }
+        for (what, r) in [
+            ("receive", socket.set_recv_buffer_size(4 << 20)),
+            ("send", socket.set_send_buffer_size(4 << 20)),
+        ] {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "cannot set the UDP {what} buffer to 4 MiB");
+            }
+        }
+        socket.bind(&addr.into())?;
+        Ok(socket.into())
+    };
+    let v6: SocketAddr = (std::net::Ipv6Addr::UNSPECIFIED, 0).into();
+    let v4: SocketAddr = (std::net::Ipv4Addr::UNSPECIFIED, 0).into();
+    let (socket, addr) = match make(v6) {
+        Ok(s) => (s, v6),
+        Err(e) => {
+            tracing::debug!(error = %e, "no dual-stack UDP socket; using IPv4 only");
+            (
+                make(v4).map_err(|source| Error::Bind {
+                    what: "tunnel UDP socket",
+                    addr: v4,
+                    source,
+                })?,
+                v4,
+            )
+        }
+    };
+    Endpoint::new(
+        quinn::EndpointConfig::default(),
+        None,
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(|source| Error::Bind {
+        what: "tunnel endpoint",
+        addr,
+        source,
+    })
+}
+
+/// The edge a slot dials: round-robin over the edges, sorted by id.
+fn pick(slot: usize, config: Option<&ConnectorConfig>) -> Option<EdgeEndpoint> {
+    let config = config?;
+    let mut edges: Vec<&EdgeEndpoint> = config.edges.iter().collect();
+    if edges.is_empty() {
+        return None;
+    }
+    edges.sort_by(|a, b| a.id.cmp(&b.id));
+    Some(edges[slot % edges.len()].clone())
+}
+
+/// Exponential backoff with full jitter.
+struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    fn new() -> Self {
+        Backoff { next: BACKOFF_MIN }
+    }
+
+    fn reset(&mut self) {
+        self.next = BACKOFF_MIN;
+    }
+
+    /// A delay drawn uniformly from `[0, current]`; doubles the current.
+    fn delay(&mut self) -> Duration {
+        let d = self.next.mul_f64(fastrand::f64());
+        self.next = (self.next * 2).min(BACKOFF_MAX);
+        d
+    }
+}
+
+/// Why a tunnel no longer counts for its slot.
+#[derive(Debug)]
+enum Release {
+    /// It drains (the edge asked, or it moves); dial a replacement now.
+    Draining,
+    /// It closed.
+    Closed,
+}
+
+async fn run_slot(pool: Arc<Pool>, slot: usize) {
+    let mut backoff = Backoff::new();
+    let mut config = pool.config.clone();
+    loop {
+        if pool.stop.is_cancelled() {
+            return;
+        }
+        let edge = pick(slot, config.borrow_and_update().as_deref());
+        let Some(edge) = edge else {
+            tracing::debug!("no edge to dial yet; waiting for the router's config");
+            tokio::select! {
+                _ = pool.stop.cancelled() => return,
+                r = config.changed() => if r.is_err() { return },
+            }
+            continue;
+        };
+        let dialed = tokio::select! {
+            _ = pool.stop.cancelled() => return,
+            r = dial(&pool, &edge) => r,
+        };
+        let tunnel = match dialed {
+            Ok(t) => t,
+            Err(DialError::Revoked { detail }) => {
+                pool.revoked(detail);
+                return;
+            }
+            Err(e) => {
+                let delay = backoff.delay();
+                tracing::warn!(edge = %edge.id, addr = %edge.tunnel_addr, error = %e, retry_in = ?delay, "cannot open a tunnel");
+                tokio::select! {
+                    _ = pool.stop.cancelled() => return,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                continue;
+            }
+        };
+
+        let up_since = Instant::now();
+        let tunnel_stop = pool.stop.child_token();
+        let (released_tx, mut released) = oneshot::channel();
+        let span = tracing::info_span!("tunnel", tunnel.id = %tunnel.id, edge = %edge.id);
+        pool.tracker.spawn(
+            run_tunnel(pool.clone(), tunnel, tunnel_stop.clone(), released_tx).instrument(span),
+        );
+
+        // Wait until the tunnel is released; move it when the edge list
+        // no longer assigns this slot to its edge.
+        let mut move_at: Option<tokio::time::Instant> = None;
+        let release = loop {
+            tokio::select! {
+                r = &mut released => break r.unwrap_or(Release::Closed),
+                r = config.changed(), if move_at.is_none() => {
+                    if r.is_err() {
+                        tunnel_stop.cancel();
+                        move_at = Some(tokio::time::Instant::now() + Duration::from_secs(3600));
+                        continue;
+                    }
+                    let next = pick(slot, config.borrow_and_update().as_deref());
+                    if next.as_ref().is_some_and(|n| n.id == edge.id && n.tunnel_addr == edge.tunnel_addr) {
+                        continue;
+                    }
+                    let stagger = MOVE_STAGGER * slot as u32 + MOVE_STAGGER.mul_f64(fastrand::f64() / 2.0);
+                    tracing::info!(to = ?next.as_ref().map(|n| n.id.to_string()), in_ = ?stagger, "edge list changed; moving this tunnel");
+                    move_at = Some(tokio::time::Instant::now() + stagger);
+                }
+                _ = sleep_until(move_at) => {
+                    tunnel_stop.cancel();
+                    move_at = Some(tokio::time::Instant::now() + Duration::from_secs(3600));
+                }
+            }
+        };
+        match release {
+            Release::Draining => {
+                backoff.reset();
+            }
+            Release::Closed => {
+                if pool.stop.is_cancelled() {
+                    return;
+                }
+                if up_since.elapsed() > STABLE_AFTER {
+                    backoff.reset();
+                }
+                let delay = backoff.delay();
+                tracing::info!(retry_in = ?delay, "tunnel closed; reconnecting");
+                tokio::select! {
+                    _ = pool.stop.cancelled() => return,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
+}
+
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Why a tunnel could not be opened.
+#[derive(Debug, thiserror::Error)]
+enum DialError {
+    #[error("cannot resolve {addr}: {reason}")]
+    Resolve { addr: String, reason: String },
+    #[error("TLS setup: {reason}")]
+    Tls { reason: String },
+    #[error("connect: {0}")]
+    Connect(#[from] quinn::ConnectError),
+    #[error("handshake: {reason}")]
+    Handshake { reason: String },
+    #[error("no Welcome within {HANDSHAKE_TIMEOUT:?}")]
+    Timeout,
+    #[error("the edge refused the tunnel ({code}): {reason}")]
+    Refused { code: CloseCode, reason: String },
+    #[error("revoked: {detail}")]
+    Revoked { detail: String },
+}
+
+/// A welcomed tunnel.
+struct Tunnel {
+    id: TunnelId,
+    conn: Connection,
+    ctl_send: SendStream,
+    ctl_recv: RecvStream,
+    welcome: Welcome,
+}
+
+async fn resolve(addr: &str, v4_only: bool) -> Result<SocketAddr, DialError> {
+    let err = |reason: String| DialError::Resolve {
+        addr: addr.to_owned(),
+        reason,
+    };
+    let addrs = tokio::time::timeout(HANDSHAKE_TIMEOUT, tokio::net::lookup_host(addr))
+        .await
+        .map_err(|_| err("timed out".into()))?
+        .map_err(|e| err(e.to_string()))?;
+    let addrs: Vec<SocketAddr> = addrs.filter(|a| !v4_only || a.is_ipv4()).collect();
+    addrs
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or(addrs.first())
+        .copied()
+        .ok_or_else(|| err("no usable address".into()))
+}
+
+fn client_config(
+    creds: &Credentials,
+    transport: &Arc<TransportConfig>,
+) -> Result<quinn::ClientConfig, DialError> {
+    let tls_err = |e: &dyn std::fmt::Display| DialError::Tls {
+        reason: e.to_string(),
+    };
+    let roots = pki::root_store(&creds.ca_pem).map_err(|e| tls_err(&e))?;
+    let chain = creds.cert_chain().map_err(|e| tls_err(&e))?;
+    let key = creds.private_key().map_err(|e| tls_err(&e))?;
+    let mut tls = rustls::ClientConfig::builder_with_provider(pki::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| tls_err(&e))?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .map_err(|e| tls_err(&e))?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let quic = QuicClientConfig::try_from(tls).map_err(|e| tls_err(&e))?;
+    let mut config = quinn::ClientConfig::new(Arc::new(quic));
+    config.transport_config(transport.clone());
+    Ok(config)
+}
+
+/// Whether a close carries `CloseCode::Revoked`, and its reason.
+fn revoked_close(e: &ConnectionError) -> Option<String> {
+    match e {
+        ConnectionError::ApplicationClosed(c)
+            if CloseCode::from_wire(c.error_code.into_inner()) == CloseCode::Revoked =>
+        {
+            Some(format!(
+                "the edge closed the tunnel: {}",
+                String::from_utf8_lossy(&c.reason)
+            ))
+        }
+        _ => None,
+    }
+}
+
+async fn dial(pool: &Pool, edge: &EdgeEndpoint) -> Result<Tunnel, DialError> {
+    let v4_only = pool.endpoint.local_addr().is_ok_and(|a| a.is_ipv4());
+    let addr = resolve(&edge.tunnel_addr, v4_only).await?;
+    let creds = pool.creds.borrow().clone();
+    let config = client_config(&creds, &pool.transport)?;
+    let connecting = pool
+        .endpoint
+        .connect_with(config, addr, &edge_server_name(&edge.id))?;
+    let handshake = async {
+        let conn = connecting.await.map_err(|e| DialError::Handshake {
+            reason: format!("{e:#}"),
+        })?;
+        let welcome = hello(pool, &conn).await;
+        match welcome {
+            Ok((ctl_send, ctl_recv, welcome)) => Ok((conn, ctl_send, ctl_recv, welcome)),
+            Err(e) => {
+                // A refused client certificate shows up only now (TLS 1.3):
+                // the close reason tells a revoked connector apart.
+                let reason = conn.close_reason();
+                if let Some(detail) = reason.as_ref().and_then(revoked_close) {
+                    return Err(DialError::Revoked { detail });
+                }
+                conn.close(code(CloseCode::ProtocolError), b"handshake failed");
+                Err(e)
+            }
+        }
+    };
+    let (conn, ctl_send, ctl_recv, welcome) = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
+        .await
+        .map_err(|_| DialError::Timeout)??;
+    let id = TunnelId(pool.next_tunnel.fetch_add(1, Ordering::Relaxed));
+    Ok(Tunnel {
+        id,
+        conn,
+        ctl_send,
+        ctl_recv,
+        welcome,
+    })
+}
+
+/// Opens the control stream, says `Hello` and waits for `Welcome`.
+async fn hello(
+    pool: &Pool,
+    conn: &Connection,
+) -> Result<(SendStream, RecvStream, Welcome), DialError> {
+    let lost = |e: &dyn std::fmt::Display| DialError::Handshake {
+        reason: e.to_string(),
+    };
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| lost(&e))?;
+    let hello = Frame::Hello(Hello {
+        version: PROTOCOL_VERSION,
+        capabilities: capabilities::ALL,
+        connector_id: pool.id.clone(),
+        group: pool.group.clone(),
+        agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+    });
+    write_frame(&mut send, &hello).await.map_err(|e| lost(&e))?;
+    match read_frame(&mut recv).await {
+        Ok(Some(Frame::Welcome(w))) => Ok((send, recv, w)),
+        Ok(Some(Frame::Goodbye(g))) => {
+            let code = CloseCode::from_wire(g.code);
+            if code == CloseCode::Revoked {
+                return Err(DialError::Revoked { detail: g.reason });
+            }
+            Err(DialError::Refused {
+                code,
+                reason: g.reason,
+            })
+        }
+        Ok(Some(other)) => Err(DialError::Handshake {
+            reason: format!("expected Welcome, got {:?}", other.frame_type()),
+        }),
+        Ok(None) => Err(DialError::Handshake {
+            reason: "control stream closed before Welcome".into(),
+        }),
+        Err(e) => Err(lost(&e)),
+    }
+}
+
+/// Counts a tunnel as up while alive.
+struct UpGuard {
+    up: watch::Sender<usize>,
+    gauge: prometheus::IntGauge,
+}
+
+impl UpGuard {
+    fn new(pool: &Pool) -> Self {
+        pool.up.send_modify(|n| *n += 1);
+        pool.metrics.tunnels.inc();
+        UpGuard {
+            up: pool.up.clone(),
+            gauge: pool.metrics.tunnels.clone(),
+        }
+    }
+}
+
+impl Drop for UpGuard {
+    fn drop(&mut self) {
+        self.up.send_modify(|n| *n = n.saturating_sub(1));
+        self.gauge.dec();
+    }
+}
+
+/// Who started a drain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DrainCause {
+    Edge,
+    Moved,
+    Shutdown,
+}
+
+/// Runs a welcomed tunnel to its end: accepts the edge's streams, answers
+/// and sends pings, and drains when the edge or the slot asks.
+async fn run_tunnel(
+    pool: Arc<Pool>,
+    tunnel: Tunnel,
+    stop: CancellationToken,
+    released: oneshot::Sender<Release>,
+) {
+    let Tunnel {
+        conn,
+        mut ctl_send,
+        ctl_recv,
+        welcome,
+        ..
+    } = tunnel;
+    tracing::info!(
+        region = %welcome.region,
+        version = welcome.version,
+        remote = %conn.remote_address(),
+        "tunnel up"
+    );
+    let mut released = Some(released);
+    let mut up = Some(UpGuard::new(&pool));
+    let mut release = |r: Release, up: &mut Option<UpGuard>| {
+        up.take();
+        if let Some(tx) = released.take() {
+            let _ = tx.send(r);
+        }
+    };
+
+    // The control stream is read by its own task: `read_frame` is not
+    // cancellation safe.
+    let (ctl_tx, mut ctl_rx) = mpsc::channel(16);
+    pool.tracker.spawn(
+        async move {
+            let mut recv = ctl_recv;
+            loop {
+                let r = read_frame(&mut recv).await;
+                let end = !matches!(r, Ok(Some(_)));
+                if ctl_tx.send(r).await.is_err() || end {
+                    return;
+                }
+            }
+        }
+        .in_current_span(),
+    );
+
+    let streams = TaskTracker::new();
+    let mut draining: Option<DrainCause> = None;
+    let mut drain_deadline: Option<tokio::time::Instant> = None;
+    let mut ping =
+        tokio::time::interval_at(tokio::time::Instant::now() + PING_INTERVAL, PING_INTERVAL);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut ping_seq = 0u64;
+    let mut ping_sent: Option<(u64, Instant)> = None;
+    let mut control_open = true;
+
+    let closed: ConnectionError = loop {
+        tokio::select! {
+            biased;
+            _ = stop.cancelled(), if draining.is_none() => {
+                let cause = if pool.stop.is_cancelled() { DrainCause::Shutdown } else { DrainCause::Moved };
+                tracing::info!(?cause, "draining tunnel");
+                if let Err(e) = write_frame(&mut ctl_send, &Frame::Drain).await {
+                    tracing::debug!(error = %e, "cannot send Drain");
+                }
+                draining = Some(cause);
+                drain_deadline = Some(tokio::time::Instant::now() + DRAIN_LIMIT);
+                streams.close();
+                release(Release::Draining, &mut up);
+            }
+            frame = ctl_rx.recv(), if control_open => match frame {
+                Some(Ok(Some(Frame::Ping(v)))) => {
+                    if let Err(e) = write_frame(&mut ctl_send, &Frame::Pong(v)).await {
+                        tracing::debug!(error = %e, "cannot answer Ping");
+                    }
+                }
+                Some(Ok(Some(Frame::Pong(v)))) => {
+                    if let Some((seq, at)) = ping_sent {
+                        if seq == v {
+                            let rtt = at.elapsed();
+                            pool.metrics.tunnel_rtt.observe(rtt.as_secs_f64());
+                            tracing::trace!(?rtt, "pong");
+                            ping_sent = None;
+                        }
+                    }
+                }
+                Some(Ok(Some(Frame::Drain))) => {
+                    if draining.is_none() {
+                        tracing::info!("the edge asked this tunnel to drain; opening a replacement");
+                        draining = Some(DrainCause::Edge);
+                        drain_deadline = Some(tokio::time::Instant::now() + DRAIN_LIMIT);
+                        streams.close();
+                        release(Release::Draining, &mut up);
+                    }
+                }
+                Some(Ok(Some(Frame::ConfigChanged(v)))) => {
+                    tracing::debug!(version = v, "the edge reports a config change");
+                }
+                Some(Ok(Some(Frame::Goodbye(g)))) => {
+                    log_goodbye(&g);
+                }
+                Some(Ok(Some(other))) => {
+                    tracing::warn!(frame = ?other.frame_type(), "unexpected frame on the control stream; closing the tunnel");
+                    conn.close(code(CloseCode::ProtocolError), b"unexpected control frame");
+                }
+                Some(Ok(None)) | None => {
+                    tracing::debug!("the edge finished the control stream");
+                    control_open = false;
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "control stream failed");
+                    control_open = false;
+                    if matches!(e, portico_proto::io::ReadError::Decode(_)) {
+                        conn.close(code(CloseCode::ProtocolError), b"malformed control frame");
+                    }
+                }
+            },
+            accepted = conn.accept_bi() => match accepted {
+                Ok((send, recv)) => {
+                    let ctx = pool.streams.clone();
+                    pool.tracker.spawn(streams.track_future(serve_stream(ctx, send, recv).in_current_span()));
+                }
+                Err(e) => break e,
+            },
+            _ = ping.tick(), if control_open => {
+                ping_seq += 1;
+                ping_sent = Some((ping_seq, Instant::now()));
+                if let Err(e) = write_frame(&mut ctl_send, &Frame::Ping(ping_seq)).await {
+                    tracing::debug!(error = %e, "cannot send Ping");
+                }
+            }
+            _ = streams.wait(), if draining.is_some() => {
+                let (close, reason) = match draining {
+                    Some(DrainCause::Shutdown) => (CloseCode::Shutdown, "connector shutting down"),
+                    Some(DrainCause::Moved) => (CloseCode::NoError, "tunnel moved to another edge"),
+                    _ => (CloseCode::NoError, "drained"),
+                };
+                let bye = Frame::Goodbye(Goodbye { code: u64::from(close.to_wire()), reason: reason.into() });
+                let _ = write_frame(&mut ctl_send, &bye).await;
+                let _ = ctl_send.finish();
+                conn.close(code(close), reason.as_bytes());
+                tracing::info!(reason, "tunnel closed");
+                break conn.closed().await;
+            }
+            _ = sleep_until(drain_deadline) => {
+                tracing::warn!("in-flight streams did not finish in {DRAIN_LIMIT:?}; closing the drained tunnel");
+                conn.close(code(CloseCode::NoError), b"drain timed out");
+                break conn.closed().await;
+            }
+        }
+    };
+    drop(up.take());
+    if let Some(detail) = revoked_close(&closed) {
+        pool.revoked(detail);
+    } else if draining.is_none() {
+        match &closed {
+            ConnectionError::ApplicationClosed(c) => tracing::warn!(
+                code = %CloseCode::from_wire(c.error_code.into_inner()),
+                reason = %String::from_utf8_lossy(&c.reason),
+                "the edge closed the tunnel"
+            ),
+            ConnectionError::LocallyClosed => tracing::info!("tunnel closed"),
+            other => tracing::warn!(error = %other, "tunnel lost"),
+        }
+    }
+    release(Release::Closed, &mut up);
+}
+
+fn log_goodbye(g: &Goodbye) {
+    let code = CloseCode::from_wire(g.code);
+    match code {
+        CloseCode::NoError | CloseCode::Shutdown => {
+            tracing::info!(%code, reason = %g.reason, "the edge says goodbye")
+        }
+        _ => tracing::warn!(%code, reason = %g.reason, "the edge says goodbye"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use portico_proto::{EdgeId, RegionId};
+
+    fn config(edges: &[&str]) -> ConnectorConfig {
+        ConnectorConfig {
+            version: 1,
+            group: GroupId::default_group(),
+            apps: vec![],
+            edges: edges
+                .iter()
+                .map(|e| EdgeEndpoint {
+                    id: EdgeId::new(*e).unwrap(),
+                    region: RegionId::default_region(),
+                    tunnel_addr: format!("{e}:4433"),
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn slots_spread_round_robin() {
+        let one = config(&["e1"]);
+        for slot in 0..4 {
+            assert_eq!(pick(slot, Some(&one)).unwrap().id.as_str(), "e1");
+        }
+        let two = config(&["e2", "e1"]);
+        let picked: Vec<String> = (0..4)
+            .map(|s| pick(s, Some(&two)).unwrap().id.to_string())
+            .collect();
+        assert_eq!(picked, ["e1", "e2", "e1", "e2"]);
+        assert!(pick(0, Some(&config(&[]))).is_none());
+        assert!(pick(0, None).is_none());
+    }
+
+    #[test]
+    fn backoff_doubles_to_its_cap_with_full_jitter() {
+        let mut b = Backoff::new();
+        let mut caps = vec![];
+        for _ in 0..12 {
+            let cap = b.next;
+            let d = b.delay();
+            assert!(d <= cap);
+            caps.push(cap);
+        }
+        assert_eq!(caps[0], BACKOFF_MIN);
+        assert_eq!(caps[1], BACKOFF_MIN * 2);
+        assert_eq!(*caps.last().unwrap(), BACKOFF_MAX);
+        b.reset();
+        assert_eq!(b.next, BACKOFF_MIN);
+    }
+}

@@ -1,0 +1,201 @@
+//! The edge's settings: a plain struct with defaults and `validate()`.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::error::Error;
+
+/// Everything `start` needs. Build it with [`Config::new`] and adjust fields.
+#[derive(Clone)]
+pub struct Config {
+    /// The router's base URL, for example `https://router.example.com:7443`.
+    pub router_url: String,
+    /// A join token for the first start; later starts reuse the state dir.
+    pub token: Option<String>,
+    /// Where credentials and the last config snapshot live.
+    pub state_dir: PathBuf,
+    /// TCP address of the public HTTPS listener (HTTP/1.1 and HTTP/2).
+    pub public_listen: SocketAddr,
+    /// UDP address of the QUIC tunnel listener.
+    pub tunnel_listen: SocketAddr,
+    /// Plain HTTP address for `/metrics`, `/healthz` and `/ready`.
+    pub metrics_listen: Option<SocketAddr>,
+    /// An operator certificate chain and key (PEM files). `None`: a wildcard
+    /// certificate for the apps domain, issued by the router's CA.
+    pub public_cert: Option<(PathBuf, PathBuf)>,
+    /// `host:port` connectors dial; defaults to the bound tunnel address.
+    pub advertise_tunnel_addr: Option<String>,
+    /// `host:port` users reach; defaults to the bound public address.
+    pub advertise_public_addr: Option<String>,
+    /// How long in-flight requests may run on after shutdown starts.
+    pub grace: Duration,
+    /// Extra wait beyond an app's backend timeout before `ConnectorTimeout`.
+    pub connector_timeout_grace: Duration,
+}
+
+impl Config {
+    /// A config with the default listen addresses and periods.
+    pub fn new(router_url: impl Into<String>, state_dir: impl Into<PathBuf>) -> Self {
+        Config {
+            router_url: router_url.into(),
+            token: None,
+            state_dir: state_dir.into(),
+            public_listen: SocketAddr::from(([0, 0, 0, 0], 8443)),
+            tunnel_listen: SocketAddr::from(([0, 0, 0, 0], 7844)),
+            metrics_listen: None,
+            public_cert: None,
+            advertise_tunnel_addr: None,
+            advertise_public_addr: None,
+            grace: Duration::from_secs(10),
+            connector_timeout_grace: Duration::from_secs(5),
+        }
+    }
+
+    /// Checks the fields that can be checked without touching the network.
+    pub fn validate(&self) -> Result<(), Error> {
+        let invalid =
+            |field: &'static str, reason: String| Err(Error::InvalidConfig { field, reason });
+        match self.router_url.split_once("://") {
+            Some(("https", rest)) if !rest.is_empty() => {}
+            _ => {
+                return invalid(
+                    "router_url",
+                    format!("must be an https:// URL, not {:?}", self.router_url),
+                )
+            }
+        }
+        if let Some(token) = &self.token {
+            if token.parse::<portico_proto::api::JoinToken>().is_err() {
+                return invalid(
+                    "token",
+                    "malformed join token: expected pt1.<id>.<secret>.<ca-sha256>".to_owned(),
+                );
+            }
+        }
+        if self.state_dir.as_os_str().is_empty() {
+            return invalid("state_dir", "must not be empty".to_owned());
+        }
+        for (field, addr) in [
+            ("advertise_tunnel_addr", &self.advertise_tunnel_addr),
+            ("advertise_public_addr", &self.advertise_public_addr),
+        ] {
+            if let Some(addr) = addr {
+                if !valid_host_port(addr) {
+                    return invalid(field, format!("must be host:port, not {addr:?}"));
+                }
+            }
+        }
+        if self.grace > Duration::from_secs(3600) {
+            return invalid("grace", "must be at most one hour".to_owned());
+        }
+        if self.connector_timeout_grace > Duration::from_secs(600) {
+            return invalid(
+                "connector_timeout_grace",
+                "must be at most ten minutes".to_owned(),
+            );
+        }
+        Ok(())
+    }
+}
+
+fn valid_host_port(s: &str) -> bool {
+    match s.rsplit_once(':') {
+        Some((host, port)) => !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0),
+        None => false,
+    }
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("router_url", &self.router_url)
+            .field("token", &self.token.as_ref().map(|_| "***"))
+            .field("state_dir", &self.state_dir)
+            .field("public_listen", &self.public_listen)
+            .field("tunnel_listen", &self.tunnel_listen)
+            .field("metrics_listen", &self.metrics_listen)
+            .field("public_cert", &self.public_cert)
+            .field("advertise_tunnel_addr", &self.advertise_tunnel_addr)
+            .field("advertise_public_addr", &self.advertise_public_addr)
+            .field("grace", &self.grace)
+            .field("connector_timeout_grace", &self.connector_timeout_grace)
+            .finish()
+    }
+}
+
+/// The address to advertise for a bound socket: unspecified IPs become
+/// loopback, so a single-machine setup works without flags.
+pub(crate) fn advertised(explicit: &Option<String>, bound: SocketAddr) -> String {
+    if let Some(a) = explicit {
+        return a.clone();
+    }
+    let mut addr = bound;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(if addr.is_ipv4() {
+            std::net::Ipv4Addr::LOCALHOST.into()
+        } else {
+            std::net::Ipv6Addr::LOCALHOST.into()
+        });
+    }
+    addr.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_validate_and_hide_the_token() {
+        let mut c = Config::new("https://127.0.0.1:7443", "/tmp/x");
+        c.validate().unwrap();
+        c.token = Some(format!(
+            "pt1.{}.{}.{}",
+            "a".repeat(16),
+            "b".repeat(32),
+            "c".repeat(64)
+        ));
+        c.validate().unwrap();
+        assert!(!format!("{c:?}").contains(&"b".repeat(32)));
+        c.token = Some("nope".into());
+        assert!(matches!(
+            c.validate(),
+            Err(Error::InvalidConfig { field: "token", .. })
+        ));
+        c.token = None;
+        c.router_url = "http://x".into();
+        assert!(matches!(
+            c.validate(),
+            Err(Error::InvalidConfig {
+                field: "router_url",
+                ..
+            })
+        ));
+        c.router_url = "https://x".into();
+        c.advertise_tunnel_addr = Some("nohost".into());
+        assert!(matches!(
+            c.validate(),
+            Err(Error::InvalidConfig {
+                field: "advertise_tunnel_addr",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn advertised_replaces_unspecified_ips() {
+        assert_eq!(
+            advertised(&None, "0.0.0.0:7844".parse().unwrap()),
+            "127.0.0.1:7844"
+        );
+        assert_eq!(
+            advertised(&None, "[::]:7844".parse().unwrap()),
+            "[::1]:7844"
+        );
+        assert_eq!(
+            advertised(&Some("edge.example:1".into()), "0.0.0.0:7".parse().unwrap()),
+            "edge.example:1"
+        );
+    }
+}

@@ -1,0 +1,425 @@
+//! The edge's side of the control plane: enrollment and renewal, the public
+//! certificate, the config long-poll (with the saved snapshot for static
+//! stability) and the presence reports.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use portico_agent::enroll::{self, EnrollOptions};
+use portico_agent::{pki, Credentials, RouterClient, RouterTrust, Secret, StateDir};
+use portico_proto::api::{CertResponse, CsrRequest, EdgeConfig, EdgeReport};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::certs::CertStore;
+use crate::config::{advertised, Config};
+use crate::error::Error;
+use crate::{edge_identity, Handle, Parts, Shared};
+
+/// The saved config snapshot.
+const CONFIG_FILE: &str = "edge-config.json";
+/// The saved router-issued public certificate.
+const PUBLIC_CERT_FILE: &str = "public-cert.json";
+/// How long one config long-poll waits on the router.
+const WATCH_WAIT: Duration = Duration::from_secs(25);
+/// How often presence is reported without a tunnel change.
+const REPORT_EVERY: Duration = Duration::from_secs(5);
+/// How long tunnel changes are gathered before a report.
+const REPORT_DEBOUNCE: Duration = Duration::from_millis(200);
+
+#[derive(Serialize, Deserialize)]
+struct SavedPublicCert {
+    cert_pem: String,
+    key_pem: Secret,
+}
+
+pub(crate) async fn start(config: Config, shutdown: CancellationToken) -> Result<Handle, Error> {
+    let state = StateDir::open(&config.state_dir)?;
+    let opts = EnrollOptions {
+        router_url: config.router_url.clone(),
+        token: config.token.clone(),
+        host: host_name(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+    };
+    let creds = enroll::obtain(&state, &opts).await?;
+    let (edge_id, region) = edge_identity(&creds.identity)?;
+
+    let tunnel_cert = CertStore::new();
+    tunnel_cert.set(creds.cert_chain()?, creds.private_key()?)?;
+
+    let public_cert = CertStore::new();
+    let router_public_cert = match &config.public_cert {
+        Some((cert_path, key_path)) => {
+            let read = |p: &std::path::PathBuf| {
+                std::fs::read_to_string(p).map_err(|source| Error::ReadFile {
+                    path: p.clone(),
+                    source,
+                })
+            };
+            public_cert.set_pem(&read(cert_path)?, &read(key_path)?)?;
+            false
+        }
+        None => {
+            match state.load_json::<SavedPublicCert>(PUBLIC_CERT_FILE) {
+                Ok(Some(saved)) => {
+                    if let Err(e) = public_cert.set_pem(&saved.cert_pem, saved.key_pem.expose()) {
+                        tracing::warn!(error = %e, "saved public certificate is unusable");
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!(error = %e, "cannot read the saved public certificate"),
+            }
+            true
+        }
+    };
+
+    let initial_config = match state.load_json::<EdgeConfig>(CONFIG_FILE) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(error = %e, "ignoring the saved config snapshot");
+            None
+        }
+    };
+    if let Some(c) = &initial_config {
+        tracing::info!(
+            version = c.version,
+            "serving from the saved config snapshot until the router answers"
+        );
+    }
+
+    let handle = crate::serve(
+        Parts {
+            edge_id,
+            region,
+            tunnel_cert: Arc::clone(&tunnel_cert),
+            ca_pem: creds.ca_pem.clone(),
+            public_cert: Arc::clone(&public_cert),
+            initial_config,
+            public_listen: config.public_listen,
+            tunnel_listen: config.tunnel_listen,
+            metrics_listen: config.metrics_listen,
+            grace: config.grace,
+            connector_timeout_grace: config.connector_timeout_grace,
+        },
+        shutdown.clone(),
+    )
+    .await?;
+    let shared = Arc::clone(&handle.shared);
+    let span = tracing::info_span!("edge", edge.id = %handle.id);
+
+    let creds_rx = enroll::spawn_renewal(
+        state.clone(),
+        config.router_url.clone(),
+        creds,
+        shutdown.clone(),
+        &shared.tracker,
+    );
+    // Renewed edge certificate → the QUIC listener presents it from now on.
+    {
+        let mut rx = creds_rx.clone();
+        let shutdown = shutdown.clone();
+        shared.tracker.spawn(
+            async move {
+                loop {
+                    tokio::select! {
+                        () = shutdown.cancelled() => return,
+                        r = rx.changed() => if r.is_err() { return },
+                    }
+                    let creds = rx.borrow_and_update().clone();
+                    match creds
+                        .cert_chain()
+                        .and_then(|c| Ok((c, creds.private_key()?)))
+                    {
+                        Ok((chain, key)) => match tunnel_cert.set(chain, key) {
+                            Ok(()) => tracing::info!(
+                                "tunnel listener now presents the renewed certificate"
+                            ),
+                            Err(e) => tracing::warn!(error = %e, "renewed certificate unusable"),
+                        },
+                        Err(e) => tracing::warn!(error = %e, "renewed certificate unusable"),
+                    }
+                }
+            }
+            .instrument(span.clone()),
+        );
+    }
+
+    let routers = Routers {
+        url: config.router_url.clone(),
+        creds: creds_rx,
+    };
+    if router_public_cert {
+        if !public_cert.is_set() {
+            // First start: try once now so that HTTPS works as soon as
+            // `start` returns; the loop below keeps trying otherwise.
+            match fetch_public_cert(&routers, &state).await {
+                Ok((cert_pem, key_pem, _)) => {
+                    if let Err(e) = public_cert.set_pem(&cert_pem, &key_pem) {
+                        tracing::warn!(error = %e, "router-issued public certificate unusable");
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot get a public certificate yet; retrying")
+                }
+            }
+        }
+        shared.tracker.spawn(
+            public_cert_loop(
+                routers.clone(),
+                state.clone(),
+                public_cert,
+                Arc::clone(&shared),
+            )
+            .instrument(span.clone()),
+        );
+    }
+    shared
+        .tracker
+        .spawn(config_loop(routers.clone(), state, Arc::clone(&shared)).instrument(span.clone()));
+    let report = EdgeReport {
+        tunnel_addr: advertised(&config.advertise_tunnel_addr, handle.tunnel_addr),
+        public_addr: advertised(&config.advertise_public_addr, handle.public_addr),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        tunnels: Vec::new(),
+    };
+    shared
+        .tracker
+        .spawn(report_loop(routers, report, Arc::clone(&shared)).instrument(span));
+    Ok(handle)
+}
+
+/// Router clients built from the current credentials.
+#[derive(Clone)]
+struct Routers {
+    url: String,
+    creds: watch::Receiver<Arc<Credentials>>,
+}
+
+impl Routers {
+    fn client(&self) -> Result<RouterClient, Error> {
+        let creds = self.creds.borrow().clone();
+        Ok(RouterClient::new(
+            &self.url,
+            RouterTrust::CaPem(creds.ca_pem.clone()),
+            Some(&creds),
+        )?)
+    }
+}
+
+/// Follows the router's config by long-poll, saving and applying each new
+/// version. Errors back off (1 s doubling to 30 s, jittered).
+async fn config_loop(routers: Routers, state: StateDir, shared: Arc<Shared>) {
+    let mut backoff = Backoff::new();
+    let mut client: Option<(Arc<Credentials>, RouterClient)> = None;
+    let mut first = true;
+    loop {
+        let creds = routers.creds.borrow().clone();
+        let c = match &client {
+            Some((used, c)) if Arc::ptr_eq(used, &creds) => c.clone(),
+            _ => match routers.client() {
+                Ok(c) => {
+                    client = Some((creds, c.clone()));
+                    c
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot build a router client");
+                    if backoff.sleep(&shared.shutdown).await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+            },
+        };
+        // The first poll asks for everything (after=0): a saved snapshot may
+        // be newer than a router whose store was rebuilt, and the router is
+        // the authority.
+        let after = if first {
+            0
+        } else {
+            shared.table.load().version()
+        };
+        let answer = tokio::select! {
+            () = shared.shutdown.cancelled() => return,
+            r = c.watch::<EdgeConfig>("/v1/edge/config", after, WATCH_WAIT) => r,
+        };
+        match answer {
+            Ok(Some(config)) => {
+                first = false;
+                backoff.reset();
+                if let Err(e) = state.save_json(CONFIG_FILE, &config) {
+                    tracing::warn!(error = %e, "cannot save the config snapshot");
+                }
+                shared.apply_config(config);
+            }
+            Ok(None) => backoff.reset(),
+            Err(e) => {
+                if e.is_revoked() {
+                    tracing::error!(
+                        "the router says this edge was deleted; serving the last config"
+                    );
+                } else {
+                    tracing::warn!(error = %e, "config watch failed; serving the last config");
+                }
+                if backoff.sleep(&shared.shutdown).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Posts an `EdgeReport` every few seconds and soon after tunnel changes.
+async fn report_loop(routers: Routers, mut report: EdgeReport, shared: Arc<Shared>) {
+    loop {
+        report.tunnels = shared.tunnels.report();
+        match routers.client() {
+            Ok(c) => {
+                let r = tokio::select! {
+                    () = shared.shutdown.cancelled() => return,
+                    r = c.post_empty("/v1/edge/report", &report) => r,
+                };
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "presence report failed");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot build a router client"),
+        }
+        tokio::select! {
+            () = shared.shutdown.cancelled() => return,
+            () = tokio::time::sleep(REPORT_EVERY) => {}
+            () = shared.tunnels.changed.notified() => {
+                tokio::select! {
+                    () = shared.shutdown.cancelled() => return,
+                    () = tokio::time::sleep(REPORT_DEBOUNCE) => {}
+                }
+            }
+        }
+    }
+}
+
+/// Keeps the router-issued public certificate fresh (renewed at two thirds
+/// of its life).
+async fn public_cert_loop(
+    routers: Routers,
+    state: StateDir,
+    store: Arc<CertStore>,
+    shared: Arc<Shared>,
+) {
+    let mut backoff = Backoff::new();
+    let mut renew_at = state
+        .load_json::<SavedPublicCert>(PUBLIC_CERT_FILE)
+        .ok()
+        .flatten()
+        .and_then(|s| renew_time(&s.cert_pem))
+        .unwrap_or(SystemTime::now());
+    loop {
+        let wait = renew_at
+            .duration_since(SystemTime::now())
+            .unwrap_or_default();
+        tokio::select! {
+            () = shared.shutdown.cancelled() => return,
+            () = tokio::time::sleep(wait) => {}
+        }
+        match fetch_public_cert(&routers, &state).await {
+            Ok((cert_pem, key_pem, at)) => match store.set_pem(&cert_pem, &key_pem) {
+                Ok(()) => {
+                    tracing::info!("public certificate installed");
+                    backoff.reset();
+                    renew_at = at;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "router-issued public certificate unusable");
+                    if backoff.sleep(&shared.shutdown).await.is_err() {
+                        return;
+                    }
+                }
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "public certificate request failed");
+                if backoff.sleep(&shared.shutdown).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// A fresh key, a CSR to the router, the signed wildcard certificate; saved
+/// for the next start. Returns the PEMs and when to renew.
+async fn fetch_public_cert(
+    routers: &Routers,
+    state: &StateDir,
+) -> Result<(String, String, SystemTime), Error> {
+    let client = routers.client()?;
+    let key = pki::generate_key()?;
+    let answer: CertResponse = client
+        .post_json(
+            "/v1/edge/public-cert",
+            &CsrRequest {
+                csr_pem: pki::csr_pem(&key)?,
+            },
+        )
+        .await?;
+    let key_pem = key.serialize_pem();
+    let saved = SavedPublicCert {
+        cert_pem: answer.cert_pem.clone(),
+        key_pem: Secret::new(key_pem.clone()),
+    };
+    if let Err(e) = state.save_json(PUBLIC_CERT_FILE, &saved) {
+        tracing::warn!(error = %e, "cannot save the public certificate");
+    }
+    let at = renew_time(&answer.cert_pem).unwrap_or_else(|| {
+        let not_after = UNIX_EPOCH + Duration::from_secs(answer.not_after);
+        let left = not_after
+            .duration_since(SystemTime::now())
+            .unwrap_or_default();
+        SystemTime::now() + left * 2 / 3
+    });
+    Ok((answer.cert_pem, key_pem, at))
+}
+
+/// Two thirds into a certificate's validity.
+fn renew_time(cert_pem: &str) -> Option<SystemTime> {
+    let chain = pki::parse_certs_pem(cert_pem).ok()?;
+    let (nb, na) = pki::validity(chain.first()?).ok()?;
+    let life = na.duration_since(nb).ok()?;
+    Some(nb + life * 2 / 3)
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "edge".to_owned())
+}
+
+/// Exponential backoff with jitter: 1 s doubling to 30 s.
+struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    fn new() -> Self {
+        Backoff {
+            next: Duration::from_secs(1),
+        }
+    }
+
+    fn reset(&mut self) {
+        self.next = Duration::from_secs(1);
+    }
+
+    /// Sleeps; `Err` if shutdown came first.
+    async fn sleep(&mut self, shutdown: &CancellationToken) -> Result<(), ()> {
+        let d = self.next / 2 + self.next.mul_f64(fastrand::f64() / 2.0);
+        self.next = (self.next * 2).min(Duration::from_secs(30));
+        tokio::select! {
+            () = shutdown.cancelled() => Err(()),
+            () = tokio::time::sleep(d) => Ok(()),
+        }
+    }
+}

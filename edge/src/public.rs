@@ -1,0 +1,673 @@
+//! The public listener (HTTPS, HTTP/1.1 and HTTP/2 by ALPN) and the request
+//! path: host → app → tunnel, one QUIC stream per request, bodies streamed
+//! both ways, WebSocket upgrades as byte pipes, branded errors.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use http::header::{HeaderName, HeaderValue, CONNECTION, UPGRADE};
+use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use portico_agent::pki;
+use portico_proto::api::App;
+use portico_proto::io::ReadError;
+use portico_proto::{CloseCode, ErrorCode, Frame, RequestId, ResponseHead, StreamHead, StreamKind};
+use prometheus::IntCounter;
+use quinn::{RecvStream, SendStream};
+use tokio::net::{TcpListener, TcpSocket};
+use tokio_util::sync::{CancellationToken, DropGuard};
+use tracing::Instrument;
+
+use crate::certs::CertStore;
+use crate::error::Error;
+use crate::pages::{self, REQUEST_ID_HEADER};
+use crate::routing::request_host;
+use crate::tunnels::{StreamGuard, Tunnel};
+use crate::Shared;
+
+/// The error type of response bodies.
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// The body of every response the edge sends.
+pub(crate) type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
+
+/// How long a client has to finish the TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The largest chunk read from a QUIC stream at once.
+const CHUNK: usize = 64 * 1024;
+
+/// Binds the public TCP listener with a deep accept queue.
+pub(crate) fn bind(addr: SocketAddr) -> Result<TcpListener, Error> {
+    let bind_err = |source| Error::Bind {
+        what: "public",
+        addr,
+        source,
+    };
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
+    .map_err(bind_err)?;
+    socket.set_reuseaddr(true).map_err(bind_err)?;
+    socket.set_nodelay(true).map_err(bind_err)?;
+    socket.bind(addr).map_err(bind_err)?;
+    socket.listen(1024).map_err(bind_err)
+}
+
+/// The TLS config of the public listener: the swappable public certificate,
+/// ALPN `h2` and `http/1.1`.
+pub(crate) fn tls_config(cert: Arc<CertStore>) -> Result<Arc<rustls::ServerConfig>, Error> {
+    let mut tls = rustls::ServerConfig::builder_with_provider(pki::provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|source| Error::Tls {
+            what: "public",
+            source,
+        })?
+        .with_no_client_auth()
+        .with_cert_resolver(cert);
+    tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(tls))
+}
+
+/// Accepts users until shutdown; each connection drains gracefully.
+pub(crate) async fn accept_loop(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    shared: Arc<Shared>,
+) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    loop {
+        let (tcp, client) = tokio::select! {
+            () = shared.shutdown.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // EMFILE and friends: back off briefly instead of spinning.
+                    tracing::warn!(error = %e, "public accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = tcp.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let shared2 = Arc::clone(&shared);
+        shared.conns.spawn(async move {
+            let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
+            {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
+                    tracing::debug!(%client, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%client, "TLS handshake timed out");
+                    return;
+                }
+            };
+            serve_connection(TokioIo::new(tls), client, shared2).await;
+        });
+    }
+}
+
+async fn serve_connection<I>(io: I, client: SocketAddr, shared: Arc<Shared>)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let shared2 = Arc::clone(&shared);
+    let svc = service_fn(move |req: Request<Incoming>| {
+        let shared = Arc::clone(&shared2);
+        async move { Ok::<_, Infallible>(handle(req, shared, client).await) }
+    });
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let conn = builder.serve_connection_with_upgrades(io, svc);
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                tracing::debug!(%client, error = %e, "connection ended with an error");
+            }
+            return;
+        }
+        () = shared.shutdown.cancelled() => conn.as_mut().graceful_shutdown(),
+    }
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        () = shared.hard_stop.cancelled() => {}
+    }
+}
+
+/// Serves one request: never fails, always carries a request id.
+pub(crate) async fn handle(
+    req: Request<Incoming>,
+    shared: Arc<Shared>,
+    client: SocketAddr,
+) -> Response<Body> {
+    let started = Instant::now();
+    let request_id = RequestId(fastrand::u128(..));
+    let span = tracing::info_span!("request", request.id = %request_id, app = tracing::field::Empty, method = %req.method());
+    async move {
+        let mut accept = HeaderMap::new();
+        for v in req.headers().get_all(http::header::ACCEPT).iter().take(8) {
+            accept.append(http::header::ACCEPT, v.clone());
+        }
+        let (app, outcome) = proxy(req, &shared, client, request_id).await;
+        let app_label = app.as_ref().map(|a| a.id.as_str()).unwrap_or("");
+        let (mut resp, code) = match outcome {
+            Ok(resp) => (resp, ""),
+            Err(code) => (
+                pages::error_response::<Full<Bytes>>(code, request_id, &accept)
+                    .map(|b| b.map_err(|never| match never {}).boxed_unsync()),
+                code.as_str(),
+            ),
+        };
+        if let Ok(v) = HeaderValue::from_str(&request_id.to_string()) {
+            resp.headers_mut().insert(REQUEST_ID_HEADER, v);
+        }
+        let status = resp.status().as_u16();
+        let elapsed = started.elapsed();
+        shared
+            .metrics
+            .requests
+            .with_label_values(&[app_label, &status.to_string(), code])
+            .inc();
+        shared.metrics.duration.with_label_values(&[app_label]).observe(elapsed.as_secs_f64());
+        tracing::info!(request.id = %request_id, app = app_label, status, code, duration_ms = elapsed.as_secs_f64() * 1000.0, "request");
+        resp
+    }
+    .instrument(span)
+    .await
+}
+
+/// What one request needs while its stream is open: the receive half and
+/// the guards. Dropping it before the response ended cancels the stream.
+struct Inflight {
+    recv: Option<RecvStream>,
+    done: bool,
+    _cancel_body: DropGuard,
+    _stream: StreamGuard,
+    _active: ActiveStream,
+}
+
+impl Drop for Inflight {
+    fn drop(&mut self) {
+        if !self.done {
+            if let Some(recv) = self.recv.as_mut() {
+                let _ = recv.stop(CloseCode::Cancelled.to_wire().into());
+            }
+        }
+    }
+}
+
+/// Counts one active stream in `portico_edge_streams`.
+struct ActiveStream(prometheus::IntGauge);
+
+impl ActiveStream {
+    fn new(g: &prometheus::IntGauge) -> Self {
+        g.inc();
+        ActiveStream(g.clone())
+    }
+}
+
+impl Drop for ActiveStream {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+async fn proxy(
+    req: Request<Incoming>,
+    shared: &Shared,
+    client: SocketAddr,
+    request_id: RequestId,
+) -> (Option<Arc<App>>, Result<Response<Body>, ErrorCode>) {
+    let Some(host) = request_host(&req) else {
+        return (None, Err(ErrorCode::BadRequest));
+    };
+    let table = shared.table.load_full();
+    let Some(app) = table.app_for_host(&host).cloned() else {
+        tracing::debug!(%host, "no app for this host");
+        return (None, Err(ErrorCode::AppNotFound));
+    };
+    tracing::Span::current().record("app", app.id.as_str());
+    let result = forward(req, &app, shared, client, request_id).await;
+    (Some(app), result)
+}
+
+async fn forward(
+    mut req: Request<Incoming>,
+    app: &App,
+    shared: &Shared,
+    client: SocketAddr,
+    request_id: RequestId,
+) -> Result<Response<Body>, ErrorCode> {
+    let websocket = is_websocket(&req);
+    let timeout = app.backend_timeout.duration();
+    let head = StreamHead {
+        kind: if websocket {
+            StreamKind::WebSocket
+        } else {
+            StreamKind::Http
+        },
+        request_id,
+        app: app.id.clone(),
+        method: req.method().clone(),
+        authority: authority_of(&req),
+        path: req
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str().to_owned())
+            .unwrap_or_else(|| "/".to_owned()),
+        headers: forward_headers(req.headers(), websocket),
+        client_addr: client,
+        identity: None,
+        timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+    };
+    let head = Frame::StreamHead(head).to_bytes().map_err(|e| {
+        tracing::info!(error = %e, "request head too large for a stream head");
+        ErrorCode::BadRequest
+    })?;
+    let deadline = tokio::time::Instant::now() + timeout + shared.connector_timeout_grace;
+    let (tunnel, stream_guard, send, recv) =
+        tokio::time::timeout_at(deadline, open_stream(shared, app, head))
+            .await
+            .map_err(|_| ErrorCode::ConnectorTimeout)??;
+    let cancel = shared.hard_stop.child_token();
+    let mut inflight = Inflight {
+        recv: Some(recv),
+        done: false,
+        _cancel_body: cancel.clone().drop_guard(),
+        _stream: stream_guard,
+        _active: ActiveStream::new(&shared.metrics.streams),
+    };
+    let on_upgrade = websocket.then(|| hyper::upgrade::on(&mut req));
+    let mut ws_send = None;
+    if websocket {
+        ws_send = Some(send);
+    } else {
+        let body = req.into_body();
+        let bytes_in = shared.metrics.bytes.with_label_values(&["in"]);
+        shared
+            .conns
+            .spawn(pump_request_body(body, send, cancel, bytes_in).in_current_span());
+    }
+    let recv = inflight.recv.as_mut().expect("set above");
+    let first = tokio::time::timeout_at(deadline, portico_proto::io::read_frame(recv)).await;
+    let head: ResponseHead = match first {
+        Err(_) => {
+            tracing::info!(tunnel.id = %tunnel.id, "no response head in time");
+            return Err(ErrorCode::ConnectorTimeout);
+        }
+        Ok(Ok(Some(Frame::ResponseHead(h)))) => h,
+        Ok(Ok(Some(Frame::Error(e)))) => {
+            inflight.done = true;
+            tracing::info!(tunnel.id = %tunnel.id, code = %e.code, message = %e.message, "connector answered with an error");
+            return Err(e.code);
+        }
+        Ok(Ok(Some(other))) => {
+            let reason = format!("unexpected {:?} frame on a data stream", other.frame_type());
+            tracing::warn!(tunnel.id = %tunnel.id, %reason, "closing tunnel");
+            tunnel.close(CloseCode::ProtocolError, &reason);
+            return Err(ErrorCode::Internal);
+        }
+        Ok(Err(ReadError::Decode(e))) => {
+            let reason = e.to_string();
+            tracing::warn!(tunnel.id = %tunnel.id, %reason, "malformed response head, closing tunnel");
+            tunnel.close(CloseCode::ProtocolError, &reason);
+            return Err(ErrorCode::Internal);
+        }
+        Ok(Ok(None)) | Ok(Err(_)) => {
+            tracing::info!(tunnel.id = %tunnel.id, "stream lost before a response head");
+            return Err(ErrorCode::ConnectorNotFound);
+        }
+    };
+    let upgraded = head.status == StatusCode::SWITCHING_PROTOCOLS;
+    if upgraded && !websocket {
+        tracing::warn!(tunnel.id = %tunnel.id, "connector answered 101 to a plain request");
+        return Err(ErrorCode::Internal);
+    }
+    let mut builder = Response::builder().status(head.status);
+    if let Some(h) = builder.headers_mut() {
+        *h = response_headers(head.headers, upgraded);
+    }
+    if let (Some(on_upgrade), Some(mut send)) = (on_upgrade, ws_send) {
+        if !upgraded {
+            // The backend refused the upgrade: an ordinary answer follows.
+            let _ = send.finish();
+        } else {
+            let recv = inflight.recv.take().expect("set above");
+            let hard_stop = shared.hard_stop.clone();
+            let bytes_in = shared.metrics.bytes.with_label_values(&["in"]);
+            let bytes_out = shared.metrics.bytes.with_label_values(&["out"]);
+            shared.conns.spawn(
+                async move {
+                    let _inflight = inflight;
+                    websocket_pipe(on_upgrade, send, recv, hard_stop, bytes_in, bytes_out).await;
+                }
+                .in_current_span(),
+            );
+            return builder
+                .body(
+                    Full::new(Bytes::new())
+                        .map_err(|never| match never {})
+                        .boxed_unsync(),
+                )
+                .map_err(|_| ErrorCode::Internal);
+        }
+    }
+    let bytes_out = shared.metrics.bytes.with_label_values(&["out"]);
+    builder
+        .body(response_body(inflight, bytes_out))
+        .map_err(|_| ErrorCode::Internal)
+}
+
+/// Picks a tunnel, opens a stream and writes the head. A tunnel that fails
+/// before the head is written is skipped once (nothing reached a backend).
+async fn open_stream(
+    shared: &Shared,
+    app: &App,
+    head: Bytes,
+) -> Result<(Arc<Tunnel>, StreamGuard, SendStream, RecvStream), ErrorCode> {
+    let mut exclude = None;
+    for _attempt in 0..2 {
+        let Some(tunnel) = shared.tunnels.pick(&app.connector_group, exclude) else {
+            break;
+        };
+        let guard = tunnel.stream_guard();
+        match tunnel.conn.open_bi().await {
+            Ok((mut send, recv)) => match send.write_chunk(head.clone()).await {
+                Ok(()) => return Ok((tunnel, guard, send, recv)),
+                Err(e) => {
+                    tracing::info!(tunnel.id = %tunnel.id, error = %e, "writing the stream head failed")
+                }
+            },
+            Err(e) => tracing::info!(tunnel.id = %tunnel.id, error = %e, "opening a stream failed"),
+        }
+        exclude = Some(tunnel.id);
+    }
+    Err(ErrorCode::ConnectorNotFound)
+}
+
+/// Streams the request body into the QUIC stream, then finishes it. On
+/// cancel (the response ended or the client left) the stream is reset.
+async fn pump_request_body(
+    mut body: Incoming,
+    mut send: SendStream,
+    cancel: CancellationToken,
+    bytes_in: IntCounter,
+) {
+    let cancelled = CloseCode::Cancelled.to_wire().into();
+    loop {
+        let frame = tokio::select! {
+            () = cancel.cancelled() => {
+                let _ = send.reset(cancelled);
+                return;
+            }
+            f = body.frame() => f,
+        };
+        match frame {
+            None => {
+                let _ = send.finish();
+                return;
+            }
+            Some(Ok(frame)) => {
+                let Ok(data) = frame.into_data() else {
+                    continue;
+                }; // trailers are not carried
+                bytes_in.inc_by(data.len() as u64);
+                tokio::select! {
+                    () = cancel.cancelled() => {
+                        let _ = send.reset(cancelled);
+                        return;
+                    }
+                    r = send.write_chunk(data) => if r.is_err() { return },
+                }
+            }
+            Some(Err(e)) => {
+                tracing::debug!(error = %e, "request body from the client failed");
+                let _ = send.reset(cancelled);
+                return;
+            }
+        }
+    }
+}
+
+/// The response body: chunks read from the QUIC stream as they come.
+fn response_body(inflight: Inflight, bytes_out: IntCounter) -> Body {
+    let stream = futures::stream::unfold(Some(inflight), move |state| {
+        let bytes_out = bytes_out.clone();
+        async move {
+            let mut inflight = state?;
+            let recv = inflight.recv.as_mut()?;
+            match recv.read_chunk(CHUNK, true).await {
+                Ok(Some(chunk)) => {
+                    bytes_out.inc_by(chunk.bytes.len() as u64);
+                    Some((Ok(hyper::body::Frame::data(chunk.bytes)), Some(inflight)))
+                }
+                Ok(None) => {
+                    inflight.done = true;
+                    None
+                }
+                Err(e) => {
+                    tracing::info!(error = %e, "response body stream failed");
+                    Some((Err(BoxError::from(e)), None))
+                }
+            }
+        }
+    });
+    StreamBody::new(stream.boxed()).boxed_unsync()
+}
+
+async fn websocket_pipe(
+    on_upgrade: hyper::upgrade::OnUpgrade,
+    send: SendStream,
+    recv: RecvStream,
+    hard_stop: CancellationToken,
+    bytes_in: IntCounter,
+    bytes_out: IntCounter,
+) {
+    let upgraded = tokio::select! {
+        () = hard_stop.cancelled() => return,
+        r = on_upgrade => match r {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::info!(error = %e, "client upgrade failed");
+                return;
+            }
+        },
+    };
+    let mut client = TokioIo::new(upgraded);
+    let mut tunnel = tokio::io::join(recv, send);
+    tokio::select! {
+        () = hard_stop.cancelled() => {}
+        r = tokio::io::copy_bidirectional(&mut client, &mut tunnel) => match r {
+            Ok((up, down)) => {
+                bytes_in.inc_by(up);
+                bytes_out.inc_by(down);
+                tracing::debug!(up, down, "websocket closed");
+            }
+            Err(e) => tracing::debug!(error = %e, "websocket ended with an error"),
+        },
+    }
+}
+
+/// Whether this is an HTTP/1.1 WebSocket upgrade request.
+pub(crate) fn is_websocket<B>(req: &Request<B>) -> bool {
+    req.version() == Version::HTTP_11
+        && req.method() == Method::GET
+        && header_has_token(req.headers(), &CONNECTION, "upgrade")
+        && header_has_token(req.headers(), &UPGRADE, "websocket")
+}
+
+fn header_has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// The authority the user asked for, as sent.
+fn authority_of<B>(req: &Request<B>) -> String {
+    if let Some(a) = req.uri().authority() {
+        return a.as_str().to_owned();
+    }
+    req.headers()
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("")
+        .to_owned()
+}
+
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+];
+
+fn is_hop_by_hop(name: &HeaderName, connection_listed: &[String]) -> bool {
+    let n = name.as_str();
+    HOP_BY_HOP.contains(&n) || n == "upgrade" || connection_listed.iter().any(|c| c == n)
+}
+
+fn connection_tokens(headers: &HeaderMap) -> Vec<String> {
+    headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .filter(|t| !t.is_empty())
+        .take(32)
+        .collect()
+}
+
+/// The request headers to carry to the connector: hop-by-hop ones dropped,
+/// except the upgrade pair of a WebSocket request.
+pub(crate) fn forward_headers(headers: &HeaderMap, websocket: bool) -> HeaderMap {
+    let listed = connection_tokens(headers);
+    let mut out = HeaderMap::with_capacity(headers.len());
+    for (name, value) in headers {
+        if !is_hop_by_hop(name, &listed) {
+            out.append(name.clone(), value.clone());
+        }
+    }
+    if websocket {
+        out.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+        if let Some(v) = headers.get(UPGRADE) {
+            out.insert(UPGRADE, v.clone());
+        }
+    }
+    out
+}
+
+/// The response headers to give the user: hop-by-hop ones dropped, except
+/// the upgrade pair of a `101`.
+fn response_headers(headers: HeaderMap, upgraded: bool) -> HeaderMap {
+    let listed = connection_tokens(&headers);
+    let mut out = HeaderMap::with_capacity(headers.len());
+    for (name, value) in &headers {
+        if !is_hop_by_hop(name, &listed) {
+            out.append(name.clone(), value.clone());
+        }
+    }
+    if upgraded {
+        out.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+        if let Some(v) = headers.get(UPGRADE) {
+            out.insert(UPGRADE, v.clone());
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_are_dropped_except_a_websocket_upgrade() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", "keep-alive, x-secret".parse().unwrap());
+        h.insert("keep-alive", "timeout=5".parse().unwrap());
+        h.insert("x-secret", "1".parse().unwrap());
+        h.insert("transfer-encoding", "chunked".parse().unwrap());
+        h.insert("te", "trailers".parse().unwrap());
+        h.insert("upgrade", "h2c".parse().unwrap());
+        h.insert("accept", "*/*".parse().unwrap());
+        h.append("x-multi", "a".parse().unwrap());
+        h.append("x-multi", "b".parse().unwrap());
+        let out = forward_headers(&h, false);
+        let names: Vec<_> = out.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["accept", "x-multi"]);
+        assert_eq!(out.get_all("x-multi").iter().count(), 2);
+
+        let mut ws = HeaderMap::new();
+        ws.insert("connection", "Upgrade".parse().unwrap());
+        ws.insert("upgrade", "websocket".parse().unwrap());
+        ws.insert("sec-websocket-key", "k".parse().unwrap());
+        let out = forward_headers(&ws, true);
+        assert_eq!(out["connection"], "upgrade");
+        assert_eq!(out["upgrade"], "websocket");
+        assert_eq!(out["sec-websocket-key"], "k");
+        let resp = response_headers(ws.clone(), false);
+        assert!(!resp.contains_key("upgrade") && !resp.contains_key("connection"));
+        let resp = response_headers(ws, true);
+        assert_eq!(resp["upgrade"], "websocket");
+    }
+
+    #[test]
+    fn websocket_requests_are_recognized() {
+        let req = |v: Version, m: Method, conn: &str, up: &str| {
+            Request::builder()
+                .version(v)
+                .method(m)
+                .header("connection", conn)
+                .header("upgrade", up)
+                .body(())
+                .unwrap()
+        };
+        assert!(is_websocket(&req(
+            Version::HTTP_11,
+            Method::GET,
+            "keep-alive, Upgrade",
+            "WebSocket"
+        )));
+        assert!(!is_websocket(&req(
+            Version::HTTP_11,
+            Method::POST,
+            "upgrade",
+            "websocket"
+        )));
+        assert!(!is_websocket(&req(
+            Version::HTTP_11,
+            Method::GET,
+            "keep-alive",
+            "websocket"
+        )));
+        assert!(!is_websocket(&req(
+            Version::HTTP_11,
+            Method::GET,
+            "upgrade",
+            "h2c"
+        )));
+        assert!(!is_websocket(&req(
+            Version::HTTP_2,
+            Method::GET,
+            "upgrade",
+            "websocket"
+        )));
+    }
+}

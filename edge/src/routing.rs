@@ -1,0 +1,198 @@
+//! The routing table: external host → app, plus the set of revoked
+//! connectors. Built from an `EdgeConfig` snapshot and swapped atomically.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use portico_proto::api::{App, EdgeConfig};
+use portico_proto::{ConnectorId, RegionId};
+
+/// One immutable snapshot of what the edge routes.
+#[derive(Debug)]
+pub(crate) struct RoutingTable {
+    pub(crate) config: EdgeConfig,
+    by_host: HashMap<String, Arc<App>>,
+    revoked: HashSet<ConnectorId>,
+}
+
+impl RoutingTable {
+    pub(crate) fn new(config: EdgeConfig) -> Self {
+        let by_host = config
+            .apps
+            .iter()
+            .filter_map(|app| {
+                normalize_host(&app.external_host).map(|host| (host, Arc::new(app.clone())))
+            })
+            .collect();
+        let revoked = config.revoked.iter().cloned().collect();
+        RoutingTable {
+            config,
+            by_host,
+            revoked,
+        }
+    }
+
+    /// The table of an edge that has no config yet: routes nothing.
+    pub(crate) fn empty(region: RegionId) -> Self {
+        RoutingTable::new(EdgeConfig {
+            version: 0,
+            region,
+            apps_domain: String::new(),
+            apps: Vec::new(),
+            groups: Vec::new(),
+            revoked: Vec::new(),
+        })
+    }
+
+    pub(crate) fn version(&self) -> u64 {
+        self.config.version
+    }
+
+    /// The app published at this (already normalized) host.
+    pub(crate) fn app_for_host(&self, host: &str) -> Option<&Arc<App>> {
+        self.by_host.get(host)
+    }
+
+    pub(crate) fn is_revoked(&self, connector: &ConnectorId) -> bool {
+        self.revoked.contains(connector)
+    }
+}
+
+/// The host of a request: the URI authority (HTTP/2 `:authority`, or an
+/// absolute-form HTTP/1.1 target) first, then the `Host` header.
+pub(crate) fn request_host<B>(req: &http::Request<B>) -> Option<String> {
+    if let Some(authority) = req.uri().authority() {
+        return normalize_host(authority.as_str());
+    }
+    let host = req.headers().get(http::header::HOST)?.to_str().ok()?;
+    normalize_host(host)
+}
+
+/// Lower-cases a host, strips its port and one trailing dot. IPv6 literals
+/// keep their brackets. `None` for anything that is not a plausible host.
+pub(crate) fn normalize_host(raw: &str) -> Option<String> {
+    let raw = raw.trim();
+    // A userinfo part has no business in a Host; refuse it.
+    if raw.is_empty() || raw.contains('@') || raw.len() > 1024 {
+        return None;
+    }
+    let host = if raw.starts_with('[') {
+        let end = raw.find(']')?;
+        let rest = &raw[end + 1..];
+        if !(rest.is_empty() || valid_port(rest.strip_prefix(':')?)) {
+            return None;
+        }
+        &raw[..=end]
+    } else {
+        match raw.rsplit_once(':') {
+            Some((host, port)) => {
+                if !valid_port(port) {
+                    return None;
+                }
+                host
+            }
+            None => raw,
+        }
+    };
+    let host = host.strip_suffix('.').unwrap_or(host);
+    if host.is_empty()
+        || !host.bytes().all(|b| {
+            b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b'[' | b']' | b':')
+        })
+    {
+        return None;
+    }
+    Some(host.to_ascii_lowercase())
+}
+
+fn valid_port(p: &str) -> bool {
+    !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use portico_proto::api::BackendTimeout;
+    use portico_proto::{AppId, GroupId};
+
+    pub(crate) fn app(id: &str, host: &str) -> App {
+        App {
+            id: AppId::new(id).unwrap(),
+            external_host: host.to_owned(),
+            external_url: format!("https://{host}/"),
+            internal_url: "http://127.0.0.1:1/".to_owned(),
+            connector_group: GroupId::default_group(),
+            backend_timeout: BackendTimeout::Seconds(5),
+            validate_backend_tls: true,
+            created_at: 0,
+        }
+    }
+
+    #[test]
+    fn host_parsing_strips_port_and_case() {
+        assert_eq!(
+            normalize_host("HR.Apps.Example.com:8443").as_deref(),
+            Some("hr.apps.example.com")
+        );
+        assert_eq!(
+            normalize_host("hr.apps.example.com.").as_deref(),
+            Some("hr.apps.example.com")
+        );
+        assert_eq!(
+            normalize_host("hr.apps.example.com").as_deref(),
+            Some("hr.apps.example.com")
+        );
+        assert_eq!(normalize_host("[::1]:443").as_deref(), Some("[::1]"));
+        assert_eq!(normalize_host("[::1]").as_deref(), Some("[::1]"));
+        assert_eq!(normalize_host("user@host"), None);
+        assert_eq!(normalize_host("host:abc"), None);
+        assert_eq!(normalize_host("host:"), None);
+        assert_eq!(normalize_host(""), None);
+        assert_eq!(normalize_host("a b"), None);
+        assert_eq!(normalize_host("[::1"), None);
+    }
+
+    #[test]
+    fn request_host_prefers_the_h2_authority() {
+        // HTTP/2: the :authority pseudo-header becomes the URI authority.
+        let req = http::Request::builder()
+            .uri("https://Wiki.Apps.Test:8443/x")
+            .header("host", "other.test")
+            .body(())
+            .unwrap();
+        assert_eq!(request_host(&req).as_deref(), Some("wiki.apps.test"));
+        // HTTP/1.1 origin form: only the Host header.
+        let req = http::Request::builder()
+            .uri("/x")
+            .header("host", "HR.apps.test:443")
+            .body(())
+            .unwrap();
+        assert_eq!(request_host(&req).as_deref(), Some("hr.apps.test"));
+        let req = http::Request::builder().uri("/x").body(()).unwrap();
+        assert_eq!(request_host(&req), None);
+    }
+
+    #[test]
+    fn table_finds_apps_by_exact_host() {
+        let table = RoutingTable::new(EdgeConfig {
+            version: 3,
+            region: RegionId::default_region(),
+            apps_domain: "apps.test".into(),
+            apps: vec![app("hr", "hr.apps.test"), app("wiki", "Wiki.apps.test")],
+            groups: vec![GroupId::default_group()],
+            revoked: vec![ConnectorId::new("c-bad").unwrap()],
+        });
+        assert_eq!(
+            table.app_for_host("hr.apps.test").unwrap().id.as_str(),
+            "hr"
+        );
+        assert_eq!(
+            table.app_for_host("wiki.apps.test").unwrap().id.as_str(),
+            "wiki"
+        );
+        assert!(table.app_for_host("x.hr.apps.test").is_none());
+        assert!(table.is_revoked(&ConnectorId::new("c-bad").unwrap()));
+        assert!(!table.is_revoked(&ConnectorId::new("c-good").unwrap()));
+        assert_eq!(table.version(), 3);
+    }
+}

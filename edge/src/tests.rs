@@ -1,0 +1,935 @@
+//! In-crate tests of the tunnel acceptor and the request path, with a real
+//! quinn client as the connector and real TLS clients, but no router: the
+//! edge is built by `serve` from test credentials and a routing table.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use portico_agent::pki;
+use portico_proto::api::{edge_server_name, App, BackendTimeout, EdgeConfig, Identity};
+use portico_proto::io::{read_frame, write_frame};
+use portico_proto::{
+    AppId, CloseCode, ConnectorId, EdgeId, ErrorCode, Frame, GroupId, Hello, RegionId,
+    ResponseHead, StreamError, StreamKind,
+};
+use quinn::crypto::rustls::QuicClientConfig;
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+    KeyUsagePurpose, SanType,
+};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+
+use crate::certs::CertStore;
+use crate::{serve, Handle, Parts};
+
+const DEADLINE: Duration = Duration::from_secs(20);
+
+struct Pki {
+    ca: CertifiedIssuer<'static, KeyPair>,
+    ca_pem: String,
+}
+
+impl Pki {
+    fn new(name: &str) -> anyhow::Result<Pki> {
+        let mut p = CertificateParams::new(Vec::<String>::new())?;
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        p.distinguished_name.push(rcgen::DnType::CommonName, name);
+        let ca = CertifiedIssuer::self_signed(p, KeyPair::generate()?)?;
+        let ca_pem = ca.pem();
+        Ok(Pki { ca, ca_pem })
+    }
+
+    fn leaf(
+        &self,
+        dns: Vec<String>,
+        uris: Vec<String>,
+        eku: ExtendedKeyUsagePurpose,
+    ) -> anyhow::Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)> {
+        let key = KeyPair::generate()?;
+        let mut p = CertificateParams::new(dns)?;
+        for u in uris {
+            p.subject_alt_names.push(SanType::URI(u.try_into()?));
+        }
+        p.is_ca = IsCa::ExplicitNoCa;
+        p.extended_key_usages = vec![eku];
+        p.use_authority_key_identifier_extension = true;
+        let cert = p.signed_by(&key, &self.ca)?;
+        Ok((
+            vec![cert.der().clone()],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+        ))
+    }
+
+    fn connector(
+        &self,
+        id: &str,
+    ) -> anyhow::Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)> {
+        let identity = Identity::Connector {
+            id: ConnectorId::new(id)?,
+            group: GroupId::default_group(),
+        };
+        self.leaf(
+            Vec::new(),
+            identity.to_uris(),
+            ExtendedKeyUsagePurpose::ClientAuth,
+        )
+    }
+
+    fn roots(&self) -> rustls::RootCertStore {
+        pki::root_store(&self.ca_pem).expect("test CA parses")
+    }
+}
+
+fn edge_id() -> EdgeId {
+    EdgeId::new("e-test").unwrap()
+}
+
+fn app(id: &str, host: &str, timeout: BackendTimeout) -> App {
+    App {
+        id: AppId::new(id).unwrap(),
+        external_host: host.to_owned(),
+        external_url: format!("https://{host}/"),
+        internal_url: "http://127.0.0.1:1/".to_owned(),
+        connector_group: GroupId::default_group(),
+        backend_timeout: timeout,
+        validate_backend_tls: true,
+        created_at: 0,
+    }
+}
+
+fn edge_config(version: u64, revoked: Vec<ConnectorId>) -> EdgeConfig {
+    EdgeConfig {
+        version,
+        region: RegionId::default_region(),
+        apps_domain: "apps.test".into(),
+        apps: vec![
+            app("hr", "hr.apps.test", BackendTimeout::Seconds(30)),
+            app("slow", "slow.apps.test", BackendTimeout::Seconds(1)),
+        ],
+        groups: vec![GroupId::default_group()],
+        revoked,
+    }
+}
+
+/// An edge on 127.0.0.1 with test certificates and a loaded config.
+async fn test_edge(pki: &Pki, shutdown: &CancellationToken) -> anyhow::Result<Handle> {
+    let edge_identity = Identity::Edge {
+        id: edge_id(),
+        region: RegionId::default_region(),
+    };
+    let (chain, key) = pki.leaf(
+        vec![edge_server_name(&edge_id())],
+        edge_identity.to_uris(),
+        ExtendedKeyUsagePurpose::ServerAuth,
+    )?;
+    let tunnel_cert = CertStore::new();
+    tunnel_cert.set(chain, key)?;
+    let (chain, key) = pki.leaf(
+        vec!["*.apps.test".into()],
+        Vec::new(),
+        ExtendedKeyUsagePurpose::ServerAuth,
+    )?;
+    let public_cert = CertStore::new();
+    public_cert.set(chain, key)?;
+    let handle = serve(
+        Parts {
+            edge_id: edge_id(),
+            region: RegionId::default_region(),
+            tunnel_cert,
+            ca_pem: pki.ca_pem.clone(),
+            public_cert,
+            initial_config: Some(edge_config(1, Vec::new())),
+            public_listen: "127.0.0.1:0".parse()?,
+            tunnel_listen: "127.0.0.1:0".parse()?,
+            metrics_listen: Some("127.0.0.1:0".parse()?),
+            grace: Duration::from_secs(2),
+            connector_timeout_grace: Duration::from_millis(200),
+        },
+        shutdown.clone(),
+    )
+    .await?;
+    assert!(handle.is_ready());
+    Ok(handle)
+}
+
+/// A QUIC client endpoint presenting `identity`'s certificate.
+fn quic_client(
+    trust: &Pki,
+    cert: (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>),
+) -> anyhow::Result<quinn::Endpoint> {
+    let mut tls = rustls::ClientConfig::builder_with_provider(pki::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(trust.roots())
+        .with_client_auth_cert(cert.0, cert.1)?;
+    tls.alpn_protocols = vec![portico_proto::ALPN.to_vec()];
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+    ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(
+        QuicClientConfig::try_from(tls)?,
+    )));
+    Ok(ep)
+}
+
+async fn dial(ep: &quinn::Endpoint, edge: SocketAddr) -> anyhow::Result<quinn::Connection> {
+    Ok(ep.connect(edge, &edge_server_name(&edge_id()))?.await?)
+}
+
+fn hello(id: &str, version: u32) -> Frame {
+    Frame::Hello(Hello {
+        version,
+        capabilities: portico_proto::capabilities::ALL,
+        connector_id: ConnectorId::new(id).unwrap(),
+        group: GroupId::default_group(),
+        agent_version: "test".into(),
+    })
+}
+
+/// Opens the control stream and completes Hello/Welcome.
+async fn handshake(
+    conn: &quinn::Connection,
+    id: &str,
+) -> anyhow::Result<(quinn::SendStream, quinn::RecvStream)> {
+    let (mut send, mut recv) = conn.open_bi().await?;
+    write_frame(&mut send, &hello(id, 1)).await?;
+    match tokio::time::timeout(DEADLINE, read_frame(&mut recv)).await?? {
+        Some(Frame::Welcome(w)) => {
+            assert_eq!(w.edge_id, edge_id());
+            assert_eq!(w.config_version, 1);
+        }
+        other => anyhow::bail!("expected Welcome, got {other:?}"),
+    }
+    Ok((send, recv))
+}
+
+/// The application close code of a closed connection.
+async fn close_code(conn: &quinn::Connection) -> anyhow::Result<(CloseCode, String)> {
+    match tokio::time::timeout(DEADLINE, conn.closed()).await? {
+        quinn::ConnectionError::ApplicationClosed(c) => Ok((
+            CloseCode::from_wire(c.error_code.into_inner()),
+            String::from_utf8_lossy(&c.reason).into_owned(),
+        )),
+        other => anyhow::bail!("expected an application close, got {other:#}"),
+    }
+}
+
+async fn ping(
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+    v: u64,
+) -> anyhow::Result<()> {
+    write_frame(send, &Frame::Ping(v)).await?;
+    match tokio::time::timeout(DEADLINE, read_frame(recv)).await?? {
+        Some(Frame::Pong(got)) if got == v => Ok(()),
+        other => anyhow::bail!("expected Pong({v}), got {other:?}"),
+    }
+}
+
+async fn wait_until(what: &str, mut f: impl FnMut() -> bool) -> anyhow::Result<()> {
+    let end = tokio::time::Instant::now() + DEADLINE;
+    while !f() {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < end,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn bad_peers_get_closed_and_good_tunnels_stay_up() -> anyhow::Result<()> {
+    let pki = Pki::new("test CA")?;
+    let shutdown = CancellationToken::new();
+    let edge = test_edge(&pki, &shutdown).await?;
+
+    let good_ep = quic_client(&pki, pki.connector("c-good")?)?;
+    let good = dial(&good_ep, edge.tunnel_addr).await?;
+    let (mut gs, mut gr) = handshake(&good, "c-good").await?;
+    ping(&mut gs, &mut gr, 1).await?;
+    wait_until("the good tunnel to attach", || edge.tunnel_count() == 1).await?;
+
+    let cases: [(&str, Vec<u8>, CloseCode); 4] = [
+        // A Hello type byte followed by bytes that are no Hello.
+        (
+            "garbage",
+            vec![0x01, 0x04, 0xde, 0xad, 0xbe, 0xef],
+            CloseCode::ProtocolError,
+        ),
+        // A StreamHead-typed frame claiming 1 MiB.
+        (
+            "oversized head",
+            vec![0x10, 0x80, 0x10, 0x00, 0x00],
+            CloseCode::ProtocolError,
+        ),
+        ("unknown type", vec![0x7f, 0x00], CloseCode::ProtocolError),
+        (
+            "version 99",
+            hello("c-bad", 99).to_bytes()?.to_vec(),
+            CloseCode::VersionMismatch,
+        ),
+    ];
+    let bad_ep = quic_client(&pki, pki.connector("c-bad")?)?;
+    for (i, (name, bytes, want)) in cases.into_iter().enumerate() {
+        let conn = dial(&bad_ep, edge.tunnel_addr).await.context(name)?;
+        let (mut send, mut recv) = conn.open_bi().await?;
+        send.write_all(&bytes).await?;
+        if want == CloseCode::VersionMismatch {
+            match tokio::time::timeout(DEADLINE, read_frame(&mut recv)).await?? {
+                Some(Frame::Goodbye(g)) => {
+                    assert_eq!(CloseCode::from_wire(g.code), CloseCode::VersionMismatch);
+                    assert!(g.reason.contains("99"), "{}", g.reason);
+                }
+                other => anyhow::bail!("{name}: expected Goodbye, got {other:?}"),
+            }
+        }
+        let (code, reason) = close_code(&conn).await.context(name)?;
+        assert_eq!(code, want, "{name}: closed with {code} ({reason})");
+        assert!(
+            !reason.is_empty(),
+            "{name}: the close carries the decode error"
+        );
+        // Meanwhile the good tunnel still answers.
+        ping(&mut gs, &mut gr, 100 + i as u64).await.context(name)?;
+    }
+    assert_eq!(edge.tunnel_count(), 1);
+    let text = edge.shared.metrics.render();
+    assert!(
+        text.contains("portico_edge_tunnel_closes_total{reason=\"protocol_error\"} 3"),
+        "{text}"
+    );
+    assert!(
+        text.contains("portico_edge_tunnel_closes_total{reason=\"version_mismatch\"} 1"),
+        "{text}"
+    );
+
+    shutdown.cancel();
+    // Shutdown asks every connector to drain, then closes with Shutdown.
+    match tokio::time::timeout(DEADLINE, read_frame(&mut gr)).await?? {
+        Some(Frame::Drain) => {}
+        other => anyhow::bail!("expected Drain on shutdown, got {other:?}"),
+    }
+    let (code, _) = close_code(&good).await?;
+    assert_eq!(code, CloseCode::Shutdown);
+    tokio::time::timeout(DEADLINE, edge.wait()).await??;
+    Ok(())
+}
+
+#[tokio::test]
+async fn client_cert_from_another_ca_is_refused() -> anyhow::Result<()> {
+    let pki = Pki::new("test CA")?;
+    let rogue = Pki::new("rogue CA")?;
+    let shutdown = CancellationToken::new();
+    let edge = test_edge(&pki, &shutdown).await?;
+
+    // Trusts the real CA for the edge, but presents a rogue-signed cert.
+    let ep = quic_client(&pki, rogue.connector("c-rogue")?)?;
+    let refused = match dial(&ep, edge.tunnel_addr).await {
+        Err(_) => true,
+        Ok(conn) => {
+            let attempt = async {
+                let (mut send, mut recv) = conn.open_bi().await?;
+                write_frame(&mut send, &hello("c-rogue", 1)).await?;
+                anyhow::Ok(read_frame(&mut recv).await?)
+            };
+            let r = tokio::time::timeout(DEADLINE, attempt).await?;
+            assert!(
+                matches!(
+                    conn.close_reason(),
+                    Some(
+                        quinn::ConnectionError::TransportError(_)
+                            | quinn::ConnectionError::ConnectionClosed(_)
+                    )
+                ),
+                "{:?}",
+                conn.close_reason()
+            );
+            r.is_err()
+        }
+    };
+    assert!(
+        refused,
+        "a rogue client certificate must fail the handshake"
+    );
+    assert_eq!(edge.tunnel_count(), 0);
+    shutdown.cancel();
+    tokio::time::timeout(DEADLINE, edge.wait()).await??;
+    Ok(())
+}
+
+/// A connector that answers every stream: `/error` with an `Error` frame,
+/// `/hang` never, `/ws` with a 101 and an echo, anything else with a 200
+/// whose body names the connector, the head and the request body.
+fn fake_connector(conn: quinn::Connection, name: &'static str) {
+    fake_connector_with(conn, name, Arc::new(tokio::sync::Notify::new()));
+}
+
+/// As [`fake_connector`]; `/held` answers once `release` is notified.
+fn fake_connector_with(
+    conn: quinn::Connection,
+    name: &'static str,
+    release: Arc<tokio::sync::Notify>,
+) {
+    fake_connector_full(
+        conn,
+        name,
+        release,
+        tokio::sync::mpsc::unbounded_channel().0,
+    );
+}
+
+/// As [`fake_connector_with`]; `/cancel-me` never answers and reports the
+/// code the edge stopped the stream with on `stopped`.
+fn fake_connector_full(
+    conn: quinn::Connection,
+    name: &'static str,
+    release: Arc<tokio::sync::Notify>,
+    stopped: tokio::sync::mpsc::UnboundedSender<Option<u64>>,
+) {
+    tokio::spawn(async move {
+        while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+            let release = Arc::clone(&release);
+            let stopped = stopped.clone();
+            tokio::spawn(async move {
+                let Ok(Some(Frame::StreamHead(head))) = read_frame(&mut recv).await else {
+                    return;
+                };
+                match head.path.as_str() {
+                    "/error" => {
+                        let e = Frame::Error(StreamError {
+                            code: ErrorCode::BackendUnreachable,
+                            message: "connection refused".into(),
+                        });
+                        let _ = write_frame(&mut send, &e).await;
+                        let _ = send.finish();
+                    }
+                    "/cancel-me" => {
+                        let code = send.stopped().await.ok().flatten().map(|c| c.into_inner());
+                        let _ = stopped.send(code);
+                    }
+                    "/hang" => {
+                        let _ = recv.read_to_end(1 << 20).await;
+                        let _ = send.stopped().await;
+                    }
+                    "/ws" => {
+                        assert_eq!(head.kind, StreamKind::WebSocket);
+                        assert_eq!(head.headers["upgrade"], "websocket");
+                        let mut headers = http::HeaderMap::new();
+                        headers.insert("upgrade", "websocket".parse().unwrap());
+                        headers.insert("connection", "upgrade".parse().unwrap());
+                        headers.insert("sec-websocket-accept", "test".parse().unwrap());
+                        let r = Frame::ResponseHead(ResponseHead {
+                            status: StatusCode::SWITCHING_PROTOCOLS,
+                            headers,
+                        });
+                        let _ = write_frame(&mut send, &r).await;
+                        let _ = tokio::io::copy(&mut recv, &mut send).await;
+                        let _ = send.finish();
+                    }
+                    path => {
+                        if path == "/held" {
+                            release.notified().await;
+                        }
+                        let body = recv.read_to_end(1 << 20).await.unwrap_or_default();
+                        let mut headers = http::HeaderMap::new();
+                        headers.insert("x-served-by", name.parse().unwrap());
+                        headers.insert("connection", "close".parse().unwrap());
+                        let r = Frame::ResponseHead(ResponseHead {
+                            status: StatusCode::OK,
+                            headers,
+                        });
+                        let _ = write_frame(&mut send, &r).await;
+                        let text = format!(
+                            "{name}|{}|{}|{}|{}|{}",
+                            head.app,
+                            head.method,
+                            head.authority,
+                            head.path,
+                            String::from_utf8_lossy(&body)
+                        );
+                        let _ = send.write_all(text.as_bytes()).await;
+                        let _ = send.finish();
+                        let _ = send.stopped().await;
+                    }
+                }
+            });
+        }
+    });
+}
+
+/// One HTTPS request over a fresh connection, HTTP/2 or HTTP/1.1 by ALPN.
+async fn https(
+    pki: &Pki,
+    addr: SocketAddr,
+    host: &str,
+    h2: bool,
+    req: Request<Full<Bytes>>,
+) -> anyhow::Result<Response<Bytes>> {
+    let mut tls = rustls::ClientConfig::builder_with_provider(pki::provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(pki.roots())
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![if h2 {
+        b"h2".to_vec()
+    } else {
+        b"http/1.1".to_vec()
+    }];
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(tls))
+        .connect(ServerName::try_from(host.to_owned())?, tcp)
+        .await?;
+    let io = TokioIo::new(tls);
+    let resp = if h2 {
+        let (mut sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await?;
+        tokio::spawn(conn);
+        sender.send_request(req).await?
+    } else {
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await?;
+        tokio::spawn(conn);
+        sender.send_request(req).await?
+    };
+    let (parts, body) = resp.into_parts();
+    let body = tokio::time::timeout(DEADLINE, body.collect())
+        .await??
+        .to_bytes();
+    Ok(Response::from_parts(parts, body))
+}
+
+fn get(host: &str, path: &str, h2: bool) -> Request<Full<Bytes>> {
+    let b = if h2 {
+        Request::get(format!("https://{host}{path}"))
+    } else {
+        Request::get(path).header("host", host)
+    };
+    b.body(Full::new(Bytes::new())).unwrap()
+}
+
+#[tokio::test]
+async fn requests_route_by_host_and_errors_are_branded() -> anyhow::Result<()> {
+    let pki = Pki::new("test CA")?;
+    let shutdown = CancellationToken::new();
+    let edge = test_edge(&pki, &shutdown).await?;
+    let addr = edge.public_addr;
+
+    // No connector yet: the app exists, but nothing can reach it.
+    let r = https(
+        &pki,
+        addr,
+        "hr.apps.test",
+        false,
+        get("hr.apps.test", "/", false),
+    )
+    .await?;
+    assert_eq!(r.status(), StatusCode::BAD_GATEWAY);
+    assert_eq!(r.headers()["x-portico-error"], "ConnectorNotFound");
+
+    // Unknown host: AppNotFound, as HTML or JSON as the client prefers.
+    let r = https(
+        &pki,
+        addr,
+        "nope.apps.test",
+        false,
+        get("NOPE.apps.test:8443", "/", false),
+    )
+    .await?;
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    assert_eq!(r.headers()["x-portico-error"], "AppNotFound");
+    assert!(r.headers()["content-type"]
+        .to_str()?
+        .starts_with("text/html"));
+    let id = r.headers()["x-portico-request-id"].to_str()?.to_owned();
+    let text = String::from_utf8(r.body().to_vec())?;
+    assert!(
+        text.contains("AppNotFound") && text.contains(&id) && text.contains("Portico"),
+        "{text}"
+    );
+    let mut req = get("nope.apps.test", "/", true);
+    req.headers_mut()
+        .insert("accept", "application/json".parse()?);
+    let r = https(&pki, addr, "nope.apps.test", true, req).await?;
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    let v: serde_json::Value = serde_json::from_slice(r.body())?;
+    assert_eq!(v["error"], "AppNotFound");
+    assert_eq!(v["status"], 404);
+    assert_eq!(
+        v["request_id"],
+        r.headers()["x-portico-request-id"].to_str()?
+    );
+
+    // A connector attaches: requests reach it over HTTP/1.1 and HTTP/2.
+    let ep = quic_client(&pki, pki.connector("c-1")?)?;
+    let conn = dial(&ep, edge.tunnel_addr).await?;
+    let _control = handshake(&conn, "c-1").await?;
+    fake_connector(conn.clone(), "c-1");
+    wait_until("the tunnel to attach", || edge.tunnel_count() == 1).await?;
+
+    let mut req = Request::post("/submit?x=1")
+        .header("host", "HR.apps.test:443")
+        .body(Full::new(Bytes::from_static(b"hello body")))?;
+    req.headers_mut()
+        .insert("connection", "keep-alive".parse()?);
+    let r = https(&pki, addr, "hr.apps.test", false, req).await?;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert!(r.headers().contains_key("x-portico-request-id"));
+    assert!(!r.headers().contains_key("x-portico-error"));
+    assert_eq!(
+        r.body(),
+        "c-1|hr|POST|HR.apps.test:443|/submit?x=1|hello body"
+    );
+
+    let r = https(
+        &pki,
+        addr,
+        "hr.apps.test",
+        true,
+        get("Hr.Apps.Test:8443", "/h2", true),
+    )
+    .await?;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.body(), "c-1|hr|GET|Hr.Apps.Test:8443|/h2|");
+
+    // The connector's Error frame becomes the code's page.
+    let r = https(
+        &pki,
+        addr,
+        "hr.apps.test",
+        false,
+        get("hr.apps.test", "/error", false),
+    )
+    .await?;
+    assert_eq!(r.status(), StatusCode::BAD_GATEWAY);
+    assert_eq!(r.headers()["x-portico-error"], "BackendUnreachable");
+
+    // No answer within the app's timeout plus the grace: ConnectorTimeout.
+    let r = https(
+        &pki,
+        addr,
+        "slow.apps.test",
+        false,
+        get("slow.apps.test", "/hang", false),
+    )
+    .await?;
+    assert_eq!(r.status(), StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(r.headers()["x-portico-error"], "ConnectorTimeout");
+
+    let text = edge.shared.metrics.render();
+    assert!(
+        text.contains(r#"portico_edge_requests_total{app="hr",code="",status="200"} 2"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"portico_edge_requests_total{app="",code="AppNotFound",status="404"} 2"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            r#"portico_edge_requests_total{app="slow",code="ConnectorTimeout",status="504"} 1"#
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"portico_edge_bytes_total{direction="in"} 10"#),
+        "{text}"
+    );
+
+    // The metrics listener serves the same registry, and readiness.
+    let metrics_addr = edge.metrics_addr.context("metrics bound")?;
+    let mut tcp = tokio::net::TcpStream::connect(metrics_addr).await?;
+    tcp.write_all(b"GET /ready HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await?;
+    let mut out = String::new();
+    tcp.read_to_string(&mut out).await?;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+
+    shutdown.cancel();
+    tokio::time::timeout(DEADLINE, edge.wait()).await??;
+    Ok(())
+}
+
+#[tokio::test]
+async fn draining_tunnels_are_skipped_and_revoked_ones_closed() -> anyhow::Result<()> {
+    let pki = Pki::new("test CA")?;
+    let shutdown = CancellationToken::new();
+    let edge = test_edge(&pki, &shutdown).await?;
+    let addr = edge.public_addr;
+
+    let ep_a = quic_client(&pki, pki.connector("c-a")?)?;
+    let a = dial(&ep_a, edge.tunnel_addr).await?;
+    let (mut a_send, _a_recv) = handshake(&a, "c-a").await?;
+    fake_connector(a.clone(), "c-a");
+    let ep_b = quic_client(&pki, pki.connector("c-b")?)?;
+    let b = dial(&ep_b, edge.tunnel_addr).await?;
+    let _b_control = handshake(&b, "c-b").await?;
+    fake_connector(b.clone(), "c-b");
+    wait_until("both tunnels to attach", || edge.tunnel_count() == 2).await?;
+
+    // c-a drains: every request goes to c-b.
+    write_frame(&mut a_send, &Frame::Drain).await?;
+    wait_until("c-a to drain", || {
+        edge.shared
+            .tunnels
+            .snapshot()
+            .iter()
+            .any(|t| t.connector.as_str() == "c-a" && t.is_draining())
+    })
+    .await?;
+    for _ in 0..6 {
+        let r = https(
+            &pki,
+            addr,
+            "hr.apps.test",
+            true,
+            get("hr.apps.test", "/", true),
+        )
+        .await?;
+        assert_eq!(r.headers()["x-served-by"], "c-b");
+        assert!(
+            !r.headers().contains_key("connection"),
+            "hop-by-hop headers are dropped"
+        );
+    }
+
+    // The router revokes c-b: its tunnel closes with Revoked, and a new
+    // tunnel from it is refused.
+    edge.shared
+        .apply_config(edge_config(2, vec![ConnectorId::new("c-b")?]));
+    let (code, _) = close_code(&b).await?;
+    assert_eq!(code, CloseCode::Revoked);
+    wait_until("c-b to detach", || edge.tunnel_count() == 1).await?;
+    let again = dial(&ep_b, edge.tunnel_addr).await?;
+    let (code, _) = close_code(&again).await?;
+    assert_eq!(code, CloseCode::Revoked);
+
+    // Only the draining tunnel is left: nothing may be sent to it.
+    let r = https(
+        &pki,
+        addr,
+        "hr.apps.test",
+        false,
+        get("hr.apps.test", "/", false),
+    )
+    .await?;
+    assert_eq!(r.headers()["x-portico-error"], "ConnectorNotFound");
+
+    shutdown.cancel();
+    tokio::time::timeout(DEADLINE, edge.wait()).await??;
+    Ok(())
+}
+
+#[tokio::test]
+async fn websocket_upgrades_become_byte_pipes() -> anyhow::Result<()> {
+    let pki = Pki::new("test CA")?;
+    let shutdown = CancellationToken::new();
+    let edge = test_edge(&pki, &shutdown).await?;
+    let ep = quic_client(&pki, pki.connector("c-ws")?)?;
+    let conn = dial(&ep, edge.tunnel_addr).await?;
+    let _control = handshake(&conn, "c-ws").await?;
+    fake_connector(conn.clone(), "c-ws");
+    wait_until("the tunnel to attach", || edge.tunnel_count() == 1).await?;
+
+    let mut tls = rustls::ClientConfig::builder_with_provider(pki::provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(pki.roots())
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(edge.public_addr).await?;
+    let mut s = tokio_rustls::TlsConnector::from(Arc::new(tls))
+        .connect(ServerName::try_from("hr.apps.test")?, tcp)
+        .await?;
+    s.write_all(
+        b"GET /ws HTTP/1.1\r\nhost: hr.apps.test\r\nconnection: Upgrade\r\nupgrade: websocket\r\n\
+          sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\r\n",
+    )
+    .await?;
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        tokio::time::timeout(DEADLINE, s.read_exact(&mut byte)).await??;
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8(head)?.to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: websocket"), "{head}");
+    assert!(head.contains("x-portico-request-id"), "{head}");
+    s.write_all(b"ping over the pipe").await?;
+    let mut back = [0u8; 18];
+    tokio::time::timeout(DEADLINE, s.read_exact(&mut back)).await??;
+    assert_eq!(&back, b"ping over the pipe");
+    drop(s);
+
+    shutdown.cancel();
+    tokio::time::timeout(DEADLINE, edge.wait()).await??;
+    Ok(())
+}
+
+#[tokio::test]
+async fn shutdown_stops_accepting_and_lets_in_flight_requests_finish() -> anyhow::Result<()> {
+    let pki = Pki::new("test CA")?;
+    let shutdown = CancellationToken::new();
+    let edge = test_edge(&pki, &shutdown).await?;
+    let addr = edge.public_addr;
+    let ep = quic_client(&pki, pki.connector("c-1")?)?;
+    let conn = dial(&ep, edge.tunnel_addr).await?;
+    let (_cs, mut cr) = handshake(&conn, "c-1").await?;
+    let release = Arc::new(tokio::sync::Notify::new());
+    fake_connector_with(conn.clone(), "c-1", Arc::clone(&release));
+    wait_until("the tunnel to attach", || edge.tunnel_count() == 1).await?;
+
+    let in_flight = tokio::spawn({
+        let pki = Pki {
+            ca: Pki::new("unused")?.ca,
+            ca_pem: pki.ca_pem.clone(),
+        };
+        async move {
+            https(
+                &pki,
+                addr,
+                "hr.apps.test",
+                false,
+                get("hr.apps.test", "/held", false),
+            )
+            .await
+        }
+    });
+    let streams = edge.shared.metrics.streams.clone();
+    wait_until("the request to be in flight", || streams.get() == 1).await?;
+
+    shutdown.cancel();
+    match tokio::time::timeout(DEADLINE, read_frame(&mut cr)).await?? {
+        Some(Frame::Drain) => {}
+        other => anyhow::bail!("expected Drain on shutdown, got {other:?}"),
+    }
+    // New users are turned away while the old request is still running.
+    let end = tokio::time::Instant::now() + DEADLINE;
+    while tokio::net::TcpStream::connect(addr).await.is_ok() {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < end,
+            "the public listener still accepts"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(!in_flight.is_finished());
+    release.notify_one();
+    let r = tokio::time::timeout(DEADLINE, in_flight).await???;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.body(), "c-1|hr|GET|hr.apps.test|/held|");
+    tokio::time::timeout(DEADLINE, edge.wait()).await??;
+    let (code, _) = close_code(&conn).await?;
+    assert_eq!(code, CloseCode::Shutdown);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_cancels_its_stream() -> anyhow::Result<()> {
+    let pki = Pki::new("test CA")?;
+    let shutdown = CancellationToken::new();
+    let edge = test_edge(&pki, &shutdown).await?;
+    let ep = quic_client(&pki, pki.connector("c-1")?)?;
+    let conn = dial(&ep, edge.tunnel_addr).await?;
+    let _control = handshake(&conn, "c-1").await?;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    fake_connector_full(
+        conn.clone(),
+        "c-1",
+        Arc::new(tokio::sync::Notify::new()),
+        tx,
+    );
+    wait_until("the tunnel to attach", || edge.tunnel_count() == 1).await?;
+
+    let addr = edge.public_addr;
+    let ca_pem = pki.ca_pem.clone();
+    let client = tokio::spawn(async move {
+        let pki = Pki {
+            ca: Pki::new("unused")?.ca,
+            ca_pem,
+        };
+        https(
+            &pki,
+            addr,
+            "hr.apps.test",
+            true,
+            get("hr.apps.test", "/cancel-me", true),
+        )
+        .await
+    });
+    let streams = edge.shared.metrics.streams.clone();
+    wait_until("the request to be in flight", || streams.get() == 1).await?;
+    client.abort(); // the user goes away (HTTP/2 connection dropped)
+    let code = tokio::time::timeout(DEADLINE, rx.recv())
+        .await?
+        .context("connector reported")?;
+    assert_eq!(code.map(CloseCode::from_wire), Some(CloseCode::Cancelled));
+    wait_until("the stream to be released", || streams.get() == 0).await?;
+    assert!(edge
+        .shared
+        .tunnels
+        .snapshot()
+        .iter()
+        .all(|t| t.outstanding() == 0));
+
+    shutdown.cancel();
+    tokio::time::timeout(DEADLINE, edge.wait()).await??;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_renewed_public_certificate_is_presented_without_a_restart() -> anyhow::Result<()> {
+    let pki = Pki::new("test CA")?;
+    let store = CertStore::new();
+    let first = pki.leaf(
+        vec!["*.apps.test".into()],
+        Vec::new(),
+        ExtendedKeyUsagePurpose::ServerAuth,
+    )?;
+    let first_der = first.0[0].clone();
+    store.set(first.0, first.1)?;
+    let tls = crate::public::tls_config(Arc::clone(&store))?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                if let Ok(mut s) = acceptor.accept(tcp).await {
+                    let _ = s.shutdown().await;
+                }
+            });
+        }
+    });
+    let presented = || async {
+        let tls = rustls::ClientConfig::builder_with_provider(pki::provider())
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(pki.roots())
+            .with_no_client_auth();
+        let tcp = tokio::net::TcpStream::connect(addr).await?;
+        let s = tokio_rustls::TlsConnector::from(Arc::new(tls))
+            .connect(ServerName::try_from("hr.apps.test")?, tcp)
+            .await?;
+        let cert = s.get_ref().1.peer_certificates().context("server cert")?[0].clone();
+        anyhow::Ok(cert)
+    };
+    assert_eq!(presented().await?, first_der);
+    let second = pki.leaf(
+        vec!["*.apps.test".into()],
+        Vec::new(),
+        ExtendedKeyUsagePurpose::ServerAuth,
+    )?;
+    let second_der = second.0[0].clone();
+    store.set(second.0, second.1)?;
+    assert_eq!(presented().await?, second_der);
+    assert_ne!(first_der, second_der);
+    Ok(())
+}

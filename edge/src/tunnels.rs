@@ -1,0 +1,278 @@
+//! The tunnels attached to this edge, by connector group, and the choice of
+//! a tunnel for each request (power of two choices over outstanding streams).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
+use portico_proto::api::TunnelReport;
+use portico_proto::{CloseCode, ConnectorId, GroupId, TunnelId};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+/// One attached tunnel.
+#[derive(Debug)]
+pub(crate) struct Tunnel {
+    pub(crate) id: TunnelId,
+    pub(crate) connector: ConnectorId,
+    pub(crate) group: GroupId,
+    pub(crate) agent_version: String,
+    pub(crate) remote: SocketAddr,
+    pub(crate) conn: quinn::Connection,
+    outstanding: AtomicUsize,
+    draining: AtomicBool,
+    /// Cancelled to ask the control loop to send `Drain` to the connector.
+    pub(crate) drain_request: CancellationToken,
+    /// The code this edge closed the tunnel with, if it did.
+    closed_with: std::sync::OnceLock<CloseCode>,
+}
+
+impl Tunnel {
+    pub(crate) fn new(
+        id: TunnelId,
+        connector: ConnectorId,
+        group: GroupId,
+        agent_version: String,
+        conn: quinn::Connection,
+    ) -> Self {
+        Tunnel {
+            id,
+            connector,
+            group,
+            agent_version,
+            remote: conn.remote_address(),
+            conn,
+            outstanding: AtomicUsize::new(0),
+            draining: AtomicBool::new(false),
+            drain_request: CancellationToken::new(),
+            closed_with: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// The connector said `Drain`: no new streams on this tunnel.
+    pub(crate) fn set_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
+    pub(crate) fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn outstanding(&self) -> usize {
+        self.outstanding.load(Ordering::Relaxed)
+    }
+
+    /// Counts one stream until the guard drops.
+    pub(crate) fn stream_guard(self: &Arc<Self>) -> StreamGuard {
+        self.outstanding.fetch_add(1, Ordering::Relaxed);
+        StreamGuard {
+            tunnel: Arc::clone(self),
+        }
+    }
+
+    pub(crate) fn close(&self, code: CloseCode, reason: &str) {
+        let _ = self.closed_with.set(code);
+        self.conn.close(code.to_wire().into(), reason.as_bytes());
+    }
+
+    /// The code this edge closed the tunnel with, if it did so through
+    /// [`Tunnel::close`].
+    pub(crate) fn closed_with(&self) -> Option<CloseCode> {
+        self.closed_with.get().copied()
+    }
+}
+
+/// One outstanding stream on a tunnel.
+#[derive(Debug)]
+pub(crate) struct StreamGuard {
+    tunnel: Arc<Tunnel>,
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.tunnel.outstanding.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+type ByGroup = HashMap<GroupId, Vec<Arc<Tunnel>>>;
+
+/// Every tunnel on this edge. Lookups read a lock-free snapshot; attach and
+/// detach (rare) rebuild it under a mutex.
+#[derive(Debug, Default)]
+pub(crate) struct Tunnels {
+    all: Mutex<HashMap<TunnelId, Arc<Tunnel>>>,
+    by_group: ArcSwap<ByGroup>,
+    next_id: AtomicU64,
+    /// Notified after every attach and detach (presence reports).
+    pub(crate) changed: Notify,
+    /// The number of tunnels, for the drain to wait on.
+    count: tokio::sync::watch::Sender<usize>,
+}
+
+impl Tunnels {
+    pub(crate) fn next_id(&self) -> TunnelId {
+        TunnelId(self.next_id.fetch_add(1, Ordering::Relaxed) + 1)
+    }
+
+    pub(crate) fn attach(&self, tunnel: Arc<Tunnel>) {
+        let mut all = self.all.lock().unwrap_or_else(|e| e.into_inner());
+        all.insert(tunnel.id, tunnel);
+        self.rebuild(&all);
+    }
+
+    pub(crate) fn detach(&self, id: TunnelId) {
+        let mut all = self.all.lock().unwrap_or_else(|e| e.into_inner());
+        if all.remove(&id).is_some() {
+            self.rebuild(&all);
+        }
+    }
+
+    fn rebuild(&self, all: &HashMap<TunnelId, Arc<Tunnel>>) {
+        let mut by_group = ByGroup::new();
+        for t in all.values() {
+            by_group
+                .entry(t.group.clone())
+                .or_default()
+                .push(Arc::clone(t));
+        }
+        for list in by_group.values_mut() {
+            list.sort_by_key(|t| t.id);
+        }
+        self.by_group.store(Arc::new(by_group));
+        self.count.send_replace(all.len());
+        self.changed.notify_one();
+    }
+
+    /// Resolves once no tunnel is attached.
+    pub(crate) async fn all_closed(&self) {
+        let mut rx = self.count.subscribe();
+        let _ = rx.wait_for(|n| *n == 0).await;
+    }
+
+    pub(crate) fn count(&self) -> usize {
+        self.all.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    pub(crate) fn snapshot(&self) -> Vec<Arc<Tunnel>> {
+        let all = self.all.lock().unwrap_or_else(|e| e.into_inner());
+        let mut v: Vec<_> = all.values().cloned().collect();
+        v.sort_by_key(|t| t.id);
+        v
+    }
+
+    /// A tunnel of `group` by power of two choices, skipping draining ones.
+    pub(crate) fn pick(&self, group: &GroupId, exclude: Option<TunnelId>) -> Option<Arc<Tunnel>> {
+        let by_group = self.by_group.load();
+        let list = by_group.get(group)?;
+        p2c(list, |t| {
+            (!t.is_draining() && Some(t.id) != exclude && t.conn.close_reason().is_none())
+                .then(|| t.outstanding())
+        })
+        .cloned()
+    }
+
+    /// Closes every tunnel of these connectors with `CloseCode::Revoked`.
+    pub(crate) fn close_revoked(&self, is_revoked: impl Fn(&ConnectorId) -> bool) -> usize {
+        let mut n = 0;
+        for t in self.snapshot() {
+            if is_revoked(&t.connector) {
+                tracing::info!(tunnel.id = %t.id, connector = %t.connector, "connector revoked, closing its tunnel");
+                t.close(CloseCode::Revoked, "connector revoked");
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// The presence report: one entry per connector.
+    pub(crate) fn report(&self) -> Vec<TunnelReport> {
+        let mut by_connector: HashMap<ConnectorId, TunnelReport> = HashMap::new();
+        for t in self.snapshot() {
+            by_connector
+                .entry(t.connector.clone())
+                .and_modify(|r| r.tunnels += 1)
+                .or_insert_with(|| TunnelReport {
+                    connector_id: t.connector.clone(),
+                    group: t.group.clone(),
+                    agent_version: t.agent_version.clone(),
+                    remote_addr: t.remote.to_string(),
+                    tunnels: 1,
+                });
+        }
+        let mut v: Vec<_> = by_connector.into_values().collect();
+        v.sort_by(|a, b| a.connector_id.cmp(&b.connector_id));
+        v
+    }
+}
+
+/// Power of two choices: draws two distinct eligible items at random and
+/// returns the less loaded. `load` returns `None` for an ineligible item.
+pub(crate) fn p2c<T>(items: &[T], load: impl Fn(&T) -> Option<usize>) -> Option<&T> {
+    let eligible: Vec<(usize, usize)> = items
+        .iter()
+        .enumerate()
+        .filter_map(|(i, t)| load(t).map(|l| (i, l)))
+        .collect();
+    let chosen = match eligible.len() {
+        0 => return None,
+        1 => eligible[0],
+        n => {
+            let a = fastrand::usize(..n);
+            let mut b = fastrand::usize(..n - 1);
+            if b >= a {
+                b += 1;
+            }
+            if eligible[b].1 < eligible[a].1 {
+                eligible[b]
+            } else {
+                eligible[a]
+            }
+        }
+    };
+    items.get(chosen.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn p2c_skips_ineligible_and_prefers_the_less_loaded() {
+        // (load, eligible)
+        let items = [(5usize, true), (0, false), (1, true)];
+        for _ in 0..200 {
+            // Only two eligible items: P2C always compares both, so the less
+            // loaded one wins every time.
+            let got = p2c(&items, |&(l, ok)| ok.then_some(l)).unwrap();
+            assert_eq!(*got, (1, true));
+        }
+        assert!(p2c(&[(0usize, false)], |&(l, ok)| ok.then_some(l)).is_none());
+        assert!(p2c::<(usize, bool)>(&[], |&(l, ok)| ok.then_some(l)).is_none());
+        assert_eq!(
+            p2c(&[(9usize, true)], |&(l, ok)| ok.then_some(l)),
+            Some(&(9, true))
+        );
+    }
+
+    #[test]
+    fn p2c_never_picks_the_most_loaded_of_three() {
+        let items = [3usize, 1, 7];
+        let mut seen = [0u32; 3];
+        for _ in 0..600 {
+            let got = p2c(&items, |&l| Some(l)).unwrap();
+            let i = items.iter().position(|x| x == got).unwrap();
+            seen[i] += 1;
+        }
+        assert_eq!(seen[2], 0, "the most loaded tunnel must never win a pair");
+        assert!(
+            seen[1] > seen[0],
+            "the least loaded wins most often: {seen:?}"
+        );
+        assert!(
+            seen[0] > 0,
+            "the middle one wins against the most loaded: {seen:?}"
+        );
+    }
+}

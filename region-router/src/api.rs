@@ -1,0 +1,1447 @@
+//! The HTTPS API, as the table in `portico_proto::api` describes it: admin
+//! resources (bearer token), enrollment (join token), and the config,
+//! presence and renewal endpoints of edges and connectors (client
+//! certificate).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use axum::extract::{
+    DefaultBodyLimit, FromRequest, FromRequestParts, MatchedPath, Path, RawQuery, Request, State,
+};
+use axum::http::{header, request::Parts, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use bytes::Bytes;
+use portico_proto::api::{
+    self, ApiError, App, CertResponse, Connector, ConnectorConfig, CreateGroup, CreateToken,
+    CsrRequest, Edge, EdgeConfig, EdgeEndpoint, EdgeReport, EnrollRequest, EnrollResponse, Group,
+    Identity, JoinToken, Status, TokenCreated, TokenScope,
+};
+use portico_proto::ids::{AppId, ConnectorId, EdgeId, GroupId, RegionId};
+use serde::de::DeserializeOwned;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument as _;
+
+use crate::ca::{Ca, CsrError, Issued, Profile};
+use crate::config::{check_dns_name, Config};
+use crate::error::StoreError;
+use crate::metrics::Metrics;
+use crate::store::{
+    AppRecord, CertInfo, ConnectorRecord, ConnectorSeen, EdgeRecord, EdgeSeen, GroupRecord, Store,
+    TokenRecord,
+};
+use crate::util;
+
+/// The longest request body accepted.
+const MAX_BODY: usize = 64 * 1024;
+/// Join token lifetime when none is asked for.
+const DEFAULT_TOKEN_TTL: u64 = 3600;
+/// The longest join token lifetime.
+const MAX_TOKEN_TTL: u64 = 7 * 24 * 3600;
+/// Longest accepted host, version and address strings from agents.
+const MAX_LABEL: usize = 255;
+/// Most tunnel entries in one edge report.
+const MAX_REPORT_TUNNELS: usize = 10_000;
+/// Longest internal URL.
+const MAX_URL: usize = 2048;
+
+/// Everything the handlers share.
+pub(crate) struct AppState {
+    pub config: Config,
+    pub store: Arc<dyn Store>,
+    pub ca: Ca,
+    /// SHA-256 of the admin token; the token itself is not kept here.
+    pub admin_hash: [u8; 32],
+    pub version: watch::Sender<u64>,
+    pub presence: Mutex<HashMap<EdgeId, EdgePresence>>,
+    pub metrics: Metrics,
+    pub shutdown: CancellationToken,
+    pub tracker: TaskTracker,
+}
+
+/// The connectors in an edge's latest report.
+#[derive(Debug, Clone)]
+pub(crate) struct EdgePresence {
+    pub at: u64,
+    /// Each attached connector and its tunnel count on that edge.
+    pub connectors: Vec<(ConnectorId, u32)>,
+}
+
+pub(crate) type SharedState = Arc<AppState>;
+
+/// The verified client certificate's identity, put into each request's
+/// extensions by the TLS accept loop.
+#[derive(Debug, Clone)]
+pub(crate) struct Peer(pub Option<Identity>);
+
+impl AppState {
+    /// Runs a store call on a blocking thread.
+    async fn db<T, F>(&self, f: F) -> Result<T, ApiFail>
+    where
+        T: Send + 'static,
+        F: FnOnce(&dyn Store) -> Result<T, StoreError> + Send + 'static,
+    {
+        let store = self.store.clone();
+        match self.tracker.spawn_blocking(move || f(store.as_ref())).await {
+            Ok(result) => result.map_err(ApiFail::from),
+            Err(e) => {
+                tracing::error!(error = %e, "store task failed");
+                Err(ApiFail::internal("store task failed"))
+            }
+        }
+    }
+
+    /// Announces a new config version to waiting long-polls.
+    pub(crate) fn publish(&self, version: u64) {
+        self.version.send_if_modified(|current| {
+            if version > *current {
+                *current = version;
+                true
+            } else {
+                false
+            }
+        });
+        self.metrics
+            .config_version
+            .set(i64::try_from(*self.version.borrow()).unwrap_or(i64::MAX));
+    }
+
+    /// Waits until the config version passes `after`, for at most `wait`.
+    /// `None` when it did not (or the router is shutting down).
+    async fn wait_newer(&self, after: u64, wait: Duration) -> Option<u64> {
+        let mut rx = self.version.subscribe();
+        if *rx.borrow_and_update() > after {
+            return Some(*rx.borrow());
+        }
+        let deadline = tokio::time::sleep(wait);
+        tokio::pin!(deadline);
+        self.metrics.long_polls.inc();
+        let _waiting = scopeguard(|| self.metrics.long_polls.dec());
+        loop {
+            let v = *rx.borrow_and_update();
+            if v > after {
+                return Some(v);
+            }
+            tokio::select! {
+                changed = rx.changed() => if changed.is_err() { return None },
+                () = &mut deadline => return None,
+                () = self.shutdown.cancelled() => return None,
+            }
+        }
+    }
+
+    fn sign(&self, csr_pem: &str, profile: &Profile, ttl: Duration) -> Result<Issued, ApiFail> {
+        if csr_pem.len() > 16 * 1024 {
+            return Err(ApiFail::invalid("csr_pem", "CSR is longer than 16 KiB"));
+        }
+        self.ca
+            .sign_csr(csr_pem, profile, ttl)
+            .map_err(|e| match e {
+                CsrError::Invalid(_) => ApiFail::invalid("csr_pem", e.to_string()),
+                other => {
+                    tracing::error!(error = %other, "signing failed");
+                    ApiFail::internal("signing the certificate failed")
+                }
+            })
+    }
+
+    fn cert_response(&self, issued: &Issued) -> CertResponse {
+        CertResponse {
+            cert_pem: issued.cert_pem.clone(),
+            ca_pem: self.ca.cert_pem().to_owned(),
+            not_after: issued.not_after,
+        }
+    }
+}
+
+/// The API routes, with metrics and a `router` span per request.
+pub(crate) fn routes(state: SharedState) -> axum::Router {
+    axum::Router::new()
+        .route("/healthz", get(healthz))
+        .route("/ready", get(ready))
+        .route("/v1/enroll", post(enroll))
+        .route("/v1/renew", post(renew))
+        .route("/v1/edge/config", get(edge_config))
+        .route("/v1/edge/report", post(edge_report))
+        .route("/v1/edge/public-cert", post(edge_public_cert))
+        .route("/v1/connector/config", get(connector_config))
+        .route("/v1/groups", get(list_groups).post(create_group))
+        .route("/v1/groups/{id}", delete(delete_group))
+        .route("/v1/apps", get(list_apps).post(create_app))
+        .route("/v1/apps/{id}", get(get_app).delete(delete_app))
+        .route("/v1/tokens", post(create_token))
+        .route("/v1/connectors", get(list_connectors))
+        .route("/v1/connectors/{id}", delete(delete_connector))
+        .route("/v1/edges", get(list_edges))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), track))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(state)
+}
+
+async fn track(State(state): State<SharedState>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|m| m.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let span = tracing::info_span!("router", method = %req.method(), route = %route);
+    let response = next.run(req).instrument(span.clone()).await;
+    span.in_scope(|| tracing::debug!(status = response.status().as_u16(), "answered"));
+    state
+        .metrics
+        .api_requests
+        .with_label_values(&[route.as_str(), response.status().as_str()])
+        .inc();
+    response
+}
+
+async fn not_found(State(state): State<SharedState>) -> ApiFail {
+    state
+        .metrics
+        .api_requests
+        .with_label_values(&["unmatched", "404"])
+        .inc();
+    ApiFail::new(StatusCode::NOT_FOUND, "not_found", None, "no such endpoint")
+}
+
+async fn method_not_allowed(State(state): State<SharedState>) -> ApiFail {
+    state
+        .metrics
+        .api_requests
+        .with_label_values(&["unmatched", "405"])
+        .inc();
+    ApiFail::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "invalid",
+        None,
+        "method not allowed on this endpoint",
+    )
+}
+
+pub(crate) async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+pub(crate) async fn ready() -> &'static str {
+    "ready\n"
+}
+
+// ---- errors ----
+
+/// Runs `f` when dropped (also when a request future is cancelled).
+fn scopeguard<F: FnOnce()>(f: F) -> impl Drop {
+    struct Guard<F: FnOnce()>(Option<F>);
+    impl<F: FnOnce()> Drop for Guard<F> {
+        fn drop(&mut self) {
+            if let Some(f) = self.0.take() {
+                f();
+            }
+        }
+    }
+    Guard(Some(f))
+}
+
+/// An error answer: an [`ApiError`] body with its status.
+#[derive(Debug)]
+pub(crate) struct ApiFail {
+    status: StatusCode,
+    body: ApiError,
+}
+
+impl ApiFail {
+    fn new(
+        status: StatusCode,
+        kind: &str,
+        field: Option<&str>,
+        message: impl Into<String>,
+    ) -> ApiFail {
+        ApiFail {
+            status,
+            body: ApiError {
+                error: kind.to_owned(),
+                field: field.map(str::to_owned),
+                message: message.into(),
+            },
+        }
+    }
+    fn invalid(field: &str, message: impl Into<String>) -> ApiFail {
+        ApiFail::new(StatusCode::BAD_REQUEST, "invalid", Some(field), message)
+    }
+    fn unauthorized(message: impl Into<String>) -> ApiFail {
+        ApiFail::new(StatusCode::UNAUTHORIZED, "unauthorized", None, message)
+    }
+    fn revoked(message: impl Into<String>) -> ApiFail {
+        ApiFail::new(StatusCode::FORBIDDEN, "revoked", None, message)
+    }
+    fn not_found(field: Option<&str>, message: impl Into<String>) -> ApiFail {
+        ApiFail::new(StatusCode::NOT_FOUND, "not_found", field, message)
+    }
+    fn conflict(field: Option<&str>, message: impl Into<String>) -> ApiFail {
+        ApiFail::new(StatusCode::CONFLICT, "conflict", field, message)
+    }
+    fn internal(message: impl Into<String>) -> ApiFail {
+        ApiFail::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", None, message)
+    }
+}
+
+impl IntoResponse for ApiFail {
+    fn into_response(self) -> Response {
+        (self.status, axum::Json(self.body)).into_response()
+    }
+}
+
+impl From<StoreError> for ApiFail {
+    fn from(e: StoreError) -> ApiFail {
+        match &e {
+            StoreError::AlreadyExists { .. } => ApiFail::conflict(Some("id"), e.to_string()),
+            StoreError::HostTaken { .. } => ApiFail::conflict(Some("external_host"), e.to_string()),
+            StoreError::NotFound { .. } => ApiFail::not_found(None, e.to_string()),
+            StoreError::GroupNotEmpty { .. } | StoreError::DefaultGroup { .. } => {
+                ApiFail::conflict(None, e.to_string())
+            }
+            StoreError::TokenUsed => ApiFail::unauthorized("join token already used"),
+            _ => {
+                tracing::error!(error = %e, "store failed");
+                ApiFail::internal("the router's store failed; see its log")
+            }
+        }
+    }
+}
+
+// ---- extractors ----
+
+/// A JSON body whose errors are [`ApiError`]s naming the field at fault.
+pub(crate) struct Json<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Json<T> {
+    type Rejection = ApiFail;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiFail> {
+        let bytes = Bytes::from_request(req, state)
+            .await
+            .map_err(|e| ApiFail::new(e.status(), "invalid", None, e.body_text()))?;
+        let de = &mut serde_json::Deserializer::from_slice(&bytes);
+        match serde_path_to_error::deserialize::<_, T>(de) {
+            Ok(v) => Ok(Json(v)),
+            Err(e) => {
+                let path = e.path().to_string();
+                let inner = e.into_inner();
+                let field = if path != "." {
+                    Some(path)
+                } else {
+                    backticked_field(&inner.to_string())
+                };
+                Err(ApiFail {
+                    status: StatusCode::BAD_REQUEST,
+                    body: ApiError {
+                        error: "invalid".into(),
+                        field,
+                        message: format!("malformed JSON body: {inner}"),
+                    },
+                })
+            }
+        }
+    }
+}
+
+/// `missing field `x``-style serde messages name the field in backticks.
+fn backticked_field(message: &str) -> Option<String> {
+    if !(message.starts_with("missing field") || message.starts_with("unknown field")) {
+        return None;
+    }
+    let start = message.find('`')? + 1;
+    let len = message[start..].find('`')?;
+    Some(message[start..start + len].to_owned())
+}
+
+/// Proof that the request carries the admin token.
+pub(crate) struct Admin;
+
+impl FromRequestParts<SharedState> for Admin {
+    type Rejection = ApiFail;
+
+    async fn from_request_parts(parts: &mut Parts, state: &SharedState) -> Result<Admin, ApiFail> {
+        let Some(value) = parts.headers.get(header::AUTHORIZATION) else {
+            return Err(ApiFail::unauthorized(
+                "missing admin token: send `Authorization: Bearer <admin token>`",
+            ));
+        };
+        let token = value
+            .to_str()
+            .ok()
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim)
+            .ok_or_else(|| {
+                ApiFail::unauthorized("the Authorization header must be `Bearer <admin token>`")
+            })?;
+        // Compare digests, never the secret itself.
+        if util::sha256(token.as_bytes()) == state.admin_hash {
+            Ok(Admin)
+        } else {
+            Err(ApiFail::unauthorized("wrong admin token"))
+        }
+    }
+}
+
+fn peer(parts: &Parts) -> Option<Identity> {
+    parts.extensions.get::<Peer>().and_then(|p| p.0.clone())
+}
+
+/// A caller holding a connector certificate.
+pub(crate) struct ConnectorPeer {
+    id: ConnectorId,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for ConnectorPeer {
+    type Rejection = ApiFail;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiFail> {
+        match peer(parts) {
+            Some(Identity::Connector { id, .. }) => Ok(ConnectorPeer { id }),
+            _ => Err(ApiFail::unauthorized(
+                "this endpoint needs a connector client certificate",
+            )),
+        }
+    }
+}
+
+/// A caller holding an edge certificate.
+pub(crate) struct EdgePeer {
+    id: EdgeId,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for EdgePeer {
+    type Rejection = ApiFail;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiFail> {
+        match peer(parts) {
+            Some(Identity::Edge { id, .. }) => Ok(EdgePeer { id }),
+            _ => Err(ApiFail::unauthorized(
+                "this endpoint needs an edge client certificate",
+            )),
+        }
+    }
+}
+
+/// Any agent certificate.
+pub(crate) struct AgentPeer(Identity);
+
+impl<S: Send + Sync> FromRequestParts<S> for AgentPeer {
+    type Rejection = ApiFail;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiFail> {
+        peer(parts).map(AgentPeer).ok_or_else(|| {
+            ApiFail::unauthorized("this endpoint needs a connector or edge client certificate")
+        })
+    }
+}
+
+/// `?after=V&wait=S` of a long-poll.
+struct WatchQuery {
+    after: u64,
+    wait: Duration,
+}
+
+fn watch_query(raw: Option<String>) -> Result<WatchQuery, ApiFail> {
+    let mut q = WatchQuery {
+        after: 0,
+        wait: Duration::ZERO,
+    };
+    for pair in raw
+        .as_deref()
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        match key {
+            "after" => {
+                q.after = value.parse().map_err(|_| {
+                    ApiFail::invalid("after", "must be a config version (an unsigned integer)")
+                })?
+            }
+            "wait" => {
+                let secs: u64 = value
+                    .parse()
+                    .map_err(|_| ApiFail::invalid("wait", "must be a number of seconds"))?;
+                q.wait = Duration::from_secs(secs.min(api::MAX_WATCH_WAIT_SECS));
+            }
+            _ => {}
+        }
+    }
+    Ok(q)
+}
+
+fn bounded<'a>(field: &str, value: &'a str) -> Result<&'a str, ApiFail> {
+    if value.len() > MAX_LABEL {
+        return Err(ApiFail::invalid(
+            field,
+            format!("is longer than {MAX_LABEL} bytes"),
+        ));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(ApiFail::invalid(
+            field,
+            "must not contain control characters",
+        ));
+    }
+    Ok(value.trim())
+}
+
+fn host_port(field: &str, value: &str) -> Result<(), ApiFail> {
+    bounded(field, value)?;
+    match value.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0) => {
+            Ok(())
+        }
+        _ => Err(ApiFail::invalid(
+            field,
+            format!("must be host:port, not {value:?}"),
+        )),
+    }
+}
+
+fn is_active(last_seen: Option<u64>, now: u64) -> bool {
+    last_seen.is_some_and(|t| now.saturating_sub(t) <= api::ACTIVE_WINDOW_SECS)
+}
+
+fn status(last_seen: Option<u64>, now: u64) -> Status {
+    if is_active(last_seen, now) {
+        Status::Active
+    } else {
+        Status::Inactive
+    }
+}
+
+// ---- enrollment and certificates ----
+
+async fn enroll(
+    State(state): State<SharedState>,
+    Json(req): Json<EnrollRequest>,
+) -> Result<Response, ApiFail> {
+    let result = enroll_inner(&state, req).await;
+    let (kind, outcome) = match &result {
+        Ok((kind, _)) => (*kind, "ok"),
+        Err((kind, fail)) if fail.status == StatusCode::UNAUTHORIZED => (*kind, "refused"),
+        Err((kind, fail)) if fail.status.is_client_error() => (*kind, "invalid"),
+        Err((kind, _)) => (*kind, "error"),
+    };
+    state
+        .metrics
+        .enrollments
+        .with_label_values(&[kind, outcome])
+        .inc();
+    match result {
+        Ok((_, response)) => Ok(axum::Json(response).into_response()),
+        Err((_, fail)) => Err(fail),
+    }
+}
+
+type EnrollResult = Result<(&'static str, EnrollResponse), (&'static str, ApiFail)>;
+
+async fn enroll_inner(state: &AppState, req: EnrollRequest) -> EnrollResult {
+    let token: JoinToken = req
+        .token
+        .parse()
+        .map_err(|e: api::MalformedToken| ("unknown", ApiFail::invalid("token", e.to_string())))?;
+    let host = bounded("host", &req.host)
+        .map_err(|f| ("unknown", f))?
+        .to_owned();
+    let version = bounded("version", &req.version)
+        .map_err(|f| ("unknown", f))?
+        .to_owned();
+    if token.ca_sha256 != state.ca.sha256() {
+        return Err((
+            "unknown",
+            ApiFail::unauthorized("join token is for another router (its CA fingerprint differs)"),
+        ));
+    }
+    let token_id = token.id.to_ascii_lowercase();
+    let record = state
+        .db({
+            let id = token_id.clone();
+            move |s| s.get_token(&id)
+        })
+        .await
+        .map_err(|f| ("unknown", f))?;
+    let Some(record) = record else {
+        return Err(("unknown", ApiFail::unauthorized("unknown join token")));
+    };
+    let kind = match record.scope {
+        TokenScope::Connector { .. } => "connector",
+        TokenScope::Edge { .. } => "edge",
+    };
+    if util::sha256_hex(token.secret.to_ascii_lowercase().as_bytes()) != record.secret_sha256 {
+        return Err((kind, ApiFail::unauthorized("unknown join token")));
+    }
+    if record.used_at.is_some() {
+        return Err((kind, ApiFail::unauthorized("join token already used")));
+    }
+    let now = util::now_unix();
+    if record.expires_at <= now {
+        let at = SystemTime::UNIX_EPOCH + Duration::from_secs(record.expires_at);
+        return Err((
+            kind,
+            ApiFail::unauthorized(format!(
+                "join token expired at {}",
+                humantime::format_rfc3339_seconds(at)
+            )),
+        ));
+    }
+    let fail = |f: ApiFail| (kind, f);
+    let random = util::random_hex::<8>()
+        .map_err(|_| fail(ApiFail::internal("random number generator failed")))?;
+    let ttl = state.config.cert_ttl;
+    let identity = match &record.scope {
+        TokenScope::Connector { group } => Identity::Connector {
+            id: ConnectorId::new(format!("c-{random}"))
+                .map_err(|_| fail(ApiFail::internal("bad id")))?,
+            group: group.clone(),
+        },
+        TokenScope::Edge { region } => Identity::Edge {
+            id: EdgeId::new(format!("e-{random}"))
+                .map_err(|_| fail(ApiFail::internal("bad id")))?,
+            region: region.clone(),
+        },
+    };
+    let issued = state
+        .sign(&req.csr_pem, &Profile::Agent(identity.clone()), ttl)
+        .map_err(fail)?;
+    let cert = CertInfo {
+        serial: issued.serial.clone(),
+        not_after: issued.not_after,
+    };
+    match &identity {
+        Identity::Connector { id, group } => {
+            let rec = ConnectorRecord {
+                id: id.clone(),
+                group: group.clone(),
+                host: host.clone(),
+                version,
+                enrolled_at: now,
+                cert,
+                deleted_at: None,
+                last_seen: None,
+                address_seen: None,
+                tunnels: 0,
+            };
+            let tid = token_id.clone();
+            state
+                .db(move |s| s.enroll_connector(&tid, now, &rec))
+                .await
+                .map_err(|f| {
+                    if f.status == StatusCode::NOT_FOUND {
+                        ApiFail::conflict(
+                            Some("token"),
+                            format!("the token's group {group} no longer exists"),
+                        )
+                    } else {
+                        f
+                    }
+                })
+                .map_err(fail)?;
+            tracing::info!(connector = %id, group = %group, host = %host, token.id = %token_id, "enrolled connector");
+        }
+        Identity::Edge { id, region } => {
+            let rec = EdgeRecord {
+                id: id.clone(),
+                region: region.clone(),
+                host: host.clone(),
+                version,
+                enrolled_at: now,
+                cert,
+                tunnel_addr: None,
+                public_addr: None,
+                last_seen: None,
+                tunnels: 0,
+                deleted_at: None,
+            };
+            let tid = token_id.clone();
+            state
+                .db(move |s| s.enroll_edge(&tid, now, &rec))
+                .await
+                .map_err(fail)?;
+            tracing::info!(edge = %id, region = %region, host = %host, token.id = %token_id, "enrolled edge");
+        }
+    }
+    Ok((
+        kind,
+        EnrollResponse {
+            identity,
+            cert: state.cert_response(&issued),
+        },
+    ))
+}
+
+async fn renew(
+    State(state): State<SharedState>,
+    AgentPeer(identity): AgentPeer,
+    Json(req): Json<CsrRequest>,
+) -> Result<axum::Json<CertResponse>, ApiFail> {
+    let ttl = state.config.cert_ttl;
+    match identity {
+        Identity::Connector { id, .. } => {
+            let rec = live_connector(&state, &id).await?;
+            let identity = Identity::Connector {
+                id: id.clone(),
+                group: rec.group,
+            };
+            let issued = state.sign(&req.csr_pem, &Profile::Agent(identity), ttl)?;
+            let cert = CertInfo {
+                serial: issued.serial.clone(),
+                not_after: issued.not_after,
+            };
+            let cid = id.clone();
+            state.db(move |s| s.set_connector_cert(&cid, &cert)).await?;
+            tracing::info!(connector = %id, serial = %issued.serial, "renewed connector certificate");
+            Ok(axum::Json(state.cert_response(&issued)))
+        }
+        Identity::Edge { id, .. } => {
+            let rec = live_edge(&state, &id).await?;
+            let identity = Identity::Edge {
+                id: id.clone(),
+                region: rec.region,
+            };
+            let issued = state.sign(&req.csr_pem, &Profile::Agent(identity), ttl)?;
+            let cert = CertInfo {
+                serial: issued.serial.clone(),
+                not_after: issued.not_after,
+            };
+            let eid = id.clone();
+            state.db(move |s| s.set_edge_cert(&eid, &cert)).await?;
+            tracing::info!(edge = %id, serial = %issued.serial, "renewed edge certificate");
+            Ok(axum::Json(state.cert_response(&issued)))
+        }
+    }
+}
+
+async fn live_connector(state: &AppState, id: &ConnectorId) -> Result<ConnectorRecord, ApiFail> {
+    let cid = id.clone();
+    match state.db(move |s| s.get_connector(&cid)).await? {
+        Some(rec) if rec.deleted_at.is_none() => Ok(rec),
+        _ => Err(ApiFail::revoked(format!("connector {id} has been deleted"))),
+    }
+}
+
+async fn live_edge(state: &AppState, id: &EdgeId) -> Result<EdgeRecord, ApiFail> {
+    let eid = id.clone();
+    match state.db(move |s| s.get_edge(&eid)).await? {
+        Some(rec) if rec.deleted_at.is_none() => Ok(rec),
+        _ => Err(ApiFail::revoked(format!("edge {id} has been deleted"))),
+    }
+}
+
+async fn edge_public_cert(
+    State(state): State<SharedState>,
+    edge: EdgePeer,
+    Json(req): Json<CsrRequest>,
+) -> Result<axum::Json<CertResponse>, ApiFail> {
+    live_edge(&state, &edge.id).await?;
+    let profile = Profile::PublicWildcard {
+        apps_domain: state.config.apps_domain.clone(),
+    };
+    let issued = state.sign(&req.csr_pem, &profile, state.config.cert_ttl)?;
+    tracing::info!(edge = %edge.id, serial = %issued.serial, "issued public certificate");
+    Ok(axum::Json(state.cert_response(&issued)))
+}
+
+// ---- distribution ----
+
+/// A long-poll answer: the body, or 304 when nothing changed.
+enum Watched<T> {
+    Changed(T),
+    Unchanged,
+}
+
+impl<T: serde::Serialize> IntoResponse for Watched<T> {
+    fn into_response(self) -> Response {
+        match self {
+            Watched::Changed(body) => axum::Json(body).into_response(),
+            Watched::Unchanged => StatusCode::NOT_MODIFIED.into_response(),
+        }
+    }
+}
+
+async fn edge_config(
+    State(state): State<SharedState>,
+    edge: EdgePeer,
+    RawQuery(query): RawQuery,
+) -> Result<Watched<EdgeConfig>, ApiFail> {
+    let q = watch_query(query)?;
+    live_edge(&state, &edge.id).await?;
+    if state.wait_newer(q.after, q.wait).await.is_none() {
+        return Ok(Watched::Unchanged);
+    }
+    let rec = live_edge(&state, &edge.id).await?;
+    let config = state.config.clone();
+    let now = util::now_unix();
+    let snapshot = state
+        .db(move |s| {
+            // The version first: the data read after it is at least as new.
+            let version = s.config_version()?;
+            let apps = apps_with_urls(s, &config)?;
+            let groups = s.list_groups()?.into_iter().map(|(g, _)| g.id).collect();
+            let keep = 2 * config.cert_ttl.as_secs();
+            let revoked = s
+                .list_connectors()?
+                .into_iter()
+                .filter(|c| c.deleted_at.is_some_and(|d| now.saturating_sub(d) <= keep))
+                .map(|c| c.id)
+                .collect();
+            Ok(EdgeConfig {
+                version,
+                region: rec.region,
+                apps_domain: config.apps_domain.clone(),
+                apps,
+                groups,
+                revoked,
+            })
+        })
+        .await?;
+    if snapshot.version <= q.after {
+        return Ok(Watched::Unchanged);
+    }
+    Ok(Watched::Changed(snapshot))
+}
+
+async fn connector_config(
+    State(state): State<SharedState>,
+    connector: ConnectorPeer,
+    RawQuery(query): RawQuery,
+) -> Result<Watched<ConnectorConfig>, ApiFail> {
+    let q = watch_query(query)?;
+    live_connector(&state, &connector.id).await?;
+    if state.wait_newer(q.after, q.wait).await.is_none() {
+        return Ok(Watched::Unchanged);
+    }
+    let rec = live_connector(&state, &connector.id).await?;
+    let config = state.config.clone();
+    let now = util::now_unix();
+    let snapshot = state
+        .db(move |s| {
+            let version = s.config_version()?;
+            let group = s.get_group(&rec.group)?;
+            let apps = apps_with_urls(s, &config)?
+                .into_iter()
+                .filter(|a| a.connector_group == rec.group)
+                .collect();
+            let region: Option<RegionId> = group
+                .as_ref()
+                .filter(|g| g.region != "auto")
+                .and_then(|g| g.region.parse().ok());
+            let mut edges: Vec<(bool, EdgeEndpoint)> = s
+                .list_edges()?
+                .into_iter()
+                .filter(|e| e.deleted_at.is_none())
+                .filter(|e| region.as_ref().is_none_or(|r| *r == e.region))
+                .filter_map(|e| {
+                    let active = is_active(e.last_seen, now);
+                    e.tunnel_addr.map(|tunnel_addr| {
+                        (
+                            active,
+                            EdgeEndpoint {
+                                id: e.id,
+                                region: e.region,
+                                tunnel_addr,
+                            },
+                        )
+                    })
+                })
+                .collect();
+            edges.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.id.cmp(&b.1.id)));
+            Ok(ConnectorConfig {
+                version,
+                group: rec.group,
+                apps,
+                edges: edges.into_iter().map(|(_, e)| e).collect(),
+            })
+        })
+        .await?;
+    if snapshot.version <= q.after {
+        return Ok(Watched::Unchanged);
+    }
+    Ok(Watched::Changed(snapshot))
+}
+
+/// The port users reach the edges on, for `App.external_url`.
+fn public_port(s: &dyn Store, config: &Config) -> Result<u16, StoreError> {
+    if let Some(port) = config.public_port {
+        return Ok(port);
+    }
+    Ok(s.list_edges()?
+        .into_iter()
+        .filter(|e| e.deleted_at.is_none())
+        .find_map(|e| {
+            e.public_addr
+                .as_deref()
+                .and_then(|a| a.rsplit_once(':'))
+                .and_then(|(_, p)| p.parse::<u16>().ok())
+        })
+        .unwrap_or(443))
+}
+
+fn to_app(rec: AppRecord, port: u16) -> App {
+    let external_url = if port == 443 {
+        format!("https://{}/", rec.external_host)
+    } else {
+        format!("https://{}:{port}/", rec.external_host)
+    };
+    App {
+        id: rec.id,
+        external_host: rec.external_host,
+        external_url,
+        internal_url: rec.internal_url,
+        connector_group: rec.connector_group,
+        backend_timeout: rec.backend_timeout,
+        validate_backend_tls: rec.validate_backend_tls,
+        created_at: rec.created_at,
+    }
+}
+
+fn apps_with_urls(s: &dyn Store, config: &Config) -> Result<Vec<App>, StoreError> {
+    let port = public_port(s, config)?;
+    Ok(s.list_apps()?
+        .into_iter()
+        .map(|a| to_app(a, port))
+        .collect())
+}
+
+// ---- presence ----
+
+async fn edge_report(
+    State(state): State<SharedState>,
+    edge: EdgePeer,
+    Json(report): Json<EdgeReport>,
+) -> Result<StatusCode, ApiFail> {
+    host_port("tunnel_addr", &report.tunnel_addr)?;
+    host_port("public_addr", &report.public_addr)?;
+    bounded("version", &report.version)?;
+    if report.tunnels.len() > MAX_REPORT_TUNNELS {
+        return Err(ApiFail::invalid(
+            "tunnels",
+            format!("at most {MAX_REPORT_TUNNELS} entries"),
+        ));
+    }
+    for t in &report.tunnels {
+        bounded("tunnels.remote_addr", &t.remote_addr)?;
+        bounded("tunnels.agent_version", &t.agent_version)?;
+    }
+    let now = util::now_unix();
+    let seen = EdgeSeen {
+        id: edge.id.clone(),
+        at: now,
+        tunnel_addr: report.tunnel_addr.clone(),
+        public_addr: report.public_addr.clone(),
+        version: report.version.clone(),
+        tunnels: report
+            .tunnels
+            .iter()
+            .fold(0u32, |n, t| n.saturating_add(t.tunnels)),
+    };
+    let connectors: Vec<ConnectorSeen> = report
+        .tunnels
+        .iter()
+        .map(|t| ConnectorSeen {
+            id: t.connector_id.clone(),
+            at: now,
+            address: t.remote_addr.clone(),
+            version: t.agent_version.clone(),
+            tunnels: t.tunnels,
+        })
+        .collect();
+    let ids: Vec<(ConnectorId, u32)> = connectors
+        .iter()
+        .map(|c| (c.id.clone(), c.tunnels))
+        .collect();
+    let bumped = state
+        .db(move |s| {
+            let bumped = s.edge_seen(&seen)?;
+            for c in &connectors {
+                s.connector_seen(c)?;
+            }
+            Ok(bumped)
+        })
+        .await
+        .map_err(|f| {
+            if f.status == StatusCode::NOT_FOUND {
+                ApiFail::revoked(format!("edge {} has been deleted", edge.id))
+            } else {
+                f
+            }
+        })?;
+    state
+        .presence
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(
+            edge.id.clone(),
+            EdgePresence {
+                at: now,
+                connectors: ids,
+            },
+        );
+    if let Some(version) = bumped {
+        tracing::info!(edge = %edge.id, tunnel_addr = %report.tunnel_addr, version, "edge address changed");
+        state.publish(version);
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
+// ---- admin: groups ----
+
+async fn list_groups(
+    State(state): State<SharedState>,
+    _: Admin,
+) -> Result<axum::Json<Vec<Group>>, ApiFail> {
+    let groups = state.db(|s| s.list_groups()).await?;
+    Ok(axum::Json(
+        groups
+            .into_iter()
+            .map(|(g, connectors)| Group {
+                id: g.id,
+                region: g.region,
+                connectors,
+            })
+            .collect(),
+    ))
+}
+
+async fn create_group(
+    State(state): State<SharedState>,
+    _: Admin,
+    Json(req): Json<CreateGroup>,
+) -> Result<(StatusCode, axum::Json<Group>), ApiFail> {
+    let region = match req.region.as_deref() {
+        None | Some("auto") => "auto".to_owned(),
+        Some(r) => RegionId::new(r)
+            .map_err(|e| ApiFail::invalid("region", format!("must be `auto` or a region id: {e}")))?
+            .to_string(),
+    };
+    let rec = GroupRecord {
+        id: req.id.clone(),
+        region: region.clone(),
+        created_at: util::now_unix(),
+    };
+    let version = state.db(move |s| s.create_group(&rec)).await?;
+    state.publish(version);
+    tracing::info!(group = %req.id, region = %region, "created group");
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(Group {
+            id: req.id,
+            region,
+            connectors: 0,
+        }),
+    ))
+}
+
+async fn delete_group(
+    State(state): State<SharedState>,
+    _: Admin,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiFail> {
+    let id = GroupId::new(id.clone())
+        .map_err(|_| ApiFail::not_found(None, format!("group {id:?} not found")))?;
+    let gid = id.clone();
+    let version = state.db(move |s| s.delete_group(&gid)).await?;
+    state.publish(version);
+    tracing::info!(group = %id, "deleted group");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+// ---- admin: apps ----
+
+async fn list_apps(
+    State(state): State<SharedState>,
+    _: Admin,
+) -> Result<axum::Json<Vec<App>>, ApiFail> {
+    let config = state.config.clone();
+    Ok(axum::Json(
+        state.db(move |s| apps_with_urls(s, &config)).await?,
+    ))
+}
+
+async fn get_app(
+    State(state): State<SharedState>,
+    _: Admin,
+    Path(id): Path<String>,
+) -> Result<axum::Json<App>, ApiFail> {
+    let missing = || ApiFail::not_found(None, format!("app {id:?} not found"));
+    let app_id = AppId::new(id.clone()).map_err(|_| missing())?;
+    let config = state.config.clone();
+    let found = state
+        .db(move |s| {
+            let Some(rec) = s.get_app(&app_id)? else {
+                return Ok(None);
+            };
+            Ok(Some(to_app(rec, public_port(s, &config)?)))
+        })
+        .await?;
+    found.map(axum::Json).ok_or_else(missing)
+}
+
+async fn delete_app(
+    State(state): State<SharedState>,
+    _: Admin,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiFail> {
+    let app_id = AppId::new(id.clone())
+        .map_err(|_| ApiFail::not_found(None, format!("app {id:?} not found")))?;
+    let version = state.db(move |s| s.delete_app(&app_id)).await?;
+    state.publish(version);
+    tracing::info!(app = %id, "deleted app");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Checks an internal URL: http or https, a host, no userinfo or fragment.
+pub(crate) fn check_internal_url(raw: &str) -> Result<(), String> {
+    if raw.len() > MAX_URL {
+        return Err(format!("is longer than {MAX_URL} bytes"));
+    }
+    let url = url::Url::parse(raw).map_err(|e| format!("{raw:?} is not a URL: {e}"))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(format!(
+            "scheme must be http or https, not {:?}",
+            url.scheme()
+        ));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err("must name a host".into());
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err("must not contain a user name or password".into());
+    }
+    if url.fragment().is_some() {
+        return Err("must not contain a #fragment".into());
+    }
+    Ok(())
+}
+
+/// Lower-cases and checks an external host against the apps domain.
+pub(crate) fn check_external_host(host: &str, apps_domain: &str) -> Result<String, String> {
+    let host = host.trim().trim_end_matches('.').to_ascii_lowercase();
+    check_dns_name(&host).map_err(|e| format!("{host:?} is not a valid DNS name: {e}"))?;
+    let under = host
+        .strip_suffix(apps_domain)
+        .is_some_and(|prefix| prefix.len() > 1 && prefix.ends_with('.'));
+    if !under {
+        return Err(format!(
+            "{host:?} must lie under the apps domain {apps_domain:?} (for example app.{apps_domain})"
+        ));
+    }
+    Ok(host)
+}
+
+async fn create_app(
+    State(state): State<SharedState>,
+    _: Admin,
+    Json(spec): Json<api::AppSpec>,
+) -> Result<(StatusCode, axum::Json<App>), ApiFail> {
+    check_internal_url(&spec.internal_url).map_err(|e| ApiFail::invalid("internal_url", e))?;
+    let domain = &state.config.apps_domain;
+    let external_host = match &spec.external_host {
+        Some(h) => {
+            check_external_host(h, domain).map_err(|e| ApiFail::invalid("external_host", e))?
+        }
+        None => check_external_host(&format!("{}.{domain}", spec.id), domain).map_err(|e| {
+            ApiFail::invalid(
+                "external_host",
+                format!(
+                    "the default host for app {}: {e}; set external_host",
+                    spec.id
+                ),
+            )
+        })?,
+    };
+    let rec = AppRecord {
+        id: spec.id.clone(),
+        external_host,
+        internal_url: spec.internal_url.clone(),
+        connector_group: spec.connector_group.clone(),
+        backend_timeout: spec.backend_timeout,
+        validate_backend_tls: spec.validate_backend_tls,
+        created_at: util::now_unix(),
+    };
+    let config = state.config.clone();
+    let group = spec.connector_group.clone();
+    let (version, app) = state
+        .db(move |s| {
+            let version = s.create_app(&rec)?;
+            let port = public_port(s, &config)?;
+            Ok((version, to_app(rec, port)))
+        })
+        .await
+        .map_err(|f| match f.body.error.as_str() {
+            "not_found" => ApiFail::not_found(
+                Some("connector_group"),
+                format!("connector group {group} does not exist; create it first"),
+            ),
+            _ => f,
+        })?;
+    state.publish(version);
+    tracing::info!(app = %app.id, host = %app.external_host, group = %app.connector_group, "created app");
+    Ok((StatusCode::CREATED, axum::Json(app)))
+}
+
+// ---- admin: tokens ----
+
+async fn create_token(
+    State(state): State<SharedState>,
+    _: Admin,
+    Json(req): Json<CreateToken>,
+) -> Result<(StatusCode, axum::Json<TokenCreated>), ApiFail> {
+    let ttl = req.ttl_secs.unwrap_or(DEFAULT_TOKEN_TTL);
+    if ttl == 0 || ttl > MAX_TOKEN_TTL {
+        return Err(ApiFail::invalid(
+            "ttl_secs",
+            format!("must be between 1 and {MAX_TOKEN_TTL} seconds (7 days), not {ttl}"),
+        ));
+    }
+    match &req.scope {
+        TokenScope::Connector { group } => {
+            let gid = group.clone();
+            if state.db(move |s| s.get_group(&gid)).await?.is_none() {
+                return Err(ApiFail::not_found(
+                    Some("scope.group"),
+                    format!("connector group {group} does not exist"),
+                ));
+            }
+        }
+        TokenScope::Edge { region } => {
+            if *region != state.config.region {
+                return Err(ApiFail::invalid(
+                    "scope.region",
+                    format!(
+                        "this router serves region {}, not {region}",
+                        state.config.region
+                    ),
+                ));
+            }
+        }
+    }
+    let rng_fail = |_| ApiFail::internal("random number generator failed");
+    let id = util::random_hex::<8>().map_err(rng_fail)?;
+    let secret = util::random_hex::<16>().map_err(rng_fail)?;
+    let now = util::now_unix();
+    let rec = TokenRecord {
+        id: id.clone(),
+        secret_sha256: util::sha256_hex(secret.as_bytes()),
+        scope: req.scope.clone(),
+        created_at: now,
+        expires_at: now + ttl,
+        used_at: None,
+    };
+    let expires_at = rec.expires_at;
+    state.db(move |s| s.create_token(&rec)).await?;
+    let token = JoinToken {
+        id: id.clone(),
+        secret,
+        ca_sha256: state.ca.sha256().to_owned(),
+    };
+    tracing::info!(token.id = %id, scope = ?req.scope, ttl_secs = ttl, "created join token");
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(TokenCreated {
+            id,
+            token: token.to_string(),
+            scope: req.scope,
+            expires_at,
+        }),
+    ))
+}
+
+// ---- admin: connectors and edges ----
+
+async fn list_connectors(
+    State(state): State<SharedState>,
+    _: Admin,
+) -> Result<axum::Json<Vec<Connector>>, ApiFail> {
+    let records = state.db(|s| s.list_connectors()).await?;
+    let now = util::now_unix();
+    let presence = state
+        .presence
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let list = records
+        .into_iter()
+        .filter(|c| c.deleted_at.is_none())
+        .map(|c| {
+            // Edges whose latest (recent) report includes it, and the
+            // tunnels it holds across them.
+            let mut edges = Vec::new();
+            let mut tunnels = 0u32;
+            for (edge, p) in presence.iter().filter(|(_, p)| is_active(Some(p.at), now)) {
+                if let Some((_, n)) = p.connectors.iter().find(|(id, _)| *id == c.id) {
+                    edges.push(edge.clone());
+                    tunnels = tunnels.saturating_add(*n);
+                }
+            }
+            edges.sort();
+            let tunnels = if edges.is_empty() && is_active(c.last_seen, now) {
+                c.tunnels
+            } else {
+                tunnels
+            };
+            Connector {
+                status: status(c.last_seen, now),
+                id: c.id,
+                group: c.group,
+                version: c.version,
+                host: c.host,
+                address_seen: c.address_seen,
+                edges,
+                tunnels,
+                last_seen: c.last_seen,
+                enrolled_at: c.enrolled_at,
+                cert_serial: c.cert.serial,
+                cert_not_after: c.cert.not_after,
+            }
+        })
+        .collect();
+    Ok(axum::Json(list))
+}
+
+async fn delete_connector(
+    State(state): State<SharedState>,
+    _: Admin,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiFail> {
+    let cid = ConnectorId::new(id.clone())
+        .map_err(|_| ApiFail::not_found(None, format!("connector {id:?} not found")))?;
+    let now = util::now_unix();
+    let version = state.db(move |s| s.delete_connector(&cid, now)).await?;
+    state.publish(version);
+    tracing::info!(connector = %id, version, "deleted (revoked) connector");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn list_edges(
+    State(state): State<SharedState>,
+    _: Admin,
+) -> Result<axum::Json<Vec<Edge>>, ApiFail> {
+    let records = state.db(|s| s.list_edges()).await?;
+    let now = util::now_unix();
+    Ok(axum::Json(
+        records
+            .into_iter()
+            .filter(|e| e.deleted_at.is_none())
+            .map(|e| Edge {
+                status: status(e.last_seen, now),
+                id: e.id,
+                region: e.region,
+                host: e.host,
+                version: e.version,
+                tunnel_addr: e.tunnel_addr,
+                public_addr: e.public_addr,
+                last_seen: e.last_seen,
+                tunnels: e.tunnels,
+                enrolled_at: e.enrolled_at,
+            })
+            .collect(),
+    ))
+}
+
+/// Refreshes the connector and edge gauges (at each scrape).
+pub(crate) fn refresh_gauges(state: &AppState) {
+    let now = util::now_unix();
+    let (mut active, mut inactive) = (0i64, 0i64);
+    if let Ok(list) = state.store.list_connectors() {
+        for c in list.iter().filter(|c| c.deleted_at.is_none()) {
+            if is_active(c.last_seen, now) {
+                active += 1;
+            } else {
+                inactive += 1;
+            }
+        }
+        state
+            .metrics
+            .connectors
+            .with_label_values(&["active"])
+            .set(active);
+        state
+            .metrics
+            .connectors
+            .with_label_values(&["inactive"])
+            .set(inactive);
+    }
+    let (mut active, mut inactive) = (0i64, 0i64);
+    if let Ok(list) = state.store.list_edges() {
+        for e in list.iter().filter(|e| e.deleted_at.is_none()) {
+            if is_active(e.last_seen, now) {
+                active += 1;
+            } else {
+                inactive += 1;
+            }
+        }
+        state
+            .metrics
+            .edges
+            .with_label_values(&["active"])
+            .set(active);
+        state
+            .metrics
+            .edges
+            .with_label_values(&["inactive"])
+            .set(inactive);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn internal_urls() {
+        assert!(check_internal_url("http://10.0.0.5:8080/x").is_ok());
+        assert!(check_internal_url("https://intranet").is_ok());
+        assert!(check_internal_url("ftp://x")
+            .unwrap_err()
+            .contains("scheme"));
+        assert!(check_internal_url("http://u:p@x/")
+            .unwrap_err()
+            .contains("user"));
+        assert!(check_internal_url("http://x/#f")
+            .unwrap_err()
+            .contains("fragment"));
+        assert!(check_internal_url("not a url").is_err());
+    }
+
+    #[test]
+    fn external_hosts() {
+        assert_eq!(
+            check_external_host("HR.Apps.Localhost", "apps.localhost").unwrap(),
+            "hr.apps.localhost"
+        );
+        assert!(check_external_host("apps.localhost", "apps.localhost").is_err());
+        assert!(check_external_host("evilapps.localhost", "apps.localhost").is_err());
+        assert!(check_external_host("hr.example.com", "apps.localhost").is_err());
+        assert!(check_external_host("a_b.apps.localhost", "apps.localhost").is_err());
+    }
+
+    #[test]
+    fn serde_field_names() {
+        assert_eq!(
+            backticked_field("missing field `internal_url` at line 1 column 10").as_deref(),
+            Some("internal_url")
+        );
+        assert_eq!(backticked_field("expected value"), None);
+    }
+
+    #[test]
+    fn watch_queries() {
+        let q = watch_query(Some("after=5&wait=600".into())).unwrap();
+        assert_eq!(q.after, 5);
+        assert_eq!(q.wait, Duration::from_secs(60));
+        assert!(watch_query(Some("after=x".into())).is_err());
+        let q = watch_query(None).unwrap();
+        assert_eq!((q.after, q.wait), (0, Duration::ZERO));
+    }
+}

@@ -1,0 +1,173 @@
+//! The router's configuration.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use portico_proto::ids::RegionId;
+
+use crate::error::Error;
+
+/// Where the router keeps its state and where it listens.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Holds `portico.db`, `ca.pem`, `ca.key` and `admin-token`.
+    pub data_dir: PathBuf,
+    /// The HTTPS API (default `127.0.0.1:7443`).
+    pub listen: SocketAddr,
+    /// Plain HTTP `/metrics`, `/healthz` and `/ready`; none by default.
+    pub metrics_listen: Option<SocketAddr>,
+    /// App hosts lie under it (default `apps.localhost`).
+    pub apps_domain: String,
+    /// The region this router serves (default `default`).
+    pub region: RegionId,
+    /// Lifetime of connector and edge certificates (default 24 h).
+    pub cert_ttl: Duration,
+    /// The port shown in `App.external_url`. `None`: the port of the first
+    /// edge's reported public address, else 443.
+    pub public_port: Option<u16>,
+}
+
+impl Config {
+    /// The defaults, with state in `data_dir`.
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        Config {
+            data_dir: data_dir.into(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 7443)),
+            metrics_listen: None,
+            apps_domain: "apps.localhost".to_owned(),
+            region: RegionId::default_region(),
+            cert_ttl: Duration::from_secs(24 * 3600),
+            public_port: None,
+        }
+    }
+
+    /// Checks the values that types alone do not.
+    pub fn validate(&self) -> Result<(), Error> {
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(Error::InvalidConfig {
+                field: "data_dir",
+                reason: "must not be empty".into(),
+            });
+        }
+        if let Err(reason) = check_dns_name(&self.apps_domain) {
+            return Err(Error::InvalidConfig {
+                field: "apps_domain",
+                reason,
+            });
+        }
+        if self.apps_domain != self.apps_domain.to_ascii_lowercase() {
+            return Err(Error::InvalidConfig {
+                field: "apps_domain",
+                reason: "must be lower case".into(),
+            });
+        }
+        // Lifetimes of seconds are for tests that exercise renewal.
+        if self.cert_ttl < Duration::from_secs(5)
+            || self.cert_ttl > Duration::from_secs(366 * 24 * 3600)
+        {
+            return Err(Error::InvalidConfig {
+                field: "cert_ttl",
+                reason: format!(
+                    "must be between 5 seconds and 366 days, not {:?}",
+                    self.cert_ttl
+                ),
+            });
+        }
+        if self.public_port == Some(0) {
+            return Err(Error::InvalidConfig {
+                field: "public_port",
+                reason: "must not be 0".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Checks that `name` is a DNS name: dot-separated labels of 1 to 63
+/// letters, digits and hyphens (not at either end), 253 bytes at most.
+pub(crate) fn check_dns_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("must not be empty".into());
+    }
+    if name.len() > 253 {
+        return Err(format!("is {} bytes long, the limit is 253", name.len()));
+    }
+    for label in name.split('.') {
+        if label.is_empty() {
+            return Err(format!("{name:?} has an empty label"));
+        }
+        if label.len() > 63 {
+            return Err(format!("label {label:?} is longer than 63 bytes"));
+        }
+        if !label
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        {
+            return Err(format!(
+                "label {label:?} may only contain letters, digits and '-'"
+            ));
+        }
+        if label.starts_with('-') || label.ends_with('-') {
+            return Err(format!("label {label:?} must not start or end with '-'"));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_validate() {
+        let c = Config::new("/tmp/x");
+        c.validate().expect("defaults are valid");
+        assert_eq!(c.listen.port(), 7443);
+        assert_eq!(c.apps_domain, "apps.localhost");
+        assert_eq!(c.region.as_str(), "default");
+        assert_eq!(c.cert_ttl, Duration::from_secs(86400));
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let mut c = Config::new("/tmp/x");
+        c.apps_domain = "bad_domain".into();
+        assert!(matches!(
+            c.validate(),
+            Err(Error::InvalidConfig {
+                field: "apps_domain",
+                ..
+            })
+        ));
+        let mut c = Config::new("/tmp/x");
+        c.cert_ttl = Duration::from_secs(1);
+        assert!(matches!(
+            c.validate(),
+            Err(Error::InvalidConfig {
+                field: "cert_ttl",
+                ..
+            })
+        ));
+        let mut c = Config::new("");
+        c.public_port = Some(0);
+        assert!(matches!(
+            c.validate(),
+            Err(Error::InvalidConfig {
+                field: "data_dir",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn dns_names() {
+        assert!(check_dns_name("hr.apps.example.com").is_ok());
+        assert!(check_dns_name("a-b.c").is_ok());
+        assert!(check_dns_name("-a.c").is_err());
+        assert!(check_dns_name("a..c").is_err());
+        assert!(check_dns_name("a_b.c").is_err());
+        assert!(check_dns_name(&"a".repeat(64)).is_err());
+        assert!(check_dns_name("").is_err());
+    }
+}

@@ -1,0 +1,183 @@
+//! The router's durable state behind one [`Store`] trait: groups, apps, join
+//! tokens, connectors, edges and the config version.
+//!
+//! The trait is synchronous (admin traffic is small); the API calls it from
+//! blocking tasks. [`SqliteStore`] is the embedded implementation, and
+//! [`suite::run`] is the test suite every implementation must pass.
+
+use portico_proto::api::{BackendTimeout, TokenScope};
+use portico_proto::ids::{AppId, ConnectorId, EdgeId, GroupId, RegionId};
+
+use crate::error::StoreError;
+
+mod sqlite;
+pub mod suite;
+
+pub use sqlite::SqliteStore;
+
+/// A connector group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupRecord {
+    pub id: GroupId,
+    /// `auto` or a region id.
+    pub region: String,
+    pub created_at: u64,
+}
+
+/// A published app. Its external URL is derived when it is served.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppRecord {
+    pub id: AppId,
+    /// Lower-case, under the apps domain.
+    pub external_host: String,
+    pub internal_url: String,
+    pub connector_group: GroupId,
+    pub backend_timeout: BackendTimeout,
+    pub validate_backend_tls: bool,
+    pub created_at: u64,
+}
+
+/// A join token. Only the SHA-256 of its secret is kept.
+#[derive(Clone, PartialEq, Eq)]
+pub struct TokenRecord {
+    pub id: String,
+    /// Lower-case hex SHA-256 of the secret.
+    pub secret_sha256: String,
+    pub scope: TokenScope,
+    pub created_at: u64,
+    pub expires_at: u64,
+    pub used_at: Option<u64>,
+}
+
+impl std::fmt::Debug for TokenRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenRecord")
+            .field("id", &self.id)
+            .field("secret_sha256", &"***")
+            .field("scope", &self.scope)
+            .field("created_at", &self.created_at)
+            .field("expires_at", &self.expires_at)
+            .field("used_at", &self.used_at)
+            .finish()
+    }
+}
+
+/// The certificate last issued to a connector or edge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertInfo {
+    /// Hex serial.
+    pub serial: String,
+    /// Seconds since the Unix epoch.
+    pub not_after: u64,
+}
+
+/// An enrolled connector. A deleted one keeps its row (a tombstone) so that
+/// edges keep refusing its certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectorRecord {
+    pub id: ConnectorId,
+    pub group: GroupId,
+    pub host: String,
+    pub version: String,
+    pub enrolled_at: u64,
+    pub cert: CertInfo,
+    pub deleted_at: Option<u64>,
+    pub last_seen: Option<u64>,
+    pub address_seen: Option<String>,
+    pub tunnels: u32,
+}
+
+/// An enrolled edge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EdgeRecord {
+    pub id: EdgeId,
+    pub region: RegionId,
+    pub host: String,
+    pub version: String,
+    pub enrolled_at: u64,
+    pub cert: CertInfo,
+    pub tunnel_addr: Option<String>,
+    pub public_addr: Option<String>,
+    pub last_seen: Option<u64>,
+    pub tunnels: u32,
+    pub deleted_at: Option<u64>,
+}
+
+/// What an edge report says about one connector.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectorSeen {
+    pub id: ConnectorId,
+    pub at: u64,
+    pub address: String,
+    pub version: String,
+    pub tunnels: u32,
+}
+
+/// What an edge report says about the edge itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EdgeSeen {
+    pub id: EdgeId,
+    pub at: u64,
+    pub tunnel_addr: String,
+    pub public_addr: String,
+    pub version: String,
+    pub tunnels: u32,
+}
+
+/// Durable router state. Every change that edges or connectors care about
+/// bumps the config version in the same transaction and returns the new
+/// version.
+pub trait Store: Send + Sync + 'static {
+    /// The current config version (0 for an empty store).
+    fn config_version(&self) -> Result<u64, StoreError>;
+
+    /// Creates the group unless it exists; returns whether it was created.
+    fn ensure_group(&self, group: &GroupRecord) -> Result<bool, StoreError>;
+    /// Creates a group; `AlreadyExists` if its id is taken.
+    fn create_group(&self, group: &GroupRecord) -> Result<u64, StoreError>;
+    fn get_group(&self, id: &GroupId) -> Result<Option<GroupRecord>, StoreError>;
+    /// Every group with the number of (not deleted) connectors in it.
+    fn list_groups(&self) -> Result<Vec<(GroupRecord, u32)>, StoreError>;
+    /// Deletes an empty group other than `Default`.
+    fn delete_group(&self, id: &GroupId) -> Result<u64, StoreError>;
+
+    /// Creates an app; its group must exist, its id and host be free.
+    fn create_app(&self, app: &AppRecord) -> Result<u64, StoreError>;
+    fn get_app(&self, id: &AppId) -> Result<Option<AppRecord>, StoreError>;
+    fn list_apps(&self) -> Result<Vec<AppRecord>, StoreError>;
+    fn delete_app(&self, id: &AppId) -> Result<u64, StoreError>;
+
+    fn create_token(&self, token: &TokenRecord) -> Result<(), StoreError>;
+    fn get_token(&self, id: &str) -> Result<Option<TokenRecord>, StoreError>;
+
+    /// Marks the token used (`TokenUsed` if it already was) and creates the
+    /// connector, atomically. The connector's group must exist.
+    fn enroll_connector(
+        &self,
+        token_id: &str,
+        now: u64,
+        connector: &ConnectorRecord,
+    ) -> Result<(), StoreError>;
+    /// Marks the token used and creates the edge, atomically.
+    fn enroll_edge(&self, token_id: &str, now: u64, edge: &EdgeRecord) -> Result<(), StoreError>;
+
+    fn get_connector(&self, id: &ConnectorId) -> Result<Option<ConnectorRecord>, StoreError>;
+    /// Every connector, deleted ones included.
+    fn list_connectors(&self) -> Result<Vec<ConnectorRecord>, StoreError>;
+    fn set_connector_cert(&self, id: &ConnectorId, cert: &CertInfo) -> Result<(), StoreError>;
+    /// Marks a connector deleted (revoked). `NotFound` if unknown or
+    /// already deleted.
+    fn delete_connector(&self, id: &ConnectorId, now: u64) -> Result<u64, StoreError>;
+    /// Records presence; unknown connectors are ignored.
+    fn connector_seen(&self, seen: &ConnectorSeen) -> Result<(), StoreError>;
+
+    fn get_edge(&self, id: &EdgeId) -> Result<Option<EdgeRecord>, StoreError>;
+    fn list_edges(&self) -> Result<Vec<EdgeRecord>, StoreError>;
+    fn set_edge_cert(&self, id: &EdgeId, cert: &CertInfo) -> Result<(), StoreError>;
+    /// Records an edge's report. Returns the new config version when its
+    /// tunnel or public address changed, `NotFound` for an unknown edge.
+    fn edge_seen(&self, seen: &EdgeSeen) -> Result<Option<u64>, StoreError>;
+
+    /// Releases the store; later calls fail with `Closed`.
+    fn close(&self);
+}

@@ -1,0 +1,903 @@
+//! [`Store`] on an embedded SQLite file (WAL), schema versioned with
+//! `PRAGMA user_version`.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use portico_proto::api::{BackendTimeout, TokenScope};
+use portico_proto::ids::{AppId, ConnectorId, EdgeId, GroupId};
+use rusqlite::{params, Connection, OptionalExtension, Row, Transaction};
+
+use super::{
+    AppRecord, CertInfo, ConnectorRecord, ConnectorSeen, EdgeRecord, EdgeSeen, GroupRecord, Store,
+    TokenRecord,
+};
+use crate::error::StoreError;
+
+const SCHEMA_VERSION: i64 = 1;
+
+const SCHEMA_V1: &str = "
+CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+INSERT INTO meta (key, value) VALUES ('config_version', 0);
+CREATE TABLE groups (
+    id TEXT PRIMARY KEY,
+    region TEXT NOT NULL,
+    created_at INTEGER NOT NULL
+);
+CREATE TABLE apps (
+    id TEXT PRIMARY KEY,
+    external_host TEXT NOT NULL UNIQUE,
+    internal_url TEXT NOT NULL,
+    connector_group TEXT NOT NULL,
+    backend_timeout TEXT NOT NULL,
+    validate_backend_tls INTEGER NOT NULL,
+    created_at INTEGER NOT NULL
+);
+CREATE TABLE tokens (
+    id TEXT PRIMARY KEY,
+    secret_sha256 TEXT NOT NULL,
+    scope TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL,
+    used_at INTEGER
+);
+CREATE TABLE connectors (
+    id TEXT PRIMARY KEY,
+    grp TEXT NOT NULL,
+    host TEXT NOT NULL,
+    version TEXT NOT NULL,
+    enrolled_at INTEGER NOT NULL,
+    cert_serial TEXT NOT NULL,
+    cert_not_after INTEGER NOT NULL,
+    deleted_at INTEGER,
+    last_seen INTEGER,
+    address_seen TEXT,
+    tunnels INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX connectors_grp ON connectors (grp);
+CREATE TABLE edges (
+    id TEXT PRIMARY KEY,
+    region TEXT NOT NULL,
+    host TEXT NOT NULL,
+    version TEXT NOT NULL,
+    enrolled_at INTEGER NOT NULL,
+    cert_serial TEXT NOT NULL,
+    cert_not_after INTEGER NOT NULL,
+    tunnel_addr TEXT,
+    public_addr TEXT,
+    last_seen INTEGER,
+    tunnels INTEGER NOT NULL DEFAULT 0,
+    deleted_at INTEGER
+);
+";
+
+/// The SQLite store: one connection behind a mutex.
+pub struct SqliteStore {
+    path: PathBuf,
+    conn: Mutex<Option<Connection>>,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database file and migrates its schema.
+    pub fn open(path: impl AsRef<Path>) -> Result<SqliteStore, StoreError> {
+        let path = path.as_ref().to_path_buf();
+        let open_err = |source| StoreError::Open {
+            path: path.clone(),
+            source,
+        };
+        let mut conn = Connection::open(&path).map_err(open_err)?;
+        conn.busy_timeout(Duration::from_secs(5))
+            .map_err(open_err)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(open_err)?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(open_err)?;
+        conn.pragma_update(None, "foreign_keys", "ON")
+            .map_err(open_err)?;
+        migrate(&mut conn)?;
+        Ok(SqliteStore {
+            path,
+            conn: Mutex::new(Some(conn)),
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Option<Connection>> {
+        // A panic while holding the lock cannot leave a transaction half
+        // applied (it rolls back on drop), so the poison is not a concern.
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn with<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let guard = self.lock();
+        let conn = guard.as_ref().ok_or(StoreError::Closed)?;
+        f(conn)
+    }
+
+    fn tx<T>(
+        &self,
+        f: impl FnOnce(&Transaction<'_>) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut guard = self.lock();
+        let conn = guard.as_mut().ok_or(StoreError::Closed)?;
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let out = f(&tx)?;
+        tx.commit()?;
+        Ok(out)
+    }
+}
+
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let found: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    if found > SCHEMA_VERSION {
+        return Err(StoreError::SchemaTooNew {
+            found,
+            supported: SCHEMA_VERSION,
+        });
+    }
+    if found < 1 {
+        let tx = conn.transaction()?;
+        tx.execute_batch(SCHEMA_V1)?;
+        tx.pragma_update(None, "user_version", 1)?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+fn bump(tx: &Transaction<'_>) -> Result<u64, StoreError> {
+    tx.execute(
+        "UPDATE meta SET value = value + 1 WHERE key = 'config_version'",
+        [],
+    )?;
+    Ok(tx.query_row(
+        "SELECT value FROM meta WHERE key = 'config_version'",
+        [],
+        |r| r.get(0),
+    )?)
+}
+
+fn corrupt(what: &'static str, reason: impl ToString) -> StoreError {
+    StoreError::Corrupt {
+        what,
+        reason: reason.to_string(),
+    }
+}
+
+fn group_id(s: String) -> Result<GroupId, StoreError> {
+    GroupId::new(s).map_err(|e| corrupt("group id", e))
+}
+
+fn row_group(r: &Row<'_>) -> rusqlite::Result<(String, String, u64)> {
+    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+}
+
+fn to_group((id, region, created_at): (String, String, u64)) -> Result<GroupRecord, StoreError> {
+    Ok(GroupRecord {
+        id: group_id(id)?,
+        region,
+        created_at,
+    })
+}
+
+type AppRow = (String, String, String, String, String, bool, u64);
+
+fn row_app(r: &Row<'_>) -> rusqlite::Result<AppRow> {
+    Ok((
+        r.get(0)?,
+        r.get(1)?,
+        r.get(2)?,
+        r.get(3)?,
+        r.get(4)?,
+        r.get(5)?,
+        r.get(6)?,
+    ))
+}
+
+fn to_app(row: AppRow) -> Result<AppRecord, StoreError> {
+    let (id, external_host, internal_url, group, timeout, validate_backend_tls, created_at) = row;
+    Ok(AppRecord {
+        id: AppId::new(id).map_err(|e| corrupt("app id", e))?,
+        external_host,
+        internal_url,
+        connector_group: group_id(group)?,
+        backend_timeout: timeout
+            .parse::<BackendTimeout>()
+            .map_err(|e| corrupt("backend timeout", e))?,
+        validate_backend_tls,
+        created_at,
+    })
+}
+
+const APP_COLS: &str = "id, external_host, internal_url, connector_group, backend_timeout, validate_backend_tls, created_at";
+
+type TokenRow = (String, String, String, u64, u64, Option<u64>);
+
+fn row_token(r: &Row<'_>) -> rusqlite::Result<TokenRow> {
+    Ok((
+        r.get(0)?,
+        r.get(1)?,
+        r.get(2)?,
+        r.get(3)?,
+        r.get(4)?,
+        r.get(5)?,
+    ))
+}
+
+fn to_token(row: TokenRow) -> Result<TokenRecord, StoreError> {
+    let (id, secret_sha256, scope, created_at, expires_at, used_at) = row;
+    Ok(TokenRecord {
+        id,
+        secret_sha256,
+        scope: serde_json::from_str::<TokenScope>(&scope).map_err(|e| corrupt("token scope", e))?,
+        created_at,
+        expires_at,
+        used_at,
+    })
+}
+
+const CONNECTOR_COLS: &str = "id, grp, host, version, enrolled_at, cert_serial, cert_not_after, deleted_at, last_seen, address_seen, tunnels";
+
+type ConnectorRow = (
+    String,
+    String,
+    String,
+    String,
+    u64,
+    String,
+    u64,
+    Option<u64>,
+    Option<u64>,
+    Option<String>,
+    u32,
+);
+
+fn row_connector(r: &Row<'_>) -> rusqlite::Result<ConnectorRow> {
+    Ok((
+        r.get(0)?,
+        r.get(1)?,
+        r.get(2)?,
+        r.get(3)?,
+        r.get(4)?,
+        r.get(5)?,
+        r.get(6)?,
+        r.get(7)?,
+        r.get(8)?,
+        r.get(9)?,
+        r.get(10)?,
+    ))
+}
+
+fn to_connector(row: ConnectorRow) -> Result<ConnectorRecord, StoreError> {
+    let (
+        id,
+        group,
+        host,
+        version,
+        enrolled_at,
+        serial,
+        not_after,
+        deleted_at,
+        last_seen,
+        address_seen,
+        tunnels,
+    ) = row;
+    Ok(ConnectorRecord {
+        id: ConnectorId::new(id).map_err(|e| corrupt("connector id", e))?,
+        group: group_id(group)?,
+        host,
+        version,
+        enrolled_at,
+        cert: CertInfo { serial, not_after },
+        deleted_at,
+        last_seen,
+        address_seen,
+        tunnels,
+    })
+}
+
+const EDGE_COLS: &str = "id, region, host, version, enrolled_at, cert_serial, cert_not_after, tunnel_addr, public_addr, last_seen, tunnels, deleted_at";
+
+type EdgeRow = (
+    String,
+    String,
+    String,
+    String,
+    u64,
+    String,
+    u64,
+    Option<String>,
+    Option<String>,
+    Option<u64>,
+    u32,
+    Option<u64>,
+);
+
+fn row_edge(r: &Row<'_>) -> rusqlite::Result<EdgeRow> {
+    Ok((
+        r.get(0)?,
+        r.get(1)?,
+        r.get(2)?,
+        r.get(3)?,
+        r.get(4)?,
+        r.get(5)?,
+        r.get(6)?,
+        r.get(7)?,
+        r.get(8)?,
+        r.get(9)?,
+        r.get(10)?,
+        r.get(11)?,
+    ))
+}
+
+fn to_edge(row: EdgeRow) -> Result<EdgeRecord, StoreError> {
+    let (
+        id,
+        region,
+        host,
+        version,
+        enrolled_at,
+        serial,
+        not_after,
+        tunnel_addr,
+        public_addr,
+        last_seen,
+        tunnels,
+        deleted_at,
+    ) = row;
+    Ok(EdgeRecord {
+        id: EdgeId::new(id).map_err(|e| corrupt("edge id", e))?,
+        region: region.parse().map_err(|e| corrupt("region id", e))?,
+        host,
+        version,
+        enrolled_at,
+        cert: CertInfo { serial, not_after },
+        tunnel_addr,
+        public_addr,
+        last_seen,
+        tunnels,
+        deleted_at,
+    })
+}
+
+fn use_token(tx: &Transaction<'_>, token_id: &str, now: u64) -> Result<(), StoreError> {
+    let exists: Option<Option<u64>> = tx
+        .query_row(
+            "SELECT used_at FROM tokens WHERE id = ?1",
+            [token_id],
+            |r| r.get(0),
+        )
+        .optional()?;
+    match exists {
+        None => Err(StoreError::NotFound {
+            kind: "join token",
+            id: token_id.to_owned(),
+        }),
+        Some(Some(_)) => Err(StoreError::TokenUsed),
+        Some(None) => {
+            let n = tx.execute(
+                "UPDATE tokens SET used_at = ?1 WHERE id = ?2 AND used_at IS NULL",
+                params![now, token_id],
+            )?;
+            if n == 1 {
+                Ok(())
+            } else {
+                Err(StoreError::TokenUsed)
+            }
+        }
+    }
+}
+
+fn is_unique_violation(e: &rusqlite::Error) -> bool {
+    matches!(
+        e,
+        rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::ConstraintViolation
+    )
+}
+
+impl Store for SqliteStore {
+    fn config_version(&self) -> Result<u64, StoreError> {
+        self.with(|c| {
+            Ok(c.query_row(
+                "SELECT value FROM meta WHERE key = 'config_version'",
+                [],
+                |r| r.get(0),
+            )?)
+        })
+    }
+
+    fn ensure_group(&self, group: &GroupRecord) -> Result<bool, StoreError> {
+        self.tx(|tx| {
+            let n = tx.execute(
+                "INSERT OR IGNORE INTO groups (id, region, created_at) VALUES (?1, ?2, ?3)",
+                params![group.id.as_str(), group.region, group.created_at],
+            )?;
+            if n == 1 {
+                bump(tx)?;
+            }
+            Ok(n == 1)
+        })
+    }
+
+    fn create_group(&self, group: &GroupRecord) -> Result<u64, StoreError> {
+        self.tx(|tx| {
+            let n = tx.execute(
+                "INSERT OR IGNORE INTO groups (id, region, created_at) VALUES (?1, ?2, ?3)",
+                params![group.id.as_str(), group.region, group.created_at],
+            )?;
+            if n == 0 {
+                return Err(StoreError::AlreadyExists {
+                    kind: "group",
+                    id: group.id.to_string(),
+                });
+            }
+            bump(tx)
+        })
+    }
+
+    fn get_group(&self, id: &GroupId) -> Result<Option<GroupRecord>, StoreError> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT id, region, created_at FROM groups WHERE id = ?1",
+                [id.as_str()],
+                row_group,
+            )
+            .optional()?
+            .map(to_group)
+            .transpose()
+        })
+    }
+
+    fn list_groups(&self) -> Result<Vec<(GroupRecord, u32)>, StoreError> {
+        self.with(|c| {
+            let mut stmt = c.prepare(
+                "SELECT g.id, g.region, g.created_at,
+                    (SELECT COUNT(*) FROM connectors c WHERE c.grp = g.id AND c.deleted_at IS NULL)
+                 FROM groups g ORDER BY g.id",
+            )?;
+            let rows = stmt.query_map([], |r| Ok((row_group(r)?, r.get::<_, u32>(3)?)))?;
+            rows.map(|r| {
+                let (g, n) = r?;
+                Ok((to_group(g)?, n))
+            })
+            .collect()
+        })
+    }
+
+    fn delete_group(&self, id: &GroupId) -> Result<u64, StoreError> {
+        if *id == GroupId::default_group() {
+            return Err(StoreError::DefaultGroup {
+                group: id.to_string(),
+            });
+        }
+        self.tx(|tx| {
+            let exists: Option<String> = tx
+                .query_row("SELECT id FROM groups WHERE id = ?1", [id.as_str()], |r| {
+                    r.get(0)
+                })
+                .optional()?;
+            if exists.is_none() {
+                return Err(StoreError::NotFound {
+                    kind: "group",
+                    id: id.to_string(),
+                });
+            }
+            let connectors: u64 = tx.query_row(
+                "SELECT COUNT(*) FROM connectors WHERE grp = ?1 AND deleted_at IS NULL",
+                [id.as_str()],
+                |r| r.get(0),
+            )?;
+            let apps: u64 = tx.query_row(
+                "SELECT COUNT(*) FROM apps WHERE connector_group = ?1",
+                [id.as_str()],
+                |r| r.get(0),
+            )?;
+            if connectors > 0 || apps > 0 {
+                return Err(StoreError::GroupNotEmpty {
+                    group: id.to_string(),
+                    connectors,
+                    apps,
+                });
+            }
+            tx.execute("DELETE FROM groups WHERE id = ?1", [id.as_str()])?;
+            bump(tx)
+        })
+    }
+
+    fn create_app(&self, app: &AppRecord) -> Result<u64, StoreError> {
+        self.tx(|tx| {
+            let group: Option<String> = tx
+                .query_row(
+                    "SELECT id FROM groups WHERE id = ?1",
+                    [app.connector_group.as_str()],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if group.is_none() {
+                return Err(StoreError::NotFound {
+                    kind: "group",
+                    id: app.connector_group.to_string(),
+                });
+            }
+            let same_id: Option<String> = tx
+                .query_row(
+                    "SELECT id FROM apps WHERE id = ?1",
+                    [app.id.as_str()],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if same_id.is_some() {
+                return Err(StoreError::AlreadyExists {
+                    kind: "app",
+                    id: app.id.to_string(),
+                });
+            }
+            let same_host: Option<String> = tx
+                .query_row(
+                    "SELECT id FROM apps WHERE external_host = ?1",
+                    [app.external_host.as_str()],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if let Some(other) = same_host {
+                return Err(StoreError::HostTaken {
+                    host: app.external_host.clone(),
+                    app: other,
+                });
+            }
+            tx.execute(
+                &format!("INSERT INTO apps ({APP_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"),
+                params![
+                    app.id.as_str(),
+                    app.external_host,
+                    app.internal_url,
+                    app.connector_group.as_str(),
+                    app.backend_timeout.to_string(),
+                    app.validate_backend_tls,
+                    app.created_at
+                ],
+            )?;
+            bump(tx)
+        })
+    }
+
+    fn get_app(&self, id: &AppId) -> Result<Option<AppRecord>, StoreError> {
+        self.with(|c| {
+            c.query_row(
+                &format!("SELECT {APP_COLS} FROM apps WHERE id = ?1"),
+                [id.as_str()],
+                row_app,
+            )
+            .optional()?
+            .map(to_app)
+            .transpose()
+        })
+    }
+
+    fn list_apps(&self) -> Result<Vec<AppRecord>, StoreError> {
+        self.with(|c| {
+            let mut stmt = c.prepare(&format!("SELECT {APP_COLS} FROM apps ORDER BY id"))?;
+            let rows = stmt.query_map([], row_app)?;
+            rows.map(|r| to_app(r?)).collect()
+        })
+    }
+
+    fn delete_app(&self, id: &AppId) -> Result<u64, StoreError> {
+        self.tx(|tx| {
+            let n = tx.execute("DELETE FROM apps WHERE id = ?1", [id.as_str()])?;
+            if n == 0 {
+                return Err(StoreError::NotFound {
+                    kind: "app",
+                    id: id.to_string(),
+                });
+            }
+            bump(tx)
+        })
+    }
+
+    fn create_token(&self, token: &TokenRecord) -> Result<(), StoreError> {
+        let scope = serde_json::to_string(&token.scope).map_err(|e| corrupt("token scope", e))?;
+        self.tx(|tx| {
+            tx.execute(
+                "INSERT INTO tokens (id, secret_sha256, scope, created_at, expires_at, used_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![
+                    token.id,
+                    token.secret_sha256,
+                    scope,
+                    token.created_at,
+                    token.expires_at,
+                    token.used_at
+                ],
+            )
+            .map_err(|e| {
+                if is_unique_violation(&e) {
+                    StoreError::AlreadyExists {
+                        kind: "join token",
+                        id: token.id.clone(),
+                    }
+                } else {
+                    e.into()
+                }
+            })?;
+            Ok(())
+        })
+    }
+
+    fn get_token(&self, id: &str) -> Result<Option<TokenRecord>, StoreError> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT id, secret_sha256, scope, created_at, expires_at, used_at FROM tokens WHERE id = ?1",
+                [id],
+                row_token,
+            )
+            .optional()?
+            .map(to_token)
+            .transpose()
+        })
+    }
+
+    fn enroll_connector(
+        &self,
+        token_id: &str,
+        now: u64,
+        connector: &ConnectorRecord,
+    ) -> Result<(), StoreError> {
+        self.tx(|tx| {
+            use_token(tx, token_id, now)?;
+            let group: Option<String> = tx
+                .query_row(
+                    "SELECT id FROM groups WHERE id = ?1",
+                    [connector.group.as_str()],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if group.is_none() {
+                return Err(StoreError::NotFound {
+                    kind: "group",
+                    id: connector.group.to_string(),
+                });
+            }
+            tx.execute(
+                &format!(
+                    "INSERT INTO connectors ({CONNECTOR_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"
+                ),
+                params![
+                    connector.id.as_str(),
+                    connector.group.as_str(),
+                    connector.host,
+                    connector.version,
+                    connector.enrolled_at,
+                    connector.cert.serial,
+                    connector.cert.not_after,
+                    connector.deleted_at,
+                    connector.last_seen,
+                    connector.address_seen,
+                    connector.tunnels
+                ],
+            )
+            .map_err(|e| {
+                if is_unique_violation(&e) {
+                    StoreError::AlreadyExists {
+                        kind: "connector",
+                        id: connector.id.to_string(),
+                    }
+                } else {
+                    e.into()
+                }
+            })?;
+            Ok(())
+        })
+    }
+
+    fn enroll_edge(&self, token_id: &str, now: u64, edge: &EdgeRecord) -> Result<(), StoreError> {
+        self.tx(|tx| {
+            use_token(tx, token_id, now)?;
+            tx.execute(
+                &format!(
+                    "INSERT INTO edges ({EDGE_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
+                ),
+                params![
+                    edge.id.as_str(),
+                    edge.region.as_str(),
+                    edge.host,
+                    edge.version,
+                    edge.enrolled_at,
+                    edge.cert.serial,
+                    edge.cert.not_after,
+                    edge.tunnel_addr,
+                    edge.public_addr,
+                    edge.last_seen,
+                    edge.tunnels,
+                    edge.deleted_at
+                ],
+            )
+            .map_err(|e| {
+                if is_unique_violation(&e) {
+                    StoreError::AlreadyExists {
+                        kind: "edge",
+                        id: edge.id.to_string(),
+                    }
+                } else {
+                    e.into()
+                }
+            })?;
+            if edge.tunnel_addr.is_some() {
+                bump(tx)?;
+            }
+            Ok(())
+        })
+    }
+
+    fn get_connector(&self, id: &ConnectorId) -> Result<Option<ConnectorRecord>, StoreError> {
+        self.with(|c| {
+            c.query_row(
+                &format!("SELECT {CONNECTOR_COLS} FROM connectors WHERE id = ?1"),
+                [id.as_str()],
+                row_connector,
+            )
+            .optional()?
+            .map(to_connector)
+            .transpose()
+        })
+    }
+
+    fn list_connectors(&self) -> Result<Vec<ConnectorRecord>, StoreError> {
+        self.with(|c| {
+            let mut stmt = c.prepare(&format!(
+                "SELECT {CONNECTOR_COLS} FROM connectors ORDER BY id"
+            ))?;
+            let rows = stmt.query_map([], row_connector)?;
+            rows.map(|r| to_connector(r?)).collect()
+        })
+    }
+
+    fn set_connector_cert(&self, id: &ConnectorId, cert: &CertInfo) -> Result<(), StoreError> {
+        self.with(|c| {
+            let n = c.execute(
+                "UPDATE connectors SET cert_serial = ?1, cert_not_after = ?2 WHERE id = ?3",
+                params![cert.serial, cert.not_after, id.as_str()],
+            )?;
+            if n == 0 {
+                return Err(StoreError::NotFound {
+                    kind: "connector",
+                    id: id.to_string(),
+                });
+            }
+            Ok(())
+        })
+    }
+
+    fn delete_connector(&self, id: &ConnectorId, now: u64) -> Result<u64, StoreError> {
+        self.tx(|tx| {
+            let n = tx.execute(
+                "UPDATE connectors SET deleted_at = ?1 WHERE id = ?2 AND deleted_at IS NULL",
+                params![now, id.as_str()],
+            )?;
+            if n == 0 {
+                return Err(StoreError::NotFound {
+                    kind: "connector",
+                    id: id.to_string(),
+                });
+            }
+            bump(tx)
+        })
+    }
+
+    fn connector_seen(&self, seen: &ConnectorSeen) -> Result<(), StoreError> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE connectors SET last_seen = ?1, address_seen = ?2, version = ?3, tunnels = ?4
+                 WHERE id = ?5",
+                params![
+                    seen.at,
+                    seen.address,
+                    seen.version,
+                    seen.tunnels,
+                    seen.id.as_str()
+                ],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn get_edge(&self, id: &EdgeId) -> Result<Option<EdgeRecord>, StoreError> {
+        self.with(|c| {
+            c.query_row(
+                &format!("SELECT {EDGE_COLS} FROM edges WHERE id = ?1"),
+                [id.as_str()],
+                row_edge,
+            )
+            .optional()?
+            .map(to_edge)
+            .transpose()
+        })
+    }
+
+    fn list_edges(&self) -> Result<Vec<EdgeRecord>, StoreError> {
+        self.with(|c| {
+            let mut stmt = c.prepare(&format!(
+                "SELECT {EDGE_COLS} FROM edges ORDER BY enrolled_at, id"
+            ))?;
+            let rows = stmt.query_map([], row_edge)?;
+            rows.map(|r| to_edge(r?)).collect()
+        })
+    }
+
+    fn set_edge_cert(&self, id: &EdgeId, cert: &CertInfo) -> Result<(), StoreError> {
+        self.with(|c| {
+            let n = c.execute(
+                "UPDATE edges SET cert_serial = ?1, cert_not_after = ?2 WHERE id = ?3",
+                params![cert.serial, cert.not_after, id.as_str()],
+            )?;
+            if n == 0 {
+                return Err(StoreError::NotFound {
+                    kind: "edge",
+                    id: id.to_string(),
+                });
+            }
+            Ok(())
+        })
+    }
+
+    fn edge_seen(&self, seen: &EdgeSeen) -> Result<Option<u64>, StoreError> {
+        self.tx(|tx| {
+            let before: Option<(Option<String>, Option<String>)> = tx
+                .query_row(
+                    "SELECT tunnel_addr, public_addr FROM edges WHERE id = ?1 AND deleted_at IS NULL",
+                    [seen.id.as_str()],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()?;
+            let Some((tunnel_addr, public_addr)) = before else {
+                return Err(StoreError::NotFound {
+                    kind: "edge",
+                    id: seen.id.to_string(),
+                });
+            };
+            tx.execute(
+                "UPDATE edges SET tunnel_addr = ?1, public_addr = ?2, version = ?3, last_seen = ?4, tunnels = ?5
+                 WHERE id = ?6",
+                params![
+                    seen.tunnel_addr,
+                    seen.public_addr,
+                    seen.version,
+                    seen.at,
+                    seen.tunnels,
+                    seen.id.as_str()
+                ],
+            )?;
+            let changed = tunnel_addr.as_deref() != Some(seen.tunnel_addr.as_str())
+                || public_addr.as_deref() != Some(seen.public_addr.as_str());
+            if changed {
+                Ok(Some(bump(tx)?))
+            } else {
+                Ok(None)
+            }
+        })
+    }
+
+    fn close(&self) {
+        let conn = self.lock().take();
+        if let Some(conn) = conn {
+            if let Err((_, e)) = conn.close() {
+                tracing::warn!(error = %e, path = %self.path.display(), "closing the store failed");
+            }
+        }
+    }
+}

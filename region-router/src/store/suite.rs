@@ -1,0 +1,395 @@
+//! The behaviour every [`Store`] implementation must have, as one test
+//! suite. `open` must return a store over the same (initially empty) data
+//! each time it is called: the suite closes and reopens it to check that
+//! everything survives.
+//!
+//! It panics on the first failed check, like `assert!`.
+
+use portico_proto::api::{BackendTimeout, TokenScope};
+use portico_proto::ids::{AppId, ConnectorId, EdgeId, GroupId, RegionId};
+
+use super::{
+    AppRecord, CertInfo, ConnectorRecord, ConnectorSeen, EdgeRecord, EdgeSeen, GroupRecord, Store,
+    TokenRecord,
+};
+use crate::error::StoreError;
+
+fn group(id: &str) -> GroupRecord {
+    GroupRecord {
+        id: GroupId::new(id).expect("group id"),
+        region: "auto".into(),
+        created_at: 100,
+    }
+}
+
+fn app(id: &str, host: &str, group: &str) -> AppRecord {
+    AppRecord {
+        id: AppId::new(id).expect("app id"),
+        external_host: host.into(),
+        internal_url: "http://10.0.0.5:8080/".into(),
+        connector_group: GroupId::new(group).expect("group id"),
+        backend_timeout: BackendTimeout::Seconds(5),
+        validate_backend_tls: false,
+        created_at: 200,
+    }
+}
+
+fn token(id: &str, scope: TokenScope) -> TokenRecord {
+    TokenRecord {
+        id: id.into(),
+        secret_sha256: "ab".repeat(32),
+        scope,
+        created_at: 300,
+        expires_at: 4000,
+        used_at: None,
+    }
+}
+
+fn connector(id: &str, group: &str) -> ConnectorRecord {
+    ConnectorRecord {
+        id: ConnectorId::new(id).expect("connector id"),
+        group: GroupId::new(group).expect("group id"),
+        host: "host-a".into(),
+        version: "0.1.0".into(),
+        enrolled_at: 400,
+        cert: CertInfo {
+            serial: "01ab".into(),
+            not_after: 5000,
+        },
+        deleted_at: None,
+        last_seen: None,
+        address_seen: None,
+        tunnels: 0,
+    }
+}
+
+fn edge(id: &str) -> EdgeRecord {
+    EdgeRecord {
+        id: EdgeId::new(id).expect("edge id"),
+        region: RegionId::default_region(),
+        host: "edge-host".into(),
+        version: "0.1.0".into(),
+        enrolled_at: 500,
+        cert: CertInfo {
+            serial: "02cd".into(),
+            not_after: 6000,
+        },
+        tunnel_addr: None,
+        public_addr: None,
+        last_seen: None,
+        tunnels: 0,
+        deleted_at: None,
+    }
+}
+
+/// Runs the whole suite.
+pub fn run(open: &dyn Fn() -> Box<dyn Store>) {
+    let store = open();
+    populate(store.as_ref());
+    check_populated(store.as_ref());
+    let version = store.config_version().expect("version");
+    store.close();
+    assert!(
+        matches!(store.config_version(), Err(StoreError::Closed)),
+        "a closed store refuses calls"
+    );
+    drop(store);
+    let store = open();
+    check_populated(store.as_ref());
+    assert_eq!(
+        store.config_version().expect("version"),
+        version,
+        "the config version survives a reopen"
+    );
+    store.close();
+}
+
+fn populate(s: &dyn Store) {
+    let v0 = s.config_version().expect("version");
+    assert_eq!(v0, 0, "an empty store starts at version 0");
+
+    // groups
+    assert!(s.ensure_group(&group("Default")).expect("ensure"));
+    assert!(!s.ensure_group(&group("Default")).expect("ensure again"));
+    let v1 = s.config_version().expect("version");
+    assert!(v1 > v0, "creating a group bumps the version");
+    let v2 = s.create_group(&group("dc1")).expect("create dc1");
+    assert!(v2 > v1);
+    assert!(matches!(
+        s.create_group(&group("dc1")),
+        Err(StoreError::AlreadyExists { kind: "group", .. })
+    ));
+    s.create_group(&group("empty")).expect("create empty");
+    s.create_group(&group("gone")).expect("create gone");
+    let v = s
+        .delete_group(&GroupId::new("gone").expect("id"))
+        .expect("delete gone");
+    assert_eq!(s.config_version().expect("version"), v);
+    assert!(s
+        .get_group(&GroupId::new("gone").expect("id"))
+        .expect("get")
+        .is_none());
+    assert!(matches!(
+        s.delete_group(&GroupId::new("gone").expect("id")),
+        Err(StoreError::NotFound { kind: "group", .. })
+    ));
+    assert!(matches!(
+        s.delete_group(&GroupId::default_group()),
+        Err(StoreError::DefaultGroup { .. })
+    ));
+
+    // apps
+    let before = s.config_version().expect("version");
+    let v = s
+        .create_app(&app("hr", "hr.apps.test", "dc1"))
+        .expect("create hr");
+    assert!(v > before);
+    assert!(matches!(
+        s.create_app(&app("hr", "other.apps.test", "dc1")),
+        Err(StoreError::AlreadyExists { kind: "app", .. })
+    ));
+    assert!(matches!(
+        s.create_app(&app("hr2", "hr.apps.test", "dc1")),
+        Err(StoreError::HostTaken { ref app, .. }) if app == "hr"
+    ));
+    assert!(matches!(
+        s.create_app(&app("x", "x.apps.test", "nope")),
+        Err(StoreError::NotFound { kind: "group", .. })
+    ));
+    s.create_app(&app("tmp", "tmp.apps.test", "Default"))
+        .expect("create tmp");
+    s.delete_app(&AppId::new("tmp").expect("id"))
+        .expect("delete tmp");
+    assert!(matches!(
+        s.delete_app(&AppId::new("tmp").expect("id")),
+        Err(StoreError::NotFound { kind: "app", .. })
+    ));
+    match s.delete_group(&GroupId::new("dc1").expect("id")) {
+        Err(StoreError::GroupNotEmpty {
+            apps: 1,
+            connectors: 0,
+            ..
+        }) => {}
+        other => panic!("deleting a group with an app: {other:?}"),
+    }
+
+    // tokens and enrollment
+    let scope = TokenScope::Connector {
+        group: GroupId::new("dc1").expect("id"),
+    };
+    s.create_token(&token("00000000000000c1", scope.clone()))
+        .expect("token");
+    assert!(matches!(
+        s.create_token(&token("00000000000000c1", scope.clone())),
+        Err(StoreError::AlreadyExists { .. })
+    ));
+    s.create_token(&token("00000000000000c2", scope))
+        .expect("token 2");
+    s.create_token(&token(
+        "00000000000000e1",
+        TokenScope::Edge {
+            region: RegionId::default_region(),
+        },
+    ))
+    .expect("edge token");
+    s.enroll_connector("00000000000000c1", 350, &connector("c-1", "dc1"))
+        .expect("enroll c-1");
+    assert!(matches!(
+        s.enroll_connector("00000000000000c1", 351, &connector("c-other", "dc1")),
+        Err(StoreError::TokenUsed)
+    ));
+    assert!(
+        s.get_connector(&ConnectorId::new("c-other").expect("id"))
+            .expect("get")
+            .is_none(),
+        "a refused enrollment creates nothing"
+    );
+    assert!(matches!(
+        s.enroll_connector("00000000000000ff", 351, &connector("c-x", "dc1")),
+        Err(StoreError::NotFound {
+            kind: "join token",
+            ..
+        })
+    ));
+    // A failed enrollment (unknown group) leaves the token unused.
+    assert!(matches!(
+        s.enroll_connector("00000000000000c2", 352, &connector("c-2", "nope")),
+        Err(StoreError::NotFound { kind: "group", .. })
+    ));
+    assert_eq!(
+        s.get_token("00000000000000c2")
+            .expect("get")
+            .expect("some")
+            .used_at,
+        None
+    );
+    s.enroll_connector("00000000000000c2", 353, &connector("c-2", "dc1"))
+        .expect("enroll c-2");
+    assert_eq!(
+        s.get_token("00000000000000c1")
+            .expect("get")
+            .expect("some")
+            .used_at,
+        Some(350)
+    );
+    s.enroll_edge("00000000000000e1", 360, &edge("e-1"))
+        .expect("enroll e-1");
+
+    // connectors
+    let c1 = ConnectorId::new("c-1").expect("id");
+    s.set_connector_cert(
+        &c1,
+        &CertInfo {
+            serial: "ffee".into(),
+            not_after: 9000,
+        },
+    )
+    .expect("cert");
+    s.connector_seen(&ConnectorSeen {
+        id: c1.clone(),
+        at: 700,
+        address: "192.0.2.1:5000".into(),
+        version: "0.2.0".into(),
+        tunnels: 2,
+    })
+    .expect("seen");
+    s.connector_seen(&ConnectorSeen {
+        id: ConnectorId::new("c-unknown").expect("id"),
+        at: 700,
+        address: "x".into(),
+        version: "x".into(),
+        tunnels: 1,
+    })
+    .expect("unknown connectors are ignored");
+    let before = s.config_version().expect("version");
+    let v = s
+        .delete_connector(&ConnectorId::new("c-2").expect("id"), 800)
+        .expect("delete c-2");
+    assert!(v > before, "deleting a connector bumps the version");
+    assert!(matches!(
+        s.delete_connector(&ConnectorId::new("c-2").expect("id"), 801),
+        Err(StoreError::NotFound { .. })
+    ));
+    assert!(matches!(
+        s.set_connector_cert(
+            &ConnectorId::new("c-404").expect("id"),
+            &CertInfo {
+                serial: "1".into(),
+                not_after: 1
+            }
+        ),
+        Err(StoreError::NotFound { .. })
+    ));
+
+    // edges
+    let e1 = EdgeId::new("e-1").expect("id");
+    let seen = EdgeSeen {
+        id: e1.clone(),
+        at: 900,
+        tunnel_addr: "127.0.0.1:4433".into(),
+        public_addr: "127.0.0.1:8443".into(),
+        version: "0.3.0".into(),
+        tunnels: 3,
+    };
+    let before = s.config_version().expect("version");
+    let v = s
+        .edge_seen(&seen)
+        .expect("seen")
+        .expect("a new tunnel address bumps");
+    assert!(v > before);
+    assert_eq!(
+        s.edge_seen(&seen).expect("seen again"),
+        None,
+        "no change, no bump"
+    );
+    assert!(matches!(
+        s.edge_seen(&EdgeSeen {
+            id: EdgeId::new("e-404").expect("id"),
+            ..seen.clone()
+        }),
+        Err(StoreError::NotFound { kind: "edge", .. })
+    ));
+    s.set_edge_cert(
+        &e1,
+        &CertInfo {
+            serial: "abcd".into(),
+            not_after: 7000,
+        },
+    )
+    .expect("edge cert");
+}
+
+fn check_populated(s: &dyn Store) {
+    let groups = s.list_groups().expect("groups");
+    let ids: Vec<(&str, u32)> = groups.iter().map(|(g, n)| (g.id.as_str(), *n)).collect();
+    assert_eq!(ids, vec![("Default", 0), ("dc1", 1), ("empty", 0)]);
+    assert_eq!(
+        s.get_group(&GroupId::new("dc1").expect("id")).expect("get"),
+        Some(group("dc1"))
+    );
+
+    let apps = s.list_apps().expect("apps");
+    assert_eq!(apps, vec![app("hr", "hr.apps.test", "dc1")]);
+    assert_eq!(
+        s.get_app(&AppId::new("hr").expect("id")).expect("get"),
+        Some(app("hr", "hr.apps.test", "dc1"))
+    );
+    assert_eq!(
+        s.get_app(&AppId::new("tmp").expect("id")).expect("get"),
+        None
+    );
+
+    let t = s
+        .get_token("00000000000000c1")
+        .expect("get")
+        .expect("token");
+    assert_eq!(t.used_at, Some(350));
+    assert_eq!(t.secret_sha256, "ab".repeat(32));
+    assert_eq!(
+        s.get_token("00000000000000e1")
+            .expect("get")
+            .expect("token")
+            .scope,
+        TokenScope::Edge {
+            region: RegionId::default_region()
+        }
+    );
+    assert_eq!(s.get_token("0000000000000000").expect("get"), None);
+
+    let connectors = s.list_connectors().expect("connectors");
+    assert_eq!(connectors.len(), 2);
+    let c1 = s
+        .get_connector(&ConnectorId::new("c-1").expect("id"))
+        .expect("get")
+        .expect("c-1");
+    assert_eq!(c1.cert.serial, "ffee");
+    assert_eq!(c1.cert.not_after, 9000);
+    assert_eq!(c1.last_seen, Some(700));
+    assert_eq!(c1.address_seen.as_deref(), Some("192.0.2.1:5000"));
+    assert_eq!(c1.version, "0.2.0");
+    assert_eq!(c1.tunnels, 2);
+    assert_eq!(c1.deleted_at, None);
+    let c2 = s
+        .get_connector(&ConnectorId::new("c-2").expect("id"))
+        .expect("get")
+        .expect("c-2 is kept as a tombstone");
+    assert_eq!(c2.deleted_at, Some(800));
+
+    let edges = s.list_edges().expect("edges");
+    assert_eq!(edges.len(), 1);
+    let e = &edges[0];
+    assert_eq!(e.tunnel_addr.as_deref(), Some("127.0.0.1:4433"));
+    assert_eq!(e.public_addr.as_deref(), Some("127.0.0.1:8443"));
+    assert_eq!(e.last_seen, Some(900));
+    assert_eq!(e.tunnels, 3);
+    assert_eq!(e.version, "0.3.0");
+    assert_eq!(e.cert.serial, "abcd");
+    assert_eq!(
+        s.get_edge(&EdgeId::new("e-1").expect("id"))
+            .expect("get")
+            .as_ref(),
+        Some(e)
+    );
+
+    assert!(s.config_version().expect("version") >= 8);
+}

@@ -1,0 +1,1007 @@
+//! The router's HTTPS API end to end: a real router on 127.0.0.1:0, real
+//! TLS, and the agent's `RouterClient` (plus a raw hyper client where a
+//! typed client cannot send what is tested).
+
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context as _};
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use portico_agent::pki;
+use portico_agent::{ClientError, Credentials, RouterClient, RouterTrust, Secret};
+use portico_proto::api::{
+    self, ApiError, App, CertResponse, Connector, ConnectorConfig, CsrRequest, Edge, EdgeConfig,
+    EdgeReport, EnrollRequest, EnrollResponse, Group, Identity, JoinToken, Status, TokenCreated,
+    TokenScope, TunnelReport,
+};
+use portico_proto::ids::{ConnectorId, GroupId, RegionId};
+use portico_router::store::{SqliteStore, Store, TokenRecord};
+use portico_router::{Config, Handle};
+use rustls::pki_types::{CertificateDer, UnixTime};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+/// A hang guard only: no test asserts how long anything takes.
+const GUARD: Duration = Duration::from_secs(30);
+
+async fn start(
+    dir: &Path,
+    tweak: impl FnOnce(&mut Config),
+) -> anyhow::Result<(Handle, CancellationToken)> {
+    let mut config = Config::new(dir);
+    config.listen = "127.0.0.1:0".parse()?;
+    config.metrics_listen = Some("127.0.0.1:0".parse()?);
+    tweak(&mut config);
+    let shutdown = CancellationToken::new();
+    let handle = portico_router::start(config, shutdown.clone()).await?;
+    Ok((handle, shutdown))
+}
+
+async fn stop(handle: Handle, shutdown: CancellationToken) -> anyhow::Result<()> {
+    shutdown.cancel();
+    tokio::time::timeout(GUARD, handle.wait()).await??;
+    Ok(())
+}
+
+fn anon(h: &Handle) -> anyhow::Result<RouterClient> {
+    Ok(RouterClient::new(
+        &h.url(),
+        RouterTrust::CaPem(h.ca_pem.clone()),
+        None,
+    )?)
+}
+
+fn admin(h: &Handle) -> anyhow::Result<RouterClient> {
+    Ok(anon(h)?.with_bearer(h.admin_token()))
+}
+
+fn agent(h: &Handle, creds: &Credentials) -> anyhow::Result<RouterClient> {
+    Ok(RouterClient::new(
+        &h.url(),
+        RouterTrust::CaPem(h.ca_pem.clone()),
+        Some(creds),
+    )?)
+}
+
+/// The status and body of a refusal.
+fn refusal<T: std::fmt::Debug>(r: Result<T, ClientError>) -> (u16, ApiError) {
+    match r {
+        Ok(v) => panic!("expected a refusal, got {v:?}"),
+        Err(e) => (
+            e.status().unwrap_or_else(|| panic!("no status in {e}")),
+            e.api_error()
+                .unwrap_or_else(|| panic!("no ApiError in {e}"))
+                .clone(),
+        ),
+    }
+}
+
+fn assert_refused<T: std::fmt::Debug>(
+    r: Result<T, ClientError>,
+    status: u16,
+    field: Option<&str>,
+    message_part: &str,
+) {
+    let (got, err) = refusal(r);
+    assert_eq!(got, status, "status of {err:?}");
+    assert_eq!(err.field.as_deref(), field, "field of {err:?}");
+    assert!(
+        err.message.contains(message_part),
+        "message {:?} should mention {message_part:?}",
+        err.message
+    );
+}
+
+async fn create_token(admin: &RouterClient, scope: TokenScope) -> anyhow::Result<TokenCreated> {
+    Ok(admin
+        .post_json("/v1/tokens", &json!({ "scope": scope, "ttl_secs": 600 }))
+        .await?)
+}
+
+/// Enrolls with a fresh key, trusting the router by the token's CA pin.
+async fn enroll(h: &Handle, token: &str) -> Result<(Credentials, EnrollResponse), ClientError> {
+    let key = pki::generate_key()?;
+    let parsed: JoinToken = token.parse().expect("token parses");
+    let client = RouterClient::new(&h.url(), RouterTrust::CaSha256(parsed.ca_sha256), None)?;
+    let answer: EnrollResponse = client
+        .post_json(
+            "/v1/enroll",
+            &EnrollRequest {
+                token: token.to_owned(),
+                csr_pem: pki::csr_pem(&key)?,
+                host: "test-host".into(),
+                version: "0.1.0-test".into(),
+            },
+        )
+        .await?;
+    let creds = Credentials::new(
+        answer.identity.clone(),
+        Secret::new(key.serialize_pem()),
+        answer.cert.cert_pem.clone(),
+        answer.cert.ca_pem.clone(),
+    )?;
+    Ok((creds, answer))
+}
+
+struct CertNames {
+    uris: Vec<String>,
+    dns: Vec<String>,
+    serial: String,
+}
+
+fn cert_names(pem: &str) -> anyhow::Result<CertNames> {
+    let der = pki::parse_certs_pem(pem)?.remove(0);
+    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref())?;
+    let san = cert.subject_alternative_name()?.context("no SAN")?;
+    let mut names = CertNames {
+        uris: vec![],
+        dns: vec![],
+        serial: pki::serial_hex(&der)?,
+    };
+    for n in &san.value.general_names {
+        match n {
+            x509_parser::extensions::GeneralName::URI(u) => names.uris.push((*u).to_owned()),
+            x509_parser::extensions::GeneralName::DNSName(d) => names.dns.push((*d).to_owned()),
+            _ => {}
+        }
+    }
+    Ok(names)
+}
+
+/// Checks that the leaf of `pem` chains to the CA as a client certificate.
+fn chains_to_ca(pem: &str, ca_pem: &str) -> anyhow::Result<()> {
+    let leaf: CertificateDer<'static> = pki::parse_certs_pem(pem)?.remove(0);
+    let verifier = pki::client_verifier(ca_pem, false)?;
+    verifier.verify_client_cert(&leaf, &[], UnixTime::now())?;
+    Ok(())
+}
+
+/// A raw HTTPS call, for bodies the typed client cannot send.
+async fn raw(
+    h: &Handle,
+    method: &str,
+    path: &str,
+    body: &str,
+    bearer: Option<&str>,
+) -> anyhow::Result<(u16, String)> {
+    let verifier = pki::fixed_name_verifier(&h.ca_pem, api::ROUTER_SERVER_NAME)?;
+    let tls = rustls::ClientConfig::builder_with_provider(pki::provider())
+        .with_safe_default_protocol_versions()?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_only()
+        .enable_http1()
+        .enable_http2()
+        .build();
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build(https);
+    let mut req = http::Request::builder()
+        .method(method)
+        .uri(format!("{}{path}", h.url()))
+        .header("content-type", "application/json");
+    if let Some(token) = bearer {
+        req = req.header("authorization", format!("Bearer {token}"));
+    }
+    let resp = client
+        .request(req.body(Full::new(Bytes::from(body.to_owned())))?)
+        .await?;
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await?.to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// A plain-HTTP GET (the metrics listener).
+async fn plain_get(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let resp = client
+        .request(http::Request::get(format!("http://{addr}{path}")).body(Full::new(Bytes::new()))?)
+        .await?;
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await?.to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+fn app_spec(id: &str, group: &str) -> serde_json::Value {
+    json!({ "id": id, "internal_url": "http://10.0.0.5:8080/", "connector_group": group })
+}
+
+#[tokio::test]
+async fn admin_crud_and_validation_errors() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (h, shutdown) = start(dir.path(), |_| {}).await?;
+    let admin = admin(&h)?;
+
+    // Health needs no credentials.
+    let (status, body) = raw(&h, "GET", "/healthz", "", None).await?;
+    assert_eq!((status, body.trim()), (200, "ok"));
+
+    // Admin token: missing, wrong.
+    assert_refused(
+        anon(&h)?.get_json::<Vec<App>>("/v1/apps").await,
+        401,
+        None,
+        "Bearer",
+    );
+    assert_refused(
+        anon(&h)?
+            .with_bearer("00".repeat(32))
+            .get_json::<Vec<App>>("/v1/apps")
+            .await,
+        401,
+        None,
+        "wrong admin token",
+    );
+    // An agent endpoint without a client certificate.
+    assert_refused(
+        admin.get_json::<EdgeConfig>("/v1/edge/config").await,
+        401,
+        None,
+        "edge client certificate",
+    );
+
+    // Groups.
+    let groups: Vec<Group> = admin.get_json("/v1/groups").await?;
+    assert_eq!(groups.len(), 1);
+    assert_eq!(groups[0].id, GroupId::default_group());
+    let g: Group = admin
+        .post_json("/v1/groups", &json!({ "id": "dc1" }))
+        .await?;
+    assert_eq!(
+        (g.id.as_str(), g.region.as_str(), g.connectors),
+        ("dc1", "auto", 0)
+    );
+    assert_refused(
+        admin
+            .post_json::<_, Group>("/v1/groups", &json!({ "id": "dc1" }))
+            .await,
+        409,
+        Some("id"),
+        "already exists",
+    );
+    assert_refused(
+        admin
+            .post_json::<_, Group>(
+                "/v1/groups",
+                &json!({ "id": "x", "region": "not a region" }),
+            )
+            .await,
+        400,
+        Some("region"),
+        "auto",
+    );
+
+    // Apps.
+    let app: App = admin.post_json("/v1/apps", &app_spec("hr", "dc1")).await?;
+    assert_eq!(app.external_host, "hr.apps.localhost");
+    assert_eq!(app.external_url, "https://hr.apps.localhost/");
+    assert_eq!(app.connector_group.as_str(), "dc1");
+    let custom: App = admin
+        .post_json(
+            "/v1/apps",
+            &json!({ "id": "wiki", "internal_url": "https://wiki.corp:8443/w", "external_host": "Docs.Apps.Localhost" }),
+        )
+        .await?;
+    assert_eq!(
+        custom.external_host, "docs.apps.localhost",
+        "external hosts are lower-cased"
+    );
+    assert_eq!(custom.connector_group, GroupId::default_group());
+    let got: App = admin.get_json("/v1/apps/hr").await?;
+    assert_eq!(got, app);
+    let all: Vec<App> = admin.get_json("/v1/apps").await?;
+    assert_eq!(all.len(), 2);
+
+    for (url, part) in [
+        ("ftp://10.0.0.5/", "scheme"),
+        ("http://user:pw@10.0.0.5/", "user name"),
+        ("http://10.0.0.5/#top", "fragment"),
+        ("not a url", "not a URL"),
+    ] {
+        assert_refused(
+            admin
+                .post_json::<_, App>("/v1/apps", &json!({ "id": "bad", "internal_url": url }))
+                .await,
+            400,
+            Some("internal_url"),
+            part,
+        );
+    }
+    for host in [
+        "hr.example.com",
+        "apps.localhost",
+        "bad_host.apps.localhost",
+        "evilapps.localhost",
+    ] {
+        assert_refused(
+            admin
+                .post_json::<_, App>(
+                    "/v1/apps",
+                    &json!({ "id": "bad", "internal_url": "http://x/", "external_host": host }),
+                )
+                .await,
+            400,
+            Some("external_host"),
+            "",
+        );
+    }
+    assert_refused(
+        admin
+            .post_json::<_, App>(
+                "/v1/apps",
+                &json!({ "id": "hr2", "internal_url": "http://x/", "external_host": "HR.apps.localhost" }),
+            )
+            .await,
+        409,
+        Some("external_host"),
+        "hr",
+    );
+    assert_refused(
+        admin
+            .post_json::<_, App>("/v1/apps", &app_spec("hr", "dc1"))
+            .await,
+        409,
+        Some("id"),
+        "already exists",
+    );
+    assert_refused(
+        admin
+            .post_json::<_, App>("/v1/apps", &app_spec("x", "nope"))
+            .await,
+        404,
+        Some("connector_group"),
+        "nope",
+    );
+    // Malformed bodies answer ApiError JSON naming the field.
+    assert_refused(
+        admin
+            .post_json::<_, App>("/v1/apps", &json!({ "id": "x" }))
+            .await,
+        400,
+        Some("internal_url"),
+        "missing field",
+    );
+    assert_refused(
+        admin
+            .post_json::<_, App>(
+                "/v1/apps",
+                &json!({ "id": "a b", "internal_url": "http://x/" }),
+            )
+            .await,
+        400,
+        Some("id"),
+        "app id",
+    );
+    assert_refused(
+        admin
+            .post_json::<_, App>(
+                "/v1/apps",
+                &json!({ "id": "x", "internal_url": "http://x/", "colour": 1 }),
+            )
+            .await,
+        400,
+        Some("colour"),
+        "unknown field",
+    );
+    let (status, body) = raw(&h, "POST", "/v1/apps", "{not json", Some(&h.admin_token())).await?;
+    assert_eq!(status, 400);
+    let err: ApiError = serde_json::from_str(&body).with_context(|| format!("body {body:?}"))?;
+    assert_eq!(err.error, "invalid");
+    assert!(err.message.contains("malformed JSON"), "{err:?}");
+    let (status, body) = raw(&h, "GET", "/v1/nothing-here", "", None).await?;
+    assert_eq!(status, 404);
+    serde_json::from_str::<ApiError>(&body)?;
+
+    // Deleting groups: Default never, non-empty ones name what is in them.
+    assert_refused(
+        admin.delete("/v1/groups/Default").await,
+        409,
+        None,
+        "always exists",
+    );
+    assert_refused(admin.delete("/v1/groups/dc1").await, 409, None, "1 app(s)");
+    assert_refused(admin.delete("/v1/groups/nope").await, 404, None, "nope");
+    // Unknown ids.
+    assert_refused(
+        admin.get_json::<App>("/v1/apps/nope").await,
+        404,
+        None,
+        "nope",
+    );
+    assert_refused(admin.delete("/v1/apps/nope").await, 404, None, "nope");
+    assert_refused(
+        admin.delete("/v1/connectors/c-nope").await,
+        404,
+        None,
+        "c-nope",
+    );
+
+    // Tokens.
+    assert_refused(
+        admin
+            .post_json::<_, TokenCreated>(
+                "/v1/tokens",
+                &json!({ "scope": { "kind": "connector", "group": "dc1" }, "ttl_secs": 0 }),
+            )
+            .await,
+        400,
+        Some("ttl_secs"),
+        "between",
+    );
+    assert_refused(
+        admin
+            .post_json::<_, TokenCreated>(
+                "/v1/tokens",
+                &json!({ "scope": { "kind": "connector", "group": "dc1" }, "ttl_secs": 8 * 86400 }),
+            )
+            .await,
+        400,
+        Some("ttl_secs"),
+        "7 days",
+    );
+    assert_refused(
+        admin
+            .post_json::<_, TokenCreated>(
+                "/v1/tokens",
+                &json!({ "scope": { "kind": "connector", "group": "nope" } }),
+            )
+            .await,
+        404,
+        Some("scope.group"),
+        "nope",
+    );
+    let t: TokenCreated = admin
+        .post_json(
+            "/v1/tokens",
+            &json!({ "scope": { "kind": "connector", "group": "dc1" } }),
+        )
+        .await?;
+    let parsed: JoinToken = t.token.parse()?;
+    assert_eq!(parsed.id, t.id);
+    assert_eq!(parsed.id.len(), 16);
+    assert_eq!(parsed.secret.len(), 32);
+    assert_eq!(parsed.ca_sha256, h.ca_sha256);
+    let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
+    assert!(
+        t.expires_at > now && t.expires_at <= now + 3600 + 5,
+        "default ttl is an hour"
+    );
+
+    // Emptying a group lets it go.
+    admin.delete("/v1/apps/hr").await?;
+    assert_refused(admin.get_json::<App>("/v1/apps/hr").await, 404, None, "hr");
+    admin.delete("/v1/groups/dc1").await?;
+    let groups: Vec<Group> = admin.get_json("/v1/groups").await?;
+    assert_eq!(groups.len(), 1);
+
+    // Metrics count the calls.
+    let metrics_addr = h.metrics_addr.context("metrics listener")?;
+    let (status, text) = plain_get(metrics_addr, "/metrics").await?;
+    assert_eq!(status, 200);
+    assert!(
+        text.contains(r#"portico_router_api_requests_total{route="/v1/apps",status="201"}"#),
+        "{text}"
+    );
+    assert!(text.contains("portico_router_config_version"), "{text}");
+    assert!(
+        text.contains(r#"portico_router_connectors{status="active"} 0"#),
+        "{text}"
+    );
+    assert_eq!(plain_get(metrics_addr, "/ready").await?.0, 200);
+
+    stop(h, shutdown).await
+}
+
+#[tokio::test]
+async fn enroll_renew_report_and_revoke() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (h, shutdown) = start(dir.path(), |_| {}).await?;
+    let admin = admin(&h)?;
+
+    // A connector enrolls with a real key and CSR.
+    let token = create_token(
+        &admin,
+        TokenScope::Connector {
+            group: GroupId::default_group(),
+        },
+    )
+    .await?;
+    let (conn_creds, answer) = enroll(&h, &token.token).await?;
+    let Identity::Connector { id: conn_id, group } = answer.identity.clone() else {
+        bail!("expected a connector identity, got {:?}", answer.identity);
+    };
+    assert_eq!(group, GroupId::default_group());
+    assert!(
+        conn_id.as_str().starts_with("c-") && conn_id.as_str().len() == 18,
+        "{conn_id}"
+    );
+    let names = cert_names(&answer.cert.cert_pem)?;
+    assert_eq!(names.uris, answer.identity.to_uris());
+    assert!(names.dns.is_empty(), "connector certs carry no DNS names");
+    assert_eq!(answer.cert.ca_pem, h.ca_pem);
+    chains_to_ca(&answer.cert.cert_pem, &h.ca_pem)?;
+    assert_eq!(
+        pki::identity_of(&conn_creds.cert_chain()?[0])?,
+        answer.identity
+    );
+
+    // The token is single use; unknown, foreign and expired tokens fail.
+    let (status, err) = refusal(enroll(&h, &token.token).await);
+    assert_eq!(
+        (status, err.message.as_str()),
+        (401, "join token already used")
+    );
+    let unknown = JoinToken {
+        id: "0123456789abcdef".into(),
+        secret: "00".repeat(16),
+        ca_sha256: h.ca_sha256.clone(),
+    };
+    assert_refused(
+        enroll(&h, &unknown.to_string()).await,
+        401,
+        None,
+        "unknown join token",
+    );
+    let wrong_secret = JoinToken {
+        secret: "11".repeat(16),
+        ..token.token.parse()?
+    };
+    assert_refused(
+        enroll(&h, &wrong_secret.to_string()).await,
+        401,
+        None,
+        "unknown join token",
+    );
+    {
+        // Plant an expired token through a second connection to the store.
+        let store = SqliteStore::open(dir.path().join("portico.db"))?;
+        let secret = "22".repeat(16);
+        let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
+        store.create_token(&TokenRecord {
+            id: "00000000000000ee".into(),
+            secret_sha256: pki::sha256_hex(secret.as_bytes()),
+            scope: TokenScope::Connector {
+                group: GroupId::default_group(),
+            },
+            created_at: now - 100,
+            expires_at: now - 10,
+            used_at: None,
+        })?;
+        store.close();
+        let expired = JoinToken {
+            id: "00000000000000ee".into(),
+            secret,
+            ca_sha256: h.ca_sha256.clone(),
+        };
+        assert_refused(
+            enroll(&h, &expired.to_string()).await,
+            401,
+            None,
+            "join token expired at ",
+        );
+    }
+    let bad_csr = RouterClient::new(&h.url(), RouterTrust::CaPem(h.ca_pem.clone()), None)?
+        .post_json::<_, EnrollResponse>(
+            "/v1/enroll",
+            &EnrollRequest {
+                token: create_token(
+                    &admin,
+                    TokenScope::Connector {
+                        group: GroupId::default_group(),
+                    },
+                )
+                .await?
+                .token,
+                csr_pem:
+                    "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n"
+                        .into(),
+                host: "h".into(),
+                version: "v".into(),
+            },
+        )
+        .await;
+    assert_refused(bad_csr, 400, Some("csr_pem"), "CSR");
+
+    // Renewal with the connector's certificate and a new key.
+    let conn = agent(&h, &conn_creds)?;
+    let new_key = pki::generate_key()?;
+    let renewed: CertResponse = conn
+        .post_json(
+            "/v1/renew",
+            &CsrRequest {
+                csr_pem: pki::csr_pem(&new_key)?,
+            },
+        )
+        .await?;
+    let renewed_names = cert_names(&renewed.cert_pem)?;
+    assert_eq!(renewed_names.uris, answer.identity.to_uris());
+    assert_ne!(renewed_names.serial, names.serial);
+    chains_to_ca(&renewed.cert_pem, &h.ca_pem)?;
+    let conn_creds2 = Credentials::new(
+        answer.identity.clone(),
+        Secret::new(new_key.serialize_pem()),
+        renewed.cert_pem.clone(),
+        renewed.ca_pem.clone(),
+    )?;
+    let conn2 = agent(&h, &conn_creds2)?;
+    let listed: Vec<Connector> = admin.get_json("/v1/connectors").await?;
+    assert_eq!(listed.len(), 1);
+    assert_eq!(
+        listed[0].cert_serial, renewed_names.serial,
+        "renewal records the serial"
+    );
+    assert_eq!(listed[0].status, Status::Inactive);
+    assert_eq!(listed[0].host, "test-host");
+
+    // An edge enrolls; its cert has the edge DNS name.
+    let token = create_token(
+        &admin,
+        TokenScope::Edge {
+            region: RegionId::default_region(),
+        },
+    )
+    .await?;
+    let (edge_creds, edge_answer) = enroll(&h, &token.token).await?;
+    let Identity::Edge { id: edge_id, .. } = edge_answer.identity.clone() else {
+        bail!("expected an edge identity");
+    };
+    let edge_names = cert_names(&edge_answer.cert.cert_pem)?;
+    assert_eq!(edge_names.uris, edge_answer.identity.to_uris());
+    assert_eq!(edge_names.dns, vec![api::edge_server_name(&edge_id)]);
+    let edge = agent(&h, &edge_creds)?;
+    assert_refused(
+        admin
+            .post_json::<_, TokenCreated>(
+                "/v1/tokens",
+                &json!({ "scope": { "kind": "edge", "region": "mars" } }),
+            )
+            .await,
+        400,
+        Some("scope.region"),
+        "mars",
+    );
+
+    // The wildcard public certificate.
+    let public: CertResponse = edge
+        .post_json(
+            "/v1/edge/public-cert",
+            &CsrRequest {
+                csr_pem: pki::csr_pem(&pki::generate_key()?)?,
+            },
+        )
+        .await?;
+    let public_names = cert_names(&public.cert_pem)?;
+    assert_eq!(
+        public_names.dns,
+        vec!["*.apps.localhost".to_owned(), "apps.localhost".to_owned()]
+    );
+    assert!(public_names.uris.is_empty());
+    // Connectors may not ask for it, nor read the edge config.
+    assert_refused(
+        conn2
+            .post_json::<_, CertResponse>(
+                "/v1/edge/public-cert",
+                &CsrRequest {
+                    csr_pem: String::new(),
+                },
+            )
+            .await,
+        401,
+        None,
+        "edge",
+    );
+    assert_refused(
+        conn2.get_json::<EdgeConfig>("/v1/edge/config").await,
+        401,
+        None,
+        "edge",
+    );
+
+    // Presence: the edge reports the connector.
+    edge.post_empty(
+        "/v1/edge/report",
+        &EdgeReport {
+            tunnel_addr: "127.0.0.1:4433".into(),
+            public_addr: "127.0.0.1:8443".into(),
+            version: "0.1.0-edge".into(),
+            tunnels: vec![TunnelReport {
+                connector_id: conn_id.clone(),
+                group: GroupId::default_group(),
+                agent_version: "0.1.0-conn".into(),
+                remote_addr: "192.0.2.7:50000".into(),
+                tunnels: 2,
+            }],
+        },
+    )
+    .await?;
+    assert_refused(
+        edge.post_empty(
+            "/v1/edge/report",
+            &json!({ "tunnel_addr": "nope", "public_addr": "127.0.0.1:1", "version": "v", "tunnels": [] }),
+        )
+        .await
+        .map(|()| "ok"),
+        400,
+        Some("tunnel_addr"),
+        "host:port",
+    );
+    let listed: Vec<Connector> = admin.get_json("/v1/connectors").await?;
+    let c = &listed[0];
+    assert_eq!(c.status, Status::Active);
+    assert_eq!(c.edges, vec![edge_id.clone()]);
+    assert_eq!(c.address_seen.as_deref(), Some("192.0.2.7:50000"));
+    assert_eq!(c.version, "0.1.0-conn");
+    assert_eq!(c.tunnels, 2);
+    let edges: Vec<Edge> = admin.get_json("/v1/edges").await?;
+    assert_eq!(edges.len(), 1);
+    assert_eq!(edges[0].status, Status::Active);
+    assert_eq!(edges[0].tunnel_addr.as_deref(), Some("127.0.0.1:4433"));
+    assert_eq!(edges[0].tunnels, 2);
+
+    // The app's URL takes the edge's public port; the connector sees the
+    // app and the edge.
+    let app: App = admin
+        .post_json("/v1/apps", &app_spec("hr", "Default"))
+        .await?;
+    assert_eq!(app.external_url, "https://hr.apps.localhost:8443/");
+    let cc: ConnectorConfig = conn2
+        .watch("/v1/connector/config", 0, Duration::ZERO)
+        .await?
+        .context("a first watch answers at once")?;
+    assert_eq!(cc.group, GroupId::default_group());
+    assert_eq!(cc.apps, vec![app.clone()]);
+    assert_eq!(cc.edges.len(), 1);
+    assert_eq!(cc.edges[0].id, edge_id);
+    assert_eq!(cc.edges[0].tunnel_addr, "127.0.0.1:4433");
+    let ec: EdgeConfig = edge
+        .watch("/v1/edge/config", 0, Duration::ZERO)
+        .await?
+        .context("a first watch answers at once")?;
+    assert_eq!(ec.apps, vec![app]);
+    assert_eq!(ec.apps_domain, "apps.localhost");
+    assert!(ec.groups.contains(&GroupId::default_group()));
+    assert!(ec.revoked.is_empty());
+    assert_eq!(ec.version, cc.version);
+
+    // Deleting the connector revokes it.
+    admin.delete(&format!("/v1/connectors/{conn_id}")).await?;
+    let r = conn2
+        .post_json::<_, CertResponse>(
+            "/v1/renew",
+            &CsrRequest {
+                csr_pem: pki::csr_pem(&pki::generate_key()?)?,
+            },
+        )
+        .await;
+    assert!(matches!(&r, Err(e) if e.is_revoked()), "{r:?}");
+    let r = conn2
+        .watch::<ConnectorConfig>("/v1/connector/config", 0, Duration::ZERO)
+        .await;
+    assert!(matches!(&r, Err(e) if e.is_revoked()), "{r:?}");
+    let ec2: EdgeConfig = edge
+        .watch("/v1/edge/config", ec.version, Duration::from_secs(50))
+        .await?
+        .context("the deletion is a change")?;
+    assert!(ec2.version > ec.version);
+    assert_eq!(ec2.revoked, vec![conn_id.clone()]);
+    let listed: Vec<Connector> = admin.get_json("/v1/connectors").await?;
+    assert!(listed.is_empty(), "deleted connectors are not listed");
+    assert_refused(
+        admin.delete(&format!("/v1/connectors/{conn_id}")).await,
+        404,
+        None,
+        "",
+    );
+
+    // Edges renew too.
+    let renewed: CertResponse = edge
+        .post_json(
+            "/v1/renew",
+            &CsrRequest {
+                csr_pem: pki::csr_pem(&pki::generate_key()?)?,
+            },
+        )
+        .await?;
+    assert_eq!(
+        cert_names(&renewed.cert_pem)?.dns,
+        vec![api::edge_server_name(&edge_id)]
+    );
+
+    let (_, text) = plain_get(h.metrics_addr.context("metrics")?, "/metrics").await?;
+    assert!(
+        text.contains(r#"portico_router_enrollments_total{kind="connector",result="ok"} 1"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"portico_router_enrollments_total{kind="connector",result="refused"}"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"portico_router_edges{status="active"} 1"#),
+        "{text}"
+    );
+
+    stop(h, shutdown).await
+}
+
+#[tokio::test]
+async fn long_poll_answers_when_an_app_is_created_and_ends_at_shutdown() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (h, shutdown) = start(dir.path(), |_| {}).await?;
+    let admin = admin(&h)?;
+    let token = create_token(
+        &admin,
+        TokenScope::Edge {
+            region: RegionId::default_region(),
+        },
+    )
+    .await?;
+    let (edge_creds, _) = enroll(&h, &token.token).await?;
+    let edge = agent(&h, &edge_creds)?;
+    let first: EdgeConfig = edge
+        .watch("/v1/edge/config", 0, Duration::ZERO)
+        .await?
+        .context("first snapshot")?;
+
+    // Nothing changes: a short wait answers 304.
+    let none = edge
+        .watch::<EdgeConfig>("/v1/edge/config", first.version, Duration::from_secs(1))
+        .await?;
+    assert!(none.is_none(), "no change answers 304");
+
+    // A long wait returns with the new version once an app appears.
+    let watcher = {
+        let edge = edge.clone();
+        let after = first.version;
+        tokio::spawn(async move {
+            edge.watch::<EdgeConfig>("/v1/edge/config", after, Duration::from_secs(60))
+                .await
+        })
+    };
+    let app: App = admin
+        .post_json("/v1/apps", &app_spec("news", "Default"))
+        .await?;
+    let changed = tokio::time::timeout(GUARD, watcher)
+        .await
+        .context("the long-poll hung")???
+        .context("expected a new config, not 304")?;
+    assert!(changed.version > first.version);
+    assert!(changed.apps.contains(&app));
+
+    // Shutdown ends a pending long-poll early with 304.
+    let pending = {
+        let edge = edge.clone();
+        let after = changed.version;
+        tokio::spawn(async move {
+            edge.watch::<EdgeConfig>("/v1/edge/config", after, Duration::from_secs(60))
+                .await
+        })
+    };
+    // Wait (polling, with a deadline) until the router holds the poll.
+    let metrics_addr = h.metrics_addr.context("metrics")?;
+    tokio::time::timeout(GUARD, async {
+        loop {
+            let (_, text) = plain_get(metrics_addr, "/metrics").await?;
+            if text.contains("portico_router_long_polls 1") {
+                return anyhow::Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .context("the long-poll never reached the router")??;
+    shutdown.cancel();
+    let ended = tokio::time::timeout(GUARD, pending)
+        .await
+        .context("long-poll hung at shutdown")??;
+    assert!(ended?.is_none(), "a long-poll ends with 304 at shutdown");
+    tokio::time::timeout(GUARD, h.wait()).await??;
+    Ok(())
+}
+
+#[tokio::test]
+async fn restart_keeps_apps_groups_connectors_token_and_ca() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (h, shutdown) = start(dir.path(), |c| c.public_port = Some(443)).await?;
+    let admin1 = admin(&h)?;
+    let _: Group = admin1
+        .post_json("/v1/groups", &json!({ "id": "dc1", "region": "default" }))
+        .await?;
+    let app: App = admin1.post_json("/v1/apps", &app_spec("hr", "dc1")).await?;
+    let token = create_token(
+        &admin1,
+        TokenScope::Connector {
+            group: GroupId::new("dc1")?,
+        },
+    )
+    .await?;
+    let (creds, answer) = enroll(&h, &token.token).await?;
+    let (token_before, ca_before, sha_before) =
+        (h.admin_token(), h.ca_pem.clone(), h.ca_sha256.clone());
+    let token_path = h.admin_token_path.clone();
+    stop(h, shutdown).await?;
+
+    // Files the router keeps, with private modes.
+    use std::os::unix::fs::PermissionsExt as _;
+    for name in ["ca.key", "admin-token"] {
+        let mode = std::fs::metadata(dir.path().join(name))?
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o600, "{name}");
+    }
+    assert_eq!(token_path, dir.path().join("admin-token"));
+    assert_eq!(std::fs::read_to_string(&token_path)?.trim(), token_before);
+
+    let (h, shutdown) = start(dir.path(), |c| c.public_port = Some(443)).await?;
+    assert_eq!(h.admin_token(), token_before);
+    assert_eq!(h.ca_pem, ca_before);
+    assert_eq!(h.ca_sha256, sha_before);
+    let admin2 = admin(&h)?;
+    let apps: Vec<App> = admin2.get_json("/v1/apps").await?;
+    assert_eq!(apps, vec![app]);
+    let groups: Vec<Group> = admin2.get_json("/v1/groups").await?;
+    let ids: Vec<(&str, &str, u32)> = groups
+        .iter()
+        .map(|g| (g.id.as_str(), g.region.as_str(), g.connectors))
+        .collect();
+    assert_eq!(ids, vec![("Default", "auto", 0), ("dc1", "default", 1)]);
+    let connectors: Vec<Connector> = admin2.get_json("/v1/connectors").await?;
+    assert_eq!(connectors.len(), 1);
+    let Identity::Connector { id, .. } = &answer.identity else {
+        bail!("connector identity expected");
+    };
+    assert_eq!(&connectors[0].id, id);
+    // The old certificate still works against the reloaded CA.
+    let renewed: CertResponse = agent(&h, &creds)?
+        .post_json(
+            "/v1/renew",
+            &CsrRequest {
+                csr_pem: pki::csr_pem(&pki::generate_key()?)?,
+            },
+        )
+        .await?;
+    chains_to_ca(&renewed.cert_pem, &ca_before)?;
+    // A used token stays used.
+    let (status, err) = refusal(enroll(&h, &token.token).await);
+    assert_eq!(
+        (status, err.message.as_str()),
+        (401, "join token already used")
+    );
+    stop(h, shutdown).await
+}
+
+#[tokio::test]
+async fn config_validation_and_handle() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut config = Config::new(dir.path());
+    config.apps_domain = "Not Valid".into();
+    let err = portico_router::start(config, CancellationToken::new())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("apps_domain"), "{err}");
+
+    let (h, shutdown) = start(dir.path(), |c| c.metrics_listen = None).await?;
+    assert!(h.metrics_addr.is_none());
+    assert_eq!(h.url(), format!("https://127.0.0.1:{}", h.api_addr.port()));
+    let debug = format!("{h:?}");
+    assert!(
+        !debug.contains(&h.admin_token()),
+        "Debug must not print the admin token"
+    );
+    assert_eq!(h.admin_token().len(), 64);
+    // The API speaks HTTP/2 too.
+    assert_eq!(raw(&h, "GET", "/ready", "", None).await?.0, 200);
+    let unused = ConnectorId::new("c-0")?;
+    assert_refused(
+        admin(&h)?.delete(&format!("/v1/connectors/{unused}")).await,
+        404,
+        None,
+        "c-0",
+    );
+    stop(h, shutdown).await
+}

@@ -1,0 +1,307 @@
+//! Admin commands: thin calls to the router's API, printed as tables or JSON.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context as _;
+use portico_agent::{RouterClient, RouterTrust};
+use portico_proto::api::{
+    App, AppSpec, BackendTimeout, Connector, CreateGroup, CreateToken, Edge, Group, TokenCreated,
+    TokenScope,
+};
+use portico_proto::{AppId, GroupId, RegionId};
+use serde::Serialize;
+
+use crate::cli::{
+    AppAction, AppCmd, DeleteArgs, GroupAction, GroupCmd, RouterConn, TokenAction, TokenCmd,
+};
+use crate::out;
+
+/// An admin client for the router named by `conn`.
+pub fn client(conn: &RouterConn) -> anyhow::Result<RouterClient> {
+    let ca_path = conn.router_ca.as_ref().context(
+        "--router-ca (or PORTICO_ROUTER_CA) is required: the router's CA certificate, DATA/ca.pem on the router",
+    )?;
+    let ca = std::fs::read_to_string(ca_path)
+        .with_context(|| format!("cannot read the router CA {}", ca_path.display()))?;
+    let token = match (&conn.admin_token, &conn.admin_token_file) {
+        (Some(t), _) => t.trim().to_owned(),
+        (None, Some(path)) => std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the admin token file {}", path.display()))?
+            .trim()
+            .to_owned(),
+        (None, None) => anyhow::bail!(
+            "an admin token is required: --admin-token-file (or PORTICO_ADMIN_TOKEN_FILE), DATA/admin-token on the router"
+        ),
+    };
+    Ok(RouterClient::new(&conn.router, RouterTrust::CaPem(ca), None)?.with_bearer(token))
+}
+
+pub async fn edge_list(conn: &RouterConn) -> anyhow::Result<()> {
+    let edges: Vec<Edge> = client(conn)?.get_json("/v1/edges").await?;
+    print_list(
+        conn.json,
+        &edges,
+        &[
+            "ID",
+            "REGION",
+            "STATUS",
+            "TUNNEL",
+            "PUBLIC",
+            "TUNNELS",
+            "LAST SEEN",
+        ],
+        |e| {
+            vec![
+                e.id.to_string(),
+                e.region.to_string(),
+                format!("{:?}", e.status).to_lowercase(),
+                e.tunnel_addr.clone().unwrap_or_else(|| "-".into()),
+                e.public_addr.clone().unwrap_or_else(|| "-".into()),
+                e.tunnels.to_string(),
+                ago(e.last_seen),
+            ]
+        },
+    )
+}
+
+pub async fn connector_list(conn: &RouterConn) -> anyhow::Result<()> {
+    let connectors: Vec<Connector> = client(conn)?.get_json("/v1/connectors").await?;
+    print_list(
+        conn.json,
+        &connectors,
+        &[
+            "ID",
+            "GROUP",
+            "STATUS",
+            "VERSION",
+            "HOST",
+            "ADDRESS",
+            "EDGES",
+            "LAST SEEN",
+        ],
+        |c| {
+            vec![
+                c.id.to_string(),
+                c.group.to_string(),
+                format!("{:?}", c.status).to_lowercase(),
+                c.version.clone(),
+                c.host.clone(),
+                c.address_seen.clone().unwrap_or_else(|| "-".into()),
+                if c.edges.is_empty() {
+                    "-".into()
+                } else {
+                    c.edges
+                        .iter()
+                        .map(|e| e.to_string())
+                        .collect::<Vec<_>>()
+                        .join(",")
+                },
+                ago(c.last_seen),
+            ]
+        },
+    )
+}
+
+pub async fn connector_delete(args: &DeleteArgs) -> anyhow::Result<()> {
+    client(&args.conn)?
+        .delete(&format!("/v1/connectors/{}", segment(&args.id)?))
+        .await?;
+    out(format!(
+        "deleted connector {} (its certificate is revoked)",
+        args.id
+    ));
+    Ok(())
+}
+
+pub async fn app(cmd: AppCmd) -> anyhow::Result<()> {
+    match cmd.action {
+        AppAction::Create(a) => {
+            let spec = AppSpec {
+                id: AppId::new(&a.id).context("app id")?,
+                external_host: a.external_host,
+                internal_url: a.internal_url,
+                connector_group: GroupId::new(&a.group).context("--group")?,
+                backend_timeout: a
+                    .backend_timeout
+                    .parse::<BackendTimeout>()
+                    .map_err(anyhow::Error::msg)
+                    .context("--backend-timeout")?,
+                validate_backend_tls: !a.no_validate_backend_tls,
+            };
+            let app: App = client(&a.conn)?.post_json("/v1/apps", &spec).await?;
+            print_one(a.conn.json, &app, app_lines)
+        }
+        AppAction::List(a) => {
+            let apps: Vec<App> = client(&a.conn)?.get_json("/v1/apps").await?;
+            print_list(
+                a.conn.json,
+                &apps,
+                &["ID", "EXTERNAL URL", "INTERNAL URL", "GROUP", "TIMEOUT"],
+                |app| {
+                    vec![
+                        app.id.to_string(),
+                        app.external_url.clone(),
+                        app.internal_url.clone(),
+                        app.connector_group.to_string(),
+                        app.backend_timeout.to_string(),
+                    ]
+                },
+            )
+        }
+        AppAction::Show(a) => {
+            let app: App = client(&a.conn)?
+                .get_json(&format!("/v1/apps/{}", segment(&a.id)?))
+                .await?;
+            print_one(a.conn.json, &app, app_lines)
+        }
+        AppAction::Delete(a) => {
+            client(&a.conn)?
+                .delete(&format!("/v1/apps/{}", segment(&a.id)?))
+                .await?;
+            out(format!("deleted app {}", a.id));
+            Ok(())
+        }
+    }
+}
+
+fn app_lines(app: &App) -> Vec<(&'static str, String)> {
+    vec![
+        ("id", app.id.to_string()),
+        ("external url", app.external_url.clone()),
+        ("internal url", app.internal_url.clone()),
+        ("connector group", app.connector_group.to_string()),
+        ("backend timeout", app.backend_timeout.to_string()),
+        ("validate backend tls", app.validate_backend_tls.to_string()),
+    ]
+}
+
+pub async fn group(cmd: GroupCmd) -> anyhow::Result<()> {
+    match cmd.action {
+        GroupAction::Create(a) => {
+            let body = CreateGroup {
+                id: GroupId::new(&a.id).context("group name")?,
+                region: a.region,
+            };
+            let g: Group = client(&a.conn)?.post_json("/v1/groups", &body).await?;
+            print_one(a.conn.json, &g, |g| {
+                vec![("id", g.id.to_string()), ("region", g.region.clone())]
+            })
+        }
+        GroupAction::List(a) => {
+            let groups: Vec<Group> = client(&a.conn)?.get_json("/v1/groups").await?;
+            print_list(a.conn.json, &groups, &["ID", "REGION", "CONNECTORS"], |g| {
+                vec![g.id.to_string(), g.region.clone(), g.connectors.to_string()]
+            })
+        }
+        GroupAction::Delete(a) => {
+            client(&a.conn)?
+                .delete(&format!("/v1/groups/{}", segment(&a.id)?))
+                .await?;
+            out(format!("deleted group {}", a.id));
+            Ok(())
+        }
+    }
+}
+
+pub async fn token(cmd: TokenCmd) -> anyhow::Result<()> {
+    let TokenAction::Create(a) = cmd.action;
+    let scope = match (&a.group, a.edge) {
+        (Some(g), false) => TokenScope::Connector {
+            group: GroupId::new(g).context("--group")?,
+        },
+        (None, true) => TokenScope::Edge {
+            region: RegionId::new(&a.region).context("--region")?,
+        },
+        _ => anyhow::bail!("give exactly one of --group G or --edge"),
+    };
+    let body = CreateToken {
+        scope,
+        ttl_secs: Some(a.ttl.as_secs()),
+    };
+    let t: TokenCreated = client(&a.conn)?.post_json("/v1/tokens", &body).await?;
+    if a.conn.json {
+        out(serde_json::to_string_pretty(&t)?);
+    } else {
+        // The token alone on stdout, so `$(portico token create …)` works;
+        // what it is for goes to stderr.
+        out(&t.token);
+        eprintln!(
+            "single-use join token {} for {}, valid until {}",
+            t.id,
+            match &t.scope {
+                TokenScope::Connector { group } => format!("a connector in group {group}"),
+                TokenScope::Edge { region } => format!("an edge in region {region}"),
+            },
+            humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(t.expires_at))
+        );
+    }
+    Ok(())
+}
+
+/// Refuses ids that would change the API path they are put in.
+fn segment(id: &str) -> anyhow::Result<&str> {
+    anyhow::ensure!(
+        !id.is_empty()
+            && id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')),
+        "invalid id {id:?}: ids are letters, digits, '.', '_' and '-'"
+    );
+    Ok(id)
+}
+
+fn ago(t: Option<u64>) -> String {
+    let Some(t) = t else { return "never".into() };
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    format!("{}s ago", now.saturating_sub(t))
+}
+
+fn print_list<T: Serialize>(
+    json: bool,
+    items: &[T],
+    header: &[&str],
+    row: impl Fn(&T) -> Vec<String>,
+) -> anyhow::Result<()> {
+    if json {
+        out(serde_json::to_string_pretty(items)?);
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = std::iter::once(header.iter().map(|h| h.to_string()).collect())
+        .chain(items.iter().map(row))
+        .collect();
+    let widths: Vec<usize> = (0..header.len())
+        .map(|i| {
+            rows.iter()
+                .map(|r| r.get(i).map_or(0, |c| c.len()))
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    for r in &rows {
+        let line: Vec<String> = r
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        out(line.join("  ").trim_end());
+    }
+    Ok(())
+}
+
+fn print_one<T: Serialize>(
+    json: bool,
+    item: &T,
+    lines: impl Fn(&T) -> Vec<(&'static str, String)>,
+) -> anyhow::Result<()> {
+    if json {
+        out(serde_json::to_string_pretty(item)?);
+        return Ok(());
+    }
+    for (k, v) in lines(item) {
+        out(format!("{k:<22}{v}"));
+    }
+    Ok(())
+}

@@ -1,0 +1,321 @@
+//! The command line: one binary, a subcommand per job.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::logging::LogArgs;
+
+/// Portico publishes internal web apps to remote users through outbound
+/// QUIC tunnels: connectors inside private networks dial edges, edges serve
+/// users over HTTPS, and the router holds the configuration.
+///
+/// Try it on one machine: `portico dev`.
+#[derive(Debug, Parser)]
+#[command(
+    name = "portico",
+    version,
+    propagate_version = true,
+    max_term_width = 100
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub log: LogArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a router: the store, the certificate authority and the admin API.
+    Router(RouterArgs),
+    /// Run an edge, or list edges (`portico edge list`).
+    Edge(EdgeCmd),
+    /// Run a connector, or list and delete connectors.
+    Connector(ConnectorCmd),
+    /// Publish, list, show and delete apps.
+    App(AppCmd),
+    /// Create, list and delete connector groups.
+    Group(GroupCmd),
+    /// Create join tokens that enroll connectors and edges.
+    Token(TokenCmd),
+    /// Run a router, an edge, a connector and a demo app on this machine,
+    /// publish the demo app, and print a URL and a curl line that reach it
+    /// through the tunnel. Ctrl-C stops everything.
+    Dev(DevArgs),
+}
+
+/// Where the router is and how to trust and authenticate to it. Used by
+/// every admin command.
+#[derive(Debug, Clone, Args)]
+pub struct RouterConn {
+    /// The router's API URL.
+    #[arg(
+        long,
+        env = "PORTICO_ROUTER",
+        global = true,
+        default_value = "https://127.0.0.1:7443"
+    )]
+    pub router: String,
+    /// The router's CA certificate (DATA/ca.pem on the router).
+    #[arg(long = "router-ca", env = "PORTICO_ROUTER_CA", global = true)]
+    pub router_ca: Option<PathBuf>,
+    /// The admin token (prefer --admin-token-file: command lines are visible to other users).
+    #[arg(
+        long,
+        env = "PORTICO_ADMIN_TOKEN",
+        global = true,
+        hide_env_values = true
+    )]
+    pub admin_token: Option<String>,
+    /// A file holding the admin token (DATA/admin-token on the router).
+    #[arg(long, env = "PORTICO_ADMIN_TOKEN_FILE", global = true)]
+    pub admin_token_file: Option<PathBuf>,
+    /// Print JSON instead of a table.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RouterArgs {
+    /// Directory for the database, the CA and the admin token (created 0700).
+    #[arg(long, env = "PORTICO_DATA")]
+    pub data: PathBuf,
+    /// Address of the HTTPS API (admin, enrollment, config).
+    #[arg(long, default_value = "127.0.0.1:7443")]
+    pub listen: SocketAddr,
+    /// Address of the plain-HTTP /metrics, /healthz and /ready endpoints.
+    #[arg(long)]
+    pub metrics_listen: Option<SocketAddr>,
+    /// The DNS domain apps are published under: an app `hr` gets
+    /// `hr.<apps-domain>`.
+    #[arg(long, default_value = "apps.localhost")]
+    pub apps_domain: String,
+    /// Lifetime of connector and edge certificates (renewed at 2/3).
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+    pub cert_ttl: Duration,
+    /// The public HTTPS port shown in app URLs (default: the port the edges report).
+    #[arg(long)]
+    pub public_port: Option<u16>,
+}
+
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct EdgeCmd {
+    #[command(subcommand)]
+    pub action: Option<EdgeAction>,
+    #[command(flatten)]
+    pub run: EdgeArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EdgeAction {
+    /// List the edges enrolled with the router.
+    List(ListArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    #[command(flatten)]
+    pub conn: RouterConn,
+}
+
+#[derive(Debug, Args)]
+pub struct EdgeArgs {
+    /// The router's API URL.
+    #[arg(long, env = "PORTICO_ROUTER", required = true)]
+    pub router: Option<String>,
+    /// A join token from `portico token create --edge`; needed on first start only.
+    #[arg(long, env = "PORTICO_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Directory for this edge's key, certificates and last config (created 0700).
+    #[arg(long, env = "PORTICO_STATE", required = true)]
+    pub state: Option<PathBuf>,
+    /// Address of the public HTTPS listener (HTTP/1.1 and HTTP/2).
+    #[arg(long, default_value = "0.0.0.0:8443")]
+    pub public_listen: SocketAddr,
+    /// Address of the QUIC tunnel listener (UDP).
+    #[arg(long, default_value = "0.0.0.0:7844")]
+    pub tunnel_listen: SocketAddr,
+    /// Address of the plain-HTTP /metrics, /healthz and /ready endpoints.
+    #[arg(long)]
+    pub metrics_listen: Option<SocketAddr>,
+    /// PEM certificate chain for the public listener (default: a wildcard
+    /// certificate for the apps domain from the router's CA).
+    #[arg(long, requires = "key")]
+    pub cert: Option<PathBuf>,
+    /// PEM private key for --cert.
+    #[arg(long, requires = "cert")]
+    pub key: Option<PathBuf>,
+    /// host:port that connectors dial (default: the tunnel listener's address).
+    #[arg(long)]
+    pub advertise_tunnel: Option<String>,
+    /// host:port that users reach (default: the public listener's address).
+    #[arg(long)]
+    pub advertise_public: Option<String>,
+}
+
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct ConnectorCmd {
+    #[command(subcommand)]
+    pub action: Option<ConnectorAction>,
+    #[command(flatten)]
+    pub run: ConnectorArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConnectorAction {
+    /// List connectors with their status, version, address and edges.
+    List(ListArgs),
+    /// Delete a connector: revokes its certificate and closes its tunnels.
+    Delete(DeleteArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DeleteArgs {
+    /// The id to delete.
+    pub id: String,
+    #[command(flatten)]
+    pub conn: RouterConn,
+}
+
+#[derive(Debug, Args)]
+pub struct ConnectorArgs {
+    /// The router's API URL.
+    #[arg(long, env = "PORTICO_ROUTER", required = true)]
+    pub router: Option<String>,
+    /// A join token from `portico token create --group G`; needed on first start only.
+    #[arg(long, env = "PORTICO_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Directory for this connector's key, certificate and last config (created 0700).
+    #[arg(long, env = "PORTICO_STATE", required = true)]
+    pub state: Option<PathBuf>,
+    /// How many tunnels to keep open, spread over the edges.
+    #[arg(long, default_value_t = 4)]
+    pub tunnels: usize,
+    /// Address of the plain-HTTP /metrics, /healthz and /ready endpoints.
+    #[arg(long)]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Extra PEM CA certificates to trust for https backends.
+    #[arg(long)]
+    pub backend_ca: Vec<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct AppCmd {
+    #[command(subcommand)]
+    pub action: AppAction,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AppAction {
+    /// Publish an internal URL at an external host.
+    Create(AppCreateArgs),
+    /// List apps.
+    List(ListArgs),
+    /// Show one app.
+    Show(ShowArgs),
+    /// Unpublish an app.
+    Delete(DeleteArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ShowArgs {
+    pub id: String,
+    #[command(flatten)]
+    pub conn: RouterConn,
+}
+
+#[derive(Debug, Args)]
+pub struct AppCreateArgs {
+    /// The app's id; also the default external host `<id>.<apps-domain>`.
+    pub id: String,
+    /// Where the connector sends requests: http(s)://host[:port][/path].
+    #[arg(long)]
+    pub internal_url: String,
+    /// External host name under the apps domain (default `<id>.<apps-domain>`).
+    #[arg(long)]
+    pub external_host: Option<String>,
+    /// The connector group that serves it.
+    #[arg(long, default_value = "Default")]
+    pub group: String,
+    /// How long the backend may take: `default` (85 s), `long` (180 s) or seconds.
+    #[arg(long, default_value = "default")]
+    pub backend_timeout: String,
+    /// Accept any certificate from an https backend (validation is on by default).
+    #[arg(long)]
+    pub no_validate_backend_tls: bool,
+    #[command(flatten)]
+    pub conn: RouterConn,
+}
+
+#[derive(Debug, Args)]
+pub struct GroupCmd {
+    #[command(subcommand)]
+    pub action: GroupAction,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum GroupAction {
+    /// Create a connector group.
+    Create(GroupCreateArgs),
+    /// List connector groups.
+    List(ListArgs),
+    /// Delete an empty connector group.
+    Delete(DeleteArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct GroupCreateArgs {
+    /// The group's name (letters, digits, '.', '_', '-').
+    pub id: String,
+    /// `auto` or a region id.
+    #[arg(long)]
+    pub region: Option<String>,
+    #[command(flatten)]
+    pub conn: RouterConn,
+}
+
+#[derive(Debug, Args)]
+pub struct TokenCmd {
+    #[command(subcommand)]
+    pub action: TokenAction,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenAction {
+    /// Create a single-use join token. It is printed once; the router keeps only its hash.
+    Create(TokenCreateArgs),
+}
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("scope").required(true).args(["group", "edge"])))]
+pub struct TokenCreateArgs {
+    /// Enroll a connector into this group.
+    #[arg(long)]
+    pub group: Option<String>,
+    /// Enroll an edge.
+    #[arg(long)]
+    pub edge: bool,
+    /// The edge's region (with --edge).
+    #[arg(long, default_value = "default", requires = "edge")]
+    pub region: String,
+    /// How long the token stays valid.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    pub ttl: Duration,
+    #[command(flatten)]
+    pub conn: RouterConn,
+}
+
+#[derive(Debug, Args)]
+pub struct DevArgs {
+    /// Keep all state here instead of a temporary directory (reused across runs).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Public HTTPS port of the edge (0 picks a free one).
+    #[arg(long, default_value_t = 8443)]
+    pub port: u16,
+}

@@ -1,0 +1,149 @@
+//! The `portico` command: starts each part (router, edge, connector), drives
+//! the router's admin API, and runs a whole deployment on one machine
+//! (`portico dev`).
+//!
+//! The parts themselves live in their crates; this crate only parses
+//! command lines, wires configs, and prints results.
+
+pub mod admin;
+pub mod cli;
+pub mod demo;
+pub mod dev;
+pub mod logging;
+
+use std::io::Write;
+
+use anyhow::Context as _;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::cli::{Command, ConnectorAction, EdgeAction};
+
+/// Runs one command line to completion.
+pub async fn run(cli: cli::Cli) -> anyhow::Result<()> {
+    // Every TLS config names ring explicitly; this covers any dependency that
+    // asks rustls for the process default.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    match cli.command {
+        Command::Router(args) => run_router(args).await,
+        Command::Edge(cmd) => match cmd.action {
+            Some(EdgeAction::List(a)) => admin::edge_list(&a.conn).await,
+            None => run_edge(cmd.run).await,
+        },
+        Command::Connector(cmd) => match cmd.action {
+            Some(ConnectorAction::List(a)) => admin::connector_list(&a.conn).await,
+            Some(ConnectorAction::Delete(a)) => admin::connector_delete(&a).await,
+            None => run_connector(cmd.run).await,
+        },
+        Command::App(cmd) => admin::app(cmd).await,
+        Command::Group(cmd) => admin::group(cmd).await,
+        Command::Token(cmd) => admin::token(cmd).await,
+        Command::Dev(args) => dev::run(args).await,
+    }
+}
+
+/// A token cancelled by Ctrl-C or SIGTERM.
+pub fn shutdown_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = tokio::signal::ctrl_c().await;
+                    t.cancel();
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        info!("shutting down");
+        t.cancel();
+    });
+    token
+}
+
+/// Writes one line to stdout: the program's output, as opposed to its logs.
+pub fn out(line: impl AsRef<str>) {
+    let mut stdout = std::io::stdout().lock();
+    let _ = writeln!(stdout, "{}", line.as_ref());
+    let _ = stdout.flush();
+}
+
+async fn run_router(args: cli::RouterArgs) -> anyhow::Result<()> {
+    let mut config = portico_router::Config::new(&args.data);
+    config.listen = args.listen;
+    config.metrics_listen = args.metrics_listen;
+    config.apps_domain = args.apps_domain;
+    config.cert_ttl = args.cert_ttl;
+    config.public_port = args.public_port;
+    let shutdown = shutdown_on_signal();
+    let router = portico_router::start(config, shutdown)
+        .await
+        .context("router failed to start")?;
+    let metrics = router
+        .metrics_addr
+        .map(|a| format!(" metrics=http://{a}"))
+        .unwrap_or_default();
+    out(format!(
+        "listening api={} ca={} admin-token-file={}{metrics}",
+        router.url(),
+        args.data.join("ca.pem").display(),
+        router.admin_token_path.display()
+    ));
+    router.wait().await.context("router stopped with an error")
+}
+
+async fn run_edge(args: cli::EdgeArgs) -> anyhow::Result<()> {
+    let (Some(router), Some(state)) = (args.router, args.state) else {
+        anyhow::bail!("--router and --state are required");
+    };
+    let mut config = portico_edge::Config::new(router, state);
+    config.token = args.token;
+    config.public_listen = args.public_listen;
+    config.tunnel_listen = args.tunnel_listen;
+    config.metrics_listen = args.metrics_listen;
+    config.public_cert = args.cert.zip(args.key);
+    config.advertise_tunnel_addr = args.advertise_tunnel;
+    config.advertise_public_addr = args.advertise_public;
+    let shutdown = shutdown_on_signal();
+    let edge = portico_edge::start(config, shutdown)
+        .await
+        .context("edge failed to start")?;
+    let metrics = edge
+        .metrics_addr
+        .map(|a| format!(" metrics=http://{a}"))
+        .unwrap_or_default();
+    out(format!(
+        "listening edge={} public={} tunnel={}{metrics}",
+        edge.id, edge.public_addr, edge.tunnel_addr
+    ));
+    edge.wait().await.context("edge stopped with an error")
+}
+
+async fn run_connector(args: cli::ConnectorArgs) -> anyhow::Result<()> {
+    let (Some(router), Some(state)) = (args.router, args.state) else {
+        anyhow::bail!("--router and --state are required");
+    };
+    let mut config = portico_connector::Config::new(router, state);
+    config.token = args.token;
+    config.tunnels = args.tunnels;
+    config.metrics_listen = args.metrics_listen;
+    config.backend_ca = args.backend_ca;
+    let shutdown = shutdown_on_signal();
+    let connector = portico_connector::start(config, shutdown)
+        .await
+        .context("connector failed to start")?;
+    let metrics = connector
+        .metrics_addr
+        .map(|a| format!(" metrics=http://{a}"))
+        .unwrap_or_default();
+    out(format!(
+        "listening connector={} group={}{metrics}",
+        connector.id, connector.group
+    ));
+    connector.wait().await.context("connector stopped")
+}

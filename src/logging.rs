@@ -1,0 +1,38 @@
+//! Logging setup: human-readable or JSON lines on stderr, filtered by
+//! `--log` or `RUST_LOG`.
+
+use clap::{Args, ValueEnum};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// One readable line per event.
+    Human,
+    /// One JSON object per event, for log shippers.
+    Json,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct LogArgs {
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human, env = "PORTICO_LOG_FORMAT")]
+    pub log_format: LogFormat,
+    /// Log filter, for example `info` or `portico_edge=debug,info`
+    /// (RUST_LOG syntax). RUST_LOG wins when set.
+    #[arg(long = "log", global = true, default_value = "info")]
+    pub level: String,
+}
+
+/// Installs the global subscriber. Safe to call once per process.
+pub fn init(args: &LogArgs) {
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&args.level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match args.log_format {
+        LogFormat::Human => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+}
