@@ -128,8 +128,11 @@ pub(crate) fn transport_config(max_streams: u32) -> TransportConfig {
     t.max_concurrent_uni_streams(VarInt::from_u32(0));
     t.stream_receive_window(VarInt::from_u32(8 << 20));
     t.receive_window(VarInt::from_u32(32 << 20));
-    t.keep_alive_interval(Some(Duration::from_secs(5)));
-    t.max_idle_timeout(Some(VarInt::from_u32(30_000).into()));
+    t.keep_alive_interval(Some(portico_proto::TUNNEL_KEEP_ALIVE));
+    t.max_idle_timeout(Some(
+        quinn::IdleTimeout::try_from(portico_proto::TUNNEL_IDLE_TIMEOUT)
+            .expect("the tunnel idle timeout fits a QUIC varint"),
+    ));
     t
 }
 

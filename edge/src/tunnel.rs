@@ -57,10 +57,10 @@ pub(crate) fn server_config(
     t.stream_receive_window(VarInt::from_u32(8 << 20));
     t.receive_window(VarInt::from_u32(32 << 20));
     t.send_window(32 << 20);
-    t.keep_alive_interval(Some(Duration::from_secs(5)));
+    t.keep_alive_interval(Some(portico_proto::TUNNEL_KEEP_ALIVE));
     t.max_idle_timeout(Some(
-        quinn::IdleTimeout::try_from(Duration::from_secs(30))
-            .expect("30 s is a valid idle timeout"),
+        quinn::IdleTimeout::try_from(portico_proto::TUNNEL_IDLE_TIMEOUT)
+            .expect("the tunnel idle timeout fits a QUIC varint"),
     ));
     sc.transport_config(Arc::new(t));
     Ok(sc)

@@ -34,6 +34,15 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// The oldest protocol version this build still accepts.
 pub const MIN_PROTOCOL_VERSION: u32 = 1;
 
+/// How long a tunnel may go without a packet from its peer before it is
+/// declared dead. Short, so that a connector that vanished (power cut,
+/// SIGKILL) turns into `ConnectorNotFound` for users within seconds rather
+/// than a hang. Both ends configure it; QUIC uses the smaller.
+pub const TUNNEL_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How often an otherwise idle tunnel sends a keep-alive, well within
+/// [`TUNNEL_IDLE_TIMEOUT`] so that a lost packet or two does not kill it.
+pub const TUNNEL_KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Capability bits carried in `Hello`/`Welcome`. Unknown bits are ignored.
 pub mod capabilities {
     /// The peer can carry WebSocket upgrades on a data stream.
