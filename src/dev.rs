@@ -53,6 +53,12 @@ pub struct Deployment {
     pub admin: RouterClient,
     /// The published demo app.
     pub app: App,
+    /// Stops only the router (children of the deployment's token).
+    pub router_stop: CancellationToken,
+    /// Stops only the edge.
+    pub edge_stop: CancellationToken,
+    /// Stops only the connector.
+    pub connector_stop: CancellationToken,
 }
 
 impl Deployment {
@@ -71,7 +77,10 @@ impl Deployment {
         if let Some(ttl) = opts.cert_ttl {
             rc.cert_ttl = ttl;
         }
-        let router = portico_router::start(rc, shutdown.clone())
+        let router_stop = shutdown.child_token();
+        let edge_stop = shutdown.child_token();
+        let connector_stop = shutdown.child_token();
+        let router = portico_router::start(rc, router_stop.clone())
             .await
             .context("router failed to start")?;
         let admin = RouterClient::new(
@@ -101,12 +110,12 @@ impl Deployment {
             ec.public_listen = SocketAddr::new(LOOPBACK.ip(), public_port);
             ec.tunnel_listen = LOOPBACK;
             ec.metrics_listen = Some(LOOPBACK);
-            match portico_edge::start(ec.clone(), shutdown.clone()).await {
+            match portico_edge::start(ec.clone(), edge_stop.clone()).await {
                 Ok(edge) => edge,
                 Err(e) if public_port != 0 => {
                     warn!(port = public_port, error = %e, "cannot use the public port; picking a free one");
                     ec.public_listen = LOOPBACK;
-                    portico_edge::start(ec, shutdown.clone())
+                    portico_edge::start(ec, edge_stop.clone())
                         .await
                         .context("edge failed to start")?
                 }
@@ -143,7 +152,7 @@ impl Deployment {
         cc.token = token;
         cc.tunnels = opts.connector_tunnels;
         cc.metrics_listen = Some(LOOPBACK);
-        let connector = portico_connector::start(cc, shutdown.clone())
+        let connector = portico_connector::start(cc, connector_stop.clone())
             .await
             .context("connector failed to start")?;
         connector.wait_tunnels(1).await;
@@ -158,6 +167,9 @@ impl Deployment {
             demo,
             admin,
             app,
+            router_stop,
+            edge_stop,
+            connector_stop,
         })
     }
 

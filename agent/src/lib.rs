@@ -12,6 +12,7 @@ pub mod client;
 pub mod enroll;
 pub mod error;
 pub mod pki;
+pub mod quic;
 pub mod state;
 
 pub use client::{RouterClient, RouterTrust};

@@ -93,7 +93,10 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Handle
         ),
         None => None,
     };
-    let endpoint = tunnel::bind_endpoint()?;
+    // The UDP socket is tracked apart from the tasks: it is released only
+    // after `wait` has closed the endpoint and dropped its handles.
+    let socket = TaskTracker::new();
+    let endpoint = tunnel::bind_endpoint(&socket)?;
     let streams = Arc::new(stream::StreamCtx {
         group: group.clone(),
         apps: ArcSwap::from_pointee(Default::default()),
@@ -139,6 +142,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Handle
         pool,
         endpoint,
         tracker,
+        socket,
         span: span.clone(),
     })
 }
@@ -155,6 +159,8 @@ pub struct Handle {
     pool: Arc<tunnel::Pool>,
     endpoint: quinn::Endpoint,
     tracker: TaskTracker,
+    /// Done once the UDP socket is closed.
+    socket: TaskTracker,
     span: tracing::Span,
 }
 
@@ -209,6 +215,14 @@ impl Handle {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .take();
+            // Drop every endpoint handle, then wait until the socket is
+            // really closed, so that the port is free when `wait` returns.
+            let Handle { pool, endpoint, socket, .. } = self;
+            drop((pool, endpoint));
+            socket.close();
+            if tokio::time::timeout(Duration::from_secs(2), socket.wait()).await.is_err() {
+                tracing::debug!("the UDP socket outlived the shutdown");
+            }
             match fatal {
                 Some(e) => Err(e),
                 None => {

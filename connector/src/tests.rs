@@ -985,7 +985,8 @@ mod pool {
             let streams = ctx(vec![]);
             let (_creds_tx, creds_rx) = watch::channel(Arc::new(pki.connector.clone()));
             let (config_tx, config_rx) = watch::channel(None);
-            let endpoint = bind_endpoint()?;
+            let sockets = TaskTracker::new();
+            let endpoint = bind_endpoint(&sockets)?;
             let pool = Arc::new(Pool::new(
                 id.clone(),
                 GroupId::default_group(),
@@ -1098,7 +1099,7 @@ mod pool {
             let pool = Arc::new(Pool::new(
                 id,
                 GroupId::default_group(),
-                bind_endpoint()?,
+                bind_endpoint(&TaskTracker::new())?,
                 Arc::new(transport_config(64)),
                 creds_rx,
                 config_rx,

@@ -136,53 +136,21 @@ pub(crate) fn transport_config(max_streams: u32) -> TransportConfig {
     t
 }
 
-/// Binds the UDP socket of the pool with 4 MiB buffers: dual-stack IPv6
-/// where the host allows it, else IPv4.
-pub(crate) fn bind_endpoint() -> Result<Endpoint, Error> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let make = |addr: SocketAddr| -> std::io::Result<std::net::UdpSocket> {
-        let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
-        if addr.is_ipv6() {
-            socket.set_only_v6(false)?;
-        }
-        for (what, r) in [
-            ("receive", socket.set_recv_buffer_size(4 << 20)),
-            ("send", socket.set_send_buffer_size(4 << 20)),
-        ] {
-            if let Err(e) = r {
-                tracing::debug!(error = %e, "cannot set the UDP {what} buffer to 4 MiB");
-            }
-        }
-        socket.bind(&addr.into())?;
-        Ok(socket.into())
-    };
+/// Binds the pool's UDP socket: dual-stack IPv6 where the host allows it,
+/// else IPv4. Its release counts as a task of `tracker`.
+pub(crate) fn bind_endpoint(tracker: &TaskTracker) -> Result<Endpoint, Error> {
     let v6: SocketAddr = (std::net::Ipv6Addr::UNSPECIFIED, 0).into();
     let v4: SocketAddr = (std::net::Ipv4Addr::UNSPECIFIED, 0).into();
-    let (socket, addr) = match make(v6) {
-        Ok(s) => (s, v6),
-        Err(e) => {
+    portico_agent::quic::bind_endpoint(v6, None, tracker)
+        .or_else(|e| {
             tracing::debug!(error = %e, "no dual-stack UDP socket; using IPv4 only");
-            (
-                make(v4).map_err(|source| Error::Bind {
-                    what: "tunnel UDP socket",
-                    addr: v4,
-                    source,
-                })?,
-                v4,
-            )
-        }
-    };
-    Endpoint::new(
-        quinn::EndpointConfig::default(),
-        None,
-        socket,
-        Arc::new(quinn::TokioRuntime),
-    )
-    .map_err(|source| Error::Bind {
-        what: "tunnel endpoint",
-        addr,
-        source,
-    })
+            portico_agent::quic::bind_endpoint(v4, None, tracker)
+        })
+        .map_err(|source| Error::Bind {
+            what: "tunnel UDP socket",
+            addr: v4,
+            source,
+        })
 }
 
 /// The edge a slot dials: round-robin over the edges, sorted by id.

@@ -193,10 +193,16 @@ pub(crate) async fn serve(parts: Parts, shutdown: CancellationToken) -> Result<H
         source,
     })?;
     let public_tls = public::tls_config(parts.public_cert)?;
-    let endpoint = tunnel::bind_endpoint(
+    let endpoint = portico_agent::quic::bind_endpoint(
         parts.tunnel_listen,
-        tunnel::server_config(parts.tunnel_cert, &parts.ca_pem)?,
-    )?;
+        Some(tunnel::server_config(parts.tunnel_cert, &parts.ca_pem)?),
+        &shared.tracker,
+    )
+    .map_err(|source| Error::Bind {
+        what: "tunnel",
+        addr: parts.tunnel_listen,
+        source,
+    })?;
     let tunnel_addr = endpoint.local_addr().map_err(|source| Error::Bind {
         what: "tunnel",
         addr: parts.tunnel_listen,

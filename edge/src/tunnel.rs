@@ -5,7 +5,6 @@
 //! `CloseCode::ProtocolError` and the decode error as the reason; nothing it
 //! sends can panic the edge or touch other tunnels.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -64,41 +63,6 @@ pub(crate) fn server_config(
     ));
     sc.transport_config(Arc::new(t));
     Ok(sc)
-}
-
-/// Binds the UDP socket (4 MiB buffers) and starts a QUIC endpoint on it.
-pub(crate) fn bind_endpoint(
-    addr: SocketAddr,
-    config: quinn::ServerConfig,
-) -> Result<quinn::Endpoint, Error> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let bind_err = |source| Error::Bind {
-        what: "tunnel",
-        addr,
-        source,
-    };
-    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))
-        .map_err(bind_err)?;
-    if addr.is_ipv6() {
-        // Accept IPv4 too on [::], as the default listeners do elsewhere.
-        let _ = socket.set_only_v6(false);
-    }
-    // Best effort: the kernel caps these at net.core.{r,w}mem_max.
-    if let Err(e) = socket.set_recv_buffer_size(4 << 20) {
-        tracing::debug!(error = %e, "cannot raise the UDP receive buffer");
-    }
-    if let Err(e) = socket.set_send_buffer_size(4 << 20) {
-        tracing::debug!(error = %e, "cannot raise the UDP send buffer");
-    }
-    socket.bind(&addr.into()).map_err(bind_err)?;
-    socket.set_nonblocking(true).map_err(bind_err)?;
-    quinn::Endpoint::new(
-        quinn::EndpointConfig::default(),
-        Some(config),
-        socket.into(),
-        Arc::new(quinn::TokioRuntime),
-    )
-    .map_err(bind_err)
 }
 
 /// Accepts tunnels until shutdown.
