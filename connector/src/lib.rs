@@ -86,11 +86,23 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Handle
         &tracker,
     );
     let metrics_addr = match config.metrics_listen {
-        Some(addr) => Some(
-            metrics::serve(addr, metrics.clone(), stop.clone(), &tracker)
-                .instrument(span.clone())
-                .await?,
-        ),
+        Some(addr) => {
+            let bind = |source| Error::Bind {
+                what: "metrics listener",
+                addr,
+                source,
+            };
+            let listener = tokio::net::TcpListener::bind(addr).await.map_err(bind)?;
+            let bound = listener.local_addr().map_err(bind)?;
+            portico_agent::ops::serve(
+                listener,
+                metrics.registry.clone(),
+                metrics.readiness(),
+                stop.clone(),
+                &tracker,
+            );
+            Some(bound)
+        }
         None => None,
     };
     // The UDP socket is tracked apart from the tasks: it is released only

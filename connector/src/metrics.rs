@@ -1,24 +1,7 @@
-//! The connector's Prometheus metrics (its own registry) and the plain HTTP
-//! listener serving `/metrics`, `/healthz` and `/ready`.
+//! The connector's Prometheus metrics, in a registry of its own, served by
+//! `portico_agent::ops` with `/healthz` and `/ready`.
 
-use std::convert::Infallible;
-use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
-
-use bytes::Bytes;
-use http::{Response, StatusCode};
-use http_body_util::Full;
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
-use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
-};
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
-use tracing::Instrument;
+use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry};
 
 use crate::error::Error;
 
@@ -97,109 +80,15 @@ impl Metrics {
 
     /// The registry in Prometheus text format.
     pub fn render(&self) -> String {
-        let mut buf = Vec::new();
-        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
-            tracing::warn!(error = %e, "cannot encode metrics");
-        }
-        String::from_utf8(buf).unwrap_or_default()
+        portico_agent::ops::render(&self.registry)
     }
-}
 
-/// Binds the metrics listener and serves it until `shutdown`.
-pub(crate) async fn serve(
-    addr: SocketAddr,
-    metrics: Metrics,
-    shutdown: CancellationToken,
-    tracker: &TaskTracker,
-) -> Result<SocketAddr, Error> {
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|source| Error::Bind {
-            what: "metrics listener",
-            addr,
-            source,
-        })?;
-    let bound = listener.local_addr().map_err(|source| Error::Bind {
-        what: "metrics listener",
-        addr,
-        source,
-    })?;
-    tracing::info!(addr = %bound, "metrics listening");
-    let metrics = Arc::new(metrics);
-    let conns = tracker.clone();
-    tracker.spawn(
-        async move {
-            loop {
-                let (tcp, _) = tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    r = listener.accept() => match r {
-                        Ok(c) => c,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "metrics accept failed");
-                            tokio::select! {
-                                _ = shutdown.cancelled() => break,
-                                _ = tokio::time::sleep(Duration::from_millis(100)) => continue,
-                            }
-                        }
-                    },
-                };
-                let metrics = metrics.clone();
-                let shutdown = shutdown.clone();
-                conns.spawn(async move {
-                    let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                        let metrics = metrics.clone();
-                        async move { Ok::<_, Infallible>(answer(req.uri().path(), &metrics)) }
-                    });
-                    let conn = hyper::server::conn::http1::Builder::new()
-                        .timer(hyper_util::rt::TokioTimer::new())
-                        .header_read_timeout(Duration::from_secs(10))
-                        .serve_connection(TokioIo::new(tcp), svc);
-                    tokio::pin!(conn);
-                    tokio::select! {
-                        r = conn.as_mut() => if let Err(e) = r { tracing::debug!(error = %e, "metrics connection"); },
-                        _ = shutdown.cancelled() => {}
-                    }
-                });
-            }
-        }
-        .instrument(tracing::info_span!("metrics", addr = %bound)),
-    );
-    Ok(bound)
-}
-
-fn answer(path: &str, metrics: &Metrics) -> Response<Full<Bytes>> {
-    let text = |status: StatusCode, body: String, ctype: &'static str| {
-        let mut r = Response::new(Full::new(Bytes::from(body)));
-        *r.status_mut() = status;
-        r.headers_mut().insert(
-            http::header::CONTENT_TYPE,
-            http::HeaderValue::from_static(ctype),
-        );
-        r
-    };
-    match path {
-        "/metrics" => text(
-            StatusCode::OK,
-            metrics.render(),
-            "text/plain; version=0.0.4",
-        ),
-        "/healthz" => text(StatusCode::OK, "ok\n".into(), "text/plain"),
-        "/ready" => {
-            let up = metrics.tunnels.get();
-            if up > 0 {
-                text(
-                    StatusCode::OK,
-                    format!("ready: {up} tunnels up\n"),
-                    "text/plain",
-                )
-            } else {
-                text(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "not ready: no tunnel up\n".into(),
-                    "text/plain",
-                )
-            }
-        }
-        _ => text(StatusCode::NOT_FOUND, "not found\n".into(), "text/plain"),
+    /// Ready once at least one tunnel is up.
+    pub(crate) fn readiness(&self) -> portico_agent::ops::Readiness {
+        let tunnels = self.tunnels.clone();
+        std::sync::Arc::new(move || match tunnels.get() {
+            0 => Err("no tunnel up".to_owned()),
+            up => Ok(format!("{up} tunnels up")),
+        })
     }
 }

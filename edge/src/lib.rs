@@ -223,10 +223,10 @@ pub(crate) async fn serve(parts: Parts, shutdown: CancellationToken) -> Result<H
                 source,
             })?;
             // Metrics stay up through the drain, until the hard stop.
-            metrics::serve(
+            portico_agent::ops::serve(
                 l,
-                Arc::clone(&metrics),
-                ready_rx.clone(),
+                metrics.registry.clone(),
+                metrics::readiness(ready_rx.clone()),
                 shared.hard_stop.clone(),
                 &shared.tracker,
             );

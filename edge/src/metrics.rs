@@ -1,22 +1,10 @@
-//! The edge's Prometheus metrics (its own registry) and the plain HTTP
-//! server for `/metrics`, `/healthz` and `/ready`.
+//! The edge's Prometheus metrics, in a registry of its own, served by
+//! `portico_agent::ops` with `/healthz` and `/ready`.
 
-use std::convert::Infallible;
 use std::sync::Arc;
 
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::service::service_fn;
-use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
-};
-use tokio::net::TcpListener;
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry};
 use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
-use tracing::Instrument;
 
 /// Every metric the edge exports.
 #[derive(Debug, Clone)]
@@ -102,86 +90,22 @@ impl Metrics {
         }
     }
 
+    #[cfg(test)]
     pub(crate) fn render(&self) -> String {
-        let mut buf = Vec::new();
-        // Encoding our own registry into a Vec cannot fail.
-        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
-        String::from_utf8(buf).unwrap_or_default()
+        portico_agent::ops::render(&self.registry)
     }
 }
 
-/// Serves `/metrics`, `/healthz` and `/ready` until `shutdown`.
-pub(crate) fn serve(
-    listener: TcpListener,
-    metrics: Arc<Metrics>,
-    ready: watch::Receiver<bool>,
-    shutdown: CancellationToken,
-    tracker: &TaskTracker,
-) {
-    let tracker2 = tracker.clone();
-    tracker.spawn(
-        async move {
-            loop {
-                let (tcp, _) = tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    r = listener.accept() => match r {
-                        Ok(x) => x,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "metrics accept failed");
-                            continue;
-                        }
-                    },
-                };
-                let metrics = Arc::clone(&metrics);
-                let ready = ready.clone();
-                let shutdown = shutdown.clone();
-                tracker2.spawn(async move {
-                    let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
-                        let metrics = Arc::clone(&metrics);
-                        let ready = *ready.borrow();
-                        async move { Ok::<_, Infallible>(answer(req.uri().path(), &metrics, ready)) }
-                    });
-                    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-                    let conn = builder.serve_connection(TokioIo::new(tcp), svc);
-                    tokio::pin!(conn);
-                    tokio::select! {
-                        _ = conn.as_mut() => {}
-                        _ = shutdown.cancelled() => {}
-                    }
-                });
-            }
+/// `/ready` answers 200 while `ready` holds true: a config is loaded and
+/// shutdown has not begun.
+pub(crate) fn readiness(ready: watch::Receiver<bool>) -> portico_agent::ops::Readiness {
+    Arc::new(move || {
+        if *ready.borrow() {
+            Ok("config loaded".to_owned())
+        } else {
+            Err("no config loaded yet, or shutting down".to_owned())
         }
-        .instrument(tracing::info_span!("metrics")),
-    );
-}
-
-fn answer(path: &str, metrics: &Metrics, ready: bool) -> Response<Full<Bytes>> {
-    let (status, ctype, body) = match path {
-        "/metrics" => (
-            StatusCode::OK,
-            "text/plain; version=0.0.4",
-            metrics.render(),
-        ),
-        "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
-        "/ready" if ready => (StatusCode::OK, "text/plain", "ready\n".to_owned()),
-        "/ready" => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "text/plain",
-            "no config loaded yet\n".to_owned(),
-        ),
-        _ => (
-            StatusCode::NOT_FOUND,
-            "text/plain",
-            "not found\n".to_owned(),
-        ),
-    };
-    let mut resp = Response::new(Full::new(Bytes::from(body)));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static(ctype),
-    );
-    resp
+    })
 }
 
 #[cfg(test)]
@@ -207,11 +131,12 @@ mod tests {
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");
         }
-        assert_eq!(
-            answer("/ready", &m, false).status(),
-            StatusCode::SERVICE_UNAVAILABLE
-        );
-        assert_eq!(answer("/ready", &m, true).status(), StatusCode::OK);
-        assert_eq!(answer("/healthz", &m, false).status(), StatusCode::OK);
+        let (tx, rx) = watch::channel(false);
+        let ready = readiness(rx);
+        let answer = |path| portico_agent::ops::answer(path, &m.registry, &ready).status();
+        assert_eq!(answer("/ready"), hyper::StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(answer("/healthz"), hyper::StatusCode::OK);
+        tx.send_replace(true);
+        assert_eq!(answer("/ready"), hyper::StatusCode::OK);
     }
 }
