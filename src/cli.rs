@@ -41,6 +41,10 @@ pub enum Command {
     Group(GroupCmd),
     /// Create join tokens that enroll connectors and edges.
     Token(TokenCmd),
+    /// Measure a deployment: open- or closed-loop load over HTTP/1.1, HTTP/2
+    /// or HTTP/3 with reports (`portico loadtest URL`), or emulate a WAN
+    /// path (`portico loadtest wan`).
+    Loadtest(Box<portico_loadtest::cli::LoadtestArgs>),
     /// Run a router, an edge, a connector and a demo app on this machine,
     /// publish the demo app, and print a URL and a curl line that reach it
     /// through the tunnel. Ctrl-C stops everything.
@@ -133,7 +137,8 @@ pub struct EdgeArgs {
     /// Directory for this edge's key, certificates and last config (created 0700).
     #[arg(long, env = "PORTICO_STATE", required = true)]
     pub state: Option<PathBuf>,
-    /// Address of the public HTTPS listener (HTTP/1.1 and HTTP/2).
+    /// Address of the public HTTPS listener: HTTP/1.1 and HTTP/2 on TCP,
+    /// HTTP/3 on UDP at the same port.
     #[arg(long, default_value = "0.0.0.0:8443")]
     pub public_listen: SocketAddr,
     /// Address of the QUIC tunnel listener (UDP).
@@ -155,6 +160,10 @@ pub struct EdgeArgs {
     /// host:port that users reach (default: the public listener's address).
     #[arg(long)]
     pub advertise_public: Option<String>,
+    /// Do not serve HTTP/3 (by default it runs on UDP at the public port
+    /// and is advertised with Alt-Svc).
+    #[arg(long)]
+    pub no_http3: bool,
 }
 
 #[derive(Debug, Args)]
@@ -202,6 +211,11 @@ pub struct ConnectorArgs {
     /// Extra PEM CA certificates to trust for https backends.
     #[arg(long)]
     pub backend_ca: Vec<PathBuf>,
+    /// How many requests an edge may have in flight at once on one tunnel;
+    /// more wait at the edge. Memory stays bounded by the QUIC flow-control
+    /// windows whatever the number.
+    #[arg(long, default_value_t = 1024)]
+    pub max_streams_per_tunnel: u32,
 }
 
 #[derive(Debug, Args)]

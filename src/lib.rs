@@ -39,6 +39,7 @@ pub async fn run(cli: cli::Cli) -> anyhow::Result<()> {
         Command::Group(cmd) => admin::group(cmd).await,
         Command::Token(cmd) => admin::token(cmd).await,
         Command::Dev(args) => dev::run(args).await,
+        Command::Loadtest(args) => portico_loadtest::cli::run(*args, shutdown_on_signal()).await,
     }
 }
 
@@ -109,6 +110,7 @@ async fn run_edge(args: cli::EdgeArgs) -> anyhow::Result<()> {
     config.public_cert = args.cert.zip(args.key);
     config.advertise_tunnel_addr = args.advertise_tunnel;
     config.advertise_public_addr = args.advertise_public;
+    config.http3 = !args.no_http3;
     let shutdown = shutdown_on_signal();
     let edge = portico_edge::start(config, shutdown)
         .await
@@ -117,8 +119,12 @@ async fn run_edge(args: cli::EdgeArgs) -> anyhow::Result<()> {
         .metrics_addr
         .map(|a| format!(" metrics=http://{a}"))
         .unwrap_or_default();
+    let h3 = edge
+        .h3_addr
+        .map(|a| format!(" h3=udp://{a}"))
+        .unwrap_or_default();
     out(format!(
-        "listening edge={} public={} tunnel={}{metrics}",
+        "listening edge={} public={}{h3} tunnel={}{metrics}",
         edge.id, edge.public_addr, edge.tunnel_addr
     ));
     edge.wait().await.context("edge stopped with an error")
@@ -133,6 +139,7 @@ async fn run_connector(args: cli::ConnectorArgs) -> anyhow::Result<()> {
     config.tunnels = args.tunnels;
     config.metrics_listen = args.metrics_listen;
     config.backend_ca = args.backend_ca;
+    config.max_streams_per_tunnel = args.max_streams_per_tunnel;
     let shutdown = shutdown_on_signal();
     let connector = portico_connector::start(config, shutdown)
         .await

@@ -17,7 +17,10 @@ pub struct Config {
     /// Where credentials and the last config snapshot live.
     pub state_dir: PathBuf,
     /// TCP address of the public HTTPS listener (HTTP/1.1 and HTTP/2).
+    /// With [`Config::http3`], HTTP/3 is served on UDP at the same port.
     pub public_listen: SocketAddr,
+    /// Serve HTTP/3 on UDP at the public port, advertised with `Alt-Svc`.
+    pub http3: bool,
     /// UDP address of the QUIC tunnel listener.
     pub tunnel_listen: SocketAddr,
     /// Plain HTTP address for `/metrics`, `/healthz` and `/ready`.
@@ -43,6 +46,7 @@ impl Config {
             token: None,
             state_dir: state_dir.into(),
             public_listen: SocketAddr::from(([0, 0, 0, 0], 8443)),
+            http3: true,
             tunnel_listen: SocketAddr::from(([0, 0, 0, 0], 7844)),
             metrics_listen: None,
             public_cert: None,
@@ -114,6 +118,7 @@ impl fmt::Debug for Config {
             .field("token", &self.token.as_ref().map(|_| "***"))
             .field("state_dir", &self.state_dir)
             .field("public_listen", &self.public_listen)
+            .field("http3", &self.http3)
             .field("tunnel_listen", &self.tunnel_listen)
             .field("metrics_listen", &self.metrics_listen)
             .field("public_cert", &self.public_cert)

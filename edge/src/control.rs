@@ -98,6 +98,7 @@ pub(crate) async fn start(config: Config, shutdown: CancellationToken) -> Result
             public_cert: Arc::clone(&public_cert),
             initial_config,
             public_listen: config.public_listen,
+            http3: config.http3,
             tunnel_listen: config.tunnel_listen,
             metrics_listen: config.metrics_listen,
             grace: config.grace,

@@ -1,5 +1,6 @@
 //! The Portico edge: it serves users at the apps' external hostnames over
-//! HTTPS (HTTP/1.1 and HTTP/2), accepts QUIC tunnels from connectors (mutual
+//! HTTPS (HTTP/1.1 and HTTP/2 on TCP, HTTP/3 on UDP at the same port,
+//! advertised with `Alt-Svc`), accepts QUIC tunnels from connectors (mutual
 //! TLS, ALPN `portico/1`), and carries each request over its own stream of a
 //! tunnel of the app's connector group. It enrolls with the router, renews
 //! its certificates, follows the router's config by long-poll (and keeps
@@ -7,13 +8,14 @@
 //! the tunnels it holds, and exports Prometheus metrics.
 //!
 //! It does not talk to backends (the connector does), store configuration
-//! (the router does), pre-authenticate users, serve HTTP/3, or forward over
-//! an edge mesh; those are later work.
+//! (the router does), pre-authenticate users, carry WebSockets over HTTP/3,
+//! or forward over an edge mesh; those are later work.
 
 mod certs;
 mod config;
 mod control;
 pub mod error;
+mod http3;
 mod metrics;
 mod pages;
 mod public;
@@ -60,6 +62,8 @@ pub struct Handle {
     pub id: EdgeId,
     /// The bound public (HTTPS) address.
     pub public_addr: SocketAddr,
+    /// The bound HTTP/3 (UDP) address: the public port, unless HTTP/3 is off.
+    pub h3_addr: Option<SocketAddr>,
     /// The bound tunnel (QUIC, UDP) address.
     pub tunnel_addr: SocketAddr,
     /// The bound metrics address, if any.
@@ -111,6 +115,8 @@ pub(crate) struct Shared {
     pub(crate) table: ArcSwap<RoutingTable>,
     pub(crate) tunnels: Tunnels,
     pub(crate) metrics: Arc<Metrics>,
+    /// The `Alt-Svc` value HTTP/1.1 and HTTP/2 answers carry (with HTTP/3).
+    pub(crate) alt_svc: Option<http::HeaderValue>,
     pub(crate) ready: watch::Sender<bool>,
     pub(crate) connector_timeout_grace: Duration,
     pub(crate) grace: Duration,
@@ -157,6 +163,8 @@ pub(crate) struct Parts {
     pub(crate) public_cert: Arc<CertStore>,
     pub(crate) initial_config: Option<EdgeConfig>,
     pub(crate) public_listen: SocketAddr,
+    /// Serve HTTP/3 on UDP at the public port.
+    pub(crate) http3: bool,
     pub(crate) tunnel_listen: SocketAddr,
     pub(crate) metrics_listen: Option<SocketAddr>,
     pub(crate) grace: Duration,
@@ -168,30 +176,44 @@ pub(crate) struct Parts {
 pub(crate) async fn serve(parts: Parts, shutdown: CancellationToken) -> Result<Handle, Error> {
     let metrics = Arc::new(Metrics::new());
     let (ready_tx, ready_rx) = watch::channel(false);
+    let tracker = TaskTracker::new();
+    let (public_listener, h3_endpoint) = http3::bind_public(
+        parts.public_listen,
+        parts.http3.then(|| Arc::clone(&parts.public_cert)),
+        &tracker,
+    )?;
+    let public_addr = public_listener.local_addr().map_err(|source| Error::Bind {
+        what: "public",
+        addr: parts.public_listen,
+        source,
+    })?;
+    let h3_addr = match &h3_endpoint {
+        Some(ep) => Some(ep.local_addr().map_err(|source| Error::Bind {
+            what: "http3",
+            addr: parts.public_listen,
+            source,
+        })?),
+        None => None,
+    };
     let shared = Arc::new(Shared {
         edge_id: parts.edge_id.clone(),
         region: parts.region.clone(),
         table: ArcSwap::from_pointee(RoutingTable::empty(parts.region.clone())),
         tunnels: Tunnels::default(),
         metrics: Arc::clone(&metrics),
+        alt_svc: h3_addr.map(|a| http3::alt_svc(a.port())),
         ready: ready_tx,
         connector_timeout_grace: parts.connector_timeout_grace,
         grace: parts.grace,
         shutdown: shutdown.clone(),
         hard_stop: CancellationToken::new(),
-        tracker: TaskTracker::new(),
+        tracker,
         conns: TaskTracker::new(),
     });
     if let Some(cfg) = parts.initial_config {
         shared.apply_config(cfg);
     }
 
-    let public_listener = public::bind(parts.public_listen)?;
-    let public_addr = public_listener.local_addr().map_err(|source| Error::Bind {
-        what: "public",
-        addr: parts.public_listen,
-        source,
-    })?;
     let public_tls = public::tls_config(parts.public_cert)?;
     let endpoint = portico_agent::quic::bind_endpoint(
         parts.tunnel_listen,
@@ -243,14 +265,20 @@ pub(crate) async fn serve(parts: Parts, shutdown: CancellationToken) -> Result<H
     shared
         .tracker
         .spawn(tunnel::accept_loop(endpoint.clone(), Arc::clone(&shared)).instrument(span.clone()));
-    shared
-        .tracker
-        .spawn(drain_on_shutdown(endpoint, Arc::clone(&shared)).instrument(span.clone()));
-    tracing::info!(parent: &span, %public_addr, %tunnel_addr, ?metrics_addr, "edge listening");
+    if let Some(ep) = h3_endpoint.clone() {
+        shared
+            .tracker
+            .spawn(http3::accept_loop(ep, Arc::clone(&shared)).instrument(span.clone()));
+    }
+    shared.tracker.spawn(
+        drain_on_shutdown(endpoint, h3_endpoint, Arc::clone(&shared)).instrument(span.clone()),
+    );
+    tracing::info!(parent: &span, %public_addr, ?h3_addr, %tunnel_addr, ?metrics_addr, "edge listening");
 
     Ok(Handle {
         id: parts.edge_id,
         public_addr,
+        h3_addr,
         tunnel_addr,
         metrics_addr,
         shared,
@@ -261,8 +289,13 @@ pub(crate) async fn serve(parts: Parts, shutdown: CancellationToken) -> Result<H
 /// Shutdown: stop accepting (the accept loops see the token), ask every
 /// connector to drain, let in-flight requests finish and connectors close
 /// their tunnels within the grace period, then close the QUIC endpoint with
-/// `CloseCode::Shutdown`.
-async fn drain_on_shutdown(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
+/// `CloseCode::Shutdown`. HTTP/3 connections get a GOAWAY at once, finish
+/// their requests within the same grace, and their endpoint closes last.
+async fn drain_on_shutdown(
+    endpoint: quinn::Endpoint,
+    h3_endpoint: Option<quinn::Endpoint>,
+    shared: Arc<Shared>,
+) {
     shared.shutdown.cancelled().await;
     tracing::info!(grace = ?shared.grace, "shutting down: draining");
     // `/ready` answers 503 from now on, so load balancers move away.
@@ -285,7 +318,13 @@ async fn drain_on_shutdown(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
     }
     shared.hard_stop.cancel();
     endpoint.close(CloseCode::Shutdown.to_wire().into(), b"edge shutting down");
+    if let Some(h3) = &h3_endpoint {
+        h3.close(http3::NO_ERROR, b"edge shutting down");
+    }
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+    if let Some(h3) = h3_endpoint {
+        let _ = tokio::time::timeout(Duration::from_secs(2), h3.wait_idle()).await;
+    }
     let _ = tokio::time::timeout(Duration::from_secs(2), shared.conns.wait()).await;
     tracing::info!("edge stopped");
 }

@@ -1,6 +1,7 @@
 //! The public listener (HTTPS, HTTP/1.1 and HTTP/2 by ALPN) and the request
-//! path: host → app → tunnel, one QUIC stream per request, bodies streamed
-//! both ways, WebSocket upgrades as byte pipes, branded errors.
+//! path every protocol shares (HTTP/3 too, see `http3.rs`): host → app →
+//! tunnel, one QUIC stream per request, bodies streamed both ways,
+//! WebSocket upgrades as byte pipes, branded errors, metrics, one log line.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -9,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::StreamExt;
-use http::header::{HeaderName, HeaderValue, CONNECTION, UPGRADE};
+use http::header::{HeaderName, HeaderValue, ALT_SVC, CONNECTION, UPGRADE};
 use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::Incoming;
@@ -36,6 +37,18 @@ use crate::Shared;
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The body of every response the edge sends.
 pub(crate) type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
+
+/// A request body the edge can stream into a tunnel: hyper's `Incoming`
+/// (HTTP/1.1, HTTP/2) or an HTTP/3 request stream.
+pub(crate) trait RequestBody:
+    http_body::Body<Data = Bytes, Error: std::fmt::Display + Send> + Send + Unpin + 'static
+{
+}
+
+impl<T> RequestBody for T where
+    T: http_body::Body<Data = Bytes, Error: std::fmt::Display + Send> + Send + Unpin + 'static
+{
+}
 
 /// How long a client has to finish the TLS handshake.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -124,7 +137,13 @@ where
     let shared2 = Arc::clone(&shared);
     let svc = service_fn(move |req: Request<Incoming>| {
         let shared = Arc::clone(&shared2);
-        async move { Ok::<_, Infallible>(handle(req, shared, client).await) }
+        async move {
+            let mut resp = handle(req, Arc::clone(&shared), client).await;
+            if let Some(alt_svc) = &shared.alt_svc {
+                resp.headers_mut().insert(ALT_SVC, alt_svc.clone());
+            }
+            Ok::<_, Infallible>(resp)
+        }
     });
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     let conn = builder.serve_connection_with_upgrades(io, svc);
@@ -144,15 +163,16 @@ where
     }
 }
 
-/// Serves one request: never fails, always carries a request id.
-pub(crate) async fn handle(
-    req: Request<Incoming>,
+/// Serves one request of any protocol: never fails, always carries a
+/// request id, and is counted and logged once.
+pub(crate) async fn handle<B: RequestBody>(
+    req: Request<B>,
     shared: Arc<Shared>,
     client: SocketAddr,
 ) -> Response<Body> {
     let started = Instant::now();
     let request_id = RequestId(fastrand::u128(..));
-    let span = tracing::info_span!("request", request.id = %request_id, app = tracing::field::Empty, method = %req.method());
+    let span = tracing::info_span!("request", request.id = %request_id, app = tracing::field::Empty, method = %req.method(), version = ?req.version());
     async move {
         let mut accept = HeaderMap::new();
         for v in req.headers().get_all(http::header::ACCEPT).iter().take(8) {
@@ -222,12 +242,16 @@ impl Drop for ActiveStream {
     }
 }
 
-async fn proxy(
-    req: Request<Incoming>,
+async fn proxy<B: RequestBody>(
+    req: Request<B>,
     shared: &Shared,
     client: SocketAddr,
     request_id: RequestId,
 ) -> (Option<Arc<App>>, Result<Response<Body>, ErrorCode>) {
+    if req.method() == Method::CONNECT && req.version() == Version::HTTP_3 {
+        // Extended CONNECT (WebSocket over HTTP/3) is not carried.
+        return (None, Err(ErrorCode::BadRequest));
+    }
     let Some(host) = request_host(&req) else {
         return (None, Err(ErrorCode::BadRequest));
     };
@@ -241,8 +265,8 @@ async fn proxy(
     (Some(app), result)
 }
 
-async fn forward(
-    mut req: Request<Incoming>,
+async fn forward<B: RequestBody>(
+    mut req: Request<B>,
     app: &App,
     shared: &Shared,
     client: SocketAddr,
@@ -397,8 +421,8 @@ async fn open_stream(
 
 /// Streams the request body into the QUIC stream, then finishes it. On
 /// cancel (the response ended or the client left) the stream is reset.
-async fn pump_request_body(
-    mut body: Incoming,
+async fn pump_request_body<B: RequestBody>(
+    mut body: B,
     mut send: SendStream,
     cancel: CancellationToken,
     bytes_in: IntCounter,

@@ -153,6 +153,7 @@ async fn test_edge(pki: &Pki, shutdown: &CancellationToken) -> anyhow::Result<Ha
             public_cert,
             initial_config: Some(edge_config(1, Vec::new())),
             public_listen: "127.0.0.1:0".parse()?,
+            http3: true,
             tunnel_listen: "127.0.0.1:0".parse()?,
             metrics_listen: Some("127.0.0.1:0".parse()?),
             grace: Duration::from_secs(2),
@@ -931,5 +932,190 @@ async fn a_renewed_public_certificate_is_presented_without_a_restart() -> anyhow
     store.set(second.0, second.1)?;
     assert_eq!(presented().await?, second_der);
     assert_ne!(first_der, second_der);
+    Ok(())
+}
+
+/// An HTTP/3 client of the edge's public port, trusting the test CA.
+async fn h3_client(
+    pki: &Pki,
+    edge: &Handle,
+    host: &str,
+    tracker: &tokio_util::task::TaskTracker,
+) -> anyhow::Result<portico_loadtest::h3::H3Client> {
+    let addr = edge.h3_addr.context("HTTP/3 is on")?;
+    Ok(portico_loadtest::h3::H3Client::connect(
+        addr,
+        host,
+        portico_loadtest::h3::Trust::Roots(pki.roots()),
+        tracker,
+    )
+    .await?)
+}
+
+fn h3_get(host: &str, path: &str) -> Request<Bytes> {
+    Request::get(format!("https://{host}{path}"))
+        .body(Bytes::new())
+        .unwrap()
+}
+
+#[tokio::test]
+async fn http3_shares_the_port_routing_errors_and_metrics() -> anyhow::Result<()> {
+    let pki = Pki::new("test CA")?;
+    let shutdown = CancellationToken::new();
+    let edge = test_edge(&pki, &shutdown).await?;
+    let h3_addr = edge.h3_addr.context("HTTP/3 is on by default")?;
+    assert_eq!(h3_addr.port(), edge.public_addr.port());
+    let tracker = tokio_util::task::TaskTracker::new();
+
+    // HTTP/1.1 and HTTP/2 answers advertise the UDP port, errors included.
+    for h2 in [false, true] {
+        let r = https(
+            &pki,
+            edge.public_addr,
+            "hr.apps.test",
+            h2,
+            get("nope.apps.test", "/", h2),
+        )
+        .await?;
+        assert_eq!(
+            r.headers()["alt-svc"],
+            format!("h3=\":{}\"; ma=86400", h3_addr.port())
+        );
+    }
+
+    let h3 = h3_client(&pki, &edge, "hr.apps.test", &tracker).await?;
+    // No connector yet.
+    let r = h3.request(h3_get("hr.apps.test", "/")).await?;
+    assert_eq!(r.status(), StatusCode::BAD_GATEWAY);
+    assert_eq!(r.headers()["x-portico-error"], "ConnectorNotFound");
+    assert!(!r.headers().contains_key("alt-svc"));
+
+    // Unknown host on the same connection (the certificate is a wildcard).
+    let mut req = h3_get("NOPE.apps.test:8443", "/");
+    req.headers_mut()
+        .insert("accept", "application/json".parse()?);
+    let r = h3.request(req).await?;
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    assert_eq!(r.headers()["x-portico-error"], "AppNotFound");
+    let v: serde_json::Value = serde_json::from_slice(r.body())?;
+    assert_eq!(v["error"], "AppNotFound");
+    assert_eq!(
+        v["request_id"],
+        r.headers()["x-portico-request-id"].to_str()?
+    );
+    let r = h3.request(h3_get("nope.apps.test", "/")).await?;
+    assert!(r.headers()["content-type"]
+        .to_str()?
+        .starts_with("text/html"));
+    assert!(String::from_utf8(r.body().to_vec())?.contains("AppNotFound"));
+
+    // CONNECT (WebSocket over HTTP/3 would be an extended CONNECT): refused.
+    let connect = Request::builder()
+        .method(http::Method::CONNECT)
+        .uri("https://hr.apps.test")
+        .body(Bytes::new())?;
+    let r = h3.request(connect).await?;
+    assert_eq!(r.headers()["x-portico-error"], "BadRequest");
+
+    // A connector attaches: GET and POST reach it.
+    let ep = quic_client(&pki, pki.connector("c-1")?)?;
+    let conn = dial(&ep, edge.tunnel_addr).await?;
+    let _control = handshake(&conn, "c-1").await?;
+    fake_connector(conn.clone(), "c-1");
+    wait_until("the tunnel to attach", || edge.tunnel_count() == 1).await?;
+
+    let r = h3.request(h3_get("Hr.Apps.Test", "/h3?q=1")).await?;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.headers()["x-served-by"], "c-1");
+    assert!(r.headers().contains_key("x-portico-request-id"));
+    assert!(!r.headers().contains_key("connection"));
+    assert_eq!(r.body(), "c-1|hr|GET|Hr.Apps.Test|/h3?q=1|");
+
+    let body: Vec<u8> = (0..200_000u32).map(|i| b'a' + (i % 26) as u8).collect();
+    let req = Request::post("https://hr.apps.test/up").body(Bytes::from(body.clone()))?;
+    let r = h3.request(req).await?;
+    assert_eq!(r.status(), StatusCode::OK);
+    let mut want = b"c-1|hr|POST|hr.apps.test|/up|".to_vec();
+    want.extend_from_slice(&body);
+    assert_eq!(r.body().as_ref(), want.as_slice());
+
+    // Requests in parallel on one connection.
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..20 {
+        let h3 = h3.clone();
+        set.spawn(async move { h3.request(h3_get("hr.apps.test", &format!("/p{i}"))).await });
+    }
+    while let Some(r) = set.join_next().await {
+        assert_eq!(r??.status(), StatusCode::OK);
+    }
+
+    let r = h3.request(h3_get("hr.apps.test", "/error")).await?;
+    assert_eq!(r.status(), StatusCode::BAD_GATEWAY);
+    assert_eq!(r.headers()["x-portico-error"], "BackendUnreachable");
+
+    let text = edge.shared.metrics.render();
+    for line in [
+        r#"portico_edge_requests_total{app="hr",code="",status="200"} 22"#,
+        r#"portico_edge_requests_total{app="hr",code="ConnectorNotFound",status="502"} 1"#,
+        r#"portico_edge_requests_total{app="hr",code="BackendUnreachable",status="502"} 1"#,
+        // Two over HTTP/1.1 and HTTP/2, two over HTTP/3.
+        r#"portico_edge_requests_total{app="",code="AppNotFound",status="404"} 4"#,
+        r#"portico_edge_requests_total{app="",code="BadRequest",status="400"} 1"#,
+        r#"portico_edge_bytes_total{direction="in"} 200000"#,
+    ] {
+        assert!(text.contains(line), "missing {line}:\n{text}");
+    }
+
+    h3.close();
+    drop(h3);
+    shutdown.cancel();
+    tokio::time::timeout(DEADLINE, edge.wait()).await??;
+    tracker.close();
+    tokio::time::timeout(DEADLINE, tracker.wait()).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn http3_requests_in_flight_finish_on_shutdown() -> anyhow::Result<()> {
+    let pki = Pki::new("test CA")?;
+    let shutdown = CancellationToken::new();
+    let edge = test_edge(&pki, &shutdown).await?;
+    let ep = quic_client(&pki, pki.connector("c-1")?)?;
+    let conn = dial(&ep, edge.tunnel_addr).await?;
+    let _control = handshake(&conn, "c-1").await?;
+    let release = Arc::new(tokio::sync::Notify::new());
+    fake_connector_with(conn.clone(), "c-1", Arc::clone(&release));
+    wait_until("the tunnel to attach", || edge.tunnel_count() == 1).await?;
+    let tracker = tokio_util::task::TaskTracker::new();
+    let h3 = h3_client(&pki, &edge, "hr.apps.test", &tracker).await?;
+
+    let in_flight = tokio::spawn({
+        let h3 = h3.clone();
+        async move { h3.request(h3_get("hr.apps.test", "/held")).await }
+    });
+    let streams = edge.shared.metrics.streams.clone();
+    wait_until("the request to be in flight", || streams.get() == 1).await?;
+    shutdown.cancel();
+    // After the GOAWAY, new requests on the connection are refused.
+    let end = tokio::time::Instant::now() + DEADLINE;
+    while h3.request(h3_get("hr.apps.test", "/late")).await.is_ok() {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < end,
+            "the edge still takes new HTTP/3 requests"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(!in_flight.is_finished());
+    release.notify_one();
+    let r = tokio::time::timeout(DEADLINE, in_flight).await???;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.body(), "c-1|hr|GET|hr.apps.test|/held|");
+    let h3_addr = edge.h3_addr.context("HTTP/3 is on")?;
+    tokio::time::timeout(DEADLINE, edge.wait()).await??;
+    // The UDP port is released once the edge is done.
+    std::net::UdpSocket::bind(h3_addr)?;
+    drop(h3);
+    tracker.close();
+    tokio::time::timeout(DEADLINE, tracker.wait()).await?;
     Ok(())
 }

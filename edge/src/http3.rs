@@ -1,0 +1,387 @@
+//! HTTP/3 on the public port (h3 over quinn, UDP at the TCP listener's port
+//! number): binding the pair, the QUIC/TLS config (the same swappable
+//! public certificate, ALPN `h3`), the accept loop, and the adapter that
+//! hands each request to the request path HTTP/1.1 and HTTP/2 use
+//! (`public::handle`), so routing, errors, metrics and logs are the same.
+//!
+//! It does not carry WebSockets (an extended CONNECT is answered with
+//! `BadRequest`), server push, or 0-RTT.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes};
+use h3::error::Code;
+use http::header::HeaderValue;
+use http::Response;
+use http_body_util::BodyExt;
+use portico_agent::pki;
+use quinn::crypto::rustls::QuicServerConfig;
+use quinn::VarInt;
+use tokio::net::TcpListener;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::certs::CertStore;
+use crate::error::Error;
+use crate::public;
+use crate::Shared;
+
+/// The QUIC close code of a clean HTTP/3 close (`H3_NO_ERROR`).
+pub(crate) const NO_ERROR: VarInt = VarInt::from_u32(0x100);
+/// How long `Alt-Svc` tells clients to remember the HTTP/3 endpoint.
+const ALT_SVC_MAX_AGE: u32 = 86_400;
+/// Fresh port pairs tried when the public port is 0 and the UDP port the
+/// kernel gave TCP is taken.
+const BIND_ATTEMPTS: usize = 16;
+/// How long a client has to finish the QUIC handshake and the h3 setup.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a client has to send a request's headers once its stream opened.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
+/// The largest header section accepted (QPACK-decoded size).
+const MAX_FIELD_SECTION: u64 = 64 * 1024;
+/// Requests one connection may have in flight.
+const MAX_STREAMS: u32 = 256;
+/// An idle user connection is closed after this long.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Binds the public TCP listener and, with `h3_cert`, the HTTP/3 endpoint
+/// on UDP at the same port. With port 0 the kernel picks the TCP port; if
+/// that port is taken on UDP, a fresh pair is tried (bounded).
+pub(crate) fn bind_public(
+    listen: SocketAddr,
+    h3_cert: Option<Arc<CertStore>>,
+    tracker: &TaskTracker,
+) -> Result<(TcpListener, Option<quinn::Endpoint>), Error> {
+    let Some(cert) = h3_cert else {
+        return Ok((public::bind(listen)?, None));
+    };
+    let config = server_config(cert)?;
+    let attempts = if listen.port() == 0 { BIND_ATTEMPTS } else { 1 };
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let tcp = public::bind(listen)?;
+        let port = tcp
+            .local_addr()
+            .map_err(|source| Error::Bind {
+                what: "public",
+                addr: listen,
+                source,
+            })?
+            .port();
+        let udp = SocketAddr::new(listen.ip(), port);
+        match portico_agent::quic::bind_endpoint(udp, Some(config.clone()), tracker) {
+            Ok(endpoint) => return Ok((tcp, Some(endpoint))),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && attempt < attempts => {
+                tracing::debug!(port, "UDP port taken; trying another port pair");
+            }
+            Err(source) => {
+                return Err(Error::Bind {
+                    what: "http3",
+                    addr: udp,
+                    source,
+                })
+            }
+        }
+    }
+}
+
+/// The `Alt-Svc` value that advertises HTTP/3 on `port`.
+pub(crate) fn alt_svc(port: u16) -> HeaderValue {
+    HeaderValue::try_from(format!("h3=\":{port}\"; ma={ALT_SVC_MAX_AGE}"))
+        .expect("a port number makes a valid header value")
+}
+
+/// The QUIC server config: TLS 1.3 with the public certificate resolver,
+/// ALPN `h3`, room for h3's uni streams and a few hundred requests.
+pub(crate) fn server_config(cert: Arc<CertStore>) -> Result<quinn::ServerConfig, Error> {
+    let mut tls = rustls::ServerConfig::builder_with_provider(pki::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|source| Error::Tls {
+            what: "http3",
+            source,
+        })?
+        .with_no_client_auth()
+        .with_cert_resolver(cert);
+    tls.alpn_protocols = vec![b"h3".to_vec()];
+    let crypto = QuicServerConfig::try_from(tls)?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .max_concurrent_bidi_streams(MAX_STREAMS.into())
+        // Control, QPACK encoder and decoder, plus room for extensions.
+        .max_concurrent_uni_streams(16u32.into())
+        .stream_receive_window((2u32 << 20).into())
+        .receive_window((16u32 << 20).into())
+        .send_window(16 << 20)
+        .max_idle_timeout(Some(
+            IDLE_TIMEOUT
+                .try_into()
+                .expect("the idle timeout fits a QUIC varint"),
+        ));
+    config.transport_config(Arc::new(transport));
+    Ok(config)
+}
+
+/// Accepts HTTP/3 connections until shutdown, then refuses new ones.
+pub(crate) async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
+    loop {
+        let incoming = tokio::select! {
+            () = shared.shutdown.cancelled() => break,
+            i = endpoint.accept() => match i {
+                Some(i) => i,
+                None => break,
+            },
+        };
+        let client = incoming.remote_address();
+        let shared2 = Arc::clone(&shared);
+        shared.conns.spawn(
+            serve_connection(incoming, shared2).instrument(tracing::debug_span!("h3", %client)),
+        );
+    }
+    endpoint.set_server_config(None);
+}
+
+/// One user connection: accepts requests until the client leaves; on
+/// shutdown sends GOAWAY, lets the requests in flight finish (until the
+/// hard stop), then closes.
+async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shared>) {
+    let client = incoming.remote_address();
+    let setup = async {
+        let conn = incoming.accept()?.await?;
+        let h3c = h3::server::builder()
+            .max_field_section_size(MAX_FIELD_SECTION)
+            .build::<_, Bytes>(h3_quinn::Connection::new(conn.clone()))
+            .await?;
+        Ok::<_, SetupError>((conn, h3c))
+    };
+    let (conn, mut h3c) = tokio::select! {
+        () = shared.shutdown.cancelled() => return,
+        r = tokio::time::timeout(HANDSHAKE_TIMEOUT, setup) => match r {
+            Ok(Ok(x)) => x,
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "HTTP/3 connection setup failed");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!("HTTP/3 connection setup timed out");
+                return;
+            }
+        },
+    };
+    let requests = TaskTracker::new();
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            r = h3c.accept() => match r {
+                Ok(Some(resolver)) => {
+                    let shared2 = Arc::clone(&shared);
+                    shared.conns.spawn(
+                        requests
+                            .track_future(serve_request(resolver, client, shared2))
+                            .in_current_span(),
+                    );
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    if !e.is_h3_no_error() {
+                        tracing::debug!(error = %e, "HTTP/3 connection ended");
+                    }
+                    break;
+                }
+            },
+            () = shared.shutdown.cancelled(), if !closing => {
+                closing = true;
+                requests.close();
+                // GOAWAY: the client sends nothing new; one racing
+                // request is still served.
+                if let Err(e) = h3c.shutdown(1).await {
+                    tracing::debug!(error = %e, "sending GOAWAY failed");
+                    break;
+                }
+            }
+            () = requests.wait(), if closing => break,
+            () = shared.hard_stop.cancelled() => break,
+        }
+    }
+    requests.close();
+    tokio::select! {
+        () = requests.wait() => {}
+        () = shared.hard_stop.cancelled() => {}
+    }
+    drop(h3c);
+    conn.close(NO_ERROR, b"");
+}
+
+/// Why a user connection could not be set up.
+#[derive(Debug, thiserror::Error)]
+enum SetupError {
+    #[error(transparent)]
+    Quic(#[from] quinn::ConnectionError),
+    #[error(transparent)]
+    H3(#[from] h3::error::ConnectionError),
+}
+
+/// One request: reads the head, runs the shared request path with the
+/// request stream as the body, then streams the answer back.
+async fn serve_request(
+    resolver: h3::server::RequestResolver<h3_quinn::Connection, Bytes>,
+    client: SocketAddr,
+    shared: Arc<Shared>,
+) {
+    let resolved = tokio::select! {
+        () = shared.hard_stop.cancelled() => return,
+        r = tokio::time::timeout(HEAD_TIMEOUT, resolver.resolve_request()) => r,
+    };
+    let (req, stream) = match resolved {
+        Ok(Ok(x)) => x,
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "bad HTTP/3 request head");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!("no HTTP/3 request head in time");
+            return;
+        }
+    };
+    let (mut send, recv) = stream.split();
+    let req = req.map(|()| H3Body { recv, done: false });
+    let resp = tokio::select! {
+        () = shared.hard_stop.cancelled() => {
+            send.stop_stream(Code::H3_REQUEST_CANCELLED);
+            return;
+        }
+        r = public::handle(req, Arc::clone(&shared), client) => r,
+    };
+    let (parts, mut body) = resp.into_parts();
+    if let Err(e) = send.send_response(Response::from_parts(parts, ())).await {
+        tracing::debug!(error = %e, "sending the HTTP/3 response head failed");
+        return;
+    }
+    loop {
+        let frame = tokio::select! {
+            () = shared.hard_stop.cancelled() => {
+                send.stop_stream(Code::H3_REQUEST_CANCELLED);
+                return;
+            }
+            f = body.frame() => f,
+        };
+        let data = match frame {
+            None => break,
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) if !data.is_empty() => data,
+                _ => continue, // trailers are not carried
+            },
+            Some(Err(e)) => {
+                tracing::debug!(error = %e, "response body failed; resetting the stream");
+                send.stop_stream(Code::H3_INTERNAL_ERROR);
+                return;
+            }
+        };
+        tokio::select! {
+            () = shared.hard_stop.cancelled() => {
+                send.stop_stream(Code::H3_REQUEST_CANCELLED);
+                return;
+            }
+            r = send.send_data(data) => if let Err(e) = r {
+                // The client left or reset the stream: dropping the body
+                // cancels the tunnel stream.
+                tracing::debug!(error = %e, "sending HTTP/3 data failed");
+                return;
+            },
+        }
+    }
+    if let Err(e) = send.finish().await {
+        tracing::debug!(error = %e, "finishing the HTTP/3 response failed");
+    }
+}
+
+/// The request body of an HTTP/3 request as an `http_body::Body`: DATA
+/// frames as they arrive, with QUIC flow control as the backpressure.
+struct H3Body {
+    recv: h3::server::RequestStream<h3_quinn::RecvStream, Bytes>,
+    done: bool,
+}
+
+impl http_body::Body for H3Body {
+    type Data = Bytes;
+    type Error = h3::error::StreamError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        let r = ready!(self.recv.poll_recv_data(cx));
+        Poll::Ready(match r {
+            Ok(Some(mut buf)) => Some(Ok(http_body::Frame::data(
+                buf.copy_to_bytes(buf.remaining()),
+            ))),
+            Ok(None) => {
+                self.done = true;
+                None
+            }
+            Err(e) => {
+                self.done = true;
+                Some(Err(e))
+            }
+        })
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done
+    }
+}
+
+impl Drop for H3Body {
+    fn drop(&mut self) {
+        if !self.done {
+            // The answer is complete without the rest of the upload.
+            self.recv.stop_sending(Code::H3_NO_ERROR);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn alt_svc_names_the_port() {
+        assert_eq!(alt_svc(8443), "h3=\":8443\"; ma=86400");
+    }
+
+    #[tokio::test]
+    async fn tcp_and_udp_share_the_port_and_a_taken_udp_port_is_an_error() {
+        let tracker = TaskTracker::new();
+        let cert = CertStore::new();
+        let (tcp, udp) = bind_public(
+            "127.0.0.1:0".parse().unwrap(),
+            Some(Arc::clone(&cert)),
+            &tracker,
+        )
+        .unwrap();
+        let udp = udp.expect("HTTP/3 endpoint bound");
+        let port = tcp.local_addr().unwrap().port();
+        assert_eq!(udp.local_addr().unwrap().port(), port);
+
+        // A fixed port whose UDP half is taken: no retry, a clear error.
+        let taken = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let listen = taken.local_addr().unwrap();
+        match bind_public(listen, Some(cert), &tracker) {
+            Err(Error::Bind {
+                what: "http3",
+                addr,
+                ..
+            }) => assert_eq!(addr, listen),
+            other => panic!("expected an http3 bind error, got {other:?}"),
+        }
+        udp.close(NO_ERROR, b"");
+    }
+}
