@@ -299,7 +299,7 @@ async fn forward<B: RequestBody>(
         ErrorCode::BadRequest
     })?;
     let deadline = tokio::time::Instant::now() + timeout + shared.connector_timeout_grace;
-    let (tunnel, stream_guard, send, recv) =
+    let (tunnel, stream_guard, mut send, recv) =
         tokio::time::timeout_at(deadline, open_stream(shared, app, head))
             .await
             .map_err(|_| ErrorCode::ConnectorTimeout)??;
@@ -317,10 +317,17 @@ async fn forward<B: RequestBody>(
         ws_send = Some(send);
     } else {
         let body = req.into_body();
-        let bytes_in = shared.metrics.bytes.with_label_values(&["in"]);
-        shared
-            .conns
-            .spawn(pump_request_body(body, send, cancel, bytes_in).in_current_span());
+        if body.is_end_stream() {
+            // Nothing to stream (a GET, say): FIN leaves in the same packet
+            // as the head, the connector need not wait for it, and no task
+            // is spawned for this request.
+            let _ = send.finish();
+        } else {
+            let bytes_in = shared.metrics.bytes.with_label_values(&["in"]);
+            shared
+                .conns
+                .spawn(pump_request_body(body, send, cancel, bytes_in).in_current_span());
+        }
     }
     let recv = inflight.recv.as_mut().expect("set above");
     let first = tokio::time::timeout_at(deadline, portico_proto::io::read_frame(recv)).await;
