@@ -1,0 +1,153 @@
+# shellcheck shell=bash
+# Helpers shared by bench/run.sh and bench/tunnel-scale.sh: ports, readiness
+# polling with deadlines, process bookkeeping (only the pids we started), and
+# peak-RSS readings from /proc.
+#
+# Source it after setting BENCH_OUT (the results directory) and BENCH_WORK
+# (scratch directory for configs, state and logs).
+
+BENCH_DIR=${BENCH_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)}
+REPO_DIR=${REPO_DIR:-$(cd "$BENCH_DIR/.." && pwd)}
+
+# Every pid we start goes here; cleanup kills exactly these.
+BENCH_PIDS=()
+
+log() { printf '[bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() {
+	log "ERROR: $*"
+	exit 1
+}
+
+# Fails when something already listens on 127.0.0.1:PORT (TCP) — we never
+# take over someone else's port.
+port_free_tcp() {
+	! ss -Htln "sport = :$1" 2>/dev/null | grep -q .
+}
+port_free_udp() {
+	! ss -Huln "sport = :$1" 2>/dev/null | grep -q .
+}
+require_ports_free() {
+	local p
+	for p in "$@"; do
+		port_free_tcp "$p" || die "TCP port $p is in use; set BENCH_PORT_BASE to a free range"
+		port_free_udp "$p" || die "UDP port $p is in use; set BENCH_PORT_BASE to a free range"
+	done
+}
+
+# wait_tcp PORT [SECONDS]: polls until 127.0.0.1:PORT accepts, or fails.
+wait_tcp() {
+	local port=$1 deadline=$((SECONDS + ${2:-30}))
+	while ((SECONDS < deadline)); do
+		if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+			return 0
+		fi
+		sleep 0.1
+	done
+	die "nothing listens on 127.0.0.1:$port after ${2:-30}s"
+}
+
+# wait_file PATH [SECONDS]
+wait_file() {
+	local f=$1 deadline=$((SECONDS + ${2:-30}))
+	while ((SECONDS < deadline)); do
+		[[ -s $f ]] && return 0
+		sleep 0.1
+	done
+	die "$f did not appear after ${2:-30}s"
+}
+
+# wait_http SECONDS CURL-ARGS...: polls until curl gets a 2xx.
+wait_http() {
+	local secs=$1
+	shift
+	local deadline=$((SECONDS + secs)) code=
+	while ((SECONDS < deadline)); do
+		code=$(curl -s -o /dev/null -m 5 -w '%{http_code}' "$@" 2>/dev/null || true)
+		[[ $code == 2* ]] && return 0
+		sleep 0.2
+	done
+	die "no 2xx from curl $* after ${secs}s (last status '$code')"
+}
+
+# spawn NAME CMD...: starts CMD in the background, logs to BENCH_WORK/NAME.log,
+# records its pid, and prints it.
+spawn() {
+	local name=$1
+	shift
+	"$@" >"$BENCH_WORK/$name.log" 2>&1 &
+	local pid=$!
+	BENCH_PIDS+=("$pid")
+	echo "$pid" >"$BENCH_WORK/$name.pid"
+	echo "$pid"
+}
+
+# Kills the processes we started, by pid, and waits (bounded) for them.
+# spawn often runs in a $(...) subshell, so the pid files are read too.
+cleanup_pids() {
+	local pid f
+	for f in "$BENCH_WORK"/*.pid; do
+		[[ -f $f ]] && BENCH_PIDS+=("$(cat "$f")")
+	done
+	for pid in "${BENCH_PIDS[@]}"; do
+		kill -TERM "$pid" 2>/dev/null || true
+	done
+	local deadline=$((SECONDS + 10))
+	for pid in "${BENCH_PIDS[@]}"; do
+		while kill -0 "$pid" 2>/dev/null && ((SECONDS < deadline)); do
+			sleep 0.1
+		done
+		kill -KILL "$pid" 2>/dev/null || true
+	done
+	BENCH_PIDS=()
+}
+
+# children PID: direct children (nginx workers of a master we started).
+children() {
+	pgrep -P "$1" 2>/dev/null | paste -sd' ' -
+}
+
+# reset_hwm PID...: resets VmHWM (peak RSS) so the next reading covers only
+# what happens from now on (Linux: write 5 to /proc/PID/clear_refs).
+reset_hwm() {
+	local pid
+	for pid in "$@"; do
+		echo 5 >"/proc/$pid/clear_refs" 2>/dev/null || true
+	done
+}
+
+# hwm_kib PID...: the sum of VmHWM over the pids, in KiB.
+hwm_kib() {
+	local pid total=0 v
+	for pid in "$@"; do
+		v=$(awk '/^VmHWM:/ {print $2}' "/proc/$pid/status" 2>/dev/null || echo 0)
+		total=$((total + ${v:-0}))
+	done
+	echo "$total"
+}
+
+# rss_kib PID...: the sum of VmRSS over the pids, in KiB.
+rss_kib() {
+	local pid total=0 v
+	for pid in "$@"; do
+		v=$(awk '/^VmRSS:/ {print $2}' "/proc/$pid/status" 2>/dev/null || echo 0)
+		total=$((total + ${v:-0}))
+	done
+	echo "$total"
+}
+
+# machine_json: cores, kernel, CPU model, memory and tool versions.
+machine_json() {
+	local cores kernel model mem
+	cores=$(nproc)
+	kernel=$(uname -r)
+	model=$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)
+	mem=$(awk '/^MemTotal:/ {print $2}' /proc/meminfo)
+	printf '{"cores":%s,"kernel":"%s","cpu":"%s","mem_kib":%s,"debian":"%s","nginx":"%s","wrk":"%s","rathole":"%s","portico":"%s","load1_at_start":"%s"}\n' \
+		"$cores" "$kernel" "${model//\"/}" "$mem" \
+		"$(cat /etc/debian_version 2>/dev/null)" \
+		"$(nginx -v 2>&1 | sed 's/.*nginx\///')" \
+		"$(dpkg-query -W -f='${Version}' wrk 2>/dev/null)" \
+		"$("$RATHOLE_BIN" --version 2>/dev/null | awk '/Build Version/ {print $3}')" \
+		"$("$PORTICO_BIN" --version 2>/dev/null | head -1)" \
+		"$(cut -d' ' -f1 /proc/loadavg)"
+}

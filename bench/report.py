@@ -1,0 +1,190 @@
+#!/usr/bin/env python3
+"""Summarises a bench/run.sh results directory.
+
+Reads OUT/machine.json and OUT/runs.jsonl (one JSON object per measurement),
+writes OUT/summary.json (medians per variant and test, Portico's ratios to
+each peer, the issue-3 targets with a verdict) and OUT/summary.md (the same
+as Markdown tables). Standard library only.
+
+Usage: report.py OUT
+"""
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+PORTICO = "portico"
+
+
+def load(out):
+    machine = json.loads((out / "machine.json").read_text())
+    runs = [json.loads(l) for l in (out / "runs.jsonl").read_text().splitlines() if l.strip()]
+    return machine, runs
+
+
+def errors_of(r):
+    return sum(r.get(k, 0) for k in ("err_connect", "err_read", "err_write", "err_timeout", "err_status"))
+
+
+def summarise(machine, runs):
+    variants = []
+    for r in runs:
+        if r["variant"] not in variants:
+            variants.append(r["variant"])
+    conns = [int(c) for c in str(machine.get("conns", "32 256")).split()]
+    close = int(machine.get("close_conns", 32))
+    wrk_tests = [f"small_c{c}" for c in conns] + [f"small_close_c{close}"]
+
+    med = {}
+    per_rep = {}
+    for v in variants:
+        m = {}
+        for t in wrk_tests:
+            rs = [r for r in runs if r["variant"] == v and r.get("test") == t and not r.get("failed")]
+            if not rs:
+                continue
+            m[t] = {
+                "rps": statistics.median(r["rps"] for r in rs),
+                "p50_ms": statistics.median(r["p50_ms"] for r in rs),
+                "p99_ms": statistics.median(r["p99_ms"] for r in rs),
+                "errors": sum(errors_of(r) for r in rs),
+                "requests": sum(r["requests"] for r in rs),
+                "n": len(rs),
+            }
+            per_rep.setdefault(v, {})[t] = [round(r["rps"]) for r in rs]
+        failed = [r for r in runs if r["variant"] == v and r.get("failed")]
+        if failed:
+            m["failed_wrk_runs"] = len(failed)
+        dl = [r for r in runs if r["variant"] == v and r.get("test") == "download_100MiB"]
+        ok = [r["bytes_per_s"] for r in dl if r.get("status") == 200 and r.get("size") == 100 * 1024 * 1024]
+        if dl:
+            m["download_100MiB"] = {
+                "mib_per_s": statistics.median(ok) / 1048576 if ok else None,
+                "failed": len(dl) - len(ok),
+                "n": len(dl),
+            }
+            per_rep.setdefault(v, {})["download_100MiB"] = [round(b / 1048576) for b in ok]
+        rss = [r["rss_kib"] for r in runs if r["variant"] == v and r.get("test") == "peak_rss"]
+        if rss:
+            m["peak_rss_mib"] = statistics.median(rss) / 1024
+        med[v] = m
+
+    def get(v, t, k):
+        x = med.get(v, {}).get(t, {})
+        return x.get(k) if isinstance(x, dict) else None
+
+    def ratio(a, b):
+        return a / b if a is not None and b else None
+
+    ratios = {}
+    if PORTICO in med:
+        for v in variants:
+            if v == PORTICO:
+                continue
+            r = {}
+            for t in wrk_tests:
+                r[f"{t}_rps"] = ratio(get(PORTICO, t, "rps"), get(v, t, "rps"))
+                r[f"{t}_p99"] = ratio(get(PORTICO, t, "p99_ms"), get(v, t, "p99_ms"))
+            r["download_100MiB"] = ratio(get(PORTICO, "download_100MiB", "mib_per_s"), get(v, "download_100MiB", "mib_per_s"))
+            r["peak_rss"] = ratio(med[PORTICO].get("peak_rss_mib"), med[v].get("peak_rss_mib"))
+            ratios[v] = r
+
+    def tgt(name, value, op, bound):
+        if value is None:
+            verdict = "not measured"
+        else:
+            verdict = "met" if (value >= bound if op == ">=" else value <= bound) else "MISSED"
+        return {"target": name, "value": value, "op": op, "bound": bound, "verdict": verdict}
+
+    rr = lambda v, k: ratios.get(v, {}).get(k)
+    small = f"small_c{conns[0]}"
+    big = f"small_c{conns[-1]}"
+    close_t = f"small_close_c{close}"
+    targets = [
+        tgt(f"{small} req/s: Portico / rathole-noise", rr("rathole-noise", f"{small}_rps"), ">=", 1.0),
+        tgt(f"{small} req/s: Portico / nginx proxy", rr("nginx", f"{small}_rps"), ">=", 0.7),
+        tgt(f"{big} p99: Portico / nginx proxy", rr("nginx", f"{big}_p99"), "<=", 2.0),
+        tgt(f"{close_t} req/s: Portico / rathole-noise", rr("rathole-noise", f"{close_t}_rps"), ">=", 2.0),
+        tgt("100 MiB download: Portico / rathole-noise", rr("rathole-noise", "download_100MiB"), ">=", 1.0),
+    ]
+    return {
+        "machine": machine,
+        "variants": variants,
+        "wrk_tests": wrk_tests,
+        "medians": med,
+        "per_rep": per_rep,
+        "portico_ratios": ratios,
+        "targets": targets,
+    }
+
+
+def fmt(x, nd=0):
+    if x is None:
+        return "–"
+    return f"{x:,.{nd}f}"
+
+
+def markdown(s):
+    m = s["machine"]
+    t = s["wrk_tests"]
+    lines = [
+        f"Machine: {m.get('cores')} cores ({m.get('cpu')}), kernel {m.get('kernel')}, "
+        f"Debian {m.get('debian')}, load average {m.get('load1_at_start')} at start. "
+        f"nginx {m.get('nginx')}, wrk {m.get('wrk')}, rathole {m.get('rathole')}, {m.get('portico')}.",
+        "",
+        f"Each wrk run: {m.get('duration_s')} s, {m.get('threads')} threads; "
+        f"{m.get('reps')} interleaved repetitions; medians below. Started {m.get('started')}.",
+        "",
+    ]
+    head = ["variant"]
+    for x in t:
+        head += [f"{x} req/s", f"{x} p50 ms", f"{x} p99 ms"]
+    head += ["100 MiB MiB/s", "peak RSS MiB", "errors"]
+    lines.append("| " + " | ".join(head) + " |")
+    lines.append("|" + "---|" * len(head))
+    for v in s["variants"]:
+        d = s["medians"][v]
+        row = [v]
+        errs = 0
+        for x in t:
+            row += [fmt(d.get(x, {}).get("rps")), fmt(d.get(x, {}).get("p50_ms"), 2), fmt(d.get(x, {}).get("p99_ms"), 2)]
+            errs += d.get(x, {}).get("errors", 0)
+        dl = d.get("download_100MiB", {})
+        errs += dl.get("failed", 0) + d.get("failed_wrk_runs", 0)
+        row += [fmt(dl.get("mib_per_s")), fmt(d.get("peak_rss_mib"), 1), str(errs)]
+        lines.append("| " + " | ".join(row) + " |")
+    if s["portico_ratios"]:
+        lines += ["", "Portico ÷ peer (req/s and MiB/s: higher is better for Portico; p99 and RSS: lower is better):", ""]
+        head = ["peer"] + [f"{x} req/s" for x in t] + [f"{x} p99" for x in t] + ["100 MiB", "peak RSS"]
+        lines.append("| " + " | ".join(head) + " |")
+        lines.append("|" + "---|" * len(head))
+        for v, r in s["portico_ratios"].items():
+            row = [v] + [fmt(r.get(f"{x}_rps"), 2) for x in t] + [fmt(r.get(f"{x}_p99"), 2) for x in t]
+            row += [fmt(r.get("download_100MiB"), 2), fmt(r.get("peak_rss"), 2)]
+            lines.append("| " + " | ".join(row) + " |")
+    lines += ["", "Issue-3 targets:", "", "| target | measured | bound | verdict |", "|---|---|---|---|"]
+    for g in s["targets"]:
+        lines.append(f"| {g['target']} | {fmt(g['value'], 2)} | {g['op']} {g['bound']} | {g['verdict']} |")
+    cols = t + ["download_100MiB"]
+    lines += ["", "Every repetition, in order (req/s; download MiB/s):", ""]
+    lines.append("| variant | " + " | ".join(cols) + " |")
+    lines.append("|" + "---|" * (len(cols) + 1))
+    for v, tests in s["per_rep"].items():
+        cells = [" / ".join(f"{a:,}" for a in tests.get(x, [])) or "–" for x in cols]
+        lines.append(f"| {v} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    if len(sys.argv) != 2:
+        sys.exit("usage: report.py RESULTS-DIR")
+    out = Path(sys.argv[1])
+    machine, runs = load(out)
+    s = summarise(machine, runs)
+    (out / "summary.json").write_text(json.dumps(s, indent=2) + "\n")
+    (out / "summary.md").write_text(markdown(s))
+
+
+if __name__ == "__main__":
+    main()

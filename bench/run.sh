@@ -1,0 +1,333 @@
+#!/usr/bin/env bash
+# Portico side by side with its peers, in one run, on one machine.
+#
+# Starts one nginx backend (a 100-byte file and a 100 MiB file) and, in front
+# of it: a plain nginx reverse proxy, the same proxy terminating TLS, rathole
+# over TCP, rathole over noise, and Portico (router + edge + connector, real
+# processes). Then, repetition after repetition, each variant in turn
+# (A B C D E F, A B C D E F, ...): wrk at 32 and 256 keepalive connections,
+# wrk with a new connection per request, a 100 MiB download with curl, and
+# the peak RSS of the variant's tunnel processes. Results go to
+# $BENCH_OUT/runs.jsonl (one JSON object per measurement), and report.py
+# writes summary.json and summary.md (medians and ratios).
+#
+# Everything listens on 127.0.0.1 only; every load run is bounded in time.
+# See bench/README.md and BENCHMARKS.md.
+#
+# Env (defaults in brackets):
+#   BENCH_DURATION [10]   seconds per wrk run
+#   BENCH_REPS [3]        repetitions of the whole interleaved cycle
+#   BENCH_THREADS [2]     wrk threads
+#   BENCH_CONNS ["32 256"]  keepalive connection counts
+#   BENCH_CLOSE_CONNS [32]  connections for the new-connection-per-request run
+#   BENCH_DOWNLOADS [1]   100 MiB downloads per variant per repetition
+#   BENCH_VARIANTS ["direct nginx nginx-tls rathole-tcp rathole-noise portico"]
+#   BENCH_PORT_BASE [18100]  ports BASE..BASE+30 on 127.0.0.1 (TCP and UDP)
+#   BENCH_OUT [target/bench/DATE]  results directory
+#   BENCH_SKIP_SETUP=1    skip bench/setup.sh (apt, rathole, cargo build)
+#   BENCH_TOOLS [/opt/portico-bench]  where setup.sh put rathole
+#   PORTICO_BIN [target/release/portico], RATHOLE_BIN [$BENCH_TOOLS/bin/rathole]
+#   PORTICO_TUNNELS [4]   tunnels the connector keeps
+set -euo pipefail
+
+BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO_DIR=$(cd "$BENCH_DIR/.." && pwd)
+DURATION=${BENCH_DURATION:-10}
+REPS=${BENCH_REPS:-3}
+THREADS=${BENCH_THREADS:-2}
+CONNS=${BENCH_CONNS:-32 256}
+CLOSE_CONNS=${BENCH_CLOSE_CONNS:-32}
+DOWNLOADS=${BENCH_DOWNLOADS:-1}
+VARIANTS=${BENCH_VARIANTS:-direct nginx nginx-tls rathole-tcp rathole-noise portico}
+BASE=${BENCH_PORT_BASE:-18100}
+BENCH_TOOLS=${BENCH_TOOLS:-/opt/portico-bench}
+PORTICO_BIN=${PORTICO_BIN:-$REPO_DIR/target/release/portico}
+RATHOLE_BIN=${RATHOLE_BIN:-$BENCH_TOOLS/bin/rathole}
+PORTICO_TUNNELS=${PORTICO_TUNNELS:-4}
+BENCH_OUT=${BENCH_OUT:-$REPO_DIR/target/bench/$(date +%Y%m%d-%H%M%S)}
+BENCH_WORK=$BENCH_OUT/work
+export BENCH_DIR REPO_DIR BENCH_TOOLS
+
+# shellcheck source=lib.sh
+source "$BENCH_DIR/lib.sh"
+
+for n in "$DURATION" "$REPS" "$THREADS" "$CLOSE_CONNS" "$DOWNLOADS" $CONNS; do
+	[[ $n =~ ^[0-9]+$ && $n -ge 1 ]] || die "not a positive integer: '$n'"
+done
+((REPS <= 50 && DURATION <= 600)) || die "BENCH_REPS <= 50 and BENCH_DURATION <= 600, please"
+
+if [[ ${BENCH_SKIP_SETUP:-0} != 1 ]]; then
+	BENCH_TOOLS=$BENCH_TOOLS "$BENCH_DIR/setup.sh"
+fi
+[[ -x $PORTICO_BIN ]] || die "no portico binary at $PORTICO_BIN (run bench/setup.sh or set PORTICO_BIN)"
+[[ -x $RATHOLE_BIN ]] || die "no rathole binary at $RATHOLE_BIN (run bench/setup.sh or set RATHOLE_BIN)"
+
+mkdir -p "$BENCH_OUT" "$BENCH_WORK"
+# The 100 MiB file is not kept with the results.
+trap 'cleanup_pids; rm -f "$BENCH_WORK/www/big"' EXIT
+trap 'exit 130' INT TERM
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+unset RUST_LOG
+
+P_BACKEND=$BASE
+P_NGINX=$((BASE + 1))
+P_NGINX_TLS=$((BASE + 2))
+P_RH_TCP_CTL=$((BASE + 10))
+P_RH_TCP=$((BASE + 11))
+P_RH_NOISE_CTL=$((BASE + 12))
+P_RH_NOISE=$((BASE + 13))
+P_ROUTER=$((BASE + 20))
+P_EDGE=$((BASE + 21))
+P_TUNNEL=$((BASE + 22))
+P_EDGE_METRICS=$((BASE + 23))
+P_CONN_METRICS=$((BASE + 24))
+require_ports_free "$P_BACKEND" "$P_NGINX" "$P_NGINX_TLS" "$P_RH_TCP_CTL" "$P_RH_TCP" \
+	"$P_RH_NOISE_CTL" "$P_RH_NOISE" "$P_ROUTER" "$P_EDGE" "$P_TUNNEL" "$P_EDGE_METRICS" "$P_CONN_METRICS"
+
+APP_HOST=bench.apps.localhost
+RUNS=$BENCH_OUT/runs.jsonl
+: >"$RUNS"
+
+{
+	m=$(machine_json)
+	printf '%s\n' "${m%\}},\"duration_s\":$DURATION,\"reps\":$REPS,\"threads\":$THREADS,\"conns\":\"$CONNS\",\"close_conns\":$CLOSE_CONNS,\"portico_tunnels\":$PORTICO_TUNNELS,\"tcp_tw_reuse\":\"$(sysctl -n net.ipv4.tcp_tw_reuse 2>/dev/null)\",\"started\":\"$(date -u +%FT%TZ)\"}"
+} >"$BENCH_OUT/machine.json"
+log "machine: $(cat "$BENCH_OUT/machine.json")"
+
+# ---------------------------------------------------------------- backend
+WWW=$BENCH_WORK/www
+mkdir -p "$WWW"
+head -c 100 /dev/zero | tr '\0' 'x' >"$WWW/small"
+head -c $((100 * 1024 * 1024)) /dev/urandom >"$WWW/big"
+
+# nginx_conf NAME SERVER-BLOCK: a self-contained nginx config under
+# BENCH_WORK/NAME (no system paths, no access log, long keepalive).
+nginx_conf() {
+	local dir=$BENCH_WORK/$1
+	mkdir -p "$dir/tmp"
+	cat >"$dir/nginx.conf" <<EOF
+daemon off;
+master_process on;
+worker_processes auto;
+worker_rlimit_nofile 65536;
+pid $dir/nginx.pid;
+error_log $dir/error.log warn;
+events { worker_connections 16384; }
+http {
+    access_log off;
+    default_type application/octet-stream;
+    sendfile on;
+    tcp_nopush on;
+    tcp_nodelay on;
+    keepalive_timeout 120s;
+    keepalive_requests 1000000;
+    client_body_temp_path $dir/tmp/body;
+    proxy_temp_path $dir/tmp/proxy;
+    fastcgi_temp_path $dir/tmp/fastcgi;
+    uwsgi_temp_path $dir/tmp/uwsgi;
+    scgi_temp_path $dir/tmp/scgi;
+    upstream backend {
+        server 127.0.0.1:$P_BACKEND;
+        keepalive 512;
+    }
+$2
+}
+EOF
+	echo "$dir"
+}
+
+PROXY_LOCATION="location / {
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection \"\";
+            proxy_set_header Host \$host;
+            proxy_buffering off;
+        }"
+
+start_nginx() { # NAME SERVER-BLOCK -> prints master pid
+	local dir
+	dir=$(nginx_conf "$1" "$2")
+	spawn "$1" nginx -e "$dir/error.log" -p "$dir" -c "$dir/nginx.conf"
+}
+
+log "starting nginx backend on :$P_BACKEND"
+start_nginx nginx-backend "    server { listen 127.0.0.1:$P_BACKEND; root $WWW; location / { } }" >/dev/null
+wait_http 30 "http://127.0.0.1:$P_BACKEND/small"
+
+declare -A TUNNEL_PIDS WRK_URL WRK_HOST CURL_ARGS
+
+WRK_URL[direct]=http://127.0.0.1:$P_BACKEND
+TUNNEL_PIDS[direct]=""
+CURL_ARGS[direct]="http://127.0.0.1:$P_BACKEND/big"
+
+if [[ " $VARIANTS " == *" nginx "* ]]; then
+	log "starting nginx reverse proxy on :$P_NGINX"
+	NGX_PROXY_PID=$(start_nginx nginx-proxy "    server { listen 127.0.0.1:$P_NGINX; $PROXY_LOCATION }")
+	wait_http 30 "http://127.0.0.1:$P_NGINX/small"
+	TUNNEL_PIDS[nginx]=$(children "$NGX_PROXY_PID")
+	WRK_URL[nginx]=http://127.0.0.1:$P_NGINX
+	CURL_ARGS[nginx]="http://127.0.0.1:$P_NGINX/big"
+fi
+
+if [[ " $VARIANTS " == *" nginx-tls "* ]]; then
+	log "starting nginx TLS reverse proxy on :$P_NGINX_TLS"
+	d=$BENCH_WORK/nginx-tls
+	mkdir -p "$d"
+	openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+		-subj "/CN=$APP_HOST" -addext "subjectAltName=DNS:$APP_HOST" \
+		-keyout "$d/key.pem" -out "$d/cert.pem" 2>/dev/null
+	NGX_TLS_PID=$(start_nginx nginx-tls "    server { listen 127.0.0.1:$P_NGINX_TLS ssl;
+        ssl_certificate $d/cert.pem; ssl_certificate_key $d/key.pem;
+        ssl_protocols TLSv1.2 TLSv1.3; ssl_session_cache shared:SSL:10m;
+        $PROXY_LOCATION }")
+	wait_http 30 -k "https://127.0.0.1:$P_NGINX_TLS/small"
+	TUNNEL_PIDS[nginx-tls]=$(children "$NGX_TLS_PID")
+	WRK_URL[nginx-tls]=https://127.0.0.1:$P_NGINX_TLS
+	CURL_ARGS[nginx-tls]="-k https://127.0.0.1:$P_NGINX_TLS/big"
+fi
+
+# ---------------------------------------------------------------- rathole
+start_rathole() { # NAME CTL-PORT VISIT-PORT TRANSPORT(tcp|noise)
+	local name=$1 ctl=$2 visit=$3 transport=$4 d=$BENCH_WORK/$1
+	mkdir -p "$d"
+	local st="" ct=""
+	if [[ $transport == noise ]]; then
+		local keys priv pub
+		keys=$("$RATHOLE_BIN" --genkey)
+		priv=$(awk '/Private Key:/ {getline; print; exit}' <<<"$keys")
+		pub=$(awk '/Public Key:/ {getline; print; exit}' <<<"$keys")
+		st=$'[server.transport]\ntype = "noise"\n[server.transport.noise]\nlocal_private_key = "'$priv$'"\n'
+		ct=$'[client.transport]\ntype = "noise"\n[client.transport.noise]\nremote_public_key = "'$pub$'"\n'
+	fi
+	cat >"$d/server.toml" <<EOF
+[server]
+bind_addr = "127.0.0.1:$ctl"
+default_token = "bench-$RANDOM$RANDOM"
+$st
+[server.services.web]
+bind_addr = "127.0.0.1:$visit"
+EOF
+	local token
+	token=$(awk -F'"' '/default_token/ {print $2}' "$d/server.toml")
+	cat >"$d/client.toml" <<EOF
+[client]
+remote_addr = "127.0.0.1:$ctl"
+default_token = "$token"
+$ct
+[client.services.web]
+local_addr = "127.0.0.1:$P_BACKEND"
+EOF
+	local s c
+	s=$(spawn "$name-server" env RUST_LOG=warn "$RATHOLE_BIN" --server "$d/server.toml")
+	wait_tcp "$ctl" 30
+	c=$(spawn "$name-client" env RUST_LOG=warn "$RATHOLE_BIN" --client "$d/client.toml")
+	wait_http 30 "http://127.0.0.1:$visit/small"
+	TUNNEL_PIDS[$name]="$s $c"
+	WRK_URL[$name]=http://127.0.0.1:$visit
+	CURL_ARGS[$name]="http://127.0.0.1:$visit/big"
+}
+if [[ " $VARIANTS " == *" rathole-tcp "* ]]; then
+	log "starting rathole (tcp) server :$P_RH_TCP_CTL, service :$P_RH_TCP"
+	start_rathole rathole-tcp "$P_RH_TCP_CTL" "$P_RH_TCP" tcp
+fi
+if [[ " $VARIANTS " == *" rathole-noise "* ]]; then
+	log "starting rathole (noise) server :$P_RH_NOISE_CTL, service :$P_RH_NOISE"
+	start_rathole rathole-noise "$P_RH_NOISE_CTL" "$P_RH_NOISE" noise
+fi
+
+# ---------------------------------------------------------------- portico
+if [[ " $VARIANTS " == *" portico "* ]]; then
+	d=$BENCH_WORK/portico
+	mkdir -p "$d"
+	export PORTICO_ROUTER=https://127.0.0.1:$P_ROUTER
+	export PORTICO_ROUTER_CA=$d/router/ca.pem
+	export PORTICO_ADMIN_TOKEN_FILE=$d/router/admin-token
+	log "starting portico router :$P_ROUTER"
+	spawn portico-router "$PORTICO_BIN" --log warn router --data "$d/router" \
+		--listen "127.0.0.1:$P_ROUTER" --apps-domain apps.localhost >/dev/null
+	wait_file "$PORTICO_ADMIN_TOKEN_FILE" 30
+	wait_file "$PORTICO_ROUTER_CA" 30
+	wait_tcp "$P_ROUTER" 30
+	log "starting portico edge :$P_EDGE (tunnels udp :$P_TUNNEL)"
+	tok=$("$PORTICO_BIN" token create --edge 2>>"$BENCH_WORK/portico-admin.log")
+	EDGE_PID=$(spawn portico-edge "$PORTICO_BIN" --log warn edge --state "$d/edge" --token "$tok" \
+		--public-listen "127.0.0.1:$P_EDGE" --tunnel-listen "127.0.0.1:$P_TUNNEL" \
+		--metrics-listen "127.0.0.1:$P_EDGE_METRICS")
+	wait_http 60 "http://127.0.0.1:$P_EDGE_METRICS/ready"
+	log "starting portico connector ($PORTICO_TUNNELS tunnels)"
+	tok=$("$PORTICO_BIN" token create --group Default 2>>"$BENCH_WORK/portico-admin.log")
+	CONN_PID=$(spawn portico-connector "$PORTICO_BIN" --log warn connector --state "$d/connector" \
+		--token "$tok" --tunnels "$PORTICO_TUNNELS" --metrics-listen "127.0.0.1:$P_CONN_METRICS")
+	wait_http 60 "http://127.0.0.1:$P_CONN_METRICS/ready"
+	"$PORTICO_BIN" app create bench --internal-url "http://127.0.0.1:$P_BACKEND/" \
+		--external-host "$APP_HOST" >"$d/app.txt" 2>>"$BENCH_WORK/portico-admin.log"
+	# The edge picks its one wildcard certificate whatever the SNI, and routes
+	# by the Host header: wrk dials 127.0.0.1 and sends Host; curl resolves
+	# the real name to 127.0.0.1 and verifies against the router's CA.
+	wait_http 60 --cacert "$PORTICO_ROUTER_CA" --resolve "$APP_HOST:$P_EDGE:127.0.0.1" \
+		"https://$APP_HOST:$P_EDGE/small"
+	TUNNEL_PIDS[portico]="$EDGE_PID $CONN_PID"
+	WRK_URL[portico]=https://127.0.0.1:$P_EDGE
+	WRK_HOST[portico]="$APP_HOST:$P_EDGE"
+	CURL_ARGS[portico]="--cacert $PORTICO_ROUTER_CA --resolve $APP_HOST:$P_EDGE:127.0.0.1 https://$APP_HOST:$P_EDGE/big"
+fi
+
+# ---------------------------------------------------------------- measure
+# record JSON-OBJECT-BODY: appends one line to runs.jsonl.
+record() {
+	printf '{"rep":%d,"variant":"%s",%s}\n' "$REP" "$VARIANT" "$1" >>"$RUNS"
+}
+
+run_wrk() { # TEST CONNS [close]
+	local test=$1 conns=$2 close=${3:-} args=() out
+	args=(-t "$THREADS" -c "$conns" -d "${DURATION}s" --timeout 10s --latency -s "$BENCH_DIR/wrk-json.lua")
+	[[ -n ${WRK_HOST[$VARIANT]:-} ]] && args+=(-H "Host: ${WRK_HOST[$VARIANT]}")
+	[[ -n $close ]] && args+=(-H "Connection: close")
+	out=$BENCH_WORK/wrk-$REP-$VARIANT-$test.txt
+	if ! timeout $((DURATION + 60)) wrk "${args[@]}" "${WRK_URL[$VARIANT]}/small" >"$out" 2>&1; then
+		log "wrk failed for $VARIANT $test (see $out)"
+	fi
+	local json
+	json=$(grep -m1 '^{"requests"' "$out" || echo '{"requests":0,"failed":true}')
+	json=${json#\{}
+	record "\"test\":\"$test\",\"conns\":$conns,${json%\}}"
+	log "  $VARIANT $test: $(grep -oE '"rps":[0-9.]+|"p99_ms":[0-9.]+' <<<"$json" | tr '\n' ' ')"
+}
+
+run_download() {
+	local i res code speed size
+	for ((i = 1; i <= DOWNLOADS; i++)); do
+		# shellcheck disable=SC2086  # CURL_ARGS holds several words on purpose
+		res=$(curl -s --http1.1 -o /dev/null -m 300 -w '%{http_code} %{speed_download} %{size_download}' \
+			${CURL_ARGS[$VARIANT]} 2>/dev/null || echo "000 0 0")
+		read -r code speed size <<<"$res"
+		code=$((10#${code:-0})) # "000" when curl fails: not valid JSON as is
+		record "\"test\":\"download_100MiB\",\"status\":$code,\"bytes_per_s\":${speed%.*},\"size\":${size%.*}"
+		log "  $VARIANT download: status $code, $((${speed%.*} / 1048576)) MiB/s"
+	done
+}
+
+START=$SECONDS
+for ((REP = 1; REP <= REPS; REP++)); do
+	log "repetition $REP/$REPS"
+	for VARIANT in $VARIANTS; do
+		[[ -n ${WRK_URL[$VARIANT]:-} ]] || die "unknown variant $VARIANT"
+		pids=${TUNNEL_PIDS[$VARIANT]}
+		# shellcheck disable=SC2086
+		reset_hwm $pids
+		for c in $CONNS; do
+			run_wrk "small_c$c" "$c"
+		done
+		run_wrk "small_close_c$CLOSE_CONNS" "$CLOSE_CONNS" close
+		run_download
+		if [[ -n $pids ]]; then
+			# shellcheck disable=SC2086
+			record "\"test\":\"peak_rss\",\"rss_kib\":$(hwm_kib $pids),\"pids\":\"$pids\""
+		fi
+	done
+done
+log "measured in $((SECONDS - START)) s"
+
+python3 "$BENCH_DIR/report.py" "$BENCH_OUT"
+log "results: $BENCH_OUT/runs.jsonl, $BENCH_OUT/summary.json, $BENCH_OUT/summary.md"
+cat "$BENCH_OUT/summary.md"
