@@ -42,13 +42,34 @@ pub enum Command {
     /// Create join tokens that enroll connectors and edges.
     Token(TokenCmd),
     /// Measure a deployment: open- or closed-loop load over HTTP/1.1, HTTP/2
-    /// or HTTP/3 with reports (`portico loadtest URL`), or emulate a WAN
-    /// path (`portico loadtest wan`).
-    Loadtest(Box<portico_loadtest::cli::LoadtestArgs>),
+    /// or HTTP/3 with reports (`portico loadtest URL`), emulate a WAN path
+    /// (`portico loadtest wan`), or start a whole deployment with a WAN
+    /// between connectors and edges and load it (`portico loadtest mesh`).
+    Loadtest(Box<LoadtestCmd>),
     /// Run a router, an edge, a connector and a demo app on this machine,
     /// publish the demo app, and print a URL and a curl line that reach it
     /// through the tunnel. Ctrl-C stops everything.
     Dev(DevArgs),
+}
+
+/// `portico loadtest`: the loadtest crate's command line plus `mesh`.
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct LoadtestCmd {
+    #[command(subcommand)]
+    pub cmd: Option<LoadtestSub>,
+    #[command(flatten)]
+    pub run: portico_loadtest::cli::RunArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LoadtestSub {
+    /// Start a whole deployment on this machine (router, edges, connectors,
+    /// demo backends, a WAN emulator between connectors and edges) from a
+    /// mesh file, run its load with its chaos actions, write the report.
+    Mesh(crate::mesh::MeshArgs),
+    #[command(flatten)]
+    Loadtest(Box<portico_loadtest::cli::Cmd>),
 }
 
 /// Where the router is and how to trust and authenticate to it. Used by

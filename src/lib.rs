@@ -10,6 +10,7 @@ pub mod cli;
 pub mod demo;
 pub mod dev;
 pub mod logging;
+pub mod mesh;
 
 use std::io::Write;
 
@@ -39,7 +40,17 @@ pub async fn run(cli: cli::Cli) -> anyhow::Result<()> {
         Command::Group(cmd) => admin::group(cmd).await,
         Command::Token(cmd) => admin::token(cmd).await,
         Command::Dev(args) => dev::run(args).await,
-        Command::Loadtest(args) => portico_loadtest::cli::run(*args, shutdown_on_signal()).await,
+        Command::Loadtest(args) => {
+            let cli::LoadtestCmd { cmd, run } = *args;
+            let args = match cmd {
+                Some(cli::LoadtestSub::Mesh(m)) => return mesh::run(m, shutdown_on_signal()).await,
+                Some(cli::LoadtestSub::Loadtest(c)) => {
+                    portico_loadtest::cli::LoadtestArgs { cmd: Some(*c), run }
+                }
+                None => portico_loadtest::cli::LoadtestArgs { cmd: None, run },
+            };
+            portico_loadtest::cli::run(args, shutdown_on_signal()).await
+        }
     }
 }
 

@@ -288,10 +288,13 @@ fn plot(r: &Report, title: &str, id: &str, series: &[Series<'_>]) -> String {
     s
 }
 
+/// The next round number strictly above `v` (5% headroom), so a series at
+/// its maximum never merges with the plot's top edge.
 fn nice_ceiling(v: f64) -> f64 {
     if v <= 0.0 || !v.is_finite() {
         return 1.0;
     }
+    let v = v * 1.05;
     let mag = 10f64.powf(v.log10().floor());
     for m in [1.0, 2.0, 2.5, 5.0, 10.0] {
         if v <= m * mag {
