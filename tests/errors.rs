@@ -6,8 +6,7 @@ mod common;
 use std::sync::Arc;
 
 use common::Stack;
-use portico::dev::publish;
-use portico_proto::api::{App, AppSpec, BackendTimeout, CreateGroup, Group};
+use portico_proto::api::{App, AppSpec, BackendTimeout};
 use portico_proto::{AppId, GroupId};
 
 async fn publish_with(s: &Stack, spec: AppSpec) -> App {
@@ -84,25 +83,7 @@ async fn app_not_found_as_html_and_json() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connector_not_found_when_the_group_has_no_connector() {
     let s = Stack::start().await;
-    let _: Group =
-        s.d.admin
-            .post_json(
-                "/v1/groups",
-                &CreateGroup {
-                    id: GroupId::new("empty").unwrap(),
-                    region: None,
-                },
-            )
-            .await
-            .unwrap();
-    publish(
-        &s.d.admin,
-        "lonely",
-        &format!("http://{}/", s.d.demo.addr),
-        GroupId::new("empty").unwrap(),
-    )
-    .await
-    .unwrap();
+    s.publish_demo_in_new_group("lonely", "empty").await;
     routed(&s, "lonely").await;
     let r = s.curl(&[&s.app_url("lonely", "/")]).await;
     assert_error(&r, 502, "ConnectorNotFound");

@@ -12,10 +12,7 @@ use bytes::Bytes;
 use common::Stack;
 use http::{Request, StatusCode};
 use portico::demo::pattern_byte;
-use portico::dev::publish;
 use portico_loadtest::h3::{H3Client, Trust};
-use portico_proto::api::{CreateGroup, Group};
-use portico_proto::GroupId;
 use tokio_util::task::TaskTracker;
 
 const HANG_GUARD: Duration = Duration::from_secs(60);
@@ -206,25 +203,7 @@ async fn http3_errors_match_http1() {
     );
 
     // ConnectorNotFound: an app whose group has no connector.
-    let _: Group =
-        s.d.admin
-            .post_json(
-                "/v1/groups",
-                &CreateGroup {
-                    id: GroupId::new("empty").unwrap(),
-                    region: None,
-                },
-            )
-            .await
-            .unwrap();
-    publish(
-        &s.d.admin,
-        "lonely",
-        &format!("http://{}/", s.d.demo.addr),
-        GroupId::new("empty").unwrap(),
-    )
-    .await
-    .unwrap();
+    s.publish_demo_in_new_group("lonely", "empty").await;
     let r = common::eventually("the edge routes lonely", HANG_GUARD, || {
         let h3 = h3.clone();
         async move {

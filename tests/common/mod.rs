@@ -75,6 +75,32 @@ impl Stack {
         self.url(&format!("{app}.apps.localhost"), path)
     }
 
+    /// Creates connector group `group` and publishes the demo backend in it
+    /// as app `app` (no connector serves a new group until one enrolls).
+    pub async fn publish_demo_in_new_group(&self, app: &str, group: &str) {
+        let group = portico_proto::GroupId::new(group).unwrap();
+        let _: portico_proto::api::Group = self
+            .d
+            .admin
+            .post_json(
+                "/v1/groups",
+                &portico_proto::api::CreateGroup {
+                    id: group.clone(),
+                    region: None,
+                },
+            )
+            .await
+            .expect("group created");
+        portico::dev::publish(
+            &self.d.admin,
+            app,
+            &format!("http://{}/", self.d.demo.addr),
+            group,
+        )
+        .await
+        .expect("app published");
+    }
+
     /// Runs curl against the edge, trusting the router CA.
     pub async fn curl(&self, args: &[&str]) -> Curl {
         curl(&self.d.ca_path(), args).await
