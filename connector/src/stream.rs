@@ -151,7 +151,7 @@ enum Outcome {
 async fn proxy(
     ctx: &StreamCtx,
     entry: Option<Arc<AppEntry>>,
-    head: StreamHead,
+    mut head: StreamHead,
     send: &mut SendStream,
     mut recv: RecvStream,
 ) -> Outcome {
@@ -166,7 +166,9 @@ async fn proxy(
         authority: &head.authority,
         client_ip: head.client_addr.ip(),
     };
-    let headers = request_headers(head.headers.clone(), &meta, &target);
+    // The head is ours: move its headers instead of copying them.
+    let incoming = std::mem::take(&mut head.headers);
+    let headers = request_headers(incoming, &meta, &target);
     let websocket = head.kind == StreamKind::WebSocket;
     let timeout = match head.timeout_ms {
         0 => DEFAULT_TIMEOUT,
