@@ -155,7 +155,7 @@ def markdown(s):
         row += [fmt(dl.get("mib_per_s")), fmt(d.get("peak_rss_mib"), 1), str(errs)]
         lines.append("| " + " | ".join(row) + " |")
     if s["portico_ratios"]:
-        lines += ["", "Portico ÷ peer (req/s and MiB/s: higher is better for Portico; p99 and RSS: lower is better):", ""]
+        lines += ["", "Portico (`--threads 1`) ÷ peer (req/s and MiB/s: higher is better for Portico; p99 and RSS: lower is better):", ""]
         head = ["peer"] + [f"{x} req/s" for x in t] + [f"{x} p99" for x in t] + ["100 MiB", "peak RSS"]
         lines.append("| " + " | ".join(head) + " |")
         lines.append("|" + "---|" * len(head))

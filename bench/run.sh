@@ -21,7 +21,7 @@
 #   BENCH_CONNS ["32 256"]  keepalive connection counts
 #   BENCH_CLOSE_CONNS [32]  connections for the new-connection-per-request run
 #   BENCH_DOWNLOADS [1]   100 MiB downloads per variant per repetition
-#   BENCH_VARIANTS ["direct nginx nginx-tls rathole-tcp rathole-noise portico"]
+#   BENCH_VARIANTS ["direct nginx nginx-tls rathole-tcp rathole-noise portico portico-mt"]
 #   BENCH_PORT_BASE [18100]  ports BASE..BASE+30 on 127.0.0.1 (TCP and UDP)
 #   BENCH_OUT [target/bench/DATE]  results directory
 #   BENCH_SKIP_SETUP=1    skip bench/setup.sh (apt, rathole, cargo build)
@@ -38,7 +38,7 @@ THREADS=${BENCH_THREADS:-2}
 CONNS=${BENCH_CONNS:-32 256}
 CLOSE_CONNS=${BENCH_CLOSE_CONNS:-32}
 DOWNLOADS=${BENCH_DOWNLOADS:-1}
-VARIANTS=${BENCH_VARIANTS:-direct nginx nginx-tls rathole-tcp rathole-noise portico}
+VARIANTS=${BENCH_VARIANTS:-direct nginx nginx-tls rathole-tcp rathole-noise portico portico-mt}
 BASE=${BENCH_PORT_BASE:-18100}
 BENCH_TOOLS=${BENCH_TOOLS:-/opt/portico-bench}
 PORTICO_BIN=${PORTICO_BIN:-$REPO_DIR/target/release/portico}
@@ -76,13 +76,8 @@ P_RH_TCP_CTL=$((BASE + 10))
 P_RH_TCP=$((BASE + 11))
 P_RH_NOISE_CTL=$((BASE + 12))
 P_RH_NOISE=$((BASE + 13))
-P_ROUTER=$((BASE + 20))
-P_EDGE=$((BASE + 21))
-P_TUNNEL=$((BASE + 22))
-P_EDGE_METRICS=$((BASE + 23))
-P_CONN_METRICS=$((BASE + 24))
 require_ports_free "$P_BACKEND" "$P_NGINX" "$P_NGINX_TLS" "$P_RH_TCP_CTL" "$P_RH_TCP" \
-	"$P_RH_NOISE_CTL" "$P_RH_NOISE" "$P_ROUTER" "$P_EDGE" "$P_TUNNEL" "$P_EDGE_METRICS" "$P_CONN_METRICS"
+	"$P_RH_NOISE_CTL" "$P_RH_NOISE" $(seq $((BASE + 20)) $((BASE + 29)))
 
 APP_HOST=bench.apps.localhost
 RUNS=$BENCH_OUT/runs.jsonl
@@ -236,40 +231,55 @@ if [[ " $VARIANTS " == *" rathole-noise "* ]]; then
 fi
 
 # ---------------------------------------------------------------- portico
-if [[ " $VARIANTS " == *" portico "* ]]; then
-	d=$BENCH_WORK/portico
+# start_portico VARIANT PORT-OFFSET [--threads N]: a router, an edge and a
+# connector of their own on ports BASE+OFFSET..+4, the app published.
+start_portico() {
+	local variant=$1 off=$2 d=$BENCH_WORK/$1 tok edge_pid conn_pid
+	shift 2
+	local p_router=$((BASE + off)) p_edge=$((BASE + off + 1)) p_tunnel=$((BASE + off + 2))
+	local p_edge_metrics=$((BASE + off + 3)) p_conn_metrics=$((BASE + off + 4))
 	mkdir -p "$d"
-	export PORTICO_ROUTER=https://127.0.0.1:$P_ROUTER
+	export PORTICO_ROUTER=https://127.0.0.1:$p_router
 	export PORTICO_ROUTER_CA=$d/router/ca.pem
 	export PORTICO_ADMIN_TOKEN_FILE=$d/router/admin-token
-	log "starting portico router :$P_ROUTER"
-	spawn portico-router "$PORTICO_BIN" --log warn router --data "$d/router" \
-		--listen "127.0.0.1:$P_ROUTER" --apps-domain apps.localhost >/dev/null
+	log "starting $variant router :$p_router"
+	spawn "$variant-router" "$PORTICO_BIN" --log warn router --data "$d/router" \
+		--listen "127.0.0.1:$p_router" --apps-domain apps.localhost >/dev/null
 	wait_file "$PORTICO_ADMIN_TOKEN_FILE" 30
 	wait_file "$PORTICO_ROUTER_CA" 30
-	wait_tcp "$P_ROUTER" 30
-	log "starting portico edge :$P_EDGE (tunnels udp :$P_TUNNEL)"
+	wait_tcp "$p_router" 30
+	log "starting $variant edge :$p_edge (tunnels udp :$p_tunnel) $*"
 	tok=$("$PORTICO_BIN" token create --edge 2>>"$BENCH_WORK/portico-admin.log")
-	EDGE_PID=$(spawn portico-edge "$PORTICO_BIN" --log warn edge --state "$d/edge" --token "$tok" \
-		--public-listen "127.0.0.1:$P_EDGE" --tunnel-listen "127.0.0.1:$P_TUNNEL" \
-		--metrics-listen "127.0.0.1:$P_EDGE_METRICS")
-	wait_http 60 "http://127.0.0.1:$P_EDGE_METRICS/ready"
-	log "starting portico connector ($PORTICO_TUNNELS tunnels)"
+	edge_pid=$(spawn "$variant-edge" "$PORTICO_BIN" --log warn "$@" edge --state "$d/edge" --token "$tok" \
+		--public-listen "127.0.0.1:$p_edge" --tunnel-listen "127.0.0.1:$p_tunnel" \
+		--metrics-listen "127.0.0.1:$p_edge_metrics")
+	wait_http 60 "http://127.0.0.1:$p_edge_metrics/ready"
+	log "starting $variant connector ($PORTICO_TUNNELS tunnels) $*"
 	tok=$("$PORTICO_BIN" token create --group Default 2>>"$BENCH_WORK/portico-admin.log")
-	CONN_PID=$(spawn portico-connector "$PORTICO_BIN" --log warn connector --state "$d/connector" \
-		--token "$tok" --tunnels "$PORTICO_TUNNELS" --metrics-listen "127.0.0.1:$P_CONN_METRICS")
-	wait_http 60 "http://127.0.0.1:$P_CONN_METRICS/ready"
+	conn_pid=$(spawn "$variant-connector" "$PORTICO_BIN" --log warn "$@" connector --state "$d/connector" \
+		--token "$tok" --tunnels "$PORTICO_TUNNELS" --metrics-listen "127.0.0.1:$p_conn_metrics")
+	wait_http 60 "http://127.0.0.1:$p_conn_metrics/ready"
 	"$PORTICO_BIN" app create bench --internal-url "http://127.0.0.1:$P_BACKEND/" \
 		--external-host "$APP_HOST" >"$d/app.txt" 2>>"$BENCH_WORK/portico-admin.log"
 	# The edge picks its one wildcard certificate whatever the SNI, and routes
 	# by the Host header: wrk dials 127.0.0.1 and sends Host; curl resolves
 	# the real name to 127.0.0.1 and verifies against the router's CA.
-	wait_http 60 --cacert "$PORTICO_ROUTER_CA" --resolve "$APP_HOST:$P_EDGE:127.0.0.1" \
-		"https://$APP_HOST:$P_EDGE/small"
-	TUNNEL_PIDS[portico]="$EDGE_PID $CONN_PID"
-	WRK_URL[portico]=https://127.0.0.1:$P_EDGE
-	WRK_HOST[portico]="$APP_HOST:$P_EDGE"
-	CURL_ARGS[portico]="--cacert $PORTICO_ROUTER_CA --resolve $APP_HOST:$P_EDGE:127.0.0.1 https://$APP_HOST:$P_EDGE/big"
+	wait_http 60 --cacert "$PORTICO_ROUTER_CA" --resolve "$APP_HOST:$p_edge:127.0.0.1" \
+		"https://$APP_HOST:$p_edge/small"
+	TUNNEL_PIDS[$variant]="$edge_pid $conn_pid"
+	WRK_URL[$variant]=https://127.0.0.1:$p_edge
+	WRK_HOST[$variant]="$APP_HOST:$p_edge"
+	CURL_ARGS[$variant]="--cacert $PORTICO_ROUTER_CA --resolve $APP_HOST:$p_edge:127.0.0.1 https://$APP_HOST:$p_edge/big"
+}
+
+# `portico`: each process on one thread (`--threads 1`): on a machine this
+# small, shared with wrk and nginx, the fastest setting (BENCHMARKS.md).
+# `portico-mt`: the default runtime, one worker thread per core.
+if [[ " $VARIANTS " == *" portico "* ]]; then
+	start_portico portico 20 --threads 1
+fi
+if [[ " $VARIANTS " == *" portico-mt "* ]]; then
+	start_portico portico-mt 25
 fi
 
 # ---------------------------------------------------------------- measure

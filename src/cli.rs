@@ -23,6 +23,12 @@ use crate::logging::LogArgs;
 pub struct Cli {
     #[command(flatten)]
     pub log: LogArgs,
+    /// Worker threads of the async runtime; by default one per core. `1`
+    /// runs the whole process on one thread, with no wakeups between
+    /// threads: the fastest setting where the process has about one core
+    /// to itself (BENCHMARKS.md measures both).
+    #[arg(long, global = true, env = "PORTICO_THREADS", value_name = "N")]
+    pub threads: Option<std::num::NonZeroUsize>,
     #[command(subcommand)]
     pub command: Command,
 }

@@ -105,8 +105,11 @@ async fn a_killed_connector_gives_connector_not_found_and_comes_back_from_its_st
         "--tunnels",
         "1",
     ];
+    // The first process runs on one thread (`--threads 1`, a current-thread
+    // runtime), the restarted one on the default multi-thread runtime:
+    // both must serve, time out and log alike.
     let mut with_token = args.to_vec();
-    with_token.extend(["--token", &token]);
+    with_token.extend(["--token", &token, "--threads", "1"]);
 
     let mut child = Child::spawn(&with_token);
     let url = s.app_url("proc", "/headers");

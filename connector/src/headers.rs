@@ -59,6 +59,11 @@ impl InternalUrl {
     }
 }
 
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
 /// Headers that describe one connection, never forwarded by a proxy
 /// (RFC 9110 §7.6.1), besides those named in `Connection`.
 const HOP_BY_HOP: [HeaderName; 6] = [
@@ -146,22 +151,22 @@ pub(crate) fn request_headers(
         format!("{}, {client}", previous.join(", "))
     };
     if let Ok(v) = HeaderValue::from_str(&xff) {
-        headers.insert("x-forwarded-for", v);
+        headers.insert(X_FORWARDED_FOR, v);
     }
-    headers.insert("x-forwarded-proto", HeaderValue::from_static("https"));
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("https"));
     match HeaderValue::from_str(meta.authority) {
         Ok(v) => {
-            headers.insert("x-forwarded-host", v);
+            headers.insert(X_FORWARDED_HOST, v);
         }
         Err(_) => {
-            headers.remove("x-forwarded-host");
+            headers.remove(&X_FORWARDED_HOST);
         }
     }
     if let Ok(v) = HeaderValue::from_str(target.authority.as_str()) {
         headers.insert(header::HOST, v);
     }
     if let Ok(v) = HeaderValue::from_str(&meta.request_id.to_string()) {
-        headers.insert("x-request-id", v);
+        headers.insert(X_REQUEST_ID, v);
     }
     headers
 }

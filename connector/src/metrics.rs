@@ -1,7 +1,9 @@
 //! The connector's Prometheus metrics, in a registry of its own, served by
 //! `portico_agent::ops` with `/healthz` and `/ready`.
 
-use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+};
 
 use crate::error::Error;
 
@@ -21,6 +23,10 @@ pub struct Metrics {
     /// Body bytes proxied, `direction` = `in` (request bytes, edge →
     /// backend) or `out` (response bytes, backend → edge), as on the edge.
     pub bytes: IntCounterVec,
+    /// `bytes{direction="in"}` and `{direction="out"}`, resolved once: the
+    /// request path counts bytes without hashing labels.
+    pub bytes_in: IntCounter,
+    pub bytes_out: IntCounter,
     /// Control-stream ping round trips.
     pub tunnel_rtt: Histogram,
 }
@@ -73,6 +79,8 @@ impl Metrics {
             backend_duration,
             tunnels,
             streams,
+            bytes_in: bytes.with_label_values(&["in"]),
+            bytes_out: bytes.with_label_values(&["out"]),
             bytes,
             tunnel_rtt,
         })

@@ -116,9 +116,12 @@ pub(crate) async fn serve_stream(ctx: Arc<StreamCtx>, mut send: SendStream, mut 
             Outcome::Gone { status } => (status.map_or(0, |s| s.as_u16()), None),
         };
         let code_label = code.map_or("", ErrorCode::as_str);
+        // "0" when the stream ended before any status; no allocation else.
+        let status_code = StatusCode::from_u16(status).ok();
+        let status_label = status_code.as_ref().map_or("0", StatusCode::as_str);
         ctx.metrics
             .requests
-            .with_label_values(&[app_label.as_str(), &status.to_string(), code_label])
+            .with_label_values(&[app_label.as_str(), status_label, code_label])
             .inc();
         let duration_ms = started.elapsed().as_secs_f64() * 1000.0;
         match &outcome {
@@ -228,13 +231,7 @@ async fn proxy(
         if length == Some(0) {
             empty_body()
         } else {
-            TunnelBody::new(
-                recv,
-                first,
-                length,
-                ctx.metrics.bytes.with_label_values(&["in"]),
-            )
-            .boxed_unsync()
+            TunnelBody::new(recv, first, length, ctx.metrics.bytes_in.clone()).boxed_unsync()
         }
     };
     Box::pin(send_request(
@@ -374,7 +371,7 @@ async fn copy_response_body(
     send: &mut SendStream,
     status: StatusCode,
 ) -> Outcome {
-    let bytes = ctx.metrics.bytes.with_label_values(&["out"]);
+    let bytes = ctx.metrics.bytes_out.clone();
     while let Some(frame) = body.frame().await {
         match frame {
             Ok(frame) => {
@@ -420,8 +417,8 @@ async fn pipe_upgrade(
     let mut tunnel = tokio::io::join(recv, &mut *send);
     match tokio::io::copy_bidirectional(&mut tunnel, &mut backend).await {
         Ok((up, down)) => {
-            ctx.metrics.bytes.with_label_values(&["in"]).inc_by(up);
-            ctx.metrics.bytes.with_label_values(&["out"]).inc_by(down);
+            ctx.metrics.bytes_in.inc_by(up);
+            ctx.metrics.bytes_out.inc_by(down);
             drop(tunnel);
             finish(send).await;
         }

@@ -17,9 +17,7 @@ use portico_proto::{
     PROTOCOL_VERSION,
 };
 use quinn::crypto::rustls::QuicClientConfig;
-use quinn::{
-    Connection, ConnectionError, Endpoint, RecvStream, SendStream, TransportConfig, VarInt,
-};
+use quinn::{Connection, ConnectionError, Endpoint, RecvStream, SendStream, TransportConfig};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -121,19 +119,10 @@ impl Pool {
     }
 }
 
-/// The transport settings of every tunnel.
+/// The transport settings of every tunnel: the edge may open
+/// `max_streams` request streams at once.
 pub(crate) fn transport_config(max_streams: u32) -> TransportConfig {
-    let mut t = TransportConfig::default();
-    t.max_concurrent_bidi_streams(VarInt::from_u32(max_streams));
-    t.max_concurrent_uni_streams(VarInt::from_u32(0));
-    t.stream_receive_window(VarInt::from_u32(8 << 20));
-    t.receive_window(VarInt::from_u32(32 << 20));
-    t.keep_alive_interval(Some(portico_proto::TUNNEL_KEEP_ALIVE));
-    t.max_idle_timeout(Some(
-        quinn::IdleTimeout::try_from(portico_proto::TUNNEL_IDLE_TIMEOUT)
-            .expect("the tunnel idle timeout fits a QUIC varint"),
-    ));
-    t
+    portico_agent::quic::tunnel_transport(max_streams)
 }
 
 /// Binds the pool's UDP socket: dual-stack IPv6 where the host allows it,

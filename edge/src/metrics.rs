@@ -3,7 +3,9 @@
 
 use std::sync::Arc;
 
-use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{
+    HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+};
 use tokio::sync::watch;
 
 /// Every metric the edge exports.
@@ -14,7 +16,10 @@ pub(crate) struct Metrics {
     pub(crate) duration: HistogramVec,
     pub(crate) tunnels: IntGauge,
     pub(crate) streams: IntGauge,
-    pub(crate) bytes: IntCounterVec,
+    /// `portico_edge_bytes_total{direction="in"}` and `{direction="out"}`,
+    /// resolved once: the request path counts bytes without hashing labels.
+    pub(crate) bytes_in: IntCounter,
+    pub(crate) bytes_out: IntCounter,
     pub(crate) config_version: IntGauge,
     pub(crate) tunnel_closes: IntCounterVec,
 }
@@ -84,7 +89,8 @@ impl Metrics {
             duration,
             tunnels,
             streams,
-            bytes,
+            bytes_in: bytes.with_label_values(&["in"]),
+            bytes_out: bytes.with_label_values(&["out"]),
             config_version,
             tunnel_closes,
         }
@@ -116,7 +122,7 @@ mod tests {
     fn metrics_render_with_their_names() {
         let m = Metrics::new();
         m.requests.with_label_values(&["hr", "200", ""]).inc();
-        m.bytes.with_label_values(&["in"]).inc_by(5);
+        m.bytes_in.inc_by(5);
         m.duration.with_label_values(&["hr"]).observe(0.01);
         m.tunnel_closes.with_label_values(&["revoked"]).inc();
         let text = m.render();

@@ -191,15 +191,15 @@ pub(crate) async fn handle<B: RequestBody>(
         if let Ok(v) = HeaderValue::from_str(&request_id.to_string()) {
             resp.headers_mut().insert(REQUEST_ID_HEADER, v);
         }
-        let status = resp.status().as_u16();
+        let status = resp.status();
         let elapsed = started.elapsed();
         shared
             .metrics
             .requests
-            .with_label_values(&[app_label, &status.to_string(), code])
+            .with_label_values(&[app_label, status.as_str(), code])
             .inc();
         shared.metrics.duration.with_label_values(&[app_label]).observe(elapsed.as_secs_f64());
-        tracing::info!(request.id = %request_id, app = app_label, status, code, duration_ms = elapsed.as_secs_f64() * 1000.0, "request");
+        tracing::info!(request.id = %request_id, app = app_label, status = status.as_u16(), code, duration_ms = elapsed.as_secs_f64() * 1000.0, "request");
         resp
     }
     .instrument(span)
@@ -323,7 +323,7 @@ async fn forward<B: RequestBody>(
             // is spawned for this request.
             let _ = send.finish();
         } else {
-            let bytes_in = shared.metrics.bytes.with_label_values(&["in"]);
+            let bytes_in = shared.metrics.bytes_in.clone();
             shared
                 .conns
                 .spawn(pump_request_body(body, send, cancel, bytes_in).in_current_span());
@@ -375,8 +375,8 @@ async fn forward<B: RequestBody>(
         } else {
             let recv = inflight.recv.take().expect("set above");
             let hard_stop = shared.hard_stop.clone();
-            let bytes_in = shared.metrics.bytes.with_label_values(&["in"]);
-            let bytes_out = shared.metrics.bytes.with_label_values(&["out"]);
+            let bytes_in = shared.metrics.bytes_in.clone();
+            let bytes_out = shared.metrics.bytes_out.clone();
             shared.conns.spawn(
                 async move {
                     let _inflight = inflight;
@@ -393,7 +393,7 @@ async fn forward<B: RequestBody>(
                 .map_err(|_| ErrorCode::Internal);
         }
     }
-    let bytes_out = shared.metrics.bytes.with_label_values(&["out"]);
+    let bytes_out = shared.metrics.bytes_out.clone();
     builder
         .body(response_body(inflight, bytes_out))
         .map_err(|_| ErrorCode::Internal)

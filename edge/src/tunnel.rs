@@ -16,7 +16,7 @@ use portico_proto::{
     Welcome,
 };
 use quinn::crypto::rustls::QuicServerConfig;
-use quinn::{RecvStream, SendStream, VarInt};
+use quinn::{RecvStream, SendStream};
 use rustls::pki_types::CertificateDer;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -50,17 +50,7 @@ pub(crate) fn server_config(
     tls.alpn_protocols = vec![portico_proto::ALPN.to_vec()];
     tls.max_early_data_size = 0; // no 0-RTT: a replayed stream head must not reach a backend
     let mut sc = quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(tls)?));
-    let mut t = quinn::TransportConfig::default();
-    t.max_concurrent_bidi_streams(VarInt::from_u32(CONNECTOR_BIDI_STREAMS));
-    t.max_concurrent_uni_streams(VarInt::from_u32(0));
-    t.stream_receive_window(VarInt::from_u32(8 << 20));
-    t.receive_window(VarInt::from_u32(32 << 20));
-    t.send_window(32 << 20);
-    t.keep_alive_interval(Some(portico_proto::TUNNEL_KEEP_ALIVE));
-    t.max_idle_timeout(Some(
-        quinn::IdleTimeout::try_from(portico_proto::TUNNEL_IDLE_TIMEOUT)
-            .expect("the tunnel idle timeout fits a QUIC varint"),
-    ));
+    let t = portico_agent::quic::tunnel_transport(CONNECTOR_BIDI_STREAMS);
     sc.transport_config(Arc::new(t));
     Ok(sc)
 }
