@@ -11,6 +11,7 @@
 pub mod client;
 pub mod enroll;
 pub mod error;
+pub mod headers;
 pub mod ops;
 pub mod pki;
 pub mod quic;

@@ -2,7 +2,7 @@
 //! the backend request, and back for the response head. Pure functions.
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::uri::{Authority, Scheme, Uri};
+use http::uri::{Authority, PathAndQuery, Scheme, Uri};
 use portico_proto::{RequestId, StreamKind};
 
 use crate::error::ProxyError;
@@ -44,18 +44,21 @@ impl InternalUrl {
     /// The internal URL joined with the request's path and query:
     /// `http://h:8080/app/` + `/x?y` → `http://h:8080/app/x?y`.
     pub fn join(&self, path_and_query: &str) -> Result<Uri, ProxyError> {
-        let path = if path_and_query.starts_with('/') {
-            path_and_query.to_owned()
-        } else {
-            format!("/{path_and_query}")
-        };
-        let target = format!(
-            "{}://{}{}{}",
-            self.scheme, self.authority, self.prefix, path
-        );
-        target.parse().map_err(|_| ProxyError::BadRequest {
+        let bad = || ProxyError::BadRequest {
             reason: format!("request target {path_and_query:?} does not form a valid URL"),
-        })
+        };
+        // Built from parts: only the path is parsed, not the whole URL.
+        let mut path = String::with_capacity(self.prefix.len() + path_and_query.len() + 1);
+        path.push_str(&self.prefix);
+        if !path_and_query.starts_with('/') {
+            path.push('/');
+        }
+        path.push_str(path_and_query);
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(self.scheme.clone());
+        parts.authority = Some(self.authority.clone());
+        parts.path_and_query = Some(PathAndQuery::try_from(path).map_err(|_| bad())?);
+        Uri::from_parts(parts).map_err(|_| bad())
     }
 }
 
@@ -63,49 +66,6 @@ const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-
-/// Headers that describe one connection, never forwarded by a proxy
-/// (RFC 9110 §7.6.1), besides those named in `Connection`.
-const HOP_BY_HOP: [HeaderName; 6] = [
-    header::CONNECTION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-    header::PROXY_AUTHENTICATE,
-];
-
-/// Removes the hop-by-hop headers: `Connection` and every header it names,
-/// `Keep-Alive`, `Proxy-*`, `TE`, `Trailer`, `Transfer-Encoding` and
-/// `Upgrade`. With `keep_upgrade`, `Upgrade` survives and `Connection` is
-/// set to `upgrade` (a WebSocket handshake).
-pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .collect();
-    let upgrade = headers.get(header::UPGRADE).cloned();
-    for name in named.iter().chain(HOP_BY_HOP.iter()) {
-        headers.remove(name);
-    }
-    let proxy: Vec<HeaderName> = headers
-        .keys()
-        .filter(|k| k.as_str().starts_with("proxy-") || k.as_str() == "keep-alive")
-        .cloned()
-        .collect();
-    for name in proxy {
-        headers.remove(name);
-    }
-    if keep_upgrade {
-        if let Some(upgrade) = upgrade {
-            headers.insert(header::UPGRADE, upgrade);
-            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        }
-    }
-}
 
 /// What the connector knows about a request besides its headers.
 pub(crate) struct RequestMeta<'a> {
@@ -124,7 +84,7 @@ pub(crate) fn request_headers(
     meta: &RequestMeta<'_>,
     target: &InternalUrl,
 ) -> HeaderMap {
-    strip_hop_by_hop(&mut headers, meta.kind == StreamKind::WebSocket);
+    portico_agent::headers::strip_hop_by_hop(&mut headers, meta.kind == StreamKind::WebSocket);
     let portico: Vec<HeaderName> = headers
         .keys()
         .filter(|k| k.as_str().starts_with("x-portico-"))
@@ -174,7 +134,7 @@ pub(crate) fn request_headers(
 /// The backend's response headers as the edge gets them: hop-by-hop
 /// removed, except `Upgrade`/`Connection` on a `101`.
 pub(crate) fn response_headers(mut headers: HeaderMap, switching: bool) -> HeaderMap {
-    strip_hop_by_hop(&mut headers, switching);
+    portico_agent::headers::strip_hop_by_hop(&mut headers, switching);
     headers
 }
 

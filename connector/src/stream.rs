@@ -178,9 +178,10 @@ async fn proxy(
         ms => Duration::from_millis(ms).min(MAX_TIMEOUT),
     };
     let deadline = tokio::time::Instant::now() + timeout;
-    let target_str = uri.to_string();
+    // Only an error names the target: format it then, not per request.
+    let target_uri = uri.clone();
     let timeout_error = || ProxyError::Timeout {
-        target: target_str.clone(),
+        target: target_uri.to_string(),
         timeout_ms: timeout.as_millis() as u64,
     };
 
@@ -308,7 +309,7 @@ async fn send_request(
     send: &mut SendStream,
     timeout_error: impl Fn() -> ProxyError,
 ) -> Outcome {
-    let target = uri.to_string();
+    let target = uri.clone();
     let mut req = Request::new(body);
     *req.method_mut() = method;
     *req.uri_mut() = uri;
@@ -326,15 +327,22 @@ async fn send_request(
         .observe(sent.elapsed().as_secs_f64());
     let response = match response {
         Err(_) => return fail(send, timeout_error()).await,
-        Ok(Err(e)) => return fail(send, classify(&e, &target)).await,
+        Ok(Err(e)) => return fail(send, classify(&e, &target.to_string())).await,
         Ok(Ok(r)) => r,
     };
     let status = response.status();
     let switching = kind == StreamKind::WebSocket && status == StatusCode::SWITCHING_PROTOCOLS;
-    let (parts, body) = response.into_parts();
+    let (mut parts, body) = response.into_parts();
+    // An upgrade hands `parts` back to hyper below; otherwise the headers
+    // are moved, not copied.
+    let headers = if switching {
+        parts.headers.clone()
+    } else {
+        std::mem::take(&mut parts.headers)
+    };
     let head = ResponseHead {
         status,
-        headers: response_headers(parts.headers.clone(), switching),
+        headers: response_headers(headers, switching),
     };
     if let Err(e) = write_frame(send, &Frame::ResponseHead(head)).await {
         return match e {

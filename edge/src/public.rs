@@ -558,103 +558,47 @@ fn authority_of<B>(req: &Request<B>) -> String {
         .to_owned()
 }
 
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-];
-
-fn is_hop_by_hop(name: &HeaderName, connection_listed: &[String]) -> bool {
-    let n = name.as_str();
-    HOP_BY_HOP.contains(&n) || n == "upgrade" || connection_listed.iter().any(|c| c == n)
-}
-
-fn connection_tokens(headers: &HeaderMap) -> Vec<String> {
-    headers
-        .get_all(CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|t| t.trim().to_ascii_lowercase())
-        .filter(|t| !t.is_empty())
-        .take(32)
-        .collect()
-}
-
 /// The request headers to carry to the connector: hop-by-hop ones dropped,
 /// except the upgrade pair of a WebSocket request.
 pub(crate) fn forward_headers(headers: &HeaderMap, websocket: bool) -> HeaderMap {
-    let listed = connection_tokens(headers);
-    let mut out = HeaderMap::with_capacity(headers.len());
-    for (name, value) in headers {
-        if !is_hop_by_hop(name, &listed) {
-            out.append(name.clone(), value.clone());
-        }
-    }
-    if websocket {
-        out.insert(CONNECTION, HeaderValue::from_static("upgrade"));
-        if let Some(v) = headers.get(UPGRADE) {
-            out.insert(UPGRADE, v.clone());
-        }
-    }
+    let mut out = headers.clone();
+    portico_agent::headers::strip_hop_by_hop(&mut out, websocket);
     out
 }
 
 /// The response headers to give the user: hop-by-hop ones dropped, except
 /// the upgrade pair of a `101`.
-fn response_headers(headers: HeaderMap, upgraded: bool) -> HeaderMap {
-    let listed = connection_tokens(&headers);
-    let mut out = HeaderMap::with_capacity(headers.len());
-    for (name, value) in &headers {
-        if !is_hop_by_hop(name, &listed) {
-            out.append(name.clone(), value.clone());
-        }
-    }
-    if upgraded {
-        out.insert(CONNECTION, HeaderValue::from_static("upgrade"));
-        if let Some(v) = headers.get(UPGRADE) {
-            out.insert(UPGRADE, v.clone());
-        }
-    }
-    out
+fn response_headers(mut headers: HeaderMap, upgraded: bool) -> HeaderMap {
+    portico_agent::headers::strip_hop_by_hop(&mut headers, upgraded);
+    headers
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// The rules themselves are tested in `portico_agent::headers`; here,
+    /// that both directions apply them and the user's request is untouched.
     #[test]
-    fn hop_by_hop_headers_are_dropped_except_a_websocket_upgrade() {
-        let mut h = HeaderMap::new();
-        h.insert("connection", "keep-alive, x-secret".parse().unwrap());
-        h.insert("keep-alive", "timeout=5".parse().unwrap());
-        h.insert("x-secret", "1".parse().unwrap());
-        h.insert("transfer-encoding", "chunked".parse().unwrap());
-        h.insert("te", "trailers".parse().unwrap());
-        h.insert("upgrade", "h2c".parse().unwrap());
-        h.insert("accept", "*/*".parse().unwrap());
-        h.append("x-multi", "a".parse().unwrap());
-        h.append("x-multi", "b".parse().unwrap());
-        let out = forward_headers(&h, false);
-        let names: Vec<_> = out.keys().map(|k| k.as_str()).collect();
-        assert_eq!(names, ["accept", "x-multi"]);
-        assert_eq!(out.get_all("x-multi").iter().count(), 2);
-
+    fn both_directions_drop_hop_by_hop_headers() {
         let mut ws = HeaderMap::new();
         ws.insert("connection", "Upgrade".parse().unwrap());
         ws.insert("upgrade", "websocket".parse().unwrap());
-        ws.insert("sec-websocket-key", "k".parse().unwrap());
+        ws.insert("keep-alive", "timeout=5".parse().unwrap());
+        ws.insert("accept", "*/*".parse().unwrap());
         let out = forward_headers(&ws, true);
         assert_eq!(out["connection"], "upgrade");
         assert_eq!(out["upgrade"], "websocket");
-        assert_eq!(out["sec-websocket-key"], "k");
+        assert!(!out.contains_key("keep-alive"));
+        assert_eq!(
+            ws.len(),
+            4,
+            "the request's own headers are left as they were"
+        );
+        let out = forward_headers(&ws, false);
+        assert_eq!(out.keys().collect::<Vec<_>>(), ["accept"]);
         let resp = response_headers(ws.clone(), false);
-        assert!(!resp.contains_key("upgrade") && !resp.contains_key("connection"));
+        assert_eq!(resp.keys().collect::<Vec<_>>(), ["accept"]);
         let resp = response_headers(ws, true);
         assert_eq!(resp["upgrade"], "websocket");
     }
