@@ -28,6 +28,7 @@ BENCH_TOOLS=${BENCH_TOOLS:-/opt/portico-bench}
 PORTICO_BIN=${PORTICO_BIN:-$REPO_DIR/target/release/portico}
 RATHOLE_BIN=${RATHOLE_BIN:-$BENCH_TOOLS/bin/rathole}
 BENCH_OUT=${BENCH_OUT:-$REPO_DIR/target/bench/scale-$(date +%Y%m%d-%H%M%S)}
+BENCH_OUT=$(realpath -m "$BENCH_OUT") # nginx and the tunnels get absolute paths
 BENCH_WORK=$BENCH_OUT/work
 export BENCH_DIR REPO_DIR BENCH_TOOLS
 

@@ -23,12 +23,6 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-/// mimalloc instead of the system allocator: on the request path glibc's
-/// malloc showed up at 7-10% of the edge's and the connector's time, part
-/// of it waiting on arena locks (BENCHMARKS.md, "Making it fast").
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// One thread asked for: a current-thread runtime, where a request's tasks
 /// wake each other without crossing threads. Otherwise the multi-thread
 /// runtime with the given number of workers (default: one per core).
