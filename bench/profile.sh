@@ -1,0 +1,203 @@
+#!/usr/bin/env bash
+# Where Portico's time goes, reproducibly: user-space instructions per
+# request of the edge and the connector (callgrind), and a flamegraph of each
+# under load (perf + inferno). Instruction counts do not depend on what else
+# runs on the machine, so they compare builds where req/s is too noisy.
+#
+# Usage: bench/profile.sh            (as root, from anywhere; ~3-4 min)
+#
+# Env (defaults in brackets):
+#   PROFILE_REQUESTS [2000]   keepalive GET /small counted under callgrind
+#   PROFILE_CONNS [8]         connections (and workers) of that load
+#   PROFILE_THREADS [1]       --threads for edge and connector; empty = default runtime
+#   PROFILE_PERF_SECONDS [8]  perf sampling time under `wrk -c32`
+#   BENCH_PORT_BASE [18300]   ports BASE..BASE+5 on 127.0.0.1
+#   BENCH_OUT [target/bench/profile-DATE]
+#   BENCH_SKIP_SETUP=1        do not install valgrind, perf, wrk, nginx, inferno
+#   BENCH_TOOLS [/opt/portico-bench], PORTICO_BIN [target/release/portico]
+#
+# Writes to BENCH_OUT: summary.md (instructions per request), callgrind.*
+# dumps with callgrind_annotate listings (*.inclusive.txt), perf.*.data and
+# flamegraph-{edge,connector}.svg.
+set -euo pipefail
+
+BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO_DIR=$(cd "$BENCH_DIR/.." && pwd)
+REQUESTS=${PROFILE_REQUESTS:-2000}
+CONNS=${PROFILE_CONNS:-8}
+THREADS=${PROFILE_THREADS-1}
+PERF_SECONDS=${PROFILE_PERF_SECONDS:-8}
+BASE=${BENCH_PORT_BASE:-18300}
+BENCH_TOOLS=${BENCH_TOOLS:-/opt/portico-bench}
+PORTICO_BIN=${PORTICO_BIN:-$REPO_DIR/target/release/portico}
+BENCH_OUT=${BENCH_OUT:-$REPO_DIR/target/bench/profile-$(date +%Y%m%d-%H%M%S)}
+BENCH_OUT=$(realpath -m "$BENCH_OUT")
+BENCH_WORK=$BENCH_OUT/work
+export BENCH_DIR REPO_DIR BENCH_TOOLS
+# shellcheck source=bench/lib.sh
+source "$BENCH_DIR/lib.sh"
+
+for n in "$REQUESTS" "$CONNS" "$PERF_SECONDS" "$BASE"; do
+	[[ $n =~ ^[1-9][0-9]*$ ]] || die "not a positive number: $n"
+done
+[[ -z $THREADS || $THREADS =~ ^[1-9][0-9]*$ ]] || die "PROFILE_THREADS must be empty or a positive number"
+
+if [[ -z ${BENCH_SKIP_SETUP:-} ]]; then
+	need=()
+	for tool in valgrind:valgrind perf:linux-perf wrk:wrk nginx:nginx curl:curl; do
+		command -v "${tool%%:*}" >/dev/null || need+=("${tool#*:}")
+	done
+	if ((${#need[@]})); then
+		log "installing ${need[*]}"
+		apt-get update -qq && apt-get install -y -qq "${need[@]}" >/dev/null
+	fi
+	if [[ ! -x $BENCH_TOOLS/bin/inferno-flamegraph ]]; then
+		log "installing inferno (flamegraphs) into $BENCH_TOOLS"
+		cargo install --quiet --locked --root "$BENCH_TOOLS" inferno
+	fi
+	log "building portico (release)"
+	(cd "$REPO_DIR" && cargo build --quiet --release --bin portico)
+fi
+for tool in valgrind callgrind_control callgrind_annotate perf wrk nginx curl; do
+	command -v "$tool" >/dev/null || die "$tool is missing (run without BENCH_SKIP_SETUP)"
+done
+[[ -x $PORTICO_BIN ]] || die "no portico binary at $PORTICO_BIN"
+
+mkdir -p "$BENCH_WORK/www" "$BENCH_WORK/nginx/tmp"
+trap 'cleanup_pids' EXIT
+trap 'exit 130' INT TERM
+unset RUST_LOG
+
+P_BACKEND=$BASE P_ROUTER=$((BASE + 1)) P_EDGE=$((BASE + 2)) P_TUNNEL=$((BASE + 3))
+P_EDGE_METRICS=$((BASE + 4)) P_CONN_METRICS=$((BASE + 5))
+require_ports_free "$P_BACKEND" "$P_ROUTER" "$P_EDGE" "$P_TUNNEL" "$P_EDGE_METRICS" "$P_CONN_METRICS"
+APP_HOST=bench.apps.localhost
+thread_args=()
+[[ -n $THREADS ]] && thread_args=(--threads "$THREADS")
+
+head -c 100 /dev/zero | tr '\0' 'x' >"$BENCH_WORK/www/small"
+cat >"$BENCH_WORK/nginx/nginx.conf" <<EOF
+daemon off;
+worker_processes 1;
+pid $BENCH_WORK/nginx/nginx.pid;
+error_log $BENCH_WORK/nginx/error.log warn;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    keepalive_requests 1000000;
+    client_body_temp_path $BENCH_WORK/nginx/tmp/body;
+    proxy_temp_path $BENCH_WORK/nginx/tmp/proxy;
+    fastcgi_temp_path $BENCH_WORK/nginx/tmp/fastcgi;
+    uwsgi_temp_path $BENCH_WORK/nginx/tmp/uwsgi;
+    scgi_temp_path $BENCH_WORK/nginx/tmp/scgi;
+    server { listen 127.0.0.1:$P_BACKEND; root $BENCH_WORK/www; }
+}
+EOF
+spawn nginx nginx -c "$BENCH_WORK/nginx/nginx.conf" >/dev/null
+wait_http 30 "http://127.0.0.1:$P_BACKEND/small"
+
+export PORTICO_ROUTER=https://127.0.0.1:$P_ROUTER
+export PORTICO_ROUTER_CA=$BENCH_WORK/router/ca.pem
+export PORTICO_ADMIN_TOKEN_FILE=$BENCH_WORK/router/admin-token
+spawn router "$PORTICO_BIN" --log warn router --data "$BENCH_WORK/router" \
+	--listen "127.0.0.1:$P_ROUTER" --apps-domain apps.localhost >/dev/null
+wait_file "$PORTICO_ADMIN_TOKEN_FILE" 30
+wait_tcp "$P_ROUTER" 30
+"$PORTICO_BIN" app create bench --internal-url "http://127.0.0.1:$P_BACKEND/" \
+	--external-host "$APP_HOST" >/dev/null 2>>"$BENCH_WORK/admin.log"
+
+# start_pair PREFIX...: an edge and a connector (fresh state each time),
+# each command prefixed with PREFIX (a valgrind invocation, or nothing).
+# Sets EDGE_PID and CONN_PID.
+start_pair() {
+	local tag=$1 tok
+	shift
+	rm -rf "$BENCH_WORK/edge" "$BENCH_WORK/connector"
+	tok=$("$PORTICO_BIN" token create --edge 2>>"$BENCH_WORK/admin.log")
+	EDGE_PID=$(spawn "edge-$tag" "$@" "$PORTICO_BIN" --log warn "${thread_args[@]}" edge \
+		--state "$BENCH_WORK/edge" --token "$tok" --public-listen "127.0.0.1:$P_EDGE" \
+		--tunnel-listen "127.0.0.1:$P_TUNNEL" --metrics-listen "127.0.0.1:$P_EDGE_METRICS")
+	wait_http 180 "http://127.0.0.1:$P_EDGE_METRICS/ready"
+	tok=$("$PORTICO_BIN" token create --group Default 2>>"$BENCH_WORK/admin.log")
+	CONN_PID=$(spawn "connector-$tag" "$@" "$PORTICO_BIN" --log warn "${thread_args[@]}" connector \
+		--state "$BENCH_WORK/connector" --token "$tok" --tunnels 1 \
+		--metrics-listen "127.0.0.1:$P_CONN_METRICS")
+	wait_http 180 "http://127.0.0.1:$P_CONN_METRICS/ready"
+	wait_http 180 --cacert "$PORTICO_ROUTER_CA" --resolve "$APP_HOST:$P_EDGE:127.0.0.1" \
+		"https://$APP_HOST:$P_EDGE/small"
+}
+
+stop_pair() {
+	kill -INT "$EDGE_PID" "$CONN_PID" 2>/dev/null || true
+	local i
+	for ((i = 0; i < 300; i++)); do
+		kill -0 "$EDGE_PID" 2>/dev/null || kill -0 "$CONN_PID" 2>/dev/null || return 0
+		sleep 0.1
+	done
+	kill -KILL "$EDGE_PID" "$CONN_PID" 2>/dev/null || true
+}
+
+# ---------------------------------------------------------------- callgrind
+log "callgrind: starting edge and connector under valgrind (slow to start)"
+start_pair callgrind valgrind --tool=callgrind --callgrind-out-file="$BENCH_OUT/callgrind.%p"
+callgrind_control -z "$EDGE_PID" >/dev/null
+callgrind_control -z "$CONN_PID" >/dev/null
+log "callgrind: $REQUESTS requests over $CONNS connections"
+"$PORTICO_BIN" --log warn loadtest "https://$APP_HOST:$P_EDGE/small" --cacert "$PORTICO_ROUTER_CA" \
+	--requests "$REQUESTS" --concurrency "$CONNS" --connections "$CONNS" --quiet \
+	--json "$BENCH_OUT/callgrind-load.json" >/dev/null
+ok=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["requests"]["ok"])' "$BENCH_OUT/callgrind-load.json")
+[[ $ok == "$REQUESTS" ]] || die "only $ok of $REQUESTS requests succeeded under callgrind"
+callgrind_control -d "$EDGE_PID" >/dev/null
+callgrind_control -d "$CONN_PID" >/dev/null
+sleep 2
+declare -A IR
+for role in edge connector; do
+	pid=$EDGE_PID
+	[[ $role == connector ]] && pid=$CONN_PID
+	dump=$(ls -t "$BENCH_OUT/callgrind.$pid".* 2>/dev/null | grep -v '\.txt$' | head -1)
+	[[ -n $dump ]] || die "no callgrind dump for the $role ($pid)"
+	IR[$role]=$(awk '/^(summary|totals):/ {print $2; exit}' "$dump")
+	callgrind_annotate --inclusive=yes --threshold=99 --auto=no "$dump" >"$BENCH_OUT/$role.inclusive.txt" 2>/dev/null || true
+	log "callgrind: $role ${IR[$role]} instructions = $((IR[$role] / REQUESTS)) per request"
+done
+stop_pair
+
+# ---------------------------------------------------------------- perf
+log "perf: edge and connector under wrk -c32 for ${PERF_SECONDS}s"
+start_pair perf
+timeout $((PERF_SECONDS + 30)) wrk -t2 -c32 -d$((PERF_SECONDS + 2))s -H "Host: $APP_HOST:$P_EDGE" \
+	"https://127.0.0.1:$P_EDGE/small" >"$BENCH_OUT/wrk.txt" 2>&1 &
+wrk_pid=$!
+sleep 1
+perf record -F 999 -g -p "$EDGE_PID" -o "$BENCH_OUT/perf.edge.data" -- sleep "$PERF_SECONDS" 2>>"$BENCH_WORK/perf.log" &
+perf_pid=$!
+perf record -F 999 -g -p "$CONN_PID" -o "$BENCH_OUT/perf.connector.data" -- sleep "$PERF_SECONDS" 2>>"$BENCH_WORK/perf.log"
+wait "$perf_pid" "$wrk_pid" || true
+stop_pair
+flame=$BENCH_TOOLS/bin/inferno-flamegraph
+collapse=$BENCH_TOOLS/bin/inferno-collapse-perf
+for role in edge connector; do
+	if [[ -x $flame && -x $collapse ]]; then
+		perf script -i "$BENCH_OUT/perf.$role.data" 2>/dev/null | "$collapse" |
+			"$flame" --title "portico $role, wrk -c32 /small" >"$BENCH_OUT/flamegraph-$role.svg"
+		log "perf: $BENCH_OUT/flamegraph-$role.svg"
+	else
+		log "perf: inferno not installed; perf report -i $BENCH_OUT/perf.$role.data"
+	fi
+done
+
+{
+	echo "Instructions per request (callgrind, user space; $REQUESTS keepalive GET /small over $CONNS connections; threads: ${THREADS:-default}):"
+	echo
+	echo "| process | instructions | per request |"
+	echo "|---|---|---|"
+	for role in edge connector; do
+		echo "| $role | ${IR[$role]} | $((IR[$role] / REQUESTS)) |"
+	done
+	echo
+	echo "wrk during perf: $(awk '/Requests\/sec/ {print $2}' "$BENCH_OUT/wrk.txt") req/s (not a benchmark: perf was sampling)."
+	echo "Listings: edge.inclusive.txt, connector.inclusive.txt; flamegraphs: flamegraph-edge.svg, flamegraph-connector.svg."
+} >"$BENCH_OUT/summary.md"
+cat "$BENCH_OUT/summary.md"
+log "results: $BENCH_OUT"
