@@ -1,7 +1,7 @@
 # shellcheck shell=bash
-# Helpers shared by bench/run.sh and bench/tunnel-scale.sh: ports, readiness
-# polling with deadlines, process bookkeeping (only the pids we started), and
-# peak-RSS readings from /proc.
+# Helpers shared by bench/run.sh, tunnel-scale.sh and profile.sh: ports, readiness
+# polling with deadlines, process bookkeeping (only the pids we started),
+# peak-RSS readings from /proc, and self-contained nginx configs.
 #
 # Source it after setting BENCH_OUT (the results directory) and BENCH_WORK
 # (scratch directory for configs, state and logs).
@@ -150,4 +150,49 @@ machine_json() {
 		"$("$RATHOLE_BIN" --version 2>/dev/null | awk '/Build Version/ {print $3}')" \
 		"$("$PORTICO_BIN" --version 2>/dev/null | head -1)" \
 		"$(cut -d' ' -f1 /proc/loadavg)"
+}
+
+# nginx_conf NAME SERVER-BLOCK: a self-contained nginx config under
+# BENCH_WORK/NAME (no system paths, no access log, long keepalive), with an
+# upstream `backend` at 127.0.0.1:$P_BACKEND for proxies.
+nginx_conf() {
+	local dir=$BENCH_WORK/$1
+	mkdir -p "$dir/tmp"
+	cat >"$dir/nginx.conf" <<EOF
+daemon off;
+master_process on;
+worker_processes auto;
+worker_rlimit_nofile 65536;
+pid $dir/nginx.pid;
+error_log $dir/error.log warn;
+events { worker_connections 16384; }
+http {
+    access_log off;
+    default_type application/octet-stream;
+    sendfile on;
+    tcp_nopush on;
+    tcp_nodelay on;
+    keepalive_timeout 120s;
+    keepalive_requests 1000000;
+    client_body_temp_path $dir/tmp/body;
+    proxy_temp_path $dir/tmp/proxy;
+    fastcgi_temp_path $dir/tmp/fastcgi;
+    uwsgi_temp_path $dir/tmp/uwsgi;
+    scgi_temp_path $dir/tmp/scgi;
+    upstream backend {
+        server 127.0.0.1:$P_BACKEND;
+        keepalive 512;
+    }
+$2
+}
+EOF
+	echo "$dir"
+}
+
+# start_nginx NAME SERVER-BLOCK: writes the config and starts nginx; prints
+# the master pid.
+start_nginx() {
+	local dir
+	dir=$(nginx_conf "$1" "$2")
+	spawn "$1" nginx -e "$dir/error.log" -p "$dir" -c "$dir/nginx.conf"
 }

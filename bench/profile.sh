@@ -63,7 +63,7 @@ for tool in valgrind callgrind_control callgrind_annotate perf wrk nginx curl; d
 done
 [[ -x $PORTICO_BIN ]] || die "no portico binary at $PORTICO_BIN"
 
-mkdir -p "$BENCH_WORK/www" "$BENCH_WORK/nginx/tmp"
+mkdir -p "$BENCH_WORK/www"
 trap 'cleanup_pids' EXIT
 trap 'exit 130' INT TERM
 unset RUST_LOG
@@ -76,24 +76,7 @@ thread_args=()
 [[ -n $THREADS ]] && thread_args=(--threads "$THREADS")
 
 head -c 100 /dev/zero | tr '\0' 'x' >"$BENCH_WORK/www/small"
-cat >"$BENCH_WORK/nginx/nginx.conf" <<EOF
-daemon off;
-worker_processes 1;
-pid $BENCH_WORK/nginx/nginx.pid;
-error_log $BENCH_WORK/nginx/error.log warn;
-events { worker_connections 4096; }
-http {
-    access_log off;
-    keepalive_requests 1000000;
-    client_body_temp_path $BENCH_WORK/nginx/tmp/body;
-    proxy_temp_path $BENCH_WORK/nginx/tmp/proxy;
-    fastcgi_temp_path $BENCH_WORK/nginx/tmp/fastcgi;
-    uwsgi_temp_path $BENCH_WORK/nginx/tmp/uwsgi;
-    scgi_temp_path $BENCH_WORK/nginx/tmp/scgi;
-    server { listen 127.0.0.1:$P_BACKEND; root $BENCH_WORK/www; }
-}
-EOF
-spawn nginx nginx -c "$BENCH_WORK/nginx/nginx.conf" >/dev/null
+start_nginx nginx "    server { listen 127.0.0.1:$P_BACKEND; root $BENCH_WORK/www; }" >/dev/null
 wait_http 30 "http://127.0.0.1:$P_BACKEND/small"
 
 export PORTICO_ROUTER=https://127.0.0.1:$P_ROUTER
@@ -106,21 +89,24 @@ wait_tcp "$P_ROUTER" 30
 "$PORTICO_BIN" app create bench --internal-url "http://127.0.0.1:$P_BACKEND/" \
 	--external-host "$APP_HOST" >/dev/null 2>>"$BENCH_WORK/admin.log"
 
-# start_pair PREFIX...: an edge and a connector (fresh state each time),
-# each command prefixed with PREFIX (a valgrind invocation, or nothing).
-# Sets EDGE_PID and CONN_PID.
+# start_pair TAG PREFIX...: an edge and a connector, each command prefixed
+# with PREFIX (a valgrind invocation, or nothing). They enroll on the first
+# start and restart from their saved state after that: a second edge on the
+# same address would leave the first one registered at the router, and the
+# connector dials an edge by its identity. Sets EDGE_PID and CONN_PID.
 start_pair() {
-	local tag=$1 tok
+	local tag=$1 edge_tok=() conn_tok=()
 	shift
-	rm -rf "$BENCH_WORK/edge" "$BENCH_WORK/connector"
-	tok=$("$PORTICO_BIN" token create --edge 2>>"$BENCH_WORK/admin.log")
+	[[ -d $BENCH_WORK/edge ]] ||
+		edge_tok=(--token "$("$PORTICO_BIN" token create --edge 2>>"$BENCH_WORK/admin.log")")
+	[[ -d $BENCH_WORK/connector ]] ||
+		conn_tok=(--token "$("$PORTICO_BIN" token create --group Default 2>>"$BENCH_WORK/admin.log")")
 	EDGE_PID=$(spawn "edge-$tag" "$@" "$PORTICO_BIN" --log warn "${thread_args[@]}" edge \
-		--state "$BENCH_WORK/edge" --token "$tok" --public-listen "127.0.0.1:$P_EDGE" \
+		--state "$BENCH_WORK/edge" "${edge_tok[@]}" --public-listen "127.0.0.1:$P_EDGE" \
 		--tunnel-listen "127.0.0.1:$P_TUNNEL" --metrics-listen "127.0.0.1:$P_EDGE_METRICS")
 	wait_http 180 "http://127.0.0.1:$P_EDGE_METRICS/ready"
-	tok=$("$PORTICO_BIN" token create --group Default 2>>"$BENCH_WORK/admin.log")
 	CONN_PID=$(spawn "connector-$tag" "$@" "$PORTICO_BIN" --log warn "${thread_args[@]}" connector \
-		--state "$BENCH_WORK/connector" --token "$tok" --tunnels 1 \
+		--state "$BENCH_WORK/connector" "${conn_tok[@]}" --tunnels 1 \
 		--metrics-listen "127.0.0.1:$P_CONN_METRICS")
 	wait_http 180 "http://127.0.0.1:$P_CONN_METRICS/ready"
 	wait_http 180 --cacert "$PORTICO_ROUTER_CA" --resolve "$APP_HOST:$P_EDGE:127.0.0.1" \
@@ -188,7 +174,7 @@ for role in edge connector; do
 done
 
 {
-	echo "Instructions per request (callgrind, user space; $REQUESTS keepalive GET /small over $CONNS connections; threads: ${THREADS:-default}):"
+	echo "Instructions per request (callgrind, user space; $REQUESTS keepalive GET /small over $CONNS connections, their $CONNS TLS handshakes included; threads: ${THREADS:-default}):"
 	echo
 	echo "| process | instructions | per request |"
 	echo "|---|---|---|"

@@ -96,42 +96,6 @@ mkdir -p "$WWW"
 head -c 100 /dev/zero | tr '\0' 'x' >"$WWW/small"
 head -c $((100 * 1024 * 1024)) /dev/urandom >"$WWW/big"
 
-# nginx_conf NAME SERVER-BLOCK: a self-contained nginx config under
-# BENCH_WORK/NAME (no system paths, no access log, long keepalive).
-nginx_conf() {
-	local dir=$BENCH_WORK/$1
-	mkdir -p "$dir/tmp"
-	cat >"$dir/nginx.conf" <<EOF
-daemon off;
-master_process on;
-worker_processes auto;
-worker_rlimit_nofile 65536;
-pid $dir/nginx.pid;
-error_log $dir/error.log warn;
-events { worker_connections 16384; }
-http {
-    access_log off;
-    default_type application/octet-stream;
-    sendfile on;
-    tcp_nopush on;
-    tcp_nodelay on;
-    keepalive_timeout 120s;
-    keepalive_requests 1000000;
-    client_body_temp_path $dir/tmp/body;
-    proxy_temp_path $dir/tmp/proxy;
-    fastcgi_temp_path $dir/tmp/fastcgi;
-    uwsgi_temp_path $dir/tmp/uwsgi;
-    scgi_temp_path $dir/tmp/scgi;
-    upstream backend {
-        server 127.0.0.1:$P_BACKEND;
-        keepalive 512;
-    }
-$2
-}
-EOF
-	echo "$dir"
-}
-
 PROXY_LOCATION="location / {
             proxy_pass http://backend;
             proxy_http_version 1.1;
@@ -139,12 +103,6 @@ PROXY_LOCATION="location / {
             proxy_set_header Host \$host;
             proxy_buffering off;
         }"
-
-start_nginx() { # NAME SERVER-BLOCK -> prints master pid
-	local dir
-	dir=$(nginx_conf "$1" "$2")
-	spawn "$1" nginx -e "$dir/error.log" -p "$dir" -c "$dir/nginx.conf"
-}
 
 log "starting nginx backend on :$P_BACKEND"
 start_nginx nginx-backend "    server { listen 127.0.0.1:$P_BACKEND; root $WWW; location / { } }" >/dev/null

@@ -64,34 +64,14 @@ echo "${m%\}},\"tunnels\":$TUNNELS,\"streams\":$STREAMS,\"duration_s\":$DURATION
 
 # Backend: /small (100 bytes) and /slow (64 KiB sent at 16 KiB/s).
 WWW=$BENCH_WORK/www
-mkdir -p "$WWW" "$BENCH_WORK/nginx/tmp"
+mkdir -p "$WWW"
 head -c 100 /dev/zero | tr '\0' 'x' >"$WWW/small"
 head -c 65536 /dev/zero | tr '\0' 'y' >"$WWW/slow"
-cat >"$BENCH_WORK/nginx/nginx.conf" <<EOF
-daemon off;
-master_process on;
-worker_processes auto;
-worker_rlimit_nofile 65536;
-pid $BENCH_WORK/nginx/nginx.pid;
-error_log $BENCH_WORK/nginx/error.log warn;
-events { worker_connections 32768; }
-http {
-    access_log off;
-    default_type application/octet-stream;
-    keepalive_requests 1000000;
-    client_body_temp_path $BENCH_WORK/nginx/tmp/body;
-    proxy_temp_path $BENCH_WORK/nginx/tmp/proxy;
-    fastcgi_temp_path $BENCH_WORK/nginx/tmp/fastcgi;
-    uwsgi_temp_path $BENCH_WORK/nginx/tmp/uwsgi;
-    scgi_temp_path $BENCH_WORK/nginx/tmp/scgi;
-    server {
+start_nginx nginx "    server {
         listen 127.0.0.1:$P_BACKEND backlog=4096;
         root $WWW;
         location /slow { limit_rate 16k; }
-    }
-}
-EOF
-spawn nginx nginx -e "$BENCH_WORK/nginx/error.log" -p "$BENCH_WORK/nginx" -c "$BENCH_WORK/nginx/nginx.conf" >/dev/null
+    }" >/dev/null
 wait_http 30 "http://127.0.0.1:$P_BACKEND/small"
 
 d=$BENCH_WORK/portico

@@ -1,7 +1,8 @@
 //! Static stability and restarts: edges and connectors keep serving from
 //! their saved state while the router is down, even across their own
 //! restarts; connectors come back when an edge restarts; a second edge with
-//! the operator's own certificate joins and serves.
+//! the operator's own certificate joins and serves; a tunnel slot whose edge
+//! is gone dials the next edge.
 
 mod common;
 
@@ -193,5 +194,69 @@ async fn a_second_edge_with_the_operators_certificate_joins_and_serves() {
 
     s.shutdown.cancel();
     let _ = edge2.wait().await;
+    s.stop().await;
+}
+
+/// The router keeps listing an edge that stopped (edges are not expired).
+/// A connector whose one tunnel slot points at it must not wait for it: after
+/// a failed dial the slot tries the region's next edge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_whose_edge_is_gone_dials_the_next_edge() {
+    let s = Stack::start().await;
+    let token = create_token(
+        &s.d.admin,
+        TokenScope::Edge {
+            region: RegionId::default_region(),
+        },
+    )
+    .await
+    .unwrap();
+    let mut c = portico_edge::Config::new(s.d.router.url(), s.dir.path().join("edge2"));
+    c.token = Some(token);
+    c.public_listen = "127.0.0.1:0".parse().unwrap();
+    c.tunnel_listen = "127.0.0.1:0".parse().unwrap();
+    let edge2_stop = s.shutdown.child_token();
+    let edge2 = portico_edge::start(c, edge2_stop.clone())
+        .await
+        .expect("second edge starts");
+    tokio::time::timeout(Duration::from_secs(10), edge2.ready())
+        .await
+        .unwrap();
+
+    // Stop the edge a lone slot dials first (edges are taken in id order).
+    let live_port = if s.d.edge.id < edge2.id {
+        s.d.edge_stop.cancel();
+        edge2.public_addr.port()
+    } else {
+        edge2_stop.cancel();
+        s.d.edge.public_addr.port()
+    };
+
+    s.publish_demo_in_new_group("lone", "lone").await;
+    let token = create_token(
+        &s.d.admin,
+        TokenScope::Connector {
+            group: portico_proto::GroupId::new("lone").unwrap(),
+        },
+    )
+    .await
+    .unwrap();
+    let mut cc = portico_connector::Config::new(s.d.router.url(), s.dir.path().join("lone"));
+    cc.token = Some(token);
+    cc.tunnels = 1;
+    let _lone = portico_connector::start(cc, s.shutdown.child_token())
+        .await
+        .expect("the connector enrolls");
+    let url = format!("https://lone.apps.localhost:{live_port}/");
+    let r = eventually(
+        "the lone connector serves through the live edge",
+        Duration::from_secs(60),
+        || async {
+            let r = s.curl(&["--max-time", "10", &url]).await;
+            (r.status == 200).then_some(r)
+        },
+    )
+    .await;
+    assert!(r.text().contains("Hello from behind the tunnel"));
     s.stop().await;
 }

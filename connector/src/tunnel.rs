@@ -142,15 +142,18 @@ pub(crate) fn bind_endpoint(tracker: &TaskTracker) -> Result<Endpoint, Error> {
         })
 }
 
-/// The edge a slot dials: round-robin over the edges, sorted by id.
-fn pick(slot: usize, config: Option<&ConnectorConfig>) -> Option<EdgeEndpoint> {
+/// The edge a slot dials: round-robin over the edges, sorted by id, moved
+/// on by `skip` (the slot's failed dials since its last tunnel), so a slot
+/// whose edge is gone tries the region's other edges instead of waiting
+/// for the one it started with.
+fn pick(slot: usize, skip: usize, config: Option<&ConnectorConfig>) -> Option<EdgeEndpoint> {
     let config = config?;
     let mut edges: Vec<&EdgeEndpoint> = config.edges.iter().collect();
     if edges.is_empty() {
         return None;
     }
     edges.sort_by(|a, b| a.id.cmp(&b.id));
-    Some(edges[slot % edges.len()].clone())
+    Some(edges[slot.wrapping_add(skip) % edges.len()].clone())
 }
 
 /// Exponential backoff with full jitter.
@@ -187,11 +190,12 @@ enum Release {
 async fn run_slot(pool: Arc<Pool>, slot: usize) {
     let mut backoff = Backoff::new();
     let mut config = pool.config.clone();
+    let mut failed_dials = 0usize;
     loop {
         if pool.stop.is_cancelled() {
             return;
         }
-        let edge = pick(slot, config.borrow_and_update().as_deref());
+        let edge = pick(slot, failed_dials, config.borrow_and_update().as_deref());
         let Some(edge) = edge else {
             tracing::debug!("no edge to dial yet; waiting for the router's config");
             tokio::select! {
@@ -211,8 +215,9 @@ async fn run_slot(pool: Arc<Pool>, slot: usize) {
                 return;
             }
             Err(e) => {
+                failed_dials = failed_dials.wrapping_add(1);
                 let delay = backoff.delay();
-                tracing::warn!(edge = %edge.id, addr = %edge.tunnel_addr, error = %e, retry_in = ?delay, "cannot open a tunnel");
+                tracing::warn!(edge = %edge.id, addr = %edge.tunnel_addr, error = %e, retry_in = ?delay, "cannot open a tunnel; trying the next edge");
                 tokio::select! {
                     _ = pool.stop.cancelled() => return,
                     _ = tokio::time::sleep(delay) => {}
@@ -241,7 +246,7 @@ async fn run_slot(pool: Arc<Pool>, slot: usize) {
                         move_at = Some(tokio::time::Instant::now() + Duration::from_secs(3600));
                         continue;
                     }
-                    let next = pick(slot, config.borrow_and_update().as_deref());
+                    let next = pick(slot, failed_dials, config.borrow_and_update().as_deref());
                     if next.as_ref().is_some_and(|n| n.id == edge.id && n.tunnel_addr == edge.tunnel_addr) {
                         continue;
                     }
@@ -680,18 +685,29 @@ mod tests {
     }
 
     #[test]
-    fn slots_spread_round_robin() {
+    fn slots_spread_round_robin_and_move_on_after_a_failed_dial() {
         let one = config(&["e1"]);
         for slot in 0..4 {
-            assert_eq!(pick(slot, Some(&one)).unwrap().id.as_str(), "e1");
+            assert_eq!(pick(slot, 0, Some(&one)).unwrap().id.as_str(), "e1");
+            assert_eq!(pick(slot, 3, Some(&one)).unwrap().id.as_str(), "e1");
         }
         let two = config(&["e2", "e1"]);
         let picked: Vec<String> = (0..4)
-            .map(|s| pick(s, Some(&two)).unwrap().id.to_string())
+            .map(|s| pick(s, 0, Some(&two)).unwrap().id.to_string())
             .collect();
         assert_eq!(picked, ["e1", "e2", "e1", "e2"]);
-        assert!(pick(0, Some(&config(&[]))).is_none());
-        assert!(pick(0, None).is_none());
+        // Slot 0 failed once on e1: it tries e2, then e1 again.
+        assert_eq!(pick(0, 1, Some(&two)).unwrap().id.as_str(), "e2");
+        assert_eq!(pick(0, 2, Some(&two)).unwrap().id.as_str(), "e1");
+        assert_eq!(
+            pick(usize::MAX, usize::MAX, Some(&two))
+                .unwrap()
+                .id
+                .as_str(),
+            "e1"
+        );
+        assert!(pick(0, 0, Some(&config(&[]))).is_none());
+        assert!(pick(0, 0, None).is_none());
     }
 
     #[test]
