@@ -15,6 +15,36 @@ use portico_proto::api::{App, TokenScope};
 use portico_proto::RegionId;
 use tokio_util::sync::CancellationToken;
 
+/// Enrolls a second edge of the default region (state in `edge2`) on
+/// ephemeral ports, with the operator's `public_cert` if given, and waits
+/// until it is ready.
+async fn another_edge(
+    s: &Stack,
+    public_cert: Option<(std::path::PathBuf, std::path::PathBuf)>,
+    stop: CancellationToken,
+) -> portico_edge::Handle {
+    let token = create_token(
+        &s.d.admin,
+        TokenScope::Edge {
+            region: RegionId::default_region(),
+        },
+    )
+    .await
+    .unwrap();
+    let mut c = portico_edge::Config::new(s.d.router.url(), s.dir.path().join("edge2"));
+    c.token = Some(token);
+    c.public_listen = "127.0.0.1:0".parse().unwrap();
+    c.tunnel_listen = "127.0.0.1:0".parse().unwrap();
+    c.public_cert = public_cert;
+    let edge = portico_edge::start(c, stop)
+        .await
+        .expect("second edge starts");
+    tokio::time::timeout(Duration::from_secs(10), edge.ready())
+        .await
+        .unwrap();
+    edge
+}
+
 /// Starts an edge on fixed addresses from an existing state directory.
 async fn edge_at(
     router: &str,
@@ -143,25 +173,12 @@ async fn a_second_edge_with_the_operators_certificate_joins_and_serves() {
     .unwrap();
     std::fs::write(certs.join("key.pem"), key.serialize_pem()).unwrap();
 
-    let token = create_token(
-        &s.d.admin,
-        TokenScope::Edge {
-            region: RegionId::default_region(),
-        },
+    let edge2 = another_edge(
+        &s,
+        Some((certs.join("cert.pem"), certs.join("key.pem"))),
+        s.shutdown.child_token(),
     )
-    .await
-    .unwrap();
-    let mut c = portico_edge::Config::new(s.d.router.url(), s.dir.path().join("edge2"));
-    c.token = Some(token);
-    c.public_listen = "127.0.0.1:0".parse().unwrap();
-    c.tunnel_listen = "127.0.0.1:0".parse().unwrap();
-    c.public_cert = Some((certs.join("cert.pem"), certs.join("key.pem")));
-    let edge2 = portico_edge::start(c, s.shutdown.child_token())
-        .await
-        .expect("second edge starts");
-    tokio::time::timeout(Duration::from_secs(10), edge2.ready())
-        .await
-        .unwrap();
+    .await;
 
     // The connector learns of the new edge from the router and spreads its
     // tunnels over both.
@@ -203,25 +220,8 @@ async fn a_second_edge_with_the_operators_certificate_joins_and_serves() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slot_whose_edge_is_gone_dials_the_next_edge() {
     let s = Stack::start().await;
-    let token = create_token(
-        &s.d.admin,
-        TokenScope::Edge {
-            region: RegionId::default_region(),
-        },
-    )
-    .await
-    .unwrap();
-    let mut c = portico_edge::Config::new(s.d.router.url(), s.dir.path().join("edge2"));
-    c.token = Some(token);
-    c.public_listen = "127.0.0.1:0".parse().unwrap();
-    c.tunnel_listen = "127.0.0.1:0".parse().unwrap();
     let edge2_stop = s.shutdown.child_token();
-    let edge2 = portico_edge::start(c, edge2_stop.clone())
-        .await
-        .expect("second edge starts");
-    tokio::time::timeout(Duration::from_secs(10), edge2.ready())
-        .await
-        .unwrap();
+    let edge2 = another_edge(&s, None, edge2_stop.clone()).await;
 
     // Stop the edge a lone slot dials first (edges are taken in id order).
     let live_port = if s.d.edge.id < edge2.id {
