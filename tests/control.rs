@@ -100,6 +100,10 @@ async fn enrolled_credentials(s: &Stack) -> Credentials {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_certificate_from_another_ca_is_refused_at_the_handshake() {
     let s = Stack::start().await;
+    // The deployment is up with one tunnel; the check at the end counts both.
+    tokio::time::timeout(Duration::from_secs(30), s.d.connector.wait_tunnels(2))
+        .await
+        .expect("the connector's second tunnel comes up");
     // A rogue CA issues a certificate with a perfectly valid Portico identity.
     let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
     ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
