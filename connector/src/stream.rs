@@ -179,9 +179,8 @@ async fn proxy(
     };
     let deadline = tokio::time::Instant::now() + timeout;
     // Only an error names the target: format it then, not per request.
-    let target_uri = uri.clone();
     let timeout_error = || ProxyError::Timeout {
-        target: target_uri.to_string(),
+        target: uri.to_string(),
         timeout_ms: timeout.as_millis() as u64,
     };
 
@@ -210,7 +209,7 @@ async fn proxy(
                             &entry,
                             head.kind,
                             head.method.clone(),
-                            uri,
+                            &uri,
                             headers,
                             empty_body(),
                             None,
@@ -240,7 +239,7 @@ async fn proxy(
         &entry,
         head.kind,
         head.method.clone(),
-        uri,
+        &uri,
         headers,
         body,
         pipe_recv,
@@ -301,7 +300,7 @@ async fn send_request(
     entry: &AppEntry,
     kind: StreamKind,
     method: http::Method,
-    uri: http::Uri,
+    target: &http::Uri,
     headers: http::HeaderMap,
     body: ReqBody,
     pipe_recv: Option<RecvStream>,
@@ -309,10 +308,9 @@ async fn send_request(
     send: &mut SendStream,
     timeout_error: impl Fn() -> ProxyError,
 ) -> Outcome {
-    let target = uri.clone();
     let mut req = Request::new(body);
     *req.method_mut() = method;
-    *req.uri_mut() = uri;
+    *req.uri_mut() = target.clone();
     *req.version_mut() = Version::HTTP_11;
     *req.headers_mut() = headers;
     let client = ctx.origin.client(entry.app.validate_backend_tls);
