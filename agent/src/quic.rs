@@ -40,6 +40,28 @@ pub const TUNNEL_WINDOW: u32 = 32 << 20;
 /// `max_ack_delay`, and at once on reordering.
 pub const TUNNEL_ACK_ELICITING_THRESHOLD: u32 = 8;
 
+/// Body chunks shorter than this are copied before they go on a tunnel
+/// stream; see [`detach_small`].
+pub const DETACH_BELOW: usize = 16 << 10;
+
+/// Returns a chunk that can wait in a QUIC send buffer without holding
+/// memory beyond its own length.
+///
+/// hyper and h2 hand out body chunks cut from their connection's read
+/// buffer (8 KiB or more). quinn keeps a chunk until the peer acknowledges
+/// it, so a 100-byte chunk would hold that whole buffer for a round trip,
+/// and hyper would allocate a new one for its next read. At 10,000 slow
+/// streams that was about 45 KiB per stream. Copying a short chunk costs
+/// little and leaves the read buffer free for hyper to reuse; a long chunk
+/// fills most of its buffer anyway and is passed on without a copy.
+pub fn detach_small(chunk: bytes::Bytes) -> bytes::Bytes {
+    if chunk.len() < DETACH_BELOW {
+        bytes::Bytes::copy_from_slice(&chunk)
+    } else {
+        chunk
+    }
+}
+
 /// The transport settings of a tunnel, the same at both ends: windows,
 /// liveness (`portico_proto::TUNNEL_KEEP_ALIVE` and `TUNNEL_IDLE_TIMEOUT`),
 /// ACK frequency, and how many bidirectional streams the peer may open.
@@ -187,6 +209,43 @@ mod tests {
         drop(endpoint);
         tracker.wait().await;
         std::net::UdpSocket::bind(addr).expect("the port is free once the tracker is done");
+    }
+
+    /// A short chunk is copied, so the read buffer it was cut from is
+    /// reused in place by the next read (as `BytesMut::reserve` documents
+    /// for a buffer it alone holds); a chunk that is still shared forces a
+    /// new allocation, which is what held memory before. A long chunk is
+    /// passed on as it is.
+    #[test]
+    fn detach_small_frees_the_read_buffer_a_short_chunk_came_from() {
+        use bytes::BytesMut;
+        let read_buffer = |held: &mut Vec<bytes::Bytes>, detach: bool| {
+            let mut buf = BytesMut::with_capacity(8192);
+            let base = buf.as_ptr();
+            buf.extend_from_slice(&[7; 200]);
+            let chunk = buf.split_to(100).freeze();
+            held.push(if detach { detach_small(chunk) } else { chunk });
+            buf.reserve(8000);
+            buf.as_ptr() == base
+        };
+        let mut held = Vec::new();
+        assert!(
+            read_buffer(&mut held, true),
+            "a detached chunk leaves the buffer free"
+        );
+        assert!(
+            !read_buffer(&mut held, false),
+            "a held chunk pins the buffer"
+        );
+        assert!(held.iter().all(|c| c[..] == [7; 100]));
+
+        let long = bytes::Bytes::from(vec![1; DETACH_BELOW]);
+        let ptr = long.as_ptr();
+        assert_eq!(
+            detach_small(long).as_ptr(),
+            ptr,
+            "long chunks are not copied"
+        );
     }
 
     /// Both ends of a tunnel ask each other for the ACK frequency of

@@ -43,6 +43,12 @@ impl std::fmt::Debug for Origin {
 
 /// How long a TCP connect to a backend may take before it is unreachable.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The read buffer of each backend connection. hyper's default grows it
+/// (to 32 KiB and more under a trickling response), and it is held for the
+/// life of the connection: at 10,000 concurrent streams that was most of
+/// the connector's memory. Response chunks are passed on as they are read,
+/// so a bigger buffer only saves read calls on bulk downloads.
+const BACKEND_READ_BUFFER: usize = 16 << 10;
 /// How long an idle keepalive connection to a backend is kept.
 const POOL_IDLE: Duration = Duration::from_secs(90);
 
@@ -127,6 +133,7 @@ fn build_client(tls: rustls::ClientConfig) -> HttpClient {
     Client::builder(TokioExecutor::new())
         .pool_idle_timeout(POOL_IDLE)
         .pool_max_idle_per_host(256)
+        .http1_read_buf_exact_size(BACKEND_READ_BUFFER)
         .pool_timer(TokioTimer::new())
         .timer(TokioTimer::new())
         .build(https)

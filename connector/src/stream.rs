@@ -383,6 +383,8 @@ async fn copy_response_body(
             Ok(frame) => {
                 if let Ok(data) = frame.into_data() {
                     let n = data.len() as u64;
+                    // quinn holds the chunk until the edge acknowledges it.
+                    let data = portico_agent::quic::detach_small(data);
                     if send.write_chunk(data).await.is_err() {
                         return Outcome::Gone {
                             status: Some(status),

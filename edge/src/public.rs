@@ -458,7 +458,8 @@ async fn pump_request_body<B: RequestBody>(
                         let _ = send.reset(cancelled);
                         return;
                     }
-                    r = send.write_chunk(data) => if r.is_err() { return },
+                    // quinn holds the chunk until the connector acknowledges it.
+                    r = send.write_chunk(portico_agent::quic::detach_small(data)) => if r.is_err() { return },
                 }
             }
             Some(Err(e)) => {
