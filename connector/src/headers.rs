@@ -1,6 +1,9 @@
 //! Request target and header rewriting between the edge's `StreamHead` and
 //! the backend request, and back for the response head. Pure functions.
 
+use std::fmt::Write as _;
+
+use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme, Uri};
 use portico_proto::{RequestId, StreamKind};
@@ -14,6 +17,8 @@ pub(crate) struct InternalUrl {
     pub authority: Authority,
     /// The path prefix without a trailing `/` (empty for the root).
     pub prefix: String,
+    /// The `Host` header for the backend, made once per app.
+    pub host: HeaderValue,
 }
 
 impl InternalUrl {
@@ -34,10 +39,13 @@ impl InternalUrl {
             return Err(bad("user info is not allowed"));
         }
         let prefix = uri.path().trim_end_matches('/').to_owned();
+        let host = HeaderValue::from_str(authority.as_str())
+            .map_err(|_| bad("host is not a valid Host header"))?;
         Ok(InternalUrl {
             scheme,
             authority,
             prefix,
+            host,
         })
     }
 
@@ -47,17 +55,19 @@ impl InternalUrl {
         let bad = || ProxyError::BadRequest {
             reason: format!("request target {path_and_query:?} does not form a valid URL"),
         };
-        // Built from parts: only the path is parsed, not the whole URL.
-        let mut path = String::with_capacity(self.prefix.len() + path_and_query.len() + 1);
-        path.push_str(&self.prefix);
+        // Built from parts: only the path is parsed, not the whole URL, and
+        // into one buffer that the URI keeps.
+        let mut path = BytesMut::with_capacity(self.prefix.len() + path_and_query.len() + 1);
+        path.extend_from_slice(self.prefix.as_bytes());
         if !path_and_query.starts_with('/') {
-            path.push('/');
+            path.extend_from_slice(b"/");
         }
-        path.push_str(path_and_query);
+        path.extend_from_slice(path_and_query.as_bytes());
         let mut parts = http::uri::Parts::default();
         parts.scheme = Some(self.scheme.clone());
         parts.authority = Some(self.authority.clone());
-        parts.path_and_query = Some(PathAndQuery::try_from(path).map_err(|_| bad())?);
+        parts.path_and_query =
+            Some(PathAndQuery::from_maybe_shared(path.freeze()).map_err(|_| bad())?);
         Uri::from_parts(parts).map_err(|_| bad())
     }
 }
@@ -68,11 +78,11 @@ const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host")
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// What the connector knows about a request besides its headers.
-pub(crate) struct RequestMeta<'a> {
+pub(crate) struct RequestMeta {
     pub kind: StreamKind,
     pub request_id: RequestId,
     /// The external authority the user asked for.
-    pub authority: &'a str,
+    pub authority: Bytes,
     pub client_ip: std::net::IpAddr,
 }
 
@@ -81,7 +91,7 @@ pub(crate) struct RequestMeta<'a> {
 /// `X-Forwarded-Proto`/`-Host`, `Host` and `X-Request-Id` set.
 pub(crate) fn request_headers(
     mut headers: HeaderMap,
-    meta: &RequestMeta<'_>,
+    meta: &RequestMeta,
     target: &InternalUrl,
 ) -> HeaderMap {
     portico_agent::headers::strip_hop_by_hop(&mut headers, meta.kind == StreamKind::WebSocket);
@@ -97,24 +107,24 @@ pub(crate) fn request_headers(
     // streamed as it comes.
     headers.remove(header::EXPECT);
 
-    let client = meta.client_ip.to_string();
-    let previous: Vec<&str> = headers
-        .get_all("x-forwarded-for")
+    // Values are written straight into the buffer the header keeps.
+    let mut xff = BytesMut::with_capacity(64);
+    for previous in headers
+        .get_all(&X_FORWARDED_FOR)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .map(str::trim)
         .filter(|v| !v.is_empty())
-        .collect();
-    let xff = if previous.is_empty() {
-        client
-    } else {
-        format!("{}, {client}", previous.join(", "))
-    };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
+    {
+        xff.extend_from_slice(previous.as_bytes());
+        xff.extend_from_slice(b", ");
+    }
+    let _ = write!(xff, "{}", meta.client_ip);
+    if let Ok(v) = HeaderValue::from_maybe_shared(xff.freeze()) {
         headers.insert(X_FORWARDED_FOR, v);
     }
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("https"));
-    match HeaderValue::from_str(meta.authority) {
+    match HeaderValue::from_maybe_shared(meta.authority.clone()) {
         Ok(v) => {
             headers.insert(X_FORWARDED_HOST, v);
         }
@@ -122,10 +132,10 @@ pub(crate) fn request_headers(
             headers.remove(&X_FORWARDED_HOST);
         }
     }
-    if let Ok(v) = HeaderValue::from_str(target.authority.as_str()) {
-        headers.insert(header::HOST, v);
-    }
-    if let Ok(v) = HeaderValue::from_str(&meta.request_id.to_string()) {
+    headers.insert(header::HOST, target.host.clone());
+    let mut id = BytesMut::with_capacity(32);
+    let _ = write!(id, "{}", meta.request_id);
+    if let Ok(v) = HeaderValue::from_maybe_shared(id.freeze()) {
         headers.insert(X_REQUEST_ID, v);
     }
     headers
@@ -142,11 +152,11 @@ pub(crate) fn response_headers(mut headers: HeaderMap, switching: bool) -> Heade
 mod tests {
     use super::*;
 
-    fn meta(kind: StreamKind) -> RequestMeta<'static> {
+    fn meta(kind: StreamKind) -> RequestMeta {
         RequestMeta {
             kind,
             request_id: RequestId(0xabc),
-            authority: "hr.apps.example.com",
+            authority: Bytes::from_static(b"hr.apps.example.com"),
             client_ip: "203.0.113.9".parse().unwrap(),
         }
     }

@@ -166,7 +166,7 @@ async fn proxy(
     let meta = RequestMeta {
         kind: head.kind,
         request_id: head.request_id,
-        authority: &head.authority,
+        authority: std::mem::take(&mut head.authority).into(),
         client_ip: head.client_addr.ip(),
     };
     // The head is ours: move its headers instead of copying them.

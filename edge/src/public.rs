@@ -289,7 +289,8 @@ async fn forward<B: RequestBody>(
             .path_and_query()
             .map(|p| p.as_str().to_owned())
             .unwrap_or_else(|| "/".to_owned()),
-        headers: forward_headers(req.headers(), websocket),
+        // The request's headers are not needed after this: move them.
+        headers: forward_headers(std::mem::take(req.headers_mut()), websocket),
         client_addr: client,
         identity: None,
         timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
@@ -561,10 +562,9 @@ fn authority_of<B>(req: &Request<B>) -> String {
 
 /// The request headers to carry to the connector: hop-by-hop ones dropped,
 /// except the upgrade pair of a WebSocket request.
-pub(crate) fn forward_headers(headers: &HeaderMap, websocket: bool) -> HeaderMap {
-    let mut out = headers.clone();
-    portico_agent::headers::strip_hop_by_hop(&mut out, websocket);
-    out
+pub(crate) fn forward_headers(mut headers: HeaderMap, websocket: bool) -> HeaderMap {
+    portico_agent::headers::strip_hop_by_hop(&mut headers, websocket);
+    headers
 }
 
 /// The response headers to give the user: hop-by-hop ones dropped, except
@@ -579,7 +579,7 @@ mod tests {
     use super::*;
 
     /// The rules themselves are tested in `portico_agent::headers`; here,
-    /// that both directions apply them and the user's request is untouched.
+    /// that both directions apply them.
     #[test]
     fn both_directions_drop_hop_by_hop_headers() {
         let mut ws = HeaderMap::new();
@@ -587,16 +587,11 @@ mod tests {
         ws.insert("upgrade", "websocket".parse().unwrap());
         ws.insert("keep-alive", "timeout=5".parse().unwrap());
         ws.insert("accept", "*/*".parse().unwrap());
-        let out = forward_headers(&ws, true);
+        let out = forward_headers(ws.clone(), true);
         assert_eq!(out["connection"], "upgrade");
         assert_eq!(out["upgrade"], "websocket");
         assert!(!out.contains_key("keep-alive"));
-        assert_eq!(
-            ws.len(),
-            4,
-            "the request's own headers are left as they were"
-        );
-        let out = forward_headers(&ws, false);
+        let out = forward_headers(ws.clone(), false);
         assert_eq!(out.keys().collect::<Vec<_>>(), ["accept"]);
         let resp = response_headers(ws.clone(), false);
         assert_eq!(resp.keys().collect::<Vec<_>>(), ["accept"]);

@@ -1,6 +1,7 @@
 //! The routing table: external host → app, plus the set of revoked
 //! connectors. Built from an `EdgeConfig` snapshot and swapped atomically.
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
@@ -21,7 +22,8 @@ impl RoutingTable {
             .apps
             .iter()
             .filter_map(|app| {
-                normalize_host(&app.external_host).map(|host| (host, Arc::new(app.clone())))
+                normalize_host(&app.external_host)
+                    .map(|host| (host.into_owned(), Arc::new(app.clone())))
             })
             .collect();
         let revoked = config.revoked.iter().cloned().collect();
@@ -60,7 +62,7 @@ impl RoutingTable {
 
 /// The host of a request: the URI authority (HTTP/2 `:authority`, or an
 /// absolute-form HTTP/1.1 target) first, then the `Host` header.
-pub(crate) fn request_host<B>(req: &http::Request<B>) -> Option<String> {
+pub(crate) fn request_host<B>(req: &http::Request<B>) -> Option<Cow<'_, str>> {
     if let Some(authority) = req.uri().authority() {
         return normalize_host(authority.as_str());
     }
@@ -70,7 +72,8 @@ pub(crate) fn request_host<B>(req: &http::Request<B>) -> Option<String> {
 
 /// Lower-cases a host, strips its port and one trailing dot. IPv6 literals
 /// keep their brackets. `None` for anything that is not a plausible host.
-pub(crate) fn normalize_host(raw: &str) -> Option<String> {
+/// Borrows when nothing needs lower-casing (the usual request).
+pub(crate) fn normalize_host(raw: &str) -> Option<Cow<'_, str>> {
     let raw = raw.trim();
     // A userinfo part has no business in a Host; refuse it.
     if raw.is_empty() || raw.contains('@') || raw.len() > 1024 {
@@ -102,7 +105,11 @@ pub(crate) fn normalize_host(raw: &str) -> Option<String> {
     {
         return None;
     }
-    Some(host.to_ascii_lowercase())
+    if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        Some(Cow::Owned(host.to_ascii_lowercase()))
+    } else {
+        Some(Cow::Borrowed(host))
+    }
 }
 
 fn valid_port(p: &str) -> bool {

@@ -210,24 +210,37 @@ impl Tunnels {
 /// Power of two choices: draws two distinct eligible items at random and
 /// returns the less loaded. `load` returns `None` for an ineligible item.
 pub(crate) fn p2c<T>(items: &[T], load: impl Fn(&T) -> Option<usize>) -> Option<&T> {
-    let eligible: Vec<(usize, usize)> = items
-        .iter()
-        .enumerate()
-        .filter_map(|(i, t)| load(t).map(|l| (i, l)))
-        .collect();
-    let chosen = match eligible.len() {
-        0 => return None,
-        1 => eligible[0],
-        n => {
-            let a = fastrand::usize(..n);
-            let mut b = fastrand::usize(..n - 1);
-            if b >= a {
-                b += 1;
+    // Two distinct eligible items, uniformly at random, in one pass and
+    // without allocating: reservoir sampling with a reservoir of two.
+    let mut pair: [Option<(usize, usize)>; 2] = [None, None];
+    let mut seen = 0usize;
+    for (i, t) in items.iter().enumerate() {
+        let Some(l) = load(t) else { continue };
+        if seen < 2 {
+            pair[seen] = Some((i, l));
+        } else {
+            let j = fastrand::usize(..=seen);
+            if j < 2 {
+                pair[j] = Some((i, l));
             }
-            if eligible[b].1 < eligible[a].1 {
-                eligible[b]
+        }
+        seen += 1;
+    }
+    let chosen = match pair {
+        [None, _] => return None,
+        [Some(a), None] => a,
+        [Some(a), Some(b)] if a.1 == b.1 => {
+            if fastrand::bool() {
+                a
             } else {
-                eligible[a]
+                b
+            }
+        }
+        [Some(a), Some(b)] => {
+            if b.1 < a.1 {
+                b
+            } else {
+                a
             }
         }
     };
@@ -254,6 +267,21 @@ mod tests {
             p2c(&[(9usize, true)], |&(l, ok)| ok.then_some(l)),
             Some(&(9, true))
         );
+    }
+
+    /// Equal loads: every tunnel gets its share (the pair is uniform and a
+    /// tie is broken at random).
+    #[test]
+    fn p2c_spreads_equal_loads_evenly() {
+        let items = [0usize; 4];
+        let mut seen = [0u32; 4];
+        for _ in 0..4000 {
+            let got = p2c(&items, |&l| Some(l)).unwrap();
+            let i = (got as *const usize as usize - items.as_ptr() as usize) / size_of::<usize>();
+            seen[i] += 1;
+        }
+        // Expected 1,000 each; 700 is more than ten standard deviations off.
+        assert!(seen.iter().all(|&n| n > 700), "uneven spread: {seen:?}");
     }
 
     #[test]

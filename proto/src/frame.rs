@@ -495,6 +495,9 @@ fn put_headers(buf: &mut Vec<u8>, headers: &HeaderMap) -> Result<(), EncodeError
     Ok(())
 }
 
+/// Room left in a decoded header map for the headers a proxy adds.
+const HEADER_HEADROOM: usize = 8;
+
 fn get_headers(buf: &mut impl Buf) -> Result<HeaderMap, DecodeError> {
     let count = get_varint(buf)?;
     if count > MAX_HEADERS as u64 {
@@ -505,8 +508,11 @@ fn get_headers(buf: &mut impl Buf) -> Result<HeaderMap, DecodeError> {
         });
     }
     // Each header takes at least two bytes, so `count` is also bounded by
-    // what is left; never reserve more than that.
-    let mut headers = HeaderMap::with_capacity((count as usize).min(buf.remaining() / 2));
+    // what is left; never reserve more than that. The headroom lets the
+    // receiver add its own headers (X-Forwarded-*, Host, ...) without the
+    // map growing and rehashing on every request.
+    let capacity = (count as usize).min(buf.remaining() / 2) + HEADER_HEADROOM;
+    let mut headers = HeaderMap::with_capacity(capacity);
     for _ in 0..count {
         let name = get_bytes(buf, "header name", MAX_HEADER_NAME_LEN)?;
         let name = HeaderName::from_bytes(&name).map_err(|_| DecodeError::InvalidValue {
