@@ -133,11 +133,7 @@ pub(crate) fn request_headers(
         }
     }
     headers.insert(header::HOST, target.host.clone());
-    let mut id = BytesMut::with_capacity(32);
-    let _ = write!(id, "{}", meta.request_id);
-    if let Ok(v) = HeaderValue::from_maybe_shared(id.freeze()) {
-        headers.insert(X_REQUEST_ID, v);
-    }
+    headers.insert(X_REQUEST_ID, meta.request_id.header_value());
     headers
 }
 

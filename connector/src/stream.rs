@@ -14,7 +14,7 @@ use http::{Request, StatusCode, Version};
 use http_body::{Body, Frame as BodyFrame, SizeHint};
 use http_body_util::BodyExt;
 use portico_proto::api::App;
-use portico_proto::io::{read_frame, write_frame, ReadError};
+use portico_proto::io::{read_frame, ReadError, WriteError};
 use portico_proto::{
     AppId, CloseCode, ErrorCode, Frame, GroupId, ResponseHead, StreamError, StreamHead, StreamKind,
 };
@@ -342,9 +342,9 @@ async fn send_request(
         status,
         headers: response_headers(headers, switching),
     };
-    if let Err(e) = write_frame(send, &Frame::ResponseHead(head)).await {
+    if let Err(e) = send_frame(send, &Frame::ResponseHead(head)).await {
         return match e {
-            portico_proto::io::WriteError::Encode(e) => {
+            WriteError::Encode(e) => {
                 fail(
                     send,
                     ProxyError::Internal {
@@ -453,11 +453,20 @@ async fn fail(send: &mut SendStream, error: ProxyError) -> Outcome {
         code: error.code(),
         message,
     });
-    if write_frame(send, &frame).await.is_err() {
+    if send_frame(send, &frame).await.is_err() {
         return Outcome::Gone { status: None };
     }
     finish(send).await;
     Outcome::Failed { error }
+}
+
+/// Writes one frame. Its bytes (from `Frame::to_bytes`'s pooled blocks) go
+/// to quinn as they are, where `write_frame`'s `write_all` would copy them.
+async fn send_frame(send: &mut SendStream, frame: &Frame) -> Result<(), WriteError> {
+    let bytes = frame.to_bytes()?;
+    send.write_chunk(bytes)
+        .await
+        .map_err(|e| WriteError::Io(e.into()))
 }
 
 /// Finishes the send side; `serve_stream` then waits for the edge's

@@ -86,9 +86,7 @@ pub(crate) fn error_response<B: From<Bytes>>(
     h.insert(CONTENT_TYPE, HeaderValue::from_static(ctype));
     h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
     h.insert(ERROR_HEADER, HeaderValue::from_static(code.as_str()));
-    if let Ok(v) = HeaderValue::from_str(&request_id.to_string()) {
-        h.insert(REQUEST_ID_HEADER, v);
-    }
+    h.insert(REQUEST_ID_HEADER, request_id.header_value());
     resp
 }
 

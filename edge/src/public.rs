@@ -4,13 +4,15 @@
 //! WebSocket upgrades as byte pipes, branded errors, metrics, one log line.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::StreamExt;
-use http::header::{HeaderName, HeaderValue, ALT_SVC, CONNECTION, UPGRADE};
+use http::header::{HeaderName, ALT_SVC, CONNECTION, UPGRADE};
 use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::Incoming;
@@ -125,12 +127,17 @@ pub(crate) async fn accept_loop(
                     return;
                 }
             };
-            serve_connection(TokioIo::new(tls), client, shared2).await;
+            let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+            serve_connection(TokioIo::new(tls), h2, client, shared2).await;
         });
     }
 }
 
-async fn serve_connection<I>(io: I, client: SocketAddr, shared: Arc<Shared>)
+/// Serves one TLS connection with the protocol its ALPN chose: HTTP/2 for
+/// `h2`, HTTP/1.1 (with upgrades) otherwise. HTTP/2 over TLS needs ALPN
+/// (RFC 9113 §3.2), so a client that offered none speaks HTTP/1.1, and no
+/// read-ahead is needed to guess.
+async fn serve_connection<I>(io: I, h2: bool, client: SocketAddr, shared: Arc<Shared>)
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
@@ -145,8 +152,29 @@ where
             Ok::<_, Infallible>(resp)
         }
     });
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    let conn = builder.serve_connection_with_upgrades(io, svc);
+    if h2 {
+        let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .serve_connection(io, svc);
+        drive(conn, |c| c.graceful_shutdown(), client, &shared).await;
+    } else {
+        let conn = hyper::server::conn::http1::Builder::new()
+            .serve_connection(io, svc)
+            .with_upgrades();
+        drive(conn, |c| c.graceful_shutdown(), client, &shared).await;
+    }
+}
+
+/// Runs a connection to its end. On shutdown it is asked to finish
+/// gracefully (requests in flight complete), and on the hard stop dropped.
+async fn drive<C, E>(
+    conn: C,
+    graceful_shutdown: impl FnOnce(Pin<&mut C>),
+    client: SocketAddr,
+    shared: &Shared,
+) where
+    C: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
     tokio::pin!(conn);
     tokio::select! {
         r = conn.as_mut() => {
@@ -155,7 +183,7 @@ where
             }
             return;
         }
-        () = shared.shutdown.cancelled() => conn.as_mut().graceful_shutdown(),
+        () = shared.shutdown.cancelled() => graceful_shutdown(conn.as_mut()),
     }
     tokio::select! {
         _ = conn.as_mut() => {}
@@ -188,9 +216,8 @@ pub(crate) async fn handle<B: RequestBody>(
                 code.as_str(),
             ),
         };
-        if let Ok(v) = HeaderValue::from_str(&request_id.to_string()) {
-            resp.headers_mut().insert(REQUEST_ID_HEADER, v);
-        }
+        resp.headers_mut()
+            .insert(REQUEST_ID_HEADER, request_id.header_value());
         let status = resp.status();
         let elapsed = started.elapsed();
         shared

@@ -229,6 +229,54 @@ pub struct StreamError {
     pub message: String,
 }
 
+/// The size of the blocks that [`Frame::to_bytes`] cuts frames from.
+const ENCODE_BLOCK: usize = 16 << 10;
+/// A scratch payload buffer that grew past this is not kept.
+const MAX_KEPT_SCRATCH: usize = 64 << 10;
+
+thread_local! {
+    static ENCODER: std::cell::RefCell<Encoder> = std::cell::RefCell::new(Encoder::default());
+}
+
+/// The per-thread buffers of [`Frame::to_bytes`].
+#[derive(Default)]
+struct Encoder {
+    payload: Vec<u8>,
+    block: bytes::BytesMut,
+}
+
+impl Encoder {
+    fn encode(&mut self, frame: &Frame) -> Result<bytes::Bytes, EncodeError> {
+        self.payload.clear();
+        let built = frame.encode_payload(&mut self.payload);
+        let result = built.and_then(|()| {
+            let ty = frame.frame_type();
+            let len = self.payload.len();
+            if len > ty.max_len() {
+                return Err(EncodeError::FrameTooLarge {
+                    ty,
+                    len,
+                    max: ty.max_len(),
+                });
+            }
+            let need = 1 + crate::codec::varint_len(len as u64) + len;
+            if self.block.capacity() < need {
+                // Reclaims the block in place when no frame cut from it is
+                // alive any more; allocates a fresh one otherwise.
+                self.block.reserve(need.max(ENCODE_BLOCK));
+            }
+            self.block.put_u8(ty.to_byte());
+            put_varint(&mut self.block, len as u64);
+            self.block.put_slice(&self.payload);
+            Ok(self.block.split().freeze())
+        });
+        if self.payload.capacity() > MAX_KEPT_SCRATCH {
+            self.payload = Vec::new();
+        }
+        result
+    }
+}
+
 impl Frame {
     pub fn frame_type(&self) -> FrameType {
         match self {
@@ -265,10 +313,23 @@ impl Frame {
     }
 
     /// Encodes the frame into a fresh buffer.
+    ///
+    /// The bytes are cut from a per-thread block shared by the frames
+    /// encoded after each other (a stream head or a response head is a few
+    /// hundred bytes): one allocation serves many frames, and a block whose
+    /// frames are all dropped is reused in place. The payload is built in a
+    /// per-thread scratch buffer, so encoding allocates nothing once warm.
     pub fn to_bytes(&self) -> Result<bytes::Bytes, EncodeError> {
-        let mut buf = bytes::BytesMut::new();
-        self.encode(&mut buf)?;
-        Ok(buf.freeze())
+        ENCODER.with(|cell| match cell.try_borrow_mut() {
+            Ok(mut encoder) => encoder.encode(self),
+            // Only reachable if encoding re-entered itself; never silently
+            // share the buffer.
+            Err(_) => {
+                let mut buf = bytes::BytesMut::new();
+                self.encode(&mut buf)?;
+                Ok(buf.freeze())
+            }
+        })
     }
 
     /// Decodes one whole frame. `UnexpectedEnd` means more bytes are needed.
@@ -713,6 +774,83 @@ mod tests {
             identity: None,
             timeout_ms: 85_000,
         }
+    }
+
+    /// `to_bytes` cuts frames from one shared block: each frame is intact
+    /// and equal to what `encode` writes, a failed encode leaves nothing
+    /// behind, and once every frame of a block is dropped the next frames
+    /// reuse that block instead of allocating.
+    #[test]
+    fn pooled_encoding_matches_encode_and_reuses_its_block() {
+        let frames = [
+            Frame::StreamHead(sample_head()),
+            Frame::Ping(7),
+            Frame::Drain,
+            Frame::StreamHead(sample_head()),
+        ];
+        let expected: Vec<Vec<u8>> = frames
+            .iter()
+            .map(|f| {
+                let mut v = Vec::new();
+                f.encode(&mut v).unwrap();
+                v
+            })
+            .collect();
+        // Run on a fresh thread: its encoder starts empty.
+        std::thread::spawn(move || {
+            let first: Vec<bytes::Bytes> = frames.iter().map(|f| f.to_bytes().unwrap()).collect();
+            for (got, want) in first.iter().zip(&expected) {
+                assert_eq!(&got[..], &want[..]);
+            }
+            // The frames are neighbours in one allocation.
+            let end = first[0].as_ptr() as usize + first[0].len();
+            assert_eq!(
+                first[1].as_ptr() as usize,
+                end,
+                "one block serves many frames"
+            );
+
+            let mut too_many = sample_head();
+            for i in 0..200 {
+                too_many.headers.append(
+                    HeaderName::from_bytes(format!("x-h{i}").as_bytes()).unwrap(),
+                    HeaderValue::from_static("v"),
+                );
+            }
+            assert!(Frame::StreamHead(too_many).to_bytes().is_err());
+            let after_error = frames[1].to_bytes().unwrap();
+            assert_eq!(
+                &after_error[..],
+                &expected[1][..],
+                "a failed encode left nothing behind"
+            );
+
+            let block_start = first[0].as_ptr();
+            let after_end = after_error.as_ptr() as usize + after_error.len();
+            drop(first);
+            drop(after_error);
+            // Encode and drop frames until the block is full. At the first
+            // frame that does not follow its predecessor, the block must
+            // start over in place: a new block would be allocated while the
+            // old one is still held, so it could not have the same address.
+            let mut next = after_end;
+            for n in 0.. {
+                let b = frames[0].to_bytes().unwrap();
+                assert_eq!(&b[..], &expected[0][..]);
+                if b.as_ptr() as usize != next {
+                    assert_eq!(
+                        b.as_ptr(),
+                        block_start,
+                        "a full block with no live frames is reused"
+                    );
+                    break;
+                }
+                next = b.as_ptr() as usize + b.len();
+                assert!(n < 10_000, "the block never filled");
+            }
+        })
+        .join()
+        .unwrap();
     }
 
     #[test]

@@ -161,6 +161,21 @@ impl fmt::Display for RequestId {
     }
 }
 
+impl RequestId {
+    /// The id as a header value (`X-Request-Id`), written straight into
+    /// the buffer the value keeps.
+    pub fn header_value(&self) -> http::HeaderValue {
+        let mut hex = [0u8; 32];
+        let mut v = self.0;
+        for digit in hex.iter_mut().rev() {
+            *digit = b"0123456789abcdef"[(v & 0xf) as usize];
+            v >>= 4;
+        }
+        http::HeaderValue::from_maybe_shared(bytes::Bytes::copy_from_slice(&hex))
+            .expect("hex digits are a valid header value")
+    }
+}
+
 impl fmt::Debug for RequestId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "RequestId({self})")
@@ -201,5 +216,17 @@ mod tests {
         let s = id.to_string();
         assert_eq!(s.len(), 32);
         assert_eq!(s.parse::<RequestId>().unwrap(), id);
+        for id in [
+            RequestId(0),
+            RequestId(0xabc),
+            RequestId(u128::MAX),
+            RequestId(0x0123_4567_89ab_cdef_fedc_ba98_7654_3210),
+        ] {
+            assert_eq!(
+                id.header_value(),
+                id.to_string().as_str(),
+                "the header shows the id as Display does"
+            );
+        }
     }
 }
