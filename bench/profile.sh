@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Where Portico's time goes, reproducibly: user-space instructions per
-# request of the edge and the connector (callgrind), and a flamegraph of each
+# Where Portico's time goes, reproducibly: user-space instructions and
+# allocations per request of the edge and the connector (callgrind), and a
+# flamegraph of each
 # under load (perf + inferno). Instruction counts do not depend on what else
 # runs on the machine, so they compare builds where req/s is too noisy.
 #
@@ -16,7 +17,8 @@
 #   BENCH_SKIP_SETUP=1        do not install valgrind, perf, wrk, nginx, inferno
 #   BENCH_TOOLS [/opt/portico-bench], PORTICO_BIN [target/release/portico]
 #
-# Writes to BENCH_OUT: summary.md (instructions per request), callgrind.*
+# Writes to BENCH_OUT: summary.md (instructions and allocations per request,
+# the allocations counted as calls to malloc/calloc/realloc), callgrind.*
 # dumps with callgrind_annotate listings (*.inclusive.txt), perf.*.data and
 # flamegraph-{edge,connector}.svg.
 set -euo pipefail
@@ -137,13 +139,35 @@ ok=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["requests"]
 callgrind_control -d "$EDGE_PID" >/dev/null
 callgrind_control -d "$CONN_PID" >/dev/null
 sleep 2
-declare -A IR
+# alloc_calls DUMP: calls to malloc, calloc and realloc in a callgrind dump
+# (every `calls=` line under a `cfn=` naming one of them).
+alloc_calls() {
+	python3 - "$1" <<'PY'
+import re, sys
+names, callee, total = {}, None, 0
+alloc = {"malloc", "calloc", "realloc"}
+for line in open(sys.argv[1], errors="replace"):
+    m = re.match(r"c?fn=\((\d+)\)(?: (\S+))?", line)
+    if m:
+        if m.group(2):
+            names[m.group(1)] = m.group(2)
+        callee = names.get(m.group(1)) if line.startswith("cfn=") else None
+    elif line.startswith("calls=") and callee is not None:
+        if callee in alloc:
+            total += int(line[6:].split()[0])
+        callee = None
+print(total)
+PY
+}
+
+declare -A IR ALLOCS
 for role in edge connector; do
 	pid=$EDGE_PID
 	[[ $role == connector ]] && pid=$CONN_PID
 	dump=$(ls -t "$BENCH_OUT/callgrind.$pid".* 2>/dev/null | grep -v '\.txt$' | head -1)
 	[[ -n $dump ]] || die "no callgrind dump for the $role ($pid)"
 	IR[$role]=$(awk '/^(summary|totals):/ {print $2; exit}' "$dump")
+	ALLOCS[$role]=$(alloc_calls "$dump")
 	callgrind_annotate --inclusive=yes --threshold=99 --auto=no "$dump" >"$BENCH_OUT/$role.inclusive.txt" 2>/dev/null || true
 	log "callgrind: $role ${IR[$role]} instructions = $((IR[$role] / REQUESTS)) per request"
 done
@@ -174,12 +198,12 @@ for role in edge connector; do
 done
 
 {
-	echo "Instructions per request (callgrind, user space; $REQUESTS keepalive GET /small over $CONNS connections, their $CONNS TLS handshakes included; threads: ${THREADS:-default}):"
+	echo "Instructions and allocations per request (callgrind, user space; $REQUESTS keepalive GET /small over $CONNS connections, their $CONNS TLS handshakes included; threads: ${THREADS:-default}):"
 	echo
-	echo "| process | instructions | per request |"
-	echo "|---|---|---|"
+	echo "| process | instructions | per request | allocations per request |"
+	echo "|---|---|---|---|"
 	for role in edge connector; do
-		echo "| $role | ${IR[$role]} | $((IR[$role] / REQUESTS)) |"
+		echo "| $role | ${IR[$role]} | $((IR[$role] / REQUESTS)) | $(awk -v a="${ALLOCS[$role]}" -v n="$REQUESTS" 'BEGIN {printf "%.1f", a / n}') |"
 	done
 	echo
 	echo "wrk during perf: $(awk '/Requests\/sec/ {print $2}' "$BENCH_OUT/wrk.txt") req/s (not a benchmark: perf was sampling)."
