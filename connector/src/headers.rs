@@ -91,8 +91,8 @@ pub(crate) struct RequestMeta {
 /// `X-Forwarded-Proto`/`-Host`, `Host` and `X-Request-Id` set.
 pub(crate) fn request_headers(
     mut headers: HeaderMap,
-    meta: &RequestMeta,
-    target: &InternalUrl,
+    meta: RequestMeta,
+    host: HeaderValue,
 ) -> HeaderMap {
     portico_agent::headers::strip_hop_by_hop(&mut headers, meta.kind == StreamKind::WebSocket);
     let portico: Vec<HeaderName> = headers
@@ -124,7 +124,7 @@ pub(crate) fn request_headers(
         headers.insert(X_FORWARDED_FOR, v);
     }
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("https"));
-    match HeaderValue::from_maybe_shared(meta.authority.clone()) {
+    match HeaderValue::from_maybe_shared(meta.authority) {
         Ok(v) => {
             headers.insert(X_FORWARDED_HOST, v);
         }
@@ -132,7 +132,7 @@ pub(crate) fn request_headers(
             headers.remove(&X_FORWARDED_HOST);
         }
     }
-    headers.insert(header::HOST, target.host.clone());
+    headers.insert(header::HOST, host);
     headers.insert(X_REQUEST_ID, meta.request_id.header_value());
     headers
 }
@@ -204,7 +204,7 @@ mod tests {
         h.insert("content-length", HeaderValue::from_static("12"));
         h.insert("expect", HeaderValue::from_static("100-continue"));
         let target = InternalUrl::parse("http://backend.internal:8080/app/").unwrap();
-        let out = request_headers(h, &meta(StreamKind::Http), &target);
+        let out = request_headers(h, meta(StreamKind::Http), target.host);
 
         assert_eq!(
             out["x-forwarded-for"],
@@ -238,7 +238,7 @@ mod tests {
     #[test]
     fn first_hop_gets_a_fresh_forwarded_for() {
         let target = InternalUrl::parse("http://b/").unwrap();
-        let out = request_headers(HeaderMap::new(), &meta(StreamKind::Http), &target);
+        let out = request_headers(HeaderMap::new(), meta(StreamKind::Http), target.host);
         assert_eq!(out["x-forwarded-for"], "203.0.113.9");
         assert_eq!(out["host"], "b");
     }
@@ -254,7 +254,7 @@ mod tests {
         );
         h.insert("sec-websocket-version", HeaderValue::from_static("13"));
         let target = InternalUrl::parse("http://b/").unwrap();
-        let out = request_headers(h, &meta(StreamKind::WebSocket), &target);
+        let out = request_headers(h, meta(StreamKind::WebSocket), target.host);
         assert_eq!(out["connection"], "upgrade");
         assert_eq!(out["upgrade"], "websocket");
         assert_eq!(out["sec-websocket-key"], "dGhlIHNhbXBsZSBub25jZQ==");

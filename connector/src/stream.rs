@@ -162,7 +162,7 @@ async fn proxy(
         Ok(p) => p,
         Err(error) => return fail(send, error).await,
     };
-    let Prepared { entry, target, uri } = prepared;
+    let Prepared { entry, uri, host } = prepared;
     let meta = RequestMeta {
         kind: head.kind,
         request_id: head.request_id,
@@ -171,7 +171,7 @@ async fn proxy(
     };
     // The head is ours: move its headers instead of copying them.
     let incoming = std::mem::take(&mut head.headers);
-    let headers = request_headers(incoming, &meta, &target);
+    let headers = request_headers(incoming, meta, host);
     let websocket = head.kind == StreamKind::WebSocket;
     let timeout = match head.timeout_ms {
         0 => DEFAULT_TIMEOUT,
@@ -258,8 +258,9 @@ fn empty_body() -> ReqBody {
 
 struct Prepared {
     entry: Arc<AppEntry>,
-    target: InternalUrl,
     uri: http::Uri,
+    /// The backend's `Host` header.
+    host: http::HeaderValue,
 }
 
 fn prepare(
@@ -283,15 +284,17 @@ fn prepare(
             })
         }
     }
-    let target = entry
-        .internal
-        .clone()
-        .map_err(|reason| ProxyError::Unreachable {
-            target: entry.app.internal_url.clone(),
-            reason,
-        })?;
-    let uri = target.join(&head.path)?;
-    Ok(Prepared { entry, target, uri })
+    // Borrowed, not cloned: the stream keeps the entry.
+    let (uri, host) = match &entry.internal {
+        Ok(target) => (target.join(&head.path)?, target.host.clone()),
+        Err(reason) => {
+            return Err(ProxyError::Unreachable {
+                target: entry.app.internal_url.clone(),
+                reason: reason.clone(),
+            })
+        }
+    };
+    Ok(Prepared { entry, uri, host })
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -372,16 +372,30 @@ mod tests {
         assert_eq!(udp.local_addr().unwrap().port(), port);
 
         // A fixed port whose UDP half is taken: no retry, a clear error.
-        let taken = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        let listen = taken.local_addr().unwrap();
-        match bind_public(listen, Some(cert), &tracker) {
-            Err(Error::Bind {
-                what: "http3",
-                addr,
-                ..
-            }) => assert_eq!(addr, listen),
-            other => panic!("expected an http3 bind error, got {other:?}"),
+        // The TCP port of the same number may belong to another test running
+        // alongside; then try another port (bounded).
+        let mut checked = false;
+        for _ in 0..20 {
+            let taken = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            let listen = taken.local_addr().unwrap();
+            match bind_public(listen, Some(Arc::clone(&cert)), &tracker) {
+                Err(Error::Bind {
+                    what: "http3",
+                    addr,
+                    ..
+                }) => {
+                    assert_eq!(addr, listen);
+                    checked = true;
+                    break;
+                }
+                Err(Error::Bind { what: "public", .. }) => continue,
+                other => panic!("expected an http3 bind error, got {other:?}"),
+            }
         }
+        assert!(
+            checked,
+            "no free TCP port matched a taken UDP port in 20 tries"
+        );
         udp.close(NO_ERROR, b"");
     }
 }
