@@ -117,7 +117,7 @@ async fn backend_timeout_when_the_backend_sleeps_past_the_app_timeout() {
     let r = s.curl(&[&s.app_url("sleepy", "/headers")]).await;
     assert_eq!(r.status, 200);
 
-    let metrics = reqwest_metrics(&s).await;
+    let metrics = s.edge_metrics().await;
     assert!(
         metrics
             .lines()
@@ -127,16 +127,6 @@ async fn backend_timeout_when_the_backend_sleeps_past_the_app_timeout() {
         "edge metrics count the error:\n{metrics}"
     );
     s.stop().await;
-}
-
-async fn reqwest_metrics(s: &Stack) -> String {
-    let addr = s.d.edge.metrics_addr.expect("dev edge serves metrics");
-    let out = tokio::process::Command::new("curl")
-        .args(["-sS", &format!("http://{addr}/metrics")])
-        .output()
-        .await
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// An https backend whose certificate no one trusts.

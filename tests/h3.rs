@@ -41,16 +41,6 @@ fn get(host: &str, path: &str) -> Request<Bytes> {
         .unwrap()
 }
 
-async fn edge_metrics(s: &Stack) -> String {
-    let addr = s.d.edge.metrics_addr.expect("dev edge serves metrics");
-    let out = tokio::process::Command::new("curl")
-        .args(["-sS", &format!("http://{addr}/metrics")])
-        .output()
-        .await
-        .expect("curl runs");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 /// The value of `portico_edge_requests_total` with these labels (0 if absent).
 fn requests_total(metrics: &str, app: &str, status: u16, code: &str) -> u64 {
     let want =
@@ -160,7 +150,7 @@ async fn alt_svc_leads_to_http3_with_byte_exact_bodies() {
 
     // Counted in the edge's metrics with its app and status.
     let app = s.d.app.id.to_string();
-    let metrics = edge_metrics(&s).await;
+    let metrics = s.edge_metrics().await;
     assert!(
         requests_total(&metrics, &app, 200, "") >= 5,
         "HTTP/3 requests are counted:\n{metrics}"
@@ -223,7 +213,7 @@ async fn http3_errors_match_http1() {
         Some("ConnectorNotFound")
     );
 
-    let metrics = edge_metrics(&s).await;
+    let metrics = s.edge_metrics().await;
     assert!(
         requests_total(&metrics, "", 404, "AppNotFound") >= 3,
         "{metrics}"

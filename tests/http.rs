@@ -8,7 +8,7 @@ use std::io::Write;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{rss_bytes, Stack};
+use common::{metric_value, rss_bytes, Stack};
 use portico::demo::pattern_byte;
 use portico::dev::DevOptions;
 
@@ -58,6 +58,59 @@ async fn curl_get_and_post_over_http1_and_http2_are_byte_exact() {
         assert_eq!(r.body.len(), payload.len());
         assert!(r.body == payload, "{flag}: echoed body differs");
     }
+    s.stop().await;
+}
+
+/// A client that comes back resumes its TLS session, and the edge counts
+/// it. curl fetches one URL twice in one run over two connections
+/// (`Connection: close`); the second presents the ticket the edge issued on
+/// the first. Resumption spares the edge the certificate and its signature,
+/// the biggest cost of a new connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_returning_client_resumes_its_tls_session() {
+    let s = Stack::start().await;
+    let url = s.d.app_url();
+    let count = |m: &str, result: &str| {
+        metric_value(
+            m,
+            &format!("portico_edge_tls_handshakes_total{{result=\"{result}\"}}"),
+        )
+    };
+    let before = s.edge_metrics().await;
+    let out = tokio::process::Command::new("curl")
+        .args(["-sS", "--http1.1", "--max-time", "60", "--cacert"])
+        .arg(s.d.ca_path())
+        .args([
+            "-H",
+            "Connection: close",
+            "-o",
+            "/dev/null",
+            "-o",
+            "/dev/null",
+        ])
+        .args(["-w", "%{http_code} %{num_connects}\n", &url, &url])
+        .output()
+        .await
+        .expect("curl runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        text,
+        "200 1\n200 1\n",
+        "two requests, each on a new connection; stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let after = s.edge_metrics().await;
+    assert_eq!(
+        count(&after, "full") - count(&before, "full"),
+        1.0,
+        "{after}"
+    );
+    assert_eq!(
+        count(&after, "resumed") - count(&before, "resumed"),
+        1.0,
+        "{after}"
+    );
+    assert_eq!(count(&after, "failed"), count(&before, "failed"));
     s.stop().await;
 }
 

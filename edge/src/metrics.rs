@@ -22,6 +22,12 @@ pub(crate) struct Metrics {
     pub(crate) bytes_out: IntCounter,
     pub(crate) config_version: IntGauge,
     pub(crate) tunnel_closes: IntCounterVec,
+    /// `portico_edge_tls_handshakes_total{result}` on the HTTPS listener:
+    /// `full`, `resumed` (a session ticket spared the certificate and its
+    /// signature) and `failed` (an error or the handshake timeout).
+    pub(crate) tls_full: IntCounter,
+    pub(crate) tls_resumed: IntCounter,
+    pub(crate) tls_failed: IntCounter,
 }
 
 impl Metrics {
@@ -72,8 +78,17 @@ impl Metrics {
             &["reason"],
         )
         .expect("valid metric");
+        let tls = IntCounterVec::new(
+            Opts::new(
+                "portico_edge_tls_handshakes_total",
+                "TLS handshakes on the HTTPS listener, by result (full, resumed, failed)",
+            ),
+            &["result"],
+        )
+        .expect("valid metric");
         for c in [
-            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(tls.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(requests.clone()),
             Box::new(duration.clone()),
             Box::new(tunnels.clone()),
             Box::new(streams.clone()),
@@ -93,6 +108,9 @@ impl Metrics {
             bytes_out: bytes.with_label_values(&["out"]),
             config_version,
             tunnel_closes,
+            tls_full: tls.with_label_values(&["full"]),
+            tls_resumed: tls.with_label_values(&["resumed"]),
+            tls_failed: tls.with_label_values(&["failed"]),
         }
     }
 
@@ -134,6 +152,7 @@ mod tests {
             "portico_edge_streams 0",
             "portico_edge_config_version 0",
             "portico_edge_tunnel_closes_total{reason=\"revoked\"} 1",
+            "portico_edge_tls_handshakes_total{result=\"resumed\"} 0",
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");
         }

@@ -115,18 +115,26 @@ pub(crate) async fn accept_loop(
         let acceptor = acceptor.clone();
         let shared2 = Arc::clone(&shared);
         shared.conns.spawn(async move {
+            let metrics = &shared2.metrics;
             let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
             {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => {
+                    metrics.tls_failed.inc();
                     tracing::debug!(%client, error = %e, "TLS handshake failed");
                     return;
                 }
                 Err(_) => {
+                    metrics.tls_failed.inc();
                     tracing::debug!(%client, "TLS handshake timed out");
                     return;
                 }
             };
+            if tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
+                metrics.tls_resumed.inc();
+            } else {
+                metrics.tls_full.inc();
+            }
             let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
             serve_connection(TokioIo::new(tls), h2, client, shared2).await;
         });

@@ -105,6 +105,28 @@ impl Stack {
     pub async fn curl(&self, args: &[&str]) -> Curl {
         curl(&self.d.ca_path(), args).await
     }
+
+    /// The edge's `/metrics` text, fetched with curl.
+    pub async fn edge_metrics(&self) -> String {
+        let addr = self.d.edge.metrics_addr.expect("dev edge serves metrics");
+        let out = tokio::process::Command::new("curl")
+            .args(["-sS", &format!("http://{addr}/metrics")])
+            .output()
+            .await
+            .expect("curl runs");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+/// The value of the sample `name_and_labels` (as `/metrics` writes it, e.g.
+/// `portico_edge_tls_handshakes_total{result="full"}`) in a metrics text; 0
+/// if absent.
+pub fn metric_value(metrics: &str, name_and_labels: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name_and_labels)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
 }
 
 /// What a curl run produced.
