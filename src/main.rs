@@ -18,7 +18,15 @@ fn main() -> std::process::ExitCode {
         Err(e) => {
             // Errors end on stderr as one readable line, whatever the log format.
             eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
+            // A load test that broke its thresholds ran fine: say so apart
+            // from a run that failed, as k6 does.
+            if e.downcast_ref::<portico_loadtest::ThresholdsFailed>()
+                .is_some()
+            {
+                std::process::ExitCode::from(portico_loadtest::thresholds::THRESHOLDS_FAILED_EXIT)
+            } else {
+                std::process::ExitCode::FAILURE
+            }
         }
     }
 }

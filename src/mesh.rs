@@ -1078,6 +1078,7 @@ pub async fn run(args: MeshArgs, shutdown: CancellationToken) -> anyhow::Result<
         std::fs::write(path, portico_loadtest::html::html(report))
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
+    portico_loadtest::ThresholdsFailed::check(&report.thresholds)?;
     Ok(())
 }
 

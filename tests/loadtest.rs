@@ -380,3 +380,64 @@ async fn loadtest_cli_writes_json_and_html() {
     backend.stop().await;
     stack.stop().await;
 }
+
+/// Thresholds through the real binary. A run within them exits 0; a run
+/// that breaks one still writes its JSON report, names the broken
+/// threshold on stderr and exits 99 (as k6 does), so a CI job can tell a
+/// slow or failing deployment from a load test that could not run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loadtest_thresholds_set_the_exit_status() {
+    let s = Stack::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let run = |url: String, threshold: &'static str, json: std::path::PathBuf| {
+        let ca = s.d.ca_path();
+        async move {
+            let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_portico"))
+                .args(["--log", "warn", "loadtest"])
+                .arg(&url)
+                .arg("--cacert")
+                .arg(&ca)
+                .args(["-n", "20", "--concurrency", "2", "--quiet"])
+                .args(["--threshold", threshold, "--threshold", "min_ok_rps=0"])
+                .arg("--json")
+                .arg(&json)
+                .output()
+                .await
+                .expect("the portico binary runs");
+            let report =
+                Report::from_json(&std::fs::read_to_string(&json).expect("report written"))
+                    .expect("a valid report");
+            (out, report)
+        }
+    };
+
+    let (out, report) = run(s.d.app_url(), "error_rate=0", dir.path().join("good.json")).await;
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(report.requests.ok, 20);
+    assert_eq!(report.thresholds.len(), 2);
+    assert!(
+        report.thresholds.iter().all(|t| t.passed),
+        "{:?}",
+        report.thresholds
+    );
+
+    // No app at this host: every answer is a 404 AppNotFound.
+    let unknown = s.app_url("no-such-app", "/");
+    let (out, report) = run(unknown, "error_rate=0.5", dir.path().join("bad.json")).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(99), "{stderr}");
+    assert!(
+        stderr.contains("1 of 2 thresholds failed: error_rate <= 0.5 (measured 1.0000)"),
+        "{stderr}"
+    );
+    assert_eq!(report.requests.errors, 20);
+    let failed: Vec<_> = report.thresholds.iter().filter(|t| !t.passed).collect();
+    assert_eq!(failed.len(), 1);
+    assert_eq!(failed[0].name, "error_rate");
+    s.stop().await;
+}

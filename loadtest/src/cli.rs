@@ -114,6 +114,13 @@ pub struct RunArgs {
     /// No progress bar (it is also hidden when stderr is not a terminal).
     #[arg(long, short = 'q')]
     pub quiet: bool,
+    /// Pass/fail criterion, NAME=VALUE (repeatable): p50, p90, p99, p999 or
+    /// max of the corrected latency at most a duration (`p99=50ms`),
+    /// `error_rate` at most a fraction (`error_rate=0.01`), `min_ok_rps` at
+    /// least a rate. Overrides the scenario's [thresholds]. When one fails
+    /// the reports are still written and the exit status is 99.
+    #[arg(long = "threshold", value_name = "NAME=VALUE")]
+    pub thresholds: Vec<String>,
 }
 
 /// Runs `portico loadtest`.
@@ -151,6 +158,7 @@ async fn run_load(a: RunArgs, shutdown: CancellationToken) -> anyhow::Result<()>
         std::fs::write(path, crate::html::html(&report))
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
+    crate::ThresholdsFailed::check(&report.thresholds)?;
     Ok(())
 }
 
@@ -234,6 +242,11 @@ pub fn scenario_from_args(a: &RunArgs) -> anyhow::Result<Scenario> {
     if let Some(m) = a.max_in_flight {
         s.max_in_flight = m;
     }
+    let mut thresholds = crate::Thresholds::default();
+    for spec in &a.thresholds {
+        thresholds.set(spec)?;
+    }
+    s.thresholds.override_with(&thresholds);
     if a.connect_to.is_some() {
         s.connect_to = a.connect_to;
     }

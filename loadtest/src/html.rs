@@ -179,6 +179,22 @@ pub fn html(r: &Report) -> String {
         }
         h.push_str("</table>\n");
     }
+    if !r.thresholds.is_empty() {
+        h.push_str(
+            "<table><tr><th>threshold</th><th>limit</th><th>measured</th><th>result</th></tr>\n",
+        );
+        for t in &r.thresholds {
+            let _ = writeln!(
+                h,
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                esc(&t.name),
+                esc(&t.limit),
+                esc(&t.measured),
+                if t.passed { "ok" } else { "<b>FAILED</b>" }
+            );
+        }
+        h.push_str("</table>\n");
+    }
     h.push_str(&latency_svg(r));
     h.push_str(&throughput_svg(r));
     h.push_str("</body></html>\n");
@@ -415,6 +431,20 @@ mod tests {
                     error: None,
                 },
             ],
+            thresholds: vec![
+                crate::ThresholdResult {
+                    name: "p99".into(),
+                    limit: "<= 5.00ms".into(),
+                    measured: "9.00ms".into(),
+                    passed: false,
+                },
+                crate::ThresholdResult {
+                    name: "error_rate".into(),
+                    limit: "<= 0.1".into(),
+                    measured: "0.0100".into(),
+                    passed: true,
+                },
+            ],
         }
     }
 
@@ -435,9 +465,17 @@ mod tests {
             "transport_errors",
             "timeline",
             "chaos",
+            "thresholds",
         ] {
             assert!(v.get(key).is_some(), "missing {key}");
         }
+        assert_eq!(v["thresholds"][0]["passed"], false);
+        assert!(r
+            .summary()
+            .contains("threshold: p99 <= 5.00ms: 9.00ms FAILED"));
+        assert!(r
+            .summary()
+            .contains("threshold: error_rate <= 0.1: 0.0100 ok"));
         assert_eq!(v["status"]["502"], 5);
         assert_eq!(v["chaos"][0]["spec"]["at"], "2s");
         assert_eq!(v["timeline"][4]["p99_us"], 9000);
@@ -458,6 +496,9 @@ mod tests {
         // Four latency series and two throughput series.
         assert_eq!(page.matches("class=\"series\"").count(), 6);
         assert!(page.contains("data-series=\"p99\""));
+        assert!(
+            page.contains("<td>p99</td><td>&lt;= 5.00ms</td><td>9.00ms</td><td><b>FAILED</b></td>")
+        );
         // Text is escaped; no scripts or external assets.
         assert!(page.contains("sample &lt;run&gt;"));
         assert!(!page.contains("<script"));

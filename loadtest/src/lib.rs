@@ -7,7 +7,8 @@
 //!   new-connection-per-request; a weighted request mix from a TOML
 //!   [`Scenario`]; chaos actions at given times through the [`Chaos`]
 //!   trait; HdrHistogram percentiles, errors by status, Portico error code
-//!   and transport error; a JSON [`Report`] and an HTML report ([`html`]).
+//!   and transport error; a JSON [`Report`] and an HTML report ([`html`]);
+//!   pass/fail [`thresholds`] (exit status 99 when one fails, as k6).
 //! - [`wan`]: a UDP relay that adds delay, jitter, loss, reordering,
 //!   duplication, a bandwidth cap, MTU clamping and blackholes per path, so
 //!   one machine can stand in for three continents (no `tc netem` here).
@@ -28,6 +29,7 @@ pub mod runner;
 pub mod scenario;
 pub mod schedule;
 pub mod stats;
+pub mod thresholds;
 pub mod wan;
 
 pub use chaos::{Chaos, ChaosFuture};
@@ -37,3 +39,4 @@ pub use runner::{run_scenario, run_scenario_with, RunOptions};
 pub use scenario::{
     ChaosAction, ChaosVerb, Component, Mode, Protocol, RequestSpec, Scenario, Stage,
 };
+pub use thresholds::{ThresholdResult, Thresholds, ThresholdsFailed};

@@ -22,6 +22,7 @@
 //! | `transport_errors` | map kind→count | `connect`, `tls`, `handshake`, `request`, `body`, `timeout`, `h3` |
 //! | `timeline` | array | one entry per second of completion time: `second`, `completed`, `ok`, `errors`, `p50_us`, `p90_us`, `p99_us`, `max_us` |
 //! | `chaos` | array | `at_ms` (scheduled), `fired_ms` (null if never fired), `action` (text), `spec`, `ok`, `error` |
+//! | `thresholds` | array | one per criterion the scenario set: `name` (`p99`, `error_rate`, `min_ok_rps`, ...), `limit` (`<= 50.00ms`), `measured`, `passed` |
 //!
 //! Percentiles are objects `{count, min, mean, p50, p90, p99, p999, max}`
 //! in microseconds (`mean` a float); a histogram with no samples has all 0.
@@ -31,6 +32,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::scenario::{ChaosAction, Mode, Protocol};
+use crate::thresholds::ThresholdResult;
 
 /// Version of the JSON schema.
 pub const REPORT_SCHEMA: u32 = 1;
@@ -59,6 +61,10 @@ pub struct Report {
     pub transport_errors: BTreeMap<String, u64>,
     pub timeline: Vec<Second>,
     pub chaos: Vec<ChaosRecord>,
+    /// The scenario's thresholds and how the run did (empty when it set
+    /// none; absent in reports written before they existed).
+    #[serde(default)]
+    pub thresholds: Vec<ThresholdResult>,
 }
 
 /// Request counts.
@@ -212,6 +218,17 @@ impl Report {
                         .map(|(k, v)| format!("{k}={v}"))
                         .collect()
                 )
+            );
+        }
+        for t in &self.thresholds {
+            let _ = writeln!(
+                s,
+                "{:>20}: {} {}: {} {}",
+                "threshold",
+                t.name,
+                t.limit,
+                t.measured,
+                if t.passed { "ok" } else { "FAILED" }
             );
         }
         for c in &self.chaos {

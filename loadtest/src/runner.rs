@@ -130,7 +130,7 @@ async fn run_inner(
     let m = rec.finish();
     let secs = m.elapsed.as_secs_f64();
     let per_sec = |n: u64| if secs > 0.0 { n as f64 / secs } else { 0.0 };
-    Ok(Report {
+    let mut report = Report {
         schema: REPORT_SCHEMA,
         name: s.name.clone(),
         mode: s.mode,
@@ -152,7 +152,10 @@ async fn run_inner(
         transport_errors: m.transport,
         timeline: m.timeline,
         chaos: chaos_records,
-    })
+        thresholds: Vec::new(),
+    };
+    report.thresholds = s.thresholds.evaluate(&report);
+    Ok(report)
 }
 
 fn round3(v: f64) -> f64 {

@@ -38,6 +38,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::error::ScenarioError;
+use crate::thresholds::Thresholds;
 
 /// Largest request body a scenario may ask for.
 pub const MAX_BODY_SIZE: u64 = 256 << 20;
@@ -110,6 +111,9 @@ pub struct Scenario {
     /// Fault injection at given times.
     #[serde(default)]
     pub chaos: Vec<ChaosAction>,
+    /// Pass/fail criteria checked against the report.
+    #[serde(default)]
+    pub thresholds: Thresholds,
 }
 
 fn default_connections() -> usize {
@@ -293,6 +297,7 @@ impl Default for Scenario {
             insecure: false,
             requests: Vec::new(),
             chaos: Vec::new(),
+            thresholds: Thresholds::default(),
         }
     }
 }
@@ -327,6 +332,7 @@ impl Scenario {
 
     /// Checks everything the runner relies on.
     pub fn validate(&self) -> Result<(), ScenarioError> {
+        self.thresholds.validate()?;
         if self.requests.is_empty() {
             return Err(ScenarioError::Missing {
                 field: "requests".into(),
