@@ -441,3 +441,44 @@ async fn loadtest_thresholds_set_the_exit_status() {
     assert_eq!(failed[0].name, "error_rate");
     s.stop().await;
 }
+
+/// A mix of two entries against a real deployment: the report breaks the
+/// run down per entry, the entries add up to the totals, and the entry for
+/// an app that does not exist holds every error (all 404 AppNotFound).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loadtest_reports_each_entry_of_the_mix() {
+    let s = Stack::start().await;
+    let mut sc = scenario(&s, &s.d.app_url(), Protocol::H2);
+    sc.requests.push(RequestSpec {
+        weight: 3,
+        ..RequestSpec::get(s.app_url("no-such-app", "/"))
+    });
+    let report = run_scenario(sc, None, CancellationToken::new())
+        .await
+        .expect("the run completes");
+    assert_eq!(report.requests.completed, 200);
+    let [good, missing] = &report.by_request[..] else {
+        panic!("two entries expected: {:?}", report.by_request);
+    };
+    assert_eq!((good.weight, missing.weight), (1, 3));
+    assert!(
+        good.completed > 0 && missing.completed > 0,
+        "{good:?} {missing:?}"
+    );
+    assert_eq!(
+        good.completed + missing.completed,
+        report.requests.completed
+    );
+    assert_eq!((good.errors, missing.ok), (0, 0));
+    assert_eq!(missing.errors, report.requests.errors);
+    assert_eq!(report.status.get(&404).copied(), Some(missing.completed));
+    assert_eq!(
+        report.portico_errors.get("AppNotFound").copied(),
+        Some(missing.completed)
+    );
+    assert_eq!(good.latency_us.count, good.ok);
+    assert!(report
+        .summary()
+        .contains("request: GET https://no-such-app.apps.localhost"));
+    s.stop().await;
+}

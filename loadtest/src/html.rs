@@ -179,6 +179,22 @@ pub fn html(r: &Report) -> String {
         }
         h.push_str("</table>\n");
     }
+    if r.by_request.len() > 1 {
+        h.push_str("<table><tr><th>request</th><th>weight</th><th>ok</th><th>errors</th><th>p50 (ms)</th><th>p99 (ms)</th></tr>\n");
+        for q in &r.by_request {
+            let _ = writeln!(
+                h,
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{:.2}</td><td>{:.2}</td></tr>",
+                esc(&format!("{} {}", q.method, q.url)),
+                q.weight,
+                q.ok,
+                q.errors,
+                q.latency_us.p50 as f64 / 1000.0,
+                q.latency_us.p99 as f64 / 1000.0
+            );
+        }
+        h.push_str("</table>\n");
+    }
     if !r.thresholds.is_empty() {
         h.push_str(
             "<table><tr><th>threshold</th><th>limit</th><th>measured</th><th>result</th></tr>\n",
@@ -431,6 +447,31 @@ mod tests {
                     error: None,
                 },
             ],
+            by_request: vec![
+                crate::report::RequestReport {
+                    method: "GET".into(),
+                    url: "https://a.apps.localhost/<x>".into(),
+                    weight: 3,
+                    completed: 480,
+                    ok: 480,
+                    errors: 0,
+                    latency_us: Percentiles {
+                        count: 480,
+                        p50: 1000,
+                        p99: 4000,
+                        ..Percentiles::default()
+                    },
+                },
+                crate::report::RequestReport {
+                    method: "POST".into(),
+                    url: "https://b.apps.localhost/".into(),
+                    weight: 1,
+                    completed: 15,
+                    ok: 0,
+                    errors: 15,
+                    latency_us: Percentiles::default(),
+                },
+            ],
             thresholds: vec![
                 crate::ThresholdResult {
                     name: "p99".into(),
@@ -476,6 +517,10 @@ mod tests {
         assert!(r
             .summary()
             .contains("threshold: error_rate <= 0.1: 0.0100 ok"));
+        assert!(r.summary().contains(
+            "request: GET https://a.apps.localhost/<x> (weight 3): 480 ok, 0 errors, p50 1.00ms p99 4.00ms"
+        ));
+        assert_eq!(v["by_request"][1]["errors"], 15);
         assert_eq!(v["status"]["502"], 5);
         assert_eq!(v["chaos"][0]["spec"]["at"], "2s");
         assert_eq!(v["timeline"][4]["p99_us"], 9000);
@@ -499,6 +544,9 @@ mod tests {
         assert!(
             page.contains("<td>p99</td><td>&lt;= 5.00ms</td><td>9.00ms</td><td><b>FAILED</b></td>")
         );
+        assert!(page.contains(
+            "<td>GET https://a.apps.localhost/&lt;x&gt;</td><td>3</td><td>480</td><td>0</td><td>1.00</td><td>4.00</td>"
+        ));
         // Text is escaped; no scripts or external assets.
         assert!(page.contains("sample &lt;run&gt;"));
         assert!(!page.contains("<script"));

@@ -22,6 +22,7 @@
 //! | `transport_errors` | map kind→count | `connect`, `tls`, `handshake`, `request`, `body`, `timeout`, `h3` |
 //! | `timeline` | array | one entry per second of completion time: `second`, `completed`, `ok`, `errors`, `p50_us`, `p90_us`, `p99_us`, `max_us` |
 //! | `chaos` | array | `at_ms` (scheduled), `fired_ms` (null if never fired), `action` (text), `spec`, `ok`, `error` |
+//! | `by_request` | array | one per entry of the request mix, in order: `method`, `url`, `weight`, `completed`, `ok`, `errors`, `latency_us` (percentiles, 2 significant digits) |
 //! | `thresholds` | array | one per criterion the scenario set: `name` (`p99`, `error_rate`, `min_ok_rps`, ...), `limit` (`<= 50.00ms`), `measured`, `passed` |
 //!
 //! Percentiles are objects `{count, min, mean, p50, p90, p99, p999, max}`
@@ -61,10 +62,27 @@ pub struct Report {
     pub transport_errors: BTreeMap<String, u64>,
     pub timeline: Vec<Second>,
     pub chaos: Vec<ChaosRecord>,
+    /// Per entry of the request mix, in the scenario's order.
+    #[serde(default)]
+    pub by_request: Vec<RequestReport>,
     /// The scenario's thresholds and how the run did (empty when it set
     /// none; absent in reports written before they existed).
     #[serde(default)]
     pub thresholds: Vec<ThresholdResult>,
+}
+
+/// One entry of the request mix and how its requests did.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RequestReport {
+    pub method: String,
+    pub url: String,
+    pub weight: u32,
+    pub completed: u64,
+    pub ok: u64,
+    pub errors: u64,
+    /// Corrected latency of the requests that got a response; 2
+    /// significant digits (the totals above keep 3).
+    pub latency_us: Percentiles,
 }
 
 /// Request counts.
@@ -219,6 +237,23 @@ impl Report {
                         .collect()
                 )
             );
+        }
+        // Per entry of the mix, when there is more than one.
+        if self.by_request.len() > 1 {
+            for r in &self.by_request {
+                let _ = writeln!(
+                    s,
+                    "{:>20}: {} {} (weight {}): {} ok, {} errors, p50 {:.2}ms p99 {:.2}ms",
+                    "request",
+                    r.method,
+                    r.url,
+                    r.weight,
+                    r.ok,
+                    r.errors,
+                    ms(r.latency_us.p50),
+                    ms(r.latency_us.p99)
+                );
+            }
         }
         for t in &self.thresholds {
             let _ = writeln!(

@@ -14,7 +14,7 @@ use tracing::{info, warn, Instrument};
 use crate::chaos::Chaos;
 use crate::client::{Client, Prepared};
 use crate::error::{ChaosError, LoadtestError};
-use crate::report::{ChaosRecord, Report, REPORT_SCHEMA};
+use crate::report::{ChaosRecord, Report, RequestReport, REPORT_SCHEMA};
 use crate::scenario::{ChaosAction, Mode, Ramp, Scenario};
 use crate::schedule::{level_at, OpenSchedule};
 use crate::stats::{Outcome, Recorder, TransportErrorKind};
@@ -84,7 +84,7 @@ async fn run_inner(
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
     let start = Instant::now();
-    let rec = Arc::new(Recorder::new(start));
+    let rec = Arc::new(Recorder::with_requests(start, prepared.len()));
     let total = s.total_duration();
     info!(
         mode = ?s.mode, protocol = s.protocol.as_str(), connections = s.connections,
@@ -152,6 +152,20 @@ async fn run_inner(
         transport_errors: m.transport,
         timeline: m.timeline,
         chaos: chaos_records,
+        by_request: s
+            .requests
+            .iter()
+            .zip(&m.per_request)
+            .map(|(spec, (ok, errors, latency))| RequestReport {
+                method: spec.method.clone(),
+                url: spec.url.clone(),
+                weight: spec.weight,
+                completed: ok + errors,
+                ok: *ok,
+                errors: *errors,
+                latency_us: *latency,
+            })
+            .collect(),
         thresholds: Vec::new(),
     };
     report.thresholds = s.thresholds.evaluate(&report);
@@ -188,6 +202,7 @@ impl Ctx {
             }
         };
         self.rec.record(&Outcome {
+            request: idx,
             intended,
             sent,
             done: Instant::now(),

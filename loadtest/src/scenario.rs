@@ -46,6 +46,8 @@ pub const MAX_BODY_SIZE: u64 = 256 << 20;
 pub const MAX_CONNECTIONS: usize = 65_536;
 /// Most closed-loop workers.
 pub const MAX_CONCURRENCY: u32 = 100_000;
+/// Most entries in a request mix (each keeps a ~26 KiB latency histogram).
+pub const MAX_REQUEST_MIX: usize = 1000;
 /// Highest open-loop rate (requests per second).
 pub const MAX_RATE: f64 = 10_000_000.0;
 
@@ -339,6 +341,12 @@ impl Scenario {
                 hint: "give at least one [[requests]] entry with a url",
             });
         }
+        if self.requests.len() > MAX_REQUEST_MIX {
+            return Err(ScenarioError::invalid(
+                "requests",
+                format!("{} entries; at most {MAX_REQUEST_MIX}", self.requests.len()),
+            ));
+        }
         for (i, r) in self.requests.iter().enumerate() {
             let field = |f: &str| format!("requests[{i}].{f}");
             let url = url::Url::parse(&r.url)
@@ -612,6 +620,15 @@ mod tests {
             ScenarioError::Invalid { field, .. } | ScenarioError::Missing { field, .. } => field,
             e => panic!("unexpected {e}"),
         }
+    }
+
+    #[test]
+    fn a_request_mix_is_bounded() {
+        let mut s = base();
+        s.requests = vec![RequestSpec::get("https://a.apps.localhost:8443/"); MAX_REQUEST_MIX + 1];
+        assert_eq!(err_field(&s), "requests");
+        s.requests.truncate(MAX_REQUEST_MIX);
+        s.validate().unwrap();
     }
 
     #[test]

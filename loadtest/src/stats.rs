@@ -60,6 +60,8 @@ pub struct Response {
 /// What became of one request.
 #[derive(Debug, Clone)]
 pub struct Outcome {
+    /// Which entry of the scenario's request mix it was.
+    pub request: usize,
     /// When the schedule meant to send it.
     pub intended: Instant,
     /// When it was actually handed to a connection.
@@ -89,6 +91,15 @@ struct Inner {
     portico: BTreeMap<String, u64>,
     transport: BTreeMap<String, u64>,
     last_done: Duration,
+    /// One per entry of the request mix.
+    per_request: Vec<PerRequest>,
+}
+
+/// Counts and corrected latency of one entry of the request mix.
+struct PerRequest {
+    latency: Histogram<u64>,
+    ok: u64,
+    errors: u64,
 }
 
 struct Bucket {
@@ -100,6 +111,13 @@ struct Bucket {
 fn histogram() -> Histogram<u64> {
     #[allow(clippy::expect_used)]
     Histogram::new_with_bounds(1, MAX_US, 3).expect("constant bounds within hdrhistogram's limits")
+}
+
+/// The per-request histograms keep 2 significant digits (1%): a mix may
+/// have many entries, and each histogram is then about 20 KiB, not 180.
+fn coarse_histogram() -> Histogram<u64> {
+    #[allow(clippy::expect_used)]
+    Histogram::new_with_bounds(1, MAX_US, 2).expect("constant bounds within hdrhistogram's limits")
 }
 
 fn micros(d: Duration) -> u64 {
@@ -120,7 +138,13 @@ pub struct Live {
 }
 
 impl Recorder {
+    /// A recorder for a mix of one request.
     pub fn new(start: Instant) -> Recorder {
+        Recorder::with_requests(start, 1)
+    }
+
+    /// A recorder for a mix of `requests` entries.
+    pub fn with_requests(start: Instant, requests: usize) -> Recorder {
         Recorder {
             start,
             inner: Mutex::new(Inner {
@@ -136,6 +160,13 @@ impl Recorder {
                 portico: BTreeMap::new(),
                 transport: BTreeMap::new(),
                 last_done: Duration::ZERO,
+                per_request: (0..requests)
+                    .map(|_| PerRequest {
+                        latency: coarse_histogram(),
+                        ok: 0,
+                        errors: 0,
+                    })
+                    .collect(),
             }),
         }
     }
@@ -189,6 +220,16 @@ impl Recorder {
         } else {
             inner.counts.errors += 1;
             inner.recent_errors += 1;
+        }
+        if let Some(p) = inner.per_request.get_mut(o.request) {
+            if o.result.is_ok() {
+                let _ = p.latency.record(latency);
+            }
+            if ok {
+                p.ok += 1;
+            } else {
+                p.errors += 1;
+            }
         }
         // The timeline grows one bucket per second of the run, bounded by
         // the run's own (bounded) length.
@@ -249,6 +290,11 @@ impl Recorder {
             status: g.status.clone(),
             portico: g.portico.clone(),
             transport: g.transport.clone(),
+            per_request: g
+                .per_request
+                .iter()
+                .map(|p| (p.ok, p.errors, Percentiles::from_histogram(&p.latency)))
+                .collect(),
             timeline: g
                 .seconds
                 .iter()
@@ -281,6 +327,8 @@ pub(crate) struct Measured {
     pub status: BTreeMap<u16, u64>,
     pub portico: BTreeMap<String, u64>,
     pub transport: BTreeMap<String, u64>,
+    /// Per entry of the request mix: ok, errors, corrected latency.
+    pub per_request: Vec<(u64, u64, Percentiles)>,
     pub timeline: Vec<Second>,
 }
 
@@ -315,6 +363,7 @@ mod tests {
             let done = sent + service;
             free_at = done;
             rec.record(&Outcome {
+                request: 0,
                 intended: start + intended,
                 sent: start + sent,
                 done: start + done,
@@ -350,8 +399,9 @@ mod tests {
     #[test]
     fn errors_are_counted_by_status_code_and_kind() {
         let start = Instant::now();
-        let rec = Recorder::new(start);
+        let rec = Recorder::with_requests(start, 2);
         let mk = |result| Outcome {
+            request: 0,
             intended: start,
             sent: start,
             done: start + Duration::from_millis(5),
@@ -365,20 +415,37 @@ mod tests {
             body_bytes: 0,
         })));
         rec.record(&mk(Err(TransportErrorKind::Timeout)));
-        rec.record(&mk(ok(404)));
+        rec.record(&Outcome {
+            request: 1,
+            ..mk(ok(404))
+        });
+        // An index outside the mix is counted in the totals only.
+        rec.record(&Outcome {
+            request: 7,
+            ..mk(ok(200))
+        });
         let m = rec.finish();
+        assert_eq!(m.per_request.len(), 2);
+        let (ok0, err0, lat0) = m.per_request[0];
+        assert_eq!(
+            (ok0, err0, lat0.count),
+            (1, 2, 2),
+            "entry 0: a 200, a 502, a timeout"
+        );
+        let (ok1, err1, lat1) = m.per_request[1];
+        assert_eq!((ok1, err1, lat1.count), (0, 1, 1), "entry 1: a 404");
         assert_eq!(
             (m.counts.completed, m.counts.ok, m.counts.errors),
-            (4, 1, 3)
+            (5, 2, 3)
         );
         assert_eq!(m.status.get(&502), Some(&1));
         assert_eq!(m.status.get(&404), Some(&1));
         assert_eq!(m.portico.get("ConnectorNotFound"), Some(&1));
         assert_eq!(m.transport.get("timeout"), Some(&1));
-        assert_eq!(m.bytes_sent, 12);
-        assert_eq!(m.latency.count, 3);
+        assert_eq!(m.bytes_sent, 15);
+        assert_eq!(m.latency.count, 4);
         let live = rec.take_recent();
-        assert_eq!((live.completed, live.errors, live.recent_errors), (4, 3, 3));
+        assert_eq!((live.completed, live.errors, live.recent_errors), (5, 3, 3));
         assert_eq!(rec.take_recent().recent_count, 0);
     }
 }
