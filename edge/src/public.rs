@@ -11,7 +11,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures::StreamExt;
 use http::header::{HeaderName, ALT_SVC, CONNECTION, UPGRADE};
 use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Full, StreamBody};
@@ -530,7 +529,8 @@ fn response_body(inflight: Inflight, bytes_out: IntCounter) -> Body {
             }
         }
     });
-    StreamBody::new(stream.boxed()).boxed_unsync()
+    // One box (the body), not two: the stream needs no box of its own.
+    StreamBody::new(stream).boxed_unsync()
 }
 
 async fn websocket_pipe(
