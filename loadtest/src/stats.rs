@@ -83,7 +83,7 @@ struct Inner {
     /// Since the last [`Recorder::take_recent`] (the progress bar).
     recent: Histogram<u64>,
     recent_errors: u64,
-    seconds: Vec<Bucket>,
+    seconds: Vec<Tally>,
     counts: Counts,
     bytes_sent: u64,
     bytes_received: u64,
@@ -92,20 +92,37 @@ struct Inner {
     transport: BTreeMap<String, u64>,
     last_done: Duration,
     /// One per entry of the request mix.
-    per_request: Vec<PerRequest>,
+    per_request: Vec<Tally>,
 }
 
-/// Counts and corrected latency of one entry of the request mix.
-struct PerRequest {
-    latency: Histogram<u64>,
-    ok: u64,
-    errors: u64,
-}
-
-struct Bucket {
+/// Counts and corrected latency of a slice of the run: one second of the
+/// timeline, or one entry of the request mix.
+struct Tally {
     hist: Histogram<u64>,
     ok: u64,
     errors: u64,
+}
+
+impl Tally {
+    fn new(hist: Histogram<u64>) -> Tally {
+        Tally {
+            hist,
+            ok: 0,
+            errors: 0,
+        }
+    }
+
+    /// `latency` is `None` for a request that got no response.
+    fn add(&mut self, latency: Option<u64>, ok: bool) {
+        if let Some(l) = latency {
+            let _ = self.hist.record(l);
+        }
+        if ok {
+            self.ok += 1;
+        } else {
+            self.errors += 1;
+        }
+    }
 }
 
 fn histogram() -> Histogram<u64> {
@@ -161,11 +178,7 @@ impl Recorder {
                 transport: BTreeMap::new(),
                 last_done: Duration::ZERO,
                 per_request: (0..requests)
-                    .map(|_| PerRequest {
-                        latency: coarse_histogram(),
-                        ok: 0,
-                        errors: 0,
-                    })
+                    .map(|_| Tally::new(coarse_histogram()))
                     .collect(),
             }),
         }
@@ -221,35 +234,17 @@ impl Recorder {
             inner.counts.errors += 1;
             inner.recent_errors += 1;
         }
+        let answered = o.result.is_ok().then_some(latency);
         if let Some(p) = inner.per_request.get_mut(o.request) {
-            if o.result.is_ok() {
-                let _ = p.latency.record(latency);
-            }
-            if ok {
-                p.ok += 1;
-            } else {
-                p.errors += 1;
-            }
+            p.add(answered, ok);
         }
         // The timeline grows one bucket per second of the run, bounded by
         // the run's own (bounded) length.
         if sec < 100_000 {
             while inner.seconds.len() <= sec {
-                inner.seconds.push(Bucket {
-                    hist: histogram(),
-                    ok: 0,
-                    errors: 0,
-                });
+                inner.seconds.push(Tally::new(histogram()));
             }
-            let b = &mut inner.seconds[sec];
-            if o.result.is_ok() {
-                let _ = b.hist.record(latency);
-            }
-            if ok {
-                b.ok += 1;
-            } else {
-                b.errors += 1;
-            }
+            inner.seconds[sec].add(answered, ok);
         }
     }
 
@@ -293,7 +288,7 @@ impl Recorder {
             per_request: g
                 .per_request
                 .iter()
-                .map(|p| (p.ok, p.errors, Percentiles::from_histogram(&p.latency)))
+                .map(|p| (p.ok, p.errors, Percentiles::from_histogram(&p.hist)))
                 .collect(),
             timeline: g
                 .seconds
