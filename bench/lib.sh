@@ -125,6 +125,30 @@ hwm_kib() {
 	echo "$total"
 }
 
+# cpu_ticks PID...: user and system CPU time of the pids so far, in clock
+# ticks, as "USER SYS" (fields 14 and 15 of /proc/PID/stat, counted after the
+# command name, which may hold spaces).
+cpu_ticks() {
+	local pid u=0 s=0 rest f
+	for pid in "$@"; do
+		rest=$(cat "/proc/$pid/stat" 2>/dev/null) || continue
+		rest=${rest##*) }
+		read -r -a f <<<"$rest"
+		u=$((u + f[11])) s=$((s + f[12]))
+	done
+	echo "$u $s"
+}
+
+# machine_ticks: busy and total CPU time of the whole machine so far, in
+# clock ticks, as "BUSY TOTAL" (the cpu line of /proc/stat; idle and iowait
+# are not busy).
+machine_ticks() {
+	local _cpu user nice sys idle iowait irq softirq steal rest
+	read -r _cpu user nice sys idle iowait irq softirq steal rest </proc/stat
+	local busy=$((user + nice + sys + irq + softirq + steal))
+	echo "$busy $((busy + idle + iowait))"
+}
+
 # rss_kib PID...: the sum of VmRSS over the pids, in KiB.
 rss_kib() {
 	local pid total=0 v

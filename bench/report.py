@@ -27,6 +27,27 @@ def errors_of(r):
     return sum(r.get(k, 0) for k in ("err_connect", "err_read", "err_write", "err_timeout", "err_status"))
 
 
+def cpu_per_request(rs):
+    """Medians of the CPU µs per request that run.sh measured around each wrk
+    run: the variant's tunnel processes (user, system), the backend, and the
+    whole machine (wrk included). Empty for runs from before it measured."""
+    rs = [r for r in rs if "hz" in r and r.get("requests")]
+    if not rs:
+        return {}
+    us = lambda r, k: r[k] * 1e6 / r["hz"] / r["requests"]
+    return {
+        "cpu_us": {
+            "tunnel_user": statistics.median(us(r, "tunnel_user_ticks") for r in rs),
+            "tunnel_sys": statistics.median(us(r, "tunnel_sys_ticks") for r in rs),
+            "backend": statistics.median(us(r, "backend_ticks") for r in rs),
+            "machine": statistics.median(us(r, "machine_busy_ticks") for r in rs),
+            "machine_idle_pct": statistics.median(
+                100 * (1 - r["machine_busy_ticks"] / r["machine_ticks"]) for r in rs if r["machine_ticks"]
+            ),
+        }
+    }
+
+
 def summarise(machine, runs):
     variants = []
     for r in runs:
@@ -45,6 +66,7 @@ def summarise(machine, runs):
             if not rs:
                 continue
             m[t] = {
+                **cpu_per_request(rs),
                 "rps": statistics.median(r["rps"] for r in rs),
                 "p50_ms": statistics.median(r["p50_ms"] for r in rs),
                 "p99_ms": statistics.median(r["p99_ms"] for r in rs),
@@ -166,6 +188,26 @@ def markdown(s):
     lines += ["", "Issue-3 targets:", "", "| target | measured | bound | verdict |", "|---|---|---|---|"]
     for g in s["targets"]:
         lines.append(f"| {g['target']} | {fmt(g['value'], 2)} | {g['op']} {g['bound']} | {g['verdict']} |")
+    cpu_rows = [
+        (v, x, s["medians"][v][x]["cpu_us"])
+        for v in s["variants"]
+        for x in t
+        if "cpu_us" in s["medians"][v].get(x, {})
+    ]
+    if cpu_rows:
+        lines += [
+            "",
+            "CPU per request, µs (medians; tunnel = the variant's own processes, "
+            "machine = everything busy on the machine, wrk included; idle = the machine's idle share):",
+            "",
+            "| variant | test | tunnel user | tunnel sys | backend | machine | idle % |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for v, x, c in cpu_rows:
+            lines.append(
+                f"| {v} | {x} | {fmt(c['tunnel_user'], 1)} | {fmt(c['tunnel_sys'], 1)} | "
+                f"{fmt(c['backend'], 1)} | {fmt(c['machine'], 1)} | {fmt(c['machine_idle_pct'], 0)} |"
+            )
     cols = t + ["download_100MiB"]
     lines += ["", "Every repetition, in order (req/s; download MiB/s):", ""]
     lines.append("| variant | " + " | ".join(cols) + " |")

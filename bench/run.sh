@@ -105,8 +105,10 @@ PROXY_LOCATION="location / {
         }"
 
 log "starting nginx backend on :$P_BACKEND"
-start_nginx nginx-backend "    server { listen 127.0.0.1:$P_BACKEND; root $WWW; location / { } }" >/dev/null
+BACKEND_PID=$(start_nginx nginx-backend "    server { listen 127.0.0.1:$P_BACKEND; root $WWW; location / { } }")
 wait_http 30 "http://127.0.0.1:$P_BACKEND/small"
+BACKEND_PIDS=$(children "$BACKEND_PID")
+HZ=$(getconf CLK_TCK)
 
 declare -A TUNNEL_PIDS WRK_URL WRK_HOST CURL_ARGS
 
@@ -253,13 +255,26 @@ run_wrk() { # TEST CONNS [close]
 	[[ -n ${WRK_HOST[$VARIANT]:-} ]] && args+=(-H "Host: ${WRK_HOST[$VARIANT]}")
 	[[ -n $close ]] && args+=(-H "Connection: close")
 	out=$BENCH_WORK/wrk-$REP-$VARIANT-$test.txt
+	# CPU time spent during the run: the variant's tunnel processes, the
+	# backend, and the whole machine (wrk included). Steadier than req/s on
+	# a small shared machine; report.py turns it into µs per request.
+	local tun0 back0 mach0 tun1 back1 mach1
+	# shellcheck disable=SC2086  # lists of pids
+	tun0=$(cpu_ticks ${TUNNEL_PIDS[$VARIANT]}) back0=$(cpu_ticks $BACKEND_PIDS) mach0=$(machine_ticks)
 	if ! timeout $((DURATION + 60)) wrk "${args[@]}" "${WRK_URL[$VARIANT]}/small" >"$out" 2>&1; then
 		log "wrk failed for $VARIANT $test (see $out)"
 	fi
+	# shellcheck disable=SC2086
+	tun1=$(cpu_ticks ${TUNNEL_PIDS[$VARIANT]}) back1=$(cpu_ticks $BACKEND_PIDS) mach1=$(machine_ticks)
+	local -a a b
+	read -r -a a <<<"$tun0 $back0 $mach0"
+	read -r -a b <<<"$tun1 $back1 $mach1"
+	local cpu="\"hz\":$HZ,\"tunnel_user_ticks\":$((b[0] - a[0])),\"tunnel_sys_ticks\":$((b[1] - a[1]))"
+	cpu+=",\"backend_ticks\":$((b[2] + b[3] - a[2] - a[3])),\"machine_busy_ticks\":$((b[4] - a[4])),\"machine_ticks\":$((b[5] - a[5]))"
 	local json
 	json=$(grep -m1 '^{"requests"' "$out" || echo '{"requests":0,"failed":true}')
 	json=${json#\{}
-	record "\"test\":\"$test\",\"conns\":$conns,${json%\}}"
+	record "\"test\":\"$test\",\"conns\":$conns,$cpu,${json%\}}"
 	log "  $VARIANT $test: $(grep -oE '"rps":[0-9.]+|"p99_ms":[0-9.]+' <<<"$json" | tr '\n' ' ')"
 }
 
