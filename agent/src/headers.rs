@@ -5,51 +5,83 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 /// At most this many names listed in `Connection` are honoured.
 const MAX_CONNECTION_TOKENS: usize = 64;
 
-/// Whether a header describes one connection and is never forwarded by a
-/// proxy (RFC 9110 §7.6.1): `Connection`, `Keep-Alive`, `Proxy-*`, `TE`,
-/// `Trailer`, `Transfer-Encoding`, `Upgrade`.
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    name == header::CONNECTION
-        || name == header::TE
-        || name == header::TRAILER
-        || name == header::TRANSFER_ENCODING
-        || name == header::UPGRADE
-        || name.as_str().starts_with("proxy-")
-        || name.as_str() == "keep-alive"
-}
+/// The hop-by-hop headers with fixed names besides `Connection` (RFC 9110
+/// §7.6.1), in the order `strip_hop_by_hop` marks them; every `Proxy-*`
+/// header is hop-by-hop too.
+static FIXED: [HeaderName; 5] = [
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    HeaderName::from_static("keep-alive"),
+];
 
 /// Removes the hop-by-hop headers: `Connection` and every header it names,
 /// `Keep-Alive`, `Proxy-*`, `TE`, `Trailer`, `Transfer-Encoding` and
 /// `Upgrade`. With `keep_upgrade`, `Upgrade` survives and `Connection` is
-/// set to `upgrade` (a WebSocket handshake). One pass over the names; most
-/// requests carry none of these, and then nothing is allocated.
+/// set to `upgrade` (a WebSocket handshake).
+///
+/// One pass over the names finds what is there; then only those are
+/// removed, by name. The usual case, a response with `Connection:
+/// keep-alive` alone, allocates nothing.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    let mut doomed: Vec<HeaderName> = headers
-        .keys()
-        .filter(|k| is_hop_by_hop(k))
-        .cloned()
-        .collect();
-    if doomed.is_empty() {
+    let (mut connection, mut proxy, mut fixed) = (false, false, [false; 5]);
+    for name in headers.keys() {
+        // A match on the text is a switch on its length and one compare.
+        match name.as_str() {
+            "connection" => connection = true,
+            "te" => fixed[0] = true,
+            "trailer" => fixed[1] = true,
+            "transfer-encoding" => fixed[2] = true,
+            "upgrade" => fixed[3] = true,
+            "keep-alive" => fixed[4] = true,
+            n => proxy |= n.starts_with("proxy-"),
+        }
+    }
+    if !connection && !proxy && !fixed.contains(&true) {
         return;
     }
-    doomed.extend(
-        headers
-            .get_all(header::CONNECTION)
+    let upgrade = match keep_upgrade {
+        true => headers.get(header::UPGRADE).cloned(),
+        false => None,
+    };
+    if connection {
+        // The values are cloned (a reference count) so that the names they
+        // list can be removed from the map they came from.
+        let mut values = headers.get_all(header::CONNECTION).iter();
+        let first = values.next().cloned();
+        let rest: Vec<HeaderValue> = values.cloned().collect();
+        headers.remove(header::CONNECTION);
+        let listed = first
             .iter()
+            .chain(&rest)
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
-            .take(MAX_CONNECTION_TOKENS)
-            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok()),
-    );
-    let upgrade = headers.get(header::UPGRADE).cloned();
-    for name in &doomed {
-        headers.remove(name);
-    }
-    if keep_upgrade {
-        if let Some(upgrade) = upgrade {
-            headers.insert(header::UPGRADE, upgrade);
-            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            .map(str::trim)
+            .take(MAX_CONNECTION_TOKENS);
+        for name in listed {
+            // A token that is not a header name removes nothing.
+            headers.remove(name);
         }
+    }
+    for (name, present) in FIXED.iter().zip(fixed) {
+        if present {
+            headers.remove(name);
+        }
+    }
+    if proxy {
+        let doomed: Vec<HeaderName> = headers
+            .keys()
+            .filter(|k| k.as_str().starts_with("proxy-"))
+            .cloned()
+            .collect();
+        for name in doomed {
+            headers.remove(name);
+        }
+    }
+    if let Some(upgrade) = upgrade {
+        headers.insert(header::UPGRADE, upgrade);
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
 }
 
@@ -96,6 +128,23 @@ mod tests {
         assert_eq!(ws["sec-websocket-key"], "k");
         strip_hop_by_hop(&mut plain, false);
         assert!(!plain.contains_key("upgrade") && !plain.contains_key("connection"));
+    }
+
+    #[test]
+    fn every_connection_header_is_honoured_and_odd_tokens_are_harmless() {
+        let mut h = HeaderMap::new();
+        h.append("connection", HeaderValue::from_static("close"));
+        h.append(
+            "connection",
+            HeaderValue::from_static(" X-A ,, bad name ,x-b"),
+        );
+        h.insert("x-a", HeaderValue::from_static("1"));
+        h.insert("x-b", HeaderValue::from_static("2"));
+        h.insert("x-c", HeaderValue::from_static("3"));
+        h.insert("proxy-connection", HeaderValue::from_static("keep-alive"));
+        strip_hop_by_hop(&mut h, false);
+        let names: Vec<_> = h.keys().map(HeaderName::as_str).collect();
+        assert_eq!(names, ["x-c"]);
     }
 
     #[test]
