@@ -51,23 +51,34 @@ impl InternalUrl {
 
     /// The internal URL joined with the request's path and query:
     /// `http://h:8080/app/` + `/x?y` → `http://h:8080/app/x?y`.
-    pub fn join(&self, path_and_query: &str) -> Result<Uri, ProxyError> {
+    ///
+    /// Built from parts: only the path is parsed, not the whole URL. For an
+    /// internal URL without a path, the URI keeps `path_and_query` itself
+    /// (a slice of the stream head, not a copy); else one buffer is built.
+    pub fn join(&self, path_and_query: Bytes) -> Result<Uri, ProxyError> {
         let bad = || ProxyError::BadRequest {
-            reason: format!("request target {path_and_query:?} does not form a valid URL"),
+            reason: format!(
+                "request target {:?} does not form a valid URL",
+                String::from_utf8_lossy(&path_and_query)
+            ),
         };
-        // Built from parts: only the path is parsed, not the whole URL, and
-        // into one buffer that the URI keeps.
-        let mut path = BytesMut::with_capacity(self.prefix.len() + path_and_query.len() + 1);
-        path.extend_from_slice(self.prefix.as_bytes());
-        if !path_and_query.starts_with('/') {
-            path.extend_from_slice(b"/");
-        }
-        path.extend_from_slice(path_and_query.as_bytes());
+        let rooted = path_and_query.starts_with(b"/");
+        let path = if self.prefix.is_empty() && rooted {
+            // A second handle on the same bytes (a reference count).
+            path_and_query.clone()
+        } else {
+            let mut path = BytesMut::with_capacity(self.prefix.len() + path_and_query.len() + 1);
+            path.extend_from_slice(self.prefix.as_bytes());
+            if !rooted {
+                path.extend_from_slice(b"/");
+            }
+            path.extend_from_slice(&path_and_query);
+            path.freeze()
+        };
         let mut parts = http::uri::Parts::default();
         parts.scheme = Some(self.scheme.clone());
         parts.authority = Some(self.authority.clone());
-        parts.path_and_query =
-            Some(PathAndQuery::from_maybe_shared(path.freeze()).map_err(|_| bad())?);
+        parts.path_and_query = Some(PathAndQuery::from_maybe_shared(path).map_err(|_| bad())?);
         Uri::from_parts(parts).map_err(|_| bad())
     }
 }
@@ -207,20 +218,34 @@ mod tests {
     #[test]
     fn path_joins_with_prefix_and_query() {
         let u = InternalUrl::parse("http://h:8080/app/").unwrap();
-        assert_eq!(u.join("/x?y").unwrap().to_string(), "http://h:8080/app/x?y");
-        assert_eq!(u.join("/").unwrap().to_string(), "http://h:8080/app/");
+        assert_eq!(
+            u.join(Bytes::from_static(b"/x?y")).unwrap().to_string(),
+            "http://h:8080/app/x?y"
+        );
+        assert_eq!(
+            u.join(Bytes::from_static(b"/")).unwrap().to_string(),
+            "http://h:8080/app/"
+        );
         let u = InternalUrl::parse("http://h:8080/app").unwrap();
         assert_eq!(
-            u.join("/x/z?a=1&b=2").unwrap().to_string(),
+            u.join(Bytes::from_static(b"/x/z?a=1&b=2"))
+                .unwrap()
+                .to_string(),
             "http://h:8080/app/x/z?a=1&b=2"
         );
         let u = InternalUrl::parse("https://10.0.0.5").unwrap();
         assert_eq!(u.scheme, Scheme::HTTPS);
-        assert_eq!(u.join("/?q").unwrap().to_string(), "https://10.0.0.5/?q");
-        assert_eq!(u.join("x").unwrap().to_string(), "https://10.0.0.5/x");
+        assert_eq!(
+            u.join(Bytes::from_static(b"/?q")).unwrap().to_string(),
+            "https://10.0.0.5/?q"
+        );
+        assert_eq!(
+            u.join(Bytes::from_static(b"x")).unwrap().to_string(),
+            "https://10.0.0.5/x"
+        );
         assert!(InternalUrl::parse("ftp://h/").is_err());
         assert!(InternalUrl::parse("/relative").is_err());
-        assert!(u.join("/bad path").is_err());
+        assert!(u.join(Bytes::from_static(b"/bad path")).is_err());
     }
 
     #[test]

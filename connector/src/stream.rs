@@ -166,7 +166,7 @@ async fn proxy(
     let meta = RequestMeta {
         kind: head.kind,
         request_id: head.request_id,
-        authority: std::mem::take(&mut head.authority).into(),
+        authority: std::mem::take(&mut head.authority),
         client_ip: head.client_addr.ip(),
     };
     // The head is ours: move its headers instead of copying them.
@@ -286,7 +286,7 @@ fn prepare(
     }
     // Borrowed, not cloned: the stream keeps the entry.
     let (uri, host) = match &entry.internal {
-        Ok(target) => (target.join(&head.path)?, target.host.clone()),
+        Ok(target) => (target.join(head.path.clone())?, target.host.clone()),
         Err(reason) => {
             return Err(ProxyError::Unreachable {
                 target: entry.app.internal_url.clone(),

@@ -20,7 +20,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use portico_agent::pki;
 use portico_proto::api::App;
 use portico_proto::io::ReadError;
-use portico_proto::{CloseCode, ErrorCode, Frame, RequestId, ResponseHead, StreamHead, StreamKind};
+use portico_proto::{
+    CloseCode, ErrorCode, Frame, RequestId, ResponseHead, StreamHeadRef, StreamKind,
+};
 use prometheus::IntCounter;
 use quinn::{RecvStream, SendStream};
 use tokio::net::{TcpListener, TcpSocket};
@@ -308,31 +310,33 @@ async fn forward<B: RequestBody>(
 ) -> Result<Response<Body>, ErrorCode> {
     let websocket = is_websocket(&req);
     let timeout = app.backend_timeout.duration();
-    let head = StreamHead {
+    // The request's headers are not needed after this: move them out (the
+    // authority may borrow from them), and encode the head from borrowed
+    // parts of the request.
+    let headers = forward_headers(std::mem::take(req.headers_mut()), websocket);
+    let head = StreamHeadRef {
         kind: if websocket {
             StreamKind::WebSocket
         } else {
             StreamKind::Http
         },
         request_id,
-        app: app.id.clone(),
-        method: req.method().clone(),
-        authority: authority_of(&req),
-        path: req
-            .uri()
-            .path_and_query()
-            .map(|p| p.as_str().to_owned())
-            .unwrap_or_else(|| "/".to_owned()),
-        // The request's headers are not needed after this: move them.
-        headers: forward_headers(std::mem::take(req.headers_mut()), websocket),
+        app: app.id.as_str(),
+        method: req.method(),
+        authority: authority_of(req.uri(), &headers),
+        path: req.uri().path_and_query().map_or("/", |p| p.as_str()),
+        headers: &headers,
         client_addr: client,
         identity: None,
         timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
-    };
-    let head = Frame::StreamHead(head).to_bytes().map_err(|e| {
+    }
+    .to_bytes()
+    .map_err(|e| {
         tracing::info!(error = %e, "request head too large for a stream head");
         ErrorCode::BadRequest
     })?;
+    // Encoded: not kept for the life of the stream.
+    drop(headers);
     let deadline = tokio::time::Instant::now() + timeout + shared.connector_timeout_grace;
     let (tunnel, stream_guard, mut send, recv) =
         tokio::time::timeout_at(deadline, open_stream(shared, app, head))
@@ -583,16 +587,16 @@ fn header_has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool
         .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
-/// The authority the user asked for, as sent.
-fn authority_of<B>(req: &Request<B>) -> String {
-    if let Some(a) = req.uri().authority() {
-        return a.as_str().to_owned();
+/// The authority the user asked for, as sent: the request target's (HTTP/2
+/// and HTTP/3 `:authority`, an absolute-form HTTP/1.1 target), else `Host`.
+fn authority_of<'a>(uri: &'a http::Uri, headers: &'a HeaderMap) -> &'a str {
+    if let Some(a) = uri.authority() {
+        return a.as_str();
     }
-    req.headers()
+    headers
         .get(http::header::HOST)
         .and_then(|h| h.to_str().ok())
         .unwrap_or("")
-        .to_owned()
 }
 
 /// The request headers to carry to the connector: hop-by-hop ones dropped,

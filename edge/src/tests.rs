@@ -406,7 +406,7 @@ fn fake_connector_full(
                 let Ok(Some(Frame::StreamHead(head))) = read_frame(&mut recv).await else {
                     return;
                 };
-                match head.path.as_str() {
+                match std::str::from_utf8(&head.path).unwrap_or_default() {
                     "/error" => {
                         let e = Frame::Error(StreamError {
                             code: ErrorCode::BackendUnreachable,
@@ -455,8 +455,8 @@ fn fake_connector_full(
                             "{name}|{}|{}|{}|{}|{}",
                             head.app,
                             head.method,
-                            head.authority,
-                            head.path,
+                            String::from_utf8_lossy(&head.authority),
+                            String::from_utf8_lossy(&head.path),
                             String::from_utf8_lossy(&body)
                         );
                         let _ = send.write_all(text.as_bytes()).await;

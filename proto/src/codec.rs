@@ -116,6 +116,14 @@ pub fn get_string(
     String::from_utf8(bytes.to_vec()).map_err(|_| DecodeError::InvalidUtf8 { field })
 }
 
+/// Reads a length-prefixed UTF-8 string of at most `max` bytes, kept as
+/// `Bytes`: from a `Bytes` buffer, a slice of it, not a copy.
+pub fn get_utf8(buf: &mut impl Buf, field: &'static str, max: usize) -> Result<Bytes, DecodeError> {
+    let bytes = get_bytes(buf, field, max)?;
+    std::str::from_utf8(&bytes).map_err(|_| DecodeError::InvalidUtf8 { field })?;
+    Ok(bytes)
+}
+
 /// Writes a socket address: family (4 or 6), address bytes, port (u16).
 pub fn put_socket_addr(buf: &mut impl BufMut, addr: &SocketAddr) {
     match addr.ip() {

@@ -8,12 +8,12 @@
 
 use std::net::SocketAddr;
 
-use bytes::{Buf, BufMut};
+use bytes::{Buf, BufMut, Bytes};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 
 use crate::codec::{
-    get_bytes, get_len, get_socket_addr, get_string, get_varint, get_varint_u32, need, put_bytes,
-    put_socket_addr, put_varint,
+    get_bytes, get_len, get_socket_addr, get_string, get_utf8, get_varint, get_varint_u32, need,
+    put_bytes, put_socket_addr, put_varint,
 };
 use crate::error::{DecodeError, EncodeError};
 use crate::ids::{AppId, ConnectorId, EdgeId, GroupId, RegionId, RequestId};
@@ -202,10 +202,12 @@ pub struct StreamHead {
     pub request_id: RequestId,
     pub app: AppId,
     pub method: Method,
-    /// The external authority (host and optional port) the user asked for.
-    pub authority: String,
-    /// Path and query, as the user sent them.
-    pub path: String,
+    /// The external authority (host and optional port) the user asked for,
+    /// UTF-8 (checked when decoded). `Bytes`, so that a decoded head points
+    /// into the frame it came from instead of copying.
+    pub authority: Bytes,
+    /// Path and query, as the user sent them; UTF-8, like `authority`.
+    pub path: Bytes,
     pub headers: HeaderMap,
     /// The user's address, as the edge saw it.
     pub client_addr: SocketAddr,
@@ -213,6 +215,51 @@ pub struct StreamHead {
     pub identity: Option<String>,
     /// How long the backend may take to answer, in milliseconds.
     pub timeout_ms: u64,
+}
+
+impl StreamHead {
+    /// The head as a [`StreamHeadRef`], to encode it.
+    pub fn borrowed(&self) -> StreamHeadRef<'_> {
+        StreamHeadRef {
+            kind: self.kind,
+            request_id: self.request_id,
+            app: self.app.as_str(),
+            method: &self.method,
+            // Checked when decoded; a head built in code from a non-UTF-8
+            // buffer encodes as empty and the peer's checks reject it.
+            authority: std::str::from_utf8(&self.authority).unwrap_or_default(),
+            path: std::str::from_utf8(&self.path).unwrap_or_default(),
+            headers: &self.headers,
+            client_addr: self.client_addr,
+            identity: self.identity.as_deref(),
+            timeout_ms: self.timeout_ms,
+        }
+    }
+}
+
+/// A [`StreamHead`] to encode, borrowing everything it carries. The edge
+/// writes one per request straight from the user's request, without first
+/// copying the app id, authority and path into owned fields.
+#[derive(Debug, Clone, Copy)]
+pub struct StreamHeadRef<'a> {
+    pub kind: StreamKind,
+    pub request_id: RequestId,
+    pub app: &'a str,
+    pub method: &'a Method,
+    pub authority: &'a str,
+    pub path: &'a str,
+    pub headers: &'a HeaderMap,
+    pub client_addr: SocketAddr,
+    pub identity: Option<&'a str>,
+    pub timeout_ms: u64,
+}
+
+impl StreamHeadRef<'_> {
+    /// The whole `StreamHead` frame, cut from the same per-thread block as
+    /// [`Frame::to_bytes`]; the same limits apply.
+    pub fn to_bytes(&self) -> Result<Bytes, EncodeError> {
+        pooled(FrameType::StreamHead, |buf| encode_stream_head(self, buf))
+    }
 }
 
 /// The connector's answer to a `StreamHead`: the backend's response head.
@@ -238,6 +285,20 @@ thread_local! {
     static ENCODER: std::cell::RefCell<Encoder> = std::cell::RefCell::new(Encoder::default());
 }
 
+/// Encodes a frame of type `ty` whose payload `payload` writes, with the
+/// per-thread [`Encoder`].
+fn pooled(
+    ty: FrameType,
+    payload: impl FnOnce(&mut Vec<u8>) -> Result<(), EncodeError>,
+) -> Result<bytes::Bytes, EncodeError> {
+    ENCODER.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut encoder) => encoder.encode(ty, payload),
+        // Only reachable if encoding re-entered itself; never silently
+        // share the buffer.
+        Err(_) => Encoder::default().encode(ty, payload),
+    })
+}
+
 /// The per-thread buffers of [`Frame::to_bytes`].
 #[derive(Default)]
 struct Encoder {
@@ -246,11 +307,14 @@ struct Encoder {
 }
 
 impl Encoder {
-    fn encode(&mut self, frame: &Frame) -> Result<bytes::Bytes, EncodeError> {
+    fn encode(
+        &mut self,
+        ty: FrameType,
+        payload: impl FnOnce(&mut Vec<u8>) -> Result<(), EncodeError>,
+    ) -> Result<bytes::Bytes, EncodeError> {
         self.payload.clear();
-        let built = frame.encode_payload(&mut self.payload);
+        let built = payload(&mut self.payload);
         let result = built.and_then(|()| {
-            let ty = frame.frame_type();
             let len = self.payload.len();
             if len > ty.max_len() {
                 return Err(EncodeError::FrameTooLarge {
@@ -320,16 +384,7 @@ impl Frame {
     /// frames are all dropped is reused in place. The payload is built in a
     /// per-thread scratch buffer, so encoding allocates nothing once warm.
     pub fn to_bytes(&self) -> Result<bytes::Bytes, EncodeError> {
-        ENCODER.with(|cell| match cell.try_borrow_mut() {
-            Ok(mut encoder) => encoder.encode(self),
-            // Only reachable if encoding re-entered itself; never silently
-            // share the buffer.
-            Err(_) => {
-                let mut buf = bytes::BytesMut::new();
-                self.encode(&mut buf)?;
-                Ok(buf.freeze())
-            }
-        })
+        pooled(self.frame_type(), |buf| self.encode_payload(buf))
     }
 
     /// Decodes one whole frame. `UnexpectedEnd` means more bytes are needed.
@@ -424,7 +479,7 @@ impl Frame {
                 put_varint(buf, g.code.min(crate::codec::VARINT_MAX));
                 put_str(buf, "reason", &g.reason, MAX_MESSAGE_LEN)?;
             }
-            Frame::StreamHead(h) => encode_stream_head(h, buf)?,
+            Frame::StreamHead(h) => encode_stream_head(&h.borrowed(), buf)?,
             Frame::ResponseHead(r) => {
                 put_varint(buf, u64::from(r.status.as_u16()));
                 put_headers(buf, &r.headers)?;
@@ -443,23 +498,23 @@ impl Frame {
     }
 }
 
-fn encode_stream_head(h: &StreamHead, buf: &mut Vec<u8>) -> Result<(), EncodeError> {
+fn encode_stream_head(h: &StreamHeadRef<'_>, buf: &mut Vec<u8>) -> Result<(), EncodeError> {
     buf.put_u8(h.kind.to_byte());
     buf.put_u128(h.request_id.0);
-    put_bytes(buf, h.app.as_str().as_bytes());
+    put_str(buf, "app", h.app, MAX_ID_LEN)?;
     put_str(buf, "method", h.method.as_str(), MAX_METHOD_LEN)?;
-    put_str(buf, "authority", &h.authority, MAX_AUTHORITY_LEN)?;
-    put_str(buf, "path", &h.path, MAX_PATH_LEN)?;
+    put_str(buf, "authority", h.authority, MAX_AUTHORITY_LEN)?;
+    put_str(buf, "path", h.path, MAX_PATH_LEN)?;
     put_socket_addr(buf, &h.client_addr);
     put_varint(buf, h.timeout_ms.min(crate::codec::VARINT_MAX));
-    match &h.identity {
+    match h.identity {
         None => buf.put_u8(0),
         Some(id) => {
             buf.put_u8(1);
             put_str(buf, "identity", id, MAX_IDENTITY_LEN)?;
         }
     }
-    put_headers(buf, &h.headers)
+    put_headers(buf, h.headers)
 }
 
 fn decode_stream_head(buf: &mut impl Buf) -> Result<StreamHead, DecodeError> {
@@ -470,8 +525,8 @@ fn decode_stream_head(buf: &mut impl Buf) -> Result<StreamHead, DecodeError> {
     let method = get_bytes(buf, "method", MAX_METHOD_LEN)?;
     let method =
         Method::from_bytes(&method).map_err(|_| DecodeError::InvalidValue { field: "method" })?;
-    let authority = get_string(buf, "authority", MAX_AUTHORITY_LEN)?;
-    let path = get_string(buf, "path", MAX_PATH_LEN)?;
+    let authority = get_utf8(buf, "authority", MAX_AUTHORITY_LEN)?;
+    let path = get_utf8(buf, "path", MAX_PATH_LEN)?;
     let client_addr = get_socket_addr(buf)?;
     let timeout_ms = get_varint(buf)?;
     need(buf, 1)?;
@@ -698,8 +753,8 @@ mod tests {
                         request_id: RequestId(rid),
                         app: AppId::new(app).unwrap(),
                         method,
-                        authority,
-                        path,
+                        authority: authority.into(),
+                        path: path.into(),
                         headers,
                         client_addr: SocketAddr::new(IpAddr::V6(Ipv6Addr::from(ip)), port),
                         identity,
@@ -851,6 +906,42 @@ mod tests {
         })
         .join()
         .unwrap();
+    }
+
+    /// The edge encodes heads from borrowed parts; the connector decodes
+    /// them into slices of the frame, not copies; text that is not UTF-8 is
+    /// refused, naming the field.
+    #[test]
+    fn borrowed_heads_encode_alike_and_decode_without_copies() {
+        let mut head = sample_head();
+        head.path = Bytes::from_static(b"/a/b?c=d");
+        head.identity = Some("alice@example.com".to_owned());
+        head.headers.insert("x-one", HeaderValue::from_static("1"));
+        let borrowed = head.borrowed().to_bytes().unwrap();
+        assert_eq!(
+            borrowed,
+            Frame::StreamHead(head.clone()).to_bytes().unwrap()
+        );
+        let mut plain = Vec::new();
+        Frame::StreamHead(head.clone()).encode(&mut plain).unwrap();
+        assert_eq!(&borrowed[..], &plain[..]);
+
+        let frame = Bytes::from(plain);
+        let Frame::StreamHead(decoded) = Frame::decode(&mut frame.clone()).unwrap() else {
+            panic!("not a StreamHead");
+        };
+        assert_eq!(decoded, head);
+        let inside = |b: &Bytes| frame.as_ptr_range().contains(&b.as_ptr());
+        assert!(inside(&decoded.authority) && inside(&decoded.path));
+
+        // Corrupt the path's first byte: the decoder names the field.
+        let at = frame.windows(8).position(|w| w == b"/a/b?c=d").unwrap();
+        let mut bad = frame.to_vec();
+        bad[at] = 0xff;
+        assert_eq!(
+            Frame::decode(&mut &bad[..]),
+            Err(DecodeError::InvalidUtf8 { field: "path" })
+        );
     }
 
     #[test]

@@ -22,7 +22,8 @@ pub mod limits;
 
 pub use error::{CloseCode, DecodeError, EncodeError, ErrorCode, VersionMismatch};
 pub use frame::{
-    Frame, FrameType, Goodbye, Hello, ResponseHead, StreamError, StreamHead, StreamKind, Welcome,
+    Frame, FrameType, Goodbye, Hello, ResponseHead, StreamError, StreamHead, StreamHeadRef,
+    StreamKind, Welcome,
 };
 pub use ids::{AppId, ConnectorId, EdgeId, GroupId, IdError, RegionId, RequestId, TunnelId};
 
