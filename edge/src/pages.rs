@@ -5,13 +5,14 @@ use std::time::SystemTime;
 
 use bytes::Bytes;
 use http::header::{HeaderValue, ACCEPT, CACHE_CONTROL, CONTENT_TYPE};
-use http::{HeaderMap, Response};
+use http::{HeaderMap, HeaderName, Response};
 use portico_proto::{ErrorCode, RequestId};
 
-/// The header every answer carries.
-pub(crate) const REQUEST_ID_HEADER: &str = "x-portico-request-id";
+/// The header every answer carries. A `HeaderName` constant: inserting by
+/// `&str` would copy a custom name into a fresh allocation every time.
+pub(crate) const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-portico-request-id");
 /// The header every error answer carries.
-pub(crate) const ERROR_HEADER: &str = "x-portico-error";
+pub(crate) const ERROR_HEADER: HeaderName = HeaderName::from_static("x-portico-error");
 
 /// One line for users, per code.
 pub(crate) fn explanation(code: ErrorCode) -> &'static str {
@@ -139,8 +140,8 @@ mod tests {
         let resp: Response<Full<Bytes>> =
             error_response(ErrorCode::AppNotFound, id, &accept("application/json"));
         assert_eq!(resp.status(), 404);
-        assert_eq!(resp.headers()[ERROR_HEADER], "AppNotFound");
-        assert_eq!(resp.headers()[REQUEST_ID_HEADER], id.to_string().as_str());
+        assert_eq!(resp.headers()[&ERROR_HEADER], "AppNotFound");
+        assert_eq!(resp.headers()[&REQUEST_ID_HEADER], id.to_string().as_str());
         assert_eq!(resp.headers()[CONTENT_TYPE], "application/json");
         let body = resp.into_body().collect().await.unwrap().to_bytes();
         let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
