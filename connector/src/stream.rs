@@ -108,7 +108,10 @@ pub(crate) async fn serve_stream(ctx: Arc<StreamCtx>, mut send: SendStream, mut 
     let span = tracing::info_span!("stream", request.id = %head.request_id, app = %head.app);
     async move {
         let entry = ctx.apps.load().get(&head.app).cloned();
-        let app_label = entry.as_ref().map_or("", |e| e.app.id.as_str()).to_owned();
+        // A second handle on the entry (a reference count) for the label,
+        // not a copy of the id.
+        let labelled = entry.clone();
+        let app_label = labelled.as_ref().map_or("", |e| e.app.id.as_str());
         let outcome = proxy(&ctx, entry, head, &mut send, recv).await;
         let (status, code) = match &outcome {
             Outcome::Answered { status } => (status.as_u16(), None),
@@ -121,7 +124,7 @@ pub(crate) async fn serve_stream(ctx: Arc<StreamCtx>, mut send: SendStream, mut 
         let status_label = status_code.as_ref().map_or("0", StatusCode::as_str);
         ctx.metrics
             .requests
-            .with_label_values(&[app_label.as_str(), status_label, code_label])
+            .with_label_values(&[app_label, status_label, code_label])
             .inc();
         let duration_ms = started.elapsed().as_secs_f64() * 1000.0;
         match &outcome {
