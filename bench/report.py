@@ -208,6 +208,26 @@ def markdown(s):
                 f"| {v} | {x} | {fmt(c['tunnel_user'], 1)} | {fmt(c['tunnel_sys'], 1)} | "
                 f"{fmt(c['backend'], 1)} | {fmt(c['machine'], 1)} | {fmt(c['machine_idle_pct'], 0)} |"
             )
+    own = lambda v, x: (lambda c: c["tunnel_user"] + c["tunnel_sys"] if c else None)(
+        s["medians"].get(v, {}).get(x, {}).get("cpu_us")
+    )
+    if cpu_rows and PORTICO in s["medians"]:
+        lines += [
+            "",
+            "CPU of the variant's own processes per request, Portico ÷ peer (below 1: Portico spends less; "
+            "steadier than req/s when the machine is shared):",
+            "",
+            "| peer | " + " | ".join(t) + " |",
+            "|" + "---|" * (len(t) + 1),
+        ]
+        for v in s["variants"]:
+            if v in (PORTICO, "direct"):
+                continue
+            cells = []
+            for x in t:
+                a, b = own(PORTICO, x), own(v, x)
+                cells.append(fmt(a / b, 2) if a is not None and b else "–")
+            lines.append(f"| {v} | " + " | ".join(cells) + " |")
     cols = t + ["download_100MiB"]
     lines += ["", "Every repetition, in order (req/s; download MiB/s):", ""]
     lines.append("| variant | " + " | ".join(cols) + " |")
