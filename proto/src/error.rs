@@ -314,4 +314,6 @@ pub enum EncodeError {
         count: usize,
         max: usize,
     },
+    #[error("field {field} is not UTF-8")]
+    NotUtf8 { field: &'static str },
 }

@@ -218,22 +218,24 @@ pub struct StreamHead {
 }
 
 impl StreamHead {
-    /// The head as a [`StreamHeadRef`], to encode it.
-    pub fn borrowed(&self) -> StreamHeadRef<'_> {
-        StreamHeadRef {
+    /// The head as a [`StreamHeadRef`], to encode it. Fails if
+    /// `authority` or `path` is not UTF-8: a decoded head always is, but
+    /// one built in code might not be.
+    pub fn borrowed(&self) -> Result<StreamHeadRef<'_>, EncodeError> {
+        let text =
+            |bytes, field| std::str::from_utf8(bytes).map_err(|_| EncodeError::NotUtf8 { field });
+        Ok(StreamHeadRef {
             kind: self.kind,
             request_id: self.request_id,
             app: self.app.as_str(),
             method: &self.method,
-            // Checked when decoded; a head built in code from a non-UTF-8
-            // buffer encodes as empty and the peer's checks reject it.
-            authority: std::str::from_utf8(&self.authority).unwrap_or_default(),
-            path: std::str::from_utf8(&self.path).unwrap_or_default(),
+            authority: text(&self.authority, "authority")?,
+            path: text(&self.path, "path")?,
             headers: &self.headers,
             client_addr: self.client_addr,
             identity: self.identity.as_deref(),
             timeout_ms: self.timeout_ms,
-        }
+        })
     }
 }
 
@@ -479,7 +481,7 @@ impl Frame {
                 put_varint(buf, g.code.min(crate::codec::VARINT_MAX));
                 put_str(buf, "reason", &g.reason, MAX_MESSAGE_LEN)?;
             }
-            Frame::StreamHead(h) => encode_stream_head(&h.borrowed(), buf)?,
+            Frame::StreamHead(h) => encode_stream_head(&h.borrowed()?, buf)?,
             Frame::ResponseHead(r) => {
                 put_varint(buf, u64::from(r.status.as_u16()));
                 put_headers(buf, &r.headers)?;
@@ -917,7 +919,7 @@ mod tests {
         head.path = Bytes::from_static(b"/a/b?c=d");
         head.identity = Some("alice@example.com".to_owned());
         head.headers.insert("x-one", HeaderValue::from_static("1"));
-        let borrowed = head.borrowed().to_bytes().unwrap();
+        let borrowed = head.borrowed().unwrap().to_bytes().unwrap();
         assert_eq!(
             borrowed,
             Frame::StreamHead(head.clone()).to_bytes().unwrap()
@@ -934,7 +936,14 @@ mod tests {
         let inside = |b: &Bytes| frame.as_ptr_range().contains(&b.as_ptr());
         assert!(inside(&decoded.authority) && inside(&decoded.path));
 
-        // Corrupt the path's first byte: the decoder names the field.
+        // Text that is not UTF-8: the encoder refuses it, and a corrupted
+        // frame is refused by the decoder; both name the field.
+        let mut odd = head.clone();
+        odd.path = Bytes::from_static(b"/\xff");
+        assert_eq!(
+            Frame::StreamHead(odd).to_bytes(),
+            Err(EncodeError::NotUtf8 { field: "path" })
+        );
         let at = frame.windows(8).position(|w| w == b"/a/b?c=d").unwrap();
         let mut bad = frame.to_vec();
         bad[at] = 0xff;
