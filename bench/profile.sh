@@ -19,7 +19,8 @@
 #
 # Writes to BENCH_OUT: summary.md (instructions and allocations per request,
 # the allocations counted as calls to malloc/calloc/realloc), callgrind.*
-# dumps with callgrind_annotate listings (*.inclusive.txt), perf.*.data and
+# dumps with callgrind_annotate listings (*.inclusive.txt), the allocation
+# sites per request ({edge,connector}.allocations.txt), perf.*.data and
 # flamegraph-{edge,connector}.svg.
 set -euo pipefail
 
@@ -160,6 +161,44 @@ print(total)
 PY
 }
 
+# alloc_sites DUMP REQUESTS: who calls the Rust allocator, per request (the
+# callers of __rust_alloc, __rust_alloc_zeroed and __rust_realloc at 0.3 per
+# request or more). Generic helpers (Vec growth, Bytes copies, boxing, task
+# cells, ...) are followed one level further up, to the code that used them.
+alloc_sites() {
+	callgrind_annotate --tree=caller --inclusive=yes --threshold=100 --auto=no "$1" 2>/dev/null |
+		python3 -c '
+import re, sys
+n_req = int(sys.argv[1])
+blocks = sys.stdin.read().split("\n\n")
+def callers(fn):
+    out = []
+    for block in blocks:
+        lines = block.splitlines()
+        if any(("*  ???:" + fn + " [") in l for l in lines):
+            for l in lines:
+                m = re.search(r"<\s+\S*?:(.*) \(([\d,]+)x\)", l)
+                if m:
+                    out.append((int(m.group(2).replace(",", "")) / n_req, m.group(1)))
+    return out
+helpers = ("finish_grow", "copy_from_slice", "split_to", "reserve_inner", "try_allocate_in",
+           "box_new_uninit", "new_task", "Cell<T,S>::new", "From<alloc::vec::Vec", "shallow_clone",
+           "reserve_rehash", "BytesMut as core::convert::From", "Extensions::insert")
+rows = []
+for alloc in ("__rustc::__rust_alloc", "__rustc::__rust_alloc_zeroed", "__rustc::__rust_realloc"):
+    for n, site in callers(alloc):
+        if n < 0.3:
+            continue
+        if any(h in site for h in helpers):
+            up = [(m, u) for m, u in callers(site) if m >= 0.3]
+            site = site[:80] + "  <= " + "; ".join(f"{m:.2f} {u[:90]}" for m, u in up[:4])
+        rows.append((n, alloc.rsplit("_", 1)[-1], site[:240]))
+print(f"{sum(r[0] for r in rows):.1f} allocator calls per request listed (sites at 0.3 per request or more)")
+for n, kind, site in sorted(rows, reverse=True):
+    print(f"{n:6.2f}  {kind:7}  {site}")
+' "$2"
+}
+
 declare -A IR ALLOCS
 for role in edge connector; do
 	pid=$EDGE_PID
@@ -169,6 +208,7 @@ for role in edge connector; do
 	IR[$role]=$(awk '/^(summary|totals):/ {print $2; exit}' "$dump")
 	ALLOCS[$role]=$(alloc_calls "$dump")
 	callgrind_annotate --inclusive=yes --threshold=99 --auto=no "$dump" >"$BENCH_OUT/$role.inclusive.txt" 2>/dev/null || true
+	alloc_sites "$dump" "$REQUESTS" >"$BENCH_OUT/$role.allocations.txt" || true
 	log "callgrind: $role ${IR[$role]} instructions = $((IR[$role] / REQUESTS)) per request"
 done
 stop_pair
@@ -207,7 +247,7 @@ done
 	done
 	echo
 	echo "wrk during perf: $(awk '/Requests\/sec/ {print $2}' "$BENCH_OUT/wrk.txt") req/s (not a benchmark: perf was sampling)."
-	echo "Listings: edge.inclusive.txt, connector.inclusive.txt; flamegraphs: flamegraph-edge.svg, flamegraph-connector.svg."
+	echo "Listings: edge.inclusive.txt, connector.inclusive.txt; allocation sites per request: edge.allocations.txt, connector.allocations.txt; flamegraphs: flamegraph-edge.svg, flamegraph-connector.svg."
 } >"$BENCH_OUT/summary.md"
 cat "$BENCH_OUT/summary.md"
 log "results: $BENCH_OUT"
