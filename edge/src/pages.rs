@@ -29,6 +29,16 @@ pub(crate) fn explanation(code: ErrorCode) -> &'static str {
         }
         ErrorCode::MeshUnreachable => "No path to an edge that can reach this application.",
         ErrorCode::BadRequest => "The request could not be understood.",
+        ErrorCode::BadRequestBody => "The request body was malformed.",
+        ErrorCode::PathOutsidePrefix => {
+            "The requested path lies outside the published application."
+        }
+        ErrorCode::ClientClosed => "The request was cancelled by the client.",
+        ErrorCode::ClientStalled => "The client stopped reading the response.",
+        ErrorCode::BackendBusy => "The application's server is busy; try again shortly.",
+        ErrorCode::FeatureUnsupported => {
+            "This application needs a feature this edge does not offer."
+        }
         _ => "Something went wrong inside Portico.",
     }
 }

@@ -69,6 +69,13 @@ pub struct VersionMismatch {
     pub theirs: u32,
 }
 
+/// The status logged for a request whose client went away first (nginx's
+/// 499 "client closed request"); never sent, since nobody is left to read it.
+pub const CLIENT_CLOSED: http::StatusCode = match http::StatusCode::from_u16(499) {
+    Ok(s) => s,
+    Err(_) => panic!("499 is a valid status"),
+};
+
 /// The stable error codes of DESIGN.md. Users see them on error pages,
 /// metrics count them, and logs carry them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -96,11 +103,30 @@ pub enum ErrorCode {
     BadRequest,
     /// A fault inside Portico. Never expected; always logged.
     Internal,
+    /// The client sent a malformed request body (bad chunked encoding, a
+    /// body longer or shorter than its `Content-Length`).
+    BadRequestBody,
+    /// The request path, once dot segments are removed, leaves the app's
+    /// published path prefix.
+    PathOutsidePrefix,
+    /// The client went away (closed, reset or cancelled) before the
+    /// response was complete. Logs and metrics only: nobody is left to
+    /// read a page.
+    ClientClosed,
+    /// The client stopped reading the response, and the stream was reset
+    /// after the stall time. Logs and metrics only.
+    ClientStalled,
+    /// The connector's cap on connections to this app's backend was
+    /// reached and no connection came free in time.
+    BackendBusy,
+    /// The app requires a feature this edge does not implement, so the
+    /// edge refuses it instead of serving it unprotected.
+    FeatureUnsupported,
 }
 
 impl ErrorCode {
     /// Every code, in wire order.
-    pub const ALL: [ErrorCode; 11] = [
+    pub const ALL: [ErrorCode; 17] = [
         ErrorCode::AppNotFound,
         ErrorCode::Maintenance,
         ErrorCode::NotAssigned,
@@ -112,6 +138,12 @@ impl ErrorCode {
         ErrorCode::MeshUnreachable,
         ErrorCode::BadRequest,
         ErrorCode::Internal,
+        ErrorCode::BadRequestBody,
+        ErrorCode::PathOutsidePrefix,
+        ErrorCode::ClientClosed,
+        ErrorCode::ClientStalled,
+        ErrorCode::BackendBusy,
+        ErrorCode::FeatureUnsupported,
     ];
 
     /// The stable name, as shown to users and in metrics labels.
@@ -128,6 +160,12 @@ impl ErrorCode {
             ErrorCode::MeshUnreachable => "MeshUnreachable",
             ErrorCode::BadRequest => "BadRequest",
             ErrorCode::Internal => "Internal",
+            ErrorCode::BadRequestBody => "BadRequestBody",
+            ErrorCode::PathOutsidePrefix => "PathOutsidePrefix",
+            ErrorCode::ClientClosed => "ClientClosed",
+            ErrorCode::ClientStalled => "ClientStalled",
+            ErrorCode::BackendBusy => "BackendBusy",
+            ErrorCode::FeatureUnsupported => "FeatureUnsupported",
         }
     }
 
@@ -143,8 +181,13 @@ impl ErrorCode {
             | ErrorCode::BackendCertInvalid
             | ErrorCode::MeshUnreachable => S::BAD_GATEWAY,
             ErrorCode::ConnectorTimeout | ErrorCode::BackendTimeout => S::GATEWAY_TIMEOUT,
-            ErrorCode::BadRequest => S::BAD_REQUEST,
+            ErrorCode::BadRequest | ErrorCode::BadRequestBody | ErrorCode::PathOutsidePrefix => {
+                S::BAD_REQUEST
+            }
             ErrorCode::Internal => S::INTERNAL_SERVER_ERROR,
+            ErrorCode::ClientClosed => CLIENT_CLOSED,
+            ErrorCode::ClientStalled => S::REQUEST_TIMEOUT,
+            ErrorCode::BackendBusy | ErrorCode::FeatureUnsupported => S::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -162,6 +205,12 @@ impl ErrorCode {
             ErrorCode::MeshUnreachable => 9,
             ErrorCode::BadRequest => 10,
             ErrorCode::Internal => 11,
+            ErrorCode::BadRequestBody => 12,
+            ErrorCode::PathOutsidePrefix => 13,
+            ErrorCode::ClientClosed => 14,
+            ErrorCode::ClientStalled => 15,
+            ErrorCode::BackendBusy => 16,
+            ErrorCode::FeatureUnsupported => 17,
         }
     }
 
@@ -172,15 +221,6 @@ impl ErrorCode {
             .into_iter()
             .find(|c| c.to_wire() == v)
             .unwrap_or(ErrorCode::Internal)
-    }
-
-    /// Whether the request may be retried on another connector: true only
-    /// when no byte of it reached a backend.
-    pub fn retry_safe(self) -> bool {
-        matches!(
-            self,
-            ErrorCode::ConnectorNotFound | ErrorCode::MeshUnreachable
-        )
     }
 }
 
@@ -220,6 +260,15 @@ pub enum CloseCode {
     Cancelled,
     /// A fault inside Portico.
     Internal,
+    /// The stream was refused before anything of it was processed (the
+    /// connector is draining or at a limit): the edge may retry it on
+    /// another connector, whatever its method, as HTTP/2's REFUSED_STREAM.
+    Refused,
+    /// The tunnel was refused: its connector already holds as many
+    /// tunnels to this edge as allowed.
+    TooManyTunnels,
+    /// The stream was reset because its client stopped reading.
+    Stalled,
     /// A code this build does not know.
     Unknown(u64),
 }
@@ -234,6 +283,9 @@ impl CloseCode {
             CloseCode::Shutdown => 0x4,
             CloseCode::Cancelled => 0x5,
             CloseCode::Internal => 0x6,
+            CloseCode::Refused => 0x7,
+            CloseCode::TooManyTunnels => 0x8,
+            CloseCode::Stalled => 0x9,
             CloseCode::Unknown(v) => u32::try_from(v).unwrap_or(u32::MAX),
         }
     }
@@ -247,6 +299,9 @@ impl CloseCode {
             0x4 => CloseCode::Shutdown,
             0x5 => CloseCode::Cancelled,
             0x6 => CloseCode::Internal,
+            0x7 => CloseCode::Refused,
+            0x8 => CloseCode::TooManyTunnels,
+            0x9 => CloseCode::Stalled,
             other => CloseCode::Unknown(other),
         }
     }
@@ -262,6 +317,9 @@ impl fmt::Display for CloseCode {
             CloseCode::Shutdown => f.write_str("shutdown"),
             CloseCode::Cancelled => f.write_str("cancelled"),
             CloseCode::Internal => f.write_str("internal error"),
+            CloseCode::Refused => f.write_str("refused"),
+            CloseCode::TooManyTunnels => f.write_str("too many tunnels"),
+            CloseCode::Stalled => f.write_str("stalled"),
             CloseCode::Unknown(v) => write!(f, "unknown code 0x{v:x}"),
         }
     }
@@ -281,11 +339,20 @@ mod tests {
         assert_eq!(ErrorCode::ConnectorNotFound.http_status(), 502);
         assert_eq!(ErrorCode::BackendTimeout.http_status(), 504);
         assert_eq!(ErrorCode::AppNotFound.http_status(), 404);
+        assert_eq!(ErrorCode::ClientClosed.http_status(), 499);
+        assert_eq!(ErrorCode::PathOutsidePrefix.http_status(), 400);
+        assert_eq!(ErrorCode::BadRequestBody.http_status(), 400);
+        assert_eq!(ErrorCode::BackendBusy.http_status(), 503);
+        // Wire values are distinct and never reused.
+        let mut wire: Vec<u64> = ErrorCode::ALL.iter().map(|c| c.to_wire()).collect();
+        wire.sort_unstable();
+        wire.dedup();
+        assert_eq!(wire.len(), ErrorCode::ALL.len());
     }
 
     #[test]
     fn close_codes_round_trip() {
-        for v in 0..10u64 {
+        for v in 0..16u64 {
             assert_eq!(u64::from(CloseCode::from_wire(v).to_wire()), v);
         }
     }
