@@ -127,6 +127,7 @@ pub async fn app(cmd: AppCmd) -> anyhow::Result<()> {
                     .map_err(anyhow::Error::msg)
                     .context("--backend-timeout")?,
                 validate_backend_tls: !a.no_validate_backend_tls,
+                required_features: a.required_features,
             };
             let app: App = client(&a.conn)?.post_json("/v1/apps", &spec).await?;
             print_one(a.conn.json, &app, app_lines)
@@ -136,7 +137,14 @@ pub async fn app(cmd: AppCmd) -> anyhow::Result<()> {
             print_list(
                 a.conn.json,
                 &apps,
-                &["ID", "EXTERNAL URL", "INTERNAL URL", "GROUP", "TIMEOUT"],
+                &[
+                    "ID",
+                    "EXTERNAL URL",
+                    "INTERNAL URL",
+                    "GROUP",
+                    "TIMEOUT",
+                    "FEATURES",
+                ],
                 |app| {
                     vec![
                         app.id.to_string(),
@@ -144,6 +152,7 @@ pub async fn app(cmd: AppCmd) -> anyhow::Result<()> {
                         app.internal_url.clone(),
                         app.connector_group.to_string(),
                         app.backend_timeout.to_string(),
+                        features(&app.required_features),
                     ]
                 },
             )
@@ -172,7 +181,17 @@ fn app_lines(app: &App) -> Vec<(&'static str, String)> {
         ("connector group", app.connector_group.to_string()),
         ("backend timeout", app.backend_timeout.to_string()),
         ("validate backend tls", app.validate_backend_tls.to_string()),
+        ("required features", features(&app.required_features)),
     ]
+}
+
+/// Required features as a table cell: comma-separated, `-` for none.
+fn features(names: &[String]) -> String {
+    if names.is_empty() {
+        "-".into()
+    } else {
+        names.join(",")
+    }
 }
 
 pub async fn group(cmd: GroupCmd) -> anyhow::Result<()> {

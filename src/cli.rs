@@ -289,6 +289,11 @@ pub struct AppCreateArgs {
     /// Accept any certificate from an https backend (validation is on by default).
     #[arg(long)]
     pub no_validate_backend_tls: bool,
+    /// A feature every edge must implement to serve this app (repeatable;
+    /// lower-case letters, digits and '-'). An edge that does not know it
+    /// answers 503 `FeatureUnsupported` instead of serving the app without it.
+    #[arg(long = "require-feature", value_name = "NAME")]
+    pub required_features: Vec<String>,
     #[command(flatten)]
     pub conn: RouterConn,
 }

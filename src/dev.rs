@@ -232,6 +232,7 @@ pub async fn publish(
         connector_group: group,
         backend_timeout: BackendTimeout::Default,
         validate_backend_tls: true,
+        required_features: vec![],
     };
     admin
         .post_json("/v1/apps", &spec)

@@ -339,6 +339,7 @@ async fn invalid_admin_input_gets_precise_errors() {
         connector_group: GroupId::default_group(),
         backend_timeout: BackendTimeout::Default,
         validate_backend_tls: true,
+        required_features: vec![],
     };
     let expect = |r: Result<App, ClientError>, status: u16, field: &str| {
         let e = r.expect_err("refused");

@@ -24,6 +24,7 @@ fn spec(id: &str, internal_url: &str) -> AppSpec {
         connector_group: GroupId::default_group(),
         backend_timeout: BackendTimeout::Default,
         validate_backend_tls: true,
+        required_features: vec![],
     }
 }
 

@@ -82,6 +82,7 @@ async fn a_killed_connector_gives_connector_not_found_and_comes_back_from_its_st
                     connector_group: GroupId::new("proc").unwrap(),
                     backend_timeout: portico_proto::api::BackendTimeout::Seconds(1),
                     validate_backend_tls: true,
+                    required_features: vec![],
                 },
             )
             .await
@@ -272,5 +273,68 @@ async fn the_admin_cli_drives_the_router() {
         let (ok, out, _) = cli(&s, &cmd).await;
         assert!(ok && out.contains("Usage"), "{cmd:?}: {out}");
     }
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_publishes_an_app_that_requires_features() {
+    let s = Stack::start().await;
+    let url = format!("http://{}/", s.d.demo.addr);
+    let (ok, out, err) = cli(
+        &s,
+        &[
+            "app",
+            "create",
+            "feat",
+            "--internal-url",
+            &url,
+            "--require-feature",
+            "sign-in",
+            "--require-feature",
+            "mesh",
+        ],
+    )
+    .await;
+    assert!(ok, "{err}");
+    let line = |out: &str, key: &str| {
+        out.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .map(|v| v.trim().to_owned())
+    };
+    assert_eq!(
+        line(&out, "required features").as_deref(),
+        Some("sign-in,mesh"),
+        "{out}"
+    );
+    let (ok, out, _) = cli(&s, &["app", "show", "feat", "--json"]).await;
+    assert!(ok, "{out}");
+    let app: portico_proto::api::App = serde_json::from_str(&out).unwrap();
+    assert_eq!(app.required_features, ["sign-in", "mesh"]);
+    let (ok, out, _) = cli(&s, &["app", "list"]).await;
+    assert!(ok);
+    let header = out.lines().next().unwrap();
+    assert!(header.ends_with("FEATURES"), "{out}");
+    let row = out.lines().find(|l| l.starts_with("feat ")).unwrap();
+    assert!(row.ends_with("sign-in,mesh"), "{out}");
+
+    // A bad name is refused by the router, named, and printed once.
+    let (ok, out, err) = cli(
+        &s,
+        &[
+            "app",
+            "create",
+            "bad",
+            "--internal-url",
+            &url,
+            "--require-feature",
+            "Sign_In",
+        ],
+    )
+    .await;
+    assert!(!ok, "{out}");
+    assert!(err.contains("required_features"), "{err}");
+    assert_eq!(err.matches("may only contain").count(), 1, "{err}");
+    let (ok, _, _) = cli(&s, &["app", "show", "bad"]).await;
+    assert!(!ok, "nothing was created");
     s.stop().await;
 }

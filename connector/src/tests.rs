@@ -50,6 +50,7 @@ fn app(id: &str, internal_url: String, validate: bool) -> App {
         connector_group: GroupId::default_group(),
         backend_timeout: BackendTimeout::Default,
         validate_backend_tls: validate,
+        required_features: vec![],
         created_at: 0,
     }
 }

@@ -131,6 +131,7 @@ mod tests {
             connector_group: GroupId::default_group(),
             backend_timeout: BackendTimeout::Seconds(5),
             validate_backend_tls: true,
+            required_features: vec![],
             created_at: 0,
         }
     }

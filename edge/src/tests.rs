@@ -106,6 +106,7 @@ fn app(id: &str, host: &str, timeout: BackendTimeout) -> App {
         connector_group: GroupId::default_group(),
         backend_timeout: timeout,
         validate_backend_tls: true,
+        required_features: vec![],
         created_at: 0,
     }
 }

@@ -349,6 +349,11 @@ pub struct AppSpec {
     /// Verify the backend's TLS certificate (https internal URLs).
     #[serde(default = "default_true")]
     pub validate_backend_tls: bool,
+    /// Features an edge must implement to serve this app (see
+    /// [`check_required_features`]); an edge that does not know one of them
+    /// refuses the app rather than serve it without.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub required_features: Vec<String>,
 }
 
 /// A published app, as stored and distributed.
@@ -363,8 +368,80 @@ pub struct App {
     pub connector_group: GroupId,
     pub backend_timeout: BackendTimeout,
     pub validate_backend_tls: bool,
+    /// Features an edge must implement to serve this app; empty for most.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub required_features: Vec<String>,
     /// Seconds since the Unix epoch.
     pub created_at: u64,
+}
+
+/// The most features one app may require.
+pub const MAX_REQUIRED_FEATURES: usize = 16;
+/// The longest feature name, in bytes.
+pub const MAX_FEATURE_NAME_LEN: usize = 32;
+
+/// Why a list of required features is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum FeatureError {
+    #[error("an app may require at most {max} features, not {count}")]
+    TooMany { count: usize, max: usize },
+    #[error("a feature name must not be empty")]
+    Empty,
+    #[error("feature name {name:?} is {len} bytes long, the limit is {max}")]
+    TooLong {
+        name: String,
+        len: usize,
+        max: usize,
+    },
+    #[error("feature name {name:?} may only contain lower-case letters, digits and '-'")]
+    InvalidChar { name: String },
+    #[error("feature {name:?} is listed twice")]
+    Duplicate { name: String },
+}
+
+/// Checks one feature name: 1 to [`MAX_FEATURE_NAME_LEN`] bytes of
+/// `[a-z0-9-]`.
+pub fn check_feature_name(name: &str) -> Result<(), FeatureError> {
+    if name.is_empty() {
+        return Err(FeatureError::Empty);
+    }
+    if name.len() > MAX_FEATURE_NAME_LEN {
+        return Err(FeatureError::TooLong {
+            name: name.to_owned(),
+            len: name.len(),
+            max: MAX_FEATURE_NAME_LEN,
+        });
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    {
+        return Err(FeatureError::InvalidChar {
+            name: name.to_owned(),
+        });
+    }
+    Ok(())
+}
+
+/// Checks an app's `required_features`: at most
+/// [`MAX_REQUIRED_FEATURES`] valid names, none twice. Whether an edge
+/// knows a name is the edge's business, not this check's: an app may
+/// require a feature that only newer edges implement.
+pub fn check_required_features(features: &[String]) -> Result<(), FeatureError> {
+    if features.len() > MAX_REQUIRED_FEATURES {
+        return Err(FeatureError::TooMany {
+            count: features.len(),
+            max: MAX_REQUIRED_FEATURES,
+        });
+    }
+    for (i, name) in features.iter().enumerate() {
+        check_feature_name(name)?;
+        if features[..i].contains(name) {
+            return Err(FeatureError::Duplicate { name: name.clone() });
+        }
+    }
+    Ok(())
 }
 
 /// What a join token may enroll.
@@ -580,5 +657,59 @@ mod tests {
         assert_eq!(spec.connector_group, GroupId::default_group());
         assert!(spec.validate_backend_tls);
         assert_eq!(spec.backend_timeout, BackendTimeout::Default);
+        assert!(spec.required_features.is_empty());
+    }
+
+    #[test]
+    fn required_features_are_optional_on_the_wire_and_validated() {
+        let spec: AppSpec = serde_json::from_str(
+            r#"{"id":"hr","internal_url":"http://x/","required_features":["sign-in","mesh2"]}"#,
+        )
+        .unwrap();
+        assert_eq!(spec.required_features, ["sign-in", "mesh2"]);
+        // Skipped when empty, so older edges and routers read it as before.
+        let mut plain = spec.clone();
+        plain.required_features.clear();
+        let json = serde_json::to_string(&plain).unwrap();
+        assert!(!json.contains("required_features"), "{json}");
+        assert!(serde_json::to_string(&spec)
+            .unwrap()
+            .contains(r#""required_features":["sign-in","mesh2"]"#));
+
+        let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(check_required_features(&names(&["a", "b-2", "0"])), Ok(()));
+        assert_eq!(check_required_features(&[]), Ok(()));
+        assert_eq!(
+            check_required_features(&names(&["ok", ""])),
+            Err(FeatureError::Empty)
+        );
+        assert!(matches!(
+            check_required_features(&names(&["Sign-In"])),
+            Err(FeatureError::InvalidChar { .. })
+        ));
+        assert!(matches!(
+            check_required_features(&names(&["a_b"])),
+            Err(FeatureError::InvalidChar { .. })
+        ));
+        assert_eq!(check_feature_name(&"x".repeat(32)), Ok(()));
+        assert!(matches!(
+            check_feature_name(&"x".repeat(33)),
+            Err(FeatureError::TooLong {
+                len: 33,
+                max: 32,
+                ..
+            })
+        ));
+        let sixteen: Vec<String> = (0..16).map(|i| format!("f{i}")).collect();
+        assert_eq!(check_required_features(&sixteen), Ok(()));
+        let seventeen: Vec<String> = (0..17).map(|i| format!("f{i}")).collect();
+        assert_eq!(
+            check_required_features(&seventeen),
+            Err(FeatureError::TooMany { count: 17, max: 16 })
+        );
+        assert_eq!(
+            check_required_features(&names(&["a", "b", "a"])),
+            Err(FeatureError::Duplicate { name: "a".into() })
+        );
     }
 }

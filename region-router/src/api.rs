@@ -901,6 +901,7 @@ fn to_app(rec: AppRecord, port: u16) -> App {
         connector_group: rec.connector_group,
         backend_timeout: rec.backend_timeout,
         validate_backend_tls: rec.validate_backend_tls,
+        required_features: rec.required_features,
         created_at: rec.created_at,
     }
 }
@@ -1145,6 +1146,8 @@ async fn create_app(
     Json(spec): Json<api::AppSpec>,
 ) -> Result<(StatusCode, axum::Json<App>), ApiFail> {
     check_internal_url(&spec.internal_url).map_err(|e| ApiFail::invalid("internal_url", e))?;
+    api::check_required_features(&spec.required_features)
+        .map_err(|e| ApiFail::invalid("required_features", e.to_string()))?;
     let domain = &state.config.apps_domain;
     let external_host = match &spec.external_host {
         Some(h) => {
@@ -1167,6 +1170,7 @@ async fn create_app(
         connector_group: spec.connector_group.clone(),
         backend_timeout: spec.backend_timeout,
         validate_backend_tls: spec.validate_backend_tls,
+        required_features: spec.required_features.clone(),
         created_at: util::now_unix(),
     };
     let config = state.config.clone();

@@ -1005,3 +1005,68 @@ async fn config_validation_and_handle() -> anyhow::Result<()> {
     );
     stop(h, shutdown).await
 }
+
+#[tokio::test]
+async fn apps_carry_required_features_to_edges() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (h, shutdown) = start(dir.path(), |_| {}).await?;
+    let admin = admin(&h)?;
+    let app: App = admin
+        .post_json(
+            "/v1/apps",
+            &json!({ "id": "hr", "internal_url": "http://10.0.0.5/", "required_features": ["sign-in", "x2"] }),
+        )
+        .await?;
+    assert_eq!(app.required_features, ["sign-in", "x2"]);
+    let plain: App = admin
+        .post_json("/v1/apps", &app_spec("wiki", "Default"))
+        .await?;
+    assert!(plain.required_features.is_empty());
+    let listed: Vec<App> = admin.get_json("/v1/apps").await?;
+    assert_eq!(listed, vec![app.clone(), plain]);
+    for (features, part) in [
+        (json!(["Sign-In"]), "lower-case"),
+        (json!(["a", "a"]), "twice"),
+        (json!([""]), "empty"),
+        (json!(["x".repeat(33)]), "limit is 32"),
+        (
+            json!((0..17).map(|i| format!("f{i}")).collect::<Vec<_>>()),
+            "at most 16",
+        ),
+    ] {
+        assert_refused(
+            admin
+                .post_json::<_, App>(
+                    "/v1/apps",
+                    &json!({ "id": "bad", "internal_url": "http://x/", "required_features": features }),
+                )
+                .await,
+            400,
+            Some("required_features"),
+            part,
+        );
+    }
+    let refused: Result<App, _> = admin.get_json("/v1/apps/bad").await;
+    assert_refused(refused, 404, None, "bad");
+
+    // Edges get the list with the app.
+    let token = create_token(
+        &admin,
+        TokenScope::Edge {
+            region: RegionId::default_region(),
+        },
+    )
+    .await?;
+    let (creds, _) = enroll(&h, &token.token).await?;
+    let ec: EdgeConfig = agent(&h, &creds)?
+        .watch("/v1/edge/config", 0, Duration::ZERO)
+        .await?
+        .context("first snapshot")?;
+    let hr = ec
+        .apps
+        .iter()
+        .find(|a| a.id.as_str() == "hr")
+        .context("hr")?;
+    assert_eq!(hr.required_features, ["sign-in", "x2"]);
+    stop(h, shutdown).await
+}

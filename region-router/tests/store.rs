@@ -21,7 +21,7 @@ fn sqlite_store_versions_its_schema_and_uses_wal() {
     let user_version: i64 = conn
         .pragma_query_value(None, "user_version", |r| r.get(0))
         .expect("user_version");
-    assert_eq!(user_version, 1);
+    assert_eq!(user_version, 2);
     let mode: String = conn
         .pragma_query_value(None, "journal_mode", |r| r.get(0))
         .expect("journal_mode");
@@ -32,7 +32,7 @@ fn sqlite_store_versions_its_schema_and_uses_wal() {
     match SqliteStore::open(&path) {
         Err(StoreError::SchemaTooNew {
             found: 99,
-            supported: 1,
+            supported: 2,
         }) => {}
         other => panic!("expected SchemaTooNew, got {other:?}"),
     }

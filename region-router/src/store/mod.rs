@@ -34,6 +34,8 @@ pub struct AppRecord {
     pub connector_group: GroupId,
     pub backend_timeout: BackendTimeout,
     pub validate_backend_tls: bool,
+    /// Checked by `portico_proto::api::check_required_features`.
+    pub required_features: Vec<String>,
     pub created_at: u64,
 }
 

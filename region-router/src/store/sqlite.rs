@@ -15,7 +15,7 @@ use super::{
 };
 use crate::error::StoreError;
 
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA_V1: &str = "
 CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -70,6 +70,12 @@ CREATE TABLE edges (
     tunnels INTEGER NOT NULL DEFAULT 0,
     deleted_at INTEGER
 );
+";
+
+/// Version 2: apps may require edge features (a JSON array of names;
+/// existing apps require none).
+const SCHEMA_V2: &str = "
+ALTER TABLE apps ADD COLUMN required_features TEXT NOT NULL DEFAULT '[]';
 ";
 
 /// The SQLite store: one connection behind a mutex.
@@ -151,11 +157,15 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
             supported: SCHEMA_VERSION,
         });
     }
-    if found < 1 {
-        let tx = conn.transaction()?;
-        tx.execute_batch(SCHEMA_V1)?;
-        tx.pragma_update(None, "user_version", 1)?;
-        tx.commit()?;
+    // Each step runs in its own transaction, so a database is always at
+    // one whole schema version.
+    for (version, sql) in [(1, SCHEMA_V1), (2, SCHEMA_V2)] {
+        if found < version {
+            let tx = conn.transaction()?;
+            tx.execute_batch(sql)?;
+            tx.pragma_update(None, "user_version", version)?;
+            tx.commit()?;
+        }
     }
     Ok(())
 }
@@ -195,7 +205,7 @@ fn to_group((id, region, created_at): (String, String, u64)) -> Result<GroupReco
     })
 }
 
-type AppRow = (String, String, String, String, String, bool, u64);
+type AppRow = (String, String, String, String, String, bool, u64, String);
 
 fn row_app(r: &Row<'_>) -> rusqlite::Result<AppRow> {
     Ok((
@@ -206,11 +216,21 @@ fn row_app(r: &Row<'_>) -> rusqlite::Result<AppRow> {
         r.get(4)?,
         r.get(5)?,
         r.get(6)?,
+        r.get(7)?,
     ))
 }
 
 fn to_app(row: AppRow) -> Result<AppRecord, StoreError> {
-    let (id, external_host, internal_url, group, timeout, validate_backend_tls, created_at) = row;
+    let (
+        id,
+        external_host,
+        internal_url,
+        group,
+        timeout,
+        validate_backend_tls,
+        created_at,
+        features,
+    ) = row;
     Ok(AppRecord {
         id: AppId::new(id).map_err(|e| corrupt("app id", e))?,
         external_host,
@@ -220,11 +240,13 @@ fn to_app(row: AppRow) -> Result<AppRecord, StoreError> {
             .parse::<BackendTimeout>()
             .map_err(|e| corrupt("backend timeout", e))?,
         validate_backend_tls,
+        required_features: serde_json::from_str(&features)
+            .map_err(|e| corrupt("required features", e))?,
         created_at,
     })
 }
 
-const APP_COLS: &str = "id, external_host, internal_url, connector_group, backend_timeout, validate_backend_tls, created_at";
+const APP_COLS: &str = "id, external_host, internal_url, connector_group, backend_timeout, validate_backend_tls, created_at, required_features";
 
 type TokenRow = (String, String, String, u64, u64, Option<u64>);
 
@@ -520,6 +542,8 @@ impl Store for SqliteStore {
     }
 
     fn create_app(&self, app: &AppRecord) -> Result<u64, StoreError> {
+        let features = serde_json::to_string(&app.required_features)
+            .map_err(|e| corrupt("required features", e))?;
         self.tx(|tx| {
             let group: Option<String> = tx
                 .query_row(
@@ -561,7 +585,7 @@ impl Store for SqliteStore {
                 });
             }
             tx.execute(
-                &format!("INSERT INTO apps ({APP_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"),
+                &format!("INSERT INTO apps ({APP_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"),
                 params![
                     app.id.as_str(),
                     app.external_host,
@@ -569,7 +593,8 @@ impl Store for SqliteStore {
                     app.connector_group.as_str(),
                     app.backend_timeout.to_string(),
                     app.validate_backend_tls,
-                    app.created_at
+                    app.created_at,
+                    features
                 ],
             )?;
             bump(tx)
@@ -899,5 +924,67 @@ impl Store for SqliteStore {
                 tracing::warn!(error = %e, path = %self.path.display(), "closing the store failed");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A database written by a router of schema version 1 opens, keeps its
+    /// apps (which require no features) and moves to the current version.
+    #[test]
+    fn a_version_1_database_migrates_and_keeps_its_apps() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("portico.db");
+        {
+            let conn = Connection::open(&path).expect("raw open");
+            conn.execute_batch(SCHEMA_V1).expect("v1 schema");
+            conn.pragma_update(None, "user_version", 1).expect("v1");
+            conn.execute(
+                "INSERT INTO groups (id, region, created_at) VALUES ('Default', 'auto', 1)",
+                [],
+            )
+            .expect("group");
+            conn.execute(
+                "INSERT INTO apps (id, external_host, internal_url, connector_group, backend_timeout, validate_backend_tls, created_at)
+                 VALUES ('old', 'old.apps.test', 'http://10.0.0.1/', 'Default', 'long', 1, 7)",
+                [],
+            )
+            .expect("v1 app");
+        }
+        let store = SqliteStore::open(&path).expect("open migrates");
+        let app = store
+            .get_app(&AppId::new("old").expect("id"))
+            .expect("get")
+            .expect("the app survives");
+        assert_eq!(app.internal_url, "http://10.0.0.1/");
+        assert_eq!(app.backend_timeout, BackendTimeout::Long);
+        assert!(app.required_features.is_empty());
+        store
+            .create_app(&AppRecord {
+                id: AppId::new("new").expect("id"),
+                external_host: "new.apps.test".into(),
+                internal_url: "http://10.0.0.2/".into(),
+                connector_group: GroupId::default_group(),
+                backend_timeout: BackendTimeout::Default,
+                validate_backend_tls: true,
+                required_features: vec!["sign-in".into()],
+                created_at: 8,
+            })
+            .expect("a new app with features");
+        store.close();
+        let conn = Connection::open(&path).expect("raw open");
+        let v: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .expect("user_version");
+        assert_eq!(v, SCHEMA_VERSION);
+        drop(conn);
+        // Opening an up-to-date database again changes nothing.
+        let store = SqliteStore::open(&path).expect("reopen");
+        let apps = store.list_apps().expect("apps");
+        assert_eq!(apps.len(), 2);
+        assert_eq!(apps[0].required_features, ["sign-in"]);
+        assert!(apps[1].required_features.is_empty());
     }
 }

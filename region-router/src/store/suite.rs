@@ -30,6 +30,7 @@ fn app(id: &str, host: &str, group: &str) -> AppRecord {
         connector_group: GroupId::new(group).expect("group id"),
         backend_timeout: BackendTimeout::Seconds(5),
         validate_backend_tls: false,
+        required_features: vec!["sign-in".into(), "mesh".into()],
         created_at: 200,
     }
 }
