@@ -52,16 +52,6 @@ fn requests_total(metrics: &str, app: &str, status: u16, code: &str) -> u64 {
         .unwrap_or(0)
 }
 
-async fn stop(s: Stack, h3: H3Client, tracker: TaskTracker) {
-    h3.close();
-    drop(h3);
-    s.stop().await;
-    tracker.close();
-    tokio::time::timeout(HANG_GUARD, tracker.wait())
-        .await
-        .expect("the client's driver and socket end");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn alt_svc_leads_to_http3_with_byte_exact_bodies() {
     let s = Stack::start().await;
@@ -155,7 +145,7 @@ async fn alt_svc_leads_to_http3_with_byte_exact_bodies() {
         requests_total(&metrics, &app, 200, "") >= 5,
         "HTTP/3 requests are counted:\n{metrics}"
     );
-    stop(s, h3, tracker).await;
+    s.stop_with_h3(h3, tracker).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -222,7 +212,7 @@ async fn http3_errors_match_http1() {
         requests_total(&metrics, "lonely", 502, "ConnectorNotFound") >= 2,
         "{metrics}"
     );
-    stop(s, h3, tracker).await;
+    s.stop_with_h3(h3, tracker).await;
 }
 
 #[test]

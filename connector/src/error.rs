@@ -97,6 +97,10 @@ pub enum ProxyError {
     /// The request cannot be sent (bad target, unsupported stream kind).
     #[error("bad request: {reason}")]
     BadRequest { reason: String },
+    /// The request path, once its dot segments are removed, would climb
+    /// above the app's published prefix. Never sent to the backend.
+    #[error("request path {path:?} climbs above the app's published path prefix")]
+    PathOutsidePrefix { path: String },
     /// The backend could not be reached (refused, DNS, reset).
     #[error("backend {target} unreachable: {reason}")]
     Unreachable { target: String, reason: String },
@@ -117,6 +121,7 @@ impl ProxyError {
         match self {
             ProxyError::AppNotFound { .. } => ErrorCode::AppNotFound,
             ProxyError::BadRequest { .. } => ErrorCode::BadRequest,
+            ProxyError::PathOutsidePrefix { .. } => ErrorCode::PathOutsidePrefix,
             ProxyError::Unreachable { .. } => ErrorCode::BackendUnreachable,
             ProxyError::Timeout { .. } => ErrorCode::BackendTimeout,
             ProxyError::CertInvalid { .. } => ErrorCode::BackendCertInvalid,

@@ -9,6 +9,7 @@ use http::uri::{Authority, PathAndQuery, Scheme, Uri};
 use portico_proto::{RequestId, StreamKind};
 
 use crate::error::ProxyError;
+use crate::path::{confine, Confined};
 
 /// The parsed internal URL of an app: where its requests go.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,11 +51,14 @@ impl InternalUrl {
     }
 
     /// The internal URL joined with the request's path and query:
-    /// `http://h:8080/app/` + `/x?y` → `http://h:8080/app/x?y`.
+    /// `http://h:8080/app/` + `/x?y` → `http://h:8080/app/x?y`, after the
+    /// path's dot segments are removed (`crate::path`): a path that would
+    /// climb above the prefix is [`ProxyError::PathOutsidePrefix`].
     ///
     /// Built from parts: only the path is parsed, not the whole URL. For an
     /// internal URL without a path, the URI keeps `path_and_query` itself
-    /// (a slice of the stream head, not a copy); else one buffer is built.
+    /// (a slice of the stream head, not a copy) unless dot segments had to
+    /// be removed; else one buffer is built.
     pub fn join(&self, path_and_query: Bytes) -> Result<Uri, ProxyError> {
         let bad = || ProxyError::BadRequest {
             reason: format!(
@@ -62,17 +66,25 @@ impl InternalUrl {
                 String::from_utf8_lossy(&path_and_query)
             ),
         };
-        let rooted = path_and_query.starts_with(b"/");
+        let target = match confine(&path_and_query) {
+            Confined::Unchanged => path_and_query.clone(),
+            Confined::Normalized(v) => Bytes::from(v),
+            Confined::Escapes => {
+                return Err(ProxyError::PathOutsidePrefix {
+                    path: excerpt(&path_and_query),
+                })
+            }
+        };
+        let rooted = target.starts_with(b"/");
         let path = if self.prefix.is_empty() && rooted {
-            // A second handle on the same bytes (a reference count).
-            path_and_query.clone()
+            target
         } else {
-            let mut path = BytesMut::with_capacity(self.prefix.len() + path_and_query.len() + 1);
+            let mut path = BytesMut::with_capacity(self.prefix.len() + target.len() + 1);
             path.extend_from_slice(self.prefix.as_bytes());
             if !rooted {
                 path.extend_from_slice(b"/");
             }
-            path.extend_from_slice(&path_and_query);
+            path.extend_from_slice(&target);
             path.freeze()
         };
         let mut parts = http::uri::Parts::default();
@@ -81,6 +93,16 @@ impl InternalUrl {
         parts.path_and_query = Some(PathAndQuery::from_maybe_shared(path).map_err(|_| bad())?);
         Uri::from_parts(parts).map_err(|_| bad())
     }
+}
+
+/// At most the first 200 bytes of a request target, for a log line.
+fn excerpt(target: &[u8]) -> String {
+    const MAX: usize = 200;
+    let mut text = String::from_utf8_lossy(&target[..target.len().min(MAX)]).into_owned();
+    if target.len() > MAX {
+        text.push('…');
+    }
+    text
 }
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -255,6 +277,35 @@ mod tests {
             u.join(Bytes::from_static(b"x")).unwrap().to_string(),
             "https://10.0.0.5/x"
         );
+        // Dot segments are removed under the prefix, never above it.
+        let u = InternalUrl::parse("http://h:8080/app/").unwrap();
+        assert_eq!(
+            u.join(Bytes::from_static(b"/a/%2e%2e/b?c=/../d"))
+                .unwrap()
+                .to_string(),
+            "http://h:8080/app/b?c=/../d"
+        );
+        assert_eq!(
+            u.join(Bytes::from_static(b"/a/..")).unwrap().to_string(),
+            "http://h:8080/app/"
+        );
+        for escape in ["/../secret", "/%2e%2e/secret", "/..%2fsecret", "/a/../../x"] {
+            let e = u.join(Bytes::from(escape)).unwrap_err();
+            assert!(
+                matches!(&e, ProxyError::PathOutsidePrefix { path } if path == escape),
+                "{escape}: {e:?}"
+            );
+            assert_eq!(e.code(), portico_proto::ErrorCode::PathOutsidePrefix);
+        }
+        let root = InternalUrl::parse("http://h/").unwrap();
+        assert!(root.join(Bytes::from_static(b"/../etc/passwd")).is_err());
+        let long = format!("/{}/../../x", "a".repeat(500));
+        match root.join(Bytes::from(long)).unwrap_err() {
+            ProxyError::PathOutsidePrefix { path } => {
+                assert!(path.chars().count() <= 201, "{path}")
+            }
+            other => panic!("{other:?}"),
+        }
         assert!(InternalUrl::parse("ftp://h/").is_err());
         assert!(InternalUrl::parse("/relative").is_err());
         assert!(u.join(Bytes::from_static(b"/bad path")).is_err());

@@ -18,6 +18,7 @@ mod error;
 mod headers;
 mod metrics;
 mod origin;
+mod path;
 mod stream;
 mod tunnel;
 mod watch;

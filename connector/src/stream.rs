@@ -128,6 +128,9 @@ pub(crate) async fn serve_stream(ctx: Arc<StreamCtx>, mut send: SendStream, mut 
             .inc();
         let duration_ms = started.elapsed().as_secs_f64() * 1000.0;
         match &outcome {
+            Outcome::Failed { error: error @ ProxyError::PathOutsidePrefix { .. } } => {
+                tracing::warn!(status, code = code_label, duration_ms, error = %error, "refused a path that leaves the app's prefix; the backend never saw it")
+            }
             Outcome::Failed { error } => {
                 tracing::info!(status, code = code_label, duration_ms, error = %error, "stream done")
             }

@@ -460,6 +460,49 @@ async fn get_and_post_bodies_are_byte_exact() -> anyhow::Result<()> {
 }
 
 #[tokio::test]
+async fn dot_segments_are_removed_or_refused_before_the_backend() -> anyhow::Result<()> {
+    with_deadline(async {
+        let backend = http_backend().await?;
+        let ctx = ctx(vec![app("hr", format!("http://{backend}/app/"), true)]);
+        let metrics = ctx.metrics.clone();
+        let (_e, _c, conn) = tunnel(ctx).await?;
+        for (path, seen) in [
+            ("/a/../b", "/app/b"),
+            ("/a/%2e%2e/b?x=/../y", "/app/b?x=/../y"),
+            ("/a/b/..%2f..%2fc", "/app/c"),
+        ] {
+            let (frame, _) =
+                exchange(&conn, head("hr", Method::GET, path, HeaderMap::new()), b"").await?;
+            let head = expect_head(frame)?;
+            assert_eq!(head.headers["x-seen-uri"], seen, "{path}");
+        }
+        for path in [
+            "/../secret",
+            "/%2E%2e/secret",
+            "/..%5csecret",
+            "/a/../../secret",
+        ] {
+            let (frame, rest) = exchange(
+                &conn,
+                head("hr", Method::POST, path, HeaderMap::new()),
+                b"a body that goes nowhere",
+            )
+            .await?;
+            let message = expect_error(frame, ErrorCode::PathOutsidePrefix)?;
+            assert!(message.contains(path), "{message}");
+            assert!(rest.is_empty());
+        }
+        let refused = metrics
+            .requests
+            .with_label_values(&["hr", "400", "PathOutsidePrefix"])
+            .get();
+        assert_eq!(refused, 4);
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test]
 async fn unknown_app_is_app_not_found() -> anyhow::Result<()> {
     with_deadline(async {
         let mut other = app("other", "http://127.0.0.1:1/".into(), true);

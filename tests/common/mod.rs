@@ -62,6 +62,22 @@ impl Stack {
             .expect("clean stop");
     }
 
+    /// Closes an HTTP/3 client of the edge, stops the deployment, and waits
+    /// until the client's driver and socket have ended.
+    pub async fn stop_with_h3(
+        self,
+        h3: portico_loadtest::h3::H3Client,
+        tracker: tokio_util::task::TaskTracker,
+    ) {
+        h3.close();
+        drop(h3);
+        self.stop().await;
+        tracker.close();
+        tokio::time::timeout(Duration::from_secs(60), tracker.wait())
+            .await
+            .expect("the client's driver and socket end");
+    }
+
     pub fn port(&self) -> u16 {
         self.d.edge.public_addr.port()
     }
@@ -156,12 +172,24 @@ impl Curl {
 
 /// The real curl binary. Fails the test if curl is missing: CI installs it.
 pub async fn curl(ca: &Path, args: &[&str]) -> Curl {
+    curl_trusting(Some(ca), args).await
+}
+
+/// curl for a plain `http://` URL (a backend, a metrics listener).
+pub async fn curl_plain(url: &str) -> Curl {
+    curl_trusting(None, &[url]).await
+}
+
+async fn curl_trusting(ca: Option<&Path>, args: &[&str]) -> Curl {
     let dir = tempfile::tempdir().unwrap();
     let body = dir.path().join("body");
     let headers = dir.path().join("headers");
-    let out = tokio::process::Command::new("curl")
-        .args(["-sS", "--max-time", "120", "--cacert"])
-        .arg(ca)
+    let mut cmd = tokio::process::Command::new("curl");
+    cmd.args(["-sS", "--max-time", "120"]);
+    if let Some(ca) = ca {
+        cmd.arg("--cacert").arg(ca);
+    }
+    let out = cmd
         .arg("-o")
         .arg(&body)
         .arg("-D")
@@ -223,4 +251,83 @@ pub fn rss_bytes() -> u64 {
 /// A scratch file path inside `dir`.
 pub fn scratch(dir: &Path, name: &str) -> PathBuf {
     dir.join(name)
+}
+
+/// A real `python3 -m http.server` serving a directory on 127.0.0.1, with
+/// its access log (stderr) collected as it is written. Fails the test if
+/// python3 is missing: scripts/test.sh installs it.
+pub struct PyHttpServer {
+    pub addr: std::net::SocketAddr,
+    child: tokio::process::Child,
+    log: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl PyHttpServer {
+    pub async fn start(dir: &Path) -> PyHttpServer {
+        use tokio::io::AsyncBufReadExt;
+        let mut child = tokio::process::Command::new("python3")
+            .args([
+                "-u",
+                "-m",
+                "http.server",
+                "0",
+                "--bind",
+                "127.0.0.1",
+                "--directory",
+            ])
+            .arg(dir)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("python3 is installed (scripts/test.sh installs it)");
+        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let stderr = child.stderr.take().unwrap();
+        let sink = log.clone();
+        tokio::spawn(async move {
+            let mut lines = tokio::io::BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let mut log = sink.lock().unwrap();
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+        // "Serving HTTP on 127.0.0.1 port 40117 (http://127.0.0.1:40117/) ..."
+        let mut stdout = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let port = tokio::time::timeout(Duration::from_secs(30), async {
+            while let Some(line) = stdout.next_line().await.expect("python's stdout") {
+                if let Some(port) = line
+                    .split(" port ")
+                    .nth(1)
+                    .and_then(|rest| rest.split_whitespace().next())
+                    .and_then(|p| p.parse::<u16>().ok())
+                {
+                    return port;
+                }
+            }
+            panic!(
+                "python3 -m http.server exited before listening: {}",
+                log.lock().unwrap()
+            );
+        })
+        .await
+        .expect("python3 -m http.server listens within 30 s");
+        tokio::spawn(async move { while let Ok(Some(_)) = stdout.next_line().await {} });
+        PyHttpServer {
+            addr: std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+            child,
+            log,
+        }
+    }
+
+    /// Every line the server logged so far (one per request it answered).
+    pub fn access_log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    pub async fn stop(mut self) {
+        let _ = self.child.start_kill();
+        let _ = self.child.wait().await;
+    }
 }
