@@ -126,6 +126,7 @@ fn head(app: &str, method: Method, path: &str, headers: HeaderMap) -> StreamHead
         client_addr: "198.51.100.7:55000".parse().unwrap(),
         identity: None,
         timeout_ms: 30_000,
+        ext: Default::default(),
     }
 }
 

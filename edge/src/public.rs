@@ -21,7 +21,8 @@ use portico_agent::pki;
 use portico_proto::api::App;
 use portico_proto::io::ReadError;
 use portico_proto::{
-    CloseCode, ErrorCode, Frame, RequestId, ResponseHead, StreamHeadRef, StreamKind,
+    CloseCode, ErrorCode, Frame, HeadExtensionsRef, RequestId, ResponseHead, StreamHeadRef,
+    StreamKind,
 };
 use prometheus::IntCounter;
 use quinn::{RecvStream, SendStream};
@@ -329,6 +330,7 @@ async fn forward<B: RequestBody>(
         client_addr: client,
         identity: None,
         timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+        ext: HeadExtensionsRef::NONE,
     }
     .to_bytes()
     .map_err(|e| {

@@ -90,6 +90,24 @@ pub fn get_len(buf: &mut impl Buf, field: &'static str, max: usize) -> Result<us
     Ok(len_usize)
 }
 
+/// Decodes a varint item count (headers, entries) and checks it against
+/// `max` before any item is read or allocated.
+pub fn get_count(
+    buf: &mut impl Buf,
+    field: &'static str,
+    max: usize,
+) -> Result<usize, DecodeError> {
+    let count = get_varint(buf)?;
+    match usize::try_from(count) {
+        Ok(n) if n <= max => Ok(n),
+        _ => Err(DecodeError::TooMany {
+            field,
+            count,
+            max: max as u64,
+        }),
+    }
+}
+
 /// Writes a length-prefixed byte string.
 pub fn put_bytes(buf: &mut impl BufMut, bytes: &[u8]) {
     put_varint(buf, bytes.len() as u64);

@@ -56,6 +56,32 @@ pub enum DecodeError {
     /// The payload had bytes left over after its last field.
     #[error("{ty:?} frame has {extra} trailing bytes")]
     TrailingBytes { ty: crate::FrameType, extra: usize },
+    /// A known `StreamHead` extension entry appeared more than once.
+    #[error("extension {field} appears more than once")]
+    DuplicateExtension { field: &'static str },
+    /// A known extension entry's value had bytes left over after its fields.
+    #[error("extension 0x{ty:x} has {extra} trailing bytes")]
+    TrailingExtensionBytes { ty: u64, extra: usize },
+}
+
+/// Why an identity claim was refused when added to
+/// [`IdentityClaims`](crate::extension::IdentityClaims): it would break a
+/// limit the decoder enforces.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClaimError {
+    #[error("claim name of {len} bytes: a name is 1 to {max} bytes")]
+    NameLength { len: usize, max: usize },
+    #[error("claim name contains {found:?}: only visible ASCII is allowed")]
+    NameChar { found: char },
+    #[error("claim value of {len} bytes exceeds the limit of {max}")]
+    ValueTooLong { len: usize, max: usize },
+    #[error("claim value contains the control character {found:?}")]
+    ValueChar { found: char },
+    #[error("more than {max} claims")]
+    TooMany { max: usize },
+    #[error("claims of {len} bytes exceed the limit of {max}")]
+    TooLarge { len: usize, max: usize },
 }
 
 /// A peer speaks a protocol version outside the range this side accepts.
@@ -383,4 +409,9 @@ pub enum EncodeError {
     },
     #[error("field {field} is not UTF-8")]
     NotUtf8 { field: &'static str },
+    /// A `StreamHead` extension entry is set, but the caller did not say
+    /// the peer negotiated `capabilities::HEAD_EXTENSIONS`: a peer without
+    /// it would refuse the head.
+    #[error("stream head extensions for a peer that did not negotiate them")]
+    ExtensionsNotNegotiated,
 }

@@ -12,10 +12,11 @@ use bytes::{Buf, BufMut, Bytes};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 
 use crate::codec::{
-    get_bytes, get_len, get_socket_addr, get_string, get_utf8, get_varint, get_varint_u32, need,
-    put_bytes, put_socket_addr, put_varint,
+    get_bytes, get_count, get_len, get_socket_addr, get_string, get_utf8, get_varint,
+    get_varint_u32, need, put_bytes, put_socket_addr, put_varint,
 };
 use crate::error::{DecodeError, EncodeError};
+use crate::extension::{HeadExtensions, HeadExtensionsRef};
 use crate::ids::{AppId, ConnectorId, EdgeId, GroupId, RegionId, RequestId};
 use crate::limits::*;
 
@@ -113,6 +114,11 @@ impl FrameHeader {
 /// A tunnel protocol frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "frames are decoded and moved one at a time, never stored in bulk; \
+              boxing the head would cost an allocation per request"
+)]
 pub enum Frame {
     Hello(Hello),
     Welcome(Welcome),
@@ -215,12 +221,21 @@ pub struct StreamHead {
     pub identity: Option<String>,
     /// How long the backend may take to answer, in milliseconds.
     pub timeout_ms: u64,
+    /// The extension area (hop count, origin edge, identity claims); empty
+    /// when the head had none. `Frame::StreamHead` encodes whatever it
+    /// holds; a sender encodes a [`StreamHeadRef`] instead, whose area is
+    /// written only for a peer that negotiated it.
+    pub ext: HeadExtensions,
 }
 
 impl StreamHead {
     /// The head as a [`StreamHeadRef`], to encode it. Fails if
     /// `authority` or `path` is not UTF-8: a decoded head always is, but
     /// one built in code might not be.
+    ///
+    /// Its extension area is `self.ext` with no say about the peer, so
+    /// encoding it fails if `self.ext` has entries: set
+    /// `ext = self.ext.borrowed(peer_capabilities)` to carry them.
     pub fn borrowed(&self) -> Result<StreamHeadRef<'_>, EncodeError> {
         let text =
             |bytes, field| std::str::from_utf8(bytes).map_err(|_| EncodeError::NotUtf8 { field });
@@ -235,6 +250,7 @@ impl StreamHead {
             client_addr: self.client_addr,
             identity: self.identity.as_deref(),
             timeout_ms: self.timeout_ms,
+            ext: self.ext.borrowed(0),
         })
     }
 }
@@ -254,13 +270,21 @@ pub struct StreamHeadRef<'a> {
     pub client_addr: SocketAddr,
     pub identity: Option<&'a str>,
     pub timeout_ms: u64,
+    /// The extension area: [`HeadExtensionsRef::NONE`] for none, else
+    /// built with [`HeadExtensionsRef::for_peer`] and the capabilities of
+    /// the tunnel the head goes to.
+    pub ext: HeadExtensionsRef<'a>,
 }
 
 impl StreamHeadRef<'_> {
     /// The whole `StreamHead` frame, cut from the same per-thread block as
-    /// [`Frame::to_bytes`]; the same limits apply.
+    /// [`Frame::to_bytes`]; the same limits apply. Fails with
+    /// [`EncodeError::ExtensionsNotNegotiated`] if `ext` has entries but was
+    /// not made for a peer that negotiated them.
     pub fn to_bytes(&self) -> Result<Bytes, EncodeError> {
-        pooled(FrameType::StreamHead, |buf| encode_stream_head(self, buf))
+        pooled(FrameType::StreamHead, |buf| {
+            encode_stream_head(self, &[], buf)
+        })
     }
 }
 
@@ -481,7 +505,13 @@ impl Frame {
                 put_varint(buf, g.code.min(crate::codec::VARINT_MAX));
                 put_str(buf, "reason", &g.reason, MAX_MESSAGE_LEN)?;
             }
-            Frame::StreamHead(h) => encode_stream_head(&h.borrowed()?, buf)?,
+            Frame::StreamHead(h) => {
+                // The owned form writes what it holds, unknown entries too,
+                // so that decode ∘ encode is the identity.
+                let mut head = h.borrowed()?;
+                head.ext = head.ext.assume_negotiated();
+                encode_stream_head(&head, &h.ext.unknown, buf)?
+            }
             Frame::ResponseHead(r) => {
                 put_varint(buf, u64::from(r.status.as_u16()));
                 put_headers(buf, &r.headers)?;
@@ -500,7 +530,11 @@ impl Frame {
     }
 }
 
-fn encode_stream_head(h: &StreamHeadRef<'_>, buf: &mut Vec<u8>) -> Result<(), EncodeError> {
+fn encode_stream_head(
+    h: &StreamHeadRef<'_>,
+    unknown: &[crate::extension::UnknownExtension],
+    buf: &mut Vec<u8>,
+) -> Result<(), EncodeError> {
     buf.put_u8(h.kind.to_byte());
     buf.put_u128(h.request_id.0);
     put_str(buf, "app", h.app, MAX_ID_LEN)?;
@@ -516,7 +550,8 @@ fn encode_stream_head(h: &StreamHeadRef<'_>, buf: &mut Vec<u8>) -> Result<(), En
             put_str(buf, "identity", id, MAX_IDENTITY_LEN)?;
         }
     }
-    put_headers(buf, h.headers)
+    put_headers(buf, h.headers)?;
+    crate::extension::encode(&h.ext, unknown, buf)
 }
 
 fn decode_stream_head(buf: &mut impl Buf) -> Result<StreamHead, DecodeError> {
@@ -543,6 +578,7 @@ fn decode_stream_head(buf: &mut impl Buf) -> Result<StreamHead, DecodeError> {
         }
     };
     let headers = get_headers(buf)?;
+    let ext = crate::extension::decode(buf)?;
     Ok(StreamHead {
         kind,
         request_id,
@@ -554,6 +590,7 @@ fn decode_stream_head(buf: &mut impl Buf) -> Result<StreamHead, DecodeError> {
         client_addr,
         identity,
         timeout_ms,
+        ext,
     })
 }
 
@@ -617,19 +654,12 @@ fn put_headers(buf: &mut Vec<u8>, headers: &HeaderMap) -> Result<(), EncodeError
 const HEADER_HEADROOM: usize = 8;
 
 fn get_headers(buf: &mut impl Buf) -> Result<HeaderMap, DecodeError> {
-    let count = get_varint(buf)?;
-    if count > MAX_HEADERS as u64 {
-        return Err(DecodeError::TooMany {
-            field: "headers",
-            count,
-            max: MAX_HEADERS as u64,
-        });
-    }
+    let count = get_count(buf, "headers", MAX_HEADERS)?;
     // Each header takes at least two bytes, so `count` is also bounded by
     // what is left; never reserve more than that. The headroom lets the
     // receiver add its own headers (X-Forwarded-*, Host, ...) without the
     // map growing and rehashing on every request.
-    let capacity = (count as usize).min(buf.remaining() / 2) + HEADER_HEADROOM;
+    let capacity = count.min(buf.remaining() / 2) + HEADER_HEADROOM;
     let mut headers = HeaderMap::with_capacity(capacity);
     for _ in 0..count {
         let name = get_bytes(buf, "header name", MAX_HEADER_NAME_LEN)?;
@@ -659,6 +689,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::extension::{IdentityClaims, UnknownExtension};
     use crate::ErrorCode;
     use proptest::prelude::*;
     use std::net::{IpAddr, Ipv6Addr};
@@ -688,6 +719,84 @@ mod tests {
             Just(Method::DELETE),
             "[A-Z]{1,12}".prop_map(|m| Method::from_bytes(m.as_bytes()).unwrap()),
         ]
+    }
+
+    /// Extension areas: empty, or any mix of known and unknown entries.
+    fn ext_strategy() -> impl Strategy<Value = HeadExtensions> {
+        let claims =
+            prop::collection::vec(("[!-~]{1,20}", "[ -~]{0,40}"), 0..8).prop_map(|pairs| {
+                let mut claims = IdentityClaims::new();
+                for (name, value) in pairs {
+                    claims.push(name, value).unwrap();
+                }
+                claims
+            });
+        let some = (
+            proptest::option::of(any::<u8>()),
+            proptest::option::of(id_strategy()),
+            proptest::option::of(claims),
+            prop::collection::vec(
+                (unknown_type(), prop::collection::vec(any::<u8>(), 0..40)),
+                0..4,
+            ),
+        )
+            .prop_map(
+                |(hop_count, origin, identity_claims, unknown)| HeadExtensions {
+                    hop_count,
+                    origin_edge: origin.map(|e| EdgeId::new(e).unwrap()),
+                    identity_claims,
+                    unknown: unknown
+                        .into_iter()
+                        .map(|(ty, value)| UnknownExtension::new(ty, value.into()))
+                        .collect(),
+                },
+            );
+        prop_oneof![1 => Just(HeadExtensions::default()), 3 => some]
+    }
+
+    /// Entry types this build does not know.
+    fn unknown_type() -> impl Strategy<Value = u64> {
+        prop_oneof![Just(0), 4..64u64, 64..crate::codec::VARINT_MAX]
+    }
+
+    /// Heads, with and without an extension area.
+    fn head_strategy() -> impl Strategy<Value = StreamHead> {
+        (
+            (
+                any::<u128>(),
+                id_strategy(),
+                method_strategy(),
+                "[a-z0-9.:-]{1,60}",
+                "/[ -~]{0,100}",
+                headers_strategy(),
+            ),
+            (
+                any::<u128>(),
+                any::<u16>(),
+                proptest::option::of("[ -~]{0,40}"),
+                0..crate::codec::VARINT_MAX,
+                0u8..3,
+                ext_strategy(),
+            ),
+        )
+            .prop_map(
+                |(
+                    (rid, app, method, authority, path, headers),
+                    (ip, port, identity, timeout_ms, kind, ext),
+                )| StreamHead {
+                    kind: StreamKind::from_byte(kind).unwrap(),
+                    request_id: RequestId(rid),
+                    app: AppId::new(app).unwrap(),
+                    method,
+                    authority: authority.into(),
+                    path: path.into(),
+                    headers,
+                    client_addr: SocketAddr::new(IpAddr::V6(Ipv6Addr::from(ip)), port),
+                    identity,
+                    timeout_ms,
+                    ext,
+                },
+            )
     }
 
     fn frame_strategy() -> impl Strategy<Value = Frame> {
@@ -723,47 +832,7 @@ mod tests {
                     config_version,
                 })
             });
-        let head = (
-            any::<u128>(),
-            id_strategy(),
-            method_strategy(),
-            "[a-z0-9.:-]{1,60}",
-            "/[ -~]{0,100}",
-            headers_strategy(),
-            any::<u128>(),
-            any::<u16>(),
-            proptest::option::of("[ -~]{0,40}"),
-            0..crate::codec::VARINT_MAX,
-            0u8..3,
-        )
-            .prop_map(
-                |(
-                    rid,
-                    app,
-                    method,
-                    authority,
-                    path,
-                    headers,
-                    ip,
-                    port,
-                    identity,
-                    timeout_ms,
-                    kind,
-                )| {
-                    Frame::StreamHead(StreamHead {
-                        kind: StreamKind::from_byte(kind).unwrap(),
-                        request_id: RequestId(rid),
-                        app: AppId::new(app).unwrap(),
-                        method,
-                        authority: authority.into(),
-                        path: path.into(),
-                        headers,
-                        client_addr: SocketAddr::new(IpAddr::V6(Ipv6Addr::from(ip)), port),
-                        identity,
-                        timeout_ms,
-                    })
-                },
-            );
+        let head = head_strategy().prop_map(Frame::StreamHead);
         let response = (100u16..1000, headers_strategy()).prop_map(|(s, headers)| {
             Frame::ResponseHead(ResponseHead {
                 status: StatusCode::from_u16(s).unwrap(),
@@ -816,6 +885,180 @@ mod tests {
         fn garbage_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
             let _ = Frame::decode(&mut &bytes[..]);
         }
+
+        /// Entries of unknown types, anywhere in the area and with the
+        /// known entries in any order, are skipped: the rest of the head
+        /// decodes as sent, and the unknown entries are kept in order.
+        #[test]
+        fn unknown_extension_entries_are_skipped(
+            head in head_strategy(),
+            unknown in prop::collection::vec(
+                (unknown_type(), prop::collection::vec(any::<u8>(), 0..40), any::<prop::sample::Index>()),
+                0..6,
+            ),
+            reverse_known: bool,
+        ) {
+            let mut head = head;
+            head.ext.unknown.clear();
+            let (base, _) = payload_split(&head);
+            // One area entry per known entry, as this build writes it,
+            // then the unknown ones inserted anywhere.
+            let mut entries: Vec<(Vec<u8>, Option<UnknownExtension>)> = Vec::new();
+            let ext = &head.ext;
+            let only = [
+                HeadExtensions { hop_count: ext.hop_count, ..HeadExtensions::default() },
+                HeadExtensions { origin_edge: ext.origin_edge.clone(), ..HeadExtensions::default() },
+                HeadExtensions { identity_claims: ext.identity_claims.clone(), ..HeadExtensions::default() },
+            ];
+            for one in only.iter().filter(|e| !e.is_empty()) {
+                let mut area = Vec::new();
+                crate::extension::encode(&one.borrowed(crate::capabilities::ALL), &[], &mut area).unwrap();
+                prop_assert_eq!(area[0], 1);
+                entries.push((area[1..].to_vec(), None));
+            }
+            if reverse_known {
+                entries.reverse();
+            }
+            for (ty, value, at) in unknown {
+                let mut entry = Vec::new();
+                put_varint(&mut entry, ty);
+                put_bytes(&mut entry, &value);
+                let kept = UnknownExtension::new(ty, value.into());
+                entries.insert(at.index(entries.len() + 1), (entry, Some(kept)));
+            }
+            let mut payload = base;
+            if !entries.is_empty() {
+                put_varint(&mut payload, entries.len() as u64);
+                for (entry, _) in &entries {
+                    payload.extend_from_slice(entry);
+                }
+            }
+            let mut want = head.clone();
+            want.ext.unknown = entries.into_iter().filter_map(|(_, kept)| kept).collect();
+            let decoded = Frame::decode_payload(FrameType::StreamHead, &mut Bytes::from(payload)).unwrap();
+            prop_assert_eq!(decoded, Frame::StreamHead(want));
+        }
+
+        /// A head cut anywhere inside its extension area is refused; cut
+        /// right before the area, it is a head without one (what a build
+        /// without the area writes).
+        #[test]
+        fn truncated_extension_areas_are_refused(head in head_strategy(), cut in any::<prop::sample::Index>()) {
+            prop_assume!(!head.ext.is_empty());
+            let (base, area) = payload_split(&head);
+            let full = [&base[..], &area[..]].concat();
+            let cut = base.len() + cut.index(area.len());
+            let decoded = Frame::decode_payload(FrameType::StreamHead, &mut Bytes::copy_from_slice(&full[..cut]));
+            if cut == base.len() {
+                let mut bare = head.clone();
+                bare.ext = HeadExtensions::default();
+                prop_assert_eq!(decoded, Ok(Frame::StreamHead(bare)));
+            } else {
+                prop_assert_eq!(decoded, Err(DecodeError::UnexpectedEnd));
+            }
+        }
+
+        /// Random bytes where the area goes never panic the decoder, and
+        /// whatever it accepts encodes and decodes back to the same head.
+        #[test]
+        fn garbage_extension_areas_never_panic(head in head_strategy(), garbage in prop::collection::vec(any::<u8>(), 1..256)) {
+            let (base, _) = payload_split(&head);
+            let payload = [&base[..], &garbage[..]].concat();
+            if let Ok(frame) = Frame::decode_payload(FrameType::StreamHead, &mut Bytes::from(payload)) {
+                let again = Frame::decode(&mut frame.to_bytes().unwrap()).unwrap();
+                prop_assert_eq!(again, frame);
+            }
+        }
+    }
+
+    /// A head's payload, split where its extension area starts.
+    fn payload_split(head: &StreamHead) -> (Vec<u8>, Vec<u8>) {
+        let payload = |h: &StreamHead| {
+            let mut buf = Vec::new();
+            Frame::StreamHead(h.clone())
+                .encode_payload(&mut buf)
+                .unwrap();
+            buf
+        };
+        let mut bare = head.clone();
+        bare.ext = HeadExtensions::default();
+        let (full, base) = (payload(head), payload(&bare));
+        assert_eq!(&full[..base.len()], &base[..], "the area comes last");
+        (base.clone(), full[base.len()..].to_vec())
+    }
+
+    /// The bytes of FORMAT.md: a head without extensions is exactly what a
+    /// build without the area writes, and the area follows the headers.
+    #[test]
+    fn stream_head_wire_bytes() {
+        let v1: Vec<u8> = [
+            &[0x10, 0x3f][..], // StreamHead, 63 bytes
+            &[0],              // kind: HTTP
+            &1u128.to_be_bytes(),
+            b"\x05hello",
+            b"\x03GET",
+            b"\x14hello.apps.localhost",
+            b"\x01/",
+            &[4, 127, 0, 0, 1, 0, 1],  // 127.0.0.1:1
+            &[0x80, 0x01, 0x4c, 0x08], // 85,000 ms
+            &[0],                      // no identity
+            &[0],                      // no headers
+        ]
+        .concat();
+        let head = sample_head();
+        assert_eq!(
+            &Frame::StreamHead(head.clone()).to_bytes().unwrap()[..],
+            &v1[..]
+        );
+        assert_eq!(&head.borrowed().unwrap().to_bytes().unwrap()[..], &v1[..]);
+
+        let edge = EdgeId::new("edge-1").unwrap();
+        let mut claims = IdentityClaims::new();
+        claims.push("sub", "42").unwrap();
+        claims.push("groups", "hr").unwrap();
+        let mut with_ext = head.clone();
+        with_ext.ext.hop_count = Some(1);
+        with_ext.ext.origin_edge = Some(edge.clone());
+        with_ext.ext.identity_claims = Some(claims.clone());
+        let area: &[u8] = b"\x03\
+            \x01\x01\x01\
+            \x02\x06edge-1\
+            \x03\x12\x02\x03sub\x0242\x06groups\x02hr";
+        // 63 + 32 bytes: the length takes two bytes now.
+        let want = [&[0x10, 0x40, 95][..], &v1[2..], area].concat();
+        assert_eq!(
+            &Frame::StreamHead(with_ext.clone()).to_bytes().unwrap()[..],
+            &want[..]
+        );
+
+        // The edge's path: borrowed, for a tunnel that negotiated the area.
+        let mut borrowed = head.borrowed().unwrap();
+        borrowed.ext = HeadExtensionsRef::for_peer(crate::capabilities::ALL)
+            .with_hop_count(1)
+            .with_origin_edge(&edge)
+            .with_identity_claims(&claims);
+        assert_eq!(&borrowed.to_bytes().unwrap()[..], &want[..]);
+        // For a tunnel that did not, the encode fails rather than send a
+        // head the peer would refuse (or drop the claims).
+        borrowed.ext = HeadExtensionsRef::for_peer(crate::capabilities::WEBSOCKET)
+            .with_identity_claims(&claims);
+        assert_eq!(
+            borrowed.to_bytes(),
+            Err(EncodeError::ExtensionsNotNegotiated)
+        );
+        // An owned head's entries are carried only once the caller names
+        // the peer.
+        assert_eq!(
+            with_ext.borrowed().unwrap().to_bytes(),
+            Err(EncodeError::ExtensionsNotNegotiated)
+        );
+        let mut forwarded = with_ext.borrowed().unwrap();
+        forwarded.ext = with_ext.ext.borrowed(crate::capabilities::ALL);
+        assert_eq!(&forwarded.to_bytes().unwrap()[..], &want[..]);
+        assert_eq!(
+            Frame::decode(&mut &want[..]).unwrap(),
+            Frame::StreamHead(with_ext)
+        );
     }
 
     fn sample_head() -> StreamHead {
@@ -830,6 +1073,7 @@ mod tests {
             client_addr: "127.0.0.1:1".parse().unwrap(),
             identity: None,
             timeout_ms: 85_000,
+            ext: HeadExtensions::default(),
         }
     }
 

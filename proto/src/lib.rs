@@ -14,13 +14,15 @@
 pub mod api;
 pub mod codec;
 pub mod error;
+pub mod extension;
 pub mod frame;
 pub mod ids;
 #[cfg(feature = "io")]
 pub mod io;
 pub mod limits;
 
-pub use error::{CloseCode, DecodeError, EncodeError, ErrorCode, VersionMismatch};
+pub use error::{ClaimError, CloseCode, DecodeError, EncodeError, ErrorCode, VersionMismatch};
+pub use extension::{HeadExtensions, HeadExtensionsRef, IdentityClaims, UnknownExtension};
 pub use frame::{
     Frame, FrameType, Goodbye, Hello, ResponseHead, StreamError, StreamHead, StreamHeadRef,
     StreamKind, Welcome,
@@ -45,11 +47,17 @@ pub const TUNNEL_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_s
 pub const TUNNEL_KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Capability bits carried in `Hello`/`Welcome`. Unknown bits are ignored.
+///
+/// The connector announces what it supports in `Hello`; the edge answers in
+/// `Welcome` with the bits both support, and that set holds for the tunnel.
 pub mod capabilities {
     /// The peer can carry WebSocket upgrades on a data stream.
     pub const WEBSOCKET: u64 = 1 << 0;
+    /// The peer decodes the `StreamHead` extension area
+    /// ([`crate::extension`]). Without it, a head must carry no area.
+    pub const HEAD_EXTENSIONS: u64 = 1 << 1;
     /// Everything this build supports.
-    pub const ALL: u64 = WEBSOCKET;
+    pub const ALL: u64 = WEBSOCKET | HEAD_EXTENSIONS;
 }
 
 /// Chooses the protocol version to speak with a peer that announced `theirs`.

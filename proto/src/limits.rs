@@ -23,3 +23,13 @@ pub const MAX_ID_LEN: usize = 128;
 pub const MAX_MESSAGE_LEN: usize = 1024;
 /// The longest authenticated-identity string carried in a `StreamHead`.
 pub const MAX_IDENTITY_LEN: usize = 1024;
+/// The most entries one `StreamHead` extension area may carry.
+pub const MAX_HEAD_EXTENSIONS: usize = 32;
+/// The longest value of one extension entry, in bytes.
+pub const MAX_EXTENSION_LEN: usize = 16 * 1024;
+/// The most identity claims (name and value pairs) one head may carry.
+pub const MAX_CLAIMS: usize = 256;
+/// The longest identity claim name, in bytes.
+pub const MAX_CLAIM_NAME_LEN: usize = 128;
+/// The longest identity claim value, in bytes.
+pub const MAX_CLAIM_VALUE_LEN: usize = 1024;
