@@ -15,6 +15,7 @@ pub mod api;
 pub mod codec;
 pub mod error;
 pub mod extension;
+pub mod features;
 pub mod frame;
 pub mod ids;
 #[cfg(feature = "io")]
