@@ -43,28 +43,119 @@ pub(crate) fn explanation(code: ErrorCode) -> &'static str {
     }
 }
 
-/// Whether the `Accept` header prefers JSON over HTML.
+/// Whether the client prefers JSON to HTML by its `Accept` header
+/// (RFC 9110 §12.5.1).
+///
+/// Each of the two answers gets the quality of the most specific range that
+/// matches it (`application/json` over `application/*` over `*/*`): a more
+/// specific range overrides a wildcard, `application/json;q=0, */*` too.
+/// JSON wins on a higher quality, or on an equal one when a more specific
+/// range gave it: axios's `application/json, text/plain, */*` names JSON
+/// and reaches HTML only through `*/*`. Everything else, `*/*` alone, no
+/// header and anything malformed included, gets the HTML page.
 pub(crate) fn prefers_json(headers: &HeaderMap) -> bool {
-    let mut q_json = 0.0f32;
-    let mut q_html = 0.0f32;
-    for value in headers.get_all(ACCEPT) {
-        let Ok(value) = value.to_str() else { continue };
-        for item in value.split(',').take(64) {
-            let mut parts = item.split(';');
-            let media = parts.next().unwrap_or("").trim().to_ascii_lowercase();
-            let q = parts
-                .filter_map(|p| p.trim().strip_prefix("q="))
-                .find_map(|q| q.trim().parse::<f32>().ok())
-                .unwrap_or(1.0)
-                .clamp(0.0, 1.0);
-            match media.as_str() {
-                "application/json" | "application/problem+json" => q_json = q_json.max(q),
-                "text/html" | "text/*" | "*/*" => q_html = q_html.max(q),
-                _ => {}
-            }
+    let mut json = Match::NONE;
+    let mut html = Match::NONE;
+    let ranges = headers
+        .get_all(ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .take(MAX_ACCEPT_RANGES);
+    for range in ranges {
+        let Some((ty, subtype, quality)) = media_range(range) else {
+            continue;
+        };
+        json = json
+            .max(Match::of(ty, subtype, "application", "json", quality))
+            .max(Match::of(
+                ty,
+                subtype,
+                "application",
+                "problem+json",
+                quality,
+            ));
+        html = html.max(Match::of(ty, subtype, "text", "html", quality));
+    }
+    json.quality > 0
+        && (json.quality > html.quality
+            || (json.quality == html.quality && json.specificity > html.specificity))
+}
+
+/// The most `Accept` ranges looked at; a longer header is cut.
+const MAX_ACCEPT_RANGES: usize = 64;
+
+/// How one answer's media type matched a range: the range's specificity
+/// (0 no match, 1 `*/*`, 2 `type/*`, 3 exact) and its quality in
+/// thousandths. Ordered by specificity first, so `max` keeps the most
+/// specific match, and the highest quality among equally specific ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Match {
+    specificity: u8,
+    quality: u16,
+}
+
+impl Match {
+    const NONE: Match = Match {
+        specificity: 0,
+        quality: 0,
+    };
+
+    fn of(ty: &str, subtype: &str, want_ty: &str, want_subtype: &str, quality: u16) -> Match {
+        let specificity = match (ty, subtype) {
+            ("*", "*") => 1,
+            (t, "*") if t.eq_ignore_ascii_case(want_ty) => 2,
+            (t, s) if t.eq_ignore_ascii_case(want_ty) && s.eq_ignore_ascii_case(want_subtype) => 3,
+            _ => return Match::NONE,
+        };
+        Match {
+            specificity,
+            quality,
         }
     }
-    q_json > 0.0 && q_json > q_html
+}
+
+/// One `Accept` element, `type/subtype *( ; parameter )`: its type,
+/// subtype and quality (`q`, in thousandths; 1000 when absent). `None` for
+/// an element that is not a valid media range.
+fn media_range(range: &str) -> Option<(&str, &str, u16)> {
+    let mut parts = range.split(';');
+    let (ty, subtype) = parts.next()?.trim().split_once('/')?;
+    let token = |s: &str| !s.is_empty() && !s.bytes().any(|b| b.is_ascii_whitespace());
+    if !token(ty) || !token(subtype) || (ty == "*" && subtype != "*") {
+        return None;
+    }
+    let mut quality = 1000;
+    for param in parts {
+        let Some((name, value)) = param.split_once('=') else {
+            continue;
+        };
+        if name.trim().eq_ignore_ascii_case("q") {
+            quality = qvalue(value.trim())?;
+            // Parameters after the weight are extensions: ignored.
+            break;
+        }
+    }
+    Some((ty, subtype, quality))
+}
+
+/// A `qvalue` (RFC 9110 §12.4.2), `0` to `1` with at most three decimals,
+/// in thousandths.
+fn qvalue(s: &str) -> Option<u16> {
+    let (int, frac) = s.split_once('.').unwrap_or((s, ""));
+    if frac.len() > 3 || !frac.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let frac_value = frac
+        .bytes()
+        .chain(std::iter::repeat(b'0'))
+        .take(3)
+        .fold(0u16, |n, b| n * 10 + u16::from(b - b'0'));
+    match int {
+        "0" => Some(frac_value),
+        "1" if frac_value == 0 => Some(1000),
+        _ => None,
+    }
 }
 
 /// The error answer for `code`.
@@ -133,15 +224,77 @@ mod tests {
 
     #[test]
     fn json_only_when_preferred() {
-        assert!(prefers_json(&accept("application/json")));
-        assert!(prefers_json(&accept("application/json, */*;q=0.1")));
-        assert!(prefers_json(&accept("text/html;q=0.5, application/json")));
-        assert!(!prefers_json(&accept(
-            "text/html,application/xhtml+xml,application/json;q=0.9,*/*;q=0.8"
-        )));
-        assert!(!prefers_json(&accept("*/*")));
-        assert!(!prefers_json(&accept("application/json;q=0")));
+        const JSON: bool = true;
+        const HTML: bool = false;
+        let cases: &[(&str, bool)] = &[
+            ("application/json", JSON),
+            // axios: JSON named, HTML only through */*.
+            ("application/json, text/plain, */*", JSON),
+            // Firefox and Chromium navigations.
+            (
+                "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8",
+                HTML,
+            ),
+            (
+                "text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,image/webp,\
+                 image/apng,*/*;q=0.8,application/signed-exchange;v=b3;q=0.7",
+                HTML,
+            ),
+            (
+                "text/html,application/xhtml+xml,application/json;q=0.9,*/*;q=0.8",
+                HTML,
+            ),
+            // curl and friends.
+            ("*/*", HTML),
+            ("", HTML),
+            ("text/plain", HTML),
+            ("application/json, */*;q=0.1", JSON),
+            ("text/html;q=0.5, application/json", JSON),
+            ("*/*;q=0.1, application/json;q=0.05", HTML),
+            // Equal quality and equally specific: HTML.
+            ("text/html, application/json", HTML),
+            ("application/json, text/html", HTML),
+            // A type wildcard is more specific than */*, less than exact.
+            ("application/*", JSON),
+            ("application/*, */*", JSON),
+            ("text/*, application/json", JSON),
+            ("text/*, application/*", HTML),
+            // A more specific range overrides a wildcard, in either order.
+            ("application/json;q=0", HTML),
+            ("application/json;q=0, */*", HTML),
+            ("*/*, application/json;q=0", HTML),
+            ("text/html;q=0, */*", JSON),
+            ("application/problem+json", JSON),
+            // Case, whitespace and media type parameters.
+            ("APPLICATION/JSON", JSON),
+            (
+                "Application/Json ; charset=utf-8 ; Q=0.9, text/html;q=0.8",
+                JSON,
+            ),
+            ("text/html;level=1;q=0.4, application/json;q=0.5", JSON),
+            ("application/json;q=0.500, text/html;q=0.5", HTML),
+            ("application/json;q=1.000, text/html;q=0.999", JSON),
+            // Malformed elements are skipped, not read as q=1.
+            ("application/json;q=1.5, text/html;q=0.5", HTML),
+            ("application/json;q=abc", HTML),
+            ("application/json;q=0.1234, text/html;q=0.1", HTML),
+            ("application/json;q=-1", HTML),
+            ("*/json", HTML),
+            ("application /json", HTML),
+            ("json", HTML),
+        ];
+        for (value, want) in cases {
+            assert_eq!(prefers_json(&accept(value)), *want, "Accept: {value}");
+        }
         assert!(!prefers_json(&HeaderMap::new()));
+        // Several Accept fields are one list.
+        let mut both = HeaderMap::new();
+        both.append(ACCEPT, HeaderValue::from_static("text/html;q=0.1"));
+        both.append(ACCEPT, HeaderValue::from_static("application/json"));
+        assert!(prefers_json(&both));
+        // Only the first 64 ranges count.
+        let long = format!("{}application/json", "text/plain, ".repeat(64));
+        assert!(!prefers_json(&accept(&long)));
     }
 
     #[tokio::test]
