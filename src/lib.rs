@@ -54,6 +54,43 @@ pub async fn run(cli: cli::Cli) -> anyhow::Result<()> {
     }
 }
 
+/// Raises the soft open-file limit to the hard limit (every socket is a
+/// descriptor, and the usual soft limit of 1,024 is far below what an edge
+/// or a connector holds) and logs both figures: one info line for the
+/// commands that serve or load (router, edge, connector, dev, loadtest),
+/// a debug line for one-shot admin commands, whose output stays clean.
+pub fn raise_open_file_limit(command: &Command) {
+    let serving = match command {
+        Command::Router(_) | Command::Dev(_) | Command::Loadtest(_) => true,
+        Command::Edge(c) => c.action.is_none(),
+        Command::Connector(c) => c.action.is_none(),
+        Command::App(_) | Command::Group(_) | Command::Token(_) => false,
+    };
+    let show = |n: u64| {
+        if n == u64::MAX {
+            "unlimited".to_owned()
+        } else {
+            n.to_string()
+        }
+    };
+    match portico_agent::nofile::raise() {
+        Ok(r) if serving => info!(
+            soft = %show(r.soft),
+            hard = %show(r.hard),
+            was = %show(r.before),
+            "open-file limit"
+        ),
+        Ok(r) => {
+            tracing::debug!(soft = %show(r.soft), hard = %show(r.hard), was = %show(r.before), "open-file limit")
+        }
+        Err(e) => tracing::warn!(
+            soft = %show(portico_agent::nofile::soft_limit()),
+            error = %portico_agent::error_chain(&e),
+            "cannot raise the open-file limit to the hard limit"
+        ),
+    }
+}
+
 /// A token cancelled by Ctrl-C or SIGTERM.
 pub fn shutdown_on_signal() -> CancellationToken {
     let token = CancellationToken::new();

@@ -1,5 +1,10 @@
 //! Logging setup: human-readable or JSON lines on stderr, filtered by
-//! `--log` or `RUST_LOG`.
+//! `--log` or `RUST_LOG`. The human format is coloured only on a terminal,
+//! and never when `NO_COLOR` is set (<https://no-color.org>): a log file or
+//! a journal gets plain text.
+
+use std::ffi::OsStr;
+use std::io::IsTerminal as _;
 
 use clap::{Args, ValueEnum};
 use tracing_subscriber::EnvFilter;
@@ -30,9 +35,33 @@ pub fn init(args: &LogArgs) {
         .unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour(
+            std::io::stderr().is_terminal(),
+            std::env::var_os("NO_COLOR").as_deref(),
+        ))
         .with_writer(std::io::stderr);
     let _ = match args.log_format {
         LogFormat::Human => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
+}
+
+/// Whether the human format may use ANSI colours: only on a terminal, and
+/// not when `NO_COLOR` is set to anything but the empty string.
+fn colour(terminal: bool, no_color: Option<&OsStr>) -> bool {
+    terminal && no_color.is_none_or(OsStr::is_empty)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn colour_only_on_a_terminal_without_no_color() {
+        assert!(colour(true, None));
+        assert!(colour(true, Some(OsStr::new(""))));
+        assert!(!colour(true, Some(OsStr::new("1"))));
+        assert!(!colour(false, None));
+        assert!(!colour(false, Some(OsStr::new("1"))));
+    }
 }

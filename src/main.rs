@@ -6,6 +6,7 @@ use clap::Parser;
 fn main() -> std::process::ExitCode {
     let cli = portico::cli::Cli::parse();
     portico::logging::init(&cli.log);
+    portico::raise_open_file_limit(&cli.command);
     let runtime = match runtime(cli.threads) {
         Ok(rt) => rt,
         Err(e) => {
@@ -16,8 +17,9 @@ fn main() -> std::process::ExitCode {
     match runtime.block_on(portico::run(cli)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            // Errors end on stderr as one readable line, whatever the log format.
-            eprintln!("error: {e:#}");
+            // Errors end on stderr as one readable line, whatever the log
+            // format: the error and each of its sources once.
+            eprintln!("error: {}", portico_agent::error_chain(e.as_ref()));
             // A load test that broke its thresholds ran fine: say so apart
             // from a run that failed, as k6 does.
             if e.downcast_ref::<portico_loadtest::ThresholdsFailed>()

@@ -404,7 +404,9 @@ impl<H: Stoppable> Part<H> {
         self.stop.cancel();
         match tokio::time::timeout(STOP_TIMEOUT, h.stopped()).await {
             Ok(Ok(())) => info!(part = what, "stopped"),
-            Ok(Err(e)) => warn!(part = what, error = %format!("{e:#}"), "stopped with an error"),
+            Ok(Err(e)) => {
+                warn!(part = what, error = %portico_agent::error_chain(e.as_ref()), "stopped with an error")
+            }
             Err(_) => warn!(
                 part = what,
                 "did not stop within {STOP_TIMEOUT:?}; abandoned"
@@ -822,7 +824,7 @@ impl Mesh {
                         {
                             Ok(h) => break (h, stop),
                             Err(e) if Instant::now() < deadline => {
-                                warn!(edge = i, error = %format!("{e:#}"), "cannot restart yet; retrying");
+                                warn!(edge = i, error = %portico_agent::error_chain(e.as_ref()), "cannot restart yet; retrying");
                                 tokio::time::sleep(Duration::from_millis(100)).await;
                             }
                             Err(e) => return Err(e.context(format!("edge {i} failed to restart"))),
@@ -847,7 +849,7 @@ impl Mesh {
                     match start_router(&self.data, self.router_addr, stop.clone()).await {
                         Ok(h) => break (h, stop),
                         Err(e) if Instant::now() < deadline => {
-                            warn!(error = %format!("{e:#}"), "cannot restart the router yet; retrying");
+                            warn!(error = %portico_agent::error_chain(e.as_ref()), "cannot restart the router yet; retrying");
                             tokio::time::sleep(Duration::from_millis(100)).await;
                         }
                         Err(e) => return Err(e.context("the router failed to restart")),

@@ -4,56 +4,12 @@
 
 mod common;
 
-use std::process::Stdio;
 use std::time::Duration;
 
-use common::{eventually, Stack};
+use common::{eventually, Child, Stack, BIN};
 use portico::dev::create_token;
 use portico_proto::api::{CreateGroup, Group, TokenScope};
 use portico_proto::GroupId;
-use tokio::io::AsyncBufReadExt;
-
-const BIN: &str = env!("CARGO_BIN_EXE_portico");
-
-/// A running `portico` child process whose output is kept for failure dumps.
-struct Child {
-    child: tokio::process::Child,
-    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
-}
-
-impl Child {
-    fn spawn(args: &[&str]) -> Child {
-        let mut child = tokio::process::Command::new(BIN)
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("portico binary runs");
-        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        for pipe in [
-            Box::new(child.stdout.take().unwrap()) as Box<dyn tokio::io::AsyncRead + Unpin + Send>,
-            Box::new(child.stderr.take().unwrap()),
-        ] {
-            let log = log.clone();
-            tokio::spawn(async move {
-                let mut lines = tokio::io::BufReader::new(pipe).lines();
-                while let Ok(Some(line)) = lines.next_line().await {
-                    log.lock().unwrap().push(line);
-                }
-            });
-        }
-        Child { child, log }
-    }
-
-    fn output(&self) -> String {
-        self.log.lock().unwrap().join("\n")
-    }
-
-    async fn kill(&mut self) {
-        self.child.kill().await.unwrap(); // SIGKILL
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_connector_gives_connector_not_found_and_comes_back_from_its_state() {

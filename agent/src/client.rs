@@ -179,7 +179,7 @@ impl RouterClient {
                 .await
                 .map_err(|e| ClientError::Connect {
                     url: self.base.to_string(),
-                    reason: error_chain(&e),
+                    reason: crate::error::chain(&e).to_string(),
                 })?;
             let status = resp.status();
             let body = Limited::new(resp.into_body(), MAX_BODY)
@@ -248,21 +248,6 @@ fn normalize_url(raw: &str) -> Result<String, ClientError> {
         ));
     }
     Ok(url.as_str().trim_end_matches('/').to_owned())
-}
-
-/// "a: b: c" from an error and its sources, so connect failures say why.
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let s_text = s.to_string();
-        if !text.contains(&s_text) {
-            text.push_str(": ");
-            text.push_str(&s_text);
-        }
-        source = s.source();
-    }
-    text
 }
 
 #[cfg(test)]

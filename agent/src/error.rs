@@ -1,5 +1,8 @@
-//! Errors of the agent crate.
+//! Errors of the agent crate, and [`chain`]: the one way an error is
+//! printed for a person.
 
+use std::error::Error as StdError;
+use std::fmt;
 use std::path::PathBuf;
 
 use portico_proto::api::ApiError;
@@ -143,4 +146,141 @@ pub enum EnrollError {
     State(#[from] StateError),
     #[error(transparent)]
     Pki(#[from] PkiError),
+}
+
+/// Shows an error and each of its sources once, joined by `": "`:
+/// `edge failed to start: enrollment failed: the router refused the join
+/// token: join token already used`.
+///
+/// The one way Portico formats an error chain for a person: `main`'s
+/// `error:` line and every log field that carries an error
+/// (`error = %chain(&e)`). Our own `#[error]` messages never repeat their
+/// source, but some dependencies' messages do (hyper's "client error
+/// (Connect)" is followed by its cause, rustls' by nothing): a source whose
+/// text is already on the line is skipped, so nothing is printed twice
+/// whoever wrote the message. Empty messages are skipped, and at most
+/// [`MAX_CHAIN`] sources are followed (a cyclic `source()` cannot loop).
+pub fn chain<'a>(err: &'a (dyn StdError + 'a)) -> Chain<'a> {
+    Chain(err)
+}
+
+/// How many sources [`chain`] follows at most.
+pub const MAX_CHAIN: usize = 32;
+
+/// The [`fmt::Display`] of [`chain`].
+#[derive(Clone, Copy)]
+pub struct Chain<'a>(&'a (dyn StdError + 'a));
+
+impl fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut line = self.0.to_string();
+        let mut next = self.0.source();
+        for _ in 0..MAX_CHAIN {
+            let Some(source) = next else { break };
+            let text = source.to_string();
+            if !text.is_empty() && !line.contains(&text) {
+                if !line.is_empty() {
+                    line.push_str(": ");
+                }
+                line.push_str(&text);
+            }
+            next = source.source();
+        }
+        f.write_str(&line)
+    }
+}
+
+impl fmt::Debug for Chain<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An error with a message and an optional source, as thiserror makes.
+    #[derive(Debug)]
+    struct E(&'static str, Option<Box<E>>);
+
+    impl fmt::Display for E {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str(self.0)
+        }
+    }
+
+    impl StdError for E {
+        fn source(&self) -> Option<&(dyn StdError + 'static)> {
+            self.1.as_deref().map(|e| e as _)
+        }
+    }
+
+    fn e(msg: &'static str, source: Option<E>) -> E {
+        E(msg, source.map(Box::new))
+    }
+
+    #[test]
+    fn each_source_is_printed_once_in_order() {
+        let err = e(
+            "edge failed to start",
+            Some(e(
+                "enrollment failed",
+                Some(e("join token already used", None)),
+            )),
+        );
+        assert_eq!(
+            chain(&err).to_string(),
+            "edge failed to start: enrollment failed: join token already used"
+        );
+    }
+
+    #[test]
+    fn a_source_already_on_the_line_is_skipped() {
+        // A dependency whose message embeds its source.
+        let err = e(
+            "the router refused the join token",
+            Some(e(
+                "client error: join token already used",
+                Some(e("join token already used", None)),
+            )),
+        );
+        let text = chain(&err).to_string();
+        assert_eq!(
+            text,
+            "the router refused the join token: client error: join token already used"
+        );
+        assert_eq!(text.matches("join token already used").count(), 1);
+    }
+
+    #[test]
+    fn empty_messages_add_no_separator() {
+        let err = e("outer", Some(e("", Some(e("inner", None)))));
+        assert_eq!(chain(&err).to_string(), "outer: inner");
+        let err = e("", Some(e("inner", None)));
+        assert_eq!(chain(&err).to_string(), "inner");
+    }
+
+    #[test]
+    fn a_long_chain_is_cut_at_the_limit() {
+        // A chain longer than MAX_CHAIN: the line ends, it does not loop.
+        let mut err = e("last", None);
+        let names: Vec<&'static str> = (0..MAX_CHAIN + 8)
+            .map(|i| &*Box::leak(format!("level{i}").into_boxed_str()))
+            .collect();
+        for name in names.iter().rev() {
+            err = e(name, Some(err));
+        }
+        let text = chain(&err).to_string();
+        assert_eq!(text.matches(": ").count(), MAX_CHAIN);
+        assert!(!text.contains("last"));
+    }
+
+    #[test]
+    fn works_on_std_and_boxed_errors() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
+        assert_eq!(chain(&io).to_string(), "no such file");
+        let boxed: Box<dyn StdError + Send + Sync> = Box::new(e("a", Some(e("b", None))));
+        assert_eq!(chain(&*boxed).to_string(), "a: b");
+    }
 }

@@ -12,11 +12,12 @@ pub mod client;
 pub mod enroll;
 pub mod error;
 pub mod headers;
+pub mod nofile;
 pub mod ops;
 pub mod pki;
 pub mod quic;
 pub mod state;
 
 pub use client::{RouterClient, RouterTrust};
-pub use error::{ClientError, EnrollError, PkiError, StateError};
+pub use error::{chain as error_chain, ClientError, EnrollError, PkiError, StateError};
 pub use state::{Credentials, Secret, StateDir};

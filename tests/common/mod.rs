@@ -4,7 +4,11 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use tokio::io::AsyncBufReadExt;
 
 use portico::dev::{Deployment, DevOptions};
 use tokio_util::sync::CancellationToken;
@@ -329,5 +333,131 @@ impl PyHttpServer {
     pub async fn stop(mut self) {
         let _ = self.child.start_kill();
         let _ = self.child.wait().await;
+    }
+}
+
+/// The `portico` binary under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_portico");
+
+/// A running `portico` child process whose stdout and stderr lines are kept
+/// (for the tests to read and for failure dumps). Killed when dropped.
+pub struct Child {
+    pub child: tokio::process::Child,
+    log: Arc<Mutex<Log>>,
+}
+
+#[derive(Default)]
+struct Log {
+    lines: Vec<String>,
+    /// Pipes read to their end (2: the process closed both).
+    closed: usize,
+}
+
+impl Child {
+    /// `portico ARGS`.
+    pub fn spawn(args: &[&str]) -> Child {
+        let mut cmd = tokio::process::Command::new(BIN);
+        cmd.args(args);
+        Child::spawn_cmd(cmd)
+    }
+
+    /// Any command (for example `portico` with a set environment).
+    pub fn spawn_cmd(mut cmd: tokio::process::Command) -> Child {
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("portico binary runs");
+        let log = Arc::new(Mutex::new(Log::default()));
+        for pipe in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn tokio::io::AsyncRead + Unpin + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let log = log.clone();
+            tokio::spawn(async move {
+                let mut lines = tokio::io::BufReader::new(pipe).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    log.lock().unwrap().lines.push(line);
+                }
+                log.lock().unwrap().closed += 1;
+            });
+        }
+        Child { child, log }
+    }
+
+    /// Everything the process printed so far, stdout and stderr interleaved.
+    pub fn output(&self) -> String {
+        self.log.lock().unwrap().lines.join("\n")
+    }
+
+    /// The first line that starts with `prefix` (`listening `), waiting up
+    /// to `limit` (a hang guard). Fails with the output if the process
+    /// exits without printing it.
+    pub async fn line_starting(&mut self, prefix: &str, limit: Duration) -> String {
+        self.line_where(prefix, limit, |l| l.starts_with(prefix))
+            .await
+    }
+
+    /// The first line that contains `text` (a log message), as
+    /// [`Child::line_starting`].
+    pub async fn line_containing(&mut self, text: &str, limit: Duration) -> String {
+        self.line_where(text, limit, |l| l.contains(text)).await
+    }
+
+    async fn line_where(
+        &mut self,
+        what: &str,
+        limit: Duration,
+        pred: impl Fn(&str) -> bool,
+    ) -> String {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let (found, closed) = {
+                let log = self.log.lock().unwrap();
+                let found = log.lines.iter().find(|l| pred(l)).cloned();
+                (found, log.closed)
+            };
+            if let Some(l) = found {
+                return l;
+            }
+            // Both pipes at their end: the process is gone and all it
+            // printed has been read.
+            assert!(
+                closed < 2,
+                "exited without printing {what:?}:\n{}",
+                self.output()
+            );
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no {what:?} line:\n{}",
+                self.output()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits for the process to exit (up to `limit`, a hang guard) and
+    /// returns its status with everything it printed.
+    pub async fn exit(mut self, limit: Duration) -> (std::process::ExitStatus, String) {
+        let status = tokio::time::timeout(limit, self.child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("still running:\n{}", self.output()))
+            .unwrap();
+        let deadline = tokio::time::Instant::now() + limit;
+        while self.log.lock().unwrap().closed < 2 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        (status, self.output())
+    }
+
+    /// The value of `key=` in a `key=value ...` line.
+    pub fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+    }
+
+    pub async fn kill(&mut self) {
+        self.child.kill().await.unwrap(); // SIGKILL
     }
 }
