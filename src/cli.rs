@@ -1,4 +1,23 @@
 //! The command line: one binary, a subcommand per job.
+//!
+//! # Adding a flag to `router`, `edge` or `connector`
+//!
+//! One field in [`RouterArgs`], [`EdgeArgs`] or [`ConnectorArgs`] with
+//! `#[arg(long)]` (a `default_value` if it has one; durations with
+//! `value_parser = humantime::parse_duration`) and a doc comment, which is
+//! its `--help`. That one field is also its environment variable
+//! (`--stall-time` is `PORTICO_STALL_TIME`, set by [`crate::config::command`]
+//! for every flag that names none) and its config-file key (`stall_time`,
+//! parsed by the flag's own parser). Then:
+//!
+//! - pass it to the library's `Config` in `run_router` / `run_edge` /
+//!   `run_connector` (src/lib.rs);
+//! - add the key, with a comment, to `examples/<component>.toml`
+//!   (commented out if optional): `tests` in src/config.rs fail while a
+//!   flag is missing there, or names a variable that breaks the rule.
+//!
+//! Parse with [`crate::config::parse`], never `Cli::parse()`: only it reads
+//! the config file and sets the variables.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -110,7 +129,11 @@ pub struct RouterConn {
 }
 
 #[derive(Debug, Args)]
+#[command(after_help = crate::config::SOURCES_HELP)]
 pub struct RouterArgs {
+    /// A TOML file with any of these flags as keys (see examples/router.toml).
+    #[arg(long, env = "PORTICO_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// Directory for the database, the CA and the admin token (created 0700).
     #[arg(long, env = "PORTICO_DATA")]
     pub data: PathBuf,
@@ -133,7 +156,11 @@ pub struct RouterArgs {
 }
 
 #[derive(Debug, Args)]
-#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+#[command(
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true,
+    after_help = crate::config::SOURCES_HELP
+)]
 pub struct EdgeCmd {
     #[command(subcommand)]
     pub action: Option<EdgeAction>,
@@ -155,6 +182,9 @@ pub struct ListArgs {
 
 #[derive(Debug, Args)]
 pub struct EdgeArgs {
+    /// A TOML file with any of these flags as keys (see examples/edge.toml).
+    #[arg(long, env = "PORTICO_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// The router's API URL.
     #[arg(long, env = "PORTICO_ROUTER", required = true)]
     pub router: Option<String>,
@@ -194,7 +224,11 @@ pub struct EdgeArgs {
 }
 
 #[derive(Debug, Args)]
-#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+#[command(
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true,
+    after_help = crate::config::SOURCES_HELP
+)]
 pub struct ConnectorCmd {
     #[command(subcommand)]
     pub action: Option<ConnectorAction>,
@@ -220,6 +254,9 @@ pub struct DeleteArgs {
 
 #[derive(Debug, Args)]
 pub struct ConnectorArgs {
+    /// A TOML file with any of these flags as keys (see examples/connector.toml).
+    #[arg(long, env = "PORTICO_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// The router's API URL.
     #[arg(long, env = "PORTICO_ROUTER", required = true)]
     pub router: Option<String>,

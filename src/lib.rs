@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod cli;
+pub mod config;
 pub mod demo;
 pub mod dev;
 pub mod logging;

@@ -24,7 +24,12 @@ pub struct LogArgs {
     pub log_format: LogFormat,
     /// Log filter, for example `info` or `portico_edge=debug,info`
     /// (RUST_LOG syntax). RUST_LOG wins when set.
-    #[arg(long = "log", global = true, default_value = "info")]
+    #[arg(
+        long = "log",
+        global = true,
+        default_value = "info",
+        env = "PORTICO_LOG"
+    )]
     pub level: String,
 }
 

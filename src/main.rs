@@ -1,10 +1,15 @@
 //! The `portico` binary: parses the command line, sets up logging, and hands
 //! over to the library.
 
-use clap::Parser;
-
 fn main() -> std::process::ExitCode {
-    let cli = portico::cli::Cli::parse();
+    let cli = match portico::config::parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            eprintln!("error: {}", portico_agent::error_chain(&e));
+            // clap's own exit code for a bad command line.
+            return std::process::ExitCode::from(2);
+        }
+    };
     portico::logging::init(&cli.log);
     portico::raise_open_file_limit(&cli.command);
     let runtime = match runtime(cli.threads) {
