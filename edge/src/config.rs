@@ -36,6 +36,10 @@ pub struct Config {
     pub grace: Duration,
     /// Extra wait beyond an app's backend timeout before `ConnectorTimeout`.
     pub connector_timeout_grace: Duration,
+    /// Write one access-log line per request (target `portico::access`):
+    /// method, host, path, status, error code, bytes, duration, client,
+    /// request id. Metrics count every request either way.
+    pub access_log: bool,
 }
 
 impl Config {
@@ -54,6 +58,7 @@ impl Config {
             advertise_public_addr: None,
             grace: Duration::from_secs(10),
             connector_timeout_grace: Duration::from_secs(5),
+            access_log: true,
         }
     }
 
@@ -126,6 +131,7 @@ impl fmt::Debug for Config {
             .field("advertise_public_addr", &self.advertise_public_addr)
             .field("grace", &self.grace)
             .field("connector_timeout_grace", &self.connector_timeout_grace)
+            .field("access_log", &self.access_log)
             .finish()
     }
 }

@@ -103,6 +103,7 @@ pub(crate) async fn start(config: Config, shutdown: CancellationToken) -> Result
             metrics_listen: config.metrics_listen,
             grace: config.grace,
             connector_timeout_grace: config.connector_timeout_grace,
+            access_log: config.access_log,
         },
         shutdown.clone(),
     )

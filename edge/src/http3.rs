@@ -2,7 +2,7 @@
 //! number): binding the pair, the QUIC/TLS config (the same swappable
 //! public certificate, ALPN `h3`), the accept loop, and the adapter that
 //! hands each request to the request path HTTP/1.1 and HTTP/2 use
-//! (`public::handle`), so routing, errors, metrics and logs are the same.
+//! (`request::handle`), so routing, errors, metrics and logs are the same.
 //!
 //! It does not carry WebSockets (an extended CONNECT is answered with
 //! `BadRequest`), server push, or 0-RTT.
@@ -27,7 +27,8 @@ use tracing::Instrument;
 
 use crate::certs::CertStore;
 use crate::error::Error;
-use crate::public;
+use crate::listener;
+use crate::request::{self, Client};
 use crate::Shared;
 
 /// The QUIC close code of a clean HTTP/3 close (`H3_NO_ERROR`).
@@ -57,14 +58,14 @@ pub(crate) fn bind_public(
     tracker: &TaskTracker,
 ) -> Result<(TcpListener, Option<quinn::Endpoint>), Error> {
     let Some(cert) = h3_cert else {
-        return Ok((public::bind(listen)?, None));
+        return Ok((listener::bind(listen)?, None));
     };
     let config = server_config(cert)?;
     let attempts = if listen.port() == 0 { BIND_ATTEMPTS } else { 1 };
     let mut attempt = 0;
     loop {
         attempt += 1;
-        let tcp = public::bind(listen)?;
+        let tcp = listener::bind(listen)?;
         let port = tcp
             .local_addr()
             .map_err(|source| Error::Bind {
@@ -255,7 +256,7 @@ async fn serve_request(
             send.stop_stream(Code::H3_REQUEST_CANCELLED);
             return;
         }
-        r = public::handle(req, Arc::clone(&shared), client) => r,
+        r = request::handle(req, Arc::clone(&shared), Client { addr: client }) => r,
     };
     let (parts, mut body) = resp.into_parts();
     if let Err(e) = send.send_response(Response::from_parts(parts, ())).await {

@@ -16,11 +16,12 @@ mod config;
 mod control;
 pub mod error;
 mod http3;
+mod listener;
 mod metrics;
 mod pages;
-mod public;
+mod request;
 mod routing;
-mod tunnel;
+mod tunnel_acceptor;
 mod tunnels;
 
 #[cfg(test)]
@@ -120,6 +121,8 @@ pub(crate) struct Shared {
     pub(crate) ready: watch::Sender<bool>,
     pub(crate) connector_timeout_grace: Duration,
     pub(crate) grace: Duration,
+    /// Whether every request gets an access-log line.
+    pub(crate) access_log: request::AccessLog,
     /// Cancelled to start the shutdown.
     pub(crate) shutdown: CancellationToken,
     /// Cancelled when the drain period is over: in-flight work is cut.
@@ -169,6 +172,7 @@ pub(crate) struct Parts {
     pub(crate) metrics_listen: Option<SocketAddr>,
     pub(crate) grace: Duration,
     pub(crate) connector_timeout_grace: Duration,
+    pub(crate) access_log: bool,
 }
 
 /// Binds the listeners and runs the data plane, without any router: the
@@ -205,6 +209,7 @@ pub(crate) async fn serve(parts: Parts, shutdown: CancellationToken) -> Result<H
         ready: ready_tx,
         connector_timeout_grace: parts.connector_timeout_grace,
         grace: parts.grace,
+        access_log: request::AccessLog(parts.access_log),
         shutdown: shutdown.clone(),
         hard_stop: CancellationToken::new(),
         tracker,
@@ -214,10 +219,13 @@ pub(crate) async fn serve(parts: Parts, shutdown: CancellationToken) -> Result<H
         shared.apply_config(cfg);
     }
 
-    let public_tls = public::tls_config(parts.public_cert)?;
+    let public_tls = listener::tls_config(parts.public_cert)?;
     let endpoint = portico_agent::quic::bind_endpoint(
         parts.tunnel_listen,
-        Some(tunnel::server_config(parts.tunnel_cert, &parts.ca_pem)?),
+        Some(tunnel_acceptor::server_config(
+            parts.tunnel_cert,
+            &parts.ca_pem,
+        )?),
         &shared.tracker,
     )
     .map_err(|source| Error::Bind {
@@ -259,12 +267,13 @@ pub(crate) async fn serve(parts: Parts, shutdown: CancellationToken) -> Result<H
 
     let span = tracing::info_span!("edge", edge.id = %parts.edge_id);
     shared.tracker.spawn(
-        public::accept_loop(public_listener, public_tls, Arc::clone(&shared))
+        listener::accept_loop(public_listener, public_tls, Arc::clone(&shared))
             .instrument(span.clone()),
     );
-    shared
-        .tracker
-        .spawn(tunnel::accept_loop(endpoint.clone(), Arc::clone(&shared)).instrument(span.clone()));
+    shared.tracker.spawn(
+        tunnel_acceptor::accept_loop(endpoint.clone(), Arc::clone(&shared))
+            .instrument(span.clone()),
+    );
     if let Some(ep) = h3_endpoint.clone() {
         shared
             .tracker

@@ -22,6 +22,10 @@ pub(crate) struct Metrics {
     pub(crate) bytes_out: IntCounter,
     pub(crate) config_version: IntGauge,
     pub(crate) tunnel_closes: IntCounterVec,
+    /// `portico_edge_retries_total{reason}`: attempts made again on
+    /// another upstream, `not_delivered` (nothing reached a backend) or
+    /// `idempotent` (a GET, HEAD or OPTIONS whose tunnel died).
+    pub(crate) retries: IntCounterVec,
     /// `portico_edge_tls_handshakes_total{result}` on the HTTPS listener:
     /// `full`, `resumed` (a session ticket spared the certificate and its
     /// signature) and `failed` (an error or the handshake timeout).
@@ -78,6 +82,14 @@ impl Metrics {
             &["reason"],
         )
         .expect("valid metric");
+        let retries = IntCounterVec::new(
+            Opts::new(
+                "portico_edge_retries_total",
+                "Requests attempted again on another upstream, by reason",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
         let tls = IntCounterVec::new(
             Opts::new(
                 "portico_edge_tls_handshakes_total",
@@ -95,6 +107,7 @@ impl Metrics {
             Box::new(bytes.clone()),
             Box::new(config_version.clone()),
             Box::new(tunnel_closes.clone()),
+            Box::new(retries.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -108,6 +121,7 @@ impl Metrics {
             bytes_out: bytes.with_label_values(&["out"]),
             config_version,
             tunnel_closes,
+            retries,
             tls_full: tls.with_label_values(&["full"]),
             tls_resumed: tls.with_label_values(&["resumed"]),
             tls_failed: tls.with_label_values(&["failed"]),

@@ -60,16 +60,6 @@ impl RoutingTable {
     }
 }
 
-/// The host of a request: the URI authority (HTTP/2 `:authority`, or an
-/// absolute-form HTTP/1.1 target) first, then the `Host` header.
-pub(crate) fn request_host<B>(req: &http::Request<B>) -> Option<Cow<'_, str>> {
-    if let Some(authority) = req.uri().authority() {
-        return normalize_host(authority.as_str());
-    }
-    let host = req.headers().get(http::header::HOST)?.to_str().ok()?;
-    normalize_host(host)
-}
-
 /// Lower-cases a host, strips its port and one trailing dot. IPv6 literals
 /// keep their brackets. `None` for anything that is not a plausible host.
 /// Borrows when nothing needs lower-casing (the usual request).
@@ -158,26 +148,6 @@ mod tests {
         assert_eq!(normalize_host(""), None);
         assert_eq!(normalize_host("a b"), None);
         assert_eq!(normalize_host("[::1"), None);
-    }
-
-    #[test]
-    fn request_host_prefers_the_h2_authority() {
-        // HTTP/2: the :authority pseudo-header becomes the URI authority.
-        let req = http::Request::builder()
-            .uri("https://Wiki.Apps.Test:8443/x")
-            .header("host", "other.test")
-            .body(())
-            .unwrap();
-        assert_eq!(request_host(&req).as_deref(), Some("wiki.apps.test"));
-        // HTTP/1.1 origin form: only the Host header.
-        let req = http::Request::builder()
-            .uri("/x")
-            .header("host", "HR.apps.test:443")
-            .body(())
-            .unwrap();
-        assert_eq!(request_host(&req).as_deref(), Some("hr.apps.test"));
-        let req = http::Request::builder().uri("/x").body(()).unwrap();
-        assert_eq!(request_host(&req), None);
     }
 
     #[test]

@@ -159,6 +159,7 @@ async fn test_edge(pki: &Pki, shutdown: &CancellationToken) -> anyhow::Result<Ha
             metrics_listen: Some("127.0.0.1:0".parse()?),
             grace: Duration::from_secs(2),
             connector_timeout_grace: Duration::from_millis(200),
+            access_log: true,
         },
         shutdown.clone(),
     )
@@ -537,6 +538,21 @@ async fn requests_route_by_host_and_errors_are_branded() -> anyhow::Result<()> {
     assert_eq!(r.status(), StatusCode::BAD_GATEWAY);
     assert_eq!(r.headers()["x-portico-error"], "ConnectorNotFound");
 
+    // Two Host headers (RFC 9112 §3.2), and an HTTP/2 Host that disagrees
+    // with :authority: refused before routing, and counted.
+    let req = Request::get("/")
+        .header("host", "hr.apps.test")
+        .header("host", "nope.apps.test")
+        .body(Full::new(Bytes::new()))?;
+    let r = https(&pki, addr, "hr.apps.test", false, req).await?;
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(r.headers()["x-portico-error"], "BadRequest");
+    let req = Request::get("https://hr.apps.test/")
+        .header("host", "nope.apps.test")
+        .body(Full::new(Bytes::new()))?;
+    let r = https(&pki, addr, "hr.apps.test", true, req).await?;
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+
     // Unknown host: AppNotFound, as HTML or JSON as the client prefers.
     let r = https(
         &pki,
@@ -643,6 +659,10 @@ async fn requests_route_by_host_and_errors_are_branded() -> anyhow::Result<()> {
     );
     assert!(
         text.contains(r#"portico_edge_bytes_total{direction="in"} 10"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"portico_edge_requests_total{app="",code="BadRequest",status="400"} 2"#),
         "{text}"
     );
 
@@ -833,8 +853,47 @@ async fn shutdown_stops_accepting_and_lets_in_flight_requests_finish() -> anyhow
     Ok(())
 }
 
+/// Log lines as JSON objects, captured for this thread (a current-thread
+/// test runtime runs the edge's tasks on it too).
+#[derive(Clone, Default)]
+struct LogCapture(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogCapture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl LogCapture {
+    fn install(&self) -> tracing::subscriber::DefaultGuard {
+        let w = self.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .json()
+            .flatten_event(true)
+            .with_max_level(tracing::Level::INFO)
+            .with_writer(move || w.clone())
+            .finish();
+        tracing::subscriber::set_default(subscriber)
+    }
+
+    /// The access-log lines so far.
+    fn access_lines(&self) -> Vec<serde_json::Value> {
+        let text = String::from_utf8(self.0.lock().unwrap().clone()).unwrap();
+        text.lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["target"] == "portico::access")
+            .collect()
+    }
+}
+
 #[tokio::test]
 async fn a_client_that_leaves_cancels_its_stream() -> anyhow::Result<()> {
+    let logs = LogCapture::default();
+    let _guard = logs.install();
     let pki = Pki::new("test CA")?;
     let shutdown = CancellationToken::new();
     let edge = test_edge(&pki, &shutdown).await?;
@@ -880,6 +939,25 @@ async fn a_client_that_leaves_cancels_its_stream() -> anyhow::Result<()> {
         .snapshot()
         .iter()
         .all(|t| t.outstanding() == 0));
+    // Recorded once, as the client's cancel: 499 in metrics and the log.
+    let text = edge.shared.metrics.render();
+    assert!(
+        text.contains(
+            r#"portico_edge_requests_total{app="hr",code="ClientClosed",status="499"} 1"#
+        ),
+        "{text}"
+    );
+    let lines = logs.access_lines();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    let line = &lines[0];
+    assert_eq!(line["status"], 499);
+    assert_eq!(line["code"], "ClientClosed");
+    assert_eq!(line["method"], "GET");
+    assert_eq!(line["path"], "/cancel-me");
+    assert_eq!(line["host"], "hr.apps.test");
+    assert_eq!(line["app"], "hr");
+    assert!(line["client"].as_str().unwrap().starts_with("127.0.0.1:"));
+    assert_eq!(line["request.id"].as_str().map(str::len), Some(32));
 
     shutdown.cancel();
     tokio::time::timeout(DEADLINE, edge.wait()).await??;
@@ -897,7 +975,7 @@ async fn a_renewed_public_certificate_is_presented_without_a_restart() -> anyhow
     )?;
     let first_der = first.0[0].clone();
     store.set(first.0, first.1)?;
-    let tls = crate::public::tls_config(Arc::clone(&store))?;
+    let tls = crate::listener::tls_config(Arc::clone(&store))?;
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;

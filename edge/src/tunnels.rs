@@ -162,12 +162,17 @@ impl Tunnels {
         v
     }
 
-    /// A tunnel of `group` by power of two choices, skipping draining ones.
-    pub(crate) fn pick(&self, group: &GroupId, exclude: Option<TunnelId>) -> Option<Arc<Tunnel>> {
+    /// A tunnel of `group` that `eligible` accepts, by power of two
+    /// choices, skipping draining and closed ones.
+    pub(crate) fn pick(
+        &self,
+        group: &GroupId,
+        eligible: impl Fn(&Tunnel) -> bool,
+    ) -> Option<Arc<Tunnel>> {
         let by_group = self.by_group.load();
         let list = by_group.get(group)?;
         p2c(list, |t| {
-            (!t.is_draining() && Some(t.id) != exclude && t.conn.close_reason().is_none())
+            (!t.is_draining() && t.conn.close_reason().is_none() && eligible(t))
                 .then(|| t.outstanding())
         })
         .cloned()

@@ -1,0 +1,246 @@
+//! The request path every protocol shares (HTTP/1.1 and HTTP/2 from
+//! `listener`, HTTP/3 from `http3`), in phases, each with one job:
+//!
+//! 1. **route** ([`route`]): the host → the app, or `AppNotFound`.
+//! 2. **admit** ([`admit`]): may this request reach the app? Required
+//!    features today; maintenance and sign-in come here.
+//! 3. **select upstream** ([`upstream::select`]): a tunnel of the app's
+//!    group, by power of two choices, skipping upstreams already tried.
+//!    A mesh peer will be another kind of upstream.
+//! 4. **open** ([`upstream::open`]): a stream, the `StreamHead`, the body.
+//! 5. **relay** ([`relay`]): the response head, then the body, streamed,
+//!    with the stall watch.
+//!
+//! A failed attempt says whether another is safe ([`error::Retry`]);
+//! `proxy` retries on another upstream accordingly. One [`Record`] per
+//! request travels with it and writes the access-log line and metrics once.
+
+mod error;
+mod record;
+mod relay;
+mod upstream;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::HOST;
+use http::{HeaderMap, Method, Request, Response, Version};
+use http_body_util::{BodyExt, Full};
+use portico_proto::api::App;
+use portico_proto::RequestId;
+use tracing::Instrument;
+
+pub(crate) use error::{Fault, ProxyError, Retry};
+pub(crate) use record::{AccessLog, Record};
+
+use crate::pages::{self, REQUEST_ID_HEADER};
+use crate::routing::{normalize_host, RoutingTable};
+use crate::Shared;
+
+/// The error type of response bodies.
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// The body of every response the edge sends.
+pub(crate) type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
+
+/// A request body the edge can stream into a tunnel: hyper's `Incoming`
+/// (HTTP/1.1, HTTP/2) or an HTTP/3 request stream.
+pub(crate) trait RequestBody:
+    http_body::Body<Data = Bytes, Error: std::error::Error + Send + Sync + 'static>
+    + Send
+    + Unpin
+    + 'static
+{
+}
+
+impl<T> RequestBody for T where
+    T: http_body::Body<Data = Bytes, Error: std::error::Error + Send + Sync + 'static>
+        + Send
+        + Unpin
+        + 'static
+{
+}
+
+/// Where a request came from.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Client {
+    pub(crate) addr: std::net::SocketAddr,
+}
+
+/// Serves one request of any protocol: never fails, always carries a
+/// request id, and is recorded once (see [`Record`]).
+pub(crate) async fn handle<B: RequestBody>(
+    req: Request<B>,
+    shared: Arc<Shared>,
+    client: Client,
+) -> Response<Body> {
+    let request_id = RequestId(fastrand::u128(..));
+    let span = tracing::info_span!("request", request.id = %request_id, app = tracing::field::Empty, method = %req.method(), version = ?req.version());
+    async move {
+        let mut record = Record::new(
+            &req,
+            request_id,
+            client.addr,
+            Arc::clone(&shared.metrics),
+            shared.access_log,
+        );
+        // Kept for the error page: the request itself moves on.
+        let accept = accept_headers(req.headers());
+        let mut resp = match proxy(req, &shared, client, &mut record).await {
+            // A streamed body carries the record, and records the request
+            // when it ends or is dropped.
+            Ok(relayed) => relayed.into_response(record, &shared),
+            Err(e) => {
+                let code = e.code();
+                match e.fault() {
+                    Fault::Client => tracing::debug!(error = %e, "request refused"),
+                    _ => tracing::info!(error = %e, "request failed"),
+                }
+                let resp = pages::error_response::<Full<Bytes>>(code, request_id, &accept)
+                    .map(|b| b.map_err(|never| match never {}).boxed_unsync());
+                record.responded(resp.status(), Some(code), Some(e.fault()));
+                record.complete();
+                drop(record);
+                resp
+            }
+        };
+        resp.headers_mut()
+            .insert(REQUEST_ID_HEADER, request_id.header_value());
+        resp
+    }
+    .instrument(span)
+    .await
+}
+
+/// The phases, from the request to a response head.
+async fn proxy<B: RequestBody>(
+    req: Request<B>,
+    shared: &Shared,
+    client: Client,
+    record: &mut Record,
+) -> Result<upstream::Relayed, ProxyError> {
+    let table = shared.table.load_full();
+    let app = route(&req, &table)?;
+    tracing::Span::current().record("app", app.id.as_str());
+    record.app = Some(Arc::clone(&app));
+    admit(&req, &app)?;
+    upstream::forward(req, &app, shared, client, record).await
+}
+
+/// Phase 1: the app published at the request's host.
+pub(crate) fn route<B>(req: &Request<B>, table: &RoutingTable) -> Result<Arc<App>, ProxyError> {
+    if req.method() == Method::CONNECT && req.version() == Version::HTTP_3 {
+        // Extended CONNECT (WebSocket over HTTP/3) is not carried.
+        return Err(ProxyError::ExtendedConnect);
+    }
+    let host = request_host(req)?;
+    match table.app_for_host(&host) {
+        Some(app) => Ok(Arc::clone(app)),
+        None => Err(ProxyError::AppNotFound {
+            host: host.into_owned(),
+        }),
+    }
+}
+
+/// Phase 2: whether this request may reach the app. An app that requires
+/// a feature this edge does not know is refused rather than served
+/// without it. Maintenance mode and sign-in belong here.
+pub(crate) fn admit<B>(_req: &Request<B>, _app: &App) -> Result<(), ProxyError> {
+    Ok(())
+}
+
+/// The host a request is for: the URI authority (HTTP/2 and HTTP/3
+/// `:authority`, an absolute-form HTTP/1.1 target), else the one `Host`
+/// header. Two `Host` headers, or a `Host` that disagrees with an HTTP/2
+/// or HTTP/3 authority, are refused: proxies and backends that pick
+/// different ones are how requests get smuggled past routing.
+fn request_host<B>(req: &Request<B>) -> Result<std::borrow::Cow<'_, str>, ProxyError> {
+    let mut hosts = req.headers().get_all(HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Err(ProxyError::ConflictingHost);
+    }
+    if let Some(authority) = req.uri().authority() {
+        if let (Some(h), true) = (host, req.version() >= Version::HTTP_2) {
+            let same = h
+                .to_str()
+                .ok()
+                .and_then(normalize_host)
+                .zip(normalize_host(authority.as_str()))
+                .is_some_and(|(a, b)| a == b);
+            if !same {
+                return Err(ProxyError::ConflictingHost);
+            }
+        }
+        return normalize_host(authority.as_str()).ok_or(ProxyError::BadHost);
+    }
+    let host = host.ok_or(ProxyError::NoHost)?;
+    host.to_str()
+        .ok()
+        .and_then(normalize_host)
+        .ok_or(ProxyError::BadHost)
+}
+
+/// The `Accept` headers (at most 8), kept for an error page.
+fn accept_headers(headers: &HeaderMap) -> HeaderMap {
+    let mut accept = HeaderMap::new();
+    for v in headers.get_all(http::header::ACCEPT).iter().take(8) {
+        accept.append(http::header::ACCEPT, v.clone());
+    }
+    accept
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(version: Version, uri: &str, hosts: &[&str]) -> Request<()> {
+        let mut b = Request::builder().version(version).uri(uri);
+        for h in hosts {
+            b = b.header(HOST, *h);
+        }
+        b.body(()).unwrap()
+    }
+
+    #[test]
+    fn the_host_comes_from_the_authority_or_the_one_host_header() {
+        let host = |r: Request<()>| request_host(&r).map(|h| h.into_owned());
+        assert_eq!(
+            host(req(Version::HTTP_11, "/x", &["HR.apps.test:443"])).unwrap(),
+            "hr.apps.test"
+        );
+        assert_eq!(
+            host(req(Version::HTTP_2, "https://Wiki.Apps.Test:8443/x", &[])).unwrap(),
+            "wiki.apps.test"
+        );
+        // HTTP/1.1 absolute form: the target's authority wins (RFC 9112 §3.2.2).
+        assert_eq!(
+            host(req(Version::HTTP_11, "https://a.test/x", &["b.test"])).unwrap(),
+            "a.test"
+        );
+        // HTTP/2 with a Host that agrees (port and case aside).
+        assert_eq!(
+            host(req(Version::HTTP_2, "https://a.test/x", &["A.test:443"])).unwrap(),
+            "a.test"
+        );
+        assert!(matches!(
+            host(req(Version::HTTP_2, "https://a.test/x", &["b.test"])),
+            Err(ProxyError::ConflictingHost)
+        ));
+        assert!(matches!(
+            host(req(Version::HTTP_11, "/x", &["a.test", "b.test"])),
+            Err(ProxyError::ConflictingHost)
+        ));
+        assert!(matches!(
+            host(req(Version::HTTP_11, "/x", &["a.test", "a.test"])),
+            Err(ProxyError::ConflictingHost)
+        ));
+        assert!(matches!(
+            host(req(Version::HTTP_11, "/x", &[])),
+            Err(ProxyError::NoHost)
+        ));
+        assert!(matches!(
+            host(req(Version::HTTP_11, "/x", &["user@a.test"])),
+            Err(ProxyError::BadHost)
+        ));
+    }
+}

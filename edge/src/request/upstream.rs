@@ -1,0 +1,435 @@
+//! Phases 3 and 4 and the retry loop: select an upstream (a tunnel of the
+//! app's group today; a mesh peer will be another kind), open a stream on
+//! it, write the head and pump the body, and wait for the response head.
+//! A failed attempt is tried again on another upstream when its error
+//! says that is safe ([`Retry`]).
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Empty};
+use portico_proto::api::App;
+use portico_proto::io::{read_frame, ReadError};
+use portico_proto::{CloseCode, Frame, HeadExtensionsRef, ResponseHead, StreamHeadRef, StreamKind};
+use tokio::task::JoinHandle;
+
+use crate::request::relay::{
+    self, forward_headers, is_websocket, response_headers, AckWatch, ActiveStream, BodySource,
+    Inflight, PumpEnd, Pumped, ResponseBody,
+};
+use crate::request::{Body, Client, ProxyError, Record, RequestBody, Retry};
+use crate::tunnels::Tunnel;
+use crate::Shared;
+
+/// The most attempts one request gets, the first included.
+const MAX_ATTEMPTS: u8 = 3;
+
+/// An upstream a request can be sent to.
+pub(crate) enum Upstream {
+    /// A tunnel on this edge, to a connector of the app's group.
+    Tunnel(Arc<Tunnel>),
+}
+
+/// Phase 3: an upstream for the app, not one of `tried`. Among the
+/// group's tunnels on this edge, those of connectors not tried yet come
+/// first (a retry goes to another connector when there is one).
+pub(crate) fn select(
+    shared: &Shared,
+    app: &App,
+    tried: &[Arc<Tunnel>],
+) -> Result<Upstream, ProxyError> {
+    let fresh = shared.tunnels.pick(&app.connector_group, |t| {
+        !tried
+            .iter()
+            .any(|u| u.id == t.id || u.connector == t.connector)
+    });
+    let tunnel = fresh
+        .or_else(|| {
+            shared.tunnels.pick(&app.connector_group, |t| {
+                !tried.iter().any(|u| u.id == t.id)
+            })
+        })
+        .ok_or_else(|| ProxyError::NoTunnel {
+            group: app.connector_group.clone(),
+        })?;
+    Ok(Upstream::Tunnel(tunnel))
+}
+
+/// Phases 3 to 5 with retries: what the request gets back, a response
+/// head with its body, or the error of the last attempt.
+pub(crate) async fn forward<B: RequestBody>(
+    mut req: Request<B>,
+    app: &Arc<App>,
+    shared: &Shared,
+    client: Client,
+    record: &mut Record,
+) -> Result<Relayed, ProxyError> {
+    let websocket = is_websocket(&req);
+    let timeout = app.backend_timeout.duration();
+    // The request's headers are not needed after this: move them out (the
+    // authority may borrow from them), and encode the head from borrowed
+    // parts of the request, once for every attempt.
+    let headers = forward_headers(std::mem::take(req.headers_mut()), websocket);
+    let head = StreamHeadRef {
+        kind: if websocket {
+            StreamKind::WebSocket
+        } else {
+            StreamKind::Http
+        },
+        request_id: record.id,
+        app: app.id.as_str(),
+        method: req.method(),
+        authority: authority_of(req.uri(), &headers),
+        path: req.uri().path_and_query().map_or("/", |p| p.as_str()),
+        headers: &headers,
+        client_addr: client.addr,
+        identity: None,
+        ext: HeadExtensionsRef::NONE,
+        timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+    }
+    .to_bytes()
+    .map_err(ProxyError::HeadTooLarge)?;
+    drop(headers);
+    let deadline = tokio::time::Instant::now() + timeout + shared.connector_timeout_grace;
+    let method = req.method().clone();
+    let mut on_upgrade = websocket.then(|| hyper::upgrade::on(&mut req));
+    let mut body = Some(BodySource::new(req.into_body()));
+    let mut tried: Vec<Arc<Tunnel>> = Vec::new();
+    let mut replayed_idempotent = false;
+    loop {
+        let Upstream::Tunnel(tunnel) = select(shared, app, &tried)?;
+        record.attempt(tunnel.id, &tunnel.connector);
+        let attempt = Attempt {
+            tunnel: &tunnel,
+            head: &head,
+            method: &method,
+            websocket,
+            shared,
+        };
+        let result =
+            tokio::time::timeout_at(deadline, attempt.run(&mut body, &mut on_upgrade, record))
+                .await
+                .unwrap_or(Err(ProxyError::ConnectorTimeout));
+        let error = match result {
+            Ok(relayed) => return Ok(relayed),
+            Err(e) => e,
+        };
+        let retry = error.retry();
+        let allowed = match retry {
+            Retry::Safe => true,
+            Retry::IfIdempotent => is_idempotent(&method) && !replayed_idempotent,
+            Retry::Never => false,
+        };
+        let body_ready = body.as_ref().is_some_and(BodySource::replayable);
+        if !allowed || !body_ready || record.attempts() >= MAX_ATTEMPTS {
+            return Err(error);
+        }
+        replayed_idempotent |= retry == Retry::IfIdempotent;
+        tracing::info!(
+            tunnel.id = %tunnel.id,
+            connector = %tunnel.connector,
+            attempt = record.attempts(),
+            error = %error,
+            "retrying the request on another upstream"
+        );
+        shared
+            .metrics
+            .retries
+            .with_label_values(&[retry_label(retry)])
+            .inc();
+        tried.push(tunnel);
+    }
+}
+
+fn retry_label(r: Retry) -> &'static str {
+    match r {
+        Retry::Safe => "not_delivered",
+        Retry::IfIdempotent => "idempotent",
+        Retry::Never => "never",
+    }
+}
+
+/// GET, HEAD and OPTIONS: replayed once when the tunnel died before the
+/// first response byte.
+fn is_idempotent(m: &Method) -> bool {
+    *m == Method::GET || *m == Method::HEAD || *m == Method::OPTIONS
+}
+
+/// What a successful attempt hands back: the response head, and what the
+/// body (or the WebSocket pipe) needs.
+pub(crate) struct Relayed {
+    pub(crate) status: StatusCode,
+    pub(crate) headers: http::HeaderMap,
+    pub(crate) inflight: Inflight,
+    /// After a `101`: the client's upgrade and the stream's send half.
+    pub(crate) upgrade: Option<(hyper::upgrade::OnUpgrade, quinn::SendStream)>,
+    /// A response that has no body whatever its headers say: to a HEAD,
+    /// or a 204 or 304.
+    pub(crate) bodiless: bool,
+}
+
+impl Relayed {
+    /// The response: its body streams from the tunnel and carries the
+    /// record; a `101` starts the pipe, which carries it instead.
+    pub(crate) fn into_response(self, mut record: Record, shared: &Shared) -> Response<Body> {
+        record.responded(self.status, None, None);
+        let mut resp = Response::new(());
+        *resp.status_mut() = self.status;
+        *resp.headers_mut() = self.headers;
+        match self.upgrade {
+            Some((on_upgrade, send)) => {
+                shared
+                    .conns
+                    .spawn(tracing::Instrument::in_current_span(relay::websocket_pipe(
+                        on_upgrade,
+                        self.inflight,
+                        send,
+                        record,
+                        shared.hard_stop.clone(),
+                        (
+                            shared.metrics.bytes_in.clone(),
+                            shared.metrics.bytes_out.clone(),
+                        ),
+                    )));
+                resp.map(|()| Empty::new().map_err(|never| match never {}).boxed_unsync())
+            }
+            None => {
+                let length = if self.bodiless {
+                    Some(0)
+                } else {
+                    resp.headers()
+                        .get(http::header::CONTENT_LENGTH)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.trim().parse::<u64>().ok())
+                };
+                let body = ResponseBody::new(
+                    self.inflight,
+                    record,
+                    shared.metrics.bytes_out.clone(),
+                    length,
+                );
+                resp.map(|()| body.boxed_unsync())
+            }
+        }
+    }
+}
+
+/// One attempt on one tunnel.
+struct Attempt<'a> {
+    tunnel: &'a Arc<Tunnel>,
+    head: &'a Bytes,
+    method: &'a Method,
+    websocket: bool,
+    shared: &'a Shared,
+}
+
+impl Attempt<'_> {
+    /// Phase 4 and the start of 5: open a stream, write the head, start
+    /// the body, read the response head.
+    async fn run<B: RequestBody>(
+        &self,
+        body: &mut Option<BodySource<B>>,
+        on_upgrade: &mut Option<hyper::upgrade::OnUpgrade>,
+        record: &mut Record,
+    ) -> Result<Relayed, ProxyError> {
+        let tunnel = self.tunnel;
+        let stream_guard = tunnel.stream_guard();
+        let (mut send, recv) = tunnel.conn.open_bi().await.map_err(ProxyError::Open)?;
+        // Whether the connector can have seen the head is what makes a
+        // lost POST safe to retry: watched for every method but the ones
+        // replayed anyway (and it costs a connection lock, so only then).
+        let ack = AckWatch::start(&tunnel.conn, !is_idempotent(self.method));
+        send.write_chunk(self.head.clone())
+            .await
+            .map_err(ProxyError::HeadWrite)?;
+        let cancel = self.shared.hard_stop.child_token();
+        // From here on, dropping `inflight` (the client left) cancels the
+        // stream with `Cancelled`.
+        let mut inflight = Inflight {
+            recv: Some(recv),
+            done: false,
+            _cancel_body: cancel.clone().drop_guard(),
+            _stream: stream_guard,
+            _active: ActiveStream::new(&self.shared.metrics.streams),
+        };
+        let mut ws_send = None;
+        let mut pump: Option<JoinHandle<Pumped<B>>> = None;
+        if self.websocket {
+            ws_send = Some(send);
+        } else if body.as_ref().is_none_or(BodySource::is_empty) {
+            // Nothing to stream (a GET, say): FIN leaves in the same packet
+            // as the head, the connector need not wait for it, and no task
+            // is spawned for this request.
+            let _ = send.finish();
+        } else if let Some(source) = body.take() {
+            let bytes_in = (
+                self.shared.metrics.bytes_in.clone(),
+                record.bytes_in_counter(),
+            );
+            pump = Some(
+                self.shared
+                    .conns
+                    .spawn(tracing::Instrument::in_current_span(relay::pump(
+                        source,
+                        send,
+                        cancel.clone(),
+                        ack.clone(),
+                        bytes_in,
+                    ))),
+            );
+        }
+
+        let first = {
+            let recv = inflight.recv.as_mut().expect("set above");
+            let read = read_frame(recv);
+            tokio::pin!(read);
+            loop {
+                tokio::select! {
+                    r = &mut read => break r,
+                    pumped = async { pump.as_mut().expect("guarded").await }, if pump.is_some() => {
+                        pump = None;
+                        match pumped {
+                            Ok(Pumped { source, end: PumpEnd::ClientFailed(e) }) => {
+                                *body = Some(source);
+                                return Err(ProxyError::ClientBody(e));
+                            }
+                            Ok(Pumped { source, .. }) => *body = Some(source),
+                            Err(e) => tracing::warn!(error = %e, "request body pump failed"),
+                        }
+                    }
+                }
+            }
+        };
+        let head: ResponseHead = match first {
+            Ok(Some(Frame::ResponseHead(h))) => h,
+            Ok(Some(Frame::Error(e))) => {
+                inflight.done = true;
+                tracing::info!(tunnel.id = %tunnel.id, code = %e.code, message = %e.message, "connector answered with an error");
+                let error = ProxyError::Connector {
+                    code: e.code,
+                    message: e.message,
+                };
+                return Err(settle(pump, &cancel, body, error).await);
+            }
+            Ok(Some(other)) => {
+                let reason = format!("unexpected {:?} frame on a data stream", other.frame_type());
+                tracing::warn!(tunnel.id = %tunnel.id, %reason, "closing tunnel");
+                tunnel.close(CloseCode::ProtocolError, &reason);
+                return Err(ProxyError::Protocol { reason });
+            }
+            Err(ReadError::Decode(e)) => {
+                let reason = e.to_string();
+                tracing::warn!(tunnel.id = %tunnel.id, %reason, "malformed response head, closing tunnel");
+                tunnel.close(CloseCode::ProtocolError, &reason);
+                return Err(ProxyError::Protocol { reason });
+            }
+            Ok(None) | Err(ReadError::Truncated) => {
+                // The connector ended the stream without an answer: it read
+                // the head, so it may have sent the request on.
+                let error = ProxyError::Lost {
+                    acked: true,
+                    source: None,
+                };
+                return Err(settle(pump, &cancel, body, error).await);
+            }
+            Err(ReadError::Io(e)) => {
+                let error = classify_read_error(e, &ack);
+                tracing::info!(tunnel.id = %tunnel.id, error = %error, "stream lost before a response head");
+                return Err(settle(pump, &cancel, body, error).await);
+            }
+            Err(e) => {
+                let error = ProxyError::Protocol {
+                    reason: e.to_string(),
+                };
+                return Err(settle(pump, &cancel, body, error).await);
+            }
+        };
+        let upgraded = head.status == StatusCode::SWITCHING_PROTOCOLS;
+        if upgraded && !self.websocket {
+            let reason = "the connector answered 101 to a plain request".to_owned();
+            tracing::warn!(tunnel.id = %tunnel.id, %reason);
+            return Err(ProxyError::Protocol { reason });
+        }
+        let headers = response_headers(head.headers, upgraded);
+        let upgrade = match (upgraded, ws_send) {
+            (true, Some(send)) => on_upgrade.take().map(|u| (u, send)),
+            (false, Some(mut send)) => {
+                // The backend refused the upgrade: an ordinary answer follows.
+                let _ = send.finish();
+                None
+            }
+            _ => None,
+        };
+        let bodiless = *self.method == Method::HEAD
+            || head.status == StatusCode::NO_CONTENT
+            || head.status == StatusCode::NOT_MODIFIED;
+        Ok(Relayed {
+            status: head.status,
+            headers,
+            inflight,
+            upgrade,
+            bodiless,
+        })
+    }
+}
+
+/// After a failed attempt: stops the pump, if one runs, and takes the
+/// body back from it for another attempt. A client fault the pump met
+/// (a malformed body) wins over the tunnel's error: the stream failed
+/// because the pump reset it.
+async fn settle<B: RequestBody>(
+    pump: Option<JoinHandle<Pumped<B>>>,
+    cancel: &tokio_util::sync::CancellationToken,
+    body: &mut Option<BodySource<B>>,
+    error: ProxyError,
+) -> ProxyError {
+    let Some(handle) = pump else { return error };
+    // The pump waits on the client or the stream in a select with its
+    // token, so it returns at once.
+    cancel.cancel();
+    match handle.await {
+        Ok(Pumped { source, end }) => {
+            *body = Some(source);
+            match end {
+                PumpEnd::ClientFailed(e) => ProxyError::ClientBody(e),
+                _ => error,
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "request body pump failed");
+            error
+        }
+    }
+}
+
+/// A stream error before the response head: the connector's reset (with
+/// its code), or the tunnel itself lost, with whether the connector can
+/// have seen the head.
+fn classify_read_error(e: std::io::Error, ack: &AckWatch) -> ProxyError {
+    let quinn_error = e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<quinn::ReadError>());
+    match quinn_error {
+        Some(quinn::ReadError::Reset(code)) => match CloseCode::from_wire(code.into_inner()) {
+            CloseCode::Refused => ProxyError::Refused,
+            code => ProxyError::Reset { code },
+        },
+        _ => ProxyError::Lost {
+            acked: !ack.unacked(),
+            source: Some(e),
+        },
+    }
+}
+
+/// The authority the user asked for, as sent: the request target's (HTTP/2
+/// and HTTP/3 `:authority`, an absolute-form HTTP/1.1 target), else `Host`.
+fn authority_of<'a>(uri: &'a http::Uri, headers: &'a http::HeaderMap) -> &'a str {
+    if let Some(a) = uri.authority() {
+        return a.as_str();
+    }
+    headers
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("")
+}
