@@ -1198,3 +1198,71 @@ async fn http3_requests_in_flight_finish_on_shutdown() -> anyhow::Result<()> {
     tokio::time::timeout(DEADLINE, tracker.wait()).await?;
     Ok(())
 }
+
+/// A TLS connection to the public listener with ALPN `http/1.1`, for
+/// requests hyper's client would not send.
+async fn raw_tls(
+    pki: &Pki,
+    addr: SocketAddr,
+    host: &str,
+) -> anyhow::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let mut tls = rustls::ClientConfig::builder_with_provider(pki::provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(pki.roots())
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(tls))
+        .connect(ServerName::try_from(host.to_owned())?, tcp)
+        .await?)
+}
+
+/// Reads an HTTP/1.1 answer up to the end of its head.
+async fn read_head(io: &mut (impl tokio::io::AsyncRead + Unpin)) -> anyhow::Result<String> {
+    let mut out = Vec::new();
+    let mut byte = [0u8; 1];
+    while !out.ends_with(b"\r\n\r\n") {
+        if tokio::time::timeout(DEADLINE, io.read(&mut byte)).await?? == 0 {
+            break;
+        }
+        out.push(byte[0]);
+    }
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
+/// A malformed chunked body is the client's fault: 400 `BadRequestBody`,
+/// not a gateway error, and counted so.
+#[tokio::test]
+async fn a_malformed_request_body_is_a_client_error() -> anyhow::Result<()> {
+    let pki = Pki::new("test CA")?;
+    let shutdown = CancellationToken::new();
+    let edge = test_edge(&pki, &shutdown).await?;
+    let ep = quic_client(&pki, pki.connector("c-1")?)?;
+    let conn = dial(&ep, edge.tunnel_addr).await?;
+    let _control = handshake(&conn, "c-1").await?;
+    fake_connector(conn.clone(), "c-1");
+    wait_until("the tunnel to attach", || edge.tunnel_count() == 1).await?;
+
+    let mut tls = raw_tls(&pki, edge.public_addr, "hr.apps.test").await?;
+    tls.write_all(
+        b"POST /submit HTTP/1.1\r\nhost: hr.apps.test\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n",
+    )
+    .await?;
+    let head = read_head(&mut tls).await?;
+    assert!(head.starts_with("HTTP/1.1 400"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("x-portico-error: badrequestbody"),
+        "{head}"
+    );
+    let text = edge.shared.metrics.render();
+    assert!(
+        text.contains(
+            r#"portico_edge_requests_total{app="hr",code="BadRequestBody",status="400"} 1"#
+        ),
+        "{text}"
+    );
+    shutdown.cancel();
+    tokio::time::timeout(DEADLINE, edge.wait()).await??;
+    Ok(())
+}
