@@ -107,7 +107,7 @@ fn valid_port(p: &str) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use portico_proto::api::BackendTimeout;
     use portico_proto::{AppId, GroupId};

@@ -119,6 +119,10 @@ fn edge_config(version: u64, revoked: Vec<ConnectorId>) -> EdgeConfig {
         apps: vec![
             app("hr", "hr.apps.test", BackendTimeout::Seconds(30)),
             app("slow", "slow.apps.test", BackendTimeout::Seconds(1)),
+            App {
+                required_features: vec!["sign-in-from-the-future".into()],
+                ..app("locked", "locked.apps.test", BackendTimeout::Seconds(30))
+            },
         ],
         groups: vec![GroupId::default_group()],
         revoked,
@@ -630,6 +634,19 @@ async fn requests_route_by_host_and_errors_are_branded() -> anyhow::Result<()> {
     assert_eq!(r.status(), StatusCode::BAD_GATEWAY);
     assert_eq!(r.headers()["x-portico-error"], "BackendUnreachable");
 
+    // An app that needs a feature this edge lacks is refused (fail
+    // closed), though a connector is there to serve it.
+    let r = https(
+        &pki,
+        addr,
+        "locked.apps.test",
+        false,
+        get("locked.apps.test", "/", false),
+    )
+    .await?;
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(r.headers()["x-portico-error"], "FeatureUnsupported");
+
     // No answer within the app's timeout plus the grace: ConnectorTimeout.
     let r = https(
         &pki,
@@ -853,8 +870,9 @@ async fn shutdown_stops_accepting_and_lets_in_flight_requests_finish() -> anyhow
     Ok(())
 }
 
-/// Log lines as JSON objects, captured for this thread (a current-thread
-/// test runtime runs the edge's tasks on it too).
+/// Log lines as JSON objects, captured for the whole test binary (a
+/// subscriber per test would miss events: tracing caches each call site's
+/// interest across threads). Tests pick their lines by a unique path.
 #[derive(Clone, Default)]
 struct LogCapture(Arc<std::sync::Mutex<Vec<u8>>>);
 
@@ -869,31 +887,37 @@ impl std::io::Write for LogCapture {
 }
 
 impl LogCapture {
-    fn install(&self) -> tracing::subscriber::DefaultGuard {
-        let w = self.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .json()
-            .flatten_event(true)
-            .with_max_level(tracing::Level::INFO)
-            .with_writer(move || w.clone())
-            .finish();
-        tracing::subscriber::set_default(subscriber)
+    /// The binary's capture, installed as the global subscriber on first use.
+    fn global() -> &'static LogCapture {
+        static CAPTURE: std::sync::OnceLock<LogCapture> = std::sync::OnceLock::new();
+        CAPTURE.get_or_init(|| {
+            let capture = LogCapture::default();
+            let w = capture.clone();
+            let subscriber = tracing_subscriber::fmt()
+                .json()
+                .flatten_event(true)
+                .with_max_level(tracing::Level::INFO)
+                .with_writer(move || w.clone())
+                .finish();
+            tracing::subscriber::set_global_default(subscriber)
+                .expect("no other global subscriber in the edge's tests");
+            capture
+        })
     }
 
-    /// The access-log lines so far.
-    fn access_lines(&self) -> Vec<serde_json::Value> {
+    /// The access-log lines so far of requests for `path`.
+    fn access_lines(&self, path: &str) -> Vec<serde_json::Value> {
         let text = String::from_utf8(self.0.lock().unwrap().clone()).unwrap();
         text.lines()
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter(|v| v["target"] == "portico::access")
+            .filter(|v| v["target"] == "portico::access" && v["path"] == path)
             .collect()
     }
 }
 
 #[tokio::test]
 async fn a_client_that_leaves_cancels_its_stream() -> anyhow::Result<()> {
-    let logs = LogCapture::default();
-    let _guard = logs.install();
+    let logs = LogCapture::global();
     let pki = Pki::new("test CA")?;
     let shutdown = CancellationToken::new();
     let edge = test_edge(&pki, &shutdown).await?;
@@ -947,7 +971,7 @@ async fn a_client_that_leaves_cancels_its_stream() -> anyhow::Result<()> {
         ),
         "{text}"
     );
-    let lines = logs.access_lines();
+    let lines = logs.access_lines("/cancel-me");
     assert_eq!(lines.len(), 1, "{lines:?}");
     let line = &lines[0];
     assert_eq!(line["status"], 499);

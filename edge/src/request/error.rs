@@ -64,7 +64,6 @@ pub(crate) enum ProxyError {
     ExtendedConnect,
     #[error("no app is published at {host}")]
     AppNotFound { host: String },
-    #[allow(dead_code)] // admit() refuses with it once apps list required features
     #[error("the app requires feature {feature:?}, which this edge does not implement")]
     FeatureUnsupported { feature: String },
     #[error("the request head does not fit a stream head")]

@@ -144,7 +144,12 @@ pub(crate) fn route<B>(req: &Request<B>, table: &RoutingTable) -> Result<Arc<App
 /// Phase 2: whether this request may reach the app. An app that requires
 /// a feature this edge does not know is refused rather than served
 /// without it. Maintenance mode and sign-in belong here.
-pub(crate) fn admit<B>(_req: &Request<B>, _app: &App) -> Result<(), ProxyError> {
+pub(crate) fn admit<B>(_req: &Request<B>, app: &App) -> Result<(), ProxyError> {
+    if let Some(feature) = portico_proto::features::first_unknown(&app.required_features) {
+        return Err(ProxyError::FeatureUnsupported {
+            feature: feature.to_owned(),
+        });
+    }
     Ok(())
 }
 
@@ -199,6 +204,22 @@ mod tests {
             b = b.header(HOST, *h);
         }
         b.body(()).unwrap()
+    }
+
+    /// An app that requires a feature this edge lacks is refused, not
+    /// served without it; known features pass.
+    #[test]
+    fn admit_refuses_apps_that_require_unknown_features() {
+        let mut app = crate::routing::tests::app("hr", "hr.apps.test");
+        let r = req(Version::HTTP_11, "/", &["hr.apps.test"]);
+        admit(&r, &app).unwrap();
+        app.required_features = vec!["websocket".into()];
+        admit(&r, &app).unwrap();
+        app.required_features = vec!["websocket".into(), "oidc".into()];
+        let e = admit(&r, &app).unwrap_err();
+        assert!(matches!(&e, ProxyError::FeatureUnsupported { feature } if feature == "oidc"));
+        assert_eq!(e.code(), portico_proto::ErrorCode::FeatureUnsupported);
+        assert_eq!(e.code().http_status(), 503);
     }
 
     #[test]
