@@ -221,6 +221,10 @@ pub struct EdgeArgs {
     /// and is advertised with Alt-Svc).
     #[arg(long)]
     pub no_http3: bool,
+    /// Write no access log (by default one line per request, target
+    /// `portico::access`); request metrics are kept either way.
+    #[arg(long)]
+    pub no_access_log: bool,
 }
 
 #[derive(Debug, Args)]

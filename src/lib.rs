@@ -160,6 +160,7 @@ async fn run_edge(args: cli::EdgeArgs) -> anyhow::Result<()> {
     config.advertise_tunnel_addr = args.advertise_tunnel;
     config.advertise_public_addr = args.advertise_public;
     config.http3 = !args.no_http3;
+    config.access_log = !args.no_access_log;
     let shutdown = shutdown_on_signal();
     let edge = portico_edge::start(config, shutdown)
         .await
