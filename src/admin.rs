@@ -8,7 +8,7 @@ use portico_proto::api::{
     App, AppSpec, BackendTimeout, Connector, CreateGroup, CreateToken, Edge, Group, TokenCreated,
     TokenScope,
 };
-use portico_proto::{AppId, GroupId, RegionId};
+use portico_proto::{AppId, ConnectorId, GroupId, IdError, RegionId};
 use serde::Serialize;
 
 use crate::cli::{
@@ -104,7 +104,7 @@ pub async fn connector_list(conn: &RouterConn) -> anyhow::Result<()> {
 
 pub async fn connector_delete(args: &DeleteArgs) -> anyhow::Result<()> {
     client(&args.conn)?
-        .delete(&format!("/v1/connectors/{}", segment(&args.id)?))
+        .delete(&format!("/v1/connectors/{}", id::<ConnectorId>(&args.id)?))
         .await?;
     out(format!(
         "deleted connector {} (its certificate is revoked)",
@@ -159,13 +159,13 @@ pub async fn app(cmd: AppCmd) -> anyhow::Result<()> {
         }
         AppAction::Show(a) => {
             let app: App = client(&a.conn)?
-                .get_json(&format!("/v1/apps/{}", segment(&a.id)?))
+                .get_json(&format!("/v1/apps/{}", id::<AppId>(&a.id)?))
                 .await?;
             print_one(a.conn.json, &app, app_lines)
         }
         AppAction::Delete(a) => {
             client(&a.conn)?
-                .delete(&format!("/v1/apps/{}", segment(&a.id)?))
+                .delete(&format!("/v1/apps/{}", id::<AppId>(&a.id)?))
                 .await?;
             out(format!("deleted app {}", a.id));
             Ok(())
@@ -214,7 +214,7 @@ pub async fn group(cmd: GroupCmd) -> anyhow::Result<()> {
         }
         GroupAction::Delete(a) => {
             client(&a.conn)?
-                .delete(&format!("/v1/groups/{}", segment(&a.id)?))
+                .delete(&format!("/v1/groups/{}", id::<GroupId>(&a.id)?))
                 .await?;
             out(format!("deleted group {}", a.id));
             Ok(())
@@ -257,16 +257,11 @@ pub async fn token(cmd: TokenCmd) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Refuses ids that would change the API path they are put in.
-fn segment(id: &str) -> anyhow::Result<&str> {
-    anyhow::ensure!(
-        !id.is_empty()
-            && id
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')),
-        "invalid id {id:?}: ids are letters, digits, '.', '_' and '-'"
-    );
-    Ok(id)
+/// Parses an id for the API path it goes in. `portico_proto::ids` is the
+/// one place ids are checked, so nothing that would change the path (a
+/// `/`, `.` or `..`) gets this far.
+fn id<T: std::str::FromStr<Err = IdError>>(s: &str) -> anyhow::Result<T> {
+    Ok(s.parse()?)
 }
 
 fn ago(t: Option<u64>) -> String {

@@ -694,8 +694,9 @@ mod tests {
     use proptest::prelude::*;
     use std::net::{IpAddr, Ipv6Addr};
 
+    /// Valid ids: no leading '-', and never `.` or `..` (ids.rs).
     fn id_strategy() -> impl Strategy<Value = String> {
-        "[A-Za-z0-9._-]{1,40}"
+        "[A-Za-z0-9_][A-Za-z0-9._-]{0,39}"
     }
 
     fn headers_strategy() -> impl Strategy<Value = HeaderMap> {

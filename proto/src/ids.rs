@@ -3,6 +3,10 @@
 //!
 //! String ids are 1 to 128 bytes of `[A-Za-z0-9._-]`, so they are safe in
 //! URLs, certificate URIs, metric labels and log lines without escaping.
+//! `.` and `..` are refused (they are path segments of their own in a URL
+//! such as `/v1/apps/{id}`), and so is a leading `-` (a command line would
+//! read the id as a flag). This module is the one place ids are checked:
+//! everything else goes through the newtypes.
 
 use std::fmt;
 
@@ -24,6 +28,10 @@ pub enum IdError {
     },
     #[error("{kind} may only contain letters, digits, '.', '_' and '-' (found {found:?})")]
     InvalidChar { kind: &'static str, found: char },
+    #[error("{kind} must not be {id:?}: it is a path segment of its own in a URL")]
+    DotSegment { kind: &'static str, id: String },
+    #[error("{kind} must not start with '-' (a command line would read {id:?} as a flag)")]
+    LeadingDash { kind: &'static str, id: String },
 }
 
 fn validate(kind: &'static str, s: &str) -> Result<(), IdError> {
@@ -42,6 +50,18 @@ fn validate(kind: &'static str, s: &str) -> Result<(), IdError> {
         .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
     {
         return Err(IdError::InvalidChar { kind, found });
+    }
+    if s == "." || s == ".." {
+        return Err(IdError::DotSegment {
+            kind,
+            id: s.to_owned(),
+        });
+    }
+    if s.starts_with('-') {
+        return Err(IdError::LeadingDash {
+            kind,
+            id: s.to_owned(),
+        });
     }
     Ok(())
 }
@@ -208,6 +228,27 @@ mod tests {
         let json = serde_json::to_string(&GroupId::default_group()).unwrap();
         assert_eq!(json, "\"Default\"");
         assert!(serde_json::from_str::<GroupId>("\"no/slash\"").is_err());
+        for dots in [".", ".."] {
+            assert_eq!(
+                AppId::new(dots),
+                Err(IdError::DotSegment {
+                    kind: "app id",
+                    id: dots.into()
+                })
+            );
+        }
+        assert!(matches!(
+            GroupId::new("-rf"),
+            Err(IdError::LeadingDash {
+                kind: "group id",
+                ..
+            })
+        ));
+        assert!(serde_json::from_str::<ConnectorId>("\"-x\"").is_err());
+        // Dots and dashes elsewhere are fine.
+        for ok in ["...", ".x", "x.", "a-", "a--b", "_x", "a..b"] {
+            assert!(AppId::new(ok).is_ok(), "{ok}");
+        }
     }
 
     #[test]

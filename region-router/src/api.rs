@@ -1101,12 +1101,29 @@ async fn delete_app(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// Checks an internal URL: http or https, a host, no userinfo or fragment.
-pub(crate) fn check_internal_url(raw: &str) -> Result<(), String> {
+/// Checks an internal URL and returns its canonical form, the one stored.
+///
+/// - `http` or `https`, with a host; no user name, password or fragment.
+/// - No control characters or whitespace anywhere: a URL parser would drop
+///   tabs and line breaks silently, so `http://intra\tnet/` is refused
+///   rather than stored as something the admin did not type.
+/// - No query string, not even an empty `?`: the connector joins each
+///   request's own path and query to the internal URL, so a query here
+///   would be dropped.
+/// - Canonical: scheme and host lower case, the scheme's default port
+///   dropped, an empty path made `/`, dot segments resolved, as the WHATWG
+///   URL standard serializes it (`HTTP://Intra.Corp:80` becomes
+///   `http://intra.corp/`).
+pub(crate) fn check_internal_url(raw: &str) -> Result<String, String> {
     if raw.len() > MAX_URL {
         return Err(format!("is longer than {MAX_URL} bytes"));
     }
-    let url = url::Url::parse(raw).map_err(|e| format!("{raw:?} is not a URL: {e}"))?;
+    if let Some(c) = raw.chars().find(|c| c.is_control() || c.is_whitespace()) {
+        return Err(format!(
+            "must not contain control characters or whitespace (found {c:?}); percent-encode them"
+        ));
+    }
+    let url = url::Url::parse(raw).map_err(|e| format!("{raw:?} is not a URL ({e})"))?;
     if !matches!(url.scheme(), "http" | "https") {
         return Err(format!(
             "scheme must be http or https, not {:?}",
@@ -1122,7 +1139,13 @@ pub(crate) fn check_internal_url(raw: &str) -> Result<(), String> {
     if url.fragment().is_some() {
         return Err("must not contain a #fragment".into());
     }
-    Ok(())
+    if url.query().is_some() {
+        return Err(
+            "must not contain a query string (?...): each request's own query is passed on, and one here would be lost"
+                .into(),
+        );
+    }
+    Ok(url.into())
 }
 
 /// Lower-cases and checks an external host against the apps domain.
@@ -1145,7 +1168,8 @@ async fn create_app(
     _: Admin,
     Json(spec): Json<api::AppSpec>,
 ) -> Result<(StatusCode, axum::Json<App>), ApiFail> {
-    check_internal_url(&spec.internal_url).map_err(|e| ApiFail::invalid("internal_url", e))?;
+    let internal_url =
+        check_internal_url(&spec.internal_url).map_err(|e| ApiFail::invalid("internal_url", e))?;
     api::check_required_features(&spec.required_features)
         .map_err(|e| ApiFail::invalid("required_features", e.to_string()))?;
     let domain = &state.config.apps_domain;
@@ -1166,7 +1190,7 @@ async fn create_app(
     let rec = AppRecord {
         id: spec.id.clone(),
         external_host,
-        internal_url: spec.internal_url.clone(),
+        internal_url,
         connector_group: spec.connector_group.clone(),
         backend_timeout: spec.backend_timeout,
         validate_backend_tls: spec.validate_backend_tls,
@@ -1403,19 +1427,43 @@ mod tests {
     use super::*;
 
     #[test]
-    fn internal_urls() {
-        assert!(check_internal_url("http://10.0.0.5:8080/x").is_ok());
-        assert!(check_internal_url("https://intranet").is_ok());
-        assert!(check_internal_url("ftp://x")
-            .unwrap_err()
-            .contains("scheme"));
-        assert!(check_internal_url("http://u:p@x/")
-            .unwrap_err()
-            .contains("user"));
-        assert!(check_internal_url("http://x/#f")
-            .unwrap_err()
-            .contains("fragment"));
-        assert!(check_internal_url("not a url").is_err());
+    fn internal_urls_are_checked_and_made_canonical() {
+        for (raw, canonical) in [
+            ("http://10.0.0.5:8080/x", "http://10.0.0.5:8080/x"),
+            ("https://intranet", "https://intranet/"),
+            ("HTTP://Intra.Corp:80", "http://intra.corp/"),
+            ("HTTPS://Intra.Corp:443/App/", "https://intra.corp/App/"),
+            ("http://intra.corp:8443", "http://intra.corp:8443/"),
+            ("http://[::1]:80/", "http://[::1]/"),
+            ("http://x/a/./b/../c", "http://x/a/c"),
+            ("http://x/%7Euser", "http://x/%7Euser"),
+        ] {
+            assert_eq!(check_internal_url(raw).as_deref(), Ok(canonical), "{raw}");
+            assert_eq!(
+                check_internal_url(canonical).as_deref(),
+                Ok(canonical),
+                "the canonical form is a fixed point"
+            );
+        }
+        for (raw, part) in [
+            ("ftp://x", "scheme"),
+            ("http://u:p@x/", "user"),
+            ("http://x/#f", "fragment"),
+            ("not a url", "whitespace"),
+            ("nonsense", "not a URL"),
+            ("http://x/?a=1", "query"),
+            ("http://x/?", "query"),
+            ("http://intra\tnet/", "control"),
+            ("http://x/a\nb", "control"),
+            ("http://x/\u{7f}", "control"),
+            ("http://x/\u{85}", "control"),
+            (" http://x/", "whitespace"),
+            ("http://x/ ", "whitespace"),
+        ] {
+            let err = check_internal_url(raw).unwrap_err();
+            assert!(err.contains(part), "{raw:?}: {err}");
+        }
+        assert!(check_internal_url(&format!("http://x/{}", "a".repeat(MAX_URL))).is_err());
     }
 
     #[test]

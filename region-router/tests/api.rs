@@ -291,6 +291,17 @@ async fn admin_crud_and_validation_errors() -> anyhow::Result<()> {
         "external hosts are lower-cased"
     );
     assert_eq!(custom.connector_group, GroupId::default_group());
+    // Internal URLs are stored in canonical form.
+    let canonical: App = admin
+        .post_json(
+            "/v1/apps",
+            &json!({ "id": "canon", "internal_url": "HTTP://Intra.Corp:80" }),
+        )
+        .await?;
+    assert_eq!(canonical.internal_url, "http://intra.corp/");
+    let got: App = admin.get_json("/v1/apps/canon").await?;
+    assert_eq!(got.internal_url, "http://intra.corp/");
+    admin.delete("/v1/apps/canon").await?;
     let got: App = admin.get_json("/v1/apps/hr").await?;
     assert_eq!(got, app);
     let all: Vec<App> = admin.get_json("/v1/apps").await?;
@@ -300,7 +311,10 @@ async fn admin_crud_and_validation_errors() -> anyhow::Result<()> {
         ("ftp://10.0.0.5/", "scheme"),
         ("http://user:pw@10.0.0.5/", "user name"),
         ("http://10.0.0.5/#top", "fragment"),
-        ("not a url", "not a URL"),
+        ("nonsense", "not a URL"),
+        ("http://10.0.0.5/?tenant=1", "query string"),
+        ("http://10.0.0.5/a\tb", "control characters"),
+        ("http://10.0.0.5/\r\nX-Evil: 1", "control characters"),
     ] {
         assert_refused(
             admin
@@ -376,6 +390,31 @@ async fn admin_crud_and_validation_errors() -> anyhow::Result<()> {
         Some("id"),
         "app id",
     );
+    for (id, part) in [
+        (".", "path segment"),
+        ("..", "path segment"),
+        ("-rf", "'-'"),
+    ] {
+        assert_refused(
+            admin
+                .post_json::<_, App>(
+                    "/v1/apps",
+                    &json!({ "id": id, "internal_url": "http://x/" }),
+                )
+                .await,
+            400,
+            Some("id"),
+            part,
+        );
+        assert_refused(
+            admin
+                .post_json::<_, Group>("/v1/groups", &json!({ "id": id }))
+                .await,
+            400,
+            Some("id"),
+            part,
+        );
+    }
     assert_refused(
         admin
             .post_json::<_, App>(
