@@ -5,10 +5,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::Context as _;
 use portico_agent::{RouterClient, RouterTrust};
 use portico_proto::api::{
-    App, AppSpec, BackendTimeout, Connector, CreateGroup, CreateToken, Edge, Group, TokenCreated,
-    TokenScope,
+    App, AppPatch, AppSpec, BackendTimeout, Connector, CreateGroup, CreateToken, Edge, Group,
+    TokenCreated, TokenInfo, TokenScope,
 };
-use portico_proto::{AppId, ConnectorId, GroupId, IdError, RegionId};
+use portico_proto::{AppId, ConnectorId, EdgeId, GroupId, IdError, RegionId};
 use serde::Serialize;
 
 use crate::cli::{
@@ -62,6 +62,17 @@ pub async fn edge_list(conn: &RouterConn) -> anyhow::Result<()> {
             ]
         },
     )
+}
+
+pub async fn edge_delete(args: &DeleteArgs) -> anyhow::Result<()> {
+    client(&args.conn)?
+        .delete(&format!("/v1/edges/{}", id::<EdgeId>(&args.id)?))
+        .await?;
+    out(format!(
+        "deleted edge {} (its certificate is revoked; connectors stop dialing it)",
+        args.id
+    ));
+    Ok(())
 }
 
 pub async fn connector_list(conn: &RouterConn) -> anyhow::Result<()> {
@@ -130,6 +141,41 @@ pub async fn app(cmd: AppCmd) -> anyhow::Result<()> {
                 required_features: a.required_features,
             };
             let app: App = client(&a.conn)?.post_json("/v1/apps", &spec).await?;
+            print_one(a.conn.json, &app, app_lines)
+        }
+        AppAction::Update(a) => {
+            let patch = AppPatch {
+                external_host: a.external_host,
+                internal_url: a.internal_url,
+                connector_group: a
+                    .group
+                    .as_deref()
+                    .map(GroupId::new)
+                    .transpose()
+                    .context("--group")?,
+                backend_timeout: a
+                    .backend_timeout
+                    .as_deref()
+                    .map(str::parse::<BackendTimeout>)
+                    .transpose()
+                    .map_err(anyhow::Error::msg)
+                    .context("--backend-timeout")?,
+                validate_backend_tls: match (a.validate_backend_tls, a.no_validate_backend_tls) {
+                    (true, _) => Some(true),
+                    (_, true) => Some(false),
+                    _ => None,
+                },
+                required_features: if a.no_required_features {
+                    Some(vec![])
+                } else if a.required_features.is_empty() {
+                    None
+                } else {
+                    Some(a.required_features)
+                },
+            };
+            let app: App = client(&a.conn)?
+                .patch_json(&format!("/v1/apps/{}", id::<AppId>(&a.id)?), &patch)
+                .await?;
             print_one(a.conn.json, &app, app_lines)
         }
         AppAction::List(a) => {
@@ -223,7 +269,34 @@ pub async fn group(cmd: GroupCmd) -> anyhow::Result<()> {
 }
 
 pub async fn token(cmd: TokenCmd) -> anyhow::Result<()> {
-    let TokenAction::Create(a) = cmd.action;
+    let a = match cmd.action {
+        TokenAction::Create(a) => a,
+        TokenAction::List(a) => {
+            let tokens: Vec<TokenInfo> = client(&a.conn)?.get_json("/v1/tokens").await?;
+            return print_list(
+                a.conn.json,
+                &tokens,
+                &["ID", "SCOPE", "STATUS", "CREATED", "EXPIRES", "USED"],
+                |t| {
+                    vec![
+                        t.id.clone(),
+                        scope_text(&t.scope),
+                        t.status.to_string(),
+                        utc(t.created_at),
+                        utc(t.expires_at),
+                        t.used_at.map_or_else(|| "-".into(), utc),
+                    ]
+                },
+            );
+        }
+        TokenAction::Revoke(a) => {
+            client(&a.conn)?
+                .delete(&format!("/v1/tokens/{}", token_id(&a.id)?))
+                .await?;
+            out(format!("revoked join token {}", a.id));
+            return Ok(());
+        }
+    };
     let scope = match (&a.group, a.edge) {
         (Some(g), false) => TokenScope::Connector {
             group: GroupId::new(g).context("--group")?,
@@ -251,10 +324,32 @@ pub async fn token(cmd: TokenCmd) -> anyhow::Result<()> {
                 TokenScope::Connector { group } => format!("a connector in group {group}"),
                 TokenScope::Edge { region } => format!("an edge in region {region}"),
             },
-            humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(t.expires_at))
+            utc(t.expires_at)
         );
     }
     Ok(())
+}
+
+/// A token scope as a table cell.
+fn scope_text(scope: &TokenScope) -> String {
+    match scope {
+        TokenScope::Connector { group } => format!("connector group={group}"),
+        TokenScope::Edge { region } => format!("edge region={region}"),
+    }
+}
+
+/// A join token's id as `token create` and `token list` print it.
+fn token_id(s: &str) -> anyhow::Result<&str> {
+    anyhow::ensure!(
+        s.len() == 16 && s.bytes().all(|b| b.is_ascii_hexdigit()),
+        "invalid join token id {s:?}: it is the 16 hex digits after `pt1.`, as `portico token list` shows"
+    );
+    Ok(s)
+}
+
+/// Unix seconds as an RFC 3339 UTC time.
+fn utc(t: u64) -> String {
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(t)).to_string()
 }
 
 /// Parses an id for the API path it goes in. `portico_proto::ids` is the

@@ -56,15 +56,15 @@ pub struct Cli {
 pub enum Command {
     /// Run a router: the store, the certificate authority and the admin API.
     Router(RouterArgs),
-    /// Run an edge, or list edges (`portico edge list`).
+    /// Run an edge, or list and delete edges.
     Edge(EdgeCmd),
     /// Run a connector, or list and delete connectors.
     Connector(ConnectorCmd),
-    /// Publish, list, show and delete apps.
+    /// Publish, update, list, show and delete apps.
     App(AppCmd),
     /// Create, list and delete connector groups.
     Group(GroupCmd),
-    /// Create join tokens that enroll connectors and edges.
+    /// Create, list and revoke the join tokens that enroll connectors and edges.
     Token(TokenCmd),
     /// Measure a deployment: open- or closed-loop load over HTTP/1.1, HTTP/2
     /// or HTTP/3 with reports (`portico loadtest URL`), emulate a WAN path
@@ -172,6 +172,10 @@ pub struct EdgeCmd {
 pub enum EdgeAction {
     /// List the edges enrolled with the router.
     List(ListArgs),
+    /// Delete an edge: revokes its certificate (the router refuses its
+    /// renewals, reports and config polls) and takes it off the list of
+    /// edges connectors dial, so they move their tunnels elsewhere.
+    Delete(DeleteArgs),
 }
 
 #[derive(Debug, Args)]
@@ -296,6 +300,9 @@ pub struct AppCmd {
 pub enum AppAction {
     /// Publish an internal URL at an external host.
     Create(AppCreateArgs),
+    /// Change any of an app's settings; the others keep their values. The
+    /// result is checked as `app create` checks a new app.
+    Update(AppUpdateArgs),
     /// List apps.
     List(ListArgs),
     /// Show one app.
@@ -340,6 +347,45 @@ pub struct AppCreateArgs {
 }
 
 #[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("change").required(true).multiple(true)))]
+pub struct AppUpdateArgs {
+    /// The app's id.
+    pub id: String,
+    /// Where the connector sends requests: http(s)://host[:port][/path].
+    #[arg(long, group = "change")]
+    pub internal_url: Option<String>,
+    /// External host name under the apps domain.
+    #[arg(long, group = "change")]
+    pub external_host: Option<String>,
+    /// The connector group that serves it.
+    #[arg(long, group = "change")]
+    pub group: Option<String>,
+    /// How long the backend may take: `default` (85 s), `long` (180 s) or seconds.
+    #[arg(long, group = "change")]
+    pub backend_timeout: Option<String>,
+    /// Validate the certificate of an https backend.
+    #[arg(long, group = "change", conflicts_with = "no_validate_backend_tls")]
+    pub validate_backend_tls: bool,
+    /// Accept any certificate from an https backend.
+    #[arg(long, group = "change")]
+    pub no_validate_backend_tls: bool,
+    /// A feature every edge must implement to serve the app (repeatable).
+    /// Replaces the app's whole list.
+    #[arg(
+        long = "require-feature",
+        value_name = "NAME",
+        group = "change",
+        conflicts_with = "no_required_features"
+    )]
+    pub required_features: Vec<String>,
+    /// Require no features.
+    #[arg(long, group = "change")]
+    pub no_required_features: bool,
+    #[command(flatten)]
+    pub conn: RouterConn,
+}
+
+#[derive(Debug, Args)]
 pub struct GroupCmd {
     #[command(subcommand)]
     pub action: GroupAction,
@@ -376,6 +422,19 @@ pub struct TokenCmd {
 pub enum TokenAction {
     /// Create a single-use join token. It is printed once; the router keeps only its hash.
     Create(TokenCreateArgs),
+    /// List join tokens: id, scope, status (unused, used, expired, revoked),
+    /// creation and expiry. Secrets are never shown again.
+    List(ListArgs),
+    /// Revoke an unused join token, so that it enrolls nothing.
+    Revoke(TokenRevokeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TokenRevokeArgs {
+    /// The token's id: the 16 hex digits after `pt1.`, as `token list` shows.
+    pub id: String,
+    #[command(flatten)]
+    pub conn: RouterConn,
 }
 
 #[derive(Debug, Args)]

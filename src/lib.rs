@@ -30,6 +30,7 @@ pub async fn run(cli: cli::Cli) -> anyhow::Result<()> {
         Command::Router(args) => run_router(args).await,
         Command::Edge(cmd) => match cmd.action {
             Some(EdgeAction::List(a)) => admin::edge_list(&a.conn).await,
+            Some(EdgeAction::Delete(a)) => admin::edge_delete(&a).await,
             None => run_edge(cmd.run).await,
         },
         Command::Connector(cmd) => match cmd.action {

@@ -294,3 +294,220 @@ async fn the_cli_publishes_an_app_that_requires_features() {
     assert!(!ok, "nothing was created");
     s.stop().await;
 }
+
+/// The value of `key` in a `key  value` line of `app show`-style output.
+fn shown(out: &str, key: &str) -> Option<String> {
+    out.lines()
+        .find_map(|l| l.strip_prefix(key))
+        .map(|v| v.trim().to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_updates_an_app_and_users_see_the_change() {
+    let s = Stack::start().await;
+    // Published at a port nothing listens on: the backend is unreachable.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_url = format!("http://{}/", dead.local_addr().unwrap());
+    drop(dead);
+    let (ok, _, err) = cli(&s, &["app", "create", "upd", "--internal-url", &dead_url]).await;
+    assert!(ok, "{err}");
+    let url = s.app_url("upd", "/headers");
+    let r = s.curl(&[&url]).await;
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert_eq!(
+        r.header("x-portico-error").as_deref(),
+        Some("BackendUnreachable")
+    );
+
+    // Point it at the demo backend, and change every other field too.
+    let demo = format!("HTTP://{}", s.d.demo.addr);
+    let (ok, out, err) = cli(
+        &s,
+        &[
+            "app",
+            "update",
+            "upd",
+            "--internal-url",
+            &demo,
+            "--backend-timeout",
+            "long",
+            "--no-validate-backend-tls",
+            "--require-feature",
+            "x-test",
+        ],
+    )
+    .await;
+    assert!(ok, "{err}");
+    assert_eq!(
+        shown(&out, "internal url"),
+        Some(format!("http://{}/", s.d.demo.addr)),
+        "stored in canonical form: {out}"
+    );
+    assert_eq!(shown(&out, "backend timeout").as_deref(), Some("long"));
+    assert_eq!(
+        shown(&out, "validate backend tls").as_deref(),
+        Some("false")
+    );
+    assert_eq!(shown(&out, "required features").as_deref(), Some("x-test"));
+    // The required feature is the edge's to judge; clear it so that this
+    // edge serves the app whatever it knows.
+    let (ok, out, err) = cli(
+        &s,
+        &["app", "update", "upd", "--no-required-features", "--json"],
+    )
+    .await;
+    assert!(ok, "{err}");
+    let app: portico_proto::api::App = serde_json::from_str(&out).unwrap();
+    assert!(app.required_features.is_empty());
+    assert_eq!(
+        app.backend_timeout,
+        portico_proto::api::BackendTimeout::Long
+    );
+    eventually(
+        "the edge routes to the new URL",
+        Duration::from_secs(30),
+        || async {
+            let r = s.curl(&[&url]).await;
+            (r.status == 200).then_some(())
+        },
+    )
+    .await;
+
+    // Nothing to change, a bad value, a missing app: refused, named once,
+    // and the app is unchanged.
+    let (ok, _, err) = cli(&s, &["app", "update", "upd"]).await;
+    assert!(!ok && err.contains("required"), "{err}");
+    let (ok, _, err) = cli(
+        &s,
+        &["app", "update", "upd", "--internal-url", "http://x/?a=1"],
+    )
+    .await;
+    assert!(!ok, "{err}");
+    assert!(err.contains("internal_url"), "{err}");
+    assert_eq!(err.matches("query string").count(), 1, "{err}");
+    let (ok, _, err) = cli(&s, &["app", "update", "nope", "--backend-timeout", "5"]).await;
+    assert!(!ok && err.contains("404"), "{err}");
+    let (ok, _, err) = cli(&s, &["app", "update", "..", "--backend-timeout", "5"]).await;
+    assert!(!ok && err.contains("path segment"), "{err}");
+    let (_, out, _) = cli(&s, &["app", "show", "upd", "--json"]).await;
+    let now: portico_proto::api::App = serde_json::from_str(&out).unwrap();
+    assert_eq!(now, app);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_lists_and_revokes_tokens_and_deletes_an_edge() {
+    let s = Stack::start().await;
+    let (ok, token, err) = cli(&s, &["token", "create", "--group", "Default"]).await;
+    assert!(ok, "{err}");
+    let token: portico_proto::api::JoinToken = token.trim().parse().unwrap();
+    let (ok, edge_token, err) = cli(&s, &["token", "create", "--edge"]).await;
+    assert!(ok, "{err}");
+    let (ok, out, err) = cli(&s, &["token", "list", "--json"]).await;
+    assert!(ok, "{err}");
+    assert!(
+        !out.contains(&token.secret),
+        "secrets are never listed: {out}"
+    );
+    let list: Vec<portico_proto::api::TokenInfo> = serde_json::from_str(&out).unwrap();
+    let listed = list.iter().find(|t| t.id == token.id).unwrap();
+    assert_eq!(listed.status, portico_proto::api::TokenStatus::Unused);
+
+    let (ok, out, err) = cli(&s, &["token", "revoke", &token.id]).await;
+    assert!(ok, "{err}");
+    assert!(out.contains(&token.id), "{out}");
+    let (ok, out, _) = cli(&s, &["token", "list"]).await;
+    assert!(ok);
+    assert!(out.lines().next().unwrap().starts_with("ID"), "{out}");
+    let row = out.lines().find(|l| l.starts_with(&token.id)).unwrap();
+    assert!(
+        row.contains("revoked") && row.contains("group=Default"),
+        "{out}"
+    );
+    let (ok, _, err) = cli(&s, &["token", "revoke", &token.id]).await;
+    assert!(!ok && err.contains("already revoked"), "{err}");
+    let (ok, _, err) = cli(&s, &["token", "revoke", "xyz"]).await;
+    assert!(!ok && err.contains("16 hex digits"), "{err}");
+    // A revoked token enrolls nothing.
+    let state = s.dir.path().join("revoked-connector");
+    let (ok, _, err) = cli(
+        &s,
+        &[
+            "connector",
+            "--router",
+            &s.d.router.url(),
+            "--state",
+            state.to_str().unwrap(),
+            "--token",
+            &token.to_string(),
+        ],
+    )
+    .await;
+    assert!(!ok, "{err}");
+    assert!(err.contains("join token revoked at "), "{err}");
+
+    // A second edge, a real process, deleted through the CLI.
+    let edge_state = s.dir.path().join("edge2");
+    let child = Child::spawn(&[
+        "edge",
+        "--router",
+        &s.d.router.url(),
+        "--state",
+        edge_state.to_str().unwrap(),
+        "--token",
+        edge_token.trim(),
+        "--public-listen",
+        "127.0.0.1:0",
+        "--tunnel-listen",
+        "127.0.0.1:0",
+    ]);
+    let edge_id = eventually(
+        "the second edge listens",
+        Duration::from_secs(30),
+        || async {
+            child.output().lines().find_map(|l| {
+                let rest = l.strip_prefix("listening edge=")?;
+                Some(rest.split_whitespace().next()?.to_owned())
+            })
+        },
+    )
+    .await;
+    let (ok, out, _) = cli(&s, &["edge", "list"]).await;
+    assert!(ok && out.contains(&edge_id), "{out}");
+    let (ok, out, err) = cli(&s, &["edge", "delete", &edge_id]).await;
+    assert!(ok, "{err}");
+    assert!(out.contains("revoked"), "{out}");
+    let (ok, out, _) = cli(&s, &["edge", "list", "--json"]).await;
+    assert!(ok);
+    let edges: Vec<portico_proto::api::Edge> = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        edges.iter().map(|e| e.id.clone()).collect::<Vec<_>>(),
+        vec![s.d.edge.id.clone()]
+    );
+    // The deleted edge hears it from the router.
+    eventually(
+        "the deleted edge is refused",
+        Duration::from_secs(60),
+        || async {
+            child
+                .output()
+                .contains("the router says this edge was deleted")
+                .then_some(())
+        },
+    )
+    .await;
+    let (ok, _, err) = cli(&s, &["edge", "delete", &edge_id]).await;
+    assert!(!ok && err.contains("404"), "{err}");
+
+    for cmd in [
+        vec!["edge", "delete", "--help"],
+        vec!["token", "list", "--help"],
+        vec!["token", "revoke", "--help"],
+        vec!["app", "update", "--help"],
+    ] {
+        let (ok, out, _) = cli(&s, &cmd).await;
+        assert!(ok && out.contains("Usage"), "{cmd:?}: {out}");
+    }
+    drop(child);
+    s.stop().await;
+}

@@ -117,6 +117,17 @@ impl RouterClient {
         decode(path, &answer)
     }
 
+    pub async fn patch_json<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, ClientError> {
+        let (_, answer) = self
+            .call(Method::PATCH, path, Some(encode(body)), CALL_TIMEOUT)
+            .await?;
+        decode(path, &answer)
+    }
+
     /// A POST whose answer carries no body (204).
     pub async fn post_empty<B: Serialize>(&self, path: &str, body: &B) -> Result<(), ClientError> {
         self.call(Method::POST, path, Some(encode(body)), CALL_TIMEOUT)

@@ -17,10 +17,13 @@
 //! | DELETE | `/v1/groups/{id}` | admin token | → 204, 404, or 409 when not empty |
 //! | GET, POST | `/v1/apps` | admin token | → `[App]`; [`AppSpec`] → [`App`] |
 //! | GET, DELETE | `/v1/apps/{id}` | admin token | → [`App`]; → 204 |
-//! | POST | `/v1/tokens` | admin token | [`CreateToken`] → [`TokenCreated`] |
+//! | PATCH | `/v1/apps/{id}` | admin token | [`AppPatch`] → [`App`] |
+//! | GET, POST | `/v1/tokens` | admin token | → `[TokenInfo]`; [`CreateToken`] → [`TokenCreated`] |
+//! | DELETE | `/v1/tokens/{id}` | admin token | → 204 (revokes an unused token), 409 when used |
 //! | GET | `/v1/connectors` | admin token | → `[Connector]` |
 //! | DELETE | `/v1/connectors/{id}` | admin token | → 204 (revokes it) |
 //! | GET | `/v1/edges` | admin token | → `[Edge]` |
+//! | DELETE | `/v1/edges/{id}` | admin token | → 204 (revokes it; connectors stop dialing it) |
 //!
 //! Every error answer is an [`ApiError`] with the HTTP status of its kind:
 //! 400 invalid input, 401 missing or wrong credentials, 403 revoked,
@@ -356,6 +359,57 @@ pub struct AppSpec {
     pub required_features: Vec<String>,
 }
 
+/// `PATCH /v1/apps/{id}`: the fields to change, each optional; the others
+/// keep their values. The result is checked as `POST /v1/apps` checks a new
+/// app, and a field this router does not know is refused.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppPatch {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external_host: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub internal_url: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connector_group: Option<GroupId>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend_timeout: Option<BackendTimeout>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub validate_backend_tls: Option<bool>,
+    /// Replaces the whole list (`[]` clears it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub required_features: Option<Vec<String>>,
+}
+
+impl AppPatch {
+    /// Whether it changes nothing.
+    pub fn is_empty(&self) -> bool {
+        *self == AppPatch::default()
+    }
+
+    /// `spec` with the patch's fields put in.
+    pub fn apply(self, mut spec: AppSpec) -> AppSpec {
+        if let Some(v) = self.external_host {
+            spec.external_host = Some(v);
+        }
+        if let Some(v) = self.internal_url {
+            spec.internal_url = v;
+        }
+        if let Some(v) = self.connector_group {
+            spec.connector_group = v;
+        }
+        if let Some(v) = self.backend_timeout {
+            spec.backend_timeout = v;
+        }
+        if let Some(v) = self.validate_backend_tls {
+            spec.validate_backend_tls = v;
+        }
+        if let Some(v) = self.required_features {
+            spec.required_features = v;
+        }
+        spec
+    }
+}
+
 /// A published app, as stored and distributed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct App {
@@ -482,6 +536,46 @@ impl fmt::Debug for TokenCreated {
             .field("expires_at", &self.expires_at)
             .finish()
     }
+}
+
+/// Where a join token stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum TokenStatus {
+    /// It can still enroll.
+    Unused,
+    /// It enrolled a connector or an edge.
+    Used,
+    /// It expired unused.
+    Expired,
+    /// An admin revoked it unused.
+    Revoked,
+}
+
+impl fmt::Display for TokenStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            TokenStatus::Unused => "unused",
+            TokenStatus::Used => "used",
+            TokenStatus::Expired => "expired",
+            TokenStatus::Revoked => "revoked",
+        })
+    }
+}
+
+/// A join token as `GET /v1/tokens` lists it. The secret is never shown
+/// again: the router keeps only its hash.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenInfo {
+    pub id: String,
+    pub scope: TokenScope,
+    pub status: TokenStatus,
+    /// Seconds since the Unix epoch, as every time here.
+    pub created_at: u64,
+    pub expires_at: u64,
+    pub used_at: Option<u64>,
+    pub revoked_at: Option<u64>,
 }
 
 /// Whether a connector or edge has been seen recently (within 30 s).

@@ -18,7 +18,7 @@ use bytes::Bytes;
 use portico_proto::api::{
     self, ApiError, App, CertResponse, Connector, ConnectorConfig, CreateGroup, CreateToken,
     CsrRequest, Edge, EdgeConfig, EdgeEndpoint, EdgeReport, EnrollRequest, EnrollResponse, Group,
-    Identity, JoinToken, Status, TokenCreated, TokenScope,
+    Identity, JoinToken, Status, TokenCreated, TokenInfo, TokenScope, TokenStatus,
 };
 use portico_proto::ids::{AppId, ConnectorId, EdgeId, GroupId, RegionId};
 use serde::de::DeserializeOwned;
@@ -173,11 +173,16 @@ pub(crate) fn routes(state: SharedState) -> axum::Router {
         .route("/v1/groups", get(list_groups).post(create_group))
         .route("/v1/groups/{id}", delete(delete_group))
         .route("/v1/apps", get(list_apps).post(create_app))
-        .route("/v1/apps/{id}", get(get_app).delete(delete_app))
-        .route("/v1/tokens", post(create_token))
+        .route(
+            "/v1/apps/{id}",
+            get(get_app).patch(update_app).delete(delete_app),
+        )
+        .route("/v1/tokens", get(list_tokens).post(create_token))
+        .route("/v1/tokens/{id}", delete(revoke_token))
         .route("/v1/connectors", get(list_connectors))
         .route("/v1/connectors/{id}", delete(delete_connector))
         .route("/v1/edges", get(list_edges))
+        .route("/v1/edges/{id}", delete(delete_edge))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), track))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -307,6 +312,7 @@ impl From<StoreError> for ApiFail {
                 ApiFail::conflict(None, e.to_string())
             }
             StoreError::TokenUsed => ApiFail::unauthorized("join token already used"),
+            StoreError::TokenRevoked => ApiFail::unauthorized("join token revoked"),
             _ => {
                 tracing::error!(error = %e, "store failed");
                 ApiFail::internal("the router's store failed; see its log")
@@ -583,6 +589,16 @@ async fn enroll_inner(state: &AppState, req: EnrollRequest) -> EnrollResult {
     }
     if record.used_at.is_some() {
         return Err((kind, ApiFail::unauthorized("join token already used")));
+    }
+    if let Some(revoked) = record.revoked_at {
+        let at = SystemTime::UNIX_EPOCH + Duration::from_secs(revoked);
+        return Err((
+            kind,
+            ApiFail::unauthorized(format!(
+                "join token revoked at {}",
+                humantime::format_rfc3339_seconds(at)
+            )),
+        ));
     }
     let now = util::now_unix();
     if record.expires_at <= now {
@@ -1168,11 +1184,55 @@ async fn create_app(
     _: Admin,
     Json(spec): Json<api::AppSpec>,
 ) -> Result<(StatusCode, axum::Json<App>), ApiFail> {
+    let rec = app_record(&state.config, spec, util::now_unix())?;
+    let app = write_app(&state, rec, |s, rec| s.create_app(rec)).await?;
+    tracing::info!(app = %app.id, host = %app.external_host, group = %app.connector_group, "created app");
+    Ok((StatusCode::CREATED, axum::Json(app)))
+}
+
+async fn update_app(
+    State(state): State<SharedState>,
+    _: Admin,
+    Path(id): Path<String>,
+    Json(patch): Json<api::AppPatch>,
+) -> Result<axum::Json<App>, ApiFail> {
+    let missing = || ApiFail::not_found(None, format!("app {id:?} not found"));
+    let app_id = AppId::new(id.clone()).map_err(|_| missing())?;
+    if patch.is_empty() {
+        return Err(ApiFail::new(
+            StatusCode::BAD_REQUEST,
+            "invalid",
+            None,
+            "the patch changes nothing: give at least one field",
+        ));
+    }
+    let found = state.db(move |s| s.get_app(&app_id)).await?;
+    let current = found.ok_or_else(missing)?;
+    let created_at = current.created_at;
+    let spec = patch.apply(api::AppSpec {
+        id: current.id,
+        external_host: Some(current.external_host),
+        internal_url: current.internal_url,
+        connector_group: current.connector_group,
+        backend_timeout: current.backend_timeout,
+        validate_backend_tls: current.validate_backend_tls,
+        required_features: current.required_features,
+    });
+    // The same checks as a new app, on the whole result.
+    let rec = app_record(&state.config, spec, created_at)?;
+    let app = write_app(&state, rec, |s, rec| s.update_app(rec)).await?;
+    tracing::info!(app = %app.id, host = %app.external_host, group = %app.connector_group, "updated app");
+    Ok(axum::Json(app))
+}
+
+/// Checks an app as an admin describes it and makes the record to store:
+/// the one set of checks for creating and updating an app.
+fn app_record(config: &Config, spec: api::AppSpec, created_at: u64) -> Result<AppRecord, ApiFail> {
     let internal_url =
         check_internal_url(&spec.internal_url).map_err(|e| ApiFail::invalid("internal_url", e))?;
     api::check_required_features(&spec.required_features)
         .map_err(|e| ApiFail::invalid("required_features", e.to_string()))?;
-    let domain = &state.config.apps_domain;
+    let domain = &config.apps_domain;
     let external_host = match &spec.external_host {
         Some(h) => {
             check_external_host(h, domain).map_err(|e| ApiFail::invalid("external_host", e))?
@@ -1187,35 +1247,44 @@ async fn create_app(
             )
         })?,
     };
-    let rec = AppRecord {
-        id: spec.id.clone(),
+    Ok(AppRecord {
+        id: spec.id,
         external_host,
         internal_url,
-        connector_group: spec.connector_group.clone(),
+        connector_group: spec.connector_group,
         backend_timeout: spec.backend_timeout,
         validate_backend_tls: spec.validate_backend_tls,
-        required_features: spec.required_features.clone(),
-        created_at: util::now_unix(),
-    };
+        required_features: spec.required_features,
+        created_at,
+    })
+}
+
+/// Writes an app record with `write`, publishes the new version and returns
+/// the app as served. A missing group is named as the field at fault.
+async fn write_app(
+    state: &AppState,
+    rec: AppRecord,
+    write: fn(&dyn Store, &AppRecord) -> Result<u64, StoreError>,
+) -> Result<App, ApiFail> {
     let config = state.config.clone();
-    let group = spec.connector_group.clone();
-    let (version, app) = state
+    let group = rec.connector_group.clone();
+    let written = state
         .db(move |s| {
-            let version = s.create_app(&rec)?;
-            let port = public_port(s, &config)?;
-            Ok((version, to_app(rec, port)))
+            Ok(write(s, &rec).and_then(|version| {
+                let port = public_port(s, &config)?;
+                Ok((version, to_app(rec, port)))
+            }))
         })
-        .await
-        .map_err(|f| match f.body.error.as_str() {
-            "not_found" => ApiFail::not_found(
-                Some("connector_group"),
-                format!("connector group {group} does not exist; create it first"),
-            ),
-            _ => f,
-        })?;
+        .await?;
+    let (version, app) = written.map_err(|e| match e {
+        StoreError::NotFound { kind: "group", .. } => ApiFail::not_found(
+            Some("connector_group"),
+            format!("connector group {group} does not exist; create it first"),
+        ),
+        other => ApiFail::from(other),
+    })?;
     state.publish(version);
-    tracing::info!(app = %app.id, host = %app.external_host, group = %app.connector_group, "created app");
-    Ok((StatusCode::CREATED, axum::Json(app)))
+    Ok(app)
 }
 
 // ---- admin: tokens ----
@@ -1265,6 +1334,7 @@ async fn create_token(
         created_at: now,
         expires_at: now + ttl,
         used_at: None,
+        revoked_at: None,
     };
     let expires_at = rec.expires_at;
     state.db(move |s| s.create_token(&rec)).await?;
@@ -1283,6 +1353,62 @@ async fn create_token(
             expires_at,
         }),
     ))
+}
+
+async fn list_tokens(
+    State(state): State<SharedState>,
+    _: Admin,
+) -> Result<axum::Json<Vec<TokenInfo>>, ApiFail> {
+    let records = state.db(|s| s.list_tokens()).await?;
+    let now = util::now_unix();
+    Ok(axum::Json(
+        records
+            .into_iter()
+            .map(|t| TokenInfo {
+                status: match (t.used_at, t.revoked_at) {
+                    (Some(_), _) => TokenStatus::Used,
+                    (None, Some(_)) => TokenStatus::Revoked,
+                    (None, None) if t.expires_at <= now => TokenStatus::Expired,
+                    (None, None) => TokenStatus::Unused,
+                },
+                id: t.id,
+                scope: t.scope,
+                created_at: t.created_at,
+                expires_at: t.expires_at,
+                used_at: t.used_at,
+                revoked_at: t.revoked_at,
+            })
+            .collect(),
+    ))
+}
+
+async fn revoke_token(
+    State(state): State<SharedState>,
+    _: Admin,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiFail> {
+    let token_id = id.to_ascii_lowercase();
+    if token_id.len() != 16 || !token_id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(ApiFail::not_found(
+            None,
+            format!("join token {id:?} not found (a token id is 16 hex digits)"),
+        ));
+    }
+    let now = util::now_unix();
+    let tid = token_id.clone();
+    let outcome = state.db(move |s| Ok(s.revoke_token(&tid, now))).await?;
+    outcome.map_err(|e| match e {
+        StoreError::TokenUsed => ApiFail::conflict(
+            None,
+            format!("join token {token_id} was already used; delete the connector or edge it enrolled instead"),
+        ),
+        StoreError::TokenRevoked => {
+            ApiFail::conflict(None, format!("join token {token_id} is already revoked"))
+        }
+        other => ApiFail::from(other),
+    })?;
+    tracing::info!(token.id = %token_id, "revoked join token");
+    Ok(StatusCode::NO_CONTENT)
 }
 
 // ---- admin: connectors and edges ----
@@ -1348,6 +1474,31 @@ async fn delete_connector(
     let version = state.db(move |s| s.delete_connector(&cid, now)).await?;
     state.publish(version);
     tracing::info!(connector = %id, version, "deleted (revoked) connector");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn delete_edge(
+    State(state): State<SharedState>,
+    _: Admin,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiFail> {
+    let eid = EdgeId::new(id.clone())
+        .map_err(|_| ApiFail::not_found(None, format!("edge {id:?} not found")))?;
+    let now = util::now_unix();
+    let version = state
+        .db({
+            let eid = eid.clone();
+            move |s| s.delete_edge(&eid, now)
+        })
+        .await?;
+    // Its reports no longer count for connector status.
+    state
+        .presence
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&eid);
+    state.publish(version);
+    tracing::info!(edge = %id, version, "deleted (revoked) edge");
     Ok(StatusCode::NO_CONTENT)
 }
 

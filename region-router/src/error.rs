@@ -67,6 +67,8 @@ pub enum StoreError {
     DefaultGroup { group: String },
     #[error("join token already used")]
     TokenUsed,
+    #[error("join token revoked")]
+    TokenRevoked,
     #[error("stored {what} is invalid: {reason}")]
     Corrupt { what: &'static str, reason: String },
     #[error("database schema version {found} is newer than this router understands ({supported})")]

@@ -17,7 +17,7 @@ use portico_proto::api::{
     EdgeReport, EnrollRequest, EnrollResponse, Group, Identity, JoinToken, Status, TokenCreated,
     TokenScope, TunnelReport,
 };
-use portico_proto::ids::{ConnectorId, GroupId, RegionId};
+use portico_proto::ids::{ConnectorId, EdgeId, GroupId, RegionId};
 use portico_router::store::{SqliteStore, Store, TokenRecord};
 use portico_router::{Config, Handle};
 use rustls::pki_types::{CertificateDer, UnixTime};
@@ -609,6 +609,7 @@ async fn enroll_renew_report_and_revoke() -> anyhow::Result<()> {
             created_at: now - 100,
             expires_at: now - 10,
             used_at: None,
+            revoked_at: None,
         })?;
         store.close();
         let expired = JoinToken {
@@ -1107,5 +1108,345 @@ async fn apps_carry_required_features_to_edges() -> anyhow::Result<()> {
         .find(|a| a.id.as_str() == "hr")
         .context("hr")?;
     assert_eq!(hr.required_features, ["sign-in", "x2"]);
+    stop(h, shutdown).await
+}
+
+#[tokio::test]
+async fn apps_are_updated_field_by_field_with_the_checks_of_create() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (h, shutdown) = start(dir.path(), |c| c.public_port = Some(443)).await?;
+    let admin = admin(&h)?;
+    let _: Group = admin
+        .post_json("/v1/groups", &json!({ "id": "dc1" }))
+        .await?;
+    let created: App = admin
+        .post_json("/v1/apps", &app_spec("hr", "Default"))
+        .await?;
+    let _: App = admin
+        .post_json("/v1/apps", &app_spec("wiki", "Default"))
+        .await?;
+    let token = create_token(
+        &admin,
+        TokenScope::Edge {
+            region: RegionId::default_region(),
+        },
+    )
+    .await?;
+    let (creds, _) = enroll(&h, &token.token).await?;
+    let edge = agent(&h, &creds)?;
+    let before: EdgeConfig = edge
+        .watch("/v1/edge/config", 0, Duration::ZERO)
+        .await?
+        .context("first snapshot")?;
+
+    // One field at a time keeps the others.
+    let app: App = admin
+        .patch_json("/v1/apps/hr", &json!({ "backend_timeout": 5 }))
+        .await?;
+    assert_eq!(app.backend_timeout, api::BackendTimeout::Seconds(5));
+    assert_eq!(app.internal_url, created.internal_url);
+    assert!(app.validate_backend_tls);
+    // Every field create takes, at once.
+    let app: App = admin
+        .patch_json(
+            "/v1/apps/hr",
+            &json!({
+                "internal_url": "HTTPS://Intra.Corp:443",
+                "external_host": "People.Apps.Localhost",
+                "connector_group": "dc1",
+                "backend_timeout": "long",
+                "validate_backend_tls": false,
+                "required_features": ["sign-in"],
+            }),
+        )
+        .await?;
+    let expected = App {
+        internal_url: "https://intra.corp/".into(),
+        external_host: "people.apps.localhost".into(),
+        external_url: "https://people.apps.localhost/".into(),
+        connector_group: GroupId::new("dc1")?,
+        backend_timeout: api::BackendTimeout::Long,
+        validate_backend_tls: false,
+        required_features: vec!["sign-in".into()],
+        ..created.clone()
+    };
+    assert_eq!(app, expected, "created_at and id are kept");
+    assert_eq!(admin.get_json::<App>("/v1/apps/hr").await?, expected);
+    let cleared: App = admin
+        .patch_json("/v1/apps/hr", &json!({ "required_features": [] }))
+        .await?;
+    assert!(cleared.required_features.is_empty());
+    // Edges get the change.
+    let after: EdgeConfig = edge
+        .watch("/v1/edge/config", before.version, Duration::from_secs(50))
+        .await?
+        .context("an update is a change")?;
+    let hr = after
+        .apps
+        .iter()
+        .find(|a| a.id.as_str() == "hr")
+        .context("hr")?;
+    assert_eq!(hr.external_host, "people.apps.localhost");
+    assert_eq!(hr.connector_group.as_str(), "dc1");
+
+    // Refusals name the field and change nothing.
+    let current: App = admin.get_json("/v1/apps/hr").await?;
+    for (body, status, field, part) in [
+        (
+            json!({ "internal_url": "http://x/?q=1" }),
+            400,
+            Some("internal_url"),
+            "query",
+        ),
+        (
+            json!({ "internal_url": "gopher://x/" }),
+            400,
+            Some("internal_url"),
+            "scheme",
+        ),
+        (
+            json!({ "external_host": "hr.example.com" }),
+            400,
+            Some("external_host"),
+            "apps domain",
+        ),
+        (
+            json!({ "external_host": "wiki.apps.localhost" }),
+            409,
+            Some("external_host"),
+            "wiki",
+        ),
+        (
+            json!({ "connector_group": "nope" }),
+            404,
+            Some("connector_group"),
+            "nope",
+        ),
+        (
+            json!({ "backend_timeout": 0 }),
+            400,
+            Some("backend_timeout"),
+            "1 to 3600",
+        ),
+        (
+            json!({ "required_features": ["UPPER"] }),
+            400,
+            Some("required_features"),
+            "lower-case",
+        ),
+        (
+            json!({ "colour": "blue" }),
+            400,
+            Some("colour"),
+            "unknown field",
+        ),
+        (json!({ "id": "renamed" }), 400, Some("id"), "unknown field"),
+        (json!({}), 400, None, "changes nothing"),
+    ] {
+        assert_refused(
+            admin.patch_json::<_, App>("/v1/apps/hr", &body).await,
+            status,
+            field,
+            part,
+        );
+    }
+    assert_eq!(admin.get_json::<App>("/v1/apps/hr").await?, current);
+    assert_refused(
+        admin
+            .patch_json::<_, App>("/v1/apps/nope", &json!({ "backend_timeout": 5 }))
+            .await,
+        404,
+        None,
+        "nope",
+    );
+    stop(h, shutdown).await
+}
+
+#[tokio::test]
+async fn tokens_are_listed_without_secrets_and_revoked_unused() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (h, shutdown) = start(dir.path(), |_| {}).await?;
+    let admin = admin(&h)?;
+    let connector_scope = TokenScope::Connector {
+        group: GroupId::default_group(),
+    };
+    let used = create_token(&admin, connector_scope.clone()).await?;
+    let revoked = create_token(&admin, connector_scope.clone()).await?;
+    let edge = create_token(
+        &admin,
+        TokenScope::Edge {
+            region: RegionId::default_region(),
+        },
+    )
+    .await?;
+    enroll(&h, &used.token).await?;
+    admin.delete(&format!("/v1/tokens/{}", revoked.id)).await?;
+
+    let (status, body) = raw(&h, "GET", "/v1/tokens", "", Some(&h.admin_token())).await?;
+    assert_eq!(status, 200, "{body}");
+    for t in [&used, &revoked, &edge] {
+        let secret = t.token.parse::<JoinToken>()?.secret;
+        assert!(!body.contains(&secret), "a secret is listed: {body}");
+    }
+    let list: Vec<api::TokenInfo> = serde_json::from_str(&body)?;
+    let find = |id: &str| list.iter().find(|t| t.id == id).cloned();
+    let u = find(&used.id).context("used token listed")?;
+    assert_eq!(u.status, api::TokenStatus::Used);
+    assert!(u.used_at.is_some());
+    assert_eq!(u.scope, connector_scope);
+    assert_eq!(u.expires_at, used.expires_at);
+    let r = find(&revoked.id).context("revoked token listed")?;
+    assert_eq!(r.status, api::TokenStatus::Revoked);
+    assert!(r.revoked_at.is_some() && r.used_at.is_none());
+    let e = find(&edge.id).context("edge token listed")?;
+    assert_eq!(e.status, api::TokenStatus::Unused);
+    assert!(e.created_at <= e.expires_at);
+
+    // A revoked token enrolls nothing; used and revoked tokens cannot be
+    // revoked (again); unknown ones are not found.
+    assert_refused(enroll(&h, &revoked.token).await, 401, None, "revoked at ");
+    assert_refused(
+        admin.delete(&format!("/v1/tokens/{}", used.id)).await,
+        409,
+        None,
+        "already used",
+    );
+    assert_refused(
+        admin.delete(&format!("/v1/tokens/{}", revoked.id)).await,
+        409,
+        None,
+        "already revoked",
+    );
+    assert_refused(
+        admin.delete("/v1/tokens/0123456789abcdef").await,
+        404,
+        None,
+        "0123456789abcdef",
+    );
+    assert_refused(admin.delete("/v1/tokens/nope").await, 404, None, "16 hex");
+    let connectors: Vec<Connector> = admin.get_json("/v1/connectors").await?;
+    assert_eq!(connectors.len(), 1, "only the used token enrolled");
+    stop(h, shutdown).await
+}
+
+/// An edge report naming one connector.
+fn report(tunnel_addr: &str, connector: &ConnectorId) -> EdgeReport {
+    EdgeReport {
+        tunnel_addr: tunnel_addr.into(),
+        public_addr: "127.0.0.1:8443".into(),
+        version: "0.1.0-edge".into(),
+        tunnels: vec![TunnelReport {
+            connector_id: connector.clone(),
+            group: GroupId::default_group(),
+            agent_version: "0.1.0-conn".into(),
+            remote_addr: "192.0.2.7:50000".into(),
+            tunnels: 1,
+        }],
+    }
+}
+
+async fn enroll_edge(h: &Handle, admin: &RouterClient) -> anyhow::Result<(RouterClient, EdgeId)> {
+    let token = create_token(
+        admin,
+        TokenScope::Edge {
+            region: RegionId::default_region(),
+        },
+    )
+    .await?;
+    let (creds, answer) = enroll(h, &token.token).await?;
+    let Identity::Edge { id, .. } = answer.identity else {
+        bail!("expected an edge identity");
+    };
+    Ok((agent(h, &creds)?, id))
+}
+
+#[tokio::test]
+async fn deleting_an_edge_revokes_it_and_connectors_stop_seeing_it() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (h, shutdown) = start(dir.path(), |_| {}).await?;
+    let admin = admin(&h)?;
+    let (a, a_id) = enroll_edge(&h, &admin).await?;
+    let (b, b_id) = enroll_edge(&h, &admin).await?;
+    let token = create_token(
+        &admin,
+        TokenScope::Connector {
+            group: GroupId::default_group(),
+        },
+    )
+    .await?;
+    let (creds, answer) = enroll(&h, &token.token).await?;
+    let Identity::Connector { id: conn_id, .. } = answer.identity else {
+        bail!("expected a connector identity");
+    };
+    let conn = agent(&h, &creds)?;
+    a.post_empty("/v1/edge/report", &report("127.0.0.1:4001", &conn_id))
+        .await?;
+    b.post_empty("/v1/edge/report", &report("127.0.0.1:4002", &conn_id))
+        .await?;
+    let cc: ConnectorConfig = conn
+        .watch("/v1/connector/config", 0, Duration::ZERO)
+        .await?
+        .context("first snapshot")?;
+    let mut ids: Vec<_> = cc.edges.iter().map(|e| e.id.clone()).collect();
+    ids.sort();
+    let mut both = vec![a_id.clone(), b_id.clone()];
+    both.sort();
+    assert_eq!(ids, both);
+    let listed: Vec<Connector> = admin.get_json("/v1/connectors").await?;
+    assert_eq!(listed[0].edges, both);
+
+    admin.delete(&format!("/v1/edges/{a_id}")).await?;
+
+    // Connectors see it gone at their next watch.
+    let cc2: ConnectorConfig = conn
+        .watch("/v1/connector/config", cc.version, Duration::from_secs(50))
+        .await?
+        .context("the deletion is a change")?;
+    assert_eq!(
+        cc2.edges.iter().map(|e| e.id.clone()).collect::<Vec<_>>(),
+        vec![b_id.clone()]
+    );
+    // The router refuses its certificate everywhere.
+    let r = a
+        .post_json::<_, CertResponse>(
+            "/v1/renew",
+            &CsrRequest {
+                csr_pem: pki::csr_pem(&pki::generate_key()?)?,
+            },
+        )
+        .await;
+    assert!(matches!(&r, Err(e) if e.is_revoked()), "{r:?}");
+    let r = a
+        .watch::<EdgeConfig>("/v1/edge/config", 0, Duration::ZERO)
+        .await;
+    assert!(matches!(&r, Err(e) if e.is_revoked()), "{r:?}");
+    let r = a
+        .post_empty("/v1/edge/report", &report("127.0.0.1:4001", &conn_id))
+        .await;
+    assert!(matches!(&r, Err(e) if e.is_revoked()), "{r:?}");
+    let r = a
+        .post_json::<_, CertResponse>(
+            "/v1/edge/public-cert",
+            &CsrRequest {
+                csr_pem: pki::csr_pem(&pki::generate_key()?)?,
+            },
+        )
+        .await;
+    assert!(matches!(&r, Err(e) if e.is_revoked()), "{r:?}");
+    // Listings forget it: the edge list, and the connector's edges.
+    let edges: Vec<Edge> = admin.get_json("/v1/edges").await?;
+    assert_eq!(
+        edges.iter().map(|e| e.id.clone()).collect::<Vec<_>>(),
+        vec![b_id.clone()]
+    );
+    let listed: Vec<Connector> = admin.get_json("/v1/connectors").await?;
+    assert_eq!(listed[0].edges, vec![b_id]);
+    assert_refused(
+        admin.delete(&format!("/v1/edges/{a_id}")).await,
+        404,
+        None,
+        a_id.as_str(),
+    );
+    assert_refused(admin.delete("/v1/edges/..").await, 404, None, "");
     stop(h, shutdown).await
 }

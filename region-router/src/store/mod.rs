@@ -49,6 +49,8 @@ pub struct TokenRecord {
     pub created_at: u64,
     pub expires_at: u64,
     pub used_at: Option<u64>,
+    /// When an admin revoked it; a revoked token enrolls nothing.
+    pub revoked_at: Option<u64>,
 }
 
 impl std::fmt::Debug for TokenRecord {
@@ -60,6 +62,7 @@ impl std::fmt::Debug for TokenRecord {
             .field("created_at", &self.created_at)
             .field("expires_at", &self.expires_at)
             .field("used_at", &self.used_at)
+            .field("revoked_at", &self.revoked_at)
             .finish()
     }
 }
@@ -147,13 +150,22 @@ pub trait Store: Send + Sync + 'static {
     fn create_app(&self, app: &AppRecord) -> Result<u64, StoreError>;
     fn get_app(&self, id: &AppId) -> Result<Option<AppRecord>, StoreError>;
     fn list_apps(&self) -> Result<Vec<AppRecord>, StoreError>;
+    /// Replaces the app with `app.id` (its `created_at` is kept): `NotFound`
+    /// if there is none, and the same checks as `create_app` for its group
+    /// and host.
+    fn update_app(&self, app: &AppRecord) -> Result<u64, StoreError>;
     fn delete_app(&self, id: &AppId) -> Result<u64, StoreError>;
 
     fn create_token(&self, token: &TokenRecord) -> Result<(), StoreError>;
     fn get_token(&self, id: &str) -> Result<Option<TokenRecord>, StoreError>;
+    /// Every token, newest first.
+    fn list_tokens(&self) -> Result<Vec<TokenRecord>, StoreError>;
+    /// Marks an unused token revoked: `NotFound`, `TokenUsed` or
+    /// `TokenRevoked` otherwise. Enrollment then refuses it.
+    fn revoke_token(&self, id: &str, now: u64) -> Result<(), StoreError>;
 
-    /// Marks the token used (`TokenUsed` if it already was) and creates the
-    /// connector, atomically. The connector's group must exist.
+    /// Marks the token used (`TokenUsed` if it already was, `TokenRevoked`
+    /// if it was revoked) and creates the connector, atomically. The connector's group must exist.
     fn enroll_connector(
         &self,
         token_id: &str,
@@ -176,6 +188,9 @@ pub trait Store: Send + Sync + 'static {
     fn get_edge(&self, id: &EdgeId) -> Result<Option<EdgeRecord>, StoreError>;
     fn list_edges(&self) -> Result<Vec<EdgeRecord>, StoreError>;
     fn set_edge_cert(&self, id: &EdgeId, cert: &CertInfo) -> Result<(), StoreError>;
+    /// Marks an edge deleted (its certificate revoked). `NotFound` if
+    /// unknown or already deleted.
+    fn delete_edge(&self, id: &EdgeId, now: u64) -> Result<u64, StoreError>;
     /// Records an edge's report. Returns the new config version when its
     /// tunnel or public address changed, `NotFound` for an unknown edge.
     fn edge_seen(&self, seen: &EdgeSeen) -> Result<Option<u64>, StoreError>;

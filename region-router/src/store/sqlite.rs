@@ -15,7 +15,7 @@ use super::{
 };
 use crate::error::StoreError;
 
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 
 const SCHEMA_V1: &str = "
 CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -78,6 +78,11 @@ const SCHEMA_V2: &str = "
 ALTER TABLE apps ADD COLUMN required_features TEXT NOT NULL DEFAULT '[]';
 ";
 
+/// Version 3: join tokens can be revoked.
+const SCHEMA_V3: &str = "
+ALTER TABLE tokens ADD COLUMN revoked_at INTEGER;
+";
+
 /// The SQLite store: one connection behind a mutex.
 pub struct SqliteStore {
     path: PathBuf,
@@ -93,6 +98,9 @@ impl std::fmt::Debug for SqliteStore {
 }
 
 impl SqliteStore {
+    /// The schema version this build writes (`PRAGMA user_version`).
+    pub const SCHEMA_VERSION: i64 = SCHEMA_VERSION;
+
     /// Opens (creating if needed) the database file and migrates its schema.
     pub fn open(path: impl AsRef<Path>) -> Result<SqliteStore, StoreError> {
         let path = path.as_ref().to_path_buf();
@@ -159,7 +167,7 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     }
     // Each step runs in its own transaction, so a database is always at
     // one whole schema version.
-    for (version, sql) in [(1, SCHEMA_V1), (2, SCHEMA_V2)] {
+    for (version, sql) in [(1, SCHEMA_V1), (2, SCHEMA_V2), (3, SCHEMA_V3)] {
         if found < version {
             let tx = conn.transaction()?;
             tx.execute_batch(sql)?;
@@ -248,7 +256,9 @@ fn to_app(row: AppRow) -> Result<AppRecord, StoreError> {
 
 const APP_COLS: &str = "id, external_host, internal_url, connector_group, backend_timeout, validate_backend_tls, created_at, required_features";
 
-type TokenRow = (String, String, String, u64, u64, Option<u64>);
+type TokenRow = (String, String, String, u64, u64, Option<u64>, Option<u64>);
+
+const TOKEN_COLS: &str = "id, secret_sha256, scope, created_at, expires_at, used_at, revoked_at";
 
 fn row_token(r: &Row<'_>) -> rusqlite::Result<TokenRow> {
     Ok((
@@ -258,11 +268,12 @@ fn row_token(r: &Row<'_>) -> rusqlite::Result<TokenRow> {
         r.get(3)?,
         r.get(4)?,
         r.get(5)?,
+        r.get(6)?,
     ))
 }
 
 fn to_token(row: TokenRow) -> Result<TokenRecord, StoreError> {
-    let (id, secret_sha256, scope, created_at, expires_at, used_at) = row;
+    let (id, secret_sha256, scope, created_at, expires_at, used_at, revoked_at) = row;
     Ok(TokenRecord {
         id,
         secret_sha256,
@@ -270,6 +281,7 @@ fn to_token(row: TokenRow) -> Result<TokenRecord, StoreError> {
         created_at,
         expires_at,
         used_at,
+        revoked_at,
     })
 }
 
@@ -397,23 +409,32 @@ fn to_edge(row: EdgeRow) -> Result<EdgeRecord, StoreError> {
     })
 }
 
-fn use_token(tx: &Transaction<'_>, token_id: &str, now: u64) -> Result<(), StoreError> {
-    let exists: Option<Option<u64>> = tx
+/// Why an existing token cannot be used or revoked, if it cannot.
+fn token_spent(tx: &Transaction<'_>, token_id: &str) -> Result<(), StoreError> {
+    let found: Option<(Option<u64>, Option<u64>)> = tx
         .query_row(
-            "SELECT used_at FROM tokens WHERE id = ?1",
+            "SELECT used_at, revoked_at FROM tokens WHERE id = ?1",
             [token_id],
-            |r| r.get(0),
+            |r| Ok((r.get(0)?, r.get(1)?)),
         )
         .optional()?;
-    match exists {
+    match found {
         None => Err(StoreError::NotFound {
             kind: "join token",
             id: token_id.to_owned(),
         }),
-        Some(Some(_)) => Err(StoreError::TokenUsed),
-        Some(None) => {
+        Some((Some(_), _)) => Err(StoreError::TokenUsed),
+        Some((None, Some(_))) => Err(StoreError::TokenRevoked),
+        Some((None, None)) => Ok(()),
+    }
+}
+
+fn use_token(tx: &Transaction<'_>, token_id: &str, now: u64) -> Result<(), StoreError> {
+    match token_spent(tx, token_id) {
+        Err(e) => Err(e),
+        Ok(()) => {
             let n = tx.execute(
-                "UPDATE tokens SET used_at = ?1 WHERE id = ?2 AND used_at IS NULL",
+                "UPDATE tokens SET used_at = ?1 WHERE id = ?2 AND used_at IS NULL AND revoked_at IS NULL",
                 params![now, token_id],
             )?;
             if n == 1 {
@@ -423,6 +444,71 @@ fn use_token(tx: &Transaction<'_>, token_id: &str, now: u64) -> Result<(), Store
             }
         }
     }
+}
+
+/// Marks a live connector or edge row deleted (the row stays, so that its
+/// certificate keeps being refused) and bumps the version.
+fn tombstone(
+    tx: &Transaction<'_>,
+    table: &'static str,
+    kind: &'static str,
+    id: &str,
+    now: u64,
+) -> Result<u64, StoreError> {
+    let n = tx.execute(
+        &format!("UPDATE {table} SET deleted_at = ?1 WHERE id = ?2 AND deleted_at IS NULL"),
+        params![now, id],
+    )?;
+    if n == 0 {
+        return Err(StoreError::NotFound {
+            kind,
+            id: id.to_owned(),
+        });
+    }
+    bump(tx)
+}
+
+fn app_exists(tx: &Transaction<'_>, id: &AppId) -> Result<bool, StoreError> {
+    Ok(tx
+        .query_row(
+            "SELECT 1 FROM apps WHERE id = ?1",
+            [id.as_str()],
+            |_| Ok(()),
+        )
+        .optional()?
+        .is_some())
+}
+
+/// What an app's row must satisfy besides its id: its group exists and no
+/// other app has its external host.
+fn check_app_refs(tx: &Transaction<'_>, app: &AppRecord) -> Result<(), StoreError> {
+    let group: Option<String> = tx
+        .query_row(
+            "SELECT id FROM groups WHERE id = ?1",
+            [app.connector_group.as_str()],
+            |r| r.get(0),
+        )
+        .optional()?;
+    if group.is_none() {
+        return Err(StoreError::NotFound {
+            kind: "group",
+            id: app.connector_group.to_string(),
+        });
+    }
+    let same_host: Option<String> = tx
+        .query_row(
+            "SELECT id FROM apps WHERE external_host = ?1 AND id != ?2",
+            [app.external_host.as_str(), app.id.as_str()],
+            |r| r.get(0),
+        )
+        .optional()?;
+    if let Some(other) = same_host {
+        return Err(StoreError::HostTaken {
+            host: app.external_host.clone(),
+            app: other,
+        });
+    }
+    Ok(())
 }
 
 fn is_unique_violation(e: &rusqlite::Error) -> bool {
@@ -545,45 +631,13 @@ impl Store for SqliteStore {
         let features = serde_json::to_string(&app.required_features)
             .map_err(|e| corrupt("required features", e))?;
         self.tx(|tx| {
-            let group: Option<String> = tx
-                .query_row(
-                    "SELECT id FROM groups WHERE id = ?1",
-                    [app.connector_group.as_str()],
-                    |r| r.get(0),
-                )
-                .optional()?;
-            if group.is_none() {
-                return Err(StoreError::NotFound {
-                    kind: "group",
-                    id: app.connector_group.to_string(),
-                });
-            }
-            let same_id: Option<String> = tx
-                .query_row(
-                    "SELECT id FROM apps WHERE id = ?1",
-                    [app.id.as_str()],
-                    |r| r.get(0),
-                )
-                .optional()?;
-            if same_id.is_some() {
+            if app_exists(tx, &app.id)? {
                 return Err(StoreError::AlreadyExists {
                     kind: "app",
                     id: app.id.to_string(),
                 });
             }
-            let same_host: Option<String> = tx
-                .query_row(
-                    "SELECT id FROM apps WHERE external_host = ?1",
-                    [app.external_host.as_str()],
-                    |r| r.get(0),
-                )
-                .optional()?;
-            if let Some(other) = same_host {
-                return Err(StoreError::HostTaken {
-                    host: app.external_host.clone(),
-                    app: other,
-                });
-            }
+            check_app_refs(tx, app)?;
             tx.execute(
                 &format!("INSERT INTO apps ({APP_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"),
                 params![
@@ -594,6 +648,35 @@ impl Store for SqliteStore {
                     app.backend_timeout.to_string(),
                     app.validate_backend_tls,
                     app.created_at,
+                    features
+                ],
+            )?;
+            bump(tx)
+        })
+    }
+
+    fn update_app(&self, app: &AppRecord) -> Result<u64, StoreError> {
+        let features = serde_json::to_string(&app.required_features)
+            .map_err(|e| corrupt("required features", e))?;
+        self.tx(|tx| {
+            if !app_exists(tx, &app.id)? {
+                return Err(StoreError::NotFound {
+                    kind: "app",
+                    id: app.id.to_string(),
+                });
+            }
+            check_app_refs(tx, app)?;
+            tx.execute(
+                "UPDATE apps SET external_host = ?2, internal_url = ?3, connector_group = ?4,
+                    backend_timeout = ?5, validate_backend_tls = ?6, required_features = ?7
+                 WHERE id = ?1",
+                params![
+                    app.id.as_str(),
+                    app.external_host,
+                    app.internal_url,
+                    app.connector_group.as_str(),
+                    app.backend_timeout.to_string(),
+                    app.validate_backend_tls,
                     features
                 ],
             )?;
@@ -639,15 +722,15 @@ impl Store for SqliteStore {
         let scope = serde_json::to_string(&token.scope).map_err(|e| corrupt("token scope", e))?;
         self.tx(|tx| {
             tx.execute(
-                "INSERT INTO tokens (id, secret_sha256, scope, created_at, expires_at, used_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                &format!("INSERT INTO tokens ({TOKEN_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"),
                 params![
                     token.id,
                     token.secret_sha256,
                     scope,
                     token.created_at,
                     token.expires_at,
-                    token.used_at
+                    token.used_at,
+                    token.revoked_at
                 ],
             )
             .map_err(|e| {
@@ -667,13 +750,34 @@ impl Store for SqliteStore {
     fn get_token(&self, id: &str) -> Result<Option<TokenRecord>, StoreError> {
         self.with(|c| {
             c.query_row(
-                "SELECT id, secret_sha256, scope, created_at, expires_at, used_at FROM tokens WHERE id = ?1",
+                &format!("SELECT {TOKEN_COLS} FROM tokens WHERE id = ?1"),
                 [id],
                 row_token,
             )
             .optional()?
             .map(to_token)
             .transpose()
+        })
+    }
+
+    fn list_tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
+        self.with(|c| {
+            let mut stmt = c.prepare(&format!(
+                "SELECT {TOKEN_COLS} FROM tokens ORDER BY created_at DESC, id"
+            ))?;
+            let rows = stmt.query_map([], row_token)?;
+            rows.map(|r| to_token(r?)).collect()
+        })
+    }
+
+    fn revoke_token(&self, id: &str, now: u64) -> Result<(), StoreError> {
+        self.tx(|tx| {
+            token_spent(tx, id)?;
+            tx.execute(
+                "UPDATE tokens SET revoked_at = ?1 WHERE id = ?2",
+                params![now, id],
+            )?;
+            Ok(())
         })
     }
 
@@ -809,19 +913,7 @@ impl Store for SqliteStore {
     }
 
     fn delete_connector(&self, id: &ConnectorId, now: u64) -> Result<u64, StoreError> {
-        self.tx(|tx| {
-            let n = tx.execute(
-                "UPDATE connectors SET deleted_at = ?1 WHERE id = ?2 AND deleted_at IS NULL",
-                params![now, id.as_str()],
-            )?;
-            if n == 0 {
-                return Err(StoreError::NotFound {
-                    kind: "connector",
-                    id: id.to_string(),
-                });
-            }
-            bump(tx)
-        })
+        self.tx(|tx| tombstone(tx, "connectors", "connector", id.as_str(), now))
     }
 
     fn connector_seen(&self, seen: &ConnectorSeen) -> Result<(), StoreError> {
@@ -880,6 +972,10 @@ impl Store for SqliteStore {
         })
     }
 
+    fn delete_edge(&self, id: &EdgeId, now: u64) -> Result<u64, StoreError> {
+        self.tx(|tx| tombstone(tx, "edges", "edge", id.as_str(), now))
+    }
+
     fn edge_seen(&self, seen: &EdgeSeen) -> Result<Option<u64>, StoreError> {
         self.tx(|tx| {
             let before: Option<(Option<String>, Option<String>)> = tx
@@ -932,7 +1028,8 @@ mod tests {
     use super::*;
 
     /// A database written by a router of schema version 1 opens, keeps its
-    /// apps (which require no features) and moves to the current version.
+    /// apps (which require no features) and tokens (not revoked), and moves
+    /// to the current version.
     #[test]
     fn a_version_1_database_migrates_and_keeps_its_apps() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -952,6 +1049,12 @@ mod tests {
                 [],
             )
             .expect("v1 app");
+            conn.execute(
+                "INSERT INTO tokens (id, secret_sha256, scope, created_at, expires_at, used_at)
+                 VALUES ('00000000000000aa', 'x', '{\"kind\":\"edge\",\"region\":\"default\"}', 1, 2, NULL)",
+                [],
+            )
+            .expect("v1 token");
         }
         let store = SqliteStore::open(&path).expect("open migrates");
         let app = store
@@ -961,6 +1064,11 @@ mod tests {
         assert_eq!(app.internal_url, "http://10.0.0.1/");
         assert_eq!(app.backend_timeout, BackendTimeout::Long);
         assert!(app.required_features.is_empty());
+        let token = store
+            .get_token("00000000000000aa")
+            .expect("get")
+            .expect("the token survives");
+        assert_eq!((token.used_at, token.revoked_at), (None, None));
         store
             .create_app(&AppRecord {
                 id: AppId::new("new").expect("id"),

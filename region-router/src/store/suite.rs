@@ -43,6 +43,7 @@ fn token(id: &str, scope: TokenScope) -> TokenRecord {
         created_at: 300,
         expires_at: 4000,
         used_at: None,
+        revoked_at: None,
     }
 }
 
@@ -165,6 +166,53 @@ fn populate(s: &dyn Store) {
         s.delete_app(&AppId::new("tmp").expect("id")),
         Err(StoreError::NotFound { kind: "app", .. })
     ));
+    // Updating an app: every field but the id and creation time.
+    s.create_app(&app("upd", "upd.apps.test", "Default"))
+        .expect("create upd");
+    let before = s.config_version().expect("version");
+    let changed = AppRecord {
+        external_host: "upd2.apps.test".into(),
+        internal_url: "https://10.0.0.9/x/".into(),
+        connector_group: GroupId::new("empty").expect("id"),
+        backend_timeout: BackendTimeout::Long,
+        validate_backend_tls: true,
+        required_features: vec![],
+        ..app("upd", "upd.apps.test", "Default")
+    };
+    let v = s.update_app(&changed).expect("update");
+    assert!(v > before, "an update bumps the version");
+    assert_eq!(
+        s.get_app(&AppId::new("upd").expect("id")).expect("get"),
+        Some(changed.clone())
+    );
+    // Its own host is not "taken"; another app's is.
+    s.update_app(&changed).expect("same host again");
+    assert!(matches!(
+        s.update_app(&AppRecord {
+            external_host: "hr.apps.test".into(),
+            ..changed.clone()
+        }),
+        Err(StoreError::HostTaken { ref app, .. }) if app == "hr"
+    ));
+    assert!(matches!(
+        s.update_app(&AppRecord {
+            connector_group: GroupId::new("nope").expect("id"),
+            ..changed.clone()
+        }),
+        Err(StoreError::NotFound { kind: "group", .. })
+    ));
+    assert!(matches!(
+        s.update_app(&app("absent", "absent.apps.test", "Default")),
+        Err(StoreError::NotFound { kind: "app", .. })
+    ));
+    assert_eq!(
+        s.get_app(&AppId::new("upd").expect("id")).expect("get"),
+        Some(changed),
+        "refused updates change nothing"
+    );
+    s.delete_app(&AppId::new("upd").expect("id"))
+        .expect("delete upd");
+
     match s.delete_group(&GroupId::new("dc1").expect("id")) {
         Err(StoreError::GroupNotEmpty {
             apps: 1,
@@ -235,6 +283,63 @@ fn populate(s: &dyn Store) {
     );
     s.enroll_edge("00000000000000e1", 360, &edge("e-1"))
         .expect("enroll e-1");
+
+    // Revoking tokens: only unused ones; a revoked one enrolls nothing.
+    s.create_token(&token(
+        "00000000000000c3",
+        TokenScope::Connector {
+            group: GroupId::new("dc1").expect("id"),
+        },
+    ))
+    .expect("token 3");
+    s.revoke_token("00000000000000c3", 355).expect("revoke");
+    assert!(matches!(
+        s.revoke_token("00000000000000c3", 356),
+        Err(StoreError::TokenRevoked)
+    ));
+    assert!(matches!(
+        s.revoke_token("00000000000000c1", 356),
+        Err(StoreError::TokenUsed)
+    ));
+    assert!(matches!(
+        s.revoke_token("00000000000000ff", 356),
+        Err(StoreError::NotFound {
+            kind: "join token",
+            ..
+        })
+    ));
+    assert!(matches!(
+        s.enroll_connector("00000000000000c3", 357, &connector("c-3", "dc1")),
+        Err(StoreError::TokenRevoked)
+    ));
+    assert!(s
+        .get_connector(&ConnectorId::new("c-3").expect("id"))
+        .expect("get")
+        .is_none());
+
+    // A deleted edge stays as a tombstone.
+    s.create_token(&token(
+        "00000000000000e2",
+        TokenScope::Edge {
+            region: RegionId::default_region(),
+        },
+    ))
+    .expect("edge token 2");
+    s.enroll_edge("00000000000000e2", 361, &edge("e-2"))
+        .expect("enroll e-2");
+    let before = s.config_version().expect("version");
+    let v = s
+        .delete_edge(&EdgeId::new("e-2").expect("id"), 362)
+        .expect("delete e-2");
+    assert!(v > before, "deleting an edge bumps the version");
+    assert!(matches!(
+        s.delete_edge(&EdgeId::new("e-2").expect("id"), 363),
+        Err(StoreError::NotFound { kind: "edge", .. })
+    ));
+    assert!(matches!(
+        s.delete_edge(&EdgeId::new("e-404").expect("id"), 363),
+        Err(StoreError::NotFound { kind: "edge", .. })
+    ));
 
     // connectors
     let c1 = ConnectorId::new("c-1").expect("id");
@@ -356,6 +461,24 @@ fn check_populated(s: &dyn Store) {
         }
     );
     assert_eq!(s.get_token("0000000000000000").expect("get"), None);
+    let tokens = s.list_tokens().expect("tokens");
+    let mut ids: Vec<&str> = tokens.iter().map(|t| t.id.as_str()).collect();
+    ids.sort_unstable();
+    assert_eq!(
+        ids,
+        [
+            "00000000000000c1",
+            "00000000000000c2",
+            "00000000000000c3",
+            "00000000000000e1",
+            "00000000000000e2"
+        ]
+    );
+    let c3 = tokens
+        .iter()
+        .find(|t| t.id == "00000000000000c3")
+        .expect("c3");
+    assert_eq!((c3.used_at, c3.revoked_at), (None, Some(355)));
 
     let connectors = s.list_connectors().expect("connectors");
     assert_eq!(connectors.len(), 2);
@@ -377,8 +500,11 @@ fn check_populated(s: &dyn Store) {
     assert_eq!(c2.deleted_at, Some(800));
 
     let edges = s.list_edges().expect("edges");
-    assert_eq!(edges.len(), 1);
-    let e = &edges[0];
+    assert_eq!(edges.len(), 2, "the deleted edge is kept as a tombstone");
+    let gone = edges.iter().find(|e| e.id.as_str() == "e-2").expect("e-2");
+    assert_eq!(gone.deleted_at, Some(362));
+    let e = edges.iter().find(|e| e.id.as_str() == "e-1").expect("e-1");
+    assert_eq!(e.deleted_at, None);
     assert_eq!(e.tunnel_addr.as_deref(), Some("127.0.0.1:4433"));
     assert_eq!(e.public_addr.as_deref(), Some("127.0.0.1:8443"));
     assert_eq!(e.last_seen, Some(900));
