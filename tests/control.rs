@@ -19,6 +19,7 @@ fn opts(s: &Stack, token: Option<String>) -> EnrollOptions {
         token,
         host: "test-host".into(),
         version: "test".into(),
+        kind: portico_proto::api::EnrollKind::Connector,
     }
 }
 
@@ -57,6 +58,10 @@ async fn a_join_token_works_once() {
         }
         other => panic!("a reused token must be refused, got {other:?}"),
     }
+    assert!(
+        !dir.path().join("b").exists(),
+        "a refused enrollment leaves no state directory"
+    );
     // No token and no state: a clear error that says what to do.
     let third = StateDir::open(dir.path().join("c")).unwrap();
     let err = obtain(&third, &opts(&s, None)).await.unwrap_err();

@@ -252,13 +252,8 @@ async fn the_cli_publishes_an_app_that_requires_features() {
     )
     .await;
     assert!(ok, "{err}");
-    let line = |out: &str, key: &str| {
-        out.lines()
-            .find_map(|l| l.strip_prefix(key))
-            .map(|v| v.trim().to_owned())
-    };
     assert_eq!(
-        line(&out, "required features").as_deref(),
+        shown(&out, "required features").as_deref(),
         Some("sign-in,mesh"),
         "{out}"
     );
@@ -444,7 +439,7 @@ async fn the_cli_lists_and_revokes_tokens_and_deletes_an_edge() {
     )
     .await;
     assert!(!ok, "{err}");
-    assert!(err.contains("join token revoked at "), "{err}");
+    assert_eq!(err.matches("join token revoked at ").count(), 1, "{err}");
 
     // A second edge, a real process, deleted through the CLI.
     let edge_state = s.dir.path().join("edge2");
@@ -461,17 +456,7 @@ async fn the_cli_lists_and_revokes_tokens_and_deletes_an_edge() {
         "--tunnel-listen",
         "127.0.0.1:0",
     ]);
-    let edge_id = eventually(
-        "the second edge listens",
-        Duration::from_secs(30),
-        || async {
-            child.output().lines().find_map(|l| {
-                let rest = l.strip_prefix("listening edge=")?;
-                Some(rest.split_whitespace().next()?.to_owned())
-            })
-        },
-    )
-    .await;
+    let edge_id = listening(&child, "edge").await;
     let (ok, out, _) = cli(&s, &["edge", "list"]).await;
     assert!(ok && out.contains(&edge_id), "{out}");
     let (ok, out, err) = cli(&s, &["edge", "delete", &edge_id]).await;
@@ -509,5 +494,150 @@ async fn the_cli_lists_and_revokes_tokens_and_deletes_an_edge() {
         assert!(ok && out.contains("Usage"), "{cmd:?}: {out}");
     }
     drop(child);
+    s.stop().await;
+}
+
+/// The first `listening KEY=VALUE` value a child printed.
+async fn listening(child: &Child, key: &str) -> String {
+    let prefix = format!("listening {key}=");
+    eventually(&prefix, Duration::from_secs(30), || async {
+        child.output().lines().find_map(|l| {
+            let rest = l.strip_prefix(&prefix)?;
+            Some(rest.split_whitespace().next()?.to_owned())
+        })
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_of_the_wrong_kind_is_refused_by_the_cli_and_stays_usable() {
+    let s = Stack::start().await;
+    let router = s.d.router.url();
+    let (ok, edge_token, err) = cli(&s, &["token", "create", "--edge"]).await;
+    assert!(ok, "{err}");
+    let edge_token = edge_token.trim().to_owned();
+    let (ok, connector_token, err) = cli(&s, &["token", "create", "--group", "Default"]).await;
+    assert!(ok, "{err}");
+    let connector_token = connector_token.trim().to_owned();
+    let (_, out, _) = cli(&s, &["connector", "list", "--json"]).await;
+    let connectors_before: Vec<portico_proto::api::Connector> = serde_json::from_str(&out).unwrap();
+
+    // An edge token given to `portico connector`: a new state directory
+    // is not left behind...
+    let fresh = s.dir.path().join("new").join("connector-state");
+    let (ok, _, err) = cli(
+        &s,
+        &[
+            "connector",
+            "--router",
+            &router,
+            "--state",
+            fresh.to_str().unwrap(),
+            "--token",
+            &edge_token,
+        ],
+    )
+    .await;
+    assert!(!ok, "{err}");
+    assert!(
+        err.contains("this join token enrolls an edge (region default), not a connector")
+            && err.contains("portico edge --token"),
+        "the error says what the token is and which command takes it: {err}"
+    );
+    assert_eq!(
+        err.matches("this join token").count(),
+        1,
+        "printed once: {err}"
+    );
+    assert!(
+        !s.dir.path().join("new").exists(),
+        "no state directory is left"
+    );
+    // ...and one the user made is kept, empty.
+    let given = s.dir.path().join("given");
+    std::fs::create_dir(&given).unwrap();
+    let (ok, _, _) = cli(
+        &s,
+        &[
+            "connector",
+            "--router",
+            &router,
+            "--state",
+            given.to_str().unwrap(),
+            "--token",
+            &edge_token,
+        ],
+    )
+    .await;
+    assert!(!ok);
+    assert!(given.is_dir(), "a directory the user gave is never removed");
+    assert_eq!(std::fs::read_dir(&given).unwrap().count(), 0);
+
+    // A connector token given to `portico edge`.
+    let edge_state = s.dir.path().join("edge-state");
+    let edge_args = |token: &str| {
+        [
+            "edge",
+            "--router",
+            &router,
+            "--state",
+            edge_state.to_str().unwrap(),
+            "--token",
+            token,
+            "--public-listen",
+            "127.0.0.1:0",
+            "--tunnel-listen",
+            "127.0.0.1:0",
+        ]
+        .map(str::to_owned)
+    };
+    let args = edge_args(&connector_token);
+    let (ok, _, err) = cli(&s, &args.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    assert!(!ok, "{err}");
+    assert!(
+        err.contains("this join token enrolls a connector (group Default), not an edge")
+            && err.contains("portico connector --token"),
+        "{err}"
+    );
+    assert!(!edge_state.exists());
+
+    // The router kept no record, and both tokens are unused.
+    let (_, out, _) = cli(&s, &["connector", "list", "--json"]).await;
+    let connectors: Vec<portico_proto::api::Connector> = serde_json::from_str(&out).unwrap();
+    let ids = |list: &[portico_proto::api::Connector]| {
+        list.iter().map(|c| c.id.clone()).collect::<Vec<_>>()
+    };
+    assert_eq!(ids(&connectors), ids(&connectors_before));
+    let (_, out, _) = cli(&s, &["edge", "list", "--json"]).await;
+    let edges: Vec<portico_proto::api::Edge> = serde_json::from_str(&out).unwrap();
+    assert_eq!(edges.len(), 1, "only the stack's own edge: {out}");
+    let (_, out, _) = cli(&s, &["token", "list", "--json"]).await;
+    let tokens: Vec<portico_proto::api::TokenInfo> = serde_json::from_str(&out).unwrap();
+    for t in [&edge_token, &connector_token] {
+        let id = t.parse::<portico_proto::api::JoinToken>().unwrap().id;
+        let listed = tokens.iter().find(|i| i.id == id).unwrap();
+        assert_eq!(listed.status, portico_proto::api::TokenStatus::Unused);
+    }
+
+    // Each token still enrolls what it was made for, through the real CLI.
+    let args = edge_args(&edge_token);
+    let edge = Child::spawn(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let edge_id = listening(&edge, "edge").await;
+    assert!(edge_id.starts_with("e-"), "{}", edge.output());
+    let connector = Child::spawn(&[
+        "connector",
+        "--router",
+        &router,
+        "--state",
+        fresh.to_str().unwrap(),
+        "--token",
+        &connector_token,
+        "--tunnels",
+        "1",
+    ]);
+    let connector_id = listening(&connector, "connector").await;
+    assert!(connector_id.starts_with("c-"), "{}", connector.output());
+    assert!(fresh.join("credentials.json").is_file());
+    drop((edge, connector));
     s.stop().await;
 }

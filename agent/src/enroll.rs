@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use portico_proto::api::{
-    CertResponse, CsrRequest, EnrollRequest, EnrollResponse, Identity, JoinToken,
+    CertResponse, CsrRequest, EnrollKind, EnrollRequest, EnrollResponse, Identity, JoinToken,
 };
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -29,6 +29,9 @@ pub struct EnrollOptions {
     pub host: String,
     /// This software's version, shown in listings.
     pub version: String,
+    /// What this process enrolls as: a token of the other kind is refused
+    /// by the router before it is used.
+    pub kind: EnrollKind,
 }
 
 /// Returns the credentials saved in `state`, or enrolls with the join token
@@ -37,6 +40,10 @@ pub struct EnrollOptions {
 /// Saved credentials win over a token, so restarting with the same command
 /// line does not burn a second token. Expired credentials are replaced by a
 /// new enrollment when a token is given.
+///
+/// The state directory is created (and checked writable) just before the
+/// token is sent, and removed again if enrollment fails, so a refused token
+/// leaves nothing behind; a directory that existed before is never removed.
 pub async fn obtain(state: &StateDir, opts: &EnrollOptions) -> Result<Credentials, EnrollError> {
     if let Some(creds) = state.load_credentials()? {
         if !creds.is_expired(SystemTime::now()) {
@@ -57,6 +64,7 @@ pub async fn obtain(state: &StateDir, opts: &EnrollOptions) -> Result<Credential
         });
     };
     let token: JoinToken = token.parse()?;
+    let created = state.create()?;
     let client = RouterClient::new(
         &opts.router_url,
         RouterTrust::CaSha256(token.ca_sha256.clone()),
@@ -68,12 +76,17 @@ pub async fn obtain(state: &StateDir, opts: &EnrollOptions) -> Result<Credential
         csr_pem: pki::csr_pem(&key)?,
         host: opts.host.clone(),
         version: opts.version.clone(),
+        kind: Some(opts.kind),
     };
     let answer: EnrollResponse =
         client
             .post_json("/v1/enroll", &request)
             .await
             .map_err(|e| match e.api_error() {
+                Some(api) if api.error == "wrong_kind" => EnrollError::WrongTokenKind {
+                    wanted: opts.kind,
+                    message: api.message.clone(),
+                },
                 Some(api) if e.is_unauthorized() => EnrollError::TokenRefused {
                     message: api.message.clone(),
                 },
@@ -94,6 +107,7 @@ pub async fn obtain(state: &StateDir, opts: &EnrollOptions) -> Result<Credential
         answer.cert.ca_pem,
     )?;
     state.save_credentials(&creds)?;
+    created.keep();
     info!(identity = %creds.identity, not_after = %humantime_utc(creds.not_after), "enrolled");
     Ok(creds)
 }

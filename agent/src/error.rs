@@ -132,6 +132,15 @@ pub enum EnrollError {
     NoCredentials { state_dir: PathBuf },
     #[error("the router refused the join token: {message}")]
     TokenRefused { message: String },
+    /// A token for the other kind of component; the router did not use it.
+    #[error("{message}")]
+    WrongTokenKind {
+        /// What this process enrolls as.
+        wanted: portico_proto::api::EnrollKind,
+        /// The router's explanation: what the token is for and which
+        /// command takes it.
+        message: String,
+    },
     #[error("this {what} was deleted on the router (its certificate is revoked); enroll it again with a new join token")]
     Revoked { what: &'static str },
     #[error(

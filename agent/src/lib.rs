@@ -20,4 +20,4 @@ pub mod state;
 
 pub use client::{RouterClient, RouterTrust};
 pub use error::{chain as error_chain, ClientError, EnrollError, PkiError, StateError};
-pub use state::{Credentials, Secret, StateDir};
+pub use state::{CreatedDirs, Credentials, Secret, StateDir};

@@ -123,6 +123,11 @@ impl Credentials {
 }
 
 /// A directory that holds one component's state, mode 0700.
+///
+/// It is created when something is first saved in it (or by
+/// [`StateDir::create`] just before an enrollment), never merely by opening
+/// it: a start that fails, such as a refused join token, leaves no
+/// directory behind.
 #[derive(Debug, Clone)]
 pub struct StateDir {
     path: PathBuf,
@@ -130,19 +135,81 @@ pub struct StateDir {
 
 const CREDENTIALS: &str = "credentials.json";
 
+/// Directories [`StateDir::create`] made. Dropped, it removes them again
+/// (if still empty), deepest first; [`CreatedDirs::keep`] keeps them.
+#[derive(Debug)]
+#[must_use = "dropping it removes the directories it created"]
+pub struct CreatedDirs {
+    /// Outermost first.
+    dirs: Vec<PathBuf>,
+}
+
+impl CreatedDirs {
+    /// Keeps the directories: the state in them is worth keeping.
+    pub fn keep(mut self) {
+        self.dirs.clear();
+    }
+}
+
+impl Drop for CreatedDirs {
+    fn drop(&mut self) {
+        for dir in self.dirs.iter().rev() {
+            // Only empty directories go: never anything someone put there.
+            let _ = fs::remove_dir(dir);
+        }
+    }
+}
+
 impl StateDir {
-    /// Opens the directory, creating it (0700) if needed.
+    /// Names the directory. It is not created here; a path that exists
+    /// but is not a directory is refused.
     pub fn open(path: impl Into<PathBuf>) -> Result<StateDir, StateError> {
         let path = path.into();
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&path)
-            .map_err(|source| StateError::Io {
-                path: path.clone(),
-                source,
-            })?;
+        match fs::metadata(&path) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => {
+                return Err(StateError::Io {
+                    path,
+                    source: std::io::Error::from(std::io::ErrorKind::NotADirectory),
+                })
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(StateError::Io { path, source }),
+        }
         Ok(StateDir { path })
+    }
+
+    /// Creates the directory (0700) and any missing parents, and checks
+    /// that a file can be written in it: a caller about to spend a join
+    /// token learns first that it could not keep what it gets for it. The
+    /// guard removes what was created unless kept.
+    pub fn create(&self) -> Result<CreatedDirs, StateError> {
+        let io = |source| StateError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        let mut missing = Vec::new();
+        let mut at = Some(self.path.as_path());
+        while let Some(dir) = at.filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
+            missing.push(dir.to_path_buf());
+            at = dir.parent();
+        }
+        missing.reverse();
+        let mut created = CreatedDirs { dirs: Vec::new() };
+        for dir in missing {
+            fs::DirBuilder::new().mode(0o700).create(&dir).map_err(io)?;
+            created.dirs.push(dir);
+        }
+        let probe = self.path.join(".write-test");
+        fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&probe)
+            .map_err(io)?;
+        fs::remove_file(&probe).map_err(io)?;
+        Ok(created)
     }
 
     pub fn path(&self) -> &Path {
@@ -183,6 +250,7 @@ impl StateDir {
 
     /// Writes `name` as JSON, atomically (temporary file, fsync, rename),
     /// with mode 0600.
+    /// The directory is created (0700) if it does not exist yet.
     pub fn save_json<T: Serialize>(&self, name: &str, value: &T) -> Result<(), StateError> {
         let path = self.path.join(name);
         let tmp = self.path.join(format!(".{name}.tmp"));
@@ -194,19 +262,27 @@ impl StateDir {
             path: path.clone(),
             source,
         })?;
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.path)
             .map_err(io)?;
-        f.set_permissions(fs::Permissions::from_mode(0o600))
-            .map_err(io)?;
-        f.write_all(&bytes).map_err(io)?;
-        f.sync_all().map_err(io)?;
-        fs::rename(&tmp, &path).map_err(io)?;
-        Ok(())
+        let written = (|| {
+            let mut f = fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            f.set_permissions(fs::Permissions::from_mode(0o600))?;
+            f.write_all(&bytes)?;
+            f.sync_all()?;
+            fs::rename(&tmp, &path)
+        })();
+        if written.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        written.map_err(io)
     }
 }
 
@@ -255,6 +331,45 @@ mod tests {
             not_after: t0 + std::time::Duration::from_secs(30),
         };
         assert_eq!(creds.renew_at(), t0 + std::time::Duration::from_secs(20));
+    }
+
+    #[test]
+    fn opening_creates_nothing_and_create_undoes_itself_unless_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let deep = dir.path().join("a").join("b");
+        let state = StateDir::open(&deep).unwrap();
+        assert!(!dir.path().join("a").exists(), "open creates nothing");
+        assert_eq!(state.load_credentials().unwrap(), None);
+        assert!(!dir.path().join("a").exists(), "reading creates nothing");
+
+        // Dropped: both levels it made are gone again.
+        let created = state.create().unwrap();
+        assert!(deep.is_dir());
+        let mode = fs::metadata(&deep).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+        assert_eq!(fs::read_dir(&deep).unwrap().count(), 0, "the probe is gone");
+        drop(created);
+        assert!(!dir.path().join("a").exists());
+
+        // Kept: they stay.
+        state.create().unwrap().keep();
+        assert!(deep.is_dir());
+
+        // A directory that already existed is never removed, nor one that
+        // holds something.
+        let given = StateDir::open(dir.path()).unwrap();
+        drop(given.create().unwrap());
+        assert!(dir.path().is_dir());
+        let other = StateDir::open(dir.path().join("c")).unwrap();
+        let created = other.create().unwrap();
+        fs::write(dir.path().join("c").join("keep"), b"x").unwrap();
+        drop(created);
+        assert!(dir.path().join("c").join("keep").exists());
+
+        // A file in the way is refused, at open and at create.
+        fs::write(dir.path().join("file"), b"x").unwrap();
+        assert!(StateDir::open(dir.path().join("file")).is_err());
+        assert!(StateDir::open(dir.path().join("file").join("s")).is_err());
     }
 
     #[test]

@@ -42,6 +42,7 @@ pub(crate) async fn start(config: Config, shutdown: CancellationToken) -> Result
         token: config.token.clone(),
         host: host_name(),
         version: env!("CARGO_PKG_VERSION").to_owned(),
+        kind: portico_proto::api::EnrollKind::Edge,
     };
     let creds = enroll::obtain(&state, &opts).await?;
     let (edge_id, region) = edge_identity(&creds.identity)?;

@@ -26,8 +26,9 @@
 //! | DELETE | `/v1/edges/{id}` | admin token | → 204 (revokes it; connectors stop dialing it) |
 //!
 //! Every error answer is an [`ApiError`] with the HTTP status of its kind:
-//! 400 invalid input, 401 missing or wrong credentials, 403 revoked,
-//! 404 not found, 409 conflict.
+//! 400 invalid input (and `wrong_kind`: a join token given to the other kind
+//! of component), 401 missing or wrong credentials, 403 revoked, 404 not
+//! found, 409 conflict, 429 `rate_limited` (with `Retry-After`).
 
 use std::fmt;
 use std::time::Duration;
@@ -169,8 +170,9 @@ impl fmt::Debug for JoinToken {
 /// The body of every error answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ApiError {
-    /// A stable machine-readable kind: `invalid`, `unauthorized`, `revoked`,
-    /// `not_found`, `conflict`, `internal`.
+    /// A stable machine-readable kind: `invalid`, `wrong_kind`,
+    /// `unauthorized`, `revoked`, `not_found`, `conflict`, `rate_limited`,
+    /// `internal`.
     pub error: String,
     /// The request field at fault, when one is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -203,6 +205,28 @@ pub struct EnrollRequest {
     pub host: String,
     /// The enrolling software's version.
     pub version: String,
+    /// What the caller enrolls as. The router refuses a token of another
+    /// kind before using it (400 `wrong_kind`), so the token stays good for
+    /// the component it was made for. Older agents leave it out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<EnrollKind>,
+}
+
+/// What a join token enrolls, and what an agent enrolls as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EnrollKind {
+    Connector,
+    Edge,
+}
+
+impl fmt::Display for EnrollKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            EnrollKind::Connector => "connector",
+            EnrollKind::Edge => "edge",
+        })
+    }
 }
 
 /// A signed certificate and the CA that signed it.
@@ -506,6 +530,33 @@ pub enum TokenScope {
     Connector { group: GroupId },
     /// An edge in this region.
     Edge { region: RegionId },
+}
+
+impl TokenScope {
+    /// What a token of this scope enrolls.
+    pub fn kind(&self) -> EnrollKind {
+        match self {
+            TokenScope::Connector { .. } => EnrollKind::Connector,
+            TokenScope::Edge { .. } => EnrollKind::Edge,
+        }
+    }
+
+    /// How to use a token of this scope, and how to make one of the other
+    /// kind, for a person who gave it to the wrong command.
+    pub fn wrong_kind_hint(&self) -> String {
+        match self {
+            TokenScope::Connector { group } => format!(
+                "this join token enrolls a connector (group {group}), not an edge: \
+                 start `portico connector --token …` with it, or create an edge token \
+                 with `portico token create --edge`"
+            ),
+            TokenScope::Edge { region } => format!(
+                "this join token enrolls an edge (region {region}), not a connector: \
+                 start `portico edge --token …` with it, or create a connector token \
+                 with `portico token create --group <group>`"
+            ),
+        }
+    }
 }
 
 /// `POST /v1/tokens`.

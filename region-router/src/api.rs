@@ -587,6 +587,19 @@ async fn enroll_inner(state: &AppState, req: EnrollRequest) -> EnrollResult {
     if util::sha256_hex(token.secret.to_ascii_lowercase().as_bytes()) != record.secret_sha256 {
         return Err((kind, ApiFail::unauthorized("unknown join token")));
     }
+    // Before anything is used or written: the token stays good for the
+    // kind of component it was made for.
+    if req.kind.is_some_and(|k| k != record.scope.kind()) {
+        return Err((
+            kind,
+            ApiFail::new(
+                StatusCode::BAD_REQUEST,
+                "wrong_kind",
+                Some("token"),
+                record.scope.wrong_kind_hint(),
+            ),
+        ));
+    }
     if record.used_at.is_some() {
         return Err((kind, ApiFail::unauthorized("join token already used")));
     }

@@ -114,6 +114,7 @@ async fn enroll(h: &Handle, token: &str) -> Result<(Credentials, EnrollResponse)
                 csr_pem: pki::csr_pem(&key)?,
                 host: "test-host".into(),
                 version: "0.1.0-test".into(),
+                kind: None,
             },
         )
         .await?;
@@ -641,6 +642,7 @@ async fn enroll_renew_report_and_revoke() -> anyhow::Result<()> {
                         .into(),
                 host: "h".into(),
                 version: "v".into(),
+                kind: None,
             },
         )
         .await;
@@ -1448,5 +1450,90 @@ async fn deleting_an_edge_revokes_it_and_connectors_stop_seeing_it() -> anyhow::
         a_id.as_str(),
     );
     assert_refused(admin.delete("/v1/edges/..").await, 404, None, "");
+    stop(h, shutdown).await
+}
+
+/// Enrolls as `kind` with a fresh key.
+async fn enroll_as(
+    h: &Handle,
+    token: &str,
+    kind: api::EnrollKind,
+) -> Result<EnrollResponse, ClientError> {
+    let parsed: JoinToken = token.parse().expect("token parses");
+    RouterClient::new(&h.url(), RouterTrust::CaSha256(parsed.ca_sha256), None)?
+        .post_json(
+            "/v1/enroll",
+            &EnrollRequest {
+                token: token.to_owned(),
+                csr_pem: pki::csr_pem(&pki::generate_key()?)?,
+                host: "test-host".into(),
+                version: "0.1.0-test".into(),
+                kind: Some(kind),
+            },
+        )
+        .await
+}
+
+#[tokio::test]
+async fn a_token_of_the_wrong_kind_is_refused_before_it_is_used() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (h, shutdown) = start(dir.path(), |_| {}).await?;
+    let admin = admin(&h)?;
+    let edge_token = create_token(
+        &admin,
+        TokenScope::Edge {
+            region: RegionId::default_region(),
+        },
+    )
+    .await?;
+    let connector_token = create_token(
+        &admin,
+        TokenScope::Connector {
+            group: GroupId::default_group(),
+        },
+    )
+    .await?;
+
+    let (status, err) = refusal(enroll_as(&h, &edge_token.token, api::EnrollKind::Connector).await);
+    assert_eq!(status, 400);
+    assert_eq!(err.error, "wrong_kind");
+    assert_eq!(err.field.as_deref(), Some("token"));
+    assert!(
+        err.message
+            .contains("enrolls an edge (region default), not a connector")
+            && err.message.contains("portico edge --token"),
+        "{err:?}"
+    );
+    let (status, err) = refusal(enroll_as(&h, &connector_token.token, api::EnrollKind::Edge).await);
+    assert_eq!((status, err.error.as_str()), (400, "wrong_kind"));
+    assert!(
+        err.message
+            .contains("enrolls a connector (group Default), not an edge")
+            && err.message.contains("portico connector --token"),
+        "{err:?}"
+    );
+
+    // Nothing was recorded, and both tokens are still unused...
+    assert!(admin
+        .get_json::<Vec<Connector>>("/v1/connectors")
+        .await?
+        .is_empty());
+    assert!(admin.get_json::<Vec<Edge>>("/v1/edges").await?.is_empty());
+    let tokens: Vec<api::TokenInfo> = admin.get_json("/v1/tokens").await?;
+    assert!(
+        tokens.iter().all(|t| t.status == api::TokenStatus::Unused),
+        "{tokens:?}"
+    );
+    // ...and good for the kind they were made for.
+    let e = enroll_as(&h, &edge_token.token, api::EnrollKind::Edge).await?;
+    assert!(matches!(e.identity, Identity::Edge { .. }));
+    let c = enroll_as(&h, &connector_token.token, api::EnrollKind::Connector).await?;
+    assert!(matches!(c.identity, Identity::Connector { .. }));
+
+    let (_, text) = plain_get(h.metrics_addr.context("metrics")?, "/metrics").await?;
+    assert!(
+        text.contains(r#"portico_router_enrollments_total{kind="edge",result="invalid"} 1"#),
+        "{text}"
+    );
     stop(h, shutdown).await
 }
