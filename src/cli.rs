@@ -57,7 +57,7 @@ pub enum Command {
     /// Run a router: the store, the certificate authority and the admin API.
     Router(RouterArgs),
     /// Run an edge, or list and delete edges.
-    Edge(EdgeCmd),
+    Edge(Box<EdgeCmd>),
     /// Run a connector, or list and delete connectors.
     Connector(ConnectorCmd),
     /// Publish, update, list, show and delete apps.
@@ -229,6 +229,51 @@ pub struct EdgeArgs {
     /// `portico::access`); request metrics are kept either way.
     #[arg(long)]
     pub no_access_log: bool,
+    /// The TLS handshake and each request head (from its first byte; on
+    /// HTTP/1.1 the first head from the connection's start) must arrive
+    /// within this, or the connection is closed.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub header_read_timeout: Duration,
+    /// How long an HTTP/1.1 keep-alive connection may wait for its next request.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub keepalive_idle_timeout: Duration,
+    /// How long an HTTP/2 connection with no open stream is kept before a GOAWAY.
+    #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
+    pub h2_idle_timeout: Duration,
+    /// How often an HTTP/2 PING checks that the client is still there.
+    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+    pub h2_keepalive_interval: Duration,
+    /// How long the client has to answer that PING before the connection closes.
+    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+    pub h2_keepalive_timeout: Duration,
+    /// Requests one HTTP/2 or HTTP/3 connection may have open at once.
+    #[arg(long, default_value_t = 128)]
+    pub h2_max_concurrent_streams: u32,
+    /// User connections (TCP and QUIC) the edge holds at once (default: the
+    /// open-file limit less 1,024, at least 64).
+    #[arg(long)]
+    pub max_connections: Option<usize>,
+    /// User connections one client address (an IPv6 /64) holds at once
+    /// (default: a tenth of --max-connections, at least 16).
+    #[arg(long)]
+    pub max_connections_per_client: Option<usize>,
+    /// Requests one client may cancel before their response (HTTP/2 resets,
+    /// closed connections) in a burst; past it its connections are closed.
+    #[arg(long, default_value_t = 200)]
+    pub client_reset_burst: u32,
+    /// Cancels per second a client's budget refills at.
+    #[arg(long, default_value_t = 20)]
+    pub client_reset_rate: u32,
+    /// A response whose client reads nothing for this long is reset.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub stall_timeout: Duration,
+    /// Stalled responses (no byte read for a second) the edge holds at once;
+    /// one more is reset at once. Sizes every tunnel's receive window.
+    #[arg(long, default_value_t = 64)]
+    pub max_stalled_streams: u32,
+    /// Stalled responses one client holds at once; one more is reset at once.
+    #[arg(long, default_value_t = 8)]
+    pub max_stalled_per_client: u32,
 }
 
 #[derive(Debug, Args)]

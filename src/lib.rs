@@ -28,11 +28,14 @@ pub async fn run(cli: cli::Cli) -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     match cli.command {
         Command::Router(args) => run_router(args).await,
-        Command::Edge(cmd) => match cmd.action {
-            Some(EdgeAction::List(a)) => admin::edge_list(&a.conn).await,
-            Some(EdgeAction::Delete(a)) => admin::edge_delete(&a).await,
-            None => run_edge(cmd.run).await,
-        },
+        Command::Edge(cmd) => {
+            let cli::EdgeCmd { action, run } = *cmd;
+            match action {
+                Some(EdgeAction::List(a)) => admin::edge_list(&a.conn).await,
+                Some(EdgeAction::Delete(a)) => admin::edge_delete(&a).await,
+                None => run_edge(run).await,
+            }
+        }
         Command::Connector(cmd) => match cmd.action {
             Some(ConnectorAction::List(a)) => admin::connector_list(&a.conn).await,
             Some(ConnectorAction::Delete(a)) => admin::connector_delete(&a).await,
@@ -162,6 +165,19 @@ async fn run_edge(args: cli::EdgeArgs) -> anyhow::Result<()> {
     config.advertise_public_addr = args.advertise_public;
     config.http3 = !args.no_http3;
     config.access_log = !args.no_access_log;
+    config.header_read_timeout = args.header_read_timeout;
+    config.keepalive_idle_timeout = args.keepalive_idle_timeout;
+    config.h2_idle_timeout = args.h2_idle_timeout;
+    config.h2_keepalive_interval = args.h2_keepalive_interval;
+    config.h2_keepalive_timeout = args.h2_keepalive_timeout;
+    config.h2_max_concurrent_streams = args.h2_max_concurrent_streams;
+    config.max_connections = args.max_connections;
+    config.max_connections_per_client = args.max_connections_per_client;
+    config.client_reset_burst = args.client_reset_burst;
+    config.client_reset_rate = args.client_reset_rate;
+    config.stall_timeout = args.stall_timeout;
+    config.max_stalled_streams = args.max_stalled_streams;
+    config.max_stalled_per_client = args.max_stalled_per_client;
     let shutdown = shutdown_on_signal();
     let edge = portico_edge::start(config, shutdown)
         .await

@@ -24,14 +24,18 @@ use tokio_util::task::TaskTracker;
 /// The default 208 KiB lost packets at a few hundred concurrent streams.
 pub const UDP_BUFFER: usize = 4 << 20;
 
-/// The per-stream receive window of a tunnel. Sized for the
-/// bandwidth-delay product of a long path: 8 MiB in flight per stream
-/// carries about 450 Mbit/s at a 150 ms round trip.
-pub const TUNNEL_STREAM_WINDOW: u32 = 8 << 20;
-/// The receive (and send) window of a whole tunnel: what one tunnel may
-/// buffer for all its streams together, so its memory stays bounded
-/// however many streams are open.
-pub const TUNNEL_WINDOW: u32 = 32 << 20;
+/// The per-stream receive window of a tunnel: what one stream may hold
+/// unread. 2 MiB in flight carries about 560 Mbit/s at the 30 ms round
+/// trip of a connector to the edges of its nearest region (110 Mbit/s at
+/// 150 ms). It is also what a response whose client stopped reading pins
+/// at the edge until the stall check resets it, so it is kept moderate.
+pub const TUNNEL_STREAM_WINDOW: u32 = 2 << 20;
+/// The receive (and send) window of a whole tunnel at the connector, and
+/// the least an edge uses: what one tunnel may buffer for all its streams
+/// together. The edge sizes its own from its stall budget (twice what
+/// stalled responses may pin), so they never take the window that the
+/// tunnel's other streams share.
+pub const TUNNEL_WINDOW: u32 = 64 << 20;
 /// How many ack-eliciting packets a tunnel peer may receive before it must
 /// acknowledge (the QUIC ACK frequency extension; the default acknowledges
 /// every second packet). A small response is one packet, so without this

@@ -772,7 +772,7 @@ async fn stalls(value: &AtomicU64) -> u64 {
 }
 
 /// Far below the 256 MiB a run-away buffer would reach: QUIC windows
-/// (8 MiB per stream), socket buffers and hyper's buffers.
+/// (2 MiB per stream), socket buffers and hyper's buffers.
 const BOUNDED: u64 = 48 << 20;
 
 #[tokio::test]

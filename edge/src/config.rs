@@ -40,6 +40,41 @@ pub struct Config {
     /// method, host, path, status, error code, bytes, duration, client,
     /// request id. Metrics count every request either way.
     pub access_log: bool,
+    /// A user connection's TLS handshake, and each request head from its
+    /// first byte (on HTTP/1.1, the first head from the connection's
+    /// start), must arrive within this.
+    pub header_read_timeout: Duration,
+    /// How long an HTTP/1.1 keep-alive connection may wait for its next
+    /// request.
+    pub keepalive_idle_timeout: Duration,
+    /// How long an HTTP/2 connection with no open stream is kept (then it
+    /// gets a GOAWAY).
+    pub h2_idle_timeout: Duration,
+    /// How often an HTTP/2 PING checks that the client is still there.
+    pub h2_keepalive_interval: Duration,
+    /// How long the client has to answer that PING.
+    pub h2_keepalive_timeout: Duration,
+    /// Streams one HTTP/2 (or HTTP/3) connection may have open at once.
+    pub h2_max_concurrent_streams: u32,
+    /// User connections (TCP and QUIC) the edge holds at once; `None`:
+    /// the open-file soft limit less a reserve of 1,024 (at least 64).
+    pub max_connections: Option<usize>,
+    /// User connections one client address (an IPv6 /64) holds at once;
+    /// `None`: a tenth of `max_connections` (at least 16).
+    pub max_connections_per_client: Option<usize>,
+    /// Requests one client may cancel before their response (HTTP/2
+    /// resets, closed connections) in a burst; past it, at
+    /// `client_reset_rate` per second, its connections are closed.
+    pub client_reset_burst: u32,
+    /// The rate, per second, a client's cancel budget refills at.
+    pub client_reset_rate: u32,
+    /// A response whose client reads nothing for this long is reset.
+    pub stall_timeout: Duration,
+    /// Stalled responses (parked over a second) the edge holds at once;
+    /// one more is reset at once. Sizes the tunnels' receive window.
+    pub max_stalled_streams: u32,
+    /// Stalled responses one client holds at once; one more is reset.
+    pub max_stalled_per_client: u32,
 }
 
 impl Config {
@@ -59,7 +94,66 @@ impl Config {
             grace: Duration::from_secs(10),
             connector_timeout_grace: Duration::from_secs(5),
             access_log: true,
+            header_read_timeout: Duration::from_secs(10),
+            keepalive_idle_timeout: Duration::from_secs(60),
+            h2_idle_timeout: Duration::from_secs(120),
+            h2_keepalive_interval: Duration::from_secs(20),
+            h2_keepalive_timeout: Duration::from_secs(20),
+            h2_max_concurrent_streams: 128,
+            max_connections: None,
+            max_connections_per_client: None,
+            client_reset_burst: 200,
+            client_reset_rate: 20,
+            stall_timeout: Duration::from_secs(30),
+            max_stalled_streams: 64,
+            max_stalled_per_client: 8,
         }
+    }
+
+    /// The limits on users' connections this config sets.
+    pub(crate) fn user_limits(&self) -> crate::UserLimits {
+        crate::UserLimits {
+            clients: crate::clients::ClientLimits {
+                max_connections: self.effective_max_connections(),
+                max_connections_per_client: self.effective_max_connections_per_client(),
+                reset_burst: self.client_reset_burst,
+                reset_rate: self.client_reset_rate,
+                max_stalled_per_client: self.max_stalled_per_client,
+            },
+            timeouts: crate::client_conn::ConnTimeouts {
+                header_read: self.header_read_timeout,
+                keepalive_idle: self.keepalive_idle_timeout,
+                h2_idle: self.h2_idle_timeout,
+            },
+            h2: crate::listener::H2Limits {
+                max_concurrent_streams: self.h2_max_concurrent_streams,
+                keepalive_interval: self.h2_keepalive_interval,
+                keepalive_timeout: self.h2_keepalive_timeout,
+                max_pending_accept_resets: 20,
+            },
+            stall: crate::stall::StallPolicy {
+                timeout: self.stall_timeout,
+                detect: crate::stall::DETECT,
+                max_stalled: self.max_stalled_streams,
+            },
+        }
+    }
+
+    /// The connection cap in force: the configured one, or the default
+    /// sized to the open-file limit.
+    pub fn effective_max_connections(&self) -> usize {
+        self.max_connections.unwrap_or_else(|| {
+            let soft = portico_agent::nofile::soft_limit();
+            usize::try_from(soft.saturating_sub(1024))
+                .unwrap_or(usize::MAX)
+                .max(64)
+        })
+    }
+
+    /// The per-client connection cap in force.
+    pub fn effective_max_connections_per_client(&self) -> usize {
+        self.max_connections_per_client
+            .unwrap_or_else(|| (self.effective_max_connections() / 10).max(16))
     }
 
     /// Checks the fields that can be checked without touching the network.
@@ -99,6 +193,57 @@ impl Config {
         if self.grace > Duration::from_secs(3600) {
             return invalid("grace", "must be at most one hour".to_owned());
         }
+        for (field, d) in [
+            ("header_read_timeout", self.header_read_timeout),
+            ("keepalive_idle_timeout", self.keepalive_idle_timeout),
+            ("h2_idle_timeout", self.h2_idle_timeout),
+            ("h2_keepalive_interval", self.h2_keepalive_interval),
+            ("h2_keepalive_timeout", self.h2_keepalive_timeout),
+            ("stall_timeout", self.stall_timeout),
+        ] {
+            if d.is_zero() || d > Duration::from_secs(3600) {
+                return invalid(
+                    field,
+                    format!("must be more than zero and at most one hour, not {d:?}"),
+                );
+            }
+        }
+        if self.stall_timeout < crate::stall::DETECT * 2 {
+            return invalid(
+                "stall_timeout",
+                format!("must be at least {:?}", crate::stall::DETECT * 2),
+            );
+        }
+        for (field, n) in [
+            (
+                "h2_max_concurrent_streams",
+                u64::from(self.h2_max_concurrent_streams),
+            ),
+            (
+                "max_connections",
+                self.max_connections.map_or(1, |n| n as u64),
+            ),
+            (
+                "max_connections_per_client",
+                self.max_connections_per_client.map_or(1, |n| n as u64),
+            ),
+            ("client_reset_burst", u64::from(self.client_reset_burst)),
+            ("max_stalled_streams", u64::from(self.max_stalled_streams)),
+            (
+                "max_stalled_per_client",
+                u64::from(self.max_stalled_per_client),
+            ),
+        ] {
+            if n == 0 {
+                return invalid(field, "must be at least 1".to_owned());
+            }
+        }
+        if self.max_stalled_streams > 4096 {
+            return invalid(
+                "max_stalled_streams",
+                "must be at most 4096 (it sizes every tunnel's window)".to_owned(),
+            );
+        }
         if self.connector_timeout_grace > Duration::from_secs(600) {
             return invalid(
                 "connector_timeout_grace",
@@ -132,6 +277,22 @@ impl fmt::Debug for Config {
             .field("grace", &self.grace)
             .field("connector_timeout_grace", &self.connector_timeout_grace)
             .field("access_log", &self.access_log)
+            .field("header_read_timeout", &self.header_read_timeout)
+            .field("keepalive_idle_timeout", &self.keepalive_idle_timeout)
+            .field("h2_idle_timeout", &self.h2_idle_timeout)
+            .field("h2_keepalive_interval", &self.h2_keepalive_interval)
+            .field("h2_keepalive_timeout", &self.h2_keepalive_timeout)
+            .field("h2_max_concurrent_streams", &self.h2_max_concurrent_streams)
+            .field("max_connections", &self.max_connections)
+            .field(
+                "max_connections_per_client",
+                &self.max_connections_per_client,
+            )
+            .field("client_reset_burst", &self.client_reset_burst)
+            .field("client_reset_rate", &self.client_reset_rate)
+            .field("stall_timeout", &self.stall_timeout)
+            .field("max_stalled_streams", &self.max_stalled_streams)
+            .field("max_stalled_per_client", &self.max_stalled_per_client)
             .finish()
     }
 }

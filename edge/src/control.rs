@@ -105,6 +105,7 @@ pub(crate) async fn start(config: Config, shutdown: CancellationToken) -> Result
             grace: config.grace,
             connector_timeout_grace: config.connector_timeout_grace,
             access_log: config.access_log,
+            limits: config.user_limits(),
         },
         shutdown.clone(),
     )

@@ -26,9 +26,11 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::certs::CertStore;
+use crate::client_conn::{deadline_at, ClientConn, Proto};
 use crate::error::Error;
 use crate::listener;
-use crate::request::{self, Client};
+use crate::request;
+use crate::stall::now_us;
 use crate::Shared;
 
 /// The QUIC close code of a clean HTTP/3 close (`H3_NO_ERROR`).
@@ -40,12 +42,8 @@ const ALT_SVC_MAX_AGE: u32 = 86_400;
 const BIND_ATTEMPTS: usize = 16;
 /// How long a client has to finish the QUIC handshake and the h3 setup.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a client has to send a request's headers once its stream opened.
-const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
 /// The largest header section accepted (QPACK-decoded size).
 const MAX_FIELD_SECTION: u64 = 64 * 1024;
-/// Requests one connection may have in flight.
-const MAX_STREAMS: u32 = 256;
 /// An idle user connection is closed after this long.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -55,12 +53,13 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 pub(crate) fn bind_public(
     listen: SocketAddr,
     h3_cert: Option<Arc<CertStore>>,
+    max_streams: u32,
     tracker: &TaskTracker,
 ) -> Result<(TcpListener, Option<quinn::Endpoint>), Error> {
     let Some(cert) = h3_cert else {
         return Ok((listener::bind(listen)?, None));
     };
-    let config = server_config(cert)?;
+    let config = server_config(cert, max_streams)?;
     let attempts = if listen.port() == 0 { BIND_ATTEMPTS } else { 1 };
     let mut attempt = 0;
     loop {
@@ -98,8 +97,11 @@ pub(crate) fn alt_svc(port: u16) -> HeaderValue {
 }
 
 /// The QUIC server config: TLS 1.3 with the public certificate resolver,
-/// ALPN `h3`, room for h3's uni streams and a few hundred requests.
-pub(crate) fn server_config(cert: Arc<CertStore>) -> Result<quinn::ServerConfig, Error> {
+/// ALPN `h3`, room for h3's uni streams and `max_streams` requests.
+pub(crate) fn server_config(
+    cert: Arc<CertStore>,
+    max_streams: u32,
+) -> Result<quinn::ServerConfig, Error> {
     let mut tls = rustls::ServerConfig::builder_with_provider(pki::provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|source| Error::Tls {
@@ -113,7 +115,7 @@ pub(crate) fn server_config(cert: Arc<CertStore>) -> Result<quinn::ServerConfig,
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();
     transport
-        .max_concurrent_bidi_streams(MAX_STREAMS.into())
+        .max_concurrent_bidi_streams(max_streams.into())
         // Control, QPACK encoder and decoder, plus room for extensions.
         .max_concurrent_uni_streams(16u32.into())
         .stream_receive_window((2u32 << 20).into())
@@ -139,9 +141,24 @@ pub(crate) async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) 
             },
         };
         let client = incoming.remote_address();
+        let permit = match shared.clients.admit(client.ip()) {
+            Ok(p) => p,
+            Err(refused) => {
+                shared
+                    .metrics
+                    .conns_refused
+                    .with_label_values(&[refused.label()])
+                    .inc();
+                tracing::debug!(%client, cap = refused.label(), "HTTP/3 connection refused: at the connection cap");
+                incoming.refuse();
+                continue;
+            }
+        };
+        let conn = Arc::new(ClientConn::new(client, Proto::H3, permit));
         let shared2 = Arc::clone(&shared);
         shared.conns.spawn(
-            serve_connection(incoming, shared2).instrument(tracing::debug_span!("h3", %client)),
+            serve_connection(incoming, conn, shared2)
+                .instrument(tracing::debug_span!("h3", %client)),
         );
     }
     endpoint.set_server_config(None);
@@ -150,8 +167,7 @@ pub(crate) async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) 
 /// One user connection: accepts requests until the client leaves; on
 /// shutdown sends GOAWAY, lets the requests in flight finish (until the
 /// hard stop), then closes.
-async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shared>) {
-    let client = incoming.remote_address();
+async fn serve_connection(incoming: quinn::Incoming, client: Arc<ClientConn>, shared: Arc<Shared>) {
     let setup = async {
         let conn = incoming.accept()?.await?;
         let h3c = h3::server::builder()
@@ -162,7 +178,7 @@ async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shared>) {
     };
     let (conn, mut h3c) = tokio::select! {
         () = shared.shutdown.cancelled() => return,
-        r = tokio::time::timeout(HANDSHAKE_TIMEOUT, setup) => match r {
+        r = tokio::time::timeout(shared.timeouts.header_read.min(HANDSHAKE_TIMEOUT), setup) => match r {
             Ok(Ok(x)) => x,
             Ok(Err(e)) => {
                 tracing::debug!(error = %e, "HTTP/3 connection setup failed");
@@ -176,6 +192,7 @@ async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shared>) {
     };
     let requests = TaskTracker::new();
     let mut closing = false;
+    let mut next = now_us();
     loop {
         tokio::select! {
             r = h3c.accept() => match r {
@@ -183,7 +200,7 @@ async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shared>) {
                     let shared2 = Arc::clone(&shared);
                     shared.conns.spawn(
                         requests
-                            .track_future(serve_request(resolver, client, shared2))
+                            .track_future(serve_request(resolver, Arc::clone(&client), shared2))
                             .in_current_span(),
                     );
                 }
@@ -207,6 +224,15 @@ async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shared>) {
             }
             () = requests.wait(), if closing => break,
             () = shared.hard_stop.cancelled() => break,
+            () = client.kill.cancelled() => break,
+            () = client.woken.notified() => next = now_us(),
+            // Stall checks of the responses in flight (QUIC's own idle
+            // timeout closes idle connections).
+            () = tokio::time::sleep_until(deadline_at(next)) => {
+                next = client
+                    .tick(now_us(), &shared.timeouts, &shared.stalls, &shared.metrics)
+                    .unwrap_or_else(|_| now_us() + 1_000_000);
+            }
         }
     }
     requests.close();
@@ -231,12 +257,12 @@ enum SetupError {
 /// request stream as the body, then streams the answer back.
 async fn serve_request(
     resolver: h3::server::RequestResolver<h3_quinn::Connection, Bytes>,
-    client: SocketAddr,
+    client: Arc<ClientConn>,
     shared: Arc<Shared>,
 ) {
     let resolved = tokio::select! {
         () = shared.hard_stop.cancelled() => return,
-        r = tokio::time::timeout(HEAD_TIMEOUT, resolver.resolve_request()) => r,
+        r = tokio::time::timeout(shared.timeouts.header_read, resolver.resolve_request()) => r,
     };
     let (req, stream) = match resolved {
         Ok(Ok(x)) => x,
@@ -251,12 +277,14 @@ async fn serve_request(
     };
     let (mut send, recv) = stream.split();
     let req = req.map(|()| H3Body { recv, done: false });
+    // Cancelled by the stall check if the client stops reading.
+    let stalled = tokio_util::sync::CancellationToken::new();
     let resp = tokio::select! {
         () = shared.hard_stop.cancelled() => {
             send.stop_stream(Code::H3_REQUEST_CANCELLED);
             return;
         }
-        r = request::handle(req, Arc::clone(&shared), Client { addr: client }) => r,
+        r = request::handle(req, Arc::clone(&shared), client, Some(stalled.clone())) => r,
     };
     let (parts, mut body) = resp.into_parts();
     if let Err(e) = send.send_response(Response::from_parts(parts, ())).await {
@@ -285,6 +313,10 @@ async fn serve_request(
         };
         tokio::select! {
             () = shared.hard_stop.cancelled() => {
+                send.stop_stream(Code::H3_REQUEST_CANCELLED);
+                return;
+            }
+            () = stalled.cancelled() => {
                 send.stop_stream(Code::H3_REQUEST_CANCELLED);
                 return;
             }
@@ -365,6 +397,7 @@ mod tests {
         let (tcp, udp) = bind_public(
             "127.0.0.1:0".parse().unwrap(),
             Some(Arc::clone(&cert)),
+            128,
             &tracker,
         )
         .unwrap();
@@ -379,7 +412,7 @@ mod tests {
         for _ in 0..20 {
             let taken = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
             let listen = taken.local_addr().unwrap();
-            match bind_public(listen, Some(Arc::clone(&cert)), &tracker) {
+            match bind_public(listen, Some(Arc::clone(&cert)), 128, &tracker) {
                 Err(Error::Bind {
                     what: "http3",
                     addr,

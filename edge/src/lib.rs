@@ -12,6 +12,8 @@
 //! or forward over an edge mesh; those are later work.
 
 mod certs;
+mod client_conn;
+mod clients;
 mod config;
 mod control;
 pub mod error;
@@ -21,6 +23,7 @@ mod metrics;
 mod pages;
 mod request;
 mod routing;
+mod stall;
 mod tunnel_acceptor;
 mod tunnels;
 
@@ -123,6 +126,12 @@ pub(crate) struct Shared {
     pub(crate) grace: Duration,
     /// Whether every request gets an access-log line.
     pub(crate) access_log: request::AccessLog,
+    /// Users' connections by client: the caps and budgets.
+    pub(crate) clients: Arc<clients::Clients>,
+    pub(crate) timeouts: client_conn::ConnTimeouts,
+    pub(crate) h2: listener::H2Limits,
+    /// The edge-wide count of stalled responses.
+    pub(crate) stalls: Arc<stall::StallBudget>,
     /// Cancelled to start the shutdown.
     pub(crate) shutdown: CancellationToken,
     /// Cancelled when the drain period is over: in-flight work is cut.
@@ -173,6 +182,28 @@ pub(crate) struct Parts {
     pub(crate) grace: Duration,
     pub(crate) connector_timeout_grace: Duration,
     pub(crate) access_log: bool,
+    pub(crate) limits: UserLimits,
+}
+
+/// The limits on users' connections and what they may hold.
+#[derive(Debug, Clone)]
+pub(crate) struct UserLimits {
+    pub(crate) clients: clients::ClientLimits,
+    pub(crate) timeouts: client_conn::ConnTimeouts,
+    pub(crate) h2: listener::H2Limits,
+    pub(crate) stall: stall::StallPolicy,
+}
+
+impl UserLimits {
+    /// The receive window of each tunnel: twice what the edge's stalled
+    /// responses may hold together, so that they can never take the
+    /// window the tunnel's other streams need (see `stall.rs`), and never
+    /// less than the connector side's.
+    pub(crate) fn tunnel_receive_window(&self) -> u64 {
+        let stalled = u64::from(self.stall.max_stalled)
+            * u64::from(portico_agent::quic::TUNNEL_STREAM_WINDOW);
+        (2 * stalled).max(u64::from(portico_agent::quic::TUNNEL_WINDOW))
+    }
 }
 
 /// Binds the listeners and runs the data plane, without any router: the
@@ -184,6 +215,7 @@ pub(crate) async fn serve(parts: Parts, shutdown: CancellationToken) -> Result<H
     let (public_listener, h3_endpoint) = http3::bind_public(
         parts.public_listen,
         parts.http3.then(|| Arc::clone(&parts.public_cert)),
+        parts.limits.h2.max_concurrent_streams,
         &tracker,
     )?;
     let public_addr = public_listener.local_addr().map_err(|source| Error::Bind {
@@ -210,6 +242,10 @@ pub(crate) async fn serve(parts: Parts, shutdown: CancellationToken) -> Result<H
         connector_timeout_grace: parts.connector_timeout_grace,
         grace: parts.grace,
         access_log: request::AccessLog(parts.access_log),
+        clients: Arc::new(clients::Clients::new(parts.limits.clients.clone())),
+        timeouts: parts.limits.timeouts.clone(),
+        h2: parts.limits.h2.clone(),
+        stalls: Arc::new(stall::StallBudget::new(parts.limits.stall.clone())),
         shutdown: shutdown.clone(),
         hard_stop: CancellationToken::new(),
         tracker,
@@ -225,6 +261,7 @@ pub(crate) async fn serve(parts: Parts, shutdown: CancellationToken) -> Result<H
         Some(tunnel_acceptor::server_config(
             parts.tunnel_cert,
             &parts.ca_pem,
+            parts.limits.tunnel_receive_window(),
         )?),
         &shared.tracker,
     )

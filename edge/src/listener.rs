@@ -14,17 +14,16 @@ use http::header::ALT_SVC;
 use http::Request;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use portico_agent::pki;
 use tokio::net::{TcpListener, TcpSocket};
 
 use crate::certs::CertStore;
+use crate::client_conn::{deadline_at, ClientConn, Expired, Proto, WatchedIo};
 use crate::error::Error;
-use crate::request::{self, Client};
+use crate::request;
+use crate::stall::now_us;
 use crate::Shared;
-
-/// How long a client has to finish the TLS handshake.
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Binds the public TCP listener with a deep accept queue.
 pub(crate) fn bind(addr: SocketAddr) -> Result<TcpListener, Error> {
@@ -60,33 +59,74 @@ pub(crate) fn tls_config(cert: Arc<CertStore>) -> Result<Arc<rustls::ServerConfi
     Ok(Arc::new(tls))
 }
 
-/// Accepts users until shutdown; each connection drains gracefully.
+/// The HTTP/2 settings of user connections, from the edge's config.
+#[derive(Debug, Clone)]
+pub(crate) struct H2Limits {
+    /// Streams a client may have open at once on one connection.
+    pub(crate) max_concurrent_streams: u32,
+    /// How often a PING checks that the client is still there...
+    pub(crate) keepalive_interval: Duration,
+    /// ...and how long it has to answer before the connection is closed.
+    pub(crate) keepalive_timeout: Duration,
+    /// Streams a client may reset before the edge accepted them (hyper's
+    /// own rapid-reset guard; resets of accepted streams are charged to
+    /// the client's reset budget in `clients.rs`).
+    pub(crate) max_pending_accept_resets: usize,
+}
+
+/// Accepts users until shutdown, within the connection caps; each
+/// connection drains gracefully.
 pub(crate) async fn accept_loop(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     shared: Arc<Shared>,
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let mut backoff = AcceptBackoff::default();
+    let mut sweep = tokio::time::interval(crate::clients::SWEEP_EVERY);
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let (tcp, client) = tokio::select! {
             () = shared.shutdown.cancelled() => break,
+            _ = sweep.tick() => {
+                shared.clients.sweep(std::time::Instant::now());
+                continue;
+            }
             r = listener.accept() => match r {
-                Ok(x) => x,
+                Ok(x) => {
+                    backoff.accepted();
+                    x
+                }
                 Err(e) => {
-                    // EMFILE and friends: back off briefly instead of spinning.
-                    tracing::warn!(error = %e, "public accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    let delay = backoff.failed(&e);
+                    tokio::select! {
+                        () = shared.shutdown.cancelled() => break,
+                        () = tokio::time::sleep(delay) => {}
+                    }
                     continue;
                 }
             },
+        };
+        let permit = match shared.clients.admit(client.ip()) {
+            Ok(p) => p,
+            Err(refused) => {
+                shared
+                    .metrics
+                    .conns_refused
+                    .with_label_values(&[refused.label()])
+                    .inc();
+                tracing::debug!(%client, cap = refused.label(), "connection refused: at the connection cap");
+                drop(tcp);
+                continue;
+            }
         };
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let shared2 = Arc::clone(&shared);
         shared.conns.spawn(async move {
             let metrics = &shared2.metrics;
-            let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
-            {
+            let handshake = shared2.timeouts.header_read;
+            let tls = match tokio::time::timeout(handshake, acceptor.accept(tcp)).await {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => {
                     metrics.tls_failed.inc();
@@ -104,9 +144,60 @@ pub(crate) async fn accept_loop(
             } else {
                 metrics.tls_full.inc();
             }
-            let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-            serve_connection(TokioIo::new(tls), h2, client, shared2).await;
+            let proto = if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+                Proto::H2
+            } else {
+                Proto::H1
+            };
+            let conn = Arc::new(ClientConn::new(client, proto, permit));
+            serve_connection(TokioIo::new(tls), conn, shared2).await;
         });
+    }
+}
+
+/// How the accept loop backs off when `accept` fails (EMFILE, ENFILE,
+/// ENOBUFS: the process or the system is out of something): from 5 ms,
+/// doubling to 1 s, with one warning when failures start, one line every
+/// 10 s while they go on, and one when accepting works again.
+#[derive(Debug, Default)]
+struct AcceptBackoff {
+    failures: u64,
+    delay: Duration,
+    last_log: Option<std::time::Instant>,
+}
+
+impl AcceptBackoff {
+    const MIN: Duration = Duration::from_millis(5);
+    const MAX: Duration = Duration::from_secs(1);
+    const LOG_EVERY: Duration = Duration::from_secs(10);
+
+    /// One failure: how long to wait before the next accept.
+    fn failed(&mut self, e: &std::io::Error) -> Duration {
+        self.failed_at(e, std::time::Instant::now())
+    }
+
+    fn failed_at(&mut self, e: &std::io::Error, now: std::time::Instant) -> Duration {
+        self.failures += 1;
+        self.delay = if self.failures == 1 {
+            Self::MIN
+        } else {
+            (self.delay * 2).min(Self::MAX)
+        };
+        let due = self
+            .last_log
+            .is_none_or(|t| now.saturating_duration_since(t) >= Self::LOG_EVERY);
+        if due {
+            self.last_log = Some(now);
+            tracing::warn!(error = %e, failures = self.failures, retry_in = ?self.delay, "public accept failing; backing off");
+        }
+        self.delay
+    }
+
+    fn accepted(&mut self) {
+        if self.failures > 0 {
+            tracing::info!(failures = self.failures, "public accept works again");
+            *self = AcceptBackoff::default();
+        }
     }
 }
 
@@ -114,56 +205,147 @@ pub(crate) async fn accept_loop(
 /// `h2`, HTTP/1.1 (with upgrades) otherwise. HTTP/2 over TLS needs ALPN
 /// (RFC 9113 §3.2), so a client that offered none speaks HTTP/1.1, and no
 /// read-ahead is needed to guess.
-async fn serve_connection<I>(io: I, h2: bool, client: SocketAddr, shared: Arc<Shared>)
+async fn serve_connection<I>(io: I, conn: Arc<ClientConn>, shared: Arc<Shared>)
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
+    let io = WatchedIo::new(io, Arc::clone(&conn));
     let shared2 = Arc::clone(&shared);
+    let conn2 = Arc::clone(&conn);
     let svc = service_fn(move |req: Request<Incoming>| {
         let shared = Arc::clone(&shared2);
+        let conn = Arc::clone(&conn2);
         async move {
-            let mut resp = request::handle(req, Arc::clone(&shared), Client { addr: client }).await;
+            let mut resp = request::handle(req, Arc::clone(&shared), conn, None).await;
             if let Some(alt_svc) = &shared.alt_svc {
                 resp.headers_mut().insert(ALT_SVC, alt_svc.clone());
             }
             Ok::<_, Infallible>(resp)
         }
     });
-    if h2 {
-        let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+    if conn.proto == Proto::H2 {
+        let h2 = &shared.h2;
+        let served = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(h2.max_concurrent_streams)
+            .keep_alive_interval(h2.keepalive_interval)
+            .keep_alive_timeout(h2.keepalive_timeout)
+            .max_pending_accept_reset_streams(h2.max_pending_accept_resets)
+            .max_header_list_size(MAX_HEADER_LIST)
             .serve_connection(io, svc);
-        drive(conn, |c| c.graceful_shutdown(), client, &shared).await;
+        drive(served, |c| c.graceful_shutdown(), &conn, &shared).await;
     } else {
-        let conn = hyper::server::conn::http1::Builder::new()
+        let served = hyper::server::conn::http1::Builder::new()
             .serve_connection(io, svc)
             .with_upgrades();
-        drive(conn, |c| c.graceful_shutdown(), client, &shared).await;
+        drive(served, |c| c.graceful_shutdown(), &conn, &shared).await;
     }
 }
 
-/// Runs a connection to its end. On shutdown it is asked to finish
-/// gracefully (requests in flight complete), and on the hard stop dropped.
+/// The largest HTTP/2 header list accepted: what a stream head can carry.
+const MAX_HEADER_LIST: u32 = portico_proto::limits::MAX_HEAD_LEN as u32;
+
+/// Runs a connection to its end, watching its deadlines and its streams
+/// ([`ClientConn::tick`]). On shutdown, or when idle too long, it is asked
+/// to finish gracefully (requests in flight complete); it is dropped on
+/// the hard stop, when a header read times out, or when it is killed.
 async fn drive<C, E>(
-    conn: C,
+    served: C,
     graceful_shutdown: impl FnOnce(Pin<&mut C>),
-    client: SocketAddr,
+    conn: &ClientConn,
     shared: &Shared,
 ) where
     C: Future<Output = Result<(), E>>,
     E: std::fmt::Display,
 {
-    tokio::pin!(conn);
-    tokio::select! {
-        r = conn.as_mut() => {
-            if let Err(e) = r {
-                tracing::debug!(%client, error = %e, "connection ended with an error");
+    let client = conn.addr;
+    shared.metrics.connections.inc();
+    let _gauge = scopeguard(&shared.metrics.connections);
+    tokio::pin!(served);
+    let mut next = now_us();
+    // A connection closed for idling gets the drain grace to finish, not
+    // until the hard stop: an HTTP/2 stream that was reset for stalling
+    // lingers in hyper until its client grants credit, which it may never.
+    let mut finish_within = None;
+    loop {
+        tokio::select! {
+            r = served.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(%client, error = %e, "connection ended with an error");
+                }
+                return;
             }
-            return;
+            () = shared.shutdown.cancelled() => break,
+            () = conn.kill.cancelled() => return,
+            () = conn.woken.notified() => next = now_us(),
+            () = tokio::time::sleep_until(deadline_at(next)) => {
+                match conn.tick(now_us(), &shared.timeouts, &shared.stalls, &shared.metrics) {
+                    Ok(at) => next = at,
+                    Err(expired) => {
+                        tracing::debug!(%client, reason = expired.label(), "closing the connection");
+                        shared.metrics.conn_closes.with_label_values(&[expired.label()]).inc();
+                        if expired == Expired::HeaderTimeout {
+                            return;
+                        }
+                        finish_within = Some(shared.grace);
+                        break;
+                    }
+                }
+            }
         }
-        () = shared.shutdown.cancelled() => graceful_shutdown(conn.as_mut()),
     }
+    graceful_shutdown(served.as_mut());
+    let bounded = async {
+        match finish_within {
+            Some(d) => tokio::time::sleep(d).await,
+            None => std::future::pending().await,
+        }
+    };
     tokio::select! {
-        _ = conn.as_mut() => {}
+        _ = served.as_mut() => {}
+        () = conn.kill.cancelled() => {}
         () = shared.hard_stop.cancelled() => {}
+        () = bounded => {}
+    }
+}
+
+/// Decrements a gauge when dropped.
+fn scopeguard(g: &prometheus::IntGauge) -> impl Drop + '_ {
+    struct Dec<'a>(&'a prometheus::IntGauge);
+    impl Drop for Dec<'_> {
+        fn drop(&mut self) {
+            self.0.dec();
+        }
+    }
+    Dec(g)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_failures_back_off_and_log_rarely() {
+        let mut b = AcceptBackoff::default();
+        let e = std::io::Error::from_raw_os_error(24); // EMFILE
+        let t0 = std::time::Instant::now();
+        let delays: Vec<Duration> = (0..12)
+            .map(|i| b.failed_at(&e, t0 + Duration::from_millis(i)))
+            .collect();
+        assert_eq!(delays[0], AcceptBackoff::MIN);
+        assert_eq!(delays[1], AcceptBackoff::MIN * 2);
+        assert_eq!(*delays.last().unwrap(), AcceptBackoff::MAX);
+        assert!(delays.windows(2).all(|w| w[0] <= w[1]));
+        // One log line for the whole burst: the next is due 10 s later.
+        assert_eq!(b.last_log, Some(t0));
+        b.failed_at(&e, t0 + Duration::from_secs(11));
+        assert_eq!(b.last_log, Some(t0 + Duration::from_secs(11)));
+        b.accepted();
+        assert_eq!(b.failures, 0);
+        assert_eq!(
+            b.failed_at(&e, t0),
+            AcceptBackoff::MIN,
+            "a new episode starts small"
+        );
     }
 }

@@ -26,6 +26,17 @@ pub(crate) struct Metrics {
     /// another upstream, `not_delivered` (nothing reached a backend) or
     /// `idempotent` (a GET, HEAD or OPTIONS whose tunnel died).
     pub(crate) retries: IntCounterVec,
+    /// `portico_edge_connections`: user connections open (all protocols).
+    pub(crate) connections: IntGauge,
+    /// `portico_edge_connections_refused_total{cap}`: at the cap in total
+    /// or for the client.
+    pub(crate) conns_refused: IntCounterVec,
+    /// `portico_edge_connection_closes_total{reason}`: connections the
+    /// edge closed: `header_timeout`, `idle`, `resets`.
+    pub(crate) conn_closes: IntCounterVec,
+    /// `portico_edge_stalled_responses_total{reason}`: responses reset
+    /// because the client stopped reading: `timeout` or `over_budget`.
+    pub(crate) stalls: IntCounterVec,
     /// `portico_edge_tls_handshakes_total{result}` on the HTTPS listener:
     /// `full`, `resumed` (a session ticket spared the certificate and its
     /// signature) and `failed` (an error or the handshake timeout).
@@ -90,6 +101,35 @@ impl Metrics {
             &["reason"],
         )
         .expect("valid metric");
+        let connections = IntGauge::new(
+            "portico_edge_connections",
+            "User connections open (HTTP/1.1, HTTP/2 and HTTP/3)",
+        )
+        .expect("valid metric");
+        let conns_refused = IntCounterVec::new(
+            Opts::new(
+                "portico_edge_connections_refused_total",
+                "User connections refused at a cap, by cap (total, per_client)",
+            ),
+            &["cap"],
+        )
+        .expect("valid metric");
+        let conn_closes = IntCounterVec::new(
+            Opts::new(
+                "portico_edge_connection_closes_total",
+                "User connections the edge closed, by reason (header_timeout, idle, resets)",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
+        let stalls = IntCounterVec::new(
+            Opts::new(
+                "portico_edge_stalled_responses_total",
+                "Responses reset because their client stopped reading, by reason (timeout, over_budget)",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
         let tls = IntCounterVec::new(
             Opts::new(
                 "portico_edge_tls_handshakes_total",
@@ -108,6 +148,10 @@ impl Metrics {
             Box::new(config_version.clone()),
             Box::new(tunnel_closes.clone()),
             Box::new(retries.clone()),
+            Box::new(connections.clone()),
+            Box::new(conns_refused.clone()),
+            Box::new(conn_closes.clone()),
+            Box::new(stalls.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -122,6 +166,10 @@ impl Metrics {
             config_version,
             tunnel_closes,
             retries,
+            connections,
+            conns_refused,
+            conn_closes,
+            stalls,
             tls_full: tls.with_label_values(&["full"]),
             tls_resumed: tls.with_label_values(&["resumed"]),
             tls_failed: tls.with_label_values(&["failed"]),

@@ -31,6 +31,8 @@ use crate::certs::CertStore;
 use crate::{serve, Handle, Parts};
 
 const DEADLINE: Duration = Duration::from_secs(20);
+/// The body `/big` answers with.
+const BIG: usize = 8 << 20;
 
 struct Pki {
     ca: CertifiedIssuer<'static, KeyPair>,
@@ -131,6 +133,18 @@ fn edge_config(version: u64, revoked: Vec<ConnectorId>) -> EdgeConfig {
 
 /// An edge on 127.0.0.1 with test certificates and a loaded config.
 async fn test_edge(pki: &Pki, shutdown: &CancellationToken) -> anyhow::Result<Handle> {
+    test_edge_with(pki, shutdown, |_| {}).await
+}
+
+/// As [`test_edge`], with the user-connection limits of a config `tune`d.
+async fn test_edge_with(
+    pki: &Pki,
+    shutdown: &CancellationToken,
+    tune: impl FnOnce(&mut crate::Config),
+) -> anyhow::Result<Handle> {
+    let mut config = crate::Config::new("https://unused", "/unused");
+    tune(&mut config);
+    config.validate()?;
     let edge_identity = Identity::Edge {
         id: edge_id(),
         region: RegionId::default_region(),
@@ -164,6 +178,7 @@ async fn test_edge(pki: &Pki, shutdown: &CancellationToken) -> anyhow::Result<Ha
             grace: Duration::from_secs(2),
             connector_timeout_grace: Duration::from_millis(200),
             access_log: true,
+            limits: config.user_limits(),
         },
         shutdown.clone(),
     )
@@ -420,6 +435,34 @@ fn fake_connector_full(
                         });
                         let _ = write_frame(&mut send, &e).await;
                         let _ = send.finish();
+                    }
+                    "/big" => {
+                        // 8 MiB, far more than one stream window: a client
+                        // that reads nothing leaves the edge holding some.
+                        let mut headers = http::HeaderMap::new();
+                        headers.insert("content-length", (BIG as u64).into());
+                        let r = Frame::ResponseHead(ResponseHead {
+                            status: StatusCode::OK,
+                            headers,
+                        });
+                        let _ = write_frame(&mut send, &r).await;
+                        let chunk = Bytes::from(vec![b'x'; 64 << 10]);
+                        let mut sent = 0;
+                        let mut code = None;
+                        while sent < BIG {
+                            if let Err(quinn::WriteError::Stopped(c)) =
+                                send.write_chunk(chunk.clone()).await
+                            {
+                                code = Some(c.into_inner());
+                                break;
+                            }
+                            sent += chunk.len();
+                        }
+                        let _ = send.finish();
+                        if code.is_none() {
+                            code = send.stopped().await.ok().flatten().map(|c| c.into_inner());
+                        }
+                        let _ = stopped.send(code);
                     }
                     "/cancel-me" => {
                         let code = send.stopped().await.ok().flatten().map(|c| c.into_inner());
@@ -1286,6 +1329,303 @@ async fn a_malformed_request_body_is_a_client_error() -> anyhow::Result<()> {
         ),
         "{text}"
     );
+    shutdown.cancel();
+    tokio::time::timeout(DEADLINE, edge.wait()).await??;
+    Ok(())
+}
+
+/// A TCP connection from `local` (another loopback address, a second client).
+async fn connect_from(local: &str, to: SocketAddr) -> anyhow::Result<tokio::net::TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(format!("{local}:0").parse()?)?;
+    Ok(socket.connect(to).await?)
+}
+
+async fn tls_over(
+    pki: &Pki,
+    tcp: tokio::net::TcpStream,
+    alpn: &[u8],
+) -> anyhow::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let mut tls = rustls::ClientConfig::builder_with_provider(pki::provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(pki.roots())
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![alpn.to_vec()];
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(tls))
+        .connect(ServerName::try_from("hr.apps.test")?, tcp)
+        .await?)
+}
+
+/// Reads until the edge closes the connection (or resets it).
+async fn until_closed(io: &mut (impl tokio::io::AsyncRead + Unpin)) -> anyhow::Result<()> {
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(DEADLINE, io.read(&mut buf)).await? {
+            Ok(0) | Err(_) => return Ok(()),
+            Ok(_) => {}
+        }
+    }
+}
+
+fn counter(text: &str, series: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// A head trickled and never finished, a connection that never sends one,
+/// and a keep-alive connection left idle are all closed; metrics say why.
+#[tokio::test]
+async fn slow_and_silent_connections_are_closed() -> anyhow::Result<()> {
+    let pki = Pki::new("test CA")?;
+    let shutdown = CancellationToken::new();
+    let edge = test_edge_with(&pki, &shutdown, |c| {
+        c.header_read_timeout = Duration::from_millis(500);
+        c.keepalive_idle_timeout = Duration::from_millis(800);
+    })
+    .await?;
+    let addr = edge.public_addr;
+
+    let mut trickle = raw_tls(&pki, addr, "hr.apps.test").await?;
+    trickle.write_all(b"GET / HTTP/1.1\r\nhost: hr.a").await?;
+    let mut silent = raw_tls(&pki, addr, "hr.apps.test").await?;
+    let mut idle = raw_tls(&pki, addr, "hr.apps.test").await?;
+    idle.write_all(b"GET / HTTP/1.1\r\nhost: nope.apps.test\r\n\r\n")
+        .await?;
+    let head = read_head(&mut idle).await?;
+    assert!(head.starts_with("HTTP/1.1 404"), "{head}");
+    // A TCP connection that never starts TLS.
+    let mut no_tls = tokio::net::TcpStream::connect(addr).await?;
+
+    until_closed(&mut trickle).await?;
+    until_closed(&mut silent).await?;
+    until_closed(&mut idle).await?;
+    until_closed(&mut no_tls).await?;
+    let text = edge.shared.metrics.render();
+    assert_eq!(
+        counter(
+            &text,
+            r#"portico_edge_connection_closes_total{reason="header_timeout"}"#
+        ),
+        2,
+        "{text}"
+    );
+    assert_eq!(
+        counter(
+            &text,
+            r#"portico_edge_connection_closes_total{reason="idle"}"#
+        ),
+        1,
+        "{text}"
+    );
+    assert!(
+        counter(
+            &text,
+            "portico_edge_tls_handshakes_total{result=\"failed\"}"
+        ) >= 1
+    );
+    wait_until("the connections to be gone", || {
+        edge.shared.metrics.connections.get() == 0
+    })
+    .await?;
+    shutdown.cancel();
+    tokio::time::timeout(DEADLINE, edge.wait()).await??;
+    Ok(())
+}
+
+/// One client at its cap is refused; another client is served.
+#[tokio::test]
+async fn a_client_at_its_connection_cap_does_not_lock_others_out() -> anyhow::Result<()> {
+    let pki = Pki::new("test CA")?;
+    let shutdown = CancellationToken::new();
+    let edge = test_edge_with(&pki, &shutdown, |c| {
+        c.max_connections = Some(10);
+        c.max_connections_per_client = Some(3);
+    })
+    .await?;
+    let addr = edge.public_addr;
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(tls_over(&pki, connect_from("127.0.0.1", addr).await?, b"http/1.1").await?);
+    }
+    wait_until("three connections", || {
+        edge.shared.metrics.connections.get() == 3
+    })
+    .await?;
+    // The fourth from the same client: TCP is accepted, then dropped.
+    let fourth = tls_over(&pki, connect_from("127.0.0.1", addr).await?, b"http/1.1").await;
+    assert!(fourth.is_err(), "the fourth connection must be refused");
+    // Another client is served.
+    let mut other = tls_over(&pki, connect_from("127.0.0.2", addr).await?, b"http/1.1").await?;
+    other
+        .write_all(b"GET / HTTP/1.1\r\nhost: nope.apps.test\r\n\r\n")
+        .await?;
+    let head = read_head(&mut other).await?;
+    assert!(head.starts_with("HTTP/1.1 404"), "{head}");
+    let text = edge.shared.metrics.render();
+    assert_eq!(
+        counter(
+            &text,
+            r#"portico_edge_connections_refused_total{cap="per_client"}"#
+        ),
+        1,
+        "{text}"
+    );
+    drop(held);
+    shutdown.cancel();
+    tokio::time::timeout(DEADLINE, edge.wait()).await??;
+    Ok(())
+}
+
+/// Responses whose clients stopped reading (HTTP/1.1 connections that
+/// never read, an HTTP/2 client that grants no stream window) do not block
+/// the tunnel's other requests, and are reset after the stall time, their
+/// tunnel streams stopped with `Stalled` and the requests recorded so.
+#[tokio::test]
+async fn clients_that_stop_reading_are_reset_and_stall_nobody() -> anyhow::Result<()> {
+    let pki = Pki::new("test CA")?;
+    let shutdown = CancellationToken::new();
+    let edge = test_edge_with(&pki, &shutdown, |c| {
+        c.stall_timeout = Duration::from_secs(3);
+        c.max_stalled_per_client = 16;
+    })
+    .await?;
+    let ep = quic_client(&pki, pki.connector("c-1")?)?;
+    let conn = dial(&ep, edge.tunnel_addr).await?;
+    let _control = handshake(&conn, "c-1").await?;
+    let (tx, mut stopped) = tokio::sync::mpsc::unbounded_channel();
+    fake_connector_full(
+        conn.clone(),
+        "c-1",
+        Arc::new(tokio::sync::Notify::new()),
+        tx,
+    );
+    wait_until("the tunnel to attach", || edge.tunnel_count() == 1).await?;
+    let addr = edge.public_addr;
+
+    // Four HTTP/1.1 clients ask for 8 MiB and read nothing.
+    let mut readers = Vec::new();
+    for _ in 0..4 {
+        let mut tls = raw_tls(&pki, addr, "hr.apps.test").await?;
+        tls.write_all(b"GET /big HTTP/1.1\r\nhost: hr.apps.test\r\n\r\n")
+            .await?;
+        readers.push(tls);
+    }
+    // One HTTP/2 client asks for 8 MiB four times and grants no window.
+    let tls = tls_over(&pki, tokio::net::TcpStream::connect(addr).await?, b"h2").await?;
+    let (h2, h2conn) = h2::client::Builder::new()
+        .initial_window_size(0)
+        .handshake::<_, Bytes>(tls)
+        .await?;
+    tokio::spawn(h2conn);
+    let mut h2 = h2.ready().await?;
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let req = Request::get("https://hr.apps.test/big").body(())?;
+        let (resp, _) = h2.send_request(req, true)?;
+        held.push(resp);
+        h2 = h2.ready().await?;
+    }
+    wait_until("eight streams to be in flight", || {
+        edge.shared.metrics.streams.get() == 8
+    })
+    .await?;
+
+    // 200 requests on the same tunnel meanwhile, all answered.
+    for i in 0..200 {
+        let r = https(
+            &pki,
+            addr,
+            "hr.apps.test",
+            i % 2 == 0,
+            get("hr.apps.test", &format!("/n{i}"), i % 2 == 0),
+        )
+        .await?;
+        assert_eq!(r.status(), StatusCode::OK, "request {i}");
+    }
+
+    // Each stalled response is reset, and its stream stopped as stalled.
+    for _ in 0..8 {
+        let code = tokio::time::timeout(DEADLINE, stopped.recv())
+            .await?
+            .context("connector reported")?;
+        assert_eq!(code.map(CloseCode::from_wire), Some(CloseCode::Stalled));
+    }
+    wait_until("the stalled streams to be released", || {
+        edge.shared.metrics.streams.get() == 0
+    })
+    .await?;
+    let text = edge.shared.metrics.render();
+    assert_eq!(
+        counter(
+            &text,
+            r#"portico_edge_stalled_responses_total{reason="timeout"}"#
+        ),
+        8,
+        "{text}"
+    );
+    assert_eq!(
+        counter(
+            &text,
+            r#"portico_edge_requests_total{app="hr",code="ClientStalled",status="200"}"#
+        ),
+        8,
+        "{text}"
+    );
+    drop((readers, held));
+    shutdown.cancel();
+    tokio::time::timeout(DEADLINE, edge.wait()).await??;
+    Ok(())
+}
+
+/// Over its client's stall budget, a newly stalled response is reset at
+/// once (after the one-second detection), not after the stall time.
+#[tokio::test]
+async fn a_client_over_its_stall_budget_is_reset_early() -> anyhow::Result<()> {
+    let pki = Pki::new("test CA")?;
+    let shutdown = CancellationToken::new();
+    let edge = test_edge_with(&pki, &shutdown, |c| {
+        c.stall_timeout = Duration::from_secs(600);
+        c.max_stalled_per_client = 2;
+    })
+    .await?;
+    let ep = quic_client(&pki, pki.connector("c-1")?)?;
+    let conn = dial(&ep, edge.tunnel_addr).await?;
+    let _control = handshake(&conn, "c-1").await?;
+    let (tx, mut stopped) = tokio::sync::mpsc::unbounded_channel();
+    fake_connector_full(
+        conn.clone(),
+        "c-1",
+        Arc::new(tokio::sync::Notify::new()),
+        tx,
+    );
+    wait_until("the tunnel to attach", || edge.tunnel_count() == 1).await?;
+    let mut readers = Vec::new();
+    for _ in 0..3 {
+        let mut tls = raw_tls(&pki, edge.public_addr, "hr.apps.test").await?;
+        tls.write_all(b"GET /big HTTP/1.1\r\nhost: hr.apps.test\r\n\r\n")
+            .await?;
+        readers.push(tls);
+    }
+    let code = tokio::time::timeout(DEADLINE, stopped.recv())
+        .await?
+        .context("connector reported")?;
+    assert_eq!(code.map(CloseCode::from_wire), Some(CloseCode::Stalled));
+    let text = edge.shared.metrics.render();
+    assert_eq!(
+        counter(
+            &text,
+            r#"portico_edge_stalled_responses_total{reason="over_budget"}"#
+        ),
+        1,
+        "{text}"
+    );
+    assert_eq!(
+        edge.shared.metrics.streams.get(),
+        2,
+        "two stay within the budget"
+    );
+    drop(readers);
     shutdown.cancel();
     tokio::time::timeout(DEADLINE, edge.wait()).await??;
     Ok(())

@@ -37,6 +37,7 @@ const CONNECTOR_BIDI_STREAMS: u32 = 8;
 pub(crate) fn server_config(
     cert: Arc<CertStore>,
     ca_pem: &str,
+    receive_window: u64,
 ) -> Result<quinn::ServerConfig, Error> {
     let verifier = pki::client_verifier(ca_pem, false)?;
     let mut tls = rustls::ServerConfig::builder_with_provider(pki::provider())
@@ -50,7 +51,8 @@ pub(crate) fn server_config(
     tls.alpn_protocols = vec![portico_proto::ALPN.to_vec()];
     tls.max_early_data_size = 0; // no 0-RTT: a replayed stream head must not reach a backend
     let mut sc = quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(tls)?));
-    let t = portico_agent::quic::tunnel_transport(CONNECTOR_BIDI_STREAMS);
+    let mut t = portico_agent::quic::tunnel_transport(CONNECTOR_BIDI_STREAMS);
+    t.receive_window(quinn::VarInt::from_u64(receive_window).unwrap_or(quinn::VarInt::MAX));
     sc.transport_config(Arc::new(t));
     Ok(sc)
 }

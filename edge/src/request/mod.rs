@@ -17,7 +17,7 @@
 
 mod error;
 mod record;
-mod relay;
+pub(crate) mod relay;
 mod upstream;
 
 use std::sync::Arc;
@@ -28,11 +28,13 @@ use http::{HeaderMap, Method, Request, Response, Version};
 use http_body_util::{BodyExt, Full};
 use portico_proto::api::App;
 use portico_proto::RequestId;
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 pub(crate) use error::{Fault, ProxyError, Retry};
 pub(crate) use record::{AccessLog, Record};
 
+use crate::client_conn::ClientConn;
 use crate::pages::{self, REQUEST_ID_HEADER};
 use crate::routing::{normalize_host, RoutingTable};
 use crate::Shared;
@@ -60,18 +62,14 @@ impl<T> RequestBody for T where
 {
 }
 
-/// Where a request came from.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Client {
-    pub(crate) addr: std::net::SocketAddr,
-}
-
 /// Serves one request of any protocol: never fails, always carries a
-/// request id, and is recorded once (see [`Record`]).
+/// request id, and is recorded once (see [`Record`]). `abort`, for an
+/// HTTP/3 request, is cancelled if its response stalls.
 pub(crate) async fn handle<B: RequestBody>(
     req: Request<B>,
     shared: Arc<Shared>,
-    client: Client,
+    conn: Arc<ClientConn>,
+    abort: Option<CancellationToken>,
 ) -> Response<Body> {
     let request_id = RequestId(fastrand::u128(..));
     let span = tracing::info_span!("request", request.id = %request_id, app = tracing::field::Empty, method = %req.method(), version = ?req.version());
@@ -79,16 +77,16 @@ pub(crate) async fn handle<B: RequestBody>(
         let mut record = Record::new(
             &req,
             request_id,
-            client.addr,
+            &conn,
             Arc::clone(&shared.metrics),
             shared.access_log,
         );
         // Kept for the error page: the request itself moves on.
         let accept = accept_headers(req.headers());
-        let mut resp = match proxy(req, &shared, client, &mut record).await {
+        let mut resp = match proxy(req, &shared, &conn, &mut record).await {
             // A streamed body carries the record, and records the request
             // when it ends or is dropped.
-            Ok(relayed) => relayed.into_response(record, &shared),
+            Ok(relayed) => relayed.into_response(record, &shared, &conn, abort),
             Err(e) => {
                 let code = e.code();
                 match e.fault() {
@@ -115,7 +113,7 @@ pub(crate) async fn handle<B: RequestBody>(
 async fn proxy<B: RequestBody>(
     req: Request<B>,
     shared: &Shared,
-    client: Client,
+    conn: &ClientConn,
     record: &mut Record,
 ) -> Result<upstream::Relayed, ProxyError> {
     let table = shared.table.load_full();
@@ -123,7 +121,7 @@ async fn proxy<B: RequestBody>(
     tracing::Span::current().record("app", app.id.as_str());
     record.app = Some(Arc::clone(&app));
     admit(&req, &app)?;
-    upstream::forward(req, &app, shared, client, record).await
+    upstream::forward(req, &app, shared, conn.addr, record).await
 }
 
 /// Phase 1: the app published at the request's host.

@@ -15,6 +15,7 @@ use http::{HeaderValue, Method, StatusCode, Uri, Version};
 use portico_proto::api::App;
 use portico_proto::{ConnectorId, ErrorCode, RequestId, TunnelId};
 
+use crate::client_conn::{ClientConn, RequestGuard};
 use crate::metrics::Metrics;
 use crate::request::error::Fault;
 
@@ -46,16 +47,19 @@ pub(crate) struct Record {
     attempts: u8,
     /// The response body ran to its end.
     complete: bool,
+    /// The request in flight on its connection.
+    conn: RequestGuard,
 }
 
 impl Record {
     pub(crate) fn new<B>(
         req: &http::Request<B>,
         id: RequestId,
-        client: SocketAddr,
+        conn: &Arc<ClientConn>,
         metrics: Arc<Metrics>,
         log: AccessLog,
     ) -> Record {
+        let client = conn.addr;
         Record {
             metrics,
             log,
@@ -75,6 +79,7 @@ impl Record {
             upstream: None,
             attempts: 0,
             complete: false,
+            conn: conn.request_started(),
         }
     }
 
@@ -142,6 +147,11 @@ impl Drop for Record {
         if self.status.is_none() || (!self.complete && self.code.is_none()) {
             self.code = Some(ErrorCode::ClientClosed);
             self.fault = Some(Fault::Client);
+        }
+        if self.status.is_none() {
+            // Cancelled before its response: charged to the client's
+            // budget of such cancels (HTTP/2 rapid reset).
+            self.conn.conn.cancelled_early(&self.metrics);
         }
         let status = self.status.unwrap_or(portico_proto::error::CLIENT_CLOSED);
         let code = self.code.map_or("", ErrorCode::as_str);

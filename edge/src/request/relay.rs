@@ -20,8 +20,11 @@ use prometheus::IntCounter;
 use quinn::{RecvStream, SendStream};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
+use crate::client_conn::ClientConn;
 use crate::request::{BoxError, Fault, Record, RequestBody};
+use crate::stall::{now_us, Response, StallBudget, StreamSlot};
 use crate::tunnels::StreamGuard;
+use crate::Shared;
 
 /// The largest chunk read from a QUIC stream at once.
 const CHUNK: usize = 64 * 1024;
@@ -241,11 +244,15 @@ impl Drop for ActiveStream {
 }
 
 /// The response body: chunks read from the QUIC stream as the client takes
-/// them. It owns the request's [`Record`], so the request is recorded when
-/// the body ends or is dropped.
+/// them. Its stream, guards and the request's [`Record`] sit in a
+/// [`StreamSlot`] that the connection's stall check watches; the request
+/// is recorded when the body ends, is dropped, or is reset for stalling.
 pub(crate) struct ResponseBody {
-    inflight: Inflight,
-    record: Record,
+    slot: Arc<StreamSlot>,
+    key: usize,
+    conn: Arc<ClientConn>,
+    stalls: Arc<StallBudget>,
+    done: bool,
     bytes_out: IntCounter,
     /// What is left of a `Content-Length`: the client reads no further
     /// (HTTP/1.1 frames the response by it), so the body ends there.
@@ -259,17 +266,34 @@ impl ResponseBody {
     pub(crate) fn new(
         mut inflight: Inflight,
         mut record: Record,
-        bytes_out: IntCounter,
         length: Option<u64>,
+        shared: &Shared,
+        conn: &Arc<ClientConn>,
+        abort: Option<CancellationToken>,
     ) -> Self {
-        if length == Some(0) {
-            inflight.done = true;
+        let recv = inflight.recv.take().expect("a response has its stream");
+        // The stream is the slot's from now on; `inflight` keeps the guards.
+        inflight.done = true;
+        let done = length == Some(0);
+        if done {
             record.complete();
         }
+        let slot = Arc::new(StreamSlot::new(
+            Response {
+                recv,
+                inflight,
+                record,
+            },
+            abort,
+        ));
+        let key = conn.watch(Arc::clone(&slot));
         ResponseBody {
-            inflight,
-            record,
-            bytes_out,
+            slot,
+            key,
+            conn: Arc::clone(conn),
+            stalls: Arc::clone(&shared.stalls),
+            done,
+            bytes_out: shared.metrics.bytes_out.clone(),
             remaining: length,
         }
     }
@@ -284,42 +308,54 @@ impl HttpBody for ResponseBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<BodyFrame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        let Some(recv) = this.inflight.recv.as_mut() else {
-            return Poll::Ready(None);
-        };
-        if this.inflight.done {
+        if this.done {
             return Poll::Ready(None);
         }
+        this.slot.asked(&this.stalls, &this.conn.permit);
+        let mut state = this.slot.state();
+        let Some(response) = state.as_mut() else {
+            // Reset by the stall check.
+            this.done = true;
+            return Poll::Ready(Some(Err(BoxError::from(
+                "the client stopped reading; the response was reset",
+            ))));
+        };
         // `read_chunk` is cancel safe: a fresh future per poll loses
         // nothing, and its waker registration is the stream's.
-        let read = recv.read_chunk(CHUNK, true);
-        let read = std::pin::pin!(read);
-        match read.poll(cx) {
+        let polled = std::pin::pin!(response.recv.read_chunk(CHUNK, true)).poll(cx);
+        match polled {
             Poll::Pending => Poll::Pending,
             Poll::Ready(Ok(Some(chunk))) => {
                 let n = chunk.bytes.len() as u64;
                 this.bytes_out.inc_by(n);
-                this.record.add_bytes_out(n);
+                response.record.add_bytes_out(n);
                 if let Some(rem) = this.remaining.as_mut() {
                     *rem = rem.saturating_sub(n);
                     if *rem == 0 {
                         // The last byte the client will read: the stream's
                         // FIN is not waited for.
-                        this.inflight.done = true;
-                        this.record.complete();
+                        this.done = true;
+                        response.record.complete();
                     }
                 }
+                drop(state);
+                this.slot.handed_out(now_us());
                 Poll::Ready(Some(Ok(BodyFrame::data(chunk.bytes))))
             }
             Poll::Ready(Ok(None)) => {
-                this.inflight.done = true;
-                this.record.complete();
+                this.done = true;
+                response.record.complete();
+                // Recorded now.
+                let ended = state.take();
+                drop(state);
+                drop(ended);
                 Poll::Ready(None)
             }
             Poll::Ready(Err(e)) => {
                 tracing::info!(error = %e, "response body stream failed");
-                this.inflight.done = true;
-                this.record
+                this.done = true;
+                response
+                    .record
                     .failed(ErrorCode::ConnectorNotFound, Fault::Connector);
                 Poll::Ready(Some(Err(BoxError::from(e))))
             }
@@ -327,13 +363,27 @@ impl HttpBody for ResponseBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inflight.done
+        self.done
     }
 
     fn size_hint(&self) -> http_body::SizeHint {
         match self.remaining {
             Some(n) => http_body::SizeHint::with_exact(n),
             None => http_body::SizeHint::default(),
+        }
+    }
+}
+
+impl Drop for ResponseBody {
+    fn drop(&mut self) {
+        self.conn.unwatch(self.key, &self.slot);
+        self.slot.uncharge(&self.stalls, &self.conn.permit);
+        let response = self.slot.state().take();
+        if let Some(Response { mut recv, .. }) = response {
+            if !self.done {
+                // The client left mid-body.
+                let _ = recv.stop(CloseCode::Cancelled.to_wire().into());
+            }
         }
     }
 }

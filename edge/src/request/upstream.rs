@@ -14,11 +14,12 @@ use portico_proto::io::{read_frame, ReadError};
 use portico_proto::{CloseCode, Frame, HeadExtensionsRef, ResponseHead, StreamHeadRef, StreamKind};
 use tokio::task::JoinHandle;
 
+use crate::client_conn::ClientConn;
 use crate::request::relay::{
     self, forward_headers, is_websocket, response_headers, AckWatch, ActiveStream, BodySource,
     Inflight, PumpEnd, Pumped, ResponseBody,
 };
-use crate::request::{Body, Client, ProxyError, Record, RequestBody, Retry};
+use crate::request::{Body, ProxyError, Record, RequestBody, Retry};
 use crate::tunnels::Tunnel;
 use crate::Shared;
 
@@ -62,7 +63,7 @@ pub(crate) async fn forward<B: RequestBody>(
     mut req: Request<B>,
     app: &Arc<App>,
     shared: &Shared,
-    client: Client,
+    client: std::net::SocketAddr,
     record: &mut Record,
 ) -> Result<Relayed, ProxyError> {
     let websocket = is_websocket(&req);
@@ -83,7 +84,7 @@ pub(crate) async fn forward<B: RequestBody>(
         authority: authority_of(req.uri(), &headers),
         path: req.uri().path_and_query().map_or("/", |p| p.as_str()),
         headers: &headers,
-        client_addr: client.addr,
+        client_addr: client,
         identity: None,
         ext: HeadExtensionsRef::NONE,
         timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
@@ -172,7 +173,13 @@ pub(crate) struct Relayed {
 impl Relayed {
     /// The response: its body streams from the tunnel and carries the
     /// record; a `101` starts the pipe, which carries it instead.
-    pub(crate) fn into_response(self, mut record: Record, shared: &Shared) -> Response<Body> {
+    pub(crate) fn into_response(
+        self,
+        mut record: Record,
+        shared: &Shared,
+        conn: &Arc<ClientConn>,
+        abort: Option<tokio_util::sync::CancellationToken>,
+    ) -> Response<Body> {
         record.responded(self.status, None, None);
         let mut resp = Response::new(());
         *resp.status_mut() = self.status;
@@ -203,12 +210,7 @@ impl Relayed {
                         .and_then(|v| v.to_str().ok())
                         .and_then(|v| v.trim().parse::<u64>().ok())
                 };
-                let body = ResponseBody::new(
-                    self.inflight,
-                    record,
-                    shared.metrics.bytes_out.clone(),
-                    length,
-                );
+                let body = ResponseBody::new(self.inflight, record, length, shared, conn, abort);
                 resp.map(|()| body.boxed_unsync())
             }
         }
