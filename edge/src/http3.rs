@@ -10,7 +10,7 @@
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{ready, Context, Poll};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes};
@@ -276,7 +276,11 @@ async fn serve_request(
         }
     };
     let (mut send, recv) = stream.split();
-    let req = req.map(|()| H3Body { recv, done: false });
+    let req = req.map(|()| H3Body {
+        recv,
+        done: false,
+        reading: false,
+    });
     // Cancelled by the stall check if the client stops reading.
     let stalled = tokio_util::sync::CancellationToken::new();
     let resp = tokio::select! {
@@ -338,6 +342,10 @@ async fn serve_request(
 struct H3Body {
     recv: h3::server::RequestStream<h3_quinn::RecvStream, Bytes>,
     done: bool,
+    /// The last poll was pending: h3-quinn then holds the QUIC stream in
+    /// its read future, and its `stop_sending` would panic on the empty
+    /// slot (h3-quinn 0.0.10), so the drop leaves the stop to quinn.
+    reading: bool,
 }
 
 impl http_body::Body for H3Body {
@@ -351,7 +359,11 @@ impl http_body::Body for H3Body {
         if self.done {
             return Poll::Ready(None);
         }
-        let r = ready!(self.recv.poll_recv_data(cx));
+        let Poll::Ready(r) = self.recv.poll_recv_data(cx) else {
+            self.reading = true;
+            return Poll::Pending;
+        };
+        self.reading = false;
         Poll::Ready(match r {
             Ok(Some(mut buf)) => Some(Ok(http_body::Frame::data(
                 buf.copy_to_bytes(buf.remaining()),
@@ -374,7 +386,9 @@ impl http_body::Body for H3Body {
 
 impl Drop for H3Body {
     fn drop(&mut self) {
-        if !self.done {
+        // While a read is pending, dropping the stream stops it (quinn
+        // sends STOP_SENDING for an unfinished stream it drops).
+        if !self.done && !self.reading {
             // The answer is complete without the rest of the upload.
             self.recv.stop_sending(Code::H3_NO_ERROR);
         }
