@@ -85,6 +85,7 @@ async fn a_killed_connector_gives_connector_not_found_and_comes_back_from_its_st
     )
     .await;
     let request_id = r.header("x-portico-request-id").unwrap();
+    let connector_id = listening(&child, "connector").await;
     // The request id the edge gave the user is in the connector's log line.
     eventually(
         "the connector logs the request id",
@@ -127,6 +128,20 @@ async fn a_killed_connector_gives_connector_not_found_and_comes_back_from_its_st
         "{}",
         r.text()
     );
+    // `connector list` follows the edge's report: once the edge has
+    // dropped the dead tunnel, the connector is inactive.
+    eventually(
+        "the killed connector is listed inactive",
+        Duration::from_secs(60),
+        || async {
+            let (ok, out, _) = cli(&s, &["connector", "list", "--json"]).await;
+            assert!(ok, "{out}");
+            let list: Vec<portico_proto::api::Connector> = serde_json::from_str(&out).unwrap();
+            let c = list.iter().find(|c| c.id.as_str() == connector_id)?;
+            (c.status == portico_proto::api::Status::Inactive && c.edges.is_empty()).then_some(())
+        },
+    )
+    .await;
 
     // Same state directory, no token: it serves again.
     let child = Child::spawn(&args);

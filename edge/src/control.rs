@@ -24,8 +24,9 @@ const CONFIG_FILE: &str = "edge-config.json";
 const PUBLIC_CERT_FILE: &str = "public-cert.json";
 /// How long one config long-poll waits on the router.
 const WATCH_WAIT: Duration = Duration::from_secs(25);
-/// How often presence is reported without a tunnel change.
-const REPORT_EVERY: Duration = Duration::from_secs(5);
+/// How often presence is reported without a tunnel change; the router
+/// counts a report for three of these.
+const REPORT_EVERY: Duration = portico_proto::api::EDGE_REPORT_INTERVAL;
 /// How long tunnel changes are gathered before a report.
 const REPORT_DEBOUNCE: Duration = Duration::from_millis(200);
 

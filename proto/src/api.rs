@@ -629,7 +629,10 @@ pub struct TokenInfo {
     pub revoked_at: Option<u64>,
 }
 
-/// Whether a connector or edge has been seen recently (within 30 s).
+/// Whether a connector or edge is up, as the edges' reports say: a
+/// connector is active while the latest fresh report of at least one edge
+/// lists it, an edge while its own latest report is fresh. A report is
+/// fresh for [`REPORT_FRESH_INTERVALS`] × [`EDGE_REPORT_INTERVAL`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Status {
@@ -637,8 +640,12 @@ pub enum Status {
     Inactive,
 }
 
-/// The seconds after which an unseen connector or edge is inactive.
-pub const ACTIVE_WINDOW_SECS: u64 = 30;
+/// How often an edge posts an [`EdgeReport`] when nothing changes (it also
+/// posts one as soon as a tunnel comes or goes).
+pub const EDGE_REPORT_INTERVAL: Duration = Duration::from_secs(5);
+
+/// How many report intervals an edge's latest report counts for.
+pub const REPORT_FRESH_INTERVALS: u32 = 3;
 
 /// An enrolled connector.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

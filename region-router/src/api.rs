@@ -3,9 +3,8 @@
 //! presence and renewal endpoints of edges and connectors (client
 //! certificate).
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use axum::extract::{
     DefaultBodyLimit, FromRequest, FromRequestParts, MatchedPath, Path, RawQuery, Request, State,
@@ -31,6 +30,7 @@ use crate::ca::{Ca, CsrError, Issued, Profile};
 use crate::config::{check_dns_name, Config};
 use crate::error::StoreError;
 use crate::metrics::Metrics;
+use crate::presence::Presence;
 use crate::store::{
     AppRecord, CertInfo, ConnectorRecord, ConnectorSeen, EdgeRecord, EdgeSeen, GroupRecord, Store,
     TokenRecord,
@@ -58,18 +58,11 @@ pub(crate) struct AppState {
     /// SHA-256 of the admin token; the token itself is not kept here.
     pub admin_hash: [u8; 32],
     pub version: watch::Sender<u64>,
-    pub presence: Mutex<HashMap<EdgeId, EdgePresence>>,
+    /// The edges' latest reports: where connectors are attached.
+    pub presence: Mutex<Presence>,
     pub metrics: Metrics,
     pub shutdown: CancellationToken,
     pub tracker: TaskTracker,
-}
-
-/// The connectors in an edge's latest report.
-#[derive(Debug, Clone)]
-pub(crate) struct EdgePresence {
-    pub at: u64,
-    /// Each attached connector and its tunnel count on that edge.
-    pub connectors: Vec<(ConnectorId, u32)>,
 }
 
 pub(crate) type SharedState = Arc<AppState>;
@@ -80,6 +73,11 @@ pub(crate) type SharedState = Arc<AppState>;
 pub(crate) struct Peer(pub Option<Identity>);
 
 impl AppState {
+    fn presence(&self) -> std::sync::MutexGuard<'_, Presence> {
+        // Every change is one assignment, so a poisoned lock holds whole data.
+        self.presence.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Runs a store call on a blocking thread.
     async fn db<T, F>(&self, f: F) -> Result<T, ApiFail>
     where
@@ -514,12 +512,8 @@ fn host_port(field: &str, value: &str) -> Result<(), ApiFail> {
     }
 }
 
-fn is_active(last_seen: Option<u64>, now: u64) -> bool {
-    last_seen.is_some_and(|t| now.saturating_sub(t) <= api::ACTIVE_WINDOW_SECS)
-}
-
-fn status(last_seen: Option<u64>, now: u64) -> Status {
-    if is_active(last_seen, now) {
+fn status(active: bool) -> Status {
+    if active {
         Status::Active
     } else {
         Status::Inactive
@@ -852,7 +846,7 @@ async fn connector_config(
     }
     let rec = live_connector(&state, &connector.id).await?;
     let config = state.config.clone();
-    let now = util::now_unix();
+    let active = state.presence().active_edges(Instant::now());
     let snapshot = state
         .db(move |s| {
             let version = s.config_version()?;
@@ -871,7 +865,7 @@ async fn connector_config(
                 .filter(|e| e.deleted_at.is_none())
                 .filter(|e| region.as_ref().is_none_or(|r| *r == e.region))
                 .filter_map(|e| {
-                    let active = is_active(e.last_seen, now);
+                    let active = active.contains(&e.id);
                     e.tunnel_addr.map(|tunnel_addr| {
                         (
                             active,
@@ -1007,16 +1001,8 @@ async fn edge_report(
             }
         })?;
     state
-        .presence
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .insert(
-            edge.id.clone(),
-            EdgePresence {
-                at: now,
-                connectors: ids,
-            },
-        );
+        .presence()
+        .report(edge.id.clone(), ids, Instant::now());
     if let Some(version) = bumped {
         tracing::info!(edge = %edge.id, tunnel_addr = %report.tunnel_addr, version, "edge address changed");
         state.publish(version);
@@ -1431,41 +1417,22 @@ async fn list_connectors(
     _: Admin,
 ) -> Result<axum::Json<Vec<Connector>>, ApiFail> {
     let records = state.db(|s| s.list_connectors()).await?;
-    let now = util::now_unix();
-    let presence = state
-        .presence
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone();
+    let now = Instant::now();
+    let presence = state.presence();
     let list = records
         .into_iter()
         .filter(|c| c.deleted_at.is_none())
         .map(|c| {
-            // Edges whose latest (recent) report includes it, and the
-            // tunnels it holds across them.
-            let mut edges = Vec::new();
-            let mut tunnels = 0u32;
-            for (edge, p) in presence.iter().filter(|(_, p)| is_active(Some(p.at), now)) {
-                if let Some((_, n)) = p.connectors.iter().find(|(id, _)| *id == c.id) {
-                    edges.push(edge.clone());
-                    tunnels = tunnels.saturating_add(*n);
-                }
-            }
-            edges.sort();
-            let tunnels = if edges.is_empty() && is_active(c.last_seen, now) {
-                c.tunnels
-            } else {
-                tunnels
-            };
+            let attached = presence.connector(&c.id, now);
             Connector {
-                status: status(c.last_seen, now),
+                status: status(attached.is_active()),
                 id: c.id,
                 group: c.group,
                 version: c.version,
                 host: c.host,
                 address_seen: c.address_seen,
-                edges,
-                tunnels,
+                edges: attached.edges,
+                tunnels: attached.tunnels,
                 last_seen: c.last_seen,
                 enrolled_at: c.enrolled_at,
                 cert_serial: c.cert.serial,
@@ -1505,11 +1472,7 @@ async fn delete_edge(
         })
         .await?;
     // Its reports no longer count for connector status.
-    state
-        .presence
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .remove(&eid);
+    state.presence().remove(&eid);
     state.publish(version);
     tracing::info!(edge = %id, version, "deleted (revoked) edge");
     Ok(StatusCode::NO_CONTENT)
@@ -1520,13 +1483,14 @@ async fn list_edges(
     _: Admin,
 ) -> Result<axum::Json<Vec<Edge>>, ApiFail> {
     let records = state.db(|s| s.list_edges()).await?;
-    let now = util::now_unix();
+    let now = Instant::now();
+    let presence = state.presence();
     Ok(axum::Json(
         records
             .into_iter()
             .filter(|e| e.deleted_at.is_none())
             .map(|e| Edge {
-                status: status(e.last_seen, now),
+                status: status(presence.edge_is_active(&e.id, now)),
                 id: e.id,
                 region: e.region,
                 host: e.host,
@@ -1543,46 +1507,32 @@ async fn list_edges(
 
 /// Refreshes the connector and edge gauges (at each scrape).
 pub(crate) fn refresh_gauges(state: &AppState) {
-    let now = util::now_unix();
-    let (mut active, mut inactive) = (0i64, 0i64);
-    if let Ok(list) = state.store.list_connectors() {
-        for c in list.iter().filter(|c| c.deleted_at.is_none()) {
-            if is_active(c.last_seen, now) {
-                active += 1;
-            } else {
-                inactive += 1;
-            }
-        }
-        state
-            .metrics
-            .connectors
+    let now = Instant::now();
+    let (Ok(connectors), Ok(edges)) = (state.store.list_connectors(), state.store.list_edges())
+    else {
+        return;
+    };
+    let presence = state.presence();
+    let connectors = connectors
+        .iter()
+        .filter(|c| c.deleted_at.is_none())
+        .map(|c| presence.connector(&c.id, now).is_active());
+    let edges = edges
+        .iter()
+        .filter(|e| e.deleted_at.is_none())
+        .map(|e| presence.edge_is_active(&e.id, now));
+    for (gauge, statuses) in [
+        (&state.metrics.connectors, connectors.collect::<Vec<_>>()),
+        (&state.metrics.edges, edges.collect()),
+    ] {
+        let active = statuses.iter().filter(|a| **a).count();
+        let inactive = statuses.len() - active;
+        gauge
             .with_label_values(&["active"])
-            .set(active);
-        state
-            .metrics
-            .connectors
+            .set(i64::try_from(active).unwrap_or(i64::MAX));
+        gauge
             .with_label_values(&["inactive"])
-            .set(inactive);
-    }
-    let (mut active, mut inactive) = (0i64, 0i64);
-    if let Ok(list) = state.store.list_edges() {
-        for e in list.iter().filter(|e| e.deleted_at.is_none()) {
-            if is_active(e.last_seen, now) {
-                active += 1;
-            } else {
-                inactive += 1;
-            }
-        }
-        state
-            .metrics
-            .edges
-            .with_label_values(&["active"])
-            .set(active);
-        state
-            .metrics
-            .edges
-            .with_label_values(&["inactive"])
-            .set(inactive);
+            .set(i64::try_from(inactive).unwrap_or(i64::MAX));
     }
 }
 

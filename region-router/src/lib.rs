@@ -11,7 +11,6 @@
 //! It does not carry user traffic, hold tunnels, or serve DNS or a web
 //! console; it runs one region and has no etcd store yet.
 
-use std::collections::HashMap;
 use std::fs;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
@@ -29,6 +28,7 @@ pub mod ca;
 mod config;
 pub mod error;
 mod metrics;
+mod presence;
 mod server;
 pub mod store;
 mod util;
@@ -191,7 +191,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Handle
         ca,
         admin_hash: util::sha256(admin_token.as_bytes()),
         version: version_tx,
-        presence: Mutex::new(HashMap::new()),
+        presence: Mutex::new(presence::Presence::default()),
         metrics,
         shutdown: shutdown.clone(),
         tracker: tracker.clone(),

@@ -1537,3 +1537,78 @@ async fn a_token_of_the_wrong_kind_is_refused_before_it_is_used() -> anyhow::Res
     );
     stop(h, shutdown).await
 }
+
+#[tokio::test]
+async fn a_connector_is_inactive_as_soon_as_no_edge_report_lists_it() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (h, shutdown) = start(dir.path(), |_| {}).await?;
+    let admin = admin(&h)?;
+    let (a, a_id) = enroll_edge(&h, &admin).await?;
+    let (b, b_id) = enroll_edge(&h, &admin).await?;
+    let token = create_token(
+        &admin,
+        TokenScope::Connector {
+            group: GroupId::default_group(),
+        },
+    )
+    .await?;
+    let (_, answer) = enroll(&h, &token.token).await?;
+    let Identity::Connector { id: conn_id, .. } = answer.identity else {
+        bail!("expected a connector identity");
+    };
+    let status = || async {
+        let list: Vec<Connector> = admin.get_json("/v1/connectors").await?;
+        let c = list.into_iter().next().context("one connector")?;
+        anyhow::Ok((c.status, c.edges, c.tunnels))
+    };
+    assert_eq!(
+        status().await?,
+        (Status::Inactive, vec![], 0),
+        "never reported"
+    );
+    let edges: Vec<Edge> = admin.get_json("/v1/edges").await?;
+    assert!(
+        edges.iter().all(|e| e.status == Status::Inactive),
+        "{edges:?}"
+    );
+
+    a.post_empty("/v1/edge/report", &report("127.0.0.1:4001", &conn_id))
+        .await?;
+    b.post_empty("/v1/edge/report", &report("127.0.0.1:4002", &conn_id))
+        .await?;
+    let mut both = vec![a_id.clone(), b_id.clone()];
+    both.sort();
+    assert_eq!(status().await?, (Status::Active, both, 2));
+    let edges: Vec<Edge> = admin.get_json("/v1/edges").await?;
+    assert!(
+        edges.iter().all(|e| e.status == Status::Active),
+        "{edges:?}"
+    );
+
+    // Edge a's next report leaves it out: b still lists it.
+    let empty = |addr: &str| EdgeReport {
+        tunnels: vec![],
+        ..report(addr, &conn_id)
+    };
+    a.post_empty("/v1/edge/report", &empty("127.0.0.1:4001"))
+        .await?;
+    assert_eq!(status().await?, (Status::Active, vec![b_id.clone()], 1));
+    // And b's: inactive at once, with no window to wait out.
+    b.post_empty("/v1/edge/report", &empty("127.0.0.1:4002"))
+        .await?;
+    let (st, edges, tunnels) = status().await?;
+    assert_eq!((st, edges, tunnels), (Status::Inactive, vec![], 0));
+    let listed: Vec<Connector> = admin.get_json("/v1/connectors").await?;
+    assert!(
+        listed[0].last_seen.is_some(),
+        "when it was last seen is kept"
+    );
+    let (_, text) = plain_get(h.metrics_addr.context("metrics")?, "/metrics").await?;
+    assert!(
+        text.contains(r#"portico_router_connectors{status="inactive"} 1"#)
+            && text.contains(r#"portico_router_connectors{status="active"} 0"#)
+            && text.contains(r#"portico_router_edges{status="active"} 2"#),
+        "{text}"
+    );
+    stop(h, shutdown).await
+}
