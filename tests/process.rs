@@ -656,3 +656,32 @@ async fn a_token_of_the_wrong_kind_is_refused_by_the_cli_and_stays_usable() {
     drop((edge, connector));
     s.stop().await;
 }
+
+#[tokio::test]
+async fn the_router_will_not_start_on_a_data_directory_others_can_open() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o750)).unwrap();
+    let out = tokio::process::Command::new(BIN)
+        .args(["router", "--listen", "127.0.0.1:0", "--data"])
+        .arg(&data)
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let fix = format!("chmod 700 {}", data.display());
+    assert_eq!(
+        err.matches(&fix).count(),
+        1,
+        "said once, with the fix: {err}"
+    );
+    assert!(err.contains("mode 0750"), "{err}");
+    assert_eq!(
+        std::fs::read_dir(&data).unwrap().count(),
+        0,
+        "nothing is created in it"
+    );
+}

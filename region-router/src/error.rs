@@ -35,6 +35,12 @@ pub enum Error {
     },
     #[error("admin token in {} is malformed (expected 64 hex digits)", path.display())]
     BadAdminToken { path: PathBuf },
+    #[error(
+        "{} has mode {mode:04o}, open to group or others; the router keeps its CA key and admin token private and will not start: run `chmod {fix:o} {}` (if others could read ca.key, treat the CA as exposed)",
+        path.display(),
+        path.display()
+    )]
+    InsecurePermissions { path: PathBuf, mode: u32, fix: u32 },
     #[error("TLS setup failed: {reason}")]
     Tls { reason: String },
     #[error("metrics setup failed: {0}")]

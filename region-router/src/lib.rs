@@ -229,20 +229,51 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Handle
     })
 }
 
-/// Creates the data directory (0700) when it does not exist.
+/// Creates the data directory (0700) when it does not exist, and refuses
+/// a data directory, `ca.key` or `admin-token` that group or others may
+/// open.
+///
+/// Refusing rather than repairing is the choice: a key that others could
+/// read may already have been copied, which a `chmod` would hide. The error
+/// says which file, its mode, and the command that fixes it.
 fn prepare_dir(dir: &Path) -> Result<(), Error> {
-    if dir.is_dir() {
-        return Ok(());
+    if !dir.is_dir() {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|source| Error::Io {
+                action: "create",
+                path: dir.to_path_buf(),
+                source,
+            })?;
     }
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(|source| Error::Io {
-            action: "create",
-            path: dir.to_path_buf(),
-            source,
-        })
+    check_private(dir, 0o700)?;
+    for name in ["ca.key", "admin-token"] {
+        let path = dir.join(name);
+        if path.exists() {
+            check_private(&path, 0o600)?;
+        }
+    }
+    Ok(())
+}
+
+/// `InsecurePermissions` when `path` grants group or others any access.
+fn check_private(path: &Path, fix: u32) -> Result<(), Error> {
+    let meta = fs::metadata(path).map_err(|source| Error::Io {
+        action: "inspect",
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        return Err(Error::InsecurePermissions {
+            path: path.to_path_buf(),
+            mode,
+            fix,
+        });
+    }
+    Ok(())
 }
 
 /// Reads `DIR/admin-token`, or creates it (32 random bytes, hex, 0600).
@@ -254,8 +285,6 @@ fn load_or_create_admin_token(dir: &Path) -> Result<(String, PathBuf), Error> {
             if token.len() != 64 || !token.bytes().all(|b| b.is_ascii_hexdigit()) {
                 return Err(Error::BadAdminToken { path });
             }
-            // Tighten the mode in case someone loosened it.
-            let _ = fs::set_permissions(&path, fs::Permissions::from_mode(0o600));
             Ok((token, path))
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {

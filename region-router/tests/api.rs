@@ -31,6 +31,13 @@ async fn start(
     dir: &Path,
     tweak: impl FnOnce(&mut Config),
 ) -> anyhow::Result<(Handle, CancellationToken)> {
+    // A data directory of the operator's own is private, as
+    // `install -d -m 700` makes it (a bare tempdir is 0755 under umask 022,
+    // which the router refuses).
+    if dir.is_dir() {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
     let mut config = Config::new(dir);
     config.listen = "127.0.0.1:0".parse()?;
     config.metrics_listen = Some("127.0.0.1:0".parse()?);
@@ -1610,5 +1617,53 @@ async fn a_connector_is_inactive_as_soon_as_no_edge_report_lists_it() -> anyhow:
             && text.contains(r#"portico_router_edges{status="active"} 2"#),
         "{text}"
     );
+    stop(h, shutdown).await
+}
+
+#[tokio::test]
+async fn the_router_refuses_a_data_directory_or_secret_others_can_open() -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("data");
+    let (h, shutdown) = start(&data, |_| {}).await?;
+    stop(h, shutdown).await?;
+    let chmod = |path: &Path, mode: u32| {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+    };
+    for (path, loose, fix) in [
+        (data.clone(), 0o755, "chmod 700"),
+        (data.join("ca.key"), 0o640, "chmod 600"),
+        (data.join("admin-token"), 0o604, "chmod 600"),
+    ] {
+        chmod(&path, loose)?;
+        // Not the `start` helper: it makes the directory private first.
+        let mut config = Config::new(&data);
+        config.listen = "127.0.0.1:0".parse()?;
+        let shutdown = CancellationToken::new();
+        let err = match portico_router::start(config, shutdown.clone()).await {
+            Ok(h) => {
+                stop(h, shutdown).await?;
+                bail!("the router started with {} at {loose:o}", path.display());
+            }
+            Err(e) => e,
+        };
+        match &err {
+            portico_router::Error::InsecurePermissions { path: p, mode, .. } => {
+                assert_eq!((p, *mode), (&path, loose));
+            }
+            other => bail!("expected InsecurePermissions, got {other:?}"),
+        }
+        let text = err.to_string();
+        assert!(
+            text.contains(&format!("mode {loose:04o}"))
+                && text.contains(&format!("{fix} {}", path.display())),
+            "{text}"
+        );
+        // Nothing was changed behind the operator's back.
+        let mode = std::fs::metadata(&path)?.permissions().mode() & 0o777;
+        assert_eq!(mode, loose);
+        chmod(&path, if path == data { 0o700 } else { 0o600 })?;
+    }
+    let (h, shutdown) = start(&data, |_| {}).await?;
     stop(h, shutdown).await
 }
