@@ -153,6 +153,13 @@ pub struct RouterArgs {
     /// The public HTTPS port shown in app URLs (default: the port the edges report).
     #[arg(long)]
     pub public_port: Option<u16>,
+    /// Enrollment attempts one source address (an IPv6 /64) may make in a
+    /// row; more get 429 with Retry-After.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..))]
+    pub enroll_burst: u32,
+    /// Enrollment attempts per minute an address regains after its burst.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..))]
+    pub enroll_per_minute: u32,
 }
 
 #[derive(Debug, Args)]

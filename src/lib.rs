@@ -134,6 +134,8 @@ async fn run_router(args: cli::RouterArgs) -> anyhow::Result<()> {
     config.apps_domain = args.apps_domain;
     config.cert_ttl = args.cert_ttl;
     config.public_port = args.public_port;
+    config.enroll_limit.burst = args.enroll_burst;
+    config.enroll_limit.per_minute = args.enroll_per_minute;
     let shutdown = shutdown_on_signal();
     let router = portico_router::start(config, shutdown)
         .await

@@ -910,6 +910,8 @@ async fn start_router(
     rc.listen = listen;
     rc.metrics_listen = None;
     rc.apps_domain = DEV_APPS_DOMAIN.to_owned();
+    // Every edge and connector enrolls from 127.0.0.1, in one go.
+    rc.enroll_limit.burst = u32::try_from(2 * MAX_INSTANCES).unwrap_or(u32::MAX);
     portico_router::start(rc, stop)
         .await
         .context("router failed to start")

@@ -7,7 +7,7 @@
 //! | method | path | auth | body → answer |
 //! |---|---|---|---|
 //! | GET | `/healthz`, `/ready` | none | text |
-//! | POST | `/v1/enroll` | join token in body | [`EnrollRequest`] → [`EnrollResponse`] |
+//! | POST | `/v1/enroll` | join token in body | [`EnrollRequest`] → [`EnrollResponse`]; 429 with `Retry-After` past the per-address limit |
 //! | POST | `/v1/renew` | client cert | [`CsrRequest`] → [`CertResponse`] |
 //! | GET | `/v1/edge/config?after=V&wait=S` | edge cert | → [`EdgeConfig`], or 304 when nothing changed within `wait` |
 //! | POST | `/v1/edge/report` | edge cert | [`EdgeReport`] → 204 |

@@ -31,6 +31,7 @@ use crate::config::{check_dns_name, Config};
 use crate::error::StoreError;
 use crate::metrics::Metrics;
 use crate::presence::Presence;
+use crate::ratelimit::RateLimiter;
 use crate::store::{
     AppRecord, CertInfo, ConnectorRecord, ConnectorSeen, EdgeRecord, EdgeSeen, GroupRecord, Store,
     TokenRecord,
@@ -60,6 +61,8 @@ pub(crate) struct AppState {
     pub version: watch::Sender<u64>,
     /// The edges' latest reports: where connectors are attached.
     pub presence: Mutex<Presence>,
+    /// `POST /v1/enroll` attempts per source address.
+    pub enroll_limiter: RateLimiter,
     pub metrics: Metrics,
     pub shutdown: CancellationToken,
     pub tracker: TaskTracker,
@@ -71,6 +74,11 @@ pub(crate) type SharedState = Arc<AppState>;
 /// extensions by the TLS accept loop.
 #[derive(Debug, Clone)]
 pub(crate) struct Peer(pub Option<Identity>);
+
+/// The TCP peer's address, put into each request's extensions by the TLS
+/// accept loop.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RemoteAddr(pub std::net::SocketAddr);
 
 impl AppState {
     fn presence(&self) -> std::sync::MutexGuard<'_, Presence> {
@@ -256,6 +264,8 @@ fn scopeguard<F: FnOnce()>(f: F) -> impl Drop {
 pub(crate) struct ApiFail {
     status: StatusCode,
     body: ApiError,
+    /// Sent as `Retry-After` (whole seconds, rounded up).
+    retry_after: Option<Duration>,
 }
 
 impl ApiFail {
@@ -272,6 +282,7 @@ impl ApiFail {
                 field: field.map(str::to_owned),
                 message: message.into(),
             },
+            retry_after: None,
         }
     }
     fn invalid(field: &str, message: impl Into<String>) -> ApiFail {
@@ -296,7 +307,14 @@ impl ApiFail {
 
 impl IntoResponse for ApiFail {
     fn into_response(self) -> Response {
-        (self.status, axum::Json(self.body)).into_response()
+        let mut response = (self.status, axum::Json(self.body)).into_response();
+        if let Some(wait) = self.retry_after {
+            let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from(secs.max(1)));
+        }
+        response
     }
 }
 
@@ -349,6 +367,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Json<T> {
                         field,
                         message: format!("malformed JSON body: {inner}"),
                     },
+                    retry_after: None,
                 })
             }
         }
@@ -447,6 +466,49 @@ impl<S: Send + Sync> FromRequestParts<S> for AgentPeer {
     }
 }
 
+/// Leave to attempt an enrollment: the caller's address had a token left
+/// in its bucket. Taken before the body is read, so every attempt counts.
+pub(crate) struct EnrollPermit;
+
+impl FromRequestParts<SharedState> for EnrollPermit {
+    type Rejection = ApiFail;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &SharedState,
+    ) -> Result<EnrollPermit, ApiFail> {
+        let Some(RemoteAddr(remote)) = parts.extensions.get::<RemoteAddr>().copied() else {
+            // Every request through the listener carries it.
+            return Err(ApiFail::internal("no peer address"));
+        };
+        match state.enroll_limiter.check(remote.ip(), Instant::now()) {
+            Ok(()) => Ok(EnrollPermit),
+            Err(wait) => {
+                state
+                    .metrics
+                    .enrollments
+                    .with_label_values(&["unknown", "rate_limited"])
+                    .inc();
+                // Debug, not warn: a flood must not flood the log too; the
+                // metric counts every refusal.
+                tracing::debug!(remote = %remote.ip(), retry_after = ?wait, "enrollment rate-limited");
+                let mut fail = ApiFail::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate_limited",
+                    None,
+                    format!(
+                        "too many enrollment attempts from {}; try again in {} s",
+                        remote.ip(),
+                        wait.as_secs() + u64::from(wait.subsec_nanos() > 0)
+                    ),
+                );
+                fail.retry_after = Some(wait);
+                Err(fail)
+            }
+        }
+    }
+}
+
 /// `?after=V&wait=S` of a long-poll.
 struct WatchQuery {
     after: u64,
@@ -524,6 +586,7 @@ fn status(active: bool) -> Status {
 
 async fn enroll(
     State(state): State<SharedState>,
+    _: EnrollPermit,
     Json(req): Json<EnrollRequest>,
 ) -> Result<Response, ApiFail> {
     let result = enroll_inner(&state, req).await;

@@ -7,6 +7,7 @@ use std::time::Duration;
 use portico_proto::ids::RegionId;
 
 use crate::error::Error;
+use crate::ratelimit::EnrollLimit;
 
 /// Where the router keeps its state and where it listens.
 #[derive(Debug, Clone)]
@@ -26,6 +27,8 @@ pub struct Config {
     /// The port shown in `App.external_url`. `None`: the port of the first
     /// edge's reported public address, else 443.
     pub public_port: Option<u16>,
+    /// How often one source address may call `POST /v1/enroll`.
+    pub enroll_limit: EnrollLimit,
 }
 
 impl Config {
@@ -39,6 +42,7 @@ impl Config {
             region: RegionId::default_region(),
             cert_ttl: Duration::from_secs(24 * 3600),
             public_port: None,
+            enroll_limit: EnrollLimit::default(),
         }
     }
 
@@ -73,6 +77,19 @@ impl Config {
                     self.cert_ttl
                 ),
             });
+        }
+        let limit = &self.enroll_limit;
+        for (field, value) in [
+            ("enroll_limit.burst", limit.burst as usize),
+            ("enroll_limit.per_minute", limit.per_minute as usize),
+            ("enroll_limit.max_addresses", limit.max_addresses),
+        ] {
+            if value == 0 {
+                return Err(Error::InvalidConfig {
+                    field,
+                    reason: "must be at least 1".into(),
+                });
+            }
         }
         if self.public_port == Some(0) {
             return Err(Error::InvalidConfig {
@@ -146,6 +163,15 @@ mod tests {
             c.validate(),
             Err(Error::InvalidConfig {
                 field: "cert_ttl",
+                ..
+            })
+        ));
+        let mut c = Config::new("/tmp/x");
+        c.enroll_limit.per_minute = 0;
+        assert!(matches!(
+            c.validate(),
+            Err(Error::InvalidConfig {
+                field: "enroll_limit.per_minute",
                 ..
             })
         ));

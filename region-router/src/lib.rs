@@ -29,12 +29,14 @@ mod config;
 pub mod error;
 mod metrics;
 mod presence;
+mod ratelimit;
 mod server;
 pub mod store;
 mod util;
 
 pub use config::Config;
 pub use error::{Error, StoreError};
+pub use ratelimit::EnrollLimit;
 pub use store::{SqliteStore, Store};
 
 /// How long `Handle::wait` lets in-flight work finish after shutdown.
@@ -192,6 +194,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Handle
         admin_hash: util::sha256(admin_token.as_bytes()),
         version: version_tx,
         presence: Mutex::new(presence::Presence::default()),
+        enroll_limiter: ratelimit::RateLimiter::new(config.enroll_limit, std::time::Instant::now()),
         metrics,
         shutdown: shutdown.clone(),
         tracker: tracker.clone(),

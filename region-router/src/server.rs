@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument as _;
 
-use crate::api::{self, Peer, SharedState};
+use crate::api::{self, Peer, RemoteAddr, SharedState};
 use crate::error::Error;
 
 /// How long a client may take to finish its TLS handshake.
@@ -81,6 +81,7 @@ pub(crate) async fn serve_api(
         tracker.spawn(
             serve_connection(
                 tcp,
+                remote,
                 acceptor.clone(),
                 app.clone(),
                 shutdown.clone(),
@@ -94,6 +95,7 @@ pub(crate) async fn serve_api(
 
 async fn serve_connection(
     tcp: TcpStream,
+    remote: SocketAddr,
     acceptor: TlsAcceptor,
     app: axum::Router,
     shutdown: CancellationToken,
@@ -129,6 +131,7 @@ async fn serve_connection(
     let inner = TowerToHyperService::new(app);
     let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
         req.extensions_mut().insert(peer.clone());
+        req.extensions_mut().insert(RemoteAddr(remote));
         inner.call(req)
     });
     let builder = auto::Builder::new(TrackedExecutor(tracker));

@@ -175,18 +175,35 @@ async fn raw(
     body: &str,
     bearer: Option<&str>,
 ) -> anyhow::Result<(u16, String)> {
+    let (status, _, body) = raw_from(h, None, method, path, body, bearer).await?;
+    Ok((status, body))
+}
+
+/// A raw HTTPS call from a chosen local address; answers the status, the
+/// headers and the body.
+async fn raw_from(
+    h: &Handle,
+    source: Option<std::net::IpAddr>,
+    method: &str,
+    path: &str,
+    body: &str,
+    bearer: Option<&str>,
+) -> anyhow::Result<(u16, http::HeaderMap, String)> {
     let verifier = pki::fixed_name_verifier(&h.ca_pem, api::ROUTER_SERVER_NAME)?;
     let tls = rustls::ClientConfig::builder_with_provider(pki::provider())
         .with_safe_default_protocol_versions()?
         .dangerous()
         .with_custom_certificate_verifier(verifier)
         .with_no_client_auth();
+    let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+    http.enforce_http(false);
+    http.set_local_address(source);
     let https = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_only()
         .enable_http1()
         .enable_http2()
-        .build();
+        .wrap_connector(http);
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build(https);
     let mut req = http::Request::builder()
         .method(method)
@@ -199,8 +216,9 @@ async fn raw(
         .request(req.body(Full::new(Bytes::from(body.to_owned())))?)
         .await?;
     let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
     let body = resp.into_body().collect().await?.to_bytes();
-    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    Ok((status, headers, String::from_utf8_lossy(&body).into_owned()))
 }
 
 /// A plain-HTTP GET (the metrics listener).
@@ -1665,5 +1683,83 @@ async fn the_router_refuses_a_data_directory_or_secret_others_can_open() -> anyh
         chmod(&path, if path == data { 0o700 } else { 0o600 })?;
     }
     let (h, shutdown) = start(&data, |_| {}).await?;
+    stop(h, shutdown).await
+}
+
+#[tokio::test]
+async fn enrollment_is_rate_limited_per_source_address() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (h, shutdown) = start(dir.path(), |c| {
+        c.enroll_limit.burst = 2;
+        c.enroll_limit.per_minute = 1;
+    })
+    .await?;
+    let admin = admin(&h)?;
+    let token = create_token(
+        &admin,
+        TokenScope::Connector {
+            group: GroupId::default_group(),
+        },
+    )
+    .await?;
+    let bogus =
+        json!({ "token": "pt1.bad", "csr_pem": "", "host": "h", "version": "v" }).to_string();
+    let from = |ip: &str| Some(ip.parse::<std::net::IpAddr>().expect("ip"));
+
+    // Every attempt counts, refused ones and malformed ones too.
+    for _ in 0..2 {
+        let (status, _, body) =
+            raw_from(&h, from("127.0.0.1"), "POST", "/v1/enroll", &bogus, None).await?;
+        assert_eq!(status, 400, "{body}");
+    }
+    let (status, headers, body) =
+        raw_from(&h, from("127.0.0.1"), "POST", "/v1/enroll", &bogus, None).await?;
+    assert_eq!(status, 429, "{body}");
+    let retry: u64 = headers
+        .get("retry-after")
+        .context("Retry-After")?
+        .to_str()?
+        .parse()?;
+    assert!((1..=60).contains(&retry), "one token a minute: {retry}");
+    let err: ApiError = serde_json::from_str(&body)?;
+    assert_eq!(err.error, "rate_limited");
+    assert!(err.message.contains("127.0.0.1"), "{err:?}");
+    // The limited address is refused even with a good token, which stays
+    // unused...
+    let (status, _, _) =
+        raw_from(&h, from("127.0.0.1"), "POST", "/v1/enroll", &bogus, None).await?;
+    assert_eq!(status, 429);
+    // ...and another address has its own bucket: it enrolls with it.
+    let good = json!({
+        "token": token.token,
+        "csr_pem": pki::csr_pem(&pki::generate_key()?)?,
+        "host": "h",
+        "version": "v",
+        "kind": "connector",
+    })
+    .to_string();
+    let (status, _, body) =
+        raw_from(&h, from("127.0.0.2"), "POST", "/v1/enroll", &good, None).await?;
+    assert_eq!(status, 200, "{body}");
+    let answer: EnrollResponse = serde_json::from_str(&body)?;
+    assert!(matches!(answer.identity, Identity::Connector { .. }));
+    // Other endpoints are not limited.
+    let (status, _, _) = raw_from(
+        &h,
+        from("127.0.0.1"),
+        "GET",
+        "/v1/apps",
+        "",
+        Some(&h.admin_token()),
+    )
+    .await?;
+    assert_eq!(status, 200);
+    let (_, text) = plain_get(h.metrics_addr.context("metrics")?, "/metrics").await?;
+    assert!(
+        text.contains(
+            r#"portico_router_enrollments_total{kind="unknown",result="rate_limited"} 2"#
+        ),
+        "{text}"
+    );
     stop(h, shutdown).await
 }
