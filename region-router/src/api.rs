@@ -96,7 +96,7 @@ impl AppState {
         match self.tracker.spawn_blocking(move || f(store.as_ref())).await {
             Ok(result) => result.map_err(ApiFail::from),
             Err(e) => {
-                tracing::error!(error = %e, "store task failed");
+                tracing::error!(error = %portico_agent::error_chain(&e), "store task failed");
                 Err(ApiFail::internal("store task failed"))
             }
         }
@@ -148,9 +148,11 @@ impl AppState {
         self.ca
             .sign_csr(csr_pem, profile, ttl)
             .map_err(|e| match e {
-                CsrError::Invalid(_) => ApiFail::invalid("csr_pem", e.to_string()),
+                CsrError::Invalid(_) => {
+                    ApiFail::invalid("csr_pem", portico_agent::error_chain(&e).to_string())
+                }
                 other => {
-                    tracing::error!(error = %other, "signing failed");
+                    tracing::error!(error = %portico_agent::error_chain(&other), "signing failed");
                     ApiFail::internal("signing the certificate failed")
                 }
             })
@@ -330,7 +332,7 @@ impl From<StoreError> for ApiFail {
             StoreError::TokenUsed => ApiFail::unauthorized("join token already used"),
             StoreError::TokenRevoked => ApiFail::unauthorized("join token revoked"),
             _ => {
-                tracing::error!(error = %e, "store failed");
+                tracing::error!(error = %portico_agent::error_chain(&e), "store failed");
                 ApiFail::internal("the router's store failed; see its log")
             }
         }

@@ -67,10 +67,10 @@ pub struct Issued {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum CsrError {
-    #[error("not a valid, self-signed PKCS#10 CSR in PEM: {0}")]
-    Invalid(rcgen::Error),
-    #[error("signing failed: {0}")]
-    Sign(rcgen::Error),
+    #[error("not a valid, self-signed PKCS#10 CSR in PEM")]
+    Invalid(#[source] rcgen::Error),
+    #[error("signing failed")]
+    Sign(#[source] rcgen::Error),
     #[error("random number generator failed")]
     Random,
 }

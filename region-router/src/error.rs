@@ -1,6 +1,9 @@
 //! Errors of the router crate: starting and stopping it ([`Error`]) and its
 //! store ([`StoreError`]). Errors answered over the API are
 //! [`portico_proto::api::ApiError`] bodies, built in `api.rs`.
+//!
+//! No message repeats its source: print them with
+//! `portico_agent::error_chain`, which adds each source once.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -12,14 +15,14 @@ use std::time::Duration;
 pub enum Error {
     #[error("invalid router config: {field}: {reason}")]
     InvalidConfig { field: &'static str, reason: String },
-    #[error("cannot {action} {}: {source}", path.display())]
+    #[error("cannot {action} {}", path.display())]
     Io {
         action: &'static str,
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}")]
     Bind {
         addr: SocketAddr,
         #[source]
@@ -27,7 +30,7 @@ pub enum Error {
     },
     #[error("{} exists but {} does not; restore it or remove both to create a new CA", present.display(), missing.display())]
     CaIncomplete { present: PathBuf, missing: PathBuf },
-    #[error("certificate authority: {what}: {source}")]
+    #[error("certificate authority: {what}")]
     Ca {
         what: &'static str,
         #[source]
@@ -41,11 +44,15 @@ pub enum Error {
         path.display()
     )]
     InsecurePermissions { path: PathBuf, mode: u32, fix: u32 },
-    #[error("TLS setup failed: {reason}")]
-    Tls { reason: String },
-    #[error("metrics setup failed: {0}")]
+    #[error("TLS setup failed: {what}")]
+    Tls {
+        what: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("metrics setup failed")]
     Metrics(#[from] prometheus::Error),
-    #[error("store: {0}")]
+    #[error(transparent)]
     Store(#[from] StoreError),
     #[error("random number generator failed")]
     Random,
@@ -75,18 +82,78 @@ pub enum StoreError {
     TokenUsed,
     #[error("join token revoked")]
     TokenRevoked,
-    #[error("stored {what} is invalid: {reason}")]
-    Corrupt { what: &'static str, reason: String },
+    #[error("stored {what} is invalid")]
+    Corrupt {
+        what: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error("database schema version {found} is newer than this router understands ({supported})")]
     SchemaTooNew { found: i64, supported: i64 },
     #[error("the store is closed")]
     Closed,
-    #[error("sqlite: {0}")]
+    #[error("sqlite")]
     Sqlite(#[from] rusqlite::Error),
-    #[error("cannot open {}: {source}", path.display())]
+    #[error("cannot open {}", path.display())]
     Open {
         path: PathBuf,
         #[source]
         source: rusqlite::Error,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every variant with a source: its message leaves the source out, and
+    /// the chain prints the source exactly once.
+    #[test]
+    fn no_message_repeats_its_source() {
+        let io = || std::io::Error::other("disk on fire");
+        let sqlite = || rusqlite::Error::InvalidQuery;
+        let errors: Vec<Box<dyn std::error::Error>> = vec![
+            Box::new(Error::Io {
+                action: "read",
+                path: "/x".into(),
+                source: io(),
+            }),
+            Box::new(Error::Bind {
+                addr: "127.0.0.1:1".parse().unwrap(),
+                source: io(),
+            }),
+            Box::new(Error::Ca {
+                what: "reading ca.key",
+                source: rcgen::Error::CouldNotParseCertificate,
+            }),
+            Box::new(Error::Tls {
+                what: "loading the API server certificate",
+                source: Box::new(io()),
+            }),
+            Box::new(Error::Metrics(prometheus::Error::Msg("bad metric".into()))),
+            Box::new(Error::Store(StoreError::Sqlite(sqlite()))),
+            Box::new(StoreError::Sqlite(sqlite())),
+            Box::new(StoreError::Open {
+                path: "/x/portico.db".into(),
+                source: sqlite(),
+            }),
+            Box::new(StoreError::Corrupt {
+                what: "app id",
+                source: Box::new(io()),
+            }),
+            Box::new(crate::ca::CsrError::Invalid(
+                rcgen::Error::CouldNotParseCertificationRequest,
+            )),
+            Box::new(crate::ca::CsrError::Sign(rcgen::Error::RingUnspecified)),
+        ];
+        for e in &errors {
+            let source = e.source().expect("each has a source").to_string();
+            assert!(
+                !e.to_string().contains(&source),
+                "{e} repeats its source {source:?}"
+            );
+            let chain = portico_agent::error_chain(e.as_ref()).to_string();
+            assert_eq!(chain.matches(&source).count(), 1, "{chain}");
+        }
+    }
 }

@@ -141,24 +141,29 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Handle
         what: "generating the API server key",
         source,
     })?;
+    fn tls_err<E: std::error::Error + Send + Sync + 'static>(
+        what: &'static str,
+    ) -> impl FnOnce(E) -> Error {
+        move |e| Error::Tls {
+            what,
+            source: Box::new(e),
+        }
+    }
     let issued = ca
         .sign(&server_key, &ca::Profile::RouterServer, SERVER_CERT_TTL)
-        .map_err(|e| Error::Tls {
-            reason: format!("issuing the API server certificate: {e}"),
-        })?;
+        .map_err(tls_err("issuing the API server certificate"))?;
     let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(server_key.serialize_der()));
-    let tls_err = |reason: String| Error::Tls { reason };
     let verifier = portico_agent::pki::client_verifier(ca.cert_pem(), true)
-        .map_err(|e| tls_err(format!("client verifier: {e}")))?;
+        .map_err(tls_err("building the client certificate verifier"))?;
     let mut tls = rustls::ServerConfig::builder_with_provider(portico_agent::pki::provider())
         .with_safe_default_protocol_versions()
-        .map_err(|e| tls_err(e.to_string()))?
+        .map_err(tls_err("choosing protocol versions"))?
         .with_client_cert_verifier(verifier)
         .with_single_cert(
             vec![issued.cert_der.clone(), ca.cert_der().clone()],
             key_der,
         )
-        .map_err(|e| tls_err(e.to_string()))?;
+        .map_err(tls_err("loading the API server certificate"))?;
     tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
 

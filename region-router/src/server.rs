@@ -70,7 +70,7 @@ pub(crate) async fn serve_api(
             Ok(a) => a,
             Err(e) => {
                 // Out of file descriptors and the like: back off a little.
-                tracing::warn!(error = %e, "accept failed");
+                tracing::warn!(error = %portico_agent::error_chain(&e), "accept failed");
                 tokio::select! {
                     () = shutdown.cancelled() => break,
                     () = tokio::time::sleep(Duration::from_millis(100)) => continue,
@@ -107,7 +107,7 @@ async fn serve_connection(
         r = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)) => match r {
             Ok(Ok(tls)) => tls,
             Ok(Err(e)) => {
-                tracing::debug!(error = %e, "TLS handshake failed");
+                tracing::debug!(error = %portico_agent::error_chain(&e), "TLS handshake failed");
                 return;
             }
             Err(_) => {
@@ -140,13 +140,13 @@ async fn serve_connection(
     tokio::select! {
         r = conn.as_mut() => {
             if let Err(e) = r {
-                tracing::debug!(error = %e, "connection ended with an error");
+                tracing::debug!(error = %portico_agent::error_chain(&*e), "connection ended with an error");
             }
         }
         () = shutdown.cancelled() => {
             conn.as_mut().graceful_shutdown();
             if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "connection ended with an error while draining");
+                tracing::debug!(error = %portico_agent::error_chain(&*e), "connection ended with an error while draining");
             }
         }
     }
@@ -168,7 +168,7 @@ pub(crate) async fn serve_metrics(
         .with_graceful_shutdown(async move { stop.cancelled().await })
         .await
     {
-        tracing::warn!(error = %e, "metrics listener failed");
+        tracing::warn!(error = %portico_agent::error_chain(&e), "metrics listener failed");
     }
 }
 

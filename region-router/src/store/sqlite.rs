@@ -190,10 +190,13 @@ fn bump(tx: &Transaction<'_>) -> Result<u64, StoreError> {
     )?)
 }
 
-fn corrupt(what: &'static str, reason: impl ToString) -> StoreError {
+fn corrupt(
+    what: &'static str,
+    source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+) -> StoreError {
     StoreError::Corrupt {
         what,
-        reason: reason.to_string(),
+        source: source.into(),
     }
 }
 
@@ -1017,7 +1020,7 @@ impl Store for SqliteStore {
         let conn = self.lock().take();
         if let Some(conn) = conn {
             if let Err((_, e)) = conn.close() {
-                tracing::warn!(error = %e, path = %self.path.display(), "closing the store failed");
+                tracing::warn!(error = %portico_agent::error_chain(&e), path = %self.path.display(), "closing the store failed");
             }
         }
     }
