@@ -128,7 +128,7 @@ pub async fn app(cmd: AppCmd) -> anyhow::Result<()> {
     match cmd.action {
         AppAction::Create(a) => {
             let spec = AppSpec {
-                id: AppId::new(&a.id).context("app id")?,
+                id: id::<AppId>(&a.id)?,
                 external_host: a.external_host,
                 internal_url: a.internal_url,
                 connector_group: GroupId::new(&a.group).context("--group")?,
@@ -244,7 +244,7 @@ pub async fn group(cmd: GroupCmd) -> anyhow::Result<()> {
     match cmd.action {
         GroupAction::Create(a) => {
             let body = CreateGroup {
-                id: GroupId::new(&a.id).context("group name")?,
+                id: id::<GroupId>(&a.id)?,
                 region: a.region,
             };
             let g: Group = client(&a.conn)?.post_json("/v1/groups", &body).await?;
