@@ -1387,6 +1387,24 @@ async fn enroll_edge(h: &Handle, admin: &RouterClient) -> anyhow::Result<(Router
     Ok((agent(h, &creds)?, id))
 }
 
+async fn enroll_connector(
+    h: &Handle,
+    admin: &RouterClient,
+) -> anyhow::Result<(RouterClient, ConnectorId)> {
+    let token = create_token(
+        admin,
+        TokenScope::Connector {
+            group: GroupId::default_group(),
+        },
+    )
+    .await?;
+    let (creds, answer) = enroll(h, &token.token).await?;
+    let Identity::Connector { id, .. } = answer.identity else {
+        bail!("expected a connector identity");
+    };
+    Ok((agent(h, &creds)?, id))
+}
+
 #[tokio::test]
 async fn deleting_an_edge_revokes_it_and_connectors_stop_seeing_it() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
@@ -1394,18 +1412,7 @@ async fn deleting_an_edge_revokes_it_and_connectors_stop_seeing_it() -> anyhow::
     let admin = admin(&h)?;
     let (a, a_id) = enroll_edge(&h, &admin).await?;
     let (b, b_id) = enroll_edge(&h, &admin).await?;
-    let token = create_token(
-        &admin,
-        TokenScope::Connector {
-            group: GroupId::default_group(),
-        },
-    )
-    .await?;
-    let (creds, answer) = enroll(&h, &token.token).await?;
-    let Identity::Connector { id: conn_id, .. } = answer.identity else {
-        bail!("expected a connector identity");
-    };
-    let conn = agent(&h, &creds)?;
+    let (conn, conn_id) = enroll_connector(&h, &admin).await?;
     a.post_empty("/v1/edge/report", &report("127.0.0.1:4001", &conn_id))
         .await?;
     b.post_empty("/v1/edge/report", &report("127.0.0.1:4002", &conn_id))
@@ -1570,17 +1577,7 @@ async fn a_connector_is_inactive_as_soon_as_no_edge_report_lists_it() -> anyhow:
     let admin = admin(&h)?;
     let (a, a_id) = enroll_edge(&h, &admin).await?;
     let (b, b_id) = enroll_edge(&h, &admin).await?;
-    let token = create_token(
-        &admin,
-        TokenScope::Connector {
-            group: GroupId::default_group(),
-        },
-    )
-    .await?;
-    let (_, answer) = enroll(&h, &token.token).await?;
-    let Identity::Connector { id: conn_id, .. } = answer.identity else {
-        bail!("expected a connector identity");
-    };
+    let (_, conn_id) = enroll_connector(&h, &admin).await?;
     let status = || async {
         let list: Vec<Connector> = admin.get_json("/v1/connectors").await?;
         let c = list.into_iter().next().context("one connector")?;
