@@ -276,10 +276,12 @@ async fn serve_request(
         }
     };
     let (mut send, recv) = stream.split();
+    let length = declared_length(req.headers());
     let req = req.map(|()| H3Body {
         recv,
         done: false,
         reading: false,
+        remaining: length,
     });
     // Cancelled by the stall check if the client stops reading.
     let stalled = tokio_util::sync::CancellationToken::new();
@@ -337,11 +339,46 @@ async fn serve_request(
     }
 }
 
+/// What the request's `Content-Length` says: `Ok(None)` without one, `Err`
+/// for one that is not a number (or several that disagree).
+fn declared_length(headers: &http::HeaderMap) -> Result<Option<u64>, ()> {
+    let mut length = None;
+    for v in headers.get_all(http::header::CONTENT_LENGTH) {
+        let n = v
+            .to_str()
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .ok_or(())?;
+        if length.is_some_and(|l| l != n) {
+            return Err(());
+        }
+        length = Some(n);
+    }
+    Ok(length)
+}
+
+/// Why an HTTP/3 request body failed: the stream, or a body that breaks
+/// its `Content-Length` (RFC 9114 §4.1.2: a malformed request). hyper
+/// checks this for HTTP/1.1 and HTTP/2; h3 leaves it to us.
+#[derive(Debug, thiserror::Error)]
+enum H3BodyError {
+    #[error("the HTTP/3 request stream failed")]
+    Stream(#[source] h3::error::StreamError),
+    #[error("the request's Content-Length is not a number")]
+    BadLength,
+    #[error("the request body is longer than its Content-Length")]
+    TooLong,
+    #[error("the request body ended {missing} bytes short of its Content-Length")]
+    TooShort { missing: u64 },
+}
+
 /// The request body of an HTTP/3 request as an `http_body::Body`: DATA
 /// frames as they arrive, with QUIC flow control as the backpressure.
 struct H3Body {
     recv: h3::server::RequestStream<h3_quinn::RecvStream, Bytes>,
     done: bool,
+    /// What is left of the `Content-Length`, if one was given.
+    remaining: Result<Option<u64>, ()>,
     /// The last poll was pending: h3-quinn then holds the QUIC stream in
     /// its read future, and its `stop_sending` would panic on the empty
     /// slot (h3-quinn 0.0.10), so the drop leaves the stop to quinn.
@@ -350,7 +387,7 @@ struct H3Body {
 
 impl http_body::Body for H3Body {
     type Data = Bytes;
-    type Error = h3::error::StreamError;
+    type Error = H3BodyError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
@@ -359,28 +396,55 @@ impl http_body::Body for H3Body {
         if self.done {
             return Poll::Ready(None);
         }
+        if self.remaining.is_err() {
+            self.done = true;
+            return Poll::Ready(Some(Err(H3BodyError::BadLength)));
+        }
         let Poll::Ready(r) = self.recv.poll_recv_data(cx) else {
             self.reading = true;
             return Poll::Pending;
         };
         self.reading = false;
+        let this = &mut *self;
         Poll::Ready(match r {
-            Ok(Some(mut buf)) => Some(Ok(http_body::Frame::data(
-                buf.copy_to_bytes(buf.remaining()),
-            ))),
+            Ok(Some(mut buf)) => {
+                let data = buf.copy_to_bytes(buf.remaining());
+                if let Ok(Some(rem)) = &mut this.remaining {
+                    match rem.checked_sub(data.len() as u64) {
+                        Some(left) => *rem = left,
+                        None => {
+                            this.done = true;
+                            return Poll::Ready(Some(Err(H3BodyError::TooLong)));
+                        }
+                    }
+                }
+                Some(Ok(http_body::Frame::data(data)))
+            }
             Ok(None) => {
-                self.done = true;
-                None
+                this.done = true;
+                match this.remaining {
+                    Ok(Some(missing)) if missing > 0 => {
+                        Some(Err(H3BodyError::TooShort { missing }))
+                    }
+                    _ => None,
+                }
             }
             Err(e) => {
-                self.done = true;
-                Some(Err(e))
+                this.done = true;
+                Some(Err(H3BodyError::Stream(e)))
             }
         })
     }
 
     fn is_end_stream(&self) -> bool {
         self.done
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        match self.remaining {
+            Ok(Some(n)) => http_body::SizeHint::with_exact(n),
+            _ => http_body::SizeHint::default(),
+        }
     }
 }
 

@@ -1199,6 +1199,20 @@ async fn http3_shares_the_port_routing_errors_and_metrics() -> anyhow::Result<()
     assert_eq!(r.status(), StatusCode::BAD_GATEWAY);
     assert_eq!(r.headers()["x-portico-error"], "BackendUnreachable");
 
+    // A body that breaks its Content-Length is the client's fault.
+    for declared in ["10", "3", "five"] {
+        let req = Request::post("https://hr.apps.test/up")
+            .header("content-length", declared)
+            .body(Bytes::from_static(b"hello"))?;
+        let r = h3.request(req).await?;
+        assert_eq!(
+            r.status(),
+            StatusCode::BAD_REQUEST,
+            "content-length {declared}"
+        );
+        assert_eq!(r.headers()["x-portico-error"], "BadRequestBody");
+    }
+
     let text = edge.shared.metrics.render();
     for line in [
         r#"portico_edge_requests_total{app="hr",code="",status="200"} 22"#,
@@ -1207,7 +1221,7 @@ async fn http3_shares_the_port_routing_errors_and_metrics() -> anyhow::Result<()
         // Two over HTTP/1.1 and HTTP/2, two over HTTP/3.
         r#"portico_edge_requests_total{app="",code="AppNotFound",status="404"} 4"#,
         r#"portico_edge_requests_total{app="",code="BadRequest",status="400"} 1"#,
-        r#"portico_edge_bytes_total{direction="in"} 200000"#,
+        r#"portico_edge_requests_total{app="hr",code="BadRequestBody",status="400"} 3"#,
     ] {
         assert!(text.contains(line), "missing {line}:\n{text}");
     }
