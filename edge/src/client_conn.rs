@@ -118,10 +118,13 @@ impl ClientConn {
         }
     }
 
-    /// Bytes arrived from the client (HTTP/1.1 and HTTP/2): with no
-    /// request in flight, they start a request head and its deadline.
+    /// Bytes arrived from the client: on HTTP/1.1 with no request in
+    /// flight, they start a request head and its deadline. (On HTTP/2,
+    /// bytes between requests are frames of the connection itself, PING
+    /// answers and settings, so there the idle deadline applies instead.)
     fn read_some(&self) {
-        if self.in_flight.load(Ordering::Relaxed) == 0
+        if self.proto == Proto::H1
+            && self.in_flight.load(Ordering::Relaxed) == 0
             && self.head_since.load(Ordering::Relaxed) == 0
         {
             self.head_since.store(now_us(), Ordering::Relaxed);

@@ -1396,9 +1396,14 @@ async fn slow_and_silent_connections_are_closed() -> anyhow::Result<()> {
     let edge = test_edge_with(&pki, &shutdown, |c| {
         c.header_read_timeout = Duration::from_millis(500);
         c.keepalive_idle_timeout = Duration::from_millis(800);
+        c.h2_idle_timeout = Duration::from_millis(800);
     })
     .await?;
     let addr = edge.public_addr;
+    // An HTTP/2 connection with no stream gets a GOAWAY, then closes.
+    let mut h2 = tls_over(&pki, tokio::net::TcpStream::connect(addr).await?, b"h2").await?;
+    h2.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await?;
 
     let mut trickle = raw_tls(&pki, addr, "hr.apps.test").await?;
     trickle.write_all(b"GET / HTTP/1.1\r\nhost: hr.a").await?;
@@ -1415,6 +1420,7 @@ async fn slow_and_silent_connections_are_closed() -> anyhow::Result<()> {
     until_closed(&mut silent).await?;
     until_closed(&mut idle).await?;
     until_closed(&mut no_tls).await?;
+    until_closed(&mut h2).await?;
     let text = edge.shared.metrics.render();
     assert_eq!(
         counter(
@@ -1429,7 +1435,7 @@ async fn slow_and_silent_connections_are_closed() -> anyhow::Result<()> {
             &text,
             r#"portico_edge_connection_closes_total{reason="idle"}"#
         ),
-        1,
+        2,
         "{text}"
     );
     assert!(
