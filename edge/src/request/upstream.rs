@@ -98,8 +98,14 @@ pub(crate) async fn forward<B: RequestBody>(
     let mut body = Some(BodySource::new(req.into_body()));
     let mut tried: Vec<Arc<Tunnel>> = Vec::new();
     let mut replayed_idempotent = false;
+    // The error of the last failed attempt: once no upstream is left to
+    // try, it is the answer (a BackendBusy stays BackendBusy).
+    let mut last: Option<ProxyError> = None;
     loop {
-        let Upstream::Tunnel(tunnel) = select(shared, app, &tried)?;
+        let tunnel = match select(shared, app, &tried) {
+            Ok(Upstream::Tunnel(tunnel)) => tunnel,
+            Err(none_left) => return Err(last.unwrap_or(none_left)),
+        };
         record.attempt(tunnel.id, &tunnel.connector);
         let attempt = Attempt {
             tunnel: &tunnel,
@@ -140,6 +146,7 @@ pub(crate) async fn forward<B: RequestBody>(
             .with_label_values(&[retry_label(retry)])
             .inc();
         tried.push(tunnel);
+        last = Some(error);
     }
 }
 
