@@ -340,6 +340,15 @@ pub struct ConnectorArgs {
     /// windows whatever the number.
     #[arg(long, default_value_t = 1024)]
     pub max_streams_per_tunnel: u32,
+    /// The most connections to one app's backend, idle keepalive ones
+    /// included (default: a quarter of the open-file limit less a reserve
+    /// for tunnels, DNS, files and metrics).
+    #[arg(long)]
+    pub max_backend_connections_per_app: Option<usize>,
+    /// How long a request waits for a backend connection when its app is
+    /// at its cap before it gets 503 BackendBusy (at most the app's timeout).
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub backend_connection_wait: Duration,
 }
 
 #[derive(Debug, Args)]

@@ -209,6 +209,8 @@ async fn run_connector(args: cli::ConnectorArgs) -> anyhow::Result<()> {
     config.metrics_listen = args.metrics_listen;
     config.backend_ca = args.backend_ca;
     config.max_streams_per_tunnel = args.max_streams_per_tunnel;
+    config.max_backend_connections_per_app = args.max_backend_connections_per_app;
+    config.backend_connection_wait = args.backend_connection_wait;
     let shutdown = shutdown_on_signal();
     let connector = portico_connector::start(config, shutdown)
         .await

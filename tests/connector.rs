@@ -1,15 +1,23 @@
 //! The connector's guards at the last hop before a backend, end to end
 //! through a real edge: dot segments never leave an app's published path
 //! prefix (a real `python3 -m http.server` that would serve a file outside
-//! it, over HTTP/1.1, HTTP/2 and HTTP/3).
+//! it, over HTTP/1.1, HTTP/2 and HTTP/3), and a backend that never answers
+//! takes no more than its app's cap of connections while the connector's
+//! other apps and its metrics keep answering.
 
 mod common;
 
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use common::{eventually, metric_value, PyHttpServer, Stack};
 use portico_loadtest::h3::{H3Client, Trust};
+use portico_proto::api::{AppSpec, BackendTimeout, TokenScope};
+use portico_proto::AppId;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 const HANG_GUARD: Duration = Duration::from_secs(60);
@@ -203,4 +211,184 @@ async fn dot_segments_never_leave_the_published_prefix() {
 
     s.stop_with_h3(h3, tracker).await;
     py.stop().await;
+}
+
+/// A backend that accepts connections, reads what comes and never answers:
+/// the hostile backend of issue 9. Counts its connections open now, the
+/// most ever open at once, and all it accepted.
+struct Hostile {
+    addr: SocketAddr,
+    open: Arc<AtomicU64>,
+    max: Arc<AtomicU64>,
+    accepted: Arc<AtomicU64>,
+}
+
+async fn hostile_backend() -> Hostile {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let h = Hostile {
+        addr,
+        open: Arc::default(),
+        max: Arc::default(),
+        accepted: Arc::default(),
+    };
+    let (open, max, accepted) = (h.open.clone(), h.max.clone(), h.accepted.clone());
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            accepted.fetch_add(1, Ordering::SeqCst);
+            max.fetch_max(open.fetch_add(1, Ordering::SeqCst) + 1, Ordering::SeqCst);
+            let open = open.clone();
+            tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut tcp, &mut tokio::io::sink()).await;
+                open.fetch_sub(1, Ordering::SeqCst);
+            });
+        }
+    });
+    h
+}
+
+const CAP: u64 = 8;
+const REQUESTS: u64 = 500;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_that_never_answers_takes_only_its_apps_cap() {
+    let s = Stack::start().await;
+    // A connector of its own group, with a small cap per app.
+    let group = s.create_group("capped").await;
+    let token = portico::dev::create_token(
+        &s.d.admin,
+        TokenScope::Connector {
+            group: group.clone(),
+        },
+    )
+    .await
+    .unwrap();
+    let mut config = portico_connector::Config::new(s.d.router.url(), s.dir.path().join("capped"));
+    config.token = Some(token);
+    config.tunnels = 2;
+    config.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+    config.max_backend_connections_per_app = Some(CAP as usize);
+    config.backend_connection_wait = Duration::from_secs(1);
+    let stop = CancellationToken::new();
+    let connector = portico_connector::start(config, stop.clone())
+        .await
+        .unwrap();
+    connector.wait_tunnels(2).await;
+    let metrics_url = format!("http://{}/metrics", connector.metrics_addr.unwrap());
+
+    let hostile = hostile_backend().await;
+    for (id, url) in [
+        ("stuck", format!("http://{}/", hostile.addr)),
+        ("healthy", format!("http://{}/", s.d.demo.addr)),
+    ] {
+        let spec = AppSpec {
+            id: AppId::new(id).unwrap(),
+            external_host: None,
+            internal_url: url,
+            connector_group: group.clone(),
+            backend_timeout: BackendTimeout::Seconds(15),
+            validate_backend_tls: true,
+            required_features: vec![],
+        };
+        let _: portico_proto::api::App = s.d.admin.post_json("/v1/apps", &spec).await.unwrap();
+    }
+    eventually("the edge routes healthy", HANG_GUARD, || async {
+        let r = s.curl(&[&s.app_url("healthy", "/")]).await;
+        (r.status == 200).then_some(())
+    })
+    .await;
+
+    // 500 requests at once, over ten HTTP/2 connections.
+    let mut senders = Vec::new();
+    for _ in 0..10 {
+        senders.push(common::h2_connection(&s, "stuck.apps.localhost").await);
+    }
+    let mut requests = tokio::task::JoinSet::new();
+    for i in 0..REQUESTS {
+        let mut sender = senders[i as usize % senders.len()].clone();
+        let uri = format!("https://stuck.apps.localhost:{}/r{i}", s.port());
+        requests.spawn(async move {
+            sender.ready().await.expect("connection usable");
+            let req = http::Request::get(uri)
+                .body(http_body_util::Empty::<Bytes>::new())
+                .unwrap();
+            let resp = sender.send_request(req).await.expect("an answer");
+            let code = resp
+                .headers()
+                .get("x-portico-error")
+                .map(|v| v.to_str().unwrap().to_owned());
+            (resp.status().as_u16(), code)
+        });
+    }
+
+    // The connector holds its cap of connections to the stuck backend...
+    eventually("the cap of connections is open", HANG_GUARD, || async {
+        (hostile.open.load(Ordering::SeqCst) == CAP).then_some(())
+    })
+    .await;
+    let gauge = r#"portico_connector_backend_connections{app="stuck"}"#;
+    eventually("the connector's gauge shows the cap", HANG_GUARD, || {
+        let url = metrics_url.clone();
+        async move {
+            let m = common::curl_plain(&url).await;
+            (m.status == 200 && metric_value(&m.text(), gauge) == CAP as f64).then_some(())
+        }
+    })
+    .await;
+    // ...while its other app answers and its metrics answer.
+    for _ in 0..20 {
+        let r = s.curl(&["--http1.1", &s.app_url("healthy", "/")]).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert!(r.text().contains("Hello from behind the tunnel"));
+        let m = common::curl_plain(&metrics_url).await;
+        assert_eq!(m.status, 200);
+        assert!(metric_value(&m.text(), gauge) <= CAP as f64, "{}", m.text());
+    }
+
+    // Every request beyond the cap got BackendBusy; those that had a
+    // connection waited for the app's timeout.
+    let (mut busy, mut timed_out) = (0u64, 0u64);
+    while let Some(r) = requests.join_next().await {
+        match r.unwrap() {
+            (503, Some(code)) if code == "BackendBusy" => busy += 1,
+            (504, Some(code)) if code == "BackendTimeout" => timed_out += 1,
+            other => panic!("unexpected answer {other:?}"),
+        }
+    }
+    assert_eq!(busy + timed_out, REQUESTS);
+    assert_eq!(
+        hostile.max.load(Ordering::SeqCst),
+        CAP,
+        "never more than the cap open"
+    );
+    assert_eq!(
+        timed_out,
+        hostile.accepted.load(Ordering::SeqCst),
+        "each connection carried one request"
+    );
+    assert!(
+        busy >= REQUESTS - 2 * CAP,
+        "busy {busy}, timed out {timed_out}"
+    );
+    // The connector answered each of those at least once (the edge retries
+    // a BackendBusy, which reached no backend, on the group's other tunnel).
+    let m = common::curl_plain(&metrics_url).await.text();
+    assert!(
+        metric_value(
+            &m,
+            r#"portico_connector_requests_total{app="stuck",code="BackendBusy",status="503"}"#
+        ) >= busy as f64,
+        "{m}"
+    );
+    assert!(
+        metric_value(
+            &m,
+            r#"portico_connector_backend_connection_waits_total{app="stuck",outcome="busy"}"#
+        ) >= busy as f64,
+        "{m}"
+    );
+
+    stop.cancel();
+    connector.wait().await.unwrap();
+    s.stop().await;
 }

@@ -158,7 +158,7 @@ async fn a_thousand_concurrent_requests_over_one_tunnel() {
     // in flight at once, and all of them share the one tunnel.
     let mut senders = Vec::new();
     for _ in 0..5 {
-        senders.push(h2_connection(&s).await);
+        senders.push(common::h2_connection(&s, "hello.apps.localhost").await);
     }
     let barrier = Arc::new(tokio::sync::Barrier::new(1000));
     let mut tasks = tokio::task::JoinSet::new();
@@ -196,36 +196,6 @@ async fn a_thousand_concurrent_requests_over_one_tunnel() {
     assert_eq!(ok, 1000);
     assert_eq!(s.d.edge.tunnel_count(), 1, "all of it went over one tunnel");
     s.stop().await;
-}
-
-/// One HTTP/2 connection to the edge, TLS with SNI `hello.apps.localhost`,
-/// trusting the router CA.
-async fn h2_connection(
-    s: &Stack,
-) -> hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>> {
-    let roots = portico_agent::pki::root_store(&s.d.router.ca_pem).unwrap();
-    let mut tls = rustls::ClientConfig::builder_with_provider(portico_agent::pki::provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    tls.alpn_protocols = vec![b"h2".to_vec()];
-    let tcp = tokio::net::TcpStream::connect(s.d.edge.public_addr)
-        .await
-        .unwrap();
-    let name = rustls::pki_types::ServerName::try_from("hello.apps.localhost").unwrap();
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(tls))
-        .connect(name, tcp)
-        .await
-        .unwrap();
-    let (sender, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tls),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
-    sender
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

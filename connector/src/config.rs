@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use crate::error::Error;
 
@@ -27,15 +28,30 @@ pub struct Config {
     pub max_streams_per_tunnel: u32,
     /// The host name reported to the router.
     pub host: String,
+    /// The most connections to one app's backend, idle keepalive ones
+    /// included. `None`: a quarter of the backend budget, which is the
+    /// process's open-file soft limit less a reserve (an eighth, at least
+    /// 256) for tunnels, DNS, files and the metrics listener.
+    pub max_backend_connections_per_app: Option<usize>,
+    /// How long a request waits for a backend connection when its app (or
+    /// the budget) is at its cap, before it gets `BackendBusy` (503). Never
+    /// longer than the app's own timeout.
+    pub backend_connection_wait: Duration,
 }
+
+/// The most a backend connection cap may be set to.
+pub const MAX_BACKEND_CONNECTIONS: usize = 1 << 20;
+/// The longest [`Config::backend_connection_wait`].
+pub const MAX_BACKEND_CONNECTION_WAIT: Duration = Duration::from_secs(3600);
 
 /// The most tunnels one connector keeps.
 pub const MAX_TUNNELS: usize = 64;
 
 impl Config {
     /// A configuration with the defaults: 4 tunnels, 1024 streams per
-    /// tunnel, no metrics listener, the host name from `HOSTNAME` or
-    /// `/etc/hostname`.
+    /// tunnel, no metrics listener, backend connections per app sized to
+    /// the open-file limit with a 5 s wait, the host name from `HOSTNAME`
+    /// or `/etc/hostname`.
     pub fn new(router_url: impl Into<String>, state_dir: impl Into<PathBuf>) -> Self {
         Config {
             router_url: router_url.into(),
@@ -46,6 +62,8 @@ impl Config {
             backend_ca: Vec::new(),
             max_streams_per_tunnel: 1024,
             host: default_host(),
+            max_backend_connections_per_app: None,
+            backend_connection_wait: Duration::from_secs(5),
         }
     }
 
@@ -84,6 +102,23 @@ impl Config {
                 format!("{} is not within 1..=65536", self.max_streams_per_tunnel),
             );
         }
+        if let Some(n) = self.max_backend_connections_per_app {
+            if n == 0 || n > MAX_BACKEND_CONNECTIONS {
+                return invalid(
+                    "max_backend_connections_per_app",
+                    format!("{n} is not within 1..={MAX_BACKEND_CONNECTIONS}"),
+                );
+            }
+        }
+        if self.backend_connection_wait > MAX_BACKEND_CONNECTION_WAIT {
+            return invalid(
+                "backend_connection_wait",
+                format!(
+                    "{:?} is longer than {MAX_BACKEND_CONNECTION_WAIT:?}",
+                    self.backend_connection_wait
+                ),
+            );
+        }
         if self.host.trim().is_empty() || self.host.len() > 255 {
             return invalid("host", "must be 1 to 255 bytes".into());
         }
@@ -102,6 +137,11 @@ impl std::fmt::Debug for Config {
             .field("backend_ca", &self.backend_ca)
             .field("max_streams_per_tunnel", &self.max_streams_per_tunnel)
             .field("host", &self.host)
+            .field(
+                "max_backend_connections_per_app",
+                &self.max_backend_connections_per_app,
+            )
+            .field("backend_connection_wait", &self.backend_connection_wait)
             .finish()
     }
 }
@@ -155,6 +195,28 @@ mod tests {
             })
         ));
         c.tunnels = 2;
+        assert_eq!(c.max_backend_connections_per_app, None);
+        assert_eq!(c.backend_connection_wait, Duration::from_secs(5));
+        c.max_backend_connections_per_app = Some(0);
+        assert!(matches!(
+            c.validate(),
+            Err(Error::InvalidConfig {
+                field: "max_backend_connections_per_app",
+                ..
+            })
+        ));
+        c.max_backend_connections_per_app = Some(8);
+        c.validate().unwrap();
+        c.backend_connection_wait = Duration::from_secs(7200);
+        assert!(matches!(
+            c.validate(),
+            Err(Error::InvalidConfig {
+                field: "backend_connection_wait",
+                ..
+            })
+        ));
+        c.backend_connection_wait = Duration::ZERO;
+        c.validate().unwrap();
         c.router_url = "http://plain".into();
         assert!(matches!(
             c.validate(),

@@ -104,6 +104,14 @@ pub enum ProxyError {
     /// The backend could not be reached (refused, DNS, reset).
     #[error("backend {target} unreachable: {reason}")]
     Unreachable { target: String, reason: String },
+    /// No connection to the backend came free in time: the app's cap or the
+    /// connector's budget of backend connections stayed full.
+    #[error("no connection to backend {target} came free")]
+    Busy {
+        target: String,
+        #[source]
+        source: crate::origin::Exhausted,
+    },
     /// The backend took longer than the app's timeout to answer.
     #[error("backend {target} did not answer within {timeout_ms} ms")]
     Timeout { target: String, timeout_ms: u64 },
@@ -123,6 +131,7 @@ impl ProxyError {
             ProxyError::BadRequest { .. } => ErrorCode::BadRequest,
             ProxyError::PathOutsidePrefix { .. } => ErrorCode::PathOutsidePrefix,
             ProxyError::Unreachable { .. } => ErrorCode::BackendUnreachable,
+            ProxyError::Busy { .. } => ErrorCode::BackendBusy,
             ProxyError::Timeout { .. } => ErrorCode::BackendTimeout,
             ProxyError::CertInvalid { .. } => ErrorCode::BackendCertInvalid,
             ProxyError::Internal { .. } => ErrorCode::Internal,

@@ -36,9 +36,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-pub use config::{Config, MAX_TUNNELS};
+pub use config::{Config, MAX_BACKEND_CONNECTIONS, MAX_BACKEND_CONNECTION_WAIT, MAX_TUNNELS};
 pub use error::{Error, ProxyError};
 pub use metrics::Metrics;
+pub use origin::Exhausted;
 
 /// How long shutdown waits for in-flight streams.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -69,7 +70,14 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Handle
     let span = tracing::info_span!("connector", connector.id = %id, group = %group);
 
     let metrics = Metrics::new()?;
-    let origin = origin::Origin::new(&config.backend_ca)?;
+    // `main` raised the soft limit to the hard one (agent::nofile::raise).
+    let fd_limit = portico_agent::nofile::soft_limit();
+    let limits = origin::BackendLimits::new(
+        config.max_backend_connections_per_app,
+        config.backend_connection_wait,
+        fd_limit,
+    );
+    let origin = origin::Origin::new(&config.backend_ca, limits, metrics.clone())?;
     let saved: Option<ConnectorConfig> = match state.load_json(watch::CONFIG_FILE) {
         Ok(c) => c,
         Err(e) => {
@@ -146,6 +154,10 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Handle
         tunnels = config.tunnels,
         udp = ?endpoint.local_addr().ok(),
         metrics = ?metrics_addr,
+        fd_limit,
+        backend_connections_per_app = limits.per_app,
+        backend_connections = limits.budget,
+        backend_connection_wait = ?limits.wait,
         "connector started"
     );
     Ok(Handle {

@@ -2,7 +2,8 @@
 //! `portico_agent::ops` with `/healthz` and `/ready`.
 
 use prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
 };
 
 use crate::error::Error;
@@ -29,6 +30,13 @@ pub struct Metrics {
     pub bytes_out: IntCounter,
     /// Control-stream ping round trips.
     pub tunnel_rtt: Histogram,
+    /// Backend connections open, idle ones included, by app.
+    pub backend_connections: IntGaugeVec,
+    /// Dials that found the app's cap or the connector's budget full and
+    /// waited, by app and `outcome`: `connected` (a permit came free) or
+    /// `busy` (none did within the wait; the request got `BackendBusy`
+    /// unless an idle connection reached it first).
+    pub backend_waits: IntCounterVec,
 }
 
 impl Metrics {
@@ -67,7 +75,23 @@ impl Metrics {
                 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
             ]),
         )?;
+        let backend_connections = IntGaugeVec::new(
+            Opts::new(
+                "portico_connector_backend_connections",
+                "Backend connections open, idle ones included",
+            ),
+            &["app"],
+        )?;
+        let backend_waits = IntCounterVec::new(
+            Opts::new(
+                "portico_connector_backend_connection_waits_total",
+                "Backend dials that waited for a free connection at a cap",
+            ),
+            &["app", "outcome"],
+        )?;
         registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(backend_connections.clone()))?;
+        registry.register(Box::new(backend_waits.clone()))?;
         registry.register(Box::new(backend_duration.clone()))?;
         registry.register(Box::new(tunnels.clone()))?;
         registry.register(Box::new(streams.clone()))?;
@@ -83,6 +107,8 @@ impl Metrics {
             bytes_out: bytes.with_label_values(&["out"]),
             bytes,
             tunnel_rtt,
+            backend_connections,
+            backend_waits,
         })
     }
 

@@ -24,7 +24,7 @@ use tracing::Instrument;
 use crate::error::ProxyError;
 use crate::headers::{request_headers, response_headers, InternalUrl, RequestMeta};
 use crate::metrics::Metrics;
-use crate::origin::{classify, error_chain, BoxError, Origin, ReqBody};
+use crate::origin::{classify, error_chain, Backend, BoxError, Origin, ReqBody};
 
 /// How long the edge may take to send a stream's head.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
@@ -45,22 +45,44 @@ pub(crate) struct AppEntry {
     pub app: App,
     /// The parsed internal URL, or why it cannot be used.
     pub internal: Result<InternalUrl, String>,
+    /// Its client, pool and connection cap.
+    pub backend: Arc<Backend>,
 }
 
 /// The apps of this connector's group, by id.
 pub(crate) type AppTable = HashMap<AppId, Arc<AppEntry>>;
 
-/// Builds the table of the apps in `group`; apps of other groups are left out.
-pub(crate) fn app_table(apps: &[App], group: &GroupId) -> AppTable {
+/// Builds the table of the apps in `group`; apps of other groups are left
+/// out. An app whose internal URL, TLS validation and timeout are as in
+/// `previous` keeps its backend (its pool, its open connections and the
+/// permits they hold), so a config change neither drops warm connections
+/// nor lets an app hold its cap twice.
+pub(crate) fn app_table(
+    apps: &[App],
+    group: &GroupId,
+    origin: &Origin,
+    previous: &AppTable,
+) -> AppTable {
     apps.iter()
         .filter(|a| &a.connector_group == group)
         .map(|a| {
             let internal = InternalUrl::parse(&a.internal_url).map_err(|e| e.to_string());
+            let backend = match previous.get(&a.id) {
+                Some(p)
+                    if p.app.internal_url == a.internal_url
+                        && p.app.validate_backend_tls == a.validate_backend_tls
+                        && p.app.backend_timeout == a.backend_timeout =>
+                {
+                    p.backend.clone()
+                }
+                _ => Arc::new(origin.backend(a)),
+            };
             (
                 a.id.clone(),
                 Arc::new(AppEntry {
                     app: a.clone(),
                     internal,
+                    backend,
                 }),
             )
         })
@@ -74,6 +96,15 @@ pub(crate) struct StreamCtx {
     pub apps: ArcSwap<AppTable>,
     pub origin: Origin,
     pub metrics: Metrics,
+}
+
+impl StreamCtx {
+    /// Serves `apps` (this group's) from now on; see [`app_table`].
+    pub fn set_apps(&self, apps: &[App]) {
+        let previous = self.apps.load();
+        let table = app_table(apps, &self.group, &self.origin, &previous);
+        self.apps.store(Arc::new(table));
+    }
 }
 
 /// Serves one stream the edge opened, to its end. Never panics on what the
@@ -129,10 +160,10 @@ pub(crate) async fn serve_stream(ctx: Arc<StreamCtx>, mut send: SendStream, mut 
         let duration_ms = started.elapsed().as_secs_f64() * 1000.0;
         match &outcome {
             Outcome::Failed { error: error @ ProxyError::PathOutsidePrefix { .. } } => {
-                tracing::warn!(status, code = code_label, duration_ms, error = %error, "refused a path that leaves the app's prefix; the backend never saw it")
+                tracing::warn!(status, code = code_label, duration_ms, error = %error_chain(error), "refused a path that leaves the app's prefix; the backend never saw it")
             }
             Outcome::Failed { error } => {
-                tracing::info!(status, code = code_label, duration_ms, error = %error, "stream done")
+                tracing::info!(status, code = code_label, duration_ms, error = %error_chain(error), "stream done")
             }
             Outcome::Gone { .. } => {
                 tracing::info!(status, code = code_label, duration_ms, "stream cancelled by the edge")
@@ -322,7 +353,7 @@ async fn send_request(
     *req.uri_mut() = target.clone();
     *req.version_mut() = Version::HTTP_11;
     *req.headers_mut() = headers;
-    let client = ctx.origin.client(entry.app.validate_backend_tls);
+    let client = &entry.backend.client;
     let sent = Instant::now();
     let response = tokio::select! {
         r = tokio::time::timeout_at(deadline, client.request(req)) => r,
@@ -450,7 +481,7 @@ async fn pipe_upgrade(
 
 /// Answers `Error{code, message}` and ends the stream.
 async fn fail(send: &mut SendStream, error: ProxyError) -> Outcome {
-    let mut message = error.to_string();
+    let mut message = error_chain(&error);
     if message.len() > MAX_MESSAGE {
         let mut cut = MAX_MESSAGE;
         while !message.is_char_boundary(cut) {

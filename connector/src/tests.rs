@@ -27,8 +27,8 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 
 use crate::metrics::Metrics;
-use crate::origin::Origin;
-use crate::stream::{app_table, serve_stream, StreamCtx};
+use crate::origin::{BackendLimits, Origin};
+use crate::stream::{serve_stream, StreamCtx};
 
 const DEADLINE: Duration = Duration::from_secs(60);
 
@@ -56,13 +56,28 @@ fn app(id: &str, internal_url: String, validate: bool) -> App {
 }
 
 fn ctx(apps: Vec<App>) -> Arc<StreamCtx> {
-    let group = GroupId::default_group();
-    Arc::new(StreamCtx {
-        apps: ArcSwap::from_pointee(app_table(&apps, &group)),
-        group,
-        origin: Origin::new(&[]).unwrap(),
-        metrics: Metrics::new().unwrap(),
-    })
+    ctx_with(
+        apps,
+        &[],
+        BackendLimits::new(None, Duration::from_secs(5), 1024),
+    )
+    .unwrap()
+}
+
+fn ctx_with(
+    apps: Vec<App>,
+    backend_ca: &[std::path::PathBuf],
+    limits: BackendLimits,
+) -> anyhow::Result<Arc<StreamCtx>> {
+    let metrics = Metrics::new()?;
+    let ctx = Arc::new(StreamCtx {
+        apps: ArcSwap::from_pointee(Default::default()),
+        group: GroupId::default_group(),
+        origin: Origin::new(backend_ca, limits, metrics.clone())?,
+        metrics,
+    });
+    ctx.set_apps(&apps);
+    Ok(ctx)
 }
 
 fn self_signed(names: &[&str]) -> (CertificateDer<'static>, PrivateKeyDer<'static>) {
@@ -503,6 +518,132 @@ async fn dot_segments_are_removed_or_refused_before_the_backend() -> anyhow::Res
     .await
 }
 
+/// A backend that accepts connections, reads what comes and never answers;
+/// the gauge counts its connections open now, the maximum the most ever.
+async fn hostile_backend() -> anyhow::Result<(SocketAddr, Arc<AtomicU64>, Arc<AtomicU64>)> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let (open, max) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let (o, m) = (open.clone(), max.clone());
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            let now = o.fetch_add(1, Ordering::SeqCst) + 1;
+            m.fetch_max(now, Ordering::SeqCst);
+            let o = o.clone();
+            tokio::spawn(async move {
+                let mut sink = tokio::io::sink();
+                let _ = tokio::io::copy(&mut tcp, &mut sink).await;
+                o.fetch_sub(1, Ordering::SeqCst);
+            });
+        }
+    });
+    Ok((addr, open, max))
+}
+
+/// Serves `backend_handler` and counts the connections it accepted.
+async fn counting_backend() -> anyhow::Result<(SocketAddr, Arc<AtomicU64>)> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let accepted = Arc::new(AtomicU64::new(0));
+    let a = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            a.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), service_fn(backend_handler)),
+            );
+        }
+    });
+    Ok((addr, accepted))
+}
+
+#[tokio::test]
+async fn backend_connections_are_capped_per_app_with_a_bounded_wait() -> anyhow::Result<()> {
+    with_deadline(async {
+        let (stuck, open, max) = hostile_backend().await?;
+        let (healthy, accepted) = counting_backend().await?;
+        let limits = BackendLimits::new(Some(3), Duration::from_millis(300), 1024);
+        let ctx = ctx_with(
+            vec![
+                app("stuck", format!("http://{stuck}/"), true),
+                app("fine", format!("http://{healthy}/"), true),
+            ],
+            &[],
+            limits,
+        )?;
+        let metrics = ctx.metrics.clone();
+        let (_e, _c, conn) = tunnel(ctx).await?;
+
+        // Ten requests at once to the backend that never answers: three get
+        // a connection (and wait for the app's timeout), seven get
+        // BackendBusy once the wait is over.
+        let mut held = tokio::task::JoinSet::new();
+        for _ in 0..10 {
+            let conn = conn.clone();
+            held.spawn(async move {
+                exchange(
+                    &conn,
+                    head("stuck", Method::GET, "/", HeaderMap::new()),
+                    b"",
+                )
+                .await
+            });
+        }
+        let mut busy = 0;
+        while busy < 7 {
+            let (frame, _) = held.join_next().await.context("a stuck request")???;
+            let message = expect_error(frame, ErrorCode::BackendBusy)?;
+            assert!(message.contains("all 3 connections"), "{message}");
+            busy += 1;
+        }
+        assert_eq!(held.len(), 3, "three requests hold the three connections");
+        assert_eq!(max.load(Ordering::SeqCst), 3);
+        assert_eq!(open.load(Ordering::SeqCst), 3);
+        let gauge = |app: &str| metrics.backend_connections.with_label_values(&[app]).get();
+        assert_eq!(gauge("stuck"), 3);
+        let waits = |app: &str, outcome: &str| {
+            metrics
+                .backend_waits
+                .with_label_values(&[app, outcome])
+                .get()
+        };
+        assert_eq!(waits("stuck", "busy"), 7);
+        let refused = metrics
+            .requests
+            .with_label_values(&["stuck", "503", "BackendBusy"])
+            .get();
+        assert_eq!(refused, 7);
+
+        // Meanwhile another app is served; with its own cap of 3, five
+        // requests at once share at most three connections, and a waiter
+        // takes a connection another request hands back.
+        let mut fine = tokio::task::JoinSet::new();
+        for _ in 0..5 {
+            let conn = conn.clone();
+            fine.spawn(async move {
+                exchange(&conn, head("fine", Method::GET, "/", HeaderMap::new()), b"").await
+            });
+        }
+        while let Some(r) = fine.join_next().await {
+            let (frame, body) = r??;
+            assert_eq!(expect_head(frame)?.status, StatusCode::OK);
+            assert_eq!(body, b"hello from the backend");
+        }
+        assert!(accepted.load(Ordering::SeqCst) <= 3);
+        assert!(gauge("fine") <= 3);
+        // Idle keepalive connections count: they are still open.
+        assert_eq!(gauge("fine") as u64, accepted.load(Ordering::SeqCst));
+
+        // The held requests end at the app's timeout; their connections
+        // close and give their permits back.
+        held.abort_all();
+        drop(held);
+        Ok(())
+    })
+    .await
+}
+
 #[tokio::test]
 async fn unknown_app_is_app_not_found() -> anyhow::Result<()> {
     with_deadline(async {
@@ -606,18 +747,16 @@ async fn backend_ca_files_add_trusted_roots() -> anyhow::Result<()> {
         let ca_file = dir.path().join("backend-ca.pem");
         std::fs::write(&ca_file, ca.pem())?;
 
-        let group = GroupId::default_group();
         let apps = vec![app(
             "intranet",
             format!("https://localhost:{}/", backend.port()),
             true,
         )];
-        let with_ca = Arc::new(StreamCtx {
-            apps: ArcSwap::from_pointee(app_table(&apps, &group)),
-            group,
-            origin: Origin::new(std::slice::from_ref(&ca_file))?,
-            metrics: Metrics::new()?,
-        });
+        let with_ca = ctx_with(
+            apps.clone(),
+            std::slice::from_ref(&ca_file),
+            BackendLimits::new(None, Duration::from_secs(5), 1024),
+        )?;
         let (_e, _c, conn) = tunnel(with_ca).await?;
         let (frame, body) = exchange(
             &conn,
@@ -629,7 +768,7 @@ async fn backend_ca_files_add_trusted_roots() -> anyhow::Result<()> {
         assert_eq!(body, b"hello from the backend");
 
         // Without the file, the same backend is refused.
-        let (_e2, _c2, conn) = tunnel(ctx(apps)).await?;
+        let (_e2, _c2, conn) = tunnel(ctx(apps.clone())).await?;
         let (frame, _) = exchange(
             &conn,
             head("intranet", Method::GET, "/", HeaderMap::new()),
@@ -642,8 +781,14 @@ async fn backend_ca_files_add_trusted_roots() -> anyhow::Result<()> {
         let empty = dir.path().join("empty.pem");
         std::fs::write(&empty, "nothing here")?;
         assert!(matches!(
-            Origin::new(&[empty]),
-            Err(crate::Error::BackendCa { .. })
+            ctx_with(
+                apps,
+                &[empty],
+                BackendLimits::new(None, Duration::ZERO, 1024)
+            )
+            .unwrap_err()
+            .downcast::<crate::Error>(),
+            Ok(crate::Error::BackendCa { .. })
         ));
         Ok(())
     })

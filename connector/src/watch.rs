@@ -8,7 +8,6 @@ use portico_agent::{Credentials, RouterClient, RouterTrust, StateDir};
 use portico_proto::api::ConnectorConfig;
 use tokio::sync::watch;
 
-use crate::stream::app_table;
 use crate::tunnel::Pool;
 
 /// The router path of the connector config.
@@ -29,9 +28,7 @@ pub(crate) fn apply(
     if config.group != pool.group {
         tracing::warn!(config_group = %config.group, group = %pool.group, "the router sent another group's config; serving only this group's apps");
     }
-    pool.streams
-        .apps
-        .store(Arc::new(app_table(&config.apps, &pool.group)));
+    pool.streams.set_apps(&config.apps);
     tx.send_replace(Some(config));
 }
 

@@ -95,9 +95,8 @@ impl Stack {
         self.url(&format!("{app}.apps.localhost"), path)
     }
 
-    /// Creates connector group `group` and publishes the demo backend in it
-    /// as app `app` (no connector serves a new group until one enrolls).
-    pub async fn publish_demo_in_new_group(&self, app: &str, group: &str) {
+    /// Creates connector group `group` (no region pinned).
+    pub async fn create_group(&self, group: &str) -> portico_proto::GroupId {
         let group = portico_proto::GroupId::new(group).unwrap();
         let _: portico_proto::api::Group = self
             .d
@@ -111,6 +110,13 @@ impl Stack {
             )
             .await
             .expect("group created");
+        group
+    }
+
+    /// Creates connector group `group` and publishes the demo backend in it
+    /// as app `app` (no connector serves a new group until one enrolls).
+    pub async fn publish_demo_in_new_group(&self, app: &str, group: &str) {
+        let group = self.create_group(group).await;
         portico::dev::publish(
             &self.d.admin,
             app,
@@ -460,4 +466,35 @@ impl Child {
     pub async fn kill(&mut self) {
         self.child.kill().await.unwrap(); // SIGKILL
     }
+}
+
+/// One HTTP/2 connection to the edge with SNI `host`, trusting the router
+/// CA (hyper's client: many concurrent streams on one connection).
+pub async fn h2_connection(
+    s: &Stack,
+    host: &str,
+) -> hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>> {
+    let roots = portico_agent::pki::root_store(&s.d.router.ca_pem).unwrap();
+    let mut tls = rustls::ClientConfig::builder_with_provider(portico_agent::pki::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(s.d.edge.public_addr)
+        .await
+        .unwrap();
+    let name = rustls::pki_types::ServerName::try_from(host.to_owned()).unwrap();
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let (sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    sender
 }
