@@ -62,7 +62,7 @@ pub async fn start(addr: SocketAddr, shutdown: CancellationToken) -> std::io::Re
                     () = shutdown.cancelled() => break,
                     r = listener.accept() => match r {
                         Ok(x) => x,
-                        Err(e) => { debug!(error = %e, "accept failed"); continue; }
+                        Err(e) => { debug!(error = %portico_agent::error_chain(&e), "accept failed"); continue; }
                     },
                 };
                 let shutdown = shutdown.clone();

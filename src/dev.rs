@@ -113,7 +113,7 @@ impl Deployment {
             match portico_edge::start(ec.clone(), edge_stop.clone()).await {
                 Ok(edge) => edge,
                 Err(e) if public_port != 0 => {
-                    warn!(port = public_port, error = %e, "cannot use the public port; picking a free one");
+                    warn!(port = public_port, error = %portico_agent::error_chain(&e), "cannot use the public port; picking a free one");
                     ec.public_listen = LOOPBACK;
                     portico_edge::start(ec, edge_stop.clone())
                         .await

@@ -15,7 +15,7 @@ fn main() -> std::process::ExitCode {
     let runtime = match runtime(cli.threads) {
         Ok(rt) => rt,
         Err(e) => {
-            tracing::error!(error = %e, "cannot start the async runtime");
+            tracing::error!(error = %portico_agent::error_chain(&e), "cannot start the async runtime");
             return std::process::ExitCode::FAILURE;
         }
     };

@@ -192,18 +192,18 @@ pub struct MeshFile {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum MeshError {
-    #[error("cannot read mesh file {path}: {source}")]
+    #[error("cannot read mesh file {path}")]
     Read {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("invalid mesh file TOML: {source}")]
+    #[error("invalid mesh file TOML")]
     Toml {
         #[source]
         source: Box<toml::de::Error>,
     },
-    #[error("invalid [{table}] table: {source}")]
+    #[error("invalid [{table}] table")]
     Table {
         table: &'static str,
         #[source]
@@ -211,7 +211,7 @@ pub enum MeshError {
     },
     #[error("`{field}` is invalid: {reason}")]
     Invalid { field: String, reason: String },
-    #[error("invalid load scenario: {source}")]
+    #[error("invalid load scenario")]
     Scenario {
         #[source]
         source: ScenarioError,
@@ -574,7 +574,7 @@ impl Mesh {
                         break;
                     }
                     Err(e) if attempt < RELAY_ATTEMPTS => {
-                        warn!(edge = i, error = %e, "relay port taken in the meantime; retrying");
+                        warn!(edge = i, error = %portico_agent::error_chain(&e), "relay port taken in the meantime; retrying");
                         part.kill(&format!("edge{i}")).await;
                     }
                     Err(e) => {
@@ -1141,12 +1141,7 @@ mod tests {
                 text
             };
             let e = MeshFile::from_toml(&text).unwrap_err();
-            let msg = format!(
-                "{e}: {}",
-                std::error::Error::source(&e)
-                    .map(|s| s.to_string())
-                    .unwrap_or_default()
-            );
+            let msg = portico_agent::error_chain(&e).to_string();
             assert!(msg.contains(needle), "{needle} not in {msg}");
         }
         let e = MeshFile::from_toml(&BASE.replace("app0", "app1")).unwrap_err();

@@ -203,15 +203,10 @@ fn bad_mesh_files_name_the_field() {
         ("[wan]\nreorder = 1.5\n", "reorder"),
     ] {
         let e = MeshFile::from_toml(&format!("{base}{extra}")).unwrap_err();
-        let msg = format!("{e:#}");
-        let full = format!(
-            "{msg} {}",
-            std::error::Error::source(&e)
-                .map(|s| s.to_string())
-                .unwrap_or_default()
-        );
+        let full = portico_agent::error_chain(&e).to_string();
         assert!(full.contains(needle), "{needle} not in {full}");
     }
     let e = MeshFile::from_toml(&base.replace("duration = \"1s\"\n", "")).unwrap_err();
-    assert!(e.to_string().contains("duration"), "{e}");
+    let full = portico_agent::error_chain(&e).to_string();
+    assert!(full.contains("duration"), "{full}");
 }

@@ -179,9 +179,9 @@ impl RouterClient {
         }
         let req = req
             .body(Full::new(Bytes::from(body.unwrap_or_default())))
-            .map_err(|e| ClientError::InvalidUrl {
+            .map_err(|source| ClientError::Request {
                 url: url.clone(),
-                reason: e.to_string(),
+                source,
             })?;
         let exchange = async {
             let resp = self
@@ -190,15 +190,15 @@ impl RouterClient {
                 .await
                 .map_err(|e| ClientError::Connect {
                     url: self.base.to_string(),
-                    reason: crate::error::chain(&e).to_string(),
+                    source: e.into(),
                 })?;
             let status = resp.status();
             let body = Limited::new(resp.into_body(), MAX_BODY)
                 .collect()
                 .await
-                .map_err(|e| ClientError::Connect {
+                .map_err(|source| ClientError::ReadAnswer {
                     url: self.base.to_string(),
-                    reason: format!("reading the answer: {e}"),
+                    source,
                 })?
                 .to_bytes();
             Ok::<_, ClientError>((status, body))
@@ -242,11 +242,14 @@ fn decode<T: DeserializeOwned>(path: &str, body: &[u8]) -> Result<T, ClientError
 
 /// Checks a router URL and returns it without a trailing slash.
 fn normalize_url(raw: &str) -> Result<String, ClientError> {
-    let bad = |reason: &str| ClientError::InvalidUrl {
+    let bad = |reason: &'static str| ClientError::InvalidUrl {
         url: raw.to_owned(),
-        reason: reason.to_owned(),
+        reason,
     };
-    let url = url::Url::parse(raw).map_err(|e| bad(&e.to_string()))?;
+    let url = url::Url::parse(raw).map_err(|source| ClientError::UrlSyntax {
+        url: raw.to_owned(),
+        source,
+    })?;
     if url.scheme() != "https" {
         return Err(bad("the router is only reached over https://"));
     }
@@ -285,7 +288,7 @@ mod tests {
         ));
         assert!(matches!(
             normalize_url("nonsense"),
-            Err(ClientError::InvalidUrl { .. })
+            Err(ClientError::UrlSyntax { .. })
         ));
     }
 }

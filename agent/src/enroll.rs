@@ -189,7 +189,7 @@ pub fn spawn_renewal(
                         return;
                     }
                     Err(e) => {
-                        warn!(error = %e, retry_in = ?backoff, "certificate renewal failed");
+                        warn!(error = %crate::error::chain(&e), retry_in = ?backoff, "certificate renewal failed");
                         tokio::select! {
                             () = shutdown.cancelled() => return,
                             () = tokio::time::sleep(jitter(backoff)) => {}

@@ -7,23 +7,40 @@ use std::path::PathBuf;
 
 use portico_proto::api::ApiError;
 
+/// A boxed error from a dependency whose type varies by call site.
+pub type BoxError = Box<dyn StdError + Send + Sync>;
+
 /// A key, certificate or CSR could not be made or read.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum PkiError {
-    #[error("key generation or signing failed: {0}")]
+    #[error("key generation or signing failed")]
     Rcgen(#[from] rcgen::Error),
     #[error("no {what} found in PEM input")]
     NoPem { what: &'static str },
-    #[error("invalid PEM {what}: {reason}")]
-    BadPem { what: &'static str, reason: String },
-    #[error("certificate cannot be parsed: {reason}")]
-    BadCertificate { reason: String },
+    #[error("invalid PEM {what}")]
+    BadPem {
+        what: &'static str,
+        #[source]
+        source: rustls::pki_types::pem::Error,
+    },
+    #[error("certificate cannot be used: {what}")]
+    BadCertificate {
+        what: &'static str,
+        #[source]
+        source: BoxError,
+    },
+    #[error("invalid TLS server name {name:?}")]
+    BadServerName {
+        name: String,
+        #[source]
+        source: rustls::pki_types::InvalidDnsNameError,
+    },
     #[error("certificate names no Portico identity (urn:portico:… URI SANs)")]
     NoIdentity,
-    #[error("TLS setup failed: {0}")]
+    #[error("TLS setup failed")]
     Tls(#[from] rustls::Error),
-    #[error("client verifier setup failed: {0}")]
+    #[error("client verifier setup failed")]
     Verifier(#[from] rustls::server::VerifierBuilderError),
 }
 
@@ -31,19 +48,19 @@ pub enum PkiError {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StateError {
-    #[error("state directory {path}: {source}")]
+    #[error("state directory {path}")]
     Io {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("state file {path} is corrupt: {source}")]
+    #[error("state file {path} is corrupt")]
     Corrupt {
         path: PathBuf,
         #[source]
         source: serde_json::Error,
     },
-    #[error("state file {path} holds unusable credentials: {source}")]
+    #[error("state file {path} holds unusable credentials")]
     BadCredentials {
         path: PathBuf,
         #[source]
@@ -57,11 +74,33 @@ pub enum StateError {
 #[non_exhaustive]
 pub enum ClientError {
     #[error("invalid router URL {url:?}: {reason}")]
-    InvalidUrl { url: String, reason: String },
-    #[error("TLS setup for the router failed: {0}")]
+    InvalidUrl { url: String, reason: &'static str },
+    #[error("invalid router URL {url:?}")]
+    UrlSyntax {
+        url: String,
+        #[source]
+        source: url::ParseError,
+    },
+    #[error("cannot build a request to {url}")]
+    Request {
+        url: String,
+        #[source]
+        source: http::Error,
+    },
+    #[error("TLS setup for the router failed")]
     Pki(#[from] PkiError),
-    #[error("cannot reach the router at {url}: {reason}")]
-    Connect { url: String, reason: String },
+    #[error("cannot reach the router at {url}")]
+    Connect {
+        url: String,
+        #[source]
+        source: BoxError,
+    },
+    #[error("reading the router's answer from {url} failed")]
+    ReadAnswer {
+        url: String,
+        #[source]
+        source: BoxError,
+    },
     #[error("the router at {url} did not answer within {secs} s")]
     Timeout { url: String, secs: u64 },
     #[error("the router refused {path} ({status}): {error}")]
@@ -76,7 +115,7 @@ pub enum ClientError {
         status: u16,
         body: String,
     },
-    #[error("answer to {path} is not the expected JSON: {source}")]
+    #[error("answer to {path} is not the expected JSON")]
     Decode {
         path: String,
         #[source]
@@ -114,7 +153,9 @@ impl ClientError {
     /// A transient failure worth retrying: no answer, or a 5xx.
     pub fn is_transient(&self) -> bool {
         match self {
-            ClientError::Connect { .. } | ClientError::Timeout { .. } => true,
+            ClientError::Connect { .. }
+            | ClientError::ReadAnswer { .. }
+            | ClientError::Timeout { .. } => true,
             other => other.status().is_some_and(|s| s >= 500),
         }
     }

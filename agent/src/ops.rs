@@ -24,7 +24,7 @@ pub type Readiness = Arc<dyn Fn() -> Result<String, String> + Send + Sync>;
 pub fn render(registry: &Registry) -> String {
     let mut buf = Vec::new();
     if let Err(e) = TextEncoder::new().encode(&registry.gather(), &mut buf) {
-        tracing::warn!(error = %e, "cannot encode metrics");
+        tracing::warn!(error = %crate::error::chain(&e), "cannot encode metrics");
     }
     String::from_utf8(buf).unwrap_or_default()
 }
@@ -39,7 +39,10 @@ pub fn serve(
     tracker: &TaskTracker,
 ) {
     let conns = tracker.clone();
-    let span = tracing::info_span!("ops", addr = ?listener.local_addr().ok());
+    let span = tracing::info_span!(
+        "ops",
+        addr = listener.local_addr().ok().map(tracing::field::display)
+    );
     tracker.spawn(
         async move {
             loop {
@@ -49,7 +52,7 @@ pub fn serve(
                         Ok(x) => x,
                         Err(e) => {
                             // EMFILE and friends: back off instead of spinning.
-                            tracing::warn!(error = %e, "metrics accept failed");
+                            tracing::warn!(error = %crate::error::chain(&e), "metrics accept failed");
                             tokio::time::sleep(Duration::from_millis(100)).await;
                             continue;
                         }
@@ -69,7 +72,7 @@ pub fn serve(
                     let conn = builder.serve_connection(TokioIo::new(tcp), svc);
                     tokio::pin!(conn);
                     tokio::select! {
-                        r = conn.as_mut() => if let Err(e) = r { tracing::debug!(error = %e, "metrics connection"); },
+                        r = conn.as_mut() => if let Err(e) = r { tracing::debug!(error = %crate::error::chain(&*e), "metrics connection"); },
                         () = shutdown.cancelled() => {}
                     }
                 });

@@ -36,9 +36,9 @@ pub fn csr_pem(key: &rcgen::KeyPair) -> Result<String, PkiError> {
 pub fn parse_certs_pem(pem: &str) -> Result<Vec<CertificateDer<'static>>, PkiError> {
     let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| PkiError::BadPem {
+        .map_err(|source| PkiError::BadPem {
             what: "certificate",
-            reason: e.to_string(),
+            source,
         })?;
     if certs.is_empty() {
         return Err(PkiError::NoPem {
@@ -54,9 +54,9 @@ pub fn parse_key_pem(pem: &str) -> Result<PrivateKeyDer<'static>, PkiError> {
         rustls::pki_types::pem::Error::NoItemsFound => PkiError::NoPem {
             what: "private key",
         },
-        other => PkiError::BadPem {
+        source => PkiError::BadPem {
             what: "private key",
-            reason: other.to_string(),
+            source,
         },
     })
 }
@@ -67,7 +67,8 @@ fn parse<'a>(
     x509_parser::parse_x509_certificate(cert.as_ref())
         .map(|(_, c)| c)
         .map_err(|e| PkiError::BadCertificate {
-            reason: e.to_string(),
+            what: "not X.509 DER",
+            source: e.into(),
         })
 }
 
@@ -77,7 +78,8 @@ pub fn identity_of(cert: &CertificateDer<'_>) -> Result<Identity, PkiError> {
     let san = cert
         .subject_alternative_name()
         .map_err(|e| PkiError::BadCertificate {
-            reason: e.to_string(),
+            what: "malformed subject alternative names",
+            source: e.into(),
         })?
         .ok_or(PkiError::NoIdentity)?;
     let uris = san.value.general_names.iter().filter_map(|n| match n {
@@ -157,7 +159,8 @@ pub fn fixed_name_verifier(
         WebPkiServerVerifier::builder_with_provider(Arc::new(root_store(ca_pem)?), provider())
             .build()
             .map_err(|e| PkiError::BadCertificate {
-                reason: e.to_string(),
+                what: "the CA cannot verify servers",
+                source: e.into(),
             })?;
     Ok(Arc::new(FixedName {
         inner: Verify::Ca(inner),
@@ -179,8 +182,9 @@ pub fn pinned_verifier(
 }
 
 fn server_name(name: &str) -> Result<ServerName<'static>, PkiError> {
-    ServerName::try_from(name.to_owned()).map_err(|e| PkiError::BadCertificate {
-        reason: format!("invalid server name {name:?}: {e}"),
+    ServerName::try_from(name.to_owned()).map_err(|source| PkiError::BadServerName {
+        name: name.to_owned(),
+        source,
     })
 }
 

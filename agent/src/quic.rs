@@ -109,7 +109,7 @@ pub fn bind_endpoint(
         ("send", socket.set_send_buffer_size(UDP_BUFFER)),
     ] {
         if let Err(e) = r {
-            tracing::debug!(error = %e, "cannot set the UDP {what} buffer");
+            tracing::debug!(error = %crate::error::chain(&e), "cannot set the UDP {what} buffer");
         }
     }
     socket.bind(&addr.into())?;

@@ -81,7 +81,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Handle
     let saved: Option<ConnectorConfig> = match state.load_json(watch::CONFIG_FILE) {
         Ok(c) => c,
         Err(e) => {
-            tracing::warn!(error = %e, "ignoring the saved config snapshot");
+            tracing::warn!(error = %portico_agent::error_chain(&e), "ignoring the saved config snapshot");
             None
         }
     };
@@ -152,8 +152,8 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Handle
     tracing::info!(
         parent: &span,
         tunnels = config.tunnels,
-        udp = ?endpoint.local_addr().ok(),
-        metrics = ?metrics_addr,
+        udp = endpoint.local_addr().ok().map(tracing::field::display),
+        metrics = metrics_addr.map(tracing::field::display),
         fd_limit,
         backend_connections_per_app = limits.per_app,
         backend_connections = limits.budget,

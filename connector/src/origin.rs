@@ -130,7 +130,7 @@ impl Origin {
         let mut roots = RootCertStore::empty();
         let native = rustls_native_certs::load_native_certs();
         for e in &native.errors {
-            tracing::debug!(error = %e, "skipping an unreadable system root");
+            tracing::debug!(error = %portico_agent::error_chain(&e), "skipping an unreadable system root");
         }
         let (added, ignored) = roots.add_parsable_certificates(native.certs);
         tracing::debug!(added, ignored, "system roots loaded for backend TLS");

@@ -122,11 +122,11 @@ pub(crate) async fn serve_stream(ctx: Arc<StreamCtx>, mut send: SendStream, mut 
             return;
         }
         Ok(Err(ReadError::Io(e))) => {
-            tracing::debug!(error = %e, "stream closed before its head");
+            tracing::debug!(error = %portico_agent::error_chain(&e), "stream closed before its head");
             return;
         }
         Ok(Err(e)) => {
-            tracing::warn!(error = %e, "malformed stream head; resetting the stream");
+            tracing::warn!(error = %portico_agent::error_chain(&e), "malformed stream head; resetting the stream");
             reset(&mut send, &mut recv, CloseCode::ProtocolError);
             return;
         }
@@ -258,7 +258,7 @@ async fn proxy(
                     }
                 },
                 Ok(Err(e)) => {
-                    tracing::debug!(error = %e, "request body failed before it was sent");
+                    tracing::debug!(error = %portico_agent::error_chain(&e), "request body failed before it was sent");
                     return Outcome::Gone { status: None };
                 }
             }
@@ -471,7 +471,7 @@ async fn pipe_upgrade(
             finish(send).await;
         }
         Err(e) => {
-            tracing::debug!(error = %e, "upgraded connection ended with an error");
+            tracing::debug!(error = %portico_agent::error_chain(&e), "upgraded connection ended with an error");
             drop(tunnel);
             let _ = send.reset(code(CloseCode::Cancelled));
         }

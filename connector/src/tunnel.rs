@@ -132,7 +132,7 @@ pub(crate) fn bind_endpoint(tracker: &TaskTracker) -> Result<Endpoint, Error> {
     let v4: SocketAddr = (std::net::Ipv4Addr::UNSPECIFIED, 0).into();
     portico_agent::quic::bind_endpoint(v6, None, tracker)
         .or_else(|e| {
-            tracing::debug!(error = %e, "no dual-stack UDP socket; using IPv4 only");
+            tracing::debug!(error = %portico_agent::error_chain(&e), "no dual-stack UDP socket; using IPv4 only");
             portico_agent::quic::bind_endpoint(v4, None, tracker)
         })
         .map_err(|source| Error::Bind {
@@ -217,7 +217,7 @@ async fn run_slot(pool: Arc<Pool>, slot: usize) {
             Err(e) => {
                 failed_dials = failed_dials.wrapping_add(1);
                 let delay = backoff.delay();
-                tracing::warn!(edge = %edge.id, addr = %edge.tunnel_addr, error = %e, retry_in = ?delay, "cannot open a tunnel; trying the next edge");
+                tracing::warn!(edge = %edge.id, addr = %edge.tunnel_addr, error = %portico_agent::error_chain(&e), retry_in = ?delay, "cannot open a tunnel; trying the next edge");
                 tokio::select! {
                     _ = pool.stop.cancelled() => return,
                     _ = tokio::time::sleep(delay) => {}
@@ -251,7 +251,7 @@ async fn run_slot(pool: Arc<Pool>, slot: usize) {
                         continue;
                     }
                     let stagger = MOVE_STAGGER * slot as u32 + MOVE_STAGGER.mul_f64(fastrand::f64() / 2.0);
-                    tracing::info!(to = ?next.as_ref().map(|n| n.id.to_string()), in_ = ?stagger, "edge list changed; moving this tunnel");
+                    tracing::info!(to = next.as_ref().map(|n| tracing::field::display(&n.id)), in_ = ?stagger, "edge list changed; moving this tunnel");
                     move_at = Some(tokio::time::Instant::now() + stagger);
                 }
                 _ = sleep_until(move_at) => {
@@ -548,7 +548,7 @@ async fn run_tunnel(
                 let cause = if pool.stop.is_cancelled() { DrainCause::Shutdown } else { DrainCause::Moved };
                 tracing::info!(?cause, "draining tunnel");
                 if let Err(e) = write_frame(&mut ctl_send, &Frame::Drain).await {
-                    tracing::debug!(error = %e, "cannot send Drain");
+                    tracing::debug!(error = %portico_agent::error_chain(&e), "cannot send Drain");
                 }
                 draining = Some(cause);
                 drain_deadline = Some(tokio::time::Instant::now() + DRAIN_LIMIT);
@@ -558,7 +558,7 @@ async fn run_tunnel(
             frame = ctl_rx.recv(), if control_open => match frame {
                 Some(Ok(Some(Frame::Ping(v)))) => {
                     if let Err(e) = write_frame(&mut ctl_send, &Frame::Pong(v)).await {
-                        tracing::debug!(error = %e, "cannot answer Ping");
+                        tracing::debug!(error = %portico_agent::error_chain(&e), "cannot answer Ping");
                     }
                 }
                 Some(Ok(Some(Frame::Pong(v)))) => {
@@ -595,7 +595,7 @@ async fn run_tunnel(
                     control_open = false;
                 }
                 Some(Err(e)) => {
-                    tracing::warn!(error = %e, "control stream failed");
+                    tracing::warn!(error = %portico_agent::error_chain(&e), "control stream failed");
                     control_open = false;
                     if matches!(e, portico_proto::io::ReadError::Decode(_)) {
                         conn.close(code(CloseCode::ProtocolError), b"malformed control frame");
@@ -615,7 +615,7 @@ async fn run_tunnel(
                 ping_seq += 1;
                 ping_sent = Some((ping_seq, Instant::now()));
                 if let Err(e) = write_frame(&mut ctl_send, &Frame::Ping(ping_seq)).await {
-                    tracing::debug!(error = %e, "cannot send Ping");
+                    tracing::debug!(error = %portico_agent::error_chain(&e), "cannot send Ping");
                 }
             }
             _ = streams.wait(), if draining.is_some() => {
@@ -649,7 +649,7 @@ async fn run_tunnel(
                 "the edge closed the tunnel"
             ),
             ConnectionError::LocallyClosed => tracing::info!("tunnel closed"),
-            other => tracing::warn!(error = %other, "tunnel lost"),
+            other => tracing::warn!(error = %portico_agent::error_chain(&other), "tunnel lost"),
         }
     }
     release(Release::Closed, &mut up);

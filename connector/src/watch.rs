@@ -54,7 +54,7 @@ pub(crate) async fn run(
             ) {
                 Ok(c) => client = Some(c),
                 Err(e) => {
-                    tracing::error!(error = %e, "cannot build the router client");
+                    tracing::error!(error = %portico_agent::error_chain(&e), "cannot build the router client");
                     if !pause(&pool, &mut retry).await {
                         return;
                     }
@@ -80,7 +80,7 @@ pub(crate) async fn run(
                         "config received"
                     );
                     if let Err(e) = state.save_json(CONFIG_FILE, &config) {
-                        tracing::warn!(error = %e, "cannot persist the config snapshot");
+                        tracing::warn!(error = %portico_agent::error_chain(&e), "cannot persist the config snapshot");
                     }
                     apply(&pool, &tx, Arc::new(config));
                 }
@@ -95,7 +95,7 @@ pub(crate) async fn run(
                 return;
             }
             Err(e) => {
-                tracing::warn!(error = %e, retry_in = ?retry, "config watch failed; serving the last config");
+                tracing::warn!(error = %portico_agent::error_chain(&e), retry_in = ?retry, "config watch failed; serving the last config");
                 if !pause(&pool, &mut retry).await {
                     return;
                 }

@@ -67,11 +67,13 @@ pub(crate) async fn start(config: Config, shutdown: CancellationToken) -> Result
             match state.load_json::<SavedPublicCert>(PUBLIC_CERT_FILE) {
                 Ok(Some(saved)) => {
                     if let Err(e) = public_cert.set_pem(&saved.cert_pem, saved.key_pem.expose()) {
-                        tracing::warn!(error = %e, "saved public certificate is unusable");
+                        tracing::warn!(error = %portico_agent::error_chain(&e), "saved public certificate is unusable");
                     }
                 }
                 Ok(None) => {}
-                Err(e) => tracing::warn!(error = %e, "cannot read the saved public certificate"),
+                Err(e) => {
+                    tracing::warn!(error = %portico_agent::error_chain(&e), "cannot read the saved public certificate")
+                }
             }
             true
         }
@@ -80,7 +82,7 @@ pub(crate) async fn start(config: Config, shutdown: CancellationToken) -> Result
     let initial_config = match state.load_json::<EdgeConfig>(CONFIG_FILE) {
         Ok(c) => c,
         Err(e) => {
-            tracing::warn!(error = %e, "ignoring the saved config snapshot");
+            tracing::warn!(error = %portico_agent::error_chain(&e), "ignoring the saved config snapshot");
             None
         }
     };
@@ -141,9 +143,9 @@ pub(crate) async fn start(config: Config, shutdown: CancellationToken) -> Result
                             Ok(()) => tracing::info!(
                                 "tunnel listener now presents the renewed certificate"
                             ),
-                            Err(e) => tracing::warn!(error = %e, "renewed certificate unusable"),
+                            Err(e) => tracing::warn!(error = %portico_agent::error_chain(&e), "renewed certificate unusable"),
                         },
-                        Err(e) => tracing::warn!(error = %e, "renewed certificate unusable"),
+                        Err(e) => tracing::warn!(error = %portico_agent::error_chain(&e), "renewed certificate unusable"),
                     }
                 }
             }
@@ -162,11 +164,11 @@ pub(crate) async fn start(config: Config, shutdown: CancellationToken) -> Result
             match fetch_public_cert(&routers, &state).await {
                 Ok((cert_pem, key_pem, _)) => {
                     if let Err(e) = public_cert.set_pem(&cert_pem, &key_pem) {
-                        tracing::warn!(error = %e, "router-issued public certificate unusable");
+                        tracing::warn!(error = %portico_agent::error_chain(&e), "router-issued public certificate unusable");
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "cannot get a public certificate yet; retrying")
+                    tracing::warn!(error = %portico_agent::error_chain(&e), "cannot get a public certificate yet; retrying")
                 }
             }
         }
@@ -229,7 +231,7 @@ async fn config_loop(routers: Routers, state: StateDir, shared: Arc<Shared>) {
                     c
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "cannot build a router client");
+                    tracing::warn!(error = %portico_agent::error_chain(&e), "cannot build a router client");
                     if backoff.sleep(&shared.shutdown).await.is_err() {
                         return;
                     }
@@ -254,7 +256,7 @@ async fn config_loop(routers: Routers, state: StateDir, shared: Arc<Shared>) {
                 first = false;
                 backoff.reset();
                 if let Err(e) = state.save_json(CONFIG_FILE, &config) {
-                    tracing::warn!(error = %e, "cannot save the config snapshot");
+                    tracing::warn!(error = %portico_agent::error_chain(&e), "cannot save the config snapshot");
                 }
                 shared.apply_config(config);
             }
@@ -265,7 +267,7 @@ async fn config_loop(routers: Routers, state: StateDir, shared: Arc<Shared>) {
                         "the router says this edge was deleted; serving the last config"
                     );
                 } else {
-                    tracing::warn!(error = %e, "config watch failed; serving the last config");
+                    tracing::warn!(error = %portico_agent::error_chain(&e), "config watch failed; serving the last config");
                 }
                 if backoff.sleep(&shared.shutdown).await.is_err() {
                     return;
@@ -286,10 +288,12 @@ async fn report_loop(routers: Routers, mut report: EdgeReport, shared: Arc<Share
                     r = c.post_empty("/v1/edge/report", &report) => r,
                 };
                 if let Err(e) = r {
-                    tracing::debug!(error = %e, "presence report failed");
+                    tracing::debug!(error = %portico_agent::error_chain(&e), "presence report failed");
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "cannot build a router client"),
+            Err(e) => {
+                tracing::warn!(error = %portico_agent::error_chain(&e), "cannot build a router client")
+            }
         }
         tokio::select! {
             () = shared.shutdown.cancelled() => return,
@@ -335,14 +339,14 @@ async fn public_cert_loop(
                     renew_at = at;
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "router-issued public certificate unusable");
+                    tracing::warn!(error = %portico_agent::error_chain(&e), "router-issued public certificate unusable");
                     if backoff.sleep(&shared.shutdown).await.is_err() {
                         return;
                     }
                 }
             },
             Err(e) => {
-                tracing::warn!(error = %e, "public certificate request failed");
+                tracing::warn!(error = %portico_agent::error_chain(&e), "public certificate request failed");
                 if backoff.sleep(&shared.shutdown).await.is_err() {
                     return;
                 }
@@ -373,7 +377,7 @@ async fn fetch_public_cert(
         key_pem: Secret::new(key_pem.clone()),
     };
     if let Err(e) = state.save_json(PUBLIC_CERT_FILE, &saved) {
-        tracing::warn!(error = %e, "cannot save the public certificate");
+        tracing::warn!(error = %portico_agent::error_chain(&e), "cannot save the public certificate");
     }
     let at = renew_time(&answer.cert_pem).unwrap_or_else(|| {
         let not_after = UNIX_EPOCH + Duration::from_secs(answer.not_after);

@@ -13,7 +13,7 @@ pub enum Error {
     #[error("invalid edge config: {field}: {reason}")]
     InvalidConfig { field: &'static str, reason: String },
     /// A listening socket could not be bound.
-    #[error("cannot bind the {what} listener on {addr}: {source}")]
+    #[error("cannot bind the {what} listener on {addr}")]
     Bind {
         what: &'static str,
         addr: SocketAddr,
@@ -21,7 +21,7 @@ pub enum Error {
         source: std::io::Error,
     },
     /// Enrollment (first start) or loading saved credentials failed.
-    #[error("edge enrollment failed: {0}")]
+    #[error("edge enrollment failed")]
     Enroll(#[from] EnrollError),
     /// The enrolled certificate names a connector, not an edge.
     #[error("the credentials in the state directory belong to {identity}, not to an edge")]
@@ -30,26 +30,26 @@ pub enum Error {
     #[error(transparent)]
     State(#[from] StateError),
     /// A certificate or key could not be used.
-    #[error("certificate setup failed: {0}")]
+    #[error("certificate setup failed")]
     Pki(#[from] PkiError),
     /// An operator certificate file could not be read.
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}")]
     ReadFile {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
     /// TLS could not be configured.
-    #[error("TLS setup for the {what} listener failed: {source}")]
+    #[error("TLS setup for the {what} listener failed")]
     Tls {
         what: &'static str,
         #[source]
         source: rustls::Error,
     },
     /// The QUIC crypto config was refused (no TLS 1.3 initial suite).
-    #[error("QUIC TLS setup failed: {0}")]
+    #[error("QUIC TLS setup failed")]
     Quic(#[from] quinn::crypto::rustls::NoInitialCipherSuite),
     /// A router client could not be built.
-    #[error("router client setup failed: {0}")]
+    #[error("router client setup failed")]
     Router(#[from] ClientError),
 }

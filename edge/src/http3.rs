@@ -181,7 +181,7 @@ async fn serve_connection(incoming: quinn::Incoming, client: Arc<ClientConn>, sh
         r = tokio::time::timeout(shared.timeouts.header_read.min(HANDSHAKE_TIMEOUT), setup) => match r {
             Ok(Ok(x)) => x,
             Ok(Err(e)) => {
-                tracing::debug!(error = %e, "HTTP/3 connection setup failed");
+                tracing::debug!(error = %portico_agent::error_chain(&e), "HTTP/3 connection setup failed");
                 return;
             }
             Err(_) => {
@@ -207,7 +207,7 @@ async fn serve_connection(incoming: quinn::Incoming, client: Arc<ClientConn>, sh
                 Ok(None) => break,
                 Err(e) => {
                     if !e.is_h3_no_error() {
-                        tracing::debug!(error = %e, "HTTP/3 connection ended");
+                        tracing::debug!(error = %portico_agent::error_chain(&e), "HTTP/3 connection ended");
                     }
                     break;
                 }
@@ -218,7 +218,7 @@ async fn serve_connection(incoming: quinn::Incoming, client: Arc<ClientConn>, sh
                 // GOAWAY: the client sends nothing new; one racing
                 // request is still served.
                 if let Err(e) = h3c.shutdown(1).await {
-                    tracing::debug!(error = %e, "sending GOAWAY failed");
+                    tracing::debug!(error = %portico_agent::error_chain(&e), "sending GOAWAY failed");
                     break;
                 }
             }
@@ -267,7 +267,7 @@ async fn serve_request(
     let (req, stream) = match resolved {
         Ok(Ok(x)) => x,
         Ok(Err(e)) => {
-            tracing::debug!(error = %e, "bad HTTP/3 request head");
+            tracing::debug!(error = %portico_agent::error_chain(&e), "bad HTTP/3 request head");
             return;
         }
         Err(_) => {
@@ -294,7 +294,7 @@ async fn serve_request(
     };
     let (parts, mut body) = resp.into_parts();
     if let Err(e) = send.send_response(Response::from_parts(parts, ())).await {
-        tracing::debug!(error = %e, "sending the HTTP/3 response head failed");
+        tracing::debug!(error = %portico_agent::error_chain(&e), "sending the HTTP/3 response head failed");
         return;
     }
     loop {
@@ -312,7 +312,7 @@ async fn serve_request(
                 _ => continue, // trailers are not carried
             },
             Some(Err(e)) => {
-                tracing::debug!(error = %e, "response body failed; resetting the stream");
+                tracing::debug!(error = %portico_agent::error_chain(&*e), "response body failed; resetting the stream");
                 send.stop_stream(Code::H3_INTERNAL_ERROR);
                 return;
             }
@@ -329,13 +329,13 @@ async fn serve_request(
             r = send.send_data(data) => if let Err(e) = r {
                 // The client left or reset the stream: dropping the body
                 // cancels the tunnel stream.
-                tracing::debug!(error = %e, "sending HTTP/3 data failed");
+                tracing::debug!(error = %portico_agent::error_chain(&e), "sending HTTP/3 data failed");
                 return;
             },
         }
     }
     if let Err(e) = send.finish().await {
-        tracing::debug!(error = %e, "finishing the HTTP/3 response failed");
+        tracing::debug!(error = %portico_agent::error_chain(&e), "finishing the HTTP/3 response failed");
     }
 }
 

@@ -319,7 +319,15 @@ pub(crate) async fn serve(parts: Parts, shutdown: CancellationToken) -> Result<H
     shared.tracker.spawn(
         drain_on_shutdown(endpoint, h3_endpoint, Arc::clone(&shared)).instrument(span.clone()),
     );
-    tracing::info!(parent: &span, %public_addr, ?h3_addr, %tunnel_addr, ?metrics_addr, "edge listening");
+    // Display, and no field for what is off (not `Some(..)`/`None`).
+    tracing::info!(
+        parent: &span,
+        %public_addr,
+        h3_addr = h3_addr.map(tracing::field::display),
+        %tunnel_addr,
+        metrics_addr = metrics_addr.map(tracing::field::display),
+        "edge listening"
+    );
 
     Ok(Handle {
         id: parts.edge_id,

@@ -130,7 +130,7 @@ pub(crate) async fn accept_loop(
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => {
                     metrics.tls_failed.inc();
-                    tracing::debug!(%client, error = %e, "TLS handshake failed");
+                    tracing::debug!(%client, error = %portico_agent::error_chain(&e), "TLS handshake failed");
                     return;
                 }
                 Err(_) => {
@@ -188,7 +188,7 @@ impl AcceptBackoff {
             .is_none_or(|t| now.saturating_duration_since(t) >= Self::LOG_EVERY);
         if due {
             self.last_log = Some(now);
-            tracing::warn!(error = %e, failures = self.failures, retry_in = ?self.delay, "public accept failing; backing off");
+            tracing::warn!(error = %portico_agent::error_chain(e), failures = self.failures, retry_in = ?self.delay, "public accept failing; backing off");
         }
         self.delay
     }

@@ -142,7 +142,7 @@ async fn handle_incoming(incoming: quinn::Incoming, shared: Arc<Shared>) {
     let conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await {
         Ok(Ok(conn)) => conn,
         Ok(Err(e)) => {
-            tracing::debug!(error = %e, "tunnel handshake failed");
+            tracing::debug!(error = %portico_agent::error_chain(&e), "tunnel handshake failed");
             return;
         }
         Err(_) => {
@@ -200,7 +200,10 @@ async fn hello(
         Some(Err(e)) => {
             return Err(protocol_error(
                 conn,
-                &format!("unusable client certificate: {e}"),
+                &format!(
+                    "unusable client certificate: {}",
+                    portico_agent::error_chain(&e)
+                ),
             ))
         }
         None => return Err(protocol_error(conn, "no client certificate")),
@@ -213,7 +216,7 @@ async fn hello(
     let (mut send, mut recv) = match conn.accept_bi().await {
         Ok(s) => s,
         Err(e) => {
-            tracing::debug!(error = %e, "tunnel closed before its control stream");
+            tracing::debug!(error = %portico_agent::error_chain(&e), "tunnel closed before its control stream");
             return Err(Ended::from_close(Some(e)));
         }
     };
@@ -228,10 +231,15 @@ async fn hello(
         }
         Ok(None) => return Err(protocol_error(conn, "control stream ended before Hello")),
         Err(ReadError::Io(e)) => {
-            tracing::debug!(error = %e, "tunnel lost before Hello");
+            tracing::debug!(error = %portico_agent::error_chain(&e), "tunnel lost before Hello");
             return Err(Ended::from_close(conn.close_reason()));
         }
-        Err(e) => return Err(protocol_error(conn, &e.to_string())),
+        Err(e) => {
+            return Err(protocol_error(
+                conn,
+                &portico_agent::error_chain(&e).to_string(),
+            ))
+        }
     };
     let version = match negotiate_version(hello.version) {
         Ok(v) => v,
@@ -267,7 +275,7 @@ async fn hello(
         config_version: shared.table.load().version(),
     });
     if let Err(e) = write_frame(&mut send, &welcome).await {
-        tracing::debug!(error = %e, "tunnel lost before Welcome");
+        tracing::debug!(error = %portico_agent::error_chain(&e), "tunnel lost before Welcome");
         return Err(Ended::from_close(conn.close_reason()));
     }
     let tunnel = Tunnel::new(
@@ -352,7 +360,9 @@ async fn control_loop(
                 return Ended::Goodbye;
             }
             Some(Err(ReadError::Io(_))) | None => return Ended::from_close(conn.close_reason()),
-            Some(Err(e)) => return protocol_error(conn, &e.to_string()),
+            Some(Err(e)) => {
+                return protocol_error(conn, &portico_agent::error_chain(&e).to_string())
+            }
         }
     }
 }

@@ -67,19 +67,21 @@ pub fn root_store(cacert: Option<&Path>) -> Result<RootCertStore, LoadtestError>
     let mut roots = RootCertStore::empty();
     match cacert {
         Some(path) => {
-            let err = |reason: String| LoadtestError::CaFile {
+            let err = |source: crate::error::BoxError| LoadtestError::CaFile {
                 path: path.to_owned(),
-                reason,
+                source,
             };
             let certs = CertificateDer::pem_file_iter(path)
-                .map_err(|e| err(e.to_string()))?
+                .map_err(|e| err(e.into()))?
                 .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| err(e.to_string()))?;
+                .map_err(|e| err(e.into()))?;
             if certs.is_empty() {
-                return Err(err("no certificates in the file".to_owned()));
+                return Err(LoadtestError::CaFileEmpty {
+                    path: path.to_owned(),
+                });
             }
             for c in certs {
-                roots.add(c).map_err(|e| err(e.to_string()))?;
+                roots.add(c).map_err(|e| err(e.into()))?;
             }
         }
         None => {
@@ -109,15 +111,16 @@ pub async fn resolve(
             if lower == "localhost" || lower.ends_with(".localhost") {
                 return Ok(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port));
             }
-            let err = |reason: String| LoadtestError::Resolve {
-                host: (*d).to_owned(),
-                reason,
-            };
             tokio::net::lookup_host((*d, port))
                 .await
-                .map_err(|e| err(e.to_string()))?
+                .map_err(|source| LoadtestError::Resolve {
+                    host: (*d).to_owned(),
+                    source,
+                })?
                 .next()
-                .ok_or_else(|| err("no addresses".to_owned()))
+                .ok_or_else(|| LoadtestError::NoAddress {
+                    host: (*d).to_owned(),
+                })
         }
     }
 }
@@ -564,9 +567,8 @@ fn h3_connector(
         Some(SocketAddr::V6(_)) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
         _ => (Ipv4Addr::UNSPECIFIED, 0).into(),
     };
-    crate::h3::H3Connector::new(bind, trust, tasks).map_err(|e| LoadtestError::H3Setup {
-        reason: e.to_string(),
-    })
+    crate::h3::H3Connector::new(bind, trust, tasks)
+        .map_err(|source| LoadtestError::H3Setup { source })
 }
 
 fn authority(url: &url::Url) -> String {

@@ -3,18 +3,21 @@
 
 use std::path::PathBuf;
 
+/// A boxed error from a dependency whose type varies by call site.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 /// A scenario that cannot run. Every variant names the offending field, in
 /// TOML path form (`requests[2].url`, `stages[0].rate`).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ScenarioError {
-    #[error("cannot read scenario file {path}: {source}")]
+    #[error("cannot read scenario file {path}")]
     Read {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("invalid scenario TOML: {source}")]
+    #[error("invalid scenario TOML")]
     Toml {
         #[source]
         source: Box<toml::de::Error>,
@@ -40,18 +43,33 @@ impl ScenarioError {
 pub enum LoadtestError {
     #[error(transparent)]
     Scenario(#[from] ScenarioError),
-    #[error("cannot read CA file {path}: {reason}")]
-    CaFile { path: PathBuf, reason: String },
-    #[error("TLS client configuration failed: {source}")]
+    #[error("cannot read CA file {path}")]
+    CaFile {
+        path: PathBuf,
+        #[source]
+        source: BoxError,
+    },
+    #[error("no certificates in CA file {path}")]
+    CaFileEmpty { path: PathBuf },
+    #[error("TLS client configuration failed")]
     Tls {
         #[source]
         source: rustls::Error,
     },
-    #[error("cannot resolve {host}: {reason}")]
-    Resolve { host: String, reason: String },
-    #[error("cannot set up the HTTP/3 client: {reason}")]
-    H3Setup { reason: String },
-    #[error("cannot write {path}: {source}")]
+    #[error("cannot resolve {host}")]
+    Resolve {
+        host: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{host} resolves to no address")]
+    NoAddress { host: String },
+    #[error("cannot set up the HTTP/3 client")]
+    H3Setup {
+        #[source]
+        source: crate::h3::H3Error,
+    },
+    #[error("cannot write {path}")]
     Write {
         path: PathBuf,
         #[source]
@@ -65,7 +83,7 @@ pub enum LoadtestError {
 pub enum ChaosError {
     #[error("this deployment does not support `{action}`")]
     Unsupported { action: String },
-    #[error("`{action}` failed: {source}")]
+    #[error("`{action}` failed")]
     Failed {
         action: String,
         #[source]

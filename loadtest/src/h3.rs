@@ -57,25 +57,25 @@ impl Trust {
 #[non_exhaustive]
 pub enum H3Error {
     /// The CA bundle could not be read.
-    #[error("cannot use the CA bundle: {source}")]
+    #[error("cannot use the CA bundle")]
     Ca {
         #[source]
         source: portico_agent::error::PkiError,
     },
     /// The TLS client config was refused.
-    #[error("TLS client setup failed: {source}")]
+    #[error("TLS client setup failed")]
     Tls {
         #[source]
         source: rustls::Error,
     },
     /// The TLS config has no TLS 1.3 initial cipher suite.
-    #[error("QUIC client setup failed: {source}")]
+    #[error("QUIC client setup failed")]
     Quic {
         #[source]
         source: quinn::crypto::rustls::NoInitialCipherSuite,
     },
     /// The local UDP socket could not be bound.
-    #[error("cannot bind the client UDP socket on {addr}: {source}")]
+    #[error("cannot bind the client UDP socket on {addr}")]
     Bind {
         addr: SocketAddr,
         #[source]
@@ -85,27 +85,27 @@ pub enum H3Error {
     #[error("invalid server name {name:?}")]
     ServerName { name: String },
     /// The connection could not be started (bad address, endpoint closed).
-    #[error("cannot connect to {addr}: {source}")]
+    #[error("cannot connect to {addr}")]
     Connect {
         addr: SocketAddr,
         #[source]
         source: quinn::ConnectError,
     },
     /// The QUIC handshake failed (refused, TLS alert, timeout).
-    #[error("QUIC handshake with {addr} failed: {source}")]
+    #[error("QUIC handshake with {addr} failed")]
     Handshake {
         addr: SocketAddr,
         #[source]
         source: quinn::ConnectionError,
     },
     /// The HTTP/3 connection failed to set up (SETTINGS exchange).
-    #[error("HTTP/3 connection setup failed: {source}")]
+    #[error("HTTP/3 connection setup failed")]
     Connection {
         #[source]
         source: h3::error::ConnectionError,
     },
     /// A request stream failed (reset, connection lost, bad response).
-    #[error("HTTP/3 request failed: {source}")]
+    #[error("HTTP/3 request failed")]
     Stream {
         #[source]
         source: h3::error::StreamError,
@@ -177,7 +177,7 @@ impl H3Connector {
                     () = stop.cancelled() => {}
                     e = poll_fn(|cx| driver.poll_close(cx)) => {
                         if !e.is_h3_no_error() {
-                            tracing::debug!(error = %e, "HTTP/3 connection closed");
+                            tracing::debug!(error = %portico_agent::error_chain(&e), "HTTP/3 connection closed");
                         }
                     }
                 }
@@ -298,7 +298,7 @@ impl H3Client {
         // A server may answer before reading the whole request (an error
         // page): a refused upload is then not an error of the exchange.
         if let Err(e) = sent {
-            tracing::debug!(error = %e, "request body not fully sent");
+            tracing::debug!(error = %portico_agent::error_chain(&e), "request body not fully sent");
         }
         Ok(resp)
     }

@@ -88,7 +88,7 @@ async fn run_inner(
     let total = s.total_duration();
     info!(
         mode = ?s.mode, protocol = s.protocol.as_str(), connections = s.connections,
-        duration = ?total, count = ?s.count, "load run starting"
+        duration = ?total, count = s.count, "load run starting"
     );
 
     let aux = TaskTracker::new();
@@ -331,8 +331,8 @@ async fn chaos_timeline(
         match result {
             Ok(()) => r.ok = true,
             Err(e) => {
-                warn!(action = %a, error = %e, "chaos action failed");
-                r.error = Some(e.to_string());
+                warn!(action = %a, error = %portico_agent::error_chain(&e), "chaos action failed");
+                r.error = Some(portico_agent::error_chain(&e).to_string());
             }
         }
     }

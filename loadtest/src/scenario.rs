@@ -751,11 +751,13 @@ mod tests {
     #[test]
     fn unknown_fields_are_rejected() {
         let e = Scenario::from_toml("rate = 1\nduration = \"1s\"\nrat = 2\n").unwrap_err();
-        assert!(e.to_string().contains("rat"), "{e}");
+        let text = portico_agent::error_chain(&e).to_string();
+        assert!(text.contains("rat"), "{text}");
         let e = Scenario::from_toml(
             "rate = 1\ncount = 3\n[[requests]]\nurl = \"https://a/\"\nbody = 1\n",
         )
         .unwrap_err();
-        assert!(e.to_string().contains("body"), "{e}");
+        let text = portico_agent::error_chain(&e).to_string();
+        assert!(text.contains("body"), "{text}");
     }
 }

@@ -14,9 +14,9 @@ use crate::{DecodeError, EncodeError};
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ReadError {
-    #[error("stream error: {0}")]
+    #[error("stream error")]
     Io(#[from] std::io::Error),
-    #[error("malformed frame: {0}")]
+    #[error("malformed frame")]
     Decode(#[from] DecodeError),
     #[error("stream ended inside a frame")]
     Truncated,
@@ -26,9 +26,9 @@ pub enum ReadError {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum WriteError {
-    #[error("stream error: {0}")]
+    #[error("stream error")]
     Io(#[from] std::io::Error),
-    #[error("frame refused: {0}")]
+    #[error("frame refused")]
     Encode(#[from] EncodeError),
 }
 

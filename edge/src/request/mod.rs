@@ -90,8 +90,10 @@ pub(crate) async fn handle<B: RequestBody>(
             Err(e) => {
                 let code = e.code();
                 match e.fault() {
-                    Fault::Client => tracing::debug!(error = %e, "request refused"),
-                    _ => tracing::info!(error = %e, "request failed"),
+                    Fault::Client => {
+                        tracing::debug!(error = %portico_agent::error_chain(&e), "request refused")
+                    }
+                    _ => tracing::info!(error = %portico_agent::error_chain(&e), "request failed"),
                 }
                 let resp = pages::error_response::<Full<Bytes>>(code, request_id, &accept)
                     .map(|b| b.map_err(|never| match never {}).boxed_unsync());

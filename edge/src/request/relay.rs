@@ -179,7 +179,7 @@ pub(crate) async fn pump<B: RequestBody>(
                 Err(_) => continue, // trailers are not carried
             },
             Some(Err(e)) => {
-                tracing::debug!(error = %e, "request body from the client failed");
+                tracing::debug!(error = %portico_agent::error_chain(&e), "request body from the client failed");
                 let _ = send.reset(cancelled);
                 return end(source, PumpEnd::ClientFailed(Box::new(e)));
             }
@@ -352,7 +352,7 @@ impl HttpBody for ResponseBody {
                 Poll::Ready(None)
             }
             Poll::Ready(Err(e)) => {
-                tracing::info!(error = %e, "response body stream failed");
+                tracing::info!(error = %portico_agent::error_chain(&e), "response body stream failed");
                 this.done = true;
                 response
                     .record
@@ -408,7 +408,7 @@ pub(crate) async fn websocket_pipe(
         r = on_upgrade => match r {
             Ok(u) => u,
             Err(e) => {
-                tracing::info!(error = %e, "client upgrade failed");
+                tracing::info!(error = %portico_agent::error_chain(&e), "client upgrade failed");
                 return;
             }
         },
@@ -425,7 +425,7 @@ pub(crate) async fn websocket_pipe(
                 record.complete();
                 tracing::debug!(up, down, "websocket closed");
             }
-            Err(e) => tracing::debug!(error = %e, "websocket ended with an error"),
+            Err(e) => tracing::debug!(error = %portico_agent::error_chain(&e), "websocket ended with an error"),
         },
     }
     inflight.done = true;

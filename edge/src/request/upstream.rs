@@ -137,7 +137,7 @@ pub(crate) async fn forward<B: RequestBody>(
             tunnel.id = %tunnel.id,
             connector = %tunnel.connector,
             attempt = record.attempts(),
-            error = %error,
+            error = %portico_agent::error_chain(&error),
             "retrying the request on another upstream"
         );
         shared
@@ -304,7 +304,7 @@ impl Attempt<'_> {
                                 return Err(ProxyError::ClientBody(e));
                             }
                             Ok(Pumped { source, .. }) => *body = Some(source),
-                            Err(e) => tracing::warn!(error = %e, "request body pump failed"),
+                            Err(e) => tracing::warn!(error = %portico_agent::error_chain(&e), "request body pump failed"),
                         }
                     }
                 }
@@ -328,7 +328,7 @@ impl Attempt<'_> {
                 return Err(ProxyError::Protocol { reason });
             }
             Err(ReadError::Decode(e)) => {
-                let reason = e.to_string();
+                let reason = portico_agent::error_chain(&e).to_string();
                 tracing::warn!(tunnel.id = %tunnel.id, %reason, "malformed response head, closing tunnel");
                 tunnel.close(CloseCode::ProtocolError, &reason);
                 return Err(ProxyError::Protocol { reason });
@@ -344,12 +344,12 @@ impl Attempt<'_> {
             }
             Err(ReadError::Io(e)) => {
                 let error = classify_read_error(e, &ack);
-                tracing::info!(tunnel.id = %tunnel.id, error = %error, "stream lost before a response head");
+                tracing::info!(tunnel.id = %tunnel.id, error = %portico_agent::error_chain(&error), "stream lost before a response head");
                 return Err(settle(pump, &cancel, body, error).await);
             }
             Err(e) => {
                 let error = ProxyError::Protocol {
-                    reason: e.to_string(),
+                    reason: portico_agent::error_chain(&e).to_string(),
                 };
                 return Err(settle(pump, &cancel, body, error).await);
             }
@@ -406,7 +406,7 @@ async fn settle<B: RequestBody>(
             }
         }
         Err(e) => {
-            tracing::warn!(error = %e, "request body pump failed");
+            tracing::warn!(error = %portico_agent::error_chain(&e), "request body pump failed");
             error
         }
     }

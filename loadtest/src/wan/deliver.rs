@@ -170,7 +170,7 @@ impl Scheduler {
                 match res {
                     Ok(_) => counters.forwarded(item.data.len()),
                     Err(e) => {
-                        tracing::trace!(error = %e, "wan: send failed");
+                        tracing::trace!(error = %portico_agent::error_chain(&e), "wan: send failed");
                         counters.dropped(DropReason::Send);
                     }
                 }

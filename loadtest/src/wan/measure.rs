@@ -80,7 +80,7 @@ impl EchoServer {
                             Ok((n, from)) => {
                                 let _ = sock.send_to(&buf[..n], from).await;
                             }
-                            Err(e) => tracing::trace!(error = %e, "echo: recv failed"),
+                            Err(e) => tracing::trace!(error = %portico_agent::error_chain(&e), "echo: recv failed"),
                         },
                     }
                 }

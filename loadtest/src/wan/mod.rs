@@ -305,7 +305,7 @@ async fn upstream(
             r = listen.recv_from(&mut buf) => match r {
                 Ok(r) => r,
                 Err(e) => {
-                    tracing::trace!(error = %e, "wan: recv from client failed");
+                    tracing::trace!(error = %portico_agent::error_chain(&e), "wan: recv from client failed");
                     continue;
                 }
             },
@@ -348,7 +348,7 @@ fn client_for(
     let (send, recv) = match make() {
         Ok(s) => s,
         Err(e) => {
-            tracing::warn!(client = %from, error = %e, "wan: cannot open upstream socket");
+            tracing::warn!(client = %from, error = %portico_agent::error_chain(&e), "wan: cannot open upstream socket");
             return None;
         }
     };
@@ -382,7 +382,7 @@ async fn downstream(
                 Ok(n) => n,
                 Err(e) => {
                     // ICMP errors (the target is not listening) surface here.
-                    tracing::trace!(error = %e, "wan: recv from target failed");
+                    tracing::trace!(error = %portico_agent::error_chain(&e), "wan: recv from target failed");
                     tokio::task::yield_now().await;
                     continue;
                 }
