@@ -281,6 +281,21 @@ pub struct EdgeArgs {
     /// Stalled responses one client holds at once; one more is reset at once.
     #[arg(long, default_value_t = 8)]
     pub max_stalled_per_client: u32,
+    /// Tunnels one connector may hold to this edge at once; one more is
+    /// refused (TooManyTunnels) and the connector backs off.
+    #[arg(long, default_value_t = 16)]
+    pub max_tunnels_per_connector: usize,
+    /// How often the edge pings each tunnel's connector on its control
+    /// stream. A tunnel that leaves a ping unanswered past an RTT-based
+    /// deadline (at most 1 s) gets no new requests while others can take
+    /// them.
+    #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
+    pub tunnel_ping_interval: Duration,
+    /// A tunnel whose connector leaves a ping unanswered this long is
+    /// closed: requests in flight on it fail at once, and are retried on
+    /// another connector where that is safe.
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    pub tunnel_dead_after: Duration,
 }
 
 #[derive(Debug, Args)]

@@ -180,6 +180,9 @@ async fn run_edge(args: cli::EdgeArgs) -> anyhow::Result<()> {
     config.stall_timeout = args.stall_timeout;
     config.max_stalled_streams = args.max_stalled_streams;
     config.max_stalled_per_client = args.max_stalled_per_client;
+    config.max_tunnels_per_connector = args.max_tunnels_per_connector;
+    config.tunnel_ping_interval = args.tunnel_ping_interval;
+    config.tunnel_dead_after = args.tunnel_dead_after;
     let shutdown = shutdown_on_signal();
     let edge = portico_edge::start(config, shutdown)
         .await

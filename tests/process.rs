@@ -25,8 +25,9 @@ async fn a_killed_connector_gives_connector_not_found_and_comes_back_from_its_st
             )
             .await
             .unwrap();
-    // A short backend timeout, so that a frozen connector shows up as
-    // ConnectorTimeout (timeout + the edge's grace) before QUIC gives up.
+    // A short backend timeout: even so, a frozen connector is found dead
+    // (the edge's 3 s dead time) before the app's timeout plus the edge's
+    // grace (6 s) would end its request as ConnectorTimeout.
     let _: portico_proto::api::App =
         s.d.admin
             .post_json(
@@ -94,8 +95,9 @@ async fn a_killed_connector_gives_connector_not_found_and_comes_back_from_its_st
     )
     .await;
 
-    // Frozen (SIGSTOP): the edge gives up waiting and says the connector
-    // did not answer.
+    // Frozen (SIGSTOP): it answers no pings, so the edge closes its tunnel
+    // after the dead time and says ConnectorNotFound, long before QUIC's
+    // idle timeout.
     let pid = child.child.id().unwrap().to_string();
     assert!(std::process::Command::new("kill")
         .args(["-STOP", &pid])
@@ -108,11 +110,18 @@ async fn a_killed_connector_gives_connector_not_found_and_comes_back_from_its_st
         .status()
         .unwrap()
         .success());
-    assert_eq!(r.status, 504, "{}", r.text());
+    assert_eq!(r.status, 502, "{}", r.text());
     assert_eq!(
         r.header("x-portico-error").as_deref(),
-        Some("ConnectorTimeout")
+        Some("ConnectorNotFound")
     );
+    // Thawed, it finds that tunnel closed and dials a new one.
+    eventually(
+        "the thawed connector serves",
+        Duration::from_secs(30),
+        || served(200),
+    )
+    .await;
 
     child.kill().await;
     // Not a hang: the edge notices the dead tunnel and says so.
@@ -155,6 +164,71 @@ async fn a_killed_connector_gives_connector_not_found_and_comes_back_from_its_st
         !child.output().contains("enrolled"),
         "no second enrollment:\n{}",
         child.output()
+    );
+    drop(child);
+    s.stop().await;
+}
+
+/// A connector that asks for more tunnels than an edge allows one
+/// connector (17 against the default cap of 16) gets 16; the edge refuses
+/// the 17th at `Hello` and counts it, and the connector says so in its log
+/// and waits long (15 to 30 s, read from the log line) before that slot
+/// tries again, rather than redialing at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connector_over_the_edges_tunnel_cap_is_refused_and_waits() {
+    let s = Stack::start().await;
+    let token = create_token(
+        &s.d.admin,
+        TokenScope::Connector {
+            group: GroupId::default_group(),
+        },
+    )
+    .await
+    .unwrap();
+    let state = s.dir.path().join("greedy-connector");
+    let router = s.d.router.url();
+    let mut child = Child::spawn(&[
+        "connector",
+        "--router",
+        &router,
+        "--state",
+        state.to_str().unwrap(),
+        "--token",
+        &token,
+        "--tunnels",
+        "17",
+    ]);
+    let line = child
+        .line_containing("the edge refused this tunnel", Duration::from_secs(60))
+        .await;
+    assert!(line.contains("WARN"), "{line}");
+    assert!(
+        line.contains("16 tunnels") && line.contains("max_tunnels_per_connector"),
+        "the edge's reason names the cap: {line}"
+    );
+    let retry_in: f64 = Child::field(&line, "retry_in")
+        .and_then(|v| v.strip_suffix('s'))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no retry_in=...s in {line}"));
+    assert!((15.0..=30.0).contains(&retry_in), "{line}");
+    // The Stack's own connector holds 2; this one its 16.
+    eventually(
+        "18 tunnels at the edge",
+        Duration::from_secs(60),
+        || async {
+            let m = s.edge_metrics().await;
+            (common::metric_value(&m, "portico_edge_tunnels") == 18.0).then_some(m)
+        },
+    )
+    .await;
+    let m = s.edge_metrics().await;
+    assert_eq!(
+        common::metric_value(
+            &m,
+            "portico_edge_tunnel_closes_total{reason=\"too_many_tunnels\"}"
+        ),
+        1.0,
+        "one refusal, then the slot waits"
     );
     drop(child);
     s.stop().await;

@@ -176,6 +176,15 @@ impl Backoff {
         self.next = (self.next * 2).min(BACKOFF_MAX);
         d
     }
+
+    /// The delay after an edge refused a tunnel because this connector
+    /// holds as many as it allows: that lasts until one of them closes, so
+    /// wait long (`[BACKOFF_MAX / 2, BACKOFF_MAX]`), and keep the backoff
+    /// at its cap.
+    fn refused(&mut self) -> Duration {
+        self.next = BACKOFF_MAX;
+        BACKOFF_MAX.mul_f64(0.5 + fastrand::f64() / 2.0)
+    }
 }
 
 /// Why a tunnel no longer counts for its slot.
@@ -213,6 +222,26 @@ async fn run_slot(pool: Arc<Pool>, slot: usize) {
             Err(DialError::Revoked { detail }) => {
                 pool.revoked(detail);
                 return;
+            }
+            Err(DialError::Refused {
+                code: CloseCode::TooManyTunnels,
+                reason,
+            }) => {
+                failed_dials = failed_dials.wrapping_add(1);
+                let delay = backoff.refused();
+                tracing::warn!(
+                    edge = %edge.id,
+                    %reason,
+                    retry_in = ?delay,
+                    "the edge refused this tunnel: this connector already holds as many tunnels \
+                     to it as the edge allows (use fewer --tunnels, or more edges); this slot \
+                     tries the next edge after the delay"
+                );
+                tokio::select! {
+                    _ = pool.stop.cancelled() => return,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                continue;
             }
             Err(e) => {
                 failed_dials = failed_dials.wrapping_add(1);
@@ -727,5 +756,19 @@ mod tests {
         assert_eq!(*caps.last().unwrap(), BACKOFF_MAX);
         b.reset();
         assert_eq!(b.next, BACKOFF_MIN);
+    }
+
+    /// Refused for too many tunnels: the wait is long from the first
+    /// refusal on (never a quick retry), and what follows stays capped.
+    #[test]
+    fn a_refusal_for_too_many_tunnels_waits_long() {
+        let mut b = Backoff::new();
+        for _ in 0..100 {
+            let d = b.refused();
+            assert!((BACKOFF_MAX / 2..=BACKOFF_MAX).contains(&d), "{d:?}");
+        }
+        assert_eq!(b.next, BACKOFF_MAX);
+        assert!(b.delay() <= BACKOFF_MAX);
+        assert_eq!(b.next, BACKOFF_MAX);
     }
 }

@@ -6,6 +6,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::error::Error;
+use crate::liveness::{LivenessConfig, SUSPECT_CEILING};
+use crate::tunnel_acceptor::TunnelPolicy;
 
 /// Everything `start` needs. Build it with [`Config::new`] and adjust fields.
 #[derive(Clone)]
@@ -75,7 +77,27 @@ pub struct Config {
     pub max_stalled_streams: u32,
     /// Stalled responses one client holds at once; one more is reset.
     pub max_stalled_per_client: u32,
+    /// Tunnels one connector may hold to this edge at once (those still in
+    /// their handshake included); one more is refused at `Hello` with
+    /// `TooManyTunnels`.
+    pub max_tunnels_per_connector: usize,
+    /// How often the edge pings each tunnel on its control stream.
+    pub tunnel_ping_interval: Duration,
+    /// A tunnel whose connector leaves a ping unanswered this long is
+    /// closed, so that requests in flight on it fail (and are retried where
+    /// that is safe) instead of waiting for QUIC's idle timeout. Past its
+    /// RTT-based deadline (at most 1 s) it is already out of the pick set.
+    pub tunnel_dead_after: Duration,
 }
+
+/// Bounds of [`Config::tunnel_ping_interval`].
+const PING_INTERVAL_RANGE: std::ops::RangeInclusive<Duration> =
+    Duration::from_millis(50)..=Duration::from_secs(10);
+/// The longest [`Config::tunnel_dead_after`].
+const DEAD_AFTER_MAX: Duration = Duration::from_secs(60);
+/// The most [`Config::max_tunnels_per_connector`] (a connector keeps at
+/// most 64 tunnels in all).
+const TUNNELS_PER_CONNECTOR_MAX: usize = 1024;
 
 impl Config {
     /// A config with the default listen addresses and periods.
@@ -107,6 +129,20 @@ impl Config {
             stall_timeout: Duration::from_secs(30),
             max_stalled_streams: 64,
             max_stalled_per_client: 8,
+            max_tunnels_per_connector: 16,
+            tunnel_ping_interval: LivenessConfig::DEFAULT.interval,
+            tunnel_dead_after: LivenessConfig::DEFAULT.dead_after,
+        }
+    }
+
+    /// What the tunnel acceptor enforces.
+    pub(crate) fn tunnel_policy(&self) -> TunnelPolicy {
+        TunnelPolicy {
+            max_per_connector: self.max_tunnels_per_connector,
+            liveness: LivenessConfig {
+                interval: self.tunnel_ping_interval,
+                dead_after: self.tunnel_dead_after,
+            },
         }
     }
 
@@ -244,6 +280,37 @@ impl Config {
                 "must be at most 4096 (it sizes every tunnel's window)".to_owned(),
             );
         }
+        if !(1..=TUNNELS_PER_CONNECTOR_MAX).contains(&self.max_tunnels_per_connector) {
+            return invalid(
+                "max_tunnels_per_connector",
+                format!(
+                    "{} is not within 1..={TUNNELS_PER_CONNECTOR_MAX}",
+                    self.max_tunnels_per_connector
+                ),
+            );
+        }
+        if !PING_INTERVAL_RANGE.contains(&self.tunnel_ping_interval) {
+            return invalid(
+                "tunnel_ping_interval",
+                format!(
+                    "{:?} is not within {:?}..={:?}",
+                    self.tunnel_ping_interval,
+                    PING_INTERVAL_RANGE.start(),
+                    PING_INTERVAL_RANGE.end()
+                ),
+            );
+        }
+        let dead_min = (2 * self.tunnel_ping_interval).max(2 * SUSPECT_CEILING);
+        if !(dead_min..=DEAD_AFTER_MAX).contains(&self.tunnel_dead_after) {
+            return invalid(
+                "tunnel_dead_after",
+                format!(
+                    "{:?} is not within {dead_min:?}..={DEAD_AFTER_MAX:?} (at least two ping \
+                     intervals and twice the longest suspect deadline)",
+                    self.tunnel_dead_after
+                ),
+            );
+        }
         if self.connector_timeout_grace > Duration::from_secs(600) {
             return invalid(
                 "connector_timeout_grace",
@@ -293,6 +360,9 @@ impl fmt::Debug for Config {
             .field("stall_timeout", &self.stall_timeout)
             .field("max_stalled_streams", &self.max_stalled_streams)
             .field("max_stalled_per_client", &self.max_stalled_per_client)
+            .field("max_tunnels_per_connector", &self.max_tunnels_per_connector)
+            .field("tunnel_ping_interval", &self.tunnel_ping_interval)
+            .field("tunnel_dead_after", &self.tunnel_dead_after)
             .finish()
     }
 }
@@ -353,6 +423,47 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn tunnel_limits_and_liveness_periods_are_checked() {
+        let ok = Config::new("https://127.0.0.1:7443", "/tmp/x");
+        ok.validate().unwrap();
+        let policy = ok.tunnel_policy();
+        assert_eq!(policy.max_per_connector, 16);
+        assert_eq!(policy.liveness, LivenessConfig::DEFAULT);
+        let field_of = |c: Config| match c.validate() {
+            Err(Error::InvalidConfig { field, .. }) => field,
+            other => panic!("expected an invalid field, got {other:?}"),
+        };
+        let with = |f: &dyn Fn(&mut Config)| {
+            let mut c = ok.clone();
+            f(&mut c);
+            c
+        };
+        assert_eq!(
+            field_of(with(&|c| c.max_tunnels_per_connector = 0)),
+            "max_tunnels_per_connector"
+        );
+        assert_eq!(
+            field_of(with(&|c| c.tunnel_ping_interval = Duration::from_millis(10))),
+            "tunnel_ping_interval"
+        );
+        // Not even two pings, or shorter than a suspect deadline can be.
+        assert_eq!(
+            field_of(with(&|c| {
+                c.tunnel_ping_interval = Duration::from_secs(5);
+                c.tunnel_dead_after = Duration::from_secs(6);
+            })),
+            "tunnel_dead_after"
+        );
+        assert_eq!(
+            field_of(with(&|c| c.tunnel_dead_after = Duration::from_millis(1500))),
+            "tunnel_dead_after"
+        );
+        with(&|c| c.tunnel_dead_after = Duration::from_secs(2))
+            .validate()
+            .unwrap();
     }
 
     #[test]

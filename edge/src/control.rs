@@ -109,6 +109,7 @@ pub(crate) async fn start(config: Config, shutdown: CancellationToken) -> Result
             connector_timeout_grace: config.connector_timeout_grace,
             access_log: config.access_log,
             limits: config.user_limits(),
+            tunnels: config.tunnel_policy(),
         },
         shutdown.clone(),
     )

@@ -19,6 +19,7 @@ mod control;
 pub mod error;
 mod http3;
 mod listener;
+mod liveness;
 mod metrics;
 mod pages;
 mod request;
@@ -132,6 +133,8 @@ pub(crate) struct Shared {
     pub(crate) h2: listener::H2Limits,
     /// The edge-wide count of stalled responses.
     pub(crate) stalls: Arc<stall::StallBudget>,
+    /// The cap on tunnels per connector and the liveness periods.
+    pub(crate) tunnel_policy: tunnel_acceptor::TunnelPolicy,
     /// Cancelled to start the shutdown.
     pub(crate) shutdown: CancellationToken,
     /// Cancelled when the drain period is over: in-flight work is cut.
@@ -183,6 +186,7 @@ pub(crate) struct Parts {
     pub(crate) connector_timeout_grace: Duration,
     pub(crate) access_log: bool,
     pub(crate) limits: UserLimits,
+    pub(crate) tunnels: tunnel_acceptor::TunnelPolicy,
 }
 
 /// The limits on users' connections and what they may hold.
@@ -246,6 +250,7 @@ pub(crate) async fn serve(parts: Parts, shutdown: CancellationToken) -> Result<H
         timeouts: parts.limits.timeouts.clone(),
         h2: parts.limits.h2.clone(),
         stalls: Arc::new(stall::StallBudget::new(parts.limits.stall.clone())),
+        tunnel_policy: parts.tunnels,
         shutdown: shutdown.clone(),
         hard_stop: CancellationToken::new(),
         tracker,

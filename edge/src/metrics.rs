@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use prometheus::{
-    HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
 };
 use tokio::sync::watch;
 
@@ -21,7 +21,17 @@ pub(crate) struct Metrics {
     pub(crate) bytes_in: IntCounter,
     pub(crate) bytes_out: IntCounter,
     pub(crate) config_version: IntGauge,
+    /// `portico_edge_tunnel_closes_total{reason}`: every tunnel that
+    /// ended, once, refused ones included (`too_many_tunnels`,
+    /// `stream_limit`, `unresponsive`, ...).
     pub(crate) tunnel_closes: IntCounterVec,
+    /// Round trips of the edge's pings on the control streams.
+    pub(crate) tunnel_rtt: Histogram,
+    /// Tunnels that are suspect right now (left out of the pick set).
+    pub(crate) tunnels_suspect: IntGauge,
+    /// `portico_edge_tunnel_health_changes_total{to}`: `suspect`,
+    /// `healthy` (a suspect tunnel answered again) and `dead` (closed).
+    pub(crate) health_changes: IntCounterVec,
     /// `portico_edge_retries_total{reason}`: attempts made again on
     /// another upstream, `not_delivered` (nothing reached a backend) or
     /// `idempotent` (a GET, HEAD or OPTIONS whose tunnel died).
@@ -93,6 +103,29 @@ impl Metrics {
             &["reason"],
         )
         .expect("valid metric");
+        let tunnel_rtt = Histogram::with_opts(
+            HistogramOpts::new(
+                "portico_edge_tunnel_rtt_seconds",
+                "Round-trip time of the edge's pings on tunnel control streams",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+            ]),
+        )
+        .expect("valid metric");
+        let tunnels_suspect = IntGauge::new(
+            "portico_edge_tunnels_suspect",
+            "Tunnels whose connector left a ping unanswered past its deadline",
+        )
+        .expect("valid metric");
+        let health_changes = IntCounterVec::new(
+            Opts::new(
+                "portico_edge_tunnel_health_changes_total",
+                "Tunnel health changes, by the state reached (suspect, healthy, dead)",
+            ),
+            &["to"],
+        )
+        .expect("valid metric");
         let retries = IntCounterVec::new(
             Opts::new(
                 "portico_edge_retries_total",
@@ -147,6 +180,9 @@ impl Metrics {
             Box::new(bytes.clone()),
             Box::new(config_version.clone()),
             Box::new(tunnel_closes.clone()),
+            Box::new(tunnel_rtt.clone()),
+            Box::new(tunnels_suspect.clone()),
+            Box::new(health_changes.clone()),
             Box::new(retries.clone()),
             Box::new(connections.clone()),
             Box::new(conns_refused.clone()),
@@ -165,6 +201,9 @@ impl Metrics {
             bytes_out: bytes.with_label_values(&["out"]),
             config_version,
             tunnel_closes,
+            tunnel_rtt,
+            tunnels_suspect,
+            health_changes,
             retries,
             connections,
             conns_refused,
@@ -214,6 +253,8 @@ mod tests {
             "portico_edge_streams 0",
             "portico_edge_config_version 0",
             "portico_edge_tunnel_closes_total{reason=\"revoked\"} 1",
+            "portico_edge_tunnel_rtt_seconds_bucket",
+            "portico_edge_tunnels_suspect 0",
             "portico_edge_tls_handshakes_total{result=\"resumed\"} 0",
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");

@@ -136,7 +136,7 @@ async fn test_edge(pki: &Pki, shutdown: &CancellationToken) -> anyhow::Result<Ha
     test_edge_with(pki, shutdown, |_| {}).await
 }
 
-/// As [`test_edge`], with the user-connection limits of a config `tune`d.
+/// As [`test_edge`], with the limits and periods of a config `tune`d.
 async fn test_edge_with(
     pki: &Pki,
     shutdown: &CancellationToken,
@@ -179,6 +179,7 @@ async fn test_edge_with(
             connector_timeout_grace: Duration::from_millis(200),
             access_log: true,
             limits: config.user_limits(),
+            tunnels: config.tunnel_policy(),
         },
         shutdown.clone(),
     )
@@ -219,10 +220,7 @@ fn hello(id: &str, version: u32) -> Frame {
 }
 
 /// Opens the control stream and completes Hello/Welcome.
-async fn handshake(
-    conn: &quinn::Connection,
-    id: &str,
-) -> anyhow::Result<(quinn::SendStream, quinn::RecvStream)> {
+async fn handshake(conn: &quinn::Connection, id: &str) -> anyhow::Result<Control> {
     let (mut send, mut recv) = conn.open_bi().await?;
     write_frame(&mut send, &hello(id, 1)).await?;
     match tokio::time::timeout(DEADLINE, read_frame(&mut recv)).await?? {
@@ -232,7 +230,68 @@ async fn handshake(
         }
         other => anyhow::bail!("expected Welcome, got {other:?}"),
     }
-    Ok((send, recv))
+    Ok(Control::start(send, recv))
+}
+
+/// A test connector's control stream after `Welcome`. It answers the
+/// edge's pings, as a real connector does, and hands every other frame to
+/// the test.
+struct Control {
+    send: Arc<tokio::sync::Mutex<quinn::SendStream>>,
+    frames: tokio::sync::mpsc::UnboundedReceiver<Frame>,
+    /// Pings the edge sent.
+    pings: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Control {
+    fn start(send: quinn::SendStream, mut recv: quinn::RecvStream) -> Control {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let send = Arc::new(tokio::sync::Mutex::new(send));
+        let pings = Arc::new(AtomicU64::new(0));
+        let (tx, frames) = tokio::sync::mpsc::unbounded_channel();
+        let (s, p) = (Arc::clone(&send), Arc::clone(&pings));
+        tokio::spawn(async move {
+            while let Ok(Some(frame)) = read_frame(&mut recv).await {
+                match frame {
+                    Frame::Ping(v) => {
+                        p.fetch_add(1, Ordering::Relaxed);
+                        let _ = write_frame(&mut *s.lock().await, &Frame::Pong(v)).await;
+                    }
+                    other => {
+                        let _ = tx.send(other);
+                    }
+                }
+            }
+        });
+        Control {
+            send,
+            frames,
+            pings,
+        }
+    }
+
+    /// The next frame that is not a Ping; `None` when the stream ended.
+    async fn next(&mut self) -> anyhow::Result<Option<Frame>> {
+        Ok(tokio::time::timeout(DEADLINE, self.frames.recv()).await?)
+    }
+
+    async fn send(&self, frame: &Frame) -> anyhow::Result<()> {
+        write_frame(&mut *self.send.lock().await, frame).await?;
+        Ok(())
+    }
+
+    /// Pings the edge and waits for its Pong.
+    async fn ping(&mut self, v: u64) -> anyhow::Result<()> {
+        self.send(&Frame::Ping(v)).await?;
+        match self.next().await? {
+            Some(Frame::Pong(got)) if got == v => Ok(()),
+            other => anyhow::bail!("expected Pong({v}), got {other:?}"),
+        }
+    }
+
+    fn pings(&self) -> u64 {
+        self.pings.load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 /// The application close code of a closed connection.
@@ -243,18 +302,6 @@ async fn close_code(conn: &quinn::Connection) -> anyhow::Result<(CloseCode, Stri
             String::from_utf8_lossy(&c.reason).into_owned(),
         )),
         other => anyhow::bail!("expected an application close, got {other:#}"),
-    }
-}
-
-async fn ping(
-    send: &mut quinn::SendStream,
-    recv: &mut quinn::RecvStream,
-    v: u64,
-) -> anyhow::Result<()> {
-    write_frame(send, &Frame::Ping(v)).await?;
-    match tokio::time::timeout(DEADLINE, read_frame(recv)).await?? {
-        Some(Frame::Pong(got)) if got == v => Ok(()),
-        other => anyhow::bail!("expected Pong({v}), got {other:?}"),
     }
 }
 
@@ -278,8 +325,8 @@ async fn bad_peers_get_closed_and_good_tunnels_stay_up() -> anyhow::Result<()> {
 
     let good_ep = quic_client(&pki, pki.connector("c-good")?)?;
     let good = dial(&good_ep, edge.tunnel_addr).await?;
-    let (mut gs, mut gr) = handshake(&good, "c-good").await?;
-    ping(&mut gs, &mut gr, 1).await?;
+    let mut gc = handshake(&good, "c-good").await?;
+    gc.ping(1).await?;
     wait_until("the good tunnel to attach", || edge.tunnel_count() == 1).await?;
 
     let cases: [(&str, Vec<u8>, CloseCode); 4] = [
@@ -323,7 +370,7 @@ async fn bad_peers_get_closed_and_good_tunnels_stay_up() -> anyhow::Result<()> {
             "{name}: the close carries the decode error"
         );
         // Meanwhile the good tunnel still answers.
-        ping(&mut gs, &mut gr, 100 + i as u64).await.context(name)?;
+        gc.ping(100 + i as u64).await.context(name)?;
     }
     assert_eq!(edge.tunnel_count(), 1);
     let text = edge.shared.metrics.render();
@@ -338,7 +385,7 @@ async fn bad_peers_get_closed_and_good_tunnels_stay_up() -> anyhow::Result<()> {
 
     shutdown.cancel();
     // Shutdown asks every connector to drain, then closes with Shutdown.
-    match tokio::time::timeout(DEADLINE, read_frame(&mut gr)).await?? {
+    match gc.next().await? {
         Some(Frame::Drain) => {}
         other => anyhow::bail!("expected Drain on shutdown, got {other:?}"),
     }
@@ -749,7 +796,7 @@ async fn draining_tunnels_are_skipped_and_revoked_ones_closed() -> anyhow::Resul
 
     let ep_a = quic_client(&pki, pki.connector("c-a")?)?;
     let a = dial(&ep_a, edge.tunnel_addr).await?;
-    let (mut a_send, _a_recv) = handshake(&a, "c-a").await?;
+    let a_control = handshake(&a, "c-a").await?;
     fake_connector(a.clone(), "c-a");
     let ep_b = quic_client(&pki, pki.connector("c-b")?)?;
     let b = dial(&ep_b, edge.tunnel_addr).await?;
@@ -758,7 +805,7 @@ async fn draining_tunnels_are_skipped_and_revoked_ones_closed() -> anyhow::Resul
     wait_until("both tunnels to attach", || edge.tunnel_count() == 2).await?;
 
     // c-a drains: every request goes to c-b.
-    write_frame(&mut a_send, &Frame::Drain).await?;
+    a_control.send(&Frame::Drain).await?;
     wait_until("c-a to drain", || {
         edge.shared
             .tunnels
@@ -864,7 +911,7 @@ async fn shutdown_stops_accepting_and_lets_in_flight_requests_finish() -> anyhow
     let addr = edge.public_addr;
     let ep = quic_client(&pki, pki.connector("c-1")?)?;
     let conn = dial(&ep, edge.tunnel_addr).await?;
-    let (_cs, mut cr) = handshake(&conn, "c-1").await?;
+    let mut control = handshake(&conn, "c-1").await?;
     let release = Arc::new(tokio::sync::Notify::new());
     fake_connector_with(conn.clone(), "c-1", Arc::clone(&release));
     wait_until("the tunnel to attach", || edge.tunnel_count() == 1).await?;
@@ -889,7 +936,7 @@ async fn shutdown_stops_accepting_and_lets_in_flight_requests_finish() -> anyhow
     wait_until("the request to be in flight", || streams.get() == 1).await?;
 
     shutdown.cancel();
-    match tokio::time::timeout(DEADLINE, read_frame(&mut cr)).await?? {
+    match control.next().await? {
         Some(Frame::Drain) => {}
         other => anyhow::bail!("expected Drain on shutdown, got {other:?}"),
     }
@@ -1649,4 +1696,410 @@ async fn a_client_over_its_stall_budget_is_reset_early() -> anyhow::Result<()> {
     shutdown.cancel();
     tokio::time::timeout(DEADLINE, edge.wait()).await??;
     Ok(())
+}
+
+/// A quinn client that believes the edge lets it open `bidi` bidirectional
+/// streams: its session reports the edge's transport parameters with
+/// `initial_max_streams_bidi` replaced. So it opens streams the edge never
+/// granted, as a hostile peer would.
+struct LyingClient {
+    inner: Arc<QuicClientConfig>,
+    bidi: u64,
+}
+
+impl quinn::crypto::ClientConfig for LyingClient {
+    fn start_session(
+        self: Arc<Self>,
+        version: u32,
+        server_name: &str,
+        params: &quinn_proto::transport_parameters::TransportParameters,
+    ) -> Result<Box<dyn quinn::crypto::Session>, quinn::ConnectError> {
+        let inner = Arc::clone(&self.inner).start_session(version, server_name, params)?;
+        Ok(Box::new(LyingSession {
+            inner,
+            bidi: self.bidi,
+        }))
+    }
+}
+
+struct LyingSession {
+    inner: Box<dyn quinn::crypto::Session>,
+    bidi: u64,
+}
+
+impl quinn::crypto::Session for LyingSession {
+    fn initial_keys(
+        &self,
+        dst_cid: &quinn::ConnectionId,
+        side: quinn::Side,
+    ) -> quinn::crypto::Keys {
+        self.inner.initial_keys(dst_cid, side)
+    }
+    fn handshake_data(&self) -> Option<Box<dyn std::any::Any>> {
+        self.inner.handshake_data()
+    }
+    fn peer_identity(&self) -> Option<Box<dyn std::any::Any>> {
+        self.inner.peer_identity()
+    }
+    fn early_crypto(
+        &self,
+    ) -> Option<(
+        Box<dyn quinn::crypto::HeaderKey>,
+        Box<dyn quinn::crypto::PacketKey>,
+    )> {
+        self.inner.early_crypto()
+    }
+    fn early_data_accepted(&self) -> Option<bool> {
+        self.inner.early_data_accepted()
+    }
+    fn is_handshaking(&self) -> bool {
+        self.inner.is_handshaking()
+    }
+    fn read_handshake(&mut self, buf: &[u8]) -> Result<bool, quinn_proto::TransportError> {
+        self.inner.read_handshake(buf)
+    }
+    fn transport_parameters(
+        &self,
+    ) -> Result<
+        Option<quinn_proto::transport_parameters::TransportParameters>,
+        quinn_proto::TransportError,
+    > {
+        use quinn_proto::coding::Codec;
+        let Some(real) = self.inner.transport_parameters()? else {
+            return Ok(None);
+        };
+        // Re-encode them, replacing initial_max_streams_bidi (id 0x08).
+        let mut wire = Vec::new();
+        real.write(&mut wire);
+        let mut rest = &wire[..];
+        let mut forged = Vec::new();
+        while !rest.is_empty() {
+            let id = quinn::VarInt::decode(&mut rest).expect("parameter id");
+            let len = quinn::VarInt::decode(&mut rest).expect("parameter length");
+            let len = usize::try_from(len.into_inner()).expect("small");
+            let (value, tail) = rest.split_at(len);
+            rest = tail;
+            id.encode(&mut forged);
+            if id.into_inner() == 0x08 {
+                let lie = quinn::VarInt::from_u64(self.bidi).expect("small");
+                let mut v = Vec::new();
+                lie.encode(&mut v);
+                quinn::VarInt::from_u64(v.len() as u64)
+                    .expect("small")
+                    .encode(&mut forged);
+                forged.extend_from_slice(&v);
+            } else {
+                quinn::VarInt::from_u64(len as u64)
+                    .expect("small")
+                    .encode(&mut forged);
+                forged.extend_from_slice(value);
+            }
+        }
+        let params = quinn_proto::transport_parameters::TransportParameters::read(
+            quinn::Side::Client,
+            &mut &forged[..],
+        )
+        .expect("the forged parameters parse");
+        Ok(Some(params))
+    }
+    fn write_handshake(&mut self, buf: &mut Vec<u8>) -> Option<quinn::crypto::Keys> {
+        self.inner.write_handshake(buf)
+    }
+    fn next_1rtt_keys(
+        &mut self,
+    ) -> Option<quinn::crypto::KeyPair<Box<dyn quinn::crypto::PacketKey>>> {
+        self.inner.next_1rtt_keys()
+    }
+    fn is_valid_retry(
+        &self,
+        orig_dst_cid: &quinn::ConnectionId,
+        header: &[u8],
+        payload: &[u8],
+    ) -> bool {
+        self.inner.is_valid_retry(orig_dst_cid, header, payload)
+    }
+    fn export_keying_material(
+        &self,
+        output: &mut [u8],
+        label: &[u8],
+        context: &[u8],
+    ) -> Result<(), quinn::crypto::ExportKeyingMaterialError> {
+        self.inner.export_keying_material(output, label, context)
+    }
+}
+
+/// A client endpoint whose connections believe they may open `bidi`
+/// streams (see [`LyingClient`]).
+fn lying_quic_client(
+    trust: &Pki,
+    cert: (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>),
+    bidi: u64,
+) -> anyhow::Result<quinn::Endpoint> {
+    let mut tls = rustls::ClientConfig::builder_with_provider(pki::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(trust.roots())
+        .with_client_auth_cert(cert.0, cert.1)?;
+    tls.alpn_protocols = vec![portico_proto::ALPN.to_vec()];
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+    ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(LyingClient {
+        inner: Arc::new(QuicClientConfig::try_from(tls)?),
+        bidi,
+    })));
+    Ok(ep)
+}
+
+/// Finding 5 of issue 9: a connector could open 7 streams besides its
+/// control stream and fill the tunnel's window with bytes the edge never
+/// read. Now QUIC grants it one stream: an honest quinn client cannot open
+/// another (nor any unidirectional one), and one that lies about the limit
+/// and opens a second stream anyway gets the tunnel closed by quinn
+/// (STREAM_LIMIT_ERROR), counted as `stream_limit`, while other tunnels
+/// stay up.
+#[tokio::test]
+async fn a_connector_may_open_only_its_control_stream() -> anyhow::Result<()> {
+    use futures::FutureExt as _;
+    let pki = Pki::new("test CA")?;
+    let shutdown = CancellationToken::new();
+    let edge = test_edge(&pki, &shutdown).await?;
+
+    let honest_ep = quic_client(&pki, pki.connector("c-honest")?)?;
+    let honest = dial(&honest_ep, edge.tunnel_addr).await?;
+    let mut control = handshake(&honest, "c-honest").await?;
+    // Opening a stream completes locally at once when the peer granted
+    // one; without credit it waits for a MAX_STREAMS that never comes.
+    assert!(
+        honest.open_bi().now_or_never().is_none(),
+        "the edge granted a second bidirectional stream"
+    );
+    assert!(
+        honest.open_uni().now_or_never().is_none(),
+        "the edge granted a unidirectional stream"
+    );
+    control.ping(1).await?;
+
+    let liar_ep = lying_quic_client(&pki, pki.connector("c-liar")?, 8)?;
+    let liar = dial(&liar_ep, edge.tunnel_addr).await?;
+    let _liar_control = handshake(&liar, "c-liar").await?;
+    wait_until("both tunnels to attach", || edge.tunnel_count() == 2).await?;
+    let (mut extra, _) = liar
+        .open_bi()
+        .now_or_never()
+        .context("the lying client believes it may open another stream")??;
+    extra.write_all(&[0u8; 1024]).await?;
+    let closed = tokio::time::timeout(DEADLINE, liar.closed()).await?;
+    match &closed {
+        quinn::ConnectionError::ConnectionClosed(c) => assert_eq!(
+            c.error_code,
+            quinn::TransportErrorCode::STREAM_LIMIT_ERROR,
+            "{closed}"
+        ),
+        other => anyhow::bail!("expected the edge to close with STREAM_LIMIT_ERROR, got {other}"),
+    }
+    let closes = edge.shared.metrics.tunnel_closes.clone();
+    wait_until("the close to be counted", || {
+        closes.with_label_values(&["stream_limit"]).get() == 1
+    })
+    .await?;
+    assert_eq!(edge.tunnel_count(), 1);
+    control.ping(2).await?;
+
+    shutdown.cancel();
+    tokio::time::timeout(DEADLINE, edge.wait()).await??;
+    Ok(())
+}
+
+/// Finding 5 again: one connector id could hold any number of tunnels. Now
+/// the edge counts them (those still in their handshake too) and refuses
+/// one more at `Hello` with a `Goodbye` and a close, both `TooManyTunnels`
+/// and naming the cap, counted as `too_many_tunnels`; another connector is
+/// not affected, and once a tunnel closes its place is free again.
+#[tokio::test]
+async fn tunnels_per_connector_are_capped_at_hello() -> anyhow::Result<()> {
+    let pki = Pki::new("test CA")?;
+    let shutdown = CancellationToken::new();
+    let edge = test_edge_with(&pki, &shutdown, |c| c.max_tunnels_per_connector = 2).await?;
+
+    let ep = quic_client(&pki, pki.connector("c-many")?)?;
+    let first = dial(&ep, edge.tunnel_addr).await?;
+    let _first_control = handshake(&first, "c-many").await?;
+    let second = dial(&ep, edge.tunnel_addr).await?;
+    let _second_control = handshake(&second, "c-many").await?;
+
+    let third = dial(&ep, edge.tunnel_addr).await?;
+    let (mut send, mut recv) = third.open_bi().await?;
+    write_frame(&mut send, &hello("c-many", 1)).await?;
+    match tokio::time::timeout(DEADLINE, read_frame(&mut recv)).await?? {
+        Some(Frame::Goodbye(g)) => {
+            assert_eq!(CloseCode::from_wire(g.code), CloseCode::TooManyTunnels);
+            assert!(
+                g.reason.contains("c-many") && g.reason.contains("2 tunnels"),
+                "{}",
+                g.reason
+            );
+            assert!(
+                g.reason.contains("max_tunnels_per_connector"),
+                "{}",
+                g.reason
+            );
+        }
+        other => anyhow::bail!("expected Goodbye(TooManyTunnels), got {other:?}"),
+    }
+    let (code, reason) = close_code(&third).await?;
+    assert_eq!(code, CloseCode::TooManyTunnels, "{reason}");
+    let closes = edge.shared.metrics.tunnel_closes.clone();
+    wait_until("the refusal to be counted", || {
+        closes.with_label_values(&["too_many_tunnels"]).get() == 1
+    })
+    .await?;
+    assert_eq!(edge.tunnel_count(), 2);
+
+    let other_ep = quic_client(&pki, pki.connector("c-other")?)?;
+    let other = dial(&other_ep, edge.tunnel_addr).await?;
+    let _other_control = handshake(&other, "c-other").await?;
+    wait_until("the other connector's tunnel", || edge.tunnel_count() == 3).await?;
+
+    first.close(0u32.into(), b"done");
+    wait_until("the first tunnel to go", || edge.tunnel_count() == 2).await?;
+    let again = dial(&ep, edge.tunnel_addr).await?;
+    let _again_control = handshake(&again, "c-many").await?;
+    wait_until("the replacement to attach", || edge.tunnel_count() == 3).await?;
+
+    shutdown.cancel();
+    tokio::time::timeout(DEADLINE, edge.wait()).await??;
+    Ok(())
+}
+
+/// Finding 7 of issue 9, in process: connector A goes silent (its path is
+/// cut, as when it is killed). The edge pings it, finds it suspect (out of
+/// the pick set) and, after the dead time, closes the tunnel itself,
+/// without waiting for QUIC's 10 s idle timeout. What was in flight on it
+/// then fails at once and follows the retry rules: a GET is replayed once
+/// on connector B; a POST that A acknowledged is not replayed (502); a POST
+/// sent after the cut, which A never acknowledged, is retried on B and
+/// succeeds. The order of events is fixed by signals, not sleeps: A is the
+/// only tunnel until the three requests are in flight, its Pong proves the
+/// edge heard from it after the acknowledged POST's head, and B attaches
+/// before A is judged dead (the dead time is seconds; B's handshake on
+/// loopback is milliseconds).
+#[tokio::test]
+async fn a_silent_tunnel_is_suspect_then_closed_and_its_requests_follow_the_retry_rules(
+) -> anyhow::Result<()> {
+    use portico_loadtest::wan;
+    let logs = LogCapture::global();
+    let pki = Arc::new(Pki::new("test CA")?);
+    let shutdown = CancellationToken::new();
+    let edge = test_edge_with(&pki, &shutdown, |c| {
+        c.tunnel_dead_after = Duration::from_secs(2)
+    })
+    .await?;
+    let addr = edge.public_addr;
+    let m = Arc::clone(&edge.shared.metrics);
+
+    // A reaches the edge through a relay that can cut the path.
+    let path = wan::start(
+        wan::PathConfig::new("127.0.0.1:0".parse()?, edge.tunnel_addr),
+        shutdown.child_token(),
+    )
+    .await?;
+    let ep_a = quic_client(&pki, pki.connector("c-a")?)?;
+    let a = dial(&ep_a, path.local_addr()).await?;
+    let mut a_control = handshake(&a, "c-a").await?;
+    fake_connector_with(a.clone(), "c-a", Arc::new(tokio::sync::Notify::new()));
+    wait_until("A to attach", || edge.tunnel_count() == 1).await?;
+    wait_until("A to answer a ping", || {
+        m.tunnel_rtt.get_sample_count() >= 1
+    })
+    .await?;
+
+    let request = |method: http::Method, path: &'static str, body: &'static str| {
+        let pki = Arc::clone(&pki);
+        tokio::spawn(async move {
+            let req = Request::builder()
+                .method(method)
+                .uri(format!("https://hr.apps.test{path}"))
+                .body(Full::new(Bytes::from_static(body.as_bytes())))
+                .unwrap();
+            https(&pki, addr, "hr.apps.test", true, req).await
+        })
+    };
+    // In flight on A (the only tunnel), held by its backend.
+    let get = request(http::Method::GET, "/held", "");
+    wait_until("the GET to be in flight", || m.streams.get() == 1).await?;
+    let acked_post = request(http::Method::POST, "/held", "acked");
+    wait_until("the POST to be in flight", || m.streams.get() == 2).await?;
+    // A Ping from A after it took the POST's head: the edge has heard
+    // from A since it wrote that head.
+    a_control.ping(7).await?;
+
+    path.blackhole(true);
+    let late_post = request(http::Method::POST, "/late", "late");
+    wait_until("the late POST to be in flight", || m.streams.get() == 3).await?;
+
+    let ep_b = quic_client(&pki, pki.connector("c-b")?)?;
+    let b = dial(&ep_b, edge.tunnel_addr).await?;
+    let _b_control = handshake(&b, "c-b").await?;
+    let release_b = Arc::new(tokio::sync::Notify::new());
+    release_b.notify_one(); // B answers the replayed GET /held at once
+    fake_connector_with(b.clone(), "c-b", release_b);
+    wait_until("B to attach", || edge.tunnel_count() == 2).await?;
+
+    wait_until("A to be suspect", || {
+        m.health_changes.with_label_values(&["suspect"]).get() >= 1
+    })
+    .await?;
+    // While A is suspect (or already gone), requests go to B.
+    for _ in 0..10 {
+        let r = https(&pki, addr, "hr.apps.test", true, get_req("/")).await?;
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(r.headers()["x-served-by"], "c-b");
+    }
+
+    let r = tokio::time::timeout(DEADLINE, get).await???;
+    assert_eq!(r.status(), StatusCode::OK, "the GET is replayed on B");
+    assert!(r.body().starts_with(b"c-b|hr|GET|"), "{:?}", r.body());
+    let r = tokio::time::timeout(DEADLINE, late_post).await???;
+    assert_eq!(r.status(), StatusCode::OK, "the late POST is retried on B");
+    assert_eq!(&r.body()[..], b"c-b|hr|POST|hr.apps.test|/late|late");
+    let r = tokio::time::timeout(DEADLINE, acked_post).await???;
+    assert_eq!(
+        r.status(),
+        StatusCode::BAD_GATEWAY,
+        "A may have run it: not replayed"
+    );
+    assert_eq!(r.headers()["x-portico-error"], "ConnectorNotFound");
+
+    assert_eq!(
+        m.tunnel_closes.with_label_values(&["unresponsive"]).get(),
+        1
+    );
+    assert_eq!(m.health_changes.with_label_values(&["dead"]).get(), 1);
+    assert_eq!(m.retries.with_label_values(&["not_delivered"]).get(), 1);
+    assert_eq!(m.retries.with_label_values(&["idempotent"]).get(), 1);
+    assert_eq!(
+        m.tunnels_suspect.get(),
+        0,
+        "the closed tunnel is not counted"
+    );
+    assert_eq!(edge.tunnel_count(), 1);
+    let late = logs.access_lines("/late");
+    assert_eq!(late.len(), 1, "{late:?}");
+    assert_eq!(late[0]["attempts"], 2);
+    assert_eq!(late[0]["replayed"], true);
+    assert_eq!(late[0]["connector"], "c-b");
+    let held = logs.access_lines("/held");
+    let post = held
+        .iter()
+        .find(|l| l["method"] == "POST")
+        .expect("POST logged");
+    assert_eq!(post["attempts"], 1);
+    assert_eq!(post["status"], 502);
+    assert!(a_control.pings() >= 1, "the edge pinged A");
+
+    shutdown.cancel();
+    tokio::time::timeout(DEADLINE, edge.wait()).await??;
+    Ok(())
+}
+
+fn get_req(path: &str) -> Request<Full<Bytes>> {
+    get("hr.apps.test", path, true)
 }

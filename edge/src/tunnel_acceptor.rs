@@ -1,9 +1,15 @@
 //! The tunnel acceptor: QUIC with mutual TLS, the `Hello`/`Welcome`
-//! handshake on the control stream, and the control loop.
+//! handshake on the control stream, and the control loop, which drives the
+//! tunnel's liveness (`liveness.rs`): pings, suspect and dead.
 //!
 //! A peer that breaks the protocol gets its connection closed with
 //! `CloseCode::ProtocolError` and the decode error as the reason; nothing it
-//! sends can panic the edge or touch other tunnels.
+//! sends can panic the edge or touch other tunnels. A connector may open
+//! one stream, its control stream: QUIC's stream limit refuses any other
+//! (a peer that opens one anyway breaks the limit, and quinn closes the
+//! connection with STREAM_LIMIT_ERROR), so nothing it opens is buffered.
+//! And it may hold [`TunnelPolicy::max_per_connector`] tunnels to this edge;
+//! one more is refused with a `Goodbye` naming the cap.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,6 +17,7 @@ use std::time::Duration;
 use portico_agent::pki;
 use portico_proto::api::Identity;
 use portico_proto::io::{read_frame, write_frame, ReadError};
+use portico_proto::ConnectorId;
 use portico_proto::{
     capabilities, negotiate_version, CloseCode, DecodeError, Frame, FrameType, Goodbye, Hello,
     Welcome,
@@ -24,14 +31,29 @@ use tracing::Instrument;
 
 use crate::certs::CertStore;
 use crate::error::Error;
-use crate::tunnels::Tunnel;
+use crate::liveness::{Event, Liveness, LivenessConfig};
+use crate::tunnels::{Tunnel, TunnelSlot};
 use crate::Shared;
 
 /// How long a connector has to finish the QUIC handshake and send `Hello`.
 pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Bidirectional streams a connector may open (only the control stream is
-/// used).
-const CONNECTOR_BIDI_STREAMS: u32 = 8;
+/// Bidirectional streams a connector may open: its control stream. Data
+/// streams are opened by the edge; a connector that could open more would
+/// make the edge buffer each one up to its stream window, unread.
+/// (Unidirectional ones: none, `tunnel_transport` grants no peer any.)
+const CONNECTOR_BIDI_STREAMS: u32 = 1;
+/// How long a refused tunnel's `Goodbye` may take to reach the connector
+/// before the connection is closed.
+const GOODBYE_WAIT: Duration = Duration::from_secs(1);
+
+/// What the acceptor enforces on tunnels.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct TunnelPolicy {
+    /// Tunnels one connector may hold to this edge, those in their
+    /// handshake included.
+    pub(crate) max_per_connector: usize,
+    pub(crate) liveness: LivenessConfig,
+}
 
 /// The QUIC server config of the tunnel listener.
 pub(crate) fn server_config(
@@ -95,6 +117,15 @@ enum Ended {
     Revoked,
     Shutdown,
     Lost,
+    /// Refused at `Hello`: the connector holds as many tunnels as it may.
+    TooManyTunnels,
+    /// The connector opened a stream beyond its limit (QUIC
+    /// STREAM_LIMIT_ERROR).
+    StreamLimit,
+    /// Another QUIC protocol violation by the connector.
+    TransportError,
+    /// The connector stopped answering pings; the edge closed the tunnel.
+    Unresponsive,
 }
 
 impl Ended {
@@ -106,6 +137,10 @@ impl Ended {
             Ended::Revoked => "revoked",
             Ended::Shutdown => "shutdown",
             Ended::Lost => "lost",
+            Ended::TooManyTunnels => "too_many_tunnels",
+            Ended::StreamLimit => "stream_limit",
+            Ended::TransportError => "transport_error",
+            Ended::Unresponsive => "unresponsive",
         }
     }
 
@@ -119,10 +154,30 @@ impl Ended {
                     CloseCode::VersionMismatch => Ended::VersionMismatch,
                     CloseCode::Shutdown => Ended::Shutdown,
                     CloseCode::NoError => Ended::Goodbye,
+                    CloseCode::TooManyTunnels => Ended::TooManyTunnels,
+                    CloseCode::Unresponsive => Ended::Unresponsive,
                     _ => Ended::Lost,
                 }
             }
+            // quinn closed the connection for a violation by the peer.
+            Some(quinn::ConnectionError::TransportError(e)) => {
+                if e.code == quinn::TransportErrorCode::STREAM_LIMIT_ERROR {
+                    Ended::StreamLimit
+                } else {
+                    Ended::TransportError
+                }
+            }
             _ => Ended::Lost,
+        }
+    }
+
+    /// How the edge itself closed a tunnel, when it did.
+    fn from_own_close(code: CloseCode) -> Option<Ended> {
+        match code {
+            CloseCode::Revoked => Some(Ended::Revoked),
+            CloseCode::ProtocolError => Some(Ended::ProtocolError),
+            CloseCode::Unresponsive => Some(Ended::Unresponsive),
+            _ => None,
         }
     }
 }
@@ -136,6 +191,20 @@ fn protocol_error(conn: &quinn::Connection, reason: &str) -> Ended {
     tracing::warn!(%reason, "protocol error, closing tunnel");
     close(conn, CloseCode::ProtocolError, reason);
     Ended::ProtocolError
+}
+
+/// Refuses a tunnel on its control stream: a `Goodbye` with `code` and
+/// `reason`, a moment for it to arrive, then the close.
+async fn refuse(conn: &quinn::Connection, send: &mut SendStream, code: CloseCode, reason: &str) {
+    let bye = Frame::Goodbye(Goodbye {
+        code: u64::from(code.to_wire()),
+        reason: reason.to_owned(),
+    });
+    if write_frame(send, &bye).await.is_ok() && send.finish().is_ok() {
+        // Let the Goodbye reach the peer before the close does.
+        let _ = tokio::time::timeout(GOODBYE_WAIT, send.stopped()).await;
+    }
+    close(conn, code, reason);
 }
 
 async fn handle_incoming(incoming: quinn::Incoming, shared: Arc<Shared>) {
@@ -153,7 +222,12 @@ async fn handle_incoming(incoming: quinn::Incoming, shared: Arc<Shared>) {
     let ended = match tokio::time::timeout(HANDSHAKE_TIMEOUT, hello(&conn, &shared)).await {
         Err(_) => protocol_error(&conn, "no Hello within the handshake timeout"),
         Ok(Err(ended)) => ended,
-        Ok(Ok((tunnel, send, recv))) => {
+        Ok(Ok(Welcomed {
+            tunnel,
+            send,
+            recv,
+            _slot,
+        })) => {
             let span = tracing::Span::current();
             span.record("tunnel.id", tracing::field::display(tunnel.id));
             span.record("connector", tracing::field::display(&tunnel.connector));
@@ -162,10 +236,11 @@ async fn handle_incoming(incoming: quinn::Incoming, shared: Arc<Shared>) {
             shared.metrics.tunnels.inc();
             tracing::info!(agent_version = %tunnel.agent_version, "tunnel attached");
             let mut ended = control_loop(&tunnel, send, recv, &shared).await;
-            match tunnel.closed_with() {
-                Some(CloseCode::Revoked) => ended = Ended::Revoked,
-                Some(CloseCode::ProtocolError) => ended = Ended::ProtocolError,
-                _ => {}
+            if let Some(own) = tunnel.closed_with().and_then(Ended::from_own_close) {
+                ended = own;
+            }
+            if tunnel.set_suspect(false) {
+                shared.metrics.tunnels_suspect.dec();
             }
             shared.tunnels.detach(tunnel.id);
             shared.metrics.tunnels.dec();
@@ -180,11 +255,18 @@ async fn handle_incoming(incoming: quinn::Incoming, shared: Arc<Shared>) {
         .inc();
 }
 
-/// Checks the certificate, reads `Hello`, answers `Welcome`.
-async fn hello(
-    conn: &quinn::Connection,
-    shared: &Shared,
-) -> Result<(Arc<Tunnel>, SendStream, RecvStream), Ended> {
+/// A tunnel past `Hello`/`Welcome`, with its control stream and its count
+/// against the connector's cap.
+struct Welcomed {
+    tunnel: Arc<Tunnel>,
+    send: SendStream,
+    recv: RecvStream,
+    _slot: TunnelSlot,
+}
+
+/// Checks the certificate and the connector's tunnel count, reads
+/// `Hello`, answers `Welcome`.
+async fn hello(conn: &quinn::Connection, shared: &Shared) -> Result<Welcomed, Ended> {
     let identity = conn
         .peer_identity()
         .and_then(|id| id.downcast::<Vec<CertificateDer<'static>>>().ok())
@@ -213,6 +295,11 @@ async fn hello(
         close(conn, CloseCode::Revoked, "connector revoked");
         return Err(Ended::Revoked);
     }
+    // Counted from here, before the control stream: a connector's tunnels
+    // still in their handshake take their place under the cap too.
+    let slot = shared
+        .tunnels
+        .reserve(&id, shared.tunnel_policy.max_per_connector);
     let (mut send, mut recv) = match conn.accept_bi().await {
         Ok(s) => s,
         Err(e) => {
@@ -241,20 +328,21 @@ async fn hello(
             ))
         }
     };
+    let slot = match slot {
+        Ok(slot) => slot,
+        Err(at_cap) => {
+            let reason = too_many_tunnels(&id, at_cap.cap);
+            tracing::warn!(connector = %id, %reason, "refusing a tunnel");
+            refuse(conn, &mut send, CloseCode::TooManyTunnels, &reason).await;
+            return Err(Ended::TooManyTunnels);
+        }
+    };
     let version = match negotiate_version(hello.version) {
         Ok(v) => v,
         Err(e) => {
             let reason = e.to_string();
             tracing::warn!(connector = %id, %reason, "protocol version mismatch");
-            let bye = Frame::Goodbye(Goodbye {
-                code: u64::from(CloseCode::VersionMismatch.to_wire()),
-                reason: reason.clone(),
-            });
-            if write_frame(&mut send, &bye).await.is_ok() && send.finish().is_ok() {
-                // Let the Goodbye reach the peer before the close does.
-                let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
-            }
-            close(conn, CloseCode::VersionMismatch, &reason);
+            refuse(conn, &mut send, CloseCode::VersionMismatch, &reason).await;
             return Err(Ended::VersionMismatch);
         }
     };
@@ -285,10 +373,25 @@ async fn hello(
         hello.agent_version,
         conn.clone(),
     );
-    Ok((Arc::new(tunnel), send, recv))
+    Ok(Welcomed {
+        tunnel: Arc::new(tunnel),
+        send,
+        recv,
+        _slot: slot,
+    })
 }
 
-/// Answers pings and follows `Drain`/`Goodbye` until the tunnel ends.
+/// The reason a tunnel over the cap is refused with: it names the cap and
+/// the setting.
+fn too_many_tunnels(connector: &ConnectorId, cap: usize) -> String {
+    format!(
+        "connector {connector} already holds {cap} tunnels to this edge, the most it may \
+         (the edge's max_tunnels_per_connector)"
+    )
+}
+
+/// Pings the connector and judges its answers (`liveness`), answers its
+/// pings, and follows `Drain`/`Goodbye` until the tunnel ends.
 async fn control_loop(
     tunnel: &Arc<Tunnel>,
     mut send: SendStream,
@@ -321,12 +424,29 @@ async fn control_loop(
     let _stop_reader = reader_stop.drop_guard();
     let conn = &tunnel.conn;
     let mut drain_sent = false;
+    let now = || tokio::time::Instant::now().into_std();
+    let mut live = Liveness::new(shared.tunnel_policy.liveness, now(), conn.rtt());
     loop {
+        while let Some(v) = live.poll_transmit() {
+            if write_frame(&mut send, &Frame::Ping(v)).await.is_err() {
+                return Ended::from_close(conn.close_reason());
+            }
+        }
+        while let Some(event) = live.poll_event() {
+            if let Some(ended) = health_changed(tunnel, shared, event) {
+                return ended;
+            }
+        }
+        let wake = live.poll_timeout().map(tokio::time::Instant::from_std);
         let frame = tokio::select! {
             () = tunnel.drain_request.cancelled(), if !drain_sent => {
                 drain_sent = true;
                 tracing::debug!("sending Drain");
                 let _ = write_frame(&mut send, &Frame::Drain).await;
+                continue;
+            }
+            () = sleep_until(wake) => {
+                live.handle_timeout(now());
                 continue;
             }
             r = rx.recv() => r,
@@ -337,7 +457,11 @@ async fn control_loop(
                     return Ended::from_close(conn.close_reason());
                 }
             }
-            Some(Ok(Some(Frame::Pong(_)))) => {}
+            Some(Ok(Some(Frame::Pong(v)))) => {
+                if let Some(rtt) = live.handle_pong(v, now()) {
+                    shared.metrics.tunnel_rtt.observe(rtt.as_secs_f64());
+                }
+            }
             Some(Ok(Some(Frame::Drain))) => {
                 tracing::info!("connector is draining this tunnel");
                 tunnel.set_draining();
@@ -364,6 +488,51 @@ async fn control_loop(
                 return protocol_error(conn, &portico_agent::error_chain(&e).to_string())
             }
         }
+    }
+}
+
+/// Applies a change of the tunnel's health: a suspect tunnel leaves the
+/// pick set, a dead one is closed (what is in flight on it fails now, and
+/// is retried where that is safe). Returns how the tunnel ended, if it did.
+fn health_changed(tunnel: &Tunnel, shared: &Shared, event: Event) -> Option<Ended> {
+    let m = &shared.metrics;
+    match event {
+        Event::Suspect { silent, deadline } => {
+            if tunnel.set_suspect(true) {
+                m.tunnels_suspect.inc();
+            }
+            m.health_changes.with_label_values(&["suspect"]).inc();
+            tracing::info!(
+                ?silent,
+                ?deadline,
+                "no Pong within the deadline: tunnel suspect, not picked while others are healthy"
+            );
+            None
+        }
+        Event::Recovered { silent } => {
+            if tunnel.set_suspect(false) {
+                m.tunnels_suspect.dec();
+            }
+            m.health_changes.with_label_values(&["healthy"]).inc();
+            tracing::info!(?silent, "Pong again: tunnel healthy");
+            None
+        }
+        Event::Dead { silent } => {
+            m.health_changes.with_label_values(&["dead"]).inc();
+            tracing::warn!(?silent, "no Pong within the dead time: closing the tunnel");
+            tunnel.close(
+                CloseCode::Unresponsive,
+                &format!("no Pong for {} ms", silent.as_millis()),
+            );
+            Some(Ended::Unresponsive)
+        }
+    }
+}
+
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

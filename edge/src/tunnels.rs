@@ -1,5 +1,7 @@
 //! The tunnels attached to this edge, by connector group, and the choice of
-//! a tunnel for each request (power of two choices over outstanding streams).
+//! a tunnel for each request (power of two choices over outstanding streams,
+//! among the healthy tunnels first); and the count of tunnels per connector
+//! that the cap at `Hello` time checks.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -23,6 +25,9 @@ pub(crate) struct Tunnel {
     pub(crate) conn: quinn::Connection,
     outstanding: AtomicUsize,
     draining: AtomicBool,
+    /// The connector left a ping unanswered past its deadline
+    /// (`liveness`): picked only when no healthy tunnel is left.
+    suspect: AtomicBool,
     /// Cancelled to ask the control loop to send `Drain` to the connector.
     pub(crate) drain_request: CancellationToken,
     /// The code this edge closed the tunnel with, if it did.
@@ -46,6 +51,7 @@ impl Tunnel {
             conn,
             outstanding: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
+            suspect: AtomicBool::new(false),
             drain_request: CancellationToken::new(),
             closed_with: std::sync::OnceLock::new(),
         }
@@ -58,6 +64,16 @@ impl Tunnel {
 
     pub(crate) fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Marks the tunnel suspect (or healthy again); returns whether that
+    /// changed anything.
+    pub(crate) fn set_suspect(&self, suspect: bool) -> bool {
+        self.suspect.swap(suspect, Ordering::Relaxed) != suspect
+    }
+
+    pub(crate) fn is_suspect(&self) -> bool {
+        self.suspect.load(Ordering::Relaxed)
     }
 
     pub(crate) fn outstanding(&self) -> usize {
@@ -109,11 +125,57 @@ pub(crate) struct Tunnels {
     pub(crate) changed: Notify,
     /// The number of tunnels, for the drain to wait on.
     count: tokio::sync::watch::Sender<usize>,
+    /// Tunnels per connector, attached or still in their handshake.
+    per_connector: Arc<Mutex<HashMap<ConnectorId, usize>>>,
+}
+
+/// A connector already holds as many tunnels to this edge as it may.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct AtCap {
+    pub(crate) cap: usize,
+}
+
+/// One of a connector's tunnels, counted until dropped.
+#[derive(Debug)]
+pub(crate) struct TunnelSlot {
+    per_connector: Arc<Mutex<HashMap<ConnectorId, usize>>>,
+    connector: ConnectorId,
+}
+
+impl Drop for TunnelSlot {
+    fn drop(&mut self) {
+        let mut map = self.per_connector.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = map.get_mut(&self.connector) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.connector);
+            }
+        }
+    }
 }
 
 impl Tunnels {
     pub(crate) fn next_id(&self) -> TunnelId {
         TunnelId(self.next_id.fetch_add(1, Ordering::Relaxed) + 1)
+    }
+
+    /// Counts one more tunnel of `connector`, unless it holds `cap`
+    /// already. Taken before `Welcome`, so that tunnels still in their
+    /// handshake count too.
+    pub(crate) fn reserve(&self, connector: &ConnectorId, cap: usize) -> Result<TunnelSlot, AtCap> {
+        let mut map = self.per_connector.lock().unwrap_or_else(|e| e.into_inner());
+        let n = map.entry(connector.clone()).or_insert(0);
+        if *n >= cap {
+            if *n == 0 {
+                map.remove(connector);
+            }
+            return Err(AtCap { cap });
+        }
+        *n += 1;
+        Ok(TunnelSlot {
+            per_connector: Arc::clone(&self.per_connector),
+            connector: connector.clone(),
+        })
     }
 
     pub(crate) fn attach(&self, tunnel: Arc<Tunnel>) {
@@ -163,7 +225,9 @@ impl Tunnels {
     }
 
     /// A tunnel of `group` that `eligible` accepts, by power of two
-    /// choices, skipping draining and closed ones.
+    /// choices, skipping draining and closed ones, and suspect ones while
+    /// any other is left (when every tunnel is suspect, one of them is
+    /// better than failing the request).
     pub(crate) fn pick(
         &self,
         group: &GroupId,
@@ -171,10 +235,14 @@ impl Tunnels {
     ) -> Option<Arc<Tunnel>> {
         let by_group = self.by_group.load();
         let list = by_group.get(group)?;
-        p2c(list, |t| {
-            (!t.is_draining() && t.conn.close_reason().is_none() && eligible(t))
-                .then(|| t.outstanding())
-        })
+        p2c_healthy_first(
+            list,
+            |t| {
+                (!t.is_draining() && t.conn.close_reason().is_none() && eligible(t))
+                    .then(|| t.outstanding())
+            },
+            |t| !t.is_suspect(),
+        )
         .cloned()
     }
 
@@ -210,6 +278,16 @@ impl Tunnels {
         v.sort_by(|a, b| a.connector_id.cmp(&b.connector_id));
         v
     }
+}
+
+/// [`p2c`] among the eligible items that are `healthy`, or among all
+/// eligible ones when none is.
+pub(crate) fn p2c_healthy_first<T>(
+    items: &[T],
+    load: impl Fn(&T) -> Option<usize>,
+    healthy: impl Fn(&T) -> bool,
+) -> Option<&T> {
+    p2c(items, |t| if healthy(t) { load(t) } else { None }).or_else(|| p2c(items, &load))
 }
 
 /// Power of two choices: draws two distinct eligible items at random and
@@ -287,6 +365,46 @@ mod tests {
         }
         // Expected 1,000 each; 700 is more than ten standard deviations off.
         assert!(seen.iter().all(|&n| n > 700), "uneven spread: {seen:?}");
+    }
+
+    /// Suspect tunnels are left out while a healthy one is eligible, even a
+    /// busier one; when every eligible tunnel is suspect they are used.
+    #[test]
+    fn suspect_tunnels_are_picked_only_when_no_healthy_one_is_left() {
+        // (load, eligible, healthy)
+        let items = [(9usize, true, true), (0, true, false), (0, false, true)];
+        let pick = |items: &[(usize, bool, bool)]| {
+            p2c_healthy_first(items, |&(l, ok, _)| ok.then_some(l), |&(_, _, h)| h).copied()
+        };
+        for _ in 0..100 {
+            assert_eq!(pick(&items), Some((9, true, true)));
+        }
+        let all_suspect = [(3usize, true, false), (1, true, false), (0, false, true)];
+        for _ in 0..100 {
+            assert_eq!(pick(&all_suspect), Some((1, true, false)));
+        }
+        assert_eq!(pick(&[(0, false, true), (0, false, false)]), None);
+    }
+
+    #[test]
+    fn a_connector_holds_at_most_its_cap_of_tunnels() {
+        let tunnels = Tunnels::default();
+        let a = ConnectorId::new("c-a").unwrap();
+        let b = ConnectorId::new("c-b").unwrap();
+        let first = tunnels.reserve(&a, 2).unwrap();
+        let second = tunnels.reserve(&a, 2).unwrap();
+        assert_eq!(tunnels.reserve(&a, 2).unwrap_err(), AtCap { cap: 2 });
+        // Another connector has a count of its own.
+        let other = tunnels.reserve(&b, 2).unwrap();
+        drop(first);
+        let third = tunnels.reserve(&a, 2).unwrap();
+        drop((second, third, other));
+        assert!(
+            tunnels.per_connector.lock().unwrap().is_empty(),
+            "released counts leave nothing behind"
+        );
+        assert_eq!(tunnels.reserve(&a, 0).unwrap_err(), AtCap { cap: 0 });
+        assert!(tunnels.per_connector.lock().unwrap().is_empty());
     }
 
     #[test]

@@ -295,6 +295,8 @@ pub enum CloseCode {
     TooManyTunnels,
     /// The stream was reset because its client stopped reading.
     Stalled,
+    /// The tunnel was closed because its peer stopped answering pings.
+    Unresponsive,
     /// A code this build does not know.
     Unknown(u64),
 }
@@ -312,6 +314,7 @@ impl CloseCode {
             CloseCode::Refused => 0x7,
             CloseCode::TooManyTunnels => 0x8,
             CloseCode::Stalled => 0x9,
+            CloseCode::Unresponsive => 0xa,
             CloseCode::Unknown(v) => u32::try_from(v).unwrap_or(u32::MAX),
         }
     }
@@ -328,6 +331,7 @@ impl CloseCode {
             0x7 => CloseCode::Refused,
             0x8 => CloseCode::TooManyTunnels,
             0x9 => CloseCode::Stalled,
+            0xa => CloseCode::Unresponsive,
             other => CloseCode::Unknown(other),
         }
     }
@@ -346,6 +350,7 @@ impl fmt::Display for CloseCode {
             CloseCode::Refused => f.write_str("refused"),
             CloseCode::TooManyTunnels => f.write_str("too many tunnels"),
             CloseCode::Stalled => f.write_str("stalled"),
+            CloseCode::Unresponsive => f.write_str("unresponsive"),
             CloseCode::Unknown(v) => write!(f, "unknown code 0x{v:x}"),
         }
     }
