@@ -15,7 +15,7 @@ pub enum Error {
     InvalidConfig { field: &'static str, reason: String },
 
     /// The state directory could not be opened, read or written.
-    #[error("connector state directory: {source}")]
+    #[error("connector state directory")]
     State {
         #[source]
         source: portico_agent::StateError,
@@ -23,7 +23,7 @@ pub enum Error {
 
     /// Enrollment failed: a used, expired or unknown token, an unreachable
     /// router, or no token and no saved credentials.
-    #[error("enrollment failed: {source}")]
+    #[error("enrollment failed")]
     Enroll {
         #[source]
         source: portico_agent::EnrollError,
@@ -52,7 +52,7 @@ pub enum Error {
     Tls { reason: String },
 
     /// A socket could not be bound.
-    #[error("cannot bind {what} on {addr}: {source}")]
+    #[error("cannot bind {what} on {addr}")]
     Bind {
         what: &'static str,
         addr: SocketAddr,
@@ -61,7 +61,7 @@ pub enum Error {
     },
 
     /// A metric could not be registered (a duplicate name: a bug).
-    #[error("metrics registry: {source}")]
+    #[error("metrics registry")]
     Metrics {
         #[source]
         source: prometheus::Error,

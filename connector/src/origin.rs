@@ -454,7 +454,7 @@ pub(crate) fn classify(err: &hyper_util::client::legacy::Error, target: &str) ->
     }
     ProxyError::Unreachable {
         target: target.to_owned(),
-        reason: error_chain(err),
+        reason: portico_agent::error_chain(err).to_string(),
     }
 }
 
@@ -505,26 +505,6 @@ fn is_cert_error(e: &rustls::Error) -> bool {
             | rustls::Error::NoCertificatesPresented
             | rustls::Error::InvalidCertRevocationList(_)
     )
-}
-
-/// `a: b: c` from an error and its causes, for log lines and messages.
-pub(crate) fn error_chain(err: &(dyn StdError + 'static)) -> String {
-    let mut out = err.to_string();
-    let mut next = err.source();
-    let mut depth = 0;
-    while let Some(e) = next {
-        depth += 1;
-        if depth > 16 {
-            break;
-        }
-        let s = e.to_string();
-        if !out.contains(&s) {
-            out.push_str(": ");
-            out.push_str(&s);
-        }
-        next = e.source();
-    }
-    out
 }
 
 #[cfg(test)]

@@ -24,7 +24,7 @@ use tracing::Instrument;
 use crate::error::ProxyError;
 use crate::headers::{request_headers, response_headers, InternalUrl, RequestMeta};
 use crate::metrics::Metrics;
-use crate::origin::{classify, error_chain, Backend, BoxError, Origin, ReqBody};
+use crate::origin::{classify, Backend, BoxError, Origin, ReqBody};
 
 /// How long the edge may take to send a stream's head.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
@@ -160,10 +160,10 @@ pub(crate) async fn serve_stream(ctx: Arc<StreamCtx>, mut send: SendStream, mut 
         let duration_ms = started.elapsed().as_secs_f64() * 1000.0;
         match &outcome {
             Outcome::Failed { error: error @ ProxyError::PathOutsidePrefix { .. } } => {
-                tracing::warn!(status, code = code_label, duration_ms, error = %error_chain(error), "refused a path that leaves the app's prefix; the backend never saw it")
+                tracing::warn!(status, code = code_label, duration_ms, error = %portico_agent::error_chain(error), "refused a path that leaves the app's prefix; the backend never saw it")
             }
             Outcome::Failed { error } => {
-                tracing::info!(status, code = code_label, duration_ms, error = %error_chain(error), "stream done")
+                tracing::info!(status, code = code_label, duration_ms, error = %portico_agent::error_chain(error), "stream done")
             }
             Outcome::Gone { .. } => {
                 tracing::info!(status, code = code_label, duration_ms, "stream cancelled by the edge")
@@ -434,7 +434,7 @@ async fn copy_response_body(
                 }
             }
             Err(e) => {
-                tracing::warn!(error = %error_chain(&e), "backend response body failed; resetting the stream");
+                tracing::warn!(error = %portico_agent::error_chain(&e), "backend response body failed; resetting the stream");
                 let _ = send.reset(code(CloseCode::Internal));
                 return Outcome::Answered { status };
             }
@@ -456,7 +456,7 @@ async fn pipe_upgrade(
     let upgraded = match hyper::upgrade::on(response).await {
         Ok(u) => u,
         Err(e) => {
-            tracing::warn!(error = %error_chain(&e), "backend upgrade failed after 101");
+            tracing::warn!(error = %portico_agent::error_chain(&e), "backend upgrade failed after 101");
             let _ = send.reset(code(CloseCode::Internal));
             return Outcome::Answered { status };
         }
@@ -481,7 +481,7 @@ async fn pipe_upgrade(
 
 /// Answers `Error{code, message}` and ends the stream.
 async fn fail(send: &mut SendStream, error: ProxyError) -> Outcome {
-    let mut message = error_chain(&error);
+    let mut message = portico_agent::error_chain(&error).to_string();
     if message.len() > MAX_MESSAGE {
         let mut cut = MAX_MESSAGE;
         while !message.is_char_boundary(cut) {

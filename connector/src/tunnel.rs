@@ -325,7 +325,7 @@ enum DialError {
     Resolve { addr: String, reason: String },
     #[error("TLS setup: {reason}")]
     Tls { reason: String },
-    #[error("connect: {0}")]
+    #[error("connect")]
     Connect(#[from] quinn::ConnectError),
     #[error("handshake: {reason}")]
     Handshake { reason: String },
