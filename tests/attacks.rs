@@ -331,9 +331,15 @@ async fn trickled_request_heads_are_cut_at_the_header_timeout() {
         tasks.spawn(async move {
             let mut t = tls_connect(&tls, &local, to).await.expect("connects");
             connected.fetch_add(1, Ordering::Relaxed);
-            t.write_all(b"GET / HTTP/1.1\r\nhost: hello.apps.localhost\r\nx-slow: ")
+            // On a loaded machine the header deadline (which runs from the
+            // accept) may pass before this first write: closed all the same.
+            if t.write_all(b"GET / HTTP/1.1\r\nhost: hello.apps.localhost\r\nx-slow: ")
                 .await
-                .unwrap();
+                .is_err()
+            {
+                closed.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
             // One byte every 500 ms, never the end of the head.
             let mut probe = [0u8; 1];
             for _ in 0..600 {
@@ -509,7 +515,10 @@ async fn rapid_reset_is_bounded_and_every_reset_is_recorded() {
     )
     .await;
     // A user from the same address is still served afterwards.
-    assert_eq!(curl_statuses(&s, &[], std::slice::from_ref(&url)).await, [200]);
+    assert_eq!(
+        curl_statuses(&s, &[], std::slice::from_ref(&url)).await,
+        [200]
+    );
     s.stop().await;
 }
 
