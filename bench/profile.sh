@@ -8,8 +8,11 @@
 # Usage: bench/profile.sh            (as root, from anywhere; ~3-4 min)
 #
 # Env (defaults in brackets):
-#   PROFILE_REQUESTS [2000]   keepalive GET /small counted under callgrind
-#   PROFILE_CONNS [8]         connections (and workers) of that load
+#   PROFILE_REQUESTS [2000]   keepalive GET /small counted under callgrind, per protocol
+#   PROFILE_CONNS [8]         HTTP/1.1: connections (and workers) of that load
+#   PROFILE_PROTOCOLS [h1 h2] the protocols counted, one after the other
+#   PROFILE_H2_CONNS [2]      HTTP/2: connections...
+#   PROFILE_H2_STREAMS [32]   ...and concurrent streams over them (h2load's -c/-m shape)
 #   PROFILE_THREADS [1]       --threads for edge and connector; empty = default runtime
 #   PROFILE_PERF_SECONDS [8]  perf sampling time under `wrk -c32`
 #   BENCH_PORT_BASE [18300]   ports BASE..BASE+5 on 127.0.0.1
@@ -17,17 +20,22 @@
 #   BENCH_SKIP_SETUP=1        do not install valgrind, perf, wrk, nginx, inferno
 #   BENCH_TOOLS [/opt/portico-bench], PORTICO_BIN [target/release/portico]
 #
-# Writes to BENCH_OUT: summary.md (instructions and allocations per request,
-# the allocations counted as calls to malloc/calloc/realloc), callgrind.*
-# dumps with callgrind_annotate listings (*.inclusive.txt), the allocation
-# sites per request ({edge,connector}.allocations.txt), perf.*.data and
-# flamegraph-{edge,connector}.svg.
+# Writes to BENCH_OUT: summary.md (instructions and allocations per request
+# for each protocol, the allocations counted as calls to
+# malloc/calloc/realloc), callgrind.{edge,connector}.PROTOCOL dumps with
+# callgrind_annotate listings ({edge,connector}.PROTOCOL.inclusive.txt), the
+# allocation sites per request ({edge,connector}.PROTOCOL.allocations.txt),
+# callgrind-load-PROTOCOL.json (the loadtest's report), perf.*.data and
+# flamegraph-{edge,connector}.svg (HTTP/1.1 only). PROTOCOL is h1 or h2.
 set -euo pipefail
 
 BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO_DIR=$(cd "$BENCH_DIR/.." && pwd)
 REQUESTS=${PROFILE_REQUESTS:-2000}
 CONNS=${PROFILE_CONNS:-8}
+PROTOCOLS=${PROFILE_PROTOCOLS:-h1 h2}
+H2_CONNS=${PROFILE_H2_CONNS:-2}
+H2_STREAMS=${PROFILE_H2_STREAMS:-32}
 THREADS=${PROFILE_THREADS-1}
 PERF_SECONDS=${PROFILE_PERF_SECONDS:-8}
 BASE=${BENCH_PORT_BASE:-18300}
@@ -40,7 +48,7 @@ export BENCH_DIR REPO_DIR BENCH_TOOLS
 # shellcheck source=bench/lib.sh
 source "$BENCH_DIR/lib.sh"
 
-for n in "$REQUESTS" "$CONNS" "$PERF_SECONDS" "$BASE"; do
+for n in "$REQUESTS" "$CONNS" "$PERF_SECONDS" "$BASE" "$H2_CONNS" "$H2_STREAMS"; do
 	[[ $n =~ ^[1-9][0-9]*$ ]] || die "not a positive number: $n"
 done
 [[ -z $THREADS || $THREADS =~ ^[1-9][0-9]*$ ]] || die "PROFILE_THREADS must be empty or a positive number"
@@ -129,17 +137,6 @@ stop_pair() {
 # ---------------------------------------------------------------- callgrind
 log "callgrind: starting edge and connector under valgrind (slow to start)"
 start_pair callgrind valgrind --tool=callgrind --callgrind-out-file="$BENCH_OUT/callgrind.%p"
-callgrind_control -z "$EDGE_PID" >/dev/null
-callgrind_control -z "$CONN_PID" >/dev/null
-log "callgrind: $REQUESTS requests over $CONNS connections"
-"$PORTICO_BIN" --log warn loadtest "https://$APP_HOST:$P_EDGE/small" --cacert "$PORTICO_ROUTER_CA" \
-	--requests "$REQUESTS" --concurrency "$CONNS" --connections "$CONNS" --quiet \
-	--json "$BENCH_OUT/callgrind-load.json" >/dev/null
-ok=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["requests"]["ok"])' "$BENCH_OUT/callgrind-load.json")
-[[ $ok == "$REQUESTS" ]] || die "only $ok of $REQUESTS requests succeeded under callgrind"
-callgrind_control -d "$EDGE_PID" >/dev/null
-callgrind_control -d "$CONN_PID" >/dev/null
-sleep 2
 # alloc_calls DUMP: calls to malloc, calloc and realloc in a callgrind dump
 # (every `calls=` line under a `cfn=` naming one of them).
 alloc_calls() {
@@ -199,17 +196,38 @@ for n, kind, site in sorted(rows, reverse=True):
 ' "$2"
 }
 
-declare -A IR ALLOCS
-for role in edge connector; do
-	pid=$EDGE_PID
-	[[ $role == connector ]] && pid=$CONN_PID
-	dump=$(ls -t "$BENCH_OUT/callgrind.$pid".* 2>/dev/null | grep -v '\.txt$' | head -1)
-	[[ -n $dump ]] || die "no callgrind dump for the $role ($pid)"
-	IR[$role]=$(awk '/^(summary|totals):/ {print $2; exit}' "$dump")
-	ALLOCS[$role]=$(alloc_calls "$dump")
-	callgrind_annotate --inclusive=yes --threshold=99 --auto=no "$dump" >"$BENCH_OUT/$role.inclusive.txt" 2>/dev/null || true
-	alloc_sites "$dump" "$REQUESTS" >"$BENCH_OUT/$role.allocations.txt" || true
-	log "callgrind: $role ${IR[$role]} instructions = $((IR[$role] / REQUESTS)) per request"
+declare -A IR ALLOCS LOAD
+for proto in $PROTOCOLS; do
+	case $proto in
+	h1) load=(--concurrency "$CONNS" --connections "$CONNS") LOAD[$proto]="$CONNS connections" ;;
+	h2) load=(--concurrency "$H2_STREAMS" --connections "$H2_CONNS")
+		LOAD[$proto]="$H2_STREAMS streams over $H2_CONNS connections" ;;
+	*) die "PROFILE_PROTOCOLS takes h1 and h2, not $proto" ;;
+	esac
+	callgrind_control -z "$EDGE_PID" >/dev/null
+	callgrind_control -z "$CONN_PID" >/dev/null
+	log "callgrind: $REQUESTS $proto requests, ${LOAD[$proto]}"
+	"$PORTICO_BIN" --log warn loadtest "https://$APP_HOST:$P_EDGE/small" --cacert "$PORTICO_ROUTER_CA" \
+		--protocol "$proto" --requests "$REQUESTS" "${load[@]}" --quiet \
+		--json "$BENCH_OUT/callgrind-load-$proto.json" >/dev/null
+	ok=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["requests"]["ok"])' "$BENCH_OUT/callgrind-load-$proto.json")
+	[[ $ok == "$REQUESTS" ]] || die "only $ok of $REQUESTS $proto requests succeeded under callgrind"
+	callgrind_control -d "$EDGE_PID" >/dev/null
+	callgrind_control -d "$CONN_PID" >/dev/null
+	sleep 2
+	for role in edge connector; do
+		pid=$EDGE_PID
+		[[ $role == connector ]] && pid=$CONN_PID
+		dump=$(ls -t "$BENCH_OUT/callgrind.$pid".* 2>/dev/null | grep -v '\.txt$' | head -1)
+		[[ -n $dump ]] || die "no callgrind dump for the $role ($pid)"
+		mv "$dump" "$BENCH_OUT/callgrind.$role.$proto"
+		dump=$BENCH_OUT/callgrind.$role.$proto
+		IR[$role.$proto]=$(awk '/^(summary|totals):/ {print $2; exit}' "$dump")
+		ALLOCS[$role.$proto]=$(alloc_calls "$dump")
+		callgrind_annotate --inclusive=yes --threshold=99 --auto=no "$dump" >"$BENCH_OUT/$role.$proto.inclusive.txt" 2>/dev/null || true
+		alloc_sites "$dump" "$REQUESTS" >"$BENCH_OUT/$role.$proto.allocations.txt" || true
+		log "callgrind: $role $proto ${IR[$role.$proto]} instructions = $((IR[$role.$proto] / REQUESTS)) per request"
+	done
 done
 stop_pair
 
@@ -238,16 +256,22 @@ for role in edge connector; do
 done
 
 {
-	echo "Instructions and allocations per request (callgrind, user space; $REQUESTS keepalive GET /small over $CONNS connections, their $CONNS TLS handshakes included; threads: ${THREADS:-default}):"
+	echo "Instructions and allocations per request (callgrind, user space; $REQUESTS keepalive GET /small per protocol, their TLS handshakes included; threads: ${THREADS:-default}):"
 	echo
-	echo "| process | instructions | per request | allocations per request |"
-	echo "|---|---|---|---|"
-	for role in edge connector; do
-		echo "| $role | ${IR[$role]} | $((IR[$role] / REQUESTS)) | $(awk -v a="${ALLOCS[$role]}" -v n="$REQUESTS" 'BEGIN {printf "%.1f", a / n}') |"
+	echo "| process | protocol | load | instructions | per request | allocations per request |"
+	echo "|---|---|---|---|---|---|"
+	for proto in $PROTOCOLS; do
+		for role in edge connector; do
+			echo "| $role | $proto | ${LOAD[$proto]} | ${IR[$role.$proto]} | $((IR[$role.$proto] / REQUESTS)) | $(awk -v a="${ALLOCS[$role.$proto]}" -v n="$REQUESTS" 'BEGIN {printf "%.1f", a / n}') |"
+		done
 	done
+	if [[ -n ${IR[edge.h1]:-} && -n ${IR[edge.h2]:-} ]]; then
+		echo
+		echo "Edge instructions per request, HTTP/2 over HTTP/1.1: $(awk -v a="${IR[edge.h2]}" -v b="${IR[edge.h1]}" 'BEGIN {printf "%.2f", a / b}')x."
+	fi
 	echo
 	echo "wrk during perf: $(awk '/Requests\/sec/ {print $2}' "$BENCH_OUT/wrk.txt") req/s (not a benchmark: perf was sampling)."
-	echo "Listings: edge.inclusive.txt, connector.inclusive.txt; allocation sites per request: edge.allocations.txt, connector.allocations.txt; flamegraphs: flamegraph-edge.svg, flamegraph-connector.svg."
+	echo "Listings: {edge,connector}.PROTOCOL.inclusive.txt; allocation sites per request: {edge,connector}.PROTOCOL.allocations.txt; flamegraphs: flamegraph-edge.svg, flamegraph-connector.svg."
 } >"$BENCH_OUT/summary.md"
 cat "$BENCH_OUT/summary.md"
 log "results: $BENCH_OUT"
