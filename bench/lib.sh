@@ -166,11 +166,12 @@ machine_json() {
 	kernel=$(uname -r)
 	model=$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)
 	mem=$(awk '/^MemTotal:/ {print $2}' /proc/meminfo)
-	printf '{"cores":%s,"kernel":"%s","cpu":"%s","mem_kib":%s,"debian":"%s","nginx":"%s","wrk":"%s","rathole":"%s","portico":"%s","load1_at_start":"%s"}\n' \
+	printf '{"cores":%s,"kernel":"%s","cpu":"%s","mem_kib":%s,"debian":"%s","nginx":"%s","wrk":"%s","h2load":"%s","rathole":"%s","portico":"%s","load1_at_start":"%s"}\n' \
 		"$cores" "$kernel" "${model//\"/}" "$mem" \
 		"$(cat /etc/debian_version 2>/dev/null)" \
 		"$(nginx -v 2>&1 | sed 's/.*nginx\///')" \
 		"$(dpkg-query -W -f='${Version}' wrk 2>/dev/null)" \
+		"$(dpkg-query -W -f='${Version}' nghttp2-client 2>/dev/null)" \
 		"$("$RATHOLE_BIN" --version 2>/dev/null | awk '/Build Version/ {print $3}')" \
 		"$("$PORTICO_BIN" --version 2>/dev/null | head -1)" \
 		"$(cut -d' ' -f1 /proc/loadavg)"

@@ -6,8 +6,11 @@
 # over TCP, rathole over noise, and Portico (router + edge + connector, real
 # processes). Then, repetition after repetition, each variant in turn
 # (A B C D E F, A B C D E F, ...): wrk at 32 and 256 keepalive connections,
-# wrk with a new connection per request, a 100 MiB download with curl, and
-# the peak RSS of the variant's tunnel processes. Results go to
+# h2load with many concurrent HTTP/2 streams over a few connections (the
+# variants that speak HTTP/2: h2 over TLS for nginx-tls and Portico, h2c
+# with prior knowledge for direct and nginx, on listeners of their own; not
+# rathole), wrk with a new connection per request, a 100 MiB download with
+# curl, and the peak RSS of the variant's tunnel processes. Results go to
 # $BENCH_OUT/runs.jsonl (one JSON object per measurement), and report.py
 # writes summary.json and summary.md (medians and ratios).
 #
@@ -21,10 +24,16 @@
 #   BENCH_CONNS ["32 256"]  keepalive connection counts
 #   BENCH_CLOSE_CONNS [32]  connections for the new-connection-per-request run
 #   BENCH_DOWNLOADS [1]   100 MiB downloads per variant per repetition
+#   BENCH_H2_CONNS [4]    h2load connections for the HTTP/2 test (0 skips it)
+#   BENCH_H2_STREAMS [32] concurrent streams per h2load connection (-m; nginx
+#                         and the edge allow 128)
+#   BENCH_H2_WARMUP [1]   seconds of h2load warm-up before the measured
+#                         BENCH_DURATION (connections and TLS set up in it)
 #   BENCH_VARIANTS ["direct nginx nginx-tls rathole-tcp rathole-noise portico portico-mt"]
-#   BENCH_PORT_BASE [18100]  ports BASE..BASE+30 on 127.0.0.1 (TCP and UDP)
+#   BENCH_PORT_BASE [18100]  ports BASE..BASE+29 on 127.0.0.1 (TCP and UDP)
 #   BENCH_OUT [target/bench/DATE]  results directory
-#   BENCH_SKIP_SETUP=1    skip bench/setup.sh (apt, rathole, cargo build)
+#   BENCH_SKIP_SETUP=1    skip bench/setup.sh (apt, rathole, cargo build; rathole
+#                         is built only when a rathole variant is selected)
 #   BENCH_TOOLS [/opt/portico-bench]  where setup.sh put rathole
 #   PORTICO_BIN [target/release/portico], RATHOLE_BIN [$BENCH_TOOLS/bin/rathole]
 #   PORTICO_TUNNELS [4]   tunnels the connector keeps
@@ -38,6 +47,9 @@ THREADS=${BENCH_THREADS:-2}
 CONNS=${BENCH_CONNS:-32 256}
 CLOSE_CONNS=${BENCH_CLOSE_CONNS:-32}
 DOWNLOADS=${BENCH_DOWNLOADS:-1}
+H2_CONNS=${BENCH_H2_CONNS:-4}
+H2_STREAMS=${BENCH_H2_STREAMS:-32}
+H2_WARMUP=${BENCH_H2_WARMUP:-1}
 VARIANTS=${BENCH_VARIANTS:-direct nginx nginx-tls rathole-tcp rathole-noise portico portico-mt}
 BASE=${BENCH_PORT_BASE:-18100}
 BENCH_TOOLS=${BENCH_TOOLS:-/opt/portico-bench}
@@ -52,20 +64,32 @@ export BENCH_DIR REPO_DIR BENCH_TOOLS
 # shellcheck source=lib.sh
 source "$BENCH_DIR/lib.sh"
 
-for n in "$DURATION" "$REPS" "$THREADS" "$CLOSE_CONNS" "$DOWNLOADS" $CONNS; do
+for n in "$DURATION" "$REPS" "$THREADS" "$CLOSE_CONNS" "$DOWNLOADS" "$H2_STREAMS" $CONNS; do
 	[[ $n =~ ^[0-9]+$ && $n -ge 1 ]] || die "not a positive integer: '$n'"
 done
+for n in "$H2_CONNS" "$H2_WARMUP"; do
+	[[ $n =~ ^[0-9]+$ ]] || die "not a number: '$n'"
+done
 ((REPS <= 50 && DURATION <= 600)) || die "BENCH_REPS <= 50 and BENCH_DURATION <= 600, please"
+((H2_STREAMS <= 1000 && H2_WARMUP <= 60)) || die "BENCH_H2_STREAMS <= 1000 and BENCH_H2_WARMUP <= 60, please"
+WANT_RATHOLE=0
+[[ " $VARIANTS " == *" rathole-"* ]] && WANT_RATHOLE=1
 
 if [[ ${BENCH_SKIP_SETUP:-0} != 1 ]]; then
-	BENCH_TOOLS=$BENCH_TOOLS "$BENCH_DIR/setup.sh"
+	BENCH_TOOLS=$BENCH_TOOLS BENCH_SKIP_RATHOLE=$((1 - WANT_RATHOLE)) "$BENCH_DIR/setup.sh"
 fi
 [[ -x $PORTICO_BIN ]] || die "no portico binary at $PORTICO_BIN (run bench/setup.sh or set PORTICO_BIN)"
-[[ -x $RATHOLE_BIN ]] || die "no rathole binary at $RATHOLE_BIN (run bench/setup.sh or set RATHOLE_BIN)"
+if ((WANT_RATHOLE)); then
+	[[ -x $RATHOLE_BIN ]] || die "no rathole binary at $RATHOLE_BIN (run bench/setup.sh or set RATHOLE_BIN)"
+fi
+if ((H2_CONNS > 0)); then
+	command -v h2load >/dev/null || die "h2load is missing (Debian package nghttp2-client; run bench/setup.sh)"
+fi
 
 mkdir -p "$BENCH_OUT" "$BENCH_WORK"
 # The 100 MiB file is not kept with the results.
-trap 'cleanup_pids; rm -f "$BENCH_WORK/www/big"' EXIT
+LOAD_PID= # a load generator running in the background (run_h2)
+trap '[[ -n $LOAD_PID ]] && kill "$LOAD_PID" 2>/dev/null; cleanup_pids; rm -f "$BENCH_WORK/www/big"' EXIT
 trap 'exit 130' INT TERM
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 unset RUST_LOG
@@ -73,11 +97,13 @@ unset RUST_LOG
 P_BACKEND=$BASE
 P_NGINX=$((BASE + 1))
 P_NGINX_TLS=$((BASE + 2))
+P_BACKEND_H2C=$((BASE + 3)) # h2c listeners: nginx 1.22 speaks h2c on a listener
+P_NGINX_H2C=$((BASE + 4))   # that speaks nothing else (prior knowledge only)
 P_RH_TCP_CTL=$((BASE + 10))
 P_RH_TCP=$((BASE + 11))
 P_RH_NOISE_CTL=$((BASE + 12))
 P_RH_NOISE=$((BASE + 13))
-require_ports_free "$P_BACKEND" "$P_NGINX" "$P_NGINX_TLS" "$P_RH_TCP_CTL" "$P_RH_TCP" \
+require_ports_free "$P_BACKEND" "$P_NGINX" "$P_NGINX_TLS" "$P_BACKEND_H2C" "$P_NGINX_H2C" "$P_RH_TCP_CTL" "$P_RH_TCP" \
 	"$P_RH_NOISE_CTL" "$P_RH_NOISE" $(seq $((BASE + 20)) $((BASE + 29)))
 
 APP_HOST=bench.apps.localhost
@@ -86,7 +112,7 @@ RUNS=$BENCH_OUT/runs.jsonl
 
 {
 	m=$(machine_json)
-	printf '%s\n' "${m%\}},\"duration_s\":$DURATION,\"reps\":$REPS,\"threads\":$THREADS,\"conns\":\"$CONNS\",\"close_conns\":$CLOSE_CONNS,\"portico_tunnels\":$PORTICO_TUNNELS,\"tcp_tw_reuse\":\"$(sysctl -n net.ipv4.tcp_tw_reuse 2>/dev/null)\",\"started\":\"$(date -u +%FT%TZ)\"}"
+	printf '%s\n' "${m%\}},\"duration_s\":$DURATION,\"reps\":$REPS,\"threads\":$THREADS,\"conns\":\"$CONNS\",\"close_conns\":$CLOSE_CONNS,\"h2_conns\":$H2_CONNS,\"h2_streams\":$H2_STREAMS,\"h2_warmup_s\":$H2_WARMUP,\"portico_tunnels\":$PORTICO_TUNNELS,\"tcp_tw_reuse\":\"$(sysctl -n net.ipv4.tcp_tw_reuse 2>/dev/null)\",\"started\":\"$(date -u +%FT%TZ)\"}"
 } >"$BENCH_OUT/machine.json"
 log "machine: $(cat "$BENCH_OUT/machine.json")"
 
@@ -105,24 +131,34 @@ PROXY_LOCATION="location / {
         }"
 
 log "starting nginx backend on :$P_BACKEND"
-BACKEND_PID=$(start_nginx nginx-backend "    server { listen 127.0.0.1:$P_BACKEND; root $WWW; location / { } }")
+BACKEND_PID=$(start_nginx nginx-backend "    server { listen 127.0.0.1:$P_BACKEND; root $WWW; location / { } }
+    server { listen 127.0.0.1:$P_BACKEND_H2C http2; root $WWW; location / { } }")
 wait_http 30 "http://127.0.0.1:$P_BACKEND/small"
 BACKEND_PIDS=$(children "$BACKEND_PID")
 HZ=$(getconf CLK_TCK)
 
-declare -A TUNNEL_PIDS WRK_URL WRK_HOST CURL_ARGS
+# H2_URL: what h2load requests; H2_ARGS: its extra arguments (--connect-to
+# for names that only resolve here); H2_PROTO: the protocol it must
+# negotiate (h2 over TLS by ALPN, h2c in clear text). Variants without
+# H2_URL (rathole) have no h2 test.
+declare -A TUNNEL_PIDS WRK_URL WRK_HOST CURL_ARGS H2_URL H2_ARGS H2_PROTO
 
 WRK_URL[direct]=http://127.0.0.1:$P_BACKEND
 TUNNEL_PIDS[direct]=""
 CURL_ARGS[direct]="http://127.0.0.1:$P_BACKEND/big"
+H2_URL[direct]=http://127.0.0.1:$P_BACKEND_H2C/small
+H2_PROTO[direct]=h2c
 
 if [[ " $VARIANTS " == *" nginx "* ]]; then
 	log "starting nginx reverse proxy on :$P_NGINX"
-	NGX_PROXY_PID=$(start_nginx nginx-proxy "    server { listen 127.0.0.1:$P_NGINX; $PROXY_LOCATION }")
+	NGX_PROXY_PID=$(start_nginx nginx-proxy "    server { listen 127.0.0.1:$P_NGINX; $PROXY_LOCATION }
+    server { listen 127.0.0.1:$P_NGINX_H2C http2; $PROXY_LOCATION }")
 	wait_http 30 "http://127.0.0.1:$P_NGINX/small"
 	TUNNEL_PIDS[nginx]=$(children "$NGX_PROXY_PID")
 	WRK_URL[nginx]=http://127.0.0.1:$P_NGINX
 	CURL_ARGS[nginx]="http://127.0.0.1:$P_NGINX/big"
+	H2_URL[nginx]=http://127.0.0.1:$P_NGINX_H2C/small
+	H2_PROTO[nginx]=h2c
 fi
 
 if [[ " $VARIANTS " == *" nginx-tls "* ]]; then
@@ -132,7 +168,9 @@ if [[ " $VARIANTS " == *" nginx-tls "* ]]; then
 	openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
 		-subj "/CN=$APP_HOST" -addext "subjectAltName=DNS:$APP_HOST" \
 		-keyout "$d/key.pem" -out "$d/cert.pem" 2>/dev/null
-	NGX_TLS_PID=$(start_nginx nginx-tls "    server { listen 127.0.0.1:$P_NGINX_TLS ssl;
+	# `ssl http2`: nginx 1.22 (Debian 12) has no `http2 on;` (1.25.1); ALPN
+	# picks h2 for h2load, HTTP/1.1 for wrk (which offers no h2) and curl --http1.1.
+	NGX_TLS_PID=$(start_nginx nginx-tls "    server { listen 127.0.0.1:$P_NGINX_TLS ssl http2;
         ssl_certificate $d/cert.pem; ssl_certificate_key $d/key.pem;
         ssl_protocols TLSv1.2 TLSv1.3; ssl_session_cache shared:SSL:10m;
         $PROXY_LOCATION }")
@@ -140,6 +178,9 @@ if [[ " $VARIANTS " == *" nginx-tls "* ]]; then
 	TUNNEL_PIDS[nginx-tls]=$(children "$NGX_TLS_PID")
 	WRK_URL[nginx-tls]=https://127.0.0.1:$P_NGINX_TLS
 	CURL_ARGS[nginx-tls]="-k https://127.0.0.1:$P_NGINX_TLS/big"
+	H2_URL[nginx-tls]=https://$APP_HOST:$P_NGINX_TLS/small
+	H2_ARGS[nginx-tls]=--connect-to=127.0.0.1:$P_NGINX_TLS
+	H2_PROTO[nginx-tls]=h2
 fi
 
 # ---------------------------------------------------------------- rathole
@@ -231,6 +272,11 @@ start_portico() {
 	WRK_URL[$variant]=https://127.0.0.1:$p_edge
 	WRK_HOST[$variant]="$APP_HOST:$p_edge"
 	CURL_ARGS[$variant]="--cacert $PORTICO_ROUTER_CA --resolve $APP_HOST:$p_edge:127.0.0.1 https://$APP_HOST:$p_edge/big"
+	# h2load sends the URL's host as SNI and :authority, and dials
+	# --connect-to: the edge routes it like any browser's request.
+	H2_URL[$variant]=https://$APP_HOST:$p_edge/small
+	H2_ARGS[$variant]=--connect-to=127.0.0.1:$p_edge
+	H2_PROTO[$variant]=h2
 }
 
 # `portico`: each process on one thread (`--threads 1`): on a machine this
@@ -243,39 +289,99 @@ if [[ " $VARIANTS " == *" portico-mt "* ]]; then
 	start_portico portico-mt 25
 fi
 
+# The HTTP/2 listeners answer in HTTP/2: one curl each, a check before the
+# measurements (h2load-json.py checks each run's protocol too).
+if ((H2_CONNS > 0)); then
+	for v in $VARIANTS; do
+		if [[ -z ${H2_URL[$v]:-} ]]; then
+			log "h2: $v has no HTTP/2 front end, no h2 test"
+			continue
+		fi
+		h2curl=(--http2-prior-knowledge)
+		[[ ${H2_PROTO[$v]} == h2 ]] && h2curl=(--http2 -k)
+		[[ -n ${H2_ARGS[$v]:-} ]] && h2curl+=(--connect-to "::${H2_ARGS[$v]#--connect-to=}")
+		got=$(curl -s -o /dev/null -m 10 -w '%{http_code} HTTP/%{http_version}' "${h2curl[@]}" "${H2_URL[$v]}" || true)
+		[[ $got == "200 HTTP/2" ]] || log "WARNING: $v over HTTP/2: '$got' from curl ${h2curl[*]} ${H2_URL[$v]}"
+	done
+fi
+
 # ---------------------------------------------------------------- measure
 # record JSON-OBJECT-BODY: appends one line to runs.jsonl.
 record() {
 	printf '{"rep":%d,"variant":"%s",%s}\n' "$REP" "$VARIANT" "$1" >>"$RUNS"
 }
 
+# CPU time spent during a load run: the variant's tunnel processes, the
+# backend, and the whole machine (the load generator included). Steadier
+# than req/s on a small shared machine; report.py turns it into µs per
+# request. cpu_start before the run; cpu_json after it prints the JSON
+# fields.
+cpu_now() {
+	# shellcheck disable=SC2086  # lists of pids
+	echo "$(cpu_ticks ${TUNNEL_PIDS[$VARIANT]}) $(cpu_ticks $BACKEND_PIDS) $(machine_ticks)"
+}
+cpu_start() {
+	CPU0=$(cpu_now)
+}
+cpu_json() {
+	local -a a b
+	read -r -a a <<<"$CPU0"
+	read -r -a b <<<"$(cpu_now)"
+	printf '"hz":%d,"tunnel_user_ticks":%d,"tunnel_sys_ticks":%d,"backend_ticks":%d,"machine_busy_ticks":%d,"machine_ticks":%d' \
+		"$HZ" $((b[0] - a[0])) $((b[1] - a[1])) $((b[2] + b[3] - a[2] - a[3])) $((b[4] - a[4])) $((b[5] - a[5]))
+}
+
 run_wrk() { # TEST CONNS [close]
-	local test=$1 conns=$2 close=${3:-} args=() out
+	local test=$1 conns=$2 close=${3:-} args=() out cpu
 	args=(-t "$THREADS" -c "$conns" -d "${DURATION}s" --timeout 10s --latency -s "$BENCH_DIR/wrk-json.lua")
 	[[ -n ${WRK_HOST[$VARIANT]:-} ]] && args+=(-H "Host: ${WRK_HOST[$VARIANT]}")
 	[[ -n $close ]] && args+=(-H "Connection: close")
 	out=$BENCH_WORK/wrk-$REP-$VARIANT-$test.txt
-	# CPU time spent during the run: the variant's tunnel processes, the
-	# backend, and the whole machine (wrk included). Steadier than req/s on
-	# a small shared machine; report.py turns it into µs per request.
-	local tun0 back0 mach0 tun1 back1 mach1
-	# shellcheck disable=SC2086  # lists of pids
-	tun0=$(cpu_ticks ${TUNNEL_PIDS[$VARIANT]}) back0=$(cpu_ticks $BACKEND_PIDS) mach0=$(machine_ticks)
+	cpu_start
 	if ! timeout $((DURATION + 60)) wrk "${args[@]}" "${WRK_URL[$VARIANT]}/small" >"$out" 2>&1; then
 		log "wrk failed for $VARIANT $test (see $out)"
 	fi
-	# shellcheck disable=SC2086
-	tun1=$(cpu_ticks ${TUNNEL_PIDS[$VARIANT]}) back1=$(cpu_ticks $BACKEND_PIDS) mach1=$(machine_ticks)
-	local -a a b
-	read -r -a a <<<"$tun0 $back0 $mach0"
-	read -r -a b <<<"$tun1 $back1 $mach1"
-	local cpu="\"hz\":$HZ,\"tunnel_user_ticks\":$((b[0] - a[0])),\"tunnel_sys_ticks\":$((b[1] - a[1]))"
-	cpu+=",\"backend_ticks\":$((b[2] + b[3] - a[2] - a[3])),\"machine_busy_ticks\":$((b[4] - a[4])),\"machine_ticks\":$((b[5] - a[5]))"
+	cpu=$(cpu_json)
 	local json
 	json=$(grep -m1 '^{"requests"' "$out" || echo '{"requests":0,"failed":true}')
 	json=${json#\{}
 	record "\"test\":\"$test\",\"conns\":$conns,$cpu,${json%\}}"
 	log "  $VARIANT $test: $(grep -oE '"rps":[0-9.]+|"p99_ms":[0-9.]+' <<<"$json" | tr '\n' ' ')"
+}
+
+# run_h2: h2load, H2_CONNS connections with H2_STREAMS concurrent streams
+# each, GET /small for BENCH_DURATION after BENCH_H2_WARMUP seconds. h2load
+# counts only the requests of the measured part, so the CPU readings start
+# when it prints that the main duration started (polled every 20 ms), not
+# when it starts. Failed, errored or timed-out requests, 4xx/5xx responses,
+# or another protocol than H2_PROTO mark the run failed (h2load-json.py).
+run_h2() {
+	local out rc=0 cpu json threads=$((THREADS < H2_CONNS ? THREADS : H2_CONNS)) args=()
+	args=(-t "$threads" -c "$H2_CONNS" -m "$H2_STREAMS" -D "$DURATION")
+	((H2_WARMUP > 0)) && args+=("--warm-up-time=$H2_WARMUP")
+	[[ -n ${H2_ARGS[$VARIANT]:-} ]] && args+=("${H2_ARGS[$VARIANT]}")
+	out=$BENCH_WORK/h2load-$REP-$VARIANT.txt
+	: >"$out"
+	timeout $((DURATION + H2_WARMUP + 60)) h2load "${args[@]}" "${H2_URL[$VARIANT]}" >"$out" 2>&1 &
+	LOAD_PID=$!
+	if ((H2_WARMUP > 0)); then
+		while kill -0 "$LOAD_PID" 2>/dev/null && ! grep -q '^Main benchmark duration is started' "$out"; do
+			sleep 0.02
+		done
+	fi
+	cpu_start
+	wait "$LOAD_PID" || rc=$?
+	LOAD_PID=
+	cpu=$(cpu_json)
+	json=$(python3 "$BENCH_DIR/h2load-json.py" "$out" "$rc" "${H2_PROTO[$VARIANT]}") ||
+		json='{"requests":0,"rps":0,"failed":true,"problem":"h2load-json.py failed"}'
+	json=${json#\{}
+	record "\"test\":\"h2\",\"conns\":$H2_CONNS,\"streams\":$H2_STREAMS,\"duration_s\":$DURATION,\"warmup_s\":$H2_WARMUP,$cpu,${json%\}}"
+	if [[ $json == *'"failed":true'* ]]; then
+		log "  $VARIANT h2: FLAGGED: $(sed -n 's/.*"problem":"\([^"]*\)".*/\1/p' <<<"$json") (see $out)"
+	else
+		log "  $VARIANT h2 (${H2_CONNS}x${H2_STREAMS} streams): $(grep -oE '"rps":[0-9.]+|"mean_ms":[0-9.]+' <<<"$json" | tr '\n' ' ')"
+	fi
 }
 
 run_download() {
@@ -302,6 +408,9 @@ for ((REP = 1; REP <= REPS; REP++)); do
 		for c in $CONNS; do
 			run_wrk "small_c$c" "$c"
 		done
+		if ((H2_CONNS > 0)) && [[ -n ${H2_URL[$VARIANT]:-} ]]; then
+			run_h2
+		fi
 		run_wrk "small_close_c$CLOSE_CONNS" "$CLOSE_CONNS" close
 		run_download
 		if [[ -n $pids ]]; then
