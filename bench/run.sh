@@ -35,6 +35,9 @@
 #   BENCH_SKIP_SETUP=1    skip bench/setup.sh (apt, rathole, cargo build; rathole
 #                         is built only when a rathole variant is selected)
 #   BENCH_TOOLS [/opt/portico-bench]  where setup.sh put rathole
+#   PORTICO_BASE_BIN []   a second portico binary (an earlier build) run as the
+#                         variants portico-base and portico-base-mt, side by
+#                         side with the current one: before/after in one run
 #   PORTICO_BIN [target/release/portico], RATHOLE_BIN [$BENCH_TOOLS/bin/rathole]
 #   PORTICO_TUNNELS [4]   tunnels the connector keeps
 set -euo pipefail
@@ -54,6 +57,7 @@ VARIANTS=${BENCH_VARIANTS:-direct nginx nginx-tls rathole-tcp rathole-noise port
 BASE=${BENCH_PORT_BASE:-18100}
 BENCH_TOOLS=${BENCH_TOOLS:-/opt/portico-bench}
 PORTICO_BIN=${PORTICO_BIN:-$REPO_DIR/target/release/portico}
+PORTICO_BASE_BIN=${PORTICO_BASE_BIN:-}
 RATHOLE_BIN=${RATHOLE_BIN:-$BENCH_TOOLS/bin/rathole}
 PORTICO_TUNNELS=${PORTICO_TUNNELS:-4}
 BENCH_OUT=${BENCH_OUT:-$REPO_DIR/target/bench/$(date +%Y%m%d-%H%M%S)}
@@ -79,6 +83,9 @@ if [[ ${BENCH_SKIP_SETUP:-0} != 1 ]]; then
 	BENCH_TOOLS=$BENCH_TOOLS BENCH_SKIP_RATHOLE=$((1 - WANT_RATHOLE)) "$BENCH_DIR/setup.sh"
 fi
 [[ -x $PORTICO_BIN ]] || die "no portico binary at $PORTICO_BIN (run bench/setup.sh or set PORTICO_BIN)"
+if [[ " $VARIANTS " == *" portico-base"* ]]; then
+	[[ -x $PORTICO_BASE_BIN ]] || die "the portico-base variants need PORTICO_BASE_BIN, an earlier build's binary"
+fi
 if ((WANT_RATHOLE)); then
 	[[ -x $RATHOLE_BIN ]] || die "no rathole binary at $RATHOLE_BIN (run bench/setup.sh or set RATHOLE_BIN)"
 fi
@@ -104,7 +111,7 @@ P_RH_TCP=$((BASE + 11))
 P_RH_NOISE_CTL=$((BASE + 12))
 P_RH_NOISE=$((BASE + 13))
 require_ports_free "$P_BACKEND" "$P_NGINX" "$P_NGINX_TLS" "$P_BACKEND_H2C" "$P_NGINX_H2C" "$P_RH_TCP_CTL" "$P_RH_TCP" \
-	"$P_RH_NOISE_CTL" "$P_RH_NOISE" $(seq $((BASE + 20)) $((BASE + 29)))
+	"$P_RH_NOISE_CTL" "$P_RH_NOISE" $(seq $((BASE + 20)) $((BASE + 39)))
 
 APP_HOST=bench.apps.localhost
 RUNS=$BENCH_OUT/runs.jsonl
@@ -236,8 +243,9 @@ fi
 # start_portico VARIANT PORT-OFFSET [--threads N]: a router, an edge and a
 # connector of their own on ports BASE+OFFSET..+4, the app published.
 start_portico() {
-	local variant=$1 off=$2 d=$BENCH_WORK/$1 tok edge_pid conn_pid
+	local variant=$1 off=$2 d=$BENCH_WORK/$1 tok edge_pid conn_pid bin=$PORTICO_BIN
 	shift 2
+	[[ $variant == portico-base* ]] && bin=$PORTICO_BASE_BIN
 	local p_router=$((BASE + off)) p_edge=$((BASE + off + 1)) p_tunnel=$((BASE + off + 2))
 	local p_edge_metrics=$((BASE + off + 3)) p_conn_metrics=$((BASE + off + 4))
 	mkdir -p "$d"
@@ -245,23 +253,23 @@ start_portico() {
 	export PORTICO_ROUTER_CA=$d/router/ca.pem
 	export PORTICO_ADMIN_TOKEN_FILE=$d/router/admin-token
 	log "starting $variant router :$p_router"
-	spawn "$variant-router" "$PORTICO_BIN" --log warn router --data "$d/router" \
+	spawn "$variant-router" "$bin" --log warn router --data "$d/router" \
 		--listen "127.0.0.1:$p_router" --apps-domain apps.localhost >/dev/null
 	wait_file "$PORTICO_ADMIN_TOKEN_FILE" 30
 	wait_file "$PORTICO_ROUTER_CA" 30
 	wait_tcp "$p_router" 30
 	log "starting $variant edge :$p_edge (tunnels udp :$p_tunnel) $*"
-	tok=$("$PORTICO_BIN" token create --edge 2>>"$BENCH_WORK/portico-admin.log")
-	edge_pid=$(spawn "$variant-edge" "$PORTICO_BIN" --log warn "$@" edge --state "$d/edge" --token "$tok" \
+	tok=$("$bin" token create --edge 2>>"$BENCH_WORK/portico-admin.log")
+	edge_pid=$(spawn "$variant-edge" "$bin" --log warn "$@" edge --state "$d/edge" --token "$tok" \
 		--public-listen "127.0.0.1:$p_edge" --tunnel-listen "127.0.0.1:$p_tunnel" \
 		--metrics-listen "127.0.0.1:$p_edge_metrics")
 	wait_http 60 "http://127.0.0.1:$p_edge_metrics/ready"
 	log "starting $variant connector ($PORTICO_TUNNELS tunnels) $*"
-	tok=$("$PORTICO_BIN" token create --group Default 2>>"$BENCH_WORK/portico-admin.log")
-	conn_pid=$(spawn "$variant-connector" "$PORTICO_BIN" --log warn "$@" connector --state "$d/connector" \
+	tok=$("$bin" token create --group Default 2>>"$BENCH_WORK/portico-admin.log")
+	conn_pid=$(spawn "$variant-connector" "$bin" --log warn "$@" connector --state "$d/connector" \
 		--token "$tok" --tunnels "$PORTICO_TUNNELS" --metrics-listen "127.0.0.1:$p_conn_metrics")
 	wait_http 60 "http://127.0.0.1:$p_conn_metrics/ready"
-	"$PORTICO_BIN" app create bench --internal-url "http://127.0.0.1:$P_BACKEND/" \
+	"$bin" app create bench --internal-url "http://127.0.0.1:$P_BACKEND/" \
 		--external-host "$APP_HOST" >"$d/app.txt" 2>>"$BENCH_WORK/portico-admin.log"
 	# The edge picks its one wildcard certificate whatever the SNI, and routes
 	# by the Host header: wrk dials 127.0.0.1 and sends Host; curl resolves
@@ -287,6 +295,13 @@ if [[ " $VARIANTS " == *" portico "* ]]; then
 fi
 if [[ " $VARIANTS " == *" portico-mt "* ]]; then
 	start_portico portico-mt 25
+fi
+# The same two on an earlier build (PORTICO_BASE_BIN), for before/after.
+if [[ " $VARIANTS " == *" portico-base "* ]]; then
+	start_portico portico-base 30 --threads 1
+fi
+if [[ " $VARIANTS " == *" portico-base-mt "* ]]; then
+	start_portico portico-base-mt 35
 fi
 
 # The HTTP/2 listeners answer in HTTP/2: one curl each, a check before the
