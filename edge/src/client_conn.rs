@@ -8,12 +8,12 @@
 //! `detect` interval while responses stream, else at the next deadline.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use tokio::sync::Notify;
+use futures::task::AtomicWaker;
 use tokio_util::sync::CancellationToken;
 
 use crate::clients::ConnPermit;
@@ -77,9 +77,17 @@ pub(crate) struct ClientConn {
     /// When the first byte of the next request head arrived, or 0.
     head_since: AtomicU64,
     slots: Mutex<Slots>,
-    /// Wakes the connection's task when work starts, so its next look
-    /// comes within `detect`, not at the idle deadline.
-    pub(crate) woken: Notify,
+    /// Set to wake the connection's task when work starts, so its next
+    /// look comes within `detect`, not at the idle deadline
+    /// ([`ClientConn::poll_woken`]). A flag and a waker rather than a
+    /// `Notify`: the task polls it each time its connection is polled,
+    /// several times a request, and a `Notified` takes a lock on each poll.
+    woken: AtomicBool,
+    waker: AtomicWaker,
+    /// The task already looks every `detect` (requests were in flight at
+    /// its last look): a new request need not wake it. Without this, every
+    /// request of a keep-alive connection would wake its task once.
+    watching: AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -102,7 +110,9 @@ impl ClientConn {
             idle_since: AtomicU64::new(0),
             head_since: AtomicU64::new(0),
             slots: Mutex::new(Slots::default()),
-            woken: Notify::new(),
+            woken: AtomicBool::new(false),
+            waker: AtomicWaker::new(),
+            watching: AtomicBool::new(false),
         }
     }
 
@@ -110,12 +120,31 @@ impl ClientConn {
     pub(crate) fn request_started(self: &Arc<Self>) -> RequestGuard {
         self.head_since.store(0, Ordering::Relaxed);
         self.served.fetch_add(1, Ordering::Relaxed);
-        if self.in_flight.fetch_add(1, Ordering::Relaxed) == 0 {
-            self.woken.notify_one();
+        // SeqCst with `tick`'s store and load of the same two: either the
+        // task sees this request in flight, or this sees it not watching.
+        if self.in_flight.fetch_add(1, Ordering::SeqCst) == 0
+            && !self.watching.load(Ordering::SeqCst)
+        {
+            self.woken.store(true, Ordering::Release);
+            self.waker.wake();
         }
         RequestGuard {
             conn: Arc::clone(self),
         }
+    }
+
+    /// Ready once after a request started on a connection whose task was
+    /// not watching; the task then looks at once.
+    pub(crate) fn poll_woken(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.woken.load(Ordering::Acquire) {
+            self.woken.store(false, Ordering::Relaxed);
+            return Poll::Ready(());
+        }
+        self.waker.register(cx.waker());
+        if self.woken.swap(false, Ordering::AcqRel) {
+            return Poll::Ready(());
+        }
+        Poll::Pending
     }
 
     /// Bytes arrived from the client: on HTTP/1.1 with no request in
@@ -180,7 +209,9 @@ impl ClientConn {
         metrics: &Metrics,
     ) -> Result<u64, Expired> {
         let detect = as_us(budget.policy.detect);
-        if self.in_flight.load(Ordering::Relaxed) > 0 || self.has_streams() {
+        self.watching.store(false, Ordering::SeqCst);
+        if self.in_flight.load(Ordering::SeqCst) > 0 || self.has_streams() {
+            self.watching.store(true, Ordering::Relaxed);
             self.check_streams(now, budget, metrics);
             return Ok(now + detect);
         }

@@ -225,7 +225,7 @@ async fn serve_connection(incoming: quinn::Incoming, client: Arc<ClientConn>, sh
             () = requests.wait(), if closing => break,
             () = shared.hard_stop.cancelled() => break,
             () = client.kill.cancelled() => break,
-            () = client.woken.notified() => next = now_us(),
+            () = std::future::poll_fn(|cx| client.poll_woken(cx)) => next = now_us(),
             // Stall checks of the responses in flight (QUIC's own idle
             // timeout closes idle connections).
             () = tokio::time::sleep_until(deadline_at(next)) => {

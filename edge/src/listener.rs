@@ -262,7 +262,12 @@ async fn drive<C, E>(
     shared.metrics.connections.inc();
     let _gauge = scopeguard(&shared.metrics.connections);
     tokio::pin!(served);
-    let mut next = now_us();
+    // Made once and polled in place: the loop goes round about once per
+    // `detect` while requests flow, not once per request.
+    let shutdown = shared.shutdown.cancelled();
+    let kill = conn.kill.cancelled();
+    let look = tokio::time::sleep_until(tokio::time::Instant::now());
+    tokio::pin!(shutdown, kill, look);
     // A connection closed for idling gets the drain grace to finish, not
     // until the hard stop: an HTTP/2 stream that was reset for stalling
     // lingers in hyper until its client grants credit, which it may never.
@@ -275,12 +280,14 @@ async fn drive<C, E>(
                 }
                 return;
             }
-            () = shared.shutdown.cancelled() => break,
-            () = conn.kill.cancelled() => return,
-            () = conn.woken.notified() => next = now_us(),
-            () = tokio::time::sleep_until(deadline_at(next)) => {
+            () = shutdown.as_mut() => break,
+            () = kill.as_mut() => return,
+            () = std::future::poll_fn(|cx| conn.poll_woken(cx)) => {
+                look.as_mut().reset(tokio::time::Instant::now());
+            }
+            () = look.as_mut() => {
                 match conn.tick(now_us(), &shared.timeouts, &shared.stalls, &shared.metrics) {
-                    Ok(at) => next = at,
+                    Ok(at) => look.as_mut().reset(deadline_at(at)),
                     Err(expired) => {
                         tracing::debug!(%client, reason = expired.label(), "closing the connection");
                         shared.metrics.conn_closes.with_label_values(&[expired.label()]).inc();
