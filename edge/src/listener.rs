@@ -7,14 +7,17 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
+
+use futures::stream::{FuturesUnordered, StreamExt};
 
 use http::header::ALT_SVC;
 use http::Request;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use portico_agent::pki;
 use tokio::net::{TcpListener, TcpSocket};
 
@@ -225,7 +228,8 @@ where
     });
     if conn.proto == Proto::H2 {
         let h2 = &shared.h2;
-        let served = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        let streams = ConnStreams::default();
+        let served = hyper::server::conn::http2::Builder::new(streams.executor())
             .timer(TokioTimer::new())
             .max_concurrent_streams(h2.max_concurrent_streams)
             .keep_alive_interval(h2.keepalive_interval)
@@ -233,12 +237,89 @@ where
             .max_pending_accept_reset_streams(h2.max_pending_accept_resets)
             .max_header_list_size(MAX_HEADER_LIST)
             .serve_connection(io, svc);
-        drive(served, |c| c.graceful_shutdown(), &conn, &shared).await;
+        drive(served, |c| c.graceful_shutdown(), streams, &conn, &shared).await;
     } else {
         let served = hyper::server::conn::http1::Builder::new()
             .serve_connection(io, svc)
             .with_upgrades();
-        drive(served, |c| c.graceful_shutdown(), &conn, &shared).await;
+        drive(
+            served,
+            |c| c.graceful_shutdown(),
+            ConnStreams::default(),
+            &conn,
+            &shared,
+        )
+        .await;
+    }
+}
+
+/// A stream future of an HTTP/2 connection (hyper's `H2Stream`: the
+/// request path and the response body of one stream).
+type StreamFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// The HTTP/2 streams of one connection, run by the connection's own task
+/// ([`drive`]) instead of a task each. hyper hands each new stream to its
+/// executor while the connection is polled; here that executor queues it
+/// and `drive` polls the queue right after the connection, in the same
+/// pass. On the multi-thread runtime, a task per stream let the workers
+/// steal a connection's streams from each other, so every stream woke the
+/// connection across threads and both contended for h2's shared state:
+/// Portico's CPU per HTTP/2 request was 1.4 times that of `--threads 1`.
+/// One connection's streams already share its one socket and its h2 lock;
+/// different connections still spread over the workers. HTTP/1.1 has no
+/// streams to run and leaves it empty.
+#[derive(Default)]
+struct ConnStreams {
+    queued: Arc<Mutex<Vec<StreamFuture>>>,
+    running: FuturesUnordered<StreamFuture>,
+}
+
+impl ConnStreams {
+    fn executor(&self) -> StreamExec {
+        StreamExec(Arc::clone(&self.queued))
+    }
+
+    /// Starts what was queued and polls what runs. Never ready: the
+    /// streams end on their own, and `drive` decides when the connection
+    /// is done.
+    fn poll_run(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        loop {
+            let queued =
+                std::mem::take(&mut *self.queued.lock().unwrap_or_else(|e| e.into_inner()));
+            self.running.extend(queued);
+            match self.running.poll_next_unpin(cx) {
+                // One ended: look again (it may have been the last poll
+                // that queued nothing).
+                Poll::Ready(Some(())) => continue,
+                Poll::Ready(None) | Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+
+    fn is_idle(&self) -> bool {
+        self.running.is_empty()
+            && self
+                .queued
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_empty()
+    }
+}
+
+/// hyper's executor for one connection's streams: queues them for its
+/// [`ConnStreams`].
+#[derive(Clone)]
+struct StreamExec(Arc<Mutex<Vec<StreamFuture>>>);
+
+impl<F> hyper::rt::Executor<F> for StreamExec
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Box::pin(fut));
     }
 }
 
@@ -252,6 +333,7 @@ const MAX_HEADER_LIST: u32 = portico_proto::limits::MAX_HEAD_LEN as u32;
 async fn drive<C, E>(
     served: C,
     graceful_shutdown: impl FnOnce(Pin<&mut C>),
+    mut streams: ConnStreams,
     conn: &ClientConn,
     shared: &Shared,
 ) where
@@ -272,14 +354,22 @@ async fn drive<C, E>(
     // until the hard stop: an HTTP/2 stream that was reset for stalling
     // lingers in hyper until its client grants credit, which it may never.
     let mut finish_within = None;
+    let h2 = conn.proto == Proto::H2;
     loop {
         tokio::select! {
+            // The connection first, then the streams it started in the
+            // same pass (their queue wakes nobody).
+            biased;
             r = served.as_mut() => {
                 if let Err(e) = r {
                     tracing::debug!(%client, error = %e, "connection ended with an error");
                 }
+                // Streams still finishing their response end on their own
+                // now that the connection is gone.
+                finish_streams(&mut streams, conn, shared).await;
                 return;
             }
+            () = std::future::poll_fn(|cx| streams.poll_run(cx)), if h2 => {}
             () = shutdown.as_mut() => break,
             () = kill.as_mut() => return,
             () = std::future::poll_fn(|cx| conn.poll_woken(cx)) => {
@@ -308,11 +398,40 @@ async fn drive<C, E>(
             None => std::future::pending().await,
         }
     };
+    let finished = async {
+        tokio::select! {
+            biased;
+            _ = served.as_mut() => {}
+            () = std::future::poll_fn(|cx| streams.poll_run(cx)) => {}
+        }
+        finish_streams(&mut streams, conn, shared).await;
+    };
     tokio::select! {
-        _ = served.as_mut() => {}
+        () = finished => {}
         () = conn.kill.cancelled() => {}
         () = shared.hard_stop.cancelled() => {}
         () = bounded => {}
+    }
+}
+
+/// Polls a connection's remaining streams until they end, the connection
+/// is killed or the edge stops hard.
+async fn finish_streams(streams: &mut ConnStreams, conn: &ClientConn, shared: &Shared) {
+    if streams.is_idle() {
+        return;
+    }
+    let ended = std::future::poll_fn(|cx| {
+        let _ = streams.poll_run(cx);
+        if streams.is_idle() {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    });
+    tokio::select! {
+        () = ended => {}
+        () = conn.kill.cancelled() => {}
+        () = shared.hard_stop.cancelled() => {}
     }
 }
 
