@@ -141,18 +141,9 @@ pub(crate) async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) 
             },
         };
         let client = incoming.remote_address();
-        let permit = match shared.clients.admit(client.ip()) {
-            Ok(p) => p,
-            Err(refused) => {
-                shared
-                    .metrics
-                    .conns_refused
-                    .with_label_values(&[refused.label()])
-                    .inc();
-                tracing::debug!(%client, cap = refused.label(), "HTTP/3 connection refused: at the connection cap");
-                incoming.refuse();
-                continue;
-            }
+        let Some(permit) = shared.admit_client(client, "http3") else {
+            incoming.refuse();
+            continue;
         };
         let conn = Arc::new(ClientConn::new(client, Proto::H3, permit));
         let shared2 = Arc::clone(&shared);

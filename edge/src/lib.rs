@@ -147,6 +147,26 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// Admits a user connection under the client caps (`what` names its
+    /// kind in the log), or counts and logs its refusal.
+    pub(crate) fn admit_client(
+        &self,
+        client: std::net::SocketAddr,
+        what: &'static str,
+    ) -> Option<clients::ConnPermit> {
+        match self.clients.admit(client.ip()) {
+            Ok(p) => Some(p),
+            Err(refused) => {
+                self.metrics
+                    .conns_refused
+                    .with_label_values(&[refused.label()])
+                    .inc();
+                tracing::debug!(%client, cap = refused.label(), what, "connection refused: at the connection cap");
+                None
+            }
+        }
+    }
+
     /// Installs a new config: swaps the routing table in one step, closes
     /// the tunnels of revoked connectors and marks the edge ready.
     pub(crate) fn apply_config(&self, config: EdgeConfig) {

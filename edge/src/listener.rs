@@ -110,18 +110,9 @@ pub(crate) async fn accept_loop(
                 }
             },
         };
-        let permit = match shared.clients.admit(client.ip()) {
-            Ok(p) => p,
-            Err(refused) => {
-                shared
-                    .metrics
-                    .conns_refused
-                    .with_label_values(&[refused.label()])
-                    .inc();
-                tracing::debug!(%client, cap = refused.label(), "connection refused: at the connection cap");
-                drop(tcp);
-                continue;
-            }
+        let Some(permit) = shared.admit_client(client, "tcp") else {
+            drop(tcp);
+            continue;
         };
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
