@@ -111,15 +111,7 @@ impl ProcEdge {
 
     /// The edge process's resident set size, in bytes.
     fn rss(&self) -> u64 {
-        let pid = self.child.child.id().unwrap();
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-        let kb: u64 = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .unwrap();
-        kb * 1024
+        common::rss_of(self.child.child.id().unwrap())
     }
 
     /// The edge's access-log lines (JSON), with `status`.

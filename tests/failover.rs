@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{curl, curl_plain, eventually, metric_value, Child, BIN};
+use common::{admin_cli, curl, curl_plain, eventually, metric_value, Child};
 use http_body_util::{BodyExt, Full};
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
@@ -142,7 +142,7 @@ impl Deployment {
         ]);
         let line = router.line_starting("listening ", LIMIT).await;
         let api = Child::field(&line, "api").unwrap().to_owned();
-        let token = admin(dir, &api, &["token", "create", "--edge"]).await;
+        let token = admin_cli(&api, &dir.join("router"), &["token", "create", "--edge"]).await;
         let mut edge = Child::spawn(&[
             "--log-format",
             "json",
@@ -172,9 +172,9 @@ impl Deployment {
         let public_port = public.rsplit_once(':').unwrap().1.parse().unwrap();
         let metrics = format!("{}/metrics", Child::field(&line, "metrics").unwrap());
         let internal_url = format!("http://{}/", backend.addr);
-        admin(
-            dir,
+        admin_cli(
             &api,
+            &dir.join("router"),
             &["app", "create", "fo", "--internal-url", &internal_url],
         )
         .await;
@@ -189,7 +189,7 @@ impl Deployment {
     }
 
     async fn admin(&self, args: &[&str]) -> String {
-        admin(&self.dir, &self.api, args).await
+        admin_cli(&self.api, &self.dir.join("router"), args).await
     }
 
     /// A connector process in group Default with two tunnels: enrolled
@@ -275,27 +275,6 @@ impl Deployment {
             .unwrap_or_else(|| panic!("connector {id} is not listed: {out}"))
             .status
     }
-}
-
-/// `portico ARGS` as an admin command of the router in `dir`; fails the
-/// test on an error.
-async fn admin(dir: &Path, api: &str, args: &[&str]) -> String {
-    let router = dir.join("router");
-    let out = tokio::process::Command::new(BIN)
-        .args(args)
-        .env("PORTICO_ROUTER", api)
-        .env("PORTICO_ROUTER_CA", router.join("ca.pem"))
-        .env("PORTICO_ADMIN_TOKEN_FILE", router.join("admin-token"))
-        .output()
-        .await
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "portico {args:?}: {stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
 }
 
 fn kill(child: &Child) {

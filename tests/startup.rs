@@ -7,7 +7,7 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{curl, Child, PyHttpServer, Stack, BIN};
+use common::{admin_cli, curl, Child, PyHttpServer, Stack, BIN};
 use portico::dev::create_token;
 use portico_proto::api::TokenScope;
 use portico_proto::GroupId;
@@ -152,21 +152,7 @@ fn path(p: &Path) -> toml::Value {
 
 /// `portico ARGS` as an admin command against the router in `dir`.
 async fn admin(api: &str, dir: &Path, args: &[&str]) -> String {
-    let out = tokio::process::Command::new(BIN)
-        .args(args)
-        .env("PORTICO_ROUTER", api)
-        .env("PORTICO_ROUTER_CA", dir.join("router/ca.pem"))
-        .env("PORTICO_ADMIN_TOKEN_FILE", dir.join("router/admin-token"))
-        .output()
-        .await
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "portico {args:?}: {stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
+    admin_cli(api, &dir.join("router"), args).await
 }
 
 /// A router, an edge and a connector, each started only from `source`

@@ -248,7 +248,13 @@ where
 
 /// This process's resident set size, in bytes.
 pub fn rss_bytes() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    rss_of("self")
+}
+
+/// The resident set size of process `pid` (`"self"` for this one), in
+/// bytes, from `/proc`.
+pub fn rss_of(pid: impl std::fmt::Display) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let kb: u64 = status
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))
@@ -344,6 +350,27 @@ impl PyHttpServer {
 
 /// The `portico` binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_portico");
+
+/// `portico ARGS` as an admin command of the router at `api` whose data
+/// directory is `router` (its CA and admin token); fails the test on an
+/// error and returns stdout.
+pub async fn admin_cli(api: &str, router: &Path, args: &[&str]) -> String {
+    let out = tokio::process::Command::new(BIN)
+        .args(args)
+        .env("PORTICO_ROUTER", api)
+        .env("PORTICO_ROUTER_CA", router.join("ca.pem"))
+        .env("PORTICO_ADMIN_TOKEN_FILE", router.join("admin-token"))
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "portico {args:?}: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
 
 /// A running `portico` child process whose stdout and stderr lines are kept
 /// (for the tests to read and for failure dumps). Killed when dropped.
