@@ -287,9 +287,10 @@ start_portico() {
 	H2_PROTO[$variant]=h2
 }
 
-# `portico`: each process on one thread (`--threads 1`): on a machine this
-# small, shared with wrk and nginx, the fastest setting (BENCHMARKS.md).
-# `portico-mt`: the default runtime, one worker thread per core.
+# `portico`: each process on one thread (`--threads 1`).
+# `portico-mt`: the default, as operators run it: the edge and the connector
+# with one shard (a single-thread runtime) per core; an earlier build
+# (portico-base-mt) may instead run tokio's multi-thread runtime.
 if [[ " $VARIANTS " == *" portico "* ]]; then
 	start_portico portico 20 --threads 1
 fi

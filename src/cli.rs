@@ -42,10 +42,12 @@ use crate::logging::LogArgs;
 pub struct Cli {
     #[command(flatten)]
     pub log: LogArgs,
-    /// Worker threads of the async runtime; by default one per core. `1`
-    /// runs the whole process on one thread, with no wakeups between
-    /// threads: the fastest setting where the process has about one core
-    /// to itself (BENCHMARKS.md measures both).
+    /// Threads that serve; by default one per core. `portico edge` and
+    /// `portico connector` run a single-thread runtime on each (a shard:
+    /// users and tunnels of its own, nothing stolen between them); the
+    /// other commands run a multi-thread runtime with this many workers.
+    /// `1` runs the whole process on one thread (BENCHMARKS.md measures
+    /// both).
     #[arg(long, global = true, env = "PORTICO_THREADS", value_name = "N")]
     pub threads: Option<std::num::NonZeroUsize>,
     #[command(subcommand)]

@@ -33,13 +33,13 @@ pub async fn run(cli: cli::Cli) -> anyhow::Result<()> {
             match action {
                 Some(EdgeAction::List(a)) => admin::edge_list(&a.conn).await,
                 Some(EdgeAction::Delete(a)) => admin::edge_delete(&a).await,
-                None => run_edge(run).await,
+                None => run_edge(run, cli.threads).await,
             }
         }
         Command::Connector(cmd) => match cmd.action {
             Some(ConnectorAction::List(a)) => admin::connector_list(&a.conn).await,
             Some(ConnectorAction::Delete(a)) => admin::connector_delete(&a).await,
-            None => run_connector(cmd.run).await,
+            None => run_connector(cmd.run, cli.threads).await,
         },
         Command::App(cmd) => admin::app(cmd).await,
         Command::Group(cmd) => admin::group(cmd).await,
@@ -153,7 +153,18 @@ async fn run_router(args: cli::RouterArgs) -> anyhow::Result<()> {
     router.wait().await.context("router stopped with an error")
 }
 
-async fn run_edge(args: cli::EdgeArgs) -> anyhow::Result<()> {
+/// The shards of a serving edge or connector: `--threads`, else one per
+/// core. The runtime `main` built (current-thread) is shard 0.
+fn shards(threads: Option<std::num::NonZeroUsize>) -> std::num::NonZeroUsize {
+    threads.unwrap_or_else(|| {
+        std::thread::available_parallelism().unwrap_or(std::num::NonZeroUsize::MIN)
+    })
+}
+
+async fn run_edge(
+    args: cli::EdgeArgs,
+    threads: Option<std::num::NonZeroUsize>,
+) -> anyhow::Result<()> {
     let (Some(router), Some(state)) = (args.router, args.state) else {
         anyhow::bail!("--router and --state are required");
     };
@@ -161,6 +172,7 @@ async fn run_edge(args: cli::EdgeArgs) -> anyhow::Result<()> {
     config.token = args.token;
     config.public_listen = args.public_listen;
     config.tunnel_listen = args.tunnel_listen;
+    config.shards = shards(threads);
     config.metrics_listen = args.metrics_listen;
     config.public_cert = args.cert.zip(args.key);
     config.advertise_tunnel_addr = args.advertise_tunnel;
@@ -202,13 +214,17 @@ async fn run_edge(args: cli::EdgeArgs) -> anyhow::Result<()> {
     edge.wait().await.context("edge stopped with an error")
 }
 
-async fn run_connector(args: cli::ConnectorArgs) -> anyhow::Result<()> {
+async fn run_connector(
+    args: cli::ConnectorArgs,
+    threads: Option<std::num::NonZeroUsize>,
+) -> anyhow::Result<()> {
     let (Some(router), Some(state)) = (args.router, args.state) else {
         anyhow::bail!("--router and --state are required");
     };
     let mut config = portico_connector::Config::new(router, state);
     config.token = args.token;
     config.tunnels = args.tunnels;
+    config.shards = shards(threads);
     config.metrics_listen = args.metrics_listen;
     config.backend_ca = args.backend_ca;
     config.max_streams_per_tunnel = args.max_streams_per_tunnel;

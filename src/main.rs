@@ -12,7 +12,7 @@ fn main() -> std::process::ExitCode {
     };
     portico::logging::init(&cli.log);
     portico::raise_open_file_limit(&cli.command);
-    let runtime = match runtime(cli.threads) {
+    let runtime = match runtime(cli.threads, shards_itself(&cli.command)) {
         Ok(rt) => rt,
         Err(e) => {
             tracing::error!(error = %portico_agent::error_chain(&e), "cannot start the async runtime");
@@ -38,11 +38,30 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-/// One thread asked for: a current-thread runtime, where a request's tasks
-/// wake each other without crossing threads. Otherwise the multi-thread
-/// runtime with the given number of workers (default: one per core).
-fn runtime(threads: Option<std::num::NonZeroUsize>) -> std::io::Result<tokio::runtime::Runtime> {
+/// Whether the command starts threads of its own (a serving edge or
+/// connector: its shards), each with a current-thread runtime, this one
+/// included.
+fn shards_itself(command: &portico::cli::Command) -> bool {
+    use portico::cli::Command;
+    match command {
+        Command::Edge(c) => c.action.is_none(),
+        Command::Connector(c) => c.action.is_none(),
+        _ => false,
+    }
+}
+
+/// One thread asked for, or a command that shards itself: a current-thread
+/// runtime, where a request's tasks wake each other without crossing
+/// threads. Otherwise the multi-thread runtime with the given number of
+/// workers (default: one per core).
+fn runtime(
+    threads: Option<std::num::NonZeroUsize>,
+    shards_itself: bool,
+) -> std::io::Result<tokio::runtime::Runtime> {
     match threads.map(std::num::NonZeroUsize::get) {
+        _ if shards_itself => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
         Some(1) => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build(),

@@ -143,9 +143,14 @@ impl Deployment {
         let line = router.line_starting("listening ", LIMIT).await;
         let api = Child::field(&line, "api").unwrap().to_owned();
         let token = admin_cli(&api, &dir.join("router"), &["token", "create", "--edge"]).await;
+        // Two shards in the edge and in each connector (the default on two
+        // cores, said here so that a machine of any size tests them):
+        // tunnels and requests on different threads must fail over alike.
         let mut edge = Child::spawn(&[
             "--log-format",
             "json",
+            "--threads",
+            "2",
             "edge",
             "--router",
             &api,
@@ -198,6 +203,8 @@ impl Deployment {
     async fn connector(&self, name: &str) -> (Child, String) {
         let state = self.dir.join(name);
         let mut args = vec![
+            "--threads".to_owned(),
+            "2".to_owned(),
             "connector".to_owned(),
             "--router".to_owned(),
             self.api.clone(),

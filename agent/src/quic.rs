@@ -98,6 +98,18 @@ pub fn bind_endpoint(
     server: Option<quinn::ServerConfig>,
     tracker: &TaskTracker,
 ) -> io::Result<quinn::Endpoint> {
+    endpoint_on(bind_udp(addr, false)?, server, tracker)
+}
+
+/// Binds a UDP socket on `addr` (dual-stack when `addr` is `[::]`) with
+/// [`UDP_BUFFER`]-sized buffers, non-blocking, for [`endpoint_on`].
+///
+/// With `reuse_port`, the socket sets `SO_REUSEPORT` before it binds, so
+/// that more sockets of this process can bind the same address: Linux
+/// then hands each peer's datagrams (by a hash of its address and port) to
+/// one of them, always the same while the set of sockets stays the same.
+/// Only sockets of the same effective user may join the group.
+pub fn bind_udp(addr: SocketAddr, reuse_port: bool) -> io::Result<std::net::UdpSocket> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     if addr.is_ipv6() && addr.ip().is_unspecified() {
@@ -112,10 +124,24 @@ pub fn bind_endpoint(
             tracing::debug!(error = %crate::error::chain(&e), "cannot set the UDP {what} buffer");
         }
     }
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
     socket.bind(&addr.into())?;
     socket.set_nonblocking(true)?;
+    Ok(socket.into())
+}
+
+/// Starts a quinn endpoint on a socket from [`bind_udp`]. The endpoint and
+/// its connections are driven by tasks of the runtime this is called on;
+/// the socket counts as a task of `tracker` until it is closed.
+pub fn endpoint_on(
+    socket: std::net::UdpSocket,
+    server: Option<quinn::ServerConfig>,
+    tracker: &TaskTracker,
+) -> io::Result<quinn::Endpoint> {
     let runtime: Arc<dyn Runtime> = Arc::new(quinn::TokioRuntime);
-    let inner = runtime.wrap_udp_socket(socket.into())?;
+    let inner = runtime.wrap_udp_socket(socket)?;
     let tracked = Arc::new(Tracked {
         inner,
         _token: tracker.token(),

@@ -19,6 +19,11 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// How many tunnels to keep, spread over the edges the router lists.
     pub tunnels: usize,
+    /// Single-thread runtimes that carry the tunnels: the one `start` runs
+    /// on and `shards - 1` threads of their own; tunnel `i` and its
+    /// streams run on shard `i % shards` (see ARCHITECTURE.md, "Shards").
+    /// The `portico connector` command runs one per core; 1 here.
+    pub shards: std::num::NonZeroUsize,
     /// A plain HTTP listener for `/metrics`, `/healthz` and `/ready`.
     pub metrics_listen: Option<SocketAddr>,
     /// Extra PEM root certificates for validating https backends, besides
@@ -58,6 +63,7 @@ impl Config {
             token: None,
             state_dir: state_dir.into(),
             tunnels: 4,
+            shards: std::num::NonZeroUsize::MIN,
             metrics_listen: None,
             backend_ca: Vec::new(),
             max_streams_per_tunnel: 1024,

@@ -14,6 +14,13 @@ pub enum Error {
     #[error("invalid connector configuration: {field}: {reason}")]
     InvalidConfig { field: &'static str, reason: String },
 
+    /// A shard's thread or its runtime could not be started.
+    #[error("cannot start a connector shard")]
+    Runtime {
+        #[source]
+        source: std::io::Error,
+    },
+
     /// The state directory could not be opened, read or written.
     #[error("connector state directory")]
     State {

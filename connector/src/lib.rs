@@ -19,6 +19,7 @@ mod headers;
 mod metrics;
 mod origin;
 mod path;
+mod shard;
 mod stream;
 mod tunnel;
 mod watch;
@@ -77,7 +78,12 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Handle
         config.backend_connection_wait,
         fd_limit,
     );
-    let origin = origin::Origin::new(&config.backend_ca, limits, metrics.clone())?;
+    let origin = origin::Origin::new(
+        &config.backend_ca,
+        limits,
+        metrics.clone(),
+        config.shards.get(),
+    )?;
     let saved: Option<ConnectorConfig> = match state.load_json(watch::CONFIG_FILE) {
         Ok(c) => c,
         Err(e) => {
@@ -115,21 +121,31 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Handle
         }
         None => None,
     };
-    // The UDP socket is tracked apart from the tasks: it is released only
-    // after `wait` has closed the endpoint and dropped its handles.
+    // The UDP sockets are tracked apart from the tasks: they are released
+    // only after `wait` has closed the endpoints and dropped their handles.
+    // One per tunnel: an edge with shards gives each socket's tunnels to
+    // one of its threads (by source port), so they spread over its cores.
     let socket = TaskTracker::new();
-    let endpoint = tunnel::bind_endpoint(&socket)?;
+    let shards = shard::Shards::start(config.shards)?;
+    let endpoints = (0..config.tunnels.max(1))
+        .map(|slot| {
+            // The socket of slot `i` is driven by the slot's own shard.
+            let _on = shards.for_slot(slot).enter();
+            tunnel::bind_endpoint(&socket)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let streams = Arc::new(stream::StreamCtx {
         group: group.clone(),
         apps: ArcSwap::from_pointee(Default::default()),
         origin,
+        shard_streams: stream::shard_streams(&metrics, config.shards.get()),
         metrics: metrics.clone(),
     });
     let (config_tx, config_rx) = tokio::sync::watch::channel(None);
     let pool = Arc::new(tunnel::Pool::new(
         id.clone(),
         group.clone(),
-        endpoint.clone(),
+        endpoints.clone(),
         Arc::new(tunnel::transport_config(config.max_streams_per_tunnel)),
         creds_rx,
         config_rx,
@@ -147,12 +163,14 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Handle
     );
     {
         let _in = span.enter();
-        pool.spawn_slots(config.tunnels);
+        pool.spawn_slots(config.tunnels, &shards);
     }
     tracing::info!(
         parent: &span,
         tunnels = config.tunnels,
-        udp = endpoint.local_addr().ok().map(tracing::field::display),
+        udp = endpoints[0].local_addr().ok().map(tracing::field::display),
+        udp_sockets = endpoints.len(),
+        shards = shards.len(),
         metrics = metrics_addr.map(tracing::field::display),
         fd_limit,
         backend_connections_per_app = limits.per_app,
@@ -166,9 +184,10 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Handle
         metrics_addr,
         metrics,
         pool,
-        endpoint,
+        endpoints,
         tracker,
         socket,
+        shards,
         span: span.clone(),
     })
 }
@@ -183,10 +202,11 @@ pub struct Handle {
     pub metrics_addr: Option<SocketAddr>,
     metrics: Metrics,
     pool: Arc<tunnel::Pool>,
-    endpoint: quinn::Endpoint,
+    endpoints: Vec<quinn::Endpoint>,
     tracker: TaskTracker,
-    /// Done once the UDP socket is closed.
+    /// Done once the UDP sockets are closed.
     socket: TaskTracker,
+    shards: shard::Shards,
     span: tracing::Span,
 }
 
@@ -232,9 +252,12 @@ impl Handle {
             if tokio::time::timeout(SHUTDOWN_GRACE, self.tracker.wait()).await.is_err() {
                 tracing::warn!("in-flight streams did not finish within {SHUTDOWN_GRACE:?}; closing the tunnels");
             }
-            self.endpoint
-                .close(stream::code(CloseCode::Shutdown), b"connector shutting down");
-            let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+            for endpoint in &self.endpoints {
+                endpoint.close(stream::code(CloseCode::Shutdown), b"connector shutting down");
+            }
+            for endpoint in &self.endpoints {
+                let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+            }
             let fatal = self
                 .pool
                 .fatal
@@ -243,12 +266,19 @@ impl Handle {
                 .take();
             // Drop every endpoint handle, then wait until the socket is
             // really closed, so that the port is free when `wait` returns.
-            let Handle { pool, endpoint, socket, .. } = self;
-            drop((pool, endpoint));
+            let Handle {
+                pool,
+                endpoints,
+                socket,
+                shards,
+                ..
+            } = self;
+            drop((pool, endpoints));
             socket.close();
             if tokio::time::timeout(Duration::from_secs(2), socket.wait()).await.is_err() {
                 tracing::debug!("the UDP socket outlived the shutdown");
             }
+            shards.stop().await;
             match fatal {
                 Some(e) => Err(e),
                 None => {

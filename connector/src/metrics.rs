@@ -37,6 +37,8 @@ pub struct Metrics {
     /// `busy` (none did within the wait; the request got `BackendBusy`
     /// unless an idle connection reached it first).
     pub backend_waits: IntCounterVec,
+    /// Streams served, by shard (the thread whose runtime served them).
+    pub shard_streams: IntCounterVec,
 }
 
 impl Metrics {
@@ -89,7 +91,15 @@ impl Metrics {
             ),
             &["app", "outcome"],
         )?;
+        let shard_streams = IntCounterVec::new(
+            Opts::new(
+                "portico_connector_shard_streams_total",
+                "Streams served, by shard (single-thread runtime)",
+            ),
+            &["shard"],
+        )?;
         registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(shard_streams.clone()))?;
         registry.register(Box::new(backend_connections.clone()))?;
         registry.register(Box::new(backend_waits.clone()))?;
         registry.register(Box::new(backend_duration.clone()))?;
@@ -109,6 +119,7 @@ impl Metrics {
             tunnel_rtt,
             backend_connections,
             backend_waits,
+            shard_streams,
         })
     }
 

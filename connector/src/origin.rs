@@ -108,6 +108,9 @@ pub struct Origin {
     limits: BackendLimits,
     budget: Arc<Semaphore>,
     metrics: Metrics,
+    /// The connector's shards: each app gets a client (a pool of backend
+    /// connections) per shard, under the app's one cap.
+    shards: usize,
 }
 
 impl std::fmt::Debug for Origin {
@@ -125,6 +128,7 @@ impl Origin {
         backend_ca: &[PathBuf],
         limits: BackendLimits,
         metrics: Metrics,
+        shards: usize,
     ) -> Result<Origin, Error> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut roots = RootCertStore::empty();
@@ -179,6 +183,7 @@ impl Origin {
             budget: Arc::new(Semaphore::new(limits.budget)),
             limits,
             metrics,
+            shards: shards.max(1),
         })
     }
 
@@ -205,17 +210,21 @@ impl Origin {
         } else {
             &self.insecure
         };
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(POOL_IDLE)
-            .pool_max_idle_per_host(self.limits.per_app.min(256))
-            .http1_read_buf_exact_size(BACKEND_READ_BUFFER)
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .build(Limited {
-                inner: dialer.clone(),
-                limit: limit.clone(),
-            });
-        Backend { client, limit }
+        let clients = (0..self.shards)
+            .map(|_| {
+                Client::builder(TokioExecutor::new())
+                    .pool_idle_timeout(POOL_IDLE)
+                    .pool_max_idle_per_host(self.limits.per_app.min(256))
+                    .http1_read_buf_exact_size(BACKEND_READ_BUFFER)
+                    .pool_timer(TokioTimer::new())
+                    .timer(TokioTimer::new())
+                    .build(Limited {
+                        inner: dialer.clone(),
+                        limit: limit.clone(),
+                    })
+            })
+            .collect();
+        Backend { clients, limit }
     }
 }
 
@@ -235,8 +244,17 @@ fn dialer(tls: rustls::ClientConfig) -> Dialer {
 
 /// One app's way to its backend.
 pub(crate) struct Backend {
-    pub client: HttpClient,
+    /// One client per shard: a connection's task runs on the shard that
+    /// opened it, and only that shard's requests reuse it.
+    clients: Vec<HttpClient>,
     limit: Arc<Limit>,
+}
+
+impl Backend {
+    /// The client of the caller's shard.
+    pub(crate) fn client(&self) -> &HttpClient {
+        &self.clients[crate::shard::current() % self.clients.len()]
+    }
 }
 
 impl std::fmt::Debug for Backend {

@@ -96,6 +96,15 @@ pub(crate) struct StreamCtx {
     pub apps: ArcSwap<AppTable>,
     pub origin: Origin,
     pub metrics: Metrics,
+    /// `portico_connector_shard_streams_total{shard}`, resolved per shard.
+    pub shard_streams: Vec<prometheus::IntCounter>,
+}
+
+/// The per-shard stream counters of `metrics` for `shards` shards.
+pub(crate) fn shard_streams(metrics: &Metrics, shards: usize) -> Vec<prometheus::IntCounter> {
+    (0..shards.max(1))
+        .map(|i| metrics.shard_streams.with_label_values(&[&i.to_string()]))
+        .collect()
 }
 
 impl StreamCtx {
@@ -112,6 +121,9 @@ impl StreamCtx {
 /// leaves the tunnel alone.
 pub(crate) async fn serve_stream(ctx: Arc<StreamCtx>, mut send: SendStream, mut recv: RecvStream) {
     let _gauge = GaugeGuard::new(&ctx.metrics.streams);
+    if let Some(c) = ctx.shard_streams.get(crate::shard::current()) {
+        c.inc();
+    }
     let started = Instant::now();
     let head = match tokio::time::timeout(HEAD_TIMEOUT, read_frame(&mut recv)).await {
         Ok(Ok(Some(Frame::StreamHead(head)))) => head,
@@ -353,7 +365,7 @@ async fn send_request(
     *req.uri_mut() = target.clone();
     *req.version_mut() = Version::HTTP_11;
     *req.headers_mut() = headers;
-    let client = &entry.backend.client;
+    let client = entry.backend.client();
     let sent = Instant::now();
     let response = tokio::select! {
         r = tokio::time::timeout_at(deadline, client.request(req)) => r,

@@ -69,11 +69,21 @@ fn ctx_with(
     backend_ca: &[std::path::PathBuf],
     limits: BackendLimits,
 ) -> anyhow::Result<Arc<StreamCtx>> {
+    ctx_sharded(apps, backend_ca, limits, 1)
+}
+
+fn ctx_sharded(
+    apps: Vec<App>,
+    backend_ca: &[std::path::PathBuf],
+    limits: BackendLimits,
+    shards: usize,
+) -> anyhow::Result<Arc<StreamCtx>> {
     let metrics = Metrics::new()?;
     let ctx = Arc::new(StreamCtx {
         apps: ArcSwap::from_pointee(Default::default()),
         group: GroupId::default_group(),
-        origin: Origin::new(backend_ca, limits, metrics.clone())?,
+        origin: Origin::new(backend_ca, limits, metrics.clone(), shards)?,
+        shard_streams: crate::stream::shard_streams(&metrics, shards),
         metrics,
     });
     ctx.set_apps(&apps);
@@ -1180,7 +1190,7 @@ mod pool {
             let pool = Arc::new(Pool::new(
                 id.clone(),
                 GroupId::default_group(),
-                endpoint.clone(),
+                vec![endpoint.clone()],
                 Arc::new(transport_config(64)),
                 creds_rx,
                 config_rx,
@@ -1199,7 +1209,10 @@ mod pool {
                 }],
             };
             crate::watch::apply(&pool, &config_tx, Arc::new(config));
-            pool.spawn_slots(2);
+            pool.spawn_slots(
+                2,
+                &crate::shard::Shards::start(std::num::NonZeroUsize::MIN)?,
+            );
 
             let mut first = tunnels.recv().await.context("first tunnel")?;
             let second = tunnels.recv().await.context("second tunnel")?;
@@ -1273,6 +1286,99 @@ mod pool {
         .await
     }
 
+    /// Two shards, four slots: each slot dials from a socket of its own
+    /// (four source ports at the edge, which a sharded edge spreads over
+    /// its threads), slot `i` serves its streams on shard `i % 2`, and each
+    /// shard has its own backend pool, so both open a backend connection.
+    /// Stopping joins the shard thread.
+    #[tokio::test]
+    async fn slots_serve_on_their_shards_with_a_backend_pool_each() -> anyhow::Result<()> {
+        with_deadline(async {
+            let edge_id = EdgeId::new("e-test")?;
+            let id = ConnectorId::new("c-shards")?;
+            let pki = pki(&[&edge_id], &id)?;
+            let (edge_ep, mut tunnels) = fake_edge(&pki, edge_id.clone()).await?;
+            let (backend, accepted) = counting_backend().await?;
+
+            let shards = crate::shard::Shards::start(std::num::NonZeroUsize::new(2).context("2")?)?;
+            let stop = CancellationToken::new();
+            let tracker = TaskTracker::new();
+            let streams = ctx_sharded(
+                vec![],
+                &[],
+                BackendLimits::new(None, Duration::from_secs(5), 1024),
+                2,
+            )?;
+            let (_creds_tx, creds_rx) = watch::channel(Arc::new(pki.connector.clone()));
+            let (config_tx, config_rx) = watch::channel(None);
+            let sockets = TaskTracker::new();
+            let endpoints = (0..4)
+                .map(|slot| {
+                    let _on = shards.for_slot(slot).enter();
+                    bind_endpoint(&sockets)
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let pool = Arc::new(Pool::new(
+                id.clone(),
+                GroupId::default_group(),
+                endpoints.clone(),
+                Arc::new(transport_config(64)),
+                creds_rx,
+                config_rx,
+                streams.clone(),
+                stop.clone(),
+                tracker.clone(),
+            ));
+            let config = ConnectorConfig {
+                version: 7,
+                group: GroupId::default_group(),
+                apps: vec![app("hr", format!("http://{backend}/"), true)],
+                edges: vec![EdgeEndpoint {
+                    id: edge_id.clone(),
+                    region: RegionId::default_region(),
+                    tunnel_addr: edge_ep.local_addr()?.to_string(),
+                }],
+            };
+            crate::watch::apply(&pool, &config_tx, Arc::new(config));
+            pool.spawn_slots(4, &shards);
+
+            let mut sides = Vec::new();
+            for _ in 0..4 {
+                sides.push(tunnels.recv().await.context("tunnel")?);
+            }
+            let ports: std::collections::BTreeSet<u16> = sides
+                .iter()
+                .map(|s| s.conn.remote_address().port())
+                .collect();
+            assert_eq!(ports.len(), 4, "one source port per slot");
+            for side in &sides {
+                let (frame, body) = exchange(
+                    &side.conn,
+                    head("hr", Method::GET, "/", HeaderMap::new()),
+                    b"",
+                )
+                .await?;
+                assert_eq!(expect_head(frame)?.status, StatusCode::OK);
+                assert_eq!(body, b"hello from the backend");
+            }
+            // Slots 0 and 2 on shard 0, 1 and 3 on shard 1.
+            let served: Vec<u64> = streams.shard_streams.iter().map(|c| c.get()).collect();
+            assert_eq!(served, [2, 2]);
+            assert!(
+                accepted.load(Ordering::SeqCst) >= 2,
+                "each shard dials the backend from its own pool"
+            );
+
+            stop.cancel();
+            tracker.close();
+            tracker.wait().await;
+            drop((pool, endpoints));
+            shards.stop().await;
+            Ok(())
+        })
+        .await
+    }
+
     #[tokio::test]
     async fn slots_move_to_new_edges_when_the_list_changes() -> anyhow::Result<()> {
         with_deadline(async {
@@ -1289,7 +1395,7 @@ mod pool {
             let pool = Arc::new(Pool::new(
                 id,
                 GroupId::default_group(),
-                bind_endpoint(&TaskTracker::new())?,
+                vec![bind_endpoint(&TaskTracker::new())?],
                 Arc::new(transport_config(64)),
                 creds_rx,
                 config_rx,
@@ -1315,7 +1421,10 @@ mod pool {
                 &config_tx,
                 Arc::new(config(1, vec![endpoint(&a, &ep_a)?])),
             );
-            pool.spawn_slots(2);
+            pool.spawn_slots(
+                2,
+                &crate::shard::Shards::start(std::num::NonZeroUsize::MIN)?,
+            );
             let a1 = tunnels_a.recv().await.context("a1")?;
             let a2 = tunnels_a.recv().await.context("a2")?;
 

@@ -45,7 +45,10 @@ const DRAIN_LIMIT: Duration = Duration::from_secs(600);
 pub(crate) struct Pool {
     pub id: ConnectorId,
     pub group: GroupId,
-    pub endpoint: Endpoint,
+    /// The UDP sockets tunnels are dialled from: slot `i` uses socket
+    /// `i % len`. One per slot spreads the tunnels over a sharded edge's
+    /// threads, which the edge's kernel picks by the source address.
+    pub endpoints: Vec<Endpoint>,
     pub transport: Arc<TransportConfig>,
     pub creds: watch::Receiver<Arc<Credentials>>,
     pub config: watch::Receiver<Option<Arc<ConnectorConfig>>>,
@@ -65,7 +68,7 @@ impl Pool {
     pub fn new(
         id: ConnectorId,
         group: GroupId,
-        endpoint: Endpoint,
+        endpoints: Vec<Endpoint>,
         transport: Arc<TransportConfig>,
         creds: watch::Receiver<Arc<Credentials>>,
         config: watch::Receiver<Option<Arc<ConnectorConfig>>>,
@@ -77,7 +80,7 @@ impl Pool {
         Pool {
             id,
             group,
-            endpoint,
+            endpoints,
             transport,
             creds,
             config,
@@ -109,12 +112,20 @@ impl Pool {
         });
     }
 
-    /// Starts the slots.
-    pub fn spawn_slots(self: &Arc<Self>, n: usize) {
+    /// The socket slot `slot` dials from.
+    fn endpoint(&self, slot: usize) -> &Endpoint {
+        &self.endpoints[slot % self.endpoints.len()]
+    }
+
+    /// Starts the slots, slot `i` on shard `i % shards`: its tunnel and
+    /// every stream on it run there.
+    pub(crate) fn spawn_slots(self: &Arc<Self>, n: usize, shards: &crate::shard::Shards) {
         for slot in 0..n {
             let pool = self.clone();
-            self.tracker
-                .spawn(run_slot(pool, slot).instrument(tracing::info_span!("slot", slot)));
+            self.tracker.spawn_on(
+                run_slot(pool, slot).instrument(tracing::info_span!("slot", slot)),
+                shards.for_slot(slot),
+            );
         }
     }
 }
@@ -215,7 +226,7 @@ async fn run_slot(pool: Arc<Pool>, slot: usize) {
         };
         let dialed = tokio::select! {
             _ = pool.stop.cancelled() => return,
-            r = dial(&pool, &edge) => r,
+            r = dial(&pool, slot, &edge) => r,
         };
         let tunnel = match dialed {
             Ok(t) => t,
@@ -402,14 +413,13 @@ fn revoked_close(e: &ConnectionError) -> Option<String> {
     }
 }
 
-async fn dial(pool: &Pool, edge: &EdgeEndpoint) -> Result<Tunnel, DialError> {
-    let v4_only = pool.endpoint.local_addr().is_ok_and(|a| a.is_ipv4());
+async fn dial(pool: &Pool, slot: usize, edge: &EdgeEndpoint) -> Result<Tunnel, DialError> {
+    let endpoint = pool.endpoint(slot);
+    let v4_only = endpoint.local_addr().is_ok_and(|a| a.is_ipv4());
     let addr = resolve(&edge.tunnel_addr, v4_only).await?;
     let creds = pool.creds.borrow().clone();
     let config = client_config(&creds, &pool.transport)?;
-    let connecting = pool
-        .endpoint
-        .connect_with(config, addr, &edge_server_name(&edge.id))?;
+    let connecting = endpoint.connect_with(config, addr, &edge_server_name(&edge.id))?;
     let handshake = async {
         let conn = connecting.await.map_err(|e| DialError::Handshake {
             reason: format!("{e:#}"),

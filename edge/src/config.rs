@@ -25,6 +25,12 @@ pub struct Config {
     pub http3: bool,
     /// UDP address of the QUIC tunnel listener.
     pub tunnel_listen: SocketAddr,
+    /// Single-thread runtimes that serve users and tunnels: the one
+    /// `start` runs on, and `shards - 1` threads of their own, each with a
+    /// socket in an `SO_REUSEPORT` group on the tunnel port (see
+    /// ARCHITECTURE.md, "Shards"). The `portico edge` command runs one
+    /// per core; 1 here.
+    pub shards: std::num::NonZeroUsize,
     /// Plain HTTP address for `/metrics`, `/healthz` and `/ready`.
     pub metrics_listen: Option<SocketAddr>,
     /// An operator certificate chain and key (PEM files). `None`: a wildcard
@@ -109,6 +115,7 @@ impl Config {
             public_listen: SocketAddr::from(([0, 0, 0, 0], 8443)),
             http3: true,
             tunnel_listen: SocketAddr::from(([0, 0, 0, 0], 7844)),
+            shards: std::num::NonZeroUsize::MIN,
             metrics_listen: None,
             public_cert: None,
             advertise_tunnel_addr: None,

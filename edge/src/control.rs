@@ -110,6 +110,7 @@ pub(crate) async fn start(config: Config, shutdown: CancellationToken) -> Result
             access_log: config.access_log,
             limits: config.user_limits(),
             tunnels: config.tunnel_policy(),
+            shards: config.shards,
         },
         shutdown.clone(),
     )

@@ -20,6 +20,12 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A shard's thread or its runtime could not be started.
+    #[error("cannot start an edge shard")]
+    Runtime {
+        #[source]
+        source: std::io::Error,
+    },
     /// Enrollment (first start) or loading saved credentials failed.
     #[error("edge enrollment failed")]
     Enroll(#[from] EnrollError),

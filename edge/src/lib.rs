@@ -24,6 +24,7 @@ mod metrics;
 mod pages;
 mod request;
 mod routing;
+mod shard;
 mod stall;
 mod tunnel_acceptor;
 mod tunnels;
@@ -108,6 +109,15 @@ impl Handle {
         self.shared.shutdown.cancelled().await;
         self.shared.tracker.close();
         self.shared.tracker.wait().await;
+        // The shards' runtimes end with their last task; join their
+        // threads, so that nothing of the edge outlives `wait`.
+        let threads = std::mem::take(&mut *lock(&self.shared.shard_threads));
+        let _ = tokio::task::spawn_blocking(move || {
+            for t in threads {
+                let _ = t.join();
+            }
+        })
+        .await;
         Ok(())
     }
 }
@@ -144,9 +154,21 @@ pub(crate) struct Shared {
     /// Public connections, request-body pumps and WebSocket pipes: the
     /// work the drain waits for.
     pub(crate) conns: TaskTracker,
+    /// Every shard's tunnel endpoint, for the drain to close.
+    tunnel_endpoints: std::sync::Mutex<Vec<quinn::Endpoint>>,
+    /// The threads of shards 1.., joined by `Handle::wait`.
+    shard_threads: std::sync::Mutex<Vec<std::thread::JoinHandle<()>>>,
 }
 
 impl Shared {
+    pub(crate) fn add_tunnel_endpoint(&self, endpoint: quinn::Endpoint) {
+        lock(&self.tunnel_endpoints).push(endpoint);
+    }
+
+    pub(crate) fn add_shard_thread(&self, thread: std::thread::JoinHandle<()>) {
+        lock(&self.shard_threads).push(thread);
+    }
+
     /// Admits a user connection under the client caps (`what` names its
     /// kind in the log), or counts and logs its refusal.
     pub(crate) fn admit_client(
@@ -187,6 +209,10 @@ impl Shared {
     }
 }
 
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// Everything `serve` needs, whether it came from the router or a test.
 pub(crate) struct Parts {
     pub(crate) edge_id: EdgeId,
@@ -207,6 +233,9 @@ pub(crate) struct Parts {
     pub(crate) access_log: bool,
     pub(crate) limits: UserLimits,
     pub(crate) tunnels: tunnel_acceptor::TunnelPolicy,
+    /// Runtimes of the data plane: this one and `shards - 1` threads of
+    /// their own (`shard.rs`).
+    pub(crate) shards: std::num::NonZeroUsize,
 }
 
 /// The limits on users' connections and what they may hold.
@@ -259,7 +288,7 @@ pub(crate) async fn serve(parts: Parts, shutdown: CancellationToken) -> Result<H
         edge_id: parts.edge_id.clone(),
         region: parts.region.clone(),
         table: ArcSwap::from_pointee(RoutingTable::empty(parts.region.clone())),
-        tunnels: Tunnels::default(),
+        tunnels: Tunnels::new(parts.shards.get()),
         metrics: Arc::clone(&metrics),
         alt_svc: h3_addr.map(|a| http3::alt_svc(a.port())),
         ready: ready_tx,
@@ -275,31 +304,53 @@ pub(crate) async fn serve(parts: Parts, shutdown: CancellationToken) -> Result<H
         hard_stop: CancellationToken::new(),
         tracker,
         conns: TaskTracker::new(),
+        tunnel_endpoints: std::sync::Mutex::new(Vec::new()),
+        shard_threads: std::sync::Mutex::new(Vec::new()),
     });
     if let Some(cfg) = parts.initial_config {
         shared.apply_config(cfg);
     }
 
     let public_tls = listener::tls_config(parts.public_cert)?;
-    let endpoint = portico_agent::quic::bind_endpoint(
-        parts.tunnel_listen,
-        Some(tunnel_acceptor::server_config(
-            parts.tunnel_cert,
-            &parts.ca_pem,
-            parts.limits.tunnel_receive_window(),
-        )?),
+    let tunnel_server = tunnel_acceptor::server_config(
+        parts.tunnel_cert,
+        &parts.ca_pem,
+        parts.limits.tunnel_receive_window(),
+    )?;
+    let shards = parts.shards.get();
+    let bind_err = |what, addr| move |source| Error::Bind { what, addr, source };
+    // Shards share the tunnel port through SO_REUSEPORT; the first socket
+    // picks the port when it is 0, the others join it.
+    let tunnel_socket = portico_agent::quic::bind_udp(parts.tunnel_listen, shards > 1)
+        .map_err(bind_err("tunnel", parts.tunnel_listen))?;
+    let tunnel_addr = tunnel_socket
+        .local_addr()
+        .map_err(bind_err("tunnel", parts.tunnel_listen))?;
+    let mut shard_sockets = Vec::with_capacity(shards - 1);
+    let public_listener = if shards > 1 {
+        let public = public_listener
+            .into_std()
+            .map_err(bind_err("public", public_addr))?;
+        for _ in 1..shards {
+            shard_sockets.push(shard::Sockets {
+                public: public
+                    .try_clone()
+                    .map_err(bind_err("public", public_addr))?,
+                tunnel: portico_agent::quic::bind_udp(tunnel_addr, true)
+                    .map_err(bind_err("tunnel", tunnel_addr))?,
+            });
+        }
+        tokio::net::TcpListener::from_std(public).map_err(bind_err("public", public_addr))?
+    } else {
+        public_listener
+    };
+    let endpoint = portico_agent::quic::endpoint_on(
+        tunnel_socket,
+        Some(tunnel_server.clone()),
         &shared.tracker,
     )
-    .map_err(|source| Error::Bind {
-        what: "tunnel",
-        addr: parts.tunnel_listen,
-        source,
-    })?;
-    let tunnel_addr = endpoint.local_addr().map_err(|source| Error::Bind {
-        what: "tunnel",
-        addr: parts.tunnel_listen,
-        source,
-    })?;
+    .map_err(bind_err("tunnel", tunnel_addr))?;
+    shared.add_tunnel_endpoint(endpoint.clone());
     let metrics_addr = match parts.metrics_listen {
         Some(addr) => {
             let l = tokio::net::TcpListener::bind(addr)
@@ -328,6 +379,22 @@ pub(crate) async fn serve(parts: Parts, shutdown: CancellationToken) -> Result<H
     };
 
     let span = tracing::info_span!("edge", edge.id = %parts.edge_id);
+    let serving = shard::Serving {
+        public_tls: Arc::clone(&public_tls),
+        tunnel_server,
+        tunnel_addr,
+        public_addr,
+        span: span.clone(),
+    };
+    for (i, sockets) in shard_sockets.into_iter().enumerate() {
+        if let Err(e) = shard::start(i + 1, sockets, &serving, &shared).await {
+            // Stop what started: the accept loops see the token, and the
+            // shards that run end with their last task.
+            shutdown.cancel();
+            shared.tracker.close();
+            return Err(e);
+        }
+    }
     shared.tracker.spawn(
         listener::accept_loop(public_listener, public_tls, Arc::clone(&shared))
             .instrument(span.clone()),
@@ -341,9 +408,9 @@ pub(crate) async fn serve(parts: Parts, shutdown: CancellationToken) -> Result<H
             .tracker
             .spawn(http3::accept_loop(ep, Arc::clone(&shared)).instrument(span.clone()));
     }
-    shared.tracker.spawn(
-        drain_on_shutdown(endpoint, h3_endpoint, Arc::clone(&shared)).instrument(span.clone()),
-    );
+    shared
+        .tracker
+        .spawn(drain_on_shutdown(h3_endpoint, Arc::clone(&shared)).instrument(span.clone()));
     // Display, and no field for what is off (not `Some(..)`/`None`).
     tracing::info!(
         parent: &span,
@@ -351,6 +418,7 @@ pub(crate) async fn serve(parts: Parts, shutdown: CancellationToken) -> Result<H
         h3_addr = h3_addr.map(tracing::field::display),
         %tunnel_addr,
         metrics_addr = metrics_addr.map(tracing::field::display),
+        shards,
         "edge listening"
     );
 
@@ -370,11 +438,7 @@ pub(crate) async fn serve(parts: Parts, shutdown: CancellationToken) -> Result<H
 /// their tunnels within the grace period, then close the QUIC endpoint with
 /// `CloseCode::Shutdown`. HTTP/3 connections get a GOAWAY at once, finish
 /// their requests within the same grace, and their endpoint closes last.
-async fn drain_on_shutdown(
-    endpoint: quinn::Endpoint,
-    h3_endpoint: Option<quinn::Endpoint>,
-    shared: Arc<Shared>,
-) {
+async fn drain_on_shutdown(h3_endpoint: Option<quinn::Endpoint>, shared: Arc<Shared>) {
     shared.shutdown.cancelled().await;
     tracing::info!(grace = ?shared.grace, "shutting down: draining");
     // `/ready` answers 503 from now on, so load balancers move away.
@@ -396,11 +460,19 @@ async fn drain_on_shutdown(
         );
     }
     shared.hard_stop.cancel();
-    endpoint.close(CloseCode::Shutdown.to_wire().into(), b"edge shutting down");
+    // Every shard's endpoint at once: while one of a SO_REUSEPORT group
+    // closes, the kernel may hand the others' datagrams to another socket.
+    let endpoints = std::mem::take(&mut *lock(&shared.tunnel_endpoints));
+    for endpoint in &endpoints {
+        endpoint.close(CloseCode::Shutdown.to_wire().into(), b"edge shutting down");
+    }
     if let Some(h3) = &h3_endpoint {
         h3.close(http3::NO_ERROR, b"edge shutting down");
     }
-    let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+    for endpoint in &endpoints {
+        let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+    }
+    drop(endpoints);
     if let Some(h3) = h3_endpoint {
         let _ = tokio::time::timeout(Duration::from_secs(2), h3.wait_idle()).await;
     }

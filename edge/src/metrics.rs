@@ -25,6 +25,11 @@ pub(crate) struct Metrics {
     /// ended, once, refused ones included (`too_many_tunnels`,
     /// `stream_limit`, `unresponsive`, ...).
     pub(crate) tunnel_closes: IntCounterVec,
+    /// `portico_edge_tunnel_picks_total{shard="own"}` and `{shard="other"}`:
+    /// whether a request's tunnel runs on the shard that serves the
+    /// request (with more than one shard).
+    pub(crate) picks_own_shard: IntCounter,
+    pub(crate) picks_other_shard: IntCounter,
     /// Round trips of the edge's pings on the control streams.
     pub(crate) tunnel_rtt: Histogram,
     /// Tunnels that are suspect right now (left out of the pick set).
@@ -101,6 +106,16 @@ impl Metrics {
                 "Tunnels closed, by reason",
             ),
             &["reason"],
+        )
+        .expect("valid metric");
+        let picks = IntCounterVec::new(
+            Opts::new(
+                "portico_edge_tunnel_picks_total",
+                "Tunnels picked for requests on an edge with shards: on the shard (thread) \
+                 that serves the request, or on another one (its group has no usable \
+                 tunnel on the request's shard)",
+            ),
+            &["shard"],
         )
         .expect("valid metric");
         let tunnel_rtt = Histogram::with_opts(
@@ -180,6 +195,7 @@ impl Metrics {
             Box::new(bytes.clone()),
             Box::new(config_version.clone()),
             Box::new(tunnel_closes.clone()),
+            Box::new(picks.clone()),
             Box::new(tunnel_rtt.clone()),
             Box::new(tunnels_suspect.clone()),
             Box::new(health_changes.clone()),
@@ -201,6 +217,8 @@ impl Metrics {
             bytes_out: bytes.with_label_values(&["out"]),
             config_version,
             tunnel_closes,
+            picks_own_shard: picks.with_label_values(&["own"]),
+            picks_other_shard: picks.with_label_values(&["other"]),
             tunnel_rtt,
             tunnels_suspect,
             health_changes,

@@ -180,6 +180,7 @@ async fn test_edge_with(
             access_log: true,
             limits: config.user_limits(),
             tunnels: config.tunnel_policy(),
+            shards: config.shards,
         },
         shutdown.clone(),
     )
@@ -2102,4 +2103,119 @@ async fn a_silent_tunnel_is_suspect_then_closed_and_its_requests_follow_the_retr
 
 fn get_req(path: &str) -> Request<Full<Bytes>> {
     get("hr.apps.test", path, true)
+}
+
+/// Two shards (two single-thread runtimes): the tunnel port is one
+/// `SO_REUSEPORT` group, so tunnels dialled from 16 sockets land on both
+/// shards (all on one: 1 in 32,768). Every request is served over HTTP/1.1
+/// and HTTP/2 whichever shard accepted its connection, by a tunnel of that
+/// same shard while it holds one; a shard without a usable tunnel of its
+/// own takes another shard's. The drain closes both shards' endpoints,
+/// `wait` joins the shard thread, and both ports can be bound again.
+#[tokio::test]
+async fn two_shards_share_the_ports_and_keep_requests_on_their_own_thread() -> anyhow::Result<()> {
+    let pki = Pki::new("test CA")?;
+    let shutdown = CancellationToken::new();
+    let edge = test_edge_with(&pki, &shutdown, |c| {
+        c.shards = std::num::NonZeroUsize::new(2).expect("2 is not 0");
+    })
+    .await?;
+    let (public, tunnel_addr) = (edge.public_addr, edge.tunnel_addr);
+
+    let mut controls = Vec::new();
+    let mut endpoints = Vec::new();
+    for i in 0..16 {
+        let name: &'static str = Box::leak(format!("c-{i}").into_boxed_str());
+        let ep = quic_client(&pki, pki.connector(name)?)?;
+        let conn = dial(&ep, tunnel_addr).await?;
+        controls.push((name, handshake(&conn, name).await?));
+        fake_connector(conn, name);
+        endpoints.push(ep);
+    }
+    wait_until("16 tunnels to attach", || edge.tunnel_count() == 16).await?;
+    let shard_of = |name: &str| {
+        edge.shared
+            .tunnels
+            .snapshot()
+            .iter()
+            .find(|t| t.connector.as_str() == name)
+            .map(|t| t.shard)
+    };
+    let on: std::collections::BTreeSet<usize> = edge
+        .shared
+        .tunnels
+        .snapshot()
+        .iter()
+        .map(|t| t.shard)
+        .collect();
+    assert_eq!(on, [0, 1].into(), "tunnels on both shards");
+
+    // Both shards hold tunnels: no request leaves its shard.
+    for i in 0..40 {
+        let h2 = i % 2 == 0;
+        let r = https(
+            &pki,
+            public,
+            "hr.apps.test",
+            h2,
+            get("hr.apps.test", "/", h2),
+        )
+        .await?;
+        assert_eq!(r.status(), StatusCode::OK);
+    }
+    let text = edge.shared.metrics.render();
+    assert_eq!(
+        counter(&text, r#"portico_edge_tunnel_picks_total{shard="own"}"#),
+        40,
+        "{text}"
+    );
+    assert_eq!(
+        counter(&text, r#"portico_edge_tunnel_picks_total{shard="other"}"#),
+        0
+    );
+
+    // Each shard picks its own tunnels, as the request path does.
+    let group = GroupId::default_group();
+    for shard in [0, 1] {
+        let t = crate::shard::as_shard(shard, || edge.shared.tunnels.pick(&group, |_| true));
+        assert_eq!(t.map(|t| t.shard), Some(shard));
+    }
+    // Shard 1's connectors drain: shard 1 falls back to shard 0's tunnels,
+    // and requests still succeed wherever they land.
+    for (name, control) in &controls {
+        if shard_of(name) == Some(1) {
+            control.send(&Frame::Drain).await?;
+        }
+    }
+    wait_until("shard 1's tunnels to drain", || {
+        edge.shared
+            .tunnels
+            .snapshot()
+            .iter()
+            .all(|t| t.shard == 0 || t.is_draining())
+    })
+    .await?;
+    let t = crate::shard::as_shard(1, || edge.shared.tunnels.pick(&group, |_| true));
+    assert_eq!(t.map(|t| t.shard), Some(0));
+    for i in 0..20 {
+        let h2 = i % 2 == 0;
+        let r = https(
+            &pki,
+            public,
+            "hr.apps.test",
+            h2,
+            get("hr.apps.test", "/", h2),
+        )
+        .await?;
+        assert_eq!(r.status(), StatusCode::OK);
+        let by = r.headers()["x-served-by"].to_str()?.to_owned();
+        assert_eq!(shard_of(&by), Some(0), "served by {by}");
+    }
+
+    shutdown.cancel();
+    tokio::time::timeout(DEADLINE, edge.wait()).await??;
+    // Nothing of the edge is left on either port.
+    std::net::UdpSocket::bind(tunnel_addr)?;
+    std::net::TcpListener::bind(public)?;
+    Ok(())
 }

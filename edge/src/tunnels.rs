@@ -23,6 +23,8 @@ pub(crate) struct Tunnel {
     pub(crate) agent_version: String,
     pub(crate) remote: SocketAddr,
     pub(crate) conn: quinn::Connection,
+    /// The shard whose runtime drives the tunnel's QUIC connection.
+    pub(crate) shard: usize,
     outstanding: AtomicUsize,
     draining: AtomicBool,
     /// The connector left a ping unanswered past its deadline
@@ -49,6 +51,7 @@ impl Tunnel {
             agent_version,
             remote: conn.remote_address(),
             conn,
+            shard: crate::shard::current(),
             outstanding: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
             suspect: AtomicBool::new(false),
@@ -127,6 +130,9 @@ pub(crate) struct Tunnels {
     count: tokio::sync::watch::Sender<usize>,
     /// Tunnels per connector, attached or still in their handshake.
     per_connector: Arc<Mutex<HashMap<ConnectorId, usize>>>,
+    /// The edge's shards (`shard.rs`); with more than one, a request
+    /// prefers a tunnel of its own shard.
+    shards: usize,
 }
 
 /// A connector already holds as many tunnels to this edge as it may.
@@ -155,6 +161,18 @@ impl Drop for TunnelSlot {
 }
 
 impl Tunnels {
+    pub(crate) fn new(shards: usize) -> Self {
+        Tunnels {
+            shards,
+            ..Tunnels::default()
+        }
+    }
+
+    /// The edge's shards.
+    pub(crate) fn shards(&self) -> usize {
+        self.shards
+    }
+
     pub(crate) fn next_id(&self) -> TunnelId {
         TunnelId(self.next_id.fetch_add(1, Ordering::Relaxed) + 1)
     }
@@ -227,7 +245,9 @@ impl Tunnels {
     /// A tunnel of `group` that `eligible` accepts, by power of two
     /// choices, skipping draining and closed ones, and suspect ones while
     /// any other is left (when every tunnel is suspect, one of them is
-    /// better than failing the request).
+    /// better than failing the request). With shards, a healthy tunnel
+    /// driven by the caller's own shard comes first: the request then
+    /// never leaves its thread.
     pub(crate) fn pick(
         &self,
         group: &GroupId,
@@ -235,15 +255,22 @@ impl Tunnels {
     ) -> Option<Arc<Tunnel>> {
         let by_group = self.by_group.load();
         let list = by_group.get(group)?;
-        p2c_healthy_first(
-            list,
-            |t| {
-                (!t.is_draining() && t.conn.close_reason().is_none() && eligible(t))
-                    .then(|| t.outstanding())
-            },
-            |t| !t.is_suspect(),
-        )
-        .cloned()
+        let usable = |t: &Arc<Tunnel>| {
+            (!t.is_draining() && t.conn.close_reason().is_none() && eligible(t))
+                .then(|| t.outstanding())
+        };
+        if self.shards > 1 {
+            let here = crate::shard::current();
+            let local = p2c(list, |t| {
+                (t.shard == here && !t.is_suspect())
+                    .then(|| usable(t))
+                    .flatten()
+            });
+            if let Some(t) = local {
+                return Some(Arc::clone(t));
+            }
+        }
+        p2c_healthy_first(list, usable, |t| !t.is_suspect()).cloned()
     }
 
     /// Closes every tunnel of these connectors with `CloseCode::Revoked`.

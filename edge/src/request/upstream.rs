@@ -54,6 +54,13 @@ pub(crate) fn select(
         .ok_or_else(|| ProxyError::NoTunnel {
             group: app.connector_group.clone(),
         })?;
+    if shared.tunnels.shards() > 1 {
+        if tunnel.shard == crate::shard::current() {
+            shared.metrics.picks_own_shard.inc();
+        } else {
+            shared.metrics.picks_other_shard.inc();
+        }
+    }
     Ok(Upstream::Tunnel(tunnel))
 }
 
