@@ -98,17 +98,20 @@ pub fn bind_endpoint(
     server: Option<quinn::ServerConfig>,
     tracker: &TaskTracker,
 ) -> io::Result<quinn::Endpoint> {
-    endpoint_on(bind_udp(addr, false)?, server, tracker)
+    endpoint_on(
+        bind_udp(addr, false)?,
+        quinn::EndpointConfig::default(),
+        server,
+        tracker,
+    )
 }
 
 /// Binds a UDP socket on `addr` (dual-stack when `addr` is `[::]`) with
 /// [`UDP_BUFFER`]-sized buffers, non-blocking, for [`endpoint_on`].
 ///
 /// With `reuse_port`, the socket sets `SO_REUSEPORT` before it binds, so
-/// that more sockets of this process can bind the same address: Linux
-/// then hands each peer's datagrams (by a hash of its address and port) to
-/// one of them, always the same while the set of sockets stays the same.
-/// Only sockets of the same effective user may join the group.
+/// that more sockets can bind the same address; [`bind_udp_group`] is the
+/// way to bind such a group.
 pub fn bind_udp(addr: SocketAddr, reuse_port: bool) -> io::Result<std::net::UdpSocket> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
@@ -132,11 +135,197 @@ pub fn bind_udp(addr: SocketAddr, reuse_port: bool) -> io::Result<std::net::UdpS
     Ok(socket.into())
 }
 
-/// Starts a quinn endpoint on a socket from [`bind_udp`]. The endpoint and
-/// its connections are driven by tasks of the runtime this is called on;
-/// the socket counts as a task of `tracker` until it is closed.
+/// Binds `n` UDP sockets on one address for the `n` shards of a QUIC
+/// server, each to start an endpoint on with [`shard_endpoint_config`]:
+/// socket `i` is shard `i`'s.
+///
+/// With more than one, they form a `SO_REUSEPORT` group, and a classic BPF
+/// program on the group hands every datagram to the socket of the shard
+/// whose connection it belongs to: by the first byte of its destination
+/// connection ID, which [`ShardConnectionIds`] makes that shard's index
+/// modulo `n`. So a connection stays on its shard when the peer's address
+/// changes (NAT rebinding, migration), which the kernel's default hash of
+/// the address would break, and a peer can choose the shard of a new
+/// connection by the first byte of its Initial's connection ID
+/// ([`initial_connection_id`]). A datagram too short to carry one goes to
+/// shard 0.
+///
+/// Any socket of the same user could join a `SO_REUSEPORT` group, so a
+/// second server on the port would start without error. The port is
+/// therefore bound once without the option first, which fails with
+/// `AddrInUse` when anything else holds it; for port 0 that picks a port
+/// nothing holds (the kernel may give a `SO_REUSEPORT` socket a port of
+/// another group of the same user).
+pub fn bind_udp_group(addr: SocketAddr, n: usize) -> io::Result<Vec<std::net::UdpSocket>> {
+    if n <= 1 {
+        return Ok(vec![bind_udp(addr, false)?]);
+    }
+    let shards = u32::try_from(n)
+        .ok()
+        .filter(|&n| n <= MAX_STEERED_SHARDS)
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("at most {MAX_STEERED_SHARDS} shards can share a UDP port, not {n}"),
+            )
+        })?;
+    // For port 0, another process may take the picked port before the
+    // group binds it: pick again a few times.
+    let mut attempts = if addr.port() == 0 { 3 } else { 1 };
+    let first = loop {
+        let port = bind_udp(addr, false)?.local_addr()?.port();
+        match bind_udp(SocketAddr::new(addr.ip(), port), true) {
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse && attempts > 1 => attempts -= 1,
+            other => break other?,
+        }
+    };
+    steer_by_connection_id(&first, shards)?;
+    let bound = first.local_addr()?;
+    let mut sockets = Vec::with_capacity(n);
+    sockets.push(first);
+    for _ in 1..n {
+        sockets.push(bind_udp(bound, true)?);
+    }
+    Ok(sockets)
+}
+
+/// The most shards [`bind_udp_group`] steers: one byte of a connection ID
+/// must hold the shard's index at least once.
+pub const MAX_STEERED_SHARDS: u32 = 256;
+
+/// Attaches the group's steering program (see [`bind_udp_group`]). The
+/// program sees the UDP payload: a QUIC long header (first bit set) has its
+/// destination connection ID from byte 6 (flags, 4 bytes of version, the
+/// ID's length), a short header from byte 1. The socket index it returns
+/// is that byte modulo `shards`; a load past the end returns 0.
+#[cfg(target_os = "linux")]
+fn steer_by_connection_id(socket: &std::net::UdpSocket, shards: u32) -> io::Result<()> {
+    use nix::libc::{
+        sock_filter, sock_fprog, BPF_A, BPF_ABS, BPF_ALU, BPF_B, BPF_JA, BPF_JMP, BPF_JSET, BPF_K,
+        BPF_LD, BPF_MOD, BPF_RET,
+    };
+    let op = |code: u32, jt: u8, jf: u8, k: u32| sock_filter {
+        code: code as u16,
+        jt,
+        jf,
+        k,
+    };
+    let mut program = [
+        op(BPF_LD | BPF_B | BPF_ABS, 0, 0, 0),
+        // Long header: the next instruction; short header: skip to 4.
+        op(BPF_JMP | BPF_JSET | BPF_K, 0, 2, 0x80),
+        op(BPF_LD | BPF_B | BPF_ABS, 0, 0, 6),
+        op(BPF_JMP | BPF_JA, 0, 0, 1),
+        op(BPF_LD | BPF_B | BPF_ABS, 0, 0, 1),
+        op(BPF_ALU | BPF_MOD | BPF_K, 0, 0, shards),
+        op(BPF_RET | BPF_A, 0, 0, 0),
+    ];
+    let prog = sock_fprog {
+        len: program.len() as u16,
+        filter: program.as_mut_ptr(),
+    };
+    nix::sys::socket::setsockopt(
+        socket,
+        nix::sys::socket::sockopt::AttachReusePortCbpf,
+        &prog,
+    )
+    .map_err(io::Error::from)
+}
+
+/// Elsewhere the kernel's hash of the peer's address picks the socket.
+#[cfg(not(target_os = "linux"))]
+fn steer_by_connection_id(_socket: &std::net::UdpSocket, _shards: u32) -> io::Result<()> {
+    Ok(())
+}
+
+/// The length of the connection IDs that [`ShardConnectionIds`] issues.
+const SHARD_CID_LEN: usize = 8;
+
+/// Connection IDs for shard `shard` of `shards` ([`bind_udp_group`]):
+/// random, except that the first byte modulo `shards` is `shard`, so the
+/// group's program hands the connection's datagrams to this shard's
+/// socket. The first byte keeps `log2(256 / shards)` random bits and the
+/// other seven bytes are random, from the system's CSPRNG.
+#[derive(Debug, Clone, Copy)]
+pub struct ShardConnectionIds {
+    shard: u8,
+    shards: u32,
+}
+
+impl ShardConnectionIds {
+    /// IDs of shard `shard` (`< shards <=` [`MAX_STEERED_SHARDS`]).
+    pub fn new(shard: usize, shards: usize) -> Self {
+        assert!(shard < shards && shards as u32 <= MAX_STEERED_SHARDS);
+        ShardConnectionIds {
+            shard: shard as u8,
+            shards: shards as u32,
+        }
+    }
+
+    /// The shard an ID's first byte steers to.
+    pub fn shard_of(first_byte: u8, shards: usize) -> usize {
+        usize::from(first_byte) % shards
+    }
+}
+
+impl quinn::ConnectionIdGenerator for ShardConnectionIds {
+    fn generate_cid(&mut self) -> quinn::ConnectionId {
+        let mut id = [0u8; SHARD_CID_LEN];
+        random(&mut id);
+        // 256 / shards values of the first byte have this remainder.
+        let spread = 256 / self.shards;
+        id[0] = ((u32::from(id[0]) % spread) * self.shards + u32::from(self.shard)) as u8;
+        quinn::ConnectionId::new(&id)
+    }
+
+    fn cid_len(&self) -> usize {
+        SHARD_CID_LEN
+    }
+
+    fn cid_lifetime(&self) -> Option<std::time::Duration> {
+        None
+    }
+}
+
+/// The endpoint settings of shard `shard` of `shards` on a
+/// [`bind_udp_group`]: its connection IDs steer to its socket. One shard
+/// keeps quinn's defaults.
+pub fn shard_endpoint_config(shard: usize, shards: usize) -> quinn::EndpointConfig {
+    let mut config = quinn::EndpointConfig::default();
+    if shards > 1 {
+        let ids = ShardConnectionIds::new(shard, shards);
+        config.cid_generator(move || Box::new(ids));
+    }
+    config
+}
+
+/// The destination connection ID of a client's first Initial, for a
+/// server whose shards share a port ([`bind_udp_group`]): `first_byte`,
+/// then 19 random bytes from the system's CSPRNG (RFC 9000 §7.2 asks for
+/// at least 8 unpredictable bytes). The server's shard `first_byte %
+/// shards` takes the connection; a server without shards ignores it.
+pub fn initial_connection_id(first_byte: u8) -> quinn::ConnectionId {
+    let mut id = [0u8; 20];
+    random(&mut id[1..]);
+    id[0] = first_byte;
+    quinn::ConnectionId::new(&id)
+}
+
+fn random(bytes: &mut [u8]) {
+    use ring::rand::SecureRandom;
+    // The system's generator fails only where nothing else would work.
+    ring::rand::SystemRandom::new()
+        .fill(bytes)
+        .expect("the system random generator works");
+}
+
+/// Starts a quinn endpoint with `config` on a socket from [`bind_udp`] or
+/// [`bind_udp_group`]. The endpoint and its connections are driven by tasks
+/// of the runtime this is called on; the socket counts as a task of
+/// `tracker` until it is closed.
 pub fn endpoint_on(
     socket: std::net::UdpSocket,
+    config: quinn::EndpointConfig,
     server: Option<quinn::ServerConfig>,
     tracker: &TaskTracker,
 ) -> io::Result<quinn::Endpoint> {
@@ -146,12 +335,7 @@ pub fn endpoint_on(
         inner,
         _token: tracker.token(),
     });
-    quinn::Endpoint::new_with_abstract_socket(
-        quinn::EndpointConfig::default(),
-        server,
-        tracked,
-        runtime,
-    )
+    quinn::Endpoint::new_with_abstract_socket(config, server, tracked, runtime)
 }
 
 /// A socket that holds a tracker token. Fields drop in order: the socket
@@ -227,6 +411,92 @@ impl UdpPoller for TrackedPoller {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Which socket of `group` gets `datagram` from `client`.
+    fn receiver(
+        group: &[std::net::UdpSocket],
+        client: &std::net::UdpSocket,
+        datagram: &[u8],
+    ) -> usize {
+        client
+            .send_to(datagram, group[0].local_addr().unwrap())
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let mut buf = [0u8; 64];
+        loop {
+            for (i, socket) in group.iter().enumerate() {
+                if let Ok((n, _)) = socket.recv_from(&mut buf) {
+                    assert_eq!(&buf[..n], datagram);
+                    return i;
+                }
+            }
+            assert!(std::time::Instant::now() < deadline, "no socket got it");
+            std::thread::yield_now();
+        }
+    }
+
+    /// The group's program steers by the first byte of the destination
+    /// connection ID of either header form, not by the sender: one client
+    /// socket reaches every shard; a datagram too short goes to shard 0.
+    #[test]
+    fn a_socket_group_steers_datagrams_by_connection_id() {
+        let group = bind_udp_group("127.0.0.1:0".parse().unwrap(), 3).unwrap();
+        let port = group[0].local_addr().unwrap().port();
+        assert!(group.iter().all(|s| s.local_addr().unwrap().port() == port));
+        let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        for first in [0u8, 1, 2, 3, 4, 5, 127, 128, 254, 255] {
+            // Short header: flags, then the ID.
+            let short = [0x40, first, 9, 9, 9, 9, 9, 9, 9, 0xaa];
+            assert_eq!(receiver(&group, &client, &short), usize::from(first) % 3);
+            // Long header: flags, version, the ID's length, the ID.
+            let long = [0xc0, 0, 0, 0, 1, 8, first, 7, 7, 7, 7, 7, 7, 7];
+            assert_eq!(receiver(&group, &client, &long), usize::from(first) % 3);
+        }
+        assert_eq!(receiver(&group, &client, &[0xc0, 0, 0]), 0);
+    }
+
+    /// A port something else holds is refused as before, though the group
+    /// itself shares its port; so is a second group on the same port.
+    #[test]
+    fn a_socket_group_refuses_a_port_in_use() {
+        let other = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let taken = other.local_addr().unwrap();
+        let e = bind_udp_group(taken, 2).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::AddrInUse);
+
+        let group = bind_udp_group("127.0.0.1:0".parse().unwrap(), 2).unwrap();
+        let e = bind_udp_group(group[0].local_addr().unwrap(), 2).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::AddrInUse);
+        assert_eq!(
+            bind_udp_group(taken, 1).unwrap_err().kind(),
+            io::ErrorKind::AddrInUse
+        );
+    }
+
+    /// A shard's connection IDs steer to it: the first byte modulo the
+    /// shards is the shard's index, and the IDs are random otherwise.
+    #[test]
+    fn shard_connection_ids_carry_their_shard() {
+        use quinn::ConnectionIdGenerator;
+        for shards in [2usize, 3, 7, 256] {
+            for shard in [0, 1, shards - 1] {
+                let mut ids = ShardConnectionIds::new(shard, shards);
+                let made: std::collections::HashSet<Vec<u8>> = (0..200)
+                    .map(|_| {
+                        let id = ids.generate_cid();
+                        assert_eq!(id.len(), ids.cid_len());
+                        assert_eq!(ShardConnectionIds::shard_of(id[0], shards), shard);
+                        id.to_vec()
+                    })
+                    .collect();
+                assert_eq!(made.len(), 200, "IDs repeat");
+            }
+        }
+        let first = initial_connection_id(5);
+        assert_eq!((first.len(), first[0]), (20, 5));
+        assert_ne!(initial_connection_id(5), first);
+        assert!(bind_udp_group("127.0.0.1:0".parse().unwrap(), 257).is_err());
+    }
 
     /// Once the tracker is done, the port can be bound again at once.
     #[tokio::test]

@@ -1114,6 +1114,9 @@ mod pool {
         conn: quinn::Connection,
         ctl_send: quinn::SendStream,
         _ctl_recv: quinn::RecvStream,
+        /// The first byte of the connector's first connection ID, which
+        /// picks a sharded edge's shard.
+        first_cid_byte: u8,
     }
 
     /// An edge that checks the client certificate, answers `Hello` with
@@ -1142,6 +1145,7 @@ mod pool {
                 let tx = tx.clone();
                 let edge = edge.clone();
                 tokio::spawn(async move {
+                    let first_cid_byte = incoming.orig_dst_cid()[0];
                     let conn = incoming.await?;
                     let (mut ctl_send, mut ctl_recv) = conn.accept_bi().await?;
                     let Some(Frame::Hello(hello)) = read_frame(&mut ctl_recv).await? else {
@@ -1162,6 +1166,7 @@ mod pool {
                             conn,
                             ctl_send,
                             _ctl_recv: ctl_recv,
+                            first_cid_byte,
                         })
                         .await;
                     anyhow::Ok(())
@@ -1287,8 +1292,9 @@ mod pool {
     }
 
     /// Two shards, four slots: each slot dials from a socket of its own
-    /// (four source ports at the edge, which a sharded edge spreads over
-    /// its threads), slot `i` serves its streams on shard `i % 2`, and each
+    /// (four source ports at the edge), asks for consecutive shards of a
+    /// sharded edge by its first connection ID (so any edge's shards get
+    /// them evenly), slot `i` serves its streams on shard `i % 2`, and each
     /// shard has its own backend pool, so both open a backend connection.
     /// Stopping joins the shard thread.
     #[tokio::test]
@@ -1351,6 +1357,14 @@ mod pool {
                 .map(|s| s.conn.remote_address().port())
                 .collect();
             assert_eq!(ports.len(), 4, "one source port per slot");
+            let asked: std::collections::BTreeSet<u8> =
+                sides.iter().map(|s| s.first_cid_byte).collect();
+            assert!(
+                asked
+                    .iter()
+                    .any(|b| (0..4).all(|k| asked.contains(&b.wrapping_add(k)))),
+                "four consecutive shards asked for: {asked:?}"
+            );
             for side in &sides {
                 let (frame, body) = exchange(
                     &side.conn,

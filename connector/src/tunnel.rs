@@ -46,8 +46,7 @@ pub(crate) struct Pool {
     pub id: ConnectorId,
     pub group: GroupId,
     /// The UDP sockets tunnels are dialled from: slot `i` uses socket
-    /// `i % len`. One per slot spreads the tunnels over a sharded edge's
-    /// threads, which the edge's kernel picks by the source address.
+    /// `i % len`, driven by the slot's own shard.
     pub endpoints: Vec<Endpoint>,
     pub transport: Arc<TransportConfig>,
     pub creds: watch::Receiver<Arc<Credentials>>,
@@ -61,6 +60,12 @@ pub(crate) struct Pool {
     pub fatal: Mutex<Option<Error>>,
     pub tracker: TaskTracker,
     next_tunnel: AtomicU64,
+    /// Slot `i`'s tunnels ask a sharded edge for its shard `shard_base + i`
+    /// (modulo its shards) by their first connection ID
+    /// (`portico_agent::quic::initial_connection_id`): a connector's
+    /// tunnels spread evenly over an edge's shards, and the first slot of
+    /// different connectors starts on different shards.
+    shard_base: u8,
 }
 
 impl Pool {
@@ -91,6 +96,7 @@ impl Pool {
             fatal: Mutex::new(None),
             tracker,
             next_tunnel: AtomicU64::new(1),
+            shard_base: fastrand::u8(..),
         }
     }
 
@@ -418,7 +424,11 @@ async fn dial(pool: &Pool, slot: usize, edge: &EdgeEndpoint) -> Result<Tunnel, D
     let v4_only = endpoint.local_addr().is_ok_and(|a| a.is_ipv4());
     let addr = resolve(&edge.tunnel_addr, v4_only).await?;
     let creds = pool.creds.borrow().clone();
-    let config = client_config(&creds, &pool.transport)?;
+    let mut config = client_config(&creds, &pool.transport)?;
+    let shard = pool.shard_base.wrapping_add((slot % 256) as u8);
+    config.initial_dst_cid_provider(Arc::new(move || {
+        portico_agent::quic::initial_connection_id(shard)
+    }));
     let connecting = endpoint.connect_with(config, addr, &edge_server_name(&edge.id))?;
     let handshake = async {
         let conn = connecting.await.map_err(|e| DialError::Handshake {

@@ -319,10 +319,12 @@ pub(crate) async fn serve(parts: Parts, shutdown: CancellationToken) -> Result<H
     )?;
     let shards = parts.shards.get();
     let bind_err = |what, addr| move |source| Error::Bind { what, addr, source };
-    // Shards share the tunnel port through SO_REUSEPORT; the first socket
-    // picks the port when it is 0, the others join it.
-    let tunnel_socket = portico_agent::quic::bind_udp(parts.tunnel_listen, shards > 1)
-        .map_err(bind_err("tunnel", parts.tunnel_listen))?;
+    // Shards share the tunnel port: a SO_REUSEPORT group that hands each
+    // connection's datagrams to its shard by connection ID.
+    let mut tunnel_sockets = portico_agent::quic::bind_udp_group(parts.tunnel_listen, shards)
+        .map_err(bind_err("tunnel", parts.tunnel_listen))?
+        .into_iter();
+    let tunnel_socket = tunnel_sockets.next().expect("one socket per shard");
     let tunnel_addr = tunnel_socket
         .local_addr()
         .map_err(bind_err("tunnel", parts.tunnel_listen))?;
@@ -331,13 +333,12 @@ pub(crate) async fn serve(parts: Parts, shutdown: CancellationToken) -> Result<H
         let public = public_listener
             .into_std()
             .map_err(bind_err("public", public_addr))?;
-        for _ in 1..shards {
+        for tunnel in tunnel_sockets {
             shard_sockets.push(shard::Sockets {
                 public: public
                     .try_clone()
                     .map_err(bind_err("public", public_addr))?,
-                tunnel: portico_agent::quic::bind_udp(tunnel_addr, true)
-                    .map_err(bind_err("tunnel", tunnel_addr))?,
+                tunnel,
             });
         }
         tokio::net::TcpListener::from_std(public).map_err(bind_err("public", public_addr))?
@@ -346,6 +347,7 @@ pub(crate) async fn serve(parts: Parts, shutdown: CancellationToken) -> Result<H
     };
     let endpoint = portico_agent::quic::endpoint_on(
         tunnel_socket,
+        portico_agent::quic::shard_endpoint_config(0, shards),
         Some(tunnel_server.clone()),
         &shared.tracker,
     )
@@ -384,6 +386,7 @@ pub(crate) async fn serve(parts: Parts, shutdown: CancellationToken) -> Result<H
         tunnel_server,
         tunnel_addr,
         public_addr,
+        shards,
         span: span.clone(),
     };
     for (i, sockets) in shard_sockets.into_iter().enumerate() {

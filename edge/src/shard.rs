@@ -14,13 +14,16 @@
 //! - It accepts user connections from the one public TCP socket (every
 //!   shard polls the same listening socket; whichever is free takes the
 //!   connection).
-//! - It has its own tunnel endpoint: a UDP socket in an `SO_REUSEPORT`
-//!   group on the tunnel port, so the kernel hands each connector socket's
-//!   tunnels to one shard, whose runtime drives their QUIC connections.
+//! - It has its own tunnel endpoint: a UDP socket in a `SO_REUSEPORT`
+//!   group on the tunnel port, whose program hands each QUIC connection's
+//!   datagrams to one shard by its connection ID
+//!   (`portico_agent::quic::bind_udp_group`); that shard's runtime drives
+//!   the connection. A connector's tunnel slot `i` asks for shard `i`
+//!   (modulo the shards) by its Initial's connection ID, so its tunnels
+//!   spread evenly.
 //! - A request picks a tunnel of its own shard when the group has one
 //!   there (`Tunnels::pick`), and any other tunnel when it has not: then it
-//!   still works, at the multi-thread cost. Connectors dial each tunnel
-//!   from a socket of its own, so their tunnels spread over the shards.
+//!   still works, at the multi-thread cost.
 //!
 //! Shard 0 is the runtime `start` runs on: it also serves HTTP/3, metrics
 //! and the control loops. The rest of the edge (routing table, tunnel set,
@@ -68,6 +71,7 @@ pub(crate) struct Serving {
     pub(crate) tunnel_server: quinn::ServerConfig,
     pub(crate) tunnel_addr: SocketAddr,
     pub(crate) public_addr: SocketAddr,
+    pub(crate) shards: usize,
     pub(crate) span: tracing::Span,
 }
 
@@ -85,6 +89,7 @@ pub(crate) async fn start(
     let tls = Arc::clone(&serving.public_tls);
     let server = serving.tunnel_server.clone();
     let (tunnel_addr, public_addr) = (serving.tunnel_addr, serving.public_addr);
+    let shards = serving.shards;
     let span = serving.span.clone();
     let thread = std::thread::Builder::new()
         .name(format!("edge-shard-{index}"))
@@ -105,6 +110,7 @@ pub(crate) async fn start(
                 // Both sockets join this runtime's reactor here, on its thread.
                 let endpoint = match portico_agent::quic::endpoint_on(
                     sockets.tunnel,
+                    portico_agent::quic::shard_endpoint_config(index, shards),
                     Some(server),
                     &shared.tracker,
                 ) {

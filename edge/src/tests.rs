@@ -194,20 +194,48 @@ fn quic_client(
     trust: &Pki,
     cert: (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>),
 ) -> anyhow::Result<quinn::Endpoint> {
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+    ep.set_default_client_config(quic_client_config(trust, cert)?);
+    Ok(ep)
+}
+
+/// A connector's QUIC client settings with `cert`, trusting `trust`.
+fn quic_client_config(
+    trust: &Pki,
+    cert: (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>),
+) -> anyhow::Result<quinn::ClientConfig> {
     let mut tls = rustls::ClientConfig::builder_with_provider(pki::provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_root_certificates(trust.roots())
         .with_client_auth_cert(cert.0, cert.1)?;
     tls.alpn_protocols = vec![portico_proto::ALPN.to_vec()];
-    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
-    ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(
+    Ok(quinn::ClientConfig::new(Arc::new(
         QuicClientConfig::try_from(tls)?,
-    )));
-    Ok(ep)
+    )))
 }
 
 async fn dial(ep: &quinn::Endpoint, edge: SocketAddr) -> anyhow::Result<quinn::Connection> {
     Ok(ep.connect(edge, &edge_server_name(&edge_id()))?.await?)
+}
+
+/// Dials a tunnel for connector `name` whose first connection ID starts
+/// with `first`, which picks a sharded edge's shard `first % shards`, as a
+/// connector's tunnel slot does.
+async fn dial_shard(
+    pki: &Pki,
+    name: &str,
+    edge: SocketAddr,
+    first: u8,
+) -> anyhow::Result<(quinn::Endpoint, quinn::Connection)> {
+    let ep = quic_client(pki, pki.connector(name)?)?;
+    let mut config = quic_client_config(pki, pki.connector(name)?)?;
+    config.initial_dst_cid_provider(Arc::new(move || {
+        portico_agent::quic::initial_connection_id(first)
+    }));
+    let conn = ep
+        .connect_with(config, edge, &edge_server_name(&edge_id()))?
+        .await?;
+    Ok((ep, conn))
 }
 
 fn hello(id: &str, version: u32) -> Frame {
@@ -2106,8 +2134,8 @@ fn get_req(path: &str) -> Request<Full<Bytes>> {
 }
 
 /// Two shards (two single-thread runtimes): the tunnel port is one
-/// `SO_REUSEPORT` group, so tunnels dialled from 16 sockets land on both
-/// shards (all on one: 1 in 32,768). Every request is served over HTTP/1.1
+/// `SO_REUSEPORT` group, and 16 tunnels that ask for shard `i % 2` land on
+/// both shards. Every request is served over HTTP/1.1
 /// and HTTP/2 whichever shard accepted its connection, by a tunnel of that
 /// same shard while it holds one; a shard without a usable tunnel of its
 /// own takes another shard's. The drain closes both shards' endpoints,
@@ -2126,8 +2154,7 @@ async fn two_shards_share_the_ports_and_keep_requests_on_their_own_thread() -> a
     let mut endpoints = Vec::new();
     for i in 0..16 {
         let name: &'static str = Box::leak(format!("c-{i}").into_boxed_str());
-        let ep = quic_client(&pki, pki.connector(name)?)?;
-        let conn = dial(&ep, tunnel_addr).await?;
+        let (ep, conn) = dial_shard(&pki, name, tunnel_addr, i).await?;
         controls.push((name, handshake(&conn, name).await?));
         fake_connector(conn, name);
         endpoints.push(ep);
@@ -2217,5 +2244,88 @@ async fn two_shards_share_the_ports_and_keep_requests_on_their_own_thread() -> a
     // Nothing of the edge is left on either port.
     std::net::UdpSocket::bind(tunnel_addr)?;
     std::net::TcpListener::bind(public)?;
+    Ok(())
+}
+
+/// A sharded edge's tunnel lands on the shard its connector asked for by
+/// the first byte of its Initial's connection ID, and stays there when the
+/// connector's address changes (as behind a NAT that rebinds): the
+/// tunnel port's steering program follows the connection ID, not the
+/// address, so the moved tunnel's datagrams still reach the shard that
+/// holds the connection, and its pings keep being answered. (With the
+/// kernel's hash of the address, each move would go to a shard that knows
+/// nothing of the connection half the time, which answers with a stateless
+/// reset.)
+#[tokio::test]
+async fn a_sharded_edge_keeps_a_tunnel_on_the_shard_it_asked_for_when_the_connector_moves(
+) -> anyhow::Result<()> {
+    let pki = Pki::new("test CA")?;
+    let shutdown = CancellationToken::new();
+    let edge = test_edge_with(&pki, &shutdown, |c| {
+        c.shards = std::num::NonZeroUsize::new(2).expect("2 is not 0");
+    })
+    .await?;
+    let tunnel_addr = edge.tunnel_addr;
+    let mut tunnels = Vec::new();
+    for first in 0u8..8 {
+        let name: &'static str = Box::leak(format!("c-{first}").into_boxed_str());
+        let (ep, conn) = dial_shard(&pki, name, tunnel_addr, first).await?;
+        let control = handshake(&conn, name).await?;
+        fake_connector(conn.clone(), name);
+        tunnels.push((name, first, ep, conn, control));
+    }
+    wait_until("8 tunnels to attach", || edge.tunnel_count() == 8).await?;
+    let at_edge = |name: &str| {
+        edge.shared
+            .tunnels
+            .snapshot()
+            .iter()
+            .find(|t| t.connector.as_str() == name)
+            .map(|t| (t.shard, t.conn.remote_address()))
+    };
+    for (name, first, ..) in &tunnels {
+        assert_eq!(
+            at_edge(name).map(|(shard, _)| shard),
+            Some(usize::from(*first) % 2),
+            "{name}"
+        );
+    }
+
+    let mut v = 0;
+    for round in 0..3 {
+        for (name, first, ep, conn, control) in &mut tunnels {
+            ep.rebind(std::net::UdpSocket::bind("127.0.0.1:0")?)?;
+            let moved_to = ep.local_addr()?;
+            v += 1;
+            control
+                .ping(v)
+                .await
+                .map_err(|e| anyhow::anyhow!("{name} after move {round}: {e:#}"))?;
+            assert!(conn.close_reason().is_none(), "{name} after move {round}");
+            wait_until("the edge to see the new address", || {
+                at_edge(name).is_some_and(|(_, remote)| remote.port() == moved_to.port())
+            })
+            .await?;
+            assert_eq!(
+                at_edge(name).map(|(shard, _)| shard),
+                Some(usize::from(*first) % 2)
+            );
+        }
+    }
+    assert_eq!(edge.tunnel_count(), 8);
+    let text = edge.shared.metrics.render();
+    for reason in ["lost", "transport_error", "unresponsive", "protocol_error"] {
+        assert_eq!(
+            counter(
+                &text,
+                &format!(r#"portico_edge_tunnel_closes_total{{reason="{reason}"}}"#)
+            ),
+            0,
+            "{text}"
+        );
+    }
+
+    shutdown.cancel();
+    tokio::time::timeout(DEADLINE, edge.wait()).await??;
     Ok(())
 }
