@@ -13,11 +13,12 @@ use std::time::Instant;
 
 use http::{HeaderValue, Method, StatusCode, Uri, Version};
 use portico_proto::api::App;
-use portico_proto::{ConnectorId, ErrorCode, RequestId, TunnelId};
+use portico_proto::{ErrorCode, RequestId};
 
 use crate::client_conn::{ClientConn, RequestGuard};
 use crate::metrics::Metrics;
 use crate::request::error::Fault;
+use crate::tunnels::Tunnel;
 
 /// Whether the access log is written (metrics always are).
 #[derive(Debug, Clone, Copy)]
@@ -42,8 +43,9 @@ pub(crate) struct Record {
     /// Request body bytes, counted by the pump task that streams them.
     bytes_in: Option<Arc<AtomicU64>>,
     bytes_out: u64,
-    /// The last upstream tried.
-    upstream: Option<(TunnelId, ConnectorId)>,
+    /// The last upstream tried (a reference, not a copy of its ids: the
+    /// request path allocates nothing for the log it may not write).
+    upstream: Option<Arc<Tunnel>>,
     attempts: u8,
     /// The response body ran to its end.
     complete: bool,
@@ -114,9 +116,9 @@ impl Record {
     }
 
     /// One more attempt, on this upstream.
-    pub(crate) fn attempt(&mut self, tunnel: TunnelId, connector: &ConnectorId) {
+    pub(crate) fn attempt(&mut self, tunnel: &Arc<Tunnel>) {
         self.attempts = self.attempts.saturating_add(1);
-        self.upstream = Some((tunnel, connector.clone()));
+        self.upstream = Some(Arc::clone(tunnel));
     }
 
     pub(crate) fn attempts(&self) -> u8 {
@@ -174,7 +176,7 @@ impl Drop for Record {
             .map_or(0, |b| b.load(Ordering::Relaxed));
         let path = self.uri.path_and_query().map_or("/", |p| p.as_str());
         let (tunnel, connector) = match &self.upstream {
-            Some((t, c)) => (Some(t.0), Some(c.as_str())),
+            Some(t) => (Some(t.id.0), Some(t.connector.as_str())),
             None => (None, None),
         };
         tracing::event!(

@@ -113,7 +113,7 @@ pub(crate) async fn forward<B: RequestBody>(
             Ok(Upstream::Tunnel(tunnel)) => tunnel,
             Err(none_left) => return Err(last.unwrap_or(none_left)),
         };
-        record.attempt(tunnel.id, &tunnel.connector);
+        record.attempt(&tunnel);
         let attempt = Attempt {
             tunnel: &tunnel,
             head: &head,
