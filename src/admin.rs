@@ -5,14 +5,15 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::Context as _;
 use portico_agent::{RouterClient, RouterTrust};
 use portico_proto::api::{
-    App, AppPatch, AppSpec, BackendTimeout, Connector, CreateGroup, CreateToken, Edge, Group,
-    TokenCreated, TokenInfo, TokenScope,
+    App, AppPatch, AppSpec, BackendTimeout, Connector, CreateGroup, CreateRegion, CreateToken,
+    Edge, Group, Region, TokenCreated, TokenInfo, TokenScope,
 };
 use portico_proto::{AppId, ConnectorId, EdgeId, GroupId, IdError, RegionId};
 use serde::Serialize;
 
 use crate::cli::{
-    AppAction, AppCmd, DeleteArgs, GroupAction, GroupCmd, RouterConn, TokenAction, TokenCmd,
+    AppAction, AppCmd, DeleteArgs, GroupAction, GroupCmd, RegionAction, RegionCmd, RouterConn,
+    TokenAction, TokenCmd,
 };
 use crate::out;
 
@@ -240,6 +241,74 @@ fn features(names: &[String]) -> String {
     }
 }
 
+pub async fn region(cmd: RegionCmd) -> anyhow::Result<()> {
+    match cmd.action {
+        RegionAction::Create(a) => {
+            let body = CreateRegion {
+                id: id::<RegionId>(&a.id)?,
+            };
+            let r: Region = client(&a.conn)?.post_json("/v1/regions", &body).await?;
+            if a.conn.json {
+                out(serde_json::to_string_pretty(&r)?);
+            } else {
+                out(format!(
+                    "created region {} (enroll edges with `portico token create --edge --region {}`)",
+                    r.id, r.id
+                ));
+            }
+            Ok(())
+        }
+        RegionAction::List(a) => {
+            let regions: Vec<Region> = client(&a.conn)?.get_json("/v1/regions").await?;
+            print_table(
+                a.conn.json,
+                &regions,
+                &[
+                    "REGION",
+                    "EDGE",
+                    "STATUS",
+                    "TUNNELS",
+                    "CONNECTORS",
+                    "LAST SEEN",
+                ],
+                region_rows,
+            )
+        }
+        RegionAction::Delete(a) => {
+            client(&a.conn)?
+                .delete(&format!("/v1/regions/{}", id::<RegionId>(&a.id)?))
+                .await?;
+            out(format!("deleted region {}", a.id));
+            Ok(())
+        }
+    }
+}
+
+/// A row per edge of a region (its connectors are the region's, on every
+/// row), or one row of `-` for a region without edges.
+fn region_rows(r: &Region) -> Vec<Vec<String>> {
+    if r.edges.is_empty() {
+        let mut row = vec![r.id.to_string()];
+        row.extend(["-", "-", "-"].map(String::from));
+        row.push(r.connectors.to_string());
+        row.push("-".into());
+        return vec![row];
+    }
+    r.edges
+        .iter()
+        .map(|e| {
+            vec![
+                r.id.to_string(),
+                e.id.to_string(),
+                format!("{:?}", e.status).to_lowercase(),
+                e.tunnels.to_string(),
+                r.connectors.to_string(),
+                ago(e.last_seen),
+            ]
+        })
+        .collect()
+}
+
 pub async fn group(cmd: GroupCmd) -> anyhow::Result<()> {
     match cmd.action {
         GroupAction::Create(a) => {
@@ -368,18 +437,29 @@ fn ago(t: Option<u64>) -> String {
     format!("{}s ago", now.saturating_sub(t))
 }
 
+/// A table with a row per item, or the items as JSON.
 fn print_list<T: Serialize>(
     json: bool,
     items: &[T],
     header: &[&str],
     row: impl Fn(&T) -> Vec<String>,
 ) -> anyhow::Result<()> {
+    print_table(json, items, header, |item| vec![row(item)])
+}
+
+/// A table with any number of rows per item, or the items as JSON.
+fn print_table<T: Serialize>(
+    json: bool,
+    items: &[T],
+    header: &[&str],
+    rows: impl Fn(&T) -> Vec<Vec<String>>,
+) -> anyhow::Result<()> {
     if json {
         out(serde_json::to_string_pretty(items)?);
         return Ok(());
     }
     let rows: Vec<Vec<String>> = std::iter::once(header.iter().map(|h| h.to_string()).collect())
-        .chain(items.iter().map(row))
+        .chain(items.iter().flat_map(rows))
         .collect();
     let widths: Vec<usize> = (0..header.len())
         .map(|i| {

@@ -64,6 +64,9 @@ pub enum Command {
     Connector(ConnectorCmd),
     /// Publish, update, list, show and delete apps.
     App(AppCmd),
+    /// Create, list and delete regions: sets of edges, all served by one
+    /// router; an edge joins the region its join token names.
+    Region(RegionCmd),
     /// Create, list and delete connector groups.
     Group(GroupCmd),
     /// Create, list and revoke the join tokens that enroll connectors and edges.
@@ -207,6 +210,12 @@ pub struct EdgeArgs {
     /// Directory for this edge's key, certificates and last config (created 0700).
     #[arg(long, env = "PORTICO_STATE", required = true)]
     pub state: Option<PathBuf>,
+    /// The region this edge runs in. Its region is the one its join token
+    /// names (`portico token create --edge --region R`); with this flag a
+    /// token of another region is refused before it is used, and a saved
+    /// identity of another region stops the edge. Default: the token's.
+    #[arg(long, value_name = "REGION")]
+    pub region: Option<portico_proto::RegionId>,
     /// Address of the public HTTPS listener: HTTP/1.1 and HTTP/2 on TCP,
     /// HTTP/3 on UDP at the same port.
     #[arg(long, default_value = "0.0.0.0:8443")]
@@ -464,6 +473,36 @@ pub struct AppUpdateArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct RegionCmd {
+    #[command(subcommand)]
+    pub action: RegionAction,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RegionAction {
+    /// Create a region. Edges enroll into it with a token from `portico
+    /// token create --edge --region ID` and run with `--region ID`;
+    /// connector groups pin to it with `portico group create --region ID`.
+    Create(RegionCreateArgs),
+    /// List regions, a row per edge: its status and tunnels (its load),
+    /// and the connectors attached to the region's edges (each counted
+    /// once). A region without edges shows one row with `-`.
+    List(ListArgs),
+    /// Delete a region. Refused for `default`, and while an edge is
+    /// enrolled in it, a group is pinned to it, or an unused edge token
+    /// names it (the error says which and how many).
+    Delete(DeleteArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RegionCreateArgs {
+    /// The region's id (letters, digits, '.', '_', '-'), for example `eu-west`.
+    pub id: String,
+    #[command(flatten)]
+    pub conn: RouterConn,
+}
+
+#[derive(Debug, Args)]
 pub struct GroupCmd {
     #[command(subcommand)]
     pub action: GroupAction,
@@ -483,7 +522,8 @@ pub enum GroupAction {
 pub struct GroupCreateArgs {
     /// The group's name (letters, digits, '.', '_', '-').
     pub id: String,
-    /// `auto` or a region id.
+    /// `auto` (the default) or the id of a region that exists: a pinned
+    /// group's connectors dial only that region's edges.
     #[arg(long)]
     pub region: Option<String>,
     #[command(flatten)]
@@ -524,7 +564,8 @@ pub struct TokenCreateArgs {
     /// Enroll an edge.
     #[arg(long)]
     pub edge: bool,
-    /// The edge's region (with --edge).
+    /// The edge's region (with --edge); it must exist (`portico region
+    /// create`).
     #[arg(long, default_value = "default", requires = "edge")]
     pub region: String,
     /// How long the token stays valid.

@@ -42,6 +42,7 @@ pub async fn run(cli: cli::Cli) -> anyhow::Result<()> {
             None => run_connector(cmd.run, cli.threads).await,
         },
         Command::App(cmd) => admin::app(cmd).await,
+        Command::Region(cmd) => admin::region(cmd).await,
         Command::Group(cmd) => admin::group(cmd).await,
         Command::Token(cmd) => admin::token(cmd).await,
         Command::Dev(args) => dev::run(args).await,
@@ -69,7 +70,7 @@ pub fn raise_open_file_limit(command: &Command) {
         Command::Router(_) | Command::Dev(_) | Command::Loadtest(_) => true,
         Command::Edge(c) => c.action.is_none(),
         Command::Connector(c) => c.action.is_none(),
-        Command::App(_) | Command::Group(_) | Command::Token(_) => false,
+        Command::App(_) | Command::Region(_) | Command::Group(_) | Command::Token(_) => false,
     };
     let show = |n: u64| {
         if n == u64::MAX {
@@ -170,6 +171,7 @@ async fn run_edge(
     };
     let mut config = portico_edge::Config::new(router, state);
     config.token = args.token;
+    config.region = args.region;
     config.public_listen = args.public_listen;
     config.tunnel_listen = args.tunnel_listen;
     config.shards = shards(threads);
@@ -208,8 +210,8 @@ async fn run_edge(
         .map(|a| format!(" h3=udp://{a}"))
         .unwrap_or_default();
     out(format!(
-        "listening edge={} public={}{h3} tunnel={}{metrics}",
-        edge.id, edge.public_addr, edge.tunnel_addr
+        "listening edge={} region={} public={}{h3} tunnel={}{metrics}",
+        edge.id, edge.region, edge.public_addr, edge.tunnel_addr
     ));
     edge.wait().await.context("edge stopped with an error")
 }

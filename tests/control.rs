@@ -20,6 +20,7 @@ fn opts(s: &Stack, token: Option<String>) -> EnrollOptions {
         host: "test-host".into(),
         version: "test".into(),
         kind: portico_proto::api::EnrollKind::Connector,
+        region: None,
     }
 }
 

@@ -7,6 +7,7 @@ use std::time::{Duration, SystemTime};
 use portico_proto::api::{
     CertResponse, CsrRequest, EnrollKind, EnrollRequest, EnrollResponse, Identity, JoinToken,
 };
+use portico_proto::RegionId;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -32,6 +33,11 @@ pub struct EnrollOptions {
     /// What this process enrolls as: a token of the other kind is refused
     /// by the router before it is used.
     pub kind: EnrollKind,
+    /// The region an edge is started in, if it is told one: an edge token
+    /// of another region is refused by the router before it is used.
+    /// `None` for connectors, and for an edge that takes its token's
+    /// region.
+    pub region: Option<RegionId>,
 }
 
 /// Returns the credentials saved in `state`, or enrolls with the join token
@@ -77,6 +83,7 @@ pub async fn obtain(state: &StateDir, opts: &EnrollOptions) -> Result<Credential
         host: opts.host.clone(),
         version: opts.version.clone(),
         kind: Some(opts.kind),
+        region: opts.region.clone(),
     };
     let answer: EnrollResponse =
         client
@@ -85,6 +92,9 @@ pub async fn obtain(state: &StateDir, opts: &EnrollOptions) -> Result<Credential
             .map_err(|e| match e.api_error() {
                 Some(api) if api.error == "wrong_kind" => EnrollError::WrongTokenKind {
                     wanted: opts.kind,
+                    message: api.message.clone(),
+                },
+                Some(api) if api.error == "wrong_region" => EnrollError::WrongTokenRegion {
                     message: api.message.clone(),
                 },
                 Some(api) if e.is_unauthorized() => EnrollError::TokenRefused {

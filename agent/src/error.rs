@@ -182,6 +182,13 @@ pub enum EnrollError {
         /// command takes it.
         message: String,
     },
+    /// An edge token of another region than the edge's `--region`; the
+    /// router did not use it.
+    #[error("{message}")]
+    WrongTokenRegion {
+        /// The router's explanation: both regions, and how to go on.
+        message: String,
+    },
     #[error("this {what} was deleted on the router (its certificate is revoked); enroll it again with a new join token")]
     Revoked { what: &'static str },
     #[error(

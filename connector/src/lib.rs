@@ -58,6 +58,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Handle
         host: config.host.clone(),
         version: env!("CARGO_PKG_VERSION").to_owned(),
         kind: portico_proto::api::EnrollKind::Connector,
+        region: None,
     };
     let creds = enroll::obtain(&state, &options).await?;
     let (id, group) = match &creds.identity {

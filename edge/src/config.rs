@@ -18,6 +18,12 @@ pub struct Config {
     pub token: Option<String>,
     /// Where credentials and the last config snapshot live.
     pub state_dir: PathBuf,
+    /// The region this edge runs in, when the operator says so. The edge's
+    /// region is the one its join token enrolled it in: on the first start
+    /// the router refuses a token of another region before using it, and a
+    /// later start whose saved identity names another region stops. `None`:
+    /// whatever the token says.
+    pub region: Option<portico_proto::RegionId>,
     /// TCP address of the public HTTPS listener (HTTP/1.1 and HTTP/2).
     /// With [`Config::http3`], HTTP/3 is served on UDP at the same port.
     pub public_listen: SocketAddr,
@@ -112,6 +118,7 @@ impl Config {
             router_url: router_url.into(),
             token: None,
             state_dir: state_dir.into(),
+            region: None,
             public_listen: SocketAddr::from(([0, 0, 0, 0], 8443)),
             http3: true,
             tunnel_listen: SocketAddr::from(([0, 0, 0, 0], 7844)),
@@ -341,6 +348,7 @@ impl fmt::Debug for Config {
             .field("router_url", &self.router_url)
             .field("token", &self.token.as_ref().map(|_| "***"))
             .field("state_dir", &self.state_dir)
+            .field("region", &self.region)
             .field("public_listen", &self.public_listen)
             .field("http3", &self.http3)
             .field("tunnel_listen", &self.tunnel_listen)

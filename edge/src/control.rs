@@ -44,9 +44,21 @@ pub(crate) async fn start(config: Config, shutdown: CancellationToken) -> Result
         host: host_name(),
         version: env!("CARGO_PKG_VERSION").to_owned(),
         kind: portico_proto::api::EnrollKind::Edge,
+        region: config.region.clone(),
     };
     let creds = enroll::obtain(&state, &opts).await?;
     let (edge_id, region) = edge_identity(&creds.identity)?;
+    // A first enrollment was already checked by the router; saved
+    // credentials are checked here.
+    if let Some(configured) = &config.region {
+        if *configured != region {
+            return Err(Error::RegionMismatch {
+                configured: configured.clone(),
+                enrolled: region,
+                state_dir: config.state_dir.clone(),
+            });
+        }
+    }
 
     let tunnel_cert = CertStore::new();
     tunnel_cert.set(creds.cert_chain()?, creds.private_key()?)?;

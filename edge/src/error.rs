@@ -29,6 +29,16 @@ pub enum Error {
     /// Enrollment (first start) or loading saved credentials failed.
     #[error("edge enrollment failed")]
     Enroll(#[from] EnrollError),
+    /// The saved identity is of another region than the one configured.
+    #[error(
+        "this edge was enrolled in region {enrolled} (its identity in {}), but it was started with --region {configured}: start it with --region {enrolled}, or enroll a new edge for {configured} in another state directory with a token from `portico token create --edge --region {configured}`",
+        state_dir.display()
+    )]
+    RegionMismatch {
+        configured: portico_proto::RegionId,
+        enrolled: portico_proto::RegionId,
+        state_dir: PathBuf,
+    },
     /// The enrolled certificate names a connector, not an edge.
     #[error("the credentials in the state directory belong to {identity}, not to an edge")]
     NotAnEdge { identity: String },

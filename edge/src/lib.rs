@@ -66,6 +66,8 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Handle
 pub struct Handle {
     /// This edge's id, from its certificate.
     pub id: EdgeId,
+    /// The region it serves, from its certificate.
+    pub region: RegionId,
     /// The bound public (HTTPS) address.
     pub public_addr: SocketAddr,
     /// The bound HTTP/3 (UDP) address: the public port, unless HTTP/3 is off.
@@ -262,7 +264,7 @@ impl UserLimits {
 /// Binds the listeners and runs the data plane, without any router: the
 /// control loops (or a test) feed configs through `Shared::apply_config`.
 pub(crate) async fn serve(parts: Parts, shutdown: CancellationToken) -> Result<Handle, Error> {
-    let metrics = Arc::new(Metrics::new());
+    let metrics = Arc::new(Metrics::new(&parts.edge_id, &parts.region));
     let (ready_tx, ready_rx) = watch::channel(false);
     let tracker = TaskTracker::new();
     let (public_listener, h3_endpoint) = http3::bind_public(
@@ -421,12 +423,14 @@ pub(crate) async fn serve(parts: Parts, shutdown: CancellationToken) -> Result<H
         h3_addr = h3_addr.map(tracing::field::display),
         %tunnel_addr,
         metrics_addr = metrics_addr.map(tracing::field::display),
+        region = %parts.region,
         shards,
         "edge listening"
     );
 
     Ok(Handle {
         id: parts.edge_id,
+        region: parts.region,
         public_addr,
         h3_addr,
         tunnel_addr,

@@ -3,8 +3,10 @@
 
 use std::sync::Arc;
 
+use portico_proto::{EdgeId, RegionId};
 use prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
 };
 use tokio::sync::watch;
 
@@ -61,8 +63,20 @@ pub(crate) struct Metrics {
 }
 
 impl Metrics {
-    pub(crate) fn new() -> Self {
+    /// The metrics of edge `edge` of `region`, which
+    /// `portico_edge_info{edge,region,version} 1` names.
+    pub(crate) fn new(edge: &EdgeId, region: &RegionId) -> Self {
         let registry = Registry::new();
+        let info = IntGaugeVec::new(
+            Opts::new(
+                "portico_edge_info",
+                "This edge: its id, region and version (always 1)",
+            ),
+            &["edge", "region", "version"],
+        )
+        .expect("valid metric");
+        info.with_label_values(&[edge.as_str(), region.as_str(), env!("CARGO_PKG_VERSION")])
+            .set(1);
         let requests = IntCounterVec::new(
             Opts::new(
                 "portico_edge_requests_total",
@@ -187,7 +201,8 @@ impl Metrics {
         )
         .expect("valid metric");
         for c in [
-            Box::new(tls.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(info) as Box<dyn prometheus::core::Collector>,
+            Box::new(tls.clone()),
             Box::new(requests.clone()),
             Box::new(duration.clone()),
             Box::new(tunnels.clone()),
@@ -257,7 +272,10 @@ mod tests {
 
     #[test]
     fn metrics_render_with_their_names() {
-        let m = Metrics::new();
+        let m = Metrics::new(
+            &EdgeId::new("e-1").unwrap(),
+            &RegionId::new("eu-west").unwrap(),
+        );
         m.requests.with_label_values(&["hr", "200", ""]).inc();
         m.bytes_in.inc_by(5);
         m.duration.with_label_values(&["hr"]).observe(0.01);
@@ -274,6 +292,10 @@ mod tests {
             "portico_edge_tunnel_rtt_seconds_bucket",
             "portico_edge_tunnels_suspect 0",
             "portico_edge_tls_handshakes_total{result=\"resumed\"} 0",
+            &format!(
+                "portico_edge_info{{edge=\"e-1\",region=\"eu-west\",version=\"{}\"}} 1",
+                env!("CARGO_PKG_VERSION")
+            ),
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");
         }

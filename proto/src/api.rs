@@ -13,12 +13,14 @@
 //! | POST | `/v1/edge/report` | edge cert | [`EdgeReport`] → 204 |
 //! | POST | `/v1/edge/public-cert` | edge cert | [`CsrRequest`] → [`CertResponse`] (wildcard for the apps domain) |
 //! | GET | `/v1/connector/config?after=V&wait=S` | connector cert | → [`ConnectorConfig`], or 304 |
-//! | GET, POST | `/v1/groups` | admin token | → `[Group]`; [`CreateGroup`] → [`Group`] |
+//! | GET, POST | `/v1/regions` | admin token | → `[Region]`; [`CreateRegion`] → [`Region`] (409 when it exists) |
+//! | DELETE | `/v1/regions/{id}` | admin token | → 204, 404, or 409 while edges, pinned groups or unused edge tokens use it (and for `default`) |
+//! | GET, POST | `/v1/groups` | admin token | → `[Group]`; [`CreateGroup`] → [`Group`] (404 for a pinned region that does not exist) |
 //! | DELETE | `/v1/groups/{id}` | admin token | → 204, 404, or 409 when not empty |
 //! | GET, POST | `/v1/apps` | admin token | → `[App]`; [`AppSpec`] → [`App`] |
 //! | GET, DELETE | `/v1/apps/{id}` | admin token | → [`App`]; → 204 |
 //! | PATCH | `/v1/apps/{id}` | admin token | [`AppPatch`] → [`App`] |
-//! | GET, POST | `/v1/tokens` | admin token | → `[TokenInfo]`; [`CreateToken`] → [`TokenCreated`] |
+//! | GET, POST | `/v1/tokens` | admin token | → `[TokenInfo]`; [`CreateToken`] → [`TokenCreated`] (404 for an edge token of a region that does not exist) |
 //! | DELETE | `/v1/tokens/{id}` | admin token | → 204 (revokes an unused token), 409 when used |
 //! | GET | `/v1/connectors` | admin token | → `[Connector]` |
 //! | DELETE | `/v1/connectors/{id}` | admin token | → 204 (revokes it) |
@@ -27,8 +29,10 @@
 //!
 //! Every error answer is an [`ApiError`] with the HTTP status of its kind:
 //! 400 invalid input (and `wrong_kind`: a join token given to the other kind
-//! of component), 401 missing or wrong credentials, 403 revoked, 404 not
-//! found, 409 conflict, 429 `rate_limited` (with `Retry-After`).
+//! of component; `wrong_region`: an edge token of another region than the
+//! one the edge says it runs in), 401 missing or wrong credentials, 403
+//! revoked, 404 not found, 409 conflict, 429 `rate_limited` (with
+//! `Retry-After`).
 
 use std::fmt;
 use std::time::Duration;
@@ -171,8 +175,8 @@ impl fmt::Debug for JoinToken {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ApiError {
     /// A stable machine-readable kind: `invalid`, `wrong_kind`,
-    /// `unauthorized`, `revoked`, `not_found`, `conflict`, `rate_limited`,
-    /// `internal`.
+    /// `wrong_region`, `unauthorized`, `revoked`, `not_found`, `conflict`,
+    /// `rate_limited`, `internal`.
     pub error: String,
     /// The request field at fault, when one is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -210,6 +214,12 @@ pub struct EnrollRequest {
     /// the component it was made for. Older agents leave it out.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kind: Option<EnrollKind>,
+    /// The region an edge is started in (`portico edge --region`). The
+    /// router refuses an edge token of another region before using it (400
+    /// `wrong_region`). Left out when the edge takes the token's region, and
+    /// by connectors and older agents.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<RegionId>,
 }
 
 /// What a join token enrolls, and what an agent enrolls as.
@@ -255,6 +265,43 @@ pub struct CsrRequest {
 }
 
 // ---- admin resources ----
+
+/// A region: a set of edges, as `GET /v1/regions` lists it. `default`
+/// always exists; one router serves every region.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Region {
+    pub id: RegionId,
+    /// Seconds since the Unix epoch.
+    pub created_at: u64,
+    /// Its edges (deleted ones left out), in the order they enrolled.
+    pub edges: Vec<RegionEdge>,
+    /// How many distinct connectors hold tunnels to its edges, by the
+    /// edges' latest fresh reports: a connector attached to two edges of
+    /// the region counts once.
+    pub connectors: u32,
+}
+
+/// One edge of a [`Region`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegionEdge {
+    pub id: EdgeId,
+    /// As `GET /v1/edges` says it.
+    pub status: Status,
+    /// Tunnels attached to it at its last report: its load.
+    pub tunnels: u32,
+    /// Distinct connectors its latest fresh report lists (0 when the
+    /// report is not fresh).
+    pub connectors: u32,
+    /// Seconds since the Unix epoch.
+    pub last_seen: Option<u64>,
+}
+
+/// `POST /v1/regions`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateRegion {
+    pub id: RegionId,
+}
 
 /// A connector group.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -15,9 +15,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use bytes::Bytes;
 use portico_proto::api::{
-    self, ApiError, App, CertResponse, Connector, ConnectorConfig, CreateGroup, CreateToken,
-    CsrRequest, Edge, EdgeConfig, EdgeEndpoint, EdgeReport, EnrollRequest, EnrollResponse, Group,
-    Identity, JoinToken, Status, TokenCreated, TokenInfo, TokenScope, TokenStatus,
+    self, ApiError, App, CertResponse, Connector, ConnectorConfig, CreateGroup, CreateRegion,
+    CreateToken, CsrRequest, Edge, EdgeConfig, EdgeEndpoint, EdgeReport, EnrollRequest,
+    EnrollResponse, Group, Identity, JoinToken, Region, RegionEdge, Status, TokenCreated,
+    TokenInfo, TokenScope, TokenStatus,
 };
 use portico_proto::ids::{AppId, ConnectorId, EdgeId, GroupId, RegionId};
 use serde::de::DeserializeOwned;
@@ -33,8 +34,8 @@ use crate::metrics::Metrics;
 use crate::presence::Presence;
 use crate::ratelimit::RateLimiter;
 use crate::store::{
-    AppRecord, CertInfo, ConnectorRecord, ConnectorSeen, EdgeRecord, EdgeSeen, GroupRecord, Store,
-    TokenRecord,
+    AppRecord, CertInfo, ConnectorRecord, ConnectorSeen, EdgeRecord, EdgeSeen, GroupRecord,
+    RegionRecord, Store, TokenRecord,
 };
 use crate::util;
 
@@ -178,6 +179,8 @@ pub(crate) fn routes(state: SharedState) -> axum::Router {
         .route("/v1/edge/report", post(edge_report))
         .route("/v1/edge/public-cert", post(edge_public_cert))
         .route("/v1/connector/config", get(connector_config))
+        .route("/v1/regions", get(list_regions).post(create_region))
+        .route("/v1/regions/{id}", delete(delete_region))
         .route("/v1/groups", get(list_groups).post(create_group))
         .route("/v1/groups/{id}", delete(delete_group))
         .route("/v1/apps", get(list_apps).post(create_app))
@@ -326,9 +329,10 @@ impl From<StoreError> for ApiFail {
             StoreError::AlreadyExists { .. } => ApiFail::conflict(Some("id"), e.to_string()),
             StoreError::HostTaken { .. } => ApiFail::conflict(Some("external_host"), e.to_string()),
             StoreError::NotFound { .. } => ApiFail::not_found(None, e.to_string()),
-            StoreError::GroupNotEmpty { .. } | StoreError::DefaultGroup { .. } => {
-                ApiFail::conflict(None, e.to_string())
-            }
+            StoreError::GroupNotEmpty { .. }
+            | StoreError::DefaultGroup { .. }
+            | StoreError::RegionInUse { .. }
+            | StoreError::DefaultRegion { .. } => ApiFail::conflict(None, e.to_string()),
             StoreError::TokenUsed => ApiFail::unauthorized("join token already used"),
             StoreError::TokenRevoked => ApiFail::unauthorized("join token revoked"),
             _ => {
@@ -659,6 +663,25 @@ async fn enroll_inner(state: &AppState, req: EnrollRequest) -> EnrollResult {
             ),
         ));
     }
+    // The same for an edge that says where it runs: a token of another
+    // region stays good for an edge of that region.
+    if let (Some(wanted), TokenScope::Edge { region }) = (&req.region, &record.scope) {
+        if wanted != region {
+            return Err((
+                kind,
+                ApiFail::new(
+                    StatusCode::BAD_REQUEST,
+                    "wrong_region",
+                    Some("region"),
+                    format!(
+                        "this join token enrolls an edge in region {region}, but this edge runs \
+                         with --region {wanted}: start it with --region {region}, or create a \
+                         token for {wanted} with `portico token create --edge --region {wanted}`"
+                    ),
+                ),
+            ));
+        }
+    }
     if record.used_at.is_some() {
         return Err((kind, ApiFail::unauthorized("join token already used")));
     }
@@ -755,6 +778,16 @@ async fn enroll_inner(state: &AppState, req: EnrollRequest) -> EnrollResult {
             state
                 .db(move |s| s.enroll_edge(&tid, now, &rec))
                 .await
+                .map_err(|f| {
+                    if f.status == StatusCode::NOT_FOUND {
+                        ApiFail::conflict(
+                            Some("token"),
+                            format!("the token's region {region} no longer exists"),
+                        )
+                    } else {
+                        f
+                    }
+                })
                 .map_err(fail)?;
             tracing::info!(edge = %id, region = %region, host = %host, token.id = %token_id, "enrolled edge");
         }
@@ -1075,6 +1108,116 @@ async fn edge_report(
     Ok(StatusCode::NO_CONTENT)
 }
 
+// ---- admin: regions ----
+
+/// 404 for a region that does not exist, saying how to create it.
+fn missing_region(field: &str, region: &RegionId) -> ApiFail {
+    ApiFail::not_found(
+        Some(field),
+        format!("region {region} does not exist; create it with `portico region create {region}`"),
+    )
+}
+
+async fn list_regions(
+    State(state): State<SharedState>,
+    _: Admin,
+) -> Result<axum::Json<Vec<Region>>, ApiFail> {
+    let (regions, edges) = state
+        .db(|s| Ok((s.list_regions()?, s.list_edges()?)))
+        .await?;
+    let presence = state.presence();
+    Ok(axum::Json(regions_view(
+        regions,
+        &edges,
+        &presence,
+        Instant::now(),
+    )))
+}
+
+/// Each region with its live edges (as `GET /v1/edges` sees them) and the
+/// connectors attached to them, by the edges' fresh reports.
+fn regions_view(
+    regions: Vec<RegionRecord>,
+    edges: &[EdgeRecord],
+    presence: &Presence,
+    now: Instant,
+) -> Vec<Region> {
+    regions
+        .into_iter()
+        .map(|r| {
+            let mine: Vec<&EdgeRecord> = edges
+                .iter()
+                .filter(|e| e.deleted_at.is_none() && e.region == r.id)
+                .collect();
+            let connectors = presence.connectors_on(mine.iter().map(|e| &e.id), now);
+            Region {
+                edges: mine
+                    .into_iter()
+                    .map(|e| RegionEdge {
+                        id: e.id.clone(),
+                        status: status(presence.edge_is_active(&e.id, now)),
+                        tunnels: e.tunnels,
+                        connectors: count(presence.connectors_on([&e.id], now)),
+                        last_seen: e.last_seen,
+                    })
+                    .collect(),
+                id: r.id,
+                created_at: r.created_at,
+                connectors: count(connectors),
+            }
+        })
+        .collect()
+}
+
+fn count(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+async fn create_region(
+    State(state): State<SharedState>,
+    _: Admin,
+    Json(req): Json<CreateRegion>,
+) -> Result<(StatusCode, axum::Json<Region>), ApiFail> {
+    // A group's `region` is `auto` or a region id: a region of that name
+    // could never be pinned to.
+    if req.id.as_str() == "auto" {
+        return Err(ApiFail::invalid(
+            "id",
+            "`auto` cannot be a region id: a group with region `auto` dials any region",
+        ));
+    }
+    let rec = RegionRecord {
+        id: req.id.clone(),
+        created_at: util::now_unix(),
+    };
+    let created_at = rec.created_at;
+    state.db(move |s| s.create_region(&rec)).await?;
+    tracing::info!(region = %req.id, "created region");
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(Region {
+            id: req.id,
+            created_at,
+            edges: Vec::new(),
+            connectors: 0,
+        }),
+    ))
+}
+
+async fn delete_region(
+    State(state): State<SharedState>,
+    _: Admin,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiFail> {
+    let region = RegionId::new(id.clone())
+        .map_err(|_| ApiFail::not_found(None, format!("region {id:?} not found")))?;
+    let now = util::now_unix();
+    let rid = region.clone();
+    state.db(move |s| s.delete_region(&rid, now)).await?;
+    tracing::info!(region = %region, "deleted region");
+    Ok(StatusCode::NO_CONTENT)
+}
+
 // ---- admin: groups ----
 
 async fn list_groups(
@@ -1110,7 +1253,14 @@ async fn create_group(
         region: region.clone(),
         created_at: util::now_unix(),
     };
-    let version = state.db(move |s| s.create_group(&rec)).await?;
+    let created = state.db(move |s| Ok(s.create_group(&rec))).await?;
+    let version = created.map_err(|e| match e {
+        StoreError::NotFound { kind: "region", id } => match RegionId::new(id) {
+            Ok(r) => missing_region("region", &r),
+            Err(_) => ApiFail::internal("the store named an invalid region"),
+        },
+        other => ApiFail::from(other),
+    })?;
     state.publish(version);
     tracing::info!(group = %req.id, region = %region, "created group");
     Ok((
@@ -1375,17 +1525,9 @@ async fn create_token(
                 ));
             }
         }
-        TokenScope::Edge { region } => {
-            if *region != state.config.region {
-                return Err(ApiFail::invalid(
-                    "scope.region",
-                    format!(
-                        "this router serves region {}, not {region}",
-                        state.config.region
-                    ),
-                ));
-            }
-        }
+        // The store checks that the region exists, in the same
+        // transaction that stores the token.
+        TokenScope::Edge { .. } => {}
     }
     let rng_fail = |_| ApiFail::internal("random number generator failed");
     let id = util::random_hex::<8>().map_err(rng_fail)?;
@@ -1401,7 +1543,13 @@ async fn create_token(
         revoked_at: None,
     };
     let expires_at = rec.expires_at;
-    state.db(move |s| s.create_token(&rec)).await?;
+    let created = state.db(move |s| Ok(s.create_token(&rec))).await?;
+    created.map_err(|e| match (e, &req.scope) {
+        (StoreError::NotFound { kind: "region", .. }, TokenScope::Edge { region }) => {
+            missing_region("scope.region", region)
+        }
+        (other, _) => ApiFail::from(other),
+    })?;
     let token = JoinToken {
         id: id.clone(),
         secret,
@@ -1573,22 +1721,59 @@ async fn list_edges(
 /// Refreshes the connector and edge gauges (at each scrape).
 pub(crate) fn refresh_gauges(state: &AppState) {
     let now = Instant::now();
-    let (Ok(connectors), Ok(edges)) = (state.store.list_connectors(), state.store.list_edges())
-    else {
+    let (Ok(connectors), Ok(edges), Ok(regions)) = (
+        state.store.list_connectors(),
+        state.store.list_edges(),
+        state.store.list_regions(),
+    ) else {
         return;
     };
     let presence = state.presence();
-    let connectors = connectors
+    let connectors: Vec<bool> = connectors
         .iter()
         .filter(|c| c.deleted_at.is_none())
-        .map(|c| presence.connector(&c.id, now).is_active());
-    let edges = edges
+        .map(|c| presence.connector(&c.id, now).is_active())
+        .collect();
+    let edges: Vec<(&RegionId, bool)> = edges
         .iter()
         .filter(|e| e.deleted_at.is_none())
-        .map(|e| presence.edge_is_active(&e.id, now));
+        .map(|e| (&e.region, presence.edge_is_active(&e.id, now)))
+        .collect();
+    drop(presence);
+    // Every region, edges or not; a deleted region's series go (removed
+    // one by one, not reset, so that a concurrent scrape never sees none).
+    let gauge = &state.metrics.region_edges;
+    let ids: std::collections::BTreeSet<String> =
+        regions.iter().map(|r| r.id.to_string()).collect();
+    let mut shown = state
+        .metrics
+        .regions_shown
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    for gone in shown.difference(&ids) {
+        for label in ["active", "inactive"] {
+            let _ = gauge.remove_label_values(&[gone.as_str(), label]);
+        }
+    }
+    *shown = ids;
+    drop(shown);
+    for r in &regions {
+        for (label, active) in [("active", true), ("inactive", false)] {
+            let n = edges
+                .iter()
+                .filter(|(region, a)| **region == r.id && *a == active)
+                .count();
+            gauge
+                .with_label_values(&[r.id.as_str(), label])
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+    }
     for (gauge, statuses) in [
-        (&state.metrics.connectors, connectors.collect::<Vec<_>>()),
-        (&state.metrics.edges, edges.collect()),
+        (&state.metrics.connectors, connectors),
+        (
+            &state.metrics.edges,
+            edges.iter().map(|(_, a)| *a).collect(),
+        ),
     ] {
         let active = statuses.iter().filter(|a| **a).count();
         let inactive = statuses.len() - active;

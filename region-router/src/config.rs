@@ -4,12 +4,11 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use portico_proto::ids::RegionId;
-
 use crate::error::Error;
 use crate::ratelimit::EnrollLimit;
 
-/// Where the router keeps its state and where it listens.
+/// Where the router keeps its state and where it listens. A router has no
+/// region of its own: it serves every region in its store.
 #[derive(Debug, Clone)]
 pub struct Config {
     /// Holds `portico.db`, `ca.pem`, `ca.key` and `admin-token`.
@@ -20,8 +19,6 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     /// App hosts lie under it (default `apps.localhost`).
     pub apps_domain: String,
-    /// The region this router serves (default `default`).
-    pub region: RegionId,
     /// Lifetime of connector and edge certificates (default 24 h).
     pub cert_ttl: Duration,
     /// The port shown in `App.external_url`. `None`: the port of the first
@@ -39,7 +36,6 @@ impl Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 7443)),
             metrics_listen: None,
             apps_domain: "apps.localhost".to_owned(),
-            region: RegionId::default_region(),
             cert_ttl: Duration::from_secs(24 * 3600),
             public_port: None,
             enroll_limit: EnrollLimit::default(),
@@ -142,7 +138,6 @@ mod tests {
         c.validate().expect("defaults are valid");
         assert_eq!(c.listen.port(), 7443);
         assert_eq!(c.apps_domain, "apps.localhost");
-        assert_eq!(c.region.as_str(), "default");
         assert_eq!(c.cert_ttl, Duration::from_secs(86400));
     }
 

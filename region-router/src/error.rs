@@ -78,6 +78,15 @@ pub enum StoreError {
     },
     #[error("group {group:?} cannot be deleted: it always exists")]
     DefaultGroup { group: String },
+    #[error("region {region:?} is in use: {}", in_use(*.edges, *.groups, *.tokens))]
+    RegionInUse {
+        region: String,
+        edges: u64,
+        groups: u64,
+        tokens: u64,
+    },
+    #[error("region {region:?} cannot be deleted: it always exists (edge tokens name it when no region is given)")]
+    DefaultRegion { region: String },
     #[error("join token already used")]
     TokenUsed,
     #[error("join token revoked")]
@@ -100,6 +109,27 @@ pub enum StoreError {
         #[source]
         source: rusqlite::Error,
     },
+}
+
+/// What still uses a region, and how to let it go.
+fn in_use(edges: u64, groups: u64, tokens: u64) -> String {
+    let mut parts = Vec::new();
+    if edges > 0 {
+        parts.push(format!(
+            "{edges} edge(s) enrolled in it (`portico edge delete`)"
+        ));
+    }
+    if groups > 0 {
+        parts.push(format!(
+            "{groups} connector group(s) pinned to it (`portico group delete`)"
+        ));
+    }
+    if tokens > 0 {
+        parts.push(format!(
+            "{tokens} unused edge token(s) for it (`portico token revoke`)"
+        ));
+    }
+    format!("{}; remove them first", parts.join(", "))
 }
 
 #[cfg(test)]

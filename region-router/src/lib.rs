@@ -1,7 +1,7 @@
 //! The region router: Portico's control plane.
 //!
-//! It keeps groups, apps, join tokens, connectors, edges and the config
-//! version in a [`Store`] (SQLite by default), is the deployment's
+//! It keeps regions, groups, apps, join tokens, connectors, edges and the
+//! config version in a [`Store`] (SQLite by default), is the deployment's
 //! certificate authority, and serves one HTTPS API (rustls, client
 //! certificates optional): admin calls with a bearer token, enrollment with a
 //! join token, and certificate renewal, config long-polls and presence
@@ -9,7 +9,8 @@
 //! Prometheus registry on an optional plain-HTTP listener.
 //!
 //! It does not carry user traffic, hold tunnels, or serve DNS or a web
-//! console; it runs one region and has no etcd store yet.
+//! console, and has no etcd store yet. One router serves every region: an
+//! edge's region comes from its join token.
 
 use std::fs;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -220,7 +221,6 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Handle
         metrics = ?metrics_addr,
         ca_sha256 = %ca_sha256,
         apps_domain = %config.apps_domain,
-        region = %config.region,
         version,
         "router listening"
     );

@@ -1,5 +1,8 @@
 //! The router's Prometheus metrics, in a registry of its own.
 
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+
 use prometheus::{IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
 
 use crate::error::Error;
@@ -12,6 +15,12 @@ pub(crate) struct Metrics {
     pub config_version: IntGauge,
     pub connectors: IntGaugeVec,
     pub edges: IntGaugeVec,
+    /// `portico_router_region_edges{region,status}`: every region, with
+    /// its (not deleted) edges by status.
+    pub region_edges: IntGaugeVec,
+    /// The regions `region_edges` has series for, so that a deleted
+    /// region's are removed.
+    pub regions_shown: Arc<Mutex<BTreeSet<String>>>,
     pub enrollments: IntCounterVec,
     pub long_polls: IntGauge,
 }
@@ -41,6 +50,13 @@ impl Metrics {
             Opts::new("portico_router_edges", "Enrolled edges, by status"),
             &["status"],
         )?;
+        let region_edges = IntGaugeVec::new(
+            Opts::new(
+                "portico_router_region_edges",
+                "Enrolled edges of each region, by status (active, inactive)",
+            ),
+            &["region", "status"],
+        )?;
         let enrollments = IntCounterVec::new(
             Opts::new(
                 "portico_router_enrollments_total",
@@ -57,6 +73,7 @@ impl Metrics {
         registry.register(Box::new(config_version.clone()))?;
         registry.register(Box::new(connectors.clone()))?;
         registry.register(Box::new(edges.clone()))?;
+        registry.register(Box::new(region_edges.clone()))?;
         registry.register(Box::new(enrollments.clone()))?;
         Ok(Metrics {
             registry,
@@ -64,6 +81,8 @@ impl Metrics {
             config_version,
             connectors,
             edges,
+            region_edges,
+            regions_shown: Arc::default(),
             enrollments,
             long_polls,
         })

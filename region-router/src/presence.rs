@@ -89,6 +89,23 @@ impl Presence {
             .collect()
     }
 
+    /// How many distinct connectors the fresh reports of `edges` list
+    /// (a connector attached to two of them counts once): a region's
+    /// attached connectors.
+    pub(crate) fn connectors_on<'a>(
+        &self,
+        edges: impl IntoIterator<Item = &'a EdgeId>,
+        now: Instant,
+    ) -> usize {
+        let mut seen = std::collections::HashSet::new();
+        for edge in edges {
+            if let Some(report) = self.edges.get(edge).filter(|r| fresh(r, now)) {
+                seen.extend(report.connectors.iter().map(|(id, _)| id));
+            }
+        }
+        seen.len()
+    }
+
     /// Where `connector` is attached, by the fresh reports.
     pub(crate) fn connector(&self, connector: &ConnectorId, now: Instant) -> Attached {
         let mut attached = Attached::default();
@@ -122,6 +139,24 @@ mod tests {
     #[test]
     fn the_window_is_three_report_intervals() {
         assert_eq!(REPORT_FRESH, Duration::from_secs(15));
+    }
+
+    #[test]
+    fn connectors_on_edges_count_each_connector_once_from_fresh_reports() {
+        let t0 = Instant::now();
+        let mut p = Presence::default();
+        p.report(edge("e-a"), vec![(conn("c-1"), 2), (conn("c-2"), 1)], t0);
+        p.report(edge("e-b"), vec![(conn("c-1"), 1), (conn("c-3"), 4)], t0);
+        p.report(edge("e-c"), vec![(conn("c-9"), 1)], t0);
+        let (a, b) = (edge("e-a"), edge("e-b"));
+        assert_eq!(p.connectors_on([&a, &b], t0), 3, "c-1 counts once");
+        assert_eq!(p.connectors_on([&a], t0), 2);
+        assert_eq!(p.connectors_on([&edge("e-never")], t0), 0);
+        assert_eq!(p.connectors_on(std::iter::empty(), t0), 0);
+        // e-a's report goes stale while e-b reports again.
+        let later = t0 + REPORT_FRESH + Duration::from_millis(1);
+        p.report(edge("e-b"), vec![(conn("c-3"), 4)], later);
+        assert_eq!(p.connectors_on([&a, &b], later), 1);
     }
 
     #[test]

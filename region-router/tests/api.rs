@@ -110,6 +110,16 @@ async fn create_token(admin: &RouterClient, scope: TokenScope) -> anyhow::Result
 
 /// Enrolls with a fresh key, trusting the router by the token's CA pin.
 async fn enroll(h: &Handle, token: &str) -> Result<(Credentials, EnrollResponse), ClientError> {
+    enroll_with(h, token, None, None).await
+}
+
+/// [`enroll`], saying what it enrolls as and in which region, as agents do.
+async fn enroll_with(
+    h: &Handle,
+    token: &str,
+    kind: Option<api::EnrollKind>,
+    region: Option<RegionId>,
+) -> Result<(Credentials, EnrollResponse), ClientError> {
     let key = pki::generate_key()?;
     let parsed: JoinToken = token.parse().expect("token parses");
     let client = RouterClient::new(&h.url(), RouterTrust::CaSha256(parsed.ca_sha256), None)?;
@@ -121,7 +131,8 @@ async fn enroll(h: &Handle, token: &str) -> Result<(Credentials, EnrollResponse)
                 csr_pem: pki::csr_pem(&key)?,
                 host: "test-host".into(),
                 version: "0.1.0-test".into(),
-                kind: None,
+                kind,
+                region,
             },
         )
         .await?;
@@ -668,6 +679,7 @@ async fn enroll_renew_report_and_revoke() -> anyhow::Result<()> {
                 host: "h".into(),
                 version: "v".into(),
                 kind: None,
+                region: None,
             },
         )
         .await;
@@ -727,9 +739,9 @@ async fn enroll_renew_report_and_revoke() -> anyhow::Result<()> {
                 &json!({ "scope": { "kind": "edge", "region": "mars" } }),
             )
             .await,
-        400,
+        404,
         Some("scope.region"),
-        "mars",
+        "create it with `portico region create mars`",
     );
 
     // The wildcard public certificate.
@@ -1491,19 +1503,7 @@ async fn enroll_as(
     token: &str,
     kind: api::EnrollKind,
 ) -> Result<EnrollResponse, ClientError> {
-    let parsed: JoinToken = token.parse().expect("token parses");
-    RouterClient::new(&h.url(), RouterTrust::CaSha256(parsed.ca_sha256), None)?
-        .post_json(
-            "/v1/enroll",
-            &EnrollRequest {
-                token: token.to_owned(),
-                csr_pem: pki::csr_pem(&pki::generate_key()?)?,
-                host: "test-host".into(),
-                version: "0.1.0-test".into(),
-                kind: Some(kind),
-            },
-        )
-        .await
+    Ok(enroll_with(h, token, Some(kind), None).await?.1)
 }
 
 #[tokio::test]
@@ -1757,6 +1757,296 @@ async fn enrollment_is_rate_limited_per_source_address() -> anyhow::Result<()> {
             r#"portico_router_enrollments_total{kind="unknown",result="rate_limited"} 2"#
         ),
         "{text}"
+    );
+    stop(h, shutdown).await
+}
+
+/// Enrolls an edge with a fresh key, saying it runs in `region` (or
+/// taking the token's region with `None`).
+async fn enroll_edge_in(
+    h: &Handle,
+    token: &str,
+    region: Option<&str>,
+) -> Result<(Credentials, EnrollResponse), ClientError> {
+    let region = region.map(|r| RegionId::new(r).expect("region id"));
+    enroll_with(h, token, Some(api::EnrollKind::Edge), region).await
+}
+
+fn edge_scope(region: &str) -> TokenScope {
+    TokenScope::Edge {
+        region: RegionId::new(region).expect("region id"),
+    }
+}
+
+/// The ids of the regions listed, each with its edges' ids, sorted (edges
+/// that enrolled in the same second are listed by id).
+fn region_ids(regions: &[api::Region]) -> Vec<(&str, Vec<&str>)> {
+    regions
+        .iter()
+        .map(|r| {
+            let mut edges: Vec<&str> = r.edges.iter().map(|e| e.id.as_str()).collect();
+            edges.sort_unstable();
+            (r.id.as_str(), edges)
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn regions_are_created_listed_with_their_edges_and_deleted_once_unused() -> anyhow::Result<()>
+{
+    let dir = tempfile::tempdir()?;
+    let (h, shutdown) = start(dir.path(), |_| {}).await?;
+    let admin = admin(&h)?;
+    let metrics = h.metrics_addr.context("metrics")?;
+
+    // `default` is always there, empty.
+    let regions: Vec<api::Region> = admin.get_json("/v1/regions").await?;
+    assert_eq!(region_ids(&regions), [("default", vec![])]);
+    assert_eq!(regions[0].connectors, 0);
+    assert_refused(
+        anon(&h)?.get_json::<Vec<api::Region>>("/v1/regions").await,
+        401,
+        None,
+        "Bearer",
+    );
+
+    // Create; a duplicate and a bad id are refused.
+    let created: api::Region = admin
+        .post_json("/v1/regions", &json!({ "id": "eu-west" }))
+        .await?;
+    assert_eq!(
+        (created.id.as_str(), created.edges.len(), created.connectors),
+        ("eu-west", 0, 0)
+    );
+    for (body, status, field, message) in [
+        (
+            json!({ "id": "eu-west" }),
+            409,
+            "id",
+            "region \"eu-west\" already exists",
+        ),
+        (
+            json!({ "id": "eu west" }),
+            400,
+            "id",
+            "region id may only contain",
+        ),
+        (
+            json!({ "id": "x", "name": "y" }),
+            400,
+            "name",
+            "unknown field",
+        ),
+        (
+            json!({ "id": "auto" }),
+            400,
+            "id",
+            "`auto` cannot be a region id",
+        ),
+    ] {
+        assert_refused(
+            admin
+                .post_json::<_, api::Region>("/v1/regions", &body)
+                .await,
+            status,
+            Some(field),
+            message,
+        );
+    }
+
+    // What names a region needs it to exist, and says how to make it.
+    assert_refused(
+        admin
+            .post_json::<_, TokenCreated>("/v1/tokens", &json!({ "scope": edge_scope("us-east") }))
+            .await,
+        404,
+        Some("scope.region"),
+        "region us-east does not exist; create it with `portico region create us-east`",
+    );
+    assert_refused(
+        admin
+            .post_json::<_, Group>("/v1/groups", &json!({ "id": "g", "region": "us-east" }))
+            .await,
+        404,
+        Some("region"),
+        "create it with `portico region create us-east`",
+    );
+    let pinned: Group = admin
+        .post_json("/v1/groups", &json!({ "id": "eu", "region": "eu-west" }))
+        .await?;
+    assert_eq!(pinned.region, "eu-west");
+    let token = create_token(&admin, edge_scope("eu-west")).await?;
+    assert_eq!(token.scope, edge_scope("eu-west"));
+
+    // Delete: refused while used, for `default`, and for what is not there.
+    assert_refused(
+        admin.delete("/v1/regions/eu-west").await,
+        409,
+        None,
+        "1 connector group(s) pinned to it (`portico group delete`), 1 unused edge token(s) for it (`portico token revoke`)",
+    );
+    assert_refused(
+        admin.delete("/v1/regions/default").await,
+        409,
+        None,
+        "cannot be deleted: it always exists",
+    );
+    assert_refused(admin.delete("/v1/regions/nope").await, 404, None, "nope");
+    assert_refused(admin.delete("/v1/regions/..").await, 404, None, "");
+
+    // Two edges enroll into eu-west; one connector attached to both, and
+    // another to one of them.
+    let (creds_a, answer) = enroll_edge_in(&h, &token.token, Some("eu-west")).await?;
+    let Identity::Edge { id: a_id, region } = answer.identity.clone() else {
+        bail!("expected an edge identity");
+    };
+    assert_eq!(region.as_str(), "eu-west");
+    assert!(
+        cert_names(&answer.cert.cert_pem)?
+            .uris
+            .contains(&"urn:portico:region:eu-west".to_owned()),
+        "the certificate names the region"
+    );
+    let token_b = create_token(&admin, edge_scope("eu-west")).await?;
+    let (creds_b, answer) = enroll_edge_in(&h, &token_b.token, None).await?;
+    let Identity::Edge { id: b_id, region } = answer.identity.clone() else {
+        bail!("expected an edge identity");
+    };
+    assert_eq!(region.as_str(), "eu-west", "the token's region by default");
+    let (_, c1) = enroll_connector(&h, &admin).await?;
+    let (_, c2) = enroll_connector(&h, &admin).await?;
+    agent(&h, &creds_a)?
+        .post_empty("/v1/edge/report", &report("127.0.0.1:4001", &c1))
+        .await?;
+    let mut two = report("127.0.0.1:4002", &c1);
+    two.tunnels.push(TunnelReport {
+        connector_id: c2.clone(),
+        tunnels: 3,
+        ..two.tunnels[0].clone()
+    });
+    agent(&h, &creds_b)?
+        .post_empty("/v1/edge/report", &two)
+        .await?;
+
+    let regions: Vec<api::Region> = admin.get_json("/v1/regions").await?;
+    assert_eq!(
+        region_ids(&regions),
+        [
+            ("default", vec![]),
+            ("eu-west", {
+                let mut both = vec![a_id.as_str(), b_id.as_str()];
+                both.sort_unstable();
+                both
+            })
+        ]
+    );
+    let eu = &regions[1];
+    assert_eq!(eu.connectors, 2, "c1 counts once: {eu:?}");
+    let edge_row = |id: &EdgeId| eu.edges.iter().find(|e| e.id == *id).expect("listed");
+    assert_eq!(
+        (
+            edge_row(&a_id).status,
+            edge_row(&a_id).tunnels,
+            edge_row(&a_id).connectors
+        ),
+        (Status::Active, 1, 1)
+    );
+    assert_eq!(
+        (
+            edge_row(&b_id).status,
+            edge_row(&b_id).tunnels,
+            edge_row(&b_id).connectors
+        ),
+        (Status::Active, 4, 2)
+    );
+    assert!(edge_row(&b_id).last_seen.is_some());
+    assert_eq!(regions[0].connectors, 0);
+    // `edge list` agrees on region and status.
+    let edges: Vec<Edge> = admin.get_json("/v1/edges").await?;
+    assert!(
+        edges
+            .iter()
+            .all(|e| e.region.as_str() == "eu-west" && e.status == Status::Active),
+        "{edges:?}"
+    );
+    let (_, text) = plain_get(metrics, "/metrics").await?;
+    for line in [
+        r#"portico_router_region_edges{region="eu-west",status="active"} 2"#,
+        r#"portico_router_region_edges{region="eu-west",status="inactive"} 0"#,
+        r#"portico_router_region_edges{region="default",status="active"} 0"#,
+    ] {
+        assert!(text.lines().any(|l| l == line), "no {line} in\n{text}");
+    }
+
+    // Still used by its edges; allowed once they and the group are gone.
+    assert_refused(
+        admin.delete("/v1/regions/eu-west").await,
+        409,
+        None,
+        "2 edge(s) enrolled in it (`portico edge delete`)",
+    );
+    admin.delete(&format!("/v1/edges/{a_id}")).await?;
+    admin.delete(&format!("/v1/edges/{b_id}")).await?;
+    admin.delete("/v1/groups/eu").await?;
+    admin.delete("/v1/regions/eu-west").await?;
+    let regions: Vec<api::Region> = admin.get_json("/v1/regions").await?;
+    assert_eq!(region_ids(&regions), [("default", vec![])]);
+    let (_, text) = plain_get(metrics, "/metrics").await?;
+    assert!(
+        !text.contains(r#"region="eu-west""#),
+        "a deleted region leaves the metrics:\n{text}"
+    );
+    // A new token for it is refused again.
+    assert!(create_token(&admin, edge_scope("eu-west")).await.is_err());
+    stop(h, shutdown).await
+}
+
+#[tokio::test]
+async fn an_edge_token_of_another_region_is_refused_before_it_is_used() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (h, shutdown) = start(dir.path(), |_| {}).await?;
+    let admin = admin(&h)?;
+    for r in ["eu-west", "us-east"] {
+        let _: api::Region = admin.post_json("/v1/regions", &json!({ "id": r })).await?;
+    }
+    let token = create_token(&admin, edge_scope("eu-west")).await?;
+
+    let (status, err) = refusal(enroll_edge_in(&h, &token.token, Some("us-east")).await);
+    assert_eq!(status, 400);
+    assert_eq!(err.error, "wrong_region");
+    assert_eq!(err.field.as_deref(), Some("region"));
+    assert!(
+        err.message.contains(
+            "this join token enrolls an edge in region eu-west, but this edge runs with --region us-east"
+        ) && err
+            .message
+            .contains("`portico token create --edge --region us-east`"),
+        "{err:?}"
+    );
+    // Nothing was recorded, and the token is still unused...
+    assert!(admin.get_json::<Vec<Edge>>("/v1/edges").await?.is_empty());
+    let tokens: Vec<api::TokenInfo> = admin.get_json("/v1/tokens").await?;
+    assert_eq!(
+        tokens.iter().map(|t| t.status).collect::<Vec<_>>(),
+        [api::TokenStatus::Unused]
+    );
+    // ...so an edge of its region enrolls with it.
+    let (_, answer) = enroll_edge_in(&h, &token.token, Some("eu-west")).await?;
+    assert!(matches!(
+        answer.identity,
+        Identity::Edge { ref region, .. } if region.as_str() == "eu-west"
+    ));
+    let edges: Vec<Edge> = admin.get_json("/v1/edges").await?;
+    assert_eq!(
+        edges.iter().map(|e| e.region.as_str()).collect::<Vec<_>>(),
+        ["eu-west"]
+    );
+    // A used token is refused as used, whichever region is asked for.
+    assert_refused(
+        enroll_edge_in(&h, &token.token, Some("eu-west")).await,
+        401,
+        None,
+        "already used",
     );
     stop(h, shutdown).await
 }

@@ -355,6 +355,14 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_portico");
 /// directory is `router` (its CA and admin token); fails the test on an
 /// error and returns stdout.
 pub async fn admin_cli(api: &str, router: &Path, args: &[&str]) -> String {
+    let (ok, stdout, stderr) = admin_cli_result(api, router, args).await;
+    assert!(ok, "portico {args:?}: {stdout}{stderr}");
+    stdout
+}
+
+/// [`admin_cli`] for a command that may fail: whether it succeeded, its
+/// stdout and its stderr.
+pub async fn admin_cli_result(api: &str, router: &Path, args: &[&str]) -> (bool, String, String) {
     let out = tokio::process::Command::new(BIN)
         .args(args)
         .env("PORTICO_ROUTER", api)
@@ -363,13 +371,11 @@ pub async fn admin_cli(api: &str, router: &Path, args: &[&str]) -> String {
         .output()
         .await
         .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
+    (
         out.status.success(),
-        "portico {args:?}: {stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// A running `portico` child process whose stdout and stderr lines are kept

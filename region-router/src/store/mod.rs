@@ -1,5 +1,5 @@
-//! The router's durable state behind one [`Store`] trait: groups, apps, join
-//! tokens, connectors, edges and the config version.
+//! The router's durable state behind one [`Store`] trait: regions, groups,
+//! apps, join tokens, connectors, edges and the config version.
 //!
 //! The trait is synchronous (admin traffic is small); the API calls it from
 //! blocking tasks. [`SqliteStore`] is the embedded implementation, and
@@ -14,6 +14,14 @@ mod sqlite;
 pub mod suite;
 
 pub use sqlite::SqliteStore;
+
+/// A region: a name edges enroll into (their tokens name it) and groups
+/// pin to. `default` always exists.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegionRecord {
+    pub id: RegionId,
+    pub created_at: u64,
+}
 
 /// A connector group.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -136,9 +144,21 @@ pub trait Store: Send + Sync + 'static {
     /// The current config version (0 for an empty store).
     fn config_version(&self) -> Result<u64, StoreError>;
 
+    /// Creates a region; `AlreadyExists` if its id is taken. Regions change
+    /// nothing an edge or connector is told, so the version stays.
+    fn create_region(&self, region: &RegionRecord) -> Result<(), StoreError>;
+    fn get_region(&self, id: &RegionId) -> Result<Option<RegionRecord>, StoreError>;
+    /// Every region, by id.
+    fn list_regions(&self) -> Result<Vec<RegionRecord>, StoreError>;
+    /// Deletes a region other than `default`: `NotFound` if there is none,
+    /// `RegionInUse` while a live edge, a group pinned to it, or an edge
+    /// token unused and unexpired at `now` names it.
+    fn delete_region(&self, id: &RegionId, now: u64) -> Result<(), StoreError>;
+
     /// Creates the group unless it exists; returns whether it was created.
     fn ensure_group(&self, group: &GroupRecord) -> Result<bool, StoreError>;
-    /// Creates a group; `AlreadyExists` if its id is taken.
+    /// Creates a group; `AlreadyExists` if its id is taken, `NotFound`
+    /// (kind `region`) if it is pinned to a region that does not exist.
     fn create_group(&self, group: &GroupRecord) -> Result<u64, StoreError>;
     fn get_group(&self, id: &GroupId) -> Result<Option<GroupRecord>, StoreError>;
     /// Every group with the number of (not deleted) connectors in it.
@@ -156,6 +176,8 @@ pub trait Store: Send + Sync + 'static {
     fn update_app(&self, app: &AppRecord) -> Result<u64, StoreError>;
     fn delete_app(&self, id: &AppId) -> Result<u64, StoreError>;
 
+    /// Stores a new token; an edge token's region must exist (`NotFound`,
+    /// kind `region`).
     fn create_token(&self, token: &TokenRecord) -> Result<(), StoreError>;
     fn get_token(&self, id: &str) -> Result<Option<TokenRecord>, StoreError>;
     /// Every token, newest first.
@@ -172,7 +194,9 @@ pub trait Store: Send + Sync + 'static {
         now: u64,
         connector: &ConnectorRecord,
     ) -> Result<(), StoreError>;
-    /// Marks the token used and creates the edge, atomically.
+    /// Marks the token used and creates the edge, atomically. The edge's
+    /// region must exist (`NotFound`, kind `region`, leaves the token
+    /// unused).
     fn enroll_edge(&self, token_id: &str, now: u64, edge: &EdgeRecord) -> Result<(), StoreError>;
 
     fn get_connector(&self, id: &ConnectorId) -> Result<Option<ConnectorRecord>, StoreError>;

@@ -6,16 +6,16 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use portico_proto::api::{BackendTimeout, TokenScope};
-use portico_proto::ids::{AppId, ConnectorId, EdgeId, GroupId};
+use portico_proto::ids::{AppId, ConnectorId, EdgeId, GroupId, RegionId};
 use rusqlite::{params, Connection, OptionalExtension, Row, Transaction};
 
 use super::{
-    AppRecord, CertInfo, ConnectorRecord, ConnectorSeen, EdgeRecord, EdgeSeen, GroupRecord, Store,
-    TokenRecord,
+    AppRecord, CertInfo, ConnectorRecord, ConnectorSeen, EdgeRecord, EdgeSeen, GroupRecord,
+    RegionRecord, Store, TokenRecord,
 };
 use crate::error::StoreError;
 
-const SCHEMA_VERSION: i64 = 3;
+const SCHEMA_VERSION: i64 = 4;
 
 const SCHEMA_V1: &str = "
 CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -81,6 +81,31 @@ ALTER TABLE apps ADD COLUMN required_features TEXT NOT NULL DEFAULT '[]';
 /// Version 3: join tokens can be revoked.
 const SCHEMA_V3: &str = "
 ALTER TABLE tokens ADD COLUMN revoked_at INTEGER;
+";
+
+/// Version 4: regions are rows of their own. `default` always exists, and
+/// every region a database already names (an edge's, a pinned group's, an
+/// edge token's) is created, so that nothing of an older router points at a
+/// region that does not exist. Each gets the time of its first use
+/// (`default`, when nothing used it: now).
+const SCHEMA_V4: &str = "
+CREATE TABLE regions (
+    id TEXT PRIMARY KEY NOT NULL,
+    created_at INTEGER NOT NULL
+);
+INSERT INTO regions (id, created_at)
+    SELECT id, MIN(at) FROM (
+        SELECT region AS id, enrolled_at AS at FROM edges
+        UNION ALL
+        SELECT region, created_at FROM groups WHERE region != 'auto'
+        UNION ALL
+        SELECT json_extract(scope, '$.region'), created_at FROM tokens
+            WHERE json_extract(scope, '$.kind') = 'edge'
+    )
+    WHERE id IS NOT NULL
+    GROUP BY id;
+INSERT OR IGNORE INTO regions (id, created_at)
+    VALUES ('default', CAST(strftime('%s', 'now') AS INTEGER));
 ";
 
 /// The SQLite store: one connection behind a mutex.
@@ -167,7 +192,12 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     }
     // Each step runs in its own transaction, so a database is always at
     // one whole schema version.
-    for (version, sql) in [(1, SCHEMA_V1), (2, SCHEMA_V2), (3, SCHEMA_V3)] {
+    for (version, sql) in [
+        (1, SCHEMA_V1),
+        (2, SCHEMA_V2),
+        (3, SCHEMA_V3),
+        (4, SCHEMA_V4),
+    ] {
         if found < version {
             let tx = conn.transaction()?;
             tx.execute_batch(sql)?;
@@ -471,6 +501,27 @@ fn tombstone(
     bump(tx)
 }
 
+/// `NotFound` (kind `region`) unless region `id` exists.
+fn region_exists(tx: &Transaction<'_>, id: &str) -> Result<(), StoreError> {
+    let found = tx
+        .query_row("SELECT 1 FROM regions WHERE id = ?1", [id], |_| Ok(()))
+        .optional()?;
+    match found {
+        Some(()) => Ok(()),
+        None => Err(StoreError::NotFound {
+            kind: "region",
+            id: id.to_owned(),
+        }),
+    }
+}
+
+fn to_region((id, created_at): (String, u64)) -> Result<RegionRecord, StoreError> {
+    Ok(RegionRecord {
+        id: id.parse().map_err(|e| corrupt("region id", e))?,
+        created_at,
+    })
+}
+
 fn app_exists(tx: &Transaction<'_>, id: &AppId) -> Result<bool, StoreError> {
     Ok(tx
         .query_row(
@@ -532,6 +583,89 @@ impl Store for SqliteStore {
         })
     }
 
+    fn create_region(&self, region: &RegionRecord) -> Result<(), StoreError> {
+        self.tx(|tx| {
+            let n = tx.execute(
+                "INSERT OR IGNORE INTO regions (id, created_at) VALUES (?1, ?2)",
+                params![region.id.as_str(), region.created_at],
+            )?;
+            if n == 0 {
+                return Err(StoreError::AlreadyExists {
+                    kind: "region",
+                    id: region.id.to_string(),
+                });
+            }
+            Ok(())
+        })
+    }
+
+    fn get_region(&self, id: &RegionId) -> Result<Option<RegionRecord>, StoreError> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT id, created_at FROM regions WHERE id = ?1",
+                [id.as_str()],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?
+            .map(to_region)
+            .transpose()
+        })
+    }
+
+    fn list_regions(&self) -> Result<Vec<RegionRecord>, StoreError> {
+        self.with(|c| {
+            let mut stmt = c.prepare("SELECT id, created_at FROM regions ORDER BY id")?;
+            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            rows.map(|r| to_region(r?)).collect()
+        })
+    }
+
+    fn delete_region(&self, id: &RegionId, now: u64) -> Result<(), StoreError> {
+        if *id == RegionId::default_region() {
+            return Err(StoreError::DefaultRegion {
+                region: id.to_string(),
+            });
+        }
+        self.tx(|tx| {
+            region_exists(tx, id.as_str())?;
+            let edges: u64 = tx.query_row(
+                "SELECT COUNT(*) FROM edges WHERE region = ?1 AND deleted_at IS NULL",
+                [id.as_str()],
+                |r| r.get(0),
+            )?;
+            let groups: u64 = tx.query_row(
+                "SELECT COUNT(*) FROM groups WHERE region = ?1",
+                [id.as_str()],
+                |r| r.get(0),
+            )?;
+            // Scopes are JSON: read them as the rest of the store does.
+            let mut stmt = tx.prepare(
+                "SELECT scope FROM tokens
+                 WHERE used_at IS NULL AND revoked_at IS NULL AND expires_at > ?1",
+            )?;
+            let scopes = stmt.query_map([now], |r| r.get::<_, String>(0))?;
+            let mut tokens = 0u64;
+            for scope in scopes {
+                let scope: TokenScope =
+                    serde_json::from_str(&scope?).map_err(|e| corrupt("token scope", e))?;
+                if matches!(&scope, TokenScope::Edge { region } if region == id) {
+                    tokens += 1;
+                }
+            }
+            drop(stmt);
+            if edges > 0 || groups > 0 || tokens > 0 {
+                return Err(StoreError::RegionInUse {
+                    region: id.to_string(),
+                    edges,
+                    groups,
+                    tokens,
+                });
+            }
+            tx.execute("DELETE FROM regions WHERE id = ?1", [id.as_str()])?;
+            Ok(())
+        })
+    }
+
     fn ensure_group(&self, group: &GroupRecord) -> Result<bool, StoreError> {
         self.tx(|tx| {
             let n = tx.execute(
@@ -547,6 +681,9 @@ impl Store for SqliteStore {
 
     fn create_group(&self, group: &GroupRecord) -> Result<u64, StoreError> {
         self.tx(|tx| {
+            if group.region != "auto" {
+                region_exists(tx, &group.region)?;
+            }
             let n = tx.execute(
                 "INSERT OR IGNORE INTO groups (id, region, created_at) VALUES (?1, ?2, ?3)",
                 params![group.id.as_str(), group.region, group.created_at],
@@ -724,6 +861,9 @@ impl Store for SqliteStore {
     fn create_token(&self, token: &TokenRecord) -> Result<(), StoreError> {
         let scope = serde_json::to_string(&token.scope).map_err(|e| corrupt("token scope", e))?;
         self.tx(|tx| {
+            if let TokenScope::Edge { region } = &token.scope {
+                region_exists(tx, region.as_str())?;
+            }
             tx.execute(
                 &format!("INSERT INTO tokens ({TOKEN_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"),
                 params![
@@ -840,6 +980,7 @@ impl Store for SqliteStore {
     fn enroll_edge(&self, token_id: &str, now: u64, edge: &EdgeRecord) -> Result<(), StoreError> {
         self.tx(|tx| {
             use_token(tx, token_id, now)?;
+            region_exists(tx, edge.region.as_str())?;
             tx.execute(
                 &format!(
                     "INSERT INTO edges ({EDGE_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
@@ -1097,5 +1238,95 @@ mod tests {
         assert_eq!(apps.len(), 2);
         assert_eq!(apps[0].required_features, ["sign-in"]);
         assert!(apps[1].required_features.is_empty());
+        // Its edge token's region is there, with `default`.
+        let regions: Vec<String> = store
+            .list_regions()
+            .expect("regions")
+            .into_iter()
+            .map(|r| r.id.to_string())
+            .collect();
+        assert_eq!(regions, ["default"]);
+    }
+
+    /// A version 3 database (before regions had rows) gets a region for
+    /// every region it names: its edges' (deleted ones too), its pinned
+    /// groups' and its edge tokens' (used or not), each dated by its first
+    /// use, and `default`. What it holds keeps working: a token of such a
+    /// region enrolls, and the region cannot be deleted while it is used.
+    #[test]
+    fn a_version_3_database_gets_a_region_for_every_region_it_names() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("portico.db");
+        {
+            let conn = Connection::open(&path).expect("raw open");
+            for sql in [SCHEMA_V1, SCHEMA_V2, SCHEMA_V3] {
+                conn.execute_batch(sql).expect("old schema");
+            }
+            conn.pragma_update(None, "user_version", 3).expect("v3");
+            conn.execute_batch(
+                "INSERT INTO groups (id, region, created_at) VALUES
+                    ('Default', 'auto', 1), ('eu', 'eu-west', 40), ('eu2', 'eu-west', 30);
+                 INSERT INTO edges (id, region, host, version, enrolled_at, cert_serial, cert_not_after, deleted_at)
+                    VALUES ('e-1', 'us-east', 'h', 'v', 20, '01', 9, NULL),
+                           ('e-2', 'us-east', 'h', 'v', 10, '02', 9, NULL),
+                           ('e-3', 'old', 'h', 'v', 5, '03', 9, 6);
+                 INSERT INTO tokens (id, secret_sha256, scope, created_at, expires_at, used_at, revoked_at)
+                    VALUES ('00000000000000a1', 'x', '{\"kind\":\"edge\",\"region\":\"ap-south\"}', 50, 99999999999, NULL, NULL),
+                           ('00000000000000a2', 'x', '{\"kind\":\"edge\",\"region\":\"us-east\"}', 1, 2, 1, NULL),
+                           ('00000000000000a3', 'x', '{\"kind\":\"connector\",\"group\":\"eu\"}', 3, 4, NULL, NULL);",
+            )
+            .expect("v3 rows");
+        }
+        let store = SqliteStore::open(&path).expect("open migrates");
+        let regions: Vec<(String, u64)> = store
+            .list_regions()
+            .expect("regions")
+            .into_iter()
+            .map(|r| (r.id.to_string(), r.created_at))
+            .collect();
+        let names: Vec<&str> = regions.iter().map(|(id, _)| id.as_str()).collect();
+        assert_eq!(names, ["ap-south", "default", "eu-west", "old", "us-east"]);
+        let created = |id: &str| regions.iter().find(|(r, _)| r == id).expect(id).1;
+        assert_eq!(created("us-east"), 1, "its used token came first");
+        assert_eq!(created("eu-west"), 30);
+        assert_eq!(created("old"), 5);
+        assert_eq!(created("ap-south"), 50);
+        assert!(created("default") > 1_700_000_000, "default: now");
+
+        // The unused ap-south token holds its region, and still enrolls.
+        match store.delete_region(&"ap-south".parse().expect("id"), 100) {
+            Err(StoreError::RegionInUse { tokens: 1, .. }) => {}
+            other => panic!("{other:?}"),
+        }
+        store
+            .enroll_edge(
+                "00000000000000a1",
+                100,
+                &EdgeRecord {
+                    id: EdgeId::new("e-new").expect("id"),
+                    region: "ap-south".parse().expect("id"),
+                    host: "h".into(),
+                    version: "v".into(),
+                    enrolled_at: 100,
+                    cert: CertInfo {
+                        serial: "04".into(),
+                        not_after: 9,
+                    },
+                    tunnel_addr: None,
+                    public_addr: None,
+                    last_seen: None,
+                    tunnels: 0,
+                    deleted_at: None,
+                },
+            )
+            .expect("an old token of a seeded region enrolls");
+        // A region only a tombstone named is free to go.
+        store
+            .delete_region(&"old".parse().expect("id"), 100)
+            .expect("delete old");
+        match store.delete_region(&"eu-west".parse().expect("id"), 100) {
+            Err(StoreError::RegionInUse { groups: 2, .. }) => {}
+            other => panic!("{other:?}"),
+        }
     }
 }

@@ -9,8 +9,8 @@ use portico_proto::api::{BackendTimeout, TokenScope};
 use portico_proto::ids::{AppId, ConnectorId, EdgeId, GroupId, RegionId};
 
 use super::{
-    AppRecord, CertInfo, ConnectorRecord, ConnectorSeen, EdgeRecord, EdgeSeen, GroupRecord, Store,
-    TokenRecord,
+    AppRecord, CertInfo, ConnectorRecord, ConnectorSeen, EdgeRecord, EdgeSeen, GroupRecord,
+    RegionRecord, Store, TokenRecord,
 };
 use crate::error::StoreError;
 
@@ -33,6 +33,26 @@ fn app(id: &str, host: &str, group: &str) -> AppRecord {
         required_features: vec!["sign-in".into(), "mesh".into()],
         created_at: 200,
     }
+}
+
+fn region(id: &str) -> RegionRecord {
+    RegionRecord {
+        id: RegionId::new(id).expect("region id"),
+        created_at: 150,
+    }
+}
+
+fn rid(id: &str) -> RegionId {
+    RegionId::new(id).expect("region id")
+}
+
+fn edge_token(id: &str, region: &str) -> TokenRecord {
+    token(
+        id,
+        TokenScope::Edge {
+            region: rid(region),
+        },
+    )
 }
 
 fn token(id: &str, scope: TokenScope) -> TokenRecord {
@@ -423,12 +443,195 @@ fn populate(s: &dyn Store) {
         },
     )
     .expect("edge cert");
+
+    populate_regions(s);
+}
+
+/// Regions: `default` is there from the start; a region can be deleted
+/// once nothing uses it.
+fn populate_regions(s: &dyn Store) {
+    let ids = |s: &dyn Store| {
+        s.list_regions()
+            .expect("regions")
+            .into_iter()
+            .map(|r| r.id.to_string())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(ids(s), ["default"], "`default` always exists");
+    let version = s.config_version().expect("version");
+    for r in ["us-east", "eu-west", "gone", "later", "rev"] {
+        s.create_region(&region(r)).expect("create region");
+    }
+    assert_eq!(
+        s.config_version().expect("version"),
+        version,
+        "regions alone change nothing edges or connectors are told"
+    );
+    assert!(matches!(
+        s.create_region(&region("eu-west")),
+        Err(StoreError::AlreadyExists { kind: "region", ref id }) if id == "eu-west"
+    ));
+    assert!(matches!(
+        s.create_region(&region("default")),
+        Err(StoreError::AlreadyExists { kind: "region", .. })
+    ));
+    assert_eq!(
+        s.get_region(&rid("eu-west")).expect("get"),
+        Some(region("eu-west"))
+    );
+    assert_eq!(s.get_region(&rid("nowhere")).expect("get"), None);
+    assert_eq!(
+        ids(s),
+        ["default", "eu-west", "gone", "later", "rev", "us-east"],
+        "listed by id"
+    );
+
+    // What names a region needs it to exist, and nothing is written
+    // otherwise.
+    let pinned = |region: &str| GroupRecord {
+        region: region.into(),
+        ..group("pinned")
+    };
+    assert!(matches!(
+        s.create_group(&pinned("nowhere")),
+        Err(StoreError::NotFound { kind: "region", ref id }) if id == "nowhere"
+    ));
+    assert_eq!(
+        s.get_group(&GroupId::new("pinned").expect("id"))
+            .expect("get"),
+        None
+    );
+    s.create_group(&pinned("us-east")).expect("pinned group");
+    assert!(matches!(
+        s.create_token(&edge_token("00000000000000e9", "nowhere")),
+        Err(StoreError::NotFound { kind: "region", .. })
+    ));
+    assert_eq!(s.get_token("00000000000000e9").expect("get"), None);
+    s.create_token(&edge_token("00000000000000e3", "eu-west"))
+        .expect("eu-west token");
+    // The edge record's region is checked too; the token stays unused.
+    let e3 = |region: &str| EdgeRecord {
+        region: rid(region),
+        ..edge("e-3")
+    };
+    assert!(matches!(
+        s.enroll_edge("00000000000000e3", 370, &e3("nowhere")),
+        Err(StoreError::NotFound { kind: "region", .. })
+    ));
+    assert_eq!(
+        s.get_token("00000000000000e3")
+            .expect("get")
+            .expect("e3")
+            .used_at,
+        None
+    );
+    assert_eq!(
+        s.get_edge(&EdgeId::new("e-3").expect("id")).expect("get"),
+        None
+    );
+
+    // Refused while used: by a pinned group, an unused token, a live edge.
+    let now = 1000;
+    assert!(matches!(
+        s.delete_region(&RegionId::default_region(), now),
+        Err(StoreError::DefaultRegion { .. })
+    ));
+    assert!(matches!(
+        s.delete_region(&rid("nowhere"), now),
+        Err(StoreError::NotFound { kind: "region", .. })
+    ));
+    match s.delete_region(&rid("us-east"), now) {
+        Err(StoreError::RegionInUse {
+            edges: 0,
+            groups: 1,
+            tokens: 0,
+            ..
+        }) => {}
+        other => panic!("a pinned group's region: {other:?}"),
+    }
+    match s.delete_region(&rid("eu-west"), now) {
+        Err(StoreError::RegionInUse {
+            edges: 0,
+            groups: 0,
+            tokens: 1,
+            ..
+        }) => {}
+        other => panic!("an unused token's region: {other:?}"),
+    }
+    s.enroll_edge("00000000000000e3", 371, &e3("eu-west"))
+        .expect("enroll e-3 in eu-west");
+    match s.delete_region(&rid("eu-west"), now) {
+        Err(StoreError::RegionInUse {
+            edges: 1,
+            groups: 0,
+            tokens: 0,
+            ..
+        }) => {}
+        other => panic!("a live edge's region: {other:?}"),
+    }
+
+    // Allowed once the edge is deleted (its tombstone does not count)...
+    s.create_token(&edge_token("00000000000000e4", "gone"))
+        .expect("gone token");
+    s.enroll_edge(
+        "00000000000000e4",
+        372,
+        &EdgeRecord {
+            region: rid("gone"),
+            ..edge("e-4")
+        },
+    )
+    .expect("enroll e-4 in gone");
+    assert!(matches!(
+        s.delete_region(&rid("gone"), now),
+        Err(StoreError::RegionInUse { edges: 1, .. })
+    ));
+    s.delete_edge(&EdgeId::new("e-4").expect("id"), 373)
+        .expect("delete e-4");
+    let version = s.config_version().expect("version");
+    s.delete_region(&rid("gone"), now).expect("delete gone");
+    assert_eq!(s.config_version().expect("version"), version);
+    assert_eq!(s.get_region(&rid("gone")).expect("get"), None);
+    assert!(matches!(
+        s.delete_region(&rid("gone"), now),
+        Err(StoreError::NotFound { kind: "region", .. })
+    ));
+    // ...once its token has expired (the suite's tokens expire at 4000)...
+    s.create_token(&edge_token("00000000000000e5", "later"))
+        .expect("later token");
+    assert!(matches!(
+        s.delete_region(&rid("later"), 3999),
+        Err(StoreError::RegionInUse { tokens: 1, .. })
+    ));
+    s.delete_region(&rid("later"), 4000)
+        .expect("an expired token does not hold its region");
+    // ...or been revoked.
+    s.create_token(&edge_token("00000000000000e6", "rev"))
+        .expect("rev token");
+    s.revoke_token("00000000000000e6", 380).expect("revoke");
+    s.delete_region(&rid("rev"), now)
+        .expect("a revoked token does not hold its region");
 }
 
 fn check_populated(s: &dyn Store) {
     let groups = s.list_groups().expect("groups");
     let ids: Vec<(&str, u32)> = groups.iter().map(|(g, n)| (g.id.as_str(), *n)).collect();
-    assert_eq!(ids, vec![("Default", 0), ("dc1", 1), ("empty", 0)]);
+    assert_eq!(
+        ids,
+        vec![("Default", 0), ("dc1", 1), ("empty", 0), ("pinned", 0)]
+    );
+    assert_eq!(
+        s.get_group(&GroupId::new("pinned").expect("id"))
+            .expect("get")
+            .map(|g| g.region),
+        Some("us-east".to_owned())
+    );
+    let regions = s.list_regions().expect("regions");
+    assert_eq!(
+        regions.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+        ["default", "eu-west", "us-east"]
+    );
+    assert_eq!(regions[1], region("eu-west"));
     assert_eq!(
         s.get_group(&GroupId::new("dc1").expect("id")).expect("get"),
         Some(group("dc1"))
@@ -471,7 +674,11 @@ fn check_populated(s: &dyn Store) {
             "00000000000000c2",
             "00000000000000c3",
             "00000000000000e1",
-            "00000000000000e2"
+            "00000000000000e2",
+            "00000000000000e3",
+            "00000000000000e4",
+            "00000000000000e5",
+            "00000000000000e6"
         ]
     );
     let c3 = tokens
@@ -500,9 +707,17 @@ fn check_populated(s: &dyn Store) {
     assert_eq!(c2.deleted_at, Some(800));
 
     let edges = s.list_edges().expect("edges");
-    assert_eq!(edges.len(), 2, "the deleted edge is kept as a tombstone");
+    assert_eq!(edges.len(), 4, "deleted edges are kept as tombstones");
     let gone = edges.iter().find(|e| e.id.as_str() == "e-2").expect("e-2");
     assert_eq!(gone.deleted_at, Some(362));
+    let e3 = edges.iter().find(|e| e.id.as_str() == "e-3").expect("e-3");
+    assert_eq!((e3.region.as_str(), e3.deleted_at), ("eu-west", None));
+    let e4 = edges.iter().find(|e| e.id.as_str() == "e-4").expect("e-4");
+    assert_eq!(
+        (e4.region.as_str(), e4.deleted_at),
+        ("gone", Some(373)),
+        "a tombstone keeps the region it had"
+    );
     let e = edges.iter().find(|e| e.id.as_str() == "e-1").expect("e-1");
     assert_eq!(e.deleted_at, None);
     assert_eq!(e.tunnel_addr.as_deref(), Some("127.0.0.1:4433"));
