@@ -261,11 +261,6 @@ impl ShardConnectionIds {
             shards: shards as u32,
         }
     }
-
-    /// The shard an ID's first byte steers to.
-    pub fn shard_of(first_byte: u8, shards: usize) -> usize {
-        usize::from(first_byte) % shards
-    }
 }
 
 impl quinn::ConnectionIdGenerator for ShardConnectionIds {
@@ -485,7 +480,7 @@ mod tests {
                     .map(|_| {
                         let id = ids.generate_cid();
                         assert_eq!(id.len(), ids.cid_len());
-                        assert_eq!(ShardConnectionIds::shard_of(id[0], shards), shard);
+                        assert_eq!(usize::from(id[0]) % shards, shard);
                         id.to_vec()
                     })
                     .collect();

@@ -1119,6 +1119,24 @@ mod pool {
         first_cid_byte: u8,
     }
 
+    /// Config version 7: app `hr` on `backend`, behind the one edge `edge`.
+    fn hr_behind(
+        edge: &EdgeId,
+        edge_ep: &quinn::Endpoint,
+        backend: std::net::SocketAddr,
+    ) -> anyhow::Result<ConnectorConfig> {
+        Ok(ConnectorConfig {
+            version: 7,
+            group: GroupId::default_group(),
+            apps: vec![app("hr", format!("http://{backend}/"), true)],
+            edges: vec![EdgeEndpoint {
+                id: edge.clone(),
+                region: RegionId::default_region(),
+                tunnel_addr: edge_ep.local_addr()?.to_string(),
+            }],
+        })
+    }
+
     /// An edge that checks the client certificate, answers `Hello` with
     /// `Welcome` and hands every tunnel to the test.
     async fn fake_edge(
@@ -1203,16 +1221,7 @@ mod pool {
                 stop.clone(),
                 tracker.clone(),
             ));
-            let config = ConnectorConfig {
-                version: 7,
-                group: GroupId::default_group(),
-                apps: vec![app("hr", format!("http://{backend}/"), true)],
-                edges: vec![EdgeEndpoint {
-                    id: edge_id.clone(),
-                    region: RegionId::default_region(),
-                    tunnel_addr: edge_ep.local_addr()?.to_string(),
-                }],
-            };
+            let config = hr_behind(&edge_id, &edge_ep, backend)?;
             crate::watch::apply(&pool, &config_tx, Arc::new(config));
             pool.spawn_slots(
                 2,
@@ -1335,16 +1344,7 @@ mod pool {
                 stop.clone(),
                 tracker.clone(),
             ));
-            let config = ConnectorConfig {
-                version: 7,
-                group: GroupId::default_group(),
-                apps: vec![app("hr", format!("http://{backend}/"), true)],
-                edges: vec![EdgeEndpoint {
-                    id: edge_id.clone(),
-                    region: RegionId::default_region(),
-                    tunnel_addr: edge_ep.local_addr()?.to_string(),
-                }],
-            };
+            let config = hr_behind(&edge_id, &edge_ep, backend)?;
             crate::watch::apply(&pool, &config_tx, Arc::new(config));
             pool.spawn_slots(4, &shards);
 

@@ -612,6 +612,31 @@ fn fake_connector_full(
     });
 }
 
+/// Attaches connector `c-1` to `edge` as [`fake_connector_full`], whose
+/// streams report how the edge stopped them on the returned receiver.
+async fn attach_reporting_connector(
+    pki: &Pki,
+    edge: &Handle,
+) -> anyhow::Result<(
+    quinn::Endpoint,
+    quinn::Connection,
+    Control,
+    tokio::sync::mpsc::UnboundedReceiver<Option<u64>>,
+)> {
+    let ep = quic_client(pki, pki.connector("c-1")?)?;
+    let conn = dial(&ep, edge.tunnel_addr).await?;
+    let control = handshake(&conn, "c-1").await?;
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    fake_connector_full(
+        conn.clone(),
+        "c-1",
+        Arc::new(tokio::sync::Notify::new()),
+        tx,
+    );
+    wait_until("the tunnel to attach", || edge.tunnel_count() == 1).await?;
+    Ok((ep, conn, control, rx))
+}
+
 /// One HTTPS request over a fresh connection, HTTP/2 or HTTP/1.1 by ALPN.
 async fn https(
     pki: &Pki,
@@ -1063,17 +1088,7 @@ async fn a_response_read_to_its_length_takes_the_fin_that_came_with_it() -> anyh
     let pki = Pki::new("test CA")?;
     let shutdown = CancellationToken::new();
     let edge = test_edge(&pki, &shutdown).await?;
-    let ep = quic_client(&pki, pki.connector("c-1")?)?;
-    let conn = dial(&ep, edge.tunnel_addr).await?;
-    let _control = handshake(&conn, "c-1").await?;
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    fake_connector_full(
-        conn.clone(),
-        "c-1",
-        Arc::new(tokio::sync::Notify::new()),
-        tx,
-    );
-    wait_until("the tunnel to attach", || edge.tunnel_count() == 1).await?;
+    let (_ep, conn, _control, mut rx) = attach_reporting_connector(&pki, &edge).await?;
     for h2 in [false, true, false, true] {
         let r = https(
             &pki,
@@ -1099,17 +1114,7 @@ async fn a_client_that_leaves_cancels_its_stream() -> anyhow::Result<()> {
     let pki = Pki::new("test CA")?;
     let shutdown = CancellationToken::new();
     let edge = test_edge(&pki, &shutdown).await?;
-    let ep = quic_client(&pki, pki.connector("c-1")?)?;
-    let conn = dial(&ep, edge.tunnel_addr).await?;
-    let _control = handshake(&conn, "c-1").await?;
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    fake_connector_full(
-        conn.clone(),
-        "c-1",
-        Arc::new(tokio::sync::Notify::new()),
-        tx,
-    );
-    wait_until("the tunnel to attach", || edge.tunnel_count() == 1).await?;
+    let (_ep, conn, _control, mut rx) = attach_reporting_connector(&pki, &edge).await?;
 
     let addr = edge.public_addr;
     let ca_pem = pki.ca_pem.clone();
@@ -1645,17 +1650,7 @@ async fn clients_that_stop_reading_are_reset_and_stall_nobody() -> anyhow::Resul
         c.max_stalled_per_client = 16;
     })
     .await?;
-    let ep = quic_client(&pki, pki.connector("c-1")?)?;
-    let conn = dial(&ep, edge.tunnel_addr).await?;
-    let _control = handshake(&conn, "c-1").await?;
-    let (tx, mut stopped) = tokio::sync::mpsc::unbounded_channel();
-    fake_connector_full(
-        conn.clone(),
-        "c-1",
-        Arc::new(tokio::sync::Notify::new()),
-        tx,
-    );
-    wait_until("the tunnel to attach", || edge.tunnel_count() == 1).await?;
+    let (_ep, conn, _control, mut stopped) = attach_reporting_connector(&pki, &edge).await?;
     let addr = edge.public_addr;
 
     // Four HTTP/1.1 clients ask for 8 MiB and read nothing.
@@ -1744,17 +1739,7 @@ async fn a_client_over_its_stall_budget_is_reset_early() -> anyhow::Result<()> {
         c.max_stalled_per_client = 2;
     })
     .await?;
-    let ep = quic_client(&pki, pki.connector("c-1")?)?;
-    let conn = dial(&ep, edge.tunnel_addr).await?;
-    let _control = handshake(&conn, "c-1").await?;
-    let (tx, mut stopped) = tokio::sync::mpsc::unbounded_channel();
-    fake_connector_full(
-        conn.clone(),
-        "c-1",
-        Arc::new(tokio::sync::Notify::new()),
-        tx,
-    );
-    wait_until("the tunnel to attach", || edge.tunnel_count() == 1).await?;
+    let (_ep, conn, _control, mut stopped) = attach_reporting_connector(&pki, &edge).await?;
     let mut readers = Vec::new();
     for _ in 0..3 {
         let mut tls = raw_tls(&pki, edge.public_addr, "hr.apps.test").await?;
