@@ -1114,7 +1114,7 @@ async fn a_client_that_leaves_cancels_its_stream() -> anyhow::Result<()> {
     let pki = Pki::new("test CA")?;
     let shutdown = CancellationToken::new();
     let edge = test_edge(&pki, &shutdown).await?;
-    let (_ep, conn, _control, mut rx) = attach_reporting_connector(&pki, &edge).await?;
+    let (_ep, _conn, _control, mut rx) = attach_reporting_connector(&pki, &edge).await?;
 
     let addr = edge.public_addr;
     let ca_pem = pki.ca_pem.clone();
@@ -1650,7 +1650,7 @@ async fn clients_that_stop_reading_are_reset_and_stall_nobody() -> anyhow::Resul
         c.max_stalled_per_client = 16;
     })
     .await?;
-    let (_ep, conn, _control, mut stopped) = attach_reporting_connector(&pki, &edge).await?;
+    let (_ep, _conn, _control, mut stopped) = attach_reporting_connector(&pki, &edge).await?;
     let addr = edge.public_addr;
 
     // Four HTTP/1.1 clients ask for 8 MiB and read nothing.
@@ -1739,7 +1739,7 @@ async fn a_client_over_its_stall_budget_is_reset_early() -> anyhow::Result<()> {
         c.max_stalled_per_client = 2;
     })
     .await?;
-    let (_ep, conn, _control, mut stopped) = attach_reporting_connector(&pki, &edge).await?;
+    let (_ep, _conn, _control, mut stopped) = attach_reporting_connector(&pki, &edge).await?;
     let mut readers = Vec::new();
     for _ in 0..3 {
         let mut tls = raw_tls(&pki, edge.public_addr, "hr.apps.test").await?;
