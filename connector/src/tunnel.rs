@@ -11,14 +11,14 @@ use std::time::{Duration, Instant};
 
 use portico_agent::{pki, Credentials};
 use portico_proto::api::{edge_server_name, ConnectorConfig, EdgeEndpoint};
-use portico_proto::io::{read_frame, write_frame};
+use portico_proto::control::{By, Closed, Control, ControlConfig, Event};
+use portico_proto::io::write_frame;
 use portico_proto::{
-    capabilities, CloseCode, ConnectorId, Frame, Goodbye, GroupId, Hello, TunnelId, Welcome, ALPN,
-    PROTOCOL_VERSION,
+    capabilities, CloseCode, ConnectorId, GroupId, Hello, TunnelId, Welcome, ALPN, PROTOCOL_VERSION,
 };
 use quinn::crypto::rustls::QuicClientConfig;
 use quinn::{Connection, ConnectionError, Endpoint, RecvStream, SendStream, TransportConfig};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -28,9 +28,9 @@ use crate::metrics::Metrics;
 use crate::stream::{code, serve_stream, StreamCtx};
 
 /// How long dialing, the handshake and `Welcome` may take.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// How often the control stream is pinged.
-const PING_INTERVAL: Duration = Duration::from_secs(10);
+const HANDSHAKE_TIMEOUT: Duration = portico_proto::control::HANDSHAKE_TIMEOUT;
+/// The most read from the control stream at once.
+const READ_CHUNK: usize = 2048;
 /// First reconnect delay, doubled up to [`BACKOFF_MAX`].
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
@@ -360,6 +360,8 @@ struct Tunnel {
     conn: Connection,
     ctl_send: SendStream,
     ctl_recv: RecvStream,
+    /// The control protocol's machine, past the handshake.
+    ctl: Control,
     welcome: Welcome,
 }
 
@@ -436,7 +438,7 @@ async fn dial(pool: &Pool, slot: usize, edge: &EdgeEndpoint) -> Result<Tunnel, D
         })?;
         let welcome = hello(pool, &conn).await;
         match welcome {
-            Ok((ctl_send, ctl_recv, welcome)) => Ok((conn, ctl_send, ctl_recv, welcome)),
+            Ok((ctl_send, ctl_recv, ctl, welcome)) => Ok((conn, ctl_send, ctl_recv, ctl, welcome)),
             Err(e) => {
                 // A refused client certificate shows up only now (TLS 1.3):
                 // the close reason tells a revoked connector apart.
@@ -449,55 +451,85 @@ async fn dial(pool: &Pool, slot: usize, edge: &EdgeEndpoint) -> Result<Tunnel, D
             }
         }
     };
-    let (conn, ctl_send, ctl_recv, welcome) = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
-        .await
-        .map_err(|_| DialError::Timeout)??;
+    let (conn, ctl_send, ctl_recv, ctl, welcome) =
+        tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
+            .await
+            .map_err(|_| DialError::Timeout)??;
     let id = TunnelId(pool.next_tunnel.fetch_add(1, Ordering::Relaxed));
     Ok(Tunnel {
         id,
         conn,
         ctl_send,
         ctl_recv,
+        ctl,
         welcome,
     })
 }
 
-/// Opens the control stream, says `Hello` and waits for `Welcome`.
+fn now() -> Instant {
+    tokio::time::Instant::now().into_std()
+}
+
+/// Opens the control stream, says `Hello` and waits for `Welcome`, driving
+/// the control machine.
 async fn hello(
     pool: &Pool,
     conn: &Connection,
-) -> Result<(SendStream, RecvStream, Welcome), DialError> {
+) -> Result<(SendStream, RecvStream, Control, Welcome), DialError> {
     let lost = |e: &dyn std::fmt::Display| DialError::Handshake {
         reason: e.to_string(),
     };
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| lost(&e))?;
-    let hello = Frame::Hello(Hello {
+    let hello = Hello {
         version: PROTOCOL_VERSION,
         capabilities: capabilities::ALL,
         connector_id: pool.id.clone(),
         group: pool.group.clone(),
         agent_version: env!("CARGO_PKG_VERSION").to_owned(),
-    });
-    write_frame(&mut send, &hello).await.map_err(|e| lost(&e))?;
-    match read_frame(&mut recv).await {
-        Ok(Some(Frame::Welcome(w))) => Ok((send, recv, w)),
-        Ok(Some(Frame::Goodbye(g))) => {
-            let code = CloseCode::from_wire(g.code);
-            if code == CloseCode::Revoked {
-                return Err(DialError::Revoked { detail: g.reason });
-            }
-            Err(DialError::Refused {
-                code,
-                reason: g.reason,
-            })
+    };
+    let mut ctl = Control::dial_tunnel(ControlConfig::CONNECTOR, hello, now());
+    let mut buf = [0u8; READ_CHUNK];
+    loop {
+        while let Some(frame) = ctl.poll_transmit() {
+            write_frame(&mut send, &frame).await.map_err(|e| lost(&e))?;
         }
-        Ok(Some(other)) => Err(DialError::Handshake {
-            reason: format!("expected Welcome, got {:?}", other.frame_type()),
-        }),
-        Ok(None) => Err(DialError::Handshake {
-            reason: "control stream closed before Welcome".into(),
-        }),
-        Err(e) => Err(lost(&e)),
+        while let Some(event) = ctl.poll_event() {
+            match event {
+                Event::Welcomed(w) => return Ok((send, recv, ctl, w)),
+                Event::Closed(closed) => {
+                    // This side's Goodbye, if it closed, says why.
+                    while let Some(frame) = ctl.poll_transmit() {
+                        let _ = write_frame(&mut send, &frame).await;
+                    }
+                    return Err(refusal(closed));
+                }
+                _ => {}
+            }
+        }
+        tokio::select! {
+            () = sleep_until(ctl.poll_timeout().map(tokio::time::Instant::from_std)) => ctl.handle_timeout(now()),
+            r = recv.read(&mut buf) => match r {
+                Ok(Some(n)) => ctl.handle_data(&buf[..n], now()),
+                Ok(None) => ctl.handle_finish(now()),
+                Err(e) => return Err(lost(&e)),
+            },
+        }
+    }
+}
+
+/// Why a handshake the control machine closed failed.
+fn refusal(closed: Closed) -> DialError {
+    match (closed.by, closed.code) {
+        (By::Peer, CloseCode::Revoked) => DialError::Revoked {
+            detail: closed.reason,
+        },
+        (By::Peer, code) if code != CloseCode::ProtocolError => DialError::Refused {
+            code,
+            reason: closed.reason,
+        },
+        _ => DialError::Handshake {
+            reason: closed.reason,
+        },
     }
 }
 
@@ -544,7 +576,8 @@ async fn run_tunnel(
     let Tunnel {
         conn,
         mut ctl_send,
-        ctl_recv,
+        mut ctl_recv,
+        mut ctl,
         welcome,
         ..
     } = tunnel;
@@ -563,92 +596,99 @@ async fn run_tunnel(
         }
     };
 
-    // The control stream is read by its own task: `read_frame` is not
-    // cancellation safe.
-    let (ctl_tx, mut ctl_rx) = mpsc::channel(16);
-    pool.tracker.spawn(
-        async move {
-            let mut recv = ctl_recv;
-            loop {
-                let r = read_frame(&mut recv).await;
-                let end = !matches!(r, Ok(Some(_)));
-                if ctl_tx.send(r).await.is_err() || end {
-                    return;
-                }
-            }
-        }
-        .in_current_span(),
-    );
-
     let streams = TaskTracker::new();
     let mut draining: Option<DrainCause> = None;
     let mut drain_deadline: Option<tokio::time::Instant> = None;
-    let mut ping =
-        tokio::time::interval_at(tokio::time::Instant::now() + PING_INTERVAL, PING_INTERVAL);
-    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut ping_seq = 0u64;
-    let mut ping_sent: Option<(u64, Instant)> = None;
+    let mut start_drain = |cause: DrainCause,
+                           draining: &mut Option<DrainCause>,
+                           deadline: &mut Option<tokio::time::Instant>,
+                           up: &mut Option<UpGuard>| {
+        if draining.is_none() {
+            *draining = Some(cause);
+            *deadline = Some(tokio::time::Instant::now() + DRAIN_LIMIT);
+            streams.close();
+            release(Release::Draining, up);
+        }
+    };
+    // Whether the control stream still works: the machine is driven while
+    // it does.
     let mut control_open = true;
+    let mut buf = [0u8; READ_CHUNK];
 
     let closed: ConnectionError = loop {
+        if control_open {
+            while let Some(frame) = ctl.poll_transmit() {
+                if let Err(e) = write_frame(&mut ctl_send, &frame).await {
+                    tracing::debug!(error = %portico_agent::error_chain(&e), "cannot write on the control stream");
+                    control_open = false;
+                    break;
+                }
+            }
+        }
+        while let Some(event) = ctl.poll_event() {
+            match event {
+                Event::Rtt(rtt) => {
+                    pool.metrics.tunnel_rtt.observe(rtt.as_secs_f64());
+                    tracing::trace!(?rtt, "pong");
+                }
+                Event::Health(change) => tracing::debug!(?change, "the edge's answers to pings"),
+                Event::PeerDraining => {
+                    if draining.is_none() {
+                        tracing::info!(
+                            "the edge asked this tunnel to drain; opening a replacement"
+                        );
+                    }
+                    start_drain(
+                        DrainCause::Edge,
+                        &mut draining,
+                        &mut drain_deadline,
+                        &mut up,
+                    );
+                }
+                Event::ConfigChanged(v) => {
+                    tracing::debug!(version = v, "the edge reports a config change");
+                }
+                Event::Closed(closed) => {
+                    control_open = false;
+                    match closed.by {
+                        By::Peer => log_goodbye(closed.code, &closed.reason),
+                        By::Local => {
+                            tracing::warn!(code = %closed.code, reason = %closed.reason, "closing the tunnel");
+                            while let Some(frame) = ctl.poll_transmit() {
+                                let _ = write_frame(&mut ctl_send, &frame).await;
+                            }
+                            conn.close(code(closed.code), closed.reason.as_bytes());
+                        }
+                    }
+                    // Without its control stream the tunnel cannot be
+                    // judged or drained: a replacement opens, and what is
+                    // in flight here finishes.
+                    start_drain(
+                        DrainCause::Edge,
+                        &mut draining,
+                        &mut drain_deadline,
+                        &mut up,
+                    );
+                }
+                Event::Hello(_) | Event::Welcomed(_) => {}
+            }
+        }
         tokio::select! {
             biased;
             _ = stop.cancelled(), if draining.is_none() => {
                 let cause = if pool.stop.is_cancelled() { DrainCause::Shutdown } else { DrainCause::Moved };
                 tracing::info!(?cause, "draining tunnel");
-                if let Err(e) = write_frame(&mut ctl_send, &Frame::Drain).await {
-                    tracing::debug!(error = %portico_agent::error_chain(&e), "cannot send Drain");
-                }
-                draining = Some(cause);
-                drain_deadline = Some(tokio::time::Instant::now() + DRAIN_LIMIT);
-                streams.close();
-                release(Release::Draining, &mut up);
+                ctl.drain();
+                start_drain(cause, &mut draining, &mut drain_deadline, &mut up);
             }
-            frame = ctl_rx.recv(), if control_open => match frame {
-                Some(Ok(Some(Frame::Ping(v)))) => {
-                    if let Err(e) = write_frame(&mut ctl_send, &Frame::Pong(v)).await {
-                        tracing::debug!(error = %portico_agent::error_chain(&e), "cannot answer Ping");
-                    }
-                }
-                Some(Ok(Some(Frame::Pong(v)))) => {
-                    if let Some((seq, at)) = ping_sent {
-                        if seq == v {
-                            let rtt = at.elapsed();
-                            pool.metrics.tunnel_rtt.observe(rtt.as_secs_f64());
-                            tracing::trace!(?rtt, "pong");
-                            ping_sent = None;
-                        }
-                    }
-                }
-                Some(Ok(Some(Frame::Drain))) => {
-                    if draining.is_none() {
-                        tracing::info!("the edge asked this tunnel to drain; opening a replacement");
-                        draining = Some(DrainCause::Edge);
-                        drain_deadline = Some(tokio::time::Instant::now() + DRAIN_LIMIT);
-                        streams.close();
-                        release(Release::Draining, &mut up);
-                    }
-                }
-                Some(Ok(Some(Frame::ConfigChanged(v)))) => {
-                    tracing::debug!(version = v, "the edge reports a config change");
-                }
-                Some(Ok(Some(Frame::Goodbye(g)))) => {
-                    log_goodbye(&g);
-                }
-                Some(Ok(Some(other))) => {
-                    tracing::warn!(frame = ?other.frame_type(), "unexpected frame on the control stream; closing the tunnel");
-                    conn.close(code(CloseCode::ProtocolError), b"unexpected control frame");
-                }
-                Some(Ok(None)) | None => {
-                    tracing::debug!("the edge finished the control stream");
-                    control_open = false;
-                }
-                Some(Err(e)) => {
+            // quinn's read is cancel safe, and the machine keeps a partial
+            // frame, so waking for something else loses nothing.
+            r = ctl_recv.read(&mut buf), if control_open => match r {
+                Ok(Some(n)) => ctl.handle_data(&buf[..n], now()),
+                Ok(None) => ctl.handle_finish(now()),
+                Err(e) => {
                     tracing::warn!(error = %portico_agent::error_chain(&e), "control stream failed");
                     control_open = false;
-                    if matches!(e, portico_proto::io::ReadError::Decode(_)) {
-                        conn.close(code(CloseCode::ProtocolError), b"malformed control frame");
-                    }
                 }
             },
             accepted = conn.accept_bi() => match accepted {
@@ -660,12 +700,8 @@ async fn run_tunnel(
                 }
                 Err(e) => break e,
             },
-            _ = ping.tick(), if control_open => {
-                ping_seq += 1;
-                ping_sent = Some((ping_seq, Instant::now()));
-                if let Err(e) = write_frame(&mut ctl_send, &Frame::Ping(ping_seq)).await {
-                    tracing::debug!(error = %portico_agent::error_chain(&e), "cannot send Ping");
-                }
+            () = sleep_until(ctl.poll_timeout().map(tokio::time::Instant::from_std)), if control_open => {
+                ctl.handle_timeout(now());
             }
             _ = streams.wait(), if draining.is_some() => {
                 let (close, reason) = match draining {
@@ -673,8 +709,12 @@ async fn run_tunnel(
                     Some(DrainCause::Moved) => (CloseCode::NoError, "tunnel moved to another edge"),
                     _ => (CloseCode::NoError, "drained"),
                 };
-                let bye = Frame::Goodbye(Goodbye { code: u64::from(close.to_wire()), reason: reason.into() });
-                let _ = write_frame(&mut ctl_send, &bye).await;
+                if control_open {
+                    ctl.goodbye(close, reason);
+                    while let Some(frame) = ctl.poll_transmit() {
+                        let _ = write_frame(&mut ctl_send, &frame).await;
+                    }
+                }
                 let _ = ctl_send.finish();
                 conn.close(code(close), reason.as_bytes());
                 tracing::info!(reason, "tunnel closed");
@@ -704,13 +744,12 @@ async fn run_tunnel(
     release(Release::Closed, &mut up);
 }
 
-fn log_goodbye(g: &Goodbye) {
-    let code = CloseCode::from_wire(g.code);
+fn log_goodbye(code: CloseCode, reason: &str) {
     match code {
         CloseCode::NoError | CloseCode::Shutdown => {
-            tracing::info!(%code, reason = %g.reason, "the edge says goodbye")
+            tracing::info!(%code, %reason, "the edge says goodbye")
         }
-        _ => tracing::warn!(%code, reason = %g.reason, "the edge says goodbye"),
+        _ => tracing::warn!(%code, %reason, "the edge says goodbye"),
     }
 }
 

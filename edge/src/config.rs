@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::error::Error;
-use crate::liveness::{LivenessConfig, SUSPECT_CEILING};
 use crate::tunnel_acceptor::TunnelPolicy;
+use portico_proto::control::liveness::{LivenessConfig, SUSPECT_CEILING};
 
 /// Everything `start` needs. Build it with [`Config::new`] and adjust fields.
 #[derive(Clone)]

@@ -19,7 +19,6 @@ mod control;
 pub mod error;
 mod http3;
 mod listener;
-mod liveness;
 mod metrics;
 mod pages;
 mod request;

@@ -1,6 +1,7 @@
-//! The tunnel acceptor: QUIC with mutual TLS, the `Hello`/`Welcome`
-//! handshake on the control stream, and the control loop, which drives the
-//! tunnel's liveness (`liveness.rs`): pings, suspect and dead.
+//! The tunnel acceptor: QUIC with mutual TLS, and a thin driver of the
+//! control protocol's state machine (`portico_proto::control`) on the
+//! control stream: the `Hello`/`Welcome` handshake, the tunnel's liveness
+//! (pings, suspect and dead), `Drain` and `Goodbye`.
 //!
 //! A peer that breaks the protocol gets its connection closed with
 //! `CloseCode::ProtocolError` and the decode error as the reason; nothing it
@@ -16,27 +17,25 @@ use std::time::Duration;
 
 use portico_agent::pki;
 use portico_proto::api::Identity;
-use portico_proto::io::{read_frame, write_frame, ReadError};
-use portico_proto::ConnectorId;
-use portico_proto::{
-    capabilities, negotiate_version, CloseCode, DecodeError, Frame, FrameType, Goodbye, Hello,
-    Welcome,
+use portico_proto::control::{
+    liveness, By, Closed, Control, ControlConfig, Event, Link, LivenessConfig, PeerHello,
 };
+use portico_proto::io::write_frame;
+use portico_proto::{CloseCode, ConnectorId};
 use quinn::crypto::rustls::QuicServerConfig;
 use quinn::{RecvStream, SendStream};
 use rustls::pki_types::CertificateDer;
-use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::certs::CertStore;
 use crate::error::Error;
-use crate::liveness::{Event, Liveness, LivenessConfig};
 use crate::tunnels::{Tunnel, TunnelSlot};
 use crate::Shared;
 
 /// How long a connector has to finish the QUIC handshake and send `Hello`.
-pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const HANDSHAKE_TIMEOUT: Duration = portico_proto::control::HANDSHAKE_TIMEOUT;
+/// The most read from the control stream at once.
+const READ_CHUNK: usize = 2048;
 /// Bidirectional streams a connector may open: its control stream. Data
 /// streams are opened by the edge; a connector that could open more would
 /// make the edge buffer each one up to its stream window, unread.
@@ -193,18 +192,39 @@ fn protocol_error(conn: &quinn::Connection, reason: &str) -> Ended {
     Ended::ProtocolError
 }
 
-/// Refuses a tunnel on its control stream: a `Goodbye` with `code` and
-/// `reason`, a moment for it to arrive, then the close.
-async fn refuse(conn: &quinn::Connection, send: &mut SendStream, code: CloseCode, reason: &str) {
-    let bye = Frame::Goodbye(Goodbye {
-        code: u64::from(code.to_wire()),
-        reason: reason.to_owned(),
-    });
-    if write_frame(send, &bye).await.is_ok() && send.finish().is_ok() {
-        // Let the Goodbye reach the peer before the close does.
-        let _ = tokio::time::timeout(GOODBYE_WAIT, send.stopped()).await;
+/// Writes what the control machine queued before it closed from this side
+/// (its `Goodbye` last) and finishes the stream; when the connector will act
+/// on the code (a refusal, not a protocol error or silence), gives the
+/// `Goodbye` a moment to arrive. The caller then closes the connection.
+async fn send_goodbye(send: &mut SendStream, ctl: &mut Control, closed: &Closed) {
+    let wait = !matches!(
+        closed.code,
+        CloseCode::ProtocolError | CloseCode::Unresponsive
+    );
+    let flush = async {
+        while let Some(frame) = ctl.poll_transmit() {
+            write_frame(send, &frame).await?;
+        }
+        let _ = send.finish();
+        if wait {
+            let _ = send.stopped().await;
+        }
+        Ok::<_, portico_proto::io::WriteError>(())
+    };
+    let _ = tokio::time::timeout(GOODBYE_WAIT, flush).await;
+}
+
+/// How a tunnel closed by its control machine ended, for the metrics.
+fn ended_by(closed: &Closed) -> Ended {
+    match (closed.by, closed.code) {
+        (By::Peer, _) => Ended::Goodbye,
+        (By::Local, CloseCode::VersionMismatch) => Ended::VersionMismatch,
+        (By::Local, CloseCode::TooManyTunnels) => Ended::TooManyTunnels,
+        (By::Local, CloseCode::Unresponsive) => Ended::Unresponsive,
+        (By::Local, CloseCode::Revoked) => Ended::Revoked,
+        (By::Local, CloseCode::Shutdown) => Ended::Shutdown,
+        (By::Local, _) => Ended::ProtocolError,
     }
-    close(conn, code, reason);
 }
 
 async fn handle_incoming(incoming: quinn::Incoming, shared: Arc<Shared>) {
@@ -224,6 +244,7 @@ async fn handle_incoming(incoming: quinn::Incoming, shared: Arc<Shared>) {
         Ok(Err(ended)) => ended,
         Ok(Ok(Welcomed {
             tunnel,
+            ctl,
             send,
             recv,
             _slot,
@@ -235,7 +256,7 @@ async fn handle_incoming(incoming: quinn::Incoming, shared: Arc<Shared>) {
             shared.tunnels.attach(Arc::clone(&tunnel));
             shared.metrics.tunnels.inc();
             tracing::info!(agent_version = %tunnel.agent_version, "tunnel attached");
-            let mut ended = control_loop(&tunnel, send, recv, &shared).await;
+            let mut ended = control_loop(&tunnel, ctl, send, recv, &shared).await;
             if let Some(own) = tunnel.closed_with().and_then(Ended::from_own_close) {
                 ended = own;
             }
@@ -255,13 +276,18 @@ async fn handle_incoming(incoming: quinn::Incoming, shared: Arc<Shared>) {
         .inc();
 }
 
-/// A tunnel past `Hello`/`Welcome`, with its control stream and its count
-/// against the connector's cap.
+/// A tunnel past `Hello`/`Welcome`, with its control stream, the control
+/// machine, and its count against the connector's cap.
 struct Welcomed {
     tunnel: Arc<Tunnel>,
+    ctl: Control,
     send: SendStream,
     recv: RecvStream,
     _slot: TunnelSlot,
+}
+
+fn now() -> std::time::Instant {
+    tokio::time::Instant::now().into_std()
 }
 
 /// Checks the certificate and the connector's tunnel count, reads
@@ -307,25 +333,40 @@ async fn hello(conn: &quinn::Connection, shared: &Shared) -> Result<Welcomed, En
             return Err(Ended::from_close(Some(e)));
         }
     };
-    let hello: Hello = match read_frame(&mut recv).await {
-        Ok(Some(Frame::Hello(h))) => h,
-        Ok(Some(other)) => {
-            let e = DecodeError::UnexpectedFrame {
-                ty: other.frame_type(),
-                context: "control (expected Hello)",
-            };
-            return Err(protocol_error(conn, &e.to_string()));
+    let config = ControlConfig {
+        liveness: shared.tunnel_policy.liveness,
+        handshake_timeout: HANDSHAKE_TIMEOUT,
+    };
+    let mut ctl = Control::accept(Link::Tunnel, config, now(), conn.rtt());
+    let mut buf = [0u8; READ_CHUNK];
+    let hello = loop {
+        match ctl.poll_event() {
+            Some(Event::Hello(PeerHello::Connector(h))) => break h,
+            Some(Event::Closed(closed)) => {
+                let ended = ended_by(&closed);
+                match ended {
+                    Ended::VersionMismatch => {
+                        tracing::warn!(connector = %id, reason = %closed.reason, "protocol version mismatch")
+                    }
+                    _ => tracing::warn!(reason = %closed.reason, "protocol error, closing tunnel"),
+                }
+                send_goodbye(&mut send, &mut ctl, &closed).await;
+                close(conn, closed.code, &closed.reason);
+                return Err(ended);
+            }
+            Some(_) => continue,
+            None => {}
         }
-        Ok(None) => return Err(protocol_error(conn, "control stream ended before Hello")),
-        Err(ReadError::Io(e)) => {
-            tracing::debug!(error = %portico_agent::error_chain(&e), "tunnel lost before Hello");
-            return Err(Ended::from_close(conn.close_reason()));
-        }
-        Err(e) => {
-            return Err(protocol_error(
-                conn,
-                &portico_agent::error_chain(&e).to_string(),
-            ))
+        tokio::select! {
+            () = sleep_until(ctl.poll_timeout().map(tokio::time::Instant::from_std)) => ctl.handle_timeout(now()),
+            r = recv.read(&mut buf) => match r {
+                Ok(Some(n)) => ctl.handle_data(&buf[..n], now()),
+                Ok(None) => ctl.handle_finish(now()),
+                Err(e) => {
+                    tracing::debug!(error = %portico_agent::error_chain(&e), "tunnel lost before Hello");
+                    return Err(Ended::from_close(conn.close_reason()));
+                }
+            },
         }
     };
     let slot = match slot {
@@ -333,17 +374,12 @@ async fn hello(conn: &quinn::Connection, shared: &Shared) -> Result<Welcomed, En
         Err(at_cap) => {
             let reason = too_many_tunnels(&id, at_cap.cap);
             tracing::warn!(connector = %id, %reason, "refusing a tunnel");
-            refuse(conn, &mut send, CloseCode::TooManyTunnels, &reason).await;
+            ctl.refuse(CloseCode::TooManyTunnels, &reason);
+            if let Some(closed) = ctl.closed().cloned() {
+                send_goodbye(&mut send, &mut ctl, &closed).await;
+            }
+            close(conn, CloseCode::TooManyTunnels, &reason);
             return Err(Ended::TooManyTunnels);
-        }
-    };
-    let version = match negotiate_version(hello.version) {
-        Ok(v) => v,
-        Err(e) => {
-            let reason = e.to_string();
-            tracing::warn!(connector = %id, %reason, "protocol version mismatch");
-            refuse(conn, &mut send, CloseCode::VersionMismatch, &reason).await;
-            return Err(Ended::VersionMismatch);
         }
     };
     if hello.connector_id != id || hello.group != group {
@@ -355,16 +391,18 @@ async fn hello(conn: &quinn::Connection, shared: &Shared) -> Result<Welcomed, En
             ),
         ));
     }
-    let welcome = Frame::Welcome(Welcome {
-        version,
-        capabilities: capabilities::ALL & hello.capabilities,
-        edge_id: shared.edge_id.clone(),
-        region: shared.region.clone(),
-        config_version: shared.table.load().version(),
-    });
-    if let Err(e) = write_frame(&mut send, &welcome).await {
-        tracing::debug!(error = %portico_agent::error_chain(&e), "tunnel lost before Welcome");
-        return Err(Ended::from_close(conn.close_reason()));
+    ctl.welcome(
+        shared.edge_id.clone(),
+        shared.region.clone(),
+        shared.table.load().version(),
+        now(),
+    );
+    // The Welcome, and the first Ping with it.
+    while let Some(frame) = ctl.poll_transmit() {
+        if let Err(e) = write_frame(&mut send, &frame).await {
+            tracing::debug!(error = %portico_agent::error_chain(&e), "tunnel lost before Welcome");
+            return Err(Ended::from_close(conn.close_reason()));
+        }
     }
     let tunnel = Tunnel::new(
         shared.tunnels.next_id(),
@@ -375,6 +413,7 @@ async fn hello(conn: &quinn::Connection, shared: &Shared) -> Result<Welcomed, En
     );
     Ok(Welcomed {
         tunnel: Arc::new(tunnel),
+        ctl,
         send,
         recv,
         _slot: slot,
@@ -390,114 +429,89 @@ fn too_many_tunnels(connector: &ConnectorId, cap: usize) -> String {
     )
 }
 
-/// Pings the connector and judges its answers (`liveness`), answers its
-/// pings, and follows `Drain`/`Goodbye` until the tunnel ends.
+/// Drives the tunnel's control machine until the tunnel ends: pings and
+/// their answers (liveness), the connector's pings, `Drain` either way and
+/// `Goodbye`.
 async fn control_loop(
     tunnel: &Arc<Tunnel>,
+    mut ctl: Control,
     mut send: SendStream,
-    recv: RecvStream,
+    mut recv: RecvStream,
     shared: &Shared,
 ) -> Ended {
-    // Frames are read by their own task so that a half-read frame is never
-    // lost when the loop below wakes for something else.
-    let (tx, mut rx) = mpsc::channel::<Result<Option<Frame>, ReadError>>(8);
-    // Not a child of the shutdown token: the tunnel must live through the
-    // drain (dropping the last connection handle would close it early).
-    let reader_stop = CancellationToken::new();
-    let reader_stop2 = reader_stop.clone();
-    shared.tracker.spawn(
-        async move {
-            let mut recv = recv;
-            loop {
-                let r = tokio::select! {
-                    () = reader_stop2.cancelled() => return,
-                    r = read_frame(&mut recv) => r,
-                };
-                let last = !matches!(r, Ok(Some(_)));
-                if tx.send(r).await.is_err() || last {
-                    return;
+    let conn = &tunnel.conn;
+    let mut buf = [0u8; READ_CHUNK];
+    let mut drain_sent = false;
+    loop {
+        while let Some(event) = ctl.poll_event() {
+            match event {
+                Event::Rtt(rtt) => shared.metrics.tunnel_rtt.observe(rtt.as_secs_f64()),
+                Event::Health(change) => health_changed(tunnel, shared, change),
+                Event::PeerDraining => {
+                    tracing::info!("connector is draining this tunnel");
+                    tunnel.set_draining();
                 }
+                Event::Closed(closed) => {
+                    return closed_tunnel(tunnel, &mut send, &mut ctl, &closed).await
+                }
+                Event::Hello(_) | Event::Welcomed(_) | Event::ConfigChanged(_) => {}
             }
         }
-        .in_current_span(),
-    );
-    let _stop_reader = reader_stop.drop_guard();
-    let conn = &tunnel.conn;
-    let mut drain_sent = false;
-    let now = || tokio::time::Instant::now().into_std();
-    let mut live = Liveness::new(shared.tunnel_policy.liveness, now(), conn.rtt());
-    loop {
-        while let Some(v) = live.poll_transmit() {
-            if write_frame(&mut send, &Frame::Ping(v)).await.is_err() {
+        while let Some(frame) = ctl.poll_transmit() {
+            if write_frame(&mut send, &frame).await.is_err() {
                 return Ended::from_close(conn.close_reason());
             }
         }
-        while let Some(event) = live.poll_event() {
-            if let Some(ended) = health_changed(tunnel, shared, event) {
-                return ended;
-            }
-        }
-        let wake = live.poll_timeout().map(tokio::time::Instant::from_std);
-        let frame = tokio::select! {
+        tokio::select! {
             () = tunnel.drain_request.cancelled(), if !drain_sent => {
                 drain_sent = true;
                 tracing::debug!("sending Drain");
-                let _ = write_frame(&mut send, &Frame::Drain).await;
-                continue;
+                ctl.drain();
             }
-            () = sleep_until(wake) => {
-                live.handle_timeout(now());
-                continue;
-            }
-            r = rx.recv() => r,
-        };
-        match frame {
-            Some(Ok(Some(Frame::Ping(v)))) => {
-                if write_frame(&mut send, &Frame::Pong(v)).await.is_err() {
-                    return Ended::from_close(conn.close_reason());
-                }
-            }
-            Some(Ok(Some(Frame::Pong(v)))) => {
-                if let Some(rtt) = live.handle_pong(v, now()) {
-                    shared.metrics.tunnel_rtt.observe(rtt.as_secs_f64());
-                }
-            }
-            Some(Ok(Some(Frame::Drain))) => {
-                tracing::info!("connector is draining this tunnel");
-                tunnel.set_draining();
-            }
-            Some(Ok(Some(Frame::Goodbye(g)))) => {
-                tracing::info!(code = %CloseCode::from_wire(g.code), reason = %g.reason, "connector said goodbye");
-                close(conn, CloseCode::NoError, "goodbye");
-                return Ended::Goodbye;
-            }
-            Some(Ok(Some(other))) => {
-                let e = DecodeError::UnexpectedFrame {
-                    ty: other.frame_type(),
-                    context: context_of(other.frame_type()),
-                };
-                return protocol_error(conn, &e.to_string());
-            }
-            Some(Ok(None)) => {
-                // The connector finished its control stream without Goodbye.
-                close(conn, CloseCode::NoError, "control stream closed");
-                return Ended::Goodbye;
-            }
-            Some(Err(ReadError::Io(_))) | None => return Ended::from_close(conn.close_reason()),
-            Some(Err(e)) => {
-                return protocol_error(conn, &portico_agent::error_chain(&e).to_string())
-            }
+            () = sleep_until(ctl.poll_timeout().map(tokio::time::Instant::from_std)) => ctl.handle_timeout(now()),
+            // quinn's read is cancel safe, and the machine keeps a partial
+            // frame, so waking for something else loses nothing.
+            r = recv.read(&mut buf) => match r {
+                Ok(Some(n)) => ctl.handle_data(&buf[..n], now()),
+                Ok(None) => ctl.handle_finish(now()),
+                Err(_) => return Ended::from_close(conn.close_reason()),
+            },
         }
     }
 }
 
+/// Ends a tunnel whose control stream is over.
+async fn closed_tunnel(
+    tunnel: &Tunnel,
+    send: &mut SendStream,
+    ctl: &mut Control,
+    closed: &Closed,
+) -> Ended {
+    let conn = &tunnel.conn;
+    match closed.by {
+        By::Peer => {
+            tracing::info!(code = %closed.code, reason = %closed.reason, "connector said goodbye");
+            close(conn, CloseCode::NoError, "goodbye");
+        }
+        By::Local => {
+            if closed.code == CloseCode::ProtocolError {
+                tracing::warn!(reason = %closed.reason, "protocol error, closing tunnel");
+            }
+            send_goodbye(send, ctl, closed).await;
+            tunnel.close(closed.code, &closed.reason);
+        }
+    }
+    ended_by(closed)
+}
+
 /// Applies a change of the tunnel's health: a suspect tunnel leaves the
-/// pick set, a dead one is closed (what is in flight on it fails now, and
-/// is retried where that is safe). Returns how the tunnel ended, if it did.
-fn health_changed(tunnel: &Tunnel, shared: &Shared, event: Event) -> Option<Ended> {
+/// pick set. A dead one is closed by the machine (`Event::Closed`, code
+/// `Unresponsive`): what is in flight on it fails now, and is retried where
+/// that is safe.
+fn health_changed(tunnel: &Tunnel, shared: &Shared, event: liveness::Event) {
     let m = &shared.metrics;
     match event {
-        Event::Suspect { silent, deadline } => {
+        liveness::Event::Suspect { silent, deadline } => {
             if tunnel.set_suspect(true) {
                 m.tunnels_suspect.inc();
             }
@@ -507,24 +521,17 @@ fn health_changed(tunnel: &Tunnel, shared: &Shared, event: Event) -> Option<Ende
                 ?deadline,
                 "no Pong within the deadline: tunnel suspect, not picked while others are healthy"
             );
-            None
         }
-        Event::Recovered { silent } => {
+        liveness::Event::Recovered { silent } => {
             if tunnel.set_suspect(false) {
                 m.tunnels_suspect.dec();
             }
             m.health_changes.with_label_values(&["healthy"]).inc();
             tracing::info!(?silent, "Pong again: tunnel healthy");
-            None
         }
-        Event::Dead { silent } => {
+        liveness::Event::Dead { silent } => {
             m.health_changes.with_label_values(&["dead"]).inc();
             tracing::warn!(?silent, "no Pong within the dead time: closing the tunnel");
-            tunnel.close(
-                CloseCode::Unresponsive,
-                &format!("no Pong for {} ms", silent.as_millis()),
-            );
-            Some(Ended::Unresponsive)
         }
     }
 }
@@ -533,13 +540,5 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
-    }
-}
-
-fn context_of(ty: FrameType) -> &'static str {
-    if ty.is_control() {
-        "control (after Hello)"
-    } else {
-        "control"
     }
 }

@@ -2,8 +2,9 @@
 //! specification; this module is its implementation.
 //!
 //! Every frame is `type (u8) | length (varint) | payload`. The control stream
-//! carries `Hello`, `Welcome`, `Ping`, `Pong`, `Drain`, `ConfigChanged` and
-//! `Goodbye`. A data stream starts with a `StreamHead` from the edge, answered
+//! carries `Hello` (or, between edges, `MeshHello`), `Welcome`, `Ping`,
+//! `Pong`, `Drain`, `ConfigChanged` and `Goodbye`; [`crate::control`] is
+//! the state machine that says which may come when. A data stream starts with a `StreamHead` from the edge, answered
 //! by a `ResponseHead` or an `Error`; raw body bytes follow both ways.
 
 use std::net::SocketAddr;
@@ -31,6 +32,7 @@ pub enum FrameType {
     Drain,
     ConfigChanged,
     Goodbye,
+    MeshHello,
     StreamHead,
     ResponseHead,
     Error,
@@ -46,6 +48,7 @@ impl FrameType {
             FrameType::Drain => 0x05,
             FrameType::ConfigChanged => 0x06,
             FrameType::Goodbye => 0x07,
+            FrameType::MeshHello => 0x08,
             FrameType::StreamHead => 0x10,
             FrameType::ResponseHead => 0x11,
             FrameType::Error => 0x12,
@@ -61,6 +64,7 @@ impl FrameType {
             0x05 => FrameType::Drain,
             0x06 => FrameType::ConfigChanged,
             0x07 => FrameType::Goodbye,
+            0x08 => FrameType::MeshHello,
             0x10 => FrameType::StreamHead,
             0x11 => FrameType::ResponseHead,
             0x12 => FrameType::Error,
@@ -130,6 +134,7 @@ pub enum Frame {
     /// The configuration changed; the new version.
     ConfigChanged(u64),
     Goodbye(Goodbye),
+    MeshHello(MeshHello),
     StreamHead(StreamHead),
     ResponseHead(ResponseHead),
     Error(StreamError),
@@ -148,7 +153,21 @@ pub struct Hello {
     pub agent_version: String,
 }
 
-/// The edge's answer to `Hello`.
+/// An edge's first frame on the control stream of a mesh link to another
+/// edge: `Hello` with the dialing edge's identity instead of a connector's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MeshHello {
+    /// The protocol version the dialing edge speaks.
+    pub version: u32,
+    /// Capability bits ([`crate::capabilities`]); unknown bits are ignored.
+    pub capabilities: u64,
+    pub edge_id: EdgeId,
+    pub region: RegionId,
+    /// The edge's software version.
+    pub agent_version: String,
+}
+
+/// The answer to `Hello` or `MeshHello`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Welcome {
     /// The protocol version chosen for this tunnel.
@@ -377,6 +396,7 @@ impl Frame {
             Frame::Drain => FrameType::Drain,
             Frame::ConfigChanged(_) => FrameType::ConfigChanged,
             Frame::Goodbye(_) => FrameType::Goodbye,
+            Frame::MeshHello(_) => FrameType::MeshHello,
             Frame::StreamHead(_) => FrameType::StreamHead,
             Frame::ResponseHead(_) => FrameType::ResponseHead,
             Frame::Error(_) => FrameType::Error,
@@ -453,6 +473,13 @@ impl Frame {
                 code: get_varint(payload)?,
                 reason: get_string(payload, "reason", MAX_MESSAGE_LEN)?,
             }),
+            FrameType::MeshHello => Frame::MeshHello(MeshHello {
+                version: get_varint_u32(payload, "version")?,
+                capabilities: get_varint(payload)?,
+                edge_id: get_id(payload, "edge_id")?,
+                region: get_id(payload, "region")?,
+                agent_version: get_string(payload, "agent_version", MAX_ID_LEN)?,
+            }),
             FrameType::StreamHead => Frame::StreamHead(decode_stream_head(payload)?),
             FrameType::ResponseHead => {
                 let status = get_varint(payload)?;
@@ -504,6 +531,13 @@ impl Frame {
             Frame::Goodbye(g) => {
                 put_varint(buf, g.code.min(crate::codec::VARINT_MAX));
                 put_str(buf, "reason", &g.reason, MAX_MESSAGE_LEN)?;
+            }
+            Frame::MeshHello(h) => {
+                put_varint(buf, u64::from(h.version));
+                put_varint(buf, h.capabilities & crate::codec::VARINT_MAX);
+                put_bytes(buf, h.edge_id.as_str().as_bytes());
+                put_bytes(buf, h.region.as_str().as_bytes());
+                put_str(buf, "agent_version", &h.agent_version, MAX_ID_LEN)?;
             }
             Frame::StreamHead(h) => {
                 // The owned form writes what it holds, unknown entries too,
@@ -833,6 +867,22 @@ mod tests {
                     config_version,
                 })
             });
+        let mesh_hello = (
+            any::<u32>(),
+            0..crate::codec::VARINT_MAX,
+            id_strategy(),
+            id_strategy(),
+            "[ -~]{0,30}",
+        )
+            .prop_map(|(version, capabilities, e, r, agent_version)| {
+                Frame::MeshHello(MeshHello {
+                    version,
+                    capabilities,
+                    edge_id: EdgeId::new(e).unwrap(),
+                    region: RegionId::new(r).unwrap(),
+                    agent_version,
+                })
+            });
         let head = head_strategy().prop_map(Frame::StreamHead);
         let response = (100u16..1000, headers_strategy()).prop_map(|(s, headers)| {
             Frame::ResponseHead(ResponseHead {
@@ -849,6 +899,7 @@ mod tests {
         prop_oneof![
             hello,
             welcome,
+            mesh_hello,
             any::<u64>().prop_map(Frame::Ping),
             any::<u64>().prop_map(Frame::Pong),
             Just(Frame::Drain),

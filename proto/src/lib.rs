@@ -13,6 +13,7 @@
 
 pub mod api;
 pub mod codec;
+pub mod control;
 pub mod error;
 pub mod extension;
 pub mod features;
@@ -25,8 +26,8 @@ pub mod limits;
 pub use error::{ClaimError, CloseCode, DecodeError, EncodeError, ErrorCode, VersionMismatch};
 pub use extension::{HeadExtensions, HeadExtensionsRef, IdentityClaims, UnknownExtension};
 pub use frame::{
-    Frame, FrameType, Goodbye, Hello, ResponseHead, StreamError, StreamHead, StreamHeadRef,
-    StreamKind, Welcome,
+    Frame, FrameType, Goodbye, Hello, MeshHello, ResponseHead, StreamError, StreamHead,
+    StreamHeadRef, StreamKind, Welcome,
 };
 pub use ids::{AppId, ConnectorId, EdgeId, GroupId, IdError, RegionId, RequestId, TunnelId};
 

@@ -1,5 +1,6 @@
-//! Tunnel liveness, sans-IO: when the edge pings a tunnel on its control
-//! stream, and whether the connector still answers.
+//! Liveness, sans-IO: when one side of a control stream pings the other,
+//! and whether the other still answers. The edge runs it on every tunnel
+//! with a short interval; the connector and a mesh link run it too.
 //!
 //! QUIC's own idle timeout (10 s) is far too slow to take a vanished
 //! connector out of use: every request sent to it meanwhile waits. So the
@@ -26,34 +27,33 @@
 //!
 //! The machine takes `now` and returns what to send ([`Liveness::poll_transmit`]),
 //! what happened ([`Liveness::poll_event`]) and when to wake
-//! ([`Liveness::poll_timeout`]); `tunnel_acceptor` drives it. It has no
-//! clock, no tokio and no sockets, so that it can move into `proto` with
-//! the rest of the control protocol.
+//! ([`Liveness::poll_timeout`]); [`super::Control`] drives it. It has no
+//! clock, no tokio and no sockets.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 /// The shortest suspect deadline, whatever the RTT.
-pub(crate) const SUSPECT_FLOOR: Duration = Duration::from_millis(250);
+pub const SUSPECT_FLOOR: Duration = Duration::from_millis(250);
 /// The longest suspect deadline, whatever the RTT.
-pub(crate) const SUSPECT_CEILING: Duration = Duration::from_secs(1);
+pub const SUSPECT_CEILING: Duration = Duration::from_secs(1);
 /// A wake-up later than this after its timeout means this side stalled.
-pub(crate) const LATE_WAKEUP: Duration = SUSPECT_FLOOR;
+pub const LATE_WAKEUP: Duration = SUSPECT_FLOOR;
 /// Unanswered pings remembered for RTT samples; older ones are forgotten
 /// (the silence is kept apart and is not affected).
 const MAX_UNANSWERED: usize = 64;
 
 /// How often to ping and when to give up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct LivenessConfig {
+pub struct LivenessConfig {
     /// How often each tunnel is pinged.
-    pub(crate) interval: Duration,
+    pub interval: Duration,
     /// A tunnel silent this long is closed.
-    pub(crate) dead_after: Duration,
+    pub dead_after: Duration,
 }
 
 impl LivenessConfig {
-    pub(crate) const DEFAULT: LivenessConfig = LivenessConfig {
+    pub const DEFAULT: LivenessConfig = LivenessConfig {
         interval: Duration::from_millis(500),
         dead_after: Duration::from_secs(3),
     };
@@ -61,7 +61,7 @@ impl LivenessConfig {
 
 /// What the edge thinks of a tunnel's connector.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Health {
+pub enum Health {
     Healthy,
     Suspect,
     Dead,
@@ -69,7 +69,7 @@ pub(crate) enum Health {
 
 /// A change of [`Health`], with the silence that caused it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Event {
+pub enum Event {
     /// No Pong within the suspect deadline.
     Suspect {
         silent: Duration,
@@ -116,7 +116,7 @@ struct Sent {
 
 /// The liveness of one tunnel.
 #[derive(Debug)]
-pub(crate) struct Liveness {
+pub struct Liveness {
     config: LivenessConfig,
     next_seq: u64,
     next_ping: Instant,
@@ -134,7 +134,7 @@ pub(crate) struct Liveness {
 impl Liveness {
     /// A tunnel that was just welcomed, whose handshake measured
     /// `initial_rtt` (QUIC's estimate): the first ping goes out now.
-    pub(crate) fn new(config: LivenessConfig, now: Instant, initial_rtt: Duration) -> Liveness {
+    pub fn new(config: LivenessConfig, now: Instant, initial_rtt: Duration) -> Liveness {
         Liveness {
             config,
             next_seq: 1,
@@ -148,25 +148,23 @@ impl Liveness {
         }
     }
 
-    #[cfg(test)]
-    pub(crate) fn health(&self) -> Health {
+    pub fn health(&self) -> Health {
         self.health
     }
 
     /// The smoothed RTT of the pings.
-    #[cfg(test)]
-    pub(crate) fn srtt(&self) -> Duration {
+    pub fn srtt(&self) -> Duration {
         self.rtt.srtt
     }
 
     /// How long a ping may go unanswered before the tunnel is suspect.
-    pub(crate) fn suspect_deadline(&self) -> Duration {
+    pub fn suspect_deadline(&self) -> Duration {
         (2 * (self.rtt.srtt + 4 * self.rtt.rttvar)).clamp(SUSPECT_FLOOR, SUSPECT_CEILING)
     }
 
     /// When [`Liveness::handle_timeout`] must be called next; `None` once
     /// the tunnel is dead.
-    pub(crate) fn poll_timeout(&self) -> Option<Instant> {
+    pub fn poll_timeout(&self) -> Option<Instant> {
         if self.health == Health::Dead {
             return None;
         }
@@ -181,7 +179,7 @@ impl Liveness {
     }
 
     /// Sends what is due at `now` and judges the silence.
-    pub(crate) fn handle_timeout(&mut self, now: Instant) {
+    pub fn handle_timeout(&mut self, now: Instant) {
         let Some(due) = self.poll_timeout() else {
             return;
         };
@@ -229,7 +227,7 @@ impl Liveness {
     /// A `Pong(value)` arrived at `now`. When it answers a ping this
     /// machine sent (and every older one: the control stream is ordered),
     /// the silence ends; returns the RTT sample it gave, if any.
-    pub(crate) fn handle_pong(&mut self, value: u64, now: Instant) -> Option<Duration> {
+    pub fn handle_pong(&mut self, value: u64, now: Instant) -> Option<Duration> {
         if self.health == Health::Dead {
             return None;
         }
@@ -252,12 +250,12 @@ impl Liveness {
     }
 
     /// A Ping value to send on the control stream.
-    pub(crate) fn poll_transmit(&mut self) -> Option<u64> {
+    pub fn poll_transmit(&mut self) -> Option<u64> {
         self.transmit.pop_front()
     }
 
     /// The next change of health.
-    pub(crate) fn poll_event(&mut self) -> Option<Event> {
+    pub fn poll_event(&mut self) -> Option<Event> {
         self.events.pop_front()
     }
 }
