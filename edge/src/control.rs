@@ -202,6 +202,7 @@ pub(crate) async fn start(config: Config, shutdown: CancellationToken) -> Result
     let report = EdgeReport {
         tunnel_addr: advertised(&config.advertise_tunnel_addr, handle.tunnel_addr),
         public_addr: advertised(&config.advertise_public_addr, handle.public_addr),
+        mesh_addr: None,
         version: env!("CARGO_PKG_VERSION").to_owned(),
         tunnels: Vec::new(),
     };

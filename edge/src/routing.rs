@@ -43,6 +43,8 @@ impl RoutingTable {
             apps: Vec::new(),
             groups: Vec::new(),
             revoked: Vec::new(),
+            presence: Vec::new(),
+            peers: Vec::new(),
         })
     }
 
@@ -238,6 +240,8 @@ pub(crate) mod tests {
             apps: vec![app("hr", "hr.apps.test"), app("wiki", "Wiki.apps.test")],
             groups: vec![GroupId::default_group()],
             revoked: vec![ConnectorId::new("c-bad").unwrap()],
+            presence: Vec::new(),
+            peers: Vec::new(),
         });
         assert_eq!(
             table.app_for_host("hr.apps.test").unwrap().id.as_str(),

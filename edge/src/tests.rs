@@ -128,6 +128,8 @@ fn edge_config(version: u64, revoked: Vec<ConnectorId>) -> EdgeConfig {
         ],
         groups: vec![GroupId::default_group()],
         revoked,
+        presence: Vec::new(),
+        peers: Vec::new(),
     }
 }
 

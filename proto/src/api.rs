@@ -748,6 +748,36 @@ pub struct EdgeConfig {
     /// Connectors whose certificates must no longer be accepted; their
     /// tunnels are closed at once.
     pub revoked: Vec<ConnectorId>,
+    /// Which edges hold tunnels of which group (from the edges' fresh
+    /// reports, kept in the router's store): where this edge forwards a
+    /// request over the mesh when it holds no tunnel of the app's group.
+    #[serde(default)]
+    pub presence: Vec<GroupPresence>,
+    /// Every other live edge, for the mesh.
+    #[serde(default)]
+    pub peers: Vec<PeerEdge>,
+}
+
+/// The edges that hold tunnels of one group.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupPresence {
+    pub group: GroupId,
+    /// Sorted by id.
+    pub edges: Vec<EdgeId>,
+}
+
+/// Another edge, as a mesh peer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerEdge {
+    pub id: EdgeId,
+    pub region: RegionId,
+    /// Where it accepts mesh links (host:port, UDP); `None` when it runs
+    /// without a mesh listener.
+    pub mesh_addr: Option<String>,
+    /// Whether its latest report is fresh.
+    pub healthy: bool,
+    /// Tunnels attached to it at its last report: its load.
+    pub tunnels: u32,
 }
 
 /// Where a connector can dial an edge.
@@ -776,6 +806,10 @@ pub struct EdgeReport {
     pub tunnel_addr: String,
     /// Where users reach it (host:port).
     pub public_addr: String,
+    /// Where other edges open mesh links to it (host:port, UDP), when it
+    /// listens for them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mesh_addr: Option<String>,
     pub version: String,
     pub tunnels: Vec<TunnelReport>,
 }

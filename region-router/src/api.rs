@@ -923,6 +923,9 @@ async fn edge_config(
                 apps,
                 groups,
                 revoked,
+                // Filled from the store's presence by issue 10, point 3.
+                presence: Vec::new(),
+                peers: Vec::new(),
             })
         })
         .await?;

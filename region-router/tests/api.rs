@@ -786,6 +786,7 @@ async fn enroll_renew_report_and_revoke() -> anyhow::Result<()> {
         &EdgeReport {
             tunnel_addr: "127.0.0.1:4433".into(),
             public_addr: "127.0.0.1:8443".into(),
+            mesh_addr: None,
             version: "0.1.0-edge".into(),
             tunnels: vec![TunnelReport {
                 connector_id: conn_id.clone(),
@@ -1373,6 +1374,7 @@ fn report(tunnel_addr: &str, connector: &ConnectorId) -> EdgeReport {
     EdgeReport {
         tunnel_addr: tunnel_addr.into(),
         public_addr: "127.0.0.1:8443".into(),
+        mesh_addr: None,
         version: "0.1.0-edge".into(),
         tunnels: vec![TunnelReport {
             connector_id: connector.clone(),
