@@ -78,7 +78,9 @@ pub enum Command {
     Loadtest(Box<LoadtestCmd>),
     /// Run a router, an edge, a connector and a demo app on this machine,
     /// publish the demo app, and print a URL and a curl line that reach it
-    /// through the tunnel. Ctrl-C stops everything.
+    /// through the tunnel, and a dig line that shows its DNS chain (the
+    /// router's DNS authority, on a free loopback port). Ctrl-C stops
+    /// everything.
     Dev(DevArgs),
 }
 
@@ -165,6 +167,15 @@ pub struct RouterArgs {
     /// Enrollment attempts per minute an address regains after its burst.
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..))]
     pub enroll_per_minute: u32,
+    /// Serve DNS for the apps domain on this address, UDP and TCP (for
+    /// example 0.0.0.0:53; port 0 picks a free one). An app host answers
+    /// with a CNAME to `<region>.edge.<apps-domain>` (TTL 60 s), the region
+    /// that serves the app's group, and that name with the A/AAAA records
+    /// of the region's healthy edges' public addresses (TTL 30 s; all of
+    /// them when none is healthy); `<region>.tunnel.<apps-domain>` with
+    /// their tunnel addresses. DNS carries no port. Off when not given.
+    #[arg(long, value_name = "ADDR")]
+    pub dns_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Args)]

@@ -73,6 +73,7 @@ impl Deployment {
         let mut rc = portico_router::Config::new(data.join("router"));
         rc.listen = LOOPBACK;
         rc.metrics_listen = Some(LOOPBACK);
+        rc.dns_listen = Some(LOOPBACK);
         rc.apps_domain = DEV_APPS_DOMAIN.to_owned();
         if let Some(ttl) = opts.cert_ttl {
             rc.cert_ttl = ttl;
@@ -182,6 +183,18 @@ impl Deployment {
         )
     }
 
+    /// A `dig` command line that shows the demo app's DNS chain: its CNAME
+    /// to the edge's region, then the edge's address.
+    pub fn dig_line(&self) -> Option<String> {
+        let dns = self.router.dns_addr?;
+        Some(format!(
+            "dig @{} -p {} {} A",
+            dns.ip(),
+            dns.port(),
+            self.app.external_host
+        ))
+    }
+
     /// The router CA, which signed the edge's public certificate.
     pub fn ca_path(&self) -> PathBuf {
         self.data.join("router").join("ca.pem")
@@ -273,6 +286,9 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         "  Try it:   curl --cacert {} {url}",
         d.ca_path().display()
     ));
+    if let Some(dig) = d.dig_line() {
+        out(format!("  DNS:      {dig}"));
+    }
     out("");
     out("  Admin commands (in another shell):");
     out(format!(

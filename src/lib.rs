@@ -137,6 +137,7 @@ async fn run_router(args: cli::RouterArgs) -> anyhow::Result<()> {
     config.public_port = args.public_port;
     config.enroll_limit.burst = args.enroll_burst;
     config.enroll_limit.per_minute = args.enroll_per_minute;
+    config.dns_listen = args.dns_listen;
     let shutdown = shutdown_on_signal();
     let router = portico_router::start(config, shutdown)
         .await
@@ -145,8 +146,12 @@ async fn run_router(args: cli::RouterArgs) -> anyhow::Result<()> {
         .metrics_addr
         .map(|a| format!(" metrics=http://{a}"))
         .unwrap_or_default();
+    let dns = router
+        .dns_addr
+        .map(|a| format!(" dns={a}"))
+        .unwrap_or_default();
     out(format!(
-        "listening api={} ca={} admin-token-file={}{metrics}",
+        "listening api={} ca={} admin-token-file={}{metrics}{dns}",
         router.url(),
         args.data.join("ca.pem").display(),
         router.admin_token_path.display()

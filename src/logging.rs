@@ -35,9 +35,12 @@ pub struct LogArgs {
 
 /// Installs the global subscriber. Safe to call once per process.
 pub fn init(args: &LogArgs) {
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(&args.level))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let spec = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|v| EnvFilter::try_new(v).is_ok())
+        .unwrap_or_else(|| args.level.clone());
+    let filter = EnvFilter::try_new(quiet_dependencies(&spec))
+        .unwrap_or_else(|_| EnvFilter::new(quiet_dependencies("info")));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(colour(
@@ -51,6 +54,19 @@ pub fn init(args: &LogArgs) {
     };
 }
 
+/// `spec` with hickory-server (the router's DNS listeners) held to
+/// warnings unless `spec` names it: it logs two lines at `info` for every
+/// query, which the router counts in a metric instead.
+fn quiet_dependencies(spec: &str) -> String {
+    if spec.contains("hickory") {
+        spec.to_owned()
+    } else if spec.trim().is_empty() {
+        "hickory_server=warn".to_owned()
+    } else {
+        format!("{spec},hickory_server=warn")
+    }
+}
+
 /// Whether the human format may use ANSI colours: only on a terminal, and
 /// not when `NO_COLOR` is set to anything but the empty string.
 fn colour(terminal: bool, no_color: Option<&OsStr>) -> bool {
@@ -60,6 +76,21 @@ fn colour(terminal: bool, no_color: Option<&OsStr>) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hickory_server_logs_warnings_unless_asked_for() {
+        assert_eq!(quiet_dependencies("info"), "info,hickory_server=warn");
+        assert_eq!(
+            quiet_dependencies("portico_edge=debug,info"),
+            "portico_edge=debug,info,hickory_server=warn"
+        );
+        assert_eq!(
+            quiet_dependencies("hickory_server=debug"),
+            "hickory_server=debug"
+        );
+        assert_eq!(quiet_dependencies(""), "hickory_server=warn");
+        EnvFilter::try_new(quiet_dependencies("debug")).expect("a valid filter");
+    }
 
     #[test]
     fn colour_only_on_a_terminal_without_no_color() {

@@ -194,9 +194,10 @@ async fn config_changes_apply_without_dropping_traffic() {
 }
 
 /// `portico dev`, as the README tells a new user to run it: the printed curl
-/// line works, and Ctrl-C (SIGINT) stops everything cleanly.
+/// line works, the printed dig line shows the DNS chain, and Ctrl-C
+/// (SIGINT) stops everything cleanly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn portico_dev_prints_a_working_curl_line_and_stops_on_ctrl_c() {
+async fn portico_dev_prints_working_curl_and_dig_lines_and_stops_on_ctrl_c() {
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_portico"))
         .args(["dev", "--port", "0"])
         .stdout(Stdio::piped())
@@ -205,13 +206,18 @@ async fn portico_dev_prints_a_working_curl_line_and_stops_on_ctrl_c() {
         .spawn()
         .unwrap();
     let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
-    let curl_line = tokio::time::timeout(Duration::from_secs(120), async {
+    let (curl_line, dig_line) = tokio::time::timeout(Duration::from_secs(120), async {
+        let mut curl = None;
         while let Some(line) = lines.next_line().await.unwrap() {
             if let Some(cmd) = line.trim().strip_prefix("Try it:") {
-                return cmd.trim().to_owned();
+                curl = Some(cmd.trim().to_owned());
+            }
+            if let Some(cmd) = line.trim().strip_prefix("DNS:") {
+                let curl = curl.expect("the curl line comes first");
+                return (curl, cmd.trim().to_owned());
             }
         }
-        panic!("portico dev exited without printing a curl line");
+        panic!("portico dev exited without printing a curl and a dig line");
     })
     .await
     .expect("portico dev starts");
@@ -229,6 +235,35 @@ async fn portico_dev_prints_a_working_curl_line_and_stops_on_ctrl_c() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("Hello from behind the tunnel"));
+
+    // The dig line shows the chain: the demo app's host, a CNAME to the
+    // edge's region (`default`), then the edge's loopback address.
+    let args: Vec<&str> = dig_line.split_whitespace().collect();
+    assert_eq!(args.len(), 6, "{dig_line}");
+    assert_eq!(
+        [args[0], args[1], args[2], args[4], args[5]],
+        ["dig", "@127.0.0.1", "-p", "hello.apps.localhost", "A"],
+        "{dig_line}"
+    );
+    assert!(args[3].parse::<u16>().is_ok_and(|p| p != 0), "{dig_line}");
+    let dig = common::dig_raw(&args[1..]).await;
+    assert_eq!(dig.status, "NOERROR", "{}", dig.text);
+    assert_eq!(
+        dig.answer
+            .iter()
+            .map(|r| (r.name.as_str(), r.rtype.as_str(), r.data.as_str()))
+            .collect::<Vec<_>>(),
+        [
+            (
+                "hello.apps.localhost.",
+                "CNAME",
+                "default.edge.apps.localhost."
+            ),
+            ("default.edge.apps.localhost.", "A", "127.0.0.1"),
+        ],
+        "{}",
+        dig.text
+    );
 
     let pid = child.id().unwrap().to_string();
     let kill = std::process::Command::new("kill")

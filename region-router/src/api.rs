@@ -62,6 +62,9 @@ pub(crate) struct AppState {
     pub version: watch::Sender<u64>,
     /// The edges' latest reports: where connectors are attached.
     pub presence: Mutex<Presence>,
+    /// Notified after each report changes `presence` (the DNS zone is
+    /// rebuilt from it).
+    pub presence_changed: tokio::sync::Notify,
     /// `POST /v1/enroll` attempts per source address.
     pub enroll_limiter: RateLimiter,
     pub metrics: Metrics,
@@ -82,7 +85,7 @@ pub(crate) struct Peer(pub Option<Identity>);
 pub(crate) struct RemoteAddr(pub std::net::SocketAddr);
 
 impl AppState {
-    fn presence(&self) -> std::sync::MutexGuard<'_, Presence> {
+    pub(crate) fn presence(&self) -> std::sync::MutexGuard<'_, Presence> {
         // Every change is one assignment, so a poisoned lock holds whole data.
         self.presence.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -1043,6 +1046,7 @@ fn apps_with_urls(s: &dyn Store, config: &Config) -> Result<Vec<App>, StoreError
 async fn edge_report(
     State(state): State<SharedState>,
     edge: EdgePeer,
+    remote: Option<axum::Extension<RemoteAddr>>,
     Json(report): Json<EdgeReport>,
 ) -> Result<StatusCode, ApiFail> {
     host_port("tunnel_addr", &report.tunnel_addr)?;
@@ -1101,9 +1105,13 @@ async fn edge_report(
                 f
             }
         })?;
-    state
-        .presence()
-        .report(edge.id.clone(), ids, Instant::now());
+    state.presence().report(
+        edge.id.clone(),
+        remote.map(|axum::Extension(RemoteAddr(a))| a.ip()),
+        ids,
+        Instant::now(),
+    );
+    state.presence_changed.notify_one();
     if let Some(version) = bumped {
         tracing::info!(edge = %edge.id, tunnel_addr = %report.tunnel_addr, version, "edge address changed");
         state.publish(version);

@@ -26,6 +26,9 @@ pub struct Config {
     pub public_port: Option<u16>,
     /// How often one source address may call `POST /v1/enroll`.
     pub enroll_limit: EnrollLimit,
+    /// The DNS authority for the apps domain, UDP and TCP on this address
+    /// (port 0 picks one free for both); none by default.
+    pub dns_listen: Option<SocketAddr>,
 }
 
 impl Config {
@@ -39,6 +42,7 @@ impl Config {
             cert_ttl: Duration::from_secs(24 * 3600),
             public_port: None,
             enroll_limit: EnrollLimit::default(),
+            dns_listen: None,
         }
     }
 

@@ -28,6 +28,19 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot serve DNS over {transport} on {addr}")]
+    DnsBind {
+        addr: SocketAddr,
+        transport: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the apps domain {domain:?} is not a DNS name")]
+    DnsDomain {
+        domain: String,
+        #[source]
+        source: hickory_proto::ProtoError,
+    },
     #[error("{} exists but {} does not; restore it or remove both to create a new CA", present.display(), missing.display())]
     CaIncomplete { present: PathBuf, missing: PathBuf },
     #[error("certificate authority: {what}")]

@@ -6,11 +6,13 @@
 //! certificates optional): admin calls with a bearer token, enrollment with a
 //! join token, and certificate renewal, config long-polls and presence
 //! reports with the agent's client certificate. It exports its own
-//! Prometheus registry on an optional plain-HTTP listener.
+//! Prometheus registry on an optional plain-HTTP listener, and, when asked,
+//! is the DNS authority of the apps domain (`dns`): app hosts are CNAMEs to
+//! the region that serves them, regions A/AAAA of their healthy edges.
 //!
-//! It does not carry user traffic, hold tunnels, or serve DNS or a web
-//! console, and has no etcd store yet. One router serves every region: an
-//! edge's region comes from its join token.
+//! It does not carry user traffic, hold tunnels, or serve a web console,
+//! and has no etcd store yet. One router serves every region: an edge's
+//! region comes from its join token.
 
 use std::fs;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -27,11 +29,13 @@ use tokio_util::task::TaskTracker;
 mod api;
 pub mod ca;
 mod config;
+mod dns;
 pub mod error;
 mod metrics;
 mod presence;
 mod ratelimit;
 mod server;
+mod snapshot;
 pub mod store;
 mod util;
 
@@ -51,6 +55,8 @@ pub struct Handle {
     pub api_addr: SocketAddr,
     /// Where `/metrics` listens, when configured.
     pub metrics_addr: Option<SocketAddr>,
+    /// Where the DNS authority listens (UDP and TCP), when configured.
+    pub dns_addr: Option<SocketAddr>,
     /// The CA certificate (PEM) that signs every certificate.
     pub ca_pem: String,
     /// Lower-case hex SHA-256 of the CA certificate (DER).
@@ -68,6 +74,7 @@ impl std::fmt::Debug for Handle {
         f.debug_struct("Handle")
             .field("api_addr", &self.api_addr)
             .field("metrics_addr", &self.metrics_addr)
+            .field("dns_addr", &self.dns_addr)
             .field("ca_sha256", &self.ca_sha256)
             .field("admin_token_path", &self.admin_token_path)
             .field("admin_token", &"***")
@@ -185,6 +192,13 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Handle
         None => None,
     };
 
+    let dns_sockets = match config.dns_listen {
+        Some(addr) => Some(dns::server::bind(addr).await?),
+        None => None,
+    };
+    let dns_addr = dns_sockets.as_ref().map(|s| s.addr);
+    let origin = dns::Origin::new(&config.apps_domain, dns_addr)?;
+
     let metrics = metrics::Metrics::new()?;
     metrics
         .config_version
@@ -200,6 +214,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Handle
         admin_hash: util::sha256(admin_token.as_bytes()),
         version: version_tx,
         presence: Mutex::new(presence::Presence::default()),
+        presence_changed: tokio::sync::Notify::new(),
         enroll_limiter: ratelimit::RateLimiter::new(config.enroll_limit, std::time::Instant::now()),
         metrics,
         shutdown: shutdown.clone(),
@@ -216,9 +231,13 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Handle
     if let Some(l) = metrics_listener {
         tracker.spawn(server::serve_metrics(l, state.clone(), shutdown.clone()));
     }
+    if let Some(sockets) = dns_sockets {
+        dns::server::start(sockets, state.clone(), origin, shutdown.clone(), &tracker).await?;
+    }
     tracing::info!(
         addr = %api_addr,
         metrics = ?metrics_addr,
+        dns = ?dns_addr,
         ca_sha256 = %ca_sha256,
         apps_domain = %config.apps_domain,
         version,
@@ -227,6 +246,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Handle
     Ok(Handle {
         api_addr,
         metrics_addr,
+        dns_addr,
         ca_pem,
         ca_sha256,
         admin_token_path,

@@ -23,6 +23,9 @@ pub(crate) struct Metrics {
     pub regions_shown: Arc<Mutex<BTreeSet<String>>>,
     pub enrollments: IntCounterVec,
     pub long_polls: IntGauge,
+    /// `portico_router_dns_queries_total{rcode}`: queries the DNS
+    /// authority answered, by response code.
+    pub dns_queries: IntCounterVec,
 }
 
 impl Metrics {
@@ -68,7 +71,16 @@ impl Metrics {
             "portico_router_long_polls",
             "Config long-polls waiting for a change",
         )?;
+        let dns_queries = IntCounterVec::new(
+            Opts::new(
+                "portico_router_dns_queries_total",
+                "DNS queries answered, by response code (noerror, nxdomain, refused, formerr, \
+                 notimp, servfail, badvers, other; unsent: the answer could not be sent)",
+            ),
+            &["rcode"],
+        )?;
         registry.register(Box::new(api_requests.clone()))?;
+        registry.register(Box::new(dns_queries.clone()))?;
         registry.register(Box::new(long_polls.clone()))?;
         registry.register(Box::new(config_version.clone()))?;
         registry.register(Box::new(connectors.clone()))?;
@@ -85,6 +97,7 @@ impl Metrics {
             regions_shown: Arc::default(),
             enrollments,
             long_polls,
+            dns_queries,
         })
     }
 

@@ -14,6 +14,7 @@
 //! again, within one interval.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use portico_proto::api::{EDGE_REPORT_INTERVAL, REPORT_FRESH_INTERVALS};
@@ -26,14 +27,17 @@ pub(crate) const REPORT_FRESH: Duration =
 /// The latest report of every edge that reported since the router started.
 /// Bounded by the number of enrolled edges (only they can report, and a
 /// deleted edge's entry is removed) times the tunnels one report may list.
-#[derive(Debug, Default)]
+/// Cloned into each [`crate::snapshot::Snapshot`].
+#[derive(Debug, Default, Clone)]
 pub(crate) struct Presence {
     edges: HashMap<EdgeId, Report>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Report {
     at: Instant,
+    /// The address the report came from, as the router saw it.
+    from: Option<IpAddr>,
     /// Each attached connector and its tunnel count on that edge.
     connectors: Vec<(ConnectorId, u32)>,
 }
@@ -54,10 +58,12 @@ impl Attached {
 }
 
 impl Presence {
-    /// Replaces what `edge` said before.
+    /// Replaces what `edge` said before; `from` is the address its report
+    /// came from.
     pub(crate) fn report(
         &mut self,
         edge: EdgeId,
+        from: Option<IpAddr>,
         connectors: Vec<(ConnectorId, u32)>,
         now: Instant,
     ) {
@@ -65,9 +71,28 @@ impl Presence {
             edge,
             Report {
                 at: now,
+                from: from.map(|ip| ip.to_canonical()),
                 connectors,
             },
         );
+    }
+
+    /// The address `edge`'s latest report came from (an IPv4-mapped IPv6
+    /// address as IPv4), fresh or not.
+    pub(crate) fn reported_from(&self, edge: &EdgeId) -> Option<IpAddr> {
+        self.edges.get(edge).and_then(|r| r.from)
+    }
+
+    /// Each edge whose latest report is fresh, with the connectors it
+    /// lists and their tunnels on it.
+    pub(crate) fn fresh_reports(
+        &self,
+        now: Instant,
+    ) -> impl Iterator<Item = (&EdgeId, &[(ConnectorId, u32)])> + '_ {
+        self.edges
+            .iter()
+            .filter(move |(_, r)| fresh(r, now))
+            .map(|(id, r)| (id, r.connectors.as_slice()))
     }
 
     /// Forgets a deleted edge.
@@ -145,9 +170,19 @@ mod tests {
     fn connectors_on_edges_count_each_connector_once_from_fresh_reports() {
         let t0 = Instant::now();
         let mut p = Presence::default();
-        p.report(edge("e-a"), vec![(conn("c-1"), 2), (conn("c-2"), 1)], t0);
-        p.report(edge("e-b"), vec![(conn("c-1"), 1), (conn("c-3"), 4)], t0);
-        p.report(edge("e-c"), vec![(conn("c-9"), 1)], t0);
+        p.report(
+            edge("e-a"),
+            None,
+            vec![(conn("c-1"), 2), (conn("c-2"), 1)],
+            t0,
+        );
+        p.report(
+            edge("e-b"),
+            None,
+            vec![(conn("c-1"), 1), (conn("c-3"), 4)],
+            t0,
+        );
+        p.report(edge("e-c"), None, vec![(conn("c-9"), 1)], t0);
         let (a, b) = (edge("e-a"), edge("e-b"));
         assert_eq!(p.connectors_on([&a, &b], t0), 3, "c-1 counts once");
         assert_eq!(p.connectors_on([&a], t0), 2);
@@ -155,7 +190,7 @@ mod tests {
         assert_eq!(p.connectors_on(std::iter::empty(), t0), 0);
         // e-a's report goes stale while e-b reports again.
         let later = t0 + REPORT_FRESH + Duration::from_millis(1);
-        p.report(edge("e-b"), vec![(conn("c-3"), 4)], later);
+        p.report(edge("e-b"), None, vec![(conn("c-3"), 4)], later);
         assert_eq!(p.connectors_on([&a, &b], later), 1);
     }
 
@@ -166,9 +201,10 @@ mod tests {
         let mut p = Presence::default();
         assert!(!p.connector(&conn("c-1"), t0).is_active(), "never reported");
 
-        p.report(edge("e-a"), vec![(conn("c-1"), 2)], t0);
+        p.report(edge("e-a"), None, vec![(conn("c-1"), 2)], t0);
         p.report(
             edge("e-b"),
+            None,
             vec![(conn("c-1"), 1), (conn("c-2"), 4)],
             t0 + s(1),
         );
@@ -183,7 +219,7 @@ mod tests {
 
         // The edge's next report leaves c-2 out: inactive at once, however
         // recently it was listed.
-        p.report(edge("e-b"), vec![(conn("c-1"), 1)], t0 + s(3));
+        p.report(edge("e-b"), None, vec![(conn("c-1"), 1)], t0 + s(3));
         assert!(!p.connector(&conn("c-2"), t0 + s(3)).is_active());
 
         // e-a stops reporting: its report counts for 15 s, and not a
@@ -207,7 +243,7 @@ mod tests {
         assert!(!p.edge_is_active(&edge("e-b"), silent));
 
         // A fresh report brings it back; a deleted edge is forgotten.
-        p.report(edge("e-a"), vec![(conn("c-1"), 2)], silent);
+        p.report(edge("e-a"), None, vec![(conn("c-1"), 2)], silent);
         assert!(p.connector(&conn("c-1"), silent).is_active());
         p.remove(&edge("e-a"));
         assert!(!p.connector(&conn("c-1"), silent).is_active());

@@ -531,3 +531,129 @@ pub async fn h2_connection(
     tokio::spawn(conn);
     sender
 }
+
+/// One resource record as `dig` prints it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rr {
+    pub name: String,
+    pub ttl: u32,
+    pub rtype: String,
+    pub data: String,
+}
+
+/// What a `dig` run printed, parsed: the header's status and flags, and
+/// each section.
+#[derive(Debug, Default)]
+pub struct Dig {
+    pub status: String,
+    pub flags: Vec<String>,
+    pub answer: Vec<Rr>,
+    pub authority: Vec<Rr>,
+    pub additional: Vec<Rr>,
+    pub text: String,
+}
+
+impl Dig {
+    /// The data of the answer's records of type `rtype`, sorted.
+    pub fn answer_data(&self, rtype: &str) -> Vec<String> {
+        let mut data: Vec<String> = self
+            .answer
+            .iter()
+            .filter(|r| r.rtype == rtype)
+            .map(|r| r.data.clone())
+            .collect();
+        data.sort();
+        data
+    }
+
+    pub fn aa(&self) -> bool {
+        self.flags.iter().any(|f| f == "aa")
+    }
+}
+
+/// Debian's `dig` (package dnsutils, which scripts/test.sh installs) with
+/// `args`, against `server`. Fails the test when dig is missing, in CI or
+/// not: a DNS test that cannot run is not a passing one.
+pub async fn dig(server: std::net::SocketAddr, args: &[&str]) -> Dig {
+    let at = format!("@{}", server.ip());
+    let port = server.port().to_string();
+    let mut all = vec![at.as_str(), "-p", port.as_str(), "+time=5", "+tries=3"];
+    all.extend_from_slice(args);
+    dig_raw(&all).await
+}
+
+/// `dig ARGS` as given, parsed.
+pub async fn dig_raw(args: &[&str]) -> Dig {
+    let out = tokio::process::Command::new("dig")
+        .args(args)
+        .output()
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot run dig ({e}): install Debian's dnsutils (scripts/test.sh does; CI={})",
+                std::env::var("CI").unwrap_or_default()
+            )
+        });
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "dig {args:?} failed: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    parse_dig(&text)
+}
+
+fn parse_dig(text: &str) -> Dig {
+    let mut dig = Dig {
+        text: text.to_owned(),
+        ..Dig::default()
+    };
+    let mut section: Option<&str> = None;
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix(";; ->>HEADER<<-") {
+            if let Some(s) = rest.split("status: ").nth(1) {
+                dig.status = s.split(',').next().unwrap_or("").trim().to_owned();
+            }
+        } else if let Some(rest) = line.strip_prefix(";; flags:") {
+            dig.flags = rest
+                .split(';')
+                .next()
+                .unwrap_or("")
+                .split_whitespace()
+                .map(str::to_owned)
+                .collect();
+        } else if let Some(name) = line
+            .strip_prefix(";; ")
+            .and_then(|l| l.strip_suffix(" SECTION:"))
+        {
+            section = Some(match name {
+                "ANSWER" => "answer",
+                "AUTHORITY" => "authority",
+                "ADDITIONAL" => "additional",
+                _ => "other",
+            });
+        } else if line.trim().is_empty() {
+            section = None;
+        } else if let (Some(s), false) = (section, line.starts_with(';')) {
+            let mut parts = line.split_whitespace();
+            let (Some(name), Some(ttl), Some(_class), Some(rtype)) =
+                (parts.next(), parts.next(), parts.next(), parts.next())
+            else {
+                continue;
+            };
+            let rr = Rr {
+                name: name.to_owned(),
+                ttl: ttl.parse().unwrap_or(u32::MAX),
+                rtype: rtype.to_owned(),
+                data: parts.collect::<Vec<_>>().join(" "),
+            };
+            match s {
+                "answer" => dig.answer.push(rr),
+                "authority" => dig.authority.push(rr),
+                "additional" => dig.additional.push(rr),
+                _ => {}
+            }
+        }
+    }
+    dig
+}
