@@ -234,6 +234,12 @@ pub struct EdgeArgs {
     /// Address of the QUIC tunnel listener (UDP).
     #[arg(long, default_value = "0.0.0.0:7844")]
     pub tunnel_listen: SocketAddr,
+    /// Address of the mesh listener (UDP), where other edges forward
+    /// requests for groups whose tunnels sit here (edge certificates only).
+    /// Without it this edge still forwards to other edges, but takes no
+    /// forwarded requests.
+    #[arg(long, value_name = "ADDR")]
+    pub mesh_listen: Option<SocketAddr>,
     /// Address of the plain-HTTP /metrics, /healthz and /ready endpoints.
     #[arg(long)]
     pub metrics_listen: Option<SocketAddr>,
@@ -250,6 +256,10 @@ pub struct EdgeArgs {
     /// host:port that users reach (default: the public listener's address).
     #[arg(long)]
     pub advertise_public: Option<String>,
+    /// host:port that other edges dial for mesh links (default: the mesh
+    /// listener's address).
+    #[arg(long, requires = "mesh_listen")]
+    pub advertise_mesh: Option<String>,
     /// Do not serve HTTP/3 (by default it runs on UDP at the public port
     /// and is advertised with Alt-Svc).
     #[arg(long)]

@@ -184,6 +184,8 @@ async fn run_edge(
     config.public_cert = args.cert.zip(args.key);
     config.advertise_tunnel_addr = args.advertise_tunnel;
     config.advertise_public_addr = args.advertise_public;
+    config.mesh_listen = args.mesh_listen;
+    config.advertise_mesh_addr = args.advertise_mesh;
     config.http3 = !args.no_http3;
     config.access_log = !args.no_access_log;
     config.header_read_timeout = args.header_read_timeout;

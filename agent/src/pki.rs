@@ -148,6 +148,96 @@ pub fn client_verifier(
     Ok(builder.build()?)
 }
 
+/// Who may present a client certificate to a listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// A connector: the tunnel listener.
+    Connector,
+    /// An edge: the mesh listener.
+    Edge,
+}
+
+impl Role {
+    fn admits(self, identity: &Identity) -> bool {
+        matches!(
+            (self, identity),
+            (Role::Connector, Identity::Connector { .. }) | (Role::Edge, Identity::Edge { .. })
+        )
+    }
+}
+
+/// A client verifier that checks the chain against the CA, as
+/// [`client_verifier`] does, and then that the certificate names a `role`
+/// identity: a connector certificate on the mesh port, or an edge
+/// certificate on the tunnel port, fails the TLS handshake itself.
+pub fn role_verifier(ca_pem: &str, role: Role) -> Result<Arc<dyn ClientCertVerifier>, PkiError> {
+    Ok(Arc::new(RoleVerifier {
+        inner: client_verifier(ca_pem, false)?,
+        role,
+    }))
+}
+
+#[derive(Debug)]
+struct RoleVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+    role: Role,
+}
+
+impl ClientCertVerifier for RoleVerifier {
+    fn offer_client_auth(&self) -> bool {
+        self.inner.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.inner.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        let verified = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        match identity_of(end_entity) {
+            Ok(identity) if self.role.admits(&identity) => Ok(verified),
+            // Chains to the CA, but names another role (or none): refused
+            // as a certificate not meant for this use.
+            _ => Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::InvalidPurpose,
+            )),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
 /// A server verifier that checks the chain against the CA and the fixed
 /// `name`, whatever host or address the client dialed. The router is
 /// verified as [`portico_proto::api::ROUTER_SERVER_NAME`] this way.

@@ -55,3 +55,19 @@ impl ResolvesServerCert for CertStore {
         self.current.load_full()
     }
 }
+
+/// The edge's identity certificate also authenticates it as a client, on
+/// the mesh links it dials to other edges.
+impl rustls::client::ResolvesClientCert for CertStore {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[rustls::SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        self.current.load_full()
+    }
+
+    fn has_certs(&self) -> bool {
+        self.is_set()
+    }
+}

@@ -31,6 +31,10 @@ pub struct Config {
     pub http3: bool,
     /// UDP address of the QUIC tunnel listener.
     pub tunnel_listen: SocketAddr,
+    /// UDP address of the mesh listener, where other edges forward requests
+    /// (edge certificates only); `None`: this edge forwards to others but
+    /// takes no forwarded requests.
+    pub mesh_listen: Option<SocketAddr>,
     /// Single-thread runtimes that serve users and tunnels: the one
     /// `start` runs on, and `shards - 1` threads of their own, each with a
     /// socket in an `SO_REUSEPORT` group on the tunnel port (see
@@ -46,6 +50,9 @@ pub struct Config {
     pub advertise_tunnel_addr: Option<String>,
     /// `host:port` users reach; defaults to the bound public address.
     pub advertise_public_addr: Option<String>,
+    /// `host:port` other edges dial for mesh links; defaults to the bound
+    /// mesh address.
+    pub advertise_mesh_addr: Option<String>,
     /// How long in-flight requests may run on after shutdown starts.
     pub grace: Duration,
     /// Extra wait beyond an app's backend timeout before `ConnectorTimeout`.
@@ -122,11 +129,13 @@ impl Config {
             public_listen: SocketAddr::from(([0, 0, 0, 0], 8443)),
             http3: true,
             tunnel_listen: SocketAddr::from(([0, 0, 0, 0], 7844)),
+            mesh_listen: None,
             shards: std::num::NonZeroUsize::MIN,
             metrics_listen: None,
             public_cert: None,
             advertise_tunnel_addr: None,
             advertise_public_addr: None,
+            advertise_mesh_addr: None,
             grace: Duration::from_secs(10),
             connector_timeout_grace: Duration::from_secs(5),
             access_log: true,
@@ -233,6 +242,7 @@ impl Config {
         for (field, addr) in [
             ("advertise_tunnel_addr", &self.advertise_tunnel_addr),
             ("advertise_public_addr", &self.advertise_public_addr),
+            ("advertise_mesh_addr", &self.advertise_mesh_addr),
         ] {
             if let Some(addr) = addr {
                 if !valid_host_port(addr) {
@@ -352,10 +362,12 @@ impl fmt::Debug for Config {
             .field("public_listen", &self.public_listen)
             .field("http3", &self.http3)
             .field("tunnel_listen", &self.tunnel_listen)
+            .field("mesh_listen", &self.mesh_listen)
             .field("metrics_listen", &self.metrics_listen)
             .field("public_cert", &self.public_cert)
             .field("advertise_tunnel_addr", &self.advertise_tunnel_addr)
             .field("advertise_public_addr", &self.advertise_public_addr)
+            .field("advertise_mesh_addr", &self.advertise_mesh_addr)
             .field("grace", &self.grace)
             .field("connector_timeout_grace", &self.connector_timeout_grace)
             .field("access_log", &self.access_log)

@@ -116,6 +116,7 @@ pub(crate) async fn start(config: Config, shutdown: CancellationToken) -> Result
             public_listen: config.public_listen,
             http3: config.http3,
             tunnel_listen: config.tunnel_listen,
+            mesh_listen: config.mesh_listen,
             metrics_listen: config.metrics_listen,
             grace: config.grace,
             connector_timeout_grace: config.connector_timeout_grace,
@@ -202,7 +203,9 @@ pub(crate) async fn start(config: Config, shutdown: CancellationToken) -> Result
     let report = EdgeReport {
         tunnel_addr: advertised(&config.advertise_tunnel_addr, handle.tunnel_addr),
         public_addr: advertised(&config.advertise_public_addr, handle.public_addr),
-        mesh_addr: None,
+        mesh_addr: handle
+            .mesh_addr
+            .map(|bound| advertised(&config.advertise_mesh_addr, bound)),
         version: env!("CARGO_PKG_VERSION").to_owned(),
         tunnels: Vec::new(),
     };

@@ -19,6 +19,7 @@ mod control;
 pub mod error;
 mod http3;
 mod listener;
+mod mesh;
 mod metrics;
 mod pages;
 mod request;
@@ -73,6 +74,8 @@ pub struct Handle {
     pub h3_addr: Option<SocketAddr>,
     /// The bound tunnel (QUIC, UDP) address.
     pub tunnel_addr: SocketAddr,
+    /// The bound mesh (QUIC, UDP) address, if this edge takes mesh links.
+    pub mesh_addr: Option<SocketAddr>,
     /// The bound metrics address, if any.
     pub metrics_addr: Option<SocketAddr>,
     shared: Arc<Shared>,
@@ -146,6 +149,10 @@ pub(crate) struct Shared {
     pub(crate) stalls: Arc<stall::StallBudget>,
     /// The cap on tunnels per connector and the liveness periods.
     pub(crate) tunnel_policy: tunnel_acceptor::TunnelPolicy,
+    /// The mesh links this edge dials to other edges.
+    pub(crate) mesh: mesh::Mesh,
+    /// The `Portico-Route` of a response served here: this edge's id.
+    pub(crate) route: http::HeaderValue,
     /// Cancelled to start the shutdown.
     pub(crate) shutdown: CancellationToken,
     /// Cancelled when the drain period is over: in-flight work is cut.
@@ -228,6 +235,9 @@ pub(crate) struct Parts {
     /// Serve HTTP/3 on UDP at the public port.
     pub(crate) http3: bool,
     pub(crate) tunnel_listen: SocketAddr,
+    /// Where other edges open mesh links to this one (UDP); `None`: this
+    /// edge forwards to others but takes no forwarded requests.
+    pub(crate) mesh_listen: Option<SocketAddr>,
     pub(crate) metrics_listen: Option<SocketAddr>,
     pub(crate) grace: Duration,
     pub(crate) connector_timeout_grace: Duration,
@@ -285,6 +295,13 @@ pub(crate) async fn serve(parts: Parts, shutdown: CancellationToken) -> Result<H
         })?),
         None => None,
     };
+    let mesh = mesh::Mesh::new(
+        Arc::clone(&parts.tunnel_cert),
+        &parts.ca_pem,
+        parts.tunnel_listen,
+    )?;
+    let route = http::HeaderValue::try_from(parts.edge_id.as_str())
+        .unwrap_or_else(|_| http::HeaderValue::from_static("edge"));
     let shared = Arc::new(Shared {
         edge_id: parts.edge_id.clone(),
         region: parts.region.clone(),
@@ -301,6 +318,8 @@ pub(crate) async fn serve(parts: Parts, shutdown: CancellationToken) -> Result<H
         h2: parts.limits.h2.clone(),
         stalls: Arc::new(stall::StallBudget::new(parts.limits.stall.clone())),
         tunnel_policy: parts.tunnels,
+        mesh,
+        route,
         shutdown: shutdown.clone(),
         hard_stop: CancellationToken::new(),
         tracker,
@@ -311,7 +330,15 @@ pub(crate) async fn serve(parts: Parts, shutdown: CancellationToken) -> Result<H
     if let Some(cfg) = parts.initial_config {
         shared.apply_config(cfg);
     }
+    shared.add_tunnel_endpoint(shared.mesh.endpoint());
 
+    let mesh_server = match parts.mesh_listen {
+        Some(_) => Some(mesh::server_config(
+            Arc::clone(&parts.tunnel_cert),
+            &parts.ca_pem,
+        )?),
+        None => None,
+    };
     let public_tls = listener::tls_config(parts.public_cert)?;
     let tunnel_server = tunnel_acceptor::server_config(
         parts.tunnel_cert,
@@ -412,6 +439,25 @@ pub(crate) async fn serve(parts: Parts, shutdown: CancellationToken) -> Result<H
             .tracker
             .spawn(http3::accept_loop(ep, Arc::clone(&shared)).instrument(span.clone()));
     }
+    let mesh_addr = match parts.mesh_listen.zip(mesh_server) {
+        Some((addr, mesh_server)) => {
+            let socket = std::net::UdpSocket::bind(addr).map_err(bind_err("mesh", addr))?;
+            let bound = socket.local_addr().map_err(bind_err("mesh", addr))?;
+            let ep = portico_agent::quic::endpoint_on(
+                socket,
+                quinn::EndpointConfig::default(),
+                Some(mesh_server),
+                &shared.tracker,
+            )
+            .map_err(bind_err("mesh", bound))?;
+            shared.add_tunnel_endpoint(ep.clone());
+            shared
+                .tracker
+                .spawn(mesh::accept_loop(ep, Arc::clone(&shared)).instrument(span.clone()));
+            Some(bound)
+        }
+        None => None,
+    };
     shared
         .tracker
         .spawn(drain_on_shutdown(h3_endpoint, Arc::clone(&shared)).instrument(span.clone()));
@@ -421,6 +467,7 @@ pub(crate) async fn serve(parts: Parts, shutdown: CancellationToken) -> Result<H
         %public_addr,
         h3_addr = h3_addr.map(tracing::field::display),
         %tunnel_addr,
+        mesh_addr = mesh_addr.map(tracing::field::display),
         metrics_addr = metrics_addr.map(tracing::field::display),
         region = %parts.region,
         shards,
@@ -433,6 +480,7 @@ pub(crate) async fn serve(parts: Parts, shutdown: CancellationToken) -> Result<H
         public_addr,
         h3_addr,
         tunnel_addr,
+        mesh_addr,
         metrics_addr,
         shared,
         ready: ready_rx,

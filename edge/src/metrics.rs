@@ -57,6 +57,18 @@ pub(crate) struct Metrics {
     /// `portico_edge_tls_handshakes_total{result}` on the HTTPS listener:
     /// `full`, `resumed` (a session ticket spared the certificate and its
     /// signature) and `failed` (an error or the handshake timeout).
+    /// `portico_edge_mesh_links`: mesh links this edge dialled, up now.
+    pub(crate) mesh_links: IntGauge,
+    /// `portico_edge_mesh_refused_total`: mesh handshakes refused (a
+    /// certificate that is not an edge's, among others).
+    pub(crate) mesh_refused: IntCounter,
+    /// `portico_edge_mesh_served_total{result}`: requests other edges
+    /// forwarded here, by the status or error code they got (`lost` when
+    /// the stream failed before either).
+    pub(crate) mesh_served: IntCounterVec,
+    /// `portico_edge_mesh_forwarded_total`: requests this edge forwarded to
+    /// another edge (attempts).
+    pub(crate) mesh_forwarded: IntCounter,
     pub(crate) tls_full: IntCounter,
     pub(crate) tls_resumed: IntCounter,
     pub(crate) tls_failed: IntCounter,
@@ -200,8 +212,35 @@ impl Metrics {
             &["result"],
         )
         .expect("valid metric");
+        let mesh_links = IntGauge::new(
+            "portico_edge_mesh_links",
+            "Mesh links to other edges this edge dialled, up now",
+        )
+        .expect("valid metric");
+        let mesh_refused = IntCounter::new(
+            "portico_edge_mesh_refused_total",
+            "Mesh handshakes refused (for example a certificate that is not an edge's)",
+        )
+        .expect("valid metric");
+        let mesh_served = IntCounterVec::new(
+            Opts::new(
+                "portico_edge_mesh_served_total",
+                "Requests other edges forwarded to this one, by the status or error code                  they got (lost: the stream failed first)",
+            ),
+            &["result"],
+        )
+        .expect("valid metric");
+        let mesh_forwarded = IntCounter::new(
+            "portico_edge_mesh_forwarded_total",
+            "Attempts this edge forwarded to another edge over the mesh",
+        )
+        .expect("valid metric");
         for c in [
             Box::new(info) as Box<dyn prometheus::core::Collector>,
+            Box::new(mesh_links.clone()),
+            Box::new(mesh_refused.clone()),
+            Box::new(mesh_served.clone()),
+            Box::new(mesh_forwarded.clone()),
             Box::new(tls.clone()),
             Box::new(requests.clone()),
             Box::new(duration.clone()),
@@ -242,6 +281,10 @@ impl Metrics {
             conns_refused,
             conn_closes,
             stalls,
+            mesh_links,
+            mesh_refused,
+            mesh_served,
+            mesh_forwarded,
             tls_full: tls.with_label_values(&["full"]),
             tls_resumed: tls.with_label_values(&["resumed"]),
             tls_failed: tls.with_label_values(&["failed"]),

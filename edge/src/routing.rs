@@ -5,14 +5,15 @@ use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use portico_proto::api::{App, EdgeConfig};
-use portico_proto::{ConnectorId, RegionId};
+use portico_proto::api::{App, EdgeConfig, PeerEdge};
+use portico_proto::{ConnectorId, GroupId, RegionId};
 
 /// One immutable snapshot of what the edge routes.
 #[derive(Debug)]
 pub(crate) struct RoutingTable {
     pub(crate) config: EdgeConfig,
     by_host: HashMap<String, Arc<App>>,
+    by_id: HashMap<String, Arc<App>>,
     revoked: HashSet<ConnectorId>,
 }
 
@@ -26,10 +27,16 @@ impl RoutingTable {
                     .map(|host| (host.into_owned(), Arc::new(app.clone())))
             })
             .collect();
+        let by_id = config
+            .apps
+            .iter()
+            .map(|app| (app.id.as_str().to_owned(), Arc::new(app.clone())))
+            .collect();
         let revoked = config.revoked.iter().cloned().collect();
         RoutingTable {
             config,
             by_host,
+            by_id,
             revoked,
         }
     }
@@ -55,6 +62,25 @@ impl RoutingTable {
     /// The app published at this (already normalized) host.
     pub(crate) fn app_for_host(&self, host: &str) -> Option<&Arc<App>> {
         self.by_host.get(host)
+    }
+
+    /// The app with this id: how a request forwarded by another edge is
+    /// routed (its head names the app, not the host).
+    pub(crate) fn app_by_id(&self, id: &str) -> Option<&Arc<App>> {
+        self.by_id.get(id)
+    }
+
+    /// The other edges that hold tunnels of `group` and take mesh links
+    /// (healthy, with a mesh address), by id.
+    pub(crate) fn peers_holding(&self, group: &GroupId) -> Vec<&PeerEdge> {
+        let Some(presence) = self.config.presence.iter().find(|p| p.group == *group) else {
+            return Vec::new();
+        };
+        self.config
+            .peers
+            .iter()
+            .filter(|p| p.healthy && p.mesh_addr.is_some() && presence.edges.contains(&p.id))
+            .collect()
     }
 
     pub(crate) fn is_revoked(&self, connector: &ConnectorId) -> bool {

@@ -75,6 +75,34 @@ impl Pki {
         ))
     }
 
+    /// An edge's identity certificate, server and client (mesh) use.
+    fn edge(
+        &self,
+        id: &EdgeId,
+        region: &RegionId,
+    ) -> anyhow::Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)> {
+        let key = KeyPair::generate()?;
+        let mut p = CertificateParams::new(vec![edge_server_name(id)])?;
+        let identity = Identity::Edge {
+            id: id.clone(),
+            region: region.clone(),
+        };
+        for u in identity.to_uris() {
+            p.subject_alt_names.push(SanType::URI(u.try_into()?));
+        }
+        p.is_ca = IsCa::ExplicitNoCa;
+        p.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        p.use_authority_key_identifier_extension = true;
+        let cert = p.signed_by(&key, &self.ca)?;
+        Ok((
+            vec![cert.der().clone()],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+        ))
+    }
+
     fn connector(
         &self,
         id: &str,
@@ -176,6 +204,7 @@ async fn test_edge_with(
             public_listen: "127.0.0.1:0".parse()?,
             http3: true,
             tunnel_listen: "127.0.0.1:0".parse()?,
+            mesh_listen: config.mesh_listen,
             metrics_listen: Some("127.0.0.1:0".parse()?),
             grace: Duration::from_secs(2),
             connector_timeout_grace: Duration::from_millis(200),
@@ -2373,5 +2402,371 @@ async fn a_sharded_edge_keeps_a_tunnel_on_the_shard_it_asked_for_when_the_connec
 
     shutdown.cancel();
     tokio::time::timeout(DEADLINE, edge.wait()).await??;
+    Ok(())
+}
+
+// ---- the edge mesh ----
+
+/// An edge `id` of `region` that takes mesh links, with the test config.
+async fn mesh_edge(
+    pki: &Pki,
+    shutdown: &CancellationToken,
+    id: &str,
+    region: &str,
+) -> anyhow::Result<Handle> {
+    let id = EdgeId::new(id)?;
+    let region = RegionId::new(region)?;
+    let config = crate::Config::new("https://unused", "/unused");
+    config.validate()?;
+    let (chain, key) = pki.edge(&id, &region)?;
+    let tunnel_cert = CertStore::new();
+    tunnel_cert.set(chain, key)?;
+    let (chain, key) = pki.leaf(
+        vec!["*.apps.test".into()],
+        Vec::new(),
+        ExtendedKeyUsagePurpose::ServerAuth,
+    )?;
+    let public_cert = CertStore::new();
+    public_cert.set(chain, key)?;
+    let handle = serve(
+        Parts {
+            edge_id: id,
+            region,
+            tunnel_cert,
+            ca_pem: pki.ca_pem.clone(),
+            public_cert,
+            initial_config: Some(edge_config(1, Vec::new())),
+            public_listen: "127.0.0.1:0".parse()?,
+            http3: false,
+            tunnel_listen: "127.0.0.1:0".parse()?,
+            mesh_listen: Some("127.0.0.1:0".parse()?),
+            metrics_listen: Some("127.0.0.1:0".parse()?),
+            grace: Duration::from_secs(2),
+            connector_timeout_grace: Duration::from_millis(200),
+            access_log: true,
+            limits: config.user_limits(),
+            tunnels: config.tunnel_policy(),
+            shards: config.shards,
+        },
+        shutdown.clone(),
+    )
+    .await?;
+    Ok(handle)
+}
+
+/// Tells `edge` that the default group's tunnels sit on `holders`, which
+/// take mesh links at their mesh addresses.
+fn point_at(edge: &Handle, version: u64, holders: &[&Handle]) {
+    let mut config = edge_config(version, Vec::new());
+    config.presence = vec![portico_proto::api::GroupPresence {
+        group: GroupId::default_group(),
+        edges: holders.iter().map(|h| h.id.clone()).collect(),
+    }];
+    config.peers = holders
+        .iter()
+        .map(|h| portico_proto::api::PeerEdge {
+            id: h.id.clone(),
+            region: h.region.clone(),
+            mesh_addr: h.mesh_addr.map(|a| a.to_string()),
+            healthy: true,
+            tunnels: 1,
+        })
+        .collect();
+    edge.shared.apply_config(config);
+}
+
+/// Attaches a fake connector `name` to `edge` (its tunnel certificate
+/// trusted as the edge's, whatever the edge's id).
+async fn attach(
+    pki: &Pki,
+    edge: &Handle,
+    name: &'static str,
+) -> anyhow::Result<(quinn::Endpoint, quinn::Connection, Control)> {
+    let ep = quic_client(pki, pki.connector(name)?)?;
+    let conn = ep
+        .connect(edge.tunnel_addr, &edge_server_name(&edge.id))?
+        .await?;
+    let (mut send, mut recv) = conn.open_bi().await?;
+    write_frame(&mut send, &hello(name, 1)).await?;
+    let Some(Frame::Welcome(_)) = tokio::time::timeout(DEADLINE, read_frame(&mut recv)).await??
+    else {
+        anyhow::bail!("no Welcome");
+    };
+    fake_connector(conn.clone(), name);
+    wait_until("the tunnel to attach", || edge.tunnel_count() == 1).await?;
+    Ok((ep, conn, Control::start(send, recv)))
+}
+
+async fn metrics_of(edge: &Handle) -> anyhow::Result<String> {
+    let addr = edge.metrics_addr.context("metrics")?;
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).await?;
+    Ok(out)
+}
+
+#[tokio::test]
+async fn a_request_for_a_group_with_no_tunnel_here_crosses_the_mesh_once() -> anyhow::Result<()> {
+    let pki = Pki::new("test CA")?;
+    let shutdown = CancellationToken::new();
+    let a = mesh_edge(&pki, &shutdown, "e-a", "eu-west").await?;
+    let b = mesh_edge(&pki, &shutdown, "e-b", "us-east").await?;
+    let _c1 = attach(&pki, &a, "c-1").await?;
+
+    // Without presence, b has nowhere to send it.
+    let r = https(
+        &pki,
+        b.public_addr,
+        "hr.apps.test",
+        true,
+        get("hr.apps.test", "/x", true),
+    )
+    .await?;
+    assert_eq!(r.status(), StatusCode::BAD_GATEWAY);
+
+    point_at(&b, 2, &[&a]);
+    for h2 in [true, false] {
+        let r = https(
+            &pki,
+            b.public_addr,
+            "hr.apps.test",
+            h2,
+            get("hr.apps.test", "/hello", h2),
+        )
+        .await?;
+        assert_eq!(r.status(), StatusCode::OK, "{:?}", r.body());
+        assert_eq!(r.body().as_ref(), b"c-1|hr|GET|hr.apps.test|/hello|");
+        assert_eq!(r.headers()["portico-route"], "e-b, e-a");
+    }
+    // A body goes up the mesh and the tunnel.
+    let post = Request::post("https://hr.apps.test/echo")
+        .body(Full::new(Bytes::from_static(b"over two hops")))?;
+    let r = https(&pki, b.public_addr, "hr.apps.test", true, post).await?;
+    assert_eq!(
+        r.body().as_ref(),
+        b"c-1|hr|POST|hr.apps.test|/echo|over two hops"
+    );
+    // Served on a itself: one edge on the route.
+    let r = https(
+        &pki,
+        a.public_addr,
+        "hr.apps.test",
+        true,
+        get("hr.apps.test", "/", true),
+    )
+    .await?;
+    assert_eq!(r.headers()["portico-route"], "e-a");
+
+    let am = metrics_of(&a).await?;
+    assert_eq!(
+        counter(&am, "portico_edge_mesh_served_total{result=\"200\"}"),
+        3,
+        "{am}"
+    );
+    let bm = metrics_of(&b).await?;
+    assert_eq!(counter(&bm, "portico_edge_mesh_forwarded_total"), 3, "{bm}");
+    // One link carried all three.
+    assert_eq!(counter(&bm, "portico_edge_mesh_links"), 1, "{bm}");
+    // A live link does not keep the edges from stopping.
+    shutdown.cancel();
+    tokio::time::timeout(DEADLINE, b.wait()).await??;
+    tokio::time::timeout(DEADLINE, a.wait()).await??;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_forwarded_request_is_never_forwarded_again() -> anyhow::Result<()> {
+    let pki = Pki::new("test CA")?;
+    let shutdown = CancellationToken::new();
+    // b believes a holds the group; a believes c does; only c has a tunnel.
+    // If a forwarded what it got from b, the request would reach c.
+    let a = mesh_edge(&pki, &shutdown, "e-a", "eu-west").await?;
+    let b = mesh_edge(&pki, &shutdown, "e-b", "us-east").await?;
+    let c = mesh_edge(&pki, &shutdown, "e-c", "eu-west").await?;
+    let _c1 = attach(&pki, &c, "c-1").await?;
+    point_at(&b, 2, &[&a]);
+    point_at(&a, 2, &[&c]);
+
+    let r = https(
+        &pki,
+        b.public_addr,
+        "hr.apps.test",
+        true,
+        get("hr.apps.test", "/x", true),
+    )
+    .await?;
+    assert_eq!(r.status(), StatusCode::BAD_GATEWAY);
+    let body = String::from_utf8_lossy(r.body());
+    assert!(body.contains("MeshUnreachable"), "{body}");
+    let am = metrics_of(&a).await?;
+    assert_eq!(
+        counter(
+            &am,
+            "portico_edge_mesh_served_total{result=\"MeshUnreachable\"}"
+        ),
+        1,
+        "{am}"
+    );
+    assert_eq!(counter(&am, "portico_edge_mesh_forwarded_total"), 0, "{am}");
+    let cm = metrics_of(&c).await?;
+    assert_eq!(
+        counter(&cm, "portico_edge_mesh_served_total{result=\"200\"}"),
+        0,
+        "{cm}"
+    );
+    // a itself, reached by a user, does forward to c.
+    let r = https(
+        &pki,
+        a.public_addr,
+        "hr.apps.test",
+        true,
+        get("hr.apps.test", "/y", true),
+    )
+    .await?;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.headers()["portico-route"], "e-a, e-c");
+    shutdown.cancel();
+    Ok(())
+}
+
+/// A QUIC client for `edge`'s mesh port presenting `cert`.
+fn mesh_client(
+    pki: &Pki,
+    cert: (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>),
+) -> anyhow::Result<quinn::Endpoint> {
+    let mut tls = rustls::ClientConfig::builder_with_provider(pki::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(pki.roots())
+        .with_client_auth_cert(cert.0, cert.1)?;
+    tls.alpn_protocols = vec![portico_proto::MESH_ALPN.to_vec()];
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+    ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(
+        QuicClientConfig::try_from(tls)?,
+    )));
+    Ok(ep)
+}
+
+fn forwarded(app: &str, hops: Option<u8>, origin: Option<&str>) -> Frame {
+    Frame::StreamHead(portico_proto::StreamHead {
+        kind: StreamKind::Http,
+        request_id: portico_proto::RequestId(7),
+        app: AppId::new(app).unwrap(),
+        method: http::Method::GET,
+        authority: Bytes::from_static(b"hr.apps.test"),
+        path: Bytes::from_static(b"/"),
+        headers: http::HeaderMap::new(),
+        client_addr: "192.0.2.1:1".parse().unwrap(),
+        identity: None,
+        timeout_ms: 5_000,
+        ext: portico_proto::HeadExtensions {
+            hop_count: hops,
+            origin_edge: origin.map(|o| EdgeId::new(o).unwrap()),
+            ..Default::default()
+        },
+    })
+}
+
+#[tokio::test]
+async fn the_mesh_port_takes_edges_only_and_refuses_bad_heads_with_their_code() -> anyhow::Result<()>
+{
+    let pki = Pki::new("test CA")?;
+    let shutdown = CancellationToken::new();
+    let a = mesh_edge(&pki, &shutdown, "e-a", "eu-west").await?;
+    let mesh = a.mesh_addr.context("mesh listener")?;
+    let _c1 = attach(&pki, &a, "c-1").await?;
+
+    // A connector's certificate on the mesh port: refused in TLS.
+    let ep = mesh_client(&pki, pki.connector("c-2")?)?;
+    let refused = async {
+        ep.connect(mesh, &edge_server_name(&a.id))?
+            .await?
+            .accept_uni()
+            .await
+            .map(|_| ())
+            .map_err(anyhow::Error::from)
+    };
+    assert!(tokio::time::timeout(DEADLINE, refused).await?.is_err());
+    // An edge's certificate on the tunnel port: refused in TLS too.
+    let ep = quic_client(
+        &pki,
+        pki.edge(&EdgeId::new("e-x")?, &RegionId::new("eu-west")?)?,
+    )?;
+    let refused = async {
+        ep.connect(a.tunnel_addr, &edge_server_name(&a.id))?
+            .await?
+            .accept_uni()
+            .await
+            .map(|_| ())
+            .map_err(anyhow::Error::from)
+    };
+    assert!(tokio::time::timeout(DEADLINE, refused).await?.is_err());
+    wait_until("the refusal to count", || {
+        a.shared.metrics.mesh_refused.get() >= 1
+    })
+    .await?;
+
+    // An edge: MeshHello, Welcome, then heads.
+    let ep = mesh_client(
+        &pki,
+        pki.edge(&EdgeId::new("e-x")?, &RegionId::new("us-east")?)?,
+    )?;
+    let conn = ep.connect(mesh, &edge_server_name(&a.id))?.await?;
+    let (mut send, mut recv) = conn.open_bi().await?;
+    let hello = Frame::MeshHello(portico_proto::MeshHello {
+        version: 1,
+        capabilities: portico_proto::capabilities::ALL,
+        edge_id: EdgeId::new("e-x")?,
+        region: RegionId::new("us-east")?,
+        agent_version: "test".into(),
+    });
+    write_frame(&mut send, &hello).await?;
+    let Some(Frame::Welcome(w)) = tokio::time::timeout(DEADLINE, read_frame(&mut recv)).await??
+    else {
+        anyhow::bail!("no Welcome");
+    };
+    assert_eq!(w.edge_id, a.id);
+    // Answers the edge's pings, as an edge does.
+    let _control = Control::start(send, recv);
+    for (head, want) in [
+        (
+            forwarded("hr", Some(2), Some("e-x")),
+            ErrorCode::MeshUnreachable,
+        ),
+        (
+            forwarded("hr", None, Some("e-x")),
+            ErrorCode::MeshUnreachable,
+        ),
+        (
+            forwarded("hr", Some(1), Some("e-other")),
+            ErrorCode::MeshUnreachable,
+        ),
+        (
+            forwarded("nope", Some(1), Some("e-x")),
+            ErrorCode::AppNotFound,
+        ),
+    ] {
+        let (mut s, mut r) = conn.open_bi().await?;
+        write_frame(&mut s, &head).await?;
+        let _ = s.finish();
+        match tokio::time::timeout(DEADLINE, read_frame(&mut r)).await?? {
+            Some(Frame::Error(e)) => assert_eq!(e.code, want, "{}", e.message),
+            other => anyhow::bail!("expected an Error, got {other:?}"),
+        }
+    }
+    // Nothing of those reached the connector; a good head does.
+    assert_eq!(a.shared.metrics.streams.get(), 0);
+    let (mut s, mut r) = conn.open_bi().await?;
+    write_frame(&mut s, &forwarded("hr", Some(1), Some("e-x"))).await?;
+    let _ = s.finish();
+    let Some(Frame::ResponseHead(h)) = tokio::time::timeout(DEADLINE, read_frame(&mut r)).await??
+    else {
+        anyhow::bail!("no response head");
+    };
+    assert_eq!(h.status, StatusCode::OK);
+    let body = tokio::time::timeout(DEADLINE, r.read_to_end(1 << 16)).await??;
+    assert_eq!(body, b"c-1|hr|GET|hr.apps.test|/|");
+    shutdown.cancel();
     Ok(())
 }

@@ -60,7 +60,7 @@ pub(crate) fn server_config(
     ca_pem: &str,
     receive_window: u64,
 ) -> Result<quinn::ServerConfig, Error> {
-    let verifier = pki::client_verifier(ca_pem, false)?;
+    let verifier = pki::role_verifier(ca_pem, pki::Role::Connector)?;
     let mut tls = rustls::ServerConfig::builder_with_provider(pki::provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|source| Error::Tls {
@@ -410,6 +410,7 @@ async fn hello(conn: &quinn::Connection, shared: &Shared) -> Result<Welcomed, En
         group,
         hello.agent_version,
         conn.clone(),
+        ctl.capabilities(),
     );
     Ok(Welcomed {
         tunnel: Arc::new(tunnel),

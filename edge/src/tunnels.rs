@@ -25,6 +25,8 @@ pub(crate) struct Tunnel {
     pub(crate) conn: quinn::Connection,
     /// The shard whose runtime drives the tunnel's QUIC connection.
     pub(crate) shard: usize,
+    /// The capability bits both ends support (`Welcome`).
+    pub(crate) capabilities: u64,
     outstanding: AtomicUsize,
     draining: AtomicBool,
     /// The connector left a ping unanswered past its deadline
@@ -43,6 +45,7 @@ impl Tunnel {
         group: GroupId,
         agent_version: String,
         conn: quinn::Connection,
+        capabilities: u64,
     ) -> Self {
         Tunnel {
             id,
@@ -52,6 +55,7 @@ impl Tunnel {
             remote: conn.remote_address(),
             conn,
             shard: crate::shard::current(),
+            capabilities,
             outstanding: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
             suspect: AtomicBool::new(false),

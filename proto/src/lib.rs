@@ -33,6 +33,12 @@ pub use ids::{AppId, ConnectorId, EdgeId, GroupId, IdError, RegionId, RequestId,
 
 /// The ALPN protocol id of a tunnel (connector → edge) QUIC connection.
 pub const ALPN: &[u8] = b"portico/1";
+/// The ALPN protocol id of a mesh link (edge → edge) QUIC connection.
+pub const MESH_ALPN: &[u8] = b"portico-mesh/1";
+/// The most mesh hops a request makes: an edge forwards a request it got
+/// from a user, and an edge that got it from another edge never forwards
+/// it again.
+pub const MAX_MESH_HOPS: u8 = 1;
 
 /// The protocol version this build speaks.
 pub const PROTOCOL_VERSION: u32 = 1;

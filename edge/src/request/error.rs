@@ -17,7 +17,6 @@ pub(crate) enum Fault {
     /// The app's backend, as the connector reported it.
     Backend,
     /// Another edge of the mesh (when a request is forwarded).
-    #[allow(dead_code)] // the mesh (the next issue) forwards to peers
     Peer,
 }
 
@@ -94,6 +93,11 @@ pub(crate) enum ProxyError {
     ClientBody(#[source] crate::request::BoxError),
     #[error("the connector broke the protocol: {reason}")]
     Protocol { reason: String },
+    #[error("no mesh link to edge {peer}: {reason}")]
+    Mesh {
+        peer: portico_proto::EdgeId,
+        reason: String,
+    },
 }
 
 impl ProxyError {
@@ -117,6 +121,7 @@ impl ProxyError {
             ProxyError::Connector { code, .. } => *code,
             ProxyError::ClientBody(_) => ErrorCode::BadRequestBody,
             ProxyError::Protocol { .. } => ErrorCode::Internal,
+            ProxyError::Mesh { .. } => ErrorCode::MeshUnreachable,
         }
     }
 
@@ -131,6 +136,7 @@ impl ProxyError {
             | ProxyError::AppNotFound { .. }
             | ProxyError::ClientBody(_) => Fault::Client,
             ProxyError::FeatureUnsupported { .. } => Fault::Edge,
+            ProxyError::Mesh { .. } => Fault::Peer,
             ProxyError::NoTunnel { .. }
             | ProxyError::Open(_)
             | ProxyError::HeadWrite(_)
@@ -147,6 +153,7 @@ impl ProxyError {
                 ErrorCode::BadRequest
                 | ErrorCode::BadRequestBody
                 | ErrorCode::PathOutsidePrefix => Fault::Client,
+                ErrorCode::MeshUnreachable => Fault::Peer,
                 _ => Fault::Connector,
             },
         }
@@ -156,14 +163,19 @@ impl ProxyError {
     pub(crate) fn retry(&self) -> Retry {
         match self {
             // Nothing was sent, or the connector said it processed nothing.
-            ProxyError::Open(_) | ProxyError::HeadWrite(_) | ProxyError::Refused => Retry::Safe,
+            ProxyError::Open(_)
+            | ProxyError::HeadWrite(_)
+            | ProxyError::Refused
+            | ProxyError::Mesh { .. } => Retry::Safe,
             ProxyError::Lost { acked: false, .. } => Retry::Safe,
             ProxyError::Lost { acked: true, .. } => Retry::IfIdempotent,
             // The connector does not serve the app (yet: its config lags
             // the edge's) or has no backend connection free: it answered
             // before sending anything to a backend.
+            // A mesh peer with no tunnel of the group answers before
+            // sending anything on.
             ProxyError::Connector {
-                code: ErrorCode::AppNotFound | ErrorCode::BackendBusy,
+                code: ErrorCode::AppNotFound | ErrorCode::BackendBusy | ErrorCode::MeshUnreachable,
                 ..
             } => Retry::Safe,
             _ => Retry::Never,

@@ -18,7 +18,7 @@ use portico_proto::{ErrorCode, RequestId};
 use crate::client_conn::{ClientConn, RequestGuard};
 use crate::metrics::Metrics;
 use crate::request::error::Fault;
-use crate::tunnels::Tunnel;
+use crate::request::upstream::Via;
 
 /// Whether the access log is written (metrics always are).
 #[derive(Debug, Clone, Copy)]
@@ -45,7 +45,7 @@ pub(crate) struct Record {
     bytes_out: u64,
     /// The last upstream tried (a reference, not a copy of its ids: the
     /// request path allocates nothing for the log it may not write).
-    upstream: Option<Arc<Tunnel>>,
+    upstream: Option<Via>,
     attempts: u8,
     /// The response body ran to its end.
     complete: bool,
@@ -116,9 +116,9 @@ impl Record {
     }
 
     /// One more attempt, on this upstream.
-    pub(crate) fn attempt(&mut self, tunnel: &Arc<Tunnel>) {
+    pub(crate) fn attempt(&mut self, via: &Via) {
         self.attempts = self.attempts.saturating_add(1);
-        self.upstream = Some(Arc::clone(tunnel));
+        self.upstream = Some(via.clone());
     }
 
     pub(crate) fn attempts(&self) -> u8 {
@@ -175,9 +175,10 @@ impl Drop for Record {
             .as_ref()
             .map_or(0, |b| b.load(Ordering::Relaxed));
         let path = self.uri.path_and_query().map_or("/", |p| p.as_str());
-        let (tunnel, connector) = match &self.upstream {
-            Some(t) => (Some(t.id.0), Some(t.connector.as_str())),
-            None => (None, None),
+        let (tunnel, connector, peer) = match &self.upstream {
+            Some(Via::Tunnel(t)) => (Some(t.id.0), Some(t.connector.as_str()), None),
+            Some(Via::Mesh(l)) => (None, None, Some(l.peer.as_str())),
+            None => (None, None, None),
         };
         tracing::event!(
             target: "portico::access",
@@ -199,6 +200,7 @@ impl Drop for Record {
             replayed = self.attempts > 1,
             tunnel = tunnel,
             connector = connector,
+            peer = peer,
             "request"
         );
     }

@@ -213,7 +213,7 @@ pub(crate) struct Inflight {
     pub(crate) recv: Option<RecvStream>,
     pub(crate) done: bool,
     pub(crate) _cancel_body: DropGuard,
-    pub(crate) _stream: StreamGuard,
+    pub(crate) _stream: Option<StreamGuard>,
     pub(crate) _active: ActiveStream,
 }
 

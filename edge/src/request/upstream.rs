@@ -1,8 +1,8 @@
 //! Phases 3 and 4 and the retry loop: select an upstream (a tunnel of the
-//! app's group today; a mesh peer will be another kind), open a stream on
-//! it, write the head and pump the body, and wait for the response head.
-//! A failed attempt is tried again on another upstream when its error
-//! says that is safe ([`Retry`]).
+//! app's group on this edge, else another edge that holds one, over the
+//! mesh), open a stream on it, write the head and pump the body, and wait
+//! for the response head. A failed attempt is tried again on another
+//! upstream when its error says that is safe ([`Retry`]).
 
 use std::sync::Arc;
 
@@ -15,13 +15,16 @@ use portico_proto::{CloseCode, Frame, HeadExtensionsRef, ResponseHead, StreamHea
 use tokio::task::JoinHandle;
 
 use crate::client_conn::ClientConn;
+use crate::mesh::MeshLink;
 use crate::request::relay::{
     self, forward_headers, is_websocket, response_headers, AckWatch, ActiveStream, BodySource,
     Inflight, PumpEnd, Pumped, ResponseBody,
 };
 use crate::request::{Body, ProxyError, Record, RequestBody, Retry};
-use crate::tunnels::Tunnel;
+use crate::tunnels::{StreamGuard, Tunnel};
 use crate::Shared;
+use portico_proto::api::PeerEdge;
+use portico_proto::EdgeId;
 
 /// The most attempts one request gets, the first included.
 const MAX_ATTEMPTS: u8 = 3;
@@ -30,16 +33,96 @@ const MAX_ATTEMPTS: u8 = 3;
 pub(crate) enum Upstream {
     /// A tunnel on this edge, to a connector of the app's group.
     Tunnel(Arc<Tunnel>),
+    /// Another edge that holds a tunnel of the group: the request goes
+    /// over a mesh link to it.
+    Peer(PeerEdge),
+}
+
+/// What an attempt is sent on.
+#[derive(Clone)]
+pub(crate) enum Via {
+    Tunnel(Arc<Tunnel>),
+    Mesh(Arc<MeshLink>),
+}
+
+impl Via {
+    fn conn(&self) -> &quinn::Connection {
+        match self {
+            Via::Tunnel(t) => &t.conn,
+            Via::Mesh(l) => &l.conn,
+        }
+    }
+
+    fn stream_guard(&self) -> Option<StreamGuard> {
+        match self {
+            Via::Tunnel(t) => Some(t.stream_guard()),
+            Via::Mesh(_) => None,
+        }
+    }
+
+    /// Closes the connection for a protocol error of its peer.
+    fn close(&self, code: CloseCode, reason: &str) {
+        match self {
+            Via::Tunnel(t) => t.close(code, reason),
+            Via::Mesh(l) => l.conn.close(code.to_wire().into(), reason.as_bytes()),
+        }
+    }
+}
+
+impl std::fmt::Display for Via {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Via::Tunnel(t) => write!(f, "tunnel {} of connector {}", t.id, t.connector),
+            Via::Mesh(l) => write!(f, "mesh link to edge {}", l.peer),
+        }
+    }
 }
 
 /// Phase 3: an upstream for the app, not one of `tried`. Among the
 /// group's tunnels on this edge, those of connectors not tried yet come
-/// first (a retry goes to another connector when there is one).
+/// first (a retry goes to another connector when there is one). With none
+/// here, another edge that holds one and was not tried: of this edge's
+/// region first, then the nearest by the link's measured RTT, then the
+/// least loaded.
 pub(crate) fn select(
     shared: &Shared,
     app: &App,
     tried: &[Arc<Tunnel>],
+    tried_peers: &[EdgeId],
 ) -> Result<Upstream, ProxyError> {
+    match select_tunnel(shared, app, tried) {
+        Ok(t) => Ok(Upstream::Tunnel(t)),
+        Err(no_tunnel) => {
+            let table = shared.table.load();
+            let mut peers: Vec<&PeerEdge> = table
+                .peers_holding(&app.connector_group)
+                .into_iter()
+                .filter(|p| p.id != shared.edge_id && !tried_peers.contains(&p.id))
+                .collect();
+            peers.sort_by_cached_key(|p| {
+                (
+                    p.region != shared.region,
+                    shared
+                        .mesh
+                        .rtt_to(&p.id)
+                        .unwrap_or(std::time::Duration::MAX),
+                    p.tunnels,
+                    p.id.clone(),
+                )
+            });
+            match peers.first() {
+                Some(p) => Ok(Upstream::Peer((*p).clone())),
+                None => Err(no_tunnel),
+            }
+        }
+    }
+}
+
+fn select_tunnel(
+    shared: &Shared,
+    app: &App,
+    tried: &[Arc<Tunnel>],
+) -> Result<Arc<Tunnel>, ProxyError> {
     let fresh = shared.tunnels.pick(&app.connector_group, |t| {
         !tried
             .iter()
@@ -61,7 +144,7 @@ pub(crate) fn select(
             shared.metrics.picks_other_shard.inc();
         }
     }
-    Ok(Upstream::Tunnel(tunnel))
+    Ok(tunnel)
 }
 
 /// Phases 3 to 5 with retries: what the request gets back, a response
@@ -104,19 +187,51 @@ pub(crate) async fn forward<B: RequestBody>(
     let mut on_upgrade = websocket.then(|| hyper::upgrade::on(&mut req));
     let mut body = Some(BodySource::new(req.into_body()));
     let mut tried: Vec<Arc<Tunnel>> = Vec::new();
+    let mut tried_peers: Vec<EdgeId> = Vec::new();
+    // The head with the hop count and this edge as the origin, made on
+    // the first mesh attempt.
+    let mut mesh_head: Option<Bytes> = None;
     let mut replayed_idempotent = false;
     // The error of the last failed attempt: once no upstream is left to
     // try, it is the answer (a BackendBusy stays BackendBusy).
     let mut last: Option<ProxyError> = None;
     loop {
-        let tunnel = match select(shared, app, &tried) {
-            Ok(Upstream::Tunnel(tunnel)) => tunnel,
+        let via = match select(shared, app, &tried, &tried_peers) {
+            Ok(Upstream::Tunnel(tunnel)) => Via::Tunnel(tunnel),
+            Ok(Upstream::Peer(peer)) => {
+                tried_peers.push(peer.id.clone());
+                match shared.mesh.link(shared, &peer).await {
+                    Ok(link) => Via::Mesh(link),
+                    Err(reason) => {
+                        tracing::info!(peer = %peer.id, %reason, "no mesh link; trying another upstream");
+                        last = Some(ProxyError::Mesh {
+                            peer: peer.id,
+                            reason,
+                        });
+                        continue;
+                    }
+                }
+            }
             Err(none_left) => return Err(last.unwrap_or(none_left)),
         };
-        record.attempt(&tunnel);
+        let head = match &via {
+            Via::Tunnel(_) => &head,
+            Via::Mesh(_) => {
+                if mesh_head.is_none() {
+                    let forwarded = crate::mesh::forwarded_head(&head, &shared.edge_id)
+                        .map_err(|reason| ProxyError::Protocol { reason })?;
+                    mesh_head = Some(forwarded);
+                }
+                mesh_head.as_ref().expect("set above")
+            }
+        };
+        if let Via::Mesh(_) = via {
+            shared.metrics.mesh_forwarded.inc();
+        }
+        record.attempt(&via);
         let attempt = Attempt {
-            tunnel: &tunnel,
-            head: &head,
+            via: &via,
+            head,
             method: &method,
             websocket,
             shared,
@@ -141,8 +256,7 @@ pub(crate) async fn forward<B: RequestBody>(
         }
         replayed_idempotent |= retry == Retry::IfIdempotent;
         tracing::info!(
-            tunnel.id = %tunnel.id,
-            connector = %tunnel.connector,
+            upstream = %via,
             attempt = record.attempts(),
             error = %portico_agent::error_chain(&error),
             "retrying the request on another upstream"
@@ -152,7 +266,9 @@ pub(crate) async fn forward<B: RequestBody>(
             .retries
             .with_label_values(&[retry_label(retry)])
             .inc();
-        tried.push(tunnel);
+        if let Via::Tunnel(tunnel) = via {
+            tried.push(tunnel);
+        }
         last = Some(error);
     }
 }
@@ -182,6 +298,8 @@ pub(crate) struct Relayed {
     /// A response that has no body whatever its headers say: to a HEAD,
     /// or a 204 or 304.
     pub(crate) bodiless: bool,
+    /// The edge it crossed over the mesh, if it did.
+    pub(crate) peer: Option<EdgeId>,
 }
 
 impl Relayed {
@@ -198,6 +316,13 @@ impl Relayed {
         let mut resp = Response::new(());
         *resp.status_mut() = self.status;
         *resp.headers_mut() = self.headers;
+        let route = match &self.peer {
+            None => Some(shared.route.clone()),
+            Some(peer) => http::HeaderValue::try_from(format!("{}, {peer}", shared.edge_id)).ok(),
+        };
+        if let Some(route) = route {
+            resp.headers_mut().insert(ROUTE, route);
+        }
         match self.upgrade {
             Some((on_upgrade, send)) => {
                 shared
@@ -231,9 +356,13 @@ impl Relayed {
     }
 }
 
-/// One attempt on one tunnel.
+/// `Portico-Route`: the edges a response crossed, the one the user reached
+/// first.
+pub(crate) const ROUTE: http::HeaderName = http::HeaderName::from_static("portico-route");
+
+/// One attempt on one upstream.
 struct Attempt<'a> {
-    tunnel: &'a Arc<Tunnel>,
+    via: &'a Via,
     head: &'a Bytes,
     method: &'a Method,
     websocket: bool,
@@ -249,13 +378,13 @@ impl Attempt<'_> {
         on_upgrade: &mut Option<hyper::upgrade::OnUpgrade>,
         record: &mut Record,
     ) -> Result<Relayed, ProxyError> {
-        let tunnel = self.tunnel;
-        let stream_guard = tunnel.stream_guard();
-        let (mut send, recv) = tunnel.conn.open_bi().await.map_err(ProxyError::Open)?;
+        let via = self.via;
+        let stream_guard = via.stream_guard();
+        let (mut send, recv) = via.conn().open_bi().await.map_err(ProxyError::Open)?;
         // Whether the connector can have seen the head is what makes a
         // lost POST safe to retry: watched for every method but the ones
         // replayed anyway (and it costs a connection lock, so only then).
-        let ack = AckWatch::start(&tunnel.conn, !is_idempotent(self.method));
+        let ack = AckWatch::start(via.conn(), !is_idempotent(self.method));
         send.write_chunk(self.head.clone())
             .await
             .map_err(ProxyError::HeadWrite)?;
@@ -321,7 +450,7 @@ impl Attempt<'_> {
             Ok(Some(Frame::ResponseHead(h))) => h,
             Ok(Some(Frame::Error(e))) => {
                 inflight.done = true;
-                tracing::info!(tunnel.id = %tunnel.id, code = %e.code, message = %e.message, "connector answered with an error");
+                tracing::info!(upstream = %via, code = %e.code, message = %e.message, "connector answered with an error");
                 let error = ProxyError::Connector {
                     code: e.code,
                     message: e.message,
@@ -330,14 +459,14 @@ impl Attempt<'_> {
             }
             Ok(Some(other)) => {
                 let reason = format!("unexpected {:?} frame on a data stream", other.frame_type());
-                tracing::warn!(tunnel.id = %tunnel.id, %reason, "closing tunnel");
-                tunnel.close(CloseCode::ProtocolError, &reason);
+                tracing::warn!(upstream = %via, %reason, "closing the upstream's connection");
+                via.close(CloseCode::ProtocolError, &reason);
                 return Err(ProxyError::Protocol { reason });
             }
             Err(ReadError::Decode(e)) => {
                 let reason = portico_agent::error_chain(&e).to_string();
-                tracing::warn!(tunnel.id = %tunnel.id, %reason, "malformed response head, closing tunnel");
-                tunnel.close(CloseCode::ProtocolError, &reason);
+                tracing::warn!(upstream = %via, %reason, "malformed response head, closing the upstream's connection");
+                via.close(CloseCode::ProtocolError, &reason);
                 return Err(ProxyError::Protocol { reason });
             }
             Ok(None) | Err(ReadError::Truncated) => {
@@ -351,7 +480,7 @@ impl Attempt<'_> {
             }
             Err(ReadError::Io(e)) => {
                 let error = classify_read_error(e, &ack);
-                tracing::info!(tunnel.id = %tunnel.id, error = %portico_agent::error_chain(&error), "stream lost before a response head");
+                tracing::info!(upstream = %via, error = %portico_agent::error_chain(&error), "stream lost before a response head");
                 return Err(settle(pump, &cancel, body, error).await);
             }
             Err(e) => {
@@ -364,7 +493,7 @@ impl Attempt<'_> {
         let upgraded = head.status == StatusCode::SWITCHING_PROTOCOLS;
         if upgraded && !self.websocket {
             let reason = "the connector answered 101 to a plain request".to_owned();
-            tracing::warn!(tunnel.id = %tunnel.id, %reason);
+            tracing::warn!(upstream = %via, %reason);
             return Err(ProxyError::Protocol { reason });
         }
         let headers = response_headers(head.headers, upgraded);
@@ -386,6 +515,10 @@ impl Attempt<'_> {
             inflight,
             upgrade,
             bodiless,
+            peer: match via {
+                Via::Mesh(l) => Some(l.peer.clone()),
+                Via::Tunnel(_) => None,
+            },
         })
     }
 }
