@@ -90,9 +90,12 @@ pub async fn connector_list(conn: &RouterConn) -> anyhow::Result<()> {
             "ADDRESS",
             "EDGES",
             "LAST SEEN",
+            "REGION",
+            "RTT",
+            "LAST MOVE",
         ],
         |c| {
-            vec![
+            let mut row = vec![
                 c.id.to_string(),
                 c.group.to_string(),
                 format!("{:?}", c.status).to_lowercase(),
@@ -109,9 +112,50 @@ pub async fn connector_list(conn: &RouterConn) -> anyhow::Result<()> {
                         .join(",")
                 },
                 ago(c.last_seen),
-            ]
+            ];
+            row.extend(region_cells(c.region.as_ref()));
+            row
         },
     )
+}
+
+/// `REGION` (the home; `pinned:R` for a pinned group, `!` when
+/// degraded), `RTT` (`region=12ms` for each, `?` unmeasured) and `LAST
+/// MOVE` (`from->to: reason`) of a connector's region report.
+fn region_cells(choice: Option<&portico_proto::api::RegionChoice>) -> [String; 3] {
+    let Some(c) = choice else {
+        return ["-".into(), "-".into(), "-".into()];
+    };
+    let mut home = match (&c.home, &c.pinned) {
+        (Some(h), Some(_)) => format!("pinned:{h}"),
+        (Some(h), None) => h.to_string(),
+        (None, _) => "-".into(),
+    };
+    if c.degraded {
+        home.push_str("(degraded)");
+    }
+    let rtt = if c.regions.is_empty() {
+        "-".into()
+    } else {
+        c.regions
+            .iter()
+            .map(|r| match r.rtt_micros {
+                Some(us) => format!("{}={}ms", r.region, (us + 500) / 1000),
+                None => format!("{}=?", r.region),
+            })
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let last = match &c.last_move {
+        Some(m) => format!(
+            "{}->{}: {}",
+            m.from.as_ref().map_or("-".to_owned(), |f| f.to_string()),
+            m.to,
+            m.reason
+        ),
+        None => "-".into(),
+    };
+    [home, rtt, last]
 }
 
 pub async fn connector_delete(args: &DeleteArgs) -> anyhow::Result<()> {

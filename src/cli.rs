@@ -345,7 +345,8 @@ pub struct ConnectorCmd {
 
 #[derive(Debug, Subcommand)]
 pub enum ConnectorAction {
-    /// List connectors with their status, version, address and edges.
+    /// List connectors with their status, version, address and edges, and
+    /// their region choice: home region, RTT to each region, last move.
     List(ListArgs),
     /// Delete a connector: revokes its certificate and closes its tunnels.
     Delete(DeleteArgs),
@@ -396,6 +397,46 @@ pub struct ConnectorArgs {
     /// at its cap before it gets 503 BackendBusy (at most the app's timeout).
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     pub backend_connection_wait: Duration,
+    /// Region choice (groups with `--region auto`): each connector probes
+    /// every edge of every region (a QUIC handshake's round trip) and keeps
+    /// the minimum per edge over this window; a region's RTT is that of
+    /// its second-best edge. The tunnels go to the nearest region, spread
+    /// over two of its edges at least. A longer window moves later and
+    /// more surely.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    pub region_window: Duration,
+    /// Another region must be at least this much nearer than the home over
+    /// the window (and --region-min-ratio nearer) before the tunnels move.
+    #[arg(long, default_value = "10ms", value_parser = humantime::parse_duration)]
+    pub region_min_improvement: Duration,
+    /// ...and at least this fraction of the home's RTT nearer: `33%` or
+    /// `0.33`. Both thresholds keep jitter from moving the tunnels.
+    #[arg(long, default_value = "33%", value_parser = parse_fraction)]
+    pub region_min_ratio: f64,
+    /// How often every edge of every region is probed (±20% jitter); the
+    /// window needs several probes. Only `auto` groups with edges in more
+    /// than one region probe at all.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub region_probe_interval: Duration,
+    /// After a move to another region, how long each old tunnel keeps
+    /// serving once its replacement is up, before it drains: users whose
+    /// DNS still points at the old region reach the app meanwhile.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub region_move_linger: Duration,
+}
+
+/// `33%` or `0.33`: a fraction within 0..1.
+pub fn parse_fraction(s: &str) -> Result<f64, String> {
+    let t = s.trim();
+    let v = match t.strip_suffix('%') {
+        Some(p) => p.trim().parse::<f64>().map(|v| v / 100.0),
+        None => t.parse::<f64>(),
+    }
+    .map_err(|_| format!("{s:?} is not a fraction such as 33% or 0.33"))?;
+    if !(0.0..1.0).contains(&v) {
+        return Err(format!("{s:?} is not within 0..1 (0% to 99%)"));
+    }
+    Ok(v)
 }
 
 #[derive(Debug, Args)]

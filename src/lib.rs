@@ -239,6 +239,16 @@ async fn run_connector(
     config.max_streams_per_tunnel = args.max_streams_per_tunnel;
     config.max_backend_connections_per_app = args.max_backend_connections_per_app;
     config.backend_connection_wait = args.backend_connection_wait;
+    config.region = portico_connector::RegionSettings {
+        policy: portico_connector::RegionPolicy {
+            window: args.region_window,
+            min_improvement: args.region_min_improvement,
+            min_ratio: args.region_min_ratio,
+            ..portico_connector::RegionPolicy::default()
+        },
+        probe_interval: args.region_probe_interval,
+        move_linger: args.region_move_linger,
+    };
     let shutdown = shutdown_on_signal();
     let connector = portico_connector::start(config, shutdown)
         .await

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::error::Error;
+use crate::region::RegionPolicy;
 
 /// How the connector runs. Build with [`Config::new`], adjust the fields,
 /// then [`Config::validate`] (which [`crate::start`] also calls).
@@ -42,7 +43,42 @@ pub struct Config {
     /// the budget) is at its cap, before it gets `BackendBusy` (503). Never
     /// longer than the app's own timeout.
     pub backend_connection_wait: Duration,
+    /// How a connector of an `auto` group picks its region.
+    pub region: RegionSettings,
 }
+
+/// How a connector of an `auto` group measures the regions and moves
+/// between them (ARCHITECTURE.md, "Regions").
+#[derive(Debug, Clone, PartialEq)]
+pub struct RegionSettings {
+    /// The chooser's rules: window, thresholds.
+    pub policy: RegionPolicy,
+    /// How often every edge of every region is probed (jittered by ±20%).
+    pub probe_interval: Duration,
+    /// How long a tunnel that moved to another region keeps serving after
+    /// its replacement is up, before it drains: clients that still resolve
+    /// the old region's edges (DNS caches) reach the app meanwhile.
+    pub move_linger: Duration,
+}
+
+impl Default for RegionSettings {
+    /// A 5 min window, 10 ms and 33% to move, probes every 30 s, 30 s of
+    /// linger.
+    fn default() -> Self {
+        RegionSettings {
+            policy: RegionPolicy::default(),
+            probe_interval: Duration::from_secs(30),
+            move_linger: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The longest region window.
+pub const MAX_REGION_WINDOW: Duration = Duration::from_secs(24 * 3600);
+/// The shortest probe interval.
+pub const MIN_PROBE_INTERVAL: Duration = Duration::from_millis(100);
+/// The longest move linger.
+pub const MAX_MOVE_LINGER: Duration = Duration::from_secs(600);
 
 /// The most a backend connection cap may be set to.
 pub const MAX_BACKEND_CONNECTIONS: usize = 1 << 20;
@@ -70,6 +106,7 @@ impl Config {
             host: default_host(),
             max_backend_connections_per_app: None,
             backend_connection_wait: Duration::from_secs(5),
+            region: RegionSettings::default(),
         }
     }
 
@@ -128,6 +165,49 @@ impl Config {
         if self.host.trim().is_empty() || self.host.len() > 255 {
             return invalid("host", "must be 1 to 255 bytes".into());
         }
+        self.region.validate()
+    }
+}
+
+impl RegionSettings {
+    /// Checks every field's range.
+    pub fn validate(&self) -> Result<(), Error> {
+        let invalid =
+            |field: &'static str, reason: String| Err(Error::InvalidConfig { field, reason });
+        let p = &self.policy;
+        if p.window < Duration::from_secs(1) || p.window > MAX_REGION_WINDOW {
+            return invalid(
+                "region_window",
+                format!("{:?} is not within 1s..={MAX_REGION_WINDOW:?}", p.window),
+            );
+        }
+        if p.min_improvement > Duration::from_secs(10) {
+            return invalid(
+                "region_min_improvement",
+                format!("{:?} is longer than 10s", p.min_improvement),
+            );
+        }
+        if !(0.0..1.0).contains(&p.min_ratio) {
+            return invalid(
+                "region_min_ratio",
+                format!("{} is not within 0..1 (0.33 is 33%)", p.min_ratio),
+            );
+        }
+        if self.probe_interval < MIN_PROBE_INTERVAL || self.probe_interval > p.window {
+            return invalid(
+                "region_probe_interval",
+                format!(
+                    "{:?} is not within {MIN_PROBE_INTERVAL:?}..= the window ({:?}): the window needs several probes",
+                    self.probe_interval, p.window
+                ),
+            );
+        }
+        if self.move_linger > MAX_MOVE_LINGER {
+            return invalid(
+                "region_move_linger",
+                format!("{:?} is longer than {MAX_MOVE_LINGER:?}", self.move_linger),
+            );
+        }
         Ok(())
     }
 }
@@ -148,6 +228,7 @@ impl std::fmt::Debug for Config {
                 &self.max_backend_connections_per_app,
             )
             .field("backend_connection_wait", &self.backend_connection_wait)
+            .field("region", &self.region)
             .finish()
     }
 }
@@ -222,6 +303,34 @@ mod tests {
             })
         ));
         c.backend_connection_wait = Duration::ZERO;
+        c.validate().unwrap();
+        c.region.policy.min_ratio = 1.0;
+        assert!(matches!(
+            c.validate(),
+            Err(Error::InvalidConfig {
+                field: "region_min_ratio",
+                ..
+            })
+        ));
+        c.region.policy.min_ratio = 0.33;
+        c.region.probe_interval = c.region.policy.window * 2;
+        assert!(matches!(
+            c.validate(),
+            Err(Error::InvalidConfig {
+                field: "region_probe_interval",
+                ..
+            })
+        ));
+        c.region.probe_interval = Duration::from_millis(500);
+        c.region.policy.window = Duration::from_millis(10);
+        assert!(matches!(
+            c.validate(),
+            Err(Error::InvalidConfig {
+                field: "region_window",
+                ..
+            })
+        ));
+        c.region.policy.window = Duration::from_secs(6);
         c.validate().unwrap();
         c.router_url = "http://plain".into();
         assert!(matches!(

@@ -19,6 +19,8 @@ mod headers;
 mod metrics;
 mod origin;
 mod path;
+mod probe;
+mod region;
 mod shard;
 mod stream;
 mod tunnel;
@@ -37,10 +39,14 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-pub use config::{Config, MAX_BACKEND_CONNECTIONS, MAX_BACKEND_CONNECTION_WAIT, MAX_TUNNELS};
+pub use config::{
+    Config, RegionSettings, MAX_BACKEND_CONNECTIONS, MAX_BACKEND_CONNECTION_WAIT, MAX_MOVE_LINGER,
+    MAX_REGION_WINDOW, MAX_TUNNELS, MIN_PROBE_INTERVAL,
+};
 pub use error::{Error, ProxyError};
 pub use metrics::Metrics;
 pub use origin::Exhausted;
+pub use region::RegionPolicy;
 
 /// How long shutdown waits for in-flight streams.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -143,17 +149,20 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Handle
         metrics: metrics.clone(),
     });
     let (config_tx, config_rx) = tokio::sync::watch::channel(None);
-    let pool = Arc::new(tunnel::Pool::new(
-        id.clone(),
-        group.clone(),
-        endpoints.clone(),
-        Arc::new(tunnel::transport_config(config.max_streams_per_tunnel)),
-        creds_rx,
-        config_rx,
-        streams,
-        stop.clone(),
-        tracker.clone(),
-    ));
+    let pool = Arc::new(
+        tunnel::Pool::new(
+            id.clone(),
+            group.clone(),
+            endpoints.clone(),
+            Arc::new(tunnel::transport_config(config.max_streams_per_tunnel)),
+            creds_rx,
+            config_rx,
+            streams,
+            stop.clone(),
+            tracker.clone(),
+        )
+        .with_region(config.region.clone()),
+    );
     if let Some(saved) = saved {
         tracing::info!(parent: &span, version = saved.version, apps = saved.apps.len(), edges = saved.edges.len(), "serving the saved config until the router answers");
         watch::apply(&pool, &config_tx, Arc::new(saved));
@@ -161,6 +170,10 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Handle
     tracker.spawn(
         watch::run(pool.clone(), state, options.router_url.clone(), config_tx)
             .instrument(tracing::info_span!(parent: &span, "config_watch")),
+    );
+    tracker.spawn(
+        probe::report(pool.clone(), options.router_url.clone())
+            .instrument(tracing::info_span!(parent: &span, "region_report")),
     );
     {
         let _in = span.enter();
@@ -235,6 +248,20 @@ impl Handle {
             _ = rx.wait_for(|up| *up >= n) => {}
             _ = self.pool.stop.cancelled() => {}
         }
+    }
+
+    /// The region choice: home, RTTs, last move (`None` until the config
+    /// has edges).
+    pub fn region(&self) -> Option<portico_proto::api::RegionChoice> {
+        self.pool.region_status.borrow().as_deref().cloned()
+    }
+
+    /// The edge of each slot's current tunnel (a tunnel that lingers after
+    /// a move is left out), by slot.
+    pub fn tunnel_edges(&self) -> Vec<portico_proto::api::EdgeEndpoint> {
+        let mut live = self.pool.live_tunnels();
+        live.sort_by_key(|t| t.id);
+        live.into_iter().map(|t| t.edge).collect()
     }
 
     /// The connector's metrics registry.

@@ -2,8 +2,8 @@
 //! `portico_agent::ops` with `/healthz` and `/ready`.
 
 use prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry,
+    GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry,
 };
 
 use crate::error::Error;
@@ -39,6 +39,18 @@ pub struct Metrics {
     pub backend_waits: IntCounterVec,
     /// Streams served, by shard (the thread whose runtime served them).
     pub shard_streams: IntCounterVec,
+    /// Each region's RTT as the region chooser scores it (the windowed
+    /// minimum of its best two edges); absent while unmeasured.
+    pub region_rtt: GaugeVec,
+    /// 1 for the home region (info style: one series).
+    pub home_region: IntGaugeVec,
+    /// Changes of home region, by `cause` (`nearer`, `home_gone`,
+    /// `home_lost`, `pinned`).
+    pub region_moves: IntCounterVec,
+    /// 1 while fewer than two edges of the home region are usable.
+    pub region_degraded: IntGauge,
+    /// RTT probes sent, by `result` (`ok`, `lost`).
+    pub region_probes: IntCounterVec,
 }
 
 impl Metrics {
@@ -98,6 +110,46 @@ impl Metrics {
             ),
             &["shard"],
         )?;
+        let region_rtt = GaugeVec::new(
+            Opts::new(
+                "portico_connector_region_rtt_seconds",
+                "Round-trip time to each region: the minimum over the window of its best two edges",
+            ),
+            &["region"],
+        )?;
+        let home_region = IntGaugeVec::new(
+            Opts::new(
+                "portico_connector_home_region",
+                "The region this connector's tunnels go to (1)",
+            ),
+            &["region"],
+        )?;
+        let region_moves = IntCounterVec::new(
+            Opts::new(
+                "portico_connector_region_moves_total",
+                "Changes of home region, by cause",
+            ),
+            &["cause"],
+        )?;
+        let region_degraded = IntGauge::new(
+            "portico_connector_region_degraded",
+            "1 while fewer than two edges of the home region are usable",
+        )?;
+        let region_probes = IntCounterVec::new(
+            Opts::new(
+                "portico_connector_region_probes_total",
+                "RTT probes of edges, by result",
+            ),
+            &["result"],
+        )?;
+        for cause in ["nearer", "home_gone", "home_lost", "pinned"] {
+            region_moves.with_label_values(&[cause]);
+        }
+        registry.register(Box::new(region_rtt.clone()))?;
+        registry.register(Box::new(home_region.clone()))?;
+        registry.register(Box::new(region_moves.clone()))?;
+        registry.register(Box::new(region_degraded.clone()))?;
+        registry.register(Box::new(region_probes.clone()))?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(shard_streams.clone()))?;
         registry.register(Box::new(backend_connections.clone()))?;
@@ -120,6 +172,11 @@ impl Metrics {
             backend_connections,
             backend_waits,
             shard_streams,
+            region_rtt,
+            home_region,
+            region_moves,
+            region_degraded,
+            region_probes,
         })
     }
 

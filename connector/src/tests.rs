@@ -1134,6 +1134,7 @@ mod pool {
                 region: RegionId::default_region(),
                 tunnel_addr: edge_ep.local_addr()?.to_string(),
             }],
+            region: None,
         })
     }
 
@@ -1429,6 +1430,7 @@ mod pool {
                 group: GroupId::default_group(),
                 apps: vec![],
                 edges,
+                region: None,
             };
             crate::watch::apply(
                 &pool,

@@ -4,13 +4,14 @@
 //! with jittered exponential backoff, and gradual moves when the edge list
 //! changes.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use portico_agent::{pki, Credentials};
-use portico_proto::api::{edge_server_name, ConnectorConfig, EdgeEndpoint};
+use portico_proto::api::{edge_server_name, ConnectorConfig, EdgeEndpoint, RegionChoice};
 use portico_proto::control::{By, Closed, Control, ControlConfig, Event};
 use portico_proto::io::write_frame;
 use portico_proto::{
@@ -23,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use crate::config::RegionSettings;
 use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::stream::{code, serve_stream, StreamCtx};
@@ -66,6 +68,40 @@ pub(crate) struct Pool {
     /// tunnels spread evenly over an edge's shards, and the first slot of
     /// different connectors starts on different shards.
     shard_base: u8,
+    /// The edges the slots dial, sorted by id: the home region's, as the
+    /// region chooser (`probe::run`) publishes them.
+    pub targets: watch::Sender<Arc<Vec<EdgeEndpoint>>>,
+    /// The tunnel each slot holds now (not one that lingers after a move),
+    /// for the region chooser: its traffic and RTT.
+    pub live: Mutex<HashMap<usize, LiveTunnel>>,
+    /// How the home region is chosen and how tunnels move between regions.
+    pub region: RegionSettings,
+    /// The chooser's state, for the router's report and the handle.
+    pub region_status: watch::Sender<Option<Arc<RegionChoice>>>,
+}
+
+/// A slot's current tunnel.
+#[derive(Debug, Clone)]
+pub(crate) struct LiveTunnel {
+    pub id: TunnelId,
+    pub edge: EdgeEndpoint,
+    pub conn: Connection,
+}
+
+/// Keeps a slot's tunnel in [`Pool::live`] while the slot holds it.
+struct LiveGuard<'a> {
+    pool: &'a Pool,
+    slot: usize,
+    id: TunnelId,
+}
+
+impl Drop for LiveGuard<'_> {
+    fn drop(&mut self) {
+        let mut live = self.pool.live.lock().unwrap_or_else(|p| p.into_inner());
+        if live.get(&self.slot).is_some_and(|t| t.id == self.id) {
+            live.remove(&self.slot);
+        }
+    }
 }
 
 impl Pool {
@@ -97,6 +133,39 @@ impl Pool {
             tracker,
             next_tunnel: AtomicU64::new(1),
             shard_base: fastrand::u8(..),
+            targets: watch::channel(Arc::new(Vec::new())).0,
+            live: Mutex::new(HashMap::new()),
+            region: RegionSettings::default(),
+            region_status: watch::channel(None).0,
+        }
+    }
+
+    /// The same pool with these region settings.
+    pub fn with_region(mut self, region: RegionSettings) -> Pool {
+        self.region = region;
+        self
+    }
+
+    /// Every slot's current tunnel.
+    pub(crate) fn live_tunnels(&self) -> Vec<LiveTunnel> {
+        let live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        live.values().cloned().collect()
+    }
+
+    fn hold_live(&self, slot: usize, tunnel: &Tunnel, edge: &EdgeEndpoint) -> LiveGuard<'_> {
+        let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        live.insert(
+            slot,
+            LiveTunnel {
+                id: tunnel.id,
+                edge: edge.clone(),
+                conn: tunnel.conn.clone(),
+            },
+        );
+        LiveGuard {
+            pool: self,
+            slot,
+            id: tunnel.id,
         }
     }
 
@@ -119,13 +188,15 @@ impl Pool {
     }
 
     /// The socket slot `slot` dials from.
-    fn endpoint(&self, slot: usize) -> &Endpoint {
+    pub(crate) fn endpoint(&self, slot: usize) -> &Endpoint {
         &self.endpoints[slot % self.endpoints.len()]
     }
 
-    /// Starts the slots, slot `i` on shard `i % shards`: its tunnel and
-    /// every stream on it run there.
+    /// Starts the region chooser, then the slots, slot `i` on shard
+    /// `i % shards`: its tunnel and every stream on it run there.
     pub(crate) fn spawn_slots(self: &Arc<Self>, n: usize, shards: &crate::shard::Shards) {
+        self.tracker
+            .spawn(crate::probe::run(self.clone()).instrument(tracing::info_span!("region")));
         for slot in 0..n {
             let pool = self.clone();
             self.tracker.spawn_on(
@@ -159,13 +230,13 @@ pub(crate) fn bind_endpoint(tracker: &TaskTracker) -> Result<Endpoint, Error> {
         })
 }
 
-/// The edge a slot dials: round-robin over the edges, sorted by id, moved
-/// on by `skip` (the slot's failed dials since its last tunnel), so a slot
-/// whose edge is gone tries the region's other edges instead of waiting
-/// for the one it started with.
-fn pick(slot: usize, skip: usize, config: Option<&ConnectorConfig>) -> Option<EdgeEndpoint> {
-    let config = config?;
-    let mut edges: Vec<&EdgeEndpoint> = config.edges.iter().collect();
+/// The edge a slot dials: round-robin over the targets (the home region's
+/// edges), sorted by id, moved on by `skip` (the slot's failed dials since
+/// its last tunnel), so a slot whose edge is gone tries the region's other
+/// edges instead of waiting for the one it started with. With 4 slots and
+/// two edges or more, the tunnels spread over two edges at least.
+fn pick(slot: usize, skip: usize, targets: &[EdgeEndpoint]) -> Option<EdgeEndpoint> {
+    let mut edges: Vec<&EdgeEndpoint> = targets.iter().collect();
     if edges.is_empty() {
         return None;
     }
@@ -211,102 +282,189 @@ enum Release {
     Draining,
     /// It closed.
     Closed,
+    /// Its replacement on the slot's new edge is up; it drains (after the
+    /// linger, for a move to another region).
+    Moved,
+}
+
+/// A replacement tunnel being dialled for a move, with its edge.
+type Replacement = (
+    EdgeEndpoint,
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Tunnel, DialError>> + Send>>,
+);
+
+/// Waits for the replacement dial, if one runs.
+async fn replaced(moving: &mut Option<Replacement>) -> Result<Tunnel, DialError> {
+    match moving {
+        Some((_, dial)) => dial.await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Drains a tunnel whose slot moved on: at once within a region, after the
+/// linger when it moved to another region.
+fn retire(pool: &Pool, stop: CancellationToken, linger: Duration) {
+    if linger.is_zero() {
+        stop.cancel();
+        return;
+    }
+    let shutdown = pool.stop.clone();
+    pool.tracker.spawn(
+        async move {
+            tokio::select! {
+                _ = shutdown.cancelled() => {}
+                _ = stop.cancelled() => {}
+                _ = tokio::time::sleep(linger) => {}
+            }
+            stop.cancel();
+        }
+        .in_current_span(),
+    );
 }
 
 async fn run_slot(pool: Arc<Pool>, slot: usize) {
     let mut backoff = Backoff::new();
-    let mut config = pool.config.clone();
+    let mut targets = pool.targets.subscribe();
     let mut failed_dials = 0usize;
+    // A tunnel already up, from a move: the slot runs it without dialing.
+    let mut ready: Option<(Tunnel, EdgeEndpoint)> = None;
     loop {
         if pool.stop.is_cancelled() {
             return;
         }
-        let edge = pick(slot, failed_dials, config.borrow_and_update().as_deref());
-        let Some(edge) = edge else {
-            tracing::debug!("no edge to dial yet; waiting for the router's config");
-            tokio::select! {
-                _ = pool.stop.cancelled() => return,
-                r = config.changed() => if r.is_err() { return },
-            }
-            continue;
-        };
-        let dialed = tokio::select! {
-            _ = pool.stop.cancelled() => return,
-            r = dial(&pool, slot, &edge) => r,
-        };
-        let tunnel = match dialed {
-            Ok(t) => t,
-            Err(DialError::Revoked { detail }) => {
-                pool.revoked(detail);
-                return;
-            }
-            Err(DialError::Refused {
-                code: CloseCode::TooManyTunnels,
-                reason,
-            }) => {
-                failed_dials = failed_dials.wrapping_add(1);
-                let delay = backoff.refused();
-                tracing::warn!(
-                    edge = %edge.id,
-                    %reason,
-                    retry_in = ?delay,
-                    "the edge refused this tunnel: this connector already holds as many tunnels \
-                     to it as the edge allows (use fewer --tunnels, or more edges); this slot \
-                     tries the next edge after the delay"
-                );
-                tokio::select! {
+        let (tunnel, edge) = match ready.take() {
+            Some(up) => up,
+            None => {
+                let edge = pick(slot, failed_dials, &targets.borrow_and_update());
+                let Some(edge) = edge else {
+                    tracing::debug!("no edge to dial yet; waiting for the router's config and the region choice");
+                    tokio::select! {
+                        _ = pool.stop.cancelled() => return,
+                        r = targets.changed() => if r.is_err() { return },
+                    }
+                    continue;
+                };
+                let dialed = tokio::select! {
                     _ = pool.stop.cancelled() => return,
-                    _ = tokio::time::sleep(delay) => {}
+                    r = dial(&pool, slot, &edge) => r,
+                };
+                match dialed {
+                    Ok(t) => (t, edge),
+                    Err(DialError::Revoked { detail }) => {
+                        pool.revoked(detail);
+                        return;
+                    }
+                    Err(DialError::Refused {
+                        code: CloseCode::TooManyTunnels,
+                        reason,
+                    }) => {
+                        failed_dials = failed_dials.wrapping_add(1);
+                        let delay = backoff.refused();
+                        tracing::warn!(
+                            edge = %edge.id,
+                            %reason,
+                            retry_in = ?delay,
+                            "the edge refused this tunnel: this connector already holds as many tunnels \
+                             to it as the edge allows (use fewer --tunnels, or more edges); this slot \
+                             tries the next edge after the delay"
+                        );
+                        tokio::select! {
+                            _ = pool.stop.cancelled() => return,
+                            _ = tokio::time::sleep(delay) => {}
+                        }
+                        continue;
+                    }
+                    Err(e) => {
+                        failed_dials = failed_dials.wrapping_add(1);
+                        let delay = backoff.delay();
+                        tracing::warn!(edge = %edge.id, addr = %edge.tunnel_addr, error = %portico_agent::error_chain(&e), retry_in = ?delay, "cannot open a tunnel; trying the next edge");
+                        tokio::select! {
+                            _ = pool.stop.cancelled() => return,
+                            _ = tokio::time::sleep(delay) => {}
+                        }
+                        continue;
+                    }
                 }
-                continue;
-            }
-            Err(e) => {
-                failed_dials = failed_dials.wrapping_add(1);
-                let delay = backoff.delay();
-                tracing::warn!(edge = %edge.id, addr = %edge.tunnel_addr, error = %portico_agent::error_chain(&e), retry_in = ?delay, "cannot open a tunnel; trying the next edge");
-                tokio::select! {
-                    _ = pool.stop.cancelled() => return,
-                    _ = tokio::time::sleep(delay) => {}
-                }
-                continue;
             }
         };
 
         let up_since = Instant::now();
         let tunnel_stop = pool.stop.child_token();
         let (released_tx, mut released) = oneshot::channel();
+        let _live = pool.hold_live(slot, &tunnel, &edge);
         let span = tracing::info_span!("tunnel", tunnel.id = %tunnel.id, edge = %edge.id);
         pool.tracker.spawn(
             run_tunnel(pool.clone(), tunnel, tunnel_stop.clone(), released_tx).instrument(span),
         );
 
-        // Wait until the tunnel is released; move it when the edge list
-        // no longer assigns this slot to its edge.
+        // Wait until the tunnel is released; move it when the targets no
+        // longer assign this slot to its edge: the replacement is dialled
+        // while this tunnel serves, and this one drains only once the
+        // replacement is up (after the linger, across regions), so a move
+        // never leaves the slot without a tunnel.
         let mut move_at: Option<tokio::time::Instant> = None;
+        let mut moving: Option<Replacement> = None;
         let release = loop {
             tokio::select! {
                 r = &mut released => break r.unwrap_or(Release::Closed),
-                r = config.changed(), if move_at.is_none() => {
+                r = targets.changed(), if move_at.is_none() && moving.is_none() => {
                     if r.is_err() {
                         tunnel_stop.cancel();
                         move_at = Some(tokio::time::Instant::now() + Duration::from_secs(3600));
                         continue;
                     }
-                    let next = pick(slot, failed_dials, config.borrow_and_update().as_deref());
-                    if next.as_ref().is_some_and(|n| n.id == edge.id && n.tunnel_addr == edge.tunnel_addr) {
+                    let next = pick(slot, failed_dials, &targets.borrow_and_update());
+                    if next.as_ref().is_none_or(|n| n.id == edge.id && n.tunnel_addr == edge.tunnel_addr) {
+                        // Same edge, or nothing to dial: keep this tunnel.
                         continue;
                     }
                     let stagger = MOVE_STAGGER * slot as u32 + MOVE_STAGGER.mul_f64(fastrand::f64() / 2.0);
                     tracing::info!(to = next.as_ref().map(|n| tracing::field::display(&n.id)), in_ = ?stagger, "edge list changed; moving this tunnel");
                     move_at = Some(tokio::time::Instant::now() + stagger);
                 }
-                _ = sleep_until(move_at) => {
-                    tunnel_stop.cancel();
-                    move_at = Some(tokio::time::Instant::now() + Duration::from_secs(3600));
+                _ = sleep_until(move_at), if moving.is_none() => {
+                    move_at = None;
+                    let next = pick(slot, failed_dials, &targets.borrow_and_update());
+                    match next {
+                        Some(n) if n.id != edge.id || n.tunnel_addr != edge.tunnel_addr => {
+                            let (p, to) = (pool.clone(), n.clone());
+                            moving = Some((n, Box::pin(async move { dial(&p, slot, &to).await })));
+                        }
+                        // The targets came back to this edge, or are empty.
+                        _ => {}
+                    }
+                }
+                r = replaced(&mut moving) => {
+                    let Some((next, _)) = moving.take() else { continue };
+                    match r {
+                        Ok(new) => {
+                            let linger = if next.region != edge.region {
+                                pool.region.move_linger
+                            } else {
+                                Duration::ZERO
+                            };
+                            tracing::info!(to = %next.id, region = %next.region, ?linger, "replacement tunnel up; draining this one");
+                            retire(&pool, tunnel_stop.clone(), linger);
+                            backoff.reset();
+                            failed_dials = 0;
+                            ready = Some((new, next));
+                            break Release::Moved;
+                        }
+                        Err(DialError::Revoked { detail }) => {
+                            pool.revoked(detail);
+                            return;
+                        }
+                        Err(e) => {
+                            let delay = backoff.delay().max(MOVE_STAGGER);
+                            tracing::warn!(edge = %next.id, addr = %next.tunnel_addr, error = %portico_agent::error_chain(&e), retry_in = ?delay, "cannot open the replacement tunnel; this one keeps serving");
+                            move_at = Some(tokio::time::Instant::now() + delay);
+                        }
+                    }
                 }
             }
         };
         match release {
+            Release::Moved => {}
             Release::Draining => {
                 backoff.reset();
             }
@@ -335,9 +493,9 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
     }
 }
 
-/// Why a tunnel could not be opened.
+/// Why a tunnel (or a probe) could not be opened.
 #[derive(Debug, thiserror::Error)]
-enum DialError {
+pub(crate) enum DialError {
     #[error("cannot resolve {addr}: {reason}")]
     Resolve { addr: String, reason: String },
     #[error("TLS setup: {reason}")]
@@ -355,7 +513,7 @@ enum DialError {
 }
 
 /// A welcomed tunnel.
-struct Tunnel {
+pub(crate) struct Tunnel {
     id: TunnelId,
     conn: Connection,
     ctl_send: SendStream,
@@ -365,7 +523,7 @@ struct Tunnel {
     welcome: Welcome,
 }
 
-async fn resolve(addr: &str, v4_only: bool) -> Result<SocketAddr, DialError> {
+pub(crate) async fn resolve(addr: &str, v4_only: bool) -> Result<SocketAddr, DialError> {
     let err = |reason: String| DialError::Resolve {
         addr: addr.to_owned(),
         reason,
@@ -383,7 +541,7 @@ async fn resolve(addr: &str, v4_only: bool) -> Result<SocketAddr, DialError> {
         .ok_or_else(|| err("no usable address".into()))
 }
 
-fn client_config(
+pub(crate) fn client_config(
     creds: &Credentials,
     transport: &Arc<TransportConfig>,
 ) -> Result<quinn::ClientConfig, DialError> {
@@ -771,6 +929,7 @@ mod tests {
                     tunnel_addr: format!("{e}:4433"),
                 })
                 .collect(),
+            region: None,
         }
     }
 
@@ -778,26 +937,25 @@ mod tests {
     fn slots_spread_round_robin_and_move_on_after_a_failed_dial() {
         let one = config(&["e1"]);
         for slot in 0..4 {
-            assert_eq!(pick(slot, 0, Some(&one)).unwrap().id.as_str(), "e1");
-            assert_eq!(pick(slot, 3, Some(&one)).unwrap().id.as_str(), "e1");
+            assert_eq!(pick(slot, 0, &one.edges).unwrap().id.as_str(), "e1");
+            assert_eq!(pick(slot, 3, &one.edges).unwrap().id.as_str(), "e1");
         }
         let two = config(&["e2", "e1"]);
         let picked: Vec<String> = (0..4)
-            .map(|s| pick(s, 0, Some(&two)).unwrap().id.to_string())
+            .map(|s| pick(s, 0, &two.edges).unwrap().id.to_string())
             .collect();
         assert_eq!(picked, ["e1", "e2", "e1", "e2"]);
         // Slot 0 failed once on e1: it tries e2, then e1 again.
-        assert_eq!(pick(0, 1, Some(&two)).unwrap().id.as_str(), "e2");
-        assert_eq!(pick(0, 2, Some(&two)).unwrap().id.as_str(), "e1");
+        assert_eq!(pick(0, 1, &two.edges).unwrap().id.as_str(), "e2");
+        assert_eq!(pick(0, 2, &two.edges).unwrap().id.as_str(), "e1");
         assert_eq!(
-            pick(usize::MAX, usize::MAX, Some(&two))
+            pick(usize::MAX, usize::MAX, &two.edges)
                 .unwrap()
                 .id
                 .as_str(),
             "e1"
         );
-        assert!(pick(0, 0, Some(&config(&[]))).is_none());
-        assert!(pick(0, 0, None).is_none());
+        assert!(pick(0, 0, &config(&[]).edges).is_none());
     }
 
     #[test]

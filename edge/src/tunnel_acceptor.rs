@@ -125,6 +125,8 @@ enum Ended {
     TransportError,
     /// The connector stopped answering pings; the edge closed the tunnel.
     Unresponsive,
+    /// A connector's RTT probe, closed after its handshake (never a tunnel).
+    Probe,
 }
 
 impl Ended {
@@ -140,6 +142,7 @@ impl Ended {
             Ended::StreamLimit => "stream_limit",
             Ended::TransportError => "transport_error",
             Ended::Unresponsive => "unresponsive",
+            Ended::Probe => "probe",
         }
     }
 
@@ -155,6 +158,7 @@ impl Ended {
                     CloseCode::NoError => Ended::Goodbye,
                     CloseCode::TooManyTunnels => Ended::TooManyTunnels,
                     CloseCode::Unresponsive => Ended::Unresponsive,
+                    CloseCode::Probe => Ended::Probe,
                     _ => Ended::Lost,
                 }
             }

@@ -713,6 +713,77 @@ pub struct Connector {
     /// Hex serial of its current certificate.
     pub cert_serial: String,
     pub cert_not_after: u64,
+    /// Its region choice, as its latest [`ConnectorReport`] said (`None`
+    /// before the first, and from connectors that do not report).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<RegionChoice>,
+    /// When that report arrived (seconds since the Unix epoch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region_reported_at: Option<u64>,
+}
+
+/// The most regions a [`ConnectorReport`] may list.
+pub const MAX_REPORT_REGIONS: usize = 64;
+/// The longest [`RegionMove::reason`], in bytes.
+pub const MAX_MOVE_REASON: usize = 512;
+/// How often a connector posts a [`ConnectorReport`] when nothing changes
+/// (it also posts one as soon as its home region or degraded state changes).
+pub const CONNECTOR_REPORT_INTERVAL: Duration = Duration::from_secs(30);
+
+/// `POST /v1/connector/report`: how a connector chose its region, sent by
+/// the connector with its certificate. The router keeps the latest with
+/// the connector's record, for `portico connector list`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectorReport {
+    pub region: RegionChoice,
+}
+
+/// A connector's home region and what it measured.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegionChoice {
+    /// The region the group is pinned to; `None` for `auto`.
+    pub pinned: Option<RegionId>,
+    /// Where its tunnels go; `None` while it has not chosen yet.
+    pub home: Option<RegionId>,
+    /// Fewer than two edges of the home region are usable: one edge's
+    /// failure takes every tunnel down.
+    pub degraded: bool,
+    /// Every region it knows of, by id.
+    pub regions: Vec<RegionRtt>,
+    /// The latest change of home (the first choice included).
+    pub last_move: Option<RegionMove>,
+    /// Changes of home since the connector started (the first choice not
+    /// counted).
+    pub moves: u64,
+}
+
+/// One region as a connector measures it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegionRtt {
+    pub region: RegionId,
+    /// Its round-trip time in microseconds (the minimum over the window
+    /// of its best two edges); `None` when no probe answered within it.
+    pub rtt_micros: Option<u64>,
+    /// Its edges in the connector's config.
+    pub edges: u32,
+    /// Those not given up on (answering probes, or carrying traffic).
+    pub usable_edges: u32,
+}
+
+/// A change of a connector's home region.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegionMove {
+    /// Seconds since the Unix epoch.
+    pub at: u64,
+    /// `None` for the first choice.
+    pub from: Option<RegionId>,
+    pub to: RegionId,
+    /// Why, for people: `us-east 12 ms vs eu-west 85 ms: 73 ms and 86% nearer`.
+    pub reason: String,
 }
 
 /// An enrolled edge.
@@ -796,6 +867,11 @@ pub struct ConnectorConfig {
     pub group: GroupId,
     pub apps: Vec<App>,
     pub edges: Vec<EdgeEndpoint>,
+    /// The region the group is pinned to (`edges` then lists only its
+    /// edges); `None` for `auto`: `edges` lists every region's, and the
+    /// connector picks the nearest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<RegionId>,
 }
 
 /// `POST /v1/edge/report`, every few seconds and on every tunnel change.

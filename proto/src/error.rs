@@ -297,6 +297,9 @@ pub enum CloseCode {
     Stalled,
     /// The tunnel was closed because its peer stopped answering pings.
     Unresponsive,
+    /// A connector's RTT probe: a connection closed right after its
+    /// handshake, never a tunnel.
+    Probe,
     /// A code this build does not know.
     Unknown(u64),
 }
@@ -315,6 +318,7 @@ impl CloseCode {
             CloseCode::TooManyTunnels => 0x8,
             CloseCode::Stalled => 0x9,
             CloseCode::Unresponsive => 0xa,
+            CloseCode::Probe => 0xb,
             CloseCode::Unknown(v) => u32::try_from(v).unwrap_or(u32::MAX),
         }
     }
@@ -332,6 +336,7 @@ impl CloseCode {
             0x8 => CloseCode::TooManyTunnels,
             0x9 => CloseCode::Stalled,
             0xa => CloseCode::Unresponsive,
+            0xb => CloseCode::Probe,
             other => CloseCode::Unknown(other),
         }
     }
@@ -351,6 +356,7 @@ impl fmt::Display for CloseCode {
             CloseCode::TooManyTunnels => f.write_str("too many tunnels"),
             CloseCode::Stalled => f.write_str("stalled"),
             CloseCode::Unresponsive => f.write_str("unresponsive"),
+            CloseCode::Probe => f.write_str("rtt probe"),
             CloseCode::Unknown(v) => write!(f, "unknown code 0x{v:x}"),
         }
     }

@@ -182,6 +182,7 @@ pub(crate) fn routes(state: SharedState) -> axum::Router {
         .route("/v1/edge/report", post(edge_report))
         .route("/v1/edge/public-cert", post(edge_public_cert))
         .route("/v1/connector/config", get(connector_config))
+        .route("/v1/connector/report", post(connector_report))
         .route("/v1/regions", get(list_regions).post(create_region))
         .route("/v1/regions/{id}", delete(delete_region))
         .route("/v1/groups", get(list_groups).post(create_group))
@@ -988,6 +989,7 @@ async fn connector_config(
                 group: rec.group,
                 apps,
                 edges: edges.into_iter().map(|(_, e)| e).collect(),
+                region,
             })
         })
         .await?;
@@ -1116,6 +1118,54 @@ async fn edge_report(
         tracing::info!(edge = %edge.id, tunnel_addr = %report.tunnel_addr, version, "edge address changed");
         state.publish(version);
     }
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `POST /v1/connector/report`: a connector's region choice, kept with
+/// its record for `connector list`. Bounded: at most
+/// `MAX_REPORT_REGIONS` regions and a `MAX_MOVE_REASON`-byte reason, in a
+/// body of at most `MAX_BODY`.
+async fn connector_report(
+    State(state): State<SharedState>,
+    connector: ConnectorPeer,
+    Json(report): Json<portico_proto::api::ConnectorReport>,
+) -> Result<StatusCode, ApiFail> {
+    let choice = &report.region;
+    if choice.regions.len() > portico_proto::api::MAX_REPORT_REGIONS {
+        return Err(ApiFail::invalid(
+            "region.regions",
+            format!("at most {} entries", portico_proto::api::MAX_REPORT_REGIONS),
+        ));
+    }
+    if let Some(m) = &choice.last_move {
+        if m.reason.len() > portico_proto::api::MAX_MOVE_REASON
+            || m.reason.chars().any(char::is_control)
+        {
+            return Err(ApiFail::invalid(
+                "region.last_move.reason",
+                format!(
+                    "must be at most {} bytes without control characters",
+                    portico_proto::api::MAX_MOVE_REASON
+                ),
+            ));
+        }
+    }
+    let stored = crate::store::ConnectorRegion {
+        id: connector.id.clone(),
+        at: util::now_unix(),
+        report: serde_json::to_string(choice)
+            .map_err(|_| ApiFail::internal("cannot encode the region report"))?,
+    };
+    state
+        .db(move |s| s.connector_region(&stored))
+        .await
+        .map_err(|f| {
+            if f.status == StatusCode::NOT_FOUND {
+                ApiFail::revoked(format!("connector {} has been deleted", connector.id))
+            } else {
+                f
+            }
+        })?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -1640,7 +1690,19 @@ async fn list_connectors(
     State(state): State<SharedState>,
     _: Admin,
 ) -> Result<axum::Json<Vec<Connector>>, ApiFail> {
-    let records = state.db(|s| s.list_connectors()).await?;
+    let (records, regions) = state
+        .db(|s| Ok((s.list_connectors()?, s.connector_regions()?)))
+        .await?;
+    let mut regions: std::collections::HashMap<ConnectorId, (u64, portico_proto::api::RegionChoice)> = regions
+        .into_iter()
+        .filter_map(|r| match serde_json::from_str(&r.report) {
+            Ok(choice) => Some((r.id, (r.at, choice))),
+            Err(e) => {
+                tracing::warn!(connector = %r.id, error = %e, "ignoring an unreadable region report");
+                None
+            }
+        })
+        .collect();
     let now = Instant::now();
     let presence = state.presence();
     let list = records
@@ -1648,7 +1710,10 @@ async fn list_connectors(
         .filter(|c| c.deleted_at.is_none())
         .map(|c| {
             let attached = presence.connector(&c.id, now);
+            let region = regions.remove(&c.id);
             Connector {
+                region_reported_at: region.as_ref().map(|r| r.0),
+                region: region.map(|r| r.1),
                 status: status(attached.is_active()),
                 id: c.id,
                 group: c.group,

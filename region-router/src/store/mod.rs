@@ -126,6 +126,15 @@ pub struct ConnectorSeen {
     pub tunnels: u32,
 }
 
+/// A connector's latest region report, as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectorRegion {
+    pub id: ConnectorId,
+    pub at: u64,
+    /// JSON of `proto::api::RegionChoice`.
+    pub report: String,
+}
+
 /// What an edge report says about the edge itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EdgeSeen {
@@ -208,6 +217,12 @@ pub trait Store: Send + Sync + 'static {
     fn delete_connector(&self, id: &ConnectorId, now: u64) -> Result<u64, StoreError>;
     /// Records presence; unknown connectors are ignored.
     fn connector_seen(&self, seen: &ConnectorSeen) -> Result<(), StoreError>;
+    /// Keeps a connector's latest region report (JSON of
+    /// `proto::api::RegionChoice`, checked by the caller) and when it came.
+    /// `NotFound` if unknown or deleted.
+    fn connector_region(&self, report: &ConnectorRegion) -> Result<(), StoreError>;
+    /// The latest region report of every connector that sent one.
+    fn connector_regions(&self) -> Result<Vec<ConnectorRegion>, StoreError>;
 
     fn get_edge(&self, id: &EdgeId) -> Result<Option<EdgeRecord>, StoreError>;
     fn list_edges(&self) -> Result<Vec<EdgeRecord>, StoreError>;

@@ -10,12 +10,12 @@ use portico_proto::ids::{AppId, ConnectorId, EdgeId, GroupId, RegionId};
 use rusqlite::{params, Connection, OptionalExtension, Row, Transaction};
 
 use super::{
-    AppRecord, CertInfo, ConnectorRecord, ConnectorSeen, EdgeRecord, EdgeSeen, GroupRecord,
-    RegionRecord, Store, TokenRecord,
+    AppRecord, CertInfo, ConnectorRecord, ConnectorRegion, ConnectorSeen, EdgeRecord, EdgeSeen,
+    GroupRecord, RegionRecord, Store, TokenRecord,
 };
 use crate::error::StoreError;
 
-const SCHEMA_VERSION: i64 = 4;
+const SCHEMA_VERSION: i64 = 5;
 
 const SCHEMA_V1: &str = "
 CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -108,6 +108,13 @@ INSERT OR IGNORE INTO regions (id, created_at)
     VALUES ('default', CAST(strftime('%s', 'now') AS INTEGER));
 ";
 
+/// Version 5: each connector's latest region report (its home region,
+/// RTTs and last move), for `connector list`.
+const SCHEMA_V5: &str = "
+ALTER TABLE connectors ADD COLUMN region_report TEXT;
+ALTER TABLE connectors ADD COLUMN region_reported_at INTEGER;
+";
+
 /// The SQLite store: one connection behind a mutex.
 pub struct SqliteStore {
     path: PathBuf,
@@ -197,6 +204,7 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
         (2, SCHEMA_V2),
         (3, SCHEMA_V3),
         (4, SCHEMA_V4),
+        (5, SCHEMA_V5),
     ] {
         if found < version {
             let tx = conn.transaction()?;
@@ -1074,6 +1082,49 @@ impl Store for SqliteStore {
                 ],
             )?;
             Ok(())
+        })
+    }
+
+    fn connector_region(&self, report: &ConnectorRegion) -> Result<(), StoreError> {
+        self.with(|c| {
+            let n = c.execute(
+                "UPDATE connectors SET region_report = ?1, region_reported_at = ?2
+                 WHERE id = ?3 AND deleted_at IS NULL",
+                params![report.report, report.at, report.id.as_str()],
+            )?;
+            if n == 0 {
+                return Err(StoreError::NotFound {
+                    kind: "connector",
+                    id: report.id.to_string(),
+                });
+            }
+            Ok(())
+        })
+    }
+
+    fn connector_regions(&self) -> Result<Vec<ConnectorRegion>, StoreError> {
+        self.with(|c| {
+            let mut stmt = c.prepare(
+                "SELECT id, region_reported_at, region_report FROM connectors
+                 WHERE region_report IS NOT NULL AND deleted_at IS NULL ORDER BY id",
+            )?;
+            let rows = stmt.query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, Option<u64>>(1)?,
+                    r.get::<_, String>(2)?,
+                ))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (id, at, report) = row?;
+                out.push(ConnectorRegion {
+                    id: ConnectorId::new(id).map_err(|e| corrupt("connector id", e))?,
+                    at: at.unwrap_or(0),
+                    report,
+                });
+            }
+            Ok(out)
         })
     }
 

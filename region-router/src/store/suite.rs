@@ -9,8 +9,8 @@ use portico_proto::api::{BackendTimeout, TokenScope};
 use portico_proto::ids::{AppId, ConnectorId, EdgeId, GroupId, RegionId};
 
 use super::{
-    AppRecord, CertInfo, ConnectorRecord, ConnectorSeen, EdgeRecord, EdgeSeen, GroupRecord,
-    RegionRecord, Store, TokenRecord,
+    AppRecord, CertInfo, ConnectorRecord, ConnectorRegion, ConnectorSeen, EdgeRecord, EdgeSeen,
+    GroupRecord, RegionRecord, Store, TokenRecord,
 };
 use crate::error::StoreError;
 
@@ -387,6 +387,29 @@ fn populate(s: &dyn Store) {
         tunnels: 1,
     })
     .expect("unknown connectors are ignored");
+    let report = ConnectorRegion {
+        id: c1.clone(),
+        at: 710,
+        report: r#"{"home":"eu"}"#.into(),
+    };
+    s.connector_region(&ConnectorRegion {
+        report: "{}".into(),
+        at: 705,
+        ..report.clone()
+    })
+    .expect("region report");
+    s.connector_region(&report)
+        .expect("a later one replaces it");
+    assert!(matches!(
+        s.connector_region(&ConnectorRegion {
+            id: ConnectorId::new("c-unknown").expect("id"),
+            ..report.clone()
+        }),
+        Err(StoreError::NotFound {
+            kind: "connector",
+            ..
+        })
+    ));
     let before = s.config_version().expect("version");
     let v = s
         .delete_connector(&ConnectorId::new("c-2").expect("id"), 800)
@@ -614,6 +637,26 @@ fn populate_regions(s: &dyn Store) {
 }
 
 fn check_populated(s: &dyn Store) {
+    assert_eq!(
+        s.connector_regions().expect("regions"),
+        [ConnectorRegion {
+            id: ConnectorId::new("c-1").expect("id"),
+            at: 710,
+            report: r#"{"home":"eu"}"#.into(),
+        }],
+        "the latest region report of each live connector"
+    );
+    assert!(
+        matches!(
+            s.connector_region(&ConnectorRegion {
+                id: ConnectorId::new("c-2").expect("id"),
+                at: 1,
+                report: "{}".into(),
+            }),
+            Err(StoreError::NotFound { .. })
+        ),
+        "a deleted connector reports nothing"
+    );
     let groups = s.list_groups().expect("groups");
     let ids: Vec<(&str, u32)> = groups.iter().map(|(g, n)| (g.id.as_str(), *n)).collect();
     assert_eq!(
