@@ -45,6 +45,7 @@ struct EdgeUnderTest {
     id: EdgeId,
     region: RegionId,
     public: SocketAddr,
+    metrics: SocketAddr,
     path: wan::Path,
     _handle: portico_edge::Handle,
 }
@@ -116,7 +117,7 @@ async fn start_world() -> World {
             ec.token = Some(token);
             ec.public_listen = LOOPBACK;
             ec.tunnel_listen = LOOPBACK;
-            ec.metrics_listen = None;
+            ec.metrics_listen = Some(LOOPBACK);
             ec.advertise_tunnel_addr = Some(relay.to_string());
             ec.grace = Duration::from_secs(1);
             let handle = portico_edge::start(ec, root.child_token()).await.unwrap();
@@ -130,6 +131,7 @@ async fn start_world() -> World {
                 id: handle.id.clone(),
                 region: rid.clone(),
                 public: handle.public_addr,
+                metrics: handle.metrics_addr.unwrap(),
                 path,
                 _handle: handle,
             });
@@ -397,6 +399,18 @@ async fn connectors_pick_the_nearest_region_move_without_failures_and_do_not_fla
     assert!(rtt(&choice, "near").unwrap() >= 10_000, "{choice:?}");
     assert!(rtt(&choice, "mid").unwrap() >= 80_000, "{choice:?}");
     assert!(rtt(&choice, "far").unwrap() >= 200_000, "{choice:?}");
+    // The edges of `far` saw only probes: closed with the probe code, never
+    // attached as tunnels.
+    for e in w.edges.iter().filter(|e| e.region.as_str() == "far") {
+        let m = common::curl_plain(&format!("http://{}/metrics", e.metrics))
+            .await
+            .text();
+        assert!(
+            metric_value(&m, r#"portico_edge_tunnel_closes_total{reason="probe"}"#) >= 1.0,
+            "{m}"
+        );
+        assert_eq!(metric_value(&m, "portico_edge_tunnels"), 0.0, "{m}");
+    }
     eventually("a request through a near edge", LIMIT, || async {
         let e = w.edges.iter().find(|e| e.region.as_str() == "near")?;
         (get(&w.ca_pem, e.public, "roam.apps.localhost").await == Ok(200)).then_some(())
