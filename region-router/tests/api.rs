@@ -2052,3 +2052,113 @@ async fn an_edge_token_of_another_region_is_refused_before_it_is_used() -> anyho
     );
     stop(h, shutdown).await
 }
+
+fn region_choice(regions: usize, reason: &str) -> api::RegionChoice {
+    let r = |i: usize| RegionId::new(format!("r{i}")).expect("region id");
+    api::RegionChoice {
+        pinned: None,
+        home: Some(r(0)),
+        degraded: false,
+        regions: (0..regions)
+            .map(|i| api::RegionRtt {
+                region: r(i),
+                rtt_micros: Some(10_000 * (i as u64 + 1)),
+                edges: 2,
+                usable_edges: 2,
+            })
+            .collect(),
+        last_move: Some(api::RegionMove {
+            at: 1,
+            from: Some(r(1)),
+            to: r(0),
+            reason: reason.to_owned(),
+        }),
+        moves: 1,
+    }
+}
+
+/// `POST /v1/connector/report`: a connector's region choice, bounded, kept
+/// with its record and listed; an edge or a deleted connector cannot post
+/// one.
+#[tokio::test]
+async fn a_connector_reports_its_region_choice_and_the_list_shows_it() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (h, shutdown) = start(dir.path(), |_| {}).await?;
+    let admin = admin(&h)?;
+    let (conn, conn_id) = enroll_connector(&h, &admin).await?;
+    let (edge, _) = enroll_edge(&h, &admin).await?;
+    let listed: Vec<Connector> = admin.get_json("/v1/connectors").await?;
+    assert_eq!(listed[0].region, None, "nothing reported yet");
+
+    let choice = region_choice(3, "r0 10 ms vs r1 20 ms: 10 ms and 50% nearer");
+    conn.post_empty(
+        "/v1/connector/report",
+        &api::ConnectorReport {
+            region: choice.clone(),
+        },
+    )
+    .await?;
+    let listed: Vec<Connector> = admin.get_json("/v1/connectors").await?;
+    assert_eq!(listed[0].id, conn_id);
+    assert_eq!(listed[0].region.as_ref(), Some(&choice));
+    assert!(listed[0].region_reported_at.is_some());
+
+    // Bounded: regions, and the reason's length and characters.
+    let too_many = region_choice(api::MAX_REPORT_REGIONS + 1, "x");
+    assert_refused(
+        conn.post_empty(
+            "/v1/connector/report",
+            &api::ConnectorReport { region: too_many },
+        )
+        .await,
+        400,
+        Some("region.regions"),
+        "at most",
+    );
+    for reason in ["x".repeat(api::MAX_MOVE_REASON + 1), "a\nb".to_owned()] {
+        assert_refused(
+            conn.post_empty(
+                "/v1/connector/report",
+                &api::ConnectorReport {
+                    region: region_choice(1, &reason),
+                },
+            )
+            .await,
+            400,
+            Some("region.last_move.reason"),
+            "bytes",
+        );
+    }
+    // An unknown field is refused (the report is deny_unknown_fields).
+    let (status, _) = refusal(
+        conn.post_empty(
+            "/v1/connector/report",
+            &json!({"region": choice, "extra": 1}),
+        )
+        .await,
+    );
+    assert_eq!(status, 400);
+    // The refusals left the stored report alone.
+    let listed: Vec<Connector> = admin.get_json("/v1/connectors").await?;
+    assert_eq!(listed[0].region.as_ref(), Some(&choice));
+
+    // Only a connector posts one.
+    let r = edge
+        .post_empty(
+            "/v1/connector/report",
+            &api::ConnectorReport {
+                region: choice.clone(),
+            },
+        )
+        .await;
+    assert!(r.is_err(), "{r:?}");
+    admin.delete(&format!("/v1/connectors/{conn_id}")).await?;
+    let r = conn
+        .post_empty(
+            "/v1/connector/report",
+            &api::ConnectorReport { region: choice },
+        )
+        .await;
+    assert!(matches!(&r, Err(e) if e.is_revoked()), "{r:?}");
+    stop(h, shutdown).await
+}
