@@ -216,8 +216,12 @@ async fn run_edge(
         .h3_addr
         .map(|a| format!(" h3=udp://{a}"))
         .unwrap_or_default();
+    let mesh = edge
+        .mesh_addr
+        .map(|a| format!(" mesh=udp://{a}"))
+        .unwrap_or_default();
     out(format!(
-        "listening edge={} region={} public={}{h3} tunnel={}{metrics}",
+        "listening edge={} region={} public={}{h3} tunnel={}{mesh}{metrics}",
         edge.id, edge.region, edge.public_addr, edge.tunnel_addr
     ));
     edge.wait().await.context("edge stopped with an error")

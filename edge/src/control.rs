@@ -273,10 +273,28 @@ async fn config_loop(routers: Routers, state: StateDir, shared: Arc<Shared>) {
             Ok(Some(config)) => {
                 first = false;
                 backoff.reset();
+                // How long the change took from the router's store to
+                // here (clocks of different machines may differ).
+                let now_ms = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+                if config.changed_at_ms > 0 {
+                    let took = now_ms.saturating_sub(config.changed_at_ms);
+                    shared
+                        .metrics
+                        .config_propagation
+                        .observe(took as f64 / 1000.0);
+                    tracing::info!(
+                        version = config.version,
+                        propagation_ms = took,
+                        "config change arrived"
+                    );
+                }
+                // Serve it first; the snapshot on disk is for a restart.
+                shared.apply_config(config.clone());
                 if let Err(e) = state.save_json(CONFIG_FILE, &config) {
                     tracing::warn!(error = %portico_agent::error_chain(&e), "cannot save the config snapshot");
                 }
-                shared.apply_config(config);
             }
             Ok(None) => backoff.reset(),
             Err(e) => {

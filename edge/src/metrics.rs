@@ -57,6 +57,9 @@ pub(crate) struct Metrics {
     /// `portico_edge_tls_handshakes_total{result}` on the HTTPS listener:
     /// `full`, `resumed` (a session ticket spared the certificate and its
     /// signature) and `failed` (an error or the handshake timeout).
+    /// `portico_edge_config_propagation_seconds`: from the router's store
+    /// committing a config version to this edge receiving it.
+    pub(crate) config_propagation: Histogram,
     /// `portico_edge_mesh_links`: mesh links this edge dialled, up now.
     pub(crate) mesh_links: IntGauge,
     /// `portico_edge_mesh_refused_total`: mesh handshakes refused (a
@@ -212,6 +215,17 @@ impl Metrics {
             &["result"],
         )
         .expect("valid metric");
+        let config_propagation = Histogram::with_opts(
+            prometheus::HistogramOpts::new(
+                "portico_edge_config_propagation_seconds",
+                "From the router's store committing a config version to this edge receiving it \
+                 (across machines, includes their clock difference)",
+            )
+            .buckets(vec![
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            ]),
+        )
+        .expect("valid metric");
         let mesh_links = IntGauge::new(
             "portico_edge_mesh_links",
             "Mesh links to other edges this edge dialled, up now",
@@ -237,6 +251,7 @@ impl Metrics {
         .expect("valid metric");
         for c in [
             Box::new(info) as Box<dyn prometheus::core::Collector>,
+            Box::new(config_propagation.clone()),
             Box::new(mesh_links.clone()),
             Box::new(mesh_refused.clone()),
             Box::new(mesh_served.clone()),
@@ -281,6 +296,7 @@ impl Metrics {
             conns_refused,
             conn_closes,
             stalls,
+            config_propagation,
             mesh_links,
             mesh_refused,
             mesh_served,

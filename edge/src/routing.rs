@@ -45,6 +45,7 @@ impl RoutingTable {
     pub(crate) fn empty(region: RegionId) -> Self {
         RoutingTable::new(EdgeConfig {
             version: 0,
+            changed_at_ms: 0,
             region,
             apps_domain: String::new(),
             apps: Vec::new(),
@@ -261,6 +262,7 @@ pub(crate) mod tests {
     fn table_finds_apps_by_exact_host() {
         let table = RoutingTable::new(EdgeConfig {
             version: 3,
+            changed_at_ms: 0,
             region: RegionId::default_region(),
             apps_domain: "apps.test".into(),
             apps: vec![app("hr", "hr.apps.test"), app("wiki", "Wiki.apps.test")],

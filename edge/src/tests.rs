@@ -144,6 +144,7 @@ fn app(id: &str, host: &str, timeout: BackendTimeout) -> App {
 fn edge_config(version: u64, revoked: Vec<ConnectorId>) -> EdgeConfig {
     EdgeConfig {
         version,
+        changed_at_ms: 0,
         region: RegionId::default_region(),
         apps_domain: "apps.test".into(),
         apps: vec![

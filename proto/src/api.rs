@@ -811,6 +811,10 @@ pub struct Edge {
 pub struct EdgeConfig {
     /// Grows with every change; a watch asks for anything newer.
     pub version: u64,
+    /// When the router's store made this version (unix ms; 0 when unknown):
+    /// the edge measures how long the change took to reach it.
+    #[serde(default)]
+    pub changed_at_ms: u64,
     pub region: RegionId,
     /// For example `apps.example.com`; app hosts lie under it.
     pub apps_domain: String,

@@ -16,23 +16,24 @@ use axum::routing::{delete, get, post};
 use bytes::Bytes;
 use portico_proto::api::{
     self, ApiError, App, CertResponse, Connector, ConnectorConfig, CreateGroup, CreateRegion,
-    CreateToken, CsrRequest, Edge, EdgeConfig, EdgeEndpoint, EdgeReport, EnrollRequest,
-    EnrollResponse, Group, Identity, JoinToken, Region, RegionEdge, Status, TokenCreated,
-    TokenInfo, TokenScope, TokenStatus,
+    CreateToken, CsrRequest, Edge, EdgeConfig, EdgeReport, EnrollRequest, EnrollResponse, Group,
+    Identity, JoinToken, Region, RegionEdge, Status, TokenCreated, TokenInfo, TokenScope,
+    TokenStatus,
 };
 use portico_proto::ids::{AppId, ConnectorId, EdgeId, GroupId, RegionId};
 use serde::de::DeserializeOwned;
-use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument as _;
 
 use crate::ca::{Ca, CsrError, Issued, Profile};
 use crate::config::{check_dns_name, Config};
+use crate::distribute;
 use crate::error::StoreError;
 use crate::metrics::Metrics;
 use crate::presence::Presence;
 use crate::ratelimit::RateLimiter;
+use crate::snapshot::StoreState;
 use crate::store::{
     AppRecord, CertInfo, ConnectorRecord, ConnectorSeen, EdgeRecord, EdgeSeen, GroupRecord,
     RegionRecord, Store, TokenRecord,
@@ -59,7 +60,6 @@ pub(crate) struct AppState {
     pub ca: Ca,
     /// SHA-256 of the admin token; the token itself is not kept here.
     pub admin_hash: [u8; 32],
-    pub version: watch::Sender<u64>,
     /// The edges' latest reports: where connectors are attached.
     pub presence: Mutex<Presence>,
     /// Notified after each report changes `presence` (the DNS zone is
@@ -106,25 +106,11 @@ impl AppState {
         }
     }
 
-    /// Announces a new config version to waiting long-polls.
-    pub(crate) fn publish(&self, version: u64) {
-        self.version.send_if_modified(|current| {
-            if version > *current {
-                *current = version;
-                true
-            } else {
-                false
-            }
-        });
-        self.metrics
-            .config_version
-            .set(i64::try_from(*self.version.borrow()).unwrap_or(i64::MAX));
-    }
-
     /// Waits until the config version passes `after`, for at most `wait`.
     /// `None` when it did not (or the router is shutting down).
     async fn wait_newer(&self, after: u64, wait: Duration) -> Option<u64> {
-        let mut rx = self.version.subscribe();
+        // The store says when the version moves (`Store::subscribe`).
+        let mut rx = self.store.subscribe();
         if *rx.borrow_and_update() > after {
             return Some(*rx.borrow());
         }
@@ -905,34 +891,8 @@ async fn edge_config(
         return Ok(Watched::Unchanged);
     }
     let rec = live_edge(&state, &edge.id).await?;
-    let config = state.config.clone();
-    let now = util::now_unix();
-    let snapshot = state
-        .db(move |s| {
-            // The version first: the data read after it is at least as new.
-            let version = s.config_version()?;
-            let apps = apps_with_urls(s, &config)?;
-            let groups = s.list_groups()?.into_iter().map(|(g, _)| g.id).collect();
-            let keep = 2 * config.cert_ttl.as_secs();
-            let revoked = s
-                .list_connectors()?
-                .into_iter()
-                .filter(|c| c.deleted_at.is_some_and(|d| now.saturating_sub(d) <= keep))
-                .map(|c| c.id)
-                .collect();
-            Ok(EdgeConfig {
-                version,
-                region: rec.region,
-                apps_domain: config.apps_domain.clone(),
-                apps,
-                groups,
-                revoked,
-                // Filled from the store's presence by issue 10, point 3.
-                presence: Vec::new(),
-                peers: Vec::new(),
-            })
-        })
-        .await?;
+    let store = state.db(StoreState::read).await?;
+    let snapshot = distribute::edge_config(&store, &rec, &state.config, util::now_unix());
     if snapshot.version <= q.after {
         return Ok(Watched::Unchanged);
     }
@@ -950,49 +910,9 @@ async fn connector_config(
         return Ok(Watched::Unchanged);
     }
     let rec = live_connector(&state, &connector.id).await?;
-    let config = state.config.clone();
-    let active = state.presence().active_edges(Instant::now());
-    let snapshot = state
-        .db(move |s| {
-            let version = s.config_version()?;
-            let group = s.get_group(&rec.group)?;
-            let apps = apps_with_urls(s, &config)?
-                .into_iter()
-                .filter(|a| a.connector_group == rec.group)
-                .collect();
-            let region: Option<RegionId> = group
-                .as_ref()
-                .filter(|g| g.region != "auto")
-                .and_then(|g| g.region.parse().ok());
-            let mut edges: Vec<(bool, EdgeEndpoint)> = s
-                .list_edges()?
-                .into_iter()
-                .filter(|e| e.deleted_at.is_none())
-                .filter(|e| region.as_ref().is_none_or(|r| *r == e.region))
-                .filter_map(|e| {
-                    let active = active.contains(&e.id);
-                    e.tunnel_addr.map(|tunnel_addr| {
-                        (
-                            active,
-                            EdgeEndpoint {
-                                id: e.id,
-                                region: e.region,
-                                tunnel_addr,
-                            },
-                        )
-                    })
-                })
-                .collect();
-            edges.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.id.cmp(&b.1.id)));
-            Ok(ConnectorConfig {
-                version,
-                group: rec.group,
-                apps,
-                edges: edges.into_iter().map(|(_, e)| e).collect(),
-                region,
-            })
-        })
-        .await?;
+    let store = state.db(StoreState::read).await?;
+    let snapshot =
+        distribute::connector_config(&store, &rec.group, &state.config, util::now_unix());
     if snapshot.version <= q.after {
         return Ok(Watched::Unchanged);
     }
@@ -1016,7 +936,7 @@ fn public_port(s: &dyn Store, config: &Config) -> Result<u16, StoreError> {
         .unwrap_or(443))
 }
 
-fn to_app(rec: AppRecord, port: u16) -> App {
+pub(crate) fn to_app(rec: AppRecord, port: u16) -> App {
     let external_url = if port == 443 {
         format!("https://{}/", rec.external_host)
     } else {
@@ -1064,7 +984,15 @@ async fn edge_report(
         bounded("tunnels.remote_addr", &t.remote_addr)?;
         bounded("tunnels.agent_version", &t.agent_version)?;
     }
+    if let Some(mesh) = &report.mesh_addr {
+        host_port("mesh_addr", mesh)?;
+    }
     let now = util::now_unix();
+    let mut groups: std::collections::BTreeMap<GroupId, u32> = Default::default();
+    for t in &report.tunnels {
+        let n = groups.entry(t.group.clone()).or_default();
+        *n = n.saturating_add(t.tunnels);
+    }
     let seen = EdgeSeen {
         id: edge.id.clone(),
         at: now,
@@ -1075,6 +1003,8 @@ async fn edge_report(
             .tunnels
             .iter()
             .fold(0u32, |n, t| n.saturating_add(t.tunnels)),
+        mesh_addr: report.mesh_addr.clone(),
+        groups: groups.into_iter().collect(),
     };
     let connectors: Vec<ConnectorSeen> = report
         .tunnels
@@ -1115,8 +1045,7 @@ async fn edge_report(
     );
     state.presence_changed.notify_one();
     if let Some(version) = bumped {
-        tracing::info!(edge = %edge.id, tunnel_addr = %report.tunnel_addr, version, "edge address changed");
-        state.publish(version);
+        tracing::info!(edge = %edge.id, tunnel_addr = %report.tunnel_addr, version, "edge addresses or presence changed");
     }
     Ok(StatusCode::NO_CONTENT)
 }
@@ -1322,8 +1251,7 @@ async fn create_group(
         },
         other => ApiFail::from(other),
     })?;
-    state.publish(version);
-    tracing::info!(group = %req.id, region = %region, "created group");
+    tracing::info!(group = %req.id, region = %region, version, "created group");
     Ok((
         StatusCode::CREATED,
         axum::Json(Group {
@@ -1343,8 +1271,7 @@ async fn delete_group(
         .map_err(|_| ApiFail::not_found(None, format!("group {id:?} not found")))?;
     let gid = id.clone();
     let version = state.db(move |s| s.delete_group(&gid)).await?;
-    state.publish(version);
-    tracing::info!(group = %id, "deleted group");
+    tracing::info!(group = %id, version, "deleted group");
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -1387,8 +1314,7 @@ async fn delete_app(
     let app_id = AppId::new(id.clone())
         .map_err(|_| ApiFail::not_found(None, format!("app {id:?} not found")))?;
     let version = state.db(move |s| s.delete_app(&app_id)).await?;
-    state.publish(version);
-    tracing::info!(app = %id, "deleted app");
+    tracing::info!(app = %id, version, "deleted app");
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -1558,7 +1484,7 @@ async fn write_app(
         ),
         other => ApiFail::from(other),
     })?;
-    state.publish(version);
+    tracing::debug!(app = %app.id, version, "app written");
     Ok(app)
 }
 
@@ -1741,7 +1667,6 @@ async fn delete_connector(
         .map_err(|_| ApiFail::not_found(None, format!("connector {id:?} not found")))?;
     let now = util::now_unix();
     let version = state.db(move |s| s.delete_connector(&cid, now)).await?;
-    state.publish(version);
     tracing::info!(connector = %id, version, "deleted (revoked) connector");
     Ok(StatusCode::NO_CONTENT)
 }
@@ -1762,7 +1687,6 @@ async fn delete_edge(
         .await?;
     // Its reports no longer count for connector status.
     state.presence().remove(&eid);
-    state.publish(version);
     tracing::info!(edge = %id, version, "deleted (revoked) edge");
     Ok(StatusCode::NO_CONTENT)
 }

@@ -29,6 +29,7 @@ use tokio_util::task::TaskTracker;
 mod api;
 pub mod ca;
 mod config;
+mod distribute;
 mod dns;
 pub mod error;
 mod metrics;
@@ -204,7 +205,6 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Handle
         .config_version
         .set(i64::try_from(version).unwrap_or(i64::MAX));
     let tracker = TaskTracker::new();
-    let (version_tx, _) = tokio::sync::watch::channel(version);
     let ca_pem = ca.cert_pem().to_owned();
     let ca_sha256 = ca.sha256().to_owned();
     let state = Arc::new(api::AppState {
@@ -212,7 +212,6 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Handle
         store: store.clone(),
         ca,
         admin_hash: util::sha256(admin_token.as_bytes()),
-        version: version_tx,
         presence: Mutex::new(presence::Presence::default()),
         presence_changed: tokio::sync::Notify::new(),
         enroll_limiter: ratelimit::RateLimiter::new(config.enroll_limit, std::time::Instant::now()),
@@ -221,6 +220,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Handle
         tracker: tracker.clone(),
     });
 
+    tracker.spawn(presence_sweeper(state.clone()));
     tracker.spawn(server::serve_api(
         listener,
         acceptor,
@@ -326,5 +326,38 @@ fn load_or_create_admin_token(dir: &Path) -> Result<(String, PathBuf), Error> {
             path,
             source,
         }),
+    }
+}
+
+/// Keeps presence in the store true to time: every second, the groups of
+/// edges whose latest report is no longer fresh (3 report intervals) are
+/// emptied, which bumps the config version, so every edge hears of it
+/// over its watch. Also follows the store's version into the
+/// `portico_router_config_version` gauge.
+async fn presence_sweeper(state: Arc<api::AppState>) {
+    let mut versions = state.store.subscribe();
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = state.shutdown.cancelled() => return,
+            changed = versions.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                let v = *versions.borrow_and_update();
+                state.metrics.config_version.set(i64::try_from(v).unwrap_or(i64::MAX));
+            }
+            _ = tick.tick() => {
+                let stale_before = util::now_unix().saturating_sub(presence::REPORT_FRESH.as_secs());
+                let store = state.store.clone();
+                match state.tracker.spawn_blocking(move || store.expire_presence(stale_before)).await {
+                    Ok(Ok(Some(version))) => tracing::info!(version, "stale edges left the presence map"),
+                    Ok(Ok(None)) => {}
+                    Ok(Err(e)) => tracing::warn!(error = %portico_agent::error_chain(&e), "expiring presence failed"),
+                    Err(e) => tracing::warn!(error = %portico_agent::error_chain(&e), "presence task failed"),
+                }
+            }
+        }
     }
 }

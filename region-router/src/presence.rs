@@ -105,15 +105,6 @@ impl Presence {
         self.edges.get(edge).is_some_and(|r| fresh(r, now))
     }
 
-    /// The edges whose latest report is fresh.
-    pub(crate) fn active_edges(&self, now: Instant) -> Vec<EdgeId> {
-        self.edges
-            .iter()
-            .filter(|(_, r)| fresh(r, now))
-            .map(|(id, _)| id.clone())
-            .collect()
-    }
-
     /// How many distinct connectors the fresh reports of `edges` list
     /// (a connector attached to two of them counts once): a region's
     /// attached connectors.
@@ -236,7 +227,6 @@ mod tests {
         );
         assert!(!p.edge_is_active(&edge("e-a"), later));
         assert!(p.edge_is_active(&edge("e-b"), later));
-        assert_eq!(p.active_edges(later), [edge("e-b")]);
         // Both silent: nothing is active.
         let silent = t0 + s(3) + REPORT_FRESH + Duration::from_millis(1);
         assert!(!p.connector(&conn("c-1"), silent).is_active());

@@ -16,7 +16,7 @@ use portico_proto::ids::{ConnectorId, EdgeId, GroupId, RegionId};
 
 use crate::error::StoreError;
 use crate::presence::Presence;
-use crate::store::{AppRecord, EdgeRecord, GroupRecord, RegionRecord, Store};
+use crate::store::{AppRecord, EdgeRecord, GroupRecord, PresenceRecord, RegionRecord, Store};
 
 /// What the store held at one config version. Deleted edges and connectors
 /// are left out.
@@ -25,6 +25,8 @@ pub(crate) struct StoreState {
     /// The config version read before everything else (the data is at
     /// least this new).
     pub version: u64,
+    /// When the store last changed (unix ms), read with the version.
+    pub changed_at_ms: u64,
     /// Every region, by id.
     pub regions: Vec<RegionRecord>,
     pub groups: Vec<GroupRecord>,
@@ -33,12 +35,18 @@ pub(crate) struct StoreState {
     pub edges: Vec<EdgeRecord>,
     /// The group of each live connector.
     pub connector_groups: HashMap<ConnectorId, GroupId>,
+    /// Deleted connectors and when they were deleted: the revocations.
+    pub deleted_connectors: Vec<(ConnectorId, u64)>,
+    /// Where each live edge's tunnels are, by edge id.
+    pub presence: Vec<PresenceRecord>,
 }
 
 impl StoreState {
     /// Reads everything a snapshot needs (a blocking call).
     pub(crate) fn read(s: &dyn Store) -> Result<StoreState, StoreError> {
         let version = s.config_version()?;
+        let changed_at_ms = s.config_changed_at_ms()?;
+        let connectors = s.list_connectors()?;
         let mut edges: Vec<EdgeRecord> = s
             .list_edges()?
             .into_iter()
@@ -47,16 +55,21 @@ impl StoreState {
         edges.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(StoreState {
             version,
+            changed_at_ms,
             regions: s.list_regions()?,
             groups: s.list_groups()?.into_iter().map(|(g, _)| g).collect(),
             apps: s.list_apps()?,
             edges,
-            connector_groups: s
-                .list_connectors()?
-                .into_iter()
+            connector_groups: connectors
+                .iter()
                 .filter(|c| c.deleted_at.is_none())
-                .map(|c| (c.id, c.group))
+                .map(|c| (c.id.clone(), c.group.clone()))
                 .collect(),
+            deleted_connectors: connectors
+                .iter()
+                .filter_map(|c| c.deleted_at.map(|d| (c.id.clone(), d)))
+                .collect(),
+            presence: s.list_presence()?,
         })
     }
 }

@@ -177,7 +177,7 @@ struct Maintainer {
 
 impl Maintainer {
     async fn run(mut self, zone: Arc<ArcSwap<Zone>>, shutdown: CancellationToken) {
-        let mut version = self.state.version.subscribe();
+        let mut version = self.state.store.subscribe();
         let mut tick = tokio::time::interval(REBUILD_TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {

@@ -144,6 +144,21 @@ pub struct EdgeSeen {
     pub public_addr: String,
     pub version: String,
     pub tunnels: u32,
+    /// Where other edges open mesh links to it, if it takes them.
+    pub mesh_addr: Option<String>,
+    /// The groups it holds tunnels of, each with its tunnel count.
+    pub groups: Vec<(GroupId, u32)>,
+}
+
+/// Where an edge's tunnels are, as its latest report said: part of the
+/// store, so that every router replica and every edge sees the same.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PresenceRecord {
+    pub edge: EdgeId,
+    pub mesh_addr: Option<String>,
+    /// The groups it holds tunnels of, by id, each with its tunnel count.
+    /// Empty once its report has gone stale ([`Store::expire_presence`]).
+    pub groups: Vec<(GroupId, u32)>,
 }
 
 /// Durable router state. Every change that edges or connectors care about
@@ -152,6 +167,9 @@ pub struct EdgeSeen {
 pub trait Store: Send + Sync + 'static {
     /// The current config version (0 for an empty store).
     fn config_version(&self) -> Result<u64, StoreError>;
+    /// When the config version last changed, in milliseconds since the
+    /// Unix epoch (0 before the first change).
+    fn config_changed_at_ms(&self) -> Result<u64, StoreError>;
 
     /// Creates a region; `AlreadyExists` if its id is taken. Regions change
     /// nothing an edge or connector is told, so the version stays.
@@ -231,8 +249,21 @@ pub trait Store: Send + Sync + 'static {
     /// unknown or already deleted.
     fn delete_edge(&self, id: &EdgeId, now: u64) -> Result<u64, StoreError>;
     /// Records an edge's report. Returns the new config version when its
-    /// tunnel or public address changed, `NotFound` for an unknown edge.
+    /// tunnel, public or mesh address changed, or the set of groups it
+    /// holds tunnels of (not their counts: load travels with the next
+    /// change); `NotFound` for an unknown edge.
     fn edge_seen(&self, seen: &EdgeSeen) -> Result<Option<u64>, StoreError>;
+    /// Every live edge's presence.
+    fn list_presence(&self) -> Result<Vec<PresenceRecord>, StoreError>;
+    /// Empties the groups of every edge last seen before `stale_before`
+    /// (unix seconds), in one transaction; the new config version if any
+    /// had some.
+    fn expire_presence(&self, stale_before: u64) -> Result<Option<u64>, StoreError>;
+    /// The config version, sent after every commit that changes it: the
+    /// store's change notification, which every watch (edges' and
+    /// connectors' long-polls, the DNS zone) follows. A replicated store
+    /// sends what any replica commits.
+    fn subscribe(&self) -> tokio::sync::watch::Receiver<u64>;
 
     /// Releases the store; later calls fail with `Closed`.
     fn close(&self);

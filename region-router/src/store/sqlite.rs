@@ -11,11 +11,11 @@ use rusqlite::{params, Connection, OptionalExtension, Row, Transaction};
 
 use super::{
     AppRecord, CertInfo, ConnectorRecord, ConnectorRegion, ConnectorSeen, EdgeRecord, EdgeSeen,
-    GroupRecord, RegionRecord, Store, TokenRecord,
+    GroupRecord, PresenceRecord, RegionRecord, Store, TokenRecord,
 };
 use crate::error::StoreError;
 
-const SCHEMA_VERSION: i64 = 5;
+const SCHEMA_VERSION: i64 = 6;
 
 const SCHEMA_V1: &str = "
 CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -115,10 +115,23 @@ ALTER TABLE connectors ADD COLUMN region_report TEXT;
 ALTER TABLE connectors ADD COLUMN region_reported_at INTEGER;
 ";
 
+/// Version 6: presence (which groups each edge holds tunnels of, and its
+/// mesh address), kept in the store instead of one router's memory.
+const SCHEMA_V6: &str = "
+CREATE TABLE presence (
+    edge_id TEXT PRIMARY KEY REFERENCES edges(id),
+    mesh_addr TEXT,
+    groups TEXT NOT NULL DEFAULT '[]'
+);
+INSERT INTO meta (key, value) VALUES ('changed_at_ms', 0);
+";
+
 /// The SQLite store: one connection behind a mutex.
 pub struct SqliteStore {
     path: PathBuf,
     conn: Mutex<Option<Connection>>,
+    /// The config version after the last commit ([`Store::subscribe`]).
+    version: tokio::sync::watch::Sender<u64>,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -150,9 +163,11 @@ impl SqliteStore {
         conn.pragma_update(None, "foreign_keys", "ON")
             .map_err(open_err)?;
         migrate(&mut conn)?;
+        let version = current_version(&conn)?;
         Ok(SqliteStore {
             path,
             conn: Mutex::new(Some(conn)),
+            version: tokio::sync::watch::channel(version).0,
         })
     }
 
@@ -185,6 +200,15 @@ impl SqliteStore {
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let out = f(&tx)?;
         tx.commit()?;
+        // Notify after the commit, so that a watcher reads what changed.
+        let version = current_version(conn)?;
+        self.version.send_if_modified(|seen| {
+            let newer = version > *seen;
+            if newer {
+                *seen = version;
+            }
+            newer
+        });
         Ok(out)
     }
 }
@@ -205,6 +229,7 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
         (3, SCHEMA_V3),
         (4, SCHEMA_V4),
         (5, SCHEMA_V5),
+        (6, SCHEMA_V6),
     ] {
         if found < version {
             let tx = conn.transaction()?;
@@ -216,10 +241,42 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Presence groups as stored: a JSON array of `[group, tunnels]`.
+fn groups_to_json(groups: &[(GroupId, u32)]) -> String {
+    let pairs: Vec<(&str, u32)> = groups.iter().map(|(g, n)| (g.as_str(), *n)).collect();
+    serde_json::to_string(&pairs).unwrap_or_else(|_| "[]".to_owned())
+}
+
+fn groups_from_json(text: &str) -> Result<Vec<(GroupId, u32)>, StoreError> {
+    let pairs: Vec<(String, u32)> =
+        serde_json::from_str(text).map_err(|e| corrupt("presence groups", e))?;
+    pairs
+        .into_iter()
+        .map(|(g, n)| Ok((GroupId::new(g).map_err(|e| corrupt("group id", e))?, n)))
+        .collect()
+}
+
+fn current_version(conn: &Connection) -> Result<u64, StoreError> {
+    Ok(conn.query_row(
+        "SELECT value FROM meta WHERE key = 'config_version'",
+        [],
+        |r| r.get(0),
+    )?)
+}
+
 fn bump(tx: &Transaction<'_>) -> Result<u64, StoreError> {
     tx.execute(
         "UPDATE meta SET value = value + 1 WHERE key = 'config_version'",
         [],
+    )?;
+    // When it changed, so that an edge can tell how long the change took
+    // to reach it (`EdgeConfig.changed_at_ms`).
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    tx.execute(
+        "UPDATE meta SET value = ?1 WHERE key = 'changed_at_ms'",
+        [now_ms],
     )?;
     Ok(tx.query_row(
         "SELECT value FROM meta WHERE key = 'config_version'",
@@ -585,6 +642,16 @@ impl Store for SqliteStore {
         self.with(|c| {
             Ok(c.query_row(
                 "SELECT value FROM meta WHERE key = 'config_version'",
+                [],
+                |r| r.get(0),
+            )?)
+        })
+    }
+
+    fn config_changed_at_ms(&self) -> Result<u64, StoreError> {
+        self.with(|c| {
+            Ok(c.query_row(
+                "SELECT value FROM meta WHERE key = 'changed_at_ms'",
                 [],
                 |r| r.get(0),
             )?)
@@ -1168,7 +1235,11 @@ impl Store for SqliteStore {
     }
 
     fn delete_edge(&self, id: &EdgeId, now: u64) -> Result<u64, StoreError> {
-        self.tx(|tx| tombstone(tx, "edges", "edge", id.as_str(), now))
+        self.tx(|tx| {
+            let version = tombstone(tx, "edges", "edge", id.as_str(), now)?;
+            tx.execute("DELETE FROM presence WHERE edge_id = ?1", [id.as_str()])?;
+            Ok(version)
+        })
     }
 
     fn edge_seen(&self, seen: &EdgeSeen) -> Result<Option<u64>, StoreError> {
@@ -1198,14 +1269,84 @@ impl Store for SqliteStore {
                     seen.id.as_str()
                 ],
             )?;
+            let mut groups = seen.groups.clone();
+            groups.sort();
+            groups.dedup_by(|a, b| a.0 == b.0);
+            let groups_json = groups_to_json(&groups);
+            let presence_before: Option<(Option<String>, String)> = tx
+                .query_row(
+                    "SELECT mesh_addr, groups FROM presence WHERE edge_id = ?1",
+                    [seen.id.as_str()],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()?;
+            tx.execute(
+                "INSERT INTO presence (edge_id, mesh_addr, groups) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (edge_id) DO UPDATE SET mesh_addr = ?2, groups = ?3",
+                params![seen.id.as_str(), seen.mesh_addr, groups_json],
+            )?;
+            let presence_changed = match presence_before {
+                None => seen.mesh_addr.is_some() || !groups.is_empty(),
+                Some((mesh_addr, before)) => {
+                    let before: Vec<(GroupId, u32)> = groups_from_json(&before)?;
+                    mesh_addr != seen.mesh_addr
+                        || before.iter().map(|g| &g.0).ne(groups.iter().map(|g| &g.0))
+                }
+            };
             let changed = tunnel_addr.as_deref() != Some(seen.tunnel_addr.as_str())
-                || public_addr.as_deref() != Some(seen.public_addr.as_str());
+                || public_addr.as_deref() != Some(seen.public_addr.as_str())
+                || presence_changed;
             if changed {
                 Ok(Some(bump(tx)?))
             } else {
                 Ok(None)
             }
         })
+    }
+
+    fn list_presence(&self) -> Result<Vec<PresenceRecord>, StoreError> {
+        let guard = self.lock();
+        let conn = guard.as_ref().ok_or(StoreError::Closed)?;
+        let mut stmt = conn.prepare(
+            "SELECT p.edge_id, p.mesh_addr, p.groups FROM presence p
+             JOIN edges e ON e.id = p.edge_id WHERE e.deleted_at IS NULL ORDER BY p.edge_id",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, Option<String>>(1)?,
+                r.get::<_, String>(2)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (edge, mesh_addr, groups) = row?;
+            out.push(PresenceRecord {
+                edge: EdgeId::new(edge).map_err(|e| corrupt("edge id", e))?,
+                mesh_addr,
+                groups: groups_from_json(&groups)?,
+            });
+        }
+        Ok(out)
+    }
+
+    fn expire_presence(&self, stale_before: u64) -> Result<Option<u64>, StoreError> {
+        self.tx(|tx| {
+            let n = tx.execute(
+                "UPDATE presence SET groups = '[]' WHERE groups != '[]' AND edge_id IN
+                 (SELECT id FROM edges WHERE last_seen IS NULL OR last_seen < ?1)",
+                [stale_before],
+            )?;
+            if n > 0 {
+                Ok(Some(bump(tx)?))
+            } else {
+                Ok(None)
+            }
+        })
+    }
+
+    fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.version.subscribe()
     }
 
     fn close(&self) {

@@ -439,6 +439,8 @@ fn populate(s: &dyn Store) {
         public_addr: "127.0.0.1:8443".into(),
         version: "0.3.0".into(),
         tunnels: 3,
+        mesh_addr: None,
+        groups: Vec::new(),
     };
     let before = s.config_version().expect("version");
     let v = s
@@ -467,7 +469,72 @@ fn populate(s: &dyn Store) {
     )
     .expect("edge cert");
 
+    populate_presence(s, &seen);
     populate_regions(s);
+}
+
+/// Presence lives in the store: a report's groups and mesh address bump
+/// the version when they change (not when only a count does), a stale
+/// edge's groups are emptied in one step, a deleted edge leaves, and every
+/// bump reaches `subscribe`.
+fn populate_presence(s: &dyn Store, seen: &EdgeSeen) {
+    let mut watch = s.subscribe();
+    let g = GroupId::default_group();
+    let e2 = edge("e-pres");
+    s.create_token(&edge_token("00000000000000ea", "default"))
+        .expect("token");
+    s.enroll_edge("00000000000000ea", 380, &e2)
+        .expect("enroll e-pres");
+    let report = EdgeSeen {
+        id: e2.id.clone(),
+        at: 1000,
+        groups: vec![(g.clone(), 2)],
+        mesh_addr: Some("127.0.0.1:7845".into()),
+        ..seen.clone()
+    };
+    let v1 = s
+        .edge_seen(&report)
+        .expect("seen")
+        .expect("new presence bumps");
+    assert!(watch.has_changed().expect("open"));
+    assert_eq!(*watch.borrow_and_update(), v1);
+    let mine = |s: &dyn Store| {
+        s.list_presence()
+            .expect("presence")
+            .into_iter()
+            .find(|p| p.edge == e2.id)
+    };
+    let p = mine(s).expect("listed");
+    assert_eq!(p.groups, vec![(g.clone(), 2)]);
+    assert_eq!(p.mesh_addr.as_deref(), Some("127.0.0.1:7845"));
+    // Only the count changes: stored, no bump.
+    let counted = EdgeSeen {
+        groups: vec![(g.clone(), 5)],
+        at: 1001,
+        ..report.clone()
+    };
+    assert_eq!(s.edge_seen(&counted).expect("seen"), None);
+    assert!(!watch.has_changed().expect("open"));
+    assert_eq!(mine(s).expect("listed").groups, vec![(g.clone(), 5)]);
+    // A new mesh address bumps.
+    let moved = EdgeSeen {
+        mesh_addr: Some("127.0.0.1:7846".into()),
+        ..counted.clone()
+    };
+    assert!(s.edge_seen(&moved).expect("seen").is_some());
+    // Stale before 1002: emptied once, with a bump; then nothing to do.
+    let v = s.expire_presence(1002).expect("expire").expect("bumps");
+    assert_eq!(*watch.borrow_and_update(), v);
+    assert!(mine(s).expect("listed").groups.is_empty());
+    assert_eq!(s.expire_presence(1002).expect("expire"), None);
+    // Reported again: back, with a bump.
+    assert!(s
+        .edge_seen(&EdgeSeen { at: 2000, ..moved })
+        .expect("seen")
+        .is_some());
+    assert_eq!(mine(s).expect("listed").groups, vec![(g, 5)]);
+    s.delete_edge(&e2.id, 2001).expect("delete");
+    assert!(mine(s).is_none(), "a deleted edge leaves the presence");
 }
 
 /// Regions: `default` is there from the start; a region can be deleted
@@ -721,7 +788,8 @@ fn check_populated(s: &dyn Store) {
             "00000000000000e3",
             "00000000000000e4",
             "00000000000000e5",
-            "00000000000000e6"
+            "00000000000000e6",
+            "00000000000000ea"
         ]
     );
     let c3 = tokens
@@ -750,7 +818,7 @@ fn check_populated(s: &dyn Store) {
     assert_eq!(c2.deleted_at, Some(800));
 
     let edges = s.list_edges().expect("edges");
-    assert_eq!(edges.len(), 4, "deleted edges are kept as tombstones");
+    assert_eq!(edges.len(), 5, "deleted edges are kept as tombstones");
     let gone = edges.iter().find(|e| e.id.as_str() == "e-2").expect("e-2");
     assert_eq!(gone.deleted_at, Some(362));
     let e3 = edges.iter().find(|e| e.id.as_str() == "e-3").expect("e-3");

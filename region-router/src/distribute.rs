@@ -1,0 +1,286 @@
+//! What edges and connectors are told: pure functions of one store
+//! snapshot ([`StoreState`]) and the time, tested without HTTP, a store
+//! or a clock. The handlers read the snapshot and call these; the DNS zone
+//! (`crate::dns::zone`) is built the same way.
+//!
+//! Freshness is the store's: an edge is healthy while its `last_seen` is
+//! within [`REPORT_FRESH`] of `now` (unix seconds), and its presence counts
+//! only then. The presence sweeper (`crate::presence_sweeper`) empties a
+//! stale edge's groups in the store, which bumps the version, so edges hear
+//! of it over their watch.
+
+use std::collections::BTreeMap;
+
+use portico_proto::api::{App, ConnectorConfig, EdgeConfig, EdgeEndpoint, GroupPresence, PeerEdge};
+use portico_proto::ids::{EdgeId, GroupId, RegionId};
+
+use crate::config::Config;
+use crate::presence::REPORT_FRESH;
+use crate::snapshot::StoreState;
+use crate::store::{AppRecord, EdgeRecord};
+
+/// Whether `edge` reported within the freshness window at `now`.
+pub(crate) fn is_fresh(edge: &EdgeRecord, now: u64) -> bool {
+    edge.last_seen
+        .is_some_and(|seen| now.saturating_sub(seen) < REPORT_FRESH.as_secs())
+}
+
+/// The port users reach the edges on, for `App.external_url`: the
+/// configured one, else that of the first enrolled edge that reported one,
+/// else 443.
+fn public_port(s: &StoreState, config: &Config) -> u16 {
+    if let Some(port) = config.public_port {
+        return port;
+    }
+    s.edges
+        .iter()
+        .filter_map(|e| {
+            let port = e
+                .public_addr
+                .as_deref()
+                .and_then(|a| a.rsplit_once(':'))
+                .and_then(|(_, p)| p.parse::<u16>().ok())?;
+            Some(((e.enrolled_at, e.id.clone()), port))
+        })
+        .min()
+        .map_or(443, |(_, port)| port)
+}
+
+/// Every app, with its external URL.
+pub(crate) fn apps(s: &StoreState, config: &Config) -> Vec<App> {
+    let port = public_port(s, config);
+    s.apps
+        .iter()
+        .cloned()
+        .map(|a: AppRecord| crate::api::to_app(a, port))
+        .collect()
+}
+
+/// Which fresh edges hold tunnels of which group, groups and edges sorted.
+pub(crate) fn presence(s: &StoreState, now: u64) -> Vec<GroupPresence> {
+    let fresh: Vec<&EdgeId> = s
+        .edges
+        .iter()
+        .filter(|e| is_fresh(e, now))
+        .map(|e| &e.id)
+        .collect();
+    let mut by_group: BTreeMap<&GroupId, Vec<EdgeId>> = BTreeMap::new();
+    for p in &s.presence {
+        if !fresh.contains(&&p.edge) {
+            continue;
+        }
+        for (group, tunnels) in &p.groups {
+            if *tunnels > 0 {
+                by_group.entry(group).or_default().push(p.edge.clone());
+            }
+        }
+    }
+    by_group
+        .into_iter()
+        .map(|(group, mut edges)| {
+            edges.sort();
+            edges.dedup();
+            GroupPresence {
+                group: group.clone(),
+                edges,
+            }
+        })
+        .collect()
+}
+
+/// The config of edge `edge`: every app, the groups, the revocations still
+/// worth knowing (deleted within two certificate lifetimes), where each
+/// group's tunnels are, and every other live edge as a mesh peer.
+pub(crate) fn edge_config(
+    s: &StoreState,
+    edge: &EdgeRecord,
+    config: &Config,
+    now: u64,
+) -> EdgeConfig {
+    let keep = 2 * config.cert_ttl.as_secs();
+    let mesh_addr = |id: &EdgeId| {
+        s.presence
+            .iter()
+            .find(|p| p.edge == *id)
+            .and_then(|p| p.mesh_addr.clone())
+    };
+    EdgeConfig {
+        version: s.version,
+        changed_at_ms: s.changed_at_ms,
+        region: edge.region.clone(),
+        apps_domain: config.apps_domain.clone(),
+        apps: apps(s, config),
+        groups: s.groups.iter().map(|g| g.id.clone()).collect(),
+        revoked: s
+            .deleted_connectors
+            .iter()
+            .filter(|(_, at)| now.saturating_sub(*at) <= keep)
+            .map(|(id, _)| id.clone())
+            .collect(),
+        presence: presence(s, now),
+        peers: s
+            .edges
+            .iter()
+            .filter(|e| e.id != edge.id)
+            .map(|e| PeerEdge {
+                id: e.id.clone(),
+                region: e.region.clone(),
+                mesh_addr: mesh_addr(&e.id),
+                healthy: is_fresh(e, now),
+                tunnels: e.tunnels,
+            })
+            .collect(),
+    }
+}
+
+/// The config of a connector of `group`: the group's apps, and the edges to
+/// dial (its pinned region's, or every region's for `auto`), healthy edges
+/// first, then by id.
+pub(crate) fn connector_config(
+    s: &StoreState,
+    group: &GroupId,
+    config: &Config,
+    now: u64,
+) -> ConnectorConfig {
+    let record = s.groups.iter().find(|g| g.id == *group);
+    let region: Option<RegionId> = record
+        .filter(|g| g.region != "auto")
+        .and_then(|g| g.region.parse().ok());
+    let mut edges: Vec<(bool, EdgeEndpoint)> = s
+        .edges
+        .iter()
+        .filter(|e| region.as_ref().is_none_or(|r| *r == e.region))
+        .filter_map(|e| {
+            e.tunnel_addr.clone().map(|tunnel_addr| {
+                (
+                    is_fresh(e, now),
+                    EdgeEndpoint {
+                        id: e.id.clone(),
+                        region: e.region.clone(),
+                        tunnel_addr,
+                    },
+                )
+            })
+        })
+        .collect();
+    edges.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.id.cmp(&b.1.id)));
+    ConnectorConfig {
+        version: s.version,
+        group: group.clone(),
+        apps: apps(s, config)
+            .into_iter()
+            .filter(|a| a.connector_group == *group)
+            .collect(),
+        edges: edges.into_iter().map(|(_, e)| e).collect(),
+        region,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::snapshot::tests::Builder;
+    use crate::store::PresenceRecord;
+
+    fn config() -> Config {
+        let mut c = Config::new("/unused");
+        c.apps_domain = "apps.test".into();
+        c
+    }
+
+    /// Two regions, an edge in each and a stale one; the group's tunnels
+    /// sit on `e-eu`.
+    fn state(now: u64) -> StoreState {
+        let mut b = Builder::new();
+        b.region("eu").region("us");
+        b.edge("e-eu", "eu", Some("127.0.0.1:8001"), Some("127.0.0.1:7001"));
+        b.edge("e-us", "us", Some("127.0.0.1:8002"), Some("127.0.0.1:7002"));
+        b.edge(
+            "e-old",
+            "us",
+            Some("127.0.0.1:8003"),
+            Some("127.0.0.1:7003"),
+        );
+        let mut s = b.store.clone();
+        for e in &mut s.edges {
+            e.last_seen = Some(if e.id.as_str() == "e-old" {
+                now - 60
+            } else {
+                now - 1
+            });
+        }
+        let g = GroupId::default_group();
+        s.presence = vec![
+            PresenceRecord {
+                edge: EdgeId::new("e-eu").unwrap(),
+                mesh_addr: Some("127.0.0.1:9001".into()),
+                groups: vec![(g.clone(), 2)],
+            },
+            PresenceRecord {
+                edge: EdgeId::new("e-old").unwrap(),
+                mesh_addr: Some("127.0.0.1:9003".into()),
+                // Not yet swept: its report is stale, so it does not count.
+                groups: vec![(g.clone(), 4)],
+            },
+            PresenceRecord {
+                edge: EdgeId::new("e-us").unwrap(),
+                mesh_addr: None,
+                groups: vec![],
+            },
+        ];
+        s.version = 42;
+        s
+    }
+
+    #[test]
+    fn an_edge_learns_where_each_group_is_and_its_peers() {
+        let now = 10_000;
+        let s = state(now);
+        let us = s.edges.iter().find(|e| e.id.as_str() == "e-us").unwrap();
+        let c = edge_config(&s, us, &config(), now);
+        assert_eq!(c.version, 42);
+        assert_eq!(c.region.as_str(), "us");
+        assert_eq!(
+            c.presence,
+            vec![GroupPresence {
+                group: GroupId::default_group(),
+                edges: vec![EdgeId::new("e-eu").unwrap()],
+            }]
+        );
+        let peers: Vec<(&str, Option<&str>, bool)> = c
+            .peers
+            .iter()
+            .map(|p| (p.id.as_str(), p.mesh_addr.as_deref(), p.healthy))
+            .collect();
+        assert_eq!(
+            peers,
+            vec![
+                ("e-eu", Some("127.0.0.1:9001"), true),
+                ("e-old", Some("127.0.0.1:9003"), false),
+            ]
+        );
+    }
+
+    #[test]
+    fn presence_follows_freshness_and_tunnel_counts() {
+        let now = 10_000;
+        let mut s = state(now);
+        // Everyone stale: nobody holds anything.
+        assert!(presence(&s, now + 3600).is_empty());
+        // A group with zero tunnels is not held.
+        s.presence[0].groups = vec![(GroupId::default_group(), 0)];
+        assert!(presence(&s, now).is_empty());
+    }
+
+    #[test]
+    fn a_connector_gets_its_groups_apps_and_healthy_edges_first() {
+        let now = 10_000;
+        let s = state(now);
+        let c = connector_config(&s, &GroupId::default_group(), &config(), now);
+        let edges: Vec<&str> = c.edges.iter().map(|e| e.id.as_str()).collect();
+        // Healthy first (by id), then the stale one.
+        assert_eq!(edges, vec!["e-eu", "e-us", "e-old"]);
+        assert_eq!(c.region, None);
+        assert_eq!(c.version, 42);
+    }
+}
