@@ -16,37 +16,19 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{admin_cli, curl, eventually, Child, PyHttpServer};
+use common::{curl, eventually, Child, PyHttpServer, RouterProc};
 use portico_proto::api::Edge;
 
 /// A hang guard for each wait (never a timing assertion).
 const LIMIT: Duration = Duration::from_secs(60);
 
-async fn edge(api: &str, router: &Path, dir: &Path, region: &str) -> (Child, String, String) {
-    let token = admin_cli(
-        api,
-        router,
-        &["token", "create", "--edge", "--region", region],
-    )
-    .await;
+/// An edge of `region` with a mesh listener: the child, its id and its
+/// public address.
+async fn edge(router: &RouterProc, dir: &Path, region: &str) -> (Child, String, String) {
     let state = dir.join(format!("edge-{region}"));
-    let mut child = Child::spawn(&[
-        "edge",
-        "--router",
-        api,
-        "--state",
-        state.to_str().unwrap(),
-        "--token",
-        token.trim(),
-        "--public-listen",
-        "127.0.0.1:0",
-        "--tunnel-listen",
-        "127.0.0.1:0",
-        "--mesh-listen",
-        "127.0.0.1:0",
-        "--no-http3",
-    ]);
-    let line = child.line_starting("listening ", LIMIT).await;
+    let (child, line) = router
+        .edge(&state, region, &["--mesh-listen", "127.0.0.1:0"])
+        .await;
     assert!(Child::field(&line, "mesh").is_some(), "{line}");
     let id = Child::field(&line, "edge").unwrap().to_owned();
     let public = Child::field(&line, "public").unwrap().to_owned();
@@ -61,49 +43,34 @@ async fn a_request_at_an_edge_without_the_groups_tunnels_crosses_the_mesh() {
     std::fs::write(d.join("hello.txt"), "hello through two edges\n").unwrap();
     let backend = PyHttpServer::start(d).await;
 
-    let router_dir = d.join("router");
-    let mut router = Child::spawn(&[
-        "router",
-        "--data",
-        router_dir.to_str().unwrap(),
-        "--listen",
-        "127.0.0.1:0",
-    ]);
-    let line = router.line_starting("listening ", LIMIT).await;
-    let api = Child::field(&line, "api").unwrap().to_owned();
-    let ca = Child::field(&line, "ca").unwrap().to_owned();
-    let admin = |args: Vec<String>| {
-        let (api, dir) = (api.clone(), router_dir.clone());
-        async move {
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            admin_cli(&api, &dir, &args).await
-        }
-    };
-    let s = |v: &[&str]| v.iter().map(|a| (*a).to_owned()).collect::<Vec<_>>();
-    admin(s(&["region", "create", "eu-west"])).await;
-    admin(s(&["region", "create", "us-east"])).await;
-    admin(s(&["group", "create", "eu", "--region", "eu-west"])).await;
+    let mut router = RouterProc::start(d, &[]).await;
+    router.admin(&["region", "create", "eu-west"]).await;
+    router.admin(&["region", "create", "us-east"]).await;
+    router
+        .admin(&["group", "create", "eu", "--region", "eu-west"])
+        .await;
     let internal = format!("http://{}/", backend.addr);
-    admin(s(&[
-        "app",
-        "create",
-        "hello",
-        "--internal-url",
-        &internal,
-        "--group",
-        "eu",
-    ]))
-    .await;
+    router
+        .admin(&[
+            "app",
+            "create",
+            "hello",
+            "--internal-url",
+            &internal,
+            "--group",
+            "eu",
+        ])
+        .await;
 
-    let (mut eu, eu_id, _eu_public) = edge(&api, &router_dir, d, "eu-west").await;
-    let (mut us, us_id, us_public) = edge(&api, &router_dir, d, "us-east").await;
+    let (mut eu, eu_id, _eu_public) = edge(&router, d, "eu-west").await;
+    let (mut us, us_id, us_public) = edge(&router, d, "us-east").await;
 
-    let token = admin(s(&["token", "create", "--group", "eu"])).await;
+    let token = router.admin(&["token", "create", "--group", "eu"]).await;
     let connector_state = d.join("connector");
     let mut connector = Child::spawn(&[
         "connector",
         "--router",
-        &api,
+        &router.api,
         "--state",
         connector_state.to_str().unwrap(),
         "--token",
@@ -118,7 +85,7 @@ async fn a_request_at_an_edge_without_the_groups_tunnels_crosses_the_mesh() {
     let port = us_public.rsplit_once(':').unwrap().1.to_owned();
     let resolve = format!("hello.apps.localhost:{port}:127.0.0.1");
     let url = format!("https://hello.apps.localhost:{port}/hello.txt");
-    let ca_path = Path::new(&ca);
+    let ca_path = router.ca.as_path();
     let route = format!("{us_id}, {eu_id}");
     for h in ["--http1.1", "--http2"] {
         let r = eventually("a 200 through the mesh", LIMIT, || async {
@@ -148,7 +115,7 @@ async fn a_request_at_an_edge_without_the_groups_tunnels_crosses_the_mesh() {
 
     // The router shows both edges, and where the tunnels are.
     let edges: Vec<Edge> =
-        serde_json::from_str(&admin(s(&["edge", "list", "--json"])).await).unwrap();
+        serde_json::from_str(&router.admin(&["edge", "list", "--json"]).await).unwrap();
     assert!(edges
         .iter()
         .any(|e| e.id.as_str() == eu_id && e.tunnels == 2));
@@ -165,6 +132,6 @@ async fn a_request_at_an_edge_without_the_groups_tunnels_crosses_the_mesh() {
 
     us.kill().await;
     eu.kill().await;
-    router.kill().await;
+    router.child.kill().await;
     backend.stop().await;
 }

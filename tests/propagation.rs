@@ -16,7 +16,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{admin_cli, eventually, Child};
+use common::{eventually, Child, RouterProc};
 
 const LIMIT: Duration = Duration::from_secs(60);
 /// Changes made, one after another.
@@ -30,44 +30,14 @@ async fn a_change_reaches_every_edge_of_three_regions() {
     common::init_tracing();
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
-    let router_dir = d.join("router");
-    let mut router = Child::spawn(&[
-        "router",
-        "--data",
-        router_dir.to_str().unwrap(),
-        "--listen",
-        "127.0.0.1:0",
-    ]);
-    let line = router.line_starting("listening ", LIMIT).await;
-    let api = Child::field(&line, "api").unwrap().to_owned();
+    let mut router = RouterProc::start(d, &[]).await;
     let regions = ["eu-west", "us-east", "ap-south"];
     for r in regions {
-        admin_cli(&api, &router_dir, &["region", "create", r]).await;
+        router.admin(&["region", "create", r]).await;
     }
     let mut edges = Vec::new();
     for (i, region) in regions.iter().flat_map(|r| [r, r]).enumerate() {
-        let token = admin_cli(
-            &api,
-            &router_dir,
-            &["token", "create", "--edge", "--region", region],
-        )
-        .await;
-        let state = d.join(format!("edge-{i}"));
-        let mut edge = Child::spawn(&[
-            "edge",
-            "--router",
-            &api,
-            "--state",
-            state.to_str().unwrap(),
-            "--token",
-            token.trim(),
-            "--public-listen",
-            "127.0.0.1:0",
-            "--tunnel-listen",
-            "127.0.0.1:0",
-            "--no-http3",
-        ]);
-        edge.line_starting("listening ", LIMIT).await;
+        let (edge, _) = router.edge(&d.join(format!("edge-{i}")), region, &[]).await;
         edges.push(edge);
     }
     // Every edge loaded a config and holds its watch.
@@ -76,22 +46,17 @@ async fn a_change_reaches_every_edge_of_three_regions() {
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
 
-    let mut versions = Vec::new();
     for i in 0..CHANGES {
         let name = format!("bench-{i}");
-        admin_cli(
-            &api,
-            &router_dir,
-            &[
+        router
+            .admin(&[
                 "app",
                 "create",
                 &name,
                 "--internal-url",
                 "http://127.0.0.1:9/",
-            ],
-        )
-        .await;
-        versions.push(i);
+            ])
+            .await;
         tokio::time::sleep(SPACING).await;
     }
     // The last change reached every edge.
@@ -137,5 +102,5 @@ async fn a_change_reaches_every_edge_of_three_regions() {
     for mut e in edges {
         e.kill().await;
     }
-    router.kill().await;
+    router.child.kill().await;
 }

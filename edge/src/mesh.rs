@@ -37,7 +37,7 @@ use portico_proto::{
     capabilities, CloseCode, EdgeId, ErrorCode, Frame, MeshHello, RegionId, StreamError,
     StreamHead, MAX_MESH_HOPS, MESH_ALPN, PROTOCOL_VERSION,
 };
-use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use quinn::crypto::rustls::QuicClientConfig;
 use quinn::{RecvStream, SendStream};
 use rustls::pki_types::CertificateDer;
 use tracing::Instrument as _;
@@ -273,22 +273,13 @@ pub(crate) fn server_config(
     cert: Arc<CertStore>,
     ca_pem: &str,
 ) -> Result<quinn::ServerConfig, Error> {
-    let verifier = pki::role_verifier(ca_pem, pki::Role::Edge)?;
-    let mut tls = rustls::ServerConfig::builder_with_provider(pki::provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|source| Error::Tls {
-            what: "mesh",
-            source,
-        })?
-        .with_client_cert_verifier(verifier)
-        .with_cert_resolver(cert);
-    tls.alpn_protocols = vec![MESH_ALPN.to_vec()];
-    tls.max_early_data_size = 0;
-    let mut sc = quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(tls)?));
-    sc.transport_config(Arc::new(portico_agent::quic::tunnel_transport(
-        MESH_STREAMS,
-    )));
-    Ok(sc)
+    crate::tunnel_acceptor::quic_server_config(
+        cert,
+        ca_pem,
+        pki::Role::Edge,
+        MESH_ALPN,
+        portico_agent::quic::tunnel_transport(MESH_STREAMS),
+    )
 }
 
 /// Accepts mesh links until shutdown.

@@ -174,17 +174,24 @@ async fn test_edge_with(
     tune: impl FnOnce(&mut crate::Config),
 ) -> anyhow::Result<Handle> {
     let mut config = crate::Config::new("https://unused", "/unused");
+    config.http3 = true;
     tune(&mut config);
+    edge_as(pki, shutdown, edge_id(), RegionId::default_region(), config).await
+}
+
+/// Edge `id` of `region` on 127.0.0.1 with test certificates (its identity
+/// certificate for server and client use, as the router issues it), the
+/// test config loaded, and `config`'s limits, periods, HTTP/3 and mesh
+/// listener.
+async fn edge_as(
+    pki: &Pki,
+    shutdown: &CancellationToken,
+    id: EdgeId,
+    region: RegionId,
+    config: crate::Config,
+) -> anyhow::Result<Handle> {
     config.validate()?;
-    let edge_identity = Identity::Edge {
-        id: edge_id(),
-        region: RegionId::default_region(),
-    };
-    let (chain, key) = pki.leaf(
-        vec![edge_server_name(&edge_id())],
-        edge_identity.to_uris(),
-        ExtendedKeyUsagePurpose::ServerAuth,
-    )?;
+    let (chain, key) = pki.edge(&id, &region)?;
     let tunnel_cert = CertStore::new();
     tunnel_cert.set(chain, key)?;
     let (chain, key) = pki.leaf(
@@ -196,14 +203,14 @@ async fn test_edge_with(
     public_cert.set(chain, key)?;
     let handle = serve(
         Parts {
-            edge_id: edge_id(),
-            region: RegionId::default_region(),
+            edge_id: id,
+            region,
             tunnel_cert,
             ca_pem: pki.ca_pem.clone(),
             public_cert,
             initial_config: Some(edge_config(1, Vec::new())),
             public_listen: "127.0.0.1:0".parse()?,
-            http3: true,
+            http3: config.http3,
             tunnel_listen: "127.0.0.1:0".parse()?,
             mesh_listen: config.mesh_listen,
             metrics_listen: Some("127.0.0.1:0".parse()?),
@@ -2415,44 +2422,17 @@ async fn mesh_edge(
     id: &str,
     region: &str,
 ) -> anyhow::Result<Handle> {
-    let id = EdgeId::new(id)?;
-    let region = RegionId::new(region)?;
-    let config = crate::Config::new("https://unused", "/unused");
-    config.validate()?;
-    let (chain, key) = pki.edge(&id, &region)?;
-    let tunnel_cert = CertStore::new();
-    tunnel_cert.set(chain, key)?;
-    let (chain, key) = pki.leaf(
-        vec!["*.apps.test".into()],
-        Vec::new(),
-        ExtendedKeyUsagePurpose::ServerAuth,
-    )?;
-    let public_cert = CertStore::new();
-    public_cert.set(chain, key)?;
-    let handle = serve(
-        Parts {
-            edge_id: id,
-            region,
-            tunnel_cert,
-            ca_pem: pki.ca_pem.clone(),
-            public_cert,
-            initial_config: Some(edge_config(1, Vec::new())),
-            public_listen: "127.0.0.1:0".parse()?,
-            http3: false,
-            tunnel_listen: "127.0.0.1:0".parse()?,
-            mesh_listen: Some("127.0.0.1:0".parse()?),
-            metrics_listen: Some("127.0.0.1:0".parse()?),
-            grace: Duration::from_secs(2),
-            connector_timeout_grace: Duration::from_millis(200),
-            access_log: true,
-            limits: config.user_limits(),
-            tunnels: config.tunnel_policy(),
-            shards: config.shards,
-        },
-        shutdown.clone(),
+    let mut config = crate::Config::new("https://unused", "/unused");
+    config.http3 = false;
+    config.mesh_listen = Some("127.0.0.1:0".parse()?);
+    edge_as(
+        pki,
+        shutdown,
+        EdgeId::new(id)?,
+        RegionId::new(region)?,
+        config,
     )
-    .await?;
-    Ok(handle)
+    .await
 }
 
 /// Tells `edge` that the default group's tunnels sit on `holders`, which

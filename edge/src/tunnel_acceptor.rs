@@ -60,21 +60,35 @@ pub(crate) fn server_config(
     ca_pem: &str,
     receive_window: u64,
 ) -> Result<quinn::ServerConfig, Error> {
-    let verifier = pki::role_verifier(ca_pem, pki::Role::Connector)?;
+    let mut t = portico_agent::quic::tunnel_transport(CONNECTOR_BIDI_STREAMS);
+    t.receive_window(quinn::VarInt::from_u64(receive_window).unwrap_or(quinn::VarInt::MAX));
+    quic_server_config(cert, ca_pem, pki::Role::Connector, portico_proto::ALPN, t)
+}
+
+/// A QUIC server config with the edge's identity certificate, TLS 1.3
+/// only, mutual TLS admitting certificates of `role` only, `alpn`, no
+/// 0-RTT (a replayed stream head must not reach a backend), and
+/// `transport`: the tunnel listener's and the mesh listener's.
+pub(crate) fn quic_server_config(
+    cert: Arc<CertStore>,
+    ca_pem: &str,
+    role: pki::Role,
+    alpn: &[u8],
+    transport: quinn::TransportConfig,
+) -> Result<quinn::ServerConfig, Error> {
+    let verifier = pki::role_verifier(ca_pem, role)?;
     let mut tls = rustls::ServerConfig::builder_with_provider(pki::provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|source| Error::Tls {
-            what: "tunnel",
+            what: "QUIC listener",
             source,
         })?
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(cert);
-    tls.alpn_protocols = vec![portico_proto::ALPN.to_vec()];
-    tls.max_early_data_size = 0; // no 0-RTT: a replayed stream head must not reach a backend
+    tls.alpn_protocols = vec![alpn.to_vec()];
+    tls.max_early_data_size = 0;
     let mut sc = quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(tls)?));
-    let mut t = portico_agent::quic::tunnel_transport(CONNECTOR_BIDI_STREAMS);
-    t.receive_window(quinn::VarInt::from_u64(receive_window).unwrap_or(quinn::VarInt::MAX));
-    sc.transport_config(Arc::new(t));
+    sc.transport_config(Arc::new(transport));
     Ok(sc)
 }
 

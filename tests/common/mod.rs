@@ -657,3 +657,77 @@ fn parse_dig(text: &str) -> Dig {
     }
     dig
 }
+
+/// A `portico router` process on loopback and its admin CLI.
+pub struct RouterProc {
+    pub child: Child,
+    /// Its data directory (CA, admin token).
+    pub dir: PathBuf,
+    pub api: String,
+    /// The CA certificate file, for curl.
+    pub ca: PathBuf,
+    /// Its `listening ...` line.
+    pub line: String,
+}
+
+impl RouterProc {
+    /// Starts a router with its data under `dir/router` and `extra` flags.
+    pub async fn start(dir: &Path, extra: &[&str]) -> RouterProc {
+        let data = dir.join("router");
+        let mut args = vec![
+            "router",
+            "--data",
+            data.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ];
+        args.extend_from_slice(extra);
+        let mut child = Child::spawn(&args);
+        let line = child
+            .line_starting("listening ", Duration::from_secs(60))
+            .await;
+        let api = Child::field(&line, "api").unwrap().to_owned();
+        let ca = PathBuf::from(Child::field(&line, "ca").unwrap());
+        RouterProc {
+            child,
+            dir: data,
+            api,
+            ca,
+            line,
+        }
+    }
+
+    /// An admin command; fails the test on an error, returns stdout.
+    pub async fn admin(&self, args: &[&str]) -> String {
+        admin_cli(&self.api, &self.dir, args).await
+    }
+
+    /// `portico edge` enrolled into `region`, its state in `state`, on
+    /// 127.0.0.1 ports without HTTP/3, with `extra` flags; the child and
+    /// its `listening ...` line.
+    pub async fn edge(&self, state: &Path, region: &str, extra: &[&str]) -> (Child, String) {
+        let token = self
+            .admin(&["token", "create", "--edge", "--region", region])
+            .await;
+        let mut args = vec![
+            "edge",
+            "--router",
+            &self.api,
+            "--state",
+            state.to_str().unwrap(),
+            "--token",
+            token.trim(),
+            "--public-listen",
+            "127.0.0.1:0",
+            "--tunnel-listen",
+            "127.0.0.1:0",
+            "--no-http3",
+        ];
+        args.extend_from_slice(extra);
+        let mut child = Child::spawn(&args);
+        let line = child
+            .line_starting("listening ", Duration::from_secs(60))
+            .await;
+        (child, line)
+    }
+}
