@@ -74,7 +74,7 @@ pub enum Command {
     /// Measure a deployment: open- or closed-loop load over HTTP/1.1, HTTP/2
     /// or HTTP/3 with reports (`portico loadtest URL`), emulate a WAN path
     /// (`portico loadtest wan`), or start a whole deployment with a WAN
-    /// between connectors and edges and load it (`portico loadtest mesh`).
+    /// between connectors and edges and load it (`portico loadtest deploy`).
     Loadtest(Box<LoadtestCmd>),
     /// Run a router, an edge, a connector and a demo app on this machine,
     /// publish the demo app, and print a URL and a curl line that reach it
@@ -84,7 +84,7 @@ pub enum Command {
     Dev(DevArgs),
 }
 
-/// `portico loadtest`: the loadtest crate's command line plus `mesh`.
+/// `portico loadtest`: the loadtest crate's command line plus `deploy`.
 #[derive(Debug, Args)]
 #[command(args_conflicts_with_subcommands = true)]
 pub struct LoadtestCmd {
@@ -98,8 +98,11 @@ pub struct LoadtestCmd {
 pub enum LoadtestSub {
     /// Start a whole deployment on this machine (router, edges, connectors,
     /// demo backends, a WAN emulator between connectors and edges) from a
-    /// mesh file, run its load with its chaos actions, write the report.
-    Mesh(crate::mesh::MeshArgs),
+    /// deployment file, run its load with its chaos actions, write the
+    /// report. (Once called `mesh`, which still works; "mesh" now means
+    /// only edge-to-edge forwarding.)
+    #[command(alias = "mesh")]
+    Deploy(crate::deploy::DeployArgs),
     #[command(flatten)]
     Loadtest(Box<portico_loadtest::cli::Cmd>),
 }

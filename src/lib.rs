@@ -9,9 +9,9 @@ pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod deploy;
 pub mod dev;
 pub mod logging;
-pub mod mesh;
 
 use std::io::Write;
 
@@ -49,7 +49,9 @@ pub async fn run(cli: cli::Cli) -> anyhow::Result<()> {
         Command::Loadtest(args) => {
             let cli::LoadtestCmd { cmd, run } = *args;
             let args = match cmd {
-                Some(cli::LoadtestSub::Mesh(m)) => return mesh::run(m, shutdown_on_signal()).await,
+                Some(cli::LoadtestSub::Deploy(m)) => {
+                    return deploy::run(m, shutdown_on_signal()).await
+                }
                 Some(cli::LoadtestSub::Loadtest(c)) => {
                     portico_loadtest::cli::LoadtestArgs { cmd: Some(*c), run }
                 }

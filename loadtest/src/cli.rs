@@ -137,7 +137,7 @@ async fn run_load(a: RunArgs, shutdown: CancellationToken) -> anyhow::Result<()>
     let scenario = scenario_from_args(&a)?;
     if !scenario.chaos.is_empty() {
         tracing::warn!(
-            "this scenario has chaos actions; a plain run has no deployment to act on, so they are recorded as unsupported (use `portico loadtest mesh`)"
+            "this scenario has chaos actions; a plain run has no deployment to act on, so they are recorded as unsupported (use `portico loadtest deploy`)"
         );
     }
     let report = run_scenario_with(scenario, None, RunOptions { progress: !a.quiet }, shutdown)

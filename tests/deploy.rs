@@ -1,5 +1,5 @@
-//! `portico loadtest mesh`: a whole deployment (router, 2 edges behind WAN
-//! relays, 2 connectors, demo backends) started from a mesh file, loaded,
+//! `portico loadtest deploy`: a whole deployment (router, 2 edges behind WAN
+//! relays, 2 connectors, demo backends) started from a deployment file, loaded,
 //! broken by chaos actions, and reported on.
 
 mod common;
@@ -9,14 +9,14 @@ use std::time::Duration;
 
 use clap::Parser as _;
 use portico::cli::{Cli, Command, LoadtestSub};
-use portico::mesh::{run_file, MeshFile, MeshOutcome};
+use portico::deploy::{run_file, DeployFile, DeployOutcome};
 use portico_loadtest::RunOptions;
 use tokio_util::sync::CancellationToken;
 
-/// Runs a mesh file in a temporary directory, bounded by a hang guard.
-async fn run(text: &str) -> MeshOutcome {
+/// Runs a deployment file in a temporary directory, bounded by a hang guard.
+async fn run(text: &str) -> DeployOutcome {
     common::init_tracing();
-    let file = MeshFile::from_toml(text).expect("mesh file parses");
+    let file = DeployFile::from_toml(text).expect("deployment file parses");
     let dir = tempfile::tempdir().unwrap();
     tokio::time::timeout(
         Duration::from_secs(120),
@@ -28,12 +28,12 @@ async fn run(text: &str) -> MeshOutcome {
         ),
     )
     .await
-    .expect("the mesh run ends within the hang guard")
-    .expect("the mesh run succeeds")
+    .expect("the deployment run ends within the hang guard")
+    .expect("the deployment run succeeds")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn small_mesh_open_loop_goes_through_the_relays() {
+async fn small_deployment_open_loop_goes_through_the_relays() {
     let o = run(r#"
         mode = "open"
         rate = 50
@@ -141,9 +141,9 @@ async fn chaos_kills_and_restarts_a_connector_and_blackholes_a_path() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn example_mesh_file_parses_and_runs() {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("loadtest/examples/mesh/mesh.toml");
-    let file = MeshFile::load(&path).expect("the example parses");
+async fn example_deployment_file_parses_and_runs() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("loadtest/examples/deploy/deploy.toml");
+    let file = DeployFile::load(&path).expect("the example parses");
     assert!(
         file.load.total_duration().unwrap() <= Duration::from_secs(5),
         "keep the example short"
@@ -181,20 +181,25 @@ fn every_loadtest_form_parses() {
         sub(&["loadtest", "wan", "--measure"]),
         portico_loadtest::cli::Cmd::Wan(_)
     ));
-    let Some(LoadtestSub::Mesh(m)) = parse(&[
-        "loadtest", "mesh", "m.toml", "--json", "-", "--html", "r.html",
+    let Some(LoadtestSub::Deploy(m)) = parse(&[
+        "loadtest", "deploy", "m.toml", "--json", "-", "--html", "r.html",
     ])
     .cmd
     else {
-        panic!("no mesh")
+        panic!("no deployment")
     };
     assert_eq!(m.file, Path::new("m.toml"));
     assert_eq!(m.json.as_deref(), Some(Path::new("-")));
     assert_eq!(m.html.as_deref(), Some(Path::new("r.html")));
+    // Its old name still works.
+    assert!(matches!(
+        parse(&["loadtest", "mesh", "m.toml"]).cmd,
+        Some(LoadtestSub::Deploy(_))
+    ));
 }
 
 #[test]
-fn bad_mesh_files_name_the_field() {
+fn bad_deployment_files_name_the_field() {
     let base = "rate = 1\nduration = \"1s\"\n[[requests]]\nurl = \"https://app0/\"\n";
     for (extra, needle) in [
         ("[deployment]\nconnectors = 0\n", "deployment.connectors"),
@@ -202,11 +207,11 @@ fn bad_mesh_files_name_the_field() {
         ("[wan]\njitter = \"soon\"\n", "wan"),
         ("[wan]\nreorder = 1.5\n", "reorder"),
     ] {
-        let e = MeshFile::from_toml(&format!("{base}{extra}")).unwrap_err();
+        let e = DeployFile::from_toml(&format!("{base}{extra}")).unwrap_err();
         let full = portico_agent::error_chain(&e).to_string();
         assert!(full.contains(needle), "{needle} not in {full}");
     }
-    let e = MeshFile::from_toml(&base.replace("duration = \"1s\"\n", "")).unwrap_err();
+    let e = DeployFile::from_toml(&base.replace("duration = \"1s\"\n", "")).unwrap_err();
     let full = portico_agent::error_chain(&e).to_string();
     assert!(full.contains("duration"), "{full}");
 }

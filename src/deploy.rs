@@ -1,11 +1,11 @@
-//! `portico loadtest mesh`: one command that starts a whole Portico
+//! `portico loadtest deploy`: one command that starts a whole Portico
 //! deployment on this machine — a router, N edges, M connectors, demo
 //! backends published as apps `app0..`, and a WAN emulator path in front of
-//! every edge's tunnel port — from a mesh file, runs the load scenario in it
+//! every edge's tunnel port — from a deployment file, runs the load scenario in it
 //! (with chaos actions acting on this deployment), writes the report and
 //! stops everything.
 //!
-//! A mesh file is a loadtest scenario (the loadtest crate's [`Scenario`]
+//! A deployment file is a loadtest scenario (the loadtest crate's [`Scenario`]
 //! format, unchanged) with two extra tables:
 //!
 //! ```toml
@@ -68,7 +68,7 @@ use crate::demo;
 use crate::dev::{create_token, publish, DEV_APPS_DOMAIN};
 
 const LOOPBACK: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 0);
-/// Most edges, connectors or backends a mesh may ask for.
+/// Most edges, connectors or backends a deployment may ask for.
 pub const MAX_INSTANCES: usize = 32;
 /// How long a killed part may take to stop before it is abandoned.
 const STOP_TIMEOUT: Duration = Duration::from_secs(20);
@@ -158,9 +158,9 @@ pub struct WanSpec {
 
 impl WanSpec {
     /// The impairment it describes, checked.
-    pub fn impairment(&self) -> Result<Impairment, MeshError> {
+    pub fn impairment(&self) -> Result<Impairment, DeployError> {
         let rate_bps = match &self.rate {
-            Some(r) => Some(wan::parse_rate(r).map_err(|e| MeshError::invalid("wan.rate", e))?),
+            Some(r) => Some(wan::parse_rate(r).map_err(|e| DeployError::invalid("wan.rate", e))?),
             None => None,
         };
         let imp = Impairment {
@@ -174,31 +174,31 @@ impl WanSpec {
             mtu: self.mtu,
             ..Impairment::none()
         };
-        imp.validate().map_err(|e| MeshError::invalid("wan", e))?;
+        imp.validate().map_err(|e| DeployError::invalid("wan", e))?;
         Ok(imp)
     }
 }
 
-/// A parsed and checked mesh file.
+/// A parsed and checked deployment file.
 #[derive(Debug, Clone, PartialEq)]
-pub struct MeshFile {
+pub struct DeployFile {
     pub deployment: DeploymentSpec,
     pub wan: WanSpec,
     /// The load, with app names not yet expanded to edges.
     pub load: Scenario,
 }
 
-/// A mesh file that cannot be used. Every variant names the field or table.
+/// A deployment file that cannot be used. Every variant names the field or table.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum MeshError {
-    #[error("cannot read mesh file {path}")]
+pub enum DeployError {
+    #[error("cannot read deployment file {path}")]
     Read {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("invalid mesh file TOML")]
+    #[error("invalid deployment file TOML")]
     Toml {
         #[source]
         source: Box<toml::de::Error>,
@@ -216,7 +216,7 @@ pub enum MeshError {
         #[source]
         source: ScenarioError,
     },
-    #[error("there is no {component} {instance} (the mesh has {count})")]
+    #[error("there is no {component} {instance} (the deployment has {count})")]
     NoSuchInstance {
         component: &'static str,
         instance: usize,
@@ -226,47 +226,47 @@ pub enum MeshError {
     NoSuchPath { path: String, last: usize },
 }
 
-impl MeshError {
+impl DeployError {
     fn invalid(field: impl Into<String>, reason: impl std::fmt::Display) -> Self {
-        MeshError::Invalid {
+        DeployError::Invalid {
             field: field.into(),
             reason: reason.to_string(),
         }
     }
 }
 
-impl MeshFile {
-    /// Reads and checks a mesh file.
-    pub fn load(path: &Path) -> Result<MeshFile, MeshError> {
-        let text = std::fs::read_to_string(path).map_err(|source| MeshError::Read {
+impl DeployFile {
+    /// Reads and checks a deployment file.
+    pub fn load(path: &Path) -> Result<DeployFile, DeployError> {
+        let text = std::fs::read_to_string(path).map_err(|source| DeployError::Read {
             path: path.to_owned(),
             source,
         })?;
-        MeshFile::from_toml(&text)
+        DeployFile::from_toml(&text)
     }
 
-    /// Parses and checks mesh TOML.
-    pub fn from_toml(text: &str) -> Result<MeshFile, MeshError> {
-        let mut table: toml::Table = toml::from_str(text).map_err(|e| MeshError::Toml {
+    /// Parses and checks deployment TOML.
+    pub fn from_toml(text: &str) -> Result<DeployFile, DeployError> {
+        let mut table: toml::Table = toml::from_str(text).map_err(|e| DeployError::Toml {
             source: Box::new(e),
         })?;
         let deployment: DeploymentSpec = match table.remove("deployment") {
-            Some(v) => v.try_into().map_err(|e| MeshError::Table {
+            Some(v) => v.try_into().map_err(|e| DeployError::Table {
                 table: "deployment",
                 source: Box::new(e),
             })?,
             None => DeploymentSpec::default(),
         };
         let wan: WanSpec = match table.remove("wan") {
-            Some(v) => v.try_into().map_err(|e| MeshError::Table {
+            Some(v) => v.try_into().map_err(|e| DeployError::Table {
                 table: "wan",
                 source: Box::new(e),
             })?,
             None => WanSpec::default(),
         };
-        let rest = toml::to_string(&table).map_err(|e| MeshError::invalid("load", e))?;
-        let load = Scenario::from_toml(&rest).map_err(|source| MeshError::Scenario { source })?;
-        let file = MeshFile {
+        let rest = toml::to_string(&table).map_err(|e| DeployError::invalid("load", e))?;
+        let load = Scenario::from_toml(&rest).map_err(|source| DeployError::Scenario { source })?;
+        let file = DeployFile {
             deployment,
             wan,
             load,
@@ -276,7 +276,7 @@ impl MeshFile {
     }
 
     /// Checks the deployment, the WAN and the app names of the requests.
-    pub fn validate(&self) -> Result<(), MeshError> {
+    pub fn validate(&self) -> Result<(), DeployError> {
         let d = &self.deployment;
         for (field, v, max) in [
             ("deployment.edges", d.edges, MAX_INSTANCES),
@@ -289,14 +289,14 @@ impl MeshFile {
             ),
         ] {
             if v == 0 || v > max {
-                return Err(MeshError::invalid(
+                return Err(DeployError::invalid(
                     field,
                     format!("{v} is out of range (1..={max})"),
                 ));
             }
         }
         if d.startup_timeout.is_zero() {
-            return Err(MeshError::invalid(
+            return Err(DeployError::invalid(
                 "deployment.startup_timeout",
                 "must be above 0",
             ));
@@ -323,11 +323,11 @@ fn app_of(url: &url::Url) -> Option<String> {
 }
 
 /// Expands requests that name an app into one request per edge port.
-fn expand_requests(s: &mut Scenario, ports: &[u16], backends: usize) -> Result<(), MeshError> {
+fn expand_requests(s: &mut Scenario, ports: &[u16], backends: usize) -> Result<(), DeployError> {
     let mut out = Vec::with_capacity(s.requests.len() * ports.len());
     for (i, r) in s.requests.iter().enumerate() {
         let field = format!("requests[{i}].url");
-        let url = url::Url::parse(&r.url).map_err(|e| MeshError::invalid(&field, e))?;
+        let url = url::Url::parse(&r.url).map_err(|e| DeployError::invalid(&field, e))?;
         let Some(app) = app_of(&url) else {
             out.push(r.clone());
             continue;
@@ -337,10 +337,10 @@ fn expand_requests(s: &mut Scenario, ports: &[u16], backends: usize) -> Result<(
             .and_then(|n| n.parse::<usize>().ok())
             .filter(|n| *n < backends);
         if n.is_none() {
-            return Err(MeshError::invalid(
+            return Err(DeployError::invalid(
                 field,
                 format!(
-                    "the mesh publishes apps app0..app{} (deployment.backends = {backends}), not `{app}`",
+                    "the deployment publishes apps app0..app{} (deployment.backends = {backends}), not `{app}`",
                     backends - 1
                 ),
             ));
@@ -348,9 +348,9 @@ fn expand_requests(s: &mut Scenario, ports: &[u16], backends: usize) -> Result<(
         for port in ports {
             let mut u = url.clone();
             u.set_host(Some(&format!("{app}.{DEV_APPS_DOMAIN}")))
-                .map_err(|e| MeshError::invalid(&field, e))?;
+                .map_err(|e| DeployError::invalid(&field, e))?;
             u.set_port(Some(*port))
-                .map_err(|()| MeshError::invalid(&field, "cannot take a port"))?;
+                .map_err(|()| DeployError::invalid(&field, "cannot take a port"))?;
             out.push(RequestSpec {
                 url: u.to_string(),
                 ..r.clone()
@@ -426,8 +426,8 @@ pub struct EdgeAddrs {
     pub relay: SocketAddr,
 }
 
-/// A running mesh. Implements [`Chaos`].
-pub struct Mesh {
+/// A running deployment. Implements [`Chaos`].
+pub struct Deploy {
     data: PathBuf,
     spec: DeploymentSpec,
     root: CancellationToken,
@@ -449,21 +449,21 @@ fn has_credentials(state: &Path) -> bool {
     state.join("credentials.json").exists()
 }
 
-impl Mesh {
+impl Deploy {
     /// Starts the whole deployment under `data` (reused if present) and
     /// returns once every connector has its tunnels up and every edge
     /// routes every app, or fails after `deployment.startup_timeout`.
-    pub async fn start(data: &Path, file: &MeshFile) -> anyhow::Result<Mesh> {
+    pub async fn start(data: &Path, file: &DeployFile) -> anyhow::Result<Deploy> {
         let spec = file.deployment.clone();
         let deadline = Instant::now() + spec.startup_timeout;
         let root = CancellationToken::new();
-        tokio::time::timeout_at(deadline, Mesh::start_inner(data, file, root.clone()))
+        tokio::time::timeout_at(deadline, Deploy::start_inner(data, file, root.clone()))
             .await
             .map_err(|_| {
                 // Whatever had started stops (not awaited: it was abandoned).
                 root.cancel();
                 anyhow::anyhow!(
-                    "the mesh was not up within deployment.startup_timeout = {:?}",
+                    "the deployment was not up within deployment.startup_timeout = {:?}",
                     spec.startup_timeout
                 )
             })?
@@ -471,9 +471,9 @@ impl Mesh {
 
     async fn start_inner(
         data: &Path,
-        file: &MeshFile,
+        file: &DeployFile,
         root: CancellationToken,
-    ) -> anyhow::Result<Mesh> {
+    ) -> anyhow::Result<Deploy> {
         let spec = file.deployment.clone();
         let imp = file.wan.impairment()?;
         let router_stop = root.child_token();
@@ -483,7 +483,7 @@ impl Mesh {
         let admin =
             RouterClient::new(&router_url, RouterTrust::CaPem(router.ca_pem.clone()), None)?
                 .with_bearer(router.admin_token());
-        let mut mesh = Mesh {
+        let mut deploy = Deploy {
             data: data.to_owned(),
             spec: spec.clone(),
             root: root.clone(),
@@ -497,10 +497,10 @@ impl Mesh {
             demos: std::sync::Mutex::new(Vec::new()),
         };
         // From here on, a failure stops what has started.
-        match mesh.start_rest(&admin, &imp, file.wan.seed).await {
-            Ok(()) => Ok(mesh),
+        match deploy.start_rest(&admin, &imp, file.wan.seed).await {
+            Ok(()) => Ok(deploy),
             Err(e) => {
-                mesh.stop().await;
+                deploy.stop().await;
                 Err(e)
             }
         }
@@ -680,9 +680,9 @@ impl Mesh {
         lock(&self.paths).iter().map(wan::Path::stats).collect()
     }
 
-    /// The load scenario made concrete for this mesh: app names expanded to
+    /// The load scenario made concrete for this deployment: app names expanded to
     /// every edge's public port, the router's CA trusted.
-    pub fn scenario(&self, load: &Scenario) -> Result<Scenario, MeshError> {
+    pub fn scenario(&self, load: &Scenario) -> Result<Scenario, DeployError> {
         let mut s = load.clone();
         let ports: Vec<u16> = self.edge_addrs.iter().map(|a| a.public.port()).collect();
         expand_requests(&mut s, &ports, self.spec.backends)?;
@@ -690,7 +690,7 @@ impl Mesh {
             s.cacert = Some(self.ca_path());
         }
         s.validate()
-            .map_err(|source| MeshError::Scenario { source })?;
+            .map_err(|source| DeployError::Scenario { source })?;
         Ok(s)
     }
 
@@ -719,11 +719,11 @@ impl Mesh {
         component: &'static str,
         instance: Option<usize>,
         count: usize,
-    ) -> Result<Vec<usize>, MeshError> {
+    ) -> Result<Vec<usize>, DeployError> {
         match instance {
             None => Ok((0..count).collect()),
             Some(i) if i < count => Ok(vec![i]),
-            Some(i) => Err(MeshError::NoSuchInstance {
+            Some(i) => Err(DeployError::NoSuchInstance {
                 component,
                 instance: i,
                 count,
@@ -731,7 +731,7 @@ impl Mesh {
         }
     }
 
-    fn path_indices(&self, name: &str) -> Result<Vec<usize>, MeshError> {
+    fn path_indices(&self, name: &str) -> Result<Vec<usize>, DeployError> {
         let n = self.edge_addrs.len();
         if name == "*" || name == "all" {
             return Ok((0..n).collect());
@@ -743,7 +743,7 @@ impl Mesh {
             .parse::<usize>()
             .ok()
             .filter(|i| *i < n);
-        idx.map(|i| vec![i]).ok_or_else(|| MeshError::NoSuchPath {
+        idx.map(|i| vec![i]).ok_or_else(|| DeployError::NoSuchPath {
             path: name.to_owned(),
             last: n.saturating_sub(1),
         })
@@ -862,7 +862,7 @@ impl Mesh {
     }
 }
 
-impl Chaos for Mesh {
+impl Chaos for Deploy {
     fn act<'a>(&'a self, action: &'a ChaosAction) -> ChaosFuture<'a> {
         Box::pin(async move {
             let failed = |e: anyhow::Error| ChaosError::Failed {
@@ -950,9 +950,9 @@ async fn start_connector(
     Ok(portico_connector::start(cc, stop).await?)
 }
 
-/// What a mesh run produced.
+/// What a deployment run produced.
 #[derive(Debug)]
-pub struct MeshOutcome {
+pub struct DeployOutcome {
     pub report: Report,
     /// Counters of each WAN path (by edge) at the end of the load.
     pub paths: Vec<PathStats>,
@@ -960,57 +960,57 @@ pub struct MeshOutcome {
     pub edges: Vec<EdgeAddrs>,
 }
 
-/// Starts the mesh under `data`, runs the load with chaos acting on it,
+/// Starts the deployment under `data`, runs the load with chaos acting on it,
 /// stops everything and returns the report. Bounded: the startup by
 /// `deployment.startup_timeout`, the load by the scenario's bounds, each
 /// stop by a timeout.
 pub async fn run_file(
-    file: &MeshFile,
+    file: &DeployFile,
     data: &Path,
     opts: RunOptions,
     shutdown: CancellationToken,
-) -> anyhow::Result<MeshOutcome> {
-    let mesh = Arc::new(Mesh::start(data, file).await?);
+) -> anyhow::Result<DeployOutcome> {
+    let deploy = Arc::new(Deploy::start(data, file).await?);
     let result = async {
-        let scenario = mesh.scenario(&file.load)?;
+        let scenario = deploy.scenario(&file.load)?;
         info!(
-            edges = mesh.edge_addrs.len(),
-            connectors = mesh.connectors.len(),
+            edges = deploy.edge_addrs.len(),
+            connectors = deploy.connectors.len(),
             requests = scenario.requests.len(),
-            "mesh up; load starting"
+            "deployment up; load starting"
         );
-        let chaos: Arc<dyn Chaos> = mesh.clone();
+        let chaos: Arc<dyn Chaos> = deploy.clone();
         let report = portico_loadtest::run_scenario_with(scenario, Some(chaos), opts, shutdown)
             .await
             .context("load test failed")?;
         anyhow::Ok(report)
     }
     .await;
-    let paths = mesh.path_stats();
-    let edges = mesh.edge_addrs.clone();
-    mesh.stop().await;
-    Ok(MeshOutcome {
+    let paths = deploy.path_stats();
+    let edges = deploy.edge_addrs.clone();
+    deploy.stop().await;
+    Ok(DeployOutcome {
         report: result?,
         paths,
         edges,
     })
 }
 
-/// `portico loadtest mesh`: start a whole deployment on this machine from a
-/// mesh file, run its load, write the report, stop everything.
+/// `portico loadtest deploy`: start a whole deployment on this machine from a
+/// deployment file, run its load, write the report, stop everything.
 ///
-/// The mesh file is a `portico loadtest` scenario plus a `[deployment]`
+/// The deployment file is a `portico loadtest` scenario plus a `[deployment]`
 /// table (edges, connectors, tunnels_per_connector, backends,
 /// startup_timeout) and a `[wan]` table (delay, jitter, loss,
 /// loss_correlation, reorder, duplicate, rate, mtu, seed) for the relay in
 /// front of every edge's tunnel port. Requests name apps as
 /// `https://app0/...` and are spread over every edge. Chaos actions act on
-/// the mesh: kill/restart `connector`, `edge`, `router` (with `instance`),
+/// the deployment: kill/restart `connector`, `edge`, `router` (with `instance`),
 /// blackhole/unblackhole paths `edge0`, `edge1`, … or `*`. See
-/// loadtest/examples/mesh/mesh.toml.
+/// loadtest/examples/deploy/deploy.toml.
 #[derive(Debug, Clone, clap::Args)]
-pub struct MeshArgs {
-    /// The mesh file (TOML): [deployment], [wan] and the load scenario.
+pub struct DeployArgs {
+    /// The deployment file (TOML): [deployment], [wan] and the load scenario.
     #[arg(value_name = "FILE")]
     pub file: PathBuf,
     /// Keep all state here instead of a temporary directory (reused across runs).
@@ -1029,14 +1029,14 @@ pub struct MeshArgs {
     pub quiet: bool,
 }
 
-/// Runs `portico loadtest mesh`.
-pub async fn run(args: MeshArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let file = MeshFile::load(&args.file)?;
+/// Runs `portico loadtest deploy`.
+pub async fn run(args: DeployArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let file = DeployFile::load(&args.file)?;
     let (data, _tmp) = match &args.data {
         Some(d) => (d.clone(), None),
         None => {
             let tmp = tempfile::Builder::new()
-                .prefix("portico-mesh-")
+                .prefix("portico-deploy-")
                 .tempdir()
                 .context("cannot create a temporary directory")?;
             (tmp.path().to_owned(), Some(tmp))
@@ -1058,7 +1058,7 @@ pub async fn run(args: MeshArgs, shutdown: CancellationToken) -> anyhow::Result<
     } else {
         let d = &file.deployment;
         crate::out(format!(
-            "mesh: {} edge(s), {} connector(s) × {} tunnel(s), {} backend(s); WAN one-way delay {:?} ± {:?}, loss {}",
+            "deployment: {} edge(s), {} connector(s) × {} tunnel(s), {} backend(s); WAN one-way delay {:?} ± {:?}, loss {}",
             d.edges, d.connectors, d.tunnels_per_connector, d.backends, file.wan.delay, file.wan.jitter, file.wan.loss
         ));
         crate::out(report.summary().trim_end());
@@ -1099,7 +1099,7 @@ mod tests {
 
     #[test]
     fn defaults_and_expansion() {
-        let f = MeshFile::from_toml(BASE).unwrap();
+        let f = DeployFile::from_toml(BASE).unwrap();
         assert_eq!(f.deployment, DeploymentSpec::default());
         assert_eq!(f.wan, WanSpec::default());
         let mut s = f.load.clone();
@@ -1140,11 +1140,11 @@ mod tests {
             } else {
                 text
             };
-            let e = MeshFile::from_toml(&text).unwrap_err();
+            let e = DeployFile::from_toml(&text).unwrap_err();
             let msg = portico_agent::error_chain(&e).to_string();
             assert!(msg.contains(needle), "{needle} not in {msg}");
         }
-        let e = MeshFile::from_toml(&BASE.replace("app0", "app1")).unwrap_err();
+        let e = DeployFile::from_toml(&BASE.replace("app0", "app1")).unwrap_err();
         assert!(e.to_string().contains("requests[0].url"), "{e}");
     }
 }
