@@ -55,7 +55,7 @@ pub async fn edge_list(conn: &RouterConn) -> anyhow::Result<()> {
             vec![
                 e.id.to_string(),
                 e.region.to_string(),
-                format!("{:?}", e.status).to_lowercase(),
+                edge_health(e.status).to_owned(),
                 e.tunnel_addr.clone().unwrap_or_else(|| "-".into()),
                 e.public_addr.clone().unwrap_or_else(|| "-".into()),
                 e.tunnels.to_string(),
@@ -344,7 +344,7 @@ fn region_rows(r: &Region) -> Vec<Vec<String>> {
             vec![
                 r.id.to_string(),
                 e.id.to_string(),
-                format!("{:?}", e.status).to_lowercase(),
+                edge_health(e.status).to_owned(),
                 e.tunnels.to_string(),
                 r.connectors.to_string(),
                 ago(e.last_seen),
@@ -537,4 +537,14 @@ fn print_one<T: Serialize>(
         out(format!("{k:<22}{v}"));
     }
     Ok(())
+}
+
+/// An edge's status as the tables show it: `healthy` while its reports
+/// are fresh (within 3 report intervals, 15 s), `unhealthy` once it has
+/// been unheard for longer (`status` in JSON says `active`/`inactive`).
+fn edge_health(status: portico_proto::api::Status) -> &'static str {
+    match status {
+        portico_proto::api::Status::Active => "healthy",
+        portico_proto::api::Status::Inactive => "unhealthy",
+    }
 }

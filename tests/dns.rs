@@ -447,9 +447,9 @@ async fn killed_edges_leave_the_answers_and_a_region_with_none_healthy_fails_ope
     assert_eq!(router.a("default.edge.apps.localhost").await, ["127.0.0.4"]);
     let list = router.admin(&["edge", "list"]).await;
     assert_eq!(
-        list.lines().filter(|l| l.contains(" inactive")).count(),
+        list.lines().filter(|l| l.contains(" unhealthy")).count(),
         2,
-        "both eu-west edges are inactive, as DNS saw:\n{list}"
+        "both eu-west edges are unhealthy, as DNS saw:\n{list}"
     );
 }
 

@@ -9,7 +9,8 @@
 //! mesh with `Portico-Route: <us edge>, <eu edge>`, and both edges log the
 //! request under one request id. When the connector dies, the presence
 //! change reaches the `us-east` edge too, which then answers
-//! `ConnectorNotFound` itself, at once.
+//! `ConnectorNotFound` itself, at once. A killed edge shows as unhealthy
+//! in `edge list` once it is unheard for 3 report intervals.
 
 mod common;
 
@@ -130,8 +131,22 @@ async fn a_request_at_an_edge_without_the_groups_tunnels_crosses_the_mesh() {
     .await;
     assert!(!r.text().contains("MeshUnreachable"), "{}", r.text());
 
-    us.kill().await;
+    // An edge unheard for 3 report intervals shows as unhealthy.
     eu.kill().await;
+    eventually("the killed edge to show as unhealthy", LIMIT, || async {
+        let out = router.admin(&["edge", "list"]).await;
+        out.lines()
+            .any(|l| l.starts_with(&eu_id) && l.split_whitespace().nth(2) == Some("unhealthy"))
+            .then_some(())
+    })
+    .await;
+    let out = router.admin(&["edge", "list"]).await;
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with(&us_id) && l.split_whitespace().nth(2) == Some("healthy")),
+        "{out}"
+    );
+    us.kill().await;
     router.child.kill().await;
     backend.stop().await;
 }

@@ -176,7 +176,7 @@ async fn an_edge_runs_in_the_region_of_its_token_and_a_region_in_use_stays() {
         }
     })
     .await;
-    assert_eq!(row[2], "active", "{row:?}");
+    assert_eq!(row[2], "healthy", "{row:?}");
     assert_eq!(row.get(6).map(String::as_str), Some("ago"), "{row:?}");
     let out = admin(&["region", "list", "--json"]).await;
     let regions: Vec<Region> = serde_json::from_str(&out).unwrap();
@@ -207,7 +207,7 @@ async fn an_edge_runs_in_the_region_of_its_token_and_a_region_in_use_stays() {
         .unwrap()
         .split_whitespace()
         .collect();
-    assert_eq!(&row[1..3], ["eu-west", "active"], "{out}");
+    assert_eq!(&row[1..3], ["eu-west", "healthy"], "{out}");
 
     // An edge that says --region us-east with an eu-west token: refused
     // before the token is used, and its new state directory is not left.
