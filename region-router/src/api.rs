@@ -70,6 +70,8 @@ pub(crate) struct AppState {
     pub metrics: Metrics,
     pub shutdown: CancellationToken,
     pub tracker: TaskTracker,
+    /// When this router started (unix seconds): see `distribute::At`.
+    pub started: u64,
 }
 
 pub(crate) type SharedState = Arc<AppState>;
@@ -103,6 +105,14 @@ impl AppState {
                 tracing::error!(error = %portico_agent::error_chain(&e), "store task failed");
                 Err(ApiFail::internal("store task failed"))
             }
+        }
+    }
+
+    /// Now, and since when this router has run.
+    pub(crate) fn at(&self) -> distribute::At {
+        distribute::At {
+            now: util::now_unix(),
+            started: self.started,
         }
     }
 
@@ -892,7 +902,7 @@ async fn edge_config(
     }
     let rec = live_edge(&state, &edge.id).await?;
     let store = state.db(StoreState::read).await?;
-    let snapshot = distribute::edge_config(&store, &rec, &state.config, util::now_unix());
+    let snapshot = distribute::edge_config(&store, &rec, &state.config, state.at());
     if snapshot.version <= q.after {
         return Ok(Watched::Unchanged);
     }
@@ -911,8 +921,7 @@ async fn connector_config(
     }
     let rec = live_connector(&state, &connector.id).await?;
     let store = state.db(StoreState::read).await?;
-    let snapshot =
-        distribute::connector_config(&store, &rec.group, &state.config, util::now_unix());
+    let snapshot = distribute::connector_config(&store, &rec.group, &state.config, state.at());
     if snapshot.version <= q.after {
         return Ok(Watched::Unchanged);
     }

@@ -19,10 +19,33 @@ use crate::presence::REPORT_FRESH;
 use crate::snapshot::StoreState;
 use crate::store::{AppRecord, EdgeRecord};
 
-/// Whether `edge` reported within the freshness window at `now`.
-pub(crate) fn is_fresh(edge: &EdgeRecord, now: u64) -> bool {
-    edge.last_seen
-        .is_some_and(|seen| now.saturating_sub(seen) < REPORT_FRESH.as_secs())
+/// When a config is built (unix seconds), and since when the router has
+/// run.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct At {
+    pub now: u64,
+    pub started: u64,
+}
+
+impl At {
+    /// Reports older than this are stale: those more than [`REPORT_FRESH`]
+    /// old, but none while the router has run for less than that (it has
+    /// not had a window to hear every edge yet: after a restart, what the
+    /// store last knew stands instead of nothing, and no edge leaves the
+    /// presence for the router's own absence).
+    pub(crate) fn stale_before(self) -> u64 {
+        let window = REPORT_FRESH.as_secs();
+        if self.now.saturating_sub(self.started) < window {
+            0
+        } else {
+            self.now + 1 - window
+        }
+    }
+}
+
+/// Whether `edge` reported within the freshness window.
+pub(crate) fn is_fresh(edge: &EdgeRecord, at: At) -> bool {
+    edge.last_seen.is_some_and(|seen| seen >= at.stale_before())
 }
 
 /// The port users reach the edges on, for `App.external_url`: the
@@ -57,11 +80,11 @@ pub(crate) fn apps(s: &StoreState, config: &Config) -> Vec<App> {
 }
 
 /// Which fresh edges hold tunnels of which group, groups and edges sorted.
-pub(crate) fn presence(s: &StoreState, now: u64) -> Vec<GroupPresence> {
+pub(crate) fn presence(s: &StoreState, at: At) -> Vec<GroupPresence> {
     let fresh: Vec<&EdgeId> = s
         .edges
         .iter()
-        .filter(|e| is_fresh(e, now))
+        .filter(|e| is_fresh(e, at))
         .map(|e| &e.id)
         .collect();
     let mut by_group: BTreeMap<&GroupId, Vec<EdgeId>> = BTreeMap::new();
@@ -95,8 +118,9 @@ pub(crate) fn edge_config(
     s: &StoreState,
     edge: &EdgeRecord,
     config: &Config,
-    now: u64,
+    at: At,
 ) -> EdgeConfig {
+    let now = at.now;
     let keep = 2 * config.cert_ttl.as_secs();
     let mesh_addr = |id: &EdgeId| {
         s.presence
@@ -117,7 +141,7 @@ pub(crate) fn edge_config(
             .filter(|(_, at)| now.saturating_sub(*at) <= keep)
             .map(|(id, _)| id.clone())
             .collect(),
-        presence: presence(s, now),
+        presence: presence(s, at),
         peers: s
             .edges
             .iter()
@@ -126,7 +150,7 @@ pub(crate) fn edge_config(
                 id: e.id.clone(),
                 region: e.region.clone(),
                 mesh_addr: mesh_addr(&e.id),
-                healthy: is_fresh(e, now),
+                healthy: is_fresh(e, at),
                 tunnels: e.tunnels,
             })
             .collect(),
@@ -140,7 +164,7 @@ pub(crate) fn connector_config(
     s: &StoreState,
     group: &GroupId,
     config: &Config,
-    now: u64,
+    at: At,
 ) -> ConnectorConfig {
     let record = s.groups.iter().find(|g| g.id == *group);
     let region: Option<RegionId> = record
@@ -153,7 +177,7 @@ pub(crate) fn connector_config(
         .filter_map(|e| {
             e.tunnel_addr.clone().map(|tunnel_addr| {
                 (
-                    is_fresh(e, now),
+                    is_fresh(e, at),
                     EdgeEndpoint {
                         id: e.id.clone(),
                         region: e.region.clone(),
@@ -181,6 +205,14 @@ mod tests {
     use super::*;
     use crate::snapshot::tests::Builder;
     use crate::store::PresenceRecord;
+
+    /// `now`, on a router up for an hour.
+    fn at(now: u64) -> At {
+        At {
+            now,
+            started: now - 3600,
+        }
+    }
 
     fn config() -> Config {
         let mut c = Config::new("/unused");
@@ -237,7 +269,7 @@ mod tests {
         let now = 10_000;
         let s = state(now);
         let us = s.edges.iter().find(|e| e.id.as_str() == "e-us").unwrap();
-        let c = edge_config(&s, us, &config(), now);
+        let c = edge_config(&s, us, &config(), at(now));
         assert_eq!(c.version, 42);
         assert_eq!(c.region.as_str(), "us");
         assert_eq!(
@@ -266,17 +298,41 @@ mod tests {
         let now = 10_000;
         let mut s = state(now);
         // Everyone stale: nobody holds anything.
-        assert!(presence(&s, now + 3600).is_empty());
+        assert!(presence(&s, at(now + 3600)).is_empty());
         // A group with zero tunnels is not held.
         s.presence[0].groups = vec![(GroupId::default_group(), 0)];
-        assert!(presence(&s, now).is_empty());
+        assert!(presence(&s, at(now)).is_empty());
+    }
+
+    #[test]
+    fn a_router_just_started_keeps_what_the_store_knew_for_one_window() {
+        let now = 10_000;
+        let s = state(now);
+        // Up for 5 s after an outage: every edge's last report is old, but
+        // the router has not had a window to hear them; the stale e-old
+        // counts too, until the window has passed.
+        let early = At {
+            now,
+            started: now - 5,
+        };
+        let holders = &presence(&s, early)[0].edges;
+        assert_eq!(holders.len(), 2, "{holders:?}");
+        assert_eq!(early.stale_before(), 0);
+        let later = At {
+            now: now + 15,
+            started: now - 5,
+        };
+        assert_eq!(presence(&s, later), Vec::new(), "all stale by then");
+        // 14 s old is fresh, 15 s is not.
+        let up = at(now);
+        assert_eq!(up.stale_before(), now - 14);
     }
 
     #[test]
     fn a_connector_gets_its_groups_apps_and_healthy_edges_first() {
         let now = 10_000;
         let s = state(now);
-        let c = connector_config(&s, &GroupId::default_group(), &config(), now);
+        let c = connector_config(&s, &GroupId::default_group(), &config(), at(now));
         let edges: Vec<&str> = c.edges.iter().map(|e| e.id.as_str()).collect();
         // Healthy first (by id), then the stale one.
         assert_eq!(edges, vec!["e-eu", "e-us", "e-old"]);

@@ -218,6 +218,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Handle
         metrics,
         shutdown: shutdown.clone(),
         tracker: tracker.clone(),
+        started: util::now_unix(),
     });
 
     tracker.spawn(presence_sweeper(state.clone()));
@@ -349,7 +350,10 @@ async fn presence_sweeper(state: Arc<api::AppState>) {
                 state.metrics.config_version.set(i64::try_from(v).unwrap_or(i64::MAX));
             }
             _ = tick.tick() => {
-                let stale_before = util::now_unix().saturating_sub(presence::REPORT_FRESH.as_secs());
+                let stale_before = state.at().stale_before();
+                if stale_before == 0 {
+                    continue; // not up for a whole window yet
+                }
                 let store = state.store.clone();
                 match state.tracker.spawn_blocking(move || store.expire_presence(stale_before)).await {
                     Ok(Ok(Some(version))) => tracing::info!(version, "stale edges left the presence map"),
