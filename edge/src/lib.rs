@@ -299,6 +299,7 @@ pub(crate) async fn serve(parts: Parts, shutdown: CancellationToken) -> Result<H
         Arc::clone(&parts.tunnel_cert),
         &parts.ca_pem,
         parts.tunnel_listen,
+        parts.limits.tunnel_receive_window(),
     )?;
     let route = http::HeaderValue::try_from(parts.edge_id.as_str())
         .unwrap_or_else(|_| http::HeaderValue::from_static("edge"));
@@ -336,6 +337,7 @@ pub(crate) async fn serve(parts: Parts, shutdown: CancellationToken) -> Result<H
         Some(_) => Some(mesh::server_config(
             Arc::clone(&parts.tunnel_cert),
             &parts.ca_pem,
+            parts.limits.tunnel_receive_window(),
         )?),
         None => None,
     };

@@ -110,6 +110,7 @@ impl Mesh {
         cert: Arc<CertStore>,
         ca_pem: &str,
         family: SocketAddr,
+        receive_window: u64,
     ) -> Result<Mesh, Error> {
         let roots = pki::root_store(ca_pem)?;
         let mut tls = rustls::ClientConfig::builder_with_provider(pki::provider())
@@ -123,8 +124,14 @@ impl Mesh {
         tls.alpn_protocols = vec![MESH_ALPN.to_vec()];
         tls.enable_early_data = false;
         let mut client = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls)?));
-        // The acceptor opens no stream to the dialer.
-        client.transport_config(Arc::new(portico_agent::quic::tunnel_transport(0)));
+        // The acceptor opens no stream to the dialer. The window is the
+        // tunnels' (twice what stalled responses may hold together), so
+        // that users who stop reading cannot take the link's window from
+        // everyone else's responses: the same rule as a tunnel's.
+        let mut transport = portico_agent::quic::tunnel_transport(0);
+        transport
+            .receive_window(quinn::VarInt::from_u64(receive_window).unwrap_or(quinn::VarInt::MAX));
+        client.transport_config(Arc::new(transport));
         let bind: SocketAddr = if family.is_ipv4() {
             (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
         } else {
@@ -268,18 +275,16 @@ async fn resolve(raw: &str) -> Result<SocketAddr, String> {
         .ok_or_else(|| format!("{raw} has no address"))
 }
 
-/// The QUIC server config of the mesh listener: edge certificates only.
+/// The QUIC server config of the mesh listener: edge certificates only,
+/// with the tunnels' receive window.
 pub(crate) fn server_config(
     cert: Arc<CertStore>,
     ca_pem: &str,
+    receive_window: u64,
 ) -> Result<quinn::ServerConfig, Error> {
-    crate::tunnel_acceptor::quic_server_config(
-        cert,
-        ca_pem,
-        pki::Role::Edge,
-        MESH_ALPN,
-        portico_agent::quic::tunnel_transport(MESH_STREAMS),
-    )
+    let mut transport = portico_agent::quic::tunnel_transport(MESH_STREAMS);
+    transport.receive_window(quinn::VarInt::from_u64(receive_window).unwrap_or(quinn::VarInt::MAX));
+    crate::tunnel_acceptor::quic_server_config(cert, ca_pem, pki::Role::Edge, MESH_ALPN, transport)
 }
 
 /// Accepts mesh links until shutdown.

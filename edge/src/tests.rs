@@ -2422,7 +2422,19 @@ async fn mesh_edge(
     id: &str,
     region: &str,
 ) -> anyhow::Result<Handle> {
+    mesh_edge_with(pki, shutdown, id, region, |_| {}).await
+}
+
+/// As [`mesh_edge`], with a config `tune`d.
+async fn mesh_edge_with(
+    pki: &Pki,
+    shutdown: &CancellationToken,
+    id: &str,
+    region: &str,
+    tune: impl FnOnce(&mut crate::Config),
+) -> anyhow::Result<Handle> {
     let mut config = crate::Config::new("https://unused", "/unused");
+    tune(&mut config);
     config.http3 = false;
     config.mesh_listen = Some("127.0.0.1:0".parse()?);
     edge_as(
@@ -2748,6 +2760,88 @@ async fn the_mesh_port_takes_edges_only_and_refuses_bad_heads_with_their_code() 
     assert_eq!(h.status, StatusCode::OK);
     let body = tokio::time::timeout(DEADLINE, r.read_to_end(1 << 16)).await??;
     assert_eq!(body, b"c-1|hr|GET|hr.apps.test|/|");
+    shutdown.cancel();
+    Ok(())
+}
+
+/// Users who stop reading responses that cross the mesh stall nobody
+/// else's: 200 requests over the same link meanwhile are all answered, the
+/// forwarding edge resets the stalled streams as it does a tunnel's, and
+/// the tunnel edge passes the `Stalled` stop on to the connector.
+#[tokio::test]
+async fn clients_that_stop_reading_across_the_mesh_stall_nobody() -> anyhow::Result<()> {
+    const STALLED: u32 = 8;
+    let pki = Pki::new("test CA")?;
+    let shutdown = CancellationToken::new();
+    let a = mesh_edge(&pki, &shutdown, "e-a", "eu-west").await?;
+    let b = mesh_edge_with(&pki, &shutdown, "e-b", "us-east", |c| {
+        c.stall_timeout = Duration::from_secs(3);
+        c.max_stalled_per_client = 16;
+    })
+    .await?;
+    let ep = quic_client(&pki, pki.connector("c-1")?)?;
+    let conn = ep.connect(a.tunnel_addr, &edge_server_name(&a.id))?.await?;
+    let (mut send, mut recv) = conn.open_bi().await?;
+    write_frame(&mut send, &hello("c-1", 1)).await?;
+    let Some(Frame::Welcome(_)) = tokio::time::timeout(DEADLINE, read_frame(&mut recv)).await??
+    else {
+        anyhow::bail!("no Welcome");
+    };
+    let _control = Control::start(send, recv);
+    let (tx, mut stopped) = tokio::sync::mpsc::unbounded_channel();
+    fake_connector_full(
+        conn.clone(),
+        "c-1",
+        Arc::new(tokio::sync::Notify::new()),
+        tx,
+    );
+    wait_until("the tunnel to attach", || a.tunnel_count() == 1).await?;
+    point_at(&b, 2, &[&a]);
+
+    // Eight clients of b ask for 8 MiB each and read nothing, all over one
+    // mesh link.
+    let mut readers = Vec::new();
+    for _ in 0..STALLED {
+        let mut tls = raw_tls(&pki, b.public_addr, "hr.apps.test").await?;
+        tls.write_all(b"GET /big HTTP/1.1\r\nhost: hr.apps.test\r\n\r\n")
+            .await?;
+        readers.push(tls);
+    }
+    wait_until("eight streams through the mesh", || {
+        b.shared.metrics.streams.get() == i64::from(STALLED)
+    })
+    .await?;
+    for i in 0..200 {
+        let h2 = i % 2 == 0;
+        let r = https(
+            &pki,
+            b.public_addr,
+            "hr.apps.test",
+            h2,
+            get("hr.apps.test", &format!("/n{i}"), h2),
+        )
+        .await?;
+        assert_eq!(r.status(), StatusCode::OK, "request {i}: {:?}", r.body());
+        assert_eq!(r.headers()["portico-route"], "e-b, e-a");
+    }
+    // Each stalled response is reset at b, and the stop reaches the
+    // connector through a as Stalled.
+    for _ in 0..STALLED {
+        let code = tokio::time::timeout(DEADLINE, stopped.recv())
+            .await?
+            .context("connector reported")?;
+        assert_eq!(code.map(CloseCode::from_wire), Some(CloseCode::Stalled));
+    }
+    let text = b.shared.metrics.render();
+    assert_eq!(
+        counter(
+            &text,
+            r#"portico_edge_stalled_responses_total{reason="timeout"}"#
+        ),
+        8,
+        "{text}"
+    );
+    drop(readers);
     shutdown.cancel();
     Ok(())
 }
