@@ -426,6 +426,16 @@ pub struct ConnectorArgs {
     /// DNS still points at the old region reach the app meanwhile.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub region_move_linger: Duration,
+    /// A DNS server (ADDR[:PORT], port 53 by default; repeat for more, at
+    /// most 8, asked in order) for edges whose tunnel address is a name:
+    /// the connector follows its CNAME chain (8 hops at most, loops
+    /// refused), dials every address of the answer, keeps it for the
+    /// chain's minimum TTL and moves tunnels when it changes. The last good
+    /// answer is saved in --state and used, with a warning, while DNS
+    /// fails. Default: the nameservers of /etc/resolv.conf. Several may be
+    /// given comma-separated (PORTICO_NAMESERVER=10.0.0.53,10.0.1.53).
+    #[arg(long, value_name = "ADDR[:PORT]", value_delimiter = ',', value_parser = portico_connector::parse_nameserver)]
+    pub nameserver: Vec<SocketAddr>,
 }
 
 /// `33%` or `0.33`: a fraction within 0..1.

@@ -487,6 +487,34 @@ mod tests {
         let args =
             connector(parse(&["connector", "--config", &f, "--backend-ca", "/c.pem"]).unwrap());
         assert_eq!(args.backend_ca, [PathBuf::from("/c.pem")]);
+
+        // Nameservers: a list in the file, repeated or comma-separated flags.
+        let f = file(
+            &dir,
+            "router = \"https://r.test:7443\"\nstate = \"/s\"\nnameserver = [\"10.0.0.53\", \"[fd00::53]:5353\"]\n",
+        );
+        let args = connector(parse(&["connector", "--config", &f]).unwrap());
+        let want: Vec<std::net::SocketAddr> = vec![
+            "10.0.0.53:53".parse().unwrap(),
+            "[fd00::53]:5353".parse().unwrap(),
+        ];
+        assert_eq!(args.nameserver, want);
+        let args = connector(
+            parse(&[
+                "connector",
+                "--config",
+                &f,
+                "--nameserver",
+                "127.0.0.1:5300,10.1.1.1",
+            ])
+            .unwrap(),
+        );
+        let want: Vec<std::net::SocketAddr> = vec![
+            "127.0.0.1:5300".parse().unwrap(),
+            "10.1.1.1:53".parse().unwrap(),
+        ];
+        assert_eq!(args.nameserver, want);
+        assert!(parse(&["connector", "--config", &f, "--nameserver", "dns.example"]).is_err());
     }
 
     #[test]

@@ -245,6 +245,7 @@ async fn run_connector(
     config.max_streams_per_tunnel = args.max_streams_per_tunnel;
     config.max_backend_connections_per_app = args.max_backend_connections_per_app;
     config.backend_connection_wait = args.backend_connection_wait;
+    config.nameservers = args.nameserver;
     config.region = portico_connector::RegionSettings {
         policy: portico_connector::RegionPolicy {
             window: args.region_window,

@@ -45,6 +45,9 @@ pub struct Config {
     pub backend_connection_wait: Duration,
     /// How a connector of an `auto` group picks its region.
     pub region: RegionSettings,
+    /// The nameservers that resolve edges' tunnel addresses given as names
+    /// (asked in order); empty: those of `/etc/resolv.conf`.
+    pub nameservers: Vec<SocketAddr>,
 }
 
 /// How a connector of an `auto` group measures the regions and moves
@@ -107,6 +110,7 @@ impl Config {
             max_backend_connections_per_app: None,
             backend_connection_wait: Duration::from_secs(5),
             region: RegionSettings::default(),
+            nameservers: Vec::new(),
         }
     }
 
@@ -161,6 +165,19 @@ impl Config {
                     self.backend_connection_wait
                 ),
             );
+        }
+        if self.nameservers.len() > crate::resolve::MAX_NAMESERVERS {
+            return invalid(
+                "nameserver",
+                format!(
+                    "{} nameservers; at most {}",
+                    self.nameservers.len(),
+                    crate::resolve::MAX_NAMESERVERS
+                ),
+            );
+        }
+        if let Some(s) = self.nameservers.iter().find(|s| s.port() == 0) {
+            return invalid("nameserver", format!("{s}: port 0"));
         }
         if self.host.trim().is_empty() || self.host.len() > 255 {
             return invalid("host", "must be 1 to 255 bytes".into());
@@ -229,6 +246,7 @@ impl std::fmt::Debug for Config {
             )
             .field("backend_connection_wait", &self.backend_connection_wait)
             .field("region", &self.region)
+            .field("nameservers", &self.nameservers)
             .finish()
     }
 }

@@ -75,6 +75,72 @@ pub enum Error {
     },
 }
 
+/// A CNAME chain as a resolution saw it, from the name asked:
+/// `a.example -> b.example -> c.example`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Chain(pub Vec<String>);
+
+impl std::fmt::Display for Chain {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0.join(" -> "))
+    }
+}
+
+/// Why a tunnel endpoint's name could not be resolved. Each message starts
+/// with the chain it saw.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ResolveError {
+    /// A name of the chain came back: `a -> b -> a`.
+    #[error("{chain}: CNAME loop")]
+    Loop { chain: Chain },
+    /// More than `max` CNAME hops.
+    #[error("{chain}: CNAME chain longer than {max} hops")]
+    TooDeep { chain: Chain, max: usize },
+    /// A name of the chain does not exist.
+    #[error("{chain}: {name} does not exist (NXDOMAIN)")]
+    NxDomain { chain: Chain, name: String },
+    /// The end of the chain has neither A nor AAAA records.
+    #[error("{chain}: no A or AAAA records")]
+    NoAddresses { chain: Chain },
+    /// A query got no answer (timeout, refused, SERVFAIL...).
+    #[error("{chain}: querying {name} {rtype}")]
+    Query {
+        chain: Chain,
+        name: String,
+        rtype: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The whole chain took too long.
+    #[error("{chain}: no answer within {after:?}")]
+    Timeout {
+        chain: Chain,
+        after: std::time::Duration,
+    },
+    /// Not a DNS name.
+    #[error("{name:?} is not a valid DNS name")]
+    InvalidName { name: String },
+    /// No nameserver is configured or found.
+    #[error("no nameserver to ask: {reason}")]
+    NoNameserver { reason: String },
+}
+
+impl ResolveError {
+    /// The `result` label of `portico_connector_dns_resolutions_total`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            ResolveError::Loop { .. } => "loop",
+            ResolveError::TooDeep { .. } => "too_deep",
+            ResolveError::NxDomain { .. } => "nxdomain",
+            ResolveError::NoAddresses { .. } => "no_addresses",
+            ResolveError::Query { .. } | ResolveError::Timeout { .. } => "failed",
+            ResolveError::InvalidName { .. } => "invalid_name",
+            ResolveError::NoNameserver { .. } => "no_nameserver",
+        }
+    }
+}
+
 impl From<portico_agent::StateError> for Error {
     fn from(source: portico_agent::StateError) -> Self {
         Error::State { source }

@@ -21,6 +21,7 @@ mod origin;
 mod path;
 mod probe;
 mod region;
+mod resolve;
 mod shard;
 mod stream;
 mod tunnel;
@@ -43,10 +44,11 @@ pub use config::{
     Config, RegionSettings, MAX_BACKEND_CONNECTIONS, MAX_BACKEND_CONNECTION_WAIT, MAX_MOVE_LINGER,
     MAX_REGION_WINDOW, MAX_TUNNELS, MIN_PROBE_INTERVAL,
 };
-pub use error::{Error, ProxyError};
+pub use error::{Chain, Error, ProxyError, ResolveError};
 pub use metrics::Metrics;
 pub use origin::Exhausted;
 pub use region::RegionPolicy;
+pub use resolve::{parse_nameserver, MAX_CNAME_HOPS, MAX_NAMESERVERS};
 
 /// How long shutdown waits for in-flight streams.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -161,7 +163,12 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Handle
             stop.clone(),
             tracker.clone(),
         )
-        .with_region(config.region.clone()),
+        .with_region(config.region.clone())
+        .with_resolver(Arc::new(resolve::Resolver::new(
+            &config.nameservers,
+            Some(state.clone()),
+            Some(metrics.clone()),
+        ))),
     );
     if let Some(saved) = saved {
         tracing::info!(parent: &span, version = saved.version, apps = saved.apps.len(), edges = saved.edges.len(), "serving the saved config until the router answers");
@@ -190,6 +197,10 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Handle
         backend_connections_per_app = limits.per_app,
         backend_connections = limits.budget,
         backend_connection_wait = ?limits.wait,
+        nameservers = %match pool.resolver.nameservers() {
+            Ok(s) => s.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
+            Err(e) => format!("none ({e})"),
+        },
         "connector started"
     );
     Ok(Handle {

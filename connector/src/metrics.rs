@@ -51,6 +51,15 @@ pub struct Metrics {
     pub region_degraded: IntGauge,
     /// RTT probes sent, by `result` (`ok`, `lost`).
     pub region_probes: IntCounterVec,
+    /// Resolutions of tunnel endpoint names (cache hits left out), by
+    /// `result`: `ok`, `loop`, `too_deep`, `nxdomain`, `no_addresses`,
+    /// `failed` (no answer), `invalid_name`, `no_nameserver`.
+    pub dns_resolutions: IntCounterVec,
+    /// CNAME hops of each successful resolution.
+    pub dns_chain_length: Histogram,
+    /// Resolutions that failed and were answered with the last good answer
+    /// (this process's, or the one saved in the state directory).
+    pub dns_saved_answers: IntCounter,
 }
 
 impl Metrics {
@@ -142,6 +151,27 @@ impl Metrics {
             ),
             &["result"],
         )?;
+        let dns_resolutions = IntCounterVec::new(
+            Opts::new(
+                "portico_connector_dns_resolutions_total",
+                "Resolutions of tunnel endpoint names, by result",
+            ),
+            &["result"],
+        )?;
+        let dns_chain_length = Histogram::with_opts(
+            HistogramOpts::new(
+                "portico_connector_dns_chain_length",
+                "CNAME hops followed by each successful resolution",
+            )
+            .buckets(vec![0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]),
+        )?;
+        let dns_saved_answers = IntCounter::new(
+            "portico_connector_dns_saved_answers_total",
+            "Failed resolutions answered with the last good answer",
+        )?;
+        registry.register(Box::new(dns_resolutions.clone()))?;
+        registry.register(Box::new(dns_chain_length.clone()))?;
+        registry.register(Box::new(dns_saved_answers.clone()))?;
         for cause in ["nearer", "home_gone", "home_lost", "pinned"] {
             region_moves.with_label_values(&[cause]);
         }
@@ -177,6 +207,9 @@ impl Metrics {
             region_moves,
             region_degraded,
             region_probes,
+            dns_resolutions,
+            dns_chain_length,
+            dns_saved_answers,
         })
     }
 

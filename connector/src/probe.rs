@@ -134,7 +134,7 @@ fn step(pool: &Pool, chooser: &mut Chooser, was_degraded: &mut bool) {
         log_move(pool, &m);
     }
     let targets = chooser.targets();
-    pool.targets.send_if_modified(|t| {
+    pool.chosen.send_if_modified(|t| {
         if **t == targets {
             return false;
         }
@@ -275,7 +275,10 @@ async fn probe(pool: &Pool, edge: &EdgeEndpoint) -> Result<Duration, DialError> 
     let attempt = async {
         let endpoint = pool.endpoint(0);
         let v4_only = endpoint.local_addr().is_ok_and(|a| a.is_ipv4());
-        let addr = tunnel::resolve(&edge.tunnel_addr, v4_only).await?;
+        let addr = pool
+            .resolver
+            .socket_addr(&edge.tunnel_addr, v4_only)
+            .await?;
         let creds = pool.creds.borrow().clone();
         let config = tunnel::client_config(&creds, &probe_transport())?;
         let conn = endpoint

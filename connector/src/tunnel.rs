@@ -68,9 +68,16 @@ pub(crate) struct Pool {
     /// tunnels spread evenly over an edge's shards, and the first slot of
     /// different connectors starts on different shards.
     shard_base: u8,
-    /// The edges the slots dial, sorted by id: the home region's, as the
-    /// region chooser (`probe::run`) publishes them.
+    /// The edges the region chooser (`probe::run`) picks: the home
+    /// region's, sorted by id.
+    pub chosen: watch::Sender<Arc<Vec<EdgeEndpoint>>>,
+    /// What the slots dial: the chosen edges with each name replaced by
+    /// one target per address of its answer, as `resolve::run` publishes
+    /// them.
     pub targets: watch::Sender<Arc<Vec<EdgeEndpoint>>>,
+    /// Resolves the names of tunnel endpoints (ARCHITECTURE.md,
+    /// "Resolving tunnel endpoints").
+    pub resolver: Arc<crate::resolve::Resolver>,
     /// The tunnel each slot holds now (not one that lingers after a move),
     /// for the region chooser: its traffic and RTT.
     pub live: Mutex<HashMap<usize, LiveTunnel>>,
@@ -133,7 +140,9 @@ impl Pool {
             tracker,
             next_tunnel: AtomicU64::new(1),
             shard_base: fastrand::u8(..),
+            chosen: watch::channel(Arc::new(Vec::new())).0,
             targets: watch::channel(Arc::new(Vec::new())).0,
+            resolver: Arc::new(crate::resolve::Resolver::new(&[], None, None)),
             live: Mutex::new(HashMap::new()),
             region: RegionSettings::default(),
             region_status: watch::channel(None).0,
@@ -143,6 +152,12 @@ impl Pool {
     /// The same pool with these region settings.
     pub fn with_region(mut self, region: RegionSettings) -> Pool {
         self.region = region;
+        self
+    }
+
+    /// The same pool with this resolver.
+    pub fn with_resolver(mut self, resolver: Arc<crate::resolve::Resolver>) -> Pool {
+        self.resolver = resolver;
         self
     }
 
@@ -197,6 +212,8 @@ impl Pool {
     pub(crate) fn spawn_slots(self: &Arc<Self>, n: usize, shards: &crate::shard::Shards) {
         self.tracker
             .spawn(crate::probe::run(self.clone()).instrument(tracing::info_span!("region")));
+        self.tracker
+            .spawn(crate::resolve::run(self.clone()).instrument(tracing::info_span!("resolve")));
         for slot in 0..n {
             let pool = self.clone();
             self.tracker.spawn_on(
@@ -231,7 +248,7 @@ pub(crate) fn bind_endpoint(tracker: &TaskTracker) -> Result<Endpoint, Error> {
 }
 
 /// The edge a slot dials: round-robin over the targets (the home region's
-/// edges), sorted by id, moved on by `skip` (the slot's failed dials since
+/// edges, one per address of a name), sorted by id and address, moved on by `skip` (the slot's failed dials since
 /// its last tunnel), so a slot whose edge is gone tries the region's other
 /// edges instead of waiting for the one it started with. With 4 slots and
 /// two edges or more, the tunnels spread over two edges at least.
@@ -240,7 +257,7 @@ fn pick(slot: usize, skip: usize, targets: &[EdgeEndpoint]) -> Option<EdgeEndpoi
     if edges.is_empty() {
         return None;
     }
-    edges.sort_by(|a, b| a.id.cmp(&b.id));
+    edges.sort_by(|a, b| (&a.id, &a.tunnel_addr).cmp(&(&b.id, &b.tunnel_addr)));
     Some(edges[slot.wrapping_add(skip) % edges.len()].clone())
 }
 
@@ -498,6 +515,12 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
 pub(crate) enum DialError {
     #[error("cannot resolve {addr}: {reason}")]
     Resolve { addr: String, reason: String },
+    #[error("cannot resolve {addr}")]
+    Name {
+        addr: String,
+        #[source]
+        source: crate::error::ResolveError,
+    },
     #[error("TLS setup: {reason}")]
     Tls { reason: String },
     #[error("connect")]
@@ -521,24 +544,6 @@ pub(crate) struct Tunnel {
     /// The control protocol's machine, past the handshake.
     ctl: Control,
     welcome: Welcome,
-}
-
-pub(crate) async fn resolve(addr: &str, v4_only: bool) -> Result<SocketAddr, DialError> {
-    let err = |reason: String| DialError::Resolve {
-        addr: addr.to_owned(),
-        reason,
-    };
-    let addrs = tokio::time::timeout(HANDSHAKE_TIMEOUT, tokio::net::lookup_host(addr))
-        .await
-        .map_err(|_| err("timed out".into()))?
-        .map_err(|e| err(e.to_string()))?;
-    let addrs: Vec<SocketAddr> = addrs.filter(|a| !v4_only || a.is_ipv4()).collect();
-    addrs
-        .iter()
-        .find(|a| a.is_ipv4())
-        .or(addrs.first())
-        .copied()
-        .ok_or_else(|| err("no usable address".into()))
 }
 
 pub(crate) fn client_config(
@@ -582,7 +587,10 @@ fn revoked_close(e: &ConnectionError) -> Option<String> {
 async fn dial(pool: &Pool, slot: usize, edge: &EdgeEndpoint) -> Result<Tunnel, DialError> {
     let endpoint = pool.endpoint(slot);
     let v4_only = endpoint.local_addr().is_ok_and(|a| a.is_ipv4());
-    let addr = resolve(&edge.tunnel_addr, v4_only).await?;
+    let addr = pool
+        .resolver
+        .socket_addr(&edge.tunnel_addr, v4_only)
+        .await?;
     let creds = pool.creds.borrow().clone();
     let mut config = client_config(&creds, &pool.transport)?;
     let shard = pool.shard_base.wrapping_add((slot % 256) as u8);
