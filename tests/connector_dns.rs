@@ -4,8 +4,9 @@
 //! address and a loop `loop1 -> loop2 -> loop1` to another edge's; a
 //! `portico connector --nameserver` follows the first and attaches, logs
 //! the loop with its chain, saves the answer; with the nameserver stopped,
-//! the connector restarted on its state directory starts from the saved
-//! answer, with a warning, and attaches again.
+//! and the router killed too, the connector restarted on its state
+//! directory starts from the saved answer (and its saved config), with a
+//! warning, and attaches again.
 
 mod common;
 
@@ -26,38 +27,41 @@ const LIMIT: Duration = Duration::from_secs(90);
 /// The edge reached through the chain listens here.
 const EDGE_IP: &str = "127.0.0.23";
 
-/// `mesh.test.`: the chain, the loop, an SOA.
-async fn serve_zone() -> (Server<Catalog>, SocketAddr) {
+type Zone = InMemoryZoneHandler<hickory_server::net::runtime::TokioRuntimeProvider>;
+
+fn n(s: &str) -> Name {
+    Name::from_ascii(format!("{s}.mesh.test.")).unwrap()
+}
+
+fn cname(from: &str, to: &str, ttl: u32) -> Record {
+    Record::from_rdata(n(from), ttl, RData::CNAME(CNAME(n(to))))
+}
+
+fn a(name: &str, ip: &str, ttl: u32) -> Record {
+    Record::from_rdata(n(name), ttl, RData::A(A(ip.parse().unwrap())))
+}
+
+/// `mesh.test.` with an SOA and `records`, served on UDP at 127.0.0.1; the
+/// zone can change while it serves.
+async fn serve_zone(records: Vec<Record>) -> (Server<Catalog>, SocketAddr, Arc<Zone>) {
     let origin = Name::from_ascii("mesh.test.").unwrap();
-    let n = |s: &str| Name::from_ascii(format!("{s}.mesh.test.")).unwrap();
-    let mut zone = InMemoryZoneHandler::<hickory_server::net::runtime::TokioRuntimeProvider>::empty(
+    let mut zone = Zone::empty(origin.clone(), ZoneType::Primary, AxfrPolicy::Deny);
+    let soa = Record::from_rdata(
         origin.clone(),
-        ZoneType::Primary,
-        AxfrPolicy::Deny,
+        3600,
+        RData::SOA(SOA::new(n("ns"), n("admin"), 1, 60, 60, 600, 5)),
     );
-    let records = [
-        Record::from_rdata(
-            origin.clone(),
-            3600,
-            RData::SOA(SOA::new(n("ns"), n("admin"), 1, 60, 60, 600, 5)),
-        ),
-        Record::from_rdata(n("api"), 300, RData::CNAME(CNAME(n("hop1")))),
-        Record::from_rdata(n("hop1"), 200, RData::CNAME(CNAME(n("hop2")))),
-        Record::from_rdata(n("hop2"), 100, RData::CNAME(CNAME(n("edge")))),
-        Record::from_rdata(n("edge"), 30, RData::A(A(EDGE_IP.parse().unwrap()))),
-        Record::from_rdata(n("loop1"), 60, RData::CNAME(CNAME(n("loop2")))),
-        Record::from_rdata(n("loop2"), 60, RData::CNAME(CNAME(n("loop1")))),
-    ];
-    for r in records {
+    for r in std::iter::once(soa).chain(records) {
         assert!(zone.upsert_mut(r, 1));
     }
+    let zone = Arc::new(zone);
     let mut catalog = Catalog::new();
-    catalog.upsert(LowerName::from(origin), vec![Arc::new(zone)]);
+    catalog.upsert(LowerName::from(origin), vec![zone.clone()]);
     let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let addr = udp.local_addr().unwrap();
     let mut server = Server::new(catalog);
     server.register_socket(udp);
-    (server, addr)
+    (server, addr, zone)
 }
 
 /// A UDP port free on `ip` right now, for an edge whose advertised tunnel
@@ -106,7 +110,15 @@ async fn a_connector_follows_a_cname_chain_refuses_a_loop_and_starts_from_its_sa
     common::init_tracing();
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
-    let (mut dns, dns_addr) = serve_zone().await;
+    let (mut dns, dns_addr, _zone) = serve_zone(vec![
+        cname("api", "hop1", 300),
+        cname("hop1", "hop2", 200),
+        cname("hop2", "edge", 100),
+        a("edge", EDGE_IP, 30),
+        cname("loop1", "loop2", 60),
+        cname("loop2", "loop1", 60),
+    ])
+    .await;
 
     let router_dir = d.join("router");
     let mut router = Child::spawn(&[
@@ -172,6 +184,7 @@ async fn a_connector_follows_a_cname_chain_refuses_a_loop_and_starts_from_its_sa
         )
         .await;
     assert!(loop_line.contains("no saved answer"), "{loop_line}");
+    eprintln!("{loop_line}");
     let m = metrics(&url).await;
     assert!(
         metric_value(
@@ -219,10 +232,12 @@ async fn a_connector_follows_a_cname_chain_refuses_a_loop_and_starts_from_its_sa
     );
     assert!(saved["names"].get("loop1.mesh.test").is_none(), "{saved}");
 
-    // The nameserver stops; the connector is killed and starts again on
-    // the same state: the saved answer gets it attached.
+    // The nameserver stops, and the router too; the connector is killed
+    // and starts again on the same state: the saved answer (and the saved
+    // config) get it attached.
     dns.shutdown_gracefully().await.unwrap();
     drop(dns);
+    router.kill().await;
     c.kill().await;
     let _ = c.exit(LIMIT).await;
     let mut c = connector(&api, &state, None, dns_addr);
@@ -236,7 +251,8 @@ async fn a_connector_follows_a_cname_chain_refuses_a_loop_and_starts_from_its_sa
         .await;
     assert!(warning.contains("api.mesh.test"), "{warning}");
     assert!(warning.contains(EDGE_IP), "{warning}");
-    assert!(warning.contains("age="), "{warning}");
+    assert!(warning.contains("age=\""), "{warning}");
+    eprintln!("{warning}");
     let m = metrics(&url).await;
     assert!(
         metric_value(&m, "portico_connector_dns_saved_answers_total") >= 1.0,
@@ -251,4 +267,221 @@ async fn a_connector_follows_a_cname_chain_refuses_a_loop_and_starts_from_its_sa
         "{m}"
     );
     drop(edges);
+}
+
+/// One GET of `https://<host>/` at `addr`: the status, or what failed.
+async fn get(ca_pem: &str, addr: SocketAddr, host: &str) -> Result<u16, String> {
+    let roots = portico_agent::pki::root_store(ca_pem).map_err(|e| e.to_string())?;
+    let mut tls = rustls::ClientConfig::builder_with_provider(portico_agent::pki::provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let name =
+        rustls::pki_types::ServerName::try_from(host.to_owned()).map_err(|e| e.to_string())?;
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(tls))
+        .connect(name, tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (mut send, conn) = hyper::client::conn::http1::handshake::<
+        _,
+        http_body_util::Empty<bytes::Bytes>,
+    >(hyper_util::rt::TokioIo::new(tls))
+    .await
+    .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let req = hyper::Request::get("/")
+        .header("host", host)
+        .body(http_body_util::Empty::new())
+        .map_err(|e| e.to_string())?;
+    let resp = send.send_request(req).await.map_err(|e| e.to_string())?;
+    let status = resp.status().as_u16();
+    use http_body_util::BodyExt as _;
+    resp.into_body()
+        .collect()
+        .await
+        .map_err(|e| format!("body: {e}"))?;
+    Ok(status)
+}
+
+/// The tunnel addresses of the connector's slots, sorted.
+fn tunnel_addrs(c: &portico_connector::Handle) -> Vec<String> {
+    let mut v: Vec<String> = c
+        .tunnel_edges()
+        .into_iter()
+        .map(|e| e.tunnel_addr)
+        .collect();
+    v.sort();
+    v
+}
+
+/// In process: one edge whose tunnel port listens on every address, named
+/// `api -> hop1 -> hop2 -> edge-a` (TTL 1 s on the last hop). The chain
+/// changes to end at `edge-b` (another address of the same edge): the
+/// connector's tunnels move there, and requests sent all along (bounded,
+/// about 20/s) never fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_the_answer_changes_the_tunnels_move_without_a_failed_request() {
+    use portico_proto::api::TokenScope;
+    common::init_tracing();
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let root = tokio_util::sync::CancellationToken::new();
+    let loopback: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let (ip_a, ip_b) = ("127.0.0.27", "127.0.0.28");
+    let (_dns, dns_addr, zone) = serve_zone(vec![
+        cname("api", "hop1", 300),
+        cname("hop1", "hop2", 200),
+        cname("hop2", "edge-a", 1),
+        a("edge-a", ip_a, 30),
+        a("edge-b", ip_b, 30),
+    ])
+    .await;
+
+    let mut rc = portico_router::Config::new(d.join("router"));
+    rc.listen = loopback;
+    rc.metrics_listen = None;
+    rc.apps_domain = portico::dev::DEV_APPS_DOMAIN.to_owned();
+    let router = portico_router::start(rc, root.child_token()).await.unwrap();
+    let admin = portico_agent::RouterClient::new(
+        &router.url(),
+        portico_agent::RouterTrust::CaPem(router.ca_pem.clone()),
+        None,
+    )
+    .unwrap()
+    .with_bearer(router.admin_token());
+
+    let port = free_udp_port("0.0.0.0");
+    let mut ec = portico_edge::Config::new(router.url(), d.join("edge"));
+    ec.token = Some(
+        portico::dev::create_token(
+            &admin,
+            TokenScope::Edge {
+                region: portico_proto::RegionId::default_region(),
+            },
+        )
+        .await
+        .unwrap(),
+    );
+    ec.public_listen = loopback;
+    ec.tunnel_listen = SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), port);
+    ec.metrics_listen = None;
+    ec.advertise_tunnel_addr = Some(format!("api.mesh.test:{port}"));
+    ec.grace = Duration::from_secs(1);
+    let edge = portico_edge::start(ec, root.child_token()).await.unwrap();
+    edge.ready().await;
+
+    let demo = portico::demo::start(loopback, root.child_token())
+        .await
+        .unwrap();
+    let group = portico_proto::GroupId::default_group();
+    portico::dev::publish(
+        &admin,
+        "moving",
+        &format!("http://{}/", demo.addr),
+        group.clone(),
+    )
+    .await
+    .unwrap();
+    let mut cc = portico_connector::Config::new(router.url(), d.join("connector"));
+    cc.token = Some(
+        portico::dev::create_token(&admin, TokenScope::Connector { group })
+            .await
+            .unwrap(),
+    );
+    cc.tunnels = 2;
+    cc.nameservers = vec![dns_addr];
+    let c = portico_connector::start(cc, root.child_token())
+        .await
+        .unwrap();
+    let on_a = vec![format!("{ip_a}:{port}"); 2];
+    eventually("both tunnels on edge-a's address", LIMIT, || async {
+        (tunnel_addrs(&c) == on_a).then_some(())
+    })
+    .await;
+
+    // Load through the edge while the answer changes.
+    let host = format!("moving.{}", portico::dev::DEV_APPS_DOMAIN);
+    let (ok, failures) = (
+        Arc::new(std::sync::atomic::AtomicU64::new(0)),
+        Arc::new(std::sync::Mutex::new(Vec::<String>::new())),
+    );
+    let stop = root.child_token();
+    let load = {
+        let (ok, failures, stop, ca, host) = (
+            ok.clone(),
+            failures.clone(),
+            stop.clone(),
+            router.ca_pem.clone(),
+            host.clone(),
+        );
+        let public = edge.public_addr;
+        tokio::spawn(async move {
+            let mut set = tokio::task::JoinSet::new();
+            let mut tick = tokio::time::interval(Duration::from_millis(50));
+            while !stop.is_cancelled() {
+                tick.tick().await;
+                while set.len() >= 32 {
+                    set.join_next().await;
+                }
+                let (ok, failures, ca, host) =
+                    (ok.clone(), failures.clone(), ca.clone(), host.clone());
+                set.spawn(async move {
+                    match tokio::time::timeout(Duration::from_secs(20), get(&ca, public, &host))
+                        .await
+                    {
+                        Ok(Ok(200)) => {
+                            ok.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        Ok(Ok(s)) => failures.lock().unwrap().push(format!("status {s}")),
+                        Ok(Err(e)) => failures.lock().unwrap().push(e),
+                        Err(_) => failures.lock().unwrap().push("timed out".into()),
+                    }
+                });
+            }
+            while set.join_next().await.is_some() {}
+        })
+    };
+    eventually("requests flowing", LIMIT, || async {
+        (ok.load(std::sync::atomic::Ordering::Relaxed) >= 10).then_some(())
+    })
+    .await;
+    assert!(zone.upsert(cname("hop2", "edge-b", 1), 2).await);
+    let on_b = vec![format!("{ip_b}:{port}"); 2];
+    eventually("both tunnels moved to edge-b's address", LIMIT, || async {
+        (tunnel_addrs(&c) == on_b).then_some(())
+    })
+    .await;
+    let before = ok.load(std::sync::atomic::Ordering::Relaxed);
+    eventually("requests through the moved tunnels", LIMIT, || async {
+        (ok.load(std::sync::atomic::Ordering::Relaxed) >= before + 10).then_some(())
+    })
+    .await;
+    stop.cancel();
+    load.await.unwrap();
+    let failures = failures.lock().unwrap().clone();
+    let ok = ok.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        failures.is_empty(),
+        "{} failed, {ok} ok: {failures:?}",
+        failures.len()
+    );
+    let m = c.metrics().render();
+    assert_eq!(
+        metric_value(&m, "portico_connector_dns_saved_answers_total"),
+        0.0
+    );
+    assert!(
+        metric_value(
+            &m,
+            r#"portico_connector_dns_resolutions_total{result="ok"}"#
+        ) >= 2.0,
+        "{m}"
+    );
+    root.cancel();
+    c.wait().await.unwrap();
 }

@@ -548,7 +548,7 @@ impl Resolver {
                     error = %portico_agent::error_chain(&error),
                     saved_answer = ?answer.addrs,
                     chain = %Chain(answer.chain.clone()),
-                    age = %age.map_or_else(|| "unknown".to_owned(), |a| humantime::format_duration(Duration::from_secs(a.as_secs())).to_string()),
+                    age = ?age.map_or_else(|| "unknown".to_owned(), |a| humantime::format_duration(Duration::from_secs(a.as_secs())).to_string()),
                     retry_in = ?refresh_in,
                     "DNS failed; using the last good answer"
                 );
@@ -558,8 +558,10 @@ impl Resolver {
     }
 
     /// The address to dial for `addr` (`ip:port` or `host:port`): a literal
-    /// as is, a name through [`Resolver::resolve`] (its first address of
-    /// the socket's family, v4 first).
+    /// as is, a name's first address of the socket's family (v4 first)
+    /// from its last answer (which [`run`] keeps fresh), else through
+    /// [`Resolver::resolve`]: a dial or a probe never waits on DNS for a
+    /// name already answered.
     pub async fn socket_addr(&self, addr: &str, v4_only: bool) -> Result<SocketAddr, DialError> {
         if let Ok(a) = addr.parse::<SocketAddr>() {
             if v4_only && a.is_ipv6() {
@@ -576,12 +578,19 @@ impl Resolver {
                 reason: "not host:port".into(),
             });
         };
-        let resolved = self.resolve(host).await.map_err(|source| DialError::Name {
-            addr: addr.to_owned(),
-            source,
-        })?;
-        resolved
-            .answer
+        let answer = match self.known(&normalize(host)) {
+            Some(a) => a,
+            None => {
+                self.resolve(host)
+                    .await
+                    .map_err(|source| DialError::Name {
+                        addr: addr.to_owned(),
+                        source,
+                    })?
+                    .answer
+            }
+        };
+        answer
             .addrs
             .iter()
             .find(|ip| !v4_only || ip.is_ipv4())
@@ -590,6 +599,12 @@ impl Resolver {
                 addr: addr.to_owned(),
                 reason: "no IPv4 address, and this host's tunnel socket is IPv4 only".into(),
             })
+    }
+
+    /// The last good answer of `name` (normalized), expired or not: this
+    /// process's, else the saved one.
+    pub fn known(&self, name: &str) -> Option<Answer> {
+        self.last_good(name).map(|(a, _)| a)
     }
 
     /// The last good answer of `name` and its age: this process's, else
@@ -634,18 +649,27 @@ impl Resolver {
 /// see the module docs.
 pub(crate) async fn run(pool: Arc<Pool>) {
     let mut chosen = pool.chosen.subscribe();
+    let mut config = pool.config.clone();
     let v4_only = pool.endpoint(0).local_addr().is_ok_and(|a| a.is_ipv4());
     let mut answers: HashMap<String, Vec<IpAddr>> = HashMap::new();
     loop {
         let edges = chosen.borrow_and_update().clone();
-        let (targets, wake) = expand(&pool.resolver, &edges, v4_only, &mut answers).await;
-        pool.targets.send_if_modified(|t| {
-            if **t == targets {
-                return false;
-            }
-            *t = Arc::new(targets);
-            true
+        // Every listed edge's name is kept resolved, for the probes of
+        // other regions (and a quick move there).
+        let listed: Vec<EdgeEndpoint> = config
+            .borrow_and_update()
+            .as_ref()
+            .map(|c| c.edges.clone())
+            .unwrap_or_default();
+        // First the last good answers (saved ones on the first pass): a
+        // start or a new home never waits on DNS for a name answered
+        // before. Then what DNS says now.
+        let known = targets_of(&edges, v4_only, |name| {
+            pool.resolver.known(name).map(|a| a.addrs)
         });
+        publish(&pool, known);
+        let (targets, wake) = expand(&pool.resolver, &edges, &listed, v4_only, &mut answers).await;
+        publish(&pool, targets);
         let sleep = async {
             match wake {
                 Some(d) => tokio::time::sleep(d).await,
@@ -655,22 +679,37 @@ pub(crate) async fn run(pool: Arc<Pool>) {
         tokio::select! {
             _ = pool.stop.cancelled() => return,
             r = chosen.changed() => if r.is_err() { return },
+            r = config.changed() => if r.is_err() { return },
             () = sleep => {}
         }
     }
 }
 
+/// Makes `targets` what the slots dial, if they differ.
+fn publish(pool: &Pool, targets: Vec<EdgeEndpoint>) {
+    pool.targets.send_if_modified(|t| {
+        if **t == targets {
+            return false;
+        }
+        *t = Arc::new(targets);
+        true
+    });
+}
+
 /// One target per address of each edge's name (literals stay as they
-/// are), sorted by edge and address; and when to look again. `answers`
-/// holds the addresses last published per name, to log a change.
+/// are), sorted by edge and address; and when to look again. The names
+/// of `listed` are resolved too (kept in the cache). `answers` holds the
+/// addresses last published per name, to log a change.
 async fn expand(
     resolver: &Resolver,
     edges: &[EdgeEndpoint],
+    listed: &[EdgeEndpoint],
     v4_only: bool,
     answers: &mut HashMap<String, Vec<IpAddr>>,
 ) -> (Vec<EdgeEndpoint>, Option<Duration>) {
     let mut names: Vec<String> = edges
         .iter()
+        .chain(listed)
         .filter(|e| e.tunnel_addr.parse::<SocketAddr>().is_err())
         .filter_map(|e| split_host_port(&e.tunnel_addr).map(|(h, _)| normalize(h)))
         .collect();
@@ -706,6 +745,22 @@ async fn expand(
         }
     }
     answers.retain(|n, _| resolved.contains_key(n));
+    let targets = targets_of(edges, v4_only, |name| match resolved.get(name) {
+        Some(Ok(r)) => Some(r.answer.addrs.clone()),
+        _ => None,
+    });
+    (targets, wake)
+}
+
+/// One target per address of each edge's name, by `addrs_of` its
+/// normalized name (an edge whose name has none is left out); literals
+/// (and what is not `host:port`, which its dial reports) stay as they are.
+/// Sorted by edge and address.
+fn targets_of(
+    edges: &[EdgeEndpoint],
+    v4_only: bool,
+    addrs_of: impl Fn(&str) -> Option<Vec<IpAddr>>,
+) -> Vec<EdgeEndpoint> {
     let mut targets = Vec::new();
     for e in edges {
         if e.tunnel_addr.parse::<SocketAddr>().is_ok() {
@@ -713,14 +768,13 @@ async fn expand(
             continue;
         }
         let Some((host, port)) = split_host_port(&e.tunnel_addr) else {
-            // Dialing it says what is wrong with it.
             targets.push(e.clone());
             continue;
         };
-        let Some(Ok(r)) = resolved.get(&normalize(host)) else {
+        let Some(addrs) = addrs_of(&normalize(host)) else {
             continue;
         };
-        for ip in r.answer.addrs.iter().filter(|ip| !v4_only || ip.is_ipv4()) {
+        for ip in addrs.iter().filter(|ip| !v4_only || ip.is_ipv4()) {
             let mut t = e.clone();
             t.tunnel_addr = SocketAddr::new(*ip, port).to_string();
             targets.push(t);
@@ -728,7 +782,7 @@ async fn expand(
     }
     targets.sort_by(|a, b| (&a.id, &a.tunnel_addr).cmp(&(&b.id, &b.tunnel_addr)));
     targets.dedup();
-    (targets, wake)
+    targets
 }
 
 /// `host:port` → (`host`, port); `[v6]:port` is a literal, not a name.

@@ -393,3 +393,117 @@ async fn names_that_need_no_dns_resolve_without_a_nameserver() {
         "invalid_name"
     );
 }
+
+fn endpoint(id: &str, addr: &str) -> EdgeEndpoint {
+    EdgeEndpoint {
+        id: portico_proto::EdgeId::new(id).unwrap(),
+        region: portico_proto::RegionId::default_region(),
+        tunnel_addr: addr.into(),
+    }
+}
+
+/// A resolver that cannot reach DNS, with `cached` in its cache and
+/// `saved` as its saved answers.
+fn offline(cached: &[(&str, &[&str])], saved: &[(&str, &[&str])]) -> Resolver {
+    let r = Resolver {
+        backend: Err("offline (a test)".into()),
+        ..Resolver::new(&["127.0.0.1:9".parse().unwrap()], None, None)
+    };
+    let addrs = |ips: &[&str]| -> Vec<IpAddr> { ips.iter().map(|i| i.parse().unwrap()).collect() };
+    for (name, ips) in cached {
+        // Sorted as the walk sorts them.
+        let mut sorted = addrs(ips);
+        sorted.sort_by_key(|a| (a.is_ipv6(), *a));
+        let answer = Answer {
+            chain: vec![(*name).into()],
+            addrs: sorted,
+            ttl: 300,
+        };
+        lock(&r.cache).insert(name, answer, clock());
+    }
+    for (name, ips) in saved {
+        lock(&r.saved).names.insert(
+            (*name).into(),
+            SavedAnswer {
+                chain: vec![(*name).into(), "lb.example".into()],
+                addrs: addrs(ips),
+                saved_at_ms: unix_ms().saturating_sub(90_000),
+            },
+        );
+    }
+    r
+}
+
+#[tokio::test]
+async fn chosen_edges_become_one_target_per_address() {
+    let r = offline(
+        &[("e1.example", &["10.0.0.2", "10.0.0.1", "fd00::1"])],
+        &[("e3.example", &["10.0.0.3"])],
+    );
+    let edges = [
+        endpoint("e2", "192.0.2.7:4433"),
+        endpoint("e1", "E1.example.:4433"),
+        endpoint("e3", "e3.example:7844"),
+        endpoint("e4", "gone.example:4433"),
+    ];
+    let mut answers = HashMap::new();
+    let (targets, wake) = expand(&r, &edges, &[], false, &mut answers).await;
+    let got: Vec<(String, String)> = targets
+        .iter()
+        .map(|t| (t.id.to_string(), t.tunnel_addr.clone()))
+        .collect();
+    let want = [
+        ("e1", "10.0.0.1:4433"),
+        ("e1", "10.0.0.2:4433"),
+        ("e1", "[fd00::1]:4433"),
+        ("e2", "192.0.2.7:4433"),
+        // DNS failed: the saved answer.
+        ("e3", "10.0.0.3:7844"),
+        // No answer, none saved: left out.
+    ];
+    let want: Vec<(String, String)> = want
+        .iter()
+        .map(|(a, b)| ((*a).into(), (*b).into()))
+        .collect();
+    assert_eq!(got, want);
+    // The failures retry soon; the cached name would wait its TTL.
+    assert!(wake.is_some_and(|w| w <= RETRY_MAX), "{wake:?}");
+
+    // An IPv4-only socket: no v6 target.
+    let (targets, _) = expand(&r, &edges, &[], true, &mut answers).await;
+    assert!(
+        targets.iter().all(|t| !t.tunnel_addr.starts_with('[')),
+        "{targets:?}"
+    );
+    assert_eq!(targets.len(), 4);
+
+    // Before asking DNS, the known answers (this process's, else the
+    // saved ones) give targets at once.
+    let known = targets_of(&edges, false, |n| r.known(n).map(|a| a.addrs));
+    assert_eq!(
+        known,
+        targets_of(&edges, false, |n| match n {
+            "e1.example" => Some(vec![
+                "10.0.0.1".parse().unwrap(),
+                "10.0.0.2".parse().unwrap(),
+                "fd00::1".parse().unwrap()
+            ]),
+            "e3.example" => Some(vec!["10.0.0.3".parse().unwrap()]),
+            _ => None,
+        })
+    );
+    assert_eq!(known.len(), 5);
+
+    // A dial or a probe of the name uses the known answer, DNS or not.
+    assert_eq!(
+        r.socket_addr("e1.example:4433", true).await.unwrap(),
+        "10.0.0.1:4433".parse().unwrap()
+    );
+    let e = r.socket_addr("gone.example:4433", false).await.unwrap_err();
+    assert!(
+        portico_agent::error_chain(&e)
+            .to_string()
+            .contains("no nameserver to ask: offline (a test)"),
+        "{e}"
+    );
+}
