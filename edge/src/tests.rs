@@ -2474,7 +2474,12 @@ async fn attach(
     pki: &Pki,
     edge: &Handle,
     name: &'static str,
-) -> anyhow::Result<(quinn::Endpoint, quinn::Connection, Control)> {
+) -> anyhow::Result<(
+    quinn::Endpoint,
+    quinn::Connection,
+    Control,
+    tokio::sync::mpsc::UnboundedReceiver<Option<u64>>,
+)> {
     let ep = quic_client(pki, pki.connector(name)?)?;
     let conn = ep
         .connect(edge.tunnel_addr, &edge_server_name(&edge.id))?
@@ -2485,19 +2490,10 @@ async fn attach(
     else {
         anyhow::bail!("no Welcome");
     };
-    fake_connector(conn.clone(), name);
+    let (tx, stopped) = tokio::sync::mpsc::unbounded_channel();
+    fake_connector_full(conn.clone(), name, Arc::new(tokio::sync::Notify::new()), tx);
     wait_until("the tunnel to attach", || edge.tunnel_count() == 1).await?;
-    Ok((ep, conn, Control::start(send, recv)))
-}
-
-async fn metrics_of(edge: &Handle) -> anyhow::Result<String> {
-    let addr = edge.metrics_addr.context("metrics")?;
-    let mut s = tokio::net::TcpStream::connect(addr).await?;
-    s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
-        .await?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).await?;
-    Ok(out)
+    Ok((ep, conn, Control::start(send, recv), stopped))
 }
 
 #[tokio::test]
@@ -2552,13 +2548,13 @@ async fn a_request_for_a_group_with_no_tunnel_here_crosses_the_mesh_once() -> an
     .await?;
     assert_eq!(r.headers()["portico-route"], "e-a");
 
-    let am = metrics_of(&a).await?;
+    let am = a.shared.metrics.render();
     assert_eq!(
         counter(&am, "portico_edge_mesh_served_total{result=\"200\"}"),
         3,
         "{am}"
     );
-    let bm = metrics_of(&b).await?;
+    let bm = b.shared.metrics.render();
     assert_eq!(counter(&bm, "portico_edge_mesh_forwarded_total"), 3, "{bm}");
     // One link carried all three.
     assert_eq!(counter(&bm, "portico_edge_mesh_links"), 1, "{bm}");
@@ -2593,7 +2589,7 @@ async fn a_forwarded_request_is_never_forwarded_again() -> anyhow::Result<()> {
     assert_eq!(r.status(), StatusCode::BAD_GATEWAY);
     let body = String::from_utf8_lossy(r.body());
     assert!(body.contains("MeshUnreachable"), "{body}");
-    let am = metrics_of(&a).await?;
+    let am = a.shared.metrics.render();
     assert_eq!(
         counter(
             &am,
@@ -2603,7 +2599,7 @@ async fn a_forwarded_request_is_never_forwarded_again() -> anyhow::Result<()> {
         "{am}"
     );
     assert_eq!(counter(&am, "portico_edge_mesh_forwarded_total"), 0, "{am}");
-    let cm = metrics_of(&c).await?;
+    let cm = c.shared.metrics.render();
     assert_eq!(
         counter(&cm, "portico_edge_mesh_served_total{result=\"200\"}"),
         0,
@@ -2779,23 +2775,7 @@ async fn clients_that_stop_reading_across_the_mesh_stall_nobody() -> anyhow::Res
         c.max_stalled_per_client = 16;
     })
     .await?;
-    let ep = quic_client(&pki, pki.connector("c-1")?)?;
-    let conn = ep.connect(a.tunnel_addr, &edge_server_name(&a.id))?.await?;
-    let (mut send, mut recv) = conn.open_bi().await?;
-    write_frame(&mut send, &hello("c-1", 1)).await?;
-    let Some(Frame::Welcome(_)) = tokio::time::timeout(DEADLINE, read_frame(&mut recv)).await??
-    else {
-        anyhow::bail!("no Welcome");
-    };
-    let _control = Control::start(send, recv);
-    let (tx, mut stopped) = tokio::sync::mpsc::unbounded_channel();
-    fake_connector_full(
-        conn.clone(),
-        "c-1",
-        Arc::new(tokio::sync::Notify::new()),
-        tx,
-    );
-    wait_until("the tunnel to attach", || a.tunnel_count() == 1).await?;
+    let (_ep, _conn, _control, mut stopped) = attach(&pki, &a, "c-1").await?;
     point_at(&b, 2, &[&a]);
 
     // Eight clients of b ask for 8 MiB each and read nothing, all over one
