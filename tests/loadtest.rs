@@ -129,7 +129,7 @@ fn scenario(stack: &Stack, url: &str, protocol: Protocol) -> Scenario {
         rate: Some(100.0),
         count: Some(200),
         timeout: Duration::from_secs(20),
-        connect_to: Some(stack.d.edge.public_addr),
+        connect_to: vec![stack.d.edge.public_addr],
         cacert: Some(stack.d.ca_path()),
         requests: vec![RequestSpec::get(url)],
         ..Scenario::default()

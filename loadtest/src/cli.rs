@@ -93,10 +93,12 @@ pub struct RunArgs {
     #[arg(long, value_name = "N")]
     pub max_in_flight: Option<usize>,
     /// Dial ADDR (ip:port) whatever the URL's host, keeping the host for
-    /// SNI and Host (as curl's --connect-to). *.localhost always resolves
-    /// to 127.0.0.1.
+    /// SNI and Host (as curl's --connect-to). Repeat it to give several:
+    /// connections are spread round robin over them and fail over to the
+    /// next when one cannot be opened. *.localhost always resolves to
+    /// 127.0.0.1.
     #[arg(long, value_name = "ADDR")]
-    pub connect_to: Option<SocketAddr>,
+    pub connect_to: Vec<SocketAddr>,
     /// Trust the CA certificates in this PEM file (e.g. the router's ca.pem)
     /// instead of the system roots.
     #[arg(long, value_name = "FILE", conflicts_with = "insecure")]
@@ -247,8 +249,8 @@ pub fn scenario_from_args(a: &RunArgs) -> anyhow::Result<Scenario> {
         thresholds.set(spec)?;
     }
     s.thresholds.override_with(&thresholds);
-    if a.connect_to.is_some() {
-        s.connect_to = a.connect_to;
+    if !a.connect_to.is_empty() {
+        s.connect_to = a.connect_to.clone();
     }
     if a.cacert.is_some() {
         s.cacert = a.cacert.clone();
@@ -321,6 +323,8 @@ mod tests {
             "h2",
             "--connect-to",
             "127.0.0.1:9",
+            "--connect-to",
+            "127.0.0.1:10",
             "-k",
             "-H",
             "x-a: b",
@@ -338,6 +342,13 @@ mod tests {
         assert_eq!(s.duration, Some(Duration::from_secs(4)));
         assert_eq!(s.requests[0].method, "POST");
         assert_eq!(s.requests[0].headers["x-a"], "b");
+        assert_eq!(
+            s.connect_to,
+            [
+                "127.0.0.1:9".parse::<std::net::SocketAddr>().unwrap(),
+                "127.0.0.1:10".parse().unwrap()
+            ]
+        );
         assert!(s.insecure);
     }
 

@@ -3,12 +3,29 @@
 //! work whatever the system resolver says) and rustls; HTTP/3 through
 //! [`crate::h3`]. Keeps up to `connections` connections per origin, or
 //! dials one per request.
+//!
+//! Failover and retries, as a browser does them:
+//! - With several `connect_to` addresses, the connections of a pool are
+//!   spread round robin over them. When opening a connection fails at one
+//!   (TCP connect, TLS, the HTTP/1.1 or HTTP/2 handshake, the QUIC
+//!   handshake), the next one is tried, each at most once per request; the
+//!   failed one is then tried last for [`DEAD_FOR`]. No request byte has
+//!   been sent at that point, so this is safe for any method. Only when
+//!   every address fails is the request a transport error. Each switch is
+//!   counted (`failovers` in the report).
+//! - A request sent on a reused HTTP/1.1 connection that the server had
+//!   closed (hyper: canceled, incomplete message, or reset before any
+//!   response byte) is sent once more on a new connection, as browsers and
+//!   hyper-util's legacy client do; so is an HTTP/2 request refused by a
+//!   GOAWAY (REFUSED_STREAM, or above the GOAWAY's last stream id: never
+//!   processed). Each is counted (`retried` in the report).
 
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{HeaderMap, HeaderName, HeaderValue, HOST};
@@ -36,6 +53,9 @@ pub const PORTICO_ERROR_HEADER: &str = "x-portico-error";
 const MAX_CODE_LEN: usize = 64;
 /// The DATA frame size of HTTP/3 request bodies.
 const H3_CHUNK: usize = 256 * 1024;
+/// How long a `connect_to` address where a connection could not be opened
+/// is tried last.
+pub const DEAD_FOR: Duration = Duration::from_secs(1);
 
 /// Builds the rustls client config: roots from `cacert` (PEM), or accept
 /// anything with `insecure`, or the system roots.
@@ -146,11 +166,63 @@ impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
 struct Origin {
     https: bool,
     server_name: ServerName<'static>,
-    addr: SocketAddr,
+}
+
+/// The addresses a pool dials, round robin, with the ones that recently
+/// failed tried last.
+struct Addrs {
+    list: Vec<SocketAddr>,
+    next: AtomicUsize,
+    /// Per address: tried last until then.
+    dead_until: Mutex<Vec<Option<Instant>>>,
+}
+
+impl Addrs {
+    fn new(list: Vec<SocketAddr>) -> Addrs {
+        let n = list.len();
+        Addrs {
+            list,
+            next: AtomicUsize::new(0),
+            dead_until: Mutex::new(vec![None; n]),
+        }
+    }
+
+    /// The order to try the addresses in for one connection: round robin
+    /// from the next one, the live ones first, then the dead ones (the
+    /// soonest to revive first). Every address appears once.
+    fn order(&self, now: Instant) -> Vec<usize> {
+        let n = self.list.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed) % n.max(1);
+        let dead = lock(&self.dead_until);
+        let rotated = (0..n).map(|k| (start + k) % n);
+        let mut order: Vec<usize> = rotated
+            .clone()
+            .filter(|&i| dead[i].is_none_or(|t| t <= now))
+            .collect();
+        let mut down: Vec<usize> = rotated
+            .filter(|&i| dead[i].is_some_and(|t| t > now))
+            .collect();
+        down.sort_by_key(|&i| dead[i]);
+        order.extend(down);
+        order
+    }
+
+    fn failed(&self, i: usize, now: Instant) {
+        if let Some(d) = lock(&self.dead_until).get_mut(i) {
+            *d = Some(now + DEAD_FOR);
+        }
+    }
+
+    fn worked(&self, i: usize) {
+        if let Some(d) = lock(&self.dead_until).get_mut(i) {
+            *d = None;
+        }
+    }
 }
 
 struct Pool {
     origin: Origin,
+    addrs: Addrs,
     /// HTTP/1.1: one permit per connection.
     permits: Semaphore,
     idle: Mutex<Vec<http1::SendRequest<Full<Bytes>>>>,
@@ -184,6 +256,10 @@ pub(crate) struct Client {
     pools: Vec<Pool>,
     tasks: TaskTracker,
     stop: CancellationToken,
+    /// Requests sent again after a reused connection failed them unsent.
+    retried: AtomicU64,
+    /// Connections opened at another address after one failed.
+    failovers: AtomicU64,
 }
 
 impl Client {
@@ -230,7 +306,11 @@ impl Client {
             let origin = match keys.iter().position(|k| *k == key) {
                 Some(o) => o,
                 None => {
-                    let addr = resolve(&host, port, s.connect_to).await?;
+                    let addrs = if s.connect_to.is_empty() {
+                        vec![resolve(&host, port, None).await?]
+                    } else {
+                        s.connect_to.clone()
+                    };
                     let name = match host {
                         url::Host::Domain(d) => d.to_owned(),
                         url::Host::Ipv4(ip) => ip.to_string(),
@@ -243,8 +323,8 @@ impl Client {
                         origin: Origin {
                             https: url.scheme() == "https",
                             server_name,
-                            addr,
                         },
+                        addrs: Addrs::new(addrs),
                         permits: Semaphore::new(n),
                         idle: Mutex::new(Vec::new()),
                         h2: (0..n).map(|_| tokio::sync::Mutex::new(None)).collect(),
@@ -302,6 +382,8 @@ impl Client {
                 pools,
                 tasks,
                 stop,
+                retried: AtomicU64::new(0),
+                failovers: AtomicU64::new(0),
             },
             prepared,
         ))
@@ -322,6 +404,15 @@ impl Client {
         }
     }
 
+    /// Requests retried on a new connection, and connection failovers to
+    /// another address, so far.
+    pub fn retries(&self) -> (u64, u64) {
+        (
+            self.retried.load(Ordering::Relaxed),
+            self.failovers.load(Ordering::Relaxed),
+        )
+    }
+
     async fn send_h1(
         &self,
         p: &Prepared,
@@ -340,7 +431,7 @@ impl Client {
             req
         };
         if self.new_connection {
-            let mut s = self.dial_h1(&pool.origin).await?;
+            let mut s = self.connect_h1(pool).await?;
             s.ready().await.map_err(|_| TransportErrorKind::Request)?;
             *sent = Instant::now();
             let resp = s
@@ -361,25 +452,39 @@ impl Client {
                 other => break other,
             }
         };
-        let mut s = match reused {
+        let (mut s, mut reused) = match reused {
             Some(mut s) => match s.ready().await {
-                Ok(()) => s,
+                Ok(()) => (s, true),
                 // The server closed a kept-alive connection: dial anew.
-                Err(_) => self.dial_h1(&pool.origin).await?,
+                Err(_) => (self.connect_h1(pool).await?, false),
             },
-            None => self.dial_h1(&pool.origin).await?,
+            None => (self.connect_h1(pool).await?, false),
         };
-        s.ready().await.map_err(|_| TransportErrorKind::Request)?;
-        *sent = Instant::now();
-        let resp = s
-            .send_request(req())
-            .await
-            .map_err(|_| TransportErrorKind::Request)?;
-        let r = read_response(resp).await?;
-        if !s.is_closed() {
-            lock(&pool.idle).push(s);
+        let mut first = true;
+        loop {
+            s.ready().await.map_err(|_| TransportErrorKind::Request)?;
+            if first {
+                // The service time counts a retry's first attempt too.
+                *sent = Instant::now();
+                first = false;
+            }
+            match s.send_request(req()).await {
+                Ok(resp) => {
+                    let r = read_response(resp).await?;
+                    if !s.is_closed() {
+                        lock(&pool.idle).push(s);
+                    }
+                    return Ok(r);
+                }
+                Err(e) if reused && h1_unanswered(&e) => {
+                    self.retried.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(error = %portico_agent::error_chain(&e), "kept-alive connection closed under the request; retrying on a new one");
+                    s = self.connect_h1(pool).await?;
+                    reused = false;
+                }
+                Err(_) => return Err(TransportErrorKind::Request),
+            }
         }
-        Ok(r)
     }
 
     async fn send_h2(
@@ -388,7 +493,7 @@ impl Client {
         sent: &mut Instant,
     ) -> Result<Response, TransportErrorKind> {
         let pool = &self.pools[p.origin];
-        let req = {
+        let req = || {
             let mut req = Request::new(Full::new(p.body.clone()));
             *req.method_mut() = p.method.clone();
             *req.uri_mut() = p.absolute.clone();
@@ -396,27 +501,57 @@ impl Client {
             *req.headers_mut() = p.headers.clone();
             req
         };
-        let mut s = if self.new_connection {
-            self.dial_h2(&pool.origin).await?
-        } else {
-            let i = pool.next.fetch_add(1, Ordering::Relaxed) % pool.h2.len();
-            let mut slot = pool.h2[i].lock().await;
-            match &*slot {
-                Some(s) if !s.is_closed() => s.clone(),
-                _ => {
-                    let s = self.dial_h2(&pool.origin).await?;
-                    *slot = Some(s.clone());
-                    s
+        let mut s = self.h2_sender(pool, false).await?;
+        let (mut redialed, mut retried, mut first) = (false, false, true);
+        loop {
+            if s.ready().await.is_err() {
+                // A pooled connection that died since: one new one.
+                if redialed {
+                    return Err(TransportErrorKind::Request);
                 }
+                redialed = true;
+                s = self.h2_sender(pool, true).await?;
+                continue;
             }
-        };
-        s.ready().await.map_err(|_| TransportErrorKind::Request)?;
-        *sent = Instant::now();
-        let resp = s
-            .send_request(req)
-            .await
-            .map_err(|_| TransportErrorKind::Request)?;
-        read_response(resp).await
+            if first {
+                *sent = Instant::now();
+                first = false;
+            }
+            match s.send_request(req()).await {
+                Ok(resp) => return read_response(resp).await,
+                Err(e) if !retried && h2_refused(&e) => {
+                    retried = true;
+                    redialed = true;
+                    self.retried.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(error = %portico_agent::error_chain(&e), "request refused by GOAWAY; retrying on a new connection");
+                    s = self.h2_sender(pool, true).await?;
+                }
+                Err(_) => return Err(TransportErrorKind::Request),
+            }
+        }
+    }
+
+    /// An HTTP/2 connection of the pool (round robin over its slots), or a
+    /// new one in that slot when `fresh` or the slot's is closed; a new
+    /// one for each request with `new_connection_per_request`.
+    async fn h2_sender(
+        &self,
+        pool: &Pool,
+        fresh: bool,
+    ) -> Result<http2::SendRequest<Full<Bytes>>, TransportErrorKind> {
+        if self.new_connection {
+            return self.connect_h2(pool).await;
+        }
+        let i = pool.next.fetch_add(1, Ordering::Relaxed) % pool.h2.len();
+        let mut slot = pool.h2[i].lock().await;
+        match &*slot {
+            Some(s) if !fresh && !s.is_closed() => Ok(s.clone()),
+            _ => {
+                let s = self.connect_h2(pool).await?;
+                *slot = Some(s.clone());
+                Ok(s)
+            }
+        }
     }
 
     async fn send_h3(
@@ -431,14 +566,14 @@ impl Client {
         *req.uri_mut() = p.absolute.clone();
         *req.headers_mut() = p.headers.clone();
         let client = if self.new_connection {
-            self.dial_h3(connector, &pool.origin).await?
+            self.connect_h3(connector, pool).await?
         } else {
             let i = pool.next.fetch_add(1, Ordering::Relaxed) % pool.h3.len();
             let mut slot = pool.h3[i].lock().await;
             match &*slot {
                 Some(c) if c.quic().close_reason().is_none() => c.clone(),
                 _ => {
-                    let c = self.dial_h3(connector, &pool.origin).await?;
+                    let c = self.connect_h3(connector, pool).await?;
                     *slot = Some(c.clone());
                     c
                 }
@@ -483,8 +618,63 @@ impl Client {
         })
     }
 
-    async fn dial(&self, o: &Origin) -> Result<Box<dyn Io>, TransportErrorKind> {
-        let tcp = TcpStream::connect(o.addr)
+    /// Opens a connection with `attempt` at each address of the pool in
+    /// [`Addrs::order`] until one works; the last error if none does.
+    async fn failover<T, F, Fut>(
+        &self,
+        pool: &Pool,
+        mut attempt: F,
+    ) -> Result<T, TransportErrorKind>
+    where
+        F: FnMut(SocketAddr) -> Fut,
+        Fut: Future<Output = Result<T, TransportErrorKind>>,
+    {
+        let mut last = TransportErrorKind::Connect;
+        for (n, i) in pool.addrs.order(Instant::now()).into_iter().enumerate() {
+            if n > 0 {
+                self.failovers.fetch_add(1, Ordering::Relaxed);
+            }
+            let addr = pool.addrs.list[i];
+            match attempt(addr).await {
+                Ok(t) => {
+                    pool.addrs.worked(i);
+                    return Ok(t);
+                }
+                Err(e) => {
+                    tracing::debug!(%addr, error = e.as_str(), "cannot open a connection");
+                    pool.addrs.failed(i, Instant::now());
+                    last = e;
+                }
+            }
+        }
+        Err(last)
+    }
+
+    async fn connect_h1(
+        &self,
+        pool: &Pool,
+    ) -> Result<http1::SendRequest<Full<Bytes>>, TransportErrorKind> {
+        self.failover(pool, |a| self.dial_h1(&pool.origin, a)).await
+    }
+
+    async fn connect_h2(
+        &self,
+        pool: &Pool,
+    ) -> Result<http2::SendRequest<Full<Bytes>>, TransportErrorKind> {
+        self.failover(pool, |a| self.dial_h2(&pool.origin, a)).await
+    }
+
+    async fn connect_h3(
+        &self,
+        connector: &crate::h3::H3Connector,
+        pool: &Pool,
+    ) -> Result<crate::h3::H3Client, TransportErrorKind> {
+        self.failover(pool, |a| self.dial_h3(connector, &pool.origin, a))
+            .await
+    }
+
+    async fn dial(&self, o: &Origin, addr: SocketAddr) -> Result<Box<dyn Io>, TransportErrorKind> {
+        let tcp = TcpStream::connect(addr)
             .await
             .map_err(|_| TransportErrorKind::Connect)?;
         let _ = tcp.set_nodelay(true);
@@ -501,8 +691,9 @@ impl Client {
     async fn dial_h1(
         &self,
         o: &Origin,
+        addr: SocketAddr,
     ) -> Result<http1::SendRequest<Full<Bytes>>, TransportErrorKind> {
-        let io = self.dial(o).await?;
+        let io = self.dial(o, addr).await?;
         let (sender, conn) = http1::handshake(TokioIo::new(io))
             .await
             .map_err(|_| TransportErrorKind::Handshake)?;
@@ -519,8 +710,9 @@ impl Client {
     async fn dial_h2(
         &self,
         o: &Origin,
+        addr: SocketAddr,
     ) -> Result<http2::SendRequest<Full<Bytes>>, TransportErrorKind> {
-        let io = self.dial(o).await?;
+        let io = self.dial(o, addr).await?;
         let (sender, conn) = http2::Builder::new(Tracked(self.tasks.clone()))
             .initial_stream_window_size(4 << 20)
             .initial_connection_window_size(16 << 20)
@@ -541,6 +733,7 @@ impl Client {
         &self,
         connector: &crate::h3::H3Connector,
         o: &Origin,
+        addr: SocketAddr,
     ) -> Result<crate::h3::H3Client, TransportErrorKind> {
         let name = match &o.server_name {
             ServerName::DnsName(d) => d.as_ref().to_owned(),
@@ -548,7 +741,7 @@ impl Client {
             _ => return Err(TransportErrorKind::Handshake),
         };
         connector
-            .connect(o.addr, &name)
+            .connect(addr, &name)
             .await
             .map_err(|_| TransportErrorKind::Handshake)
     }
@@ -563,7 +756,7 @@ fn h3_connector(
     } else {
         crate::h3::Trust::Roots(root_store(s.cacert.as_deref())?)
     };
-    let bind: SocketAddr = match s.connect_to {
+    let bind: SocketAddr = match s.connect_to.first() {
         Some(SocketAddr::V6(_)) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
         _ => (Ipv4Addr::UNSPECIFIED, 0).into(),
     };
@@ -581,6 +774,52 @@ fn authority(url: &url::Url) -> String {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Whether an HTTP/1.1 request on a reused connection failed before any
+/// response byte because the server had closed the connection: hyper
+/// never sent it (canceled), or the connection ended (incomplete message)
+/// or was reset under it.
+fn h1_unanswered(e: &hyper::Error) -> bool {
+    e.is_canceled()
+        || e.is_incomplete_message()
+        || io_kind(e).is_some_and(|k| {
+            matches!(
+                k,
+                std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::BrokenPipe
+                    | std::io::ErrorKind::ConnectionAborted
+            )
+        })
+}
+
+/// Whether an HTTP/2 request was refused unprocessed: never sent
+/// (canceled), REFUSED_STREAM, or cut by the peer's GOAWAY (a stream above
+/// its last stream id, which the peer promises it did not process).
+fn h2_refused(e: &hyper::Error) -> bool {
+    if e.is_canceled() {
+        return true;
+    }
+    let mut src: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(s) = src {
+        if let Some(h2e) = s.downcast_ref::<h2::Error>() {
+            return h2e.reason() == Some(h2::Reason::REFUSED_STREAM)
+                || (h2e.is_go_away() && h2e.is_remote());
+        }
+        src = s.source();
+    }
+    false
+}
+
+fn io_kind(e: &hyper::Error) -> Option<std::io::ErrorKind> {
+    let mut src: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(s) = src {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            return Some(io.kind());
+        }
+        src = s.source();
+    }
+    None
 }
 
 fn portico_error(h: &HeaderMap) -> Option<String> {
@@ -607,4 +846,30 @@ async fn read_response(
         portico_error,
         body_bytes: n,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_go_round_robin_with_dead_ones_last() {
+        let list: Vec<SocketAddr> = (1..=3)
+            .map(|p| SocketAddr::from((Ipv4Addr::LOCALHOST, p)))
+            .collect();
+        let a = Addrs::new(list);
+        let now = Instant::now();
+        assert_eq!(a.order(now), [0, 1, 2]);
+        assert_eq!(a.order(now), [1, 2, 0]);
+        a.failed(2, now);
+        assert_eq!(a.order(now), [0, 1, 2], "the dead one last");
+        a.failed(0, now + Duration::from_millis(10));
+        // Both dead: each is still tried once, the soonest to revive first.
+        assert_eq!(a.order(now), [1, 2, 0]);
+        // Past DEAD_FOR they are back in the rotation.
+        assert_eq!(a.order(now + DEAD_FOR + DEAD_FOR), [1, 2, 0]);
+        a.worked(0);
+        a.worked(2);
+        assert_eq!(a.order(now), [2, 0, 1]);
+    }
 }

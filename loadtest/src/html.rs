@@ -397,6 +397,7 @@ mod tests {
                 ok: 490,
                 errors: 10,
                 cancelled: 0,
+                ..Counts::default()
             },
             throughput_rps: 100.0,
             ok_rps: 98.0,

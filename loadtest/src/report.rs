@@ -12,7 +12,7 @@
 //! | `started_unix_ms` | int | wall-clock start |
 //! | `elapsed_ms` | int | start to the last completion |
 //! | `interrupted` | bool | stopped early by shutdown |
-//! | `requests` | object | `scheduled` (intended sends), `completed` (got a response or a transport error), `ok` (status < 400), `errors` (the rest), `cancelled` (dropped at shutdown) |
+//! | `requests` | object | `scheduled` (intended sends), `completed` (got a response or a transport error), `ok` (status < 400), `errors` (the rest), `cancelled` (dropped at shutdown), `retried` (sent again on a new connection after a reused one failed them unanswered: an HTTP/1.1 keep-alive connection the server had closed, an HTTP/2 stream refused by GOAWAY; each request still counts once above), `failovers` (connections opened at the next `connect_to` address after one failed) |
 //! | `throughput_rps`, `ok_rps` | float | completed (ok) per second of `elapsed_ms` |
 //! | `bytes_sent`, `bytes_received` | int | bodies only |
 //! | `latency_us` | percentiles | from each request's **intended** send time (corrected for coordinated omission) |
@@ -93,6 +93,14 @@ pub struct Counts {
     pub ok: u64,
     pub errors: u64,
     pub cancelled: u64,
+    /// Requests sent again on a new connection after a reused one failed
+    /// them before any response byte (each still counted once above).
+    #[serde(default)]
+    pub retried: u64,
+    /// Connections opened at the next `connect_to` address after one
+    /// could not be opened.
+    #[serde(default)]
+    pub failovers: u64,
 }
 
 /// Summary of a latency histogram, in microseconds.
@@ -170,13 +178,23 @@ impl Report {
         let r = &self.requests;
         let _ = writeln!(
             s,
-            "{} requests in {:.2}s ({} ok, {} errors{}), {:.1} req/s, {} B sent, {} B received",
+            "{} requests in {:.2}s ({} ok, {} errors{}{}{}), {:.1} req/s, {} B sent, {} B received",
             r.completed,
             self.elapsed_ms as f64 / 1000.0,
             r.ok,
             r.errors,
             if r.cancelled > 0 {
                 format!(", {} cancelled", r.cancelled)
+            } else {
+                String::new()
+            },
+            if r.retried > 0 {
+                format!(", {} retried", r.retried)
+            } else {
+                String::new()
+            },
+            if r.failovers > 0 {
+                format!(", {} failovers", r.failovers)
             } else {
                 String::new()
             },

@@ -127,7 +127,8 @@ async fn run_inner(
     };
     aux.wait().await;
 
-    let m = rec.finish();
+    let mut m = rec.finish();
+    (m.counts.retried, m.counts.failovers) = ctx.client.retries();
     let secs = m.elapsed.as_secs_f64();
     let per_sec = |n: u64| if secs > 0.0 { n as f64 / secs } else { 0.0 };
     let mut report = Report {

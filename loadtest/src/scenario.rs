@@ -9,7 +9,7 @@
 //! connections = 8
 //! duration = "30s"         # and/or count = 10000; at least one bound
 //! rate = 500               # open loop: requests per second
-//! connect_to = "127.0.0.1:8443"
+//! connect_to = "127.0.0.1:8443"   # or a list: ["127.0.0.1:8443", "127.0.0.1:9443"]
 //! cacert = "ca.pem"
 //!
 //! [[stages]]               # optional ramps; replace `rate`/`concurrency`
@@ -97,10 +97,13 @@ pub struct Scenario {
     /// (latency still counts from the intended time).
     #[serde(default = "default_max_in_flight")]
     pub max_in_flight: usize,
-    /// Dial this address whatever the URL's host (curl's `--connect-to`);
-    /// the host still goes into SNI and `Host`.
-    #[serde(default)]
-    pub connect_to: Option<SocketAddr>,
+    /// Dial these addresses whatever the URL's host (curl's `--connect-to`);
+    /// the host still goes into SNI and `Host`. TOML takes one address
+    /// (`"127.0.0.1:8443"`) or a list. With several, a pool's connections
+    /// are spread round robin over them, and a connection that cannot be
+    /// opened at one is opened at the next (see [`crate::client`]).
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub connect_to: Vec<SocketAddr>,
     /// PEM file of CA certificates to trust (instead of none).
     #[serde(default)]
     pub cacert: Option<PathBuf>,
@@ -116,6 +119,26 @@ pub struct Scenario {
     /// Pass/fail criteria checked against the report.
     #[serde(default)]
     pub thresholds: Thresholds,
+}
+
+/// Most `connect_to` addresses.
+pub const MAX_CONNECT_TO: usize = 64;
+
+/// `connect_to`: one address or a list of them.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<SocketAddr>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(
+        untagged,
+        expecting = "an address (\"ip:port\") or a list of addresses"
+    )]
+    enum OneOrMany {
+        One(SocketAddr),
+        Many(Vec<SocketAddr>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(a) => vec![a],
+        OneOrMany::Many(v) => v,
+    })
 }
 
 fn default_connections() -> usize {
@@ -294,7 +317,7 @@ impl Default for Scenario {
             stages: Vec::new(),
             timeout: default_timeout(),
             max_in_flight: default_max_in_flight(),
-            connect_to: None,
+            connect_to: Vec::new(),
             cacert: None,
             insecure: false,
             requests: Vec::new(),
@@ -401,6 +424,15 @@ impl Scenario {
             return Err(ScenarioError::invalid(
                 "connections",
                 format!("must be between 1 and {MAX_CONNECTIONS}"),
+            ));
+        }
+        if self.connect_to.len() > MAX_CONNECT_TO {
+            return Err(ScenarioError::invalid(
+                "connect_to",
+                format!(
+                    "{} addresses; at most {MAX_CONNECT_TO}",
+                    self.connect_to.len()
+                ),
             ));
         }
         if self.max_in_flight == 0 {
@@ -686,6 +718,27 @@ mod tests {
         assert_eq!(s.chaos[0].at, Duration::from_millis(1500));
         assert_eq!(s.chaos[0].to_string(), "kill connector");
         assert_eq!(s.chaos[1].to_string(), "blackhole eu");
+        assert_eq!(s.connect_to, ["127.0.0.1:8443".parse().unwrap()]);
+    }
+
+    #[test]
+    fn connect_to_takes_one_address_or_a_list() {
+        let base = "rate = 1\ncount = 1\n[[requests]]\nurl = \"https://a/\"\n";
+        let s = Scenario::from_toml(&format!(
+            "connect_to = [\"127.0.0.1:1\", \"127.0.0.1:2\"]\n{base}"
+        ))
+        .unwrap();
+        assert_eq!(
+            s.connect_to,
+            [
+                "127.0.0.1:1".parse::<SocketAddr>().unwrap(),
+                "127.0.0.1:2".parse().unwrap()
+            ]
+        );
+        assert!(Scenario::from_toml(base).unwrap().connect_to.is_empty());
+        let e = Scenario::from_toml(&format!("connect_to = \"nowhere\"\n{base}")).unwrap_err();
+        let text = portico_agent::error_chain(&e).to_string();
+        assert!(text.contains("connect_to"), "{text}");
     }
 
     #[test]

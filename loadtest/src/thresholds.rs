@@ -276,6 +276,7 @@ mod tests {
             ok: completed - errors,
             errors,
             cancelled: 0,
+            ..Counts::default()
         };
         r.latency_us = Percentiles {
             count: completed,
