@@ -541,10 +541,13 @@ fn print_one<T: Serialize>(
 
 /// An edge's status as the tables show it: `healthy` while its reports
 /// are fresh (within 3 report intervals, 15 s), `unhealthy` once it has
-/// been unheard for longer (`status` in JSON says `active`/`inactive`).
+/// been unheard for longer (`status` in JSON says `active`/`inactive`),
+/// `draining` while it shuts down (in no DNS answer or presence, and
+/// finishing what it serves).
 fn edge_health(status: portico_proto::api::Status) -> &'static str {
     match status {
         portico_proto::api::Status::Active => "healthy",
         portico_proto::api::Status::Inactive => "unhealthy",
+        portico_proto::api::Status::Draining => "draining",
     }
 }

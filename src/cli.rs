@@ -331,6 +331,18 @@ pub struct EdgeArgs {
     /// another connector where that is safe.
     #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
     pub tunnel_dead_after: Duration,
+    /// After SIGTERM (or Ctrl-C) the edge drains: it tells the router at
+    /// once, which takes it out of the DNS answers, the presence and the
+    /// connectors' edge lists; it refuses new tunnels, asks its connectors
+    /// to open replacements elsewhere, and keeps serving users for this
+    /// long, since resolvers may hold the old answer for its TTL (30 s).
+    #[arg(long, default_value = "35s", value_parser = humantime::parse_duration)]
+    pub drain_delay: Duration,
+    /// After the drain delay: no new users; requests in flight may finish
+    /// for this long (at most 1h) before what is left is cut. A second
+    /// SIGTERM or Ctrl-C stops at once.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub grace: Duration,
 }
 
 #[derive(Debug, Args)]

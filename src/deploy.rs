@@ -932,6 +932,7 @@ async fn start_edge(
     ec.tunnel_listen = tunnel;
     ec.metrics_listen = None;
     ec.advertise_tunnel_addr = Some(relay.to_string());
+    ec.drain_delay = Duration::ZERO;
     ec.grace = Duration::from_secs(2);
     Ok(portico_edge::start(ec, stop).await?)
 }

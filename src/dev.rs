@@ -111,6 +111,9 @@ impl Deployment {
             ec.public_listen = SocketAddr::new(LOOPBACK.ip(), public_port);
             ec.tunnel_listen = LOOPBACK;
             ec.metrics_listen = Some(LOOPBACK);
+            // Nobody resolves the dev edge through DNS: stop at once.
+            ec.drain_delay = std::time::Duration::ZERO;
+            ec.grace = std::time::Duration::from_secs(5);
             match portico_edge::start(ec.clone(), edge_stop.clone()).await {
                 Ok(edge) => edge,
                 Err(e) if public_port != 0 => {

@@ -123,6 +123,21 @@ pub fn shutdown_on_signal() -> CancellationToken {
     token
 }
 
+/// Resolves at the next Ctrl-C or SIGTERM.
+async fn second_signal() {
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
 /// Writes one line to stdout: the program's output, as opposed to its logs.
 pub fn out(line: impl AsRef<str>) {
     let mut stdout = std::io::stdout().lock();
@@ -206,10 +221,22 @@ async fn run_edge(
     config.max_tunnels_per_connector = args.max_tunnels_per_connector;
     config.tunnel_ping_interval = args.tunnel_ping_interval;
     config.tunnel_dead_after = args.tunnel_dead_after;
+    config.drain_delay = args.drain_delay;
+    config.grace = args.grace;
     let shutdown = shutdown_on_signal();
-    let edge = portico_edge::start(config, shutdown)
+    let edge = portico_edge::start(config, shutdown.clone())
         .await
         .context("edge failed to start")?;
+    // A second signal while the edge drains stops it at once.
+    {
+        let hard_stop = edge.hard_stop();
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            second_signal().await;
+            info!("second signal: stopping without finishing the drain");
+            hard_stop.cancel();
+        });
+    }
     let metrics = edge
         .metrics_addr
         .map(|a| format!(" metrics=http://{a}"))

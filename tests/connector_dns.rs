@@ -371,6 +371,7 @@ async fn when_the_answer_changes_the_tunnels_move_without_a_failed_request() {
     ec.tunnel_listen = SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), port);
     ec.metrics_listen = None;
     ec.advertise_tunnel_addr = Some(format!("api.mesh.test:{port}"));
+    ec.drain_delay = Duration::ZERO;
     ec.grace = Duration::from_secs(1);
     let edge = portico_edge::start(ec, root.child_token()).await.unwrap();
     edge.ready().await;

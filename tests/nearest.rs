@@ -119,6 +119,7 @@ async fn start_world() -> World {
             ec.tunnel_listen = LOOPBACK;
             ec.metrics_listen = Some(LOOPBACK);
             ec.advertise_tunnel_addr = Some(relay.to_string());
+            ec.drain_delay = Duration::ZERO;
             ec.grace = Duration::from_secs(1);
             let handle = portico_edge::start(ec, root.child_token()).await.unwrap();
             let path = wan::start(

@@ -36,6 +36,7 @@ async fn another_edge(
     c.public_listen = "127.0.0.1:0".parse().unwrap();
     c.tunnel_listen = "127.0.0.1:0".parse().unwrap();
     c.public_cert = public_cert;
+    c.drain_delay = Duration::ZERO;
     let edge = portico_edge::start(c, stop)
         .await
         .expect("second edge starts");
@@ -56,6 +57,7 @@ async fn edge_at(
     let mut c = portico_edge::Config::new(router, state);
     c.public_listen = public;
     c.tunnel_listen = tunnel;
+    c.drain_delay = Duration::ZERO;
     portico_edge::start(c, stop)
         .await
         .expect("edge restarts from its state")

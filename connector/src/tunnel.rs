@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use portico_agent::{pki, Credentials};
 use portico_proto::api::{edge_server_name, ConnectorConfig, EdgeEndpoint, RegionChoice};
 use portico_proto::control::{By, Closed, Control, ControlConfig, Event};
+use portico_proto::ids::EdgeId;
 use portico_proto::io::write_frame;
 use portico_proto::{
     capabilities, CloseCode, ConnectorId, GroupId, Hello, TunnelId, Welcome, ALPN, PROTOCOL_VERSION,
@@ -40,8 +41,21 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 const STABLE_AFTER: Duration = Duration::from_secs(60);
 /// The delay between slots when tunnels move to new edges.
 const MOVE_STAGGER: Duration = Duration::from_secs(1);
-/// How long a drained tunnel may take to finish its in-flight streams.
+/// How often a slot that fell back to another edge (its own edge could
+/// not be dialled) tries its own edge again, so that tunnels spread over
+/// the edges again once a killed edge is back.
+const HOME_CHECK_EVERY: Duration = Duration::from_secs(10);
+/// How long a tunnel this connector drains may take to finish its
+/// in-flight streams.
 const DRAIN_LIMIT: Duration = Duration::from_secs(600);
+/// How long a tunnel an edge drains may stay open: the edge closes it once
+/// its own drain delay and grace (each at most an hour) are over; this
+/// only bounds an edge that never does.
+const EDGE_DRAIN_LIMIT: Duration = Duration::from_secs(3 * 3600);
+/// How long an edge that said `Drain` is passed over by the slots' picks
+/// (unless no other edge is left): until the router's config, which drops
+/// a draining edge, arrives, and for a while when the router is down.
+const DRAINING_AVOID: Duration = Duration::from_secs(60);
 
 /// What the pool shares with its slots and tunnels.
 pub(crate) struct Pool {
@@ -85,6 +99,9 @@ pub(crate) struct Pool {
     pub region: RegionSettings,
     /// The chooser's state, for the router's report and the handle.
     pub region_status: watch::Sender<Option<Arc<RegionChoice>>>,
+    /// Edges that said `Drain`, and when: the slots' picks pass them over
+    /// for [`DRAINING_AVOID`].
+    pub draining_edges: Mutex<HashMap<EdgeId, Instant>>,
 }
 
 /// A slot's current tunnel.
@@ -146,6 +163,51 @@ impl Pool {
             live: Mutex::new(HashMap::new()),
             region: RegionSettings::default(),
             region_status: watch::channel(None).0,
+            draining_edges: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// `edge` said `Drain`: dial other edges for a while.
+    fn edge_draining(&self, edge: &EdgeId) {
+        let mut d = self
+            .draining_edges
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        d.retain(|_, at| at.elapsed() < DRAINING_AVOID);
+        d.insert(edge.clone(), Instant::now());
+    }
+
+    /// The edges that said `Drain` recently.
+    fn draining(&self) -> Vec<EdgeId> {
+        let d = self
+            .draining_edges
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        d.iter()
+            .filter(|(_, at)| at.elapsed() < DRAINING_AVOID)
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
+    /// The edge slot `slot` dials ([`pick`]), passing over edges that are
+    /// draining. An edge leaves that list once the targets no longer have
+    /// it (the router dropped it): when it is listed again, it has
+    /// restarted.
+    fn pick(&self, slot: usize, skip: usize, targets: &[EdgeEndpoint]) -> Option<EdgeEndpoint> {
+        self.draining_edges
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|id, at| at.elapsed() < DRAINING_AVOID && targets.iter().any(|t| t.id == *id));
+        let draining = self.draining();
+        let serving: Vec<EdgeEndpoint> = targets
+            .iter()
+            .filter(|e| !draining.contains(&e.id))
+            .cloned()
+            .collect();
+        if serving.is_empty() {
+            pick(slot, skip, targets)
+        } else {
+            pick(slot, skip, &serving)
         }
     }
 
@@ -352,7 +414,7 @@ async fn run_slot(pool: Arc<Pool>, slot: usize) {
         let (tunnel, edge) = match ready.take() {
             Some(up) => up,
             None => {
-                let edge = pick(slot, failed_dials, &targets.borrow_and_update());
+                let edge = pool.pick(slot, failed_dials, &targets.borrow_and_update());
                 let Some(edge) = edge else {
                     tracing::debug!("no edge to dial yet; waiting for the router's config and the region choice");
                     tokio::select! {
@@ -421,8 +483,30 @@ async fn run_slot(pool: Arc<Pool>, slot: usize) {
         // never leaves the slot without a tunnel.
         let mut move_at: Option<tokio::time::Instant> = None;
         let mut moving: Option<Replacement> = None;
+        // A slot on a fallback edge tries its own again now and then.
+        let home_every =
+            || tokio::time::Instant::now() + HOME_CHECK_EVERY.mul_f64(1.0 + fastrand::f64() / 2.0);
+        let mut home_check = (failed_dials != 0).then(home_every);
+        let mut homing = false;
         let release = loop {
             tokio::select! {
+                _ = sleep_until(home_check), if moving.is_none() && move_at.is_none() => {
+                    home_check = Some(home_every());
+                    match pool.pick(slot, 0, &targets.borrow()) {
+                        Some(home) if home.id != edge.id || home.tunnel_addr != edge.tunnel_addr => {
+                            tracing::debug!(to = %home.id, "trying this slot's own edge again");
+                            let (p, to) = (pool.clone(), home.clone());
+                            homing = true;
+                            moving = Some((home, Box::pin(async move { dial(&p, slot, &to).await })));
+                        }
+                        Some(_) => {
+                            // Home already (the targets changed meanwhile).
+                            failed_dials = 0;
+                            home_check = None;
+                        }
+                        None => {}
+                    }
+                }
                 r = &mut released => break r.unwrap_or(Release::Closed),
                 r = targets.changed(), if move_at.is_none() && moving.is_none() => {
                     if r.is_err() {
@@ -430,7 +514,7 @@ async fn run_slot(pool: Arc<Pool>, slot: usize) {
                         move_at = Some(tokio::time::Instant::now() + Duration::from_secs(3600));
                         continue;
                     }
-                    let next = pick(slot, failed_dials, &targets.borrow_and_update());
+                    let next = pool.pick(slot, failed_dials, &targets.borrow_and_update());
                     if next.as_ref().is_none_or(|n| n.id == edge.id && n.tunnel_addr == edge.tunnel_addr) {
                         // Same edge, or nothing to dial: keep this tunnel.
                         continue;
@@ -441,7 +525,7 @@ async fn run_slot(pool: Arc<Pool>, slot: usize) {
                 }
                 _ = sleep_until(move_at), if moving.is_none() => {
                     move_at = None;
-                    let next = pick(slot, failed_dials, &targets.borrow_and_update());
+                    let next = pool.pick(slot, failed_dials, &targets.borrow_and_update());
                     match next {
                         Some(n) if n.id != edge.id || n.tunnel_addr != edge.tunnel_addr => {
                             let (p, to) = (pool.clone(), n.clone());
@@ -470,6 +554,10 @@ async fn run_slot(pool: Arc<Pool>, slot: usize) {
                         Err(DialError::Revoked { detail }) => {
                             pool.revoked(detail);
                             return;
+                        }
+                        Err(e) if homing => {
+                            homing = false;
+                            tracing::debug!(edge = %next.id, error = %portico_agent::error_chain(&e), "this slot's own edge still cannot be dialled; staying");
                         }
                         Err(e) => {
                             let delay = backoff.delay().max(MOVE_STAGGER);
@@ -726,9 +814,22 @@ impl Drop for UpGuard {
 /// Who started a drain.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum DrainCause {
+    /// The edge said `Drain`: it keeps opening streams here while users
+    /// still reach it, and closes the tunnel itself at the end of its
+    /// drain. The slot has a replacement dialled elsewhere meanwhile.
     Edge,
+    /// The control stream ended: the tunnel cannot be judged any more.
+    ControlLost,
     Moved,
     Shutdown,
+}
+
+impl DrainCause {
+    /// Whether this side closes the tunnel once its streams are done
+    /// (else the edge closes it).
+    fn close_when_idle(self) -> bool {
+        self != DrainCause::Edge
+    }
 }
 
 /// Runs a welcomed tunnel to its end: accepts the edge's streams, answers
@@ -769,11 +870,25 @@ async fn run_tunnel(
                            draining: &mut Option<DrainCause>,
                            deadline: &mut Option<tokio::time::Instant>,
                            up: &mut Option<UpGuard>| {
-        if draining.is_none() {
-            *draining = Some(cause);
-            *deadline = Some(tokio::time::Instant::now() + DRAIN_LIMIT);
-            streams.close();
-            release(Release::Draining, up);
+        match *draining {
+            None => {
+                *draining = Some(cause);
+                let limit = if cause.close_when_idle() {
+                    DRAIN_LIMIT
+                } else {
+                    EDGE_DRAIN_LIMIT
+                };
+                *deadline = Some(tokio::time::Instant::now() + limit);
+                streams.close();
+                release(Release::Draining, up);
+            }
+            // Drained by the edge, then told to stop (or the control stream
+            // ended): close once the streams are done.
+            Some(DrainCause::Edge) if cause.close_when_idle() => {
+                *draining = Some(cause);
+                *deadline = Some(tokio::time::Instant::now() + DRAIN_LIMIT);
+            }
+            Some(_) => {}
         }
     };
     // Whether the control stream still works: the machine is driven while
@@ -801,8 +916,10 @@ async fn run_tunnel(
                 Event::PeerDraining => {
                     if draining.is_none() {
                         tracing::info!(
-                            "the edge asked this tunnel to drain; opening a replacement"
+                            "the edge asked this tunnel to drain; opening a replacement elsewhere \
+                             (this tunnel serves on until the edge closes it)"
                         );
+                        pool.edge_draining(&welcome.edge_id);
                     }
                     start_drain(
                         DrainCause::Edge,
@@ -830,7 +947,7 @@ async fn run_tunnel(
                     // judged or drained: a replacement opens, and what is
                     // in flight here finishes.
                     start_drain(
-                        DrainCause::Edge,
+                        DrainCause::ControlLost,
                         &mut draining,
                         &mut drain_deadline,
                         &mut up,
@@ -841,10 +958,12 @@ async fn run_tunnel(
         }
         tokio::select! {
             biased;
-            _ = stop.cancelled(), if draining.is_none() => {
+            _ = stop.cancelled(), if draining.is_none_or(|c| !c.close_when_idle()) => {
                 let cause = if pool.stop.is_cancelled() { DrainCause::Shutdown } else { DrainCause::Moved };
                 tracing::info!(?cause, "draining tunnel");
-                ctl.drain();
+                if draining.is_none() {
+                    ctl.drain();
+                }
                 start_drain(cause, &mut draining, &mut drain_deadline, &mut up);
             }
             // quinn's read is cancel safe, and the machine keeps a partial
@@ -869,7 +988,7 @@ async fn run_tunnel(
             () = sleep_until(ctl.poll_timeout().map(tokio::time::Instant::from_std)), if control_open => {
                 ctl.handle_timeout(now());
             }
-            _ = streams.wait(), if draining.is_some() => {
+            _ = streams.wait(), if draining.is_some_and(DrainCause::close_when_idle) => {
                 let (close, reason) = match draining {
                     Some(DrainCause::Shutdown) => (CloseCode::Shutdown, "connector shutting down"),
                     Some(DrainCause::Moved) => (CloseCode::NoError, "tunnel moved to another edge"),
@@ -887,7 +1006,7 @@ async fn run_tunnel(
                 break conn.closed().await;
             }
             _ = sleep_until(drain_deadline) => {
-                tracing::warn!("in-flight streams did not finish in {DRAIN_LIMIT:?}; closing the drained tunnel");
+                tracing::warn!(cause = ?draining, "the drained tunnel is still open at its deadline; closing it");
                 conn.close(code(CloseCode::NoError), b"drain timed out");
                 break conn.closed().await;
             }

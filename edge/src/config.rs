@@ -53,7 +53,13 @@ pub struct Config {
     /// `host:port` other edges dial for mesh links; defaults to the bound
     /// mesh address.
     pub advertise_mesh_addr: Option<String>,
-    /// How long in-flight requests may run on after shutdown starts.
+    /// After SIGTERM: how long the edge keeps accepting users once it has
+    /// told the router it is draining (which takes it out of the DNS
+    /// answers at once). Resolvers may keep the old answer for the edge
+    /// records' TTL (30 s), so the default is that plus 5 s.
+    pub drain_delay: Duration,
+    /// After the drain delay: how long requests in flight may run on
+    /// before what is left is cut.
     pub grace: Duration,
     /// Extra wait beyond an app's backend timeout before `ConnectorTimeout`.
     pub connector_timeout_grace: Duration,
@@ -112,6 +118,9 @@ pub struct Config {
 /// Bounds of [`Config::tunnel_ping_interval`].
 const PING_INTERVAL_RANGE: std::ops::RangeInclusive<Duration> =
     Duration::from_millis(50)..=Duration::from_secs(10);
+/// The default drain delay: the TTL of the edge records in the router's
+/// DNS answers (30 s), plus 5 s for resolvers and load balancers to move.
+pub const DEFAULT_DRAIN_DELAY: Duration = Duration::from_secs(35);
 /// The longest [`Config::tunnel_dead_after`].
 const DEAD_AFTER_MAX: Duration = Duration::from_secs(60);
 /// The most [`Config::max_tunnels_per_connector`] (a connector keeps at
@@ -136,7 +145,8 @@ impl Config {
             advertise_tunnel_addr: None,
             advertise_public_addr: None,
             advertise_mesh_addr: None,
-            grace: Duration::from_secs(10),
+            drain_delay: DEFAULT_DRAIN_DELAY,
+            grace: Duration::from_secs(30),
             connector_timeout_grace: Duration::from_secs(5),
             access_log: true,
             header_read_timeout: Duration::from_secs(10),
@@ -253,6 +263,9 @@ impl Config {
         if self.grace > Duration::from_secs(3600) {
             return invalid("grace", "must be at most one hour".to_owned());
         }
+        if self.drain_delay > Duration::from_secs(3600) {
+            return invalid("drain_delay", "must be at most one hour".to_owned());
+        }
         for (field, d) in [
             ("header_read_timeout", self.header_read_timeout),
             ("keepalive_idle_timeout", self.keepalive_idle_timeout),
@@ -368,6 +381,7 @@ impl fmt::Debug for Config {
             .field("advertise_tunnel_addr", &self.advertise_tunnel_addr)
             .field("advertise_public_addr", &self.advertise_public_addr)
             .field("advertise_mesh_addr", &self.advertise_mesh_addr)
+            .field("drain_delay", &self.drain_delay)
             .field("grace", &self.grace)
             .field("connector_timeout_grace", &self.connector_timeout_grace)
             .field("access_log", &self.access_log)

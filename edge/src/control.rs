@@ -118,6 +118,7 @@ pub(crate) async fn start(config: Config, shutdown: CancellationToken) -> Result
             tunnel_listen: config.tunnel_listen,
             mesh_listen: config.mesh_listen,
             metrics_listen: config.metrics_listen,
+            drain_delay: config.drain_delay,
             grace: config.grace,
             connector_timeout_grace: config.connector_timeout_grace,
             access_log: config.access_log,
@@ -208,6 +209,7 @@ pub(crate) async fn start(config: Config, shutdown: CancellationToken) -> Result
             .map(|bound| advertised(&config.advertise_mesh_addr, bound)),
         version: env!("CARGO_PKG_VERSION").to_owned(),
         tunnels: Vec::new(),
+        draining: false,
     };
     shared
         .tracker
@@ -250,7 +252,7 @@ async fn config_loop(routers: Routers, state: StateDir, shared: Arc<Shared>) {
                 }
                 Err(e) => {
                     tracing::warn!(error = %portico_agent::error_chain(&e), "cannot build a router client");
-                    if backoff.sleep(&shared.shutdown).await.is_err() {
+                    if backoff.sleep(&shared.hard_stop).await.is_err() {
                         return;
                     }
                     continue;
@@ -266,9 +268,12 @@ async fn config_loop(routers: Routers, state: StateDir, shared: Arc<Shared>) {
             shared.table.load().version()
         };
         let answer = tokio::select! {
-            () = shared.shutdown.cancelled() => return,
+            () = shared.hard_stop.cancelled() => return,
             r = c.watch::<EdgeConfig>("/v1/edge/config", after, WATCH_WAIT) => r,
         };
+        shared
+            .router_reachable
+            .store(answer.is_ok(), std::sync::atomic::Ordering::Relaxed);
         match answer {
             Ok(Some(config)) => {
                 first = false;
@@ -305,7 +310,7 @@ async fn config_loop(routers: Routers, state: StateDir, shared: Arc<Shared>) {
                 } else {
                     tracing::warn!(error = %portico_agent::error_chain(&e), "config watch failed; serving the last config");
                 }
-                if backoff.sleep(&shared.shutdown).await.is_err() {
+                if backoff.sleep(&shared.hard_stop).await.is_err() {
                     return;
                 }
             }
@@ -313,30 +318,46 @@ async fn config_loop(routers: Routers, state: StateDir, shared: Arc<Shared>) {
     }
 }
 
-/// Posts an `EdgeReport` every few seconds and soon after tunnel changes.
+/// Posts an `EdgeReport` every few seconds and soon after tunnel changes,
+/// until the hard stop. Shutdown sends one at once that says `draining`,
+/// and the reports go on saying it while the drain runs.
 async fn report_loop(routers: Routers, mut report: EdgeReport, shared: Arc<Shared>) {
+    let mut told_draining = false;
     loop {
         report.tunnels = shared.tunnels.report();
+        report.draining = shared.shutdown.is_cancelled();
         match routers.client() {
             Ok(c) => {
                 let r = tokio::select! {
-                    () = shared.shutdown.cancelled() => return,
+                    () = shared.hard_stop.cancelled() => return,
                     r = c.post_empty("/v1/edge/report", &report) => r,
                 };
-                if let Err(e) = r {
-                    tracing::debug!(error = %portico_agent::error_chain(&e), "presence report failed");
+                match r {
+                    Ok(()) if report.draining && !told_draining => {
+                        told_draining = true;
+                        tracing::info!("the router knows this edge is draining");
+                    }
+                    Ok(()) => {}
+                    Err(e) if report.draining => {
+                        tracing::warn!(error = %portico_agent::error_chain(&e), "cannot tell the router this edge is draining; DNS answers keep it until its reports go stale")
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %portico_agent::error_chain(&e), "presence report failed")
+                    }
                 }
             }
             Err(e) => {
                 tracing::warn!(error = %portico_agent::error_chain(&e), "cannot build a router client")
             }
         }
+        let draining = report.draining;
         tokio::select! {
-            () = shared.shutdown.cancelled() => return,
+            () = shared.hard_stop.cancelled() => return,
+            () = shared.shutdown.cancelled(), if !draining => {}
             () = tokio::time::sleep(REPORT_EVERY) => {}
             () = shared.tunnels.changed.notified() => {
                 tokio::select! {
-                    () = shared.shutdown.cancelled() => return,
+                    () = shared.hard_stop.cancelled() => return,
                     () = tokio::time::sleep(REPORT_DEBOUNCE) => {}
                 }
             }

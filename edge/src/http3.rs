@@ -134,7 +134,7 @@ pub(crate) fn server_config(
 pub(crate) async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
     loop {
         let incoming = tokio::select! {
-            () = shared.shutdown.cancelled() => break,
+            () = shared.closing.cancelled() => break,
             i = endpoint.accept() => match i {
                 Some(i) => i,
                 None => break,
@@ -168,7 +168,7 @@ async fn serve_connection(incoming: quinn::Incoming, client: Arc<ClientConn>, sh
         Ok::<_, SetupError>((conn, h3c))
     };
     let (conn, mut h3c) = tokio::select! {
-        () = shared.shutdown.cancelled() => return,
+        () = shared.closing.cancelled() => return,
         r = tokio::time::timeout(shared.timeouts.header_read.min(HANDSHAKE_TIMEOUT), setup) => match r {
             Ok(Ok(x)) => x,
             Ok(Err(e)) => {
@@ -203,7 +203,7 @@ async fn serve_connection(incoming: quinn::Incoming, client: Arc<ClientConn>, sh
                     break;
                 }
             },
-            () = shared.shutdown.cancelled(), if !closing => {
+            () = shared.closing.cancelled(), if !closing => {
                 closing = true;
                 requests.close();
                 // GOAWAY: the client sends nothing new; one racing

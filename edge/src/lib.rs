@@ -108,6 +108,13 @@ impl Handle {
         self.shared.table.load().version()
     }
 
+    /// A token that stops the edge without a drain when cancelled (a
+    /// second signal): what is in flight is cut, and the edge stops as if
+    /// the grace were over.
+    pub fn hard_stop(&self) -> CancellationToken {
+        self.shared.hard_stop.clone()
+    }
+
     /// Waits for shutdown (the token given to `start`) and the drain.
     pub async fn wait(self) -> Result<(), Error> {
         self.shared.shutdown.cancelled().await;
@@ -138,6 +145,7 @@ pub(crate) struct Shared {
     pub(crate) alt_svc: Option<http::HeaderValue>,
     pub(crate) ready: watch::Sender<bool>,
     pub(crate) connector_timeout_grace: Duration,
+    pub(crate) drain_delay: Duration,
     pub(crate) grace: Duration,
     /// Whether every request gets an access-log line.
     pub(crate) access_log: request::AccessLog,
@@ -153,9 +161,19 @@ pub(crate) struct Shared {
     pub(crate) mesh: mesh::Mesh,
     /// The `Portico-Route` of a response served here: this edge's id.
     pub(crate) route: http::HeaderValue,
-    /// Cancelled to start the shutdown.
+    /// Whether the last config watch got an answer from the router (false
+    /// until the first): without one the presence may be out of date.
+    pub(crate) router_reachable: std::sync::atomic::AtomicBool,
+    /// Cancelled to start the shutdown: the edge is draining. It tells the
+    /// router (which takes it out of the DNS answers, the presence and the
+    /// connectors' edge lists), refuses new tunnels and mesh links, asks
+    /// its connectors and mesh peers to go elsewhere, and keeps serving
+    /// users for the drain delay.
     pub(crate) shutdown: CancellationToken,
-    /// Cancelled when the drain period is over: in-flight work is cut.
+    /// Cancelled when the drain delay is over: no new users; connections
+    /// finish their requests within the grace.
+    pub(crate) closing: CancellationToken,
+    /// Cancelled when the grace is over: in-flight work is cut.
     pub(crate) hard_stop: CancellationToken,
     /// Every task of the edge (listeners, tunnels, control loops).
     pub(crate) tracker: TaskTracker,
@@ -213,7 +231,10 @@ impl Shared {
             revoked_tunnels_closed = closed,
             "config loaded"
         );
-        self.ready.send_replace(true);
+        // Not ready again once draining: `/ready` stays 503.
+        if !self.shutdown.is_cancelled() {
+            self.ready.send_replace(true);
+        }
     }
 }
 
@@ -239,6 +260,7 @@ pub(crate) struct Parts {
     /// edge forwards to others but takes no forwarded requests.
     pub(crate) mesh_listen: Option<SocketAddr>,
     pub(crate) metrics_listen: Option<SocketAddr>,
+    pub(crate) drain_delay: Duration,
     pub(crate) grace: Duration,
     pub(crate) connector_timeout_grace: Duration,
     pub(crate) access_log: bool,
@@ -312,6 +334,7 @@ pub(crate) async fn serve(parts: Parts, shutdown: CancellationToken) -> Result<H
         alt_svc: h3_addr.map(|a| http3::alt_svc(a.port())),
         ready: ready_tx,
         connector_timeout_grace: parts.connector_timeout_grace,
+        drain_delay: parts.drain_delay,
         grace: parts.grace,
         access_log: request::AccessLog(parts.access_log),
         clients: Arc::new(clients::Clients::new(parts.limits.clients.clone())),
@@ -321,7 +344,9 @@ pub(crate) async fn serve(parts: Parts, shutdown: CancellationToken) -> Result<H
         tunnel_policy: parts.tunnels,
         mesh,
         route,
+        router_reachable: std::sync::atomic::AtomicBool::new(false),
         shutdown: shutdown.clone(),
+        closing: CancellationToken::new(),
         hard_stop: CancellationToken::new(),
         tracker,
         conns: TaskTracker::new(),
@@ -489,31 +514,58 @@ pub(crate) async fn serve(parts: Parts, shutdown: CancellationToken) -> Result<H
     })
 }
 
-/// Shutdown: stop accepting (the accept loops see the token), ask every
-/// connector to drain, let in-flight requests finish and connectors close
-/// their tunnels within the grace period, then close the QUIC endpoint with
-/// `CloseCode::Shutdown`. HTTP/3 connections get a GOAWAY at once, finish
-/// their requests within the same grace, and their endpoint closes last.
+/// Shutdown, in three steps:
+///
+/// 1. **Draining** (the `shutdown` token): `/ready` says 503; the report
+///    loop tells the router at once, which drops this edge from the DNS
+///    answers, the presence and the connectors' edge lists; new tunnels
+///    and mesh links are refused; every connector gets `Drain` (it opens a
+///    replacement elsewhere, and keeps this tunnel until the edge closes
+///    it) and every mesh peer gets `Drain` (it forwards elsewhere). Users
+///    are still accepted and served, for the drain delay: resolvers may
+///    hold the old answer that long.
+/// 2. **Closing**, after the drain delay: no new users; HTTP/1.1
+///    connections close after their request, HTTP/2 and HTTP/3 get
+///    GOAWAY; what is in flight (and forwarded requests from peers) may
+///    finish within the grace.
+/// 3. **Stop**, once that is done or the grace is over: every QUIC
+///    endpoint closes with `CloseCode::Shutdown`, which ends the tunnels
+///    (their connectors already serve from elsewhere) and the mesh links.
 async fn drain_on_shutdown(h3_endpoint: Option<quinn::Endpoint>, shared: Arc<Shared>) {
-    shared.shutdown.cancelled().await;
-    tracing::info!(grace = ?shared.grace, "shutting down: draining");
+    tokio::select! {
+        () = shared.shutdown.cancelled() => {}
+        () = shared.hard_stop.cancelled() => shared.shutdown.cancel(),
+    }
+    tracing::info!(
+        drain_delay = ?shared.drain_delay,
+        grace = ?shared.grace,
+        "shutting down: draining (out of DNS and presence; connectors asked to move); still serving users for the drain delay"
+    );
     // `/ready` answers 503 from now on, so load balancers move away.
     shared.ready.send_replace(false);
-    for t in shared.tunnels.snapshot() {
-        t.drain_request.cancel();
+    shared.metrics.draining.set(1);
+    // Users keep being served for the drain delay; a second signal (the
+    // hard stop) cuts it short.
+    tokio::select! {
+        () = tokio::time::sleep(shared.drain_delay) => {}
+        () = shared.hard_stop.cancelled() => {}
     }
+    tracing::info!(
+        in_flight = shared.conns.len(),
+        "drain delay over: no new users; finishing what is in flight"
+    );
+    shared.closing.cancel();
     shared.conns.close();
-    // Connectors answer Drain by finishing their streams and closing the
-    // tunnel; users' connections finish their requests. Wait for both.
-    let drained = async {
-        shared.conns.wait().await;
-        shared.tunnels.all_closed().await;
-    };
-    if tokio::time::timeout(shared.grace, drained).await.is_err() {
-        tracing::info!(
-            tunnels = shared.tunnels.count(),
-            "grace period over, closing what is left"
-        );
+    // Users' connections and forwarded requests finish; the tunnels they
+    // use stay open until then.
+    tokio::select! {
+        r = tokio::time::timeout(shared.grace, shared.conns.wait()) => if r.is_err() {
+            tracing::info!(
+                in_flight = shared.conns.len(),
+                "grace period over, closing what is left"
+            );
+        },
+        () = shared.hard_stop.cancelled() => {}
     }
     shared.hard_stop.cancel();
     // Every shard's endpoint at once: while one of a SO_REUSEPORT group

@@ -77,8 +77,8 @@ pub(crate) struct H2Limits {
     pub(crate) max_pending_accept_resets: usize,
 }
 
-/// Accepts users until shutdown, within the connection caps; each
-/// connection drains gracefully.
+/// Accepts users until the drain delay is over (`Shared::closing`), within
+/// the connection caps; each connection then drains gracefully.
 pub(crate) async fn accept_loop(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
@@ -90,7 +90,7 @@ pub(crate) async fn accept_loop(
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let (tcp, client) = tokio::select! {
-            () = shared.shutdown.cancelled() => break,
+            () = shared.closing.cancelled() => break,
             _ = sweep.tick() => {
                 shared.clients.sweep(std::time::Instant::now());
                 continue;
@@ -103,7 +103,7 @@ pub(crate) async fn accept_loop(
                 Err(e) => {
                     let delay = backoff.failed(&e);
                     tokio::select! {
-                        () = shared.shutdown.cancelled() => break,
+                        () = shared.closing.cancelled() => break,
                         () = tokio::time::sleep(delay) => {}
                     }
                     continue;
@@ -337,7 +337,7 @@ async fn drive<C, E>(
     tokio::pin!(served);
     // Made once and polled in place: the loop goes round about once per
     // `detect` while requests flow, not once per request.
-    let shutdown = shared.shutdown.cancelled();
+    let shutdown = shared.closing.cancelled();
     let kill = conn.kill.cancelled();
     let look = tokio::time::sleep_until(tokio::time::Instant::now());
     tokio::pin!(shutdown, kill, look);

@@ -69,6 +69,9 @@ pub(crate) struct MeshLink {
     pub(crate) conn: quinn::Connection,
     /// The smoothed RTT of the link's pings in µs; 0 until measured.
     srtt_us: AtomicU64,
+    /// The peer said `Drain`: it is shutting down, so forward to it only
+    /// when no other edge holds the group.
+    draining: std::sync::atomic::AtomicBool,
 }
 
 impl MeshLink {
@@ -82,6 +85,10 @@ impl MeshLink {
 
     fn is_alive(&self) -> bool {
         self.conn.close_reason().is_none()
+    }
+
+    fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
     }
 }
 
@@ -191,12 +198,21 @@ impl Mesh {
 
     /// The measured RTT of the live link to `peer`, if any.
     pub(crate) fn rtt_to(&self, peer: &EdgeId) -> Option<Duration> {
+        self.live(peer).and_then(|l| l.rtt())
+    }
+
+    /// Whether `peer` said `Drain` on the live link to it.
+    pub(crate) fn is_draining(&self, peer: &EdgeId) -> bool {
+        self.live(peer).is_some_and(|l| l.is_draining())
+    }
+
+    fn live(&self, peer: &EdgeId) -> Option<Arc<MeshLink>> {
         let slot = {
             let links = self.links.lock().unwrap_or_else(|p| p.into_inner());
             links.get(peer).cloned()?
         };
         let held = slot.try_lock().ok()?;
-        held.as_ref().filter(|l| l.is_alive()).and_then(|l| l.rtt())
+        held.as_ref().filter(|l| l.is_alive()).cloned()
     }
 
     async fn dial(&self, shared: &Shared, peer: &PeerEdge) -> Result<Arc<MeshLink>, String> {
@@ -246,6 +262,7 @@ impl Mesh {
             region: welcome.region,
             conn: conn.clone(),
             srtt_us: AtomicU64::new(0),
+            draining: std::sync::atomic::AtomicBool::new(false),
         });
         tracing::info!(peer = %peer.id, region = %link.region, %addr, "mesh link up");
         shared.metrics.mesh_links.inc();
@@ -287,16 +304,21 @@ pub(crate) fn server_config(
     crate::tunnel_acceptor::quic_server_config(cert, ca_pem, pki::Role::Edge, MESH_ALPN, transport)
 }
 
-/// Accepts mesh links until shutdown.
+/// Accepts mesh links until shutdown; refuses them while the edge drains.
 pub(crate) async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
     loop {
         let incoming = tokio::select! {
-            () = shared.shutdown.cancelled() => break,
+            () = shared.hard_stop.cancelled() => break,
             i = endpoint.accept() => match i {
                 Some(i) => i,
                 None => break,
             },
         };
+        if shared.shutdown.is_cancelled() {
+            // Draining: peers forward elsewhere.
+            incoming.refuse();
+            continue;
+        }
         let span = tracing::info_span!("mesh", remote = %incoming.remote_address());
         shared
             .tracker
@@ -428,6 +450,15 @@ async fn drive(
     serve: Option<(&Arc<Shared>, &EdgeId)>,
 ) -> Closed {
     let mut buf = [0u8; READ_CHUNK];
+    // The acceptor tells its peer when this edge starts draining.
+    let draining = async {
+        match serve {
+            Some((shared, _)) => shared.shutdown.cancelled().await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(draining);
+    let mut drain_sent = false;
     loop {
         let flushed = flush(ctl, send).await;
         while let Some(event) = ctl.poll_event() {
@@ -436,6 +467,12 @@ async fn drive(
                     if let (Some(link), Some(srtt)) = (link, ctl.srtt()) {
                         link.srtt_us
                             .store(srtt.as_micros().max(1) as u64, Ordering::Relaxed);
+                    }
+                }
+                Event::PeerDraining => {
+                    if let Some(link) = link {
+                        tracing::info!(peer = %link.peer, "the peer is draining; forwarding elsewhere while another edge holds the group");
+                        link.draining.store(true, Ordering::Relaxed);
                     }
                 }
                 Event::Closed(closed) => {
@@ -456,6 +493,10 @@ async fn drive(
             return closed;
         }
         tokio::select! {
+            () = &mut draining, if !drain_sent => {
+                drain_sent = true;
+                ctl.drain();
+            }
             () = sleep_until(ctl.poll_timeout()) => ctl.handle_timeout(now()),
             r = recv.read(&mut buf) => match r {
                 Ok(Some(n)) => ctl.handle_data(&buf[..n], now()),

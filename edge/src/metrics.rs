@@ -23,6 +23,8 @@ pub(crate) struct Metrics {
     pub(crate) bytes_in: IntCounter,
     pub(crate) bytes_out: IntCounter,
     pub(crate) config_version: IntGauge,
+    /// `portico_edge_draining`: 1 from SIGTERM until the edge stops.
+    pub(crate) draining: IntGauge,
     /// `portico_edge_tunnel_closes_total{reason}`: every tunnel that
     /// ended, once, refused ones included (`too_many_tunnels`,
     /// `stream_limit`, `unresponsive`, ...).
@@ -127,6 +129,12 @@ impl Metrics {
         let config_version = IntGauge::new(
             "portico_edge_config_version",
             "Version of the loaded config",
+        )
+        .expect("valid metric");
+        let draining = IntGauge::new(
+            "portico_edge_draining",
+            "1 while the edge drains (after SIGTERM): out of DNS and presence, refusing \
+             new tunnels, still serving users for the drain delay",
         )
         .expect("valid metric");
         let tunnel_closes = IntCounterVec::new(
@@ -263,6 +271,7 @@ impl Metrics {
             Box::new(streams.clone()),
             Box::new(bytes.clone()),
             Box::new(config_version.clone()),
+            Box::new(draining.clone()),
             Box::new(tunnel_closes.clone()),
             Box::new(picks.clone()),
             Box::new(tunnel_rtt.clone()),
@@ -285,6 +294,7 @@ impl Metrics {
             bytes_in: bytes.with_label_values(&["in"]),
             bytes_out: bytes.with_label_values(&["out"]),
             config_version,
+            draining,
             tunnel_closes,
             picks_own_shard: picks.with_label_values(&["own"]),
             picks_other_shard: picks.with_label_values(&["other"]),

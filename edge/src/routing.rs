@@ -84,6 +84,17 @@ impl RoutingTable {
             .collect()
     }
 
+    /// Every other edge of `region` that takes mesh links, whatever the
+    /// presence says: where to look when the router cannot be asked and
+    /// the presence may be out of date.
+    pub(crate) fn mesh_peers_in(&self, region: &RegionId) -> Vec<&PeerEdge> {
+        self.config
+            .peers
+            .iter()
+            .filter(|p| p.region == *region && p.mesh_addr.is_some())
+            .collect()
+    }
+
     pub(crate) fn is_revoked(&self, connector: &ConnectorId) -> bool {
         self.revoked.contains(connector)
     }

@@ -175,6 +175,8 @@ async fn test_edge_with(
 ) -> anyhow::Result<Handle> {
     let mut config = crate::Config::new("https://unused", "/unused");
     config.http3 = true;
+    // Tests of the drain set their own delay.
+    config.drain_delay = Duration::ZERO;
     tune(&mut config);
     edge_as(pki, shutdown, edge_id(), RegionId::default_region(), config).await
 }
@@ -214,6 +216,7 @@ async fn edge_as(
             tunnel_listen: "127.0.0.1:0".parse()?,
             mesh_listen: config.mesh_listen,
             metrics_listen: Some("127.0.0.1:0".parse()?),
+            drain_delay: config.drain_delay,
             grace: Duration::from_secs(2),
             connector_timeout_grace: Duration::from_millis(200),
             access_log: true,
@@ -1011,6 +1014,69 @@ async fn websocket_upgrades_become_byte_pipes() -> anyhow::Result<()> {
 
     shutdown.cancel();
     tokio::time::timeout(DEADLINE, edge.wait()).await??;
+    Ok(())
+}
+
+/// SIGTERM starts the drain: the edge asks its connector to drain, says
+/// `/ready` 503, refuses new tunnels at once, and keeps serving users
+/// through the tunnels it has for the drain delay (here an hour: the test
+/// holds the edge in it). The hard stop (a second signal) ends it early
+/// and closes the tunnel with `Shutdown`.
+#[tokio::test]
+async fn a_draining_edge_keeps_serving_users_through_its_tunnels_and_refuses_new_ones(
+) -> anyhow::Result<()> {
+    let pki = Pki::new("test CA")?;
+    let shutdown = CancellationToken::new();
+    let edge = test_edge_with(&pki, &shutdown, |c| {
+        c.drain_delay = Duration::from_secs(3600);
+    })
+    .await?;
+    let addr = edge.public_addr;
+    let ep = quic_client(&pki, pki.connector("c-1")?)?;
+    let conn = dial(&ep, edge.tunnel_addr).await?;
+    let mut control = handshake(&conn, "c-1").await?;
+    fake_connector(conn.clone(), "c-1");
+    wait_until("the tunnel to attach", || edge.tunnel_count() == 1).await?;
+    assert!(edge.is_ready());
+
+    shutdown.cancel();
+    match control.next().await? {
+        Some(Frame::Drain) => {}
+        other => anyhow::bail!("expected Drain on shutdown, got {other:?}"),
+    }
+    assert!(!edge.is_ready(), "/ready says 503 while draining");
+    assert!(edge
+        .shared
+        .metrics
+        .render()
+        .contains("portico_edge_draining 1"));
+    // A new tunnel is refused in the handshake, not left to time out.
+    let refused = dial(&ep, edge.tunnel_addr).await;
+    let err = refused.expect_err("a draining edge takes no new tunnel");
+    assert!(
+        format!("{err:#}").to_ascii_lowercase().contains("refused"),
+        "{err:#}"
+    );
+    // Users are still served, over HTTP/1.1 and HTTP/2, new connections
+    // included, through the drained tunnel.
+    for h2 in [false, true] {
+        let r = https(
+            &pki,
+            addr,
+            "hr.apps.test",
+            h2,
+            get("hr.apps.test", "/while-draining", h2),
+        )
+        .await?;
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(r.body(), "c-1|hr|GET|hr.apps.test|/while-draining|");
+    }
+    assert!(conn.close_reason().is_none(), "the tunnel stays up");
+
+    edge.hard_stop().cancel();
+    tokio::time::timeout(DEADLINE, edge.wait()).await??;
+    let (code, _) = close_code(&conn).await?;
+    assert_eq!(code, CloseCode::Shutdown);
     Ok(())
 }
 
@@ -2434,6 +2500,7 @@ async fn mesh_edge_with(
     tune: impl FnOnce(&mut crate::Config),
 ) -> anyhow::Result<Handle> {
     let mut config = crate::Config::new("https://unused", "/unused");
+    config.drain_delay = Duration::ZERO;
     tune(&mut config);
     config.http3 = false;
     config.mesh_listen = Some("127.0.0.1:0".parse()?);
@@ -2462,6 +2529,7 @@ fn point_at(edge: &Handle, version: u64, holders: &[&Handle]) {
             region: h.region.clone(),
             mesh_addr: h.mesh_addr.map(|a| a.to_string()),
             healthy: true,
+            draining: false,
             tunnels: 1,
         })
         .collect();

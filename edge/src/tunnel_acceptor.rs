@@ -92,16 +92,28 @@ pub(crate) fn quic_server_config(
     Ok(sc)
 }
 
-/// Accepts tunnels until shutdown.
+/// Accepts tunnels until shutdown; while the edge drains, refuses them at
+/// once (QUIC `CONNECTION_REFUSED`), so that connectors dial another edge
+/// instead of waiting for a handshake timeout.
 pub(crate) async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
     loop {
         let incoming = tokio::select! {
-            () = shared.shutdown.cancelled() => break,
+            () = shared.hard_stop.cancelled() => break,
             i = endpoint.accept() => match i {
                 Some(i) => i,
                 None => break,
             },
         };
+        if shared.shutdown.is_cancelled() {
+            tracing::debug!(remote = %incoming.remote_address(), "draining: tunnel refused");
+            shared
+                .metrics
+                .tunnel_closes
+                .with_label_values(&["draining"])
+                .inc();
+            incoming.refuse();
+            continue;
+        }
         let shared2 = Arc::clone(&shared);
         let remote = incoming.remote_address();
         let span = tracing::info_span!(
@@ -482,7 +494,10 @@ async fn control_loop(
             }
         }
         tokio::select! {
-            () = tunnel.drain_request.cancelled(), if !drain_sent => {
+            // The edge drains: the connector opens a replacement elsewhere
+            // and keeps serving this tunnel's streams until the edge closes
+            // it, at the end of the drain.
+            () = shared.shutdown.cancelled(), if !drain_sent => {
                 drain_sent = true;
                 tracing::debug!("sending Drain");
                 ctl.drain();

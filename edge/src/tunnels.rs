@@ -12,7 +12,6 @@ use arc_swap::ArcSwap;
 use portico_proto::api::TunnelReport;
 use portico_proto::{CloseCode, ConnectorId, GroupId, TunnelId};
 use tokio::sync::Notify;
-use tokio_util::sync::CancellationToken;
 
 /// One attached tunnel.
 #[derive(Debug)]
@@ -32,8 +31,6 @@ pub(crate) struct Tunnel {
     /// The connector left a ping unanswered past its deadline
     /// (`liveness`): picked only when no healthy tunnel is left.
     suspect: AtomicBool,
-    /// Cancelled to ask the control loop to send `Drain` to the connector.
-    pub(crate) drain_request: CancellationToken,
     /// The code this edge closed the tunnel with, if it did.
     closed_with: std::sync::OnceLock<CloseCode>,
 }
@@ -59,7 +56,6 @@ impl Tunnel {
             outstanding: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
             suspect: AtomicBool::new(false),
-            drain_request: CancellationToken::new(),
             closed_with: std::sync::OnceLock::new(),
         }
     }
@@ -130,8 +126,6 @@ pub(crate) struct Tunnels {
     next_id: AtomicU64,
     /// Notified after every attach and detach (presence reports).
     pub(crate) changed: Notify,
-    /// The number of tunnels, for the drain to wait on.
-    count: tokio::sync::watch::Sender<usize>,
     /// Tunnels per connector, attached or still in their handshake.
     per_connector: Arc<Mutex<HashMap<ConnectorId, usize>>>,
     /// The edge's shards (`shard.rs`); with more than one, a request
@@ -225,14 +219,7 @@ impl Tunnels {
             list.sort_by_key(|t| t.id);
         }
         self.by_group.store(Arc::new(by_group));
-        self.count.send_replace(all.len());
         self.changed.notify_one();
-    }
-
-    /// Resolves once no tunnel is attached.
-    pub(crate) async fn all_closed(&self) {
-        let mut rx = self.count.subscribe();
-        let _ = rx.wait_for(|n| *n == 0).await;
     }
 
     pub(crate) fn count(&self) -> usize {

@@ -685,6 +685,10 @@ pub struct TokenInfo {
 pub enum Status {
     Active,
     Inactive,
+    /// An edge that is shutting down: it has left the DNS answers, the
+    /// presence and the connectors' edge lists, and finishes what it
+    /// serves.
+    Draining,
 }
 
 /// How often an edge posts an [`EdgeReport`] when nothing changes (it also
@@ -851,6 +855,10 @@ pub struct PeerEdge {
     pub mesh_addr: Option<String>,
     /// Whether its latest report is fresh.
     pub healthy: bool,
+    /// Whether it is shutting down: forward to it only when no other edge
+    /// holds the group.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub draining: bool,
     /// Tunnels attached to it at its last report: its load.
     pub tunnels: u32,
 }
@@ -892,6 +900,10 @@ pub struct EdgeReport {
     pub mesh_addr: Option<String>,
     pub version: String,
     pub tunnels: Vec<TunnelReport>,
+    /// The edge is shutting down (SIGTERM): the router drops it from the
+    /// DNS answers, the presence and the connectors' edge lists at once.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub draining: bool,
 }
 
 /// One connector attached to the reporting edge.

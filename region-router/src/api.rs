@@ -1014,6 +1014,7 @@ async fn edge_report(
             .fold(0u32, |n, t| n.saturating_add(t.tunnels)),
         mesh_addr: report.mesh_addr.clone(),
         groups: groups.into_iter().collect(),
+        draining: report.draining,
     };
     let connectors: Vec<ConnectorSeen> = report
         .tunnels
@@ -1050,6 +1051,7 @@ async fn edge_report(
         edge.id.clone(),
         remote.map(|axum::Extension(RemoteAddr(a))| a.ip()),
         ids,
+        report.draining,
         Instant::now(),
     );
     state.presence_changed.notify_one();
@@ -1154,7 +1156,7 @@ fn regions_view(
                     .into_iter()
                     .map(|e| RegionEdge {
                         id: e.id.clone(),
-                        status: status(presence.edge_is_active(&e.id, now)),
+                        status: presence.edge_status(&e.id, now),
                         tunnels: e.tunnels,
                         connectors: count(presence.connectors_on([&e.id], now)),
                         last_seen: e.last_seen,
@@ -1712,7 +1714,7 @@ async fn list_edges(
             .into_iter()
             .filter(|e| e.deleted_at.is_none())
             .map(|e| Edge {
-                status: status(presence.edge_is_active(&e.id, now)),
+                status: presence.edge_status(&e.id, now),
                 id: e.id,
                 region: e.region,
                 host: e.host,
@@ -1743,12 +1745,17 @@ pub(crate) fn refresh_gauges(state: &AppState) {
         .filter(|c| c.deleted_at.is_none())
         .map(|c| presence.connector(&c.id, now).is_active())
         .collect();
-    let edges: Vec<(&RegionId, bool)> = edges
+    let edges: Vec<(&RegionId, Status)> = edges
         .iter()
         .filter(|e| e.deleted_at.is_none())
-        .map(|e| (&e.region, presence.edge_is_active(&e.id, now)))
+        .map(|e| (&e.region, presence.edge_status(&e.id, now)))
         .collect();
     drop(presence);
+    const EDGE_STATES: [(&str, Status); 3] = [
+        ("active", Status::Active),
+        ("inactive", Status::Inactive),
+        ("draining", Status::Draining),
+    ];
     // Every region, edges or not; a deleted region's series go (removed
     // one by one, not reset, so that a concurrent scrape never sees none).
     let gauge = &state.metrics.region_edges;
@@ -1760,39 +1767,36 @@ pub(crate) fn refresh_gauges(state: &AppState) {
         .lock()
         .unwrap_or_else(|p| p.into_inner());
     for gone in shown.difference(&ids) {
-        for label in ["active", "inactive"] {
+        for (label, _) in EDGE_STATES {
             let _ = gauge.remove_label_values(&[gone.as_str(), label]);
         }
     }
     *shown = ids;
     drop(shown);
+    let set = |g: &prometheus::IntGaugeVec, labels: &[&str], n: usize| {
+        g.with_label_values(labels)
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    };
     for r in &regions {
-        for (label, active) in [("active", true), ("inactive", false)] {
+        for (label, status) in EDGE_STATES {
             let n = edges
                 .iter()
-                .filter(|(region, a)| **region == r.id && *a == active)
+                .filter(|(region, st)| **region == r.id && *st == status)
                 .count();
-            gauge
-                .with_label_values(&[r.id.as_str(), label])
-                .set(i64::try_from(n).unwrap_or(i64::MAX));
+            set(gauge, &[r.id.as_str(), label], n);
         }
     }
-    for (gauge, statuses) in [
-        (&state.metrics.connectors, connectors),
-        (
-            &state.metrics.edges,
-            edges.iter().map(|(_, a)| *a).collect(),
-        ),
-    ] {
-        let active = statuses.iter().filter(|a| **a).count();
-        let inactive = statuses.len() - active;
-        gauge
-            .with_label_values(&["active"])
-            .set(i64::try_from(active).unwrap_or(i64::MAX));
-        gauge
-            .with_label_values(&["inactive"])
-            .set(i64::try_from(inactive).unwrap_or(i64::MAX));
+    for (label, status) in EDGE_STATES {
+        let n = edges.iter().filter(|(_, st)| *st == status).count();
+        set(&state.metrics.edges, &[label], n);
     }
+    let active = connectors.iter().filter(|a| **a).count();
+    set(&state.metrics.connectors, &["active"], active);
+    set(
+        &state.metrics.connectors,
+        &["inactive"],
+        connectors.len() - active,
+    );
 }
 
 #[cfg(test)]

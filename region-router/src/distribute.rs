@@ -79,7 +79,13 @@ pub(crate) fn apps(s: &StoreState, config: &Config) -> Vec<App> {
         .collect()
 }
 
+/// Whether `edge`'s latest report said it is shutting down.
+pub(crate) fn is_draining(s: &StoreState, edge: &EdgeId) -> bool {
+    s.presence.iter().any(|p| p.edge == *edge && p.draining)
+}
+
 /// Which fresh edges hold tunnels of which group, groups and edges sorted.
+/// A draining edge is left out: other edges stop forwarding to it.
 pub(crate) fn presence(s: &StoreState, at: At) -> Vec<GroupPresence> {
     let fresh: Vec<&EdgeId> = s
         .edges
@@ -89,7 +95,7 @@ pub(crate) fn presence(s: &StoreState, at: At) -> Vec<GroupPresence> {
         .collect();
     let mut by_group: BTreeMap<&GroupId, Vec<EdgeId>> = BTreeMap::new();
     for p in &s.presence {
-        if !fresh.contains(&&p.edge) {
+        if p.draining || !fresh.contains(&&p.edge) {
             continue;
         }
         for (group, tunnels) in &p.groups {
@@ -151,6 +157,7 @@ pub(crate) fn edge_config(
                 region: e.region.clone(),
                 mesh_addr: mesh_addr(&e.id),
                 healthy: is_fresh(e, at),
+                draining: is_draining(s, &e.id),
                 tunnels: e.tunnels,
             })
             .collect(),
@@ -159,7 +166,8 @@ pub(crate) fn edge_config(
 
 /// The config of a connector of `group`: the group's apps, and the edges to
 /// dial (its pinned region's, or every region's for `auto`), healthy edges
-/// first, then by id.
+/// first, then by id. A draining edge is left out: it takes no new
+/// tunnels, and its connectors move theirs elsewhere.
 pub(crate) fn connector_config(
     s: &StoreState,
     group: &GroupId,
@@ -174,6 +182,7 @@ pub(crate) fn connector_config(
         .edges
         .iter()
         .filter(|e| region.as_ref().is_none_or(|r| *r == e.region))
+        .filter(|e| !is_draining(s, &e.id))
         .filter_map(|e| {
             e.tunnel_addr.clone().map(|tunnel_addr| {
                 (
@@ -247,17 +256,20 @@ mod tests {
                 edge: EdgeId::new("e-eu").unwrap(),
                 mesh_addr: Some("127.0.0.1:9001".into()),
                 groups: vec![(g.clone(), 2)],
+                draining: false,
             },
             PresenceRecord {
                 edge: EdgeId::new("e-old").unwrap(),
                 mesh_addr: Some("127.0.0.1:9003".into()),
                 // Not yet swept: its report is stale, so it does not count.
                 groups: vec![(g.clone(), 4)],
+                draining: false,
             },
             PresenceRecord {
                 edge: EdgeId::new("e-us").unwrap(),
                 mesh_addr: None,
                 groups: vec![],
+                draining: false,
             },
         ];
         s.version = 42;
@@ -338,5 +350,20 @@ mod tests {
         assert_eq!(edges, vec!["e-eu", "e-us", "e-old"]);
         assert_eq!(c.region, None);
         assert_eq!(c.version, 42);
+    }
+
+    #[test]
+    fn a_draining_edge_leaves_the_presence_and_the_connectors_edge_lists() {
+        let now = 10_000;
+        let mut s = state(now);
+        s.presence[0].draining = true;
+        assert!(presence(&s, at(now)).is_empty(), "e-eu held the group");
+        let us = s.edges.iter().find(|e| e.id.as_str() == "e-us").unwrap();
+        let c = edge_config(&s, us, &config(), at(now));
+        let eu = c.peers.iter().find(|p| p.id.as_str() == "e-eu").unwrap();
+        assert!(eu.draining && eu.healthy);
+        let c = connector_config(&s, &GroupId::default_group(), &config(), at(now));
+        let edges: Vec<&str> = c.edges.iter().map(|e| e.id.as_str()).collect();
+        assert_eq!(edges, vec!["e-us", "e-old"]);
     }
 }

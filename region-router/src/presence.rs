@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use portico_proto::api::{EDGE_REPORT_INTERVAL, REPORT_FRESH_INTERVALS};
+use portico_proto::api::{Status, EDGE_REPORT_INTERVAL, REPORT_FRESH_INTERVALS};
 use portico_proto::ids::{ConnectorId, EdgeId};
 
 /// How long an edge's latest report counts.
@@ -40,6 +40,8 @@ struct Report {
     from: Option<IpAddr>,
     /// Each attached connector and its tunnel count on that edge.
     connectors: Vec<(ConnectorId, u32)>,
+    /// The edge said it is shutting down.
+    draining: bool,
 }
 
 /// What the fresh reports say about one connector.
@@ -65,6 +67,7 @@ impl Presence {
         edge: EdgeId,
         from: Option<IpAddr>,
         connectors: Vec<(ConnectorId, u32)>,
+        draining: bool,
         now: Instant,
     ) {
         self.edges.insert(
@@ -73,6 +76,7 @@ impl Presence {
                 at: now,
                 from: from.map(|ip| ip.to_canonical()),
                 connectors,
+                draining,
             },
         );
     }
@@ -100,9 +104,20 @@ impl Presence {
         self.edges.remove(edge);
     }
 
-    /// Whether `edge`'s latest report is fresh.
+    /// Whether `edge`'s latest report is fresh and it is not draining:
+    /// whether it belongs in the DNS answers.
     pub(crate) fn edge_is_active(&self, edge: &EdgeId, now: Instant) -> bool {
-        self.edges.get(edge).is_some_and(|r| fresh(r, now))
+        self.edge_status(edge, now) == Status::Active
+    }
+
+    /// `edge`'s state for `edge list` and `region list`: draining while
+    /// its latest fresh report says so, else active while that is fresh.
+    pub(crate) fn edge_status(&self, edge: &EdgeId, now: Instant) -> Status {
+        match self.edges.get(edge).filter(|r| fresh(r, now)) {
+            Some(r) if r.draining => Status::Draining,
+            Some(_) => Status::Active,
+            None => Status::Inactive,
+        }
     }
 
     /// How many distinct connectors the fresh reports of `edges` list
@@ -165,15 +180,17 @@ mod tests {
             edge("e-a"),
             None,
             vec![(conn("c-1"), 2), (conn("c-2"), 1)],
+            false,
             t0,
         );
         p.report(
             edge("e-b"),
             None,
             vec![(conn("c-1"), 1), (conn("c-3"), 4)],
+            false,
             t0,
         );
-        p.report(edge("e-c"), None, vec![(conn("c-9"), 1)], t0);
+        p.report(edge("e-c"), None, vec![(conn("c-9"), 1)], false, t0);
         let (a, b) = (edge("e-a"), edge("e-b"));
         assert_eq!(p.connectors_on([&a, &b], t0), 3, "c-1 counts once");
         assert_eq!(p.connectors_on([&a], t0), 2);
@@ -181,8 +198,24 @@ mod tests {
         assert_eq!(p.connectors_on(std::iter::empty(), t0), 0);
         // e-a's report goes stale while e-b reports again.
         let later = t0 + REPORT_FRESH + Duration::from_millis(1);
-        p.report(edge("e-b"), None, vec![(conn("c-3"), 4)], later);
+        p.report(edge("e-b"), None, vec![(conn("c-3"), 4)], false, later);
         assert_eq!(p.connectors_on([&a, &b], later), 1);
+    }
+
+    #[test]
+    fn a_draining_edge_is_not_active_and_shows_as_draining_while_fresh() {
+        let t0 = Instant::now();
+        let mut p = Presence::default();
+        p.report(edge("e-a"), None, vec![(conn("c-1"), 2)], true, t0);
+        assert!(!p.edge_is_active(&edge("e-a"), t0));
+        assert_eq!(p.edge_status(&edge("e-a"), t0), Status::Draining);
+        // Its connectors still count: their streams finish there.
+        assert!(p.connector(&conn("c-1"), t0).is_active());
+        let late = t0 + REPORT_FRESH + Duration::from_millis(1);
+        assert_eq!(p.edge_status(&edge("e-a"), late), Status::Inactive);
+        // Restarted, it reports as serving again.
+        p.report(edge("e-a"), None, Vec::new(), false, late);
+        assert_eq!(p.edge_status(&edge("e-a"), late), Status::Active);
     }
 
     #[test]
@@ -192,11 +225,12 @@ mod tests {
         let mut p = Presence::default();
         assert!(!p.connector(&conn("c-1"), t0).is_active(), "never reported");
 
-        p.report(edge("e-a"), None, vec![(conn("c-1"), 2)], t0);
+        p.report(edge("e-a"), None, vec![(conn("c-1"), 2)], false, t0);
         p.report(
             edge("e-b"),
             None,
             vec![(conn("c-1"), 1), (conn("c-2"), 4)],
+            false,
             t0 + s(1),
         );
         assert_eq!(
@@ -210,7 +244,7 @@ mod tests {
 
         // The edge's next report leaves c-2 out: inactive at once, however
         // recently it was listed.
-        p.report(edge("e-b"), None, vec![(conn("c-1"), 1)], t0 + s(3));
+        p.report(edge("e-b"), None, vec![(conn("c-1"), 1)], false, t0 + s(3));
         assert!(!p.connector(&conn("c-2"), t0 + s(3)).is_active());
 
         // e-a stops reporting: its report counts for 15 s, and not a
@@ -233,7 +267,7 @@ mod tests {
         assert!(!p.edge_is_active(&edge("e-b"), silent));
 
         // A fresh report brings it back; a deleted edge is forgotten.
-        p.report(edge("e-a"), None, vec![(conn("c-1"), 2)], silent);
+        p.report(edge("e-a"), None, vec![(conn("c-1"), 2)], false, silent);
         assert!(p.connector(&conn("c-1"), silent).is_active());
         p.remove(&edge("e-a"));
         assert!(!p.connector(&conn("c-1"), silent).is_active());

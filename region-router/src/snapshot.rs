@@ -287,8 +287,16 @@ pub(crate) mod tests {
                     .iter()
                     .map(|(c, n)| (ConnectorId::new(*c).unwrap(), *n))
                     .collect(),
+                false,
                 self.now - age,
             );
+            self
+        }
+
+        /// A fresh report from `edge` saying it is shutting down.
+        pub(crate) fn draining(&mut self, edge: &str) -> &mut Self {
+            self.presence
+                .report(EdgeId::new(edge).unwrap(), None, Vec::new(), true, self.now);
             self
         }
 

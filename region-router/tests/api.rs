@@ -795,6 +795,7 @@ async fn enroll_renew_report_and_revoke() -> anyhow::Result<()> {
                 remote_addr: "192.0.2.7:50000".into(),
                 tunnels: 2,
             }],
+            draining: false,
         },
     )
     .await?;
@@ -1383,6 +1384,7 @@ fn report(tunnel_addr: &str, connector: &ConnectorId) -> EdgeReport {
             remote_addr: "192.0.2.7:50000".into(),
             tunnels: 1,
         }],
+        draining: false,
     }
 }
 
@@ -1632,6 +1634,26 @@ async fn a_connector_is_inactive_as_soon_as_no_edge_report_lists_it() -> anyhow:
         text.contains(r#"portico_router_connectors{status="inactive"} 1"#)
             && text.contains(r#"portico_router_connectors{status="active"} 0"#)
             && text.contains(r#"portico_router_edges{status="active"} 2"#),
+        "{text}"
+    );
+
+    // Edge a drains: shown so at once, out of the connectors' edge lists
+    // and the presence, and counted apart.
+    a.post_empty(
+        "/v1/edge/report",
+        &EdgeReport {
+            draining: true,
+            ..report("127.0.0.1:4001", &conn_id)
+        },
+    )
+    .await?;
+    let edges: Vec<Edge> = admin.get_json("/v1/edges").await?;
+    let state = |id: &EdgeId| edges.iter().find(|e| e.id == *id).map(|e| e.status);
+    assert_eq!(state(&a_id), Some(Status::Draining), "{edges:?}");
+    assert_eq!(state(&b_id), Some(Status::Active), "{edges:?}");
+    let (_, text) = plain_get(h.metrics_addr.context("metrics")?, "/metrics").await?;
+    assert!(
+        text.contains(r#"portico_router_edges{status="draining"} 1"#),
         "{text}"
     );
     stop(h, shutdown).await

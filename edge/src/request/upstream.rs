@@ -4,6 +4,7 @@
 //! for the response head. A failed attempt is tried again on another
 //! upstream when its error says that is safe ([`Retry`]).
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -81,9 +82,10 @@ impl std::fmt::Display for Via {
 /// Phase 3: an upstream for the app, not one of `tried`. Among the
 /// group's tunnels on this edge, those of connectors not tried yet come
 /// first (a retry goes to another connector when there is one). With none
-/// here, another edge that holds one and was not tried: of this edge's
-/// region first, then the nearest by the link's measured RTT, then the
-/// least loaded.
+/// here, another edge that holds one and was not tried: one that is not
+/// draining first, then of this edge's region, then the nearest by the
+/// link's measured RTT, then the least loaded. While the router cannot be
+/// reached and the presence names nobody, any edge of this region.
 pub(crate) fn select(
     shared: &Shared,
     app: &App,
@@ -94,13 +96,27 @@ pub(crate) fn select(
         Ok(t) => Ok(Upstream::Tunnel(t)),
         Err(no_tunnel) => {
             let table = shared.table.load();
+            let untried = |p: &&PeerEdge| p.id != shared.edge_id && !tried_peers.contains(&p.id);
             let mut peers: Vec<&PeerEdge> = table
                 .peers_holding(&app.connector_group)
                 .into_iter()
-                .filter(|p| p.id != shared.edge_id && !tried_peers.contains(&p.id))
+                .filter(untried)
                 .collect();
+            // Without the router, the presence is as old as the last
+            // config: a connector may have moved its tunnels to another
+            // edge of this region since (when this edge drained and
+            // restarted). Ask those edges; one without a tunnel of the
+            // group answers MeshUnreachable at once, and the next is tried.
+            if peers.is_empty() && !shared.router_reachable.load(Ordering::Relaxed) {
+                peers = table
+                    .mesh_peers_in(&shared.region)
+                    .into_iter()
+                    .filter(untried)
+                    .collect();
+            }
             peers.sort_by_cached_key(|p| {
                 (
+                    p.draining || shared.mesh.is_draining(&p.id),
                     p.region != shared.region,
                     shared
                         .mesh

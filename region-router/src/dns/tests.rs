@@ -142,6 +142,17 @@ fn an_unhealthy_edge_leaves_the_answers_and_a_region_without_healthy_edges_fails
 }
 
 #[test]
+fn a_draining_edge_leaves_the_answers_at_once() {
+    let mut b = two_regions();
+    b.draining("e-eu-1");
+    let zone = super::zone(&b.snapshot(), &origin());
+    let (_, _, answers, _) = ask(&zone, "eu-west.edge.apps.test.", RecordType::A);
+    assert_eq!(answers, ["eu-west.edge.apps.test. 30 A 192.0.2.2"]);
+    let (_, _, answers, _) = ask(&zone, "eu-west.tunnel.apps.test.", RecordType::A);
+    assert_eq!(answers, ["eu-west.tunnel.apps.test. 30 A 198.51.100.2"]);
+}
+
+#[test]
 fn a_router_that_has_heard_no_report_yet_answers_with_every_edge() {
     let mut b = two_regions();
     b.presence = crate::presence::Presence::default();

@@ -148,6 +148,8 @@ pub struct EdgeSeen {
     pub mesh_addr: Option<String>,
     /// The groups it holds tunnels of, each with its tunnel count.
     pub groups: Vec<(GroupId, u32)>,
+    /// It is shutting down.
+    pub draining: bool,
 }
 
 /// Where an edge's tunnels are, as its latest report said: part of the
@@ -159,6 +161,9 @@ pub struct PresenceRecord {
     /// The groups it holds tunnels of, by id, each with its tunnel count.
     /// Empty once its report has gone stale ([`Store::expire_presence`]).
     pub groups: Vec<(GroupId, u32)>,
+    /// Its latest report said it is shutting down: it is in no DNS
+    /// answer, no presence and no connector's edge list.
+    pub draining: bool,
 }
 
 /// Durable router state. Every change that edges or connectors care about

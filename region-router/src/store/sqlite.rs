@@ -15,7 +15,7 @@ use super::{
 };
 use crate::error::StoreError;
 
-const SCHEMA_VERSION: i64 = 6;
+const SCHEMA_VERSION: i64 = 7;
 
 const SCHEMA_V1: &str = "
 CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -126,6 +126,11 @@ CREATE TABLE presence (
 INSERT INTO meta (key, value) VALUES ('changed_at_ms', 0);
 ";
 
+/// Version 7: whether an edge is draining (shutting down), from its report.
+const SCHEMA_V7: &str = "
+ALTER TABLE presence ADD COLUMN draining INTEGER NOT NULL DEFAULT 0;
+";
+
 /// The SQLite store: one connection behind a mutex.
 pub struct SqliteStore {
     path: PathBuf,
@@ -230,6 +235,7 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
         (4, SCHEMA_V4),
         (5, SCHEMA_V5),
         (6, SCHEMA_V6),
+        (7, SCHEMA_V7),
     ] {
         if found < version {
             let tx = conn.transaction()?;
@@ -1273,23 +1279,24 @@ impl Store for SqliteStore {
             groups.sort();
             groups.dedup_by(|a, b| a.0 == b.0);
             let groups_json = groups_to_json(&groups);
-            let presence_before: Option<(Option<String>, String)> = tx
+            let presence_before: Option<(Option<String>, String, bool)> = tx
                 .query_row(
-                    "SELECT mesh_addr, groups FROM presence WHERE edge_id = ?1",
+                    "SELECT mesh_addr, groups, draining FROM presence WHERE edge_id = ?1",
                     [seen.id.as_str()],
-                    |r| Ok((r.get(0)?, r.get(1)?)),
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
                 )
                 .optional()?;
             tx.execute(
-                "INSERT INTO presence (edge_id, mesh_addr, groups) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (edge_id) DO UPDATE SET mesh_addr = ?2, groups = ?3",
-                params![seen.id.as_str(), seen.mesh_addr, groups_json],
+                "INSERT INTO presence (edge_id, mesh_addr, groups, draining) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (edge_id) DO UPDATE SET mesh_addr = ?2, groups = ?3, draining = ?4",
+                params![seen.id.as_str(), seen.mesh_addr, groups_json, seen.draining],
             )?;
             let presence_changed = match presence_before {
-                None => seen.mesh_addr.is_some() || !groups.is_empty(),
-                Some((mesh_addr, before)) => {
+                None => seen.mesh_addr.is_some() || !groups.is_empty() || seen.draining,
+                Some((mesh_addr, before, draining)) => {
                     let before: Vec<(GroupId, u32)> = groups_from_json(&before)?;
                     mesh_addr != seen.mesh_addr
+                        || draining != seen.draining
                         || before.iter().map(|g| &g.0).ne(groups.iter().map(|g| &g.0))
                 }
             };
@@ -1308,7 +1315,7 @@ impl Store for SqliteStore {
         let guard = self.lock();
         let conn = guard.as_ref().ok_or(StoreError::Closed)?;
         let mut stmt = conn.prepare(
-            "SELECT p.edge_id, p.mesh_addr, p.groups FROM presence p
+            "SELECT p.edge_id, p.mesh_addr, p.groups, p.draining FROM presence p
              JOIN edges e ON e.id = p.edge_id WHERE e.deleted_at IS NULL ORDER BY p.edge_id",
         )?;
         let rows = stmt.query_map([], |r| {
@@ -1316,15 +1323,17 @@ impl Store for SqliteStore {
                 r.get::<_, String>(0)?,
                 r.get::<_, Option<String>>(1)?,
                 r.get::<_, String>(2)?,
+                r.get::<_, bool>(3)?,
             ))
         })?;
         let mut out = Vec::new();
         for row in rows {
-            let (edge, mesh_addr, groups) = row?;
+            let (edge, mesh_addr, groups, draining) = row?;
             out.push(PresenceRecord {
                 edge: EdgeId::new(edge).map_err(|e| corrupt("edge id", e))?,
                 mesh_addr,
                 groups: groups_from_json(&groups)?,
+                draining,
             });
         }
         Ok(out)

@@ -441,6 +441,7 @@ fn populate(s: &dyn Store) {
         tunnels: 3,
         mesh_addr: None,
         groups: Vec::new(),
+        draining: false,
     };
     let before = s.config_version().expect("version");
     let v = s
@@ -529,10 +530,31 @@ fn populate_presence(s: &dyn Store, seen: &EdgeSeen) {
     assert_eq!(s.expire_presence(1002).expect("expire"), None);
     // Reported again: back, with a bump.
     assert!(s
+        .edge_seen(&EdgeSeen {
+            at: 2000,
+            ..moved.clone()
+        })
+        .expect("seen")
+        .is_some());
+    assert_eq!(mine(s).expect("listed").groups, vec![(g.clone(), 5)]);
+    // Draining is stored and bumps, once; back to serving bumps again.
+    let draining = EdgeSeen {
+        at: 2000,
+        draining: true,
+        ..moved.clone()
+    };
+    let v = s
+        .edge_seen(&draining)
+        .expect("seen")
+        .expect("draining bumps");
+    assert_eq!(*watch.borrow_and_update(), v);
+    assert!(mine(s).expect("listed").draining);
+    assert_eq!(s.edge_seen(&draining).expect("seen"), None);
+    assert!(s
         .edge_seen(&EdgeSeen { at: 2000, ..moved })
         .expect("seen")
         .is_some());
-    assert_eq!(mine(s).expect("listed").groups, vec![(g, 5)]);
+    assert!(!mine(s).expect("listed").draining);
     s.delete_edge(&e2.id, 2001).expect("delete");
     assert!(mine(s).is_none(), "a deleted edge leaves the presence");
 }
