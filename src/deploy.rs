@@ -1,25 +1,31 @@
 //! `portico loadtest deploy`: one command that starts a whole Portico
-//! deployment on this machine — a router, N edges, M connectors, demo
-//! backends published as apps `app0..`, and a WAN emulator path in front of
-//! every edge's tunnel port — from a deployment file, runs the load scenario in it
-//! (with chaos actions acting on this deployment), writes the report and
-//! stops everything.
+//! deployment on this machine — a router, regions of edges (with the edge
+//! mesh on), connectors, demo backends published as apps `app0..`, and a
+//! WAN emulator path in front of every edge's tunnel port and mesh port —
+//! from a deployment file, runs the load scenario in it (with chaos actions
+//! acting on this deployment), writes the report and stops everything.
 //!
 //! A deployment file is a loadtest scenario (the loadtest crate's [`Scenario`]
 //! format, unchanged) with two extra tables:
 //!
 //! ```toml
 //! [deployment]
-//! edges = 2                  # edges in the one region
-//! connectors = 2             # connectors in group Default
+//! regions = ["eu", "us"]     # default: the one region `default`
+//! edges = 2                  # edges per region
+//! connectors = 2             # connectors in one group
+//! connector_region = "eu"    # the group pinned to a region, or "auto" (default)
 //! tunnels_per_connector = 2
 //! backends = 1               # demo backends, published as app0..app{N-1}
 //! startup_timeout = "30s"    # everything up and routing within this
 //!
-//! [wan]                      # each edge's tunnel port gets a relay in front
+//! [wan]                      # every edge's tunnel port gets a relay in front
 //! delay = "20ms"             # one-way, both directions
 //! jitter = "1ms"
 //! loss = 0.001
+//! [wan.tunnel.us]            # connector→edge paths into us's edges (instead of [wan])
+//! delay = "60ms"
+//! [wan.mesh.eu]              # edge→edge (mesh) paths into eu's edges (none by default)
+//! delay = "40ms"
 //!
 //! mode = "open"              # ... the scenario, as for `portico loadtest`
 //! rate = 200
@@ -28,22 +34,44 @@
 //! url = "https://app0/"      # app name; expanded to every edge
 //! ```
 //!
+//! The WAN matrix. Connector→edge: one relay in front of each edge's tunnel
+//! port, which the edge advertises to connectors; its impairment is
+//! `[wan.tunnel.<region>]` for the edge's region, else `[wan]`. Edge→edge:
+//! one relay in front of each edge's mesh port, which the edge advertises
+//! to the other edges; its impairment is `[wan.mesh.<region>]` for the
+//! edge's region, else none. An edge advertises one mesh address to every
+//! peer, so a mesh relay cannot tell its dialers apart: the mesh delay is
+//! the delay *into* a region, the same from every other region (a link
+//! eu→us crosses us's mesh relay, us→eu crosses eu's). Both directions of a
+//! relay get the same impairment, so a link's RTT is twice its delay.
+//!
 //! A request URL whose host is `appN` or `appN.apps.localhost` and that has
 //! no port is expanded into one request per edge
 //! (`https://appN.apps.localhost:<edge port>/...`, same weight), so the load
-//! is spread evenly over the edges. Other URLs are left alone. The router's
-//! CA is trusted unless the scenario sets `cacert` or `insecure`.
+//! is spread evenly over the edges, and each such request has `connect_to`
+//! = its edge, then the other edges of its region: when its edge is killed,
+//! the load generator fails over to another edge of the region, as a
+//! browser would to another address of the region's name. Other URLs are
+//! left alone. The router's CA is trusted unless the scenario sets
+//! `cacert` or `insecure`.
 //!
 //! Chaos targets: `connector`, `edge` and `router` with `instance` (0-based;
-//! all instances when unset) for kill and restart (a restart keeps the
-//! state directory and the addresses); WAN paths `edge0`, `edge1`, … (also
-//! `wan0`…, a bare index, or `*`/`all`) for blackhole and unblackhole.
+//! all instances when unset; edges are numbered across regions in the
+//! order of `regions`) for kill and restart (a restart keeps the state
+//! directory and the addresses); `edge` with `region` counts `instance`
+//! within that region; `region` with `region = "eu"` is every edge of it.
+//! WAN paths for blackhole, unblackhole and `delay` (which sets `delay`,
+//! and `jitter`, `loss` if given, both directions): `edge0`, `edge1`, …
+//! (also `wan0`…, or a bare index), `region:eu` (every tunnel relay of the
+//! region), `*`/`all` (every tunnel relay); prefixed with `mesh:` the same
+//! names pick mesh relays (`mesh:edge0`, `mesh:region:eu`, `mesh:*`).
 //!
-//! Each edge's relay port is reserved by binding a UDP socket on port 0 and
+//! Each relay port is reserved by binding a UDP socket on port 0 and
 //! closing it before the edge starts (the edge must advertise the relay's
 //! address, and a relay needs its target up front). Another process could
-//! take the port in between; the start is then retried with a new port.
+//! take the port in between; the start is then retried with new ports.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -56,7 +84,7 @@ use portico_agent::{RouterClient, RouterTrust};
 use portico_loadtest::chaos::{Chaos, ChaosAction, ChaosFuture, ChaosVerb, Component};
 use portico_loadtest::wan::{self, Impairment, PathConfig, PathStats};
 use portico_loadtest::{ChaosError, Report, RequestSpec, RunOptions, Scenario, ScenarioError};
-use portico_proto::api::TokenScope;
+use portico_proto::api::{CreateGroup, CreateRegion, Group, Region, TokenScope};
 use portico_proto::{GroupId, RegionId};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
@@ -68,8 +96,13 @@ use crate::demo;
 use crate::dev::{create_token, publish, DEV_APPS_DOMAIN};
 
 const LOOPBACK: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 0);
-/// Most edges, connectors or backends a deployment may ask for.
+/// Most edges (over all regions), connectors or backends a deployment may
+/// ask for.
 pub const MAX_INSTANCES: usize = 32;
+/// The `connector_region` of a group that is not pinned.
+pub const AUTO: &str = "auto";
+/// The group the connectors join when `connector_region` names a region.
+const PINNED_GROUP: &str = "pinned";
 /// How long a killed part may take to stop before it is abandoned.
 const STOP_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long a restart may take to bind its old addresses again.
@@ -83,12 +116,21 @@ const RELAY_ATTEMPTS: usize = 3;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DeploymentSpec {
-    /// Edges, all in the default region.
+    /// The regions, each with `edges` edges, in this order (edges are
+    /// numbered region by region). Empty: the one region `default`.
+    #[serde(default)]
+    pub regions: Vec<String>,
+    /// Edges per region.
     #[serde(default = "two")]
     pub edges: usize,
-    /// Connectors, all in group Default.
+    /// Connectors, all in one group: `Default` (auto), or `pinned` when
+    /// `connector_region` names a region.
     #[serde(default = "two")]
     pub connectors: usize,
+    /// `auto` (the connectors attach to the nearest region) or a region of
+    /// `regions` that their group is pinned to.
+    #[serde(default = "auto")]
+    pub connector_region: String,
     /// Tunnels each connector keeps (spread over the edges).
     #[serde(default = "two")]
     pub tunnels_per_connector: usize,
@@ -103,6 +145,9 @@ pub struct DeploymentSpec {
 fn one() -> usize {
     1
 }
+fn auto() -> String {
+    AUTO.to_owned()
+}
 fn two() -> usize {
     2
 }
@@ -113,8 +158,10 @@ fn default_startup() -> Duration {
 impl Default for DeploymentSpec {
     fn default() -> Self {
         DeploymentSpec {
+            regions: Vec::new(),
             edges: 2,
             connectors: 2,
+            connector_region: auto(),
             tunnels_per_connector: 2,
             backends: 1,
             startup_timeout: default_startup(),
@@ -156,11 +203,67 @@ pub struct WanSpec {
     pub seed: Option<u64>,
 }
 
+impl DeploymentSpec {
+    /// The regions, checked: `regions`, or the default region alone.
+    pub fn region_ids(&self) -> Result<Vec<RegionId>, DeployError> {
+        if self.regions.is_empty() {
+            return Ok(vec![RegionId::default_region()]);
+        }
+        let mut out: Vec<RegionId> = Vec::with_capacity(self.regions.len());
+        for (i, r) in self.regions.iter().enumerate() {
+            let id = RegionId::new(r.as_str())
+                .map_err(|e| DeployError::invalid(format!("deployment.regions[{i}]"), e))?;
+            if out.contains(&id) {
+                return Err(DeployError::invalid(
+                    format!("deployment.regions[{i}]"),
+                    format!("`{r}` is listed twice"),
+                ));
+            }
+            out.push(id);
+        }
+        Ok(out)
+    }
+
+    /// The region the connectors' group is pinned to (`None`: auto).
+    pub fn pinned_region(&self) -> Result<Option<RegionId>, DeployError> {
+        if self.connector_region == AUTO {
+            return Ok(None);
+        }
+        let regions = self.region_ids()?;
+        regions
+            .iter()
+            .find(|r| r.as_str() == self.connector_region)
+            .cloned()
+            .map(Some)
+            .ok_or_else(|| DeployError::NoSuchRegion {
+                field: "deployment.connector_region".into(),
+                region: self.connector_region.clone(),
+                valid: region_list(&regions),
+            })
+    }
+}
+
+/// "eu, us", for error messages.
+fn region_list(regions: &[RegionId]) -> String {
+    regions
+        .iter()
+        .map(RegionId::as_str)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 impl WanSpec {
     /// The impairment it describes, checked.
     pub fn impairment(&self) -> Result<Impairment, DeployError> {
+        self.impairment_of("wan")
+    }
+
+    /// [`WanSpec::impairment`], errors naming `table` (e.g. `wan.mesh.eu`).
+    fn impairment_of(&self, table: &str) -> Result<Impairment, DeployError> {
         let rate_bps = match &self.rate {
-            Some(r) => Some(wan::parse_rate(r).map_err(|e| DeployError::invalid("wan.rate", e))?),
+            Some(r) => Some(
+                wan::parse_rate(r).map_err(|e| DeployError::invalid(format!("{table}.rate"), e))?,
+            ),
             None => None,
         };
         let imp = Impairment {
@@ -174,7 +277,7 @@ impl WanSpec {
             mtu: self.mtu,
             ..Impairment::none()
         };
-        imp.validate().map_err(|e| DeployError::invalid("wan", e))?;
+        imp.validate().map_err(|e| DeployError::invalid(table, e))?;
         Ok(imp)
     }
 }
@@ -183,7 +286,12 @@ impl WanSpec {
 #[derive(Debug, Clone, PartialEq)]
 pub struct DeployFile {
     pub deployment: DeploymentSpec,
+    /// `[wan]`: the connector→edge paths of every region without its own.
     pub wan: WanSpec,
+    /// `[wan.tunnel.<region>]`: the connector→edge paths of that region.
+    pub tunnel_wan: BTreeMap<String, WanSpec>,
+    /// `[wan.mesh.<region>]`: the edge→edge paths into that region.
+    pub mesh_wan: BTreeMap<String, WanSpec>,
     /// The load, with app names not yet expanded to edges.
     pub load: Scenario,
 }
@@ -205,7 +313,7 @@ pub enum DeployError {
     },
     #[error("invalid [{table}] table")]
     Table {
-        table: &'static str,
+        table: String,
         #[source]
         source: Box<toml::de::Error>,
     },
@@ -222,8 +330,20 @@ pub enum DeployError {
         instance: usize,
         count: usize,
     },
-    #[error("there is no WAN path `{path}` (they are edge0..edge{last}, or `*`)")]
+    #[error("there is no WAN path `{path}` (they are edge0..edge{last}, region:<region>, or `*`, each also with a `mesh:` prefix)")]
     NoSuchPath { path: String, last: usize },
+    #[error("`{field}`: there is no region `{region}` (the regions are {valid})")]
+    NoSuchRegion {
+        field: String,
+        region: String,
+        valid: String,
+    },
+    #[error("there is no edge {instance} in region {region} (it has {count})")]
+    NoSuchEdgeInRegion {
+        region: String,
+        instance: usize,
+        count: usize,
+    },
 }
 
 impl DeployError {
@@ -252,23 +372,34 @@ impl DeployFile {
         })?;
         let deployment: DeploymentSpec = match table.remove("deployment") {
             Some(v) => v.try_into().map_err(|e| DeployError::Table {
-                table: "deployment",
+                table: "deployment".into(),
                 source: Box::new(e),
             })?,
             None => DeploymentSpec::default(),
         };
-        let wan: WanSpec = match table.remove("wan") {
-            Some(v) => v.try_into().map_err(|e| DeployError::Table {
-                table: "wan",
-                source: Box::new(e),
-            })?,
-            None => WanSpec::default(),
+        let (wan, tunnel_wan, mesh_wan) = match table.remove("wan") {
+            Some(toml::Value::Table(mut t)) => {
+                let tunnel_wan = per_region(t.remove("tunnel"), "wan.tunnel")?;
+                let mesh_wan = per_region(t.remove("mesh"), "wan.mesh")?;
+                let wan: WanSpec =
+                    toml::Value::Table(t)
+                        .try_into()
+                        .map_err(|e| DeployError::Table {
+                            table: "wan".into(),
+                            source: Box::new(e),
+                        })?;
+                (wan, tunnel_wan, mesh_wan)
+            }
+            Some(_) => return Err(DeployError::invalid("wan", "must be a table")),
+            None => (WanSpec::default(), BTreeMap::new(), BTreeMap::new()),
         };
         let rest = toml::to_string(&table).map_err(|e| DeployError::invalid("load", e))?;
         let load = Scenario::from_toml(&rest).map_err(|source| DeployError::Scenario { source })?;
         let file = DeployFile {
             deployment,
             wan,
+            tunnel_wan,
+            mesh_wan,
             load,
         };
         file.validate()?;
@@ -278,8 +409,10 @@ impl DeployFile {
     /// Checks the deployment, the WAN and the app names of the requests.
     pub fn validate(&self) -> Result<(), DeployError> {
         let d = &self.deployment;
+        let regions = d.region_ids()?;
         for (field, v, max) in [
-            ("deployment.edges", d.edges, MAX_INSTANCES),
+            ("deployment.regions", regions.len(), MAX_INSTANCES),
+            ("deployment.edges", d.edges, MAX_INSTANCES / regions.len()),
             ("deployment.connectors", d.connectors, MAX_INSTANCES),
             ("deployment.backends", d.backends, MAX_INSTANCES),
             (
@@ -301,11 +434,79 @@ impl DeployFile {
                 "must be above 0",
             ));
         }
+        d.pinned_region()?;
         self.wan.impairment()?;
+        for (table, map) in [
+            ("wan.tunnel", &self.tunnel_wan),
+            ("wan.mesh", &self.mesh_wan),
+        ] {
+            for (region, spec) in map {
+                let name = format!("{table}.{region}");
+                if !regions.iter().any(|r| r.as_str() == region) {
+                    return Err(DeployError::NoSuchRegion {
+                        field: name,
+                        region: region.clone(),
+                        valid: region_list(&regions),
+                    });
+                }
+                if spec.seed.is_some() {
+                    return Err(DeployError::invalid(
+                        format!("{name}.seed"),
+                        "give the seed once, in [wan]",
+                    ));
+                }
+                spec.impairment_of(&name)?;
+            }
+        }
         let mut s = self.load.clone();
-        expand_requests(&mut s, &[1], d.backends)?;
+        let one = Target {
+            port: 1,
+            connect_to: Vec::new(),
+        };
+        expand_requests(&mut s, &[one], d.backends)?;
         Ok(())
     }
+
+    /// The impairment of the connector→edge paths into `region`.
+    pub fn tunnel_impairment(&self, region: &RegionId) -> Result<Impairment, DeployError> {
+        match self.tunnel_wan.get(region.as_str()) {
+            Some(w) => w.impairment_of(&format!("wan.tunnel.{region}")),
+            None => self.wan.impairment(),
+        }
+    }
+
+    /// The impairment of the edge→edge (mesh) paths into `region`.
+    pub fn mesh_impairment(&self, region: &RegionId) -> Result<Impairment, DeployError> {
+        match self.mesh_wan.get(region.as_str()) {
+            Some(w) => w.impairment_of(&format!("wan.mesh.{region}")),
+            None => Ok(Impairment::none()),
+        }
+    }
+}
+
+/// `[wan.tunnel]` or `[wan.mesh]`: a table of per-region [`WanSpec`]s.
+fn per_region(
+    v: Option<toml::Value>,
+    table: &str,
+) -> Result<BTreeMap<String, WanSpec>, DeployError> {
+    let Some(v) = v else {
+        return Ok(BTreeMap::new());
+    };
+    let toml::Value::Table(t) = v else {
+        return Err(DeployError::invalid(
+            table,
+            "must be a table of regions, e.g. [wan.mesh.eu]",
+        ));
+    };
+    t.into_iter()
+        .map(|(region, v)| {
+            let spec: WanSpec = v.try_into().map_err(|e| DeployError::Table {
+                table: format!("{table}.{region}"),
+                source: Box::new(e),
+            })?;
+            Ok((region, spec))
+        })
+        .collect()
 }
 
 /// The app a request URL names (`appN` or `appN.apps.localhost`, no port).
@@ -322,9 +523,22 @@ fn app_of(url: &url::Url) -> Option<String> {
     Some(app.to_owned())
 }
 
-/// Expands requests that name an app into one request per edge port.
-fn expand_requests(s: &mut Scenario, ports: &[u16], backends: usize) -> Result<(), DeployError> {
-    let mut out = Vec::with_capacity(s.requests.len() * ports.len());
+/// Where an expanded request goes: an edge's public port, and the
+/// addresses to dial (that edge first, then the others of its region; empty:
+/// the port on loopback).
+#[derive(Debug, Clone)]
+struct Target {
+    port: u16,
+    connect_to: Vec<SocketAddr>,
+}
+
+/// Expands requests that name an app into one request per target.
+fn expand_requests(
+    s: &mut Scenario,
+    targets: &[Target],
+    backends: usize,
+) -> Result<(), DeployError> {
+    let mut out = Vec::with_capacity(s.requests.len() * targets.len());
     for (i, r) in s.requests.iter().enumerate() {
         let field = format!("requests[{i}].url");
         let url = url::Url::parse(&r.url).map_err(|e| DeployError::invalid(&field, e))?;
@@ -345,14 +559,15 @@ fn expand_requests(s: &mut Scenario, ports: &[u16], backends: usize) -> Result<(
                 ),
             ));
         }
-        for port in ports {
+        for t in targets {
             let mut u = url.clone();
             u.set_host(Some(&format!("{app}.{DEV_APPS_DOMAIN}")))
                 .map_err(|e| DeployError::invalid(&field, e))?;
-            u.set_port(Some(*port))
+            u.set_port(Some(t.port))
                 .map_err(|()| DeployError::invalid(&field, "cannot take a port"))?;
             out.push(RequestSpec {
                 url: u.to_string(),
+                connect_to: t.connect_to.clone(),
                 ..r.clone()
             });
         }
@@ -416,20 +631,28 @@ impl<H: Stoppable> Part<H> {
 }
 
 /// Where an edge lives; kept across restarts.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct EdgeAddrs {
+    /// Its region.
+    pub region: RegionId,
     /// HTTPS (TCP) and HTTP/3 (UDP) for users.
     pub public: SocketAddr,
     /// The edge's own QUIC tunnel port (the relay's target).
     pub tunnel: SocketAddr,
     /// The relay in front of it, which the edge advertises to connectors.
     pub relay: SocketAddr,
+    /// The edge's own mesh port (the mesh relay's target).
+    pub mesh: SocketAddr,
+    /// The relay in front of it, which the edge advertises to other edges.
+    pub mesh_relay: SocketAddr,
 }
 
 /// A running deployment. Implements [`Chaos`].
 pub struct Deploy {
     data: PathBuf,
     spec: DeploymentSpec,
+    regions: Vec<RegionId>,
+    group: GroupId,
     root: CancellationToken,
     router_addr: SocketAddr,
     router_url: String,
@@ -437,7 +660,10 @@ pub struct Deploy {
     edge_addrs: Vec<EdgeAddrs>,
     edges: Vec<Mutex<Part<portico_edge::Handle>>>,
     connectors: Vec<Mutex<Part<portico_connector::Handle>>>,
+    /// The tunnel relays, by edge.
     paths: std::sync::Mutex<Vec<wan::Path>>,
+    /// The mesh relays, by edge.
+    mesh_paths: std::sync::Mutex<Vec<wan::Path>>,
     demos: std::sync::Mutex<Vec<demo::Demo>>,
 }
 
@@ -447,6 +673,13 @@ fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 fn has_credentials(state: &Path) -> bool {
     state.join("credentials.json").exists()
+}
+
+/// Which relays a WAN path name picks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PathKind {
+    Tunnel,
+    Mesh,
 }
 
 impl Deploy {
@@ -475,7 +708,11 @@ impl Deploy {
         root: CancellationToken,
     ) -> anyhow::Result<Deploy> {
         let spec = file.deployment.clone();
-        let imp = file.wan.impairment()?;
+        let regions = spec.region_ids()?;
+        let group = match spec.pinned_region()? {
+            Some(_) => GroupId::new(PINNED_GROUP)?,
+            None => GroupId::default_group(),
+        };
         let router_stop = root.child_token();
         let router = start_router(data, LOOPBACK, router_stop.clone()).await?;
         let router_addr = router.api_addr;
@@ -486,6 +723,8 @@ impl Deploy {
         let mut deploy = Deploy {
             data: data.to_owned(),
             spec: spec.clone(),
+            regions,
+            group,
             root: root.clone(),
             router_addr,
             router_url,
@@ -494,10 +733,11 @@ impl Deploy {
             edges: Vec::new(),
             connectors: Vec::new(),
             paths: std::sync::Mutex::new(Vec::new()),
+            mesh_paths: std::sync::Mutex::new(Vec::new()),
             demos: std::sync::Mutex::new(Vec::new()),
         };
         // From here on, a failure stops what has started.
-        match deploy.start_rest(&admin, &imp, file.wan.seed).await {
+        match deploy.start_rest(&admin, file).await {
             Ok(()) => Ok(deploy),
             Err(e) => {
                 deploy.stop().await;
@@ -506,13 +746,39 @@ impl Deploy {
         }
     }
 
-    async fn start_rest(
-        &mut self,
-        admin: &RouterClient,
-        imp: &Impairment,
-        seed: Option<u64>,
-    ) -> anyhow::Result<()> {
+    /// Creates the regions and the pinned group that do not exist yet
+    /// (a reused data directory has them).
+    async fn create_regions_and_group(&self, admin: &RouterClient) -> anyhow::Result<()> {
+        let have: Vec<Region> = admin.get_json("/v1/regions").await?;
+        for r in &self.regions {
+            if !have.iter().any(|h| &h.id == r) {
+                let _: Region = admin
+                    .post_json("/v1/regions", &CreateRegion { id: r.clone() })
+                    .await
+                    .with_context(|| format!("creating region {r}"))?;
+            }
+        }
+        if let Some(region) = self.spec.pinned_region()? {
+            let have: Vec<Group> = admin.get_json("/v1/groups").await?;
+            if !have.iter().any(|g| g.id == self.group) {
+                let _: Group = admin
+                    .post_json(
+                        "/v1/groups",
+                        &CreateGroup {
+                            id: self.group.clone(),
+                            region: Some(region.to_string()),
+                        },
+                    )
+                    .await
+                    .with_context(|| format!("creating group {} in {region}", self.group))?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn start_rest(&mut self, admin: &RouterClient, file: &DeployFile) -> anyhow::Result<()> {
         let spec = self.spec.clone();
+        self.create_regions_and_group(admin).await?;
         for i in 0..spec.backends {
             let d = demo::start(LOOPBACK, self.root.child_token())
                 .await
@@ -521,67 +787,33 @@ impl Deploy {
                 admin,
                 &format!("app{i}"),
                 &format!("http://{}/", d.addr),
-                GroupId::default_group(),
+                self.group.clone(),
             )
             .await?;
             lock(&self.demos).push(d);
         }
-        for i in 0..spec.edges {
-            let state = self.data.join(format!("edge{i}"));
-            let mut attempt = 0;
-            loop {
-                attempt += 1;
-                let relay = reserve_udp_port()?;
-                let token = if has_credentials(&state) {
-                    None
+        let single = self.regions == [RegionId::default_region()];
+        for region in self.regions.clone() {
+            let tunnel_imp = file.tunnel_impairment(&region)?;
+            let mesh_imp = file.mesh_impairment(&region)?;
+            for k in 0..spec.edges {
+                let i = self.edge_addrs.len();
+                // The single-region layout keeps its old state directories.
+                let state = if single {
+                    self.data.join(format!("edge{i}"))
                 } else {
-                    Some(
-                        create_token(
-                            admin,
-                            TokenScope::Edge {
-                                region: RegionId::default_region(),
-                            },
-                        )
-                        .await?,
-                    )
+                    self.data.join(format!("edge-{region}-{k}"))
                 };
-                let stop = self.root.child_token();
-                let edge = start_edge(
-                    &self.router_url,
+                self.start_first_edge(
+                    admin,
+                    i,
+                    &region,
                     &state,
-                    token,
-                    LOOPBACK,
-                    LOOPBACK,
-                    relay,
-                    stop.clone(),
+                    &tunnel_imp,
+                    &mesh_imp,
+                    file.wan.seed,
                 )
-                .await
-                .with_context(|| format!("edge {i} failed to start"))?;
-                let mut pc = PathConfig::new(relay, edge.tunnel_addr).symmetric(imp.clone());
-                pc.seed = seed.map(|s| s.wrapping_add(i as u64));
-                let addrs = EdgeAddrs {
-                    public: edge.public_addr,
-                    tunnel: edge.tunnel_addr,
-                    relay,
-                };
-                let mut part = Part::new(edge, stop);
-                match wan::start(pc, self.root.child_token()).await {
-                    Ok(path) => {
-                        info!(edge = i, public = %addrs.public, tunnel = %addrs.tunnel, relay = %addrs.relay, "edge and WAN path up");
-                        lock(&self.paths).push(path);
-                        self.edge_addrs.push(addrs);
-                        self.edges.push(Mutex::new(part));
-                        break;
-                    }
-                    Err(e) if attempt < RELAY_ATTEMPTS => {
-                        warn!(edge = i, error = %portico_agent::error_chain(&e), "relay port taken in the meantime; retrying");
-                        part.kill(&format!("edge{i}")).await;
-                    }
-                    Err(e) => {
-                        part.kill(&format!("edge{i}")).await;
-                        return Err(e).context(format!("WAN path of edge {i}"));
-                    }
-                }
+                .await?;
             }
         }
         for i in 0..spec.connectors {
@@ -593,7 +825,7 @@ impl Deploy {
                     create_token(
                         admin,
                         TokenScope::Connector {
-                            group: GroupId::default_group(),
+                            group: self.group.clone(),
                         },
                     )
                     .await?,
@@ -626,16 +858,130 @@ impl Deploy {
         self.wait_routing().await
     }
 
+    /// Starts edge `i` of `region` for the first time, with its two relays
+    /// (tunnel and mesh) on ports reserved beforehand; retried with new
+    /// ports when one was taken in between.
+    #[allow(clippy::too_many_arguments)]
+    async fn start_first_edge(
+        &mut self,
+        admin: &RouterClient,
+        i: usize,
+        region: &RegionId,
+        state: &Path,
+        tunnel_imp: &Impairment,
+        mesh_imp: &Impairment,
+        seed: Option<u64>,
+    ) -> anyhow::Result<()> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let token = if has_credentials(state) {
+                None
+            } else {
+                Some(
+                    create_token(
+                        admin,
+                        TokenScope::Edge {
+                            region: region.clone(),
+                        },
+                    )
+                    .await?,
+                )
+            };
+            let plan = EdgeAddrs {
+                region: region.clone(),
+                public: LOOPBACK,
+                tunnel: LOOPBACK,
+                relay: reserve_udp_port()?,
+                mesh: LOOPBACK,
+                mesh_relay: reserve_udp_port()?,
+            };
+            let stop = self.root.child_token();
+            let edge = start_edge(&self.router_url, state, token, &plan, stop.clone())
+                .await
+                .with_context(|| format!("edge {i} ({region}) failed to start"))?;
+            let addrs = EdgeAddrs {
+                public: edge.public_addr,
+                tunnel: edge.tunnel_addr,
+                mesh: edge.mesh_addr.unwrap_or(LOOPBACK),
+                ..plan
+            };
+            let mut part = Part::new(edge, stop);
+            let seeded = |offset: u64| seed.map(|s| s.wrapping_add(offset + i as u64));
+            let mut tunnel_pc =
+                PathConfig::new(addrs.relay, addrs.tunnel).symmetric(tunnel_imp.clone());
+            tunnel_pc.seed = seeded(0);
+            let mut mesh_pc =
+                PathConfig::new(addrs.mesh_relay, addrs.mesh).symmetric(mesh_imp.clone());
+            mesh_pc.seed = seeded(1000);
+            let started = match wan::start(tunnel_pc, self.root.child_token()).await {
+                Ok(t) => match wan::start(mesh_pc, self.root.child_token()).await {
+                    Ok(m) => Ok((t, m)),
+                    Err(e) => {
+                        t.shutdown().await;
+                        Err(e)
+                    }
+                },
+                Err(e) => Err(e),
+            };
+            match started {
+                Ok((tunnel_path, mesh_path)) => {
+                    info!(edge = i, %region, public = %addrs.public, tunnel = %addrs.tunnel, relay = %addrs.relay,
+                        mesh = %addrs.mesh, mesh_relay = %addrs.mesh_relay, "edge and WAN paths up");
+                    lock(&self.paths).push(tunnel_path);
+                    lock(&self.mesh_paths).push(mesh_path);
+                    self.edge_addrs.push(addrs);
+                    self.edges.push(Mutex::new(part));
+                    return Ok(());
+                }
+                Err(e) if attempt < RELAY_ATTEMPTS => {
+                    warn!(edge = i, error = %portico_agent::error_chain(&e), "relay port taken in the meantime; retrying");
+                    part.kill(&format!("edge{i}")).await;
+                }
+                Err(e) => {
+                    part.kill(&format!("edge{i}")).await;
+                    return Err(e).context(format!("WAN paths of edge {i}"));
+                }
+            }
+        }
+    }
+
+    /// Where the requests of edge `i` go: its port, and (with `failover`)
+    /// its address first, then the other edges of its region; without,
+    /// its address alone.
+    fn target(&self, i: usize, failover: bool) -> Target {
+        let me = &self.edge_addrs[i];
+        let mut connect_to = vec![me.public];
+        if failover {
+            let n = self.edge_addrs.len();
+            connect_to.extend(
+                (1..n)
+                    .map(|k| &self.edge_addrs[(i + k) % n])
+                    .filter(|a| a.region == me.region)
+                    .map(|a| a.public),
+            );
+        }
+        Target {
+            port: me.public.port(),
+            connect_to,
+        }
+    }
+
+    fn targets(&self, failover: bool) -> Vec<Target> {
+        (0..self.edge_addrs.len())
+            .map(|i| self.target(i, failover))
+            .collect()
+    }
+
     /// Polls every app through every edge until each answers 200, with
-    /// one-request runs of the load generator.
+    /// one-request runs of the load generator (each at its edge alone).
     async fn wait_routing(&self) -> anyhow::Result<()> {
         let mut all = Scenario::default();
         for app in 0..self.spec.backends {
             all.requests
                 .push(RequestSpec::get(format!("https://app{app}/")));
         }
-        let ports: Vec<u16> = self.edge_addrs.iter().map(|a| a.public.port()).collect();
-        expand_requests(&mut all, &ports, self.spec.backends)?;
+        expand_requests(&mut all, &self.targets(false), self.spec.backends)?;
         for r in all.requests {
             let probe = Scenario {
                 mode: portico_loadtest::Mode::Closed,
@@ -675,17 +1021,62 @@ impl Deploy {
         &self.edge_addrs
     }
 
-    /// Counters of every WAN path, by edge index.
+    /// The regions, in order.
+    pub fn regions(&self) -> &[RegionId] {
+        &self.regions
+    }
+
+    /// Counters of every tunnel relay, by edge index.
     pub fn path_stats(&self) -> Vec<PathStats> {
         lock(&self.paths).iter().map(wan::Path::stats).collect()
     }
 
-    /// The load scenario made concrete for this deployment: app names expanded to
-    /// every edge's public port, the router's CA trusted.
+    /// Counters of every mesh relay, by edge index.
+    pub fn mesh_path_stats(&self) -> Vec<PathStats> {
+        lock(&self.mesh_paths)
+            .iter()
+            .map(wan::Path::stats)
+            .collect()
+    }
+
+    /// The impairment each tunnel relay applies now (the up direction;
+    /// both are set alike), by edge index.
+    pub fn impairments(&self) -> Vec<Impairment> {
+        lock(&self.paths)
+            .iter()
+            .map(|p| p.impairments().0)
+            .collect()
+    }
+
+    /// The impairment each mesh relay applies now, by edge index.
+    pub fn mesh_impairments(&self) -> Vec<Impairment> {
+        lock(&self.mesh_paths)
+            .iter()
+            .map(|p| p.impairments().0)
+            .collect()
+    }
+
+    /// Each edge's `portico_edge_mesh_forwarded_total` (requests it
+    /// forwarded to another edge since it last started), from its metrics
+    /// listener; `None` for an edge that is down or did not answer.
+    pub async fn mesh_forwarded(&self) -> Vec<Option<u64>> {
+        let mut out = Vec::with_capacity(self.edges.len());
+        for e in &self.edges {
+            let addr = e.lock().await.handle.as_ref().and_then(|h| h.metrics_addr);
+            out.push(match addr {
+                Some(a) => scrape_counter(a, "portico_edge_mesh_forwarded_total").await,
+                None => None,
+            });
+        }
+        out
+    }
+
+    /// The load scenario made concrete for this deployment: app names
+    /// expanded to every edge's public port (failing over to the other
+    /// edges of its region), the router's CA trusted.
     pub fn scenario(&self, load: &Scenario) -> Result<Scenario, DeployError> {
         let mut s = load.clone();
-        let ports: Vec<u16> = self.edge_addrs.iter().map(|a| a.public.port()).collect();
-        expand_requests(&mut s, &ports, self.spec.backends)?;
+        expand_requests(&mut s, &self.targets(true), self.spec.backends)?;
         if !s.insecure && s.cacert.is_none() {
             s.cacert = Some(self.ca_path());
         }
@@ -708,7 +1099,8 @@ impl Deploy {
         for d in demos {
             let _ = tokio::time::timeout(STOP_TIMEOUT, d.wait()).await;
         }
-        let paths: Vec<wan::Path> = lock(&self.paths).drain(..).collect();
+        let mut paths: Vec<wan::Path> = lock(&self.paths).drain(..).collect();
+        paths.extend(lock(&self.mesh_paths).drain(..));
         for p in paths {
             let _ = tokio::time::timeout(STOP_TIMEOUT, p.shutdown()).await;
         }
@@ -731,28 +1123,96 @@ impl Deploy {
         }
     }
 
-    fn path_indices(&self, name: &str) -> Result<Vec<usize>, DeployError> {
-        let n = self.edge_addrs.len();
-        if name == "*" || name == "all" {
-            return Ok((0..n).collect());
+    /// The edges of `region`, by index; an error naming the valid ones.
+    fn region_edges(&self, field: &str, region: &str) -> Result<Vec<usize>, DeployError> {
+        if !self.regions.iter().any(|r| r.as_str() == region) {
+            return Err(DeployError::NoSuchRegion {
+                field: field.to_owned(),
+                region: region.to_owned(),
+                valid: region_list(&self.regions),
+            });
         }
-        let idx = name
+        Ok((0..self.edge_addrs.len())
+            .filter(|&i| self.edge_addrs[i].region.as_str() == region)
+            .collect())
+    }
+
+    /// The edges a kill or restart of `edge` or `region` acts on.
+    fn edge_targets(
+        &self,
+        target: Component,
+        instance: Option<usize>,
+        region: Option<&str>,
+    ) -> Result<Vec<usize>, DeployError> {
+        let Some(region) = region else {
+            return self.instances("edge", instance, self.edges.len());
+        };
+        let members = self.region_edges("region", region)?;
+        match (target, instance) {
+            (Component::Edge, Some(k)) => {
+                members
+                    .get(k)
+                    .map(|&i| vec![i])
+                    .ok_or_else(|| DeployError::NoSuchEdgeInRegion {
+                        region: region.to_owned(),
+                        instance: k,
+                        count: members.len(),
+                    })
+            }
+            _ => Ok(members),
+        }
+    }
+
+    fn path_indices(&self, name: &str) -> Result<(PathKind, Vec<usize>), DeployError> {
+        let n = self.edge_addrs.len();
+        let (kind, rest) = match name.strip_prefix("mesh:") {
+            Some(rest) => (PathKind::Mesh, rest),
+            None => (PathKind::Tunnel, name),
+        };
+        if rest == "*" || rest == "all" {
+            return Ok((kind, (0..n).collect()));
+        }
+        if let Some(region) = rest.strip_prefix("region:") {
+            return Ok((kind, self.region_edges("path", region)?));
+        }
+        let idx = rest
             .strip_prefix("edge")
-            .or_else(|| name.strip_prefix("wan"))
-            .unwrap_or(name)
+            .or_else(|| rest.strip_prefix("wan"))
+            .unwrap_or(rest)
             .parse::<usize>()
             .ok()
             .filter(|i| *i < n);
-        idx.map(|i| vec![i]).ok_or_else(|| DeployError::NoSuchPath {
-            path: name.to_owned(),
-            last: n.saturating_sub(1),
-        })
+        idx.map(|i| (kind, vec![i]))
+            .ok_or_else(|| DeployError::NoSuchPath {
+                path: name.to_owned(),
+                last: n.saturating_sub(1),
+            })
     }
 
-    async fn kill(&self, target: Component, instance: Option<usize>) -> anyhow::Result<()> {
+    /// Runs `f` on each relay that the path name picks.
+    fn with_paths(
+        &self,
+        name: &str,
+        mut f: impl FnMut(&wan::Path) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
+        let (kind, idx) = self.path_indices(name)?;
+        let paths = lock(match kind {
+            PathKind::Tunnel => &self.paths,
+            PathKind::Mesh => &self.mesh_paths,
+        });
+        for i in idx {
+            if let Some(p) = paths.get(i) {
+                f(p)?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn kill(&self, a: &ChaosAction) -> anyhow::Result<()> {
+        let target = a.target.context("no target")?;
         match target {
             Component::Connector => {
-                for i in self.instances("connector", instance, self.connectors.len())? {
+                for i in self.instances("connector", a.instance, self.connectors.len())? {
                     self.connectors[i]
                         .lock()
                         .await
@@ -760,23 +1220,24 @@ impl Deploy {
                         .await;
                 }
             }
-            Component::Edge => {
-                for i in self.instances("edge", instance, self.edges.len())? {
+            Component::Edge | Component::Region => {
+                for i in self.edge_targets(target, a.instance, a.region.as_deref())? {
                     self.edges[i].lock().await.kill(&format!("edge{i}")).await;
                 }
             }
             Component::Router => {
-                self.instances("router", instance, 1)?;
+                self.instances("router", a.instance, 1)?;
                 self.router.lock().await.kill("router").await;
             }
         }
         Ok(())
     }
 
-    async fn restart(&self, target: Component, instance: Option<usize>) -> anyhow::Result<()> {
+    async fn restart(&self, a: &ChaosAction) -> anyhow::Result<()> {
+        let target = a.target.context("no target")?;
         match target {
             Component::Connector => {
-                for i in self.instances("connector", instance, self.connectors.len())? {
+                for i in self.instances("connector", a.instance, self.connectors.len())? {
                     let mut part = self.connectors[i].lock().await;
                     part.kill(&format!("connector{i}")).await;
                     let stop = self.root.child_token();
@@ -802,45 +1263,13 @@ impl Deploy {
                     *part = Part::new(h, stop);
                 }
             }
-            Component::Edge => {
-                for i in self.instances("edge", instance, self.edges.len())? {
-                    let mut part = self.edges[i].lock().await;
-                    part.kill(&format!("edge{i}")).await;
-                    let a = self.edge_addrs[i];
-                    let state = self.data.join(format!("edge{i}"));
-                    let deadline = Instant::now() + REBIND_TIMEOUT;
-                    let (h, stop) = loop {
-                        let stop = self.root.child_token();
-                        match start_edge(
-                            &self.router_url,
-                            &state,
-                            None,
-                            a.public,
-                            a.tunnel,
-                            a.relay,
-                            stop.clone(),
-                        )
-                        .await
-                        {
-                            Ok(h) => break (h, stop),
-                            Err(e) if Instant::now() < deadline => {
-                                warn!(edge = i, error = %portico_agent::error_chain(e.as_ref()), "cannot restart yet; retrying");
-                                tokio::time::sleep(Duration::from_millis(100)).await;
-                            }
-                            Err(e) => return Err(e.context(format!("edge {i} failed to restart"))),
-                        }
-                    };
-                    if tokio::time::timeout(RECOVER_TIMEOUT, h.ready())
-                        .await
-                        .is_err()
-                    {
-                        warn!(edge = i, "restarted, but has no config yet");
-                    }
-                    *part = Part::new(h, stop);
+            Component::Edge | Component::Region => {
+                for i in self.edge_targets(target, a.instance, a.region.as_deref())? {
+                    self.restart_edge(i).await?;
                 }
             }
             Component::Router => {
-                self.instances("router", instance, 1)?;
+                self.instances("router", a.instance, 1)?;
                 let mut part = self.router.lock().await;
                 part.kill("router").await;
                 let deadline = Instant::now() + REBIND_TIMEOUT;
@@ -860,6 +1289,65 @@ impl Deploy {
         }
         Ok(())
     }
+
+    /// Stops edge `i` if running and starts it again on its old addresses.
+    async fn restart_edge(&self, i: usize) -> anyhow::Result<()> {
+        let mut part = self.edges[i].lock().await;
+        part.kill(&format!("edge{i}")).await;
+        let a = &self.edge_addrs[i];
+        let single = self.regions == [RegionId::default_region()];
+        let k = self.edge_addrs[..i]
+            .iter()
+            .filter(|e| e.region == a.region)
+            .count();
+        let state = if single {
+            self.data.join(format!("edge{i}"))
+        } else {
+            self.data.join(format!("edge-{}-{k}", a.region))
+        };
+        let deadline = Instant::now() + REBIND_TIMEOUT;
+        let (h, stop) = loop {
+            let stop = self.root.child_token();
+            match start_edge(&self.router_url, &state, None, a, stop.clone()).await {
+                Ok(h) => break (h, stop),
+                Err(e) if Instant::now() < deadline => {
+                    warn!(edge = i, error = %portico_agent::error_chain(e.as_ref()), "cannot restart yet; retrying");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => return Err(e.context(format!("edge {i} failed to restart"))),
+            }
+        };
+        if tokio::time::timeout(RECOVER_TIMEOUT, h.ready())
+            .await
+            .is_err()
+        {
+            warn!(edge = i, "restarted, but has no config yet");
+        }
+        *part = Part::new(h, stop);
+        Ok(())
+    }
+
+    /// Sets the delay (and jitter, loss if given) of every relay the
+    /// action's path picks, both directions, keeping the rest.
+    fn delay(&self, a: &ChaosAction) -> anyhow::Result<()> {
+        let name = a.path.as_deref().context("no path")?;
+        self.with_paths(name, |p| {
+            let (mut up, mut down) = p.impairments();
+            for imp in [&mut up, &mut down] {
+                if let Some(d) = a.delay {
+                    imp.delay = d;
+                }
+                if let Some(j) = a.jitter {
+                    imp.jitter = j;
+                }
+                if let Some(l) = a.loss {
+                    imp.loss = l;
+                }
+            }
+            p.set(up, down)
+                .with_context(|| format!("setting the impairment of {}", p.local_addr()))
+        })
+    }
 }
 
 impl Chaos for Deploy {
@@ -869,29 +1357,45 @@ impl Chaos for Deploy {
                 action: action.to_string(),
                 source: e.into(),
             };
-            match (action.action, action.target, &action.path) {
-                (ChaosVerb::Kill, Some(t), _) => {
-                    self.kill(t, action.instance).await.map_err(failed)
-                }
-                (ChaosVerb::Restart, Some(t), _) => {
-                    self.restart(t, action.instance).await.map_err(failed)
-                }
-                (verb @ (ChaosVerb::Blackhole | ChaosVerb::Unblackhole), _, Some(p)) => {
-                    let idx = self.path_indices(p).map_err(|e| failed(e.into()))?;
-                    let paths = lock(&self.paths);
-                    for i in idx {
-                        if let Some(path) = paths.get(i) {
-                            path.blackhole(verb == ChaosVerb::Blackhole);
-                        }
-                    }
-                    Ok(())
-                }
+            match (action.action, &action.path) {
+                (ChaosVerb::Kill, _) => self.kill(action).await.map_err(failed),
+                (ChaosVerb::Restart, _) => self.restart(action).await.map_err(failed),
+                (verb @ (ChaosVerb::Blackhole | ChaosVerb::Unblackhole), Some(p)) => self
+                    .with_paths(p, |path| {
+                        path.blackhole(verb == ChaosVerb::Blackhole);
+                        Ok(())
+                    })
+                    .map_err(failed),
+                (ChaosVerb::Delay, Some(_)) => self.delay(action).map_err(failed),
                 _ => Err(ChaosError::Unsupported {
                     action: action.to_string(),
                 }),
             }
         })
     }
+}
+
+/// Reads one unlabelled counter from a metrics listener (plain HTTP/1.0);
+/// `None` when it cannot, bounded by 2 s.
+async fn scrape_counter(addr: SocketAddr, name: &str) -> Option<u64> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let fetch = async {
+        let mut tcp = tokio::net::TcpStream::connect(addr).await.ok()?;
+        tcp.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+            .await
+            .ok()?;
+        let mut buf = Vec::new();
+        tcp.take(8 << 20).read_to_end(&mut buf).await.ok()?;
+        let text = String::from_utf8_lossy(&buf);
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .map(|v| v as u64)
+    };
+    tokio::time::timeout(Duration::from_secs(2), fetch)
+        .await
+        .ok()
+        .flatten()
 }
 
 /// Binds a UDP socket on a free loopback port and closes it, returning the
@@ -917,21 +1421,23 @@ async fn start_router(
         .context("router failed to start")
 }
 
+/// Starts an edge listening on `a`'s public, tunnel and mesh addresses
+/// (port 0 for new ones), advertising its relays, with metrics on loopback.
 async fn start_edge(
     router_url: &str,
     state: &Path,
     token: Option<String>,
-    public: SocketAddr,
-    tunnel: SocketAddr,
-    relay: SocketAddr,
+    a: &EdgeAddrs,
     stop: CancellationToken,
 ) -> anyhow::Result<portico_edge::Handle> {
     let mut ec = portico_edge::Config::new(router_url, state);
     ec.token = token;
-    ec.public_listen = public;
-    ec.tunnel_listen = tunnel;
-    ec.metrics_listen = None;
-    ec.advertise_tunnel_addr = Some(relay.to_string());
+    ec.public_listen = a.public;
+    ec.tunnel_listen = a.tunnel;
+    ec.mesh_listen = Some(a.mesh);
+    ec.metrics_listen = Some(LOOPBACK);
+    ec.advertise_tunnel_addr = Some(a.relay.to_string());
+    ec.advertise_mesh_addr = Some(a.mesh_relay.to_string());
     ec.drain_delay = Duration::ZERO;
     ec.grace = Duration::from_secs(2);
     Ok(portico_edge::start(ec, stop).await?)
@@ -955,9 +1461,19 @@ async fn start_connector(
 #[derive(Debug)]
 pub struct DeployOutcome {
     pub report: Report,
-    /// Counters of each WAN path (by edge) at the end of the load.
+    /// Counters of each tunnel relay (by edge) at the end of the load.
     pub paths: Vec<PathStats>,
-    /// Each edge's addresses.
+    /// Counters of each mesh relay (by edge) at the end of the load.
+    pub mesh_paths: Vec<PathStats>,
+    /// The impairment of each tunnel relay at the end (chaos `delay` may
+    /// have changed it), by edge.
+    pub impairments: Vec<Impairment>,
+    /// The same for each mesh relay.
+    pub mesh_impairments: Vec<Impairment>,
+    /// Requests each edge forwarded over the mesh since it last started
+    /// (`None`: down at the end).
+    pub mesh_forwarded: Vec<Option<u64>>,
+    /// Each edge's addresses (and region).
     pub edges: Vec<EdgeAddrs>,
 }
 
@@ -975,6 +1491,7 @@ pub async fn run_file(
     let result = async {
         let scenario = deploy.scenario(&file.load)?;
         info!(
+            regions = deploy.regions.len(),
             edges = deploy.edge_addrs.len(),
             connectors = deploy.connectors.len(),
             requests = scenario.requests.len(),
@@ -987,28 +1504,42 @@ pub async fn run_file(
         anyhow::Ok(report)
     }
     .await;
-    let paths = deploy.path_stats();
-    let edges = deploy.edge_addrs.clone();
+    let outcome = |report| DeployOutcome {
+        report,
+        paths: deploy.path_stats(),
+        mesh_paths: deploy.mesh_path_stats(),
+        impairments: deploy.impairments(),
+        mesh_impairments: deploy.mesh_impairments(),
+        mesh_forwarded: Vec::new(),
+        edges: deploy.edge_addrs.clone(),
+    };
+    let result = match result {
+        Ok(report) => {
+            let mut o = outcome(report);
+            o.mesh_forwarded = deploy.mesh_forwarded().await;
+            Ok(o)
+        }
+        Err(e) => Err(e),
+    };
     deploy.stop().await;
-    Ok(DeployOutcome {
-        report: result?,
-        paths,
-        edges,
-    })
+    result
 }
 
 /// `portico loadtest deploy`: start a whole deployment on this machine from a
 /// deployment file, run its load, write the report, stop everything.
 ///
 /// The deployment file is a `portico loadtest` scenario plus a `[deployment]`
-/// table (edges, connectors, tunnels_per_connector, backends,
-/// startup_timeout) and a `[wan]` table (delay, jitter, loss,
-/// loss_correlation, reorder, duplicate, rate, mtu, seed) for the relay in
-/// front of every edge's tunnel port. Requests name apps as
-/// `https://app0/...` and are spread over every edge. Chaos actions act on
-/// the deployment: kill/restart `connector`, `edge`, `router` (with `instance`),
-/// blackhole/unblackhole paths `edge0`, `edge1`, … or `*`. See
-/// loadtest/examples/deploy/deploy.toml.
+/// table (regions, edges per region, connectors, connector_region = auto or
+/// a region, tunnels_per_connector, backends, startup_timeout) and a
+/// `[wan]` table (delay, jitter, loss, loss_correlation, reorder,
+/// duplicate, rate, mtu, seed) for the relay in front of every edge's
+/// tunnel port, with `[wan.tunnel.<region>]` and `[wan.mesh.<region>]` for
+/// the connector→edge and edge→edge paths into a region. Requests name apps
+/// as `https://app0/...` and are spread over every edge, each failing over
+/// to the other edges of its region. Chaos actions act on the deployment:
+/// kill/restart `connector`, `edge`, `region` (with `region`), `router`
+/// (with `instance`); blackhole/unblackhole/delay paths `edge0`,
+/// `region:eu`, `*`, `mesh:…`. See loadtest/examples/deploy/deploy.toml.
 #[derive(Debug, Clone, clap::Args)]
 pub struct DeployArgs {
     /// The deployment file (TOML): [deployment], [wan] and the load scenario.
@@ -1058,21 +1589,53 @@ pub async fn run(args: DeployArgs, shutdown: CancellationToken) -> anyhow::Resul
         crate::out(report.to_json());
     } else {
         let d = &file.deployment;
+        let regions = d.region_ids()?;
         crate::out(format!(
-            "deployment: {} edge(s), {} connector(s) × {} tunnel(s), {} backend(s); WAN one-way delay {:?} ± {:?}, loss {}",
-            d.edges, d.connectors, d.tunnels_per_connector, d.backends, file.wan.delay, file.wan.jitter, file.wan.loss
+            "deployment: {} region(s) ({}) × {} edge(s), {} connector(s) ({}) × {} tunnel(s), {} backend(s)",
+            regions.len(),
+            region_list(&regions),
+            d.edges,
+            d.connectors,
+            d.connector_region,
+            d.tunnels_per_connector,
+            d.backends,
         ));
         crate::out(report.summary().trim_end());
-        for (i, (p, a)) in outcome.paths.iter().zip(&outcome.edges).enumerate() {
-            crate::out(format!(
-                "WAN path edge{i} ({} -> {}): up {} forwarded / {} dropped, down {} forwarded / {} dropped",
-                a.relay,
-                a.tunnel,
+        let line = |p: &PathStats| {
+            format!(
+                "up {} forwarded / {} dropped, down {} forwarded / {} dropped",
                 p.up.forwarded,
                 p.up.dropped.total(),
                 p.down.forwarded,
                 p.down.dropped.total()
-            ));
+            )
+        };
+        for (i, a) in outcome.edges.iter().enumerate() {
+            let delay = |v: &[Impairment]| v.get(i).map(|imp| imp.delay).unwrap_or_default();
+            if let Some(p) = outcome.paths.get(i) {
+                crate::out(format!(
+                    "WAN path edge{i} [{}] ({} -> {}, delay {:?} at the end): {}",
+                    a.region,
+                    a.relay,
+                    a.tunnel,
+                    delay(&outcome.impairments),
+                    line(p)
+                ));
+            }
+            if let Some(p) = outcome.mesh_paths.get(i) {
+                crate::out(format!(
+                    "mesh path edge{i} [{}] ({} -> {}, delay {:?} at the end): {}; the edge forwarded {} request(s) over the mesh",
+                    a.region,
+                    a.mesh_relay,
+                    a.mesh,
+                    delay(&outcome.mesh_impairments),
+                    line(p),
+                    match outcome.mesh_forwarded.get(i).copied().flatten() {
+                        Some(n) => n.to_string(),
+                        None => "?".into(),
+                    }
+                ));
+            }
         }
     }
     if let Some(path) = args.json.as_deref().filter(|p| *p != Path::new("-")) {
@@ -1103,8 +1666,13 @@ mod tests {
         let f = DeployFile::from_toml(BASE).unwrap();
         assert_eq!(f.deployment, DeploymentSpec::default());
         assert_eq!(f.wan, WanSpec::default());
+        let t = |port: u16| Target {
+            port,
+            connect_to: vec![SocketAddr::from((Ipv4Addr::LOCALHOST, port))],
+        };
         let mut s = f.load.clone();
-        expand_requests(&mut s, &[1000, 2000], 1).unwrap();
+        expand_requests(&mut s, &[t(1000), t(2000)], 1).unwrap();
+        assert_eq!(s.requests[1].connect_to, t(2000).connect_to);
         let urls: Vec<&str> = s.requests.iter().map(|r| r.url.as_str()).collect();
         assert_eq!(
             urls,
@@ -1118,7 +1686,7 @@ mod tests {
         s.requests[0].url = "https://example.com/".into();
         s.requests
             .push(RequestSpec::get("https://app0.apps.localhost:9/"));
-        expand_requests(&mut s, &[1000, 2000], 1).unwrap();
+        expand_requests(&mut s, &[t(1000), t(2000)], 1).unwrap();
         assert_eq!(s.requests.len(), 2);
     }
 
@@ -1132,6 +1700,34 @@ mod tests {
             ("[wan]\nrate = \"fast\"\n", "wan.rate"),
             ("[wan]\ndelai = \"1ms\"\n", "delai"),
             ("ratee = 3\n", "ratee"),
+            (
+                "[deployment]\nregions = [\"eu\", \"eu\"]\n",
+                "deployment.regions[1]",
+            ),
+            (
+                "[deployment]\nregions = [\"a b\"]\n",
+                "deployment.regions[0]",
+            ),
+            (
+                "[deployment]\nregions = [\"eu\"]\nconnector_region = \"us\"\n",
+                "deployment.connector_region",
+            ),
+            (
+                "[deployment]\nregions = [\"eu\"]\n[wan.tunnel.us]\ndelay = \"1ms\"\n",
+                "wan.tunnel.us",
+            ),
+            (
+                "[deployment]\nregions = [\"eu\"]\n[wan.mesh.eu]\nloss = 3.0\n",
+                "wan.mesh.eu",
+            ),
+            (
+                "[deployment]\nregions = [\"eu\"]\n[wan.mesh.eu]\ndelai = \"1ms\"\n",
+                "delai",
+            ),
+            (
+                "[deployment]\nregions = [\"eu\"]\n[wan.mesh.eu]\nseed = 1\n",
+                "wan.mesh.eu.seed",
+            ),
         ];
         for (extra, needle) in cases {
             let text = format!("{extra}\n{BASE}");
@@ -1147,5 +1743,54 @@ mod tests {
         }
         let e = DeployFile::from_toml(&BASE.replace("app0", "app1")).unwrap_err();
         assert!(e.to_string().contains("requests[0].url"), "{e}");
+        // The unknown region's error names the valid ones.
+        let e = DeployFile::from_toml(&format!(
+            "{BASE}\n[deployment]\nregions = [\"eu\", \"us\"]\nconnector_region = \"asia\"\n"
+        ))
+        .unwrap_err();
+        assert!(e.to_string().contains("eu, us"), "{e}");
+    }
+
+    #[test]
+    fn regions_and_the_wan_matrix() {
+        let f = DeployFile::from_toml(&format!(
+            r#"{BASE}
+            [deployment]
+            regions = ["eu", "us"]
+            edges = 3
+            connector_region = "eu"
+            [wan]
+            delay = "5ms"
+            seed = 7
+            [wan.tunnel.us]
+            delay = "60ms"
+            [wan.mesh.eu]
+            delay = "40ms"
+            jitter = "1ms"
+            "#
+        ))
+        .unwrap();
+        let (eu, us) = (RegionId::new("eu").unwrap(), RegionId::new("us").unwrap());
+        assert_eq!(f.deployment.region_ids().unwrap(), [eu.clone(), us.clone()]);
+        assert_eq!(f.deployment.pinned_region().unwrap(), Some(eu.clone()));
+        let ms = Duration::from_millis;
+        assert_eq!(f.tunnel_impairment(&eu).unwrap().delay, ms(5));
+        assert_eq!(f.tunnel_impairment(&us).unwrap().delay, ms(60));
+        assert_eq!(f.mesh_impairment(&eu).unwrap().delay, ms(40));
+        assert_eq!(f.mesh_impairment(&eu).unwrap().jitter, ms(1));
+        assert_eq!(f.mesh_impairment(&us).unwrap(), Impairment::none());
+        // Without regions: the default one, connectors auto.
+        let f = DeployFile::from_toml(BASE).unwrap();
+        assert_eq!(
+            f.deployment.region_ids().unwrap(),
+            [RegionId::default_region()]
+        );
+        assert_eq!(f.deployment.pinned_region().unwrap(), None);
+        // More edges than MAX_INSTANCES over all regions.
+        let e = DeployFile::from_toml(&format!(
+            "{BASE}\n[deployment]\nregions = [\"a\", \"b\", \"c\"]\nedges = 11\n"
+        ))
+        .unwrap_err();
+        assert!(e.to_string().contains("deployment.edges"), "{e}");
     }
 }

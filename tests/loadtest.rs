@@ -291,6 +291,7 @@ async fn loadtest_chaos_kill_connector_is_recorded() {
             target: Some(Component::Connector),
             instance: None,
             path: None,
+            ..ChaosAction::new(Duration::ZERO, ChaosVerb::Kill)
         },
         ChaosAction {
             at: Duration::from_millis(1500),
@@ -298,6 +299,7 @@ async fn loadtest_chaos_kill_connector_is_recorded() {
             target: None,
             instance: None,
             path: Some("nowhere".into()),
+            ..ChaosAction::new(Duration::ZERO, ChaosVerb::Kill)
         },
     ];
     let chaos: Arc<dyn Chaos> = Arc::new(KillConnector(stack.d.connector_stop.clone()));

@@ -281,7 +281,7 @@ impl Client {
             _ => None,
         };
         let mut pools: Vec<Pool> = Vec::new();
-        let mut keys: Vec<(String, String, u16)> = Vec::new();
+        let mut keys: Vec<(String, String, u16, Vec<SocketAddr>)> = Vec::new();
         let mut prepared = Vec::with_capacity(s.requests.len());
         let zeros = Bytes::from(vec![
             0u8;
@@ -302,14 +302,24 @@ impl Client {
             let port = url
                 .port_or_known_default()
                 .ok_or_else(|| invalid("no port".into()))?;
-            let key = (url.scheme().to_owned(), host.to_string(), port);
+            let connect_to = if r.connect_to.is_empty() {
+                &s.connect_to
+            } else {
+                &r.connect_to
+            };
+            let key = (
+                url.scheme().to_owned(),
+                host.to_string(),
+                port,
+                connect_to.clone(),
+            );
             let origin = match keys.iter().position(|k| *k == key) {
                 Some(o) => o,
                 None => {
-                    let addrs = if s.connect_to.is_empty() {
+                    let addrs = if connect_to.is_empty() {
                         vec![resolve(&host, port, None).await?]
                     } else {
-                        s.connect_to.clone()
+                        connect_to.clone()
                     };
                     let name = match host {
                         url::Host::Domain(d) => d.to_owned(),
@@ -756,7 +766,11 @@ fn h3_connector(
     } else {
         crate::h3::Trust::Roots(root_store(s.cacert.as_deref())?)
     };
-    let bind: SocketAddr = match s.connect_to.first() {
+    let first = s
+        .connect_to
+        .first()
+        .or_else(|| s.requests.iter().find_map(|r| r.connect_to.first()));
+    let bind: SocketAddr = match first {
         Some(SocketAddr::V6(_)) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
         _ => (Ipv4Addr::UNSPECIFIED, 0).into(),
     };

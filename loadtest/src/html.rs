@@ -375,6 +375,7 @@ mod tests {
                 completed: 100,
                 ok: 98,
                 errors: 2,
+                errors_by_start: 2,
                 p50_us: 1_000 + i * 10,
                 p90_us: 2_000,
                 p99_us: 5_000 + i * 1000,
@@ -429,6 +430,7 @@ mod tests {
                         target: Some(Component::Connector),
                         instance: None,
                         path: None,
+                        ..ChaosAction::new(Duration::ZERO, ChaosVerb::Kill)
                     },
                     ok: true,
                     error: None,
@@ -443,6 +445,7 @@ mod tests {
                         target: None,
                         instance: None,
                         path: Some("eu".into()),
+                        ..ChaosAction::new(Duration::ZERO, ChaosVerb::Kill)
                     },
                     ok: false,
                     error: None,

@@ -20,7 +20,7 @@
 //! | `status` | map code→count | every HTTP status received |
 //! | `portico_errors` | map code→count | `x-portico-error` header values |
 //! | `transport_errors` | map kind→count | `connect`, `tls`, `handshake`, `request`, `body`, `timeout`, `h3` |
-//! | `timeline` | array | one entry per second of completion time: `second`, `completed`, `ok`, `errors`, `p50_us`, `p90_us`, `p99_us`, `max_us` |
+//! | `timeline` | array | one entry per second of completion time: `second`, `completed`, `ok`, `errors`, `p50_us`, `p90_us`, `p99_us`, `max_us`; and `errors_by_start`, the failed requests that were *due* in that second (intended send time), so failures after a chaos action can be told from those in flight at it |
 //! | `chaos` | array | `at_ms` (scheduled), `fired_ms` (null if never fired), `action` (text), `spec`, `ok`, `error` |
 //! | `by_request` | array | one per entry of the request mix, in order: `method`, `url`, `weight`, `completed`, `ok`, `errors`, `latency_us` (percentiles, 2 significant digits) |
 //! | `thresholds` | array | one per criterion the scenario set: `name` (`p99`, `error_rate`, `min_ok_rps`, ...), `limit` (`<= 50.00ms`), `measured`, `passed` |
@@ -141,6 +141,9 @@ pub struct Second {
     pub completed: u64,
     pub ok: u64,
     pub errors: u64,
+    /// The failed requests whose intended send time fell in this second.
+    #[serde(default)]
+    pub errors_by_start: u64,
     pub p50_us: u64,
     pub p90_us: u64,
     pub p99_us: u64,

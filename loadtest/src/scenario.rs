@@ -25,8 +25,11 @@
 //!
 //! [[chaos]]
 //! at = "12s"
-//! action = "kill"          # kill | restart | blackhole | unblackhole
-//! target = "connector"     # connector | edge | router (kill/restart)
+//! action = "kill"          # kill | restart | blackhole | unblackhole | delay
+//! target = "connector"     # connector | edge | region | router (kill/restart)
+//! # instance = 0           # which one; region = "eu" for edges of a region
+//! # path = "edge0"         # blackhole, unblackhole, delay: a WAN path
+//! # delay = "80ms"         # delay: the new one-way delay (jitter, loss too)
 //! ```
 
 use std::collections::BTreeMap;
@@ -214,6 +217,14 @@ pub struct RequestSpec {
     pub weight: u32,
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
+    /// Dial these addresses for this request instead of the scenario's
+    /// `connect_to` (one or a list, the same failover).
+    #[serde(
+        default,
+        deserialize_with = "one_or_many",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub connect_to: Vec<SocketAddr>,
 }
 
 fn default_method() -> String {
@@ -232,6 +243,7 @@ impl RequestSpec {
             body_size: 0,
             weight: 1,
             headers: BTreeMap::new(),
+            connect_to: Vec::new(),
         }
     }
 }
@@ -249,9 +261,117 @@ pub struct ChaosAction {
     /// Which instance (0-based) when a deployment has several; all if unset.
     #[serde(default)]
     pub instance: Option<usize>,
-    /// The WAN path to (un)blackhole, as the deployment names it.
+    /// The region of the edges to kill or restart (`target = "region"`,
+    /// or `"edge"` with `instance` counted within the region).
+    #[serde(default)]
+    pub region: Option<String>,
+    /// The WAN path to (un)blackhole or delay, as the deployment names it.
     #[serde(default)]
     pub path: Option<String>,
+    /// `delay`: the path's new one-way delay, both directions.
+    #[serde(default, with = "humantime_serde")]
+    pub delay: Option<Duration>,
+    /// `delay`: the new jitter (unchanged when unset).
+    #[serde(default, with = "humantime_serde")]
+    pub jitter: Option<Duration>,
+    /// `delay`: the new loss probability (unchanged when unset).
+    #[serde(default)]
+    pub loss: Option<f64>,
+}
+
+impl ChaosAction {
+    /// `action` at `at`, with no target, instance, region or path.
+    pub fn new(at: Duration, action: ChaosVerb) -> ChaosAction {
+        ChaosAction {
+            at,
+            action,
+            target: None,
+            instance: None,
+            region: None,
+            path: None,
+            delay: None,
+            jitter: None,
+            loss: None,
+        }
+    }
+
+    /// Checks that the action has what its verb needs and nothing else;
+    /// errors name `chaos[i].field`. Whether the target, region or path
+    /// exists is for the deployment to say when it acts.
+    pub fn validate(&self, i: usize) -> Result<(), ScenarioError> {
+        let field = |f: &str| format!("chaos[{i}].{f}");
+        let wrong = |f: &str, why: &str| Err(ScenarioError::invalid(field(f), why.to_owned()));
+        let has_delay = self.delay.is_some() || self.jitter.is_some() || self.loss.is_some();
+        match self.action {
+            ChaosVerb::Kill | ChaosVerb::Restart => {
+                let Some(target) = self.target else {
+                    return Err(ScenarioError::Missing {
+                        field: field("target"),
+                        hint: "kill and restart need target = connector, edge, region or router",
+                    });
+                };
+                if self.path.is_some() {
+                    return wrong("path", "only blackhole, unblackhole and delay take a path");
+                }
+                if has_delay {
+                    return wrong("delay", "only the delay action takes delay, jitter or loss");
+                }
+                match target {
+                    Component::Region if self.region.as_deref().is_none_or(str::is_empty) => {
+                        return Err(ScenarioError::Missing {
+                            field: field("region"),
+                            hint: "target = \"region\" needs region = the region's name",
+                        })
+                    }
+                    Component::Region if self.instance.is_some() => {
+                        return wrong(
+                            "instance",
+                            "a region target is every edge of it; use target = \"edge\" with region and instance for one",
+                        )
+                    }
+                    Component::Connector | Component::Router if self.region.is_some() => {
+                        return wrong("region", "only edge and region targets take a region")
+                    }
+                    _ => {}
+                }
+            }
+            ChaosVerb::Blackhole | ChaosVerb::Unblackhole | ChaosVerb::Delay => {
+                if self.path.as_deref().is_none_or(str::is_empty) {
+                    return Err(ScenarioError::Missing {
+                        field: field("path"),
+                        hint: "blackhole, unblackhole and delay need the WAN path's name",
+                    });
+                }
+                if self.target.is_some() {
+                    return wrong("target", "only kill and restart take a target");
+                }
+                if self.instance.is_some() || self.region.is_some() {
+                    return wrong(
+                        if self.instance.is_some() {
+                            "instance"
+                        } else {
+                            "region"
+                        },
+                        "a WAN path is named by `path` alone (e.g. \"edge0\" or \"region:eu\")",
+                    );
+                }
+                if self.action == ChaosVerb::Delay {
+                    if !has_delay {
+                        return Err(ScenarioError::Missing {
+                            field: field("delay"),
+                            hint: "the delay action needs delay (and/or jitter, loss)",
+                        });
+                    }
+                    if self.loss.is_some_and(|l| !(0.0..=1.0).contains(&l)) {
+                        return wrong("loss", "must be between 0 and 1");
+                    }
+                } else if has_delay {
+                    return wrong("delay", "only the delay action takes delay, jitter or loss");
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// What a chaos action does.
@@ -262,6 +382,8 @@ pub enum ChaosVerb {
     Restart,
     Blackhole,
     Unblackhole,
+    /// Set a WAN path's delay (and jitter, loss) while the load runs.
+    Delay,
 }
 
 /// A part of a deployment that chaos can kill or restart.
@@ -270,6 +392,8 @@ pub enum ChaosVerb {
 pub enum Component {
     Connector,
     Edge,
+    /// Every edge of a region.
+    Region,
     Router,
 }
 
@@ -280,21 +404,35 @@ impl fmt::Display for ChaosAction {
             ChaosVerb::Restart => "restart",
             ChaosVerb::Blackhole => "blackhole",
             ChaosVerb::Unblackhole => "unblackhole",
+            ChaosVerb::Delay => "delay",
         };
         f.write_str(verb)?;
         if let Some(t) = self.target {
             let t = match t {
                 Component::Connector => "connector",
                 Component::Edge => "edge",
+                Component::Region => "region",
                 Component::Router => "router",
             };
             write!(f, " {t}")?;
+            if let Some(r) = &self.region {
+                write!(f, " {r}")?;
+            }
             if let Some(i) = self.instance {
                 write!(f, "[{i}]")?;
             }
         }
         if let Some(p) = &self.path {
             write!(f, " {p}")?;
+        }
+        if let Some(d) = self.delay {
+            write!(f, " {}", humantime::format_duration(d))?;
+        }
+        if let Some(j) = self.jitter {
+            write!(f, " ±{}", humantime::format_duration(j))?;
+        }
+        if let Some(l) = self.loss {
+            write!(f, " loss {l}")?;
         }
         Ok(())
     }
@@ -463,37 +601,16 @@ impl Scenario {
                 hint: "bound the run with `duration`, `count` or `stages`",
             });
         }
-        for (i, c) in self.chaos.iter().enumerate() {
-            match c.action {
-                ChaosVerb::Kill | ChaosVerb::Restart => {
-                    if c.target.is_none() {
-                        return Err(ScenarioError::Missing {
-                            field: format!("chaos[{i}].target"),
-                            hint: "kill and restart need target = connector, edge or router",
-                        });
-                    }
-                    if c.path.is_some() {
-                        return Err(ScenarioError::invalid(
-                            format!("chaos[{i}].path"),
-                            "only blackhole and unblackhole take a path",
-                        ));
-                    }
-                }
-                ChaosVerb::Blackhole | ChaosVerb::Unblackhole => {
-                    if c.path.as_deref().is_none_or(str::is_empty) {
-                        return Err(ScenarioError::Missing {
-                            field: format!("chaos[{i}].path"),
-                            hint: "blackhole and unblackhole need the WAN path's name",
-                        });
-                    }
-                    if c.target.is_some() {
-                        return Err(ScenarioError::invalid(
-                            format!("chaos[{i}].target"),
-                            "only kill and restart take a target",
-                        ));
-                    }
-                }
+        for (i, r) in self.requests.iter().enumerate() {
+            if r.connect_to.len() > MAX_CONNECT_TO {
+                return Err(ScenarioError::invalid(
+                    format!("requests[{i}].connect_to"),
+                    format!("{} addresses; at most {MAX_CONNECT_TO}", r.connect_to.len()),
+                ));
             }
+        }
+        for (i, c) in self.chaos.iter().enumerate() {
+            c.validate(i)?;
         }
         Ok(())
     }
@@ -708,6 +825,16 @@ mod tests {
             at = "2s"
             action = "blackhole"
             path = "eu"
+            [[chaos]]
+            at = "2500ms"
+            action = "delay"
+            path = "region:eu"
+            delay = "80ms"
+            [[chaos]]
+            at = "2600ms"
+            action = "kill"
+            target = "region"
+            region = "us"
             "#,
         )
         .unwrap();
@@ -718,6 +845,9 @@ mod tests {
         assert_eq!(s.chaos[0].at, Duration::from_millis(1500));
         assert_eq!(s.chaos[0].to_string(), "kill connector");
         assert_eq!(s.chaos[1].to_string(), "blackhole eu");
+        assert_eq!(s.chaos[2].delay, Some(Duration::from_millis(80)));
+        assert_eq!(s.chaos[2].to_string(), "delay region:eu 80ms");
+        assert_eq!(s.chaos[3].to_string(), "kill region us");
         assert_eq!(s.connect_to, ["127.0.0.1:8443".parse().unwrap()]);
     }
 
@@ -778,14 +908,23 @@ mod tests {
         assert_eq!(err_field(&s), "stages[0].rate");
 
         let mut s = base();
-        s.chaos.push(ChaosAction {
-            at: Duration::ZERO,
-            action: ChaosVerb::Kill,
-            target: None,
-            instance: None,
-            path: None,
-        });
+        s.chaos
+            .push(ChaosAction::new(Duration::ZERO, ChaosVerb::Kill));
         assert_eq!(err_field(&s), "chaos[0].target");
+
+        let mut s = base();
+        s.chaos.push(ChaosAction {
+            target: Some(Component::Region),
+            ..ChaosAction::new(Duration::ZERO, ChaosVerb::Kill)
+        });
+        assert_eq!(err_field(&s), "chaos[0].region");
+
+        let mut s = base();
+        s.chaos.push(ChaosAction {
+            path: Some("edge0".into()),
+            ..ChaosAction::new(Duration::ZERO, ChaosVerb::Delay)
+        });
+        assert_eq!(err_field(&s), "chaos[0].delay");
 
         let mut s = base();
         s.protocol = Protocol::H3;

@@ -84,6 +84,8 @@ struct Inner {
     recent: Histogram<u64>,
     recent_errors: u64,
     seconds: Vec<Tally>,
+    /// Per second of intended send time: the requests due then that failed.
+    errors_by_start: Vec<u64>,
     counts: Counts,
     bytes_sent: u64,
     bytes_received: u64,
@@ -170,6 +172,7 @@ impl Recorder {
                 recent: histogram(),
                 recent_errors: 0,
                 seconds: Vec::new(),
+                errors_by_start: Vec::new(),
                 counts: Counts::default(),
                 bytes_sent: 0,
                 bytes_received: 0,
@@ -246,6 +249,14 @@ impl Recorder {
             }
             inner.seconds[sec].add(answered, ok);
         }
+        let due = o.intended.saturating_duration_since(self.start).as_secs();
+        let due = usize::try_from(due).unwrap_or(usize::MAX);
+        if !ok && due < 100_000 {
+            if inner.errors_by_start.len() <= due {
+                inner.errors_by_start.resize(due + 1, 0);
+            }
+            inner.errors_by_start[due] += 1;
+        }
     }
 
     /// Totals, and the percentiles since the last call.
@@ -290,17 +301,23 @@ impl Recorder {
                 .iter()
                 .map(|p| (p.ok, p.errors, Percentiles::from_histogram(&p.hist)))
                 .collect(),
-            timeline: g
-                .seconds
-                .iter()
-                .enumerate()
-                .map(|(i, b)| {
+            timeline: (0..g.seconds.len().max(g.errors_by_start.len()))
+                .map(|i| {
+                    let errors_by_start = g.errors_by_start.get(i).copied().unwrap_or(0);
+                    let Some(b) = g.seconds.get(i) else {
+                        return Second {
+                            second: i as u64,
+                            errors_by_start,
+                            ..Second::default()
+                        };
+                    };
                     let p = Percentiles::from_histogram(&b.hist);
                     Second {
                         second: i as u64,
                         completed: b.ok + b.errors,
                         ok: b.ok,
                         errors: b.errors,
+                        errors_by_start,
                         p50_us: p.p50,
                         p90_us: p.p90,
                         p99_us: p.p99,
@@ -438,6 +455,8 @@ mod tests {
         assert_eq!(m.portico.get("ConnectorNotFound"), Some(&1));
         assert_eq!(m.transport.get("timeout"), Some(&1));
         assert_eq!(m.bytes_sent, 15);
+        // All were due at second 0; three of them failed.
+        assert_eq!(m.timeline[0].errors_by_start, 3);
         assert_eq!(m.latency.count, 4);
         let live = rec.take_recent();
         assert_eq!((live.completed, live.errors, live.recent_errors), (5, 3, 3));
