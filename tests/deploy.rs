@@ -1,11 +1,15 @@
-//! `portico loadtest deploy`: a whole deployment (router, 2 edges behind WAN
-//! relays, 2 connectors, demo backends) started from a deployment file, loaded,
-//! broken by chaos actions, and reported on.
+//! `portico loadtest deploy`: a whole deployment (router, edges behind WAN
+//! relays, connectors, demo backends; one region, or two regions whose
+//! edges forward over the mesh) started from a deployment file, loaded,
+//! broken by chaos actions (kills of an edge, a region, the router; delay
+//! changes), and reported on.
 
 mod common;
 
 use std::path::Path;
 use std::time::Duration;
+
+use portico_loadtest::report::ChaosRecord;
 
 use clap::Parser as _;
 use portico::cli::{Cli, Command, LoadtestSub};
@@ -138,6 +142,233 @@ async fn chaos_kills_and_restarts_a_connector_and_blackholes_a_path() {
         assert_eq!(s.errors, 0, "{s:?} in {:?}", r.timeline);
     }
     assert!(r.requests.ok > 0);
+}
+
+/// Two regions of two edges, the connectors' group pinned to `eu`: the
+/// load goes to all four edges.
+const TWO_REGIONS: &str = r#"
+    [deployment]
+    regions = ["eu", "us"]
+    edges = 2
+    connectors = 1
+    tunnels_per_connector = 2
+    connector_region = "eu"
+    [wan]
+    delay = "2ms"
+    [wan.mesh.eu]
+    delay = "3ms"
+"#;
+
+/// Every chaos action fired and succeeded, in this order.
+fn assert_chaos(records: &[ChaosRecord], names: &[&str]) {
+    let got: Vec<&str> = records.iter().map(|c| c.action.as_str()).collect();
+    assert_eq!(got, names);
+    for c in records {
+        assert!(c.ok, "{c:?}");
+        assert!(c.fired_ms.expect("fired") >= c.at_ms, "{c:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_regions_route_to_both_and_the_region_without_tunnels_crosses_the_mesh() {
+    let o = run(&format!(
+        r#"
+        mode = "open"
+        rate = 60
+        duration = "3s"
+        timeout = "5s"
+        [[requests]]
+        url = "https://app0/"
+        {TWO_REGIONS}
+        "#
+    ))
+    .await;
+    let r = &o.report;
+    assert_eq!(r.requests.scheduled, 180, "{r:?}");
+    assert_eq!(
+        r.requests.ok, 180,
+        "{:?} {:?}",
+        r.status, r.transport_errors
+    );
+    let regions: Vec<&str> = o.edges.iter().map(|e| e.region.as_str()).collect();
+    assert_eq!(regions, ["eu", "eu", "us", "us"]);
+    // One entry of the mix per edge, each failing over within its region.
+    assert_eq!(r.by_request.len(), 4);
+    for (i, b) in r.by_request.iter().enumerate() {
+        assert!(b.ok > 0 && b.errors == 0, "edge {i}: {b:?}");
+        assert!(
+            b.url.ends_with(&format!(":{}/", o.edges[i].public.port())),
+            "{b:?}"
+        );
+    }
+    // The us edges hold no tunnel of the group: each of their requests
+    // crossed the mesh to an eu edge (and through eu's mesh relays). The
+    // eu edges forwarded nothing.
+    let fwd = &o.mesh_forwarded;
+    assert_eq!(fwd.len(), 4);
+    assert_eq!((fwd[0], fwd[1]), (Some(0), Some(0)), "{fwd:?}");
+    let us_ok = r.by_request[2].ok + r.by_request[3].ok;
+    let us_fwd = fwd[2].expect("up") + fwd[3].expect("up");
+    assert!(
+        us_fwd >= us_ok,
+        "{us_fwd} forwarded < {us_ok} answered: {fwd:?}"
+    );
+    assert!(
+        o.mesh_paths[0].up.forwarded + o.mesh_paths[1].up.forwarded > 0,
+        "{:?}",
+        o.mesh_paths
+    );
+    // The matrix as configured: 2 ms into every edge's tunnel port, 3 ms
+    // into eu's mesh ports, nothing into us's.
+    let ms = Duration::from_millis;
+    let delays: Vec<Duration> = o.impairments.iter().map(|i| i.delay).collect();
+    assert_eq!(delays, [ms(2); 4]);
+    let mesh: Vec<Duration> = o.mesh_impairments.iter().map(|i| i.delay).collect();
+    assert_eq!(mesh, [ms(3), ms(3), ms(0), ms(0)]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delay_change_while_running_reaches_the_relays() {
+    let o = run(&format!(
+        r#"
+        mode = "open"
+        rate = 40
+        duration = "3s"
+        timeout = "5s"
+        [[requests]]
+        url = "https://app0/"
+        [[chaos]]
+        at = "1s"
+        action = "delay"
+        path = "region:us"
+        delay = "30ms"
+        jitter = "1ms"
+        [[chaos]]
+        at = "1500ms"
+        action = "delay"
+        path = "mesh:edge1"
+        delay = "20ms"
+        {TWO_REGIONS}
+        "#
+    ))
+    .await;
+    let r = &o.report;
+    assert_chaos(
+        &r.chaos,
+        &["delay region:us 30ms ±1ms", "delay mesh:edge1 20ms"],
+    );
+    assert_eq!(r.requests.ok, r.requests.scheduled, "{r:?}");
+    let ms = Duration::from_millis;
+    let tunnel: Vec<(Duration, Duration)> =
+        o.impairments.iter().map(|i| (i.delay, i.jitter)).collect();
+    assert_eq!(
+        tunnel,
+        [
+            (ms(2), ms(0)),
+            (ms(2), ms(0)),
+            (ms(30), ms(1)),
+            (ms(30), ms(1))
+        ]
+    );
+    let mesh: Vec<Duration> = o.mesh_impairments.iter().map(|i| i.delay).collect();
+    assert_eq!(mesh, [ms(3), ms(20), ms(0), ms(0)]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_an_edge_of_a_region_fails_over_to_the_other_one() {
+    let o = run(&format!(
+        r#"
+        mode = "open"
+        rate = 60
+        duration = "4s"
+        timeout = "5s"
+        [[requests]]
+        url = "https://app0/"
+        [[chaos]]
+        at = "1990ms"
+        action = "kill"
+        target = "edge"
+        region = "us"
+        instance = 0
+        {TWO_REGIONS}
+        "#
+    ))
+    .await;
+    let r = &o.report;
+    assert_chaos(&r.chaos, &["kill edge us[0]"]);
+    // Edge 2 (us/0) stayed down; the requests of its entry of the mix
+    // went to us/1 from then on.
+    assert_eq!(o.mesh_forwarded[2], None, "{:?}", o.mesh_forwarded);
+    assert!(o.mesh_forwarded[3].is_some());
+    // No request due after the kill (at 1.99 s) failed. Those in flight
+    // at it are counted in second 1, and reported.
+    for s in r.timeline.iter().filter(|s| s.second >= 2) {
+        assert_eq!(s.errors_by_start, 0, "{s:?} in {:?}", r.timeline);
+    }
+    let killed = &r.by_request[2];
+    assert!(killed.ok > 0, "{killed:?}");
+    assert!(
+        r.requests.errors <= 5,
+        "more failures than requests in flight at the kill: {r:?}"
+    );
+    assert_eq!(r.requests.completed, r.requests.scheduled);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_region_and_the_router_are_killed_and_restarted() {
+    let o = run(&format!(
+        r#"
+        mode = "open"
+        rate = 40
+        duration = "5s"
+        timeout = "3s"
+        [[requests]]
+        url = "https://app0/"
+        [[chaos]]
+        at = "500ms"
+        action = "kill"
+        target = "router"
+        [[chaos]]
+        at = "1500ms"
+        action = "restart"
+        target = "router"
+        [[chaos]]
+        at = "2s"
+        action = "kill"
+        target = "region"
+        region = "us"
+        [[chaos]]
+        at = "3s"
+        action = "restart"
+        target = "region"
+        region = "us"
+        {TWO_REGIONS}
+        "#
+    ))
+    .await;
+    let r = &o.report;
+    assert_chaos(
+        &r.chaos,
+        &[
+            "kill router",
+            "restart router",
+            "kill region us",
+            "restart region us",
+        ],
+    );
+    // The eu edges served throughout: from their config while the router
+    // was down, and the us region's fate is not theirs.
+    for b in &r.by_request[..2] {
+        assert!(b.ok > 0 && b.errors == 0, "{b:?}");
+    }
+    // While us was down, its requests found no edge to connect to (both
+    // addresses refused): counted as connect errors.
+    assert!(
+        r.transport_errors.get("connect").copied().unwrap_or(0) > 0,
+        "{r:?}"
+    );
+    // Both us edges are up again at the end.
+    assert!(o.mesh_forwarded[2].is_some() && o.mesh_forwarded[3].is_some());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
