@@ -338,6 +338,12 @@ pub enum DeployError {
         region: String,
         valid: String,
     },
+    #[error("chaos[{index}]")]
+    Chaos {
+        index: usize,
+        #[source]
+        source: Box<DeployError>,
+    },
     #[error("there is no edge {instance} in region {region} (it has {count})")]
     NoSuchEdgeInRegion {
         region: String,
@@ -458,6 +464,13 @@ impl DeployFile {
                 spec.impairment_of(&name)?;
             }
         }
+        let layout = self.layout()?;
+        for (index, a) in self.load.chaos.iter().enumerate() {
+            layout.check(a).map_err(|e| DeployError::Chaos {
+                index,
+                source: Box::new(e),
+            })?;
+        }
         let mut s = self.load.clone();
         let one = Target {
             port: 1,
@@ -465,6 +478,20 @@ impl DeployFile {
         };
         expand_requests(&mut s, &[one], d.backends)?;
         Ok(())
+    }
+
+    /// The regions, the region of each edge, the connector count.
+    fn layout(&self) -> Result<Layout, DeployError> {
+        let regions = self.deployment.region_ids()?;
+        let edges = regions
+            .iter()
+            .flat_map(|r| std::iter::repeat_n(r.clone(), self.deployment.edges))
+            .collect();
+        Ok(Layout {
+            regions,
+            edges,
+            connectors: self.deployment.connectors,
+        })
     }
 
     /// The impairment of the connector→edge paths into `region`.
@@ -652,6 +679,8 @@ pub struct Deploy {
     data: PathBuf,
     spec: DeploymentSpec,
     regions: Vec<RegionId>,
+    /// What chaos actions name: filled in as the edges start.
+    layout: Layout,
     group: GroupId,
     root: CancellationToken,
     router_addr: SocketAddr,
@@ -673,6 +702,129 @@ fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 fn has_credentials(state: &Path) -> bool {
     state.join("credentials.json").exists()
+}
+
+/// The shape of a deployment that chaos actions name things in: its
+/// regions, the region of each edge (by index), the connector count.
+#[derive(Debug, Clone)]
+struct Layout {
+    regions: Vec<RegionId>,
+    edges: Vec<RegionId>,
+    connectors: usize,
+}
+
+impl Layout {
+    /// Checks that what `a` names exists.
+    fn check(&self, a: &ChaosAction) -> Result<(), DeployError> {
+        match (a.action, a.target, &a.path) {
+            (ChaosVerb::Kill | ChaosVerb::Restart, Some(t), _) => {
+                self.targets(t, a.instance, a.region.as_deref())?;
+            }
+            (_, _, Some(p)) => {
+                self.path_indices(p)?;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// The instances a kill or restart of `target` acts on.
+    fn targets(
+        &self,
+        target: Component,
+        instance: Option<usize>,
+        region: Option<&str>,
+    ) -> Result<Vec<usize>, DeployError> {
+        match target {
+            Component::Connector => self.instances("connector", instance, self.connectors),
+            Component::Router => self.instances("router", instance, 1),
+            Component::Edge | Component::Region => self.edge_targets(target, instance, region),
+        }
+    }
+
+    fn instances(
+        &self,
+        component: &'static str,
+        instance: Option<usize>,
+        count: usize,
+    ) -> Result<Vec<usize>, DeployError> {
+        match instance {
+            None => Ok((0..count).collect()),
+            Some(i) if i < count => Ok(vec![i]),
+            Some(i) => Err(DeployError::NoSuchInstance {
+                component,
+                instance: i,
+                count,
+            }),
+        }
+    }
+
+    /// The edges of `region`, by index; an error naming the valid ones.
+    fn region_edges(&self, field: &str, region: &str) -> Result<Vec<usize>, DeployError> {
+        if !self.regions.iter().any(|r| r.as_str() == region) {
+            return Err(DeployError::NoSuchRegion {
+                field: field.to_owned(),
+                region: region.to_owned(),
+                valid: region_list(&self.regions),
+            });
+        }
+        Ok((0..self.edges.len())
+            .filter(|&i| self.edges[i].as_str() == region)
+            .collect())
+    }
+
+    /// The edges a kill or restart of `edge` or `region` acts on.
+    fn edge_targets(
+        &self,
+        target: Component,
+        instance: Option<usize>,
+        region: Option<&str>,
+    ) -> Result<Vec<usize>, DeployError> {
+        let Some(region) = region else {
+            return self.instances("edge", instance, self.edges.len());
+        };
+        let members = self.region_edges("region", region)?;
+        match (target, instance) {
+            (Component::Edge, Some(k)) => {
+                members
+                    .get(k)
+                    .map(|&i| vec![i])
+                    .ok_or_else(|| DeployError::NoSuchEdgeInRegion {
+                        region: region.to_owned(),
+                        instance: k,
+                        count: members.len(),
+                    })
+            }
+            _ => Ok(members),
+        }
+    }
+
+    /// The relays a WAN path name picks (see the module docs).
+    fn path_indices(&self, name: &str) -> Result<(PathKind, Vec<usize>), DeployError> {
+        let n = self.edges.len();
+        let (kind, rest) = match name.strip_prefix("mesh:") {
+            Some(rest) => (PathKind::Mesh, rest),
+            None => (PathKind::Tunnel, name),
+        };
+        if rest == "*" || rest == "all" {
+            return Ok((kind, (0..n).collect()));
+        }
+        if let Some(region) = rest.strip_prefix("region:") {
+            return Ok((kind, self.region_edges("path", region)?));
+        }
+        let idx = rest
+            .strip_prefix("edge")
+            .or_else(|| rest.strip_prefix("wan"))
+            .unwrap_or(rest)
+            .parse::<usize>()
+            .ok()
+            .filter(|i| *i < n);
+        idx.map(|i| (kind, vec![i]))
+            .ok_or_else(|| DeployError::NoSuchPath {
+                path: name.to_owned(),
+                last: n.saturating_sub(1),
+            })
+    }
 }
 
 /// Which relays a WAN path name picks.
@@ -723,6 +875,11 @@ impl Deploy {
         let mut deploy = Deploy {
             data: data.to_owned(),
             spec: spec.clone(),
+            layout: Layout {
+                regions: regions.clone(),
+                edges: Vec::new(),
+                connectors: 0,
+            },
             regions,
             group,
             root: root.clone(),
@@ -842,6 +999,7 @@ impl Deploy {
             .await
             .with_context(|| format!("connector {i} failed to start"))?;
             self.connectors.push(Mutex::new(Part::new(c, stop)));
+            self.layout.connectors = self.connectors.len();
         }
         for (i, c) in self.connectors.iter().enumerate() {
             let part = c.lock().await;
@@ -930,6 +1088,7 @@ impl Deploy {
                         mesh = %addrs.mesh, mesh_relay = %addrs.mesh_relay, "edge and WAN paths up");
                     lock(&self.paths).push(tunnel_path);
                     lock(&self.mesh_paths).push(mesh_path);
+                    self.layout.edges.push(addrs.region.clone());
                     self.edge_addrs.push(addrs);
                     self.edges.push(Mutex::new(part));
                     return Ok(());
@@ -1106,96 +1265,13 @@ impl Deploy {
         }
     }
 
-    fn instances(
-        &self,
-        component: &'static str,
-        instance: Option<usize>,
-        count: usize,
-    ) -> Result<Vec<usize>, DeployError> {
-        match instance {
-            None => Ok((0..count).collect()),
-            Some(i) if i < count => Ok(vec![i]),
-            Some(i) => Err(DeployError::NoSuchInstance {
-                component,
-                instance: i,
-                count,
-            }),
-        }
-    }
-
-    /// The edges of `region`, by index; an error naming the valid ones.
-    fn region_edges(&self, field: &str, region: &str) -> Result<Vec<usize>, DeployError> {
-        if !self.regions.iter().any(|r| r.as_str() == region) {
-            return Err(DeployError::NoSuchRegion {
-                field: field.to_owned(),
-                region: region.to_owned(),
-                valid: region_list(&self.regions),
-            });
-        }
-        Ok((0..self.edge_addrs.len())
-            .filter(|&i| self.edge_addrs[i].region.as_str() == region)
-            .collect())
-    }
-
-    /// The edges a kill or restart of `edge` or `region` acts on.
-    fn edge_targets(
-        &self,
-        target: Component,
-        instance: Option<usize>,
-        region: Option<&str>,
-    ) -> Result<Vec<usize>, DeployError> {
-        let Some(region) = region else {
-            return self.instances("edge", instance, self.edges.len());
-        };
-        let members = self.region_edges("region", region)?;
-        match (target, instance) {
-            (Component::Edge, Some(k)) => {
-                members
-                    .get(k)
-                    .map(|&i| vec![i])
-                    .ok_or_else(|| DeployError::NoSuchEdgeInRegion {
-                        region: region.to_owned(),
-                        instance: k,
-                        count: members.len(),
-                    })
-            }
-            _ => Ok(members),
-        }
-    }
-
-    fn path_indices(&self, name: &str) -> Result<(PathKind, Vec<usize>), DeployError> {
-        let n = self.edge_addrs.len();
-        let (kind, rest) = match name.strip_prefix("mesh:") {
-            Some(rest) => (PathKind::Mesh, rest),
-            None => (PathKind::Tunnel, name),
-        };
-        if rest == "*" || rest == "all" {
-            return Ok((kind, (0..n).collect()));
-        }
-        if let Some(region) = rest.strip_prefix("region:") {
-            return Ok((kind, self.region_edges("path", region)?));
-        }
-        let idx = rest
-            .strip_prefix("edge")
-            .or_else(|| rest.strip_prefix("wan"))
-            .unwrap_or(rest)
-            .parse::<usize>()
-            .ok()
-            .filter(|i| *i < n);
-        idx.map(|i| (kind, vec![i]))
-            .ok_or_else(|| DeployError::NoSuchPath {
-                path: name.to_owned(),
-                last: n.saturating_sub(1),
-            })
-    }
-
     /// Runs `f` on each relay that the path name picks.
     fn with_paths(
         &self,
         name: &str,
         mut f: impl FnMut(&wan::Path) -> anyhow::Result<()>,
     ) -> anyhow::Result<()> {
-        let (kind, idx) = self.path_indices(name)?;
+        let (kind, idx) = self.layout.path_indices(name)?;
         let paths = lock(match kind {
             PathKind::Tunnel => &self.paths,
             PathKind::Mesh => &self.mesh_paths,
@@ -1210,9 +1286,12 @@ impl Deploy {
 
     async fn kill(&self, a: &ChaosAction) -> anyhow::Result<()> {
         let target = a.target.context("no target")?;
+        let which = self
+            .layout
+            .targets(target, a.instance, a.region.as_deref())?;
         match target {
             Component::Connector => {
-                for i in self.instances("connector", a.instance, self.connectors.len())? {
+                for i in which {
                     self.connectors[i]
                         .lock()
                         .await
@@ -1221,12 +1300,11 @@ impl Deploy {
                 }
             }
             Component::Edge | Component::Region => {
-                for i in self.edge_targets(target, a.instance, a.region.as_deref())? {
+                for i in which {
                     self.edges[i].lock().await.kill(&format!("edge{i}")).await;
                 }
             }
             Component::Router => {
-                self.instances("router", a.instance, 1)?;
                 self.router.lock().await.kill("router").await;
             }
         }
@@ -1235,9 +1313,12 @@ impl Deploy {
 
     async fn restart(&self, a: &ChaosAction) -> anyhow::Result<()> {
         let target = a.target.context("no target")?;
+        let which = self
+            .layout
+            .targets(target, a.instance, a.region.as_deref())?;
         match target {
             Component::Connector => {
-                for i in self.instances("connector", a.instance, self.connectors.len())? {
+                for i in which {
                     let mut part = self.connectors[i].lock().await;
                     part.kill(&format!("connector{i}")).await;
                     let stop = self.root.child_token();
@@ -1264,12 +1345,11 @@ impl Deploy {
                 }
             }
             Component::Edge | Component::Region => {
-                for i in self.edge_targets(target, a.instance, a.region.as_deref())? {
+                for i in which {
                     self.restart_edge(i).await?;
                 }
             }
             Component::Router => {
-                self.instances("router", a.instance, 1)?;
                 let mut part = self.router.lock().await;
                 part.kill("router").await;
                 let deadline = Instant::now() + REBIND_TIMEOUT;
@@ -1743,6 +1823,40 @@ mod tests {
         }
         let e = DeployFile::from_toml(&BASE.replace("app0", "app1")).unwrap_err();
         assert!(e.to_string().contains("requests[0].url"), "{e}");
+        // What chaos actions name must exist; errors say which action.
+        for (chaos, needle) in [
+            (
+                "action = \"kill\"\ntarget = \"region\"\nregion = \"asia\"",
+                "the regions are eu, us",
+            ),
+            (
+                "action = \"kill\"\ntarget = \"edge\"\nregion = \"us\"\ninstance = 2",
+                "no edge 2 in region us",
+            ),
+            (
+                "action = \"kill\"\ntarget = \"edge\"\ninstance = 4",
+                "no edge 4",
+            ),
+            (
+                "action = \"restart\"\ntarget = \"connector\"\ninstance = 2",
+                "no connector 2",
+            ),
+            (
+                "action = \"delay\"\npath = \"mesh:region:asia\"\ndelay = \"1ms\"",
+                "the regions are eu, us",
+            ),
+            ("action = \"blackhole\"\npath = \"edge9\"", "edge0..edge3"),
+        ] {
+            let text = format!(
+                "{BASE}\n[[chaos]]\nat = \"1s\"\n{chaos}\n[deployment]\nregions = [\"eu\", \"us\"]\n"
+            );
+            let e = DeployFile::from_toml(&text).unwrap_err();
+            let msg = portico_agent::error_chain(&e).to_string();
+            assert!(
+                msg.contains("chaos[0]") && msg.contains(needle),
+                "{needle} not in {msg}"
+            );
+        }
         // The unknown region's error names the valid ones.
         let e = DeployFile::from_toml(&format!(
             "{BASE}\n[deployment]\nregions = [\"eu\", \"us\"]\nconnector_region = \"asia\"\n"

@@ -9,7 +9,9 @@
 //!   spread round robin over them. When opening a connection fails at one
 //!   (TCP connect, TLS, the HTTP/1.1 or HTTP/2 handshake, the QUIC
 //!   handshake), the next one is tried, each at most once per request; the
-//!   failed one is then tried last for [`DEAD_FOR`]. No request byte has
+//!   failed one is then tried last for [`DEAD_FOR`]. An attempt that has
+//!   not opened within [`ATTEMPT_TIMEOUT`] counts as failed when another
+//!   address is left. No request byte has
 //!   been sent at that point, so this is safe for any method. Only when
 //!   every address fails is the request a transport error. Each switch is
 //!   counted (`failovers` in the report).
@@ -56,6 +58,12 @@ const H3_CHUNK: usize = 256 * 1024;
 /// How long a `connect_to` address where a connection could not be opened
 /// is tried last.
 pub const DEAD_FOR: Duration = Duration::from_secs(1);
+/// How long opening a connection at one address may take while another
+/// address is left to try: an address that drops packets (a blackhole, a
+/// QUIC port nobody listens on: no ICMP reaches quinn) would otherwise
+/// hold the request until its own timeout. The last address left has
+/// only the request's timeout.
+pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Builds the rustls client config: roots from `cacert` (PEM), or accept
 /// anything with `insecure`, or the system roots.
@@ -640,12 +648,21 @@ impl Client {
         Fut: Future<Output = Result<T, TransportErrorKind>>,
     {
         let mut last = TransportErrorKind::Connect;
-        for (n, i) in pool.addrs.order(Instant::now()).into_iter().enumerate() {
+        let order = pool.addrs.order(Instant::now());
+        let count = order.len();
+        for (n, i) in order.into_iter().enumerate() {
             if n > 0 {
                 self.failovers.fetch_add(1, Ordering::Relaxed);
             }
             let addr = pool.addrs.list[i];
-            match attempt(addr).await {
+            let opened = if n + 1 < count {
+                tokio::time::timeout(ATTEMPT_TIMEOUT, attempt(addr))
+                    .await
+                    .unwrap_or(Err(TransportErrorKind::Timeout))
+            } else {
+                attempt(addr).await
+            };
+            match opened {
                 Ok(t) => {
                     pool.addrs.worked(i);
                     return Ok(t);

@@ -1,8 +1,10 @@
-//! The generator's failover and retries against real hyper servers on
-//! loopback: a dead `connect_to` address is skipped for the next one, a
-//! kept-alive HTTP/1.1 connection the server closed under a request is
-//! retried on a new one, and when every address is dead the requests are
-//! transport errors (counted, bounded).
+//! The generator's failover and retries against real servers on loopback
+//! (hyper, and the h2 crate's server): a dead `connect_to` address is
+//! skipped for the next one, so is one that accepts TCP but never answers
+//! the TLS handshake (after the attempt timeout), a kept-alive HTTP/1.1
+//! connection the server closed under a request is retried on a new one,
+//! so is an HTTP/2 stream the server refused, and when every address is
+//! dead the requests are transport errors (counted, bounded).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,6 +16,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use portico_loadtest::client::ATTEMPT_TIMEOUT;
 use portico_loadtest::{run_scenario, Mode, Protocol, Report, RequestSpec, Scenario};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -179,4 +182,129 @@ async fn every_address_dead_is_a_transport_error() {
         assert_eq!(r.requests.failovers, 10, "{:?}", r.requests);
         assert_eq!(r.requests.retried, 0);
     }
+}
+
+/// An HTTP/2 server (the h2 crate's, plain) that answers 200 to the first
+/// stream of each connection and refuses every later one with
+/// RST_STREAM(REFUSED_STREAM): the stream was never processed.
+async fn refusing_h2_server(stop: CancellationToken, tasks: &TaskTracker) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let tk = tasks.clone();
+    tasks.spawn(async move {
+        loop {
+            let (tcp, _) = tokio::select! {
+                r = listener.accept() => r.unwrap(),
+                () = stop.cancelled() => break,
+            };
+            let stop = stop.clone();
+            tk.spawn(async move {
+                let serve = async {
+                    let mut conn = h2::server::handshake(tcp).await?;
+                    let mut n = 0u32;
+                    while let Some(stream) = conn.accept().await {
+                        let (_req, mut respond) = stream?;
+                        n += 1;
+                        if n == 1 {
+                            let resp = http::Response::new(());
+                            respond.send_response(resp, true)?;
+                        } else {
+                            respond.send_reset(h2::Reason::REFUSED_STREAM);
+                        }
+                    }
+                    Ok::<_, h2::Error>(())
+                };
+                tokio::select! {
+                    _ = serve => {}
+                    () = stop.cancelled() => {}
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn an_http2_stream_refused_by_the_server_is_retried() {
+    let (stop, tasks) = (CancellationToken::new(), TaskTracker::new());
+    let addr = refusing_h2_server(stop.clone(), &tasks).await;
+    let mut s = scenario(vec![addr], Protocol::H2, 20);
+    s.concurrency = Some(1);
+    s.connections = 1;
+    let r = run(s).await;
+    assert_eq!(r.requests.completed, 20, "{r:?}");
+    assert_eq!(r.requests.errors, 0, "{:?}", r.transport_errors);
+    assert_eq!(r.status.get(&200), Some(&20));
+    // Every request after the first is refused on the pooled connection
+    // and answered on a new one.
+    assert_eq!(r.requests.retried, 19, "{:?}", r.requests);
+    stop.cancel();
+    tasks.close();
+    tasks.wait().await;
+}
+
+/// An HTTPS hyper server (self-signed) answering 200, and a TCP listener
+/// that accepts and then says nothing (a TLS handshake that never ends).
+#[tokio::test]
+async fn an_address_that_never_answers_the_handshake_is_given_up_for_the_next() {
+    let (stop, tasks) = (CancellationToken::new(), TaskTracker::new());
+    let ck = rcgen::generate_simple_self_signed(vec!["app.test".to_string()]).unwrap();
+    let cert = rustls::pki_types::CertificateDer::from(ck.cert.der().to_vec());
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(rustls::pki_types::PrivatePkcs8KeyDer::from(
+        ck.signing_key.serialize_der(),
+    ));
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert], key)
+        .unwrap();
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let live = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let live_addr = live.local_addr().unwrap();
+    let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    let (st, tk) = (stop.clone(), tasks.clone());
+    tasks.spawn(async move {
+        let mut held = Vec::new();
+        loop {
+            tokio::select! {
+                r = silent.accept() => held.push(r.unwrap().0),
+                r = live.accept() => {
+                    let (tcp, _) = r.unwrap();
+                    let (acceptor, st) = (acceptor.clone(), st.clone());
+                    tk.spawn(async move {
+                        let Ok(io) = acceptor.accept(tcp).await else { return };
+                        let svc = service_fn(|_req: hyper::Request<Incoming>| async {
+                            Ok::<_, Closed>(hyper::Response::new(Full::new(Bytes::from_static(b"ok"))))
+                        });
+                        let conn = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(TokioIo::new(io), svc);
+                        tokio::select! {
+                            _ = conn => {}
+                            () = st.cancelled() => {}
+                        }
+                    });
+                }
+                () = st.cancelled() => break,
+            }
+        }
+    });
+    let mut s = scenario(vec![silent_addr, live_addr], Protocol::H1, 5);
+    s.requests = vec![RequestSpec::get("https://app.test/")];
+    s.insecure = true;
+    s.concurrency = Some(1);
+    s.connections = 1;
+    // Longer than one attempt may take: the request waits out the silent
+    // address, then opens at the live one.
+    s.timeout = ATTEMPT_TIMEOUT * 4;
+    let r = run(s).await;
+    assert_eq!(r.requests.ok, 5, "{r:?}");
+    assert_eq!(r.requests.errors, 0, "{:?}", r.transport_errors);
+    assert!(r.requests.failovers >= 1, "{:?}", r.requests);
+    stop.cancel();
+    tasks.close();
+    tasks.wait().await;
 }
