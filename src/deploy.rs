@@ -949,18 +949,12 @@ impl Deploy {
             .await?;
             lock(&self.demos).push(d);
         }
-        let single = self.regions == [RegionId::default_region()];
         for region in self.regions.clone() {
             let tunnel_imp = file.tunnel_impairment(&region)?;
             let mesh_imp = file.mesh_impairment(&region)?;
             for k in 0..spec.edges {
                 let i = self.edge_addrs.len();
-                // The single-region layout keeps its old state directories.
-                let state = if single {
-                    self.data.join(format!("edge{i}"))
-                } else {
-                    self.data.join(format!("edge-{region}-{k}"))
-                };
+                let state = self.edge_state(i, &region, k);
                 self.start_first_edge(
                     admin,
                     i,
@@ -1102,6 +1096,17 @@ impl Deploy {
                     return Err(e).context(format!("WAN paths of edge {i}"));
                 }
             }
+        }
+    }
+
+    /// The state directory of edge `i`, the `k`th of `region`: `edge{i}`
+    /// in the single-region layout (as before regions), else
+    /// `edge-{region}-{k}`.
+    fn edge_state(&self, i: usize, region: &RegionId, k: usize) -> PathBuf {
+        if self.regions == [RegionId::default_region()] {
+            self.data.join(format!("edge{i}"))
+        } else {
+            self.data.join(format!("edge-{region}-{k}"))
         }
     }
 
@@ -1375,16 +1380,11 @@ impl Deploy {
         let mut part = self.edges[i].lock().await;
         part.kill(&format!("edge{i}")).await;
         let a = &self.edge_addrs[i];
-        let single = self.regions == [RegionId::default_region()];
         let k = self.edge_addrs[..i]
             .iter()
             .filter(|e| e.region == a.region)
             .count();
-        let state = if single {
-            self.data.join(format!("edge{i}"))
-        } else {
-            self.data.join(format!("edge-{}-{k}", a.region))
-        };
+        let state = self.edge_state(i, &a.region, k);
         let deadline = Instant::now() + REBIND_TIMEOUT;
         let (h, stop) = loop {
             let stop = self.root.child_token();
