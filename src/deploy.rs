@@ -1671,12 +1671,15 @@ pub async fn run(args: DeployArgs, shutdown: CancellationToken) -> anyhow::Resul
         let d = &file.deployment;
         let regions = d.region_ids()?;
         crate::out(format!(
-            "deployment: {} region(s) ({}) × {} edge(s), {} connector(s) ({}) × {} tunnel(s), {} backend(s)",
+            "deployment: {} region(s) ({}) × {} edge(s), {} connector(s) (group {}) × {} tunnel(s), {} backend(s)",
             regions.len(),
             region_list(&regions),
             d.edges,
             d.connectors,
-            d.connector_region,
+            match d.pinned_region()? {
+                Some(r) => format!("pinned to {r}"),
+                None => AUTO.to_owned(),
+            },
             d.tunnels_per_connector,
             d.backends,
         ));
