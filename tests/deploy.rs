@@ -321,10 +321,14 @@ async fn killing_an_edge_of_a_region_fails_over_to_the_other_one() {
             "{protocol}: more failures than requests in flight at the kill: {r:?}"
         );
         assert_eq!(r.requests.completed, r.requests.scheduled);
-        // Three connections per entry, round robin over its two edges: a
-        // connection reopened after the kill was tried at the dead edge
-        // first, and opened at the other.
-        assert!(r.requests.failovers >= 1, "{protocol}: {:?}", r.requests);
+        // HTTP/3 keeps three connection slots per entry, opened round robin
+        // over its two edges (us/0, us/1, us/0): of the two reopened after
+        // the kill, the second is tried at the dead edge first, and opened
+        // at the other. (HTTP/1.1 opens connections only as the load needs
+        // them, so whether a reopened one starts at the dead edge varies.)
+        if protocol == "h3" {
+            assert!(r.requests.failovers >= 1, "{protocol}: {:?}", r.requests);
+        }
     }
 }
 
