@@ -157,8 +157,13 @@ pub(crate) struct Shared {
     pub(crate) stalls: Arc<stall::StallBudget>,
     /// The cap on tunnels per connector and the liveness periods.
     pub(crate) tunnel_policy: tunnel_acceptor::TunnelPolicy,
-    /// The mesh links this edge dials to other edges.
-    pub(crate) mesh: mesh::Mesh,
+    /// The mesh links this edge dials to other edges: one endpoint and
+    /// set of links per shard, made on the shard's own runtime, so that a
+    /// forwarded request stays on the thread that serves it (the tunnels'
+    /// rule; `shard.rs`).
+    meshes: Box<[std::sync::OnceLock<mesh::Mesh>]>,
+    /// What a shard's mesh endpoint is made of.
+    mesh_params: mesh::Params,
     /// The `Portico-Route` of a response served here: this edge's id.
     pub(crate) route: http::HeaderValue,
     /// Whether the last config watch got an answer from the router (false
@@ -187,6 +192,26 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// This shard's mesh links (shard 0's on a thread that is no shard's).
+    pub(crate) fn mesh(&self) -> &mesh::Mesh {
+        self.meshes
+            .get(shard::current())
+            .and_then(std::sync::OnceLock::get)
+            .or_else(|| self.meshes[0].get())
+            .expect("shard 0's mesh is made before anything serves")
+    }
+
+    /// Makes the calling shard's mesh endpoint, on its runtime; its drain
+    /// closes it with the tunnel endpoints.
+    pub(crate) fn start_shard_mesh(&self, index: usize) -> Result<(), Error> {
+        let mesh = mesh::Mesh::new(&self.mesh_params)?;
+        self.add_tunnel_endpoint(mesh.endpoint());
+        if let Some(slot) = self.meshes.get(index) {
+            let _ = slot.set(mesh);
+        }
+        Ok(())
+    }
+
     pub(crate) fn add_tunnel_endpoint(&self, endpoint: quinn::Endpoint) {
         lock(&self.tunnel_endpoints).push(endpoint);
     }
@@ -317,12 +342,16 @@ pub(crate) async fn serve(parts: Parts, shutdown: CancellationToken) -> Result<H
         })?),
         None => None,
     };
-    let mesh = mesh::Mesh::new(
-        Arc::clone(&parts.tunnel_cert),
-        &parts.ca_pem,
-        parts.tunnel_listen,
-        parts.limits.tunnel_receive_window(),
-    )?;
+    let mesh_params = mesh::Params {
+        cert: Arc::clone(&parts.tunnel_cert),
+        ca_pem: parts.ca_pem.clone(),
+        family: parts.tunnel_listen,
+        receive_window: parts.limits.tunnel_receive_window(),
+    };
+    let meshes: Box<[std::sync::OnceLock<mesh::Mesh>]> = (0..parts.shards.get())
+        .map(|_| std::sync::OnceLock::new())
+        .collect();
+    let _ = meshes[0].set(mesh::Mesh::new(&mesh_params)?);
     let route = http::HeaderValue::try_from(parts.edge_id.as_str())
         .unwrap_or_else(|_| http::HeaderValue::from_static("edge"));
     let shared = Arc::new(Shared {
@@ -342,7 +371,8 @@ pub(crate) async fn serve(parts: Parts, shutdown: CancellationToken) -> Result<H
         h2: parts.limits.h2.clone(),
         stalls: Arc::new(stall::StallBudget::new(parts.limits.stall.clone())),
         tunnel_policy: parts.tunnels,
-        mesh,
+        meshes,
+        mesh_params,
         route,
         router_reachable: std::sync::atomic::AtomicBool::new(false),
         shutdown: shutdown.clone(),
@@ -356,7 +386,7 @@ pub(crate) async fn serve(parts: Parts, shutdown: CancellationToken) -> Result<H
     if let Some(cfg) = parts.initial_config {
         shared.apply_config(cfg);
     }
-    shared.add_tunnel_endpoint(shared.mesh.endpoint());
+    shared.add_tunnel_endpoint(shared.mesh().endpoint());
 
     let mesh_server = match parts.mesh_listen {
         Some(_) => Some(mesh::server_config(

@@ -98,7 +98,18 @@ impl std::fmt::Debug for Mesh {
     }
 }
 
-/// This edge's side of the mesh: the links it dialled.
+/// What a mesh endpoint is made of: this edge's certificate (the client
+/// side of the mTLS), the CA, the address family to bind and the receive
+/// window.
+#[derive(Debug)]
+pub(crate) struct Params {
+    pub(crate) cert: Arc<CertStore>,
+    pub(crate) ca_pem: String,
+    pub(crate) family: SocketAddr,
+    pub(crate) receive_window: u64,
+}
+
+/// This edge's side of the mesh (one per shard): the links it dialled.
 pub(crate) struct Mesh {
     endpoint: quinn::Endpoint,
     client: quinn::ClientConfig,
@@ -113,12 +124,14 @@ type LinkSlot = tokio::sync::Mutex<Option<Arc<MeshLink>>>;
 impl Mesh {
     /// Binds the endpoint mesh links are dialled from (an ephemeral UDP
     /// port of `family`'s address family).
-    pub(crate) fn new(
-        cert: Arc<CertStore>,
-        ca_pem: &str,
-        family: SocketAddr,
-        receive_window: u64,
-    ) -> Result<Mesh, Error> {
+    pub(crate) fn new(params: &Params) -> Result<Mesh, Error> {
+        let Params {
+            cert,
+            ca_pem,
+            family,
+            receive_window,
+        } = params;
+        let (cert, family, receive_window) = (Arc::clone(cert), *family, *receive_window);
         let roots = pki::root_store(ca_pem)?;
         let mut tls = rustls::ClientConfig::builder_with_provider(pki::provider())
             .with_protocol_versions(&[&rustls::version::TLS13])

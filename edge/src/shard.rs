@@ -24,6 +24,9 @@
 //! - A request picks a tunnel of its own shard when the group has one
 //!   there (`Tunnels::pick`), and any other tunnel when it has not: then it
 //!   still works, at the multi-thread cost.
+//! - It has its own mesh endpoint and links to other edges
+//!   (`Shared::mesh`): a request forwarded to another edge goes out on a
+//!   link this shard drives, as its tunnels are.
 //!
 //! Shard 0 is the runtime `start` runs on: it also serves HTTP/3, metrics
 //! and the control loops. The rest of the edge (routing table, tunnel set,
@@ -136,6 +139,11 @@ pub(crate) async fn start(
                     }
                 };
                 shared.add_tunnel_endpoint(endpoint.clone());
+                // The shard's own mesh endpoint, driven by this runtime.
+                if let Err(e) = shared.start_shard_mesh(index) {
+                    let _ = started_tx.send(Err(e));
+                    return;
+                }
                 let span = tracing::info_span!(parent: &span, "shard", shard = index);
                 shared.tracker.spawn(
                     listener::accept_loop(public, tls, Arc::clone(&shared))

@@ -116,10 +116,10 @@ pub(crate) fn select(
             }
             peers.sort_by_cached_key(|p| {
                 (
-                    p.draining || shared.mesh.is_draining(&p.id),
+                    p.draining || shared.mesh().is_draining(&p.id),
                     p.region != shared.region,
                     shared
-                        .mesh
+                        .mesh()
                         .rtt_to(&p.id)
                         .unwrap_or(std::time::Duration::MAX),
                     p.tunnels,
@@ -216,7 +216,7 @@ pub(crate) async fn forward<B: RequestBody>(
             Ok(Upstream::Tunnel(tunnel)) => Via::Tunnel(tunnel),
             Ok(Upstream::Peer(peer)) => {
                 tried_peers.push(peer.id.clone());
-                match shared.mesh.link(shared, &peer).await {
+                match shared.mesh().link(shared, &peer).await {
                     Ok(link) => Via::Mesh(link),
                     Err(reason) => {
                         tracing::info!(peer = %peer.id, %reason, "no mesh link; trying another upstream");
