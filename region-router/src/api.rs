@@ -62,9 +62,6 @@ pub(crate) struct AppState {
     pub admin_hash: [u8; 32],
     /// The edges' latest reports: where connectors are attached.
     pub presence: Mutex<Presence>,
-    /// Notified after each report changes `presence` (the DNS zone is
-    /// rebuilt from it).
-    pub presence_changed: tokio::sync::Notify,
     /// `POST /v1/enroll` attempts per source address.
     pub enroll_limiter: RateLimiter,
     pub metrics: Metrics,
@@ -1015,6 +1012,8 @@ async fn edge_report(
         mesh_addr: report.mesh_addr.clone(),
         groups: groups.into_iter().collect(),
         draining: report.draining,
+        reported_from: remote
+            .map(|axum::Extension(RemoteAddr(a))| a.ip().to_canonical().to_string()),
     };
     let connectors: Vec<ConnectorSeen> = report
         .tunnels
@@ -1047,14 +1046,9 @@ async fn edge_report(
                 f
             }
         })?;
-    state.presence().report(
-        edge.id.clone(),
-        remote.map(|axum::Extension(RemoteAddr(a))| a.ip()),
-        ids,
-        report.draining,
-        Instant::now(),
-    );
-    state.presence_changed.notify_one();
+    state
+        .presence()
+        .report(edge.id.clone(), ids, report.draining, Instant::now());
     if let Some(version) = bumped {
         tracing::info!(edge = %edge.id, tunnel_addr = %report.tunnel_addr, version, "edge addresses or presence changed");
     }

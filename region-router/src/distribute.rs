@@ -257,6 +257,7 @@ mod tests {
                 mesh_addr: Some("127.0.0.1:9001".into()),
                 groups: vec![(g.clone(), 2)],
                 draining: false,
+                reported_from: None,
             },
             PresenceRecord {
                 edge: EdgeId::new("e-old").unwrap(),
@@ -264,12 +265,14 @@ mod tests {
                 // Not yet swept: its report is stale, so it does not count.
                 groups: vec![(g.clone(), 4)],
                 draining: false,
+                reported_from: None,
             },
             PresenceRecord {
                 edge: EdgeId::new("e-us").unwrap(),
                 mesh_addr: None,
                 groups: vec![],
                 draining: false,
+                reported_from: None,
             },
         ];
         s.version = 42;

@@ -213,7 +213,6 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Handle
         ca,
         admin_hash: util::sha256(admin_token.as_bytes()),
         presence: Mutex::new(presence::Presence::default()),
-        presence_changed: tokio::sync::Notify::new(),
         enroll_limiter: ratelimit::RateLimiter::new(config.enroll_limit, std::time::Instant::now()),
         metrics,
         shutdown: shutdown.clone(),

@@ -14,7 +14,6 @@
 //! again, within one interval.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use portico_proto::api::{Status, EDGE_REPORT_INTERVAL, REPORT_FRESH_INTERVALS};
@@ -36,8 +35,6 @@ pub(crate) struct Presence {
 #[derive(Debug, Clone)]
 struct Report {
     at: Instant,
-    /// The address the report came from, as the router saw it.
-    from: Option<IpAddr>,
     /// Each attached connector and its tunnel count on that edge.
     connectors: Vec<(ConnectorId, u32)>,
     /// The edge said it is shutting down.
@@ -60,12 +57,10 @@ impl Attached {
 }
 
 impl Presence {
-    /// Replaces what `edge` said before; `from` is the address its report
-    /// came from.
+    /// Replaces what `edge` said before.
     pub(crate) fn report(
         &mut self,
         edge: EdgeId,
-        from: Option<IpAddr>,
         connectors: Vec<(ConnectorId, u32)>,
         draining: bool,
         now: Instant,
@@ -74,40 +69,15 @@ impl Presence {
             edge,
             Report {
                 at: now,
-                from: from.map(|ip| ip.to_canonical()),
                 connectors,
                 draining,
             },
         );
     }
 
-    /// The address `edge`'s latest report came from (an IPv4-mapped IPv6
-    /// address as IPv4), fresh or not.
-    pub(crate) fn reported_from(&self, edge: &EdgeId) -> Option<IpAddr> {
-        self.edges.get(edge).and_then(|r| r.from)
-    }
-
-    /// Each edge whose latest report is fresh, with the connectors it
-    /// lists and their tunnels on it.
-    pub(crate) fn fresh_reports(
-        &self,
-        now: Instant,
-    ) -> impl Iterator<Item = (&EdgeId, &[(ConnectorId, u32)])> + '_ {
-        self.edges
-            .iter()
-            .filter(move |(_, r)| fresh(r, now))
-            .map(|(id, r)| (id, r.connectors.as_slice()))
-    }
-
     /// Forgets a deleted edge.
     pub(crate) fn remove(&mut self, edge: &EdgeId) {
         self.edges.remove(edge);
-    }
-
-    /// Whether `edge`'s latest report is fresh and it is not draining:
-    /// whether it belongs in the DNS answers.
-    pub(crate) fn edge_is_active(&self, edge: &EdgeId, now: Instant) -> bool {
-        self.edge_status(edge, now) == Status::Active
     }
 
     /// `edge`'s state for `edge list` and `region list`: draining while
@@ -178,19 +148,17 @@ mod tests {
         let mut p = Presence::default();
         p.report(
             edge("e-a"),
-            None,
             vec![(conn("c-1"), 2), (conn("c-2"), 1)],
             false,
             t0,
         );
         p.report(
             edge("e-b"),
-            None,
             vec![(conn("c-1"), 1), (conn("c-3"), 4)],
             false,
             t0,
         );
-        p.report(edge("e-c"), None, vec![(conn("c-9"), 1)], false, t0);
+        p.report(edge("e-c"), vec![(conn("c-9"), 1)], false, t0);
         let (a, b) = (edge("e-a"), edge("e-b"));
         assert_eq!(p.connectors_on([&a, &b], t0), 3, "c-1 counts once");
         assert_eq!(p.connectors_on([&a], t0), 2);
@@ -198,7 +166,7 @@ mod tests {
         assert_eq!(p.connectors_on(std::iter::empty(), t0), 0);
         // e-a's report goes stale while e-b reports again.
         let later = t0 + REPORT_FRESH + Duration::from_millis(1);
-        p.report(edge("e-b"), None, vec![(conn("c-3"), 4)], false, later);
+        p.report(edge("e-b"), vec![(conn("c-3"), 4)], false, later);
         assert_eq!(p.connectors_on([&a, &b], later), 1);
     }
 
@@ -206,15 +174,15 @@ mod tests {
     fn a_draining_edge_is_not_active_and_shows_as_draining_while_fresh() {
         let t0 = Instant::now();
         let mut p = Presence::default();
-        p.report(edge("e-a"), None, vec![(conn("c-1"), 2)], true, t0);
-        assert!(!p.edge_is_active(&edge("e-a"), t0));
+        p.report(edge("e-a"), vec![(conn("c-1"), 2)], true, t0);
+        assert_ne!(p.edge_status(&edge("e-a"), t0), Status::Active);
         assert_eq!(p.edge_status(&edge("e-a"), t0), Status::Draining);
         // Its connectors still count: their streams finish there.
         assert!(p.connector(&conn("c-1"), t0).is_active());
         let late = t0 + REPORT_FRESH + Duration::from_millis(1);
         assert_eq!(p.edge_status(&edge("e-a"), late), Status::Inactive);
         // Restarted, it reports as serving again.
-        p.report(edge("e-a"), None, Vec::new(), false, late);
+        p.report(edge("e-a"), Vec::new(), false, late);
         assert_eq!(p.edge_status(&edge("e-a"), late), Status::Active);
     }
 
@@ -225,10 +193,9 @@ mod tests {
         let mut p = Presence::default();
         assert!(!p.connector(&conn("c-1"), t0).is_active(), "never reported");
 
-        p.report(edge("e-a"), None, vec![(conn("c-1"), 2)], false, t0);
+        p.report(edge("e-a"), vec![(conn("c-1"), 2)], false, t0);
         p.report(
             edge("e-b"),
-            None,
             vec![(conn("c-1"), 1), (conn("c-2"), 4)],
             false,
             t0 + s(1),
@@ -244,13 +211,13 @@ mod tests {
 
         // The edge's next report leaves c-2 out: inactive at once, however
         // recently it was listed.
-        p.report(edge("e-b"), None, vec![(conn("c-1"), 1)], false, t0 + s(3));
+        p.report(edge("e-b"), vec![(conn("c-1"), 1)], false, t0 + s(3));
         assert!(!p.connector(&conn("c-2"), t0 + s(3)).is_active());
 
         // e-a stops reporting: its report counts for 15 s, and not a
         // moment longer; e-b's later report still does.
         assert_eq!(p.connector(&conn("c-1"), t0 + s(15)).tunnels, 2 + 1);
-        assert!(p.edge_is_active(&edge("e-a"), t0 + s(15)));
+        assert!((p.edge_status(&edge("e-a"), t0 + s(15)) == Status::Active));
         let later = t0 + s(15) + Duration::from_millis(1);
         assert_eq!(
             p.connector(&conn("c-1"), later),
@@ -259,18 +226,18 @@ mod tests {
                 tunnels: 1
             }
         );
-        assert!(!p.edge_is_active(&edge("e-a"), later));
-        assert!(p.edge_is_active(&edge("e-b"), later));
+        assert_ne!(p.edge_status(&edge("e-a"), later), Status::Active);
+        assert_eq!(p.edge_status(&edge("e-b"), later), Status::Active);
         // Both silent: nothing is active.
         let silent = t0 + s(3) + REPORT_FRESH + Duration::from_millis(1);
         assert!(!p.connector(&conn("c-1"), silent).is_active());
-        assert!(!p.edge_is_active(&edge("e-b"), silent));
+        assert_ne!(p.edge_status(&edge("e-b"), silent), Status::Active);
 
         // A fresh report brings it back; a deleted edge is forgotten.
-        p.report(edge("e-a"), None, vec![(conn("c-1"), 2)], false, silent);
+        p.report(edge("e-a"), vec![(conn("c-1"), 2)], false, silent);
         assert!(p.connector(&conn("c-1"), silent).is_active());
         p.remove(&edge("e-a"));
         assert!(!p.connector(&conn("c-1"), silent).is_active());
-        assert!(!p.edge_is_active(&edge("e-a"), silent));
+        assert_ne!(p.edge_status(&edge("e-a"), silent), Status::Active);
     }
 }

@@ -1,21 +1,23 @@
 //! The router's state at one moment: what the store holds (regions, groups,
-//! apps, live edges and connectors) plus the edges' latest reports and the
-//! time they are judged at.
+//! apps, live edges and connectors, and where each edge's tunnels are) and
+//! the time it is judged at.
 //!
 //! A [`Snapshot`] is plain data, read once and then asked questions that
 //! need no store, socket or clock: which edges of a region are healthy, and
 //! which region serves a group. The DNS zone is a function of one
-//! (`crate::dns::zone`); the edge and connector config builders can become
-//! one too.
+//! (`crate::dns::zone`), as the edge and connector configs are of its
+//! [`StoreState`] (`crate::distribute`). Nothing in it comes from one
+//! router's memory: a replica that did not receive an edge's report judges
+//! the edge as the one that did.
 
 use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::Instant;
 
 use portico_proto::ids::{ConnectorId, EdgeId, GroupId, RegionId};
 
+use crate::distribute::{is_draining, is_fresh, At};
 use crate::error::StoreError;
-use crate::presence::Presence;
 use crate::store::{AppRecord, EdgeRecord, GroupRecord, PresenceRecord, RegionRecord, Store};
 
 /// What the store held at one config version. Deleted edges and connectors
@@ -33,8 +35,6 @@ pub(crate) struct StoreState {
     pub apps: Vec<AppRecord>,
     /// Live edges, by id.
     pub edges: Vec<EdgeRecord>,
-    /// The group of each live connector.
-    pub connector_groups: HashMap<ConnectorId, GroupId>,
     /// Deleted connectors and when they were deleted: the revocations.
     pub deleted_connectors: Vec<(ConnectorId, u64)>,
     /// Where each live edge's tunnels are, by edge id.
@@ -60,11 +60,6 @@ impl StoreState {
             groups: s.list_groups()?.into_iter().map(|(g, _)| g).collect(),
             apps: s.list_apps()?,
             edges,
-            connector_groups: connectors
-                .iter()
-                .filter(|c| c.deleted_at.is_none())
-                .map(|c| (c.id.clone(), c.group.clone()))
-                .collect(),
             deleted_connectors: connectors
                 .iter()
                 .filter_map(|c| c.deleted_at.map(|d| (c.id.clone(), d)))
@@ -74,16 +69,15 @@ impl StoreState {
     }
 }
 
-/// The store's state, the edges' reports and `now`.
+/// The store's state and when it is judged.
 #[derive(Debug, Clone)]
 pub(crate) struct Snapshot {
     pub store: Arc<StoreState>,
-    pub presence: Presence,
-    pub now: Instant,
+    pub at: At,
 }
 
 /// One live edge of a region, and whether it is healthy: its latest report
-/// is fresh (the rule of `crate::presence`).
+/// is fresh (`distribute::is_fresh`) and did not say it is draining.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct RegionEdge<'a> {
     pub edge: &'a EdgeRecord,
@@ -102,8 +96,17 @@ impl Snapshot {
             .filter(move |e| e.region == *region)
             .map(|edge| RegionEdge {
                 edge,
-                healthy: self.presence.edge_is_active(&edge.id, self.now),
+                healthy: is_fresh(edge, self.at) && !is_draining(&self.store, &edge.id),
             })
+    }
+
+    /// The address `edge`'s latest report came from, if known.
+    pub(crate) fn reported_from(&self, edge: &EdgeId) -> Option<IpAddr> {
+        self.store
+            .presence
+            .iter()
+            .find(|p| p.edge == *edge)
+            .and_then(|p| p.reported_from)
     }
 
     /// The region that serves `group`'s apps:
@@ -145,20 +148,22 @@ impl Snapshot {
     /// The region holding most of `group`'s tunnels by the fresh reports,
     /// lowest id on a tie; `None` when it has none.
     fn busiest_region(&self, group: &GroupId) -> Option<RegionId> {
-        let region_of: HashMap<&EdgeId, &RegionId> = self
+        let fresh: HashMap<&EdgeId, &RegionId> = self
             .store
             .edges
             .iter()
+            .filter(|e| is_fresh(e, self.at))
             .map(|e| (&e.id, &e.region))
             .collect();
         let mut tunnels: BTreeMap<&RegionId, u64> = BTreeMap::new();
-        for (edge, connectors) in self.presence.fresh_reports(self.now) {
-            let Some(region) = region_of.get(edge) else {
-                continue; // deleted meanwhile
+        for p in &self.store.presence {
+            let Some(region) = fresh.get(&p.edge) else {
+                continue; // stale, or deleted meanwhile
             };
-            let mine: u64 = connectors
+            let mine: u64 = p
+                .groups
                 .iter()
-                .filter(|(c, _)| self.store.connector_groups.get(c) == Some(group))
+                .filter(|(g, _)| g == group)
                 .map(|(_, n)| u64::from(*n))
                 .sum();
             if mine > 0 {
@@ -182,22 +187,23 @@ pub(crate) mod tests {
 
     use super::*;
     use crate::presence::REPORT_FRESH;
-    use crate::store::CertInfo;
+    use crate::store::{CertInfo, PresenceRecord};
 
     /// A snapshot builder for tests of the snapshot and of the DNS zone.
     pub(crate) struct Builder {
         pub store: StoreState,
-        pub presence: Presence,
-        pub now: Instant,
+        /// Unix seconds, on a router up for an hour.
+        pub now: u64,
+        /// Each connector's group: what a report's tunnels count for.
+        connector_groups: HashMap<ConnectorId, GroupId>,
     }
 
     impl Builder {
         pub(crate) fn new() -> Builder {
             let mut b = Builder {
                 store: StoreState::default(),
-                presence: Presence::default(),
-                // Far enough from the clock's origin to subtract ages.
-                now: Instant::now() + Duration::from_secs(3600),
+                now: 1_000_000,
+                connector_groups: HashMap::new(),
             };
             b.region("default");
             b.group("Default", "auto");
@@ -265,14 +271,14 @@ pub(crate) mod tests {
         }
 
         pub(crate) fn connector(&mut self, id: &str, group: &str) -> &mut Self {
-            self.store
-                .connector_groups
+            self.connector_groups
                 .insert(ConnectorId::new(id).unwrap(), GroupId::new(group).unwrap());
             self
         }
 
-        /// A report from `edge` (sent from `from`) listing these
-        /// connectors and tunnels, `age` before `now`.
+        /// What the store holds after a report from `edge` (sent from
+        /// `from`) listing these connectors and tunnels, `age` before
+        /// `now`: its `last_seen`, and its presence by group.
         pub(crate) fn report(
             &mut self,
             edge: &str,
@@ -280,31 +286,59 @@ pub(crate) mod tests {
             connectors: &[(&str, u32)],
             age: Duration,
         ) -> &mut Self {
-            self.presence.report(
-                EdgeId::new(edge).unwrap(),
-                from.map(|f| f.parse().unwrap()),
-                connectors
-                    .iter()
-                    .map(|(c, n)| (ConnectorId::new(*c).unwrap(), *n))
-                    .collect(),
-                false,
-                self.now - age,
-            );
-            self
+            let mut groups: BTreeMap<GroupId, u32> = BTreeMap::new();
+            for (c, n) in connectors {
+                let g = self.connector_groups[&ConnectorId::new(*c).unwrap()].clone();
+                *groups.entry(g).or_default() += n;
+            }
+            self.seen(
+                edge,
+                age,
+                PresenceRecord {
+                    edge: EdgeId::new(edge).unwrap(),
+                    mesh_addr: None,
+                    groups: groups.into_iter().collect(),
+                    draining: false,
+                    reported_from: from.map(|f| f.parse::<IpAddr>().unwrap().to_canonical()),
+                },
+            )
         }
 
         /// A fresh report from `edge` saying it is shutting down.
         pub(crate) fn draining(&mut self, edge: &str) -> &mut Self {
-            self.presence
-                .report(EdgeId::new(edge).unwrap(), None, Vec::new(), true, self.now);
+            self.seen(
+                edge,
+                Duration::ZERO,
+                PresenceRecord {
+                    edge: EdgeId::new(edge).unwrap(),
+                    mesh_addr: None,
+                    groups: Vec::new(),
+                    draining: true,
+                    reported_from: None,
+                },
+            )
+        }
+
+        fn seen(&mut self, edge: &str, age: Duration, p: PresenceRecord) -> &mut Self {
+            let e = self
+                .store
+                .edges
+                .iter_mut()
+                .find(|e| e.id.as_str() == edge)
+                .expect("report of a known edge");
+            e.last_seen = Some(self.now - age.as_secs());
+            self.store.presence.retain(|q| q.edge != p.edge);
+            self.store.presence.push(p);
             self
         }
 
         pub(crate) fn snapshot(&self) -> Snapshot {
             Snapshot {
                 store: Arc::new(self.store.clone()),
-                presence: self.presence.clone(),
-                now: self.now,
+                at: At {
+                    now: self.now,
+                    started: self.now - 3600,
+                },
             }
         }
     }

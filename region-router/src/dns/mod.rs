@@ -426,7 +426,7 @@ fn region_addresses(
         let Some(addr) = addr else {
             continue; // it has not reported yet
         };
-        let from = snapshot.presence.reported_from(&e.edge.id);
+        let from = snapshot.reported_from(&e.edge.id);
         let ip = match edge_ip(addr, from) {
             EdgeIp::Literal(ip) => ip,
             EdgeIp::FromReport(ip) => {

@@ -2,10 +2,11 @@
 //! listeners in front of a handler that answers from the current
 //! [`Zone`], and the task that keeps that zone current.
 //!
-//! The zone is rebuilt from a fresh [`Snapshot`] on every config version,
-//! after every edge report, and every [`REBUILD_TICK`] (which is what
-//! notices a report going stale). The store is read again on a version
-//! change and at least every [`STORE_REREAD`] (regions change no version).
+//! The zone is rebuilt from a fresh [`Snapshot`] of the store on every
+//! config version and every [`REBUILD_TICK`]: each edge report updates the
+//! edge's `last_seen` in the store without a new version, and the tick is
+//! what notices a report arriving or going stale. Nothing comes from this
+//! router's memory, so every replica of a replicated store answers alike.
 //! A query reads the latest zone without a lock (`ArcSwap`).
 //!
 //! hickory-server parses each message before the handler sees it: one
@@ -16,7 +17,7 @@
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use hickory_proto::op::{Edns, Header, HeaderCounts, Metadata, OpCode, ResponseCode};
@@ -39,8 +40,6 @@ use crate::snapshot::{Snapshot, StoreState};
 /// How often the zone is rebuilt when nothing else happens: an edge whose
 /// report has just gone stale leaves the answers within this.
 pub(crate) const REBUILD_TICK: Duration = Duration::from_secs(1);
-/// The longest the zone goes without reading the store again.
-const STORE_REREAD: Duration = Duration::from_secs(5);
 /// A TCP connection that sends no query for this long is closed.
 const TCP_IDLE: Duration = Duration::from_secs(5);
 /// Responses queued per TCP connection.
@@ -125,7 +124,6 @@ pub(crate) async fn start(
         state: state.clone(),
         origin,
         store: Arc::new(store),
-        read_at: Instant::now(),
         logged: HashSet::new(),
     };
     let zone = Arc::new(ArcSwap::from_pointee(maintainer.build()));
@@ -170,7 +168,6 @@ struct Maintainer {
     state: SharedState,
     origin: Origin,
     store: Arc<StoreState>,
-    read_at: Instant,
     /// The notes of the last zone, each logged once when it appeared.
     logged: HashSet<Note>,
 }
@@ -181,28 +178,20 @@ impl Maintainer {
         let mut tick = tokio::time::interval(REBUILD_TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let reread = tokio::select! {
+            tokio::select! {
                 () = shutdown.cancelled() => break,
-                changed = version.changed() => {
-                    if changed.is_err() {
-                        break;
-                    }
-                    true
-                }
-                () = self.state.presence_changed.notified() => false,
-                _ = tick.tick() => self.read_at.elapsed() >= STORE_REREAD,
-            };
-            if reread {
-                match read_store(&self.state).await {
-                    Ok(store) => {
-                        self.store = Arc::new(store);
-                        self.read_at = Instant::now();
-                    }
-                    Err(e) => {
-                        // Health still moves on with the reports; the
-                        // store is tried again at the next tick.
-                        tracing::warn!(error = %portico_agent::error_chain(&e), "cannot read the store; the DNS zone keeps its last apps and edges");
-                    }
+                changed = version.changed() => if changed.is_err() { break },
+                // Health is the store's (each report's `last_seen`, which
+                // moves no version): read it every tick.
+                _ = tick.tick() => {}
+            }
+            match read_store(&self.state).await {
+                Ok(store) => self.store = Arc::new(store),
+                Err(e) => {
+                    // The last state is judged on (its reports age, and a
+                    // region whose edges all go stale fails open); the
+                    // store is tried again at the next tick.
+                    tracing::warn!(error = %portico_agent::error_chain(&e), "cannot read the store; the DNS zone keeps its last apps and edges");
                 }
             }
             zone.store(Arc::new(self.build()));
@@ -214,8 +203,7 @@ impl Maintainer {
     fn build(&mut self) -> Zone {
         let snapshot = Snapshot {
             store: self.store.clone(),
-            presence: self.state.presence().clone(),
-            now: Instant::now(),
+            at: self.state.at(),
         };
         let zone = zone(&snapshot, &self.origin);
         let current: HashSet<Note> = zone.notes.iter().cloned().collect();

@@ -155,10 +155,32 @@ fn a_draining_edge_leaves_the_answers_at_once() {
 #[test]
 fn a_router_that_has_heard_no_report_yet_answers_with_every_edge() {
     let mut b = two_regions();
-    b.presence = crate::presence::Presence::default();
+    b.store.presence.clear();
+    for e in &mut b.store.edges {
+        e.last_seen = None;
+    }
     let zone = super::zone(&b.snapshot(), &origin());
     let (_, _, answers, _) = ask(&zone, "eu-west.edge.apps.test.", RecordType::A);
     assert_eq!(answers.len(), 2, "{answers:?}");
+}
+
+/// The zone is judged from the store alone: a router that has just
+/// started (a restart, or a second replica of the store) answers with the
+/// edges the store last saw, however old, for its first window, then drops
+/// the stale ones.
+#[test]
+fn a_router_just_started_answers_from_what_the_store_last_saw() {
+    let mut b = two_regions();
+    b.report("e-eu-1", None, &[("c-1", 2)], Duration::from_secs(3600));
+    let mut snapshot = b.snapshot();
+    snapshot.at.started = snapshot.at.now - 5;
+    let zone = super::zone(&snapshot, &origin());
+    let (_, _, answers, _) = ask(&zone, "eu-west.edge.apps.test.", RecordType::A);
+    assert_eq!(answers.len(), 2, "{answers:?}");
+    snapshot.at.started = snapshot.at.now - 3600;
+    let zone = super::zone(&snapshot, &origin());
+    let (_, _, answers, _) = ask(&zone, "eu-west.edge.apps.test.", RecordType::A);
+    assert_eq!(answers, ["eu-west.edge.apps.test. 30 A 192.0.2.2"]);
 }
 
 #[test]

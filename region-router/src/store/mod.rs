@@ -150,6 +150,9 @@ pub struct EdgeSeen {
     pub groups: Vec<(GroupId, u32)>,
     /// It is shutting down.
     pub draining: bool,
+    /// The address the report came from as the router saw it (an
+    /// IPv4-mapped IPv6 address as IPv4), when known.
+    pub reported_from: Option<String>,
 }
 
 /// Where an edge's tunnels are, as its latest report said: part of the
@@ -164,6 +167,8 @@ pub struct PresenceRecord {
     /// Its latest report said it is shutting down: it is in no DNS
     /// answer, no presence and no connector's edge list.
     pub draining: bool,
+    /// Where its latest report came from.
+    pub reported_from: Option<std::net::IpAddr>,
 }
 
 /// Durable router state. Every change that edges or connectors care about

@@ -15,7 +15,7 @@ use super::{
 };
 use crate::error::StoreError;
 
-const SCHEMA_VERSION: i64 = 7;
+const SCHEMA_VERSION: i64 = 8;
 
 const SCHEMA_V1: &str = "
 CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -131,6 +131,12 @@ const SCHEMA_V7: &str = "
 ALTER TABLE presence ADD COLUMN draining INTEGER NOT NULL DEFAULT 0;
 ";
 
+/// Version 8: the address an edge's latest report came from, for the DNS
+/// answers of an edge that advertises an unspecified address.
+const SCHEMA_V8: &str = "
+ALTER TABLE presence ADD COLUMN reported_from TEXT;
+";
+
 /// The SQLite store: one connection behind a mutex.
 pub struct SqliteStore {
     path: PathBuf,
@@ -236,6 +242,7 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
         (5, SCHEMA_V5),
         (6, SCHEMA_V6),
         (7, SCHEMA_V7),
+        (8, SCHEMA_V8),
     ] {
         if found < version {
             let tx = conn.transaction()?;
@@ -1279,24 +1286,34 @@ impl Store for SqliteStore {
             groups.sort();
             groups.dedup_by(|a, b| a.0 == b.0);
             let groups_json = groups_to_json(&groups);
-            let presence_before: Option<(Option<String>, String, bool)> = tx
+            type Before = (Option<String>, String, bool, Option<String>);
+            let presence_before: Option<Before> = tx
                 .query_row(
-                    "SELECT mesh_addr, groups, draining FROM presence WHERE edge_id = ?1",
+                    "SELECT mesh_addr, groups, draining, reported_from FROM presence WHERE edge_id = ?1",
                     [seen.id.as_str()],
-                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
                 )
                 .optional()?;
             tx.execute(
-                "INSERT INTO presence (edge_id, mesh_addr, groups, draining) VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT (edge_id) DO UPDATE SET mesh_addr = ?2, groups = ?3, draining = ?4",
-                params![seen.id.as_str(), seen.mesh_addr, groups_json, seen.draining],
+                "INSERT INTO presence (edge_id, mesh_addr, groups, draining, reported_from)
+                 VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (edge_id) DO UPDATE SET mesh_addr = ?2, groups = ?3, draining = ?4,
+                 reported_from = ?5",
+                params![
+                    seen.id.as_str(),
+                    seen.mesh_addr,
+                    groups_json,
+                    seen.draining,
+                    seen.reported_from
+                ],
             )?;
             let presence_changed = match presence_before {
                 None => seen.mesh_addr.is_some() || !groups.is_empty() || seen.draining,
-                Some((mesh_addr, before, draining)) => {
+                Some((mesh_addr, before, draining, from)) => {
                     let before: Vec<(GroupId, u32)> = groups_from_json(&before)?;
                     mesh_addr != seen.mesh_addr
                         || draining != seen.draining
+                        || from != seen.reported_from
                         || before.iter().map(|g| &g.0).ne(groups.iter().map(|g| &g.0))
                 }
             };
@@ -1315,7 +1332,7 @@ impl Store for SqliteStore {
         let guard = self.lock();
         let conn = guard.as_ref().ok_or(StoreError::Closed)?;
         let mut stmt = conn.prepare(
-            "SELECT p.edge_id, p.mesh_addr, p.groups, p.draining FROM presence p
+            "SELECT p.edge_id, p.mesh_addr, p.groups, p.draining, p.reported_from FROM presence p
              JOIN edges e ON e.id = p.edge_id WHERE e.deleted_at IS NULL ORDER BY p.edge_id",
         )?;
         let rows = stmt.query_map([], |r| {
@@ -1324,16 +1341,21 @@ impl Store for SqliteStore {
                 r.get::<_, Option<String>>(1)?,
                 r.get::<_, String>(2)?,
                 r.get::<_, bool>(3)?,
+                r.get::<_, Option<String>>(4)?,
             ))
         })?;
         let mut out = Vec::new();
         for row in rows {
-            let (edge, mesh_addr, groups, draining) = row?;
+            let (edge, mesh_addr, groups, draining, from) = row?;
             out.push(PresenceRecord {
                 edge: EdgeId::new(edge).map_err(|e| corrupt("edge id", e))?,
                 mesh_addr,
                 groups: groups_from_json(&groups)?,
                 draining,
+                reported_from: match from {
+                    Some(ip) => Some(ip.parse().map_err(|e| corrupt("reported_from", e))?),
+                    None => None,
+                },
             });
         }
         Ok(out)

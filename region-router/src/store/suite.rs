@@ -442,6 +442,7 @@ fn populate(s: &dyn Store) {
         mesh_addr: None,
         groups: Vec::new(),
         draining: false,
+        reported_from: None,
     };
     let before = s.config_version().expect("version");
     let v = s
@@ -508,6 +509,7 @@ fn populate_presence(s: &dyn Store, seen: &EdgeSeen) {
     let p = mine(s).expect("listed");
     assert_eq!(p.groups, vec![(g.clone(), 2)]);
     assert_eq!(p.mesh_addr.as_deref(), Some("127.0.0.1:7845"));
+    assert_eq!(p.reported_from, None);
     // Only the count changes: stored, no bump.
     let counted = EdgeSeen {
         groups: vec![(g.clone(), 5)],
@@ -517,12 +519,22 @@ fn populate_presence(s: &dyn Store, seen: &EdgeSeen) {
     assert_eq!(s.edge_seen(&counted).expect("seen"), None);
     assert!(!watch.has_changed().expect("open"));
     assert_eq!(mine(s).expect("listed").groups, vec![(g.clone(), 5)]);
-    // A new mesh address bumps.
+    // A new mesh address bumps; so does a new source address (the DNS
+    // answers of an edge that advertises 0.0.0.0 follow it).
     let moved = EdgeSeen {
         mesh_addr: Some("127.0.0.1:7846".into()),
         ..counted.clone()
     };
     assert!(s.edge_seen(&moved).expect("seen").is_some());
+    let moved = EdgeSeen {
+        reported_from: Some("192.0.2.8".into()),
+        ..moved
+    };
+    assert!(s.edge_seen(&moved).expect("seen").is_some());
+    assert_eq!(
+        mine(s).expect("listed").reported_from,
+        Some("192.0.2.8".parse().unwrap())
+    );
     // Stale before 1002: emptied once, with a bump; then nothing to do.
     let v = s.expire_presence(1002).expect("expire").expect("bumps");
     assert_eq!(*watch.borrow_and_update(), v);
