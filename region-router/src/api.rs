@@ -36,7 +36,7 @@ use crate::ratelimit::RateLimiter;
 use crate::snapshot::StoreState;
 use crate::store::{
     AppRecord, CertInfo, ConnectorRecord, ConnectorSeen, EdgeRecord, EdgeSeen, GroupRecord,
-    RegionRecord, Store, TokenRecord,
+    PresenceRecord, RegionRecord, Store, TokenRecord,
 };
 use crate::util;
 
@@ -1048,7 +1048,7 @@ async fn edge_report(
         })?;
     state
         .presence()
-        .report(edge.id.clone(), ids, report.draining, Instant::now());
+        .report(edge.id.clone(), ids, Instant::now());
     if let Some(version) = bumped {
         tracing::info!(edge = %edge.id, tunnel_addr = %report.tunnel_addr, version, "edge addresses or presence changed");
     }
@@ -1117,23 +1117,27 @@ async fn list_regions(
     State(state): State<SharedState>,
     _: Admin,
 ) -> Result<axum::Json<Vec<Region>>, ApiFail> {
-    let (regions, edges) = state
-        .db(|s| Ok((s.list_regions()?, s.list_edges()?)))
+    let (regions, edges, stored) = state
+        .db(|s| Ok((s.list_regions()?, s.list_edges()?, s.list_presence()?)))
         .await?;
+    let at = state.at();
     let presence = state.presence();
     Ok(axum::Json(regions_view(
         regions,
         &edges,
+        (&stored, at),
         &presence,
         Instant::now(),
     )))
 }
 
-/// Each region with its live edges (as `GET /v1/edges` sees them) and the
-/// connectors attached to them, by the edges' fresh reports.
+/// Each region with its live edges (their state from the store, as
+/// `GET /v1/edges` shows it) and the connectors attached to them, by the
+/// edges' fresh reports.
 fn regions_view(
     regions: Vec<RegionRecord>,
     edges: &[EdgeRecord],
+    (stored, at): (&[PresenceRecord], distribute::At),
     presence: &Presence,
     now: Instant,
 ) -> Vec<Region> {
@@ -1150,7 +1154,7 @@ fn regions_view(
                     .into_iter()
                     .map(|e| RegionEdge {
                         id: e.id.clone(),
-                        status: presence.edge_status(&e.id, now),
+                        status: distribute::edge_status(e, stored, at),
                         tunnels: e.tunnels,
                         connectors: count(presence.connectors_on([&e.id], now)),
                         last_seen: e.last_seen,
@@ -1700,15 +1704,16 @@ async fn list_edges(
     State(state): State<SharedState>,
     _: Admin,
 ) -> Result<axum::Json<Vec<Edge>>, ApiFail> {
-    let records = state.db(|s| s.list_edges()).await?;
-    let now = Instant::now();
-    let presence = state.presence();
+    let (records, stored) = state
+        .db(|s| Ok((s.list_edges()?, s.list_presence()?)))
+        .await?;
+    let at = state.at();
     Ok(axum::Json(
         records
             .into_iter()
             .filter(|e| e.deleted_at.is_none())
             .map(|e| Edge {
-                status: presence.edge_status(&e.id, now),
+                status: distribute::edge_status(&e, &stored, at),
                 id: e.id,
                 region: e.region,
                 host: e.host,
@@ -1726,13 +1731,15 @@ async fn list_edges(
 /// Refreshes the connector and edge gauges (at each scrape).
 pub(crate) fn refresh_gauges(state: &AppState) {
     let now = Instant::now();
-    let (Ok(connectors), Ok(edges), Ok(regions)) = (
+    let (Ok(connectors), Ok(edges), Ok(regions), Ok(stored)) = (
         state.store.list_connectors(),
         state.store.list_edges(),
         state.store.list_regions(),
+        state.store.list_presence(),
     ) else {
         return;
     };
+    let at = state.at();
     let presence = state.presence();
     let connectors: Vec<bool> = connectors
         .iter()
@@ -1742,7 +1749,7 @@ pub(crate) fn refresh_gauges(state: &AppState) {
     let edges: Vec<(&RegionId, Status)> = edges
         .iter()
         .filter(|e| e.deleted_at.is_none())
-        .map(|e| (&e.region, presence.edge_status(&e.id, now)))
+        .map(|e| (&e.region, distribute::edge_status(e, &stored, at)))
         .collect();
     drop(presence);
     const EDGE_STATES: [(&str, Status); 3] = [

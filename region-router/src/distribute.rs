@@ -11,13 +11,15 @@
 
 use std::collections::BTreeMap;
 
-use portico_proto::api::{App, ConnectorConfig, EdgeConfig, EdgeEndpoint, GroupPresence, PeerEdge};
+use portico_proto::api::{
+    App, ConnectorConfig, EdgeConfig, EdgeEndpoint, GroupPresence, PeerEdge, Status,
+};
 use portico_proto::ids::{EdgeId, GroupId, RegionId};
 
 use crate::config::Config;
 use crate::presence::REPORT_FRESH;
 use crate::snapshot::StoreState;
-use crate::store::{AppRecord, EdgeRecord};
+use crate::store::{AppRecord, EdgeRecord, PresenceRecord};
 
 /// When a config is built (unix seconds), and since when the router has
 /// run.
@@ -81,7 +83,24 @@ pub(crate) fn apps(s: &StoreState, config: &Config) -> Vec<App> {
 
 /// Whether `edge`'s latest report said it is shutting down.
 pub(crate) fn is_draining(s: &StoreState, edge: &EdgeId) -> bool {
-    s.presence.iter().any(|p| p.edge == *edge && p.draining)
+    draining_in(&s.presence, edge)
+}
+
+fn draining_in(presence: &[PresenceRecord], edge: &EdgeId) -> bool {
+    presence.iter().any(|p| p.edge == *edge && p.draining)
+}
+
+/// An edge's state as `edge list`, `region list`, the metrics and the DNS
+/// zone judge it, from the store alone: draining while its fresh report
+/// says so, active (healthy) while fresh, else inactive (unhealthy).
+pub(crate) fn edge_status(edge: &EdgeRecord, presence: &[PresenceRecord], at: At) -> Status {
+    if !is_fresh(edge, at) {
+        Status::Inactive
+    } else if draining_in(presence, &edge.id) {
+        Status::Draining
+    } else {
+        Status::Active
+    }
 }
 
 /// Which fresh edges hold tunnels of which group, groups and edges sorted.
@@ -353,6 +372,28 @@ mod tests {
         assert_eq!(edges, vec!["e-eu", "e-us", "e-old"]);
         assert_eq!(c.region, None);
         assert_eq!(c.version, 42);
+    }
+
+    #[test]
+    fn an_edge_is_active_while_fresh_draining_while_it_says_so_and_inactive_once_stale() {
+        let now = 10_000;
+        let mut s = state(now);
+        let of = |s: &StoreState, id: &str, at: At| {
+            let e = s.edges.iter().find(|e| e.id.as_str() == id).unwrap();
+            edge_status(e, &s.presence, at)
+        };
+        assert_eq!(of(&s, "e-eu", at(now)), Status::Active);
+        assert_eq!(of(&s, "e-old", at(now)), Status::Inactive);
+        s.presence[0].draining = true;
+        assert_eq!(of(&s, "e-eu", at(now)), Status::Draining);
+        // A draining edge that went silent is just gone.
+        assert_eq!(of(&s, "e-eu", at(now + 60)), Status::Inactive);
+        // A router just started judges nobody stale yet.
+        let early = At {
+            now,
+            started: now - 5,
+        };
+        assert_eq!(of(&s, "e-old", early), Status::Active);
     }
 
     #[test]

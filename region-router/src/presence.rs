@@ -16,7 +16,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use portico_proto::api::{Status, EDGE_REPORT_INTERVAL, REPORT_FRESH_INTERVALS};
+use portico_proto::api::{EDGE_REPORT_INTERVAL, REPORT_FRESH_INTERVALS};
 use portico_proto::ids::{ConnectorId, EdgeId};
 
 /// How long an edge's latest report counts.
@@ -37,8 +37,6 @@ struct Report {
     at: Instant,
     /// Each attached connector and its tunnel count on that edge.
     connectors: Vec<(ConnectorId, u32)>,
-    /// The edge said it is shutting down.
-    draining: bool,
 }
 
 /// What the fresh reports say about one connector.
@@ -62,7 +60,6 @@ impl Presence {
         &mut self,
         edge: EdgeId,
         connectors: Vec<(ConnectorId, u32)>,
-        draining: bool,
         now: Instant,
     ) {
         self.edges.insert(
@@ -70,7 +67,6 @@ impl Presence {
             Report {
                 at: now,
                 connectors,
-                draining,
             },
         );
     }
@@ -78,16 +74,6 @@ impl Presence {
     /// Forgets a deleted edge.
     pub(crate) fn remove(&mut self, edge: &EdgeId) {
         self.edges.remove(edge);
-    }
-
-    /// `edge`'s state for `edge list` and `region list`: draining while
-    /// its latest fresh report says so, else active while that is fresh.
-    pub(crate) fn edge_status(&self, edge: &EdgeId, now: Instant) -> Status {
-        match self.edges.get(edge).filter(|r| fresh(r, now)) {
-            Some(r) if r.draining => Status::Draining,
-            Some(_) => Status::Active,
-            None => Status::Inactive,
-        }
     }
 
     /// How many distinct connectors the fresh reports of `edges` list
@@ -146,19 +132,9 @@ mod tests {
     fn connectors_on_edges_count_each_connector_once_from_fresh_reports() {
         let t0 = Instant::now();
         let mut p = Presence::default();
-        p.report(
-            edge("e-a"),
-            vec![(conn("c-1"), 2), (conn("c-2"), 1)],
-            false,
-            t0,
-        );
-        p.report(
-            edge("e-b"),
-            vec![(conn("c-1"), 1), (conn("c-3"), 4)],
-            false,
-            t0,
-        );
-        p.report(edge("e-c"), vec![(conn("c-9"), 1)], false, t0);
+        p.report(edge("e-a"), vec![(conn("c-1"), 2), (conn("c-2"), 1)], t0);
+        p.report(edge("e-b"), vec![(conn("c-1"), 1), (conn("c-3"), 4)], t0);
+        p.report(edge("e-c"), vec![(conn("c-9"), 1)], t0);
         let (a, b) = (edge("e-a"), edge("e-b"));
         assert_eq!(p.connectors_on([&a, &b], t0), 3, "c-1 counts once");
         assert_eq!(p.connectors_on([&a], t0), 2);
@@ -166,24 +142,8 @@ mod tests {
         assert_eq!(p.connectors_on(std::iter::empty(), t0), 0);
         // e-a's report goes stale while e-b reports again.
         let later = t0 + REPORT_FRESH + Duration::from_millis(1);
-        p.report(edge("e-b"), vec![(conn("c-3"), 4)], false, later);
+        p.report(edge("e-b"), vec![(conn("c-3"), 4)], later);
         assert_eq!(p.connectors_on([&a, &b], later), 1);
-    }
-
-    #[test]
-    fn a_draining_edge_is_not_active_and_shows_as_draining_while_fresh() {
-        let t0 = Instant::now();
-        let mut p = Presence::default();
-        p.report(edge("e-a"), vec![(conn("c-1"), 2)], true, t0);
-        assert_ne!(p.edge_status(&edge("e-a"), t0), Status::Active);
-        assert_eq!(p.edge_status(&edge("e-a"), t0), Status::Draining);
-        // Its connectors still count: their streams finish there.
-        assert!(p.connector(&conn("c-1"), t0).is_active());
-        let late = t0 + REPORT_FRESH + Duration::from_millis(1);
-        assert_eq!(p.edge_status(&edge("e-a"), late), Status::Inactive);
-        // Restarted, it reports as serving again.
-        p.report(edge("e-a"), Vec::new(), false, late);
-        assert_eq!(p.edge_status(&edge("e-a"), late), Status::Active);
     }
 
     #[test]
@@ -193,11 +153,10 @@ mod tests {
         let mut p = Presence::default();
         assert!(!p.connector(&conn("c-1"), t0).is_active(), "never reported");
 
-        p.report(edge("e-a"), vec![(conn("c-1"), 2)], false, t0);
+        p.report(edge("e-a"), vec![(conn("c-1"), 2)], t0);
         p.report(
             edge("e-b"),
             vec![(conn("c-1"), 1), (conn("c-2"), 4)],
-            false,
             t0 + s(1),
         );
         assert_eq!(
@@ -211,13 +170,12 @@ mod tests {
 
         // The edge's next report leaves c-2 out: inactive at once, however
         // recently it was listed.
-        p.report(edge("e-b"), vec![(conn("c-1"), 1)], false, t0 + s(3));
+        p.report(edge("e-b"), vec![(conn("c-1"), 1)], t0 + s(3));
         assert!(!p.connector(&conn("c-2"), t0 + s(3)).is_active());
 
         // e-a stops reporting: its report counts for 15 s, and not a
         // moment longer; e-b's later report still does.
         assert_eq!(p.connector(&conn("c-1"), t0 + s(15)).tunnels, 2 + 1);
-        assert!((p.edge_status(&edge("e-a"), t0 + s(15)) == Status::Active));
         let later = t0 + s(15) + Duration::from_millis(1);
         assert_eq!(
             p.connector(&conn("c-1"), later),
@@ -226,18 +184,14 @@ mod tests {
                 tunnels: 1
             }
         );
-        assert_ne!(p.edge_status(&edge("e-a"), later), Status::Active);
-        assert_eq!(p.edge_status(&edge("e-b"), later), Status::Active);
         // Both silent: nothing is active.
         let silent = t0 + s(3) + REPORT_FRESH + Duration::from_millis(1);
         assert!(!p.connector(&conn("c-1"), silent).is_active());
-        assert_ne!(p.edge_status(&edge("e-b"), silent), Status::Active);
 
         // A fresh report brings it back; a deleted edge is forgotten.
-        p.report(edge("e-a"), vec![(conn("c-1"), 2)], false, silent);
+        p.report(edge("e-a"), vec![(conn("c-1"), 2)], silent);
         assert!(p.connector(&conn("c-1"), silent).is_active());
         p.remove(&edge("e-a"));
         assert!(!p.connector(&conn("c-1"), silent).is_active());
-        assert_ne!(p.edge_status(&edge("e-a"), silent), Status::Active);
     }
 }

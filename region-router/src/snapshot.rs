@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use portico_proto::ids::{ConnectorId, EdgeId, GroupId, RegionId};
 
-use crate::distribute::{is_draining, is_fresh, At};
+use crate::distribute::{edge_status, is_fresh, At};
 use crate::error::StoreError;
 use crate::store::{AppRecord, EdgeRecord, GroupRecord, PresenceRecord, RegionRecord, Store};
 
@@ -96,7 +96,8 @@ impl Snapshot {
             .filter(move |e| e.region == *region)
             .map(|edge| RegionEdge {
                 edge,
-                healthy: is_fresh(edge, self.at) && !is_draining(&self.store, &edge.id),
+                healthy: edge_status(edge, &self.store.presence, self.at)
+                    == portico_proto::api::Status::Active,
             })
     }
 
