@@ -41,9 +41,10 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 const STABLE_AFTER: Duration = Duration::from_secs(60);
 /// The delay between slots when tunnels move to new edges.
 const MOVE_STAGGER: Duration = Duration::from_secs(1);
-/// How often a slot that fell back to another edge (its own edge could
-/// not be dialled) tries its own edge again, so that tunnels spread over
-/// the edges again once a killed edge is back.
+/// How often a slot away from its own edge (it could not be dialled, or
+/// it said `Drain` and the router has not said it is back) tries it
+/// again, so that tunnels spread over the edges again once a killed or
+/// restarted edge is back, with or without the router.
 const HOME_CHECK_EVERY: Duration = Duration::from_secs(10);
 /// How long a tunnel this connector drains may take to finish its
 /// in-flight streams.
@@ -483,10 +484,16 @@ async fn run_slot(pool: Arc<Pool>, slot: usize) {
         // never leaves the slot without a tunnel.
         let mut move_at: Option<tokio::time::Instant> = None;
         let mut moving: Option<Replacement> = None;
-        // A slot on a fallback edge tries its own again now and then.
+        // A slot away from its own edge (it could not be dialled, or it
+        // drained while no router could say it is back) tries it again now
+        // and then.
         let home_every =
             || tokio::time::Instant::now() + HOME_CHECK_EVERY.mul_f64(1.0 + fastrand::f64() / 2.0);
-        let mut home_check = (failed_dials != 0).then(home_every);
+        let away = |edge: &EdgeEndpoint, targets: &[EdgeEndpoint]| {
+            pick(slot, 0, targets)
+                .is_some_and(|own| own.id != edge.id || own.tunnel_addr != edge.tunnel_addr)
+        };
+        let mut home_check = (failed_dials != 0 || away(&edge, &targets.borrow())).then(home_every);
         let mut homing = false;
         let release = loop {
             tokio::select! {
@@ -500,9 +507,13 @@ async fn run_slot(pool: Arc<Pool>, slot: usize) {
                             moving = Some((home, Box::pin(async move { dial(&p, slot, &to).await })));
                         }
                         Some(_) => {
-                            // Home already (the targets changed meanwhile).
+                            // Home already (the targets changed meanwhile),
+                            // or its own edge is passed over while it
+                            // drains: keep watching until that is over.
                             failed_dials = 0;
-                            home_check = None;
+                            if !away(&edge, &targets.borrow()) {
+                                home_check = None;
+                            }
                         }
                         None => {}
                     }
