@@ -15,7 +15,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{admin_cli, curl_plain, eventually, metric_value, Child};
+use common::{admin_cli, curl_plain, eventually, https_status, metric_value, Child};
 use hickory_proto::rr::rdata::{A, CNAME, SOA};
 use hickory_proto::rr::{LowerName, Name, RData, Record};
 use hickory_server::store::in_memory::InMemoryZoneHandler;
@@ -269,45 +269,6 @@ async fn a_connector_follows_a_cname_chain_refuses_a_loop_and_starts_from_its_sa
     drop(edges);
 }
 
-/// One GET of `https://<host>/` at `addr`: the status, or what failed.
-async fn get(ca_pem: &str, addr: SocketAddr, host: &str) -> Result<u16, String> {
-    let roots = portico_agent::pki::root_store(ca_pem).map_err(|e| e.to_string())?;
-    let mut tls = rustls::ClientConfig::builder_with_provider(portico_agent::pki::provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let tcp = tokio::net::TcpStream::connect(addr)
-        .await
-        .map_err(|e| e.to_string())?;
-    let name =
-        rustls::pki_types::ServerName::try_from(host.to_owned()).map_err(|e| e.to_string())?;
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(tls))
-        .connect(name, tcp)
-        .await
-        .map_err(|e| e.to_string())?;
-    let (mut send, conn) = hyper::client::conn::http1::handshake::<
-        _,
-        http_body_util::Empty<bytes::Bytes>,
-    >(hyper_util::rt::TokioIo::new(tls))
-    .await
-    .map_err(|e| e.to_string())?;
-    tokio::spawn(conn);
-    let req = hyper::Request::get("/")
-        .header("host", host)
-        .body(http_body_util::Empty::new())
-        .map_err(|e| e.to_string())?;
-    let resp = send.send_request(req).await.map_err(|e| e.to_string())?;
-    let status = resp.status().as_u16();
-    use http_body_util::BodyExt as _;
-    resp.into_body()
-        .collect()
-        .await
-        .map_err(|e| format!("body: {e}"))?;
-    Ok(status)
-}
-
 /// The tunnel addresses of the connector's slots, sorted.
 fn tunnel_addrs(c: &portico_connector::Handle) -> Vec<String> {
     let mut v: Vec<String> = c
@@ -432,8 +393,11 @@ async fn when_the_answer_changes_the_tunnels_move_without_a_failed_request() {
                 let (ok, failures, ca, host) =
                     (ok.clone(), failures.clone(), ca.clone(), host.clone());
                 set.spawn(async move {
-                    match tokio::time::timeout(Duration::from_secs(20), get(&ca, public, &host))
-                        .await
+                    match tokio::time::timeout(
+                        Duration::from_secs(20),
+                        https_status(&ca, public, &host),
+                    )
+                    .await
                     {
                         Ok(Ok(200)) => {
                             ok.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

@@ -25,7 +25,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::{admin_cli, curl, curl_plain, dig, eventually, metric_value, Child};
+use common::{
+    admin_cli, assert_nothing_failed, curl, curl_plain, dig, eventually, metric_value, Child,
+};
 use portico_proto::api::{Edge, Status};
 
 /// A hang guard for each wait (never a timing assertion).
@@ -236,19 +238,6 @@ async fn finished(load: Child, report: &Path) -> portico_loadtest::Report {
     let (status, out) = load.exit(Duration::from_secs(180)).await;
     assert!(status.success(), "portico loadtest failed:\n{out}");
     serde_json::from_str(&std::fs::read_to_string(report).unwrap()).unwrap()
-}
-
-fn assert_nothing_failed(what: &str, r: &portico_loadtest::Report, at_least: u64) {
-    let c = &r.requests;
-    assert!(c.scheduled >= at_least, "{what}: the load ran: {c:?}");
-    assert_eq!(
-        (c.completed, c.ok, c.errors, c.cancelled),
-        (c.scheduled, c.scheduled, 0, 0),
-        "{what}: every request succeeded: {c:?}, status {:?}, errors {:?} {:?}",
-        r.status,
-        r.portico_errors,
-        r.transport_errors
-    );
 }
 
 /// The JSON log lines of an edge's output, in order.

@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{admin_cli, eventually, metric_value};
+use common::{admin_cli, eventually, https_status, metric_value};
 use portico_agent::{RouterClient, RouterTrust};
 use portico_loadtest::wan::{self, Impairment, PathConfig};
 use portico_proto::api::{CreateGroup, CreateRegion, EdgeEndpoint, RegionChoice, TokenScope};
@@ -226,46 +226,6 @@ async fn settled_in(c: &portico_connector::Handle, region: &str) -> RegionChoice
     .await
 }
 
-/// One GET of `https://<host>/` at the edge's public address: the status,
-/// or what failed.
-async fn get(ca_pem: &str, addr: SocketAddr, host: &str) -> Result<u16, String> {
-    let roots = portico_agent::pki::root_store(ca_pem).map_err(|e| e.to_string())?;
-    let mut tls = rustls::ClientConfig::builder_with_provider(portico_agent::pki::provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let tcp = tokio::net::TcpStream::connect(addr)
-        .await
-        .map_err(|e| e.to_string())?;
-    let name =
-        rustls::pki_types::ServerName::try_from(host.to_owned()).map_err(|e| e.to_string())?;
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(tls))
-        .connect(name, tcp)
-        .await
-        .map_err(|e| e.to_string())?;
-    let (mut send, conn) = hyper::client::conn::http1::handshake::<
-        _,
-        http_body_util::Empty<bytes::Bytes>,
-    >(hyper_util::rt::TokioIo::new(tls))
-    .await
-    .map_err(|e| e.to_string())?;
-    tokio::spawn(conn);
-    let req = hyper::Request::get("/")
-        .header("host", host)
-        .body(http_body_util::Empty::new())
-        .map_err(|e| e.to_string())?;
-    let resp = send.send_request(req).await.map_err(|e| e.to_string())?;
-    let status = resp.status().as_u16();
-    use http_body_util::BodyExt as _;
-    resp.into_body()
-        .collect()
-        .await
-        .map_err(|e| format!("body: {e}"))?;
-    Ok(status)
-}
-
 /// Load at about 20 requests/s to `host`, each sent to an edge that holds
 /// one of `c`'s current tunnels in its home region (any edge holding one
 /// while the home has none yet), as DNS would send users; stops on
@@ -316,7 +276,9 @@ fn load(
                 set.join_next().await;
             }
             set.spawn(async move {
-                match tokio::time::timeout(Duration::from_secs(20), get(&ca, addr, host)).await {
+                match tokio::time::timeout(Duration::from_secs(20), https_status(&ca, addr, host))
+                    .await
+                {
                     Ok(Ok(200)) => {
                         ok.fetch_add(1, Ordering::Relaxed);
                     }
@@ -414,7 +376,7 @@ async fn connectors_pick_the_nearest_region_move_without_failures_and_do_not_fla
     }
     eventually("a request through a near edge", LIMIT, || async {
         let e = w.edges.iter().find(|e| e.region.as_str() == "near")?;
-        (get(&w.ca_pem, e.public, "roam.apps.localhost").await == Ok(200)).then_some(())
+        (https_status(&w.ca_pem, e.public, "roam.apps.localhost").await == Ok(200)).then_some(())
     })
     .await;
 

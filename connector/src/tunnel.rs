@@ -178,28 +178,19 @@ impl Pool {
         d.insert(edge.clone(), Instant::now());
     }
 
-    /// The edges that said `Drain` recently.
-    fn draining(&self) -> Vec<EdgeId> {
-        let d = self
-            .draining_edges
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        d.iter()
-            .filter(|(_, at)| at.elapsed() < DRAINING_AVOID)
-            .map(|(id, _)| id.clone())
-            .collect()
-    }
-
     /// The edge slot `slot` dials ([`pick`]), passing over edges that are
     /// draining. An edge leaves that list once the targets no longer have
     /// it (the router dropped it): when it is listed again, it has
     /// restarted.
     fn pick(&self, slot: usize, skip: usize, targets: &[EdgeEndpoint]) -> Option<EdgeEndpoint> {
-        self.draining_edges
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .retain(|id, at| at.elapsed() < DRAINING_AVOID && targets.iter().any(|t| t.id == *id));
-        let draining = self.draining();
+        let draining: Vec<EdgeId> = {
+            let mut d = self
+                .draining_edges
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            d.retain(|id, at| at.elapsed() < DRAINING_AVOID && targets.iter().any(|t| t.id == *id));
+            d.keys().cloned().collect()
+        };
         let serving: Vec<EdgeEndpoint> = targets
             .iter()
             .filter(|e| !draining.contains(&e.id))

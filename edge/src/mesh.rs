@@ -209,14 +209,11 @@ impl Mesh {
         self.endpoint.clone()
     }
 
-    /// The measured RTT of the live link to `peer`, if any.
-    pub(crate) fn rtt_to(&self, peer: &EdgeId) -> Option<Duration> {
-        self.live(peer).and_then(|l| l.rtt())
-    }
-
-    /// Whether `peer` said `Drain` on the live link to it.
-    pub(crate) fn is_draining(&self, peer: &EdgeId) -> bool {
-        self.live(peer).is_some_and(|l| l.is_draining())
+    /// What the live link to `peer` says of it, for ranking peers (one
+    /// lookup per peer): whether it said `Drain`, and the measured RTT.
+    pub(crate) fn link_state(&self, peer: &EdgeId) -> (bool, Option<Duration>) {
+        self.live(peer)
+            .map_or((false, None), |l| (l.is_draining(), l.rtt()))
     }
 
     fn live(&self, peer: &EdgeId) -> Option<Arc<MeshLink>> {

@@ -731,3 +731,63 @@ impl RouterProc {
         (child, line)
     }
 }
+
+/// One HTTP/1.1 GET of `https://<host>/` at `addr`, trusting the CA in
+/// `ca_pem`: the status, or what failed (not a test failure: callers
+/// count or retry).
+pub async fn https_status(
+    ca_pem: &str,
+    addr: std::net::SocketAddr,
+    host: &str,
+) -> Result<u16, String> {
+    let roots = portico_agent::pki::root_store(ca_pem).map_err(|e| e.to_string())?;
+    let mut tls = rustls::ClientConfig::builder_with_provider(portico_agent::pki::provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let name =
+        rustls::pki_types::ServerName::try_from(host.to_owned()).map_err(|e| e.to_string())?;
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(tls))
+        .connect(name, tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (mut send, conn) = hyper::client::conn::http1::handshake::<
+        _,
+        http_body_util::Empty<bytes::Bytes>,
+    >(hyper_util::rt::TokioIo::new(tls))
+    .await
+    .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let req = hyper::Request::get("/")
+        .header("host", host)
+        .body(http_body_util::Empty::new())
+        .map_err(|e| e.to_string())?;
+    let resp = send.send_request(req).await.map_err(|e| e.to_string())?;
+    let status = resp.status().as_u16();
+    use http_body_util::BodyExt as _;
+    resp.into_body()
+        .collect()
+        .await
+        .map_err(|e| format!("body: {e}"))?;
+    Ok(status)
+}
+
+/// Fails unless every request of a `portico loadtest` report (at least
+/// `at_least` of them) succeeded.
+pub fn assert_nothing_failed(what: &str, r: &portico_loadtest::Report, at_least: u64) {
+    let c = &r.requests;
+    assert!(c.scheduled >= at_least, "{what}: the load ran: {c:?}");
+    assert_eq!(
+        (c.completed, c.ok, c.errors, c.cancelled),
+        (c.scheduled, c.scheduled, 0, 0),
+        "{what}: every request succeeded: {c:?}, status {:?}, errors {:?} {:?}",
+        r.status,
+        r.portico_errors,
+        r.transport_errors
+    );
+}

@@ -114,14 +114,13 @@ pub(crate) fn select(
                     .filter(untried)
                     .collect();
             }
+            let mesh = shared.mesh();
             peers.sort_by_cached_key(|p| {
+                let (link_draining, rtt) = mesh.link_state(&p.id);
                 (
-                    p.draining || shared.mesh().is_draining(&p.id),
+                    p.draining || link_draining,
                     p.region != shared.region,
-                    shared
-                        .mesh()
-                        .rtt_to(&p.id)
-                        .unwrap_or(std::time::Duration::MAX),
+                    rtt.unwrap_or(std::time::Duration::MAX),
                     p.tunnels,
                     p.id.clone(),
                 )
