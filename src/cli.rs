@@ -448,6 +448,15 @@ pub struct ConnectorArgs {
     /// given comma-separated (PORTICO_NAMESERVER=10.0.0.53,10.0.1.53).
     #[arg(long, value_name = "ADDR[:PORT]", value_delimiter = ',', value_parser = portico_connector::parse_nameserver)]
     pub nameserver: Vec<SocketAddr>,
+    /// How the tunnels find the edges of a region. `dns`: by the region's
+    /// name, `<region>.tunnel.<apps domain>`, when the router gives one
+    /// (it serves DNS for a domain not under `localhost`, and the region's
+    /// edges advertise IP addresses on one port): its CNAME chain is
+    /// followed and every address dialled, each verified as an edge of
+    /// that region; the router's list while the name has no answer and
+    /// none is saved. `list`: the router's list only.
+    #[arg(long, default_value = "dns", value_name = "dns|list")]
+    pub find_edges: portico_connector::FindEdges,
 }
 
 /// `33%` or `0.33`: a fraction within 0..1.

@@ -273,6 +273,7 @@ async fn run_connector(
     config.max_backend_connections_per_app = args.max_backend_connections_per_app;
     config.backend_connection_wait = args.backend_connection_wait;
     config.nameservers = args.nameserver;
+    config.find_edges = args.find_edges;
     config.region = portico_connector::RegionSettings {
         policy: portico_connector::RegionPolicy {
             window: args.region_window,

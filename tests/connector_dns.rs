@@ -44,12 +44,28 @@ fn a(name: &str, ip: &str, ttl: u32) -> Record {
 /// `mesh.test.` with an SOA and `records`, served on UDP at 127.0.0.1; the
 /// zone can change while it serves.
 async fn serve_zone(records: Vec<Record>) -> (Server<Catalog>, SocketAddr, Arc<Zone>) {
-    let origin = Name::from_ascii("mesh.test.").unwrap();
+    serve_zone_at("mesh.test", records).await
+}
+
+/// The zone `domain` with an SOA and `records`, as [`serve_zone`].
+async fn serve_zone_at(
+    domain: &str,
+    records: Vec<Record>,
+) -> (Server<Catalog>, SocketAddr, Arc<Zone>) {
+    let origin = Name::from_ascii(format!("{domain}.")).unwrap();
     let mut zone = Zone::empty(origin.clone(), ZoneType::Primary, AxfrPolicy::Deny);
     let soa = Record::from_rdata(
         origin.clone(),
         3600,
-        RData::SOA(SOA::new(n("ns"), n("admin"), 1, 60, 60, 600, 5)),
+        RData::SOA(SOA::new(
+            origin.prepend_label("ns").unwrap(),
+            origin.prepend_label("admin").unwrap(),
+            1,
+            60,
+            60,
+            600,
+            5,
+        )),
     );
     for r in std::iter::once(soa).chain(records) {
         assert!(zone.upsert_mut(r, 1));
@@ -368,73 +384,16 @@ async fn when_the_answer_changes_the_tunnels_move_without_a_failed_request() {
 
     // Load through the edge while the answer changes.
     let host = format!("moving.{}", portico::dev::DEV_APPS_DOMAIN);
-    let (ok, failures) = (
-        Arc::new(std::sync::atomic::AtomicU64::new(0)),
-        Arc::new(std::sync::Mutex::new(Vec::<String>::new())),
-    );
-    let stop = root.child_token();
-    let load = {
-        let (ok, failures, stop, ca, host) = (
-            ok.clone(),
-            failures.clone(),
-            stop.clone(),
-            router.ca_pem.clone(),
-            host.clone(),
-        );
-        let public = edge.public_addr;
-        tokio::spawn(async move {
-            let mut set = tokio::task::JoinSet::new();
-            let mut tick = tokio::time::interval(Duration::from_millis(50));
-            while !stop.is_cancelled() {
-                tick.tick().await;
-                while set.len() >= 32 {
-                    set.join_next().await;
-                }
-                let (ok, failures, ca, host) =
-                    (ok.clone(), failures.clone(), ca.clone(), host.clone());
-                set.spawn(async move {
-                    match tokio::time::timeout(
-                        Duration::from_secs(20),
-                        https_status(&ca, public, &host),
-                    )
-                    .await
-                    {
-                        Ok(Ok(200)) => {
-                            ok.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        }
-                        Ok(Ok(s)) => failures.lock().unwrap().push(format!("status {s}")),
-                        Ok(Err(e)) => failures.lock().unwrap().push(e),
-                        Err(_) => failures.lock().unwrap().push("timed out".into()),
-                    }
-                });
-            }
-            while set.join_next().await.is_some() {}
-        })
-    };
-    eventually("requests flowing", LIMIT, || async {
-        (ok.load(std::sync::atomic::Ordering::Relaxed) >= 10).then_some(())
-    })
-    .await;
+    let load = Load::start(&router.ca_pem, edge.public_addr, &host);
+    load.served(10).await;
     assert!(zone.upsert(cname("hop2", "edge-b", 1), 2).await);
     let on_b = vec![format!("{ip_b}:{port}"); 2];
     eventually("both tunnels moved to edge-b's address", LIMIT, || async {
         (tunnel_addrs(&c) == on_b).then_some(())
     })
     .await;
-    let before = ok.load(std::sync::atomic::Ordering::Relaxed);
-    eventually("requests through the moved tunnels", LIMIT, || async {
-        (ok.load(std::sync::atomic::Ordering::Relaxed) >= before + 10).then_some(())
-    })
-    .await;
-    stop.cancel();
-    load.await.unwrap();
-    let failures = failures.lock().unwrap().clone();
-    let ok = ok.load(std::sync::atomic::Ordering::Relaxed);
-    assert!(
-        failures.is_empty(),
-        "{} failed, {ok} ok: {failures:?}",
-        failures.len()
-    );
+    load.served(10).await;
+    load.finish().await;
     let m = c.metrics().render();
     assert_eq!(
         metric_value(&m, "portico_connector_dns_saved_answers_total"),
@@ -449,4 +408,235 @@ async fn when_the_answer_changes_the_tunnels_move_without_a_failed_request() {
     );
     root.cancel();
     c.wait().await.unwrap();
+}
+
+/// Requests to `host` at `public`, about 20/s (32 at most in flight, each
+/// bounded at 20 s), counted until [`Load::finish`].
+struct Load {
+    ok: Arc<std::sync::atomic::AtomicU64>,
+    failures: Arc<std::sync::Mutex<Vec<String>>>,
+    stop: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Load {
+    fn start(ca: &str, public: SocketAddr, host: &str) -> Load {
+        let ok = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let failures = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let stop = tokio_util::sync::CancellationToken::new();
+        let task = {
+            let (ok, failures, stop, ca, host) = (
+                ok.clone(),
+                failures.clone(),
+                stop.clone(),
+                ca.to_owned(),
+                host.to_owned(),
+            );
+            tokio::spawn(async move {
+                let mut set = tokio::task::JoinSet::new();
+                let mut tick = tokio::time::interval(Duration::from_millis(50));
+                while !stop.is_cancelled() {
+                    tick.tick().await;
+                    while set.len() >= 32 {
+                        set.join_next().await;
+                    }
+                    let (ok, failures, ca, host) =
+                        (ok.clone(), failures.clone(), ca.clone(), host.clone());
+                    set.spawn(async move {
+                        match tokio::time::timeout(
+                            Duration::from_secs(20),
+                            https_status(&ca, public, &host),
+                        )
+                        .await
+                        {
+                            Ok(Ok(200)) => {
+                                ok.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            }
+                            Ok(Ok(s)) => failures.lock().unwrap().push(format!("status {s}")),
+                            Ok(Err(e)) => failures.lock().unwrap().push(e),
+                            Err(_) => failures.lock().unwrap().push("timed out".into()),
+                        }
+                    });
+                }
+                while set.join_next().await.is_some() {}
+            })
+        };
+        Load {
+            ok,
+            failures,
+            stop,
+            task,
+        }
+    }
+
+    /// Waits until `n` more requests than now have been served.
+    async fn served(&self, n: u64) {
+        let before = self.ok.load(std::sync::atomic::Ordering::Relaxed);
+        eventually("requests served", LIMIT, || async {
+            (self.ok.load(std::sync::atomic::Ordering::Relaxed) >= before + n).then_some(())
+        })
+        .await;
+    }
+
+    /// Stops, and checks that no request failed.
+    async fn finish(self) {
+        self.stop.cancel();
+        self.task.await.unwrap();
+        let failures = self.failures.lock().unwrap().clone();
+        let ok = self.ok.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(
+            failures.is_empty(),
+            "{} failed, {ok} ok: {failures:?}",
+            failures.len()
+        );
+    }
+}
+
+/// In process: a router that serves DNS for `byname.test` (so it gives
+/// connectors the name `default.tunnel.byname.test:PORT`), and one edge
+/// whose tunnel port listens on every address but advertises
+/// 127.0.0.41. The connector's nameserver, a test zone, answers the
+/// region's name with a chain `default.tunnel -> pool` to 127.0.0.42 and
+/// .43, addresses the router does not list: the two tunnels go one to
+/// each (every address dialled, each verified as an edge of the region,
+/// and named after the edge that answered). The answer changes to the
+/// listed address: both tunnels move there, and requests sent all along
+/// never fail. With `--find-edges list`, a second connector ignores the
+/// name and dials the listed address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connector_finds_its_regions_edges_by_the_region_name_and_dials_every_address() {
+    use portico_proto::api::TokenScope;
+    common::init_tracing();
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let root = tokio_util::sync::CancellationToken::new();
+    let loopback: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let domain = "byname.test";
+    let name = |s: &str| Name::from_ascii(format!("{s}.{domain}.")).unwrap();
+    let addr =
+        |at: &str, ip: &str| Record::from_rdata(name(at), 1, RData::A(A(ip.parse().unwrap())));
+    let region_name_to =
+        |to: &str| Record::from_rdata(name("default.tunnel"), 1, RData::CNAME(CNAME(name(to))));
+    let (_dns, dns_addr, zone) = serve_zone_at(
+        domain,
+        vec![
+            region_name_to("pool"),
+            addr("pool", "127.0.0.42"),
+            addr("pool", "127.0.0.43"),
+            addr("listed", "127.0.0.41"),
+        ],
+    )
+    .await;
+
+    let mut rc = portico_router::Config::new(d.join("router"));
+    rc.listen = loopback;
+    rc.metrics_listen = None;
+    rc.apps_domain = domain.to_owned();
+    rc.dns_listen = Some(loopback);
+    let router = portico_router::start(rc, root.child_token()).await.unwrap();
+    let admin = portico_agent::RouterClient::new(
+        &router.url(),
+        portico_agent::RouterTrust::CaPem(router.ca_pem.clone()),
+        None,
+    )
+    .unwrap()
+    .with_bearer(router.admin_token());
+
+    let port = free_udp_port("0.0.0.0");
+    let mut ec = portico_edge::Config::new(router.url(), d.join("edge"));
+    ec.token = Some(
+        portico::dev::create_token(
+            &admin,
+            TokenScope::Edge {
+                region: portico_proto::RegionId::default_region(),
+            },
+        )
+        .await
+        .unwrap(),
+    );
+    ec.public_listen = loopback;
+    ec.tunnel_listen = SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), port);
+    ec.metrics_listen = None;
+    ec.advertise_tunnel_addr = Some(format!("127.0.0.41:{port}"));
+    ec.drain_delay = Duration::ZERO;
+    ec.grace = Duration::from_secs(1);
+    let edge = portico_edge::start(ec, root.child_token()).await.unwrap();
+    edge.ready().await;
+
+    let demo = portico::demo::start(loopback, root.child_token())
+        .await
+        .unwrap();
+    let group = portico_proto::GroupId::default_group();
+    portico::dev::publish(
+        &admin,
+        "byname",
+        &format!("http://{}/", demo.addr),
+        group.clone(),
+    )
+    .await
+    .unwrap();
+    let connector = |state: &str, find_edges| {
+        let (admin, group, router_url) = (&admin, group.clone(), router.url());
+        let (state, token) = (d.join(state), root.child_token());
+        async move {
+            let mut cc = portico_connector::Config::new(router_url, state);
+            cc.token = Some(
+                portico::dev::create_token(admin, TokenScope::Connector { group })
+                    .await
+                    .unwrap(),
+            );
+            cc.tunnels = 2;
+            cc.nameservers = vec![dns_addr];
+            cc.find_edges = find_edges;
+            portico_connector::start(cc, token).await.unwrap()
+        }
+    };
+    let c = connector("connector", portico_connector::FindEdges::Dns).await;
+    let edge_id = edge.id.to_string();
+    let tunnels = |c: &portico_connector::Handle| {
+        let mut v: Vec<(String, String)> = c
+            .tunnel_edges()
+            .into_iter()
+            .map(|e| (e.id.to_string(), e.tunnel_addr))
+            .collect();
+        v.sort();
+        v
+    };
+    let by_name = vec![
+        (edge_id.clone(), format!("127.0.0.42:{port}")),
+        (edge_id.clone(), format!("127.0.0.43:{port}")),
+    ];
+    eventually("a tunnel on each address of the name", LIMIT, || async {
+        (tunnels(&c) == by_name).then_some(())
+    })
+    .await;
+
+    let load = Load::start(
+        &router.ca_pem,
+        edge.public_addr,
+        &format!("byname.{domain}"),
+    );
+    load.served(10).await;
+    // The name now leads to the listed address only.
+    assert!(zone.upsert(region_name_to("listed"), 2).await);
+    let listed = vec![(edge_id.clone(), format!("127.0.0.41:{port}")); 2];
+    eventually(
+        "both tunnels moved to the listed address",
+        LIMIT,
+        || async { (tunnels(&c) == listed).then_some(()) },
+    )
+    .await;
+    load.served(10).await;
+    load.finish().await;
+
+    // By the list only: the name is not asked.
+    assert!(zone.upsert(region_name_to("pool"), 3).await);
+    let listing = connector("listing", portico_connector::FindEdges::List).await;
+    eventually("the list's address", LIMIT, || async {
+        (tunnels(&listing) == listed).then_some(())
+    })
+    .await;
+    root.cancel();
+    c.wait().await.unwrap();
+    listing.wait().await.unwrap();
 }

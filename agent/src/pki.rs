@@ -341,6 +341,80 @@ impl ServerCertVerifier for FixedName {
     }
 }
 
+/// A server verifier for a tunnel endpoint found by its region's name
+/// (`<region>.tunnel.<domain>`), whose edge is not known before the
+/// handshake: the chain must verify against the CA for the name the leaf's
+/// own edge identity gives ([`portico_proto::api::edge_server_name`]), and
+/// that edge must be of `region`. The dialer reads which edge it reached
+/// from the peer certificate ([`identity_of`]).
+pub fn region_edge_verifier(
+    ca_pem: &str,
+    region: &portico_proto::ids::RegionId,
+) -> Result<Arc<dyn ServerCertVerifier>, PkiError> {
+    let inner =
+        WebPkiServerVerifier::builder_with_provider(Arc::new(root_store(ca_pem)?), provider())
+            .build()
+            .map_err(|e| PkiError::BadCertificate {
+                what: "the CA cannot verify servers",
+                source: e.into(),
+            })?;
+    Ok(Arc::new(RegionEdge {
+        inner,
+        region: region.clone(),
+    }))
+}
+
+#[derive(Debug)]
+struct RegionEdge {
+    inner: Arc<WebPkiServerVerifier>,
+    region: portico_proto::ids::RegionId,
+}
+
+impl ServerCertVerifier for RegionEdge {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _dialed: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let purpose = rustls::Error::InvalidCertificate(rustls::CertificateError::InvalidPurpose);
+        let id = match identity_of(end_entity) {
+            Ok(Identity::Edge { id, region }) if region == self.region => id,
+            // Not an edge, or an edge of another region: not what was
+            // dialled.
+            _ => return Err(purpose),
+        };
+        let name = server_name(&portico_proto::api::edge_server_name(&id))
+            .map_err(|e| rustls::Error::General(e.to_string()))?;
+        self.inner
+            .verify_server_cert(end_entity, intermediates, &name, ocsp, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        verify_schemes()
+    }
+}
+
 /// A server verifier that accepts any certificate, while still checking
 /// that the handshake is signed by the key in it. Only for backends whose
 /// app turned validation off, and for load tests run with `--insecure`;
@@ -456,5 +530,80 @@ mod tests {
             Err(PkiError::NoPem { .. })
         ));
         assert!(csr_pem(&key).unwrap().contains("CERTIFICATE REQUEST"));
+    }
+
+    /// A CA and a leaf of `identity` signed by it, with the edge's DNS name
+    /// `dns` (as the router's CA issues edge certificates).
+    fn leaf(
+        ca: &CertifiedIssuer<'_, KeyPair>,
+        identity: &Identity,
+        dns: Option<String>,
+    ) -> CertificateDer<'static> {
+        let mut leaf = CertificateParams::new(Vec::<String>::new()).unwrap();
+        leaf.subject_alt_names = identity
+            .to_uris()
+            .into_iter()
+            .map(|u| rcgen::SanType::URI(u.try_into().unwrap()))
+            .chain(dns.map(|d| rcgen::SanType::DnsName(d.try_into().unwrap())))
+            .collect();
+        leaf.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+        leaf.signed_by(&generate_key().unwrap(), ca)
+            .unwrap()
+            .der()
+            .clone()
+    }
+
+    fn new_ca() -> CertifiedIssuer<'static, KeyPair> {
+        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        CertifiedIssuer::self_signed(ca, KeyPair::generate().unwrap()).unwrap()
+    }
+
+    #[test]
+    fn the_region_verifier_takes_any_edge_of_its_region_from_the_ca_and_nothing_else() {
+        use portico_proto::ids::{EdgeId, RegionId};
+        let ca = new_ca();
+        let eu = RegionId::new("eu-west").unwrap();
+        let v = region_edge_verifier(&ca.pem(), &eu).unwrap();
+        let edge = |id: &str, region: &str| Identity::Edge {
+            id: EdgeId::new(id).unwrap(),
+            region: RegionId::new(region).unwrap(),
+        };
+        let name = |id: &str| {
+            Some(portico_proto::api::edge_server_name(
+                &EdgeId::new(id).unwrap(),
+            ))
+        };
+        let dialed = ServerName::try_from("eu-west.tunnel.apps.test").unwrap();
+        let check = |cert: &CertificateDer<'_>| {
+            v.verify_server_cert(cert, &[], &dialed, &[], UnixTime::now())
+        };
+        // Either edge of eu-west, whatever name was dialled.
+        assert!(check(&leaf(&ca, &edge("e1", "eu-west"), name("e1"))).is_ok());
+        assert!(check(&leaf(&ca, &edge("e2", "eu-west"), name("e2"))).is_ok());
+        // An edge of another region, a connector, a certificate whose DNS
+        // name is another edge's than its identity, and an edge of the
+        // right region from another CA: refused.
+        let purpose = |r: Result<ServerCertVerified, rustls::Error>| {
+            matches!(
+                r,
+                Err(rustls::Error::InvalidCertificate(
+                    rustls::CertificateError::InvalidPurpose
+                ))
+            )
+        };
+        assert!(purpose(check(&leaf(
+            &ca,
+            &edge("u1", "us-east"),
+            name("u1")
+        ))));
+        let connector = Identity::Connector {
+            id: ConnectorId::new("c-1").unwrap(),
+            group: GroupId::default_group(),
+        };
+        assert!(purpose(check(&leaf(&ca, &connector, None))));
+        assert!(check(&leaf(&ca, &edge("e1", "eu-west"), name("e2"))).is_err());
+        let other = new_ca();
+        assert!(check(&leaf(&other, &edge("e1", "eu-west"), name("e1"))).is_err());
     }
 }

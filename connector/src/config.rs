@@ -48,6 +48,34 @@ pub struct Config {
     /// The nameservers that resolve edges' tunnel addresses given as names
     /// (asked in order); empty: those of `/etc/resolv.conf`.
     pub nameservers: Vec<SocketAddr>,
+    /// How the tunnel slots find the edges of a region.
+    pub find_edges: FindEdges,
+}
+
+/// How the tunnel slots find the edges of a region (ARCHITECTURE.md,
+/// "Resolving tunnel endpoints").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FindEdges {
+    /// By the region's name, `<region>.tunnel.<domain>`, when the router
+    /// gives one (it serves DNS for the apps domain): its CNAME chain is
+    /// followed and every address dialled, each verified as an edge of
+    /// the region; else, or while the name has no answer and none saved,
+    /// by the router's list.
+    #[default]
+    Dns,
+    /// By the router's list of edges only.
+    List,
+}
+
+impl std::str::FromStr for FindEdges {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "dns" => Ok(FindEdges::Dns),
+            "list" => Ok(FindEdges::List),
+            _ => Err(format!("{s:?} is not a way to find edges: dns or list")),
+        }
+    }
 }
 
 /// How a connector of an `auto` group measures the regions and moves
@@ -111,6 +139,7 @@ impl Config {
             backend_connection_wait: Duration::from_secs(5),
             region: RegionSettings::default(),
             nameservers: Vec::new(),
+            find_edges: FindEdges::default(),
         }
     }
 

@@ -41,8 +41,8 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 pub use config::{
-    Config, RegionSettings, MAX_BACKEND_CONNECTIONS, MAX_BACKEND_CONNECTION_WAIT, MAX_MOVE_LINGER,
-    MAX_REGION_WINDOW, MAX_TUNNELS, MIN_PROBE_INTERVAL,
+    Config, FindEdges, RegionSettings, MAX_BACKEND_CONNECTIONS, MAX_BACKEND_CONNECTION_WAIT,
+    MAX_MOVE_LINGER, MAX_REGION_WINDOW, MAX_TUNNELS, MIN_PROBE_INTERVAL,
 };
 pub use error::{Chain, Error, ProxyError, ResolveError};
 pub use metrics::Metrics;
@@ -164,6 +164,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Handle
             tracker.clone(),
         )
         .with_region(config.region.clone())
+        .with_find_edges(config.find_edges)
         .with_resolver(Arc::new(resolve::Resolver::new(
             &config.nameservers,
             Some(state.clone()),
@@ -197,6 +198,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Handle
         backend_connections_per_app = limits.per_app,
         backend_connections = limits.budget,
         backend_connection_wait = ?limits.wait,
+        find_edges = ?config.find_edges,
         nameservers = %match pool.resolver.nameservers() {
             Ok(s) => s.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
             Err(e) => format!("none ({e})"),

@@ -280,7 +280,7 @@ async fn probe(pool: &Pool, edge: &EdgeEndpoint) -> Result<Duration, DialError> 
             .socket_addr(&edge.tunnel_addr, v4_only)
             .await?;
         let creds = pool.creds.borrow().clone();
-        let config = tunnel::client_config(&creds, &probe_transport())?;
+        let config = tunnel::client_config(&creds, &probe_transport(), None)?;
         let conn = endpoint
             .connect_with(config, addr, &edge_server_name(&edge.id))?
             .await

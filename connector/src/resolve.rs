@@ -33,6 +33,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use futures::StreamExt;
 use portico_agent::StateDir;
 use portico_proto::api::EdgeEndpoint;
+use portico_proto::ids::{EdgeId, RegionId};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Chain, ResolveError};
@@ -656,19 +657,28 @@ pub(crate) async fn run(pool: Arc<Pool>) {
         let edges = chosen.borrow_and_update().clone();
         // Every listed edge's name is kept resolved, for the probes of
         // other regions (and a quick move there).
-        let listed: Vec<EdgeEndpoint> = config
-            .borrow_and_update()
-            .as_ref()
-            .map(|c| c.edges.clone())
-            .unwrap_or_default();
+        let (listed, names) = {
+            let c = config.borrow_and_update();
+            (
+                c.as_ref().map(|c| c.edges.clone()).unwrap_or_default(),
+                pool.tunnel_names(c.as_deref()),
+            )
+        };
+        let learned = lock(&pool.learned).clone();
+        let find = Find {
+            edges: &edges,
+            names: &names,
+            learned: &learned,
+            v4_only,
+        };
         // First the last good answers (saved ones on the first pass): a
         // start or a new home never waits on DNS for a name answered
         // before. Then what DNS says now.
-        let known = targets_of(&edges, v4_only, |name| {
-            pool.resolver.known(name).map(|a| a.addrs)
-        });
-        publish(&pool, known);
-        let (targets, wake) = expand(&pool.resolver, &edges, &listed, v4_only, &mut answers).await;
+        publish(
+            &pool,
+            find.targets(|name| pool.resolver.known(name).map(|a| a.addrs)),
+        );
+        let (targets, wake) = expand(&pool.resolver, &find, &listed, &mut answers).await;
         publish(&pool, targets);
         let sleep = async {
             match wake {
@@ -680,6 +690,7 @@ pub(crate) async fn run(pool: Arc<Pool>) {
             _ = pool.stop.cancelled() => return,
             r = chosen.changed() => if r.is_err() { return },
             r = config.changed() => if r.is_err() { return },
+            () = pool.learned_new.notified() => {}
             () = sleep => {}
         }
     }
@@ -696,23 +707,158 @@ fn publish(pool: &Pool, targets: Vec<EdgeEndpoint>) {
     });
 }
 
-/// One target per address of each edge's name (literals stay as they
-/// are), sorted by edge and address; and when to look again. The names
-/// of `listed` are resolved too (kept in the cache). `answers` holds the
-/// addresses last published per name, to log a change.
+/// What the targets are made of: the chosen edges, the router's tunnel
+/// name of each region (none when edges are found by its list only), and
+/// which edge answered at each address so far.
+pub(crate) struct Find<'a> {
+    pub edges: &'a [EdgeEndpoint],
+    pub names: &'a BTreeMap<RegionId, String>,
+    pub learned: &'a HashMap<String, EdgeId>,
+    pub v4_only: bool,
+}
+
+impl Find<'_> {
+    /// The names to resolve: the edges' own (those that are not IP
+    /// literals) and their regions' tunnel names.
+    fn names(&self) -> Vec<String> {
+        self.edges
+            .iter()
+            .map(|e| e.tunnel_addr.as_str())
+            .chain(
+                self.regions()
+                    .into_iter()
+                    .filter_map(|r| self.names.get(r).map(String::as_str)),
+            )
+            .filter(|a| a.parse::<SocketAddr>().is_err())
+            .filter_map(|a| split_host_port(a).map(|(h, _)| normalize(h)))
+            .collect()
+    }
+
+    fn regions(&self) -> Vec<&RegionId> {
+        let mut r: Vec<&RegionId> = self.edges.iter().map(|e| &e.region).collect();
+        r.sort();
+        r.dedup();
+        r
+    }
+
+    /// The slots' targets, by `addrs_of` a normalized name: for a region
+    /// with a tunnel name that has an answer, one target per address of
+    /// it, named after the listed edge at that address, else the edge a
+    /// handshake found there, else [`unknown_edge`]; for any other region,
+    /// one target per address of each edge's own name (an edge whose name
+    /// has none is left out), literals (and what is not `host:port`, which
+    /// its dial reports) as they are. Sorted by edge and address.
+    pub fn targets(&self, addrs_of: impl Fn(&str) -> Option<Vec<IpAddr>>) -> Vec<EdgeEndpoint> {
+        let mut targets = Vec::new();
+        for region in self.regions() {
+            let edges: Vec<&EdgeEndpoint> =
+                self.edges.iter().filter(|e| e.region == *region).collect();
+            let own = per_edge(&edges, self.v4_only, &addrs_of);
+            let by_name = self
+                .names
+                .get(region)
+                .and_then(|n| split_host_port(n))
+                .and_then(|(host, port)| {
+                    let addrs = match host.parse::<IpAddr>() {
+                        Ok(ip) => vec![ip],
+                        Err(_) => addrs_of(&normalize(host))?,
+                    };
+                    Some((addrs, port))
+                });
+            let Some((addrs, port)) = by_name else {
+                targets.extend(own);
+                continue;
+            };
+            let before = targets.len();
+            for ip in addrs.iter().filter(|ip| !self.v4_only || ip.is_ipv4()) {
+                let addr = SocketAddr::new(*ip, port).to_string();
+                let id = own
+                    .iter()
+                    .find(|t| t.tunnel_addr == addr)
+                    .map(|t| t.id.clone())
+                    .or_else(|| self.learned.get(&addr).cloned())
+                    .or_else(|| unknown_edge(&addr));
+                if let Some(id) = id {
+                    targets.push(EdgeEndpoint {
+                        id,
+                        region: region.clone(),
+                        tunnel_addr: addr,
+                    });
+                }
+            }
+            if targets.len() == before {
+                // Nothing this socket can dial: the list, then.
+                targets.extend(own);
+            }
+        }
+        targets.sort_by(|a, b| (&a.id, &a.tunnel_addr).cmp(&(&b.id, &b.tunnel_addr)));
+        targets.dedup();
+        targets
+    }
+}
+
+/// One target per address of each edge's name (see [`Find::targets`]).
+fn per_edge(
+    edges: &[&EdgeEndpoint],
+    v4_only: bool,
+    addrs_of: &impl Fn(&str) -> Option<Vec<IpAddr>>,
+) -> Vec<EdgeEndpoint> {
+    let mut targets = Vec::new();
+    for e in edges {
+        if e.tunnel_addr.parse::<SocketAddr>().is_ok() {
+            targets.push((*e).clone());
+            continue;
+        }
+        let Some((host, port)) = split_host_port(&e.tunnel_addr) else {
+            targets.push((*e).clone());
+            continue;
+        };
+        let Some(addrs) = addrs_of(&normalize(host)) else {
+            continue;
+        };
+        for ip in addrs.iter().filter(|ip| !v4_only || ip.is_ipv4()) {
+            let mut t = (*e).clone();
+            t.tunnel_addr = SocketAddr::new(*ip, port).to_string();
+            targets.push(t);
+        }
+    }
+    targets
+}
+
+/// The stand-in id of an address a region's name gave that no listed
+/// edge has, until a handshake says which edge answers there: the dial
+/// verifies it as any edge of the region (`tunnel::client_config`).
+pub(crate) fn unknown_edge(addr: &str) -> Option<EdgeId> {
+    let addr: String = addr
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    EdgeId::new(format!("unknown-edge-at-{addr}")).ok()
+}
+
+/// The slots' targets ([`Find::targets`]) from what DNS says now, and when
+/// to look again. The names of `listed` are resolved too (kept in the
+/// cache). `answers` holds the addresses last published per name, to log a
+/// change.
 async fn expand(
     resolver: &Resolver,
-    edges: &[EdgeEndpoint],
+    find: &Find<'_>,
     listed: &[EdgeEndpoint],
-    v4_only: bool,
     answers: &mut HashMap<String, Vec<IpAddr>>,
 ) -> (Vec<EdgeEndpoint>, Option<Duration>) {
-    let mut names: Vec<String> = edges
-        .iter()
-        .chain(listed)
-        .filter(|e| e.tunnel_addr.parse::<SocketAddr>().is_err())
-        .filter_map(|e| split_host_port(&e.tunnel_addr).map(|(h, _)| normalize(h)))
-        .collect();
+    let mut names: Vec<String> = find.names();
+    names.extend(
+        listed
+            .iter()
+            .filter(|e| e.tunnel_addr.parse::<SocketAddr>().is_err())
+            .filter_map(|e| split_host_port(&e.tunnel_addr).map(|(h, _)| normalize(h))),
+    );
     names.sort();
     names.dedup();
     let resolved: HashMap<String, Result<Resolved, ResolveError>> =
@@ -745,44 +891,11 @@ async fn expand(
         }
     }
     answers.retain(|n, _| resolved.contains_key(n));
-    let targets = targets_of(edges, v4_only, |name| match resolved.get(name) {
+    let targets = find.targets(|name| match resolved.get(name) {
         Some(Ok(r)) => Some(r.answer.addrs.clone()),
         _ => None,
     });
     (targets, wake)
-}
-
-/// One target per address of each edge's name, by `addrs_of` its
-/// normalized name (an edge whose name has none is left out); literals
-/// (and what is not `host:port`, which its dial reports) stay as they are.
-/// Sorted by edge and address.
-fn targets_of(
-    edges: &[EdgeEndpoint],
-    v4_only: bool,
-    addrs_of: impl Fn(&str) -> Option<Vec<IpAddr>>,
-) -> Vec<EdgeEndpoint> {
-    let mut targets = Vec::new();
-    for e in edges {
-        if e.tunnel_addr.parse::<SocketAddr>().is_ok() {
-            targets.push(e.clone());
-            continue;
-        }
-        let Some((host, port)) = split_host_port(&e.tunnel_addr) else {
-            targets.push(e.clone());
-            continue;
-        };
-        let Some(addrs) = addrs_of(&normalize(host)) else {
-            continue;
-        };
-        for ip in addrs.iter().filter(|ip| !v4_only || ip.is_ipv4()) {
-            let mut t = e.clone();
-            t.tunnel_addr = SocketAddr::new(*ip, port).to_string();
-            targets.push(t);
-        }
-    }
-    targets.sort_by(|a, b| (&a.id, &a.tunnel_addr).cmp(&(&b.id, &b.tunnel_addr)));
-    targets.dedup();
-    targets
 }
 
 /// `host:port` → (`host`, port); `[v6]:port` is a literal, not a name.

@@ -1075,7 +1075,19 @@ mod pool {
         let mut edge_certs = Vec::new();
         for edge in edges {
             let key = KeyPair::generate()?;
-            let params = CertificateParams::new(vec![portico_proto::api::edge_server_name(edge)])?;
+            // As the router's CA issues them: the edge's name and its
+            // identity.
+            let mut params =
+                CertificateParams::new(vec![portico_proto::api::edge_server_name(edge)])?;
+            let identity = Identity::Edge {
+                id: (*edge).clone(),
+                region: RegionId::default_region(),
+            };
+            for uri in identity.to_uris() {
+                params
+                    .subject_alt_names
+                    .push(SanType::URI(rcgen::string::Ia5String::try_from(uri)?));
+            }
             let cert = params.signed_by(&key, &ca)?;
             edge_certs.push((
                 (*edge).clone(),
@@ -1135,6 +1147,7 @@ mod pool {
                 tunnel_addr: edge_ep.local_addr()?.to_string(),
             }],
             region: None,
+            tunnel_names: Default::default(),
         })
     }
 
@@ -1436,6 +1449,7 @@ mod pool {
                 apps: vec![],
                 edges,
                 region: None,
+                tunnel_names: Default::default(),
             };
             crate::watch::apply(
                 &pool,

@@ -4,7 +4,7 @@
 //! with jittered exponential backoff, and gradual moves when the edge list
 //! changes.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use portico_agent::{pki, Credentials};
 use portico_proto::api::{edge_server_name, ConnectorConfig, EdgeEndpoint, RegionChoice};
 use portico_proto::control::{By, Closed, Control, ControlConfig, Event};
-use portico_proto::ids::EdgeId;
+use portico_proto::ids::{EdgeId, RegionId};
 use portico_proto::io::write_frame;
 use portico_proto::{
     capabilities, CloseCode, ConnectorId, GroupId, Hello, TunnelId, Welcome, ALPN, PROTOCOL_VERSION,
@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::config::RegionSettings;
+use crate::config::{FindEdges, RegionSettings};
 use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::stream::{code, serve_stream, StreamCtx};
@@ -103,7 +103,18 @@ pub(crate) struct Pool {
     /// Edges that said `Drain`, and when: the slots' picks pass them over
     /// for [`DRAINING_AVOID`].
     pub draining_edges: Mutex<HashMap<EdgeId, Instant>>,
+    /// How the slots find a region's edges.
+    pub find_edges: FindEdges,
+    /// Which edge answered at each address a region's name gave, from the
+    /// handshakes (at most [`MAX_LEARNED`]): an address no listed edge
+    /// has is dialled as "an edge of the region" until then.
+    pub learned: Mutex<HashMap<String, EdgeId>>,
+    /// Woken when `learned` gains an edge: the targets are made again.
+    pub learned_new: tokio::sync::Notify,
 }
+
+/// The most addresses whose edge is remembered.
+const MAX_LEARNED: usize = 256;
 
 /// A slot's current tunnel.
 #[derive(Debug, Clone)]
@@ -165,7 +176,42 @@ impl Pool {
             region: RegionSettings::default(),
             region_status: watch::channel(None).0,
             draining_edges: Mutex::new(HashMap::new()),
+            find_edges: FindEdges::default(),
+            learned: Mutex::new(HashMap::new()),
+            learned_new: tokio::sync::Notify::new(),
         }
+    }
+
+    /// The same pool finding edges this way.
+    pub fn with_find_edges(mut self, find_edges: FindEdges) -> Pool {
+        self.find_edges = find_edges;
+        self
+    }
+
+    /// The tunnel names the slots use: the router's, unless edges are
+    /// found by its list only.
+    pub(crate) fn tunnel_names(
+        &self,
+        config: Option<&ConnectorConfig>,
+    ) -> BTreeMap<RegionId, String> {
+        match (self.find_edges, config) {
+            (FindEdges::Dns, Some(c)) => c.tunnel_names.clone(),
+            _ => BTreeMap::new(),
+        }
+    }
+
+    /// A handshake at `addr` reached `edge`.
+    fn learn(&self, addr: &str, edge: &EdgeId) {
+        let mut l = self.learned.lock().unwrap_or_else(|p| p.into_inner());
+        if l.get(addr) == Some(edge) {
+            return;
+        }
+        if l.len() >= MAX_LEARNED {
+            l.clear();
+        }
+        l.insert(addr.to_owned(), edge.clone());
+        drop(l);
+        self.learned_new.notify_one();
     }
 
     /// `edge` said `Drain`: dial other edges for a while.
@@ -420,7 +466,10 @@ async fn run_slot(pool: Arc<Pool>, slot: usize) {
                     r = dial(&pool, slot, &edge) => r,
                 };
                 match dialed {
-                    Ok(t) => (t, edge),
+                    Ok(t) => {
+                        let edge = t.reached(edge);
+                        (t, edge)
+                    }
                     Err(DialError::Revoked { detail }) => {
                         pool.revoked(detail);
                         return;
@@ -550,6 +599,7 @@ async fn run_slot(pool: Arc<Pool>, slot: usize) {
                             retire(&pool, tunnel_stop.clone(), linger);
                             backoff.reset();
                             failed_dials = 0;
+                            let next = new.reached(next);
                             ready = Some((new, next));
                             break Release::Moved;
                         }
@@ -628,6 +678,8 @@ pub(crate) enum DialError {
 /// A welcomed tunnel.
 pub(crate) struct Tunnel {
     id: TunnelId,
+    /// The edge reached, from its certificate.
+    edge: EdgeId,
     conn: Connection,
     ctl_send: SendStream,
     ctl_recv: RecvStream,
@@ -636,20 +688,43 @@ pub(crate) struct Tunnel {
     welcome: Welcome,
 }
 
+impl Tunnel {
+    /// `target` as this tunnel reached it: with the id of the edge that
+    /// answered (a region's name may lead to any of its edges).
+    fn reached(&self, target: EdgeEndpoint) -> EdgeEndpoint {
+        EdgeEndpoint {
+            id: self.edge.clone(),
+            ..target
+        }
+    }
+}
+
+/// The TLS and QUIC settings of a dial: the edge is verified as the one
+/// named by the server name dialled (`edge_server_name`), or, with
+/// `any_edge_of`, as any edge of that region (an address a region's name
+/// gave that no listed edge has).
 pub(crate) fn client_config(
     creds: &Credentials,
     transport: &Arc<TransportConfig>,
+    any_edge_of: Option<&RegionId>,
 ) -> Result<quinn::ClientConfig, DialError> {
     let tls_err = |e: &dyn std::fmt::Display| DialError::Tls {
         reason: e.to_string(),
     };
-    let roots = pki::root_store(&creds.ca_pem).map_err(|e| tls_err(&e))?;
     let chain = creds.cert_chain().map_err(|e| tls_err(&e))?;
     let key = creds.private_key().map_err(|e| tls_err(&e))?;
-    let mut tls = rustls::ClientConfig::builder_with_provider(pki::provider())
+    let builder = rustls::ClientConfig::builder_with_provider(pki::provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| tls_err(&e))?
-        .with_root_certificates(roots)
+        .map_err(|e| tls_err(&e))?;
+    let builder = match any_edge_of {
+        Some(region) => builder.dangerous().with_custom_certificate_verifier(
+            pki::region_edge_verifier(&creds.ca_pem, region).map_err(|e| tls_err(&e))?,
+        ),
+        None => {
+            builder.with_root_certificates(pki::root_store(&creds.ca_pem).map_err(|e| tls_err(&e))?)
+        }
+    };
+    let mut tls = builder
         .with_client_auth_cert(chain, key)
         .map_err(|e| tls_err(&e))?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
@@ -682,7 +757,15 @@ async fn dial(pool: &Pool, slot: usize, edge: &EdgeEndpoint) -> Result<Tunnel, D
         .socket_addr(&edge.tunnel_addr, v4_only)
         .await?;
     let creds = pool.creds.borrow().clone();
-    let mut config = client_config(&creds, &pool.transport)?;
+    // An edge the router lists is verified as itself; an address only a
+    // region's name gave, as an edge of that region.
+    let listed = pool
+        .config
+        .borrow()
+        .as_ref()
+        .is_some_and(|c| c.edges.iter().any(|e| e.id == edge.id));
+    let any_edge_of = (!listed).then_some(&edge.region);
+    let mut config = client_config(&creds, &pool.transport, any_edge_of)?;
     let shard = pool.shard_base.wrapping_add((slot % 256) as u8);
     config.initial_dst_cid_provider(Arc::new(move || {
         portico_agent::quic::initial_connection_id(shard)
@@ -711,9 +794,28 @@ async fn dial(pool: &Pool, slot: usize, edge: &EdgeEndpoint) -> Result<Tunnel, D
         tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
             .await
             .map_err(|_| DialError::Timeout)??;
+    // Which edge this is, as its certificate (verified above) says.
+    let reached = conn
+        .peer_identity()
+        .and_then(|id| {
+            id.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+                .ok()
+        })
+        .and_then(|certs| certs.first().map(pki::identity_of));
+    let Some(Ok(portico_proto::api::Identity::Edge { id: edge_id, .. })) = reached else {
+        conn.close(code(CloseCode::ProtocolError), b"not an edge");
+        return Err(DialError::Handshake {
+            reason: "the peer's certificate names no edge".into(),
+        });
+    };
+    if edge_id != edge.id {
+        tracing::info!(addr = %edge.tunnel_addr, edge = %edge_id, "the region's name led to this edge");
+    }
+    pool.learn(&edge.tunnel_addr, &edge_id);
     let id = TunnelId(pool.next_tunnel.fetch_add(1, Ordering::Relaxed));
     Ok(Tunnel {
         id,
+        edge: edge_id,
         conn,
         ctl_send,
         ctl_recv,
@@ -1059,6 +1161,7 @@ mod tests {
                 })
                 .collect(),
             region: None,
+            tunnel_names: Default::default(),
         }
     }
 

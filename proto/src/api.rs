@@ -884,6 +884,14 @@ pub struct ConnectorConfig {
     /// connector picks the nearest.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub region: Option<RegionId>,
+    /// Per region of `edges`, the name that finds its tunnel endpoints,
+    /// `<region>.tunnel.<apps domain>:<port>`: given when the router
+    /// serves DNS for the apps domain and every edge of the region listed
+    /// here has an IP address the zone holds, all on one port. Connectors
+    /// resolve it (following its CNAME chain) and dial every address it
+    /// gives, each verified as an edge of that region.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub tunnel_names: std::collections::BTreeMap<RegionId, String>,
 }
 
 /// `POST /v1/edge/report`, every few seconds and on every tunnel change.

@@ -216,6 +216,15 @@ pub(crate) fn connector_config(
         })
         .collect();
     edges.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.id.cmp(&b.1.id)));
+    let edges: Vec<EdgeEndpoint> = edges.into_iter().map(|(_, e)| e).collect();
+    // Names under `localhost` never reach this zone: resolvers answer them
+    // with loopback themselves (RFC 6761).
+    let localhost = config.apps_domain == "localhost" || config.apps_domain.ends_with(".localhost");
+    let tunnel_names = if config.dns_listen.is_some() && !localhost {
+        tunnel_names(s, &edges, &config.apps_domain)
+    } else {
+        BTreeMap::new()
+    };
     ConnectorConfig {
         version: s.version,
         group: group.clone(),
@@ -223,9 +232,45 @@ pub(crate) fn connector_config(
             .into_iter()
             .filter(|a| a.connector_group == *group)
             .collect(),
-        edges: edges.into_iter().map(|(_, e)| e).collect(),
+        edges,
         region,
+        tunnel_names,
     }
+}
+
+/// `<region>.tunnel.<domain>:<port>` for each region of `edges` whose
+/// every edge the zone answers for (an IP address, or an unspecified one
+/// the report's source replaces: `dns::edge_ip`), all on one port; a
+/// region with an edge whose tunnel address is a name, or with edges on
+/// different ports, has none (its connectors use the list).
+fn tunnel_names(
+    s: &StoreState,
+    edges: &[EdgeEndpoint],
+    domain: &str,
+) -> BTreeMap<RegionId, String> {
+    let mut ports: BTreeMap<&RegionId, Option<u16>> = BTreeMap::new();
+    for e in edges {
+        let from = s
+            .presence
+            .iter()
+            .find(|p| p.edge == e.id)
+            .and_then(|p| p.reported_from);
+        let port = crate::dns::zone_port(&e.tunnel_addr, from);
+        ports
+            .entry(&e.region)
+            .and_modify(|p| {
+                if *p != port {
+                    *p = None;
+                }
+            })
+            .or_insert(port);
+    }
+    ports
+        .into_iter()
+        .filter_map(|(region, port)| {
+            port.map(|port| (region.clone(), format!("{region}.tunnel.{domain}:{port}")))
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -409,5 +454,60 @@ mod tests {
         let c = connector_config(&s, &GroupId::default_group(), &config(), at(now));
         let edges: Vec<&str> = c.edges.iter().map(|e| e.id.as_str()).collect();
         assert_eq!(edges, vec!["e-us", "e-old"]);
+    }
+
+    #[test]
+    fn a_region_gets_a_tunnel_name_when_dns_is_served_and_its_edges_are_in_the_zone_on_one_port() {
+        let now = 10_000;
+        let s = state(now);
+        let g = GroupId::default_group();
+        // No DNS: no names.
+        let c = connector_config(&s, &g, &config(), at(now));
+        assert!(c.tunnel_names.is_empty(), "{:?}", c.tunnel_names);
+        let mut dns = config();
+        dns.dns_listen = Some("127.0.0.1:0".parse().unwrap());
+        // us's two edges are on different ports: only eu has a name.
+        let c = connector_config(&s, &g, &dns, at(now));
+        let names: Vec<(&str, &str)> = c
+            .tunnel_names
+            .iter()
+            .map(|(r, n)| (r.as_str(), n.as_str()))
+            .collect();
+        assert_eq!(names, vec![("eu", "eu.tunnel.apps.test:7001")]);
+        // One port for us, and an unspecified address its report's source
+        // fills in: us has one too. A name as an address: none.
+        let mut s = state(now);
+        for e in &mut s.edges {
+            if e.region.as_str() == "us" {
+                e.tunnel_addr = Some(if e.id.as_str() == "e-old" {
+                    "0.0.0.0:7002".into()
+                } else {
+                    "127.0.0.1:7002".into()
+                });
+            }
+        }
+        s.presence[1].reported_from = Some("192.0.2.9".parse().unwrap());
+        let c = connector_config(&s, &g, &dns, at(now));
+        assert_eq!(
+            c.tunnel_names
+                .get(&"us".parse().unwrap())
+                .map(String::as_str),
+            Some("us.tunnel.apps.test:7002")
+        );
+        s.presence[1].reported_from = None;
+        let c = connector_config(&s, &g, &dns, at(now));
+        assert!(!c.tunnel_names.contains_key(&"us".parse().unwrap()));
+        for e in &mut s.edges {
+            if e.id.as_str() == "e-eu" {
+                e.tunnel_addr = Some("edge.example:7001".into());
+            }
+        }
+        let c = connector_config(&s, &g, &dns, at(now));
+        assert!(c.tunnel_names.is_empty(), "{:?}", c.tunnel_names);
+        // An apps domain under localhost: no names either.
+        let s = state(now);
+        dns.apps_domain = "apps.localhost".into();
+        let c = connector_config(&s, &g, &dns, at(now));
+        assert!(c.tunnel_names.is_empty(), "{:?}", c.tunnel_names);
     }
 }

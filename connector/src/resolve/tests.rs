@@ -1,7 +1,7 @@
 //! The chain walk against a fake DNS, the cache on a virtual clock, the
 //! saved answers' bounds, and the parsers.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::*;
@@ -447,7 +447,14 @@ async fn chosen_edges_become_one_target_per_address() {
         endpoint("e4", "gone.example:4433"),
     ];
     let mut answers = HashMap::new();
-    let (targets, wake) = expand(&r, &edges, &[], false, &mut answers).await;
+    let (none, learned) = (BTreeMap::new(), HashMap::new());
+    let find = |v4_only| Find {
+        edges: &edges,
+        names: &none,
+        learned: &learned,
+        v4_only,
+    };
+    let (targets, wake) = expand(&r, &find(false), &[], &mut answers).await;
     let got: Vec<(String, String)> = targets
         .iter()
         .map(|t| (t.id.to_string(), t.tunnel_addr.clone()))
@@ -470,7 +477,7 @@ async fn chosen_edges_become_one_target_per_address() {
     assert!(wake.is_some_and(|w| w <= RETRY_MAX), "{wake:?}");
 
     // An IPv4-only socket: no v6 target.
-    let (targets, _) = expand(&r, &edges, &[], true, &mut answers).await;
+    let (targets, _) = expand(&r, &find(true), &[], &mut answers).await;
     assert!(
         targets.iter().all(|t| !t.tunnel_addr.starts_with('[')),
         "{targets:?}"
@@ -479,10 +486,10 @@ async fn chosen_edges_become_one_target_per_address() {
 
     // Before asking DNS, the known answers (this process's, else the
     // saved ones) give targets at once.
-    let known = targets_of(&edges, false, |n| r.known(n).map(|a| a.addrs));
+    let known = find(false).targets(|n| r.known(n).map(|a| a.addrs));
     assert_eq!(
         known,
-        targets_of(&edges, false, |n| match n {
+        find(false).targets(|n| match n {
             "e1.example" => Some(vec![
                 "10.0.0.1".parse().unwrap(),
                 "10.0.0.2".parse().unwrap(),
@@ -506,4 +513,88 @@ async fn chosen_edges_become_one_target_per_address() {
             .contains("no nameserver to ask: offline (a test)"),
         "{e}"
     );
+}
+
+/// An endpoint of `region`.
+fn in_region(id: &str, region: &str, addr: &str) -> EdgeEndpoint {
+    EdgeEndpoint {
+        region: region.parse().unwrap(),
+        ..endpoint(id, addr)
+    }
+}
+
+#[tokio::test]
+async fn a_regions_tunnel_name_gives_its_targets_named_after_the_edges_found_there() {
+    // eu's name answers with e1's address, one a handshake found to be e9,
+    // and one nobody knows yet; us has no name.
+    let r = offline(
+        &[(
+            "eu.tunnel.apps.test",
+            &["10.0.0.1", "10.0.0.9", "10.0.0.7", "fd00::7"],
+        )],
+        &[],
+    );
+    let edges = [
+        in_region("e1", "eu", "10.0.0.1:4433"),
+        in_region("e2", "eu", "10.0.0.2:4433"),
+        in_region("u1", "us", "10.1.0.1:4433"),
+    ];
+    let names: BTreeMap<RegionId, String> = [
+        ("eu".parse().unwrap(), "eu.tunnel.apps.test:4433".to_owned()),
+        ("us".parse().unwrap(), "us.tunnel.apps.test:4433".to_owned()),
+    ]
+    .into();
+    let learned: HashMap<String, EdgeId> =
+        [("10.0.0.9:4433".to_owned(), EdgeId::new("e9").unwrap())].into();
+    let find = |v4_only| Find {
+        edges: &edges,
+        names: &names,
+        learned: &learned,
+        v4_only,
+    };
+    let mut answers = HashMap::new();
+    let (targets, _) = expand(&r, &find(false), &[], &mut answers).await;
+    let got: Vec<(String, String, String)> = targets
+        .iter()
+        .map(|t| {
+            (
+                t.id.to_string(),
+                t.region.to_string(),
+                t.tunnel_addr.clone(),
+            )
+        })
+        .collect();
+    let want = [
+        // e2 is listed, but the name does not give it: not dialled.
+        ("e1", "eu", "10.0.0.1:4433"),
+        ("e9", "eu", "10.0.0.9:4433"),
+        // us's name has no answer (DNS is down, nothing saved): its list.
+        ("u1", "us", "10.1.0.1:4433"),
+        ("unknown-edge-at--fd00--7--4433", "eu", "[fd00::7]:4433"),
+        ("unknown-edge-at-10.0.0.7-4433", "eu", "10.0.0.7:4433"),
+    ];
+    let want: Vec<(String, String, String)> = want
+        .iter()
+        .map(|(a, b, c)| ((*a).into(), (*b).into(), (*c).into()))
+        .collect();
+    assert_eq!(got, want);
+    // An IPv4-only socket: the v6 address goes.
+    let (targets, _) = expand(&r, &find(true), &[], &mut answers).await;
+    assert_eq!(targets.len(), 4, "{targets:?}");
+    // Edges found by the list only: the per-edge targets.
+    let none = BTreeMap::new();
+    let list = Find {
+        edges: &edges,
+        names: &none,
+        learned: &learned,
+        v4_only: false,
+    };
+    let ids: Vec<String> = list
+        .targets(|_| None)
+        .iter()
+        .map(|t| t.id.to_string())
+        .collect();
+    assert_eq!(ids, ["e1", "e2", "u1"]);
+    // A stand-in id is a valid one.
+    assert!(unknown_edge("[2001:db8::1]:4433").is_some());
 }

@@ -500,6 +500,18 @@ fn edge_ip(addr: &str, from: Option<IpAddr>) -> EdgeIp {
     }
 }
 
+/// The port of a reported `host:port` whose address the zone holds
+/// (an IP literal, or an unspecified one replaced by `from`); `None` for a
+/// name, or an address the zone cannot know.
+pub(crate) fn zone_port(addr: &str, from: Option<IpAddr>) -> Option<u16> {
+    match edge_ip(addr, from) {
+        EdgeIp::Literal(_) | EdgeIp::FromReport(_) => {
+            addr.rsplit_once(':').and_then(|(_, p)| p.parse().ok())
+        }
+        EdgeIp::Unknown | EdgeIp::Name => None,
+    }
+}
+
 fn address_records(name: &Name, ttl: u32, ips: impl Iterator<Item = IpAddr>) -> Vec<Record> {
     ips.map(|ip| {
         let data = match ip {
