@@ -97,7 +97,8 @@ pub struct LoadtestCmd {
 #[derive(Debug, Subcommand)]
 pub enum LoadtestSub {
     /// Start a whole deployment on this machine (router, edges, connectors,
-    /// demo backends, a WAN emulator between connectors and edges) from a
+    /// demo backends, a WAN emulator between connectors and edges and
+    /// between the regions' edges, `[wan.mesh.<from>.<to>]`) from a
     /// deployment file, run its load with its chaos actions, write the
     /// report. (Once called `mesh`, which still works; "mesh" now means
     /// only edge-to-edge forwarding.)

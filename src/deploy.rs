@@ -1,9 +1,10 @@
 //! `portico loadtest deploy`: one command that starts a whole Portico
 //! deployment on this machine — a router, regions of edges (with the edge
 //! mesh on), connectors, demo backends published as apps `app0..`, and a
-//! WAN emulator path in front of every edge's tunnel port and mesh port —
-//! from a deployment file, runs the load scenario in it (with chaos actions
-//! acting on this deployment), writes the report and stops everything.
+//! WAN emulator path in front of every edge's tunnel port and, from every
+//! region, its mesh port — from a deployment file, runs the load scenario
+//! in it (with chaos actions acting on this deployment), writes the report
+//! and stops everything.
 //!
 //! A deployment file is a loadtest scenario (the loadtest crate's [`Scenario`]
 //! format, unchanged) with two extra tables:
@@ -26,6 +27,8 @@
 //! delay = "60ms"
 //! [wan.mesh.eu]              # edge→edge (mesh) paths into eu's edges (none by default)
 //! delay = "40ms"
+//! [wan.mesh.us.eu]           # ... except those from us's edges into eu's
+//! delay = "70ms"
 //!
 //! mode = "open"              # ... the scenario, as for `portico loadtest`
 //! rate = 200
@@ -36,14 +39,26 @@
 //!
 //! The WAN matrix. Connector→edge: one relay in front of each edge's tunnel
 //! port, which the edge advertises to connectors; its impairment is
-//! `[wan.tunnel.<region>]` for the edge's region, else `[wan]`. Edge→edge:
-//! one relay in front of each edge's mesh port, which the edge advertises
-//! to the other edges; its impairment is `[wan.mesh.<region>]` for the
-//! edge's region, else none. An edge advertises one mesh address to every
-//! peer, so a mesh relay cannot tell its dialers apart: the mesh delay is
-//! the delay *into* a region, the same from every other region (a link
-//! eu→us crosses us's mesh relay, us→eu crosses eu's). Both directions of a
-//! relay get the same impairment, so a link's RTT is twice its delay.
+//! `[wan.tunnel.<region>]` for the edge's region, else `[wan]`.
+//!
+//! Edge→edge, a (from region, to region) matrix: in front of each edge's
+//! mesh port, one relay per region, the path from that region's edges.
+//! An edge advertises one mesh address to every peer, so a relay behind
+//! it could not tell its dialers apart; instead, the edges of each other
+//! region are told (`portico_edge::Config::mesh_dial_overrides`, peer id →
+//! address; the certificate check still pins the peer) to dial their
+//! region's relay for it. The relay of the edge's own region is the one it
+//! advertises, which its region's peers dial as they would without
+//! overrides. The impairment of the path from `<from>`'s edges into an
+//! edge of `<to>` is `[wan.mesh.<from>.<to>]`, else `[wan.mesh.<to>]`,
+//! else none; `[wan.mesh.eu.eu]` is the path between eu's own edges. So a
+//! file with only `[wan.mesh.<to>]` tables means what it always did: the
+//! delay into a region, the same from everywhere. Which relay a link
+//! crosses is set by the edge that dials it (the one forwarding
+//! requests): a link eu→us crosses the relay from eu into the us edge,
+//! both ways. Both directions of a relay get the same impairment, so a
+//! link's RTT is twice its delay. That is edges × regions mesh relays
+//! (each with its own delivery thread): at most 32 × 32.
 //!
 //! A request URL whose host is `appN` or `appN.apps.localhost` and that has
 //! no port is expanded into one request per edge
@@ -64,12 +79,18 @@
 //! and `jitter`, `loss` if given, both directions): `edge0`, `edge1`, …
 //! (also `wan0`…, or a bare index), `region:eu` (every tunnel relay of the
 //! region), `*`/`all` (every tunnel relay); prefixed with `mesh:` the same
-//! names pick mesh relays (`mesh:edge0`, `mesh:region:eu`, `mesh:*`).
+//! names pick the mesh relays *into* those edges, from every region
+//! (`mesh:edge0`, `mesh:region:eu`, `mesh:*`), and `mesh:us>eu` picks those
+//! from us's edges into eu's (`mesh:eu>eu`: between eu's own edges).
 //!
-//! Each relay port is reserved by binding a UDP socket on port 0 and
-//! closing it before the edge starts (the edge must advertise the relay's
-//! address, and a relay needs its target up front). Another process could
-//! take the port in between; the start is then retried with new ports.
+//! The port of each relay an edge advertises is reserved by binding a UDP
+//! socket on port 0 and closing it before the edge starts (the edge must
+//! advertise the relay's address, and a relay needs its target up front).
+//! Another process could take the port in between; the start is then
+//! retried with new ports. The relays from other regions bind port 0
+//! after the edge is up (their addresses reach the other edges through
+//! the dial overrides, filled in before any request is sent), so they
+//! need no reservation.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -290,8 +311,12 @@ pub struct DeployFile {
     pub wan: WanSpec,
     /// `[wan.tunnel.<region>]`: the connector→edge paths of that region.
     pub tunnel_wan: BTreeMap<String, WanSpec>,
-    /// `[wan.mesh.<region>]`: the edge→edge paths into that region.
+    /// `[wan.mesh.<region>]`: the edge→edge paths into that region (from
+    /// every region without a pair of its own).
     pub mesh_wan: BTreeMap<String, WanSpec>,
+    /// `[wan.mesh.<from>.<to>]`: the edge→edge paths from `from`'s edges
+    /// into `to`'s, by (from, to).
+    pub mesh_pair_wan: BTreeMap<(String, String), WanSpec>,
     /// The load, with app names not yet expanded to edges.
     pub load: Scenario,
 }
@@ -330,7 +355,7 @@ pub enum DeployError {
         instance: usize,
         count: usize,
     },
-    #[error("there is no WAN path `{path}` (they are edge0..edge{last}, region:<region>, or `*`, each also with a `mesh:` prefix)")]
+    #[error("there is no WAN path `{path}` (they are edge0..edge{last}, region:<region>, or `*`, each also with a `mesh:` prefix, and mesh:<from>><to> for two regions)")]
     NoSuchPath { path: String, last: usize },
     #[error("`{field}`: there is no region `{region}` (the regions are {valid})")]
     NoSuchRegion {
@@ -383,21 +408,15 @@ impl DeployFile {
             })?,
             None => DeploymentSpec::default(),
         };
-        let (wan, tunnel_wan, mesh_wan) = match table.remove("wan") {
+        let (wan, tunnel_wan, (mesh_wan, mesh_pair_wan)) = match table.remove("wan") {
             Some(toml::Value::Table(mut t)) => {
                 let tunnel_wan = per_region(t.remove("tunnel"), "wan.tunnel")?;
-                let mesh_wan = per_region(t.remove("mesh"), "wan.mesh")?;
-                let wan: WanSpec =
-                    toml::Value::Table(t)
-                        .try_into()
-                        .map_err(|e| DeployError::Table {
-                            table: "wan".into(),
-                            source: Box::new(e),
-                        })?;
-                (wan, tunnel_wan, mesh_wan)
+                let mesh = mesh_matrix(t.remove("mesh"))?;
+                let wan = wan_spec(toml::Value::Table(t), "wan")?;
+                (wan, tunnel_wan, mesh)
             }
             Some(_) => return Err(DeployError::invalid("wan", "must be a table")),
-            None => (WanSpec::default(), BTreeMap::new(), BTreeMap::new()),
+            None => Default::default(),
         };
         let rest = toml::to_string(&table).map_err(|e| DeployError::invalid("load", e))?;
         let load = Scenario::from_toml(&rest).map_err(|source| DeployError::Scenario { source })?;
@@ -406,6 +425,7 @@ impl DeployFile {
             wan,
             tunnel_wan,
             mesh_wan,
+            mesh_pair_wan,
             load,
         };
         file.validate()?;
@@ -442,12 +462,21 @@ impl DeployFile {
         }
         d.pinned_region()?;
         self.wan.impairment()?;
-        for (table, map) in [
+        let per_region = [
             ("wan.tunnel", &self.tunnel_wan),
             ("wan.mesh", &self.mesh_wan),
-        ] {
-            for (region, spec) in map {
-                let name = format!("{table}.{region}");
+        ]
+        .into_iter()
+        .flat_map(|(table, map)| {
+            map.iter()
+                .map(move |(region, spec)| (format!("{table}.{region}"), vec![region], spec))
+        });
+        let pairs = self
+            .mesh_pair_wan
+            .iter()
+            .map(|((from, to), spec)| (format!("wan.mesh.{from}.{to}"), vec![from, to], spec));
+        for (name, named, spec) in per_region.chain(pairs) {
+            for region in named {
                 if !regions.iter().any(|r| r.as_str() == region) {
                     return Err(DeployError::NoSuchRegion {
                         field: name,
@@ -455,14 +484,14 @@ impl DeployFile {
                         valid: region_list(&regions),
                     });
                 }
-                if spec.seed.is_some() {
-                    return Err(DeployError::invalid(
-                        format!("{name}.seed"),
-                        "give the seed once, in [wan]",
-                    ));
-                }
-                spec.impairment_of(&name)?;
             }
+            if spec.seed.is_some() {
+                return Err(DeployError::invalid(
+                    format!("{name}.seed"),
+                    "give the seed once, in [wan]",
+                ));
+            }
+            spec.impairment_of(&name)?;
         }
         let layout = self.layout()?;
         for (index, a) in self.load.chaos.iter().enumerate() {
@@ -502,16 +531,91 @@ impl DeployFile {
         }
     }
 
-    /// The impairment of the edge→edge (mesh) paths into `region`.
+    /// The impairment of the edge→edge (mesh) paths into `region` from
+    /// every region without a pair of its own: `[wan.mesh.<region>]`, else
+    /// none.
     pub fn mesh_impairment(&self, region: &RegionId) -> Result<Impairment, DeployError> {
         match self.mesh_wan.get(region.as_str()) {
             Some(w) => w.impairment_of(&format!("wan.mesh.{region}")),
             None => Ok(Impairment::none()),
         }
     }
+
+    /// The impairment of the mesh paths from `from`'s edges into `to`'s:
+    /// `[wan.mesh.<from>.<to>]`, else [`DeployFile::mesh_impairment`] of
+    /// `to`.
+    pub fn mesh_pair_impairment(
+        &self,
+        from: &RegionId,
+        to: &RegionId,
+    ) -> Result<Impairment, DeployError> {
+        let pair = (from.as_str().to_owned(), to.as_str().to_owned());
+        match self.mesh_pair_wan.get(&pair) {
+            Some(w) => w.impairment_of(&format!("wan.mesh.{from}.{to}")),
+            None => self.mesh_impairment(to),
+        }
+    }
 }
 
-/// `[wan.tunnel]` or `[wan.mesh]`: a table of per-region [`WanSpec`]s.
+/// One `[wan...]` table as a [`WanSpec`], errors naming `table`.
+fn wan_spec(v: toml::Value, table: &str) -> Result<WanSpec, DeployError> {
+    v.try_into().map_err(|e| DeployError::Table {
+        table: table.to_owned(),
+        source: Box::new(e),
+    })
+}
+
+/// The `[wan.mesh]` table: `[wan.mesh.<to>]` and `[wan.mesh.<from>.<to>]`.
+/// In `[wan.mesh.<x>]`, a key whose value is a table is a region `<to>`
+/// (no field of a [`WanSpec`] is a table); the other keys are the fields
+/// of `[wan.mesh.<x>]` itself, which exists only if it has fields or no
+/// pair (an empty `[wan.mesh.eu]` still means "none into eu").
+#[allow(clippy::type_complexity)]
+fn mesh_matrix(
+    v: Option<toml::Value>,
+) -> Result<
+    (
+        BTreeMap<String, WanSpec>,
+        BTreeMap<(String, String), WanSpec>,
+    ),
+    DeployError,
+> {
+    let (mut into, mut pairs) = (BTreeMap::new(), BTreeMap::new());
+    let Some(v) = v else {
+        return Ok((into, pairs));
+    };
+    let toml::Value::Table(t) = v else {
+        return Err(DeployError::invalid(
+            "wan.mesh",
+            "must be a table of regions, e.g. [wan.mesh.eu] or [wan.mesh.us.eu]",
+        ));
+    };
+    for (region, v) in t {
+        let name = format!("wan.mesh.{region}");
+        let toml::Value::Table(mut fields) = v else {
+            // Not a table: let serde say what it expected.
+            into.insert(region, wan_spec(v, &name)?);
+            continue;
+        };
+        let to: Vec<String> = fields
+            .iter()
+            .filter(|(_, v)| v.is_table())
+            .map(|(k, _)| k.clone())
+            .collect();
+        for to in &to {
+            if let Some(v) = fields.remove(to) {
+                let spec = wan_spec(v, &format!("{name}.{to}"))?;
+                pairs.insert((region.clone(), to.clone()), spec);
+            }
+        }
+        if !fields.is_empty() || to.is_empty() {
+            into.insert(region, wan_spec(toml::Value::Table(fields), &name)?);
+        }
+    }
+    Ok((into, pairs))
+}
+
+/// `[wan.tunnel]`: a table of per-region [`WanSpec`]s.
 fn per_region(
     v: Option<toml::Value>,
     table: &str,
@@ -522,15 +626,12 @@ fn per_region(
     let toml::Value::Table(t) = v else {
         return Err(DeployError::invalid(
             table,
-            "must be a table of regions, e.g. [wan.mesh.eu]",
+            "must be a table of regions, e.g. [wan.tunnel.eu]",
         ));
     };
     t.into_iter()
         .map(|(region, v)| {
-            let spec: WanSpec = v.try_into().map_err(|e| DeployError::Table {
-                table: format!("{table}.{region}"),
-                source: Box::new(e),
-            })?;
+            let spec = wan_spec(v, &format!("{table}.{region}"))?;
             Ok((region, spec))
         })
         .collect()
@@ -668,10 +769,36 @@ pub struct EdgeAddrs {
     pub tunnel: SocketAddr,
     /// The relay in front of it, which the edge advertises to connectors.
     pub relay: SocketAddr,
-    /// The edge's own mesh port (the mesh relay's target).
+    /// The edge's own mesh port (the mesh relays' target).
     pub mesh: SocketAddr,
-    /// The relay in front of it, which the edge advertises to other edges.
+    /// The mesh relay the edge advertises, which the edges of its own
+    /// region dial (those of another region dial a relay of their region's,
+    /// through their dial overrides; see [`MeshPathOutcome`]).
     pub mesh_relay: SocketAddr,
+}
+
+/// One mesh relay: the path from the edges of region `from` into edge `to`.
+struct MeshPath {
+    from: RegionId,
+    to: usize,
+    path: wan::Path,
+}
+
+/// One mesh relay, as it was at the end of the load.
+#[derive(Debug, Clone)]
+pub struct MeshPathOutcome {
+    /// The region whose edges dial through it.
+    pub from: RegionId,
+    /// The edge it leads to, by index.
+    pub to: usize,
+    /// Its address: `to`'s advertised mesh address when `from` is `to`'s
+    /// region, else what `from`'s edges dial for `to` instead.
+    pub relay: SocketAddr,
+    /// Its counters.
+    pub stats: PathStats,
+    /// The impairment it applies (the up direction; both are set alike;
+    /// chaos `delay` may have changed it).
+    pub impairment: Impairment,
 }
 
 /// A running deployment. Implements [`Chaos`].
@@ -691,8 +818,13 @@ pub struct Deploy {
     connectors: Vec<Mutex<Part<portico_connector::Handle>>>,
     /// The tunnel relays, by edge.
     paths: std::sync::Mutex<Vec<wan::Path>>,
-    /// The mesh relays, by edge.
-    mesh_paths: std::sync::Mutex<Vec<wan::Path>>,
+    /// The mesh relays, by target edge, then source region (in the order
+    /// of `regions`).
+    mesh_paths: std::sync::Mutex<Vec<MeshPath>>,
+    /// Each region's mesh dial overrides (by the order of `regions`),
+    /// shared by its edges: every edge of another region → the relay from
+    /// this region into it.
+    mesh_dial: Vec<portico_edge::MeshDialOverrides>,
     demos: std::sync::Mutex<Vec<demo::Demo>>,
 }
 
@@ -721,7 +853,7 @@ impl Layout {
                 self.targets(t, a.instance, a.region.as_deref())?;
             }
             (_, _, Some(p)) => {
-                self.path_indices(p)?;
+                self.path_pick(p)?;
             }
             _ => {}
         }
@@ -800,17 +932,30 @@ impl Layout {
     }
 
     /// The relays a WAN path name picks (see the module docs).
-    fn path_indices(&self, name: &str) -> Result<(PathKind, Vec<usize>), DeployError> {
+    fn path_pick(&self, name: &str) -> Result<PathPick, DeployError> {
         let n = self.edges.len();
         let (kind, rest) = match name.strip_prefix("mesh:") {
             Some(rest) => (PathKind::Mesh, rest),
             None => (PathKind::Tunnel, name),
         };
+        let pick = |edges| PathPick {
+            kind,
+            edges,
+            from: None,
+        };
         if rest == "*" || rest == "all" {
-            return Ok((kind, (0..n).collect()));
+            return Ok(pick((0..n).collect()));
         }
         if let Some(region) = rest.strip_prefix("region:") {
-            return Ok((kind, self.region_edges("path", region)?));
+            return Ok(pick(self.region_edges("path", region)?));
+        }
+        if let (PathKind::Mesh, Some((from, to))) = (kind, rest.split_once('>')) {
+            let edges = self.region_edges("path", to)?;
+            self.region_edges("path", from)?;
+            return Ok(PathPick {
+                from: self.regions.iter().find(|r| r.as_str() == from).cloned(),
+                ..pick(edges)
+            });
         }
         let idx = rest
             .strip_prefix("edge")
@@ -819,7 +964,7 @@ impl Layout {
             .parse::<usize>()
             .ok()
             .filter(|i| *i < n);
-        idx.map(|i| (kind, vec![i]))
+        idx.map(|i| pick(vec![i]))
             .ok_or_else(|| DeployError::NoSuchPath {
                 path: name.to_owned(),
                 last: n.saturating_sub(1),
@@ -832,6 +977,24 @@ impl Layout {
 enum PathKind {
     Tunnel,
     Mesh,
+}
+
+/// What a WAN path name picks: the tunnel relays of `edges`, or the mesh
+/// relays into `edges` (only those from `from`, when given).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct PathPick {
+    kind: PathKind,
+    edges: Vec<usize>,
+    from: Option<RegionId>,
+}
+
+impl PathPick {
+    /// Whether the mesh relay from `from`'s edges into edge `to` is picked.
+    fn picks_mesh(&self, from: &RegionId, to: usize) -> bool {
+        self.kind == PathKind::Mesh
+            && self.edges.contains(&to)
+            && self.from.as_ref().is_none_or(|f| f == from)
+    }
 }
 
 impl Deploy {
@@ -880,7 +1043,6 @@ impl Deploy {
                 edges: Vec::new(),
                 connectors: 0,
             },
-            regions,
             group,
             root: root.clone(),
             router_addr,
@@ -891,7 +1053,10 @@ impl Deploy {
             connectors: Vec::new(),
             paths: std::sync::Mutex::new(Vec::new()),
             mesh_paths: std::sync::Mutex::new(Vec::new()),
+            // One map each (`vec![x; n]` would clone one shared map).
+            mesh_dial: (0..regions.len()).map(|_| Default::default()).collect(),
             demos: std::sync::Mutex::new(Vec::new()),
+            regions,
         };
         // From here on, a failure stops what has started.
         match deploy.start_rest(&admin, file).await {
@@ -950,21 +1115,11 @@ impl Deploy {
             lock(&self.demos).push(d);
         }
         for region in self.regions.clone() {
-            let tunnel_imp = file.tunnel_impairment(&region)?;
-            let mesh_imp = file.mesh_impairment(&region)?;
             for k in 0..spec.edges {
                 let i = self.edge_addrs.len();
                 let state = self.edge_state(i, &region, k);
-                self.start_first_edge(
-                    admin,
-                    i,
-                    &region,
-                    &state,
-                    &tunnel_imp,
-                    &mesh_imp,
-                    file.wan.seed,
-                )
-                .await?;
+                self.start_first_edge(admin, file, i, &region, &state)
+                    .await?;
             }
         }
         for i in 0..spec.connectors {
@@ -1010,20 +1165,23 @@ impl Deploy {
         self.wait_routing().await
     }
 
-    /// Starts edge `i` of `region` for the first time, with its two relays
-    /// (tunnel and mesh) on ports reserved beforehand; retried with new
-    /// ports when one was taken in between.
-    #[allow(clippy::too_many_arguments)]
+    /// Starts edge `i` of `region` for the first time, with the two relays
+    /// it advertises (tunnel and mesh) on ports reserved beforehand
+    /// (retried with new ports when one was taken in between), then a mesh
+    /// relay into it from every other region, which that region's edges
+    /// are told to dial for it.
     async fn start_first_edge(
         &mut self,
         admin: &RouterClient,
+        file: &DeployFile,
         i: usize,
         region: &RegionId,
         state: &Path,
-        tunnel_imp: &Impairment,
-        mesh_imp: &Impairment,
-        seed: Option<u64>,
     ) -> anyhow::Result<()> {
+        let tunnel_imp = file.tunnel_impairment(region)?;
+        let seed = file.wan.seed;
+        let seeded = |offset: u64| seed.map(|s| s.wrapping_add(offset + i as u64));
+        let own = self.region_index(region);
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -1049,9 +1207,17 @@ impl Deploy {
                 mesh_relay: reserve_udp_port()?,
             };
             let stop = self.root.child_token();
-            let edge = start_edge(&self.router_url, state, token, &plan, stop.clone())
-                .await
-                .with_context(|| format!("edge {i} ({region}) failed to start"))?;
+            let edge = start_edge(
+                &self.router_url,
+                state,
+                token,
+                &plan,
+                &self.mesh_dial[own],
+                stop.clone(),
+            )
+            .await
+            .with_context(|| format!("edge {i} ({region}) failed to start"))?;
+            let id = edge.id.clone();
             let addrs = EdgeAddrs {
                 public: edge.public_addr,
                 tunnel: edge.tunnel_addr,
@@ -1059,12 +1225,11 @@ impl Deploy {
                 ..plan
             };
             let mut part = Part::new(edge, stop);
-            let seeded = |offset: u64| seed.map(|s| s.wrapping_add(offset + i as u64));
             let mut tunnel_pc =
                 PathConfig::new(addrs.relay, addrs.tunnel).symmetric(tunnel_imp.clone());
             tunnel_pc.seed = seeded(0);
-            let mut mesh_pc =
-                PathConfig::new(addrs.mesh_relay, addrs.mesh).symmetric(mesh_imp.clone());
+            let mut mesh_pc = PathConfig::new(addrs.mesh_relay, addrs.mesh)
+                .symmetric(file.mesh_pair_impairment(region, region)?);
             mesh_pc.seed = seeded(1000);
             let started = match wan::start(tunnel_pc, self.root.child_token()).await {
                 Ok(t) => match wan::start(mesh_pc, self.root.child_token()).await {
@@ -1081,10 +1246,34 @@ impl Deploy {
                     info!(edge = i, %region, public = %addrs.public, tunnel = %addrs.tunnel, relay = %addrs.relay,
                         mesh = %addrs.mesh, mesh_relay = %addrs.mesh_relay, "edge and WAN paths up");
                     lock(&self.paths).push(tunnel_path);
-                    lock(&self.mesh_paths).push(mesh_path);
+                    let mesh_target = addrs.mesh;
                     self.layout.edges.push(addrs.region.clone());
                     self.edge_addrs.push(addrs);
                     self.edges.push(Mutex::new(part));
+                    // From here on a failure is the deployment's: it stops
+                    // this edge with the rest.
+                    let mut own_path = Some(mesh_path);
+                    for (s, from) in self.regions.clone().iter().enumerate() {
+                        let path = match own_path.take_if(|_| s == own) {
+                            Some(p) => p,
+                            None => {
+                                let mut pc = PathConfig::new(LOOPBACK, mesh_target)
+                                    .symmetric(file.mesh_pair_impairment(from, region)?);
+                                pc.seed = seeded(2000 + (s * MAX_INSTANCES) as u64);
+                                let p = wan::start(pc, self.root.child_token())
+                                    .await
+                                    .with_context(|| format!("the mesh path {from} > edge {i}"))?;
+                                self.mesh_dial[s].set(id.clone(), p.local_addr());
+                                info!(edge = i, %from, relay = %p.local_addr(), "mesh path from another region up");
+                                p
+                            }
+                        };
+                        lock(&self.mesh_paths).push(MeshPath {
+                            from: from.clone(),
+                            to: i,
+                            path,
+                        });
+                    }
                     return Ok(());
                 }
                 Err(e) if attempt < RELAY_ATTEMPTS => {
@@ -1097,6 +1286,14 @@ impl Deploy {
                 }
             }
         }
+    }
+
+    /// The index of `region` in `regions`.
+    fn region_index(&self, region: &RegionId) -> usize {
+        self.regions
+            .iter()
+            .position(|r| r == region)
+            .expect("the edges' regions are the deployment's")
     }
 
     /// The state directory of edge `i`, the `k`th of `region`: `edge{i}`
@@ -1195,11 +1392,17 @@ impl Deploy {
         lock(&self.paths).iter().map(wan::Path::stats).collect()
     }
 
-    /// Counters of every mesh relay, by edge index.
-    pub fn mesh_path_stats(&self) -> Vec<PathStats> {
+    /// Every mesh relay now: by target edge, then source region.
+    pub fn mesh_paths(&self) -> Vec<MeshPathOutcome> {
         lock(&self.mesh_paths)
             .iter()
-            .map(wan::Path::stats)
+            .map(|m| MeshPathOutcome {
+                from: m.from.clone(),
+                to: m.to,
+                relay: m.path.local_addr(),
+                stats: m.path.stats(),
+                impairment: m.path.impairments().0,
+            })
             .collect()
     }
 
@@ -1207,14 +1410,6 @@ impl Deploy {
     /// both are set alike), by edge index.
     pub fn impairments(&self) -> Vec<Impairment> {
         lock(&self.paths)
-            .iter()
-            .map(|p| p.impairments().0)
-            .collect()
-    }
-
-    /// The impairment each mesh relay applies now, by edge index.
-    pub fn mesh_impairments(&self) -> Vec<Impairment> {
-        lock(&self.mesh_paths)
             .iter()
             .map(|p| p.impairments().0)
             .collect()
@@ -1264,7 +1459,7 @@ impl Deploy {
             let _ = tokio::time::timeout(STOP_TIMEOUT, d.wait()).await;
         }
         let mut paths: Vec<wan::Path> = lock(&self.paths).drain(..).collect();
-        paths.extend(lock(&self.mesh_paths).drain(..));
+        paths.extend(lock(&self.mesh_paths).drain(..).map(|m| m.path));
         for p in paths {
             let _ = tokio::time::timeout(STOP_TIMEOUT, p.shutdown()).await;
         }
@@ -1276,14 +1471,21 @@ impl Deploy {
         name: &str,
         mut f: impl FnMut(&wan::Path) -> anyhow::Result<()>,
     ) -> anyhow::Result<()> {
-        let (kind, idx) = self.layout.path_indices(name)?;
-        let paths = lock(match kind {
-            PathKind::Tunnel => &self.paths,
-            PathKind::Mesh => &self.mesh_paths,
-        });
-        for i in idx {
-            if let Some(p) = paths.get(i) {
-                f(p)?;
+        let pick = self.layout.path_pick(name)?;
+        match pick.kind {
+            PathKind::Tunnel => {
+                let paths = lock(&self.paths);
+                for &i in &pick.edges {
+                    if let Some(p) = paths.get(i) {
+                        f(p)?;
+                    }
+                }
+            }
+            PathKind::Mesh => {
+                let paths = lock(&self.mesh_paths);
+                for m in paths.iter().filter(|m| pick.picks_mesh(&m.from, m.to)) {
+                    f(&m.path)?;
+                }
             }
         }
         Ok(())
@@ -1380,6 +1582,7 @@ impl Deploy {
         let mut part = self.edges[i].lock().await;
         part.kill(&format!("edge{i}")).await;
         let a = &self.edge_addrs[i];
+        let dial = &self.mesh_dial[self.region_index(&a.region)];
         let k = self.edge_addrs[..i]
             .iter()
             .filter(|e| e.region == a.region)
@@ -1388,7 +1591,7 @@ impl Deploy {
         let deadline = Instant::now() + REBIND_TIMEOUT;
         let (h, stop) = loop {
             let stop = self.root.child_token();
-            match start_edge(&self.router_url, &state, None, a, stop.clone()).await {
+            match start_edge(&self.router_url, &state, None, a, dial, stop.clone()).await {
                 Ok(h) => break (h, stop),
                 Err(e) if Instant::now() < deadline => {
                     warn!(edge = i, error = %portico_agent::error_chain(e.as_ref()), "cannot restart yet; retrying");
@@ -1502,12 +1705,14 @@ async fn start_router(
 }
 
 /// Starts an edge listening on `a`'s public, tunnel and mesh addresses
-/// (port 0 for new ones), advertising its relays, with metrics on loopback.
+/// (port 0 for new ones), advertising its relays, dialling peers' mesh
+/// links as `mesh_dial` says, with metrics on loopback.
 async fn start_edge(
     router_url: &str,
     state: &Path,
     token: Option<String>,
     a: &EdgeAddrs,
+    mesh_dial: &portico_edge::MeshDialOverrides,
     stop: CancellationToken,
 ) -> anyhow::Result<portico_edge::Handle> {
     let mut ec = portico_edge::Config::new(router_url, state);
@@ -1518,6 +1723,7 @@ async fn start_edge(
     ec.metrics_listen = Some(LOOPBACK);
     ec.advertise_tunnel_addr = Some(a.relay.to_string());
     ec.advertise_mesh_addr = Some(a.mesh_relay.to_string());
+    ec.mesh_dial_overrides = mesh_dial.clone();
     ec.drain_delay = Duration::ZERO;
     ec.grace = Duration::from_secs(2);
     Ok(portico_edge::start(ec, stop).await?)
@@ -1543,13 +1749,12 @@ pub struct DeployOutcome {
     pub report: Report,
     /// Counters of each tunnel relay (by edge) at the end of the load.
     pub paths: Vec<PathStats>,
-    /// Counters of each mesh relay (by edge) at the end of the load.
-    pub mesh_paths: Vec<PathStats>,
+    /// Every mesh relay at the end of the load (by target edge, then
+    /// source region).
+    pub mesh_paths: Vec<MeshPathOutcome>,
     /// The impairment of each tunnel relay at the end (chaos `delay` may
     /// have changed it), by edge.
     pub impairments: Vec<Impairment>,
-    /// The same for each mesh relay.
-    pub mesh_impairments: Vec<Impairment>,
     /// Requests each edge forwarded over the mesh since it last started
     /// (`None`: down at the end).
     pub mesh_forwarded: Vec<Option<u64>>,
@@ -1587,9 +1792,8 @@ pub async fn run_file(
     let outcome = |report| DeployOutcome {
         report,
         paths: deploy.path_stats(),
-        mesh_paths: deploy.mesh_path_stats(),
+        mesh_paths: deploy.mesh_paths(),
         impairments: deploy.impairments(),
-        mesh_impairments: deploy.mesh_impairments(),
         mesh_forwarded: Vec::new(),
         edges: deploy.edge_addrs.clone(),
     };
@@ -1614,12 +1818,15 @@ pub async fn run_file(
 /// `[wan]` table (delay, jitter, loss, loss_correlation, reorder,
 /// duplicate, rate, mtu, seed) for the relay in front of every edge's
 /// tunnel port, with `[wan.tunnel.<region>]` and `[wan.mesh.<region>]` for
-/// the connector→edge and edge→edge paths into a region. Requests name apps
+/// the connector→edge and edge→edge paths into a region, and
+/// `[wan.mesh.<from>.<to>]` for the edge→edge paths from one region into
+/// another (else `[wan.mesh.<to>]`). Requests name apps
 /// as `https://app0/...` and are spread over every edge, each failing over
 /// to the other edges of its region. Chaos actions act on the deployment:
 /// kill/restart `connector`, `edge`, `region` (with `region`), `router`
 /// (with `instance`); blackhole/unblackhole/delay paths `edge0`,
-/// `region:eu`, `*`, `mesh:…`. See loadtest/examples/deploy/deploy.toml.
+/// `region:eu`, `*`, `mesh:…` (mesh paths into those edges), `mesh:us>eu`.
+/// See loadtest/examples/deploy/deploy.toml.
 #[derive(Debug, Clone, clap::Args)]
 pub struct DeployArgs {
     /// The deployment file (TOML): [deployment], [wan] and the load scenario.
@@ -1705,20 +1912,25 @@ pub async fn run(args: DeployArgs, shutdown: CancellationToken) -> anyhow::Resul
                     line(p)
                 ));
             }
-            if let Some(p) = outcome.mesh_paths.get(i) {
+            for m in outcome.mesh_paths.iter().filter(|m| m.to == i) {
                 crate::out(format!(
-                    "mesh path edge{i} [{}] ({} -> {}, delay {:?} at the end): {}; the edge forwarded {} request(s) over the mesh",
+                    "mesh path {}>edge{i} [{}] ({} -> {}, delay {:?} at the end): {}",
+                    m.from,
                     a.region,
-                    a.mesh_relay,
+                    m.relay,
                     a.mesh,
-                    delay(&outcome.mesh_impairments),
-                    line(p),
-                    match outcome.mesh_forwarded.get(i).copied().flatten() {
-                        Some(n) => n.to_string(),
-                        None => "?".into(),
-                    }
+                    m.impairment.delay,
+                    line(&m.stats),
                 ));
             }
+            crate::out(format!(
+                "edge{i} [{}] forwarded {} request(s) over the mesh",
+                a.region,
+                match outcome.mesh_forwarded.get(i).copied().flatten() {
+                    Some(n) => n.to_string(),
+                    None => "?".into(),
+                }
+            ));
         }
     }
     if let Some(path) = args.json.as_deref().filter(|p| *p != Path::new("-")) {
@@ -1811,6 +2023,49 @@ mod tests {
                 "[deployment]\nregions = [\"eu\"]\n[wan.mesh.eu]\nseed = 1\n",
                 "wan.mesh.eu.seed",
             ),
+            // The (from, to) pairs: both regions must exist, and the table
+            // is named in every error.
+            (
+                "[deployment]\nregions = [\"eu\"]\n[wan.mesh.eu.us]\ndelay = \"1ms\"\n",
+                "`wan.mesh.eu.us`: there is no region `us` (the regions are eu)",
+            ),
+            (
+                "[deployment]\nregions = [\"eu\"]\n[wan.mesh.asia.eu]\ndelay = \"1ms\"\n",
+                "`wan.mesh.asia.eu`: there is no region `asia` (the regions are eu)",
+            ),
+            (
+                "[deployment]\nregions = [\"eu\"]\n[wan.mesh.eu.eu]\ndelai = \"1ms\"\n",
+                "invalid [wan.mesh.eu.eu] table: unknown field `delai`",
+            ),
+            (
+                "[deployment]\nregions = [\"eu\"]\n[wan.mesh.eu.eu]\nloss = 3.0\n",
+                "`wan.mesh.eu.eu` is invalid",
+            ),
+            (
+                "[deployment]\nregions = [\"eu\"]\n[wan.mesh.eu.eu]\nrate = \"fast\"\n",
+                "`wan.mesh.eu.eu.rate` is invalid",
+            ),
+            (
+                "[deployment]\nregions = [\"eu\"]\n[wan.mesh.eu.eu]\nseed = 1\n",
+                "wan.mesh.eu.eu.seed",
+            ),
+            (
+                "[deployment]\nregions = [\"eu\"]\n[wan.mesh.eu.eu.eu]\ndelay = \"1ms\"\n",
+                "invalid [wan.mesh.eu.eu] table: unknown field `eu`",
+            ),
+            (
+                "[deployment]\nregions = [\"eu\"]\n[wan.mesh.eu]\neu = 3\n",
+                "invalid [wan.mesh.eu] table: unknown field `eu`",
+            ),
+            (
+                "[deployment]\nregions = [\"eu\"]\n[wan]\nmesh = 3\n",
+                "`wan.mesh` is invalid: must be a table of regions",
+            ),
+            // Pairs are the mesh's only: the tunnel paths are per region.
+            (
+                "[deployment]\nregions = [\"eu\"]\n[wan.tunnel.eu.eu]\ndelay = \"1ms\"\n",
+                "invalid [wan.tunnel.eu] table: unknown field `eu`",
+            ),
         ];
         for (extra, needle) in cases {
             let text = format!("{extra}\n{BASE}");
@@ -1849,6 +2104,18 @@ mod tests {
                 "the regions are eu, us",
             ),
             ("action = \"blackhole\"\npath = \"edge9\"", "edge0..edge3"),
+            (
+                "action = \"blackhole\"\npath = \"mesh:eu>asia\"",
+                "there is no region `asia` (the regions are eu, us)",
+            ),
+            (
+                "action = \"blackhole\"\npath = \"mesh:asia>eu\"",
+                "there is no region `asia` (the regions are eu, us)",
+            ),
+            (
+                "action = \"blackhole\"\npath = \"eu>us\"",
+                "there is no WAN path `eu>us`",
+            ),
         ] {
             let text = format!(
                 "{BASE}\n[[chaos]]\nat = \"1s\"\n{chaos}\n[deployment]\nregions = [\"eu\", \"us\"]\n"
@@ -1884,6 +2151,8 @@ mod tests {
             [wan.mesh.eu]
             delay = "40ms"
             jitter = "1ms"
+            [wan.mesh.us.eu]
+            delay = "70ms"
             "#
         ))
         .unwrap();
@@ -1896,6 +2165,34 @@ mod tests {
         assert_eq!(f.mesh_impairment(&eu).unwrap().delay, ms(40));
         assert_eq!(f.mesh_impairment(&eu).unwrap().jitter, ms(1));
         assert_eq!(f.mesh_impairment(&us).unwrap(), Impairment::none());
+        // A pair of its own for us→eu; the rest from the table of their
+        // target region, or none.
+        let pair = |from: &RegionId, to: &RegionId| f.mesh_pair_impairment(from, to).unwrap();
+        assert_eq!(pair(&us, &eu), Impairment::delay(ms(70)));
+        assert_eq!(pair(&eu, &eu), f.mesh_impairment(&eu).unwrap());
+        assert_eq!(pair(&eu, &us), Impairment::none());
+        assert_eq!(pair(&us, &us), Impairment::none());
+        assert!(!f.mesh_wan.contains_key("us"), "{:?}", f.mesh_wan);
+        // A region's table may hold its own fields and its pairs.
+        let f = DeployFile::from_toml(&format!(
+            r#"{BASE}
+            [deployment]
+            regions = ["eu", "us"]
+            [wan.mesh.us]
+            delay = "9ms"
+            [wan.mesh.us.eu]
+            delay = "70ms"
+            [wan.mesh.eu.eu]
+            delay = "1ms"
+            "#
+        ))
+        .unwrap();
+        let pair = |from: &RegionId, to: &RegionId| f.mesh_pair_impairment(from, to).unwrap();
+        assert_eq!(pair(&us, &eu).delay, ms(70));
+        assert_eq!(pair(&eu, &us).delay, ms(9));
+        assert_eq!(pair(&us, &us).delay, ms(9));
+        assert_eq!(pair(&eu, &eu).delay, ms(1));
+        assert!(!f.mesh_wan.contains_key("eu"), "{:?}", f.mesh_wan);
         // Without regions: the default one, connectors auto.
         let f = DeployFile::from_toml(BASE).unwrap();
         assert_eq!(
@@ -1909,5 +2206,43 @@ mod tests {
         ))
         .unwrap_err();
         assert!(e.to_string().contains("deployment.edges"), "{e}");
+    }
+
+    #[test]
+    fn chaos_path_names_pick_mesh_relays_by_target_and_source() {
+        let (eu, us) = (RegionId::new("eu").unwrap(), RegionId::new("us").unwrap());
+        let layout = Layout {
+            regions: vec![eu.clone(), us.clone()],
+            edges: vec![eu.clone(), eu.clone(), us.clone(), us.clone()],
+            connectors: 1,
+        };
+        // Every mesh relay: into each of the four edges, from each region.
+        let all: Vec<(RegionId, usize)> = (0..4)
+            .flat_map(|to| [(eu.clone(), to), (us.clone(), to)])
+            .collect();
+        let picked = |name: &str| -> Vec<(RegionId, usize)> {
+            let pick = layout.path_pick(name).unwrap();
+            all.iter()
+                .filter(|(from, to)| pick.picks_mesh(from, *to))
+                .cloned()
+                .collect()
+        };
+        assert_eq!(picked("mesh:*"), all);
+        assert_eq!(picked("mesh:edge1"), [(eu.clone(), 1), (us.clone(), 1)]);
+        assert_eq!(
+            picked("mesh:region:us"),
+            [
+                (eu.clone(), 2),
+                (us.clone(), 2),
+                (eu.clone(), 3),
+                (us.clone(), 3)
+            ]
+        );
+        assert_eq!(picked("mesh:us>eu"), [(us.clone(), 0), (us.clone(), 1)]);
+        assert_eq!(picked("mesh:eu>eu"), [(eu.clone(), 0), (eu.clone(), 1)]);
+        // A tunnel path name picks no mesh relay.
+        assert_eq!(picked("region:eu"), []);
+        let tunnel = layout.path_pick("region:eu").unwrap();
+        assert_eq!((tunnel.kind, tunnel.edges), (PathKind::Tunnel, vec![0, 1]));
     }
 }

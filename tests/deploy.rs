@@ -1,8 +1,8 @@
 //! `portico loadtest deploy`: a whole deployment (router, edges behind WAN
 //! relays, connectors, demo backends; one region, or two regions whose
-//! edges forward over the mesh) started from a deployment file, loaded,
-//! broken by chaos actions (kills of an edge, a region, the router; delay
-//! changes), and reported on.
+//! edges forward over the mesh, through a relay per pair of regions)
+//! started from a deployment file, loaded, broken by chaos actions (kills
+//! of an edge, a region, the router; delay changes), and reported on.
 
 mod common;
 
@@ -13,7 +13,7 @@ use portico_loadtest::report::ChaosRecord;
 
 use clap::Parser as _;
 use portico::cli::{Cli, Command, LoadtestSub};
-use portico::deploy::{run_file, DeployFile, DeployOutcome};
+use portico::deploy::{run_file, DeployFile, DeployOutcome, MeshPathOutcome};
 use portico_loadtest::RunOptions;
 use tokio_util::sync::CancellationToken;
 
@@ -159,6 +159,23 @@ const TWO_REGIONS: &str = r#"
     delay = "3ms"
 "#;
 
+/// Each mesh relay's delay at the end: (from region, to edge, delay).
+fn mesh_delays(o: &DeployOutcome) -> Vec<(&str, usize, Duration)> {
+    o.mesh_paths
+        .iter()
+        .map(|m| (m.from.as_str(), m.to, m.impairment.delay))
+        .collect()
+}
+
+/// The datagrams the mesh relays `which` picks carried towards their edge.
+fn mesh_up(o: &DeployOutcome, which: impl Fn(&MeshPathOutcome) -> bool) -> u64 {
+    o.mesh_paths
+        .iter()
+        .filter(|m| which(m))
+        .map(|m| m.stats.up.forwarded)
+        .sum()
+}
+
 /// Every chaos action fired and succeeded, in this order.
 fn assert_chaos(records: &[ChaosRecord], names: &[&str]) {
     let got: Vec<&str> = records.iter().map(|c| c.action.as_str()).collect();
@@ -202,8 +219,8 @@ async fn two_regions_route_to_both_and_the_region_without_tunnels_crosses_the_me
         );
     }
     // The us edges hold no tunnel of the group: each of their requests
-    // crossed the mesh to an eu edge (and through eu's mesh relays). The
-    // eu edges forwarded nothing.
+    // crossed the mesh to an eu edge, through the relays from us into eu's
+    // edges (us's dial overrides). The eu edges forwarded nothing.
     let fwd = &o.mesh_forwarded;
     assert_eq!(fwd.len(), 4);
     assert_eq!((fwd[0], fwd[1]), (Some(0), Some(0)), "{fwd:?}");
@@ -213,18 +230,123 @@ async fn two_regions_route_to_both_and_the_region_without_tunnels_crosses_the_me
         us_fwd >= us_ok,
         "{us_fwd} forwarded < {us_ok} answered: {fwd:?}"
     );
-    assert!(
-        o.mesh_paths[0].up.forwarded + o.mesh_paths[1].up.forwarded > 0,
-        "{:?}",
-        o.mesh_paths
-    );
+    let is_eu = |to: usize| o.edges[to].region.as_str() == "eu";
+    let us_into_eu = mesh_up(&o, |m| m.from.as_str() == "us" && is_eu(m.to));
+    assert!(us_into_eu > 0, "{:?}", o.mesh_paths);
+    // Not the relays eu's edges advertise (those are eu's own), nor any
+    // other: nobody else dialled a mesh link.
+    let others = mesh_up(&o, |m| m.from.as_str() != "us" || !is_eu(m.to));
+    assert_eq!(others, 0, "{:?}", o.mesh_paths);
     // The matrix as configured: 2 ms into every edge's tunnel port, 3 ms
-    // into eu's mesh ports, nothing into us's.
+    // into eu's mesh ports from both regions (`[wan.mesh.eu]`), nothing
+    // into us's.
     let ms = Duration::from_millis;
     let delays: Vec<Duration> = o.impairments.iter().map(|i| i.delay).collect();
     assert_eq!(delays, [ms(2); 4]);
-    let mesh: Vec<Duration> = o.mesh_impairments.iter().map(|i| i.delay).collect();
-    assert_eq!(mesh, [ms(3), ms(3), ms(0), ms(0)]);
+    assert_eq!(
+        mesh_delays(&o),
+        [
+            ("eu", 0, ms(3)),
+            ("us", 0, ms(3)),
+            ("eu", 1, ms(3)),
+            ("us", 1, ms(3)),
+            ("eu", 2, ms(0)),
+            ("us", 2, ms(0)),
+            ("eu", 3, ms(0)),
+            ("us", 3, ms(0)),
+        ]
+    );
+}
+
+/// Regions a and b of one edge each, no tunnel WAN, the mesh from a into b
+/// 40 ms one way and from b into a none, the connector pinned to `pinned`.
+fn asymmetric_mesh(pinned: &str) -> String {
+    format!(
+        r#"
+        mode = "open"
+        rate = 20
+        duration = "2s"
+        timeout = "5s"
+        [[requests]]
+        url = "https://app0/"
+        [deployment]
+        regions = ["a", "b"]
+        edges = 1
+        connectors = 1
+        tunnels_per_connector = 1
+        connector_region = "{pinned}"
+        [wan.mesh.a.b]
+        delay = "40ms"
+        [wan.mesh.b.a]
+        delay = "0ms"
+        "#
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mesh_wan_is_a_matrix_of_region_pairs() {
+    let ms = Duration::from_millis;
+    // The tunnel in b: a's edge (edge 0) forwards every request a→b.
+    let o = run(&asymmetric_mesh("b")).await;
+    let r = &o.report;
+    assert_eq!(r.requests.ok, r.requests.scheduled, "{r:?}");
+    assert_eq!(
+        mesh_delays(&o),
+        [
+            ("a", 0, ms(0)),
+            ("b", 0, ms(0)),
+            ("a", 1, ms(40)),
+            ("b", 1, ms(0)),
+        ]
+    );
+    let via_a = &r.by_request[0];
+    assert!(
+        o.mesh_forwarded[0].expect("up") >= via_a.ok,
+        "{:?}",
+        o.mesh_forwarded
+    );
+    // a's edge dialled b's through the relay from a (40 ms each way), not
+    // the one b's edge advertises (b's own, none).
+    assert!(mesh_up(&o, |m| m.from.as_str() == "a" && m.to == 1) > 0);
+    assert_eq!(
+        mesh_up(&o, |m| m.from.as_str() == "b"),
+        0,
+        "{:?}",
+        o.mesh_paths
+    );
+    // Each forwarded request crossed it both ways: at least 80 ms. Allow
+    // for the relay's clock (30 of each 40 ms).
+    assert!(
+        via_a.latency_us.min >= 60_000,
+        "a→b is faster than its WAN allows: {:?}",
+        via_a.latency_us
+    );
+    let a_to_b_min = via_a.latency_us.min;
+
+    // The tunnel in a: b's edge (edge 1) forwards every request b→a,
+    // which has no delay of its own.
+    let o = run(&asymmetric_mesh("a")).await;
+    let r = &o.report;
+    assert_eq!(r.requests.ok, r.requests.scheduled, "{r:?}");
+    let via_b = &r.by_request[1];
+    assert!(
+        o.mesh_forwarded[1].expect("up") >= via_b.ok,
+        "{:?}",
+        o.mesh_forwarded
+    );
+    assert!(mesh_up(&o, |m| m.from.as_str() == "b" && m.to == 0) > 0);
+    assert_eq!(
+        mesh_up(&o, |m| m.from.as_str() == "a"),
+        0,
+        "{:?}",
+        o.mesh_paths
+    );
+    // Loose: the fastest b→a request did not pay a→b's 80 ms round trip.
+    assert!(
+        via_b.latency_us.min < a_to_b_min,
+        "b→a ({:?}) as slow as a→b ({a_to_b_min} µs): the matrix is not asymmetric",
+        via_b.latency_us
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -270,8 +392,20 @@ async fn a_delay_change_while_running_reaches_the_relays() {
             (ms(30), ms(1))
         ]
     );
-    let mesh: Vec<Duration> = o.mesh_impairments.iter().map(|i| i.delay).collect();
-    assert_eq!(mesh, [ms(3), ms(20), ms(0), ms(0)]);
+    // `mesh:edge1` is every mesh relay into edge 1, from both regions.
+    assert_eq!(
+        mesh_delays(&o),
+        [
+            ("eu", 0, ms(3)),
+            ("us", 0, ms(3)),
+            ("eu", 1, ms(20)),
+            ("us", 1, ms(20)),
+            ("eu", 2, ms(0)),
+            ("us", 2, ms(0)),
+            ("eu", 3, ms(0)),
+            ("us", 3, ms(0)),
+        ]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

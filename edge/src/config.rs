@@ -1,13 +1,16 @@
 //! The edge's settings: a plain struct with defaults and `validate()`.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use crate::error::Error;
 use crate::tunnel_acceptor::TunnelPolicy;
 use portico_proto::control::liveness::{LivenessConfig, SUSPECT_CEILING};
+use portico_proto::EdgeId;
 
 /// Everything `start` needs. Build it with [`Config::new`] and adjust fields.
 #[derive(Clone)]
@@ -53,6 +56,11 @@ pub struct Config {
     /// `host:port` other edges dial for mesh links; defaults to the bound
     /// mesh address.
     pub advertise_mesh_addr: Option<String>,
+    /// Addresses this edge dials for some peers' mesh links instead of the
+    /// one each peer advertises (in-process only: `portico loadtest
+    /// deploy` puts a WAN relay per pair of regions this way). Empty by
+    /// default.
+    pub mesh_dial_overrides: MeshDialOverrides,
     /// After SIGTERM: how long the edge keeps accepting users once it has
     /// told the router it is draining (which takes it out of the DNS
     /// answers at once). Resolvers may keep the old answer for the edge
@@ -145,6 +153,7 @@ impl Config {
             advertise_tunnel_addr: None,
             advertise_public_addr: None,
             advertise_mesh_addr: None,
+            mesh_dial_overrides: MeshDialOverrides::default(),
             drain_delay: DEFAULT_DRAIN_DELAY,
             grace: Duration::from_secs(30),
             connector_timeout_grace: Duration::from_secs(5),
@@ -381,6 +390,7 @@ impl fmt::Debug for Config {
             .field("advertise_tunnel_addr", &self.advertise_tunnel_addr)
             .field("advertise_public_addr", &self.advertise_public_addr)
             .field("advertise_mesh_addr", &self.advertise_mesh_addr)
+            .field("mesh_dial_overrides", &self.mesh_dial_overrides)
             .field("drain_delay", &self.drain_delay)
             .field("grace", &self.grace)
             .field("connector_timeout_grace", &self.connector_timeout_grace)
@@ -405,6 +415,49 @@ impl fmt::Debug for Config {
             .field("tunnel_ping_interval", &self.tunnel_ping_interval)
             .field("tunnel_dead_after", &self.tunnel_dead_after)
             .finish()
+    }
+}
+
+/// Where this edge dials a peer's mesh link instead of the address the
+/// peer advertises: peer [`EdgeId`] → address. Only the address changes;
+/// the dial still checks that the certificate at the other end is the
+/// peer's (`edge_server_name(id)`) and that its `Welcome` names it, so an
+/// override cannot send a peer's requests to another edge.
+///
+/// Cheap to clone, and clones share one map: peers' ids are the router's
+/// (given at enrollment), so a harness that starts edges one after the
+/// other fills in the map of those already running as the next ones come
+/// up. A change applies to the next dial of that peer's link; a live link
+/// keeps its path.
+#[derive(Clone, Default)]
+pub struct MeshDialOverrides(Arc<RwLock<HashMap<EdgeId, SocketAddr>>>);
+
+impl MeshDialOverrides {
+    /// Dial `addr` for `peer`'s mesh link from now on.
+    pub fn set(&self, peer: EdgeId, addr: SocketAddr) {
+        self.0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(peer, addr);
+    }
+
+    /// The address to dial for `peer`, if it is overridden.
+    pub fn get(&self, peer: &EdgeId) -> Option<SocketAddr> {
+        self.0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(peer)
+            .copied()
+    }
+}
+
+impl fmt::Debug for MeshDialOverrides {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let map = self
+            .0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        f.debug_map().entries(map.iter()).finish()
     }
 }
 

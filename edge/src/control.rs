@@ -117,6 +117,7 @@ pub(crate) async fn start(config: Config, shutdown: CancellationToken) -> Result
             http3: config.http3,
             tunnel_listen: config.tunnel_listen,
             mesh_listen: config.mesh_listen,
+            mesh_dial_overrides: config.mesh_dial_overrides.clone(),
             metrics_listen: config.metrics_listen,
             drain_delay: config.drain_delay,
             grace: config.grace,

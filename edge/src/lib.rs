@@ -44,7 +44,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-pub use config::Config;
+pub use config::{Config, MeshDialOverrides};
 pub use error::Error;
 
 use certs::CertStore;
@@ -284,6 +284,9 @@ pub(crate) struct Parts {
     /// Where other edges open mesh links to this one (UDP); `None`: this
     /// edge forwards to others but takes no forwarded requests.
     pub(crate) mesh_listen: Option<SocketAddr>,
+    /// Where to dial some peers' mesh links instead of their advertised
+    /// address.
+    pub(crate) mesh_dial_overrides: MeshDialOverrides,
     pub(crate) metrics_listen: Option<SocketAddr>,
     pub(crate) drain_delay: Duration,
     pub(crate) grace: Duration,
@@ -347,6 +350,7 @@ pub(crate) async fn serve(parts: Parts, shutdown: CancellationToken) -> Result<H
         ca_pem: parts.ca_pem.clone(),
         family: parts.tunnel_listen,
         receive_window: parts.limits.tunnel_receive_window(),
+        dial_overrides: parts.mesh_dial_overrides.clone(),
     };
     let meshes: Box<[std::sync::OnceLock<mesh::Mesh>]> = (0..parts.shards.get())
         .map(|_| std::sync::OnceLock::new())

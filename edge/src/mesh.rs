@@ -11,7 +11,9 @@
 //!   drives `proto::control::Control` in its mesh role (`MeshHello` /
 //!   `Welcome`, pings both ways for RTT and liveness, `Drain`, `Goodbye`):
 //!   the same machine as a tunnel's, not a copy. One link per peer, dialled
-//!   on first use and kept while it lives.
+//!   on first use and kept while it lives, at the peer's advertised mesh
+//!   address unless `Config::mesh_dial_overrides` names another for it
+//!   (the server name check is the same either way).
 //! - **Forwarding.** The dialer opens one stream per request and writes the
 //!   request's `StreamHead` with the hop count 1 and itself as the origin
 //!   edge (the head's extension area); the rest of the stream is what a
@@ -44,7 +46,7 @@ use tracing::Instrument as _;
 
 use crate::certs::CertStore;
 use crate::error::Error;
-use crate::Shared;
+use crate::{MeshDialOverrides, Shared};
 
 /// How long dialing a peer and its `Welcome` may take.
 const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
@@ -99,14 +101,15 @@ impl std::fmt::Debug for Mesh {
 }
 
 /// What a mesh endpoint is made of: this edge's certificate (the client
-/// side of the mTLS), the CA, the address family to bind and the receive
-/// window.
+/// side of the mTLS), the CA, the address family to bind, the receive
+/// window and the peers dialled elsewhere than at their advertised address.
 #[derive(Debug)]
 pub(crate) struct Params {
     pub(crate) cert: Arc<CertStore>,
     pub(crate) ca_pem: String,
     pub(crate) family: SocketAddr,
     pub(crate) receive_window: u64,
+    pub(crate) dial_overrides: MeshDialOverrides,
 }
 
 /// This edge's side of the mesh (one per shard): the links it dialled.
@@ -116,6 +119,8 @@ pub(crate) struct Mesh {
     /// One slot per peer; its lock is held while the link is dialled, so
     /// that concurrent requests share one dial.
     links: Mutex<HashMap<EdgeId, Arc<LinkSlot>>>,
+    /// Where to dial a peer instead of its advertised address.
+    dial_overrides: MeshDialOverrides,
 }
 
 /// Where the link to one peer lives once dialled.
@@ -130,6 +135,7 @@ impl Mesh {
             ca_pem,
             family,
             receive_window,
+            dial_overrides,
         } = params;
         let (cert, family, receive_window) = (Arc::clone(cert), *family, *receive_window);
         let roots = pki::root_store(ca_pem)?;
@@ -179,6 +185,7 @@ impl Mesh {
             endpoint,
             client,
             links: Mutex::new(HashMap::new()),
+            dial_overrides: dial_overrides.clone(),
         })
     }
 
@@ -230,7 +237,13 @@ impl Mesh {
             .mesh_addr
             .as_deref()
             .ok_or_else(|| format!("edge {} takes no mesh links", peer.id))?;
-        let addr = resolve(raw).await?;
+        // An override changes where the link goes, not whom it may reach:
+        // the server name below still pins the peer's id.
+        let overridden = self.dial_overrides.get(&peer.id);
+        let addr = match overridden {
+            Some(addr) => addr,
+            None => resolve(raw).await?,
+        };
         let conn = self
             .endpoint
             .connect_with(self.client.clone(), addr, &edge_server_name(&peer.id))
@@ -274,7 +287,8 @@ impl Mesh {
             srtt_us: AtomicU64::new(0),
             draining: std::sync::atomic::AtomicBool::new(false),
         });
-        tracing::info!(peer = %peer.id, region = %link.region, %addr, "mesh link up");
+        tracing::info!(peer = %peer.id, region = %link.region, %addr, advertised = raw,
+            overridden = overridden.is_some(), "mesh link up");
         shared.metrics.mesh_links.inc();
         let link2 = Arc::clone(&link);
         let metrics = Arc::clone(&shared.metrics);

@@ -215,6 +215,7 @@ async fn edge_as(
             http3: config.http3,
             tunnel_listen: "127.0.0.1:0".parse()?,
             mesh_listen: config.mesh_listen,
+            mesh_dial_overrides: config.mesh_dial_overrides.clone(),
             metrics_listen: Some("127.0.0.1:0".parse()?),
             drain_delay: config.drain_delay,
             grace: Duration::from_secs(2),
@@ -2684,6 +2685,63 @@ async fn a_forwarded_request_is_never_forwarded_again() -> anyhow::Result<()> {
     .await?;
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(r.headers()["portico-route"], "e-a, e-c");
+    shutdown.cancel();
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_dial_override_moves_the_mesh_link_but_still_pins_the_peer() -> anyhow::Result<()> {
+    let pki = Pki::new("test CA")?;
+    let shutdown = CancellationToken::new();
+    let a = mesh_edge(&pki, &shutdown, "e-a", "eu-west").await?;
+    let c = mesh_edge(&pki, &shutdown, "e-c", "eu-west").await?;
+    let overrides = crate::MeshDialOverrides::default();
+    let b = mesh_edge_with(&pki, &shutdown, "e-b", "us-east", |cfg| {
+        cfg.mesh_dial_overrides = overrides.clone();
+    })
+    .await?;
+    let _c1 = attach(&pki, &a, "c-1").await?;
+    let (a_mesh, c_mesh) = (
+        a.mesh_addr.context("a's mesh")?,
+        c.mesh_addr.context("c's mesh")?,
+    );
+    // b is told that a holds the group and takes mesh links at c's port:
+    // a wrong address, which only an override can correct.
+    point_at(&b, 2, &[&a]);
+    let mut config = b.shared.table.load().config.clone();
+    config.version = 3;
+    config.peers[0].mesh_addr = Some(c_mesh.to_string());
+    b.shared.apply_config(config);
+    let fetch = |path: &'static str| {
+        https(
+            &pki,
+            b.public_addr,
+            "hr.apps.test",
+            true,
+            get("hr.apps.test", path, true),
+        )
+    };
+
+    // Overridden to c's port: c's certificate is not a's, so the dial
+    // fails in the handshake; nothing reaches c.
+    overrides.set(a.id.clone(), c_mesh);
+    let r = fetch("/wrong").await?;
+    assert_eq!(r.status(), StatusCode::BAD_GATEWAY, "{:?}", r.body());
+    let cm = c.shared.metrics.render();
+    assert_eq!(
+        counter(&cm, "portico_edge_mesh_served_total{result=\"200\"}"),
+        0,
+        "{cm}"
+    );
+
+    // Overridden to a's real port: the next dial goes there.
+    overrides.set(a.id.clone(), a_mesh);
+    let r = fetch("/right").await?;
+    assert_eq!(r.status(), StatusCode::OK, "{:?}", r.body());
+    assert_eq!(r.body().as_ref(), b"c-1|hr|GET|hr.apps.test|/right|");
+    assert_eq!(r.headers()["portico-route"], "e-b, e-a");
+    let bm = b.shared.metrics.render();
+    assert_eq!(counter(&bm, "portico_edge_mesh_links"), 1, "{bm}");
     shutdown.cancel();
     Ok(())
 }
