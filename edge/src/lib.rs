@@ -5,11 +5,14 @@
 //! tunnel of the app's connector group. It enrolls with the router, renews
 //! its certificates, follows the router's config by long-poll (and keeps
 //! serving from the last saved snapshot while the router is away), reports
-//! the tunnels it holds, and exports Prometheus metrics.
+//! the tunnels it holds, and exports Prometheus metrics. A request for a
+//! group with no tunnel here goes over the edge mesh (`mesh.rs`) to an
+//! edge that has one, at most one hop; on SIGTERM it drains (`Handle`,
+//! ARCHITECTURE.md "Draining an edge").
 //!
 //! It does not talk to backends (the connector does), store configuration
-//! (the router does), pre-authenticate users, carry WebSockets over HTTP/3,
-//! or forward over an edge mesh; those are later work.
+//! (the router does), pre-authenticate users or carry WebSockets over
+//! HTTP/3; sign-in is the next issue's work.
 
 mod certs;
 mod client_conn;
