@@ -3,6 +3,8 @@
 //! (on 127.0.0.2 and 127.0.0.3, with the mesh), one connector with four
 //! tunnels, and `portico loadtest` sending 200 requests a second to both
 //! edges, failing over between them as a client with both A records does.
+//! The edges share a tunnel port, so the connector finds them by the
+//! region's name, `default.tunnel.drain.test`, asking the router's DNS.
 //!
 //! 1. A rolling restart (SIGTERM, wait for the exit, start again on the
 //!    same addresses) of both edges under HTTP/2 load fails no request.
@@ -35,7 +37,7 @@ const LIMIT: Duration = Duration::from_secs(90);
 /// The edges' drain delay: long enough for the test to see the draining
 /// edge out of DNS while it still serves.
 const DRAIN_DELAY: &str = "5s";
-const EDGE_NAME: &str = "default.edge.apps.localhost";
+const EDGE_NAME: &str = "default.edge.drain.test";
 
 struct Router {
     child: Option<Child>,
@@ -56,6 +58,8 @@ impl Router {
             listen,
             "--dns-listen",
             dns,
+            "--apps-domain",
+            "drain.test",
         ]);
         let line = child.line_starting("listening ", LIMIT).await;
         let api = Child::field(&line, "api").unwrap().to_owned();
@@ -107,7 +111,7 @@ struct EdgeProc {
 }
 
 impl EdgeProc {
-    async fn start(router: &Router, dir: &Path, ip: &'static str) -> EdgeProc {
+    async fn start(router: &Router, dir: &Path, ip: &'static str, tunnel_port: u16) -> EdgeProc {
         let token = router.admin(&["token", "create", "--edge"]).await;
         let any = format!("{ip}:0");
         let mut e = EdgeProc {
@@ -115,7 +119,7 @@ impl EdgeProc {
             state: dir.join(format!("edge-{ip}")),
             id: String::new(),
             public: any.parse().unwrap(),
-            tunnel: any.parse().unwrap(),
+            tunnel: SocketAddr::new(ip.parse().unwrap(), tunnel_port),
             mesh: any.parse().unwrap(),
             metrics: String::new(),
             child: None,
@@ -206,7 +210,7 @@ fn load(
     let report = dir.join(format!("{name}.json"));
     let mut args: Vec<String> = [
         "loadtest",
-        "https://dr.apps.localhost/",
+        "https://dr.drain.test/",
         "--rate",
         "200",
         "--duration",
@@ -261,9 +265,10 @@ async fn rolling_restart_sigkill_and_router_outage_under_load_lose_nothing() {
     let d = tmp.path();
     let mut router = Router::start(d, "127.0.0.1:0", "127.0.0.1:0").await;
     let ca = router.dir.join("ca.pem");
+    let port = shared_udp_port(&["127.0.0.2", "127.0.0.3"]);
     let mut edges = [
-        EdgeProc::start(&router, d, "127.0.0.2").await,
-        EdgeProc::start(&router, d, "127.0.0.3").await,
+        EdgeProc::start(&router, d, "127.0.0.2", port).await,
+        EdgeProc::start(&router, d, "127.0.0.3", port).await,
     ];
     let demo = portico::demo::start(
         "127.0.0.1:0".parse().unwrap(),
@@ -288,16 +293,21 @@ async fn rolling_restart_sigkill_and_router_outage_under_load_lose_nothing() {
         token.trim(),
         "--tunnels",
         "4",
+        "--nameserver",
+        &router.dns.to_string(),
+        "--metrics-listen",
+        "127.0.0.1:0",
     ]);
-    connector.line_starting("listening ", LIMIT).await;
+    let line = connector.line_starting("listening ", LIMIT).await;
+    let connector_metrics = format!("{}/metrics", Child::field(&line, "metrics").unwrap());
     for e in &edges {
         eventually("tunnels on both edges", LIMIT, || async {
             (e.metric("portico_edge_tunnels").await >= 1.0).then_some(())
         })
         .await;
         eventually("the app served at each edge", LIMIT, || async {
-            let url = format!("https://dr.apps.localhost:{}/", e.public.port());
-            let resolve = format!("dr.apps.localhost:{}:{}", e.public.port(), e.ip);
+            let url = format!("https://dr.drain.test:{}/", e.public.port());
+            let resolve = format!("dr.drain.test:{}:{}", e.public.port(), e.ip);
             let r = curl(&ca, &["--resolve", &resolve, &url]).await;
             (r.status == 200).then_some(())
         })
@@ -413,8 +423,8 @@ async fn rolling_restart_sigkill_and_router_outage_under_load_lose_nothing() {
     edges[1].spawn(&router.api, None).await;
     // A new user of the restarted edge is served, with no router to ask.
     let e = &edges[1];
-    let url = format!("https://dr.apps.localhost:{}/", e.public.port());
-    let resolve = format!("dr.apps.localhost:{}:{}", e.public.port(), e.ip);
+    let url = format!("https://dr.drain.test:{}/", e.public.port());
+    let resolve = format!("dr.drain.test:{}:{}", e.public.port(), e.ip);
     let r = curl(&ca, &["--resolve", &resolve, &url]).await;
     assert_eq!(r.status, 200, "{}", r.text());
     let route = r.header("portico-route").unwrap_or_default();
@@ -437,12 +447,42 @@ async fn rolling_restart_sigkill_and_router_outage_under_load_lose_nothing() {
         .await;
     for e in &edges {
         eventually("the new app served at each edge", LIMIT, || async {
-            let url = format!("https://dr2.apps.localhost:{}/", e.public.port());
-            let resolve = format!("dr2.apps.localhost:{}:{}", e.public.port(), e.ip);
+            let url = format!("https://dr2.drain.test:{}/", e.public.port());
+            let resolve = format!("dr2.drain.test:{}:{}", e.public.port(), e.ip);
             let r = curl(&ca, &["--resolve", &resolve, &url]).await;
             (r.status == 200).then_some(())
         })
         .await;
     }
+    // The connector found the edges by the region's name all along, and
+    // used its saved answer while the router (and its DNS) was down.
+    let m = curl_plain(&connector_metrics).await.text();
+    assert!(
+        metric_value(
+            &m,
+            r#"portico_connector_dns_resolutions_total{result="ok"}"#
+        ) >= 1.0,
+        "{m}"
+    );
+    assert!(
+        metric_value(&m, "portico_connector_dns_saved_answers_total") >= 1.0,
+        "{m}"
+    );
     drop(connector);
+}
+
+/// A UDP port free on each of `ips` now (the edges' common tunnel port,
+/// which the region's name needs).
+fn shared_udp_port(ips: &[&str]) -> u16 {
+    for _ in 0..100 {
+        let first = std::net::UdpSocket::bind((ips[0], 0)).unwrap();
+        let port = first.local_addr().unwrap().port();
+        if ips[1..]
+            .iter()
+            .all(|ip| std::net::UdpSocket::bind((*ip, port)).is_ok())
+        {
+            return port;
+        }
+    }
+    panic!("no UDP port free on all of {ips:?}");
 }

@@ -288,6 +288,14 @@ impl Cache {
         (!left.is_zero()).then_some((&e.answer, left))
     }
 
+    /// Ends `name`'s TTL now: the next resolution asks DNS. Its answer
+    /// stays the last one.
+    pub fn expire(&mut self, name: &str, now: Instant) {
+        if let Some(e) = self.entries.get_mut(name) {
+            e.expires = e.expires.min(now);
+        }
+    }
+
     /// The last answer for `name`, expired or not.
     pub fn last(&self, name: &str) -> Option<&Answer> {
         self.entries.get(name).map(|e| &e.answer)
@@ -456,6 +464,11 @@ impl Resolver {
             metrics,
             failures: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Asks DNS for `host` at its next resolution, whatever its TTL.
+    pub fn expire(&self, host: &str) {
+        lock(&self.cache).expire(&normalize(host), clock());
     }
 
     /// The nameservers asked, or why there are none.
@@ -653,6 +666,7 @@ pub(crate) async fn run(pool: Arc<Pool>) {
     let mut config = pool.config.clone();
     let v4_only = pool.endpoint(0).local_addr().is_ok_and(|a| a.is_ipv4());
     let mut answers: HashMap<String, Vec<IpAddr>> = HashMap::new();
+    let mut listed_before: Vec<EdgeEndpoint> = Vec::new();
     loop {
         let edges = chosen.borrow_and_update().clone();
         // Every listed edge's name is kept resolved, for the probes of
@@ -664,6 +678,20 @@ pub(crate) async fn run(pool: Arc<Pool>) {
                 pool.tunnel_names(c.as_deref()),
             )
         };
+        // The router's list of a region changed (an edge came, went or
+        // drained): its name is likely to answer differently now, so it
+        // is asked again rather than at the end of its TTL.
+        for (region, name) in &names {
+            let of = |l: &[EdgeEndpoint]| -> Vec<EdgeEndpoint> {
+                l.iter().filter(|e| e.region == *region).cloned().collect()
+            };
+            if of(&listed) != of(&listed_before) {
+                if let Some((host, _)) = split_host_port(name) {
+                    pool.resolver.expire(host);
+                }
+            }
+        }
+        listed_before.clone_from(&listed);
         let learned = lock(&pool.learned).clone();
         let find = Find {
             edges: &edges,

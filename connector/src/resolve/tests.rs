@@ -252,6 +252,15 @@ fn the_cache_keeps_an_answer_for_its_minimum_ttl_on_a_virtual_clock() {
     // Expired, it is still the last good answer.
     assert_eq!(cache.last("api.mesh.test"), Some(&answer));
     assert!(cache.fresh("other.example", t0).is_none());
+    // Expired early (the router's list of its region changed): asked
+    // again, still the last good answer.
+    cache.insert("api.mesh.test", answer.clone(), t0);
+    cache.expire("api.mesh.test", t0 + Duration::from_secs(5));
+    assert!(cache
+        .fresh("api.mesh.test", t0 + Duration::from_secs(5))
+        .is_none());
+    assert_eq!(cache.last("api.mesh.test"), Some(&answer));
+    cache.expire("unknown.example", t0);
 
     // TTL 0 is kept for MIN_TTL, a week for MAX_TTL.
     let mut zero = answer.clone();
