@@ -184,6 +184,7 @@ pub async fn app(cmd: AppCmd) -> anyhow::Result<()> {
                     .context("--backend-timeout")?,
                 validate_backend_tls: !a.no_validate_backend_tls,
                 required_features: a.required_features,
+                preauth: a.preauth,
             };
             let app: App = client(&a.conn)?.post_json("/v1/apps", &spec).await?;
             print_one(a.conn.json, &app, app_lines)
@@ -217,6 +218,7 @@ pub async fn app(cmd: AppCmd) -> anyhow::Result<()> {
                 } else {
                     Some(a.required_features)
                 },
+                preauth: a.preauth,
             };
             let app: App = client(&a.conn)?
                 .patch_json(&format!("/v1/apps/{}", id::<AppId>(&a.id)?), &patch)
@@ -272,6 +274,7 @@ fn app_lines(app: &App) -> Vec<(&'static str, String)> {
         ("connector group", app.connector_group.to_string()),
         ("backend timeout", app.backend_timeout.to_string()),
         ("validate backend tls", app.validate_backend_tls.to_string()),
+        ("preauth", app.preauth.to_string()),
         ("required features", features(&app.required_features)),
     ]
 }

@@ -180,6 +180,23 @@ pub struct RouterArgs {
     /// their tunnel addresses. DNS carries no port. Off when not given.
     #[arg(long, value_name = "ADDR")]
     pub dns_listen: Option<SocketAddr>,
+    /// The OpenID provider that apps with `--preauth oidc` sign their users
+    /// in with (its issuer URL; discovery is at
+    /// `<issuer>/.well-known/openid-configuration`). Register one redirect
+    /// URI with it for every app: `https://auth.<apps-domain>[:port]/.portico/callback`.
+    /// Needs --oidc-client-id and --oidc-client-secret-file.
+    #[arg(long, value_name = "URL", requires_all = ["oidc_client_id", "oidc_client_secret_file"])]
+    pub oidc_issuer: Option<String>,
+    /// The client id registered with the OpenID provider.
+    #[arg(long, value_name = "ID", requires = "oidc_issuer")]
+    pub oidc_client_id: Option<String>,
+    /// A file holding the client secret (its first line), so that it is in
+    /// no process listing.
+    #[arg(long, value_name = "FILE", requires = "oidc_issuer")]
+    pub oidc_client_secret_file: Option<PathBuf>,
+    /// How long a session lasts from its sign-in (at most 30 days).
+    #[arg(long, default_value = "8h", value_parser = humantime::parse_duration)]
+    pub session_lifetime: std::time::Duration,
 }
 
 #[derive(Debug, Args)]
@@ -526,6 +543,12 @@ pub struct AppCreateArgs {
     /// answers 503 `FeatureUnsupported` instead of serving the app without it.
     #[arg(long = "require-feature", value_name = "NAME")]
     pub required_features: Vec<String>,
+    /// `oidc`: the edge signs users in with the router's OpenID provider
+    /// before they reach the app (browsers are sent to sign in, API
+    /// clients get 401); `passthrough`: anyone who reaches the edge
+    /// reaches the app.
+    #[arg(long, default_value = "passthrough", value_name = "oidc|passthrough")]
+    pub preauth: portico_proto::api::Preauth,
     #[command(flatten)]
     pub conn: RouterConn,
 }
@@ -565,6 +588,9 @@ pub struct AppUpdateArgs {
     /// Require no features.
     #[arg(long, group = "change")]
     pub no_required_features: bool,
+    /// `oidc` or `passthrough` (see `app create --help`).
+    #[arg(long, group = "change", value_name = "oidc|passthrough")]
+    pub preauth: Option<portico_proto::api::Preauth>,
     #[command(flatten)]
     pub conn: RouterConn,
 }

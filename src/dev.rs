@@ -249,6 +249,7 @@ pub async fn publish(
         backend_timeout: BackendTimeout::Default,
         validate_backend_tls: true,
         required_features: vec![],
+        preauth: Default::default(),
     };
     admin
         .post_json("/v1/apps", &spec)

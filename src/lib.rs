@@ -155,6 +155,30 @@ async fn run_router(args: cli::RouterArgs) -> anyhow::Result<()> {
     config.enroll_limit.burst = args.enroll_burst;
     config.enroll_limit.per_minute = args.enroll_per_minute;
     config.dns_listen = args.dns_listen;
+    if let (Some(issuer), Some(client_id), Some(secret_file)) = (
+        args.oidc_issuer,
+        args.oidc_client_id,
+        args.oidc_client_secret_file.as_ref(),
+    ) {
+        let text = std::fs::read_to_string(secret_file).with_context(|| {
+            format!(
+                "reading --oidc-client-secret-file {}",
+                secret_file.display()
+            )
+        })?;
+        let client_secret = text.lines().next().unwrap_or("").trim().to_owned();
+        anyhow::ensure!(
+            !client_secret.is_empty(),
+            "--oidc-client-secret-file {} is empty",
+            secret_file.display()
+        );
+        config.sign_in = Some(portico_router::SignInConfig {
+            issuer,
+            client_id,
+            client_secret,
+            session_lifetime: args.session_lifetime,
+        });
+    }
     let shutdown = shutdown_on_signal();
     let router = portico_router::start(config, shutdown)
         .await

@@ -289,6 +289,7 @@ async fn a_backend_that_never_answers_takes_only_its_apps_cap() {
             backend_timeout: BackendTimeout::Seconds(15),
             validate_backend_tls: true,
             required_features: vec![],
+            preauth: Default::default(),
         };
         let _: portico_proto::api::App = s.d.admin.post_json("/v1/apps", &spec).await.unwrap();
     }

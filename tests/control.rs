@@ -346,6 +346,7 @@ async fn invalid_admin_input_gets_precise_errors() {
         backend_timeout: BackendTimeout::Default,
         validate_backend_tls: true,
         required_features: vec![],
+        preauth: Default::default(),
     };
     let expect = |r: Result<App, ClientError>, status: u16, field: &str| {
         let e = r.expect_err("refused");

@@ -25,6 +25,7 @@ fn spec(id: &str, internal_url: &str) -> AppSpec {
         backend_timeout: BackendTimeout::Default,
         validate_backend_tls: true,
         required_features: vec![],
+        preauth: Default::default(),
     }
 }
 

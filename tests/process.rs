@@ -40,6 +40,7 @@ async fn a_killed_connector_gives_connector_not_found_and_comes_back_from_its_st
                     backend_timeout: portico_proto::api::BackendTimeout::Seconds(1),
                     validate_backend_tls: true,
                     required_features: vec![],
+                    preauth: Default::default(),
                 },
             )
             .await

@@ -51,6 +51,7 @@ fn app(id: &str, internal_url: String, validate: bool) -> App {
         backend_timeout: BackendTimeout::Default,
         validate_backend_tls: validate,
         required_features: vec![],
+        preauth: Default::default(),
         created_at: 0,
     }
 }

@@ -14,6 +14,7 @@
 //! (the router does), pre-authenticate users or carry WebSockets over
 //! HTTP/3; sign-in is the next issue's work.
 
+mod auth;
 mod certs;
 mod client_conn;
 mod clients;
@@ -172,6 +173,8 @@ pub(crate) struct Shared {
     /// Whether the last config watch got an answer from the router (false
     /// until the first): without one the presence may be out of date.
     pub(crate) router_reachable: std::sync::atomic::AtomicBool,
+    /// Sign-in for apps with `preauth = oidc`, from the router's settings.
+    pub(crate) auth: auth::Auth,
     /// Cancelled to start the shutdown: the edge is draining. It tells the
     /// router (which takes it out of the DNS answers, the presence and the
     /// connectors' edge lists), refuses new tunnels and mesh links, asks
@@ -247,6 +250,7 @@ impl Shared {
     /// the tunnels of revoked connectors and marks the edge ready.
     pub(crate) fn apply_config(&self, config: EdgeConfig) {
         let version = config.version;
+        self.auth.update(config.sign_in.as_ref());
         let table = Arc::new(RoutingTable::new(config));
         self.table.store(Arc::clone(&table));
         self.metrics
@@ -382,6 +386,7 @@ pub(crate) async fn serve(parts: Parts, shutdown: CancellationToken) -> Result<H
         mesh_params,
         route,
         router_reachable: std::sync::atomic::AtomicBool::new(false),
+        auth: auth::Auth::default(),
         shutdown: shutdown.clone(),
         closing: CancellationToken::new(),
         hard_stop: CancellationToken::new(),

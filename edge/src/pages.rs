@@ -39,6 +39,10 @@ pub(crate) fn explanation(code: ErrorCode) -> &'static str {
         ErrorCode::FeatureUnsupported => {
             "This application needs a feature this edge does not offer."
         }
+        ErrorCode::SignInRequired => "Sign in to use this application.",
+        ErrorCode::SignInFailed => {
+            "The sign-in could not be completed; open the application again to retry."
+        }
         _ => "Something went wrong inside Portico.",
     }
 }

@@ -53,6 +53,7 @@ impl RoutingTable {
             revoked: Vec::new(),
             presence: Vec::new(),
             peers: Vec::new(),
+            sign_in: None,
         })
     }
 
@@ -241,6 +242,7 @@ pub(crate) mod tests {
             backend_timeout: BackendTimeout::Seconds(5),
             validate_backend_tls: true,
             required_features: vec![],
+            preauth: Default::default(),
             created_at: 0,
         }
     }
@@ -281,6 +283,7 @@ pub(crate) mod tests {
             revoked: vec![ConnectorId::new("c-bad").unwrap()],
             presence: Vec::new(),
             peers: Vec::new(),
+            sign_in: None,
         });
         assert_eq!(
             table.app_for_host("hr.apps.test").unwrap().id.as_str(),

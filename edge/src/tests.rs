@@ -137,6 +137,7 @@ fn app(id: &str, host: &str, timeout: BackendTimeout) -> App {
         backend_timeout: timeout,
         validate_backend_tls: true,
         required_features: vec![],
+        preauth: Default::default(),
         created_at: 0,
     }
 }
@@ -159,6 +160,7 @@ fn edge_config(version: u64, revoked: Vec<ConnectorId>) -> EdgeConfig {
         revoked,
         presence: Vec::new(),
         peers: Vec::new(),
+        sign_in: None,
     }
 }
 

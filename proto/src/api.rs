@@ -405,6 +405,56 @@ fn default_true() -> bool {
     true
 }
 
+/// How an app's users are let in.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Preauth {
+    /// Anyone who reaches the edge reaches the app (it signs users in
+    /// itself, if at all).
+    #[default]
+    Passthrough,
+    /// The edge signs users in with the deployment's OpenID provider
+    /// first; the app requires [`SIGN_IN_FEATURE`].
+    Oidc,
+}
+
+impl Preauth {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Preauth::Passthrough => "passthrough",
+            Preauth::Oidc => "oidc",
+        }
+    }
+
+    /// What an app's required features say.
+    pub fn of_features<S: AsRef<str>>(features: &[S]) -> Preauth {
+        if features.iter().any(|f| f.as_ref() == SIGN_IN_FEATURE) {
+            Preauth::Oidc
+        } else {
+            Preauth::Passthrough
+        }
+    }
+}
+
+impl fmt::Display for Preauth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Preauth {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "passthrough" => Ok(Preauth::Passthrough),
+            "oidc" => Ok(Preauth::Oidc),
+            _ => Err(format!(
+                "{s:?} is not a pre-authentication: oidc or passthrough"
+            )),
+        }
+    }
+}
+
 /// `POST /v1/apps`: what an admin publishes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -428,6 +478,9 @@ pub struct AppSpec {
     /// refuses the app rather than serve it without.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub required_features: Vec<String>,
+    /// Whether the edge signs users in before they reach the app.
+    #[serde(default)]
+    pub preauth: Preauth,
 }
 
 /// `PATCH /v1/apps/{id}`: the fields to change, each optional; the others
@@ -449,6 +502,8 @@ pub struct AppPatch {
     /// Replaces the whole list (`[]` clears it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub required_features: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preauth: Option<Preauth>,
 }
 
 impl AppPatch {
@@ -477,6 +532,9 @@ impl AppPatch {
         if let Some(v) = self.required_features {
             spec.required_features = v;
         }
+        if let Some(v) = self.preauth {
+            spec.preauth = v;
+        }
         spec
     }
 }
@@ -496,6 +554,10 @@ pub struct App {
     /// Features an edge must implement to serve this app; empty for most.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub required_features: Vec<String>,
+    /// Whether the edge signs users in first (it then requires
+    /// [`SIGN_IN_FEATURE`] too).
+    #[serde(default)]
+    pub preauth: Preauth,
     /// Seconds since the Unix epoch.
     pub created_at: u64,
 }
@@ -835,7 +897,51 @@ pub struct EdgeConfig {
     /// Every other live edge, for the mesh.
     #[serde(default)]
     pub peers: Vec<PeerEdge>,
+    /// How apps with `preauth = oidc` sign their users in; `None` when the
+    /// router has no OpenID provider (such apps are then refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sign_in: Option<SignInSettings>,
 }
+
+/// The deployment's OpenID provider and session keys, as every edge gets
+/// them (over the edge's mutual TLS to the router).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignInSettings {
+    /// The provider's issuer URL (discovery is at
+    /// `<issuer>/.well-known/openid-configuration`).
+    pub issuer: String,
+    pub client_id: String,
+    pub client_secret: String,
+    /// The keys that seal sessions and sign-in state: the first seals,
+    /// all open (a rotated key keeps opening what it sealed).
+    pub keys: Vec<SessionKey>,
+    /// How long a session lasts from its sign-in, in seconds.
+    pub session_lifetime_secs: u64,
+}
+
+impl fmt::Debug for SignInSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SignInSettings")
+            .field("issuer", &self.issuer)
+            .field("client_id", &self.client_id)
+            .field("client_secret", &"***")
+            .field("keys", &self.keys.iter().map(|k| k.id).collect::<Vec<_>>())
+            .field("session_lifetime_secs", &self.session_lifetime_secs)
+            .finish()
+    }
+}
+
+/// One session key: an id (carried in every token it seals) and 32 random
+/// bytes, base64url without padding.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionKey {
+    pub id: u8,
+    pub secret: String,
+}
+
+/// The feature an app with `preauth = oidc` requires: an edge that does not
+/// sign users in refuses the app rather than serve it open.
+pub const SIGN_IN_FEATURE: &str = "oidc";
 
 /// The edges that hold tunnels of one group.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -148,11 +148,18 @@ pub enum ErrorCode {
     /// The app requires a feature this edge does not implement, so the
     /// edge refuses it instead of serving it unprotected.
     FeatureUnsupported,
+    /// The app signs its users in, and this request has no session (an API
+    /// client: a browser is sent to sign in instead).
+    SignInRequired,
+    /// A sign-in could not complete: a missing or mismatched `state`, a
+    /// used or expired code, a token the provider's keys do not verify, or
+    /// no answer from the provider.
+    SignInFailed,
 }
 
 impl ErrorCode {
     /// Every code, in wire order.
-    pub const ALL: [ErrorCode; 17] = [
+    pub const ALL: [ErrorCode; 19] = [
         ErrorCode::AppNotFound,
         ErrorCode::Maintenance,
         ErrorCode::NotAssigned,
@@ -170,6 +177,8 @@ impl ErrorCode {
         ErrorCode::ClientStalled,
         ErrorCode::BackendBusy,
         ErrorCode::FeatureUnsupported,
+        ErrorCode::SignInRequired,
+        ErrorCode::SignInFailed,
     ];
 
     /// The stable name, as shown to users and in metrics labels.
@@ -192,6 +201,8 @@ impl ErrorCode {
             ErrorCode::ClientStalled => "ClientStalled",
             ErrorCode::BackendBusy => "BackendBusy",
             ErrorCode::FeatureUnsupported => "FeatureUnsupported",
+            ErrorCode::SignInRequired => "SignInRequired",
+            ErrorCode::SignInFailed => "SignInFailed",
         }
     }
 
@@ -214,6 +225,8 @@ impl ErrorCode {
             ErrorCode::ClientClosed => CLIENT_CLOSED,
             ErrorCode::ClientStalled => S::REQUEST_TIMEOUT,
             ErrorCode::BackendBusy | ErrorCode::FeatureUnsupported => S::SERVICE_UNAVAILABLE,
+            ErrorCode::SignInRequired => S::UNAUTHORIZED,
+            ErrorCode::SignInFailed => S::BAD_REQUEST,
         }
     }
 
@@ -237,6 +250,8 @@ impl ErrorCode {
             ErrorCode::ClientStalled => 15,
             ErrorCode::BackendBusy => 16,
             ErrorCode::FeatureUnsupported => 17,
+            ErrorCode::SignInRequired => 18,
+            ErrorCode::SignInFailed => 19,
         }
     }
 

@@ -13,7 +13,9 @@
 ///
 /// - `websocket`: WebSocket upgrades (HTTP/1.1 `Upgrade`) are carried to
 ///   the app's backend.
-pub const KNOWN: &[&str] = &["websocket"];
+/// - `oidc`: the edge signs users in (`preauth = oidc`,
+///   [`crate::api::SIGN_IN_FEATURE`]) before a request reaches the app.
+pub const KNOWN: &[&str] = &["websocket", "oidc"];
 
 /// Whether this build implements the feature `name`.
 pub fn is_known(name: &str) -> bool {
@@ -39,8 +41,8 @@ mod tests {
             (&[], None),
             (&["websocket"], None),
             (&["websocket", "websocket"], None),
-            (&["oidc"], Some("oidc")),
-            (&["websocket", "oidc", "mtls"], Some("oidc")),
+            (&["mtls"], Some("mtls")),
+            (&["websocket", "oidc", "mtls"], Some("mtls")),
             // Exact names: a spelling this build does not use is unknown.
             (&["WebSocket"], Some("WebSocket")),
             (&[""], Some("")),
@@ -49,8 +51,8 @@ mod tests {
             assert_eq!(first_unknown(required), want, "{required:?}");
         }
         // Owned names, as `App.required_features` holds them.
-        let owned = vec!["websocket".to_owned(), "oidc".to_owned()];
-        assert_eq!(first_unknown(&owned), Some("oidc"));
+        let owned = vec!["websocket".to_owned(), "mtls".to_owned()];
+        assert_eq!(first_unknown(&owned), Some("mtls"));
     }
 
     /// Names are lower-case tokens, listed once.

@@ -69,6 +69,8 @@ pub(crate) struct AppState {
     pub tracker: TaskTracker,
     /// When this router started (unix seconds): see `distribute::At`.
     pub started: u64,
+    /// What edges get to sign users in, when there is an OpenID provider.
+    pub sign_in: Option<portico_proto::api::SignInSettings>,
 }
 
 pub(crate) type SharedState = Arc<AppState>;
@@ -899,7 +901,13 @@ async fn edge_config(
     }
     let rec = live_edge(&state, &edge.id).await?;
     let store = state.db(StoreState::read).await?;
-    let snapshot = distribute::edge_config(&store, &rec, &state.config, state.at());
+    let snapshot = distribute::edge_config(
+        &store,
+        &rec,
+        &state.config,
+        state.sign_in.as_ref(),
+        state.at(),
+    );
     if snapshot.version <= q.after {
         return Ok(Watched::Unchanged);
     }
@@ -956,6 +964,7 @@ pub(crate) fn to_app(rec: AppRecord, port: u16) -> App {
         connector_group: rec.connector_group,
         backend_timeout: rec.backend_timeout,
         validate_backend_tls: rec.validate_backend_tls,
+        preauth: api::Preauth::of_features(&rec.required_features),
         required_features: rec.required_features,
         created_at: rec.created_at,
     }
@@ -1426,7 +1435,13 @@ async fn update_app(
         connector_group: current.connector_group,
         backend_timeout: current.backend_timeout,
         validate_backend_tls: current.validate_backend_tls,
-        required_features: current.required_features,
+        preauth: api::Preauth::of_features(&current.required_features),
+        // The sign-in feature is the preauth's to set.
+        required_features: current
+            .required_features
+            .into_iter()
+            .filter(|f| f != api::SIGN_IN_FEATURE)
+            .collect(),
     });
     // The same checks as a new app, on the whole result.
     let rec = app_record(&state.config, spec, created_at)?;
@@ -1441,6 +1456,31 @@ fn app_record(config: &Config, spec: api::AppSpec, created_at: u64) -> Result<Ap
     let internal_url =
         check_internal_url(&spec.internal_url).map_err(|e| ApiFail::invalid("internal_url", e))?;
     api::check_required_features(&spec.required_features)
+        .map_err(|e| ApiFail::invalid("required_features", e.to_string()))?;
+    if spec
+        .required_features
+        .iter()
+        .any(|f| f == api::SIGN_IN_FEATURE)
+    {
+        return Err(ApiFail::invalid(
+            "required_features",
+            format!(
+                "{:?} is what preauth = oidc requires: set preauth (--preauth oidc) instead",
+                api::SIGN_IN_FEATURE
+            ),
+        ));
+    }
+    if spec.preauth == api::Preauth::Oidc && config.sign_in.is_none() {
+        return Err(ApiFail::invalid(
+            "preauth",
+            "this router has no OpenID provider to sign users in with: start it with --oidc-issuer, --oidc-client-id and --oidc-client-secret-file",
+        ));
+    }
+    let mut required_features = spec.required_features;
+    if spec.preauth == api::Preauth::Oidc {
+        required_features.push(api::SIGN_IN_FEATURE.to_owned());
+    }
+    api::check_required_features(&required_features)
         .map_err(|e| ApiFail::invalid("required_features", e.to_string()))?;
     let domain = &config.apps_domain;
     let external_host = match &spec.external_host {
@@ -1464,7 +1504,7 @@ fn app_record(config: &Config, spec: api::AppSpec, created_at: u64) -> Result<Ap
         connector_group: spec.connector_group,
         backend_timeout: spec.backend_timeout,
         validate_backend_tls: spec.validate_backend_tls,
-        required_features: spec.required_features,
+        required_features,
         created_at,
     })
 }

@@ -29,7 +29,36 @@ pub struct Config {
     /// The DNS authority for the apps domain, UDP and TCP on this address
     /// (port 0 picks one free for both); none by default.
     pub dns_listen: Option<SocketAddr>,
+    /// The OpenID provider that apps with `preauth = oidc` sign their
+    /// users in with; none by default (such apps are then refused).
+    pub sign_in: Option<SignInConfig>,
 }
+
+/// The deployment's OpenID provider. Edges get it, with the session keys
+/// (`<data>/session-keys.json`, made at the first start), in their config.
+#[derive(Clone)]
+pub struct SignInConfig {
+    /// The issuer URL; discovery is at `<issuer>/.well-known/openid-configuration`.
+    pub issuer: String,
+    pub client_id: String,
+    pub client_secret: String,
+    /// How long a session lasts from its sign-in (default 8 h).
+    pub session_lifetime: Duration,
+}
+
+impl std::fmt::Debug for SignInConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SignInConfig")
+            .field("issuer", &self.issuer)
+            .field("client_id", &self.client_id)
+            .field("client_secret", &"***")
+            .field("session_lifetime", &self.session_lifetime)
+            .finish()
+    }
+}
+
+/// The longest session lifetime.
+pub const MAX_SESSION_LIFETIME: Duration = Duration::from_secs(30 * 24 * 3600);
 
 impl Config {
     /// The defaults, with state in `data_dir`.
@@ -43,11 +72,38 @@ impl Config {
             public_port: None,
             enroll_limit: EnrollLimit::default(),
             dns_listen: None,
+            sign_in: None,
         }
     }
 
     /// Checks the values that types alone do not.
     pub fn validate(&self) -> Result<(), Error> {
+        if let Some(s) = &self.sign_in {
+            match url::Url::parse(&s.issuer) {
+                Ok(u) if matches!(u.scheme(), "https" | "http") && u.host().is_some() => {}
+                _ => {
+                    return Err(Error::InvalidConfig {
+                        field: "oidc_issuer",
+                        reason: format!("{:?} is not an http(s) URL", s.issuer),
+                    })
+                }
+            }
+            if s.client_id.is_empty() || s.client_secret.is_empty() {
+                return Err(Error::InvalidConfig {
+                    field: "oidc_client_id",
+                    reason: "the client id and secret must both be set".into(),
+                });
+            }
+            if s.session_lifetime.is_zero() || s.session_lifetime > MAX_SESSION_LIFETIME {
+                return Err(Error::InvalidConfig {
+                    field: "session_lifetime",
+                    reason: format!(
+                        "must be more than 0 and at most {}",
+                        humantime::format_duration(MAX_SESSION_LIFETIME)
+                    ),
+                });
+            }
+        }
         if self.data_dir.as_os_str().is_empty() {
             return Err(Error::InvalidConfig {
                 field: "data_dir",

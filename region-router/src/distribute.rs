@@ -143,6 +143,7 @@ pub(crate) fn edge_config(
     s: &StoreState,
     edge: &EdgeRecord,
     config: &Config,
+    sign_in: Option<&portico_proto::api::SignInSettings>,
     at: At,
 ) -> EdgeConfig {
     let now = at.now;
@@ -180,6 +181,7 @@ pub(crate) fn edge_config(
                 tunnels: e.tunnels,
             })
             .collect(),
+        sign_in: sign_in.cloned(),
     }
 }
 
@@ -348,7 +350,7 @@ mod tests {
         let now = 10_000;
         let s = state(now);
         let us = s.edges.iter().find(|e| e.id.as_str() == "e-us").unwrap();
-        let c = edge_config(&s, us, &config(), at(now));
+        let c = edge_config(&s, us, &config(), None, at(now));
         assert_eq!(c.version, 42);
         assert_eq!(c.region.as_str(), "us");
         assert_eq!(
@@ -448,7 +450,7 @@ mod tests {
         s.presence[0].draining = true;
         assert!(presence(&s, at(now)).is_empty(), "e-eu held the group");
         let us = s.edges.iter().find(|e| e.id.as_str() == "e-us").unwrap();
-        let c = edge_config(&s, us, &config(), at(now));
+        let c = edge_config(&s, us, &config(), None, at(now));
         let eu = c.peers.iter().find(|p| p.id.as_str() == "e-eu").unwrap();
         assert!(eu.draining && eu.healthy);
         let c = connector_config(&s, &GroupId::default_group(), &config(), at(now));

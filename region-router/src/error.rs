@@ -51,6 +51,8 @@ pub enum Error {
     },
     #[error("admin token in {} is malformed (expected 64 hex digits)", path.display())]
     BadAdminToken { path: PathBuf },
+    #[error("{} cannot be used: {reason}", path.display())]
+    BadSessionKeys { path: PathBuf, reason: String },
     #[error(
         "{} has mode {mode:04o}, open to group or others; the router keeps its CA key and admin token private and will not start: run `chmod {fix:o} {}` (if others could read ca.key, treat the CA as exposed)",
         path.display(),

@@ -40,7 +40,7 @@ mod snapshot;
 pub mod store;
 mod util;
 
-pub use config::Config;
+pub use config::{Config, SignInConfig};
 pub use error::{Error, StoreError};
 pub use ratelimit::EnrollLimit;
 pub use store::{SqliteStore, Store};
@@ -120,20 +120,21 @@ impl Handle {
 pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Handle, Error> {
     config.validate()?;
     let dir = config.data_dir.clone();
-    let (ca, admin_token, admin_token_path, store) = {
+    let (ca, admin_token, admin_token_path, store, session_keys) = {
         let dir = dir.clone();
         let err_dir = dir.clone();
         tokio::task::spawn_blocking(move || -> Result<_, Error> {
             prepare_dir(&dir)?;
             let ca = ca::Ca::load_or_create(&dir)?;
             let (token, path) = load_or_create_admin_token(&dir)?;
+            let keys = load_or_create_session_keys(&dir)?;
             let store = SqliteStore::open(dir.join("portico.db"))?;
             store.ensure_group(&store::GroupRecord {
                 id: GroupId::default_group(),
                 region: "auto".into(),
                 created_at: util::now_unix(),
             })?;
-            Ok((ca, token, path, store))
+            Ok((ca, token, path, store, keys))
         })
         .await
         .map_err(|e| Error::Io {
@@ -218,6 +219,16 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Handle
         shutdown: shutdown.clone(),
         tracker: tracker.clone(),
         started: util::now_unix(),
+        sign_in: config
+            .sign_in
+            .as_ref()
+            .map(|s| portico_proto::api::SignInSettings {
+                issuer: s.issuer.clone(),
+                client_id: s.client_id.clone(),
+                client_secret: s.client_secret.clone(),
+                keys: session_keys,
+                session_lifetime_secs: s.session_lifetime.as_secs(),
+            }),
     });
 
     tracker.spawn(presence_sweeper(state.clone()));
@@ -320,6 +331,50 @@ fn load_or_create_admin_token(dir: &Path) -> Result<(String, PathBuf), Error> {
             ca::write_file(&path, format!("{token}\n").as_bytes(), 0o600)?;
             tracing::info!(path = %path.display(), "created the admin token");
             Ok((token, path))
+        }
+        Err(source) => Err(Error::Io {
+            action: "read",
+            path,
+            source,
+        }),
+    }
+}
+
+/// The keys edges seal sessions with (`session-keys.json`, 0600): read,
+/// or made (one random key) at the first start. Every edge of every region
+/// gets them, so a session one edge issued is good at all.
+fn load_or_create_session_keys(dir: &Path) -> Result<Vec<portico_proto::api::SessionKey>, Error> {
+    use base64::Engine as _;
+    let path = dir.join("session-keys.json");
+    match fs::read(&path) {
+        Ok(bytes) => {
+            let keys: Vec<portico_proto::api::SessionKey> = serde_json::from_slice(&bytes)
+                .map_err(|e| Error::BadSessionKeys {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                })?;
+            let engine = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+            let bad = keys
+                .iter()
+                .find(|k| engine.decode(&k.secret).map_or(true, |b| b.len() != 32));
+            if keys.is_empty() || bad.is_some() {
+                return Err(Error::BadSessionKeys {
+                    path,
+                    reason:
+                        "it must list keys of 32 bytes of base64url each, the sealing one first"
+                            .into(),
+                });
+            }
+            Ok(keys)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let secret = base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .encode(util::random_bytes::<32>()?);
+            let keys = vec![portico_proto::api::SessionKey { id: 1, secret }];
+            let text = serde_json::to_vec_pretty(&keys).unwrap_or_default();
+            ca::write_file(&path, &text, 0o600)?;
+            tracing::info!(path = %path.display(), "created the session key");
+            Ok(keys)
         }
         Err(source) => Err(Error::Io {
             action: "read",

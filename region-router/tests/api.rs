@@ -1281,6 +1281,26 @@ async fn apps_are_updated_field_by_field_with_the_checks_of_create() -> anyhow::
             Some("colour"),
             "unknown field",
         ),
+        // Sign-in needs the router's OpenID provider (none here), and its
+        // feature is set by preauth only.
+        (
+            json!({ "preauth": "oidc" }),
+            400,
+            Some("preauth"),
+            "--oidc-issuer",
+        ),
+        (
+            json!({ "required_features": ["oidc"] }),
+            400,
+            Some("required_features"),
+            "--preauth oidc",
+        ),
+        (
+            json!({ "preauth": "sometimes" }),
+            400,
+            Some("preauth"),
+            "unknown variant",
+        ),
         (json!({ "id": "renamed" }), 400, Some("id"), "unknown field"),
         (json!({}), 400, None, "changes nothing"),
     ] {

@@ -98,6 +98,10 @@ pub(crate) enum ProxyError {
         peer: portico_proto::EdgeId,
         reason: String,
     },
+    #[error("the sign-in failed: {reason}")]
+    SignInFailed { reason: String },
+    #[error("the app signs its users in, and this edge has no sign-in settings from the router")]
+    SignInUnavailable,
 }
 
 impl ProxyError {
@@ -110,7 +114,10 @@ impl ProxyError {
             | ProxyError::ExtendedConnect
             | ProxyError::HeadTooLarge(_) => ErrorCode::BadRequest,
             ProxyError::AppNotFound { .. } => ErrorCode::AppNotFound,
-            ProxyError::FeatureUnsupported { .. } => ErrorCode::FeatureUnsupported,
+            ProxyError::FeatureUnsupported { .. } | ProxyError::SignInUnavailable => {
+                ErrorCode::FeatureUnsupported
+            }
+            ProxyError::SignInFailed { .. } => ErrorCode::SignInFailed,
             ProxyError::NoTunnel { .. }
             | ProxyError::Open(_)
             | ProxyError::HeadWrite(_)
@@ -134,8 +141,9 @@ impl ProxyError {
             | ProxyError::ExtendedConnect
             | ProxyError::HeadTooLarge(_)
             | ProxyError::AppNotFound { .. }
-            | ProxyError::ClientBody(_) => Fault::Client,
-            ProxyError::FeatureUnsupported { .. } => Fault::Edge,
+            | ProxyError::ClientBody(_)
+            | ProxyError::SignInFailed { .. } => Fault::Client,
+            ProxyError::FeatureUnsupported { .. } | ProxyError::SignInUnavailable => Fault::Edge,
             ProxyError::Mesh { .. } => Fault::Peer,
             ProxyError::NoTunnel { .. }
             | ProxyError::Open(_)

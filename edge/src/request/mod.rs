@@ -2,8 +2,10 @@
 //! `listener`, HTTP/3 from `http3`), in phases, each with one job:
 //!
 //! 1. **route** ([`route`]): the host → the app, or `AppNotFound`.
-//! 2. **admit** ([`admit`]): may this request reach the app? Required
-//!    features today; maintenance and sign-in come here.
+//! 2. **admit** ([`admit`], then `auth::gate`): may this request reach
+//!    the app? Required features, then sign-in for apps with `preauth =
+//!    oidc` (the auth host `auth.<apps domain>` is served by `auth`
+//!    itself); maintenance comes here too.
 //! 3. **select upstream** ([`upstream::select`]): a tunnel of the app's
 //!    group, by power of two choices, skipping upstreams already tried.
 //!    A mesh peer will be another kind of upstream.
@@ -86,7 +88,13 @@ pub(crate) async fn handle<B: RequestBody>(
         let mut resp = match proxy(req, &shared, &conn, &mut record).await {
             // A streamed body carries the record, and records the request
             // when it ends or is dropped.
-            Ok(relayed) => relayed.into_response(record, &shared, &conn, abort),
+            Ok(Outcome::Relayed(relayed)) => relayed.into_response(record, &shared, &conn, abort),
+            Ok(Outcome::Local(resp)) => {
+                record.responded(resp.status(), None, None);
+                record.complete();
+                drop(record);
+                resp
+            }
             Err(e) => {
                 let code = e.code();
                 match e.fault() {
@@ -117,13 +125,37 @@ async fn proxy<B: RequestBody>(
     shared: &Shared,
     conn: &ClientConn,
     record: &mut Record,
-) -> Result<upstream::Relayed, ProxyError> {
+) -> Result<Outcome, ProxyError> {
+    let mut req = req;
     let table = shared.table.load_full();
+    let apps_domain = table.config.apps_domain.as_str();
+    if request_host(&req).is_ok_and(|h| h == crate::auth::auth_host(apps_domain)) {
+        let accept = accept_headers(req.headers());
+        return crate::auth::serve_auth_host(&req, &shared.auth, &table, &accept, record.id)
+            .await
+            .map(Outcome::Local);
+    }
     let app = route(&req, &table)?;
     tracing::Span::current().record("app", app.id.as_str());
     record.app = Some(Arc::clone(&app));
     admit(&req, &app)?;
-    upstream::forward(req, &app, shared, conn.addr, record).await
+    let user = match crate::auth::gate(&mut req, &app, &shared.auth, apps_domain).await? {
+        crate::auth::Gate::Pass(user) => user,
+        crate::auth::Gate::Respond(resp) => return Ok(Outcome::Local(resp)),
+    };
+    // The user's subject travels in the head (the claims, for headers and
+    // the assertion, come with the identity issue's next part).
+    let identity = user.as_ref().map(|u| u.sub.as_str());
+    upstream::forward(req, &app, shared, conn.addr, record, identity)
+        .await
+        .map(Outcome::Relayed)
+}
+
+/// What the phases end in: a response relayed from the app, or one the
+/// edge gives itself (sign-in redirects, cookies, 401).
+enum Outcome {
+    Relayed(upstream::Relayed),
+    Local(Response<Body>),
 }
 
 /// Phase 1: the app published at the request's host.

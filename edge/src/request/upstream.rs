@@ -170,6 +170,7 @@ pub(crate) async fn forward<B: RequestBody>(
     shared: &Shared,
     client: std::net::SocketAddr,
     record: &mut Record,
+    identity: Option<&str>,
 ) -> Result<Relayed, ProxyError> {
     let websocket = is_websocket(&req);
     let timeout = app.backend_timeout.duration();
@@ -190,7 +191,7 @@ pub(crate) async fn forward<B: RequestBody>(
         path: req.uri().path_and_query().map_or("/", |p| p.as_str()),
         headers: &headers,
         client_addr: client,
-        identity: None,
+        identity,
         ext: HeadExtensionsRef::NONE,
         timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
     }

@@ -1,0 +1,591 @@
+//! Sign-in at the edge for apps with `preauth = oidc` (they require the
+//! feature [`SIGN_IN_FEATURE`]): an OpenID Connect relying party, one
+//! redirect URI for every app on the auth host `auth.<apps domain>`, and
+//! sessions every edge of every region accepts (ARCHITECTURE.md,
+//! "Sign-in").
+//!
+//! ```text
+//! app host  GET /path, no session ─▶ 302 auth host /.portico/start?app=ID&to=/path
+//! auth host /.portico/start        ─▶ flow cookie (state, nonce, PKCE verifier, app, to), 302 provider
+//! provider  sign-in                ─▶ 302 auth host /.portico/callback?code&state
+//! auth host /.portico/callback     ─▶ state checked, code exchanged, ID token verified,
+//!                                     302 app host /.portico/session?code=<one-time handoff>
+//! app host  /.portico/session      ─▶ session cookie (a new id), 302 /path
+//! app host  GET /path + session    ─▶ the edge's cookie stripped, the user in the stream head
+//! ```
+//!
+//! Everything handed to the browser is sealed ([`seal`]) with the router's
+//! session keys, bound to its purpose and host. An API client (not a
+//! browser navigation) gets 401 `SignInRequired` with `WWW-Authenticate`,
+//! never a redirect; a request without a valid session never opens a
+//! connector stream.
+
+pub(crate) mod oidc;
+pub(crate) mod seal;
+mod target;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use bytes::Bytes;
+use http::header::{CACHE_CONTROL, COOKIE, LOCATION, SET_COOKIE, WWW_AUTHENTICATE};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use portico_proto::api::{App, SignInSettings, SIGN_IN_FEATURE};
+use serde::{Deserialize, Serialize};
+
+use crate::request::{Body, ProxyError};
+use oidc::{Provider, User};
+use seal::{Keys, Purpose};
+
+/// The session cookie of an app's host.
+pub(crate) const SESSION_COOKIE: &str = "__Host-portico-session";
+/// The sign-in flow's cookie on the auth host.
+const FLOW_COOKIE: &str = "__Host-portico-flow";
+/// The paths the edge answers itself.
+const START: &str = "/.portico/start";
+const CALLBACK: &str = "/.portico/callback";
+const SESSION: &str = "/.portico/session";
+const SIGN_OUT: &str = "/.portico/sign_out";
+/// How long a user may take at the provider.
+const FLOW_TTL: Duration = Duration::from_secs(600);
+/// How long the handoff code is good for.
+const HANDOFF_TTL: Duration = Duration::from_secs(60);
+/// The most handoff codes remembered as used.
+const MAX_USED: usize = 100_000;
+
+/// The deployment's sign-in as this edge holds it; replaced when the
+/// router's settings change.
+#[derive(Default)]
+pub(crate) struct Auth {
+    current: ArcSwapOption<SignIn>,
+}
+
+impl std::fmt::Debug for Auth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Auth")
+            .field("configured", &self.current.load().is_some())
+            .finish()
+    }
+}
+
+impl Auth {
+    /// Follows the router's settings: a new provider client only when they
+    /// changed (it caches the provider's metadata).
+    pub(crate) fn update(&self, settings: Option<&SignInSettings>) {
+        let current = self.current.load();
+        if current.as_ref().map(|s| &s.settings) == settings {
+            return;
+        }
+        let next = match settings {
+            None => None,
+            Some(s) => match SignIn::new(s.clone()) {
+                Ok(sign_in) => Some(Arc::new(sign_in)),
+                Err(e) => {
+                    tracing::error!(error = %e, "the router's sign-in settings cannot be used; apps that sign users in are refused");
+                    None
+                }
+            },
+        };
+        self.current.store(next);
+    }
+
+    fn get(&self) -> Option<Arc<SignIn>> {
+        self.current.load_full()
+    }
+}
+
+/// One deployment's sign-in: the provider, the keys, the used codes.
+struct SignIn {
+    settings: SignInSettings,
+    provider: Provider,
+    keys: Keys,
+    /// Handoff codes already used, with their expiry (unix seconds).
+    used: Mutex<HashMap<String, u64>>,
+}
+
+impl SignIn {
+    fn new(settings: SignInSettings) -> Result<SignIn, String> {
+        let provider = Provider::new(
+            &settings.issuer,
+            &settings.client_id,
+            &settings.client_secret,
+        )
+        .map_err(|e| e.to_string())?;
+        let keys = Keys::new(settings.keys.iter().map(|k| (k.id, k.secret.as_str())))
+            .map_err(|e| e.to_string())?;
+        Ok(SignIn {
+            settings,
+            provider,
+            keys,
+            used: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Marks a handoff code used; false if it was already.
+    fn first_use(&self, jti: &str, exp: u64) -> bool {
+        let mut used = self.used.lock().unwrap_or_else(|p| p.into_inner());
+        let now = seal::unix_now();
+        if used.len() >= MAX_USED {
+            used.retain(|_, e| *e > now);
+        }
+        if used.len() >= MAX_USED {
+            // Full of live codes: refuse rather than forget one.
+            return false;
+        }
+        used.insert(jti.to_owned(), exp).is_none()
+    }
+}
+
+/// The sign-in flow's state, in the auth host's cookie.
+#[derive(Serialize, Deserialize)]
+struct Flow {
+    state: String,
+    nonce: String,
+    verifier: String,
+    redirect: String,
+    app: String,
+    to: String,
+}
+
+/// The one-time code from the auth host to the app's host.
+#[derive(Serialize, Deserialize)]
+struct Handoff {
+    jti: String,
+    exp: u64,
+    to: String,
+    user: User,
+}
+
+/// A session, in the app host's cookie.
+#[derive(Serialize, Deserialize)]
+pub(crate) struct Session {
+    /// A new id at every sign-in.
+    pub sid: String,
+    pub user: User,
+    /// Unix seconds.
+    pub iat: u64,
+}
+
+/// What the sign-in gate decided.
+pub(crate) enum Gate {
+    /// On to the app, with the signed-in user when there is one.
+    Pass(Option<User>),
+    /// The edge answers itself (a redirect, a cookie, a 401).
+    Respond(Response<Body>),
+}
+
+/// Whether `app` signs its users in.
+pub(crate) fn signs_in(app: &App) -> bool {
+    app.required_features.iter().any(|f| f == SIGN_IN_FEATURE)
+}
+
+/// The auth host of `apps_domain`.
+pub(crate) fn auth_host(apps_domain: &str) -> String {
+    format!("auth.{apps_domain}")
+}
+
+/// Phase 2, sign-in: for an app that signs users in, the session cookie,
+/// or the way to get one. The edge's own cookie is taken out of the
+/// request that goes on.
+pub(crate) async fn gate<B>(
+    req: &mut Request<B>,
+    app: &App,
+    auth: &Auth,
+    apps_domain: &str,
+) -> Result<Gate, ProxyError> {
+    if !signs_in(app) {
+        return Ok(Gate::Pass(None));
+    }
+    let Some(sign_in) = auth.get() else {
+        return Err(ProxyError::SignInUnavailable);
+    };
+    let host = app.external_host.as_str();
+    let path = req.uri().path();
+    if path == SESSION {
+        return session_from_handoff(req, &sign_in, app).map(Gate::Respond);
+    }
+    if path == SIGN_OUT {
+        return Ok(Gate::Respond(signed_out()));
+    }
+    let session = take_cookie(req.headers_mut(), SESSION_COOKIE)
+        .and_then(|v| sign_in.keys.open::<Session>(Purpose::Session, host, &v));
+    if let Some(s) = session {
+        return Ok(Gate::Pass(Some(s.user)));
+    }
+    if !is_navigation(req) {
+        return Ok(Gate::Respond(unauthenticated(host)));
+    }
+    let to = req
+        .uri()
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_owned();
+    let mut start = url::Url::parse(&format!(
+        "https://{}{}{START}",
+        auth_host(apps_domain),
+        port_of(&app.external_url)
+    ))
+    .map_err(|e| ProxyError::SignInFailed {
+        reason: format!("the auth host's URL: {e}"),
+    })?;
+    start
+        .query_pairs_mut()
+        .append_pair("app", app.id.as_str())
+        .append_pair("to", &target::safe(&to));
+    Ok(Gate::Respond(redirect(start.as_str(), None)))
+}
+
+/// Serves the auth host: the start of a sign-in and the provider's
+/// callback.
+pub(crate) async fn serve_auth_host<B>(
+    req: &Request<B>,
+    auth: &Auth,
+    table: &crate::routing::RoutingTable,
+    accept: &HeaderMap,
+    request_id: portico_proto::RequestId,
+) -> Result<Response<Body>, ProxyError> {
+    let Some(sign_in) = auth.get() else {
+        return Err(ProxyError::SignInUnavailable);
+    };
+    let _ = (accept, request_id);
+    let apps = |id: &str| table.app_by_id(id).cloned();
+    let query = query_map(req.uri().query());
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, START) => {
+            let app = query
+                .get("app")
+                .and_then(|id| apps(id))
+                .filter(|a| signs_in(a))
+                .ok_or_else(|| ProxyError::SignInFailed {
+                    reason: "no app that signs users in has that id".into(),
+                })?;
+            let to = target::safe(query.get("to").map_or("/", String::as_str));
+            let redirect_uri = format!(
+                "https://{}{}{CALLBACK}",
+                host_of(req).unwrap_or_default(),
+                port_of(&app.external_url)
+            );
+            let started = sign_in.provider.start(&redirect_uri).await.map_err(|e| {
+                ProxyError::SignInFailed {
+                    reason: e.to_string(),
+                }
+            })?;
+            let flow = Flow {
+                state: started.state,
+                nonce: started.nonce,
+                verifier: started.verifier,
+                redirect: redirect_uri,
+                app: app.id.as_str().to_owned(),
+                to,
+            };
+            let host = host_of(req).unwrap_or_default();
+            let sealed = sign_in.keys.seal(Purpose::Flow, &host, &flow, FLOW_TTL);
+            let cookie = cookie(FLOW_COOKIE, &sealed, Some(FLOW_TTL));
+            Ok(redirect(&started.url, Some(cookie)))
+        }
+        (&Method::GET, CALLBACK) => {
+            let host = host_of(req).unwrap_or_default();
+            let flow = cookie_value(req.headers(), FLOW_COOKIE)
+                .and_then(|v| sign_in.keys.open::<Flow>(Purpose::Flow, &host, &v))
+                .ok_or_else(|| ProxyError::SignInFailed {
+                    reason: "no sign-in in progress in this browser (the flow cookie is missing, expired or not ours)".into(),
+                })?;
+            if let Some(err) = query.get("error") {
+                return Err(ProxyError::SignInFailed {
+                    reason: format!("the provider answered {err:?}"),
+                });
+            }
+            let state = query.get("state").ok_or_else(|| ProxyError::SignInFailed {
+                reason: "the callback has no state".into(),
+            })?;
+            if !constant_time_eq(state.as_bytes(), flow.state.as_bytes()) {
+                return Err(ProxyError::SignInFailed {
+                    reason: "the callback's state is not this browser's sign-in".into(),
+                });
+            }
+            let code = query.get("code").ok_or_else(|| ProxyError::SignInFailed {
+                reason: "the callback has no code".into(),
+            })?;
+            let app = apps(&flow.app).filter(|a| signs_in(a)).ok_or_else(|| {
+                ProxyError::SignInFailed {
+                    reason: format!("app {} no longer signs users in", flow.app),
+                }
+            })?;
+            let user = sign_in
+                .provider
+                .finish(&flow.redirect, code, &flow.verifier, &flow.nonce)
+                .await
+                .map_err(|e| ProxyError::SignInFailed {
+                    reason: e.to_string(),
+                })?;
+            tracing::info!(user = %user.sub, app = %app.id, "signed in");
+            let handoff = Handoff {
+                jti: seal::random_token(16),
+                exp: seal::unix_now() + HANDOFF_TTL.as_secs(),
+                to: flow.to,
+                user,
+            };
+            let code =
+                sign_in
+                    .keys
+                    .seal(Purpose::Handoff, &app.external_host, &handoff, HANDOFF_TTL);
+            let mut to = url::Url::parse(&format!(
+                "https://{}{}{SESSION}",
+                app.external_host,
+                port_of(&app.external_url)
+            ))
+            .map_err(|e| ProxyError::SignInFailed {
+                reason: format!("the app's URL: {e}"),
+            })?;
+            to.query_pairs_mut().append_pair("code", &code);
+            // The flow is over: its cookie goes.
+            Ok(redirect(to.as_str(), Some(expired_cookie(FLOW_COOKIE))))
+        }
+        _ => Err(ProxyError::AppNotFound {
+            host: format!("{}{}", host_of(req).unwrap_or_default(), req.uri().path()),
+        }),
+    }
+}
+
+/// `/.portico/session?code=`: the handoff, once, into a session cookie.
+fn session_from_handoff<B>(
+    req: &Request<B>,
+    sign_in: &SignIn,
+    app: &App,
+) -> Result<Response<Body>, ProxyError> {
+    let query = query_map(req.uri().query());
+    let handoff = query
+        .get("code")
+        .and_then(|c| {
+            sign_in
+                .keys
+                .open::<Handoff>(Purpose::Handoff, &app.external_host, c)
+        })
+        .ok_or_else(|| ProxyError::SignInFailed {
+            reason: "the handoff code is missing, expired or not for this app".into(),
+        })?;
+    if !sign_in.first_use(&handoff.jti, handoff.exp) {
+        return Err(ProxyError::SignInFailed {
+            reason: "the handoff code was used already".into(),
+        });
+    }
+    let lifetime = Duration::from_secs(sign_in.settings.session_lifetime_secs);
+    let session = Session {
+        sid: seal::random_token(16),
+        user: handoff.user,
+        iat: seal::unix_now(),
+    };
+    let sealed = sign_in
+        .keys
+        .seal(Purpose::Session, &app.external_host, &session, lifetime);
+    Ok(redirect(
+        &target::safe(&handoff.to),
+        Some(cookie(SESSION_COOKIE, &sealed, None)),
+    ))
+}
+
+/// A browser navigation (sent to sign in) rather than an API call (401):
+/// a GET or HEAD that accepts HTML.
+fn is_navigation<B>(req: &Request<B>) -> bool {
+    matches!(*req.method(), Method::GET | Method::HEAD)
+        && req
+            .headers()
+            .get_all(http::header::ACCEPT)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| v.contains("text/html"))
+}
+
+fn unauthenticated(host: &str) -> Response<Body> {
+    let mut resp = crate::pages::error_response::<Full<Bytes>>(
+        portico_proto::ErrorCode::SignInRequired,
+        portico_proto::RequestId(0),
+        &HeaderMap::new(),
+    )
+    .map(|b| b.map_err(|never| match never {}).boxed_unsync());
+    if let Ok(v) = HeaderValue::from_str(&format!("Bearer realm=\"{host}\"")) {
+        resp.headers_mut().insert(WWW_AUTHENTICATE, v);
+    }
+    resp
+}
+
+fn signed_out() -> Response<Body> {
+    let mut resp = Response::new(
+        Full::new(Bytes::from_static(
+            b"<!doctype html><title>Signed out</title><p>You are signed out.</p>\n",
+        ))
+        .map_err(|never| match never {})
+        .boxed_unsync(),
+    );
+    let h = resp.headers_mut();
+    h.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(SET_COOKIE, expired_cookie(SESSION_COOKIE));
+    resp
+}
+
+fn redirect(to: &str, cookie: Option<HeaderValue>) -> Response<Body> {
+    let mut resp = Response::new(
+        Full::new(Bytes::new())
+            .map_err(|never| match never {})
+            .boxed_unsync(),
+    );
+    *resp.status_mut() = StatusCode::FOUND;
+    let h = resp.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(to) {
+        h.insert(LOCATION, v);
+    }
+    h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    if let Some(c) = cookie {
+        h.insert(SET_COOKIE, c);
+    }
+    resp
+}
+
+/// A host-only, `Secure`, `HttpOnly`, `SameSite=Lax` cookie for the whole
+/// host (`__Host-` requires all but the last two); a session cookie
+/// without `max_age`.
+fn cookie(name: &str, value: &str, max_age: Option<Duration>) -> HeaderValue {
+    let age = max_age.map_or(String::new(), |a| format!("; Max-Age={}", a.as_secs()));
+    HeaderValue::from_str(&format!(
+        "{name}={value}; Path=/; Secure; HttpOnly; SameSite=Lax{age}"
+    ))
+    .unwrap_or_else(|_| HeaderValue::from_static(""))
+}
+
+fn expired_cookie(name: &str) -> HeaderValue {
+    HeaderValue::from_str(&format!(
+        "{name}=; Path=/; Secure; HttpOnly; SameSite=Lax; Max-Age=0"
+    ))
+    .unwrap_or_else(|_| HeaderValue::from_static(""))
+}
+
+/// The value of cookie `name` in the request's `Cookie` headers.
+fn cookie_value(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get_all(COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|c| c.trim().split_once('='))
+        .find(|(n, _)| *n == name)
+        .map(|(_, v)| v.to_owned())
+}
+
+/// The value of cookie `name`, and the `Cookie` headers without it (the
+/// backend never sees the edge's cookie).
+fn take_cookie(headers: &mut HeaderMap, name: &str) -> Option<String> {
+    let found = cookie_value(headers, name)?;
+    let kept: Vec<String> = headers
+        .get_all(COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .map(|v| {
+            v.split(';')
+                .map(str::trim)
+                .filter(|c| c.split_once('=').is_none_or(|(n, _)| n != name))
+                .collect::<Vec<_>>()
+                .join("; ")
+        })
+        .filter(|v| !v.is_empty())
+        .collect();
+    headers.remove(COOKIE);
+    for v in kept {
+        if let Ok(v) = HeaderValue::from_str(&v) {
+            headers.append(COOKIE, v);
+        }
+    }
+    Some(found)
+}
+
+/// The query's pairs (the first of each name), at most 32.
+fn query_map(query: Option<&str>) -> HashMap<String, String> {
+    let mut map = HashMap::new();
+    for (k, v) in url::form_urlencoded::parse(query.unwrap_or("").as_bytes()).take(32) {
+        map.entry(k.into_owned()).or_insert_with(|| v.into_owned());
+    }
+    map
+}
+
+/// `:PORT` of a URL that has one, else nothing.
+fn port_of(url: &str) -> String {
+    url::Url::parse(url)
+        .ok()
+        .and_then(|u| u.port())
+        .map_or(String::new(), |p| format!(":{p}"))
+}
+
+/// The request's host without port, lower-case.
+fn host_of<B>(req: &Request<B>) -> Option<String> {
+    let raw = req
+        .uri()
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .or_else(|| {
+            req.headers()
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_owned)
+        })?;
+    crate::routing::normalize_host(&raw).map(|h| h.into_owned())
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_edges_cookie_is_taken_out_and_the_others_kept() {
+        let mut h = HeaderMap::new();
+        h.append(
+            COOKIE,
+            HeaderValue::from_static("a=1; __Host-portico-session=S; b=2"),
+        );
+        h.append(COOKIE, HeaderValue::from_static("c=3"));
+        assert_eq!(take_cookie(&mut h, SESSION_COOKIE).as_deref(), Some("S"));
+        let left: Vec<&str> = h
+            .get_all(COOKIE)
+            .iter()
+            .map(|v| v.to_str().unwrap())
+            .collect();
+        assert_eq!(left, ["a=1; b=2", "c=3"]);
+        // Only the edge's cookie: no Cookie header left.
+        let mut h = HeaderMap::new();
+        h.append(COOKIE, HeaderValue::from_static("__Host-portico-session=S"));
+        take_cookie(&mut h, SESSION_COOKIE);
+        assert!(h.get(COOKIE).is_none());
+        // None of it: untouched.
+        let mut h = HeaderMap::new();
+        h.append(COOKIE, HeaderValue::from_static("x=1"));
+        assert!(take_cookie(&mut h, SESSION_COOKIE).is_none());
+        assert_eq!(h[COOKIE], "x=1");
+    }
+
+    #[test]
+    fn only_navigations_are_sent_to_sign_in() {
+        let req = |m: Method, accept: Option<&str>| {
+            let mut b = Request::builder().method(m).uri("/");
+            if let Some(a) = accept {
+                b = b.header("accept", a);
+            }
+            b.body(()).unwrap()
+        };
+        assert!(is_navigation(&req(
+            Method::GET,
+            Some("text/html,application/xhtml+xml")
+        )));
+        assert!(!is_navigation(&req(Method::GET, Some("application/json"))));
+        assert!(!is_navigation(&req(Method::GET, None)));
+        assert!(!is_navigation(&req(Method::POST, Some("text/html"))));
+    }
+}

@@ -1,0 +1,266 @@
+//! The OpenID provider as the edge's relying party sees it, through the
+//! `openidconnect` crate: discovery (cached, fetched again after
+//! [`METADATA_TTL`] or when an ID token names a key the cached set lacks,
+//! at most once per [`REFRESH_MIN`]), the authorization URL (code flow,
+//! PKCE S256, `state` and `nonce`), and the code exchange with the ID
+//! token's checks (signature through the provider's JWKS, `iss`, `aud`,
+//! `exp`, `nonce`; the crate refuses `alg: none`). The HTTP client follows
+//! no redirects and every call is bounded in time and size.
+
+use std::time::{Duration, Instant};
+
+use openidconnect::core::{
+    CoreAuthenticationFlow, CoreClient, CoreGenderClaim, CoreJweContentEncryptionAlgorithm,
+    CoreJwsSigningAlgorithm, CoreProviderMetadata,
+};
+use openidconnect::{
+    AdditionalClaims, AuthorizationCode, ClientId, ClientSecret, CsrfToken, IdToken, IssuerUrl,
+    Nonce, PkceCodeChallenge, PkceCodeVerifier, RedirectUrl, Scope, TokenResponse as _,
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::Mutex;
+
+/// How long discovery's answer (endpoints and keys) is used.
+const METADATA_TTL: Duration = Duration::from_secs(3600);
+/// The least time between two fetches of the metadata.
+const REFRESH_MIN: Duration = Duration::from_secs(30);
+/// How long one call to the provider may take.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// The most groups kept of a user, and the longest claim kept.
+pub(crate) const MAX_GROUPS: usize = 64;
+pub(crate) const MAX_CLAIM: usize = 256;
+
+/// Who signed in, as the ID token says (bounded).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct User {
+    pub sub: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub email: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<String>,
+}
+
+/// The claims beyond the standard ones that the edge reads.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct Extra {
+    #[serde(default)]
+    groups: Vec<String>,
+}
+
+impl AdditionalClaims for Extra {}
+
+type GroupsIdToken =
+    IdToken<Extra, CoreGenderClaim, CoreJweContentEncryptionAlgorithm, CoreJwsSigningAlgorithm>;
+
+/// Why a sign-in could not go on. The user sees the kind; the log has the
+/// detail.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum OidcError {
+    #[error("the OpenID provider's discovery failed: {0}")]
+    Discovery(String),
+    #[error("the provider's configuration is not usable: {0}")]
+    Config(String),
+    #[error("the code exchange failed: {0}")]
+    Exchange(String),
+    #[error("the ID token was refused: {0}")]
+    IdToken(String),
+}
+
+/// The deployment's OpenID provider and this edge's client of it.
+pub(crate) struct Provider {
+    issuer: IssuerUrl,
+    client_id: ClientId,
+    client_secret: ClientSecret,
+    http: openidconnect::reqwest::Client,
+    metadata: Mutex<Option<(CoreProviderMetadata, Instant)>>,
+}
+
+impl std::fmt::Debug for Provider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Provider")
+            .field("issuer", &self.issuer.as_str())
+            .field("client_id", &self.client_id.as_str())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The values one sign-in carries from the authorization request to the
+/// callback.
+pub(crate) struct Started {
+    pub url: String,
+    pub state: String,
+    pub nonce: String,
+    pub verifier: String,
+}
+
+impl Provider {
+    pub(crate) fn new(
+        issuer: &str,
+        client_id: &str,
+        client_secret: &str,
+    ) -> Result<Provider, OidcError> {
+        let issuer =
+            IssuerUrl::new(issuer.to_owned()).map_err(|e| OidcError::Config(e.to_string()))?;
+        let http = openidconnect::reqwest::ClientBuilder::new()
+            // Following redirects would let a provider's answer point the
+            // edge anywhere.
+            .redirect(openidconnect::reqwest::redirect::Policy::none())
+            .timeout(CALL_TIMEOUT)
+            .build()
+            .map_err(|e| OidcError::Config(e.to_string()))?;
+        Ok(Provider {
+            issuer,
+            client_id: ClientId::new(client_id.to_owned()),
+            client_secret: ClientSecret::new(client_secret.to_owned()),
+            http,
+            metadata: Mutex::new(None),
+        })
+    }
+
+    /// The provider's metadata: cached, else discovered. `fresh` asks again
+    /// (an unknown signing key) unless that was done within
+    /// [`REFRESH_MIN`].
+    async fn metadata(&self, fresh: bool) -> Result<CoreProviderMetadata, OidcError> {
+        let mut cached = self.metadata.lock().await;
+        if let Some((m, at)) = cached.as_ref() {
+            let age = at.elapsed();
+            if age < METADATA_TTL && (!fresh || age < REFRESH_MIN) {
+                return Ok(m.clone());
+            }
+        }
+        let discovered = tokio::time::timeout(
+            CALL_TIMEOUT * 2,
+            CoreProviderMetadata::discover_async(self.issuer.clone(), &self.http),
+        )
+        .await
+        .map_err(|_| OidcError::Discovery(format!("no answer within {:?}", CALL_TIMEOUT * 2)))?
+        .map_err(|e| OidcError::Discovery(portico_agent::error_chain(&e).to_string()))?;
+        *cached = Some((discovered.clone(), Instant::now()));
+        Ok(discovered)
+    }
+
+    fn client(
+        &self,
+        metadata: CoreProviderMetadata,
+        redirect: &str,
+    ) -> Result<
+        CoreClient<
+            openidconnect::EndpointSet,
+            openidconnect::EndpointNotSet,
+            openidconnect::EndpointNotSet,
+            openidconnect::EndpointNotSet,
+            openidconnect::EndpointMaybeSet,
+            openidconnect::EndpointMaybeSet,
+        >,
+        OidcError,
+    > {
+        let redirect =
+            RedirectUrl::new(redirect.to_owned()).map_err(|e| OidcError::Config(e.to_string()))?;
+        Ok(CoreClient::from_provider_metadata(
+            metadata,
+            self.client_id.clone(),
+            Some(self.client_secret.clone()),
+        )
+        .set_redirect_uri(redirect))
+    }
+
+    /// Where to send the browser: the code flow with PKCE S256, fresh
+    /// `state` and `nonce` (256 bits each), scopes `openid email profile`.
+    pub(crate) async fn start(&self, redirect: &str) -> Result<Started, OidcError> {
+        let client = self.client(self.metadata(false).await?, redirect)?;
+        let (challenge, verifier) = PkceCodeChallenge::new_random_sha256();
+        let (url, state, nonce) = client
+            .authorize_url(
+                CoreAuthenticationFlow::AuthorizationCode,
+                || CsrfToken::new(super::seal::random_token(32)),
+                || Nonce::new(super::seal::random_token(32)),
+            )
+            .add_scope(Scope::new("email".into()))
+            .add_scope(Scope::new("profile".into()))
+            .set_pkce_challenge(challenge)
+            .url();
+        Ok(Started {
+            url: url.to_string(),
+            state: state.secret().clone(),
+            nonce: nonce.secret().clone(),
+            verifier: verifier.secret().clone(),
+        })
+    }
+
+    /// Exchanges `code` (with the PKCE verifier) and checks the ID token
+    /// against `nonce`: the user it names.
+    pub(crate) async fn finish(
+        &self,
+        redirect: &str,
+        code: &str,
+        verifier: &str,
+        nonce: &str,
+    ) -> Result<User, OidcError> {
+        let client = self.client(self.metadata(false).await?, redirect)?;
+        let exchange = client
+            .exchange_code(AuthorizationCode::new(code.to_owned()))
+            .map_err(|e| OidcError::Config(e.to_string()))?
+            .set_pkce_verifier(PkceCodeVerifier::new(verifier.to_owned()));
+        let response = tokio::time::timeout(CALL_TIMEOUT * 2, exchange.request_async(&self.http))
+            .await
+            .map_err(|_| OidcError::Exchange(format!("no answer within {:?}", CALL_TIMEOUT * 2)))?
+            .map_err(|e| OidcError::Exchange(portico_agent::error_chain(&e).to_string()))?;
+        let raw = response
+            .id_token()
+            .ok_or_else(|| OidcError::IdToken("the token response has no ID token".into()))?
+            .to_string();
+        let token: GroupsIdToken = raw
+            .parse()
+            .map_err(|e: serde_json::Error| OidcError::IdToken(e.to_string()))?;
+        let nonce = Nonce::new(nonce.to_owned());
+        let verified = {
+            let verifier = client.id_token_verifier();
+            token
+                .claims(&verifier, &nonce)
+                .map(user_of)
+                .map_err(|e| e.to_string())
+        };
+        match verified {
+            Ok(user) => Ok(user),
+            Err(first) => {
+                // The provider may have rotated its keys since discovery:
+                // once, with fresh ones.
+                let fresh = self.metadata(true).await?;
+                let client = self.client(fresh, redirect)?;
+                let verifier = client.id_token_verifier();
+                token
+                    .claims(&verifier, &nonce)
+                    .map(user_of)
+                    .map_err(|e| OidcError::IdToken(format!("{first}; again with fresh keys: {e}")))
+            }
+        }
+    }
+}
+
+fn bounded(s: &str) -> String {
+    let mut end = s.len().min(MAX_CLAIM);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_owned()
+}
+
+fn user_of(c: &openidconnect::IdTokenClaims<Extra, CoreGenderClaim>) -> User {
+    User {
+        sub: bounded(c.subject().as_str()),
+        email: c.email().map(|e| bounded(e.as_str())),
+        name: c
+            .name()
+            .and_then(|n| n.get(None))
+            .map(|n| bounded(n.as_str())),
+        groups: c
+            .additional_claims()
+            .groups
+            .iter()
+            .take(MAX_GROUPS)
+            .map(|g| bounded(g))
+            .collect(),
+    }
+}

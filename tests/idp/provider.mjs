@@ -1,0 +1,80 @@
+// Portico's test IdP: npm oidc-provider on loopback (../shared/TEST-PEERS.md).
+//
+// Environment:
+//   OP_PORT           port on 127.0.0.1 (0: any; the chosen one is printed)
+//   OP_REDIRECT_URIS  the client's exact redirect URIs, comma-separated
+//   OP_API            the audience of JWT access tokens for API clients
+//
+// Prints `listening issuer=http://127.0.0.1:PORT` once it serves. Users sign
+// in with any password through the dev interaction form; the login is
+// `sub`. alice is in groups admins and devs; bob in none.
+import { generateKeyPairSync } from 'node:crypto';
+import * as http from 'node:http';
+import Provider, { errors } from 'oidc-provider';
+
+const API = process.env.OP_API ?? 'https://api.apps.localhost';
+const USERS = {
+  alice: { email: 'alice@example.test', name: 'Alice Admin', groups: ['admins', 'devs'] },
+  bob: { email: 'bob@example.test', name: 'Bob', groups: [] },
+};
+const claimsFor = (id) => {
+  const u = USERS[id] ?? { email: `${id}@example.test`, name: id, groups: [] };
+  return { sub: id, email: u.email, email_verified: true, name: u.name, groups: u.groups };
+};
+const { privateKey } = generateKeyPairSync('rsa', { modulusLength: 2048 });
+const jwk = { ...privateKey.export({ format: 'jwk' }), kid: 'test-key-1', use: 'sig', alg: 'RS256' };
+const redirectUris = (process.env.OP_REDIRECT_URIS ?? '').split(',').filter(Boolean);
+
+const server = http.createServer();
+server.listen(Number(process.env.OP_PORT ?? 0), '127.0.0.1', () => {
+  const port = server.address().port;
+  const issuer = `http://127.0.0.1:${port}`;
+  const provider = new Provider(issuer, {
+    clients: [{
+      client_id: 'portico',
+      client_secret: 'portico-secret',
+      redirect_uris: redirectUris,
+      grant_types: ['authorization_code'],
+      response_types: ['code'],
+      token_endpoint_auth_method: 'client_secret_basic',
+    }],
+    pkce: { required: () => true },
+    jwks: { keys: [jwk] },
+    cookies: { keys: ['portico-test-idp-cookie-key'] },
+    scopes: ['openid', 'profile', 'email', 'groups'],
+    claims: { openid: ['sub'], email: ['email', 'email_verified'], profile: ['name', 'groups'], groups: ['groups'] },
+    conformIdTokenClaims: false,
+    async findAccount(ctx, id) { return { accountId: id, async claims() { return claimsFor(id); } }; },
+    features: {
+      devInteractions: { enabled: true },
+      resourceIndicators: {
+        enabled: true,
+        defaultResource: async (ctx, client, oneOf) =>
+          oneOf ?? (String(ctx.oidc.params?.scope ?? '').split(' ').includes('api') ? API : undefined),
+        useGrantedResource: async () => true,
+        getResourceServerInfo: async (ctx, ind) => {
+          if (ind !== API) throw new errors.InvalidTarget();
+          return { scope: 'api', audience: API, accessTokenFormat: 'jwt', accessTokenTTL: 3600, jwt: { sign: { alg: 'RS256' } } };
+        },
+      },
+    },
+    async extraTokenClaims(ctx, t) {
+      if (t.kind === 'AccessToken' && t.accountId) {
+        const c = claimsFor(t.accountId);
+        return { email: c.email, groups: c.groups };
+      }
+      return undefined;
+    },
+    // No consent page: every grant asked for is given.
+    async loadExistingGrant(ctx) {
+      const grant = new provider.Grant({ clientId: ctx.oidc.client.clientId, accountId: ctx.oidc.session.accountId });
+      grant.addOIDCScope('openid email profile groups');
+      grant.addResourceScope(API, 'api');
+      await grant.save();
+      return grant;
+    },
+  });
+  server.on('request', provider.callback());
+  console.log(`listening issuer=${issuer}`);
+});
+process.on('SIGTERM', () => process.exit(0));
