@@ -183,6 +183,8 @@ pub async fn app(cmd: AppCmd) -> anyhow::Result<()> {
                     .map_err(anyhow::Error::msg)
                     .context("--backend-timeout")?,
                 validate_backend_tls: !a.no_validate_backend_tls,
+                translate_headers: !a.no_translate_headers,
+                translate_body: a.translate_body,
                 required_features: a.required_features,
                 preauth: a.preauth,
             };
@@ -206,11 +208,9 @@ pub async fn app(cmd: AppCmd) -> anyhow::Result<()> {
                     .transpose()
                     .map_err(anyhow::Error::msg)
                     .context("--backend-timeout")?,
-                validate_backend_tls: match (a.validate_backend_tls, a.no_validate_backend_tls) {
-                    (true, _) => Some(true),
-                    (_, true) => Some(false),
-                    _ => None,
-                },
+                validate_backend_tls: switch(a.validate_backend_tls, a.no_validate_backend_tls),
+                translate_headers: switch(a.translate_headers, a.no_translate_headers),
+                translate_body: switch(a.translate_body, a.no_translate_body),
                 required_features: if a.no_required_features {
                     Some(vec![])
                 } else if a.required_features.is_empty() {
@@ -236,6 +236,7 @@ pub async fn app(cmd: AppCmd) -> anyhow::Result<()> {
                     "INTERNAL URL",
                     "GROUP",
                     "TIMEOUT",
+                    "TRANSLATE",
                     "FEATURES",
                 ],
                 |app| {
@@ -245,6 +246,7 @@ pub async fn app(cmd: AppCmd) -> anyhow::Result<()> {
                         app.internal_url.clone(),
                         app.connector_group.to_string(),
                         app.backend_timeout.to_string(),
+                        translated(app),
                         features(&app.required_features),
                     ]
                 },
@@ -275,8 +277,31 @@ fn app_lines(app: &App) -> Vec<(&'static str, String)> {
         ("backend timeout", app.backend_timeout.to_string()),
         ("validate backend tls", app.validate_backend_tls.to_string()),
         ("preauth", app.preauth.to_string()),
+        ("translate headers", app.translate_headers.to_string()),
+        ("translate body", app.translate_body.to_string()),
         ("required features", features(&app.required_features)),
     ]
+}
+
+/// A `--x` / `--no-x` pair of `app update` as a patch field: `None` when
+/// neither was given (clap refuses both).
+fn switch(on: bool, off: bool) -> Option<bool> {
+    match (on, off) {
+        (true, _) => Some(true),
+        (_, true) => Some(false),
+        _ => None,
+    }
+}
+
+/// What an app translates, as a table cell: `headers`, `body`,
+/// `headers,body` or `-`.
+fn translated(app: &App) -> String {
+    match (app.translate_headers, app.translate_body) {
+        (true, true) => "headers,body".into(),
+        (true, false) => "headers".into(),
+        (false, true) => "body".into(),
+        (false, false) => "-".into(),
+    }
 }
 
 /// Required features as a table cell: comma-separated, `-` for none.

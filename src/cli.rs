@@ -538,6 +538,18 @@ pub struct AppCreateArgs {
     /// Accept any certificate from an https backend (validation is on by default).
     #[arg(long)]
     pub no_validate_backend_tls: bool,
+    /// Leave the backend's response headers as they are. By default the
+    /// connector translates internal URLs (this app's or any published
+    /// app's) to external ones in `Location`, `Content-Location`,
+    /// `Refresh` and `Set-Cookie`'s `Domain` and `Path`.
+    #[arg(long)]
+    pub no_translate_headers: bool,
+    /// Also translate internal URLs to external ones in HTML and CSS
+    /// response bodies (links, `src`, forms, `srcset`, CSS `url()`),
+    /// streamed, never buffered whole. Off by default; the backend is then
+    /// asked for uncompressed responses.
+    #[arg(long)]
+    pub translate_body: bool,
     /// A feature every edge must implement to serve this app (repeatable;
     /// lower-case letters, digits and '-'). An edge that does not know it
     /// answers 503 `FeatureUnsupported` instead of serving the app without it.
@@ -576,6 +588,19 @@ pub struct AppUpdateArgs {
     /// Accept any certificate from an https backend.
     #[arg(long, group = "change")]
     pub no_validate_backend_tls: bool,
+    /// Translate internal URLs in response headers (`Location`,
+    /// `Content-Location`, `Refresh`, `Set-Cookie` `Domain` and `Path`).
+    #[arg(long, group = "change", conflicts_with = "no_translate_headers")]
+    pub translate_headers: bool,
+    /// Leave response headers as the backend sent them.
+    #[arg(long, group = "change")]
+    pub no_translate_headers: bool,
+    /// Translate internal URLs in HTML and CSS response bodies, streamed.
+    #[arg(long, group = "change", conflicts_with = "no_translate_body")]
+    pub translate_body: bool,
+    /// Leave response bodies as the backend sent them.
+    #[arg(long, group = "change")]
+    pub no_translate_body: bool,
     /// A feature every edge must implement to serve the app (repeatable).
     /// Replaces the app's whole list.
     #[arg(

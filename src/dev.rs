@@ -248,6 +248,8 @@ pub async fn publish(
         connector_group: group,
         backend_timeout: BackendTimeout::Default,
         validate_backend_tls: true,
+        translate_headers: true,
+        translate_body: false,
         required_features: vec![],
         preauth: Default::default(),
     };

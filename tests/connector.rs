@@ -288,6 +288,8 @@ async fn a_backend_that_never_answers_takes_only_its_apps_cap() {
             connector_group: group.clone(),
             backend_timeout: BackendTimeout::Seconds(15),
             validate_backend_tls: true,
+            translate_headers: true,
+            translate_body: false,
             required_features: vec![],
             preauth: Default::default(),
         };

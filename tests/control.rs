@@ -345,6 +345,8 @@ async fn invalid_admin_input_gets_precise_errors() {
         connector_group: GroupId::default_group(),
         backend_timeout: BackendTimeout::Default,
         validate_backend_tls: true,
+        translate_headers: true,
+        translate_body: false,
         required_features: vec![],
         preauth: Default::default(),
     };

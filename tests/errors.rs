@@ -24,6 +24,8 @@ fn spec(id: &str, internal_url: &str) -> AppSpec {
         connector_group: GroupId::default_group(),
         backend_timeout: BackendTimeout::Default,
         validate_backend_tls: true,
+        translate_headers: true,
+        translate_body: false,
         required_features: vec![],
         preauth: Default::default(),
     }

@@ -39,6 +39,8 @@ async fn a_killed_connector_gives_connector_not_found_and_comes_back_from_its_st
                     connector_group: GroupId::new("proc").unwrap(),
                     backend_timeout: portico_proto::api::BackendTimeout::Seconds(1),
                     validate_backend_tls: true,
+                    translate_headers: true,
+                    translate_body: false,
                     required_features: vec![],
                     preauth: Default::default(),
                 },
@@ -357,6 +359,8 @@ async fn the_cli_publishes_an_app_that_requires_features() {
     assert!(header.ends_with("FEATURES"), "{out}");
     let row = out.lines().find(|l| l.starts_with("feat ")).unwrap();
     assert!(row.ends_with("sign-in,mesh"), "{out}");
+    let cells: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(cells[cells.len() - 2], "headers", "the defaults: {out}");
 
     // A bad name is refused by the router, named, and printed once.
     let (ok, out, err) = cli(
@@ -417,6 +421,8 @@ async fn the_cli_updates_an_app_and_users_see_the_change() {
             "--backend-timeout",
             "long",
             "--no-validate-backend-tls",
+            "--no-translate-headers",
+            "--translate-body",
             "--require-feature",
             "x-test",
         ],
@@ -434,6 +440,8 @@ async fn the_cli_updates_an_app_and_users_see_the_change() {
         Some("false")
     );
     assert_eq!(shown(&out, "required features").as_deref(), Some("x-test"));
+    assert_eq!(shown(&out, "translate headers").as_deref(), Some("false"));
+    assert_eq!(shown(&out, "translate body").as_deref(), Some("true"));
     // The required feature is the edge's to judge; clear it so that this
     // edge serves the app whatever it knows.
     let (ok, out, err) = cli(

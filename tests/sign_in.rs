@@ -218,6 +218,8 @@ async fn setup() -> Setup {
         connector_group: group.clone(),
         backend_timeout: Default::default(),
         validate_backend_tls: true,
+        translate_headers: true,
+        translate_body: false,
         required_features: vec![],
         preauth: Preauth::Oidc,
     };

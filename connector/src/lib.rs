@@ -22,8 +22,10 @@ mod path;
 mod probe;
 mod region;
 mod resolve;
+mod rewrite;
 mod shard;
 mod stream;
+mod translate;
 mod tunnel;
 mod watch;
 

@@ -13,7 +13,7 @@ use bytes::{Bytes, BytesMut};
 use http::{Request, StatusCode, Version};
 use http_body::{Body, Frame as BodyFrame, SizeHint};
 use http_body_util::BodyExt;
-use portico_proto::api::App;
+use portico_proto::api::{App, AppLink};
 use portico_proto::io::{read_frame, ReadError, WriteError};
 use portico_proto::{
     AppId, CloseCode, ErrorCode, Frame, GroupId, ResponseHead, StreamError, StreamHead, StreamKind,
@@ -25,6 +25,8 @@ use crate::error::ProxyError;
 use crate::headers::{request_headers, response_headers, InternalUrl, RequestMeta};
 use crate::metrics::Metrics;
 use crate::origin::{classify, Backend, BoxError, Origin, ReqBody};
+use crate::rewrite::{BodyKind, BodyRewriter};
+use crate::translate::{Links, Translator};
 
 /// How long the edge may take to send a stream's head.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
@@ -47,13 +49,16 @@ pub(crate) struct AppEntry {
     pub internal: Result<InternalUrl, String>,
     /// Its client, pool and connection cap.
     pub backend: Arc<Backend>,
+    /// Its link translation (every app's links, its own prefix and host),
+    /// when its internal URL parses.
+    pub translator: Option<Arc<Translator>>,
 }
 
 /// The apps of this connector's group, by id.
 pub(crate) type AppTable = HashMap<AppId, Arc<AppEntry>>;
 
-/// Builds the table of the apps in `group`; apps of other groups are left
-/// out. An app whose internal URL, TLS validation and timeout are as in
+/// Builds the table of the apps in `group`, each translating links by
+/// `links`; apps of other groups are left out. An app whose internal URL, TLS validation and timeout are as in
 /// `previous` keeps its backend (its pool, its open connections and the
 /// permits they hold), so a config change neither drops warm connections
 /// nor lets an app hold its cap twice.
@@ -62,6 +67,7 @@ pub(crate) fn app_table(
     group: &GroupId,
     origin: &Origin,
     previous: &AppTable,
+    links: &Arc<Links>,
 ) -> AppTable {
     apps.iter()
         .filter(|a| &a.connector_group == group)
@@ -83,6 +89,7 @@ pub(crate) fn app_table(
                     app: a.clone(),
                     internal,
                     backend,
+                    translator: Translator::new(links.clone(), &a.internal_url).map(Arc::new),
                 }),
             )
         })
@@ -108,10 +115,13 @@ pub(crate) fn shard_streams(metrics: &Metrics, shards: usize) -> Vec<prometheus:
 }
 
 impl StreamCtx {
-    /// Serves `apps` (this group's) from now on; see [`app_table`].
-    pub fn set_apps(&self, apps: &[App]) {
+    /// Serves `apps` (this group's) from now on, translating `links`
+    /// (every published app's; with none, those of `apps`); see
+    /// [`app_table`].
+    pub fn set_apps(&self, apps: &[App], links: &[AppLink]) {
         let previous = self.apps.load();
-        let table = app_table(apps, &self.group, &self.origin, &previous);
+        let links = Arc::new(Links::of_config(links, apps));
+        let table = app_table(apps, &self.group, &self.origin, &previous, &links);
         self.apps.store(Arc::new(table));
     }
 }
@@ -220,7 +230,14 @@ async fn proxy(
     };
     // The head is ours: move its headers instead of copying them.
     let incoming = std::mem::take(&mut head.headers);
-    let headers = request_headers(incoming, meta, host);
+    let mut headers = request_headers(incoming, meta, host);
+    if entry.app.translate_body {
+        // A compressed body could not be rewritten.
+        headers.insert(
+            http::header::ACCEPT_ENCODING,
+            http::HeaderValue::from_static("identity"),
+        );
+    }
     let websocket = head.kind == StreamKind::WebSocket;
     let timeout = match head.timeout_ms {
         0 => DEFAULT_TIMEOUT,
@@ -390,10 +407,22 @@ async fn send_request(
     } else {
         std::mem::take(&mut parts.headers)
     };
-    let head = ResponseHead {
-        status,
-        headers: response_headers(headers, switching),
+    let mut headers = response_headers(headers, switching);
+    let translator = entry.translator.as_ref();
+    if let Some(t) = translator.filter(|_| entry.app.translate_headers) {
+        crate::translate::response_headers(&mut headers, t);
+    }
+    let rewriter = match translator {
+        Some(t) if entry.app.translate_body && !switching => {
+            BodyKind::of(&headers).map(|kind| BodyRewriter::new(kind, t.clone()))
+        }
+        _ => None,
     };
+    if rewriter.is_some() {
+        // The body changes length: it goes chunked.
+        headers.remove(http::header::CONTENT_LENGTH);
+    }
+    let head = ResponseHead { status, headers };
     if let Err(e) = send_frame(send, &Frame::ResponseHead(head)).await {
         return match e {
             WriteError::Encode(e) => {
@@ -420,20 +449,30 @@ async fn send_request(
         return pipe_upgrade(ctx, response, recv, send).await;
     }
     drop(pipe_recv);
-    copy_response_body(ctx, body, send, status).await
+    copy_response_body(ctx, body, send, status, rewriter).await
 }
 
+/// Streams the backend's body to the edge, through `rewriter` when the
+/// app translates this body's links.
 async fn copy_response_body(
     ctx: &StreamCtx,
     mut body: hyper::body::Incoming,
     send: &mut SendStream,
     status: StatusCode,
+    mut rewriter: Option<BodyRewriter>,
 ) -> Outcome {
     let bytes = ctx.metrics.bytes_out.clone();
     while let Some(frame) = body.frame().await {
         match frame {
             Ok(frame) => {
                 if let Ok(data) = frame.into_data() {
+                    let data = match rewriter.as_mut() {
+                        Some(r) => r.push(&data),
+                        None => data,
+                    };
+                    if data.is_empty() {
+                        continue;
+                    }
                     let n = data.len() as u64;
                     // quinn holds the chunk until the edge acknowledges it.
                     let data = portico_agent::quic::detach_small(data);
@@ -451,6 +490,15 @@ async fn copy_response_body(
                 return Outcome::Answered { status };
             }
         }
+    }
+    if let Some(rest) = rewriter.map(BodyRewriter::finish).filter(|b| !b.is_empty()) {
+        let n = rest.len() as u64;
+        if send.write_chunk(rest).await.is_err() {
+            return Outcome::Gone {
+                status: Some(status),
+            };
+        }
+        bytes.inc_by(n);
     }
     finish(send).await;
     Outcome::Answered { status }

@@ -50,6 +50,8 @@ fn app(id: &str, internal_url: String, validate: bool) -> App {
         connector_group: GroupId::default_group(),
         backend_timeout: BackendTimeout::Default,
         validate_backend_tls: validate,
+        translate_headers: true,
+        translate_body: false,
         required_features: vec![],
         preauth: Default::default(),
         created_at: 0,
@@ -87,7 +89,7 @@ fn ctx_sharded(
         shard_streams: crate::stream::shard_streams(&metrics, shards),
         metrics,
     });
-    ctx.set_apps(&apps);
+    ctx.set_apps(&apps, &[]);
     Ok(ctx)
 }
 
@@ -1149,6 +1151,7 @@ mod pool {
             }],
             region: None,
             tunnel_names: Default::default(),
+            links: vec![],
         })
     }
 
@@ -1451,6 +1454,7 @@ mod pool {
                 edges,
                 region: None,
                 tunnel_names: Default::default(),
+                links: vec![],
             };
             crate::watch::apply(
                 &pool,

@@ -1162,6 +1162,7 @@ mod tests {
                 .collect(),
             region: None,
             tunnel_names: Default::default(),
+            links: vec![],
         }
     }
 

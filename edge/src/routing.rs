@@ -241,6 +241,8 @@ pub(crate) mod tests {
             connector_group: GroupId::default_group(),
             backend_timeout: BackendTimeout::Seconds(5),
             validate_backend_tls: true,
+            translate_headers: true,
+            translate_body: false,
             required_features: vec![],
             preauth: Default::default(),
             created_at: 0,

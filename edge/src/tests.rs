@@ -136,6 +136,8 @@ fn app(id: &str, host: &str, timeout: BackendTimeout) -> App {
         connector_group: GroupId::default_group(),
         backend_timeout: timeout,
         validate_backend_tls: true,
+        translate_headers: true,
+        translate_body: false,
         required_features: vec![],
         preauth: Default::default(),
         created_at: 0,

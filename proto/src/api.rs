@@ -455,6 +455,10 @@ impl std::str::FromStr for Preauth {
     }
 }
 
+fn is_true(v: &bool) -> bool {
+    *v
+}
+
 /// `POST /v1/apps`: what an admin publishes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -473,6 +477,16 @@ pub struct AppSpec {
     /// Verify the backend's TLS certificate (https internal URLs).
     #[serde(default = "default_true")]
     pub validate_backend_tls: bool,
+    /// Translate internal URLs to external ones in the backend's response
+    /// headers (`Location`, `Content-Location`, `Refresh`, `Set-Cookie`'s
+    /// `Domain` and `Path`). Left out of the JSON when on, so that a
+    /// request that keeps the default reads on an older router too.
+    #[serde(default = "default_true", skip_serializing_if = "is_true")]
+    pub translate_headers: bool,
+    /// Translate internal URLs to external ones in HTML and CSS response
+    /// bodies, streamed. Left out of the JSON when off.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub translate_body: bool,
     /// Features an edge must implement to serve this app (see
     /// [`check_required_features`]); an edge that does not know one of them
     /// refuses the app rather than serve it without.
@@ -499,6 +513,10 @@ pub struct AppPatch {
     pub backend_timeout: Option<BackendTimeout>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub validate_backend_tls: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub translate_headers: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub translate_body: Option<bool>,
     /// Replaces the whole list (`[]` clears it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub required_features: Option<Vec<String>>,
@@ -529,6 +547,12 @@ impl AppPatch {
         if let Some(v) = self.validate_backend_tls {
             spec.validate_backend_tls = v;
         }
+        if let Some(v) = self.translate_headers {
+            spec.translate_headers = v;
+        }
+        if let Some(v) = self.translate_body {
+            spec.translate_body = v;
+        }
         if let Some(v) = self.required_features {
             spec.required_features = v;
         }
@@ -551,6 +575,13 @@ pub struct App {
     pub connector_group: GroupId,
     pub backend_timeout: BackendTimeout,
     pub validate_backend_tls: bool,
+    /// Translate internal URLs in response headers (on for an app stored
+    /// before the setting existed).
+    #[serde(default = "default_true")]
+    pub translate_headers: bool,
+    /// Translate internal URLs in HTML and CSS response bodies.
+    #[serde(default)]
+    pub translate_body: bool,
     /// Features an edge must implement to serve this app; empty for most.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub required_features: Vec<String>,
@@ -998,6 +1029,25 @@ pub struct ConnectorConfig {
     /// gives, each verified as an edge of that region.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub tunnel_names: std::collections::BTreeMap<RegionId, String>,
+    /// Every published app's internal and external URL (of every group, at
+    /// most [`MAX_APP_LINKS`]), for link translation: a link to the
+    /// internal URL of any app becomes that app's external URL. Empty from
+    /// an older router; the connector then knows only its group's apps.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub links: Vec<AppLink>,
+}
+
+/// The most [`AppLink`]s a connector config carries; a connector reads no
+/// more than this many either.
+pub const MAX_APP_LINKS: usize = 10_000;
+
+/// One published app's URLs, for link translation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppLink {
+    /// As the app's `internal_url`: scheme, host, port and path prefix.
+    pub internal_url: String,
+    /// As the app's `external_url`: `https://<host>[:port]/`.
+    pub external_url: String,
 }
 
 /// `POST /v1/edge/report`, every few seconds and on every tunnel change.
@@ -1095,8 +1145,47 @@ mod tests {
             serde_json::from_str(r#"{"id":"hr","internal_url":"http://10.0.0.5:8080/"}"#).unwrap();
         assert_eq!(spec.connector_group, GroupId::default_group());
         assert!(spec.validate_backend_tls);
+        assert!(spec.translate_headers);
+        assert!(!spec.translate_body);
         assert_eq!(spec.backend_timeout, BackendTimeout::Default);
         assert!(spec.required_features.is_empty());
+    }
+
+    #[test]
+    fn translation_settings_default_and_stay_off_the_wire_at_their_defaults() {
+        // An app stored or sent before the settings existed reads back with
+        // headers translated and bodies not.
+        let app: App = serde_json::from_str(
+            r#"{"id":"hr","external_host":"hr.apps.test","external_url":"https://hr.apps.test/",
+                "internal_url":"http://hr.corp/","connector_group":"Default",
+                "backend_timeout":"default","validate_backend_tls":true,"created_at":1}"#,
+        )
+        .unwrap();
+        assert!(app.translate_headers);
+        assert!(!app.translate_body);
+        // A spec at the defaults names neither, so an older router (which
+        // refuses unknown fields) still takes it; a changed one names it.
+        let mut spec: AppSpec =
+            serde_json::from_str(r#"{"id":"hr","internal_url":"http://x/"}"#).unwrap();
+        let json = serde_json::to_string(&spec).unwrap();
+        assert!(!json.contains("translate"), "{json}");
+        spec.translate_headers = false;
+        spec.translate_body = true;
+        let json = serde_json::to_string(&spec).unwrap();
+        assert!(json.contains(r#""translate_headers":false"#), "{json}");
+        assert!(json.contains(r#""translate_body":true"#), "{json}");
+        assert_eq!(serde_json::from_str::<AppSpec>(&json).unwrap(), spec);
+        let patch: AppPatch = serde_json::from_str(r#"{"translate_body":true}"#).unwrap();
+        let patched =
+            patch.apply(serde_json::from_str(r#"{"id":"hr","internal_url":"http://x/"}"#).unwrap());
+        assert!(patched.translate_body && patched.translate_headers);
+        // A connector config without links (an older router) reads, and
+        // one without links writes none.
+        let c: ConnectorConfig =
+            serde_json::from_str(r#"{"version":1,"group":"Default","apps":[],"edges":[]}"#)
+                .unwrap();
+        assert!(c.links.is_empty());
+        assert!(!serde_json::to_string(&c).unwrap().contains("links"));
     }
 
     #[test]

@@ -965,6 +965,8 @@ pub(crate) fn to_app(rec: AppRecord, port: u16) -> App {
         backend_timeout: rec.backend_timeout,
         validate_backend_tls: rec.validate_backend_tls,
         preauth: api::Preauth::of_features(&rec.required_features),
+        translate_headers: rec.translate_headers,
+        translate_body: rec.translate_body,
         required_features: rec.required_features,
         created_at: rec.created_at,
     }
@@ -1442,6 +1444,8 @@ async fn update_app(
             .into_iter()
             .filter(|f| f != api::SIGN_IN_FEATURE)
             .collect(),
+        translate_headers: current.translate_headers,
+        translate_body: current.translate_body,
     });
     // The same checks as a new app, on the whole result.
     let rec = app_record(&state.config, spec, created_at)?;
@@ -1505,6 +1509,8 @@ fn app_record(config: &Config, spec: api::AppSpec, created_at: u64) -> Result<Ap
         backend_timeout: spec.backend_timeout,
         validate_backend_tls: spec.validate_backend_tls,
         required_features,
+        translate_headers: spec.translate_headers,
+        translate_body: spec.translate_body,
         created_at,
     })
 }

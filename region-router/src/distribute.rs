@@ -12,7 +12,8 @@
 use std::collections::BTreeMap;
 
 use portico_proto::api::{
-    App, ConnectorConfig, EdgeConfig, EdgeEndpoint, GroupPresence, PeerEdge, Status,
+    App, AppLink, ConnectorConfig, EdgeConfig, EdgeEndpoint, GroupPresence, PeerEdge, Status,
+    MAX_APP_LINKS,
 };
 use portico_proto::ids::{EdgeId, GroupId, RegionId};
 
@@ -185,8 +186,9 @@ pub(crate) fn edge_config(
     }
 }
 
-/// The config of a connector of `group`: the group's apps, and the edges to
-/// dial (its pinned region's, or every region's for `auto`), healthy edges
+/// The config of a connector of `group`: the group's apps, every app's
+/// internal → external URL (for link translation), and the edges to dial
+/// (its pinned region's, or every region's for `auto`), healthy edges
 /// first, then by id. A draining edge is left out: it takes no new
 /// tunnels, and its connectors move theirs elsewhere.
 pub(crate) fn connector_config(
@@ -227,17 +229,41 @@ pub(crate) fn connector_config(
     } else {
         BTreeMap::new()
     };
+    let all = apps(s, config);
+    let links = links(&all);
     ConnectorConfig {
         version: s.version,
         group: group.clone(),
-        apps: apps(s, config)
+        apps: all
             .into_iter()
             .filter(|a| a.connector_group == *group)
             .collect(),
         edges,
         region,
         tunnel_names,
+        links,
     }
+}
+
+/// Every app's internal and external URL, in the store's order (by id), at
+/// most [`MAX_APP_LINKS`]: a config stays bounded however many apps are
+/// published, and the apps past the bound are named in the log.
+fn links(apps: &[App]) -> Vec<AppLink> {
+    if apps.len() > MAX_APP_LINKS {
+        tracing::warn!(
+            apps = apps.len(),
+            max = MAX_APP_LINKS,
+            first_left_out = %apps[MAX_APP_LINKS].id,
+            "more apps than a connector config lists for link translation; links to the rest are not translated"
+        );
+    }
+    apps.iter()
+        .take(MAX_APP_LINKS)
+        .map(|a| AppLink {
+            internal_url: a.internal_url.clone(),
+            external_url: a.external_url.clone(),
+        })
+        .collect()
 }
 
 /// `<region>.tunnel.<domain>:<port>` for each region of `edges` whose
@@ -419,6 +445,49 @@ mod tests {
         assert_eq!(edges, vec!["e-eu", "e-us", "e-old"]);
         assert_eq!(c.region, None);
         assert_eq!(c.version, 42);
+    }
+
+    #[test]
+    fn a_connector_gets_the_links_of_every_groups_apps_but_only_its_groups_apps() {
+        let now = 10_000;
+        let mut b = Builder::new();
+        b.group("other", "auto");
+        b.app("hr.apps.test", "Default")
+            .app("wiki.apps.test", "other");
+        b.store.apps[0].internal_url = "http://hr.corp:8080/hr/".into();
+        b.store.apps[1].internal_url = "https://wiki.corp/".into();
+        let mut s = b.store.clone();
+        s.version = 7;
+        let mut c = config();
+        c.public_port = Some(8443);
+        let got = connector_config(&s, &GroupId::default_group(), &c, at(now));
+        let ids: Vec<&str> = got.apps.iter().map(|a| a.id.as_str()).collect();
+        assert_eq!(ids, ["hr"]);
+        let links: Vec<(&str, &str)> = got
+            .links
+            .iter()
+            .map(|l| (l.internal_url.as_str(), l.external_url.as_str()))
+            .collect();
+        assert_eq!(
+            links,
+            [
+                ("http://hr.corp:8080/hr/", "https://hr.apps.test:8443/"),
+                ("https://wiki.corp/", "https://wiki.apps.test:8443/"),
+            ]
+        );
+        // The other group's connector gets the same links.
+        let other = connector_config(&s, &GroupId::new("other").unwrap(), &c, at(now));
+        assert_eq!(other.links, got.links);
+        // Bounded however many apps there are.
+        for i in 0..MAX_APP_LINKS {
+            b.app(&format!("a{i}.apps.test"), "Default");
+        }
+        let s = b.store.clone();
+        let got = connector_config(&s, &GroupId::default_group(), &c, at(now));
+        assert_eq!(got.links.len(), MAX_APP_LINKS);
+        assert_eq!(got.apps.len(), MAX_APP_LINKS + 1, "apps are not cut");
+        // The first apps, in the store's order, are the ones kept.
+        assert_eq!(got.links[0].internal_url, "http://hr.corp:8080/hr/");
     }
 
     #[test]

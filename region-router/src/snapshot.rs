@@ -237,6 +237,8 @@ pub(crate) mod tests {
                 connector_group: GroupId::new(group).unwrap(),
                 backend_timeout: BackendTimeout::Default,
                 validate_backend_tls: true,
+                translate_headers: true,
+                translate_body: false,
                 required_features: vec![],
                 created_at: 0,
             });

@@ -1187,6 +1187,7 @@ async fn apps_are_updated_field_by_field_with_the_checks_of_create() -> anyhow::
     assert_eq!(app.backend_timeout, api::BackendTimeout::Seconds(5));
     assert_eq!(app.internal_url, created.internal_url);
     assert!(app.validate_backend_tls);
+    assert!(app.translate_headers && !app.translate_body, "the defaults");
     // Every field create takes, at once.
     let app: App = admin
         .patch_json(
@@ -1197,6 +1198,8 @@ async fn apps_are_updated_field_by_field_with_the_checks_of_create() -> anyhow::
                 "connector_group": "dc1",
                 "backend_timeout": "long",
                 "validate_backend_tls": false,
+                "translate_headers": false,
+                "translate_body": true,
                 "required_features": ["sign-in"],
             }),
         )
@@ -1208,6 +1211,8 @@ async fn apps_are_updated_field_by_field_with_the_checks_of_create() -> anyhow::
         connector_group: GroupId::new("dc1")?,
         backend_timeout: api::BackendTimeout::Long,
         validate_backend_tls: false,
+        translate_headers: false,
+        translate_body: true,
         required_features: vec!["sign-in".into()],
         ..created.clone()
     };

@@ -42,6 +42,10 @@ pub struct AppRecord {
     pub connector_group: GroupId,
     pub backend_timeout: BackendTimeout,
     pub validate_backend_tls: bool,
+    /// Translate internal URLs in response headers.
+    pub translate_headers: bool,
+    /// Translate internal URLs in HTML and CSS response bodies.
+    pub translate_body: bool,
     /// Checked by `portico_proto::api::check_required_features`.
     pub required_features: Vec<String>,
     pub created_at: u64,

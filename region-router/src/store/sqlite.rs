@@ -15,7 +15,7 @@ use super::{
 };
 use crate::error::StoreError;
 
-const SCHEMA_VERSION: i64 = 8;
+const SCHEMA_VERSION: i64 = 9;
 
 const SCHEMA_V1: &str = "
 CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -137,6 +137,13 @@ const SCHEMA_V8: &str = "
 ALTER TABLE presence ADD COLUMN reported_from TEXT;
 ";
 
+/// Version 9: link translation, per app: in response headers (on, as for
+/// every app stored before) and in HTML/CSS bodies (off).
+const SCHEMA_V9: &str = "
+ALTER TABLE apps ADD COLUMN translate_headers INTEGER NOT NULL DEFAULT 1;
+ALTER TABLE apps ADD COLUMN translate_body INTEGER NOT NULL DEFAULT 0;
+";
+
 /// The SQLite store: one connection behind a mutex.
 pub struct SqliteStore {
     path: PathBuf,
@@ -243,6 +250,7 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
         (6, SCHEMA_V6),
         (7, SCHEMA_V7),
         (8, SCHEMA_V8),
+        (9, SCHEMA_V9),
     ] {
         if found < version {
             let tx = conn.transaction()?;
@@ -324,7 +332,18 @@ fn to_group((id, region, created_at): (String, String, u64)) -> Result<GroupReco
     })
 }
 
-type AppRow = (String, String, String, String, String, bool, u64, String);
+type AppRow = (
+    String,
+    String,
+    String,
+    String,
+    String,
+    bool,
+    u64,
+    String,
+    bool,
+    bool,
+);
 
 fn row_app(r: &Row<'_>) -> rusqlite::Result<AppRow> {
     Ok((
@@ -336,6 +355,8 @@ fn row_app(r: &Row<'_>) -> rusqlite::Result<AppRow> {
         r.get(5)?,
         r.get(6)?,
         r.get(7)?,
+        r.get(8)?,
+        r.get(9)?,
     ))
 }
 
@@ -349,6 +370,8 @@ fn to_app(row: AppRow) -> Result<AppRecord, StoreError> {
         validate_backend_tls,
         created_at,
         features,
+        translate_headers,
+        translate_body,
     ) = row;
     Ok(AppRecord {
         id: AppId::new(id).map_err(|e| corrupt("app id", e))?,
@@ -359,13 +382,15 @@ fn to_app(row: AppRow) -> Result<AppRecord, StoreError> {
             .parse::<BackendTimeout>()
             .map_err(|e| corrupt("backend timeout", e))?,
         validate_backend_tls,
+        translate_headers,
+        translate_body,
         required_features: serde_json::from_str(&features)
             .map_err(|e| corrupt("required features", e))?,
         created_at,
     })
 }
 
-const APP_COLS: &str = "id, external_host, internal_url, connector_group, backend_timeout, validate_backend_tls, created_at, required_features";
+const APP_COLS: &str = "id, external_host, internal_url, connector_group, backend_timeout, validate_backend_tls, created_at, required_features, translate_headers, translate_body";
 
 type TokenRow = (String, String, String, u64, u64, Option<u64>, Option<u64>);
 
@@ -867,7 +892,7 @@ impl Store for SqliteStore {
             }
             check_app_refs(tx, app)?;
             tx.execute(
-                &format!("INSERT INTO apps ({APP_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"),
+                &format!("INSERT INTO apps ({APP_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"),
                 params![
                     app.id.as_str(),
                     app.external_host,
@@ -876,7 +901,9 @@ impl Store for SqliteStore {
                     app.backend_timeout.to_string(),
                     app.validate_backend_tls,
                     app.created_at,
-                    features
+                    features,
+                    app.translate_headers,
+                    app.translate_body
                 ],
             )?;
             bump(tx)
@@ -896,7 +923,8 @@ impl Store for SqliteStore {
             check_app_refs(tx, app)?;
             tx.execute(
                 "UPDATE apps SET external_host = ?2, internal_url = ?3, connector_group = ?4,
-                    backend_timeout = ?5, validate_backend_tls = ?6, required_features = ?7
+                    backend_timeout = ?5, validate_backend_tls = ?6, required_features = ?7,
+                    translate_headers = ?8, translate_body = ?9
                  WHERE id = ?1",
                 params![
                     app.id.as_str(),
@@ -905,7 +933,9 @@ impl Store for SqliteStore {
                     app.connector_group.as_str(),
                     app.backend_timeout.to_string(),
                     app.validate_backend_tls,
-                    features
+                    features,
+                    app.translate_headers,
+                    app.translate_body
                 ],
             )?;
             bump(tx)
@@ -1431,6 +1461,8 @@ mod tests {
         assert_eq!(app.internal_url, "http://10.0.0.1/");
         assert_eq!(app.backend_timeout, BackendTimeout::Long);
         assert!(app.required_features.is_empty());
+        assert!(app.translate_headers, "an old app keeps header translation");
+        assert!(!app.translate_body);
         let token = store
             .get_token("00000000000000aa")
             .expect("get")
@@ -1444,6 +1476,8 @@ mod tests {
                 connector_group: GroupId::default_group(),
                 backend_timeout: BackendTimeout::Default,
                 validate_backend_tls: true,
+                translate_headers: false,
+                translate_body: true,
                 required_features: vec!["sign-in".into()],
                 created_at: 8,
             })
@@ -1460,6 +1494,7 @@ mod tests {
         let apps = store.list_apps().expect("apps");
         assert_eq!(apps.len(), 2);
         assert_eq!(apps[0].required_features, ["sign-in"]);
+        assert!(!apps[0].translate_headers && apps[0].translate_body);
         assert!(apps[1].required_features.is_empty());
         // Its edge token's region is there, with `default`.
         let regions: Vec<String> = store

@@ -30,6 +30,8 @@ fn app(id: &str, host: &str, group: &str) -> AppRecord {
         connector_group: GroupId::new(group).expect("group id"),
         backend_timeout: BackendTimeout::Seconds(5),
         validate_backend_tls: false,
+        translate_headers: false,
+        translate_body: true,
         required_features: vec!["sign-in".into(), "mesh".into()],
         created_at: 200,
     }
@@ -196,6 +198,8 @@ fn populate(s: &dyn Store) {
         connector_group: GroupId::new("empty").expect("id"),
         backend_timeout: BackendTimeout::Long,
         validate_backend_tls: true,
+        translate_headers: true,
+        translate_body: false,
         required_features: vec![],
         ..app("upd", "upd.apps.test", "Default")
     };
