@@ -324,34 +324,15 @@ async fn when_the_answer_changes_the_tunnels_move_without_a_failed_request() {
     rc.metrics_listen = None;
     rc.apps_domain = portico::dev::DEV_APPS_DOMAIN.to_owned();
     let router = portico_router::start(rc, root.child_token()).await.unwrap();
-    let admin = portico_agent::RouterClient::new(
-        &router.url(),
-        portico_agent::RouterTrust::CaPem(router.ca_pem.clone()),
-        None,
-    )
-    .unwrap()
-    .with_bearer(router.admin_token());
+    let admin = common::router_admin(&router);
 
     let port = free_udp_port("0.0.0.0");
-    let mut ec = portico_edge::Config::new(router.url(), d.join("edge"));
-    ec.token = Some(
-        portico::dev::create_token(
-            &admin,
-            TokenScope::Edge {
-                region: portico_proto::RegionId::default_region(),
-            },
-        )
-        .await
-        .unwrap(),
-    );
-    ec.public_listen = loopback;
-    ec.tunnel_listen = SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), port);
-    ec.metrics_listen = None;
-    ec.advertise_tunnel_addr = Some(format!("api.mesh.test:{port}"));
-    ec.drain_delay = Duration::ZERO;
-    ec.grace = Duration::from_secs(1);
-    let edge = portico_edge::start(ec, root.child_token()).await.unwrap();
-    edge.ready().await;
+    let edge = common::start_edge(&router, &admin, &d.join("edge"), root.child_token(), |ec| {
+        ec.tunnel_listen = SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), port);
+        ec.advertise_tunnel_addr = Some(format!("api.mesh.test:{port}"));
+        ec.grace = Duration::from_secs(1);
+    })
+    .await;
 
     let demo = portico::demo::start(loopback, root.child_token())
         .await
@@ -534,34 +515,15 @@ async fn a_connector_finds_its_regions_edges_by_the_region_name_and_dials_every_
     rc.apps_domain = domain.to_owned();
     rc.dns_listen = Some(loopback);
     let router = portico_router::start(rc, root.child_token()).await.unwrap();
-    let admin = portico_agent::RouterClient::new(
-        &router.url(),
-        portico_agent::RouterTrust::CaPem(router.ca_pem.clone()),
-        None,
-    )
-    .unwrap()
-    .with_bearer(router.admin_token());
+    let admin = common::router_admin(&router);
 
     let port = free_udp_port("0.0.0.0");
-    let mut ec = portico_edge::Config::new(router.url(), d.join("edge"));
-    ec.token = Some(
-        portico::dev::create_token(
-            &admin,
-            TokenScope::Edge {
-                region: portico_proto::RegionId::default_region(),
-            },
-        )
-        .await
-        .unwrap(),
-    );
-    ec.public_listen = loopback;
-    ec.tunnel_listen = SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), port);
-    ec.metrics_listen = None;
-    ec.advertise_tunnel_addr = Some(format!("127.0.0.41:{port}"));
-    ec.drain_delay = Duration::ZERO;
-    ec.grace = Duration::from_secs(1);
-    let edge = portico_edge::start(ec, root.child_token()).await.unwrap();
-    edge.ready().await;
+    let edge = common::start_edge(&router, &admin, &d.join("edge"), root.child_token(), |ec| {
+        ec.tunnel_listen = SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), port);
+        ec.advertise_tunnel_addr = Some(format!("127.0.0.41:{port}"));
+        ec.grace = Duration::from_secs(1);
+    })
+    .await;
 
     let demo = portico::demo::start(loopback, root.child_token())
         .await

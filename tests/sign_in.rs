@@ -180,32 +180,13 @@ async fn setup() -> Setup {
     });
     let router = portico_router::start(rc, root.child_token()).await.unwrap();
     let ca = d.join("router/ca.pem");
-    let admin = portico_agent::RouterClient::new(
-        &router.url(),
-        portico_agent::RouterTrust::CaPem(router.ca_pem.clone()),
-        None,
-    )
-    .unwrap()
-    .with_bearer(router.admin_token());
+    let admin = common::router_admin(&router);
 
-    let mut ec = portico_edge::Config::new(router.url(), d.join("edge"));
-    ec.token = Some(
-        portico::dev::create_token(
-            &admin,
-            TokenScope::Edge {
-                region: portico_proto::RegionId::default_region(),
-            },
-        )
-        .await
-        .unwrap(),
-    );
-    ec.public_listen = SocketAddr::from(([127, 0, 0, 1], port));
-    ec.tunnel_listen = loopback;
-    ec.metrics_listen = None;
-    ec.http3 = false;
-    ec.drain_delay = Duration::ZERO;
-    let edge = portico_edge::start(ec, root.child_token()).await.unwrap();
-    edge.ready().await;
+    let _edge = common::start_edge(&router, &admin, &d.join("edge"), root.child_token(), |ec| {
+        ec.public_listen = SocketAddr::from(([127, 0, 0, 1], port));
+        ec.http3 = false;
+    })
+    .await;
 
     let demo = portico::demo::start(loopback, root.child_token())
         .await

@@ -791,3 +791,47 @@ pub fn assert_nothing_failed(what: &str, r: &portico_loadtest::Report, at_least:
         r.transport_errors
     );
 }
+
+/// An admin client of an in-process router (its CA, its admin token).
+pub fn router_admin(router: &portico_router::Handle) -> portico_agent::RouterClient {
+    portico_agent::RouterClient::new(
+        &router.url(),
+        portico_agent::RouterTrust::CaPem(router.ca_pem.clone()),
+        None,
+    )
+    .unwrap()
+    .with_bearer(router.admin_token())
+}
+
+/// An in-process edge of the default region enrolled with `router`, its
+/// state in `dir`: public and tunnel listeners on 127.0.0.1 port 0, no
+/// metrics listener, no drain delay, unless `adjust` says otherwise.
+/// Returns once it is ready.
+pub async fn start_edge(
+    router: &portico_router::Handle,
+    admin: &portico_agent::RouterClient,
+    dir: &Path,
+    shutdown: CancellationToken,
+    adjust: impl FnOnce(&mut portico_edge::Config),
+) -> portico_edge::Handle {
+    let loopback: std::net::SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let mut ec = portico_edge::Config::new(router.url(), dir);
+    ec.token = Some(
+        portico::dev::create_token(
+            admin,
+            portico_proto::api::TokenScope::Edge {
+                region: portico_proto::RegionId::default_region(),
+            },
+        )
+        .await
+        .unwrap(),
+    );
+    ec.public_listen = loopback;
+    ec.tunnel_listen = loopback;
+    ec.metrics_listen = None;
+    ec.drain_delay = Duration::ZERO;
+    adjust(&mut ec);
+    let edge = portico_edge::start(ec, shutdown).await.unwrap();
+    edge.ready().await;
+    edge
+}

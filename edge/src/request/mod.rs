@@ -248,8 +248,10 @@ mod tests {
         app.required_features = vec!["websocket".into()];
         admit(&r, &app).unwrap();
         app.required_features = vec!["websocket".into(), "oidc".into()];
+        admit(&r, &app).unwrap();
+        app.required_features = vec!["websocket".into(), "mtls".into()];
         let e = admit(&r, &app).unwrap_err();
-        assert!(matches!(&e, ProxyError::FeatureUnsupported { feature } if feature == "oidc"));
+        assert!(matches!(&e, ProxyError::FeatureUnsupported { feature } if feature == "mtls"));
         assert_eq!(e.code(), portico_proto::ErrorCode::FeatureUnsupported);
         assert_eq!(e.code().http_status(), 503);
     }
