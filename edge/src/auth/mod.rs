@@ -244,13 +244,10 @@ pub(crate) async fn serve_auth_host<B>(
     req: &Request<B>,
     auth: &Auth,
     table: &crate::routing::RoutingTable,
-    accept: &HeaderMap,
-    request_id: portico_proto::RequestId,
 ) -> Result<Response<Body>, ProxyError> {
     let Some(sign_in) = auth.get() else {
         return Err(ProxyError::SignInUnavailable);
     };
-    let _ = (accept, request_id);
     let apps = |id: &str| table.app_by_id(id).cloned();
     let query = query_map(req.uri().query());
     match (req.method(), req.uri().path()) {

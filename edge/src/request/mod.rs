@@ -130,8 +130,7 @@ async fn proxy<B: RequestBody>(
     let table = shared.table.load_full();
     let apps_domain = table.config.apps_domain.as_str();
     if request_host(&req).is_ok_and(|h| h == crate::auth::auth_host(apps_domain)) {
-        let accept = accept_headers(req.headers());
-        return crate::auth::serve_auth_host(&req, &shared.auth, &table, &accept, record.id)
+        return crate::auth::serve_auth_host(&req, &shared.auth, &table)
             .await
             .map(Outcome::Local);
     }
