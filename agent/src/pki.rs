@@ -245,17 +245,20 @@ pub fn fixed_name_verifier(
     ca_pem: &str,
     name: &str,
 ) -> Result<Arc<dyn ServerCertVerifier>, PkiError> {
-    let inner =
-        WebPkiServerVerifier::builder_with_provider(Arc::new(root_store(ca_pem)?), provider())
-            .build()
-            .map_err(|e| PkiError::BadCertificate {
-                what: "the CA cannot verify servers",
-                source: e.into(),
-            })?;
     Ok(Arc::new(FixedName {
-        inner: Verify::Ca(inner),
-        name: server_name(name)?,
+        inner: Verify::Ca(ca_verifier(ca_pem)?),
+        name: Expected::Name(server_name(name)?),
     }))
+}
+
+/// The webpki verifier of servers that chain to the CA of `ca_pem`.
+fn ca_verifier(ca_pem: &str) -> Result<Arc<WebPkiServerVerifier>, PkiError> {
+    WebPkiServerVerifier::builder_with_provider(Arc::new(root_store(ca_pem)?), provider())
+        .build()
+        .map_err(|e| PkiError::BadCertificate {
+            what: "the CA cannot verify servers",
+            source: e.into(),
+        })
 }
 
 /// A server verifier for first contact: the server must present, in its
@@ -267,7 +270,7 @@ pub fn pinned_verifier(
 ) -> Result<Arc<dyn ServerCertVerifier>, PkiError> {
     Ok(Arc::new(FixedName {
         inner: Verify::Pinned(ca_sha256.to_ascii_lowercase()),
-        name: server_name(name)?,
+        name: Expected::Name(server_name(name)?),
     }))
 }
 
@@ -284,10 +287,20 @@ enum Verify {
     Pinned(String),
 }
 
+/// The name a server's certificate must carry, whatever was dialled.
+#[derive(Debug)]
+enum Expected {
+    Name(ServerName<'static>),
+    /// The name of the edge the leaf's own identity names, which must be
+    /// of this region: any edge of the region (not an edge of another
+    /// region, not a connector).
+    EdgeOf(portico_proto::ids::RegionId),
+}
+
 #[derive(Debug)]
 struct FixedName {
     inner: Verify,
-    name: ServerName<'static>,
+    name: Expected,
 }
 
 impl ServerCertVerifier for FixedName {
@@ -299,8 +312,27 @@ impl ServerCertVerifier for FixedName {
         ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
+        let edge_name;
+        let name = match &self.name {
+            Expected::Name(n) => n,
+            Expected::EdgeOf(want) => {
+                let id = match identity_of(end_entity) {
+                    Ok(Identity::Edge { id, region }) if region == *want => id,
+                    // Not an edge, or an edge of another region: not what
+                    // was dialled.
+                    _ => {
+                        return Err(rustls::Error::InvalidCertificate(
+                            rustls::CertificateError::InvalidPurpose,
+                        ))
+                    }
+                };
+                edge_name = server_name(&portico_proto::api::edge_server_name(&id))
+                    .map_err(|e| rustls::Error::General(e.to_string()))?;
+                &edge_name
+            }
+        };
         match &self.inner {
-            Verify::Ca(v) => v.verify_server_cert(end_entity, intermediates, &self.name, ocsp, now),
+            Verify::Ca(v) => v.verify_server_cert(end_entity, intermediates, name, ocsp, now),
             Verify::Pinned(pin) => {
                 let ca = intermediates
                     .iter()
@@ -313,7 +345,7 @@ impl ServerCertVerifier for FixedName {
                 let v = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
                     .build()
                     .map_err(|e| rustls::Error::General(e.to_string()))?;
-                v.verify_server_cert(end_entity, intermediates, &self.name, ocsp, now)
+                v.verify_server_cert(end_entity, intermediates, name, ocsp, now)
             }
         }
     }
@@ -351,68 +383,10 @@ pub fn region_edge_verifier(
     ca_pem: &str,
     region: &portico_proto::ids::RegionId,
 ) -> Result<Arc<dyn ServerCertVerifier>, PkiError> {
-    let inner =
-        WebPkiServerVerifier::builder_with_provider(Arc::new(root_store(ca_pem)?), provider())
-            .build()
-            .map_err(|e| PkiError::BadCertificate {
-                what: "the CA cannot verify servers",
-                source: e.into(),
-            })?;
-    Ok(Arc::new(RegionEdge {
-        inner,
-        region: region.clone(),
+    Ok(Arc::new(FixedName {
+        inner: Verify::Ca(ca_verifier(ca_pem)?),
+        name: Expected::EdgeOf(region.clone()),
     }))
-}
-
-#[derive(Debug)]
-struct RegionEdge {
-    inner: Arc<WebPkiServerVerifier>,
-    region: portico_proto::ids::RegionId,
-}
-
-impl ServerCertVerifier for RegionEdge {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        _dialed: &ServerName<'_>,
-        ocsp: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        let purpose = rustls::Error::InvalidCertificate(rustls::CertificateError::InvalidPurpose);
-        let id = match identity_of(end_entity) {
-            Ok(Identity::Edge { id, region }) if region == self.region => id,
-            // Not an edge, or an edge of another region: not what was
-            // dialled.
-            _ => return Err(purpose),
-        };
-        let name = server_name(&portico_proto::api::edge_server_name(&id))
-            .map_err(|e| rustls::Error::General(e.to_string()))?;
-        self.inner
-            .verify_server_cert(end_entity, intermediates, &name, ocsp, now)
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        verify_schemes()
-    }
 }
 
 /// A server verifier that accepts any certificate, while still checking

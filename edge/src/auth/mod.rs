@@ -187,6 +187,12 @@ pub(crate) fn auth_host(apps_domain: &str) -> String {
     format!("auth.{apps_domain}")
 }
 
+/// Whether `host` (normalized) is the auth host of `apps_domain`, without
+/// building its name: it is asked of every request.
+pub(crate) fn is_auth_host(host: &str, apps_domain: &str) -> bool {
+    host.strip_prefix("auth.") == Some(apps_domain)
+}
+
 /// Phase 2, sign-in: for an app that signs users in, the session cookie,
 /// or the way to get one. The edge's own cookie is taken out of the
 /// request that goes on.

@@ -129,7 +129,7 @@ async fn proxy<B: RequestBody>(
     let mut req = req;
     let table = shared.table.load_full();
     let apps_domain = table.config.apps_domain.as_str();
-    if request_host(&req).is_ok_and(|h| h == crate::auth::auth_host(apps_domain)) {
+    if request_host(&req).is_ok_and(|h| crate::auth::is_auth_host(&h, apps_domain)) {
         return crate::auth::serve_auth_host(&req, &shared.auth, &table)
             .await
             .map(Outcome::Local);
