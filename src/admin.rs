@@ -5,8 +5,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::Context as _;
 use portico_agent::{RouterClient, RouterTrust};
 use portico_proto::api::{
-    App, AppPatch, AppSpec, BackendTimeout, Connector, CreateGroup, CreateRegion, CreateToken,
-    Edge, Group, Region, TokenCreated, TokenInfo, TokenScope,
+    App, AppPatch, AppSpec, Assignment, BackendTimeout, Connector, CreateGroup, CreateRegion,
+    CreateToken, Edge, Group, Region, TokenCreated, TokenInfo, TokenScope,
 };
 use portico_proto::{AppId, ConnectorId, EdgeId, GroupId, IdError, RegionId};
 use serde::Serialize;
@@ -187,6 +187,9 @@ pub async fn app(cmd: AppCmd) -> anyhow::Result<()> {
                 translate_body: a.translate_body,
                 required_features: a.required_features,
                 preauth: a.preauth,
+                assignment: assignment(&a.assign)?,
+                identity_headers: identity_headers(&a.identity_headers)?,
+                hidden: a.hidden,
             };
             let app: App = client(&a.conn)?.post_json("/v1/apps", &spec).await?;
             print_one(a.conn.json, &app, app_lines)
@@ -219,6 +222,21 @@ pub async fn app(cmd: AppCmd) -> anyhow::Result<()> {
                     Some(a.required_features)
                 },
                 preauth: a.preauth,
+                assignment: if a.no_assign {
+                    Some(Assignment::default())
+                } else if a.assign.is_empty() {
+                    None
+                } else {
+                    Some(assignment(&a.assign)?)
+                },
+                identity_headers: if a.no_identity_headers {
+                    Some(Default::default())
+                } else if a.identity_headers.is_empty() {
+                    None
+                } else {
+                    Some(identity_headers(&a.identity_headers)?)
+                },
+                hidden: switch(a.hidden, a.visible),
             };
             let app: App = client(&a.conn)?
                 .patch_json(&format!("/v1/apps/{}", id::<AppId>(&a.id)?), &patch)
@@ -280,7 +298,54 @@ fn app_lines(app: &App) -> Vec<(&'static str, String)> {
         ("translate headers", app.translate_headers.to_string()),
         ("translate body", app.translate_body.to_string()),
         ("required features", features(&app.required_features)),
+        ("assigned", app.assignment.to_string()),
+        (
+            "identity headers",
+            if app.identity_headers.is_empty() {
+                "-".into()
+            } else {
+                app.identity_headers
+                    .iter()
+                    .map(|(h, c)| format!("{h}={c}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            },
+        ),
+        ("hidden", app.hidden.to_string()),
     ]
+}
+
+/// `--assign` values: `everyone`, `user:NAME`, `group:NAME`.
+fn assignment(values: &[String]) -> anyhow::Result<Assignment> {
+    let mut a = Assignment::default();
+    for v in values {
+        match v.split_once(':') {
+            _ if v == "everyone" => a.everyone = true,
+            Some(("user", name)) => a.users.push(name.to_owned()),
+            Some(("group", name)) => a.groups.push(name.to_owned()),
+            _ => anyhow::bail!("--assign {v:?}: give user:NAME, group:NAME or everyone"),
+        }
+    }
+    Ok(a)
+}
+
+/// `--identity-header` values: `HEADER=CLAIM`.
+fn identity_headers(
+    values: &[String],
+) -> anyhow::Result<std::collections::BTreeMap<String, String>> {
+    let mut map = std::collections::BTreeMap::new();
+    for v in values {
+        let Some((header, claim)) = v.split_once('=') else {
+            anyhow::bail!("--identity-header {v:?}: give HEADER=CLAIM, e.g. X-Remote-User=email");
+        };
+        if map
+            .insert(header.trim().to_owned(), claim.trim().to_owned())
+            .is_some()
+        {
+            anyhow::bail!("--identity-header: {header} is given twice");
+        }
+    }
+    Ok(map)
 }
 
 /// A `--x` / `--no-x` pair of `app update` as a patch field: `None` when

@@ -197,6 +197,11 @@ pub struct RouterArgs {
     /// How long a session lasts from its sign-in (at most 30 days).
     #[arg(long, default_value = "8h", value_parser = humantime::parse_duration)]
     pub session_lifetime: std::time::Duration,
+    /// The ID token claim that lists a user's groups, for `--assign
+    /// group:NAME` (Entra ID: `groups`; Keycloak: `groups`; Okta: as
+    /// configured on the authorization server).
+    #[arg(long, value_name = "CLAIM", default_value = "groups")]
+    pub oidc_groups_claim: String,
 }
 
 #[derive(Debug, Args)]
@@ -561,6 +566,23 @@ pub struct AppCreateArgs {
     /// reaches the app.
     #[arg(long, default_value = "passthrough", value_name = "oidc|passthrough")]
     pub preauth: portico_proto::api::Preauth,
+    /// Who may use an app with `--preauth oidc` (repeatable, required
+    /// then): `user:NAME` (the user's `sub`, or their verified email),
+    /// `group:NAME` (a value of the groups claim), or `everyone` who
+    /// signs in. Anyone else gets 403 `NotAssigned`.
+    #[arg(long = "assign", value_name = "user:NAME|group:NAME|everyone")]
+    pub assign: Vec<String>,
+    /// Send a claim of the signed-in user to the backend in a header
+    /// (repeatable): `HEADER=CLAIM`, the claim one of sub, email, name,
+    /// preferred_username, groups (comma-separated). The connector drops
+    /// any such header the client sent. Every request of a signed-in user
+    /// also carries `X-Portico-Jwt-Assertion`, verifiable with the
+    /// router's `/.well-known/jwks.json`.
+    #[arg(long = "identity-header", value_name = "HEADER=CLAIM")]
+    pub identity_headers: Vec<String>,
+    /// Leave the app out of the My Apps portal (`https://auth.<apps-domain>/`).
+    #[arg(long)]
+    pub hidden: bool,
     #[command(flatten)]
     pub conn: RouterConn,
 }
@@ -616,6 +638,36 @@ pub struct AppUpdateArgs {
     /// `oidc` or `passthrough` (see `app create --help`).
     #[arg(long, group = "change", value_name = "oidc|passthrough")]
     pub preauth: Option<portico_proto::api::Preauth>,
+    /// Who may use the app (repeatable; see `app create --help`). Replaces
+    /// the whole assignment.
+    #[arg(
+        long = "assign",
+        value_name = "user:NAME|group:NAME|everyone",
+        group = "change",
+        conflicts_with = "no_assign"
+    )]
+    pub assign: Vec<String>,
+    /// Assign no one (needed before `--preauth passthrough`).
+    #[arg(long, group = "change")]
+    pub no_assign: bool,
+    /// `HEADER=CLAIM` for the backend (repeatable; see `app create
+    /// --help`). Replaces the whole mapping.
+    #[arg(
+        long = "identity-header",
+        value_name = "HEADER=CLAIM",
+        group = "change",
+        conflicts_with = "no_identity_headers"
+    )]
+    pub identity_headers: Vec<String>,
+    /// Send the backend no identity headers (the assertion still goes).
+    #[arg(long, group = "change")]
+    pub no_identity_headers: bool,
+    /// Leave the app out of My Apps.
+    #[arg(long, group = "change", conflicts_with = "visible")]
+    pub hidden: bool,
+    /// List the app in My Apps again.
+    #[arg(long, group = "change")]
+    pub visible: bool,
     #[command(flatten)]
     pub conn: RouterConn,
 }

@@ -252,6 +252,9 @@ pub async fn publish(
         translate_body: false,
         required_features: vec![],
         preauth: Default::default(),
+        assignment: Default::default(),
+        identity_headers: Default::default(),
+        hidden: false,
     };
     admin
         .post_json("/v1/apps", &spec)

@@ -28,6 +28,9 @@ fn spec(id: &str, internal_url: &str) -> AppSpec {
         translate_body: false,
         required_features: vec![],
         preauth: Default::default(),
+        assignment: Default::default(),
+        identity_headers: Default::default(),
+        hidden: false,
     }
 }
 

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::{curl, Child};
-use portico_proto::api::{AppSpec, Preauth, TokenScope};
+use portico_proto::api::{AppSpec, Assignment, Preauth, TokenScope};
 
 const LIMIT: Duration = Duration::from_secs(60);
 const DOMAIN: &str = "apps.localhost";
@@ -155,6 +155,7 @@ struct Setup {
     ca: PathBuf,
     port: u16,
     idp: Idp,
+    admin: portico_agent::RouterClient,
     _dir: tempfile::TempDir,
     _connector: portico_connector::Handle,
 }
@@ -177,6 +178,7 @@ async fn setup() -> Setup {
         client_id: "portico".into(),
         client_secret: "portico-secret".into(),
         session_lifetime: Duration::from_secs(3600),
+        groups_claim: "groups".into(),
     });
     let router = portico_router::start(rc, root.child_token()).await.unwrap();
     let ca = d.join("router/ca.pem");
@@ -203,10 +205,35 @@ async fn setup() -> Setup {
         translate_body: false,
         required_features: vec![],
         preauth: Preauth::Oidc,
+        assignment: Assignment {
+            everyone: true,
+            ..Default::default()
+        },
+        identity_headers: Default::default(),
+        hidden: false,
     };
     let app: portico_proto::api::App = admin.post_json("/v1/apps", &spec).await.unwrap();
     assert_eq!(app.preauth, Preauth::Oidc);
     assert!(app.required_features.iter().any(|f| f == "oidc"));
+    // payroll: for the admins group and carol only, with identity headers.
+    let payroll = AppSpec {
+        id: "payroll".parse().unwrap(),
+        assignment: Assignment {
+            everyone: false,
+            users: vec!["carol@example.test".into()],
+            groups: vec!["admins".into()],
+        },
+        identity_headers: [
+            ("X-Remote-User", "email"),
+            ("X-Remote-Groups", "groups"),
+            ("X-Remote-Sub", "sub"),
+        ]
+        .into_iter()
+        .map(|(h, c)| (h.to_owned(), c.to_owned()))
+        .collect(),
+        ..spec.clone()
+    };
+    let _: portico_proto::api::App = admin.post_json("/v1/apps", &payroll).await.unwrap();
     let mut cc = portico_connector::Config::new(router.url(), d.join("connector"));
     cc.token = Some(
         portico::dev::create_token(&admin, TokenScope::Connector { group })
@@ -236,6 +263,7 @@ async fn setup() -> Setup {
         ca,
         port,
         idp,
+        admin,
         _dir: tmp,
         _connector: connector,
     }
@@ -394,4 +422,137 @@ async fn open_redirect_targets_land_on_the_root() {
         assert_eq!(r.status, 302, "{evil}: {}", r.body);
         assert_eq!(r.location, "/", "{evil}");
     }
+}
+
+/// A browser (a cookie jar) signed in as `user` at `app` (`https://host:port`).
+async fn signed_in(s: &Setup, app: &str, user: &str) -> tempfile::NamedTempFile {
+    let jar_file = tempfile::NamedTempFile::new().unwrap();
+    let jar = jar_file.path();
+    let r = hop(&s.ca, jar, &format!("{app}/"), &[]).await;
+    assert_eq!(r.status, 302, "{app}: {}", r.body);
+    let r = hop(&s.ca, jar, &r.location, &[]).await;
+    assert_eq!(r.status, 302, "start: {}", r.body);
+    let callback = sign_in_at_provider(&s.ca, jar, &s.idp, &r.location, user).await;
+    let r = hop(&s.ca, jar, &callback, &[]).await;
+    assert_eq!(r.status, 302, "callback: {}", r.body);
+    let r = hop(&s.ca, jar, &r.location, &[]).await;
+    assert_eq!(r.status, 302, "handoff: {}", r.body);
+    jar_file
+}
+
+/// Verifies an assertion with a JWKS document: its claims.
+fn verify_assertion(token: &str, jwks: &str, app: &str) -> serde_json::Value {
+    let set: jsonwebtoken::jwk::JwkSet = serde_json::from_str(jwks).unwrap();
+    let header = jsonwebtoken::decode_header(token).unwrap();
+    assert_eq!(header.alg, jsonwebtoken::Algorithm::ES256);
+    let jwk = set
+        .find(header.kid.as_deref().expect("a kid"))
+        .expect("the kid is in the JWKS");
+    let key = jsonwebtoken::DecodingKey::from_jwk(jwk).unwrap();
+    let mut v = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::ES256);
+    v.set_issuer(&[format!("https://auth.{DOMAIN}")]);
+    v.set_audience(&[app]);
+    v.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+    jsonwebtoken::decode::<serde_json::Value>(token, &key, &v)
+        .unwrap()
+        .claims
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_assigned_users_get_in_and_the_backend_sees_their_identity_never_a_spoofed_one() {
+    let s = setup().await;
+    let (ca, port) = (&s.ca, s.port);
+    let payroll = format!("https://payroll.{DOMAIN}:{port}");
+    let hr = format!("https://hr.{DOMAIN}:{port}");
+
+    // alice is in admins: payroll's backend gets her identity, from the
+    // edge, whatever the client sent under those names.
+    let alice = signed_in(&s, &payroll, "alice").await;
+    let spoofs = [
+        "X-Remote-User: root@example.test",
+        "X_Remote_User: root@example.test",
+        "X-Remote-Groups: everyone",
+        "X-Forwarded-User: root",
+        "X_Forwarded_Email: root@example.test",
+        "X-Auth-Request-User: root",
+        "X-Portico-Jwt-Assertion: forged.forged.forged",
+        "Remote-User: root",
+    ];
+    let mut args = vec![];
+    for h in &spoofs {
+        args.extend(["-H", h]);
+    }
+    let r = hop(ca, alice.path(), &format!("{payroll}/headers"), &args).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let doc: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+    let headers = doc["headers"].as_object().unwrap();
+    let one = |name: &str| -> Option<String> {
+        let v = headers.get(name)?.as_array().unwrap();
+        assert_eq!(v.len(), 1, "{name}: {v:?}");
+        Some(v[0].as_str().unwrap().to_owned())
+    };
+    assert_eq!(one("x-remote-user").as_deref(), Some("alice@example.test"));
+    assert_eq!(one("x-remote-groups").as_deref(), Some("admins,devs"));
+    assert_eq!(one("x-remote-sub").as_deref(), Some("alice"));
+    for gone in [
+        "x_remote_user",
+        "x-forwarded-user",
+        "x_forwarded_email",
+        "x-auth-request-user",
+        "remote-user",
+    ] {
+        assert!(!headers.contains_key(gone), "{gone}: {headers:?}");
+    }
+    assert!(!r.body.contains("root"), "{}", r.body);
+    // The assertion verifies with the router's JWKS and the auth host's,
+    // for this app only.
+    let token = one("x-portico-jwt-assertion").expect("an assertion");
+    let router_jwks: serde_json::Value = s.admin.get_json("/.well-known/jwks.json").await.unwrap();
+    let claims = verify_assertion(&token, &router_jwks.to_string(), "payroll");
+    assert_eq!(claims["sub"], "alice");
+    assert_eq!(claims["email"], "alice@example.test");
+    assert_eq!(claims["groups"], serde_json::json!(["admins", "devs"]));
+    let edge_jwks = curl(
+        ca,
+        &[&format!(
+            "https://auth.{DOMAIN}:{port}/.well-known/jwks.json"
+        )],
+    )
+    .await;
+    assert_eq!(edge_jwks.status, 200);
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&edge_jwks.text()).unwrap(),
+        router_jwks
+    );
+    let set: jsonwebtoken::jwk::JwkSet = serde_json::from_value(router_jwks).unwrap();
+    let key = jsonwebtoken::DecodingKey::from_jwk(&set.keys[0]).unwrap();
+    let mut v = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::ES256);
+    v.set_audience(&["hr"]);
+    assert!(
+        jsonwebtoken::decode::<serde_json::Value>(&token, &key, &v).is_err(),
+        "payroll's assertion must not pass as hr's"
+    );
+
+    // bob is in no group and not carol: 403 NotAssigned, the branded page.
+    let bob = signed_in(&s, &hr, "bob").await;
+    let r = hop(ca, bob.path(), &format!("{hr}/headers"), &[]).await;
+    assert_eq!(r.status, 200, "hr assigns everyone: {}", r.body);
+    let bob = signed_in(&s, &payroll, "bob").await;
+    let bob_payroll = hop(ca, bob.path(), &format!("{payroll}/headers"), &[]).await;
+    assert_eq!(bob_payroll.status, 403, "{}", bob_payroll.body);
+    assert!(
+        bob_payroll.body.contains("NotAssigned"),
+        "{}",
+        bob_payroll.body
+    );
+    assert!(
+        bob_payroll.body.contains("not assigned"),
+        "{}",
+        bob_payroll.body
+    );
+    // carol by her verified email.
+    let carol = signed_in(&s, &payroll, "carol").await;
+    let r = hop(ca, carol.path(), &format!("{payroll}/headers"), &[]).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(r.body.contains("carol@example.test"), "{}", r.body);
 }

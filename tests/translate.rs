@@ -150,6 +150,9 @@ async fn publish(s: &Stack, backend: SocketAddr, translate_body: bool) -> App {
         translate_body,
         required_features: vec![],
         preauth: Default::default(),
+        assignment: Default::default(),
+        identity_headers: Default::default(),
+        hidden: false,
     };
     s.d.admin.post_json("/v1/apps", &spec).await.unwrap()
 }

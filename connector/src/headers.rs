@@ -119,21 +119,58 @@ pub(crate) struct RequestMeta {
     pub client_ip: std::net::IpAddr,
 }
 
+/// Whether a client-sent header claims an identity, so the backend must
+/// never see it: Portico's own `X-Portico-*`, the names other proxies set
+/// (`X-Forwarded-User`, `-Email`, `-Groups`, `-Preferred-Username`,
+/// `-Access-Token`, `X-Auth-Request-*`, `Remote-User`, `X-Remote-User`),
+/// and the app's own identity headers. Names arrive lower-case; `_` counts
+/// as `-`, since CGI, WSGI, PHP and nginx's `underscores_in_headers` turn
+/// both into the same variable.
+fn claims_identity(name: &str, mapped: &[String]) -> bool {
+    let n = name.as_bytes();
+    let is = |want: &str| {
+        n.len() == want.len()
+            && n.iter()
+                .zip(want.bytes())
+                .all(|(&a, b)| a == b || (a == b'_' && b == b'-'))
+    };
+    let starts = |want: &str| n.len() >= want.len() && is_prefix(n, want);
+    starts("x-portico-")
+        || starts("x-auth-request-")
+        || is("x-forwarded-user")
+        || is("x-forwarded-email")
+        || is("x-forwarded-groups")
+        || is("x-forwarded-preferred-username")
+        || is("x-forwarded-access-token")
+        || is("remote-user")
+        || is("x-remote-user")
+        || mapped.iter().any(|m| is(m))
+}
+
+fn is_prefix(name: &[u8], prefix: &str) -> bool {
+    name.iter()
+        .zip(prefix.bytes())
+        .all(|(&a, b)| a == b || (a == b'_' && b == b'-'))
+}
+
 /// Rewrites the user's request headers for the backend: hop-by-hop and
-/// client-sent `X-Portico-*` removed, `X-Forwarded-For` appended,
-/// `X-Forwarded-Proto`/`-Host`, `Host` and `X-Request-Id` set.
+/// identity headers the client sent removed ([`claims_identity`];
+/// `mapped` is the app's identity header names, lower-case),
+/// `X-Forwarded-For` appended, `X-Forwarded-Proto`/`-Host`, `Host` and
+/// `X-Request-Id` set.
 pub(crate) fn request_headers(
     mut headers: HeaderMap,
     meta: RequestMeta,
     host: HeaderValue,
+    mapped: &[String],
 ) -> HeaderMap {
     portico_agent::headers::strip_hop_by_hop(&mut headers, meta.kind == StreamKind::WebSocket);
-    let portico: Vec<HeaderName> = headers
+    let spoofed: Vec<HeaderName> = headers
         .keys()
-        .filter(|k| k.as_str().starts_with("x-portico-"))
+        .filter(|k| claims_identity(k.as_str(), mapped))
         .cloned()
         .collect();
-    for name in portico {
+    for name in spoofed {
         headers.remove(name);
     }
     // The edge already answered any `Expect: 100-continue`; the body is
@@ -173,6 +210,50 @@ pub(crate) fn request_headers(
     headers.insert(header::HOST, host);
     headers.insert(X_REQUEST_ID, meta.request_id.header_value());
     headers
+}
+
+/// Sets the signed-in user's identity for the backend: each of the app's
+/// identity headers (header → claim; `groups` comma-separated, a claim the
+/// user lacks sets no header) and the edge's assertion as
+/// `X-Portico-Jwt-Assertion`. Runs after [`request_headers`] removed what
+/// the client sent under those names.
+pub(crate) fn identity_headers(
+    headers: &mut HeaderMap,
+    mapping: &std::collections::BTreeMap<String, String>,
+    ext: &portico_proto::HeadExtensions,
+) {
+    if let Some(claims) = &ext.identity_claims {
+        for (header, claim) in mapping {
+            let value = if claim == "groups" {
+                let all: Vec<&str> = claims.get_all("groups").collect();
+                if all.is_empty() {
+                    continue;
+                }
+                all.join(",")
+            } else {
+                match claims.get(claim) {
+                    Some(v) => v.to_owned(),
+                    None => continue,
+                }
+            };
+            if let (Ok(name), Ok(value)) = (
+                HeaderName::from_bytes(header.as_bytes()),
+                HeaderValue::from_str(&value),
+            ) {
+                headers.insert(name, value);
+            }
+        }
+    }
+    if let Some(a) = ext
+        .assertion
+        .as_deref()
+        .and_then(|a| HeaderValue::from_str(a).ok())
+    {
+        headers.insert(
+            HeaderName::from_static(portico_proto::api::ASSERTION_HEADER),
+            a,
+        );
+    }
 }
 
 /// An address as text in a stack buffer, and its length. IPv4, nearly
@@ -333,13 +414,41 @@ mod tests {
         h.insert("upgrade", HeaderValue::from_static("h2c"));
         h.insert("x-portico-user", HeaderValue::from_static("admin"));
         h.insert("x-portico-identity", HeaderValue::from_static("evil"));
+        for spoof in [
+            "x_portico_user",
+            "x-forwarded-user",
+            "x_forwarded_user",
+            "x-forwarded-email",
+            "x-forwarded-groups",
+            "x_forwarded_groups",
+            "x-forwarded-preferred-username",
+            "x-forwarded-access-token",
+            "x-auth-request-user",
+            "x_auth_request_email",
+            "remote-user",
+            "x-remote-user",
+            "x_remote_user",
+        ] {
+            h.insert(
+                HeaderName::from_static(spoof),
+                HeaderValue::from_static("admin"),
+            );
+        }
+        // Alike, but not identity headers.
+        h.insert("x-forwarded-users", HeaderValue::from_static("kept"));
+        h.insert("x-remote", HeaderValue::from_static("kept"));
         h.insert("host", HeaderValue::from_static("hr.apps.example.com"));
         h.insert("x-forwarded-proto", HeaderValue::from_static("http"));
         h.insert("accept", HeaderValue::from_static("text/html"));
         h.insert("content-length", HeaderValue::from_static("12"));
         h.insert("expect", HeaderValue::from_static("100-continue"));
         let target = InternalUrl::parse("http://backend.internal:8080/app/").unwrap();
-        let out = request_headers(h, meta(StreamKind::Http), target.host);
+        let out = request_headers(
+            h,
+            meta(StreamKind::Http),
+            target.host,
+            &["x-remote-user".to_owned()],
+        );
 
         assert_eq!(
             out["x-forwarded-for"],
@@ -359,9 +468,24 @@ mod tests {
             "x-portico-user",
             "x-portico-identity",
             "expect",
+            "x_portico_user",
+            "x-forwarded-user",
+            "x_forwarded_user",
+            "x-forwarded-email",
+            "x-forwarded-groups",
+            "x_forwarded_groups",
+            "x-forwarded-preferred-username",
+            "x-forwarded-access-token",
+            "x-auth-request-user",
+            "x_auth_request_email",
+            "remote-user",
+            "x-remote-user",
+            "x_remote_user",
         ] {
             assert!(!out.contains_key(gone), "{gone} must be removed: {out:?}");
         }
+        assert_eq!(out["x-forwarded-users"], "kept");
+        assert_eq!(out["x-remote"], "kept");
         assert_eq!(out["host"], "backend.internal:8080");
         assert_eq!(out["x-forwarded-proto"], "https");
         assert_eq!(out["x-forwarded-host"], "hr.apps.example.com");
@@ -371,9 +495,47 @@ mod tests {
     }
 
     #[test]
+    fn identity_headers_come_from_the_heads_claims_only() {
+        let mut claims = portico_proto::IdentityClaims::new();
+        claims.push("sub", "alice").unwrap();
+        claims.push("email", "alice@example.test").unwrap();
+        claims.push("groups", "admins").unwrap();
+        claims.push("groups", "devs").unwrap();
+        let ext = portico_proto::HeadExtensions {
+            identity_claims: Some(claims),
+            assertion: Some("h.p.s".into()),
+            ..Default::default()
+        };
+        let mapping: std::collections::BTreeMap<String, String> = [
+            ("X-Remote-User", "email"),
+            ("X-Remote-Groups", "groups"),
+            ("X-Remote-Name", "name"),
+        ]
+        .into_iter()
+        .map(|(h, c)| (h.to_owned(), c.to_owned()))
+        .collect();
+        let mut h = HeaderMap::new();
+        h.insert("x-remote-user", HeaderValue::from_static("mallory"));
+        h.insert("x-remote-name", HeaderValue::from_static("Mallory"));
+        let target = InternalUrl::parse("http://b/").unwrap();
+        let names: Vec<String> = mapping.keys().map(|k| k.to_ascii_lowercase()).collect();
+        let mut out = request_headers(h, meta(StreamKind::Http), target.host, &names);
+        identity_headers(&mut out, &mapping, &ext);
+        assert_eq!(out["x-remote-user"], "alice@example.test");
+        assert_eq!(out["x-remote-groups"], "admins,devs");
+        // The user has no name claim: no header, and not the client's.
+        assert!(!out.contains_key("x-remote-name"), "{out:?}");
+        assert_eq!(out["x-portico-jwt-assertion"], "h.p.s");
+        // A head without claims sets nothing.
+        let mut none = HeaderMap::new();
+        identity_headers(&mut none, &mapping, &Default::default());
+        assert!(none.is_empty());
+    }
+
+    #[test]
     fn first_hop_gets_a_fresh_forwarded_for() {
         let target = InternalUrl::parse("http://b/").unwrap();
-        let out = request_headers(HeaderMap::new(), meta(StreamKind::Http), target.host);
+        let out = request_headers(HeaderMap::new(), meta(StreamKind::Http), target.host, &[]);
         assert_eq!(out["x-forwarded-for"], "203.0.113.9");
         assert_eq!(out["host"], "b");
     }
@@ -389,7 +551,7 @@ mod tests {
         );
         h.insert("sec-websocket-version", HeaderValue::from_static("13"));
         let target = InternalUrl::parse("http://b/").unwrap();
-        let out = request_headers(h, meta(StreamKind::WebSocket), target.host);
+        let out = request_headers(h, meta(StreamKind::WebSocket), target.host, &[]);
         assert_eq!(out["connection"], "upgrade");
         assert_eq!(out["upgrade"], "websocket");
         assert_eq!(out["sec-websocket-key"], "dGhlIHNhbXBsZSBub25jZQ==");

@@ -52,6 +52,9 @@ pub(crate) struct AppEntry {
     /// Its link translation (every app's links, its own prefix and host),
     /// when its internal URL parses.
     pub translator: Option<Arc<Translator>>,
+    /// Its identity header names, lower-case: a client's header of one of
+    /// these names is dropped.
+    pub identity_names: Vec<String>,
 }
 
 /// The apps of this connector's group, by id.
@@ -90,6 +93,11 @@ pub(crate) fn app_table(
                     internal,
                     backend,
                     translator: Translator::new(links.clone(), &a.internal_url).map(Arc::new),
+                    identity_names: a
+                        .identity_headers
+                        .keys()
+                        .map(|h| h.to_ascii_lowercase())
+                        .collect(),
                 }),
             )
         })
@@ -230,7 +238,8 @@ async fn proxy(
     };
     // The head is ours: move its headers instead of copying them.
     let incoming = std::mem::take(&mut head.headers);
-    let mut headers = request_headers(incoming, meta, host);
+    let mut headers = request_headers(incoming, meta, host, &entry.identity_names);
+    crate::headers::identity_headers(&mut headers, &entry.app.identity_headers, &head.ext);
     if entry.app.translate_body {
         // A compressed body could not be rewritten.
         headers.insert(

@@ -54,6 +54,9 @@ fn app(id: &str, internal_url: String, validate: bool) -> App {
         translate_body: false,
         required_features: vec![],
         preauth: Default::default(),
+        assignment: Default::default(),
+        identity_headers: Default::default(),
+        hidden: false,
         created_at: 0,
     }
 }

@@ -250,7 +250,8 @@ impl Shared {
     /// the tunnels of revoked connectors and marks the edge ready.
     pub(crate) fn apply_config(&self, config: EdgeConfig) {
         let version = config.version;
-        self.auth.update(config.sign_in.as_ref());
+        self.auth
+            .update(config.sign_in.as_ref(), &config.apps_domain);
         let table = Arc::new(RoutingTable::new(config));
         self.table.store(Arc::clone(&table));
         self.metrics

@@ -623,7 +623,12 @@ async fn serve_forwarded(
         let message = format!("no app {} is published", head.app);
         return refuse(&mut send, &shared, ErrorCode::AppNotFound, message).await;
     };
-    let Some(tunnel) = shared.tunnels.pick(&app.connector_group, |_| true) else {
+    // A signed-in user's claims go only to a connector that reads them.
+    let signed_in = head.ext.identity_claims.is_some() || head.ext.assertion.is_some();
+    let able = |t: &crate::tunnels::Tunnel| {
+        !signed_in || t.capabilities & capabilities::HEAD_EXTENSIONS != 0
+    };
+    let Some(tunnel) = shared.tunnels.pick(&app.connector_group, able) else {
         let message = format!(
             "edge {} holds no tunnel of group {} (a forwarded request is never forwarded again)",
             shared.edge_id, app.connector_group

@@ -245,6 +245,9 @@ pub(crate) mod tests {
             translate_body: false,
             required_features: vec![],
             preauth: Default::default(),
+            assignment: Default::default(),
+            identity_headers: Default::default(),
+            hidden: false,
             created_at: 0,
         }
     }

@@ -140,6 +140,9 @@ fn app(id: &str, host: &str, timeout: BackendTimeout) -> App {
         translate_body: false,
         required_features: vec![],
         preauth: Default::default(),
+        assignment: Default::default(),
+        identity_headers: Default::default(),
+        hidden: false,
         created_at: 0,
     }
 }

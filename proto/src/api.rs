@@ -34,6 +34,7 @@
 //! revoked, 404 not found, 409 conflict, 429 `rate_limited` (with
 //! `Retry-After`).
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
@@ -459,6 +460,171 @@ fn is_true(v: &bool) -> bool {
     *v
 }
 
+/// Who may use an app that signs users in (Entra's "assignment required"):
+/// every signed-in user, or the users and groups listed. Anyone else gets
+/// 403 `NotAssigned`. An app that signs users in must assign someone.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Assignment {
+    /// Every user the provider signs in.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub everyone: bool,
+    /// Users, each matched against the `sub` claim, or the `email` claim
+    /// (ignoring case) when the provider has verified it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub users: Vec<String>,
+    /// Groups, matched exactly against the deployment's groups claim.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<String>,
+}
+
+/// The most users plus groups one app may assign.
+pub const MAX_ASSIGNED: usize = 1000;
+/// The longest user or group name in an assignment, in bytes.
+pub const MAX_ASSIGNED_NAME_LEN: usize = 256;
+
+impl Assignment {
+    /// Whether it lets no one in.
+    pub fn is_nobody(&self) -> bool {
+        !self.everyone && self.users.is_empty() && self.groups.is_empty()
+    }
+
+    /// Whether the user with these claims may use the app. `email` is
+    /// given only when the provider verified it.
+    pub fn admits<'a>(
+        &self,
+        sub: &str,
+        email: Option<&str>,
+        mut groups: impl Iterator<Item = &'a str>,
+    ) -> bool {
+        self.everyone
+            || self
+                .users
+                .iter()
+                .any(|u| u == sub || email.is_some_and(|e| e.eq_ignore_ascii_case(u)))
+            || groups.any(|g| self.groups.iter().any(|a| a == g))
+    }
+
+    /// Checks sizes and names; the message says what to change.
+    pub fn check(&self) -> Result<(), String> {
+        let count = self.users.len() + self.groups.len();
+        if count > MAX_ASSIGNED {
+            return Err(format!(
+                "an app may assign at most {MAX_ASSIGNED} users and groups, not {count}"
+            ));
+        }
+        if self.everyone && count > 0 {
+            return Err("assign either everyone or users and groups, not both".into());
+        }
+        for (kind, list) in [("user", &self.users), ("group", &self.groups)] {
+            let mut seen = std::collections::HashSet::new();
+            for name in list {
+                if name.is_empty() || name.len() > MAX_ASSIGNED_NAME_LEN {
+                    return Err(format!(
+                        "a {kind} name must be 1 to {MAX_ASSIGNED_NAME_LEN} bytes long"
+                    ));
+                }
+                if name.chars().any(char::is_control) {
+                    return Err(format!("{kind} {name:?} has a control character"));
+                }
+                if !seen.insert(name) {
+                    return Err(format!("{kind} {name:?} is assigned twice"));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for Assignment {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.everyone {
+            return f.write_str("everyone");
+        }
+        if self.is_nobody() {
+            return f.write_str("nobody");
+        }
+        let mut first = true;
+        for (kind, list) in [("user", &self.users), ("group", &self.groups)] {
+            for name in list {
+                if !first {
+                    f.write_str(", ")?;
+                }
+                first = false;
+                write!(f, "{kind}:{name}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The claims an app may map to headers: what the edge keeps of a
+/// signed-in user. `groups` is sent comma-separated.
+pub const IDENTITY_CLAIM_NAMES: &[&str] = &["sub", "email", "name", "preferred_username", "groups"];
+/// The most identity headers one app may map.
+pub const MAX_IDENTITY_HEADERS: usize = 16;
+/// The header that carries the edge's signed assertion of the user.
+pub const ASSERTION_HEADER: &str = "x-portico-jwt-assertion";
+
+/// Checks an identity header mapping: header names are valid and not
+/// hop-by-hop or Portico's own, each claim is one the edge keeps.
+pub fn check_identity_headers(map: &BTreeMap<String, String>) -> Result<(), String> {
+    if map.len() > MAX_IDENTITY_HEADERS {
+        return Err(format!(
+            "an app may map at most {MAX_IDENTITY_HEADERS} identity headers, not {}",
+            map.len()
+        ));
+    }
+    for (header, claim) in map {
+        let valid = !header.is_empty()
+            && header.len() <= 64
+            && header
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-');
+        if !valid {
+            return Err(format!(
+                "header name {header:?} must be 1 to 64 letters, digits and '-'"
+            ));
+        }
+        let lower = header.to_ascii_lowercase();
+        if lower.starts_with("x-portico-")
+            || matches!(
+                lower.as_str(),
+                "host"
+                    | "connection"
+                    | "content-length"
+                    | "transfer-encoding"
+                    | "te"
+                    | "trailer"
+                    | "upgrade"
+                    | "keep-alive"
+                    | "cookie"
+                    | "authorization"
+                    | "x-forwarded-for"
+                    | "x-forwarded-proto"
+                    | "x-forwarded-host"
+                    | "x-request-id"
+            )
+        {
+            return Err(format!(
+                "header {header:?} is set by Portico or the protocol; pick another name"
+            ));
+        }
+        if !IDENTITY_CLAIM_NAMES.contains(&claim.as_str()) {
+            return Err(format!(
+                "claim {claim:?} is not one the edge keeps: {}",
+                IDENTITY_CLAIM_NAMES.join(", ")
+            ));
+        }
+    }
+    let mut lower: Vec<String> = map.keys().map(|h| h.to_ascii_lowercase()).collect();
+    lower.sort();
+    if let Some(w) = lower.windows(2).find(|w| w[0] == w[1]) {
+        return Err(format!("header {:?} is mapped twice", w[0]));
+    }
+    Ok(())
+}
+
 /// `POST /v1/apps`: what an admin publishes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -495,6 +661,16 @@ pub struct AppSpec {
     /// Whether the edge signs users in before they reach the app.
     #[serde(default)]
     pub preauth: Preauth,
+    /// Who may use the app (it must sign users in; see [`Assignment`]).
+    #[serde(default, skip_serializing_if = "Assignment::is_nobody")]
+    pub assignment: Assignment,
+    /// The signed-in user's claims the backend gets, header name → claim
+    /// name (see [`IDENTITY_CLAIM_NAMES`]).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub identity_headers: BTreeMap<String, String>,
+    /// Left out of the My Apps portal (it still works for its users).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub hidden: bool,
 }
 
 /// `PATCH /v1/apps/{id}`: the fields to change, each optional; the others
@@ -522,6 +698,14 @@ pub struct AppPatch {
     pub required_features: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub preauth: Option<Preauth>,
+    /// Replaces the whole assignment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub assignment: Option<Assignment>,
+    /// Replaces the whole mapping (`{}` clears it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity_headers: Option<BTreeMap<String, String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hidden: Option<bool>,
 }
 
 impl AppPatch {
@@ -559,6 +743,15 @@ impl AppPatch {
         if let Some(v) = self.preauth {
             spec.preauth = v;
         }
+        if let Some(v) = self.assignment {
+            spec.assignment = v;
+        }
+        if let Some(v) = self.identity_headers {
+            spec.identity_headers = v;
+        }
+        if let Some(v) = self.hidden {
+            spec.hidden = v;
+        }
         spec
     }
 }
@@ -589,6 +782,15 @@ pub struct App {
     /// [`SIGN_IN_FEATURE`] too).
     #[serde(default)]
     pub preauth: Preauth,
+    /// Who may use it, when it signs users in.
+    #[serde(default, skip_serializing_if = "Assignment::is_nobody")]
+    pub assignment: Assignment,
+    /// Header name → claim name, for the backend (the connector sets them).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub identity_headers: BTreeMap<String, String>,
+    /// Left out of the My Apps portal.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub hidden: bool,
     /// Seconds since the Unix epoch.
     pub created_at: u64,
 }
@@ -948,6 +1150,65 @@ pub struct SignInSettings {
     pub keys: Vec<SessionKey>,
     /// How long a session lasts from its sign-in, in seconds.
     pub session_lifetime_secs: u64,
+    /// The claim that lists a user's groups (default `groups`).
+    #[serde(default = "default_groups_claim")]
+    pub groups_claim: String,
+    /// The keys edges sign identity assertions with, the signing one
+    /// first; the router's `/.well-known/jwks.json` publishes their public
+    /// halves. Empty from an older router: no assertion is made.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub assertion_keys: Vec<AssertionKey>,
+}
+
+fn default_groups_claim() -> String {
+    "groups".to_owned()
+}
+
+/// An ES256 (P-256) key for identity assertions.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AssertionKey {
+    /// The JWT `kid`.
+    pub kid: String,
+    /// The private key, PKCS#8 DER in base64url without padding.
+    pub pkcs8: String,
+    /// The public key's `x` and `y` coordinates, base64url (as in a JWK).
+    pub x: String,
+    pub y: String,
+}
+
+impl AssertionKey {
+    /// The public half as a JWK.
+    pub fn public_jwk(&self) -> PublicJwk {
+        PublicJwk {
+            kty: "EC".into(),
+            crv: "P-256".into(),
+            alg: "ES256".into(),
+            use_: "sig".into(),
+            kid: self.kid.clone(),
+            x: self.x.clone(),
+            y: self.y.clone(),
+        }
+    }
+}
+
+/// `GET /.well-known/jwks.json` (router, and the auth host of every edge):
+/// the keys identity assertions are signed with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Jwks {
+    pub keys: Vec<PublicJwk>,
+}
+
+/// An EC public key as a JWK (RFC 7517/7518).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PublicJwk {
+    pub kty: String,
+    pub crv: String,
+    pub alg: String,
+    #[serde(rename = "use")]
+    pub use_: String,
+    pub kid: String,
+    pub x: String,
+    pub y: String,
 }
 
 impl fmt::Debug for SignInSettings {
@@ -958,6 +1219,15 @@ impl fmt::Debug for SignInSettings {
             .field("client_secret", &"***")
             .field("keys", &self.keys.iter().map(|k| k.id).collect::<Vec<_>>())
             .field("session_lifetime_secs", &self.session_lifetime_secs)
+            .field("groups_claim", &self.groups_claim)
+            .field(
+                "assertion_keys",
+                &self
+                    .assertion_keys
+                    .iter()
+                    .map(|k| &k.kid)
+                    .collect::<Vec<_>>(),
+            )
             .finish()
     }
 }

@@ -24,7 +24,8 @@ use crate::codec::{
 use crate::error::{ClaimError, DecodeError, EncodeError};
 use crate::ids::EdgeId;
 use crate::limits::{
-    MAX_CLAIMS, MAX_CLAIM_NAME_LEN, MAX_CLAIM_VALUE_LEN, MAX_EXTENSION_LEN, MAX_HEAD_EXTENSIONS,
+    MAX_ASSERTION_LEN, MAX_CLAIMS, MAX_CLAIM_NAME_LEN, MAX_CLAIM_VALUE_LEN, MAX_EXTENSION_LEN,
+    MAX_HEAD_EXTENSIONS,
 };
 
 /// Entry type: the number of edge-to-edge (mesh) hops the head has made.
@@ -33,6 +34,9 @@ pub const HOP_COUNT: u64 = 0x01;
 pub const ORIGIN_EDGE: u64 = 0x02;
 /// Entry type: the signed-in user's identity claims.
 pub const IDENTITY_CLAIMS: u64 = 0x03;
+/// Entry type: the edge's signed assertion of the user (a compact JWS),
+/// which the connector passes to the backend as `X-Portico-Jwt-Assertion`.
+pub const ASSERTION: u64 = 0x04;
 
 /// The extension area of a decoded `StreamHead`. Empty (the default) when
 /// the head had no area.
@@ -46,6 +50,9 @@ pub struct HeadExtensions {
     pub origin_edge: Option<EdgeId>,
     /// The signed-in user's claims, when the app signs users in.
     pub identity_claims: Option<IdentityClaims>,
+    /// The edge's signed assertion of the user: visible ASCII, at most
+    /// [`MAX_ASSERTION_LEN`] bytes.
+    pub assertion: Option<String>,
     /// Entries of types this build does not know, in the order they came.
     /// They are skipped, not interpreted; [`HeadExtensions::borrowed`]
     /// leaves them out, so an edge passes on only entries it knows.
@@ -58,6 +65,7 @@ impl HeadExtensions {
         self.hop_count.is_none()
             && self.origin_edge.is_none()
             && self.identity_claims.is_none()
+            && self.assertion.is_none()
             && self.unknown.is_empty()
     }
 
@@ -68,6 +76,7 @@ impl HeadExtensions {
             hop_count: self.hop_count,
             origin_edge: self.origin_edge.as_ref(),
             identity_claims: self.identity_claims.as_ref(),
+            assertion: self.assertion.as_deref(),
             ..HeadExtensionsRef::for_peer(peer_capabilities)
         }
     }
@@ -86,7 +95,10 @@ impl UnknownExtension {
     /// An entry as the decoder would keep it, for tests.
     #[cfg(test)]
     pub(crate) fn new(ty: u64, value: Bytes) -> UnknownExtension {
-        assert!(!matches!(ty, HOP_COUNT | ORIGIN_EDGE | IDENTITY_CLAIMS));
+        assert!(!matches!(
+            ty,
+            HOP_COUNT | ORIGIN_EDGE | IDENTITY_CLAIMS | ASSERTION
+        ));
         UnknownExtension { ty, value }
     }
 
@@ -112,6 +124,8 @@ pub struct HeadExtensionsRef<'a> {
     pub origin_edge: Option<&'a EdgeId>,
     /// See [`HeadExtensions::identity_claims`].
     pub identity_claims: Option<&'a IdentityClaims>,
+    /// See [`HeadExtensions::assertion`].
+    pub assertion: Option<&'a str>,
     /// Whether the peer negotiated the area; entries are written only then.
     negotiated: bool,
 }
@@ -124,6 +138,7 @@ impl<'a> HeadExtensionsRef<'a> {
         hop_count: None,
         origin_edge: None,
         identity_claims: None,
+        assertion: None,
         negotiated: false,
     };
 
@@ -164,9 +179,21 @@ impl<'a> HeadExtensionsRef<'a> {
         }
     }
 
+    /// Sets the assertion; [`is_valid_assertion`] says whether the encode
+    /// will take it.
+    pub fn with_assertion(self, assertion: &'a str) -> Self {
+        HeadExtensionsRef {
+            assertion: Some(assertion),
+            ..self
+        }
+    }
+
     /// Whether no entry is set.
     pub fn is_empty(&self) -> bool {
-        self.hop_count.is_none() && self.origin_edge.is_none() && self.identity_claims.is_none()
+        self.hop_count.is_none()
+            && self.origin_edge.is_none()
+            && self.identity_claims.is_none()
+            && self.assertion.is_none()
     }
 
     /// Whether the peer negotiated the area, so entries may be written.
@@ -299,7 +326,8 @@ pub(crate) fn encode(
     }
     let known = usize::from(ext.hop_count.is_some())
         + usize::from(ext.origin_edge.is_some())
-        + usize::from(ext.identity_claims.is_some());
+        + usize::from(ext.identity_claims.is_some())
+        + usize::from(ext.assertion.is_some());
     let count = known + unknown.len();
     if count > MAX_HEAD_EXTENSIONS {
         return Err(EncodeError::TooMany {
@@ -326,6 +354,17 @@ pub(crate) fn encode(
             put_bytes(buf, name.as_bytes());
             put_bytes(buf, value.as_bytes());
         }
+    }
+    if let Some(assertion) = ext.assertion {
+        if !is_valid_assertion(assertion) {
+            return Err(EncodeError::TooLong {
+                field: "assertion",
+                len: assertion.len(),
+                max: MAX_ASSERTION_LEN,
+            });
+        }
+        put_varint(buf, ASSERTION);
+        put_bytes(buf, assertion.as_bytes());
     }
     for entry in unknown {
         put_varint(buf, entry.ty);
@@ -369,6 +408,15 @@ pub(crate) fn decode(buf: &mut impl Buf) -> Result<HeadExtensions, DecodeError> 
                 let claims = decode_claims(&mut value)?;
                 set_once(&mut ext.identity_claims, claims, "identity_claims")?;
             }
+            ASSERTION => {
+                let text = std::str::from_utf8(&value)
+                    .ok()
+                    .filter(|t| is_valid_assertion(t))
+                    .ok_or(DecodeError::InvalidValue { field: "assertion" })?
+                    .to_owned();
+                value.advance(value.len());
+                set_once(&mut ext.assertion, text, "assertion")?;
+            }
             _ => {
                 ext.unknown.push(UnknownExtension { ty, value });
                 continue;
@@ -409,6 +457,14 @@ fn decode_claims(buf: &mut Bytes) -> Result<IdentityClaims, DecodeError> {
         claims,
         encoded_len,
     })
+}
+
+/// Whether `assertion` may travel in the area: 1 to [`MAX_ASSERTION_LEN`]
+/// bytes of visible ASCII (a compact JWS is base64url and dots).
+pub fn is_valid_assertion(assertion: &str) -> bool {
+    !assertion.is_empty()
+        && assertion.len() <= MAX_ASSERTION_LEN
+        && assertion.bytes().all(|b| b.is_ascii_graphic())
 }
 
 fn set_once<T>(slot: &mut Option<T>, value: T, field: &'static str) -> Result<(), DecodeError> {
@@ -577,6 +633,20 @@ mod tests {
     }
 
     #[test]
+    fn an_assertion_round_trips_and_a_bad_one_is_not_encoded() {
+        let ext = HeadExtensionsRef::for_peer(crate::capabilities::ALL).with_assertion("e.p.s");
+        let bytes = encoded(&ext);
+        assert_eq!(bytes, [1, ASSERTION as u8, 5, b'e', b'.', b'p', b'.', b's']);
+        let got = decode(&mut &bytes[..]).unwrap();
+        assert_eq!(got.assertion.as_deref(), Some("e.p.s"));
+        for bad in ["", "a\r\nb", &"x".repeat(MAX_ASSERTION_LEN + 1)] {
+            let ext = HeadExtensionsRef::for_peer(crate::capabilities::ALL).with_assertion(bad);
+            let mut buf = Vec::new();
+            assert!(encode(&ext, &[], &mut buf).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
     fn unknown_entries_are_skipped_and_kept() {
         let edge = EdgeId::new("edge-eu-1").unwrap();
         let mut buf = area(&[
@@ -723,6 +793,21 @@ mod tests {
                 "a claim list shorter than counted",
                 area(&[entry(IDENTITY_CLAIMS, b"\x02\x03sub\x01x")]),
                 DecodeError::UnexpectedEnd,
+            ),
+            (
+                "an assertion with a space",
+                area(&[entry(ASSERTION, b"a.b c")]),
+                DecodeError::InvalidValue { field: "assertion" },
+            ),
+            (
+                "an empty assertion",
+                area(&[entry(ASSERTION, b"")]),
+                DecodeError::InvalidValue { field: "assertion" },
+            ),
+            (
+                "two assertions",
+                area(&[entry(ASSERTION, b"a.b.c"), entry(ASSERTION, b"a.b.c")]),
+                DecodeError::DuplicateExtension { field: "assertion" },
             ),
             (
                 "a claim list with bytes after it",

@@ -770,28 +770,30 @@ mod tests {
             proptest::option::of(any::<u8>()),
             proptest::option::of(id_strategy()),
             proptest::option::of(claims),
+            proptest::option::of("[!-~]{1,60}"),
             prop::collection::vec(
                 (unknown_type(), prop::collection::vec(any::<u8>(), 0..40)),
                 0..4,
             ),
         )
-            .prop_map(
-                |(hop_count, origin, identity_claims, unknown)| HeadExtensions {
+            .prop_map(|(hop_count, origin, identity_claims, assertion, unknown)| {
+                HeadExtensions {
                     hop_count,
                     origin_edge: origin.map(|e| EdgeId::new(e).unwrap()),
                     identity_claims,
+                    assertion,
                     unknown: unknown
                         .into_iter()
                         .map(|(ty, value)| UnknownExtension::new(ty, value.into()))
                         .collect(),
-                },
-            );
+                }
+            });
         prop_oneof![1 => Just(HeadExtensions::default()), 3 => some]
     }
 
     /// Entry types this build does not know.
     fn unknown_type() -> impl Strategy<Value = u64> {
-        prop_oneof![Just(0), 4..64u64, 64..crate::codec::VARINT_MAX]
+        prop_oneof![Just(0), 5..64u64, 64..crate::codec::VARINT_MAX]
     }
 
     /// Heads, with and without an extension area.
@@ -961,6 +963,7 @@ mod tests {
                 HeadExtensions { hop_count: ext.hop_count, ..HeadExtensions::default() },
                 HeadExtensions { origin_edge: ext.origin_edge.clone(), ..HeadExtensions::default() },
                 HeadExtensions { identity_claims: ext.identity_claims.clone(), ..HeadExtensions::default() },
+                HeadExtensions { assertion: ext.assertion.clone(), ..HeadExtensions::default() },
             ];
             for one in only.iter().filter(|e| !e.is_empty()) {
                 let mut area = Vec::new();

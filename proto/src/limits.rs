@@ -33,3 +33,5 @@ pub const MAX_CLAIMS: usize = 256;
 pub const MAX_CLAIM_NAME_LEN: usize = 128;
 /// The longest identity claim value, in bytes.
 pub const MAX_CLAIM_VALUE_LEN: usize = 1024;
+/// The longest identity assertion in a head's extension area.
+pub const MAX_ASSERTION_LEN: usize = 8 * 1024;

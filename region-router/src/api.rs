@@ -166,11 +166,36 @@ impl AppState {
     }
 }
 
+/// `GET /.well-known/jwks.json`, for anyone: the public keys that identity
+/// assertions (`X-Portico-Jwt-Assertion`) are signed with. 404 when the
+/// router has no OpenID provider (no assertion is ever made).
+async fn jwks(State(state): State<SharedState>) -> Result<axum::response::Response, ApiFail> {
+    let Some(sign_in) = &state.sign_in else {
+        return Err(ApiFail::not_found(
+            None,
+            "this router signs no one in (no --oidc-issuer), so it makes no identity assertions",
+        ));
+    };
+    let body = api::Jwks {
+        keys: sign_in
+            .assertion_keys
+            .iter()
+            .map(api::AssertionKey::public_jwk)
+            .collect(),
+    };
+    Ok((
+        [(axum::http::header::CACHE_CONTROL, "public, max-age=300")],
+        axum::Json(body),
+    )
+        .into_response())
+}
+
 /// The API routes, with metrics and a `router` span per request.
 pub(crate) fn routes(state: SharedState) -> axum::Router {
     axum::Router::new()
         .route("/healthz", get(healthz))
         .route("/ready", get(ready))
+        .route("/.well-known/jwks.json", get(jwks))
         .route("/v1/enroll", post(enroll))
         .route("/v1/renew", post(renew))
         .route("/v1/edge/config", get(edge_config))
@@ -968,6 +993,9 @@ pub(crate) fn to_app(rec: AppRecord, port: u16) -> App {
         translate_headers: rec.translate_headers,
         translate_body: rec.translate_body,
         required_features: rec.required_features,
+        assignment: rec.assignment,
+        identity_headers: rec.identity_headers,
+        hidden: rec.hidden,
         created_at: rec.created_at,
     }
 }
@@ -1446,6 +1474,9 @@ async fn update_app(
             .collect(),
         translate_headers: current.translate_headers,
         translate_body: current.translate_body,
+        assignment: current.assignment,
+        identity_headers: current.identity_headers,
+        hidden: current.hidden,
     });
     // The same checks as a new app, on the whole result.
     let rec = app_record(&state.config, spec, created_at)?;
@@ -1480,6 +1511,7 @@ fn app_record(config: &Config, spec: api::AppSpec, created_at: u64) -> Result<Ap
             "this router has no OpenID provider to sign users in with: start it with --oidc-issuer, --oidc-client-id and --oidc-client-secret-file",
         ));
     }
+    check_access(&spec)?;
     let mut required_features = spec.required_features;
     if spec.preauth == api::Preauth::Oidc {
         required_features.push(api::SIGN_IN_FEATURE.to_owned());
@@ -1511,8 +1543,45 @@ fn app_record(config: &Config, spec: api::AppSpec, created_at: u64) -> Result<Ap
         required_features,
         translate_headers: spec.translate_headers,
         translate_body: spec.translate_body,
+        assignment: spec.assignment,
+        identity_headers: spec.identity_headers,
+        hidden: spec.hidden,
         created_at,
     })
+}
+
+/// Assignment and identity headers: only for an app that signs users in,
+/// and such an app must assign someone.
+fn check_access(spec: &api::AppSpec) -> Result<(), ApiFail> {
+    spec.assignment
+        .check()
+        .map_err(|e| ApiFail::invalid("assignment", e))?;
+    api::check_identity_headers(&spec.identity_headers)
+        .map_err(|e| ApiFail::invalid("identity_headers", e))?;
+    match spec.preauth {
+        api::Preauth::Oidc if spec.assignment.is_nobody() => Err(ApiFail::invalid(
+            "assignment",
+            format!(
+                "app {} signs users in but assigns no one: assign users or groups (--assign user:NAME, --assign group:NAME) or everyone who signs in (--assign everyone)",
+                spec.id
+            ),
+        )),
+        api::Preauth::Passthrough if !spec.assignment.is_nobody() => Err(ApiFail::invalid(
+            "assignment",
+            format!(
+                "app {} does not sign users in, so no one can be assigned to it: add --preauth oidc",
+                spec.id
+            ),
+        )),
+        api::Preauth::Passthrough if !spec.identity_headers.is_empty() => Err(ApiFail::invalid(
+            "identity_headers",
+            format!(
+                "app {} does not sign users in, so there is no identity to send: add --preauth oidc",
+                spec.id
+            ),
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// Writes an app record with `write`, publishes the new version and returns

@@ -44,6 +44,9 @@ pub struct SignInConfig {
     pub client_secret: String,
     /// How long a session lasts from its sign-in (default 8 h).
     pub session_lifetime: Duration,
+    /// The claim that lists a user's groups, for assignment (default
+    /// `groups`).
+    pub groups_claim: String,
 }
 
 impl std::fmt::Debug for SignInConfig {
@@ -53,6 +56,7 @@ impl std::fmt::Debug for SignInConfig {
             .field("client_id", &self.client_id)
             .field("client_secret", &"***")
             .field("session_lifetime", &self.session_lifetime)
+            .field("groups_claim", &self.groups_claim)
             .finish()
     }
 }
@@ -92,6 +96,18 @@ impl Config {
                 return Err(Error::InvalidConfig {
                     field: "oidc_client_id",
                     reason: "the client id and secret must both be set".into(),
+                });
+            }
+            if s.groups_claim.is_empty()
+                || s.groups_claim.len() > 128
+                || !s.groups_claim.bytes().all(|b| b.is_ascii_graphic())
+            {
+                return Err(Error::InvalidConfig {
+                    field: "oidc_groups_claim",
+                    reason: format!(
+                        "{:?} is not a claim name (1 to 128 visible characters)",
+                        s.groups_claim
+                    ),
                 });
             }
             if s.session_lifetime.is_zero() || s.session_lifetime > MAX_SESSION_LIFETIME {

@@ -120,14 +120,17 @@ impl Handle {
 pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Handle, Error> {
     config.validate()?;
     let dir = config.data_dir.clone();
-    let (ca, admin_token, admin_token_path, store, session_keys) = {
+    let (ca, admin_token, admin_token_path, store, (session_keys, assertion_keys)) = {
         let dir = dir.clone();
         let err_dir = dir.clone();
         tokio::task::spawn_blocking(move || -> Result<_, Error> {
             prepare_dir(&dir)?;
             let ca = ca::Ca::load_or_create(&dir)?;
             let (token, path) = load_or_create_admin_token(&dir)?;
-            let keys = load_or_create_session_keys(&dir)?;
+            let keys = (
+                load_or_create_session_keys(&dir)?,
+                load_or_create_assertion_keys(&dir)?,
+            );
             let store = SqliteStore::open(dir.join("portico.db"))?;
             store.ensure_group(&store::GroupRecord {
                 id: GroupId::default_group(),
@@ -228,6 +231,8 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Handle
                 client_secret: s.client_secret.clone(),
                 keys: session_keys,
                 session_lifetime_secs: s.session_lifetime.as_secs(),
+                groups_claim: s.groups_claim.clone(),
+                assertion_keys,
             }),
     });
 
@@ -343,6 +348,87 @@ fn load_or_create_admin_token(dir: &Path) -> Result<(String, PathBuf), Error> {
 /// The keys edges seal sessions with (`session-keys.json`, 0600): read,
 /// or made (one random key) at the first start. Every edge of every region
 /// gets them, so a session one edge issued is good at all.
+/// The keys edges sign identity assertions with (`<data>/assertion-keys.json`,
+/// made at the first start): a list of `{kid, pkcs8}`, the signing key
+/// first. The public coordinates are derived from each private key.
+fn load_or_create_assertion_keys(
+    dir: &Path,
+) -> Result<Vec<portico_proto::api::AssertionKey>, Error> {
+    use base64::Engine as _;
+    let engine = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let path = dir.join("assertion-keys.json");
+    let bad = |reason: String| Error::BadSessionKeys {
+        path: path.clone(),
+        reason,
+    };
+    let complete = |kid: String, der: &[u8]| -> Result<portico_proto::api::AssertionKey, String> {
+        let pair = rcgen::KeyPair::try_from(der).map_err(|e| format!("key {kid}: {e}"))?;
+        if !pair.is_compatible(&rcgen::PKCS_ECDSA_P256_SHA256) {
+            return Err(format!("key {kid} is not a P-256 key"));
+        }
+        let raw = pair.public_key_raw();
+        if raw.len() != 65 || raw[0] != 4 {
+            return Err(format!("key {kid}: not an uncompressed P-256 point"));
+        }
+        Ok(portico_proto::api::AssertionKey {
+            kid,
+            pkcs8: engine.encode(der),
+            x: engine.encode(&raw[1..33]),
+            y: engine.encode(&raw[33..]),
+        })
+    };
+    #[derive(serde::Serialize, serde::Deserialize)]
+    struct Stored {
+        kid: String,
+        pkcs8: String,
+    }
+    match fs::read(&path) {
+        Ok(bytes) => {
+            let stored: Vec<Stored> =
+                serde_json::from_slice(&bytes).map_err(|e| bad(e.to_string()))?;
+            if stored.is_empty() {
+                return Err(bad(
+                    "it lists no key; the signing one must come first".into()
+                ));
+            }
+            stored
+                .into_iter()
+                .map(|s| {
+                    let der = engine
+                        .decode(&s.pkcs8)
+                        .map_err(|e| format!("key {}: {e}", s.kid))?;
+                    complete(s.kid, &der)
+                })
+                .collect::<Result<_, _>>()
+                .map_err(bad)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let pair =
+                rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|source| {
+                    Error::Ca {
+                        what: "making the identity assertion key",
+                        source,
+                    }
+                })?;
+            let kid = util::random_hex::<8>()?;
+            let key = complete(kid, &pair.serialize_der()).map_err(bad)?;
+            let stored = [Stored {
+                kid: key.kid.clone(),
+                pkcs8: key.pkcs8.clone(),
+            }];
+            let text = serde_json::to_vec_pretty(&stored).unwrap_or_default();
+            ca::write_file(&path, &text, 0o600)?;
+            tracing::info!(path = %path.display(), kid = %key.kid, "created the identity assertion key");
+            Ok(vec![key])
+        }
+        Err(source) => Err(Error::Io {
+            action: "read",
+            path,
+            source,
+        }),
+    }
+}
+
 fn load_or_create_session_keys(dir: &Path) -> Result<Vec<portico_proto::api::SessionKey>, Error> {
     use base64::Engine as _;
     let path = dir.join("session-keys.json");

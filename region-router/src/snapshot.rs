@@ -240,6 +240,9 @@ pub(crate) mod tests {
                 translate_headers: true,
                 translate_body: false,
                 required_features: vec![],
+                assignment: Default::default(),
+                identity_headers: Default::default(),
+                hidden: false,
                 created_at: 0,
             });
             self

@@ -1306,6 +1306,49 @@ async fn apps_are_updated_field_by_field_with_the_checks_of_create() -> anyhow::
             Some("preauth"),
             "unknown variant",
         ),
+        // Assignment and identity headers need sign-in.
+        (
+            json!({ "assignment": { "everyone": true } }),
+            400,
+            Some("assignment"),
+            "--preauth oidc",
+        ),
+        (
+            json!({ "identity_headers": { "X-Remote-User": "email" } }),
+            400,
+            Some("identity_headers"),
+            "--preauth oidc",
+        ),
+        (
+            json!({ "identity_headers": { "X-Remote-User": "salary" } }),
+            400,
+            Some("identity_headers"),
+            "not one the edge keeps",
+        ),
+        (
+            json!({ "identity_headers": { "X-Portico-User": "sub" } }),
+            400,
+            Some("identity_headers"),
+            "set by Portico",
+        ),
+        (
+            json!({ "identity_headers": { "X User": "sub" } }),
+            400,
+            Some("identity_headers"),
+            "letters, digits",
+        ),
+        (
+            json!({ "assignment": { "users": ["a", "a"] } }),
+            400,
+            Some("assignment"),
+            "twice",
+        ),
+        (
+            json!({ "assignment": { "everyone": true, "groups": ["g"] } }),
+            400,
+            Some("assignment"),
+            "not both",
+        ),
         (json!({ "id": "renamed" }), 400, Some("id"), "unknown field"),
         (json!({}), 400, None, "changes nothing"),
     ] {
@@ -1325,6 +1368,93 @@ async fn apps_are_updated_field_by_field_with_the_checks_of_create() -> anyhow::
         None,
         "nope",
     );
+    stop(h, shutdown).await
+}
+
+#[tokio::test]
+async fn an_app_that_signs_users_in_must_assign_someone_and_the_jwks_is_public(
+) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (h, shutdown) = start(dir.path(), |c| {
+        c.sign_in = Some(portico_router::SignInConfig {
+            issuer: "http://127.0.0.1:9/".into(),
+            client_id: "portico".into(),
+            client_secret: "s".into(),
+            session_lifetime: std::time::Duration::from_secs(3600),
+            groups_claim: "groups".into(),
+        });
+    })
+    .await?;
+    let admin = admin(&h)?;
+    let spec = |extra: serde_json::Value| {
+        let mut v = json!({ "id": "hr", "internal_url": "http://10.0.0.5/", "preauth": "oidc" });
+        v.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        v
+    };
+    assert_refused(
+        admin
+            .post_json::<_, App>("/v1/apps", &spec(json!({})))
+            .await,
+        400,
+        Some("assignment"),
+        "--assign everyone",
+    );
+    let app: App = admin
+        .post_json(
+            "/v1/apps",
+            &spec(json!({
+                "assignment": { "users": ["alice@example.test"], "groups": ["devs"] },
+                "identity_headers": { "X-Remote-User": "email", "X-Remote-Groups": "groups" },
+                "hidden": true,
+            })),
+        )
+        .await?;
+    assert_eq!(app.assignment.users, ["alice@example.test"]);
+    assert_eq!(app.identity_headers["X-Remote-Groups"], "groups");
+    assert!(app.hidden);
+    // Clearing the assignment of an app that signs users in is refused;
+    // turning sign-in off needs the assignment gone too.
+    assert_refused(
+        admin
+            .patch_json::<_, App>("/v1/apps/hr", &json!({ "assignment": {} }))
+            .await,
+        400,
+        Some("assignment"),
+        "assigns no one",
+    );
+    assert_refused(
+        admin
+            .patch_json::<_, App>("/v1/apps/hr", &json!({ "preauth": "passthrough" }))
+            .await,
+        400,
+        Some("assignment"),
+        "--preauth oidc",
+    );
+    // The JWKS needs no credentials, and lists the P-256 key that
+    // survives a restart.
+    let jwks: portico_proto::api::Jwks = anon(&h)?.get_json("/.well-known/jwks.json").await?;
+    assert_eq!(jwks.keys.len(), 1);
+    let key = &jwks.keys[0];
+    assert_eq!(
+        (key.kty.as_str(), key.crv.as_str(), key.alg.as_str()),
+        ("EC", "P-256", "ES256")
+    );
+    assert_eq!((key.x.len(), key.y.len()), (43, 43), "{key:?}");
+    stop(h, shutdown).await?;
+    let (h, shutdown) = start(dir.path(), |c| {
+        c.sign_in = Some(portico_router::SignInConfig {
+            issuer: "http://127.0.0.1:9/".into(),
+            client_id: "portico".into(),
+            client_secret: "s".into(),
+            session_lifetime: std::time::Duration::from_secs(3600),
+            groups_claim: "groups".into(),
+        });
+    })
+    .await?;
+    let again: portico_proto::api::Jwks = anon(&h)?.get_json("/.well-known/jwks.json").await?;
+    assert_eq!(again, jwks);
     stop(h, shutdown).await
 }
 

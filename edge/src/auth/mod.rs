@@ -20,6 +20,7 @@
 //! never a redirect; a request without a valid session never opens a
 //! connector stream.
 
+mod assert;
 pub(crate) mod oidc;
 pub(crate) mod seal;
 mod target;
@@ -30,10 +31,11 @@ use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 use bytes::Bytes;
-use http::header::{CACHE_CONTROL, COOKIE, LOCATION, SET_COOKIE, WWW_AUTHENTICATE};
+use http::header::{CACHE_CONTROL, CONTENT_TYPE, COOKIE, LOCATION, SET_COOKIE, WWW_AUTHENTICATE};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use portico_proto::api::{App, SignInSettings, SIGN_IN_FEATURE};
+use portico_proto::IdentityClaims;
 use serde::{Deserialize, Serialize};
 
 use crate::request::{Body, ProxyError};
@@ -49,6 +51,8 @@ const START: &str = "/.portico/start";
 const CALLBACK: &str = "/.portico/callback";
 const SESSION: &str = "/.portico/session";
 const SIGN_OUT: &str = "/.portico/sign_out";
+/// The keys of identity assertions, on the auth host.
+const JWKS: &str = "/.well-known/jwks.json";
 /// How long a user may take at the provider.
 const FLOW_TTL: Duration = Duration::from_secs(600);
 /// How long the handoff code is good for.
@@ -74,14 +78,18 @@ impl std::fmt::Debug for Auth {
 impl Auth {
     /// Follows the router's settings: a new provider client only when they
     /// changed (it caches the provider's metadata).
-    pub(crate) fn update(&self, settings: Option<&SignInSettings>) {
+    pub(crate) fn update(&self, settings: Option<&SignInSettings>, apps_domain: &str) {
         let current = self.current.load();
-        if current.as_ref().map(|s| &s.settings) == settings {
+        if current
+            .as_ref()
+            .map(|s| (&s.settings, s.apps_domain.as_str()))
+            == settings.map(|s| (s, apps_domain))
+        {
             return;
         }
         let next = match settings {
             None => None,
-            Some(s) => match SignIn::new(s.clone()) {
+            Some(s) => match SignIn::new(s.clone(), apps_domain) {
                 Ok(sign_in) => Some(Arc::new(sign_in)),
                 Err(e) => {
                     tracing::error!(error = %e, "the router's sign-in settings cannot be used; apps that sign users in are refused");
@@ -95,30 +103,89 @@ impl Auth {
     fn get(&self) -> Option<Arc<SignIn>> {
         self.current.load_full()
     }
+
+    /// What the connector learns of `user` for `app`: the claims its
+    /// identity headers map, and the signed assertion (none from an older
+    /// router, which sends no key).
+    pub(crate) fn identity(&self, app: &App, user: &User) -> Result<Identity, ProxyError> {
+        let mut claims = IdentityClaims::new();
+        let bad = |e: portico_proto::ClaimError| ProxyError::SignInFailed {
+            reason: format!("the user's claims cannot be sent: {e}"),
+        };
+        for name in ["sub", "email", "name", "preferred_username"] {
+            if let Some(v) = user.claim(name) {
+                claims.push(name, v).map_err(bad)?;
+            }
+        }
+        for g in &user.groups {
+            claims.push("groups", g.as_str()).map_err(bad)?;
+        }
+        let assertion = match self.get().as_ref().and_then(|s| s.asserter.as_ref()) {
+            Some(a) => Some(
+                a.assertion(&app.id, user)
+                    .map_err(|reason| ProxyError::SignInFailed { reason })?,
+            ),
+            None => None,
+        };
+        Ok(Identity {
+            sub: user.sub.clone(),
+            claims,
+            assertion,
+        })
+    }
+}
+
+/// A signed-in user as the stream head carries them to the connector.
+pub(crate) struct Identity {
+    pub sub: String,
+    pub claims: IdentityClaims,
+    pub assertion: Option<Arc<str>>,
+}
+
+/// Whether `user` may use `app` (its assignment).
+pub(crate) fn assigned(app: &App, user: &User) -> bool {
+    app.assignment.admits(
+        &user.sub,
+        user.verified_email(),
+        user.groups.iter().map(String::as_str),
+    )
 }
 
 /// One deployment's sign-in: the provider, the keys, the used codes.
 struct SignIn {
     settings: SignInSettings,
+    apps_domain: String,
     provider: Provider,
+    /// Signs identity assertions; none when the router sent no key.
+    asserter: Option<assert::Asserter>,
     keys: Keys,
     /// Handoff codes already used, with their expiry (unix seconds).
     used: Mutex<HashMap<String, u64>>,
 }
 
 impl SignIn {
-    fn new(settings: SignInSettings) -> Result<SignIn, String> {
+    fn new(settings: SignInSettings, apps_domain: &str) -> Result<SignIn, String> {
         let provider = Provider::new(
             &settings.issuer,
             &settings.client_id,
             &settings.client_secret,
+            &settings.groups_claim,
         )
         .map_err(|e| e.to_string())?;
+        let asserter = match assert::Asserter::new(&settings.assertion_keys, apps_domain) {
+            Ok(a) => Some(a),
+            Err(e) => {
+                tracing::warn!(error = %e, "backends get no identity assertion");
+                None
+            }
+        };
         let keys = Keys::new(settings.keys.iter().map(|k| (k.id, k.secret.as_str())))
             .map_err(|e| e.to_string())?;
         Ok(SignIn {
             settings,
+            apps_domain: apps_domain.to_owned(),
             provider,
+            asserter,
             keys,
             used: Mutex::new(HashMap::new()),
         })
@@ -346,6 +413,26 @@ pub(crate) async fn serve_auth_host<B>(
             to.query_pairs_mut().append_pair("code", &code);
             // The flow is over: its cookie goes.
             Ok(redirect(to.as_str(), Some(expired_cookie(FLOW_COOKIE))))
+        }
+        (&Method::GET, JWKS) => {
+            let asserter = sign_in
+                .asserter
+                .as_ref()
+                .ok_or_else(|| ProxyError::AppNotFound {
+                    host: format!("{}{JWKS}", host_of(req).unwrap_or_default()),
+                })?;
+            let mut resp = Response::new(
+                Full::new(Bytes::copy_from_slice(asserter.jwks()))
+                    .map_err(|never| match never {})
+                    .boxed_unsync(),
+            );
+            let h = resp.headers_mut();
+            h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            h.insert(
+                CACHE_CONTROL,
+                HeaderValue::from_static("public, max-age=300"),
+            );
+            Ok(resp)
         }
         _ => Err(ProxyError::AppNotFound {
             host: format!("{}{}", host_of(req).unwrap_or_default(), req.uri().path()),

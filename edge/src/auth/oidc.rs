@@ -36,17 +36,48 @@ pub(crate) struct User {
     pub sub: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub email: Option<String>,
+    /// Whether the provider says it verified `email` (only a verified
+    /// email matches an assignment).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub email_verified: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preferred_username: Option<String>,
+    /// From the deployment's groups claim; a group name longer than
+    /// [`MAX_CLAIM`] is left out rather than cut (a cut name could match
+    /// another group).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub groups: Vec<String>,
 }
 
-/// The claims beyond the standard ones that the edge reads.
+impl User {
+    /// The claim an identity header maps (see
+    /// `portico_proto::api::IDENTITY_CLAIM_NAMES`); `groups` joined by
+    /// commas.
+    pub(crate) fn claim(&self, name: &str) -> Option<String> {
+        match name {
+            "sub" => Some(self.sub.clone()),
+            "email" => self.email.clone(),
+            "name" => self.name.clone(),
+            "preferred_username" => self.preferred_username.clone(),
+            "groups" => Some(self.groups.join(",")),
+            _ => None,
+        }
+    }
+
+    /// The verified email, for assignment.
+    pub(crate) fn verified_email(&self) -> Option<&str> {
+        self.email.as_deref().filter(|_| self.email_verified)
+    }
+}
+
+/// The claims beyond the standard ones that the edge reads: the groups,
+/// under the claim the deployment names.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct Extra {
-    #[serde(default)]
-    groups: Vec<String>,
+    #[serde(flatten)]
+    rest: serde_json::Map<String, serde_json::Value>,
 }
 
 impl AdditionalClaims for Extra {}
@@ -73,6 +104,8 @@ pub(crate) struct Provider {
     issuer: IssuerUrl,
     client_id: ClientId,
     client_secret: ClientSecret,
+    /// The claim that lists a user's groups.
+    groups_claim: String,
     http: openidconnect::reqwest::Client,
     metadata: Mutex<Option<(CoreProviderMetadata, Instant)>>,
 }
@@ -100,6 +133,7 @@ impl Provider {
         issuer: &str,
         client_id: &str,
         client_secret: &str,
+        groups_claim: &str,
     ) -> Result<Provider, OidcError> {
         let issuer =
             IssuerUrl::new(issuer.to_owned()).map_err(|e| OidcError::Config(e.to_string()))?;
@@ -114,6 +148,7 @@ impl Provider {
             issuer,
             client_id: ClientId::new(client_id.to_owned()),
             client_secret: ClientSecret::new(client_secret.to_owned()),
+            groups_claim: groups_claim.to_owned(),
             http,
             metadata: Mutex::new(None),
         })
@@ -219,7 +254,7 @@ impl Provider {
             let verifier = client.id_token_verifier();
             token
                 .claims(&verifier, &nonce)
-                .map(user_of)
+                .map(|c| user_of(c, &self.groups_claim))
                 .map_err(|e| e.to_string())
         };
         match verified {
@@ -232,7 +267,7 @@ impl Provider {
                 let verifier = client.id_token_verifier();
                 token
                     .claims(&verifier, &nonce)
-                    .map(user_of)
+                    .map(|c| user_of(c, &self.groups_claim))
                     .map_err(|e| OidcError::IdToken(format!("{first}; again with fresh keys: {e}")))
             }
         }
@@ -247,20 +282,33 @@ fn bounded(s: &str) -> String {
     s[..end].to_owned()
 }
 
-fn user_of(c: &openidconnect::IdTokenClaims<Extra, CoreGenderClaim>) -> User {
+fn user_of(c: &openidconnect::IdTokenClaims<Extra, CoreGenderClaim>, groups_claim: &str) -> User {
     User {
         sub: bounded(c.subject().as_str()),
         email: c.email().map(|e| bounded(e.as_str())),
+        email_verified: c.email_verified() == Some(true),
         name: c
             .name()
             .and_then(|n| n.get(None))
             .map(|n| bounded(n.as_str())),
-        groups: c
-            .additional_claims()
-            .groups
-            .iter()
-            .take(MAX_GROUPS)
-            .map(|g| bounded(g))
-            .collect(),
+        preferred_username: c.preferred_username().map(|u| bounded(u.as_str())),
+        groups: groups_of(c.additional_claims().rest.get(groups_claim)),
+    }
+}
+
+/// A groups claim: an array of strings (a single string is one group).
+/// Over-long names and entries past [`MAX_GROUPS`] are left out.
+pub(crate) fn groups_of(claim: Option<&serde_json::Value>) -> Vec<String> {
+    let one = |v: &serde_json::Value| {
+        v.as_str()
+            .filter(|g| !g.is_empty() && g.len() <= MAX_CLAIM && !g.chars().any(char::is_control))
+            .map(str::to_owned)
+    };
+    match claim {
+        Some(serde_json::Value::Array(list)) => {
+            list.iter().filter_map(one).take(MAX_GROUPS).collect()
+        }
+        Some(v) => one(v).into_iter().collect(),
+        None => Vec::new(),
     }
 }

@@ -102,6 +102,11 @@ pub(crate) enum ProxyError {
     SignInFailed { reason: String },
     #[error("the app signs its users in, and this edge has no sign-in settings from the router")]
     SignInUnavailable,
+    #[error("user {user} is not assigned to app {app}")]
+    NotAssigned {
+        user: String,
+        app: portico_proto::AppId,
+    },
 }
 
 impl ProxyError {
@@ -118,6 +123,7 @@ impl ProxyError {
                 ErrorCode::FeatureUnsupported
             }
             ProxyError::SignInFailed { .. } => ErrorCode::SignInFailed,
+            ProxyError::NotAssigned { .. } => ErrorCode::NotAssigned,
             ProxyError::NoTunnel { .. }
             | ProxyError::Open(_)
             | ProxyError::HeadWrite(_)
@@ -142,7 +148,8 @@ impl ProxyError {
             | ProxyError::HeadTooLarge(_)
             | ProxyError::AppNotFound { .. }
             | ProxyError::ClientBody(_)
-            | ProxyError::SignInFailed { .. } => Fault::Client,
+            | ProxyError::SignInFailed { .. }
+            | ProxyError::NotAssigned { .. } => Fault::Client,
             ProxyError::FeatureUnsupported { .. } | ProxyError::SignInUnavailable => Fault::Edge,
             ProxyError::Mesh { .. } => Fault::Peer,
             ProxyError::NoTunnel { .. }

@@ -142,10 +142,19 @@ async fn proxy<B: RequestBody>(
         crate::auth::Gate::Pass(user) => user,
         crate::auth::Gate::Respond(resp) => return Ok(Outcome::Local(resp)),
     };
-    // The user's subject travels in the head (the claims, for headers and
-    // the assertion, come with the identity issue's next part).
-    let identity = user.as_ref().map(|u| u.sub.as_str());
-    upstream::forward(req, &app, shared, conn.addr, record, identity)
+    // Phase 2 ends with the assignment: a signed-in user the app does not
+    // assign gets 403, and no stream is opened.
+    let identity = match &user {
+        Some(u) if !crate::auth::assigned(&app, u) => {
+            return Err(ProxyError::NotAssigned {
+                user: u.sub.clone(),
+                app: app.id.clone(),
+            })
+        }
+        Some(u) => Some(shared.auth.identity(&app, u)?),
+        None => None,
+    };
+    upstream::forward(req, &app, shared, conn.addr, record, identity.as_ref())
         .await
         .map(Outcome::Relayed)
 }

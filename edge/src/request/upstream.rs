@@ -12,7 +12,9 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Empty};
 use portico_proto::api::App;
 use portico_proto::io::{read_frame, ReadError};
-use portico_proto::{CloseCode, Frame, HeadExtensionsRef, ResponseHead, StreamHeadRef, StreamKind};
+use portico_proto::{
+    capabilities, CloseCode, Frame, HeadExtensionsRef, ResponseHead, StreamHeadRef, StreamKind,
+};
 use tokio::task::JoinHandle;
 
 use crate::client_conn::ClientConn;
@@ -91,8 +93,9 @@ pub(crate) fn select(
     app: &App,
     tried: &[Arc<Tunnel>],
     tried_peers: &[EdgeId],
+    needs_extensions: bool,
 ) -> Result<Upstream, ProxyError> {
-    match select_tunnel(shared, app, tried) {
+    match select_tunnel(shared, app, tried, needs_extensions) {
         Ok(t) => Ok(Upstream::Tunnel(t)),
         Err(no_tunnel) => {
             let table = shared.table.load();
@@ -137,16 +140,23 @@ fn select_tunnel(
     shared: &Shared,
     app: &App,
     tried: &[Arc<Tunnel>],
+    needs_extensions: bool,
 ) -> Result<Arc<Tunnel>, ProxyError> {
+    // A signed-in user's head carries claims in the extension area: only
+    // a connector that reads it may get the request (an older one would
+    // refuse the head, or serve the app without the identity).
+    let able =
+        |t: &Tunnel| !needs_extensions || t.capabilities & capabilities::HEAD_EXTENSIONS != 0;
     let fresh = shared.tunnels.pick(&app.connector_group, |t| {
-        !tried
-            .iter()
-            .any(|u| u.id == t.id || u.connector == t.connector)
+        able(t)
+            && !tried
+                .iter()
+                .any(|u| u.id == t.id || u.connector == t.connector)
     });
     let tunnel = fresh
         .or_else(|| {
             shared.tunnels.pick(&app.connector_group, |t| {
-                !tried.iter().any(|u| u.id == t.id)
+                able(t) && !tried.iter().any(|u| u.id == t.id)
             })
         })
         .ok_or_else(|| ProxyError::NoTunnel {
@@ -170,7 +180,7 @@ pub(crate) async fn forward<B: RequestBody>(
     shared: &Shared,
     client: std::net::SocketAddr,
     record: &mut Record,
-    identity: Option<&str>,
+    identity: Option<&crate::auth::Identity>,
 ) -> Result<Relayed, ProxyError> {
     let websocket = is_websocket(&req);
     let timeout = app.backend_timeout.duration();
@@ -191,8 +201,20 @@ pub(crate) async fn forward<B: RequestBody>(
         path: req.uri().path_and_query().map_or("/", |p| p.as_str()),
         headers: &headers,
         client_addr: client,
-        identity,
-        ext: HeadExtensionsRef::NONE,
+        identity: identity.map(|i| i.sub.as_str()),
+        // The claims and the assertion go only to a peer that negotiated
+        // the extension area: `select` skips tunnels without it.
+        ext: match identity {
+            None => HeadExtensionsRef::NONE,
+            Some(i) => {
+                let ext =
+                    HeadExtensionsRef::for_peer(capabilities::ALL).with_identity_claims(&i.claims);
+                match &i.assertion {
+                    Some(a) => ext.with_assertion(a),
+                    None => ext,
+                }
+            }
+        },
         timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
     }
     .to_bytes()
@@ -212,7 +234,7 @@ pub(crate) async fn forward<B: RequestBody>(
     // try, it is the answer (a BackendBusy stays BackendBusy).
     let mut last: Option<ProxyError> = None;
     loop {
-        let via = match select(shared, app, &tried, &tried_peers) {
+        let via = match select(shared, app, &tried, &tried_peers, identity.is_some()) {
             Ok(Upstream::Tunnel(tunnel)) => Via::Tunnel(tunnel),
             Ok(Upstream::Peer(peer)) => {
                 tried_peers.push(peer.id.clone());

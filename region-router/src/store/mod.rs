@@ -48,6 +48,12 @@ pub struct AppRecord {
     pub translate_body: bool,
     /// Checked by `portico_proto::api::check_required_features`.
     pub required_features: Vec<String>,
+    /// Who may use it (when it signs users in).
+    pub assignment: portico_proto::api::Assignment,
+    /// Header name → claim name, for the backend.
+    pub identity_headers: std::collections::BTreeMap<String, String>,
+    /// Left out of My Apps.
+    pub hidden: bool,
     pub created_at: u64,
 }
 

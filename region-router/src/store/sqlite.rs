@@ -15,7 +15,7 @@ use super::{
 };
 use crate::error::StoreError;
 
-const SCHEMA_VERSION: i64 = 9;
+const SCHEMA_VERSION: i64 = 12;
 
 const SCHEMA_V1: &str = "
 CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -144,6 +144,17 @@ ALTER TABLE apps ADD COLUMN translate_headers INTEGER NOT NULL DEFAULT 1;
 ALTER TABLE apps ADD COLUMN translate_body INTEGER NOT NULL DEFAULT 0;
 ";
 
+/// Version 12: who may use an app that signs users in (an app stored
+/// before, which could sign users in without an assignment, lets every
+/// signed-in user in, as it did), the identity headers its backend gets,
+/// and whether My Apps lists it.
+const SCHEMA_V12: &str = r#"
+ALTER TABLE apps ADD COLUMN assignment TEXT NOT NULL DEFAULT '{}';
+ALTER TABLE apps ADD COLUMN identity_headers TEXT NOT NULL DEFAULT '{}';
+ALTER TABLE apps ADD COLUMN hidden INTEGER NOT NULL DEFAULT 0;
+UPDATE apps SET assignment = '{"everyone":true}' WHERE required_features LIKE '%"oidc"%';
+"#;
+
 /// The SQLite store: one connection behind a mutex.
 pub struct SqliteStore {
     path: PathBuf,
@@ -251,6 +262,7 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
         (7, SCHEMA_V7),
         (8, SCHEMA_V8),
         (9, SCHEMA_V9),
+        (12, SCHEMA_V12),
     ] {
         if found < version {
             let tx = conn.transaction()?;
@@ -343,6 +355,9 @@ type AppRow = (
     String,
     bool,
     bool,
+    String,
+    String,
+    bool,
 );
 
 fn row_app(r: &Row<'_>) -> rusqlite::Result<AppRow> {
@@ -357,6 +372,9 @@ fn row_app(r: &Row<'_>) -> rusqlite::Result<AppRow> {
         r.get(7)?,
         r.get(8)?,
         r.get(9)?,
+        r.get(10)?,
+        r.get(11)?,
+        r.get(12)?,
     ))
 }
 
@@ -372,6 +390,9 @@ fn to_app(row: AppRow) -> Result<AppRecord, StoreError> {
         features,
         translate_headers,
         translate_body,
+        assignment,
+        identity_headers,
+        hidden,
     ) = row;
     Ok(AppRecord {
         id: AppId::new(id).map_err(|e| corrupt("app id", e))?,
@@ -386,11 +407,25 @@ fn to_app(row: AppRow) -> Result<AppRecord, StoreError> {
         translate_body,
         required_features: serde_json::from_str(&features)
             .map_err(|e| corrupt("required features", e))?,
+        assignment: serde_json::from_str(&assignment).map_err(|e| corrupt("assignment", e))?,
+        identity_headers: serde_json::from_str(&identity_headers)
+            .map_err(|e| corrupt("identity headers", e))?,
+        hidden,
         created_at,
     })
 }
 
-const APP_COLS: &str = "id, external_host, internal_url, connector_group, backend_timeout, validate_backend_tls, created_at, required_features, translate_headers, translate_body";
+/// An app's JSON columns: required features, assignment, identity headers.
+fn app_json(app: &AppRecord) -> Result<(String, String, String), StoreError> {
+    Ok((
+        serde_json::to_string(&app.required_features)
+            .map_err(|e| corrupt("required features", e))?,
+        serde_json::to_string(&app.assignment).map_err(|e| corrupt("assignment", e))?,
+        serde_json::to_string(&app.identity_headers).map_err(|e| corrupt("identity headers", e))?,
+    ))
+}
+
+const APP_COLS: &str = "id, external_host, internal_url, connector_group, backend_timeout, validate_backend_tls, created_at, required_features, translate_headers, translate_body, assignment, identity_headers, hidden";
 
 type TokenRow = (String, String, String, u64, u64, Option<u64>, Option<u64>);
 
@@ -881,8 +916,7 @@ impl Store for SqliteStore {
     }
 
     fn create_app(&self, app: &AppRecord) -> Result<u64, StoreError> {
-        let features = serde_json::to_string(&app.required_features)
-            .map_err(|e| corrupt("required features", e))?;
+        let (features, assignment, identity_headers) = app_json(app)?;
         self.tx(|tx| {
             if app_exists(tx, &app.id)? {
                 return Err(StoreError::AlreadyExists {
@@ -892,7 +926,7 @@ impl Store for SqliteStore {
             }
             check_app_refs(tx, app)?;
             tx.execute(
-                &format!("INSERT INTO apps ({APP_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"),
+                &format!("INSERT INTO apps ({APP_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"),
                 params![
                     app.id.as_str(),
                     app.external_host,
@@ -903,7 +937,10 @@ impl Store for SqliteStore {
                     app.created_at,
                     features,
                     app.translate_headers,
-                    app.translate_body
+                    app.translate_body,
+                    assignment,
+                    identity_headers,
+                    app.hidden
                 ],
             )?;
             bump(tx)
@@ -911,8 +948,7 @@ impl Store for SqliteStore {
     }
 
     fn update_app(&self, app: &AppRecord) -> Result<u64, StoreError> {
-        let features = serde_json::to_string(&app.required_features)
-            .map_err(|e| corrupt("required features", e))?;
+        let (features, assignment, identity_headers) = app_json(app)?;
         self.tx(|tx| {
             if !app_exists(tx, &app.id)? {
                 return Err(StoreError::NotFound {
@@ -924,7 +960,8 @@ impl Store for SqliteStore {
             tx.execute(
                 "UPDATE apps SET external_host = ?2, internal_url = ?3, connector_group = ?4,
                     backend_timeout = ?5, validate_backend_tls = ?6, required_features = ?7,
-                    translate_headers = ?8, translate_body = ?9
+                    translate_headers = ?8, translate_body = ?9, assignment = ?10,
+                    identity_headers = ?11, hidden = ?12
                  WHERE id = ?1",
                 params![
                     app.id.as_str(),
@@ -935,7 +972,10 @@ impl Store for SqliteStore {
                     app.validate_backend_tls,
                     features,
                     app.translate_headers,
-                    app.translate_body
+                    app.translate_body,
+                    assignment,
+                    identity_headers,
+                    app.hidden
                 ],
             )?;
             bump(tx)
@@ -1428,6 +1468,43 @@ mod tests {
     /// apps (which require no features) and tokens (not revoked), and moves
     /// to the current version.
     #[test]
+    fn an_app_that_signed_users_in_before_assignments_lets_everyone_in() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("portico.db");
+        {
+            let mut conn = Connection::open(&path).expect("raw open");
+            let tx = conn.transaction().expect("tx");
+            for sql in [
+                SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5, SCHEMA_V6, SCHEMA_V7,
+                SCHEMA_V8, SCHEMA_V9,
+            ] {
+                tx.execute_batch(sql).expect("old schema");
+            }
+            tx.pragma_update(None, "user_version", 9).expect("v9");
+            tx.execute(
+                "INSERT INTO groups (id, region, created_at) VALUES ('Default', 'auto', 1)",
+                [],
+            )
+            .expect("group");
+            for (id, features) in [("open", "[]"), ("signed", "[\"oidc\"]")] {
+                tx.execute(
+                    "INSERT INTO apps (id, external_host, internal_url, connector_group, backend_timeout, validate_backend_tls, created_at, required_features)
+                     VALUES (?1, ?1 || '.apps.test', 'http://10.0.0.1/', 'Default', 'default', 1, 7, ?2)",
+                    params![id, features],
+                )
+                .expect("v9 app");
+            }
+            tx.commit().expect("commit");
+        }
+        let store = SqliteStore::open(&path).expect("open migrates");
+        let apps = store.list_apps().expect("apps");
+        let by_id = |id: &str| apps.iter().find(|a| a.id.as_str() == id).expect("app");
+        assert!(by_id("open").assignment.is_nobody());
+        assert!(by_id("signed").assignment.everyone);
+        assert!(by_id("signed").identity_headers.is_empty() && !by_id("signed").hidden);
+    }
+
+    #[test]
     fn a_version_1_database_migrates_and_keeps_its_apps() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("portico.db");
@@ -1479,6 +1556,9 @@ mod tests {
                 translate_headers: false,
                 translate_body: true,
                 required_features: vec!["sign-in".into()],
+                assignment: Default::default(),
+                identity_headers: Default::default(),
+                hidden: false,
                 created_at: 8,
             })
             .expect("a new app with features");

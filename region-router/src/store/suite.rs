@@ -33,6 +33,13 @@ fn app(id: &str, host: &str, group: &str) -> AppRecord {
         translate_headers: false,
         translate_body: true,
         required_features: vec!["sign-in".into(), "mesh".into()],
+        assignment: portico_proto::api::Assignment {
+            everyone: false,
+            users: vec!["alice".into()],
+            groups: vec!["devs".into()],
+        },
+        identity_headers: [("X-Remote-User".to_owned(), "email".to_owned())].into(),
+        hidden: true,
         created_at: 200,
     }
 }
