@@ -234,6 +234,13 @@ async fn setup() -> Setup {
         ..spec.clone()
     };
     let _: portico_proto::api::App = admin.post_json("/v1/apps", &payroll).await.unwrap();
+    // wiki: for everyone, but left out of My Apps.
+    let wiki = AppSpec {
+        id: "wiki".parse().unwrap(),
+        hidden: true,
+        ..spec.clone()
+    };
+    let _: portico_proto::api::App = admin.post_json("/v1/apps", &wiki).await.unwrap();
     let mut cc = portico_connector::Config::new(router.url(), d.join("connector"));
     cc.token = Some(
         portico::dev::create_token(&admin, TokenScope::Connector { group })
@@ -555,4 +562,70 @@ async fn only_assigned_users_get_in_and_the_backend_sees_their_identity_never_a_
     let r = hop(ca, carol.path(), &format!("{payroll}/headers"), &[]).await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert!(r.body.contains("carol@example.test"), "{}", r.body);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn my_apps_lists_exactly_the_apps_a_user_is_assigned_to() {
+    let s = setup().await;
+    let (ca, port) = (&s.ca, s.port);
+    let portal = format!("https://auth.{DOMAIN}:{port}");
+    // An API client without a session: 401.
+    let r = curl(
+        ca,
+        &["-H", "Accept: application/json", &format!("{portal}/")],
+    )
+    .await;
+    assert_eq!(r.status, 401, "{}", r.text());
+    for (user, want) in [("alice", vec!["hr", "payroll"]), ("bob", vec!["hr"])] {
+        let jar_file = tempfile::NamedTempFile::new().unwrap();
+        let jar = jar_file.path();
+        let r = hop(ca, jar, &format!("{portal}/"), &[]).await;
+        assert_eq!(r.status, 302, "{}", r.body);
+        assert_eq!(r.location, "/.portico/start");
+        let r = hop(ca, jar, &format!("{portal}/.portico/start"), &[]).await;
+        assert_eq!(r.status, 302, "{}", r.body);
+        let callback = sign_in_at_provider(ca, jar, &s.idp, &r.location, user).await;
+        let r = hop(ca, jar, &callback, &[]).await;
+        assert_eq!(r.status, 302, "{}", r.body);
+        assert_eq!(r.location, "/");
+        assert!(
+            r.set_cookie
+                .iter()
+                .any(|c| c.starts_with("__Host-portico-session=") && c.contains("Secure")),
+            "{:?}",
+            r.set_cookie
+        );
+        let r = curl(
+            ca,
+            &[
+                "-b",
+                jar.to_str().unwrap(),
+                "-H",
+                "Accept: application/json",
+                &format!("{portal}/"),
+            ],
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let list: Vec<serde_json::Value> = serde_json::from_str(&r.text()).unwrap();
+        let ids: Vec<&str> = list.iter().map(|e| e["id"].as_str().unwrap()).collect();
+        assert_eq!(ids, want, "{user}");
+        assert_eq!(
+            list[0]["url"],
+            format!("https://hr.{DOMAIN}:{port}/"),
+            "{list:?}"
+        );
+        // The HTML page names the same apps.
+        let page = hop(ca, jar, &format!("{portal}/"), &[]).await;
+        assert_eq!(page.status, 200);
+        assert_eq!(
+            page.body.matches("class=\"app\"").count(),
+            want.len(),
+            "{}",
+            page.body
+        );
+        // A session of the auth host is no session of an app's host.
+        let r = hop(ca, jar, &format!("https://hr.{DOMAIN}:{port}/headers"), &[]).await;
+        assert_eq!(r.status, 302, "{}", r.body);
+    }
 }

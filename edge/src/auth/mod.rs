@@ -22,6 +22,7 @@
 
 mod assert;
 pub(crate) mod oidc;
+mod portal;
 pub(crate) mod seal;
 mod target;
 
@@ -325,18 +326,23 @@ pub(crate) async fn serve_auth_host<B>(
     let query = query_map(req.uri().query());
     match (req.method(), req.uri().path()) {
         (&Method::GET, START) => {
-            let app = query
-                .get("app")
-                .and_then(|id| apps(id))
-                .filter(|a| signs_in(a))
-                .ok_or_else(|| ProxyError::SignInFailed {
-                    reason: "no app that signs users in has that id".into(),
-                })?;
+            // Without an app, the sign-in is for My Apps on this host.
+            let app = match query.get("app") {
+                None => None,
+                Some(id) => Some(apps(id).filter(|a| signs_in(a)).ok_or_else(|| {
+                    ProxyError::SignInFailed {
+                        reason: "no app that signs users in has that id".into(),
+                    }
+                })?),
+            };
             let to = target::safe(query.get("to").map_or("/", String::as_str));
             let redirect_uri = format!(
                 "https://{}{}{CALLBACK}",
                 host_of(req).unwrap_or_default(),
-                port_of(&app.external_url)
+                match &app {
+                    Some(app) => port_of(&app.external_url),
+                    None => request_port(req),
+                }
             );
             let started = sign_in.provider.start(&redirect_uri).await.map_err(|e| {
                 ProxyError::SignInFailed {
@@ -348,7 +354,7 @@ pub(crate) async fn serve_auth_host<B>(
                 nonce: started.nonce,
                 verifier: started.verifier,
                 redirect: redirect_uri,
-                app: app.id.as_str().to_owned(),
+                app: app.map_or_else(String::new, |a| a.id.as_str().to_owned()),
                 to,
             };
             let host = host_of(req).unwrap_or_default();
@@ -379,11 +385,14 @@ pub(crate) async fn serve_auth_host<B>(
             let code = query.get("code").ok_or_else(|| ProxyError::SignInFailed {
                 reason: "the callback has no code".into(),
             })?;
-            let app = apps(&flow.app).filter(|a| signs_in(a)).ok_or_else(|| {
-                ProxyError::SignInFailed {
-                    reason: format!("app {} no longer signs users in", flow.app),
-                }
-            })?;
+            let app = match flow.app.as_str() {
+                "" => None,
+                id => Some(apps(id).filter(|a| signs_in(a)).ok_or_else(|| {
+                    ProxyError::SignInFailed {
+                        reason: format!("app {} no longer signs users in", flow.app),
+                    }
+                })?),
+            };
             let user = sign_in
                 .provider
                 .finish(&flow.redirect, code, &flow.verifier, &flow.nonce)
@@ -391,6 +400,15 @@ pub(crate) async fn serve_auth_host<B>(
                 .map_err(|e| ProxyError::SignInFailed {
                     reason: e.to_string(),
                 })?;
+            let Some(app) = app else {
+                // My Apps: the session is this host's own.
+                tracing::info!(user = %user.sub, "signed in to My Apps");
+                let cookie = new_session(&sign_in, &host, user);
+                let mut resp = redirect("/", Some(cookie));
+                resp.headers_mut()
+                    .append(SET_COOKIE, expired_cookie(FLOW_COOKIE));
+                return Ok(resp);
+            };
             tracing::info!(user = %user.sub, app = %app.id, "signed in");
             let handoff = Handoff {
                 jti: seal::random_token(16),
@@ -414,6 +432,17 @@ pub(crate) async fn serve_auth_host<B>(
             // The flow is over: its cookie goes.
             Ok(redirect(to.as_str(), Some(expired_cookie(FLOW_COOKIE))))
         }
+        (&Method::GET | &Method::HEAD, "/") => {
+            let host = host_of(req).unwrap_or_default();
+            let session = cookie_value(req.headers(), SESSION_COOKIE)
+                .and_then(|v| sign_in.keys.open::<Session>(Purpose::Session, &host, &v));
+            match session {
+                Some(s) => Ok(portal::page(req, &s.user, &table.config.apps)),
+                None if is_navigation(req) => Ok(redirect(START, None)),
+                None => Ok(unauthenticated(&host)),
+            }
+        }
+        (&Method::GET, SIGN_OUT) => Ok(signed_out()),
         (&Method::GET, JWKS) => {
             let asserter = sign_in
                 .asserter
@@ -462,19 +491,38 @@ fn session_from_handoff<B>(
             reason: "the handoff code was used already".into(),
         });
     }
+    Ok(redirect(
+        &target::safe(&handoff.to),
+        Some(new_session(sign_in, &app.external_host, handoff.user)),
+    ))
+}
+
+/// A new session of `user` on `host` (a new id), as its cookie.
+fn new_session(sign_in: &SignIn, host: &str, user: User) -> HeaderValue {
     let lifetime = Duration::from_secs(sign_in.settings.session_lifetime_secs);
     let session = Session {
         sid: seal::random_token(16),
-        user: handoff.user,
+        user,
         iat: seal::unix_now(),
     };
     let sealed = sign_in
         .keys
-        .seal(Purpose::Session, &app.external_host, &session, lifetime);
-    Ok(redirect(
-        &target::safe(&handoff.to),
-        Some(cookie(SESSION_COOKIE, &sealed, None)),
-    ))
+        .seal(Purpose::Session, host, &session, lifetime);
+    cookie(SESSION_COOKIE, &sealed, None)
+}
+
+/// The request's port as `:port`, or nothing (443 or none given).
+fn request_port<B>(req: &Request<B>) -> String {
+    let authority = req.uri().authority().map(|a| a.as_str()).or_else(|| {
+        req.headers()
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+    });
+    authority
+        .and_then(|a| a.parse::<http::uri::Authority>().ok())
+        .and_then(|a| a.port_u16())
+        .filter(|p| *p != 443)
+        .map_or(String::new(), |p| format!(":{p}"))
 }
 
 /// A browser navigation (sent to sign in) rather than an API call (401):
