@@ -629,3 +629,216 @@ async fn my_apps_lists_exactly_the_apps_a_user_is_assigned_to() {
         assert_eq!(r.status, 302, "{}", r.body);
     }
 }
+
+/// Two regions: edge A (region `eu`, 127.0.0.1) holds the tunnels of the
+/// app's group, pinned to `eu`; edge B (region `default`, 127.0.0.2) holds
+/// none. Both serve the same port, as edges behind one name do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_from_one_regions_edge_works_at_anothers_and_the_identity_crosses_the_mesh() {
+    common::init_tracing();
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path().to_owned();
+    let root = tokio_util::sync::CancellationToken::new();
+    let port = free_tcp_port();
+    let idp = Idp::start(&format!("https://auth.{DOMAIN}:{port}/.portico/callback")).await;
+    let mut rc = portico_router::Config::new(d.join("router"));
+    rc.listen = "127.0.0.1:0".parse().unwrap();
+    rc.apps_domain = DOMAIN.into();
+    rc.public_port = Some(port);
+    rc.sign_in = Some(portico_router::SignInConfig {
+        issuer: idp.issuer.clone(),
+        client_id: "portico".into(),
+        client_secret: "portico-secret".into(),
+        session_lifetime: Duration::from_secs(3600),
+        groups_claim: "groups".into(),
+    });
+    let router = portico_router::start(rc, root.child_token()).await.unwrap();
+    let ca = d.join("router/ca.pem");
+    let admin = common::router_admin(&router);
+    let eu: portico_proto::RegionId = "eu".parse().unwrap();
+    let _: serde_json::Value = admin
+        .post_json(
+            "/v1/regions",
+            &portico_proto::api::CreateRegion { id: eu.clone() },
+        )
+        .await
+        .unwrap();
+    let group: portico_proto::GroupId = "eu-apps".parse().unwrap();
+    let _: serde_json::Value = admin
+        .post_json(
+            "/v1/groups",
+            &portico_proto::api::CreateGroup {
+                id: group.clone(),
+                region: Some("eu".into()),
+            },
+        )
+        .await
+        .unwrap();
+    let a_addr: std::net::IpAddr = "127.0.0.1".parse().unwrap();
+    let b_addr: std::net::IpAddr = "127.0.0.2".parse().unwrap();
+    let edge_a = common::start_edge_in(
+        &router,
+        &admin,
+        &d.join("edge-a"),
+        &eu,
+        root.child_token(),
+        |ec| {
+            ec.public_listen = SocketAddr::new(a_addr, port);
+            ec.mesh_listen = Some(SocketAddr::new(a_addr, 0));
+            ec.http3 = false;
+        },
+    )
+    .await;
+    let edge_b = common::start_edge(
+        &router,
+        &admin,
+        &d.join("edge-b"),
+        root.child_token(),
+        |ec| {
+            ec.public_listen = SocketAddr::new(b_addr, port);
+            ec.tunnel_listen = SocketAddr::new(b_addr, 0);
+            ec.mesh_listen = Some(SocketAddr::new(b_addr, 0));
+            ec.http3 = false;
+        },
+    )
+    .await;
+    let demo = portico::demo::start("127.0.0.1:0".parse().unwrap(), root.child_token())
+        .await
+        .unwrap();
+    let spec = AppSpec {
+        id: "hr".parse().unwrap(),
+        external_host: None,
+        internal_url: format!("http://{}/", demo.addr),
+        connector_group: group.clone(),
+        backend_timeout: Default::default(),
+        validate_backend_tls: true,
+        translate_headers: true,
+        translate_body: false,
+        required_features: vec![],
+        preauth: Preauth::Oidc,
+        assignment: Assignment {
+            groups: vec!["devs".into()],
+            ..Default::default()
+        },
+        identity_headers: [("X-Remote-User", "email"), ("X-Remote-Groups", "groups")]
+            .into_iter()
+            .map(|(h, c)| (h.to_owned(), c.to_owned()))
+            .collect(),
+        hidden: false,
+    };
+    let _: portico_proto::api::App = admin.post_json("/v1/apps", &spec).await.unwrap();
+    let mut cc = portico_connector::Config::new(router.url(), d.join("connector"));
+    cc.token = Some(
+        portico::dev::create_token(&admin, TokenScope::Connector { group })
+            .await
+            .unwrap(),
+    );
+    cc.tunnels = 1;
+    let connector = portico_connector::start(cc, root.child_token())
+        .await
+        .unwrap();
+    connector.wait_tunnels(1).await;
+
+    let hr = format!("https://hr.{DOMAIN}:{port}");
+    let at = |ip: std::net::IpAddr| {
+        [
+            format!("hr.{DOMAIN}:{port}:{ip}"),
+            format!("auth.{DOMAIN}:{port}:{ip}"),
+        ]
+    };
+    let (to_a, to_b) = (at(a_addr), at(b_addr));
+    let via = |to: &[String; 2]| -> Vec<String> {
+        vec![
+            "--resolve".into(),
+            to[0].clone(),
+            "--resolve".into(),
+            to[1].clone(),
+        ]
+    };
+    let (via_a, via_b) = (via(&to_a), via(&to_b));
+    fn args(v: &[String]) -> Vec<&str> {
+        v.iter().map(String::as_str).collect()
+    }
+    // B forwards once the presence says A holds the group's tunnels.
+    let probe = tempfile::NamedTempFile::new().unwrap();
+    common::eventually("edge B to know the app", LIMIT, || async {
+        let r = hop(&ca, probe.path(), &format!("{hr}/"), &args(&via_b)).await;
+        (r.status == 302).then_some(())
+    })
+    .await;
+
+    // Signed in at edge A (region eu)...
+    let jar_file = tempfile::NamedTempFile::new().unwrap();
+    let jar = jar_file.path();
+    let r = hop(&ca, jar, &format!("{hr}/headers"), &args(&via_a)).await;
+    assert_eq!(r.status, 302, "{}", r.body);
+    let r = hop(&ca, jar, &r.location, &args(&via_a)).await;
+    assert_eq!(r.status, 302, "{}", r.body);
+    let callback = sign_in_at_provider(&ca, jar, &idp, &r.location, "alice").await;
+    let r = hop(&ca, jar, &callback, &args(&via_a)).await;
+    assert_eq!(r.status, 302, "{}", r.body);
+    let r = hop(&ca, jar, &r.location, &args(&via_a)).await;
+    assert_eq!(r.status, 302, "{}", r.body);
+    // ...the session works at edge A, which holds the tunnel...
+    let url = format!("{hr}/headers");
+    let r = curl(
+        &ca,
+        &[
+            &["-b", jar.to_str().unwrap()][..],
+            &args(&via_a)[..],
+            &[url.as_str()][..],
+        ]
+        .concat(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        r.header("portico-route").as_deref(),
+        Some(edge_a.id.as_str())
+    );
+    let direct: serde_json::Value = serde_json::from_str(&r.text()).unwrap();
+    // ...and at edge B of region default, through the mesh to A, with the
+    // same identity headers and a verifiable assertion.
+    let r = curl(
+        &ca,
+        &[
+            &["-b", jar.to_str().unwrap(), "-H", "X-Remote-User: root"][..],
+            &args(&via_b)[..],
+            &[url.as_str()][..],
+        ]
+        .concat(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        r.header("portico-route"),
+        Some(format!("{}, {}", edge_b.id, edge_a.id)),
+        "B forwarded to A"
+    );
+    let meshed: serde_json::Value = serde_json::from_str(&r.text()).unwrap();
+    for h in ["x-remote-user", "x-remote-groups"] {
+        assert_eq!(meshed["headers"][h], direct["headers"][h], "{h}");
+    }
+    assert_eq!(meshed["headers"]["x-remote-user"][0], "alice@example.test");
+    assert_eq!(meshed["headers"]["x-remote-groups"][0], "admins,devs");
+    let token = meshed["headers"]["x-portico-jwt-assertion"][0]
+        .as_str()
+        .expect("an assertion through the mesh");
+    let jwks: serde_json::Value = admin.get_json("/.well-known/jwks.json").await.unwrap();
+    let claims = verify_assertion(token, &jwks.to_string(), "hr");
+    assert_eq!(claims["sub"], "alice");
+    assert_eq!(claims["groups"], serde_json::json!(["admins", "devs"]));
+    // bob signs in at edge B and is not assigned: 403 there, no stream.
+    let bob_file = tempfile::NamedTempFile::new().unwrap();
+    let bob = bob_file.path();
+    let r = hop(&ca, bob, &format!("{hr}/headers"), &args(&via_b)).await;
+    let r = hop(&ca, bob, &r.location, &args(&via_b)).await;
+    let callback = sign_in_at_provider(&ca, bob, &idp, &r.location, "bob").await;
+    let r = hop(&ca, bob, &callback, &args(&via_b)).await;
+    let r = hop(&ca, bob, &r.location, &args(&via_b)).await;
+    assert_eq!(r.status, 302, "{}", r.body);
+    let r = hop(&ca, bob, &format!("{hr}/headers"), &args(&via_a)).await;
+    assert_eq!(r.status, 403, "bob's session from B, at A: {}", r.body);
+    drop(connector);
+    root.cancel();
+}

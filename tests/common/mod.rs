@@ -814,13 +814,26 @@ pub async fn start_edge(
     shutdown: CancellationToken,
     adjust: impl FnOnce(&mut portico_edge::Config),
 ) -> portico_edge::Handle {
+    let region = portico_proto::RegionId::default_region();
+    start_edge_in(router, admin, dir, &region, shutdown, adjust).await
+}
+
+/// [`start_edge`] in `region` (which must exist).
+pub async fn start_edge_in(
+    router: &portico_router::Handle,
+    admin: &portico_agent::RouterClient,
+    dir: &Path,
+    region: &portico_proto::RegionId,
+    shutdown: CancellationToken,
+    adjust: impl FnOnce(&mut portico_edge::Config),
+) -> portico_edge::Handle {
     let loopback: std::net::SocketAddr = "127.0.0.1:0".parse().unwrap();
     let mut ec = portico_edge::Config::new(router.url(), dir);
     ec.token = Some(
         portico::dev::create_token(
             admin,
             portico_proto::api::TokenScope::Edge {
-                region: portico_proto::RegionId::default_region(),
+                region: region.clone(),
             },
         )
         .await
