@@ -1425,6 +1425,19 @@ pub(crate) fn check_external_host(host: &str, apps_domain: &str) -> Result<Strin
             "{host:?} must lie under the apps domain {apps_domain:?} (for example app.{apps_domain})"
         ));
     }
+    // Names Portico answers itself: the auth host (sign-in and My Apps),
+    // the DNS authority's name server, and the region names of edges and
+    // tunnel endpoints.
+    let prefix = &host[..host.len() - apps_domain.len() - 1];
+    let reserved = matches!(prefix, "auth" | "ns")
+        || prefix
+            .rsplit_once('.')
+            .is_some_and(|(_, l)| l == "edge" || l == "tunnel");
+    if reserved {
+        return Err(format!(
+            "{host:?} is a name Portico uses itself (auth.{apps_domain} signs users in, ns.{apps_domain} and *.edge. and *.tunnel.{apps_domain} are DNS names of the edges); pick another host"
+        ));
+    }
     Ok(host)
 }
 

@@ -1257,6 +1257,18 @@ async fn apps_are_updated_field_by_field_with_the_checks_of_create() -> anyhow::
             "apps domain",
         ),
         (
+            json!({ "external_host": "auth.apps.localhost" }),
+            400,
+            Some("external_host"),
+            "Portico uses itself",
+        ),
+        (
+            json!({ "external_host": "eu.edge.apps.localhost" }),
+            400,
+            Some("external_host"),
+            "Portico uses itself",
+        ),
+        (
             json!({ "external_host": "wiki.apps.localhost" }),
             409,
             Some("external_host"),

@@ -35,7 +35,8 @@ pub(crate) struct Asserter {
     issuer: String,
     /// The published keys, as the auth host serves them.
     jwks: Vec<u8>,
-    cache: Mutex<HashMap<(AppId, String), Cached>>,
+    /// By app, then by `sub`: looked up without allocating.
+    cache: Mutex<HashMap<AppId, HashMap<String, Cached>>>,
 }
 
 struct Cached {
@@ -104,10 +105,9 @@ impl Asserter {
     /// An assertion of `user` for `app`, made now or kept from before.
     pub(crate) fn assertion(&self, app: &AppId, user: &User) -> Result<Arc<str>, String> {
         let now = super::seal::unix_now();
-        let key = (app.clone(), user.sub.clone());
         {
             let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(c) = cache.get(&key) {
+            if let Some(c) = cache.get(app).and_then(|by_sub| by_sub.get(&user.sub)) {
                 if c.exp > now + REUSE_MARGIN && c.user == *user {
                     return Ok(Arc::clone(&c.token));
                 }
@@ -115,14 +115,17 @@ impl Asserter {
         }
         let token: Arc<str> = self.sign(app, user, now)?.into();
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        if cache.len() >= MAX_CACHED {
-            cache.retain(|_, c| c.exp > now + REUSE_MARGIN);
-            if cache.len() >= MAX_CACHED {
+        if cache.values().map(HashMap::len).sum::<usize>() >= MAX_CACHED {
+            for by_sub in cache.values_mut() {
+                by_sub.retain(|_, c| c.exp > now + REUSE_MARGIN);
+            }
+            cache.retain(|_, by_sub| !by_sub.is_empty());
+            if cache.values().map(HashMap::len).sum::<usize>() >= MAX_CACHED {
                 cache.clear();
             }
         }
-        cache.insert(
-            key,
+        cache.entry(app.clone()).or_default().insert(
+            user.sub.clone(),
             Cached {
                 user: user.clone(),
                 exp: now + LIFETIME,

@@ -108,10 +108,45 @@ impl Auth {
     /// What the connector learns of `user` for `app`: the claims its
     /// identity headers map, and the signed assertion (none from an older
     /// router, which sends no key).
-    pub(crate) fn identity(&self, app: &App, user: &User) -> Result<Identity, ProxyError> {
+    pub(crate) fn identity(
+        &self,
+        app: &App,
+        principal: &Arc<Principal>,
+    ) -> Result<Identity, ProxyError> {
+        let assertion = match self
+            .current
+            .load()
+            .as_ref()
+            .and_then(|s| s.asserter.as_ref())
+        {
+            Some(a) => Some(
+                a.assertion(&app.id, &principal.user)
+                    .map_err(|reason| ProxyError::SignInFailed { reason })?,
+            ),
+            None => None,
+        };
+        Ok(Identity {
+            principal: Arc::clone(principal),
+            assertion,
+        })
+    }
+}
+
+/// A signed-in user as the request path carries them: the user, and the
+/// claims the stream head carries, made once per session (sessions are
+/// kept opened, [`SignIn::session`]).
+pub(crate) struct Principal {
+    pub user: User,
+    claims: IdentityClaims,
+}
+
+impl Principal {
+    /// The user and their claims (`sub`, `email`, `name`,
+    /// `preferred_username`, one `groups` entry per group).
+    pub(crate) fn new(user: User) -> Result<Principal, ProxyError> {
         let mut claims = IdentityClaims::new();
         let bad = |e: portico_proto::ClaimError| ProxyError::SignInFailed {
-            reason: format!("the user's claims cannot be sent: {e}"),
+            reason: format!("the user's claims cannot be carried: {e}"),
         };
         for name in ["sub", "email", "name", "preferred_username"] {
             if let Some(v) = user.claim(name) {
@@ -121,26 +156,24 @@ impl Auth {
         for g in &user.groups {
             claims.push("groups", g.as_str()).map_err(bad)?;
         }
-        let assertion = match self.get().as_ref().and_then(|s| s.asserter.as_ref()) {
-            Some(a) => Some(
-                a.assertion(&app.id, user)
-                    .map_err(|reason| ProxyError::SignInFailed { reason })?,
-            ),
-            None => None,
-        };
-        Ok(Identity {
-            sub: user.sub.clone(),
-            claims,
-            assertion,
-        })
+        Ok(Principal { user, claims })
     }
 }
 
 /// A signed-in user as the stream head carries them to the connector.
 pub(crate) struct Identity {
-    pub sub: String,
-    pub claims: IdentityClaims,
+    pub principal: Arc<Principal>,
     pub assertion: Option<Arc<str>>,
+}
+
+impl Identity {
+    pub(crate) fn sub(&self) -> &str {
+        &self.principal.user.sub
+    }
+
+    pub(crate) fn claims(&self) -> &IdentityClaims {
+        &self.principal.claims
+    }
 }
 
 /// Whether `user` may use `app` (its assignment).
@@ -162,7 +195,20 @@ struct SignIn {
     keys: Keys,
     /// Handoff codes already used, with their expiry (unix seconds).
     used: Mutex<HashMap<String, u64>>,
+    /// Session cookies opened before, by value: their host, expiry and
+    /// user, so that a request of a known session costs a lookup, not a
+    /// decryption, a JSON parse and its claims.
+    sessions: Mutex<HashMap<String, OpenedSession>>,
 }
+
+struct OpenedSession {
+    host: String,
+    exp: u64,
+    principal: Arc<Principal>,
+}
+
+/// The most opened sessions kept.
+const MAX_OPENED: usize = 50_000;
 
 impl SignIn {
     fn new(settings: SignInSettings, apps_domain: &str) -> Result<SignIn, String> {
@@ -189,7 +235,45 @@ impl SignIn {
             asserter,
             keys,
             used: Mutex::new(HashMap::new()),
+            sessions: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// The session a cookie of `host` holds: kept from before, or opened
+    /// now. `Ok(None)` for a cookie that is not a live session of `host`.
+    fn session(&self, host: &str, cookie: &str) -> Result<Option<Arc<Principal>>, ProxyError> {
+        let now = seal::unix_now();
+        {
+            let sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(s) = sessions.get(cookie) {
+                if s.host == host && s.exp > now {
+                    return Ok(Some(Arc::clone(&s.principal)));
+                }
+            }
+        }
+        let Some((session, exp)) = self
+            .keys
+            .open_until::<Session>(Purpose::Session, host, cookie)
+        else {
+            return Ok(None);
+        };
+        let principal = Arc::new(Principal::new(session.user)?);
+        let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        if sessions.len() >= MAX_OPENED {
+            sessions.retain(|_, s| s.exp > now);
+            if sessions.len() >= MAX_OPENED {
+                sessions.clear();
+            }
+        }
+        sessions.insert(
+            cookie.to_owned(),
+            OpenedSession {
+                host: host.to_owned(),
+                exp,
+                principal: Arc::clone(&principal),
+            },
+        );
+        Ok(Some(principal))
     }
 
     /// Marks a handoff code used; false if it was already.
@@ -240,7 +324,7 @@ pub(crate) struct Session {
 /// What the sign-in gate decided.
 pub(crate) enum Gate {
     /// On to the app, with the signed-in user when there is one.
-    Pass(Option<User>),
+    Pass(Option<Arc<Principal>>),
     /// The edge answers itself (a redirect, a cookie, a 401).
     Respond(Response<Body>),
 }
@@ -284,10 +368,10 @@ pub(crate) async fn gate<B>(
     if path == SIGN_OUT {
         return Ok(Gate::Respond(signed_out()));
     }
-    let session = take_cookie(req.headers_mut(), SESSION_COOKIE)
-        .and_then(|v| sign_in.keys.open::<Session>(Purpose::Session, host, &v));
-    if let Some(s) = session {
-        return Ok(Gate::Pass(Some(s.user)));
+    if let Some(cookie) = take_cookie(req.headers_mut(), SESSION_COOKIE) {
+        if let Some(principal) = sign_in.session(host, &cookie)? {
+            return Ok(Gate::Pass(Some(principal)));
+        }
     }
     if !is_navigation(req) {
         return Ok(Gate::Respond(unauthenticated(host)));

@@ -131,6 +131,16 @@ impl Keys {
         scope: &str,
         token: &str,
     ) -> Option<T> {
+        self.open_until(purpose, scope, token).map(|(body, _)| body)
+    }
+
+    /// [`Keys::open`], with the token's expiry (unix seconds).
+    pub(crate) fn open_until<T: DeserializeOwned>(
+        &self,
+        purpose: Purpose,
+        scope: &str,
+        token: &str,
+    ) -> Option<(T, u64)> {
         if token.len() > MAX_TOKEN {
             return None;
         }
@@ -147,7 +157,7 @@ impl Keys {
             .open_in_place(nonce, aad(purpose, scope), &mut data)
             .ok()?;
         let envelope: Envelope<T> = serde_json::from_slice(plain).ok()?;
-        (envelope.exp > unix_now()).then_some(envelope.body)
+        (envelope.exp > unix_now()).then_some((envelope.body, envelope.exp))
     }
 }
 

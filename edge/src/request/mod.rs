@@ -145,13 +145,13 @@ async fn proxy<B: RequestBody>(
     // Phase 2 ends with the assignment: a signed-in user the app does not
     // assign gets 403, and no stream is opened.
     let identity = match &user {
-        Some(u) if !crate::auth::assigned(&app, u) => {
+        Some(p) if !crate::auth::assigned(&app, &p.user) => {
             return Err(ProxyError::NotAssigned {
-                user: u.sub.clone(),
+                user: p.user.sub.clone(),
                 app: app.id.clone(),
             })
         }
-        Some(u) => Some(shared.auth.identity(&app, u)?),
+        Some(p) => Some(shared.auth.identity(&app, p)?),
         None => None,
     };
     upstream::forward(req, &app, shared, conn.addr, record, identity.as_ref())

@@ -201,14 +201,14 @@ pub(crate) async fn forward<B: RequestBody>(
         path: req.uri().path_and_query().map_or("/", |p| p.as_str()),
         headers: &headers,
         client_addr: client,
-        identity: identity.map(|i| i.sub.as_str()),
+        identity: identity.map(|i| i.sub()),
         // The claims and the assertion go only to a peer that negotiated
         // the extension area: `select` skips tunnels without it.
         ext: match identity {
             None => HeadExtensionsRef::NONE,
             Some(i) => {
                 let ext =
-                    HeadExtensionsRef::for_peer(capabilities::ALL).with_identity_claims(&i.claims);
+                    HeadExtensionsRef::for_peer(capabilities::ALL).with_identity_claims(i.claims());
                 match &i.assertion {
                     Some(a) => ext.with_assertion(a),
                     None => ext,
