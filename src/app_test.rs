@@ -12,6 +12,9 @@ use portico_proto::AppId;
 use crate::cli::AppTestArgs;
 use crate::out;
 
+/// The longest the resolver check walks a chain.
+const RESOLVER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Some checks failed; the report says which.
 #[derive(Debug, thiserror::Error)]
 #[error("{failed} of {total} checks failed")]
@@ -90,7 +93,21 @@ pub async fn resolver_check(
         );
         return check;
     }
-    match portico_connector::lookup_chain(&[ns], host).await {
+    let walked = tokio::time::timeout(
+        RESOLVER_TIMEOUT,
+        portico_connector::lookup_chain(&[ns], host),
+    )
+    .await;
+    let Ok(walked) = walked else {
+        check.status = CheckStatus::Fail;
+        check.summary = format!(
+            "resolver {ns}: no whole chain for {host} within {} s",
+            RESOLVER_TIMEOUT.as_secs()
+        );
+        check.hint = Some(format!("check that {ns} answers for {host}"));
+        return check;
+    };
+    match walked {
         Err(e) => {
             check.status = CheckStatus::Fail;
             check.summary = format!("resolver {ns}: {}", portico_agent::error_chain(&e));
@@ -273,7 +290,7 @@ mod tests {
         // A skipped step shows no time.
         assert_eq!(
             lines[6].trim(),
-            "http  skip            http: not tried (an earlier step failed)"
+            "http  skip           http: not tried (an earlier step failed)"
         );
         assert_eq!(lines[7].trim(), "hint: start the backend");
         assert_eq!(lines[8], "1 of 2 checks failed");

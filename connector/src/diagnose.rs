@@ -42,13 +42,14 @@ const POLL_WAIT: Duration = Duration::from_secs(25);
 /// (an older router answers 404 to every poll: it is asked once a minute).
 const RETRY_MIN: Duration = Duration::from_secs(1);
 const RETRY_MAX: Duration = Duration::from_secs(60);
-/// Per-step timeouts.
-const DNS_TIMEOUT: Duration = Duration::from_secs(3);
+/// Per-step timeouts (TCP: for all the addresses together). They add up
+/// to [`PROBE_DEADLINE`], so a slow step never costs the steps before it.
+const DNS_TIMEOUT: Duration = Duration::from_secs(2);
 const TCP_TIMEOUT: Duration = Duration::from_secs(3);
-const TLS_TIMEOUT: Duration = Duration::from_secs(3);
-const HTTP_TIMEOUT: Duration = Duration::from_secs(5);
+const TLS_TIMEOUT: Duration = Duration::from_secs(2);
+const HTTP_TIMEOUT: Duration = Duration::from_secs(4);
 /// A whole probe ends within this, whatever its steps do.
-pub(crate) const PROBE_DEADLINE: Duration = Duration::from_secs(10);
+pub(crate) const PROBE_DEADLINE: Duration = Duration::from_secs(11);
 /// Probes run at once, at most.
 const MAX_AT_ONCE: usize = 4;
 /// Addresses of the internal host tried, at most.
@@ -328,16 +329,25 @@ async fn resolve(host: &str, port: u16) -> Result<(Vec<SocketAddr>, String), Str
 /// one did.
 async fn connect(addrs: &[SocketAddr]) -> Result<tokio::net::TcpStream, String> {
     let mut failures = Vec::new();
+    let end = Instant::now() + TCP_TIMEOUT;
     for addr in addrs {
-        match tokio::time::timeout(TCP_TIMEOUT, tokio::net::TcpStream::connect(addr)).await {
+        let left = end.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            failures.push(format!(
+                "{addr} not tried: out of the step's {} s",
+                TCP_TIMEOUT.as_secs()
+            ));
+            break;
+        }
+        match tokio::time::timeout(left, tokio::net::TcpStream::connect(addr)).await {
             Ok(Ok(tcp)) => return Ok(tcp),
             Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
                 failures.push(format!("connection refused {addr}"))
             }
             Ok(Err(e)) => failures.push(format!("{addr}: {e}")),
             Err(_) => failures.push(format!(
-                "no answer from {addr} within {} s",
-                TCP_TIMEOUT.as_secs()
+                "no answer from {addr} within {} ms",
+                left.as_millis()
             )),
         }
     }
@@ -547,6 +557,63 @@ mod tests {
             "{}",
             steps[2].detail
         );
+        server.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn without_validation_the_same_certificate_passes_and_http_is_asked_over_tls() {
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(cert.signing_key.serialize_der().into());
+        let server_tls = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.cert.der().clone()], key)
+        .unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_tls));
+        let server = tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let (s, _) = listener.accept().await.unwrap();
+            let mut tls = acceptor.accept(s).await.unwrap();
+            let mut buf = vec![0u8; 4096];
+            let _ = tls.read(&mut buf).await.unwrap();
+            tls.write_all(b"HTTP/1.1 204 No Content\r\n\r\n")
+                .await
+                .unwrap();
+            tls.shutdown().await.unwrap();
+        });
+        // What `Origin` builds for an app with validate_backend_tls off.
+        let insecure = Arc::new(
+            rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(portico_agent::pki::insecure_verifier())
+            .with_no_client_auth(),
+        );
+        let steps = probe(&url(&format!("https://localhost:{port}/")), false, insecure).await;
+        assert_eq!(
+            summary(&steps),
+            [
+                ("dns", CheckStatus::Ok),
+                ("tcp", CheckStatus::Ok),
+                ("tls", CheckStatus::Ok),
+                ("http", CheckStatus::Ok)
+            ],
+            "{steps:?}"
+        );
+        assert!(
+            steps[2].detail.contains("not checked"),
+            "{}",
+            steps[2].detail
+        );
+        assert_eq!(steps[3].detail, "http: 204 No Content for GET /");
         server.await.unwrap();
     }
 

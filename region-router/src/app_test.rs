@@ -51,8 +51,8 @@ use crate::store::{AppRecord, ConnectorRecord};
 /// How long a job waits for a connector that has no poll open to open one.
 pub(crate) const PICK_WAIT: Duration = Duration::from_secs(3);
 /// How long the router waits for a probe's result (the connector's own
-/// deadline is 10 s).
-pub(crate) const RESULT_WAIT: Duration = Duration::from_secs(12);
+/// deadline is 11 s).
+pub(crate) const RESULT_WAIT: Duration = Duration::from_secs(13);
 /// A poll that ended this recently still counts as open: the connector is
 /// between two polls.
 const BETWEEN_POLLS: Duration = Duration::from_secs(5);
