@@ -105,7 +105,11 @@ pub(crate) async fn run(pool: Arc<Pool>, router_url: String) {
                             let failed = result.steps.iter().find(|s| s.status == CheckStatus::Fail);
                             tracing::info!(url = %result.url, failed = failed.map(|s| tracing::field::display(&s.detail)), "probed the internal URL");
                             let path = format!("{PROBES_PATH}/{}", job.id);
-                            match tokio::time::timeout(Duration::from_secs(10), c.post_empty(&path, &result)).await {
+                            let sent = tokio::select! {
+                                _ = stop.cancelled() => return,
+                                r = tokio::time::timeout(Duration::from_secs(10), c.post_empty(&path, &result)) => r,
+                            };
+                            match sent {
                                 Ok(Ok(())) => {}
                                 Ok(Err(e)) => tracing::debug!(error = %portico_agent::error_chain(&e), "the router took no probe result"),
                                 Err(_) => tracing::debug!("sending the probe result timed out"),
