@@ -112,8 +112,11 @@ pub(crate) enum Outcome {
     NotPolling {
         last_poll: Option<Duration>,
     },
-    /// It took the job and did not answer in time.
-    TimedOut,
+    /// No answer in time; `taken`: a poll of the connector took the job
+    /// (else its poll looked open but never took it: a dead connection).
+    TimedOut {
+        taken: bool,
+    },
     /// Too many jobs already wait for it.
     Busy,
 }
@@ -156,14 +159,19 @@ impl Probes {
         };
         let _forget = Forget { probes: self, id };
         let start = tokio::time::Instant::now();
+        let mut picked = picked;
+        let mut taken = false;
         if let Err(last_poll) = polling {
-            if tokio::time::timeout(PICK_WAIT, picked).await.is_err() {
+            if tokio::time::timeout(PICK_WAIT, &mut picked).await.is_err() {
                 return Outcome::NotPolling { last_poll };
             }
+            taken = true;
         }
         match tokio::time::timeout_at(start + RESULT_WAIT, result).await {
             Ok(Ok(r)) => Outcome::Done(r),
-            _ => Outcome::TimedOut,
+            _ => Outcome::TimedOut {
+                taken: taken || picked.try_recv().is_ok(),
+            },
         }
     }
 
@@ -518,11 +526,16 @@ pub(crate) fn probe_check(
                 "upgrade {connector} to a build with `portico app test` probes; if it is up to date, check that it reaches the router (its log says why it cannot)"
             )),
         ),
-        Outcome::TimedOut => check(
+        Outcome::TimedOut { taken } => check(
             CheckKind::Probe,
             CheckStatus::Fail,
             format!(
-                "{connector} took the probe and gave no result within {} s",
+                "{connector} {} within {} s",
+                if taken {
+                    "took the probe and gave no result"
+                } else {
+                    "has a poll open but did not take the probe"
+                },
                 RESULT_WAIT.as_secs()
             ),
             Some(format!("see the connector's log (span `probe`, app and job id) on {connector}'s host")),

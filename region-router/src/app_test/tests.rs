@@ -101,7 +101,10 @@ async fn a_job_taken_and_never_answered_times_out() {
     tokio::task::yield_now().await;
     let started = tokio::time::Instant::now();
     let outcome = probes.run(&c, &app("hr")).await;
-    assert!(matches!(outcome, Outcome::TimedOut), "{outcome:?}");
+    assert!(
+        matches!(outcome, Outcome::TimedOut { taken: true }),
+        "{outcome:?}"
+    );
     assert_eq!(started.elapsed(), RESULT_WAIT);
     assert!(poller.await.unwrap().is_some());
     assert!(probes.lock().waiting.is_empty());
