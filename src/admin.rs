@@ -276,6 +276,7 @@ pub async fn app(cmd: AppCmd) -> anyhow::Result<()> {
                 .await?;
             print_one(a.conn.json, &app, app_lines)
         }
+        AppAction::Test(a) => crate::app_test::run(a).await,
         AppAction::Delete(a) => {
             client(&a.conn)?
                 .delete(&format!("/v1/apps/{}", id::<AppId>(&a.id)?))

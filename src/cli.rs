@@ -515,6 +515,23 @@ pub enum AppAction {
     Show(ShowArgs),
     /// Unpublish an app.
     Delete(DeleteArgs),
+    /// Diagnose an app: its DNS chain, the certificate the edge serves for
+    /// it, the active connectors of its group, and through each of them a
+    /// probe of the internal URL (DNS, TCP, TLS, HTTP), each failure with a
+    /// hint. Exits 0 when every check passes, 1 otherwise. `--json` prints
+    /// the report as README.md ("portico app test") describes it.
+    Test(AppTestArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct AppTestArgs {
+    pub id: String,
+    /// Also resolve the app's host at this nameserver (`IP` or `IP:PORT`,
+    /// port 53 by default) and show the CNAME chain a resolver sees there.
+    #[arg(long)]
+    pub nameserver: Option<String>,
+    #[command(flatten)]
+    pub conn: RouterConn,
 }
 
 #[derive(Debug, Args)]

@@ -6,6 +6,7 @@
 //! command lines, wires configs, and prints results.
 
 pub mod admin;
+pub mod app_test;
 pub mod cli;
 pub mod config;
 pub mod demo;

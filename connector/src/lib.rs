@@ -14,6 +14,7 @@
 //! connector has drained and stopped.
 
 mod config;
+mod diagnose;
 mod error;
 mod headers;
 mod metrics;
@@ -50,7 +51,7 @@ pub use error::{Chain, Error, ProxyError, ResolveError};
 pub use metrics::Metrics;
 pub use origin::Exhausted;
 pub use region::RegionPolicy;
-pub use resolve::{parse_nameserver, MAX_CNAME_HOPS, MAX_NAMESERVERS};
+pub use resolve::{lookup_chain, parse_nameserver, MAX_CNAME_HOPS, MAX_NAMESERVERS};
 
 /// How long shutdown waits for in-flight streams.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -180,6 +181,10 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Handle
     tracker.spawn(
         watch::run(pool.clone(), state, options.router_url.clone(), config_tx)
             .instrument(tracing::info_span!(parent: &span, "config_watch")),
+    );
+    tracker.spawn(
+        diagnose::run(pool.clone(), options.router_url.clone())
+            .instrument(tracing::info_span!(parent: &span, "probes")),
     );
     tracker.spawn(
         probe::report(pool.clone(), options.router_url.clone())

@@ -105,6 +105,11 @@ impl BackendLimits {
 pub struct Origin {
     validating: Dialer,
     insecure: Dialer,
+    /// The TLS settings of `validating` and `insecure`, for the probes of
+    /// `portico app test` (`crate::diagnose`), which must judge a backend's
+    /// certificate exactly as its requests do.
+    validating_tls: Arc<rustls::ClientConfig>,
+    insecure_tls: Arc<rustls::ClientConfig>,
     limits: BackendLimits,
     budget: Arc<Semaphore>,
     metrics: Metrics,
@@ -178,6 +183,8 @@ impl Origin {
             .with_custom_certificate_verifier(portico_agent::pki::insecure_verifier())
             .with_no_client_auth();
         Ok(Origin {
+            validating_tls: Arc::new(validating.clone()),
+            insecure_tls: Arc::new(insecure.clone()),
             validating: dialer(validating),
             insecure: dialer(insecure),
             budget: Arc::new(Semaphore::new(limits.budget)),
@@ -185,6 +192,16 @@ impl Origin {
             metrics,
             shards: shards.max(1),
         })
+    }
+
+    /// The TLS settings `app`'s requests use: validating the backend's
+    /// certificate (system roots and `--backend-ca`) or not, as the app says.
+    pub(crate) fn tls_for(&self, app: &App) -> Arc<rustls::ClientConfig> {
+        if app.validate_backend_tls {
+            self.validating_tls.clone()
+        } else {
+            self.insecure_tls.clone()
+        }
     }
 
     /// A backend for `app`: a client of its own, whose connections count

@@ -933,6 +933,22 @@ fn split_host_port(addr: &str) -> Option<(&str, u16)> {
     (!host.is_empty() && !host.contains(':') && !host.starts_with('[')).then_some((host, port))
 }
 
+/// Follows `host`'s CNAME chain hop by hop at `nameservers` (with no
+/// cache, saved answers or hosts file, and `localhost` asked like any
+/// name), with the walk's limits and errors: what `portico app test
+/// --nameserver` shows as a resolver's view of an app's host. Returns the
+/// chain, from `host` to the name that holds the addresses, and the
+/// addresses.
+pub async fn lookup_chain(
+    nameservers: &[SocketAddr],
+    host: &str,
+) -> Result<(Vec<String>, Vec<IpAddr>), ResolveError> {
+    let lookup = HickoryLookup::new(nameservers.to_vec())
+        .map_err(|reason| ResolveError::NoNameserver { reason })?;
+    let answer = walk(&lookup, &normalize(host)).await?;
+    Ok((answer.chain, answer.addrs))
+}
+
 /// `ADDR[:PORT]` of a nameserver: `10.0.0.53`, `10.0.0.53:5353`, `::1`,
 /// `[::1]:5353`; port 53 by default.
 pub fn parse_nameserver(s: &str) -> Result<SocketAddr, String> {

@@ -26,6 +26,9 @@
 //! | DELETE | `/v1/connectors/{id}` | admin token | → 204 (revokes it) |
 //! | GET | `/v1/edges` | admin token | → `[Edge]` |
 //! | DELETE | `/v1/edges/{id}` | admin token | → 204 (revokes it; connectors stop dialing it) |
+//! | POST | `/v1/apps/{id}/test` | admin token | → [`AppTestReport`] (`portico app test`), within about 15 s |
+//! | GET | `/v1/connector/probes?wait=S` | connector cert | → [`ProbeJobs`], or 304 when none came within `wait` |
+//! | POST | `/v1/connector/probes/{id}` | connector cert | [`ProbeResult`] → 204; 404 for a job that is not this connector's (or timed out) |
 //!
 //! Every error answer is an [`ApiError`] with the HTTP status of its kind:
 //! 400 invalid input (and `wrong_kind`: a join token given to the other kind
@@ -1350,6 +1353,158 @@ pub struct TunnelReport {
     pub remote_addr: String,
     /// How many tunnels this connector holds to the edge.
     pub tunnels: u32,
+}
+
+// ---- `portico app test` ----
+
+/// `POST /v1/apps/{id}/test`: the router's diagnostic report of one app,
+/// a list of checks in a fixed order (DNS, certificate, connectors, then one
+/// probe per active connector). The CLI may append checks of its own (a
+/// resolver's view of the DNS chain) before it prints the report.
+///
+/// This is the stable shape `portico app test --json` prints; fields are
+/// only ever added.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppTestReport {
+    pub app: AppId,
+    pub external_host: String,
+    pub internal_url: String,
+    pub connector_group: GroupId,
+    /// Unix seconds when the router made the report.
+    pub at: u64,
+    pub checks: Vec<TestCheck>,
+}
+
+impl AppTestReport {
+    /// True when no check failed (skipped checks do not count).
+    pub fn passed(&self) -> bool {
+        self.checks.iter().all(|c| c.status != CheckStatus::Fail)
+    }
+}
+
+/// What one check looked at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum CheckKind {
+    /// The external host as the router's DNS authority answers it.
+    Dns,
+    /// The external host as a resolver the operator named sees it.
+    Resolver,
+    /// The certificate an edge serves for the external host.
+    Certificate,
+    /// The active connectors of the app's group.
+    Connectors,
+    /// The internal URL, probed through one connector.
+    Probe,
+}
+
+impl fmt::Display for CheckKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            CheckKind::Dns => "dns",
+            CheckKind::Resolver => "resolver",
+            CheckKind::Certificate => "certificate",
+            CheckKind::Connectors => "connectors",
+            CheckKind::Probe => "probe",
+        })
+    }
+}
+
+/// The outcome of a check or of one step of a probe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CheckStatus {
+    Ok,
+    Fail,
+    /// Not run: nothing to check, or an earlier step failed.
+    Skip,
+}
+
+impl fmt::Display for CheckStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            CheckStatus::Ok => "ok",
+            CheckStatus::Fail => "FAIL",
+            CheckStatus::Skip => "skip",
+        })
+    }
+}
+
+/// One check of an [`AppTestReport`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TestCheck {
+    pub check: CheckKind,
+    pub status: CheckStatus,
+    /// One line: what was found, or what failed (`tcp: connection refused
+    /// 127.0.0.1:9`).
+    pub summary: String,
+    /// How to fix a failure; `None` when the check passed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hint: Option<String>,
+    /// The connector a probe ran through (probes only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connector: Option<ConnectorId>,
+    /// Facts behind the summary, one per line: the CNAME chain, the
+    /// certificate's names and dates, each connector and its edges.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub details: Vec<String>,
+    /// The addresses a DNS check found at the end of the chain (`dns`,
+    /// `resolver` only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<String>,
+    /// A probe's steps, in order (probes only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub steps: Vec<ProbeStep>,
+}
+
+/// One step of a probe: `dns`, `tcp`, `tls` or `http`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProbeStep {
+    pub step: String,
+    pub status: CheckStatus,
+    /// How long the step took, in milliseconds.
+    pub ms: u64,
+    /// What it found (`127.0.0.1:8080`, `200 OK`) or why it failed,
+    /// starting with the step's name (`dns: no address for backend.internal`).
+    pub detail: String,
+}
+
+/// The most probe jobs a connector is given in one answer.
+pub const MAX_PROBE_JOBS: usize = 8;
+/// The most steps a probe result may carry.
+pub const MAX_PROBE_STEPS: usize = 8;
+/// The longest step detail a probe result may carry, in bytes.
+pub const MAX_PROBE_DETAIL: usize = 512;
+
+/// `GET /v1/connector/probes?wait=S` (connector certificate): the probes
+/// the router wants this connector to run, or 304 when none came within
+/// `wait`. A connector probes the internal URL of the app it is named, as
+/// its own config has it: the router cannot make it probe anything else.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProbeJobs {
+    pub jobs: Vec<ProbeJob>,
+}
+
+/// One probe to run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProbeJob {
+    /// The job's id, for `POST /v1/connector/probes/{id}`.
+    pub id: u64,
+    pub app: AppId,
+}
+
+/// `POST /v1/connector/probes/{id}` (connector certificate): what the probe
+/// found, answered 204. At most [`MAX_PROBE_STEPS`] steps of
+/// [`MAX_PROBE_DETAIL`] bytes each.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProbeResult {
+    /// The internal URL probed, as the connector's config has it.
+    pub url: String,
+    pub steps: Vec<ProbeStep>,
 }
 
 #[cfg(test)]

@@ -62,6 +62,8 @@ pub(crate) struct AppState {
     pub admin_hash: [u8; 32],
     /// The edges' latest reports: where connectors are attached.
     pub presence: Mutex<Presence>,
+    /// The probe jobs of `portico app test`, waiting for connectors.
+    pub probes: crate::app_test::Probes,
     /// `POST /v1/enroll` attempts per source address.
     pub enroll_limiter: RateLimiter,
     pub metrics: Metrics,
@@ -203,6 +205,8 @@ pub(crate) fn routes(state: SharedState) -> axum::Router {
         .route("/v1/edge/public-cert", post(edge_public_cert))
         .route("/v1/connector/config", get(connector_config))
         .route("/v1/connector/report", post(connector_report))
+        .route("/v1/connector/probes", get(connector_probes))
+        .route("/v1/connector/probes/{id}", post(connector_probe_result))
         .route("/v1/regions", get(list_regions).post(create_region))
         .route("/v1/regions/{id}", delete(delete_region))
         .route("/v1/groups", get(list_groups).post(create_group))
@@ -212,6 +216,7 @@ pub(crate) fn routes(state: SharedState) -> axum::Router {
             "/v1/apps/{id}",
             get(get_app).patch(update_app).delete(delete_app),
         )
+        .route("/v1/apps/{id}/test", post(test_app))
         .route("/v1/tokens", get(list_tokens).post(create_token))
         .route("/v1/tokens/{id}", delete(revoke_token))
         .route("/v1/connectors", get(list_connectors))
@@ -956,6 +961,82 @@ async fn connector_config(
         return Ok(Watched::Unchanged);
     }
     Ok(Watched::Changed(snapshot))
+}
+
+// ---- `portico app test` (crate::app_test) ----
+
+/// A connector's long-poll for probe jobs: `?wait=S`, 304 when none came.
+async fn connector_probes(
+    State(state): State<SharedState>,
+    connector: ConnectorPeer,
+    RawQuery(query): RawQuery,
+) -> Result<Watched<api::ProbeJobs>, ApiFail> {
+    let q = watch_query(query)?;
+    live_connector(&state, &connector.id).await?;
+    Ok(
+        match state
+            .probes
+            .poll(&connector.id, q.wait, &state.shutdown)
+            .await
+        {
+            Some(jobs) => Watched::Changed(api::ProbeJobs { jobs }),
+            None => Watched::Unchanged,
+        },
+    )
+}
+
+/// A connector's answer to one of its probe jobs.
+async fn connector_probe_result(
+    State(state): State<SharedState>,
+    connector: ConnectorPeer,
+    Path(id): Path<String>,
+    Json(result): Json<api::ProbeResult>,
+) -> Result<StatusCode, ApiFail> {
+    let missing = || {
+        ApiFail::not_found(
+            None,
+            format!("no probe job {id:?} waits for connector {}", connector.id),
+        )
+    };
+    let job: u64 = id.parse().map_err(|_| missing())?;
+    crate::app_test::check_result(&result).map_err(|m| ApiFail::invalid("steps", m))?;
+    if state.probes.answer(&connector.id, job, result) {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(missing())
+    }
+}
+
+/// `portico app test`: the app's diagnostic report.
+async fn test_app(
+    State(state): State<SharedState>,
+    _: Admin,
+    Path(id): Path<String>,
+) -> Result<axum::Json<api::AppTestReport>, ApiFail> {
+    let missing = || ApiFail::not_found(None, format!("app {id:?} not found"));
+    let app_id = AppId::new(id.clone()).map_err(|_| missing())?;
+    let (app, store, connectors) = state
+        .db(move |s| {
+            Ok((
+                s.get_app(&app_id)?,
+                StoreState::read(s)?,
+                s.list_connectors()?,
+            ))
+        })
+        .await?;
+    let app = app.ok_or_else(missing)?;
+    let snapshot = crate::snapshot::Snapshot {
+        store: Arc::new(store),
+        at: state.at(),
+    };
+    let report = crate::app_test::report(&state, app, snapshot, connectors).await;
+    tracing::info!(
+        app = %report.app,
+        passed = report.passed(),
+        failed = report.checks.iter().filter(|c| c.status == api::CheckStatus::Fail).count(),
+        "app test"
+    );
+    Ok(axum::Json(report))
 }
 
 /// The port users reach the edges on, for `App.external_url`.

@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 mod api;
+mod app_test;
 pub mod ca;
 mod config;
 mod distribute;
@@ -217,6 +218,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Handle
         ca,
         admin_hash: util::sha256(admin_token.as_bytes()),
         presence: Mutex::new(presence::Presence::default()),
+        probes: app_test::Probes::default(),
         enroll_limiter: ratelimit::RateLimiter::new(config.enroll_limit, std::time::Instant::now()),
         metrics,
         shutdown: shutdown.clone(),
