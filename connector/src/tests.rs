@@ -55,6 +55,7 @@ fn app(id: &str, internal_url: String, validate: bool) -> App {
         required_features: vec![],
         preauth: Default::default(),
         created_at: 0,
+        certificate: None,
     }
 }
 

@@ -54,6 +54,7 @@ impl RoutingTable {
             presence: Vec::new(),
             peers: Vec::new(),
             sign_in: None,
+            certificates: Vec::new(),
         })
     }
 
@@ -246,6 +247,7 @@ pub(crate) mod tests {
             required_features: vec![],
             preauth: Default::default(),
             created_at: 0,
+            certificate: None,
         }
     }
 
@@ -286,6 +288,7 @@ pub(crate) mod tests {
             presence: Vec::new(),
             peers: Vec::new(),
             sign_in: None,
+            certificates: Vec::new(),
         });
         assert_eq!(
             table.app_for_host("hr.apps.test").unwrap().id.as_str(),

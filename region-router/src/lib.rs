@@ -28,7 +28,9 @@ use tokio_util::task::TaskTracker;
 
 mod api;
 pub mod ca;
+mod certificates;
 mod config;
+mod custom_domain;
 mod distribute;
 mod dns;
 pub mod error;
@@ -219,6 +221,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Handle
         shutdown: shutdown.clone(),
         tracker: tracker.clone(),
         started: util::now_unix(),
+        domains: custom_domain::Checker::new(&config.check_nameservers),
         sign_in: config
             .sign_in
             .as_ref()
