@@ -87,6 +87,12 @@ pub(crate) enum CertError {
     },
     #[error("the certificate {subject:?} names no DNS host in its subjectAltName (a common name alone is ignored by browsers)")]
     NoNames { subject: String },
+    #[error("the certificate {subject:?} is not one TLS clients can check (webpki refuses it)")]
+    LeafUnusable {
+        subject: String,
+        #[source]
+        source: rustls::Error,
+    },
     #[error("give at least one host the certificate is for (--host or --app)")]
     NoHosts,
     #[error("at most {max} hosts per upload")]
@@ -231,9 +237,8 @@ pub(crate) fn validate(
     if names.is_empty() {
         return Err(CertError::NoNames { subject });
     }
-    let end_entity = rustls::server::ParsedCertificate::try_from(&chain[0]).map_err(|source| {
-        CertError::KeyUnusable { source } // webpki parsed what x509-parser did; unreachable in practice
-    })?;
+    let end_entity = rustls::server::ParsedCertificate::try_from(&chain[0])
+        .map_err(|source| CertError::LeafUnusable { subject, source })?;
     for host in &hosts {
         let covered = ServerName::try_from(host.as_str())
             .ok()
