@@ -5,15 +5,16 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::Context as _;
 use portico_agent::{RouterClient, RouterTrust};
 use portico_proto::api::{
-    App, AppPatch, AppSpec, Assignment, BackendTimeout, Connector, CreateGroup, CreateRegion,
-    CreateToken, Edge, Group, Region, TokenCreated, TokenInfo, TokenScope,
+    App, AppPatch, AppSpec, Assignment, BackendTimeout, Certificate, CertificateUpload, Connector,
+    CreateGroup, CreateRegion, CreateToken, Edge, Group, Region, TokenCreated, TokenInfo,
+    TokenScope,
 };
 use portico_proto::{AppId, ConnectorId, EdgeId, GroupId, IdError, RegionId};
 use serde::Serialize;
 
 use crate::cli::{
-    AppAction, AppCmd, DeleteArgs, GroupAction, GroupCmd, RegionAction, RegionCmd, RouterConn,
-    TokenAction, TokenCmd,
+    AppAction, AppCmd, CertAction, CertCmd, DeleteArgs, GroupAction, GroupCmd, RegionAction,
+    RegionCmd, RouterConn, TokenAction, TokenCmd,
 };
 use crate::out;
 
@@ -256,6 +257,7 @@ pub async fn app(cmd: AppCmd) -> anyhow::Result<()> {
                     "TIMEOUT",
                     "TRANSLATE",
                     "FEATURES",
+                    "CERT",
                 ],
                 |app| {
                     vec![
@@ -266,6 +268,7 @@ pub async fn app(cmd: AppCmd) -> anyhow::Result<()> {
                         app.backend_timeout.to_string(),
                         translated(app),
                         features(&app.required_features),
+                        cert_cell(app, now_unix()),
                     ]
                 },
             )
@@ -313,6 +316,7 @@ fn app_lines(app: &App) -> Vec<(&'static str, String)> {
             },
         ),
         ("hidden", app.hidden.to_string()),
+        ("certificate", cert_cell(app, now_unix())),
     ]
 }
 
@@ -347,6 +351,123 @@ fn identity_headers(
         }
     }
     Ok(map)
+}
+
+/// The app's certificate as a table cell: the uploaded one's days left
+/// (`42d`, `expired 3d ago`), or `-` when none covers its host (one under
+/// the apps domain then gets the edges' router-issued wildcard, renewed
+/// by the edges themselves).
+fn cert_cell(app: &App, now: u64) -> String {
+    match &app.certificate {
+        None => "-".into(),
+        Some(c) => expiry(c.not_after, now),
+    }
+}
+
+/// `42d left`, `5h left`, or `expired 3d ago`.
+fn expiry(not_after: u64, now: u64) -> String {
+    const DAY: u64 = 86_400;
+    if not_after <= now {
+        let ago = now - not_after;
+        return if ago >= DAY {
+            format!("expired {}d ago", ago / DAY)
+        } else {
+            "expired".into()
+        };
+    }
+    let left = not_after - now;
+    if left >= DAY {
+        format!("{}d left", left / DAY)
+    } else {
+        format!("{}h left", left / 3600)
+    }
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// `portico cert`.
+pub async fn cert(cmd: CertCmd) -> anyhow::Result<()> {
+    match cmd.action {
+        CertAction::Upload(a) => {
+            let read = |p: &std::path::Path, max: usize| -> anyhow::Result<String> {
+                let len = std::fs::metadata(p)
+                    .with_context(|| format!("cannot read {}", p.display()))?
+                    .len();
+                anyhow::ensure!(
+                    len <= max as u64,
+                    "{} is {len} bytes; at most {max} are accepted",
+                    p.display()
+                );
+                std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))
+            };
+            let client = client(&a.conn)?;
+            let mut hosts = a.host;
+            for app in &a.app {
+                let found: App = client
+                    .get_json(&format!("/v1/apps/{}", id::<AppId>(app)?))
+                    .await
+                    .with_context(|| format!("--app {app}"))?;
+                hosts.push(found.external_host);
+            }
+            let upload = CertificateUpload {
+                chain_pem: read(&a.chain, portico_proto::api::MAX_CERT_CHAIN_PEM)?,
+                key_pem: read(&a.key, portico_proto::api::MAX_CERT_KEY_PEM)?,
+                hosts,
+            };
+            let cert: Certificate = client.post_json("/v1/certificates", &upload).await?;
+            print_one(a.conn.json, &cert, cert_lines)
+        }
+        CertAction::List(a) => {
+            let certs: Vec<Certificate> = client(&a.conn)?.get_json("/v1/certificates").await?;
+            let now = now_unix();
+            print_list(
+                a.conn.json,
+                &certs,
+                &["ID", "NAMES", "ISSUER", "EXPIRES", "LEFT"],
+                |c| {
+                    vec![
+                        c.id.clone(),
+                        c.names.join(","),
+                        c.issuer.clone(),
+                        rfc3339(c.not_after),
+                        expiry(c.not_after, now),
+                    ]
+                },
+            )
+        }
+        CertAction::Delete(a) => {
+            anyhow::ensure!(
+                !a.id.is_empty() && a.id.len() <= 64 && a.id.bytes().all(|b| b.is_ascii_hexdigit()),
+                "{:?} is not a certificate id: the hex digits `cert list` shows",
+                a.id
+            );
+            client(&a.conn)?
+                .delete(&format!("/v1/certificates/{}", a.id))
+                .await?;
+            out(format!("deleted certificate {}", a.id));
+            Ok(())
+        }
+    }
+}
+
+fn cert_lines(c: &Certificate) -> Vec<(&'static str, String)> {
+    vec![
+        ("id", c.id.clone()),
+        ("names", c.names.join(", ")),
+        ("issuer", c.issuer.clone()),
+        ("not before", rfc3339(c.not_before)),
+        ("not after", rfc3339(c.not_after)),
+        ("left", expiry(c.not_after, now_unix())),
+    ]
+}
+
+fn rfc3339(secs: u64) -> String {
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(secs)).to_string()
 }
 
 /// A `--x` / `--no-x` pair of `app update` as a patch field: `None` when

@@ -71,6 +71,9 @@ pub enum Command {
     Group(GroupCmd),
     /// Create, list and revoke the join tokens that enroll connectors and edges.
     Token(TokenCmd),
+    /// Upload, list and delete certificates for app hosts in custom
+    /// domains; edges present them by SNI.
+    Cert(CertCmd),
     /// Measure a deployment: open- or closed-loop load over HTTP/1.1, HTTP/2
     /// or HTTP/3 with reports (`portico loadtest URL`), emulate a WAN path
     /// (`portico loadtest wan`), or start a whole deployment with a WAN
@@ -202,6 +205,22 @@ pub struct RouterArgs {
     /// configured on the authorization server).
     #[arg(long, value_name = "CLAIM", default_value = "groups")]
     pub oidc_groups_claim: String,
+    /// The nameserver (IP[:port], repeatable, at most 8) that checks an app
+    /// host in a custom domain: `app create --external-host
+    /// hr.corp.example.com` is accepted only when that host's CNAME chain,
+    /// as this nameserver answers it, reaches the app's default host
+    /// `<id>.<apps-domain>`. Default: the nameservers of /etc/resolv.conf.
+    #[arg(long = "check-nameserver", value_name = "ADDR", value_parser = parse_nameserver_addr, value_delimiter = ',')]
+    pub check_nameservers: Vec<SocketAddr>,
+}
+
+/// `IP` or `IP:port` (port 53 by default), `[v6]:port` for IPv6.
+pub fn parse_nameserver_addr(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(ip) = s.parse::<std::net::IpAddr>() {
+        return Ok(SocketAddr::new(ip, 53));
+    }
+    s.parse::<SocketAddr>()
+        .map_err(|_| format!("{s:?} is not an IP address or IP:port"))
 }
 
 #[derive(Debug, Args)]
@@ -548,7 +567,10 @@ pub struct AppCreateArgs {
     /// Where the connector sends requests: http(s)://host[:port][/path].
     #[arg(long)]
     pub internal_url: String,
-    /// External host name under the apps domain (default `<id>.<apps-domain>`).
+    /// External host name (default `<id>.<apps-domain>`): under the apps
+    /// domain, or in a custom domain, when its CNAME chain reaches
+    /// `<id>.<apps-domain>` (the router checks it now; upload a
+    /// certificate for it with `portico cert upload`).
     #[arg(long)]
     pub external_host: Option<String>,
     /// The connector group that serves it.
@@ -612,7 +634,8 @@ pub struct AppUpdateArgs {
     /// Where the connector sends requests: http(s)://host[:port][/path].
     #[arg(long, group = "change")]
     pub internal_url: Option<String>,
-    /// External host name under the apps domain.
+    /// External host name: under the apps domain, or in a custom domain
+    /// whose CNAME chain reaches `<id>.<apps-domain>` (checked now).
     #[arg(long, group = "change")]
     pub external_host: Option<String>,
     /// The connector group that serves it.
@@ -743,6 +766,46 @@ pub struct GroupCreateArgs {
     /// group's connectors dial only that region's edges.
     #[arg(long)]
     pub region: Option<String>,
+    #[command(flatten)]
+    pub conn: RouterConn,
+}
+
+#[derive(Debug, Args)]
+pub struct CertCmd {
+    #[command(subcommand)]
+    pub action: CertAction,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CertAction {
+    /// Upload a certificate and its key for hosts of a custom domain. It is
+    /// refused, with the reason, when it is expired or not yet valid,
+    /// self-signed, not the key's, or does not cover a host named with
+    /// `--host` or `--app`. Once stored it serves every host it covers (a
+    /// `*.corp.example.com` one serves all of them); uploading the same
+    /// certificate again replaces it.
+    Upload(CertUploadArgs),
+    /// List uploaded certificates: names, issuer, expiry.
+    List(ListArgs),
+    /// Delete an uploaded certificate (its hosts then get the edge's own).
+    Delete(DeleteArgs),
+}
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("for").required(true).multiple(true)))]
+pub struct CertUploadArgs {
+    /// The PEM chain: the certificate first, then its intermediates.
+    #[arg(long, value_name = "FILE")]
+    pub chain: PathBuf,
+    /// The PEM private key of the certificate.
+    #[arg(long, value_name = "FILE")]
+    pub key: PathBuf,
+    /// A host the certificate must cover (repeatable).
+    #[arg(long, value_name = "HOST", group = "for")]
+    pub host: Vec<String>,
+    /// An app whose external host the certificate must cover (repeatable).
+    #[arg(long, value_name = "ID", group = "for")]
+    pub app: Vec<String>,
     #[command(flatten)]
     pub conn: RouterConn,
 }

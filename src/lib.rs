@@ -43,6 +43,7 @@ pub async fn run(cli: cli::Cli) -> anyhow::Result<()> {
             None => run_connector(cmd.run, cli.threads).await,
         },
         Command::App(cmd) => admin::app(cmd).await,
+        Command::Cert(cmd) => admin::cert(cmd).await,
         Command::Region(cmd) => admin::region(cmd).await,
         Command::Group(cmd) => admin::group(cmd).await,
         Command::Token(cmd) => admin::token(cmd).await,
@@ -73,7 +74,11 @@ pub fn raise_open_file_limit(command: &Command) {
         Command::Router(_) | Command::Dev(_) | Command::Loadtest(_) => true,
         Command::Edge(c) => c.action.is_none(),
         Command::Connector(c) => c.action.is_none(),
-        Command::App(_) | Command::Region(_) | Command::Group(_) | Command::Token(_) => false,
+        Command::App(_)
+        | Command::Region(_)
+        | Command::Group(_)
+        | Command::Token(_)
+        | Command::Cert(_) => false,
     };
     let show = |n: u64| {
         if n == u64::MAX {
@@ -156,6 +161,7 @@ async fn run_router(args: cli::RouterArgs) -> anyhow::Result<()> {
     config.enroll_limit.burst = args.enroll_burst;
     config.enroll_limit.per_minute = args.enroll_per_minute;
     config.dns_listen = args.dns_listen;
+    config.check_nameservers = args.check_nameservers;
     if let (Some(issuer), Some(client_id), Some(secret_file)) = (
         args.oidc_issuer,
         args.oidc_client_id,

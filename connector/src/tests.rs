@@ -58,6 +58,7 @@ fn app(id: &str, internal_url: String, validate: bool) -> App {
         identity_headers: Default::default(),
         hidden: false,
         created_at: 0,
+        certificate: None,
     }
 }
 

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use arc_swap::ArcSwapOption;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use portico_agent::pki;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
@@ -69,5 +69,111 @@ impl rustls::client::ResolvesClientCert for CertStore {
 
     fn has_certs(&self) -> bool {
         self.is_set()
+    }
+}
+
+/// The public listener's certificates: the uploaded ones (custom domains,
+/// from `EdgeConfig.certificates`) chosen by the handshake's SNI with
+/// [`portico_proto::api::pick_certificate`], and, when none covers the
+/// name (or there is no SNI), the edge's own public certificate.
+#[derive(Debug)]
+pub(crate) struct SniCerts {
+    uploaded: ArcSwap<Vec<Uploaded>>,
+    fallback: Arc<CertStore>,
+}
+
+/// One usable uploaded certificate.
+#[derive(Debug)]
+pub(crate) struct Uploaded {
+    pub(crate) id: String,
+    pub(crate) names: Vec<String>,
+    pub(crate) not_after: u64,
+    key: Arc<CertifiedKey>,
+}
+
+impl SniCerts {
+    pub(crate) fn new(fallback: Arc<CertStore>) -> Arc<Self> {
+        Arc::new(SniCerts {
+            uploaded: ArcSwap::from_pointee(Vec::new()),
+            fallback,
+        })
+    }
+
+    /// Installs the config's uploaded certificates (at most
+    /// `MAX_CERTIFICATES`). One whose PEM or key does not load is logged
+    /// and left out; one already loaded (same id) is kept as it is.
+    /// Returns what is installed now.
+    pub(crate) fn set_uploaded(
+        &self,
+        certs: &[portico_proto::api::EdgeCertificate],
+    ) -> Arc<Vec<Uploaded>> {
+        let current = self.uploaded.load_full();
+        let unchanged = certs.len() == current.len()
+            && certs
+                .iter()
+                .zip(current.iter())
+                .all(|(c, u)| c.id == u.id && c.not_after == u.not_after);
+        if unchanged {
+            return current;
+        }
+        let mut next = Vec::new();
+        for c in certs.iter().take(portico_proto::api::MAX_CERTIFICATES) {
+            if let Some(u) = current.iter().find(|u| u.id == c.id) {
+                next.push(Uploaded {
+                    id: u.id.clone(),
+                    names: c.names.clone(),
+                    not_after: c.not_after,
+                    key: Arc::clone(&u.key),
+                });
+                continue;
+            }
+            let loaded = pki::parse_certs_pem(&c.chain_pem)
+                .map_err(Error::from)
+                .and_then(|chain| Ok((chain, pki::parse_key_pem(&c.key_pem)?)))
+                .and_then(|(chain, key)| {
+                    CertifiedKey::from_der(chain, key, &pki::provider()).map_err(|source| {
+                        Error::Tls {
+                            what: "uploaded certificate",
+                            source,
+                        }
+                    })
+                });
+            match loaded {
+                Ok(key) => next.push(Uploaded {
+                    id: c.id.clone(),
+                    names: c.names.iter().map(|n| n.to_ascii_lowercase()).collect(),
+                    not_after: c.not_after,
+                    key: Arc::new(key),
+                }),
+                Err(e) => tracing::warn!(
+                    certificate = %c.id,
+                    names = ?c.names,
+                    error = %portico_agent::error_chain(&e),
+                    "uploaded certificate unusable; its hosts get the edge's own certificate"
+                ),
+            }
+        }
+        let next = Arc::new(next);
+        self.uploaded.store(Arc::clone(&next));
+        next
+    }
+
+    /// The uploaded certificate for `host`, if one covers it.
+    pub(crate) fn pick(&self, host: &str) -> Option<Arc<CertifiedKey>> {
+        let uploaded = self.uploaded.load();
+        let i = portico_proto::api::pick_certificate(
+            uploaded.iter().map(|u| (u.names.as_slice(), u.not_after)),
+            host,
+        )?;
+        Some(Arc::clone(&uploaded[i].key))
+    }
+}
+
+impl ResolvesServerCert for SniCerts {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        hello
+            .server_name()
+            .and_then(|sni| self.pick(sni))
+            .or_else(|| self.fallback.current.load_full())
     }
 }

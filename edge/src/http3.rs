@@ -25,7 +25,7 @@ use tokio::net::TcpListener;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::certs::CertStore;
+use crate::certs::SniCerts;
 use crate::client_conn::{deadline_at, ClientConn, Proto};
 use crate::error::Error;
 use crate::listener;
@@ -52,7 +52,7 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// that port is taken on UDP, a fresh pair is tried (bounded).
 pub(crate) fn bind_public(
     listen: SocketAddr,
-    h3_cert: Option<Arc<CertStore>>,
+    h3_cert: Option<Arc<SniCerts>>,
     max_streams: u32,
     tracker: &TaskTracker,
 ) -> Result<(TcpListener, Option<quinn::Endpoint>), Error> {
@@ -99,7 +99,7 @@ pub(crate) fn alt_svc(port: u16) -> HeaderValue {
 /// The QUIC server config: TLS 1.3 with the public certificate resolver,
 /// ALPN `h3`, room for h3's uni streams and `max_streams` requests.
 pub(crate) fn server_config(
-    cert: Arc<CertStore>,
+    cert: Arc<SniCerts>,
     max_streams: u32,
 ) -> Result<quinn::ServerConfig, Error> {
     let mut tls = rustls::ServerConfig::builder_with_provider(pki::provider())
@@ -462,7 +462,7 @@ mod tests {
     #[tokio::test]
     async fn tcp_and_udp_share_the_port_and_a_taken_udp_port_is_an_error() {
         let tracker = TaskTracker::new();
-        let cert = CertStore::new();
+        let cert = SniCerts::new(crate::certs::CertStore::new());
         let (tcp, udp) = bind_public(
             "127.0.0.1:0".parse().unwrap(),
             Some(Arc::clone(&cert)),

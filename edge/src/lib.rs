@@ -175,6 +175,9 @@ pub(crate) struct Shared {
     pub(crate) router_reachable: std::sync::atomic::AtomicBool,
     /// Sign-in for apps with `preauth = oidc`, from the router's settings.
     pub(crate) auth: auth::Auth,
+    /// What the public listeners present: uploaded certificates by SNI,
+    /// then the edge's own.
+    pub(crate) public_certs: Arc<certs::SniCerts>,
     /// Cancelled to start the shutdown: the edge is draining. It tells the
     /// router (which takes it out of the DNS answers, the presence and the
     /// connectors' edge lists), refuses new tunnels and mesh links, asks
@@ -252,6 +255,8 @@ impl Shared {
         let version = config.version;
         self.auth
             .update(config.sign_in.as_ref(), &config.apps_domain);
+        let uploaded = self.public_certs.set_uploaded(&config.certificates);
+        self.metrics.set_certificate_expiry(&uploaded);
         let table = Arc::new(RoutingTable::new(config));
         self.table.store(Arc::clone(&table));
         self.metrics
@@ -334,9 +339,11 @@ pub(crate) async fn serve(parts: Parts, shutdown: CancellationToken) -> Result<H
     let metrics = Arc::new(Metrics::new(&parts.edge_id, &parts.region));
     let (ready_tx, ready_rx) = watch::channel(false);
     let tracker = TaskTracker::new();
+    // Uploaded certificates by SNI first, then the edge's own.
+    let public_certs = certs::SniCerts::new(Arc::clone(&parts.public_cert));
     let (public_listener, h3_endpoint) = http3::bind_public(
         parts.public_listen,
-        parts.http3.then(|| Arc::clone(&parts.public_cert)),
+        parts.http3.then(|| Arc::clone(&public_certs)),
         parts.limits.h2.max_concurrent_streams,
         &tracker,
     )?;
@@ -388,6 +395,7 @@ pub(crate) async fn serve(parts: Parts, shutdown: CancellationToken) -> Result<H
         route,
         router_reachable: std::sync::atomic::AtomicBool::new(false),
         auth: auth::Auth::default(),
+        public_certs: Arc::clone(&public_certs),
         shutdown: shutdown.clone(),
         closing: CancellationToken::new(),
         hard_stop: CancellationToken::new(),
@@ -409,7 +417,7 @@ pub(crate) async fn serve(parts: Parts, shutdown: CancellationToken) -> Result<H
         )?),
         None => None,
     };
-    let public_tls = listener::tls_config(parts.public_cert)?;
+    let public_tls = listener::tls_config(Arc::clone(&public_certs))?;
     let tunnel_server = tunnel_acceptor::server_config(
         parts.tunnel_cert,
         &parts.ca_pem,

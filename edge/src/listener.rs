@@ -21,7 +21,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use portico_agent::pki;
 use tokio::net::{TcpListener, TcpSocket};
 
-use crate::certs::CertStore;
+use crate::certs::SniCerts;
 use crate::client_conn::{deadline_at, ClientConn, Expired, Proto, WatchedIo};
 use crate::error::Error;
 use crate::request;
@@ -49,7 +49,7 @@ pub(crate) fn bind(addr: SocketAddr) -> Result<TcpListener, Error> {
 
 /// The TLS config of the public listener: the swappable public certificate,
 /// ALPN `h2` and `http/1.1`.
-pub(crate) fn tls_config(cert: Arc<CertStore>) -> Result<Arc<rustls::ServerConfig>, Error> {
+pub(crate) fn tls_config(cert: Arc<SniCerts>) -> Result<Arc<rustls::ServerConfig>, Error> {
     let mut tls = rustls::ServerConfig::builder_with_provider(pki::provider())
         .with_safe_default_protocol_versions()
         .map_err(|source| Error::Tls {

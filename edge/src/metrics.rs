@@ -74,12 +74,29 @@ pub(crate) struct Metrics {
     /// `portico_edge_mesh_forwarded_total`: requests this edge forwarded to
     /// another edge (attempts).
     pub(crate) mesh_forwarded: IntCounter,
+    /// `portico_edge_certificate_expiry_timestamp_seconds{host,certificate}`:
+    /// when each uploaded certificate expires (Unix time), per name it
+    /// covers; alert on `... - time() < 14 * 86400`.
+    pub(crate) certificate_expiry: IntGaugeVec,
     pub(crate) tls_full: IntCounter,
     pub(crate) tls_resumed: IntCounter,
     pub(crate) tls_failed: IntCounter,
 }
 
 impl Metrics {
+    /// Sets the uploaded certificates' expiry gauges to `installed`, and
+    /// removes those of certificates no longer installed.
+    pub(crate) fn set_certificate_expiry(&self, installed: &[crate::certs::Uploaded]) {
+        self.certificate_expiry.reset();
+        for u in installed {
+            for name in &u.names {
+                self.certificate_expiry
+                    .with_label_values(&[name.as_str(), u.id.as_str()])
+                    .set(i64::try_from(u.not_after).unwrap_or(i64::MAX));
+            }
+        }
+    }
+
     /// The metrics of edge `edge` of `region`, which
     /// `portico_edge_info{edge,region,version} 1` names.
     pub(crate) fn new(edge: &EdgeId, region: &RegionId) -> Self {
@@ -129,6 +146,14 @@ impl Metrics {
         let config_version = IntGauge::new(
             "portico_edge_config_version",
             "Version of the loaded config",
+        )
+        .expect("valid metric");
+        let certificate_expiry = IntGaugeVec::new(
+            Opts::new(
+                "portico_edge_certificate_expiry_timestamp_seconds",
+                "When each uploaded certificate (custom domains) expires, Unix time, per host name it covers",
+            ),
+            &["host", "certificate"],
         )
         .expect("valid metric");
         let draining = IntGauge::new(
@@ -272,6 +297,7 @@ impl Metrics {
             Box::new(bytes.clone()),
             Box::new(config_version.clone()),
             Box::new(draining.clone()),
+            Box::new(certificate_expiry.clone()),
             Box::new(tunnel_closes.clone()),
             Box::new(picks.clone()),
             Box::new(tunnel_rtt.clone()),
@@ -294,6 +320,7 @@ impl Metrics {
             bytes_in: bytes.with_label_values(&["in"]),
             bytes_out: bytes.with_label_values(&["out"]),
             config_version,
+            certificate_expiry,
             draining,
             tunnel_closes,
             picks_own_shard: picks.with_label_values(&["own"]),

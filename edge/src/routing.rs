@@ -54,6 +54,7 @@ impl RoutingTable {
             presence: Vec::new(),
             peers: Vec::new(),
             sign_in: None,
+            certificates: Vec::new(),
         })
     }
 
@@ -249,6 +250,7 @@ pub(crate) mod tests {
             identity_headers: Default::default(),
             hidden: false,
             created_at: 0,
+            certificate: None,
         }
     }
 
@@ -289,6 +291,7 @@ pub(crate) mod tests {
             presence: Vec::new(),
             peers: Vec::new(),
             sign_in: None,
+            certificates: Vec::new(),
         });
         assert_eq!(
             table.app_for_host("hr.apps.test").unwrap().id.as_str(),

@@ -144,6 +144,7 @@ fn app(id: &str, host: &str, timeout: BackendTimeout) -> App {
         identity_headers: Default::default(),
         hidden: false,
         created_at: 0,
+        certificate: None,
     }
 }
 
@@ -166,6 +167,7 @@ fn edge_config(version: u64, revoked: Vec<ConnectorId>) -> EdgeConfig {
         presence: Vec::new(),
         peers: Vec::new(),
         sign_in: None,
+        certificates: Vec::new(),
     }
 }
 
@@ -1295,7 +1297,7 @@ async fn a_renewed_public_certificate_is_presented_without_a_restart() -> anyhow
     )?;
     let first_der = first.0[0].clone();
     store.set(first.0, first.1)?;
-    let tls = crate::listener::tls_config(Arc::clone(&store))?;
+    let tls = crate::listener::tls_config(crate::certs::SniCerts::new(Arc::clone(&store)))?;
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
@@ -1331,6 +1333,109 @@ async fn a_renewed_public_certificate_is_presented_without_a_restart() -> anyhow
     store.set(second.0, second.1)?;
     assert_eq!(presented().await?, second_der);
     assert_ne!(first_der, second_der);
+    Ok(())
+}
+
+/// Uploaded certificates are chosen by SNI before the edge's own: a
+/// custom-domain host gets the uploaded one that covers it (the exact name
+/// before a wildcard), any other name the fallback; an unusable upload is
+/// left out; the expiry gauge follows what is installed.
+#[tokio::test]
+async fn uploaded_certificates_are_presented_by_sni_before_the_edges_own() -> anyhow::Result<()> {
+    let pki = Pki::new("test CA")?;
+    let store = CertStore::new();
+    let own = pki.leaf(
+        vec!["*.apps.test".into()],
+        Vec::new(),
+        ExtendedKeyUsagePurpose::ServerAuth,
+    )?;
+    let own_der = own.0[0].clone();
+    store.set(own.0, own.1)?;
+    let upload = |id: &str, names: &[&str], not_after: u64| -> anyhow::Result<_> {
+        let key = KeyPair::generate()?;
+        let params =
+            CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())?;
+        let cert = params.signed_by(&key, &pki.ca)?;
+        anyhow::Ok((
+            portico_proto::api::EdgeCertificate {
+                id: id.into(),
+                names: names.iter().map(|n| n.to_string()).collect(),
+                not_after,
+                chain_pem: cert.pem(),
+                key_pem: key.serialize_pem(),
+            },
+            cert.der().clone(),
+        ))
+    };
+    let (wild, wild_der) = upload("wild", &["*.corp.test"], 2_000_000_000)?;
+    let (exact, exact_der) = upload("exact", &["hr.corp.test"], 1_900_000_000)?;
+    let (mut broken, _) = upload("broken", &["pay.corp.test"], 2_100_000_000)?;
+    broken.key_pem = wild.key_pem.clone(); // not its key
+    let sni = crate::certs::SniCerts::new(Arc::clone(&store));
+    let installed = sni.set_uploaded(&[wild, exact, broken]);
+    assert_eq!(
+        installed.iter().map(|u| u.id.as_str()).collect::<Vec<_>>(),
+        ["wild", "exact"],
+        "the unusable one is left out"
+    );
+    let metrics = crate::metrics::Metrics::new(&EdgeId::new("e1")?, &RegionId::default_region());
+    metrics.set_certificate_expiry(&installed);
+    let text = metrics.render();
+    assert!(
+        text.contains(r#"portico_edge_certificate_expiry_timestamp_seconds{certificate="exact",host="hr.corp.test"} 1900000000"#),
+        "{text}"
+    );
+
+    let tls = crate::listener::tls_config(Arc::clone(&sni))?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                if let Ok(mut s) = acceptor.accept(tcp).await {
+                    let _ = s.shutdown().await;
+                }
+            });
+        }
+    });
+    let roots = pki.roots();
+    let presented = |host: &'static str| {
+        let roots = roots.clone();
+        async move {
+            let tls = rustls::ClientConfig::builder_with_provider(pki::provider())
+                .with_safe_default_protocol_versions()?
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+            let tcp = tokio::net::TcpStream::connect(addr).await?;
+            let s = tokio_rustls::TlsConnector::from(Arc::new(tls))
+                .connect(ServerName::try_from(host)?, tcp)
+                .await?;
+            let cert = s.get_ref().1.peer_certificates().context("server cert")?[0].clone();
+            anyhow::Ok(cert)
+        }
+    };
+    assert_eq!(
+        presented("hr.corp.test").await?,
+        exact_der,
+        "the exact name first"
+    );
+    assert_eq!(
+        presented("wiki.corp.test").await?,
+        wild_der,
+        "then the wildcard"
+    );
+    assert_eq!(
+        presented("hr.apps.test").await?,
+        own_der,
+        "else the edge's own"
+    );
+    assert_eq!(
+        presented("pay.corp.test").await?,
+        wild_der,
+        "the unusable upload's host falls to what else covers it"
+    );
     Ok(())
 }
 

@@ -29,6 +29,8 @@
 //! | POST | `/v1/apps/{id}/test` | admin token | → [`AppTestReport`] (`portico app test`), within about 15 s |
 //! | GET | `/v1/connector/probes?wait=S` | connector cert | → [`ProbeJobs`], or 304 when none came within `wait` |
 //! | POST | `/v1/connector/probes/{id}` | connector cert | [`ProbeResult`] → 204; 404 for a job that is not this connector's (or timed out) |
+//! | GET, POST | `/v1/certificates` | admin token | → `[Certificate]`; [`CertificateUpload`] → [`Certificate`] (400 naming what is wrong: expired, not yet valid, self-signed, key mismatch, host not covered, ...) |
+//! | DELETE | `/v1/certificates/{id}` | admin token | → 204, 404 |
 //!
 //! Every error answer is an [`ApiError`] with the HTTP status of its kind:
 //! 400 invalid input (and `wrong_kind`: a join token given to the other kind
@@ -633,8 +635,9 @@ pub fn check_identity_headers(map: &BTreeMap<String, String>) -> Result<(), Stri
 #[serde(deny_unknown_fields)]
 pub struct AppSpec {
     pub id: AppId,
-    /// The external host. Defaults to `<id>.<apps domain>`; must lie under
-    /// the apps domain.
+    /// The external host. Defaults to `<id>.<apps domain>`; under the apps
+    /// domain, or in a custom domain when its CNAME chain reaches
+    /// `<id>.<apps domain>` (checked by the router when the host is set).
     #[serde(default)]
     pub external_host: Option<String>,
     /// `http://` or `https://` host, optional port and optional path.
@@ -796,6 +799,20 @@ pub struct App {
     pub hidden: bool,
     /// Seconds since the Unix epoch.
     pub created_at: u64,
+    /// The uploaded certificate edges present for `external_host`
+    /// ([`pick_certificate`]); `None` when none covers it (a host under the
+    /// apps domain then gets the router-issued wildcard).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<AppCertificate>,
+}
+
+/// Which uploaded certificate serves an app's host, and until when.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppCertificate {
+    /// The certificate's id ([`Certificate::id`]).
+    pub id: String,
+    /// Its expiry, in seconds since the Unix epoch.
+    pub not_after: u64,
 }
 
 /// The most features one app may require.
@@ -1137,6 +1154,138 @@ pub struct EdgeConfig {
     /// router has no OpenID provider (such apps are then refused).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sign_in: Option<SignInSettings>,
+    /// The uploaded certificates (custom domains), at most
+    /// [`MAX_CERTIFICATES`]: the edge presents the one
+    /// [`pick_certificate`] chooses for a handshake's SNI, and its own
+    /// public certificate otherwise.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub certificates: Vec<EdgeCertificate>,
+}
+
+// ---- uploaded certificates (custom domains) ----
+
+/// The most certificates a router keeps (and an edge reads).
+pub const MAX_CERTIFICATES: usize = 256;
+/// The longest PEM chain accepted, in bytes.
+pub const MAX_CERT_CHAIN_PEM: usize = 32 * 1024;
+/// The most certificates in one chain (leaf included).
+pub const MAX_CHAIN_CERTS: usize = 8;
+/// The longest PEM private key accepted, in bytes.
+pub const MAX_CERT_KEY_PEM: usize = 16 * 1024;
+/// The most hosts one upload may name.
+pub const MAX_UPLOAD_HOSTS: usize = 64;
+
+/// `POST /v1/certificates`: a certificate for hosts of custom domains.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateUpload {
+    /// The leaf first, then its intermediates (PEM).
+    pub chain_pem: String,
+    /// The leaf's private key (PEM: PKCS#8, PKCS#1 or SEC1).
+    pub key_pem: String,
+    /// Hosts the certificate must cover (at least one): an upload that
+    /// leaves one out is refused. Once stored, it serves every host it
+    /// covers, listed here or not.
+    pub hosts: Vec<String>,
+}
+
+impl fmt::Debug for CertificateUpload {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CertificateUpload")
+            .field("chain_pem", &format_args!("{} bytes", self.chain_pem.len()))
+            .field("key_pem", &"***")
+            .field("hosts", &self.hosts)
+            .finish()
+    }
+}
+
+/// An uploaded certificate as listed (never its key).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Certificate {
+    /// The first 16 hex digits of the leaf's SHA-256: uploading the same
+    /// leaf again replaces it.
+    pub id: String,
+    /// The DNS names of its subjectAltName (`*.corp.example.com` covers
+    /// one label).
+    pub names: Vec<String>,
+    /// The leaf's issuer, as a distinguished name.
+    pub issuer: String,
+    /// Validity, in seconds since the Unix epoch.
+    pub not_before: u64,
+    pub not_after: u64,
+    pub uploaded_at: u64,
+}
+
+/// An uploaded certificate as edges get it (over their mutual TLS).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EdgeCertificate {
+    pub id: String,
+    /// As [`Certificate::names`], lower case.
+    pub names: Vec<String>,
+    pub not_after: u64,
+    pub chain_pem: String,
+    pub key_pem: String,
+}
+
+impl fmt::Debug for EdgeCertificate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EdgeCertificate")
+            .field("id", &self.id)
+            .field("names", &self.names)
+            .field("not_after", &self.not_after)
+            .field("key_pem", &"***")
+            .finish()
+    }
+}
+
+/// Whether the certificate name `pattern` covers `host` (both compared
+/// case-insensitively, without a final dot): equal, or a wildcard
+/// `*.rest` and `host` is one more label in front of `rest` (RFC 6125
+/// 6.4.3: `*.corp.example.com` covers `hr.corp.example.com`, not
+/// `corp.example.com` nor `a.hr.corp.example.com`).
+pub fn name_covers(pattern: &str, host: &str) -> bool {
+    let pattern = pattern.trim_end_matches('.');
+    let host = host.trim_end_matches('.');
+    if let Some(rest) = pattern.strip_prefix("*.") {
+        match host.split_once('.') {
+            Some((label, tail)) => {
+                !label.is_empty() && !rest.is_empty() && tail.eq_ignore_ascii_case(rest)
+            }
+            None => false,
+        }
+    } else {
+        !pattern.is_empty() && pattern.eq_ignore_ascii_case(host)
+    }
+}
+
+/// Which of `certs` (each its names and expiry) serves `host`, by index:
+/// among those with a name that covers it, one that names it exactly
+/// before a wildcard, then the one that expires last (a renewed
+/// certificate takes over from the old one as soon as it is uploaded).
+/// Expired ones are chosen too, when nothing else covers the host: a
+/// browser then says it expired, which tells more than a wrong name.
+pub fn pick_certificate<'a, N>(
+    certs: impl IntoIterator<Item = (&'a [N], u64)>,
+    host: &str,
+) -> Option<usize>
+where
+    N: AsRef<str> + 'a,
+{
+    let mut best: Option<(usize, (bool, u64))> = None;
+    for (i, (names, not_after)) in certs.into_iter().enumerate() {
+        let exact = names
+            .iter()
+            .any(|n| !n.as_ref().starts_with("*.") && name_covers(n.as_ref(), host));
+        let covers = exact || names.iter().any(|n| name_covers(n.as_ref(), host));
+        if !covers {
+            continue;
+        }
+        let rank = (exact, not_after);
+        if best.is_none_or(|(_, b)| rank > b) {
+            best = Some((i, rank));
+        }
+    }
+    best.map(|(i, _)| i)
 }
 
 /// The deployment's OpenID provider and session keys, as every edge gets
@@ -1664,5 +1813,39 @@ mod tests {
             check_required_features(&names(&["a", "b", "a"])),
             Err(FeatureError::Duplicate { name: "a".into() })
         );
+    }
+
+    #[test]
+    fn certificate_names_cover_hosts_as_rfc_6125_says() {
+        assert!(name_covers("hr.corp.example.com", "HR.corp.example.com."));
+        assert!(name_covers("*.corp.example.com", "hr.corp.example.com"));
+        assert!(!name_covers("*.corp.example.com", "corp.example.com"));
+        assert!(!name_covers("*.corp.example.com", "a.hr.corp.example.com"));
+        assert!(!name_covers("*.corp.example.com", ".corp.example.com"));
+        assert!(!name_covers("hr.corp.example.com", "hr.corp.example.co"));
+        assert!(!name_covers("", ""));
+        assert!(!name_covers("*.", "a."));
+    }
+
+    #[test]
+    fn the_exact_name_wins_then_the_latest_expiry() {
+        let wild = ["*.corp.example.com"];
+        let exact = ["hr.corp.example.com", "www.corp.example.com"];
+        let other = ["intra.example.net"];
+        let certs: Vec<(&[&str], u64)> =
+            vec![(&other, 900), (&wild, 500), (&exact, 100), (&wild, 700)];
+        assert_eq!(
+            pick_certificate(certs.clone(), "hr.corp.example.com"),
+            Some(2)
+        );
+        assert_eq!(
+            pick_certificate(certs.clone(), "pay.corp.example.com"),
+            Some(3)
+        );
+        assert_eq!(
+            pick_certificate(certs.clone(), "intra.example.net"),
+            Some(0)
+        );
+        assert_eq!(pick_certificate(certs, "corp.example.com"), None);
     }
 }

@@ -35,8 +35,8 @@ use crate::presence::Presence;
 use crate::ratelimit::RateLimiter;
 use crate::snapshot::StoreState;
 use crate::store::{
-    AppRecord, CertInfo, ConnectorRecord, ConnectorSeen, EdgeRecord, EdgeSeen, GroupRecord,
-    PresenceRecord, RegionRecord, Store, TokenRecord,
+    AppRecord, CertInfo, CertificateRecord, ConnectorRecord, ConnectorSeen, EdgeRecord, EdgeSeen,
+    GroupRecord, PresenceRecord, RegionRecord, Store, TokenRecord,
 };
 use crate::util;
 
@@ -71,6 +71,8 @@ pub(crate) struct AppState {
     pub tracker: TaskTracker,
     /// When this router started (unix seconds): see `distribute::At`.
     pub started: u64,
+    /// Checks the CNAME chains of custom domains.
+    pub domains: crate::custom_domain::Checker,
     /// What edges get to sign users in, when there is an OpenID provider.
     pub sign_in: Option<portico_proto::api::SignInSettings>,
 }
@@ -223,6 +225,11 @@ pub(crate) fn routes(state: SharedState) -> axum::Router {
         .route("/v1/connectors/{id}", delete(delete_connector))
         .route("/v1/edges", get(list_edges))
         .route("/v1/edges/{id}", delete(delete_edge))
+        .route(
+            "/v1/certificates",
+            get(list_certificates).post(upload_certificate),
+        )
+        .route("/v1/certificates/{id}", delete(delete_certificate))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), track))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -363,6 +370,7 @@ impl From<StoreError> for ApiFail {
             | StoreError::RegionInUse { .. }
             | StoreError::DefaultRegion { .. } => ApiFail::conflict(None, e.to_string()),
             StoreError::TokenUsed => ApiFail::unauthorized("join token already used"),
+            StoreError::Limit { .. } => ApiFail::conflict(None, e.to_string()),
             StoreError::TokenRevoked => ApiFail::unauthorized("join token revoked"),
             _ => {
                 tracing::error!(error = %portico_agent::error_chain(&e), "store failed");
@@ -1078,14 +1086,30 @@ pub(crate) fn to_app(rec: AppRecord, port: u16) -> App {
         identity_headers: rec.identity_headers,
         hidden: rec.hidden,
         created_at: rec.created_at,
+        certificate: None,
     }
+}
+
+/// Sets `app.certificate`: the uploaded certificate edges present for its
+/// host, if one covers it.
+pub(crate) fn with_certificate(mut app: App, certs: &[CertificateRecord]) -> App {
+    let pick = api::pick_certificate(
+        certs.iter().map(|c| (c.names.as_slice(), c.not_after)),
+        &app.external_host,
+    );
+    app.certificate = pick.map(|i| api::AppCertificate {
+        id: certs[i].id.clone(),
+        not_after: certs[i].not_after,
+    });
+    app
 }
 
 fn apps_with_urls(s: &dyn Store, config: &Config) -> Result<Vec<App>, StoreError> {
     let port = public_port(s, config)?;
+    let certs = s.list_certificates()?;
     Ok(s.list_apps()?
         .into_iter()
-        .map(|a| to_app(a, port))
+        .map(|a| with_certificate(to_app(a, port), &certs))
         .collect())
 }
 
@@ -1429,7 +1453,8 @@ async fn get_app(
             let Some(rec) = s.get_app(&app_id)? else {
                 return Ok(None);
             };
-            Ok(Some(to_app(rec, public_port(s, &config)?)))
+            let app = to_app(rec, public_port(s, &config)?);
+            Ok(Some(with_certificate(app, &s.list_certificates()?)))
         })
         .await?;
     found.map(axum::Json).ok_or_else(missing)
@@ -1494,26 +1519,39 @@ pub(crate) fn check_internal_url(raw: &str) -> Result<String, String> {
     Ok(url.into())
 }
 
-/// Lower-cases and checks an external host against the apps domain.
+/// Lower-cases and checks an external host against the apps domain: one
+/// under it, or one of a custom domain (outside it), whose CNAME chain
+/// [`check_custom_host`] checks.
 pub(crate) fn check_external_host(host: &str, apps_domain: &str) -> Result<String, String> {
     let host = host.trim().trim_end_matches('.').to_ascii_lowercase();
     check_dns_name(&host).map_err(|e| format!("{host:?} is not a valid DNS name: {e}"))?;
-    let under = host
-        .strip_suffix(apps_domain)
-        .is_some_and(|prefix| prefix.len() > 1 && prefix.ends_with('.'));
-    if !under {
+    if host == apps_domain {
         return Err(format!(
-            "{host:?} must lie under the apps domain {apps_domain:?} (for example app.{apps_domain})"
+            "{host:?} is the apps domain itself; an app lies under it (for example app.{apps_domain}) or in a custom domain"
+        ));
+    }
+    if is_custom(&host, apps_domain) && (host == "localhost" || host.ends_with(".localhost")) {
+        return Err(format!(
+            "{host:?} is outside the apps domain {apps_domain:?}, and names under localhost resolve to this machine, never through a CNAME (RFC 6761): use a host under the apps domain or one of a domain you control"
+        ));
+    }
+    if is_custom(&host, apps_domain) && apps_domain.ends_with(&format!(".{host}")) {
+        return Err(format!(
+            "{host:?} is a parent of the apps domain {apps_domain:?}; use a host under it or in a custom domain"
         ));
     }
     // Names Portico answers itself: the auth host (sign-in and My Apps),
     // the DNS authority's name server, and the region names of edges and
     // tunnel endpoints.
-    let prefix = &host[..host.len() - apps_domain.len() - 1];
-    let reserved = matches!(prefix, "auth" | "ns")
-        || prefix
-            .rsplit_once('.')
-            .is_some_and(|(_, l)| l == "edge" || l == "tunnel");
+    let reserved = host
+        .strip_suffix(apps_domain)
+        .and_then(|p| p.strip_suffix('.'))
+        .is_some_and(|prefix| {
+            matches!(prefix, "auth" | "ns")
+                || prefix
+                    .rsplit_once('.')
+                    .is_some_and(|(_, l)| l == "edge" || l == "tunnel")
+        });
     if reserved {
         return Err(format!(
             "{host:?} is a name Portico uses itself (auth.{apps_domain} signs users in, ns.{apps_domain} and *.edge. and *.tunnel.{apps_domain} are DNS names of the edges); pick another host"
@@ -1522,11 +1560,52 @@ pub(crate) fn check_external_host(host: &str, apps_domain: &str) -> Result<Strin
     Ok(host)
 }
 
+/// Whether `host` lies outside the apps domain (a custom domain).
+pub(crate) fn is_custom(host: &str, apps_domain: &str) -> bool {
+    !host
+        .strip_suffix(apps_domain)
+        .is_some_and(|prefix| prefix.len() > 1 && prefix.ends_with('.'))
+}
+
+/// For an external host of a custom domain that is new (not `current`):
+/// its CNAME chain must reach the app's default host `<id>.<apps domain>`
+/// (`crate::custom_domain`). Hosts under the apps domain pass as they are.
+async fn check_custom_host(
+    state: &AppState,
+    spec: &api::AppSpec,
+    current: Option<&str>,
+) -> Result<(), ApiFail> {
+    let Some(raw) = &spec.external_host else {
+        return Ok(());
+    };
+    let domain = &state.config.apps_domain;
+    let host =
+        check_external_host(raw, domain).map_err(|e| ApiFail::invalid("external_host", e))?;
+    if !is_custom(&host, domain) || current == Some(host.as_str()) {
+        return Ok(());
+    }
+    let expected = format!("{}.{domain}", spec.id).to_ascii_lowercase();
+    match state.domains.check(&host, &expected).await {
+        Ok(chain) => {
+            tracing::info!(app = %spec.id, host = %host, %chain, "custom domain accepted: its CNAME chain reaches the app's default host");
+            Ok(())
+        }
+        Err(e) => Err(ApiFail::invalid(
+            "external_host",
+            format!(
+                "{host:?} is outside the apps domain {domain:?}, so its CNAME chain must reach {expected:?}: {}",
+                portico_agent::error_chain(&e)
+            ),
+        )),
+    }
+}
+
 async fn create_app(
     State(state): State<SharedState>,
     _: Admin,
     Json(spec): Json<api::AppSpec>,
 ) -> Result<(StatusCode, axum::Json<App>), ApiFail> {
+    check_custom_host(&state, &spec, None).await?;
     let rec = app_record(&state.config, spec, util::now_unix())?;
     let app = write_app(&state, rec, |s, rec| s.create_app(rec)).await?;
     tracing::info!(app = %app.id, host = %app.external_host, group = %app.connector_group, "created app");
@@ -1552,6 +1631,7 @@ async fn update_app(
     let found = state.db(move |s| s.get_app(&app_id)).await?;
     let current = found.ok_or_else(missing)?;
     let created_at = current.created_at;
+    let current_host = current.external_host.clone();
     let spec = patch.apply(api::AppSpec {
         id: current.id,
         external_host: Some(current.external_host),
@@ -1572,7 +1652,9 @@ async fn update_app(
         identity_headers: current.identity_headers,
         hidden: current.hidden,
     });
-    // The same checks as a new app, on the whole result.
+    // The same checks as a new app, on the whole result; a custom host's
+    // chain only when the host changes.
+    check_custom_host(&state, &spec, Some(&current_host)).await?;
     let rec = app_record(&state.config, spec, created_at)?;
     let app = write_app(&state, rec, |s, rec| s.update_app(rec)).await?;
     tracing::info!(app = %app.id, host = %app.external_host, group = %app.connector_group, "updated app");
@@ -1704,6 +1786,57 @@ async fn write_app(
     })?;
     tracing::debug!(app = %app.id, version, "app written");
     Ok(app)
+}
+
+// ---- admin: certificates ----
+
+fn to_certificate(c: CertificateRecord) -> api::Certificate {
+    api::Certificate {
+        id: c.id,
+        names: c.names,
+        issuer: c.issuer,
+        not_before: c.not_before,
+        not_after: c.not_after,
+        uploaded_at: c.uploaded_at,
+    }
+}
+
+async fn list_certificates(
+    State(state): State<SharedState>,
+    _: Admin,
+) -> Result<axum::Json<Vec<api::Certificate>>, ApiFail> {
+    let certs = state.db(|s| s.list_certificates()).await?;
+    Ok(axum::Json(certs.into_iter().map(to_certificate).collect()))
+}
+
+async fn upload_certificate(
+    State(state): State<SharedState>,
+    _: Admin,
+    Json(upload): Json<api::CertificateUpload>,
+) -> Result<(StatusCode, axum::Json<api::Certificate>), ApiFail> {
+    let rec = crate::certificates::validate(&upload, util::now_unix())
+        .map_err(|e| ApiFail::invalid(e.field(), portico_agent::error_chain(&e).to_string()))?;
+    let stored = rec.clone();
+    let version = state.db(move |s| s.put_certificate(&stored)).await?;
+    tracing::info!(certificate = %rec.id, names = ?rec.names, not_after = rec.not_after, version, "certificate uploaded");
+    Ok((StatusCode::CREATED, axum::Json(to_certificate(rec))))
+}
+
+async fn delete_certificate(
+    State(state): State<SharedState>,
+    _: Admin,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiFail> {
+    if id.len() > 64 {
+        return Err(ApiFail::not_found(
+            None,
+            format!("certificate {id:?} not found"),
+        ));
+    }
+    let key = id.clone();
+    let version = state.db(move |s| s.delete_certificate(&key)).await?;
+    tracing::info!(certificate = %id, version, "certificate deleted");
+    Ok(StatusCode::NO_CONTENT)
 }
 
 // ---- admin: tokens ----
@@ -2060,9 +2193,16 @@ mod tests {
             "hr.apps.localhost"
         );
         assert!(check_external_host("apps.localhost", "apps.localhost").is_err());
-        assert!(check_external_host("evilapps.localhost", "apps.localhost").is_err());
-        assert!(check_external_host("hr.example.com", "apps.localhost").is_err());
         assert!(check_external_host("a_b.apps.localhost", "apps.localhost").is_err());
+        // Outside the apps domain: a custom domain (its CNAME chain is
+        // checked by the handler), but never a parent of the apps domain.
+        assert!(check_external_host("localhost", "apps.localhost").is_err());
+        let e = check_external_host("evilapps.localhost", "apps.localhost").unwrap_err();
+        assert!(e.contains("RFC 6761"), "{e}");
+        let host = check_external_host("HR.Example.com", "apps.localhost").unwrap();
+        assert!(is_custom(&host, "apps.localhost"));
+        assert!(check_external_host("example.com", "apps.example.com").is_err());
+        assert!(!is_custom("hr.apps.localhost", "apps.localhost"));
     }
 
     #[test]

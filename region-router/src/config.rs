@@ -32,6 +32,9 @@ pub struct Config {
     /// The OpenID provider that apps with `preauth = oidc` sign their
     /// users in with; none by default (such apps are then refused).
     pub sign_in: Option<SignInConfig>,
+    /// The nameservers that check a custom domain's CNAME chain (at most
+    /// 8); empty: those of `/etc/resolv.conf`.
+    pub check_nameservers: Vec<SocketAddr>,
 }
 
 /// The deployment's OpenID provider. Edges get it, with the session keys
@@ -77,6 +80,7 @@ impl Config {
             enroll_limit: EnrollLimit::default(),
             dns_listen: None,
             sign_in: None,
+            check_nameservers: Vec::new(),
         }
     }
 
@@ -119,6 +123,15 @@ impl Config {
                     ),
                 });
             }
+        }
+        if self.check_nameservers.len() > crate::custom_domain::MAX_NAMESERVERS {
+            return Err(Error::InvalidConfig {
+                field: "check_nameserver",
+                reason: format!(
+                    "at most {} nameservers",
+                    crate::custom_domain::MAX_NAMESERVERS
+                ),
+            });
         }
         if self.data_dir.as_os_str().is_empty() {
             return Err(Error::InvalidConfig {

@@ -12,8 +12,8 @@
 use std::collections::BTreeMap;
 
 use portico_proto::api::{
-    App, AppLink, ConnectorConfig, EdgeConfig, EdgeEndpoint, GroupPresence, PeerEdge, Status,
-    MAX_APP_LINKS,
+    App, AppLink, ConnectorConfig, EdgeCertificate, EdgeConfig, EdgeEndpoint, GroupPresence,
+    PeerEdge, Status, MAX_APP_LINKS,
 };
 use portico_proto::ids::{EdgeId, GroupId, RegionId};
 
@@ -78,7 +78,24 @@ pub(crate) fn apps(s: &StoreState, config: &Config) -> Vec<App> {
     s.apps
         .iter()
         .cloned()
-        .map(|a: AppRecord| crate::api::to_app(a, port))
+        .map(|a: AppRecord| {
+            crate::api::with_certificate(crate::api::to_app(a, port), &s.certificates)
+        })
+        .collect()
+}
+
+/// The uploaded certificates, as edges get them.
+pub(crate) fn certificates(s: &StoreState) -> Vec<EdgeCertificate> {
+    s.certificates
+        .iter()
+        .take(portico_proto::api::MAX_CERTIFICATES)
+        .map(|c| EdgeCertificate {
+            id: c.id.clone(),
+            names: c.names.clone(),
+            not_after: c.not_after,
+            chain_pem: c.chain_pem.clone(),
+            key_pem: c.key_pem.clone(),
+        })
         .collect()
 }
 
@@ -183,6 +200,7 @@ pub(crate) fn edge_config(
             })
             .collect(),
         sign_in: sign_in.cloned(),
+        certificates: certificates(s),
     }
 }
 

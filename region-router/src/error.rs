@@ -102,6 +102,8 @@ pub enum StoreError {
     },
     #[error("region {region:?} cannot be deleted: it always exists (edge tokens name it when no region is given)")]
     DefaultRegion { region: String },
+    #[error("the store already holds {max} {kind}s; delete one first")]
+    Limit { kind: &'static str, max: usize },
     #[error("join token already used")]
     TokenUsed,
     #[error("join token revoked")]

@@ -29,7 +29,9 @@ use tokio_util::task::TaskTracker;
 mod api;
 mod app_test;
 pub mod ca;
+mod certificates;
 mod config;
+mod custom_domain;
 mod distribute;
 mod dns;
 pub mod error;
@@ -224,6 +226,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Handle
         shutdown: shutdown.clone(),
         tracker: tracker.clone(),
         started: util::now_unix(),
+        domains: custom_domain::Checker::new(&config.check_nameservers),
         sign_in: config
             .sign_in
             .as_ref()

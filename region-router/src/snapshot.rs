@@ -18,7 +18,9 @@ use portico_proto::ids::{ConnectorId, EdgeId, GroupId, RegionId};
 
 use crate::distribute::{edge_status, is_fresh, At};
 use crate::error::StoreError;
-use crate::store::{AppRecord, EdgeRecord, GroupRecord, PresenceRecord, RegionRecord, Store};
+use crate::store::{
+    AppRecord, CertificateRecord, EdgeRecord, GroupRecord, PresenceRecord, RegionRecord, Store,
+};
 
 /// What the store held at one config version. Deleted edges and connectors
 /// are left out.
@@ -39,6 +41,8 @@ pub(crate) struct StoreState {
     pub deleted_connectors: Vec<(ConnectorId, u64)>,
     /// Where each live edge's tunnels are, by edge id.
     pub presence: Vec<PresenceRecord>,
+    /// Uploaded certificates, by id.
+    pub certificates: Vec<CertificateRecord>,
 }
 
 impl StoreState {
@@ -65,6 +69,7 @@ impl StoreState {
                 .filter_map(|c| c.deleted_at.map(|d| (c.id.clone(), d)))
                 .collect(),
             presence: s.list_presence()?,
+            certificates: s.list_certificates()?,
         })
     }
 }

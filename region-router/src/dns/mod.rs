@@ -278,8 +278,29 @@ pub(crate) fn zone(snapshot: &Snapshot, origin: &Origin) -> Zone {
             || edge_parent.as_ref().is_some_and(|p| p.zone_of(name))
             || tunnel_parent.as_ref().is_some_and(|p| p.zone_of(name))
     };
-    for app in &snapshot.store.apps {
-        let host = Name::from_ascii(&app.external_host).map(|mut n| {
+    // Each app's external host; then, for an app whose host is in a
+    // custom domain, its default host `<id>.<domain>`, which the custom
+    // host is a CNAME to (an app's own host wins a clash with another's
+    // default).
+    let custom_defaults = snapshot.store.apps.iter().filter_map(|app| {
+        let host = Name::from_ascii(&app.external_host).ok()?.to_lowercase();
+        if apex.zone_of(&host) {
+            return None;
+        }
+        Some((
+            app,
+            format!("{}.{}", app.id, origin.apex).to_ascii_lowercase(),
+        ))
+    });
+    let hosts: Vec<(&crate::store::AppRecord, String)> = snapshot
+        .store
+        .apps
+        .iter()
+        .map(|app| (app, app.external_host.clone()))
+        .chain(custom_defaults)
+        .collect();
+    for (app, host) in hosts {
+        let host = Name::from_ascii(&host).map(|mut n| {
             n.set_fqdn(true);
             n
         });
@@ -287,7 +308,7 @@ pub(crate) fn zone(snapshot: &Snapshot, origin: &Origin) -> Zone {
             continue; // the API checked it; nothing to serve
         };
         if !apex.zone_of(&host) {
-            continue; // not under this domain (the API refuses such hosts)
+            continue; // a custom domain's host: its default host is served
         }
         if reserved(&host) {
             notes.push(Note::AppHostReserved {

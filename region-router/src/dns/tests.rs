@@ -390,3 +390,25 @@ fn reserved_hosts_and_regions_that_are_not_labels_are_noted_not_served() {
     let (_, _, answers, _) = ask(&zone, "hr.apps.test.", RecordType::A);
     assert_eq!(answers.len(), 3, "{answers:?}");
 }
+
+/// An app whose host is in a custom domain gets no record for that host
+/// (the domain is not this zone's), but its default host `<id>.<domain>`,
+/// which the custom host is a CNAME to, is answered like any app host.
+#[test]
+fn an_app_in_a_custom_domain_has_its_default_host_answered() {
+    let mut b = two_regions();
+    b.app("pay.corp.example.com", "Default");
+    let zone = super::zone(&b.snapshot(), &origin());
+    let (rcode, _, answers, _) = ask(&zone, "pay.apps.test.", RecordType::A);
+    assert_eq!(rcode, ResponseCode::NoError);
+    assert_eq!(
+        answers,
+        [
+            "pay.apps.test. 60 CNAME eu-west.edge.apps.test.",
+            "eu-west.edge.apps.test. 30 A 192.0.2.1",
+            "eu-west.edge.apps.test. 30 A 192.0.2.2",
+        ]
+    );
+    let (rcode, ..) = ask(&zone, "pay.corp.example.com.", RecordType::A);
+    assert_eq!(rcode, ResponseCode::Refused, "outside the zone");
+}

@@ -36,7 +36,8 @@ pub struct GroupRecord {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AppRecord {
     pub id: AppId,
-    /// Lower-case, under the apps domain.
+    /// Lower-case: under the apps domain, or in a custom domain whose
+    /// CNAME chain the API checked.
     pub external_host: String,
     pub internal_url: String,
     pub connector_group: GroupId,
@@ -55,6 +56,35 @@ pub struct AppRecord {
     /// Left out of My Apps.
     pub hidden: bool,
     pub created_at: u64,
+}
+
+/// An uploaded certificate for hosts of custom domains, validated by
+/// `crate::certificates` before it is stored.
+#[derive(Clone, PartialEq, Eq)]
+pub struct CertificateRecord {
+    /// The first 16 hex digits of the leaf's SHA-256.
+    pub id: String,
+    /// The DNS names of the leaf's subjectAltName, lower case.
+    pub names: Vec<String>,
+    pub issuer: String,
+    pub not_before: u64,
+    pub not_after: u64,
+    pub chain_pem: String,
+    /// Kept in the database, which lives in the router's private data
+    /// directory (0700), as the CA key does.
+    pub key_pem: String,
+    pub uploaded_at: u64,
+}
+
+impl std::fmt::Debug for CertificateRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CertificateRecord")
+            .field("id", &self.id)
+            .field("names", &self.names)
+            .field("not_after", &self.not_after)
+            .field("key_pem", &"***")
+            .finish()
+    }
 }
 
 /// A join token. Only the SHA-256 of its secret is kept.
@@ -222,6 +252,15 @@ pub trait Store: Send + Sync + 'static {
     /// and host.
     fn update_app(&self, app: &AppRecord) -> Result<u64, StoreError>;
     fn delete_app(&self, id: &AppId) -> Result<u64, StoreError>;
+
+    /// Stores an uploaded certificate, replacing one of the same id; bumps
+    /// the version. At most `portico_proto::api::MAX_CERTIFICATES`
+    /// (`StoreError::Limit` past it).
+    fn put_certificate(&self, cert: &CertificateRecord) -> Result<u64, StoreError>;
+    /// Every uploaded certificate, by id.
+    fn list_certificates(&self) -> Result<Vec<CertificateRecord>, StoreError>;
+    /// Removes one; bumps the version.
+    fn delete_certificate(&self, id: &str) -> Result<u64, StoreError>;
 
     /// Stores a new token; an edge token's region must exist (`NotFound`,
     /// kind `region`).

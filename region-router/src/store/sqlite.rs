@@ -10,8 +10,8 @@ use portico_proto::ids::{AppId, ConnectorId, EdgeId, GroupId, RegionId};
 use rusqlite::{params, Connection, OptionalExtension, Row, Transaction};
 
 use super::{
-    AppRecord, CertInfo, ConnectorRecord, ConnectorRegion, ConnectorSeen, EdgeRecord, EdgeSeen,
-    GroupRecord, PresenceRecord, RegionRecord, Store, TokenRecord,
+    AppRecord, CertInfo, CertificateRecord, ConnectorRecord, ConnectorRegion, ConnectorSeen,
+    EdgeRecord, EdgeSeen, GroupRecord, PresenceRecord, RegionRecord, Store, TokenRecord,
 };
 use crate::error::StoreError;
 
@@ -144,6 +144,20 @@ ALTER TABLE apps ADD COLUMN translate_headers INTEGER NOT NULL DEFAULT 1;
 ALTER TABLE apps ADD COLUMN translate_body INTEGER NOT NULL DEFAULT 0;
 ";
 
+/// Version 11: uploaded certificates for hosts of custom domains.
+const SCHEMA_V11: &str = "
+CREATE TABLE certificates (
+    id TEXT PRIMARY KEY,
+    names TEXT NOT NULL,
+    issuer TEXT NOT NULL,
+    not_before INTEGER NOT NULL,
+    not_after INTEGER NOT NULL,
+    chain_pem TEXT NOT NULL,
+    key_pem TEXT NOT NULL,
+    uploaded_at INTEGER NOT NULL
+);
+";
+
 /// Version 12: who may use an app that signs users in (an app stored
 /// before, which could sign users in without an assignment, lets every
 /// signed-in user in, as it did), the identity headers its backend gets,
@@ -262,6 +276,7 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
         (7, SCHEMA_V7),
         (8, SCHEMA_V8),
         (9, SCHEMA_V9),
+        (11, SCHEMA_V11),
         (12, SCHEMA_V12),
     ] {
         if found < version {
@@ -1010,6 +1025,95 @@ impl Store for SqliteStore {
                 return Err(StoreError::NotFound {
                     kind: "app",
                     id: id.to_string(),
+                });
+            }
+            bump(tx)
+        })
+    }
+
+    fn put_certificate(&self, cert: &CertificateRecord) -> Result<u64, StoreError> {
+        let names =
+            serde_json::to_string(&cert.names).map_err(|e| corrupt("certificate names", e))?;
+        self.tx(|tx| {
+            let exists: bool = tx
+                .query_row(
+                    "SELECT 1 FROM certificates WHERE id = ?1",
+                    [&cert.id],
+                    |_| Ok(()),
+                )
+                .optional()?
+                .is_some();
+            let count: u64 = tx.query_row("SELECT COUNT(*) FROM certificates", [], |r| r.get(0))?;
+            let max = portico_proto::api::MAX_CERTIFICATES;
+            if !exists && count >= max as u64 {
+                return Err(StoreError::Limit {
+                    kind: "certificate",
+                    max,
+                });
+            }
+            tx.execute(
+                "INSERT OR REPLACE INTO certificates
+                    (id, names, issuer, not_before, not_after, chain_pem, key_pem, uploaded_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![
+                    cert.id,
+                    names,
+                    cert.issuer,
+                    cert.not_before,
+                    cert.not_after,
+                    cert.chain_pem,
+                    cert.key_pem,
+                    cert.uploaded_at
+                ],
+            )?;
+            bump(tx)
+        })
+    }
+
+    fn list_certificates(&self) -> Result<Vec<CertificateRecord>, StoreError> {
+        self.with(|c| {
+            let mut stmt = c.prepare(
+                "SELECT id, names, issuer, not_before, not_after, chain_pem, key_pem, uploaded_at
+                 FROM certificates ORDER BY id",
+            )?;
+            let rows = stmt.query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, u64>(3)?,
+                    r.get::<_, u64>(4)?,
+                    r.get::<_, String>(5)?,
+                    r.get::<_, String>(6)?,
+                    r.get::<_, u64>(7)?,
+                ))
+            })?;
+            rows.map(|row| {
+                let (id, names, issuer, not_before, not_after, chain_pem, key_pem, uploaded_at) =
+                    row?;
+                Ok(CertificateRecord {
+                    id,
+                    names: serde_json::from_str(&names)
+                        .map_err(|e| corrupt("certificate names", e))?,
+                    issuer,
+                    not_before,
+                    not_after,
+                    chain_pem,
+                    key_pem,
+                    uploaded_at,
+                })
+            })
+            .collect()
+        })
+    }
+
+    fn delete_certificate(&self, id: &str) -> Result<u64, StoreError> {
+        self.tx(|tx| {
+            let n = tx.execute("DELETE FROM certificates WHERE id = ?1", [id])?;
+            if n == 0 {
+                return Err(StoreError::NotFound {
+                    kind: "certificate",
+                    id: id.to_owned(),
                 });
             }
             bump(tx)

@@ -9,8 +9,8 @@ use portico_proto::api::{BackendTimeout, TokenScope};
 use portico_proto::ids::{AppId, ConnectorId, EdgeId, GroupId, RegionId};
 
 use super::{
-    AppRecord, CertInfo, ConnectorRecord, ConnectorRegion, ConnectorSeen, EdgeRecord, EdgeSeen,
-    GroupRecord, RegionRecord, Store, TokenRecord,
+    AppRecord, CertInfo, CertificateRecord, ConnectorRecord, ConnectorRegion, ConnectorSeen,
+    EdgeRecord, EdgeSeen, GroupRecord, RegionRecord, Store, TokenRecord,
 };
 use crate::error::StoreError;
 
@@ -132,7 +132,79 @@ pub fn run(open: &dyn Fn() -> Box<dyn Store>) {
         version,
         "the config version survives a reopen"
     );
+    certificates(store.as_ref());
     store.close();
+    drop(store);
+    let store = open();
+    let kept = store.list_certificates().expect("list certificates");
+    assert_eq!(
+        kept.iter().map(|c| c.id.as_str()).collect::<Vec<_>>(),
+        ["c2"],
+        "certificates survive a reopen"
+    );
+    assert_eq!(kept[0].key_pem, "key of c2", "with their key");
+    store.close();
+}
+
+fn certificate(id: &str, names: &[&str], not_after: u64) -> CertificateRecord {
+    CertificateRecord {
+        id: id.to_owned(),
+        names: names.iter().map(|n| n.to_string()).collect(),
+        issuer: "CN=test CA".into(),
+        not_before: 1,
+        not_after,
+        chain_pem: format!("chain of {id}"),
+        key_pem: format!("key of {id}"),
+        uploaded_at: 5,
+    }
+}
+
+/// Certificates: stored, replaced by id, bounded, deleted; each change
+/// moves the version.
+fn certificates(s: &dyn Store) {
+    let v0 = s.config_version().expect("version");
+    let v1 = s
+        .put_certificate(&certificate("c1", &["*.corp.test"], 100))
+        .expect("put c1");
+    assert!(v1 > v0, "a new certificate bumps the version");
+    s.put_certificate(&certificate("c2", &["hr.corp.test"], 200))
+        .expect("put c2");
+    let v3 = s
+        .put_certificate(&certificate("c1", &["*.corp.test", "corp.test"], 300))
+        .expect("replace c1");
+    let all = s.list_certificates().expect("list");
+    assert_eq!(all.len(), 2, "the same id replaces");
+    assert_eq!(
+        all[0],
+        certificate("c1", &["*.corp.test", "corp.test"], 300)
+    );
+    assert_eq!(all[1].names, ["hr.corp.test"]);
+    let v4 = s.delete_certificate("c1").expect("delete c1");
+    assert!(v4 > v3, "a deletion bumps the version");
+    assert!(matches!(
+        s.delete_certificate("c1"),
+        Err(StoreError::NotFound {
+            kind: "certificate",
+            ..
+        })
+    ));
+    let max = portico_proto::api::MAX_CERTIFICATES;
+    for i in 1..max {
+        s.put_certificate(&certificate(&format!("f{i:03}"), &["x.test"], 1))
+            .expect("fill");
+    }
+    assert!(
+        matches!(
+            s.put_certificate(&certificate("over", &["x.test"], 1)),
+            Err(StoreError::Limit { max: m, .. }) if m == max
+        ),
+        "one more than the limit is refused"
+    );
+    s.put_certificate(&certificate("c2", &["hr.corp.test"], 200))
+        .expect("replacing at the limit is fine");
+    for i in 1..max {
+        s.delete_certificate(&format!("f{i:03}")).expect("empty");
+    }
 }
 
 fn populate(s: &dyn Store) {
