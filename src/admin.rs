@@ -187,6 +187,7 @@ pub async fn app(cmd: AppCmd) -> anyhow::Result<()> {
                 translate_body: a.translate_body,
                 required_features: a.required_features,
                 preauth: a.preauth,
+                maintenance: a.maintenance,
             };
             let app: App = client(&a.conn)?.post_json("/v1/apps", &spec).await?;
             print_one(a.conn.json, &app, app_lines)
@@ -219,6 +220,7 @@ pub async fn app(cmd: AppCmd) -> anyhow::Result<()> {
                     Some(a.required_features)
                 },
                 preauth: a.preauth,
+                maintenance: switch(a.maintenance, a.no_maintenance),
             };
             let app: App = client(&a.conn)?
                 .patch_json(&format!("/v1/apps/{}", id::<AppId>(&a.id)?), &patch)
@@ -280,6 +282,7 @@ fn app_lines(app: &App) -> Vec<(&'static str, String)> {
         ("translate headers", app.translate_headers.to_string()),
         ("translate body", app.translate_body.to_string()),
         ("required features", features(&app.required_features)),
+        ("maintenance", app.maintenance.to_string()),
     ]
 }
 

@@ -561,6 +561,11 @@ pub struct AppCreateArgs {
     /// reaches the app.
     #[arg(long, default_value = "passthrough", value_name = "oidc|passthrough")]
     pub preauth: portico_proto::api::Preauth,
+    /// Publish it in maintenance mode: every request gets 503
+    /// `Maintenance` (the branded page, with `Retry-After`) before sign-in,
+    /// and nothing reaches the backend. `app update --no-maintenance` ends it.
+    #[arg(long)]
+    pub maintenance: bool,
     #[command(flatten)]
     pub conn: RouterConn,
 }
@@ -616,6 +621,12 @@ pub struct AppUpdateArgs {
     /// `oidc` or `passthrough` (see `app create --help`).
     #[arg(long, group = "change", value_name = "oidc|passthrough")]
     pub preauth: Option<portico_proto::api::Preauth>,
+    /// Put the app in maintenance mode: 503 `Maintenance` to every request.
+    #[arg(long, group = "change", conflicts_with = "no_maintenance")]
+    pub maintenance: bool,
+    /// End maintenance mode.
+    #[arg(long, group = "change")]
+    pub no_maintenance: bool,
     #[command(flatten)]
     pub conn: RouterConn,
 }

@@ -252,6 +252,7 @@ pub async fn publish(
         translate_body: false,
         required_features: vec![],
         preauth: Default::default(),
+        maintenance: false,
     };
     admin
         .post_json("/v1/apps", &spec)

@@ -28,6 +28,7 @@ fn spec(id: &str, internal_url: &str) -> AppSpec {
         translate_body: false,
         required_features: vec![],
         preauth: Default::default(),
+        maintenance: false,
     }
 }
 

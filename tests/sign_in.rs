@@ -203,6 +203,7 @@ async fn setup() -> Setup {
         translate_body: false,
         required_features: vec![],
         preauth: Preauth::Oidc,
+        maintenance: false,
     };
     let app: portico_proto::api::App = admin.post_json("/v1/apps", &spec).await.unwrap();
     assert_eq!(app.preauth, Preauth::Oidc);

@@ -54,6 +54,7 @@ fn app(id: &str, internal_url: String, validate: bool) -> App {
         translate_body: false,
         required_features: vec![],
         preauth: Default::default(),
+        maintenance: false,
         created_at: 0,
     }
 }

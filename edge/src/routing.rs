@@ -245,6 +245,7 @@ pub(crate) mod tests {
             translate_body: false,
             required_features: vec![],
             preauth: Default::default(),
+            maintenance: false,
             created_at: 0,
         }
     }

@@ -140,6 +140,7 @@ fn app(id: &str, host: &str, timeout: BackendTimeout) -> App {
         translate_body: false,
         required_features: vec![],
         preauth: Default::default(),
+        maintenance: false,
         created_at: 0,
     }
 }

@@ -495,6 +495,11 @@ pub struct AppSpec {
     /// Whether the edge signs users in before they reach the app.
     #[serde(default)]
     pub preauth: Preauth,
+    /// Maintenance mode: the edge answers every request with 503
+    /// `Maintenance` (the branded page, `Retry-After`), before sign-in and
+    /// without opening a connector stream. Left out of the JSON when off.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub maintenance: bool,
 }
 
 /// `PATCH /v1/apps/{id}`: the fields to change, each optional; the others
@@ -522,6 +527,8 @@ pub struct AppPatch {
     pub required_features: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub preauth: Option<Preauth>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub maintenance: Option<bool>,
 }
 
 impl AppPatch {
@@ -559,6 +566,9 @@ impl AppPatch {
         if let Some(v) = self.preauth {
             spec.preauth = v;
         }
+        if let Some(v) = self.maintenance {
+            spec.maintenance = v;
+        }
         spec
     }
 }
@@ -591,6 +601,10 @@ pub struct App {
     pub preauth: Preauth,
     /// Seconds since the Unix epoch.
     pub created_at: u64,
+    /// Maintenance mode: the edge answers 503 `Maintenance` to every
+    /// request (off for an app stored or sent before the setting existed).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub maintenance: bool,
 }
 
 /// The most features one app may require.
@@ -1186,6 +1200,22 @@ mod tests {
                 .unwrap();
         assert!(c.links.is_empty());
         assert!(!serde_json::to_string(&c).unwrap().contains("links"));
+    }
+
+    #[test]
+    fn maintenance_defaults_off_and_stays_off_the_wire_when_off() {
+        let mut spec: AppSpec =
+            serde_json::from_str(r#"{"id":"hr","internal_url":"http://x/"}"#).unwrap();
+        assert!(!spec.maintenance);
+        assert!(!serde_json::to_string(&spec)
+            .unwrap()
+            .contains("maintenance"));
+        spec.maintenance = true;
+        let json = serde_json::to_string(&spec).unwrap();
+        assert!(json.contains(r#""maintenance":true"#), "{json}");
+        let off: AppPatch = serde_json::from_str(r#"{"maintenance":false}"#).unwrap();
+        assert!(!off.is_empty());
+        assert!(!off.apply(spec).maintenance);
     }
 
     #[test]

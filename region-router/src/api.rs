@@ -969,6 +969,7 @@ pub(crate) fn to_app(rec: AppRecord, port: u16) -> App {
         translate_body: rec.translate_body,
         required_features: rec.required_features,
         created_at: rec.created_at,
+        maintenance: rec.maintenance,
     }
 }
 
@@ -1446,6 +1447,7 @@ async fn update_app(
             .collect(),
         translate_headers: current.translate_headers,
         translate_body: current.translate_body,
+        maintenance: current.maintenance,
     });
     // The same checks as a new app, on the whole result.
     let rec = app_record(&state.config, spec, created_at)?;
@@ -1512,6 +1514,7 @@ fn app_record(config: &Config, spec: api::AppSpec, created_at: u64) -> Result<Ap
         translate_headers: spec.translate_headers,
         translate_body: spec.translate_body,
         created_at,
+        maintenance: spec.maintenance,
     })
 }
 

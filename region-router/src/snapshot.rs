@@ -241,6 +241,7 @@ pub(crate) mod tests {
                 translate_body: false,
                 required_features: vec![],
                 created_at: 0,
+                maintenance: false,
             });
             self
         }

@@ -63,6 +63,8 @@ pub(crate) enum ProxyError {
     ExtendedConnect,
     #[error("no app is published at {host}")]
     AppNotFound { host: String },
+    #[error("the app is in maintenance mode")]
+    Maintenance,
     #[error("the app requires feature {feature:?}, which this edge does not implement")]
     FeatureUnsupported { feature: String },
     #[error("the request head does not fit a stream head")]
@@ -114,6 +116,7 @@ impl ProxyError {
             | ProxyError::ExtendedConnect
             | ProxyError::HeadTooLarge(_) => ErrorCode::BadRequest,
             ProxyError::AppNotFound { .. } => ErrorCode::AppNotFound,
+            ProxyError::Maintenance => ErrorCode::Maintenance,
             ProxyError::FeatureUnsupported { .. } | ProxyError::SignInUnavailable => {
                 ErrorCode::FeatureUnsupported
             }
@@ -145,6 +148,8 @@ impl ProxyError {
             | ProxyError::SignInFailed { .. } => Fault::Client,
             ProxyError::FeatureUnsupported { .. } | ProxyError::SignInUnavailable => Fault::Edge,
             ProxyError::Mesh { .. } => Fault::Peer,
+            // The app is down, by its admin's choice.
+            ProxyError::Maintenance => Fault::Backend,
             ProxyError::NoTunnel { .. }
             | ProxyError::Open(_)
             | ProxyError::HeadWrite(_)
@@ -221,6 +226,12 @@ mod tests {
                 Fault::Client,
                 Retry::Never,
                 ErrorCode::AppNotFound,
+            ),
+            (
+                ProxyError::Maintenance,
+                Fault::Backend,
+                Retry::Never,
+                ErrorCode::Maintenance,
             ),
             (
                 ProxyError::FeatureUnsupported {

@@ -49,6 +49,8 @@ pub struct AppRecord {
     /// Checked by `portico_proto::api::check_required_features`.
     pub required_features: Vec<String>,
     pub created_at: u64,
+    /// Maintenance mode: edges answer 503 `Maintenance`.
+    pub maintenance: bool,
 }
 
 /// A join token. Only the SHA-256 of its secret is kept.

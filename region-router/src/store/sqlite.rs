@@ -15,7 +15,7 @@ use super::{
 };
 use crate::error::StoreError;
 
-const SCHEMA_VERSION: i64 = 9;
+const SCHEMA_VERSION: i64 = 10;
 
 const SCHEMA_V1: &str = "
 CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -144,6 +144,12 @@ ALTER TABLE apps ADD COLUMN translate_headers INTEGER NOT NULL DEFAULT 1;
 ALTER TABLE apps ADD COLUMN translate_body INTEGER NOT NULL DEFAULT 0;
 ";
 
+/// Version 10: app settings from Entra, per app: maintenance mode (off,
+/// as for every app stored before).
+const SCHEMA_V10: &str = "
+ALTER TABLE apps ADD COLUMN maintenance INTEGER NOT NULL DEFAULT 0;
+";
+
 /// The SQLite store: one connection behind a mutex.
 pub struct SqliteStore {
     path: PathBuf,
@@ -251,6 +257,7 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
         (7, SCHEMA_V7),
         (8, SCHEMA_V8),
         (9, SCHEMA_V9),
+        (10, SCHEMA_V10),
     ] {
         if found < version {
             let tx = conn.transaction()?;
@@ -343,6 +350,7 @@ type AppRow = (
     String,
     bool,
     bool,
+    bool,
 );
 
 fn row_app(r: &Row<'_>) -> rusqlite::Result<AppRow> {
@@ -357,6 +365,7 @@ fn row_app(r: &Row<'_>) -> rusqlite::Result<AppRow> {
         r.get(7)?,
         r.get(8)?,
         r.get(9)?,
+        r.get(10)?,
     ))
 }
 
@@ -372,6 +381,7 @@ fn to_app(row: AppRow) -> Result<AppRecord, StoreError> {
         features,
         translate_headers,
         translate_body,
+        maintenance,
     ) = row;
     Ok(AppRecord {
         id: AppId::new(id).map_err(|e| corrupt("app id", e))?,
@@ -387,10 +397,11 @@ fn to_app(row: AppRow) -> Result<AppRecord, StoreError> {
         required_features: serde_json::from_str(&features)
             .map_err(|e| corrupt("required features", e))?,
         created_at,
+        maintenance,
     })
 }
 
-const APP_COLS: &str = "id, external_host, internal_url, connector_group, backend_timeout, validate_backend_tls, created_at, required_features, translate_headers, translate_body";
+const APP_COLS: &str = "id, external_host, internal_url, connector_group, backend_timeout, validate_backend_tls, created_at, required_features, translate_headers, translate_body, maintenance";
 
 type TokenRow = (String, String, String, u64, u64, Option<u64>, Option<u64>);
 
@@ -892,7 +903,7 @@ impl Store for SqliteStore {
             }
             check_app_refs(tx, app)?;
             tx.execute(
-                &format!("INSERT INTO apps ({APP_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"),
+                &format!("INSERT INTO apps ({APP_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"),
                 params![
                     app.id.as_str(),
                     app.external_host,
@@ -903,7 +914,8 @@ impl Store for SqliteStore {
                     app.created_at,
                     features,
                     app.translate_headers,
-                    app.translate_body
+                    app.translate_body,
+                    app.maintenance
                 ],
             )?;
             bump(tx)
@@ -924,7 +936,7 @@ impl Store for SqliteStore {
             tx.execute(
                 "UPDATE apps SET external_host = ?2, internal_url = ?3, connector_group = ?4,
                     backend_timeout = ?5, validate_backend_tls = ?6, required_features = ?7,
-                    translate_headers = ?8, translate_body = ?9
+                    translate_headers = ?8, translate_body = ?9, maintenance = ?10
                  WHERE id = ?1",
                 params![
                     app.id.as_str(),
@@ -935,7 +947,8 @@ impl Store for SqliteStore {
                     app.validate_backend_tls,
                     features,
                     app.translate_headers,
-                    app.translate_body
+                    app.translate_body,
+                    app.maintenance
                 ],
             )?;
             bump(tx)
@@ -1480,6 +1493,7 @@ mod tests {
                 translate_body: true,
                 required_features: vec!["sign-in".into()],
                 created_at: 8,
+                maintenance: true,
             })
             .expect("a new app with features");
         store.close();
@@ -1496,6 +1510,8 @@ mod tests {
         assert_eq!(apps[0].required_features, ["sign-in"]);
         assert!(!apps[0].translate_headers && apps[0].translate_body);
         assert!(apps[1].required_features.is_empty());
+        // Apps stored before maintenance mode existed are not in it.
+        assert!(apps[0].maintenance && !apps[1].maintenance);
         // Its edge token's region is there, with `default`.
         let regions: Vec<String> = store
             .list_regions()

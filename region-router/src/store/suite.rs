@@ -34,6 +34,7 @@ fn app(id: &str, host: &str, group: &str) -> AppRecord {
         translate_body: true,
         required_features: vec!["sign-in".into(), "mesh".into()],
         created_at: 200,
+        maintenance: true,
     }
 }
 
@@ -201,6 +202,7 @@ fn populate(s: &dyn Store) {
         translate_headers: true,
         translate_body: false,
         required_features: vec![],
+        maintenance: false,
         ..app("upd", "upd.apps.test", "Default")
     };
     let v = s.update_app(&changed).expect("update");
