@@ -188,6 +188,7 @@ pub async fn app(cmd: AppCmd) -> anyhow::Result<()> {
                 required_features: a.required_features,
                 preauth: a.preauth,
                 maintenance: a.maintenance,
+                home_page: a.home_page,
             };
             let app: App = client(&a.conn)?.post_json("/v1/apps", &spec).await?;
             print_one(a.conn.json, &app, app_lines)
@@ -221,6 +222,11 @@ pub async fn app(cmd: AppCmd) -> anyhow::Result<()> {
                 },
                 preauth: a.preauth,
                 maintenance: switch(a.maintenance, a.no_maintenance),
+                home_page: if a.no_home_page {
+                    Some(String::new())
+                } else {
+                    a.home_page
+                },
             };
             let app: App = client(&a.conn)?
                 .patch_json(&format!("/v1/apps/{}", id::<AppId>(&a.id)?), &patch)
@@ -274,6 +280,7 @@ fn app_lines(app: &App) -> Vec<(&'static str, String)> {
     vec![
         ("id", app.id.to_string()),
         ("external url", app.external_url.clone()),
+        ("home url", app.home_url.clone()),
         ("internal url", app.internal_url.clone()),
         ("connector group", app.connector_group.to_string()),
         ("backend timeout", app.backend_timeout.to_string()),

@@ -566,6 +566,12 @@ pub struct AppCreateArgs {
     /// and nothing reaches the backend. `app update --no-maintenance` ends it.
     #[arg(long)]
     pub maintenance: bool,
+    /// The app's home page, where My Apps and `app show` send users
+    /// (default: the external URL). A URL on the external host
+    /// (`https://hr.apps.example.com/portal/`), a path (`/portal/`), or a
+    /// URL under the internal URL, translated; anything else is refused.
+    #[arg(long, value_name = "URL")]
+    pub home_page: Option<String>,
     #[command(flatten)]
     pub conn: RouterConn,
 }
@@ -627,6 +633,17 @@ pub struct AppUpdateArgs {
     /// End maintenance mode.
     #[arg(long, group = "change")]
     pub no_maintenance: bool,
+    /// A new home page (see `app create --help`).
+    #[arg(
+        long,
+        group = "change",
+        value_name = "URL",
+        conflicts_with = "no_home_page"
+    )]
+    pub home_page: Option<String>,
+    /// Make the external URL the home page again.
+    #[arg(long, group = "change")]
+    pub no_home_page: bool,
     #[command(flatten)]
     pub conn: RouterConn,
 }

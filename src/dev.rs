@@ -253,6 +253,7 @@ pub async fn publish(
         required_features: vec![],
         preauth: Default::default(),
         maintenance: false,
+        home_page: None,
     };
     admin
         .post_json("/v1/apps", &spec)

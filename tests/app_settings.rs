@@ -154,3 +154,125 @@ async fn maintenance_mode_answers_503_without_reaching_the_backend_until_it_ends
     assert_eq!(app.internal_url, internal);
     s.stop().await;
 }
+
+/// A home page under the external root is accepted in each form (a URL on
+/// the external host, a path, a URL under the internal URL) and shown as
+/// `home_url` with the edges' port; another host, another scheme and a
+/// path outside a path-published app's prefix are refused by the router
+/// with the field at fault, and change nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn home_pages_under_the_external_root_are_kept_and_others_refused() {
+    let s = Stack::start().await;
+    let b = backend("hr").await;
+    let internal = format!("http://{}/hr/", b.addr);
+    let port = s.port();
+    let app = |json: String| serde_json::from_str::<portico_proto::api::App>(&json).unwrap();
+
+    // No home page: the external URL.
+    let created = app(portico(
+        &s,
+        &["app", "create", "hr", "--internal-url", &internal, "--json"],
+    )
+    .await);
+    assert_eq!(created.home_url, created.external_url);
+    assert_eq!(
+        created.home_url,
+        format!("https://hr.apps.localhost:{port}/")
+    );
+
+    let cases = [
+        (
+            "https://hr.apps.localhost/portal/?tab=1".to_owned(),
+            "/portal/?tab=1",
+        ),
+        ("/start".to_owned(), "/start"),
+        (
+            format!("http://{}/hr/internal/home", b.addr),
+            "/internal/home",
+        ),
+    ];
+    for (page, path) in &cases {
+        let updated =
+            app(portico(&s, &["app", "update", "hr", "--home-page", page, "--json"]).await);
+        assert_eq!(
+            updated.home_url,
+            format!("https://hr.apps.localhost:{port}{path}"),
+            "{page}"
+        );
+    }
+    // The home URL reaches the backend under the app's path prefix (path
+    // publishing: the internal URL's /hr/ is the external root).
+    let home = format!("https://hr.apps.localhost:{port}/internal/home");
+    let r = eventually("the edge routes hr", HANG_GUARD, || async {
+        let r = s.curl(&[&home]).await;
+        (r.status == 200).then_some(r)
+    })
+    .await;
+    assert!(r.text().ends_with(" /hr/internal/home"), "{}", r.text());
+    let shown = portico(&s, &["app", "show", "hr"]).await;
+    assert!(
+        shown.lines().any(|l| l.split_whitespace().eq([
+            "home",
+            "url",
+            &format!("https://hr.apps.localhost:{port}/internal/home")
+        ])),
+        "{shown}"
+    );
+
+    for (page, says) in [
+        (
+            "https://hello.apps.localhost/",
+            "must sit under the app's external URL",
+        ),
+        (
+            "https://example.com/hr/",
+            "must sit under the app's external URL",
+        ),
+        ("http://hr.apps.localhost/portal/", "must be https"),
+        (
+            &format!("http://{}/other/", b.addr) as &str,
+            "lies outside the app's published path /hr/",
+        ),
+    ] {
+        let err = portico_fails(&s, &["app", "update", "hr", "--home-page", page]).await;
+        assert!(
+            err.contains("home_page") && err.contains(says),
+            "{page}: {err}"
+        );
+        let err = portico_fails(
+            &s,
+            &[
+                "app",
+                "create",
+                "hr2",
+                "--external-host",
+                "hr.apps.localhost",
+                "--internal-url",
+                &internal,
+                "--home-page",
+                page,
+            ],
+        )
+        .await;
+        // The page is checked before the host is found taken.
+        assert!(
+            err.contains("home_page") && err.contains(says),
+            "{page}: {err}"
+        );
+    }
+    assert!(
+        portico_fails(&s, &["app", "show", "hr2"])
+            .await
+            .contains("not found"),
+        "a refused app is not created"
+    );
+    let kept = app(portico(&s, &["app", "show", "hr", "--json"]).await);
+    assert_eq!(
+        kept.home_url,
+        format!("https://hr.apps.localhost:{port}/internal/home"),
+        "refused updates change nothing"
+    );
+    let cleared = app(portico(&s, &["app", "update", "hr", "--no-home-page", "--json"]).await);
+    assert_eq!(cleared.home_url, cleared.external_url);
+    s.stop().await;
+}

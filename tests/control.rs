@@ -350,6 +350,7 @@ async fn invalid_admin_input_gets_precise_errors() {
         required_features: vec![],
         preauth: Default::default(),
         maintenance: false,
+        home_page: None,
     };
     let expect = |r: Result<App, ClientError>, status: u16, field: &str| {
         let e = r.expect_err("refused");

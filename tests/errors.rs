@@ -29,6 +29,7 @@ fn spec(id: &str, internal_url: &str) -> AppSpec {
         required_features: vec![],
         preauth: Default::default(),
         maintenance: false,
+        home_page: None,
     }
 }
 

@@ -204,6 +204,7 @@ async fn setup() -> Setup {
         required_features: vec![],
         preauth: Preauth::Oidc,
         maintenance: false,
+        home_page: None,
     };
     let app: portico_proto::api::App = admin.post_json("/v1/apps", &spec).await.unwrap();
     assert_eq!(app.preauth, Preauth::Oidc);

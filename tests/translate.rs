@@ -151,6 +151,7 @@ async fn publish(s: &Stack, backend: SocketAddr, translate_body: bool) -> App {
         required_features: vec![],
         preauth: Default::default(),
         maintenance: false,
+        home_page: None,
     };
     s.d.admin.post_json("/v1/apps", &spec).await.unwrap()
 }

@@ -55,6 +55,7 @@ fn app(id: &str, internal_url: String, validate: bool) -> App {
         required_features: vec![],
         preauth: Default::default(),
         maintenance: false,
+        home_url: String::new(),
         created_at: 0,
     }
 }

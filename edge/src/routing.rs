@@ -246,6 +246,7 @@ pub(crate) mod tests {
             required_features: vec![],
             preauth: Default::default(),
             maintenance: false,
+            home_url: String::new(),
             created_at: 0,
         }
     }

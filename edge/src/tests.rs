@@ -141,6 +141,7 @@ fn app(id: &str, host: &str, timeout: BackendTimeout) -> App {
         required_features: vec![],
         preauth: Default::default(),
         maintenance: false,
+        home_url: String::new(),
         created_at: 0,
     }
 }

@@ -500,6 +500,15 @@ pub struct AppSpec {
     /// without opening a connector stream. Left out of the JSON when off.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub maintenance: bool,
+    /// The app's home page, where launchers (My Apps, `portico app list`)
+    /// send users, as Entra's "homepage URL": a URL on the app's external
+    /// host (`https://hr.apps.example.com/portal/`), a path under its
+    /// external root (`/portal/`), or a URL under its internal URL, which
+    /// is translated (`http://hr.corp/hr/portal/` for an app published
+    /// from `http://hr.corp/hr/`). Anything else is refused. `None`: the
+    /// external URL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub home_page: Option<String>,
 }
 
 /// `PATCH /v1/apps/{id}`: the fields to change, each optional; the others
@@ -529,6 +538,9 @@ pub struct AppPatch {
     pub preauth: Option<Preauth>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub maintenance: Option<bool>,
+    /// A new home page; `""` goes back to the external URL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub home_page: Option<String>,
 }
 
 impl AppPatch {
@@ -569,6 +581,9 @@ impl AppPatch {
         if let Some(v) = self.maintenance {
             spec.maintenance = v;
         }
+        if let Some(v) = self.home_page {
+            spec.home_page = (!v.is_empty()).then_some(v);
+        }
         spec
     }
 }
@@ -605,6 +620,11 @@ pub struct App {
     /// request (off for an app stored or sent before the setting existed).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub maintenance: bool,
+    /// Where to send a user who opens the app (My Apps links here): its
+    /// home page under the external URL, or the external URL itself.
+    /// Empty from a router older than the setting: use `external_url`.
+    #[serde(default)]
+    pub home_url: String,
 }
 
 /// The most features one app may require.
@@ -1215,7 +1235,14 @@ mod tests {
         assert!(json.contains(r#""maintenance":true"#), "{json}");
         let off: AppPatch = serde_json::from_str(r#"{"maintenance":false}"#).unwrap();
         assert!(!off.is_empty());
-        assert!(!off.apply(spec).maintenance);
+        assert!(!off.apply(spec.clone()).maintenance);
+        // A home page is kept, replaced, or cleared with "".
+        assert!(!json.contains("home_page"), "{json}");
+        let set: AppPatch = serde_json::from_str(r#"{"home_page":"/portal/"}"#).unwrap();
+        let spec = set.apply(spec);
+        assert_eq!(spec.home_page.as_deref(), Some("/portal/"));
+        let clear: AppPatch = serde_json::from_str(r#"{"home_page":""}"#).unwrap();
+        assert_eq!(clear.apply(spec).home_page, None);
     }
 
     #[test]

@@ -956,7 +956,12 @@ pub(crate) fn to_app(rec: AppRecord, port: u16) -> App {
     } else {
         format!("https://{}:{port}/", rec.external_host)
     };
+    let home_url = match &rec.home_path {
+        Some(path) => format!("{}{path}", external_url.trim_end_matches('/')),
+        None => external_url.clone(),
+    };
     App {
+        home_url,
         id: rec.id,
         external_host: rec.external_host,
         external_url,
@@ -1386,6 +1391,108 @@ pub(crate) fn check_internal_url(raw: &str) -> Result<String, String> {
     Ok(url.into())
 }
 
+/// The port users reach the edges on, from the store.
+async fn users_port(state: &AppState) -> Result<u16, ApiFail> {
+    let config = state.config.clone();
+    state.db(move |s| public_port(s, &config)).await
+}
+
+/// Checks an app's home page and returns what is stored: the part under
+/// the external root (path, query and fragment, starting with `/`; dot
+/// segments resolved). Accepted:
+///
+/// - a path starting with `/` (not `//`): under the external root;
+/// - an `https` URL on the app's external host (any case), without a
+///   user name, on the default port or `port` (the edges');
+/// - a URL under the app's internal URL (same scheme, host and port, the
+///   path its prefix or under it), translated as link translation would
+///   (`http://hr.corp/hr/portal` → `/portal` for `http://hr.corp/hr/`).
+///
+/// Anything else is refused with what it should have been.
+pub(crate) fn check_home_page(
+    raw: &str,
+    external_host: &str,
+    internal_url: &str,
+    port: u16,
+) -> Result<String, String> {
+    if raw.len() > MAX_URL {
+        return Err(format!("is longer than {MAX_URL} bytes"));
+    }
+    if let Some(c) = raw.chars().find(|c| c.is_control() || c.is_whitespace()) {
+        return Err(format!(
+            "must not contain control characters or whitespace (found {c:?}); percent-encode them"
+        ));
+    }
+    let root = format!("https://{external_host}/");
+    let outside = || {
+        format!(
+            "{raw:?} must sit under the app's external URL {root} (a URL there, or a path such as /portal/), or under its internal URL {internal_url}"
+        )
+    };
+    let external = url::Url::parse(&root).map_err(|e| format!("external host: {e}"))?;
+    let url = if raw.starts_with('/') && !raw.starts_with("//") {
+        external
+            .join(raw)
+            .map_err(|e| format!("{raw:?} is not a path ({e})"))?
+    } else {
+        url::Url::parse(raw).map_err(|e| format!("{raw:?} is not a URL ({e})"))?
+    };
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err("must not contain a user name or password".into());
+    }
+    let tail = |url: &url::Url, from: usize| {
+        let path = &url.path()[from..];
+        let mut out = if path.starts_with('/') {
+            path.to_owned()
+        } else {
+            format!("/{path}")
+        };
+        if let Some(q) = url.query() {
+            out.push('?');
+            out.push_str(q);
+        }
+        if let Some(f) = url.fragment() {
+            out.push('#');
+            out.push_str(f);
+        }
+        out
+    };
+    if url.host_str() == Some(external_host) {
+        if url.scheme() != "https" {
+            return Err(format!(
+                "{raw:?} must be https: users reach the app at {root}"
+            ));
+        }
+        if url.port().is_some_and(|p| p != port) {
+            return Err(format!(
+                "{raw:?} names port {}, and users reach the app on port {port}: leave the port out",
+                url.port().unwrap_or_default()
+            ));
+        }
+        return Ok(tail(&url, 0));
+    }
+    let internal = url::Url::parse(internal_url).map_err(|_| outside())?;
+    let same_origin = url.scheme() == internal.scheme()
+        && url.host_str() == internal.host_str()
+        && url.port_or_known_default() == internal.port_or_known_default();
+    if !same_origin {
+        return Err(outside());
+    }
+    let prefix = internal.path().trim_end_matches('/');
+    let path = url.path();
+    let under = path
+        .strip_prefix(prefix)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'));
+    if !under {
+        return Err(format!(
+            "{raw:?} lies outside the app's published path {}: {}",
+            internal.path(),
+            outside()
+        ));
+    }
+    Ok(tail(&url, prefix.len()))
+}
+
 /// Lower-cases and checks an external host against the apps domain.
 pub(crate) fn check_external_host(host: &str, apps_domain: &str) -> Result<String, String> {
     let host = host.trim().trim_end_matches('.').to_ascii_lowercase();
@@ -1406,7 +1513,8 @@ async fn create_app(
     _: Admin,
     Json(spec): Json<api::AppSpec>,
 ) -> Result<(StatusCode, axum::Json<App>), ApiFail> {
-    let rec = app_record(&state.config, spec, util::now_unix())?;
+    let port = users_port(&state).await?;
+    let rec = app_record(&state.config, spec, util::now_unix(), port)?;
     let app = write_app(&state, rec, |s, rec| s.create_app(rec)).await?;
     tracing::info!(app = %app.id, host = %app.external_host, group = %app.connector_group, "created app");
     Ok((StatusCode::CREATED, axum::Json(app)))
@@ -1448,9 +1556,11 @@ async fn update_app(
         translate_headers: current.translate_headers,
         translate_body: current.translate_body,
         maintenance: current.maintenance,
+        home_page: current.home_path,
     });
     // The same checks as a new app, on the whole result.
-    let rec = app_record(&state.config, spec, created_at)?;
+    let port = users_port(&state).await?;
+    let rec = app_record(&state.config, spec, created_at, port)?;
     let app = write_app(&state, rec, |s, rec| s.update_app(rec)).await?;
     tracing::info!(app = %app.id, host = %app.external_host, group = %app.connector_group, "updated app");
     Ok(axum::Json(app))
@@ -1458,7 +1568,14 @@ async fn update_app(
 
 /// Checks an app as an admin describes it and makes the record to store:
 /// the one set of checks for creating and updating an app.
-fn app_record(config: &Config, spec: api::AppSpec, created_at: u64) -> Result<AppRecord, ApiFail> {
+///
+/// `port` is the one users reach the edges on (a home page may name it).
+fn app_record(
+    config: &Config,
+    spec: api::AppSpec,
+    created_at: u64,
+    port: u16,
+) -> Result<AppRecord, ApiFail> {
     let internal_url =
         check_internal_url(&spec.internal_url).map_err(|e| ApiFail::invalid("internal_url", e))?;
     api::check_required_features(&spec.required_features)
@@ -1503,6 +1620,12 @@ fn app_record(config: &Config, spec: api::AppSpec, created_at: u64) -> Result<Ap
             )
         })?,
     };
+    let home_path = spec
+        .home_page
+        .as_deref()
+        .map(|page| check_home_page(page, &external_host, &internal_url, port))
+        .transpose()
+        .map_err(|e| ApiFail::invalid("home_page", e))?;
     Ok(AppRecord {
         id: spec.id,
         external_host,
@@ -1515,6 +1638,7 @@ fn app_record(config: &Config, spec: api::AppSpec, created_at: u64) -> Result<Ap
         translate_body: spec.translate_body,
         created_at,
         maintenance: spec.maintenance,
+        home_path,
     })
 }
 
@@ -1891,6 +2015,63 @@ mod tests {
             assert!(err.contains(part), "{raw:?}: {err}");
         }
         assert!(check_internal_url(&format!("http://x/{}", "a".repeat(MAX_URL))).is_err());
+    }
+
+    #[test]
+    fn home_pages_sit_under_the_external_root() {
+        let ok = |raw: &str, internal: &str| check_home_page(raw, "hr.apps.test", internal, 8443);
+        let root = "http://hr.corp/";
+        let prefixed = "http://hr.corp:8080/hr/";
+        for (raw, internal, want) in [
+            ("https://hr.apps.test/portal/", root, "/portal/"),
+            (
+                "https://HR.Apps.Test/portal/?tab=1#top",
+                root,
+                "/portal/?tab=1#top",
+            ),
+            ("https://hr.apps.test:8443/a/../b", root, "/b"),
+            ("https://hr.apps.test:443/", root, "/"),
+            ("https://hr.apps.test", root, "/"),
+            ("/portal/", root, "/portal/"),
+            ("/portal/", prefixed, "/portal/"),
+            ("http://hr.corp/portal/", root, "/portal/"),
+            ("http://hr.corp:8080/hr/portal/", prefixed, "/portal/"),
+            ("http://HR.corp:8080/hr", prefixed, "/"),
+        ] {
+            assert_eq!(
+                ok(raw, internal).as_deref(),
+                Ok(want),
+                "{raw} for {internal}"
+            );
+        }
+        for (raw, internal, says) in [
+            // Another host, under the apps domain or not.
+            ("https://wiki.apps.test/", root, "must sit under"),
+            ("https://evil.example/hr.apps.test/", root, "must sit under"),
+            // Another scheme.
+            ("http://hr.apps.test/portal/", root, "must be https"),
+            ("ftp://hr.apps.test/", root, "must be https"),
+            ("https://hr.corp/portal/", root, "must sit under"),
+            // Another port than the edges'.
+            ("https://hr.apps.test:9999/", root, "port 9999"),
+            // Outside a path-published app's prefix.
+            (
+                "http://hr.corp:8080/other/",
+                prefixed,
+                "outside the app's published path /hr/",
+            ),
+            ("http://hr.corp:8080/hrx", prefixed, "outside"),
+            ("http://hr.corp/hr/x", prefixed, "must sit under"),
+            // Not URLs, or with credentials or whitespace.
+            ("//evil.example/", root, "not a URL"),
+            ("portal", root, "not a URL"),
+            ("https://u:p@hr.apps.test/", root, "user name"),
+            ("/a b", root, "whitespace"),
+        ] {
+            let err = ok(raw, internal).unwrap_err();
+            assert!(err.contains(says), "{raw} for {internal}: {err}");
+        }
+        assert!(ok(&format!("/{}", "a".repeat(MAX_URL)), root).is_err());
     }
 
     #[test]

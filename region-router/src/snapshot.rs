@@ -242,6 +242,7 @@ pub(crate) mod tests {
                 required_features: vec![],
                 created_at: 0,
                 maintenance: false,
+                home_path: None,
             });
             self
         }

@@ -51,6 +51,10 @@ pub struct AppRecord {
     pub created_at: u64,
     /// Maintenance mode: edges answer 503 `Maintenance`.
     pub maintenance: bool,
+    /// The home page under the external root (path, query, fragment;
+    /// starts with `/`), as `api::check_home_page` made it; `None`: the
+    /// external URL.
+    pub home_path: Option<String>,
 }
 
 /// A join token. Only the SHA-256 of its secret is kept.

@@ -145,9 +145,11 @@ ALTER TABLE apps ADD COLUMN translate_body INTEGER NOT NULL DEFAULT 0;
 ";
 
 /// Version 10: app settings from Entra, per app: maintenance mode (off,
-/// as for every app stored before).
+/// as for every app stored before) and the home page (none: the external
+/// URL).
 const SCHEMA_V10: &str = "
 ALTER TABLE apps ADD COLUMN maintenance INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE apps ADD COLUMN home_path TEXT;
 ";
 
 /// The SQLite store: one connection behind a mutex.
@@ -351,6 +353,7 @@ type AppRow = (
     bool,
     bool,
     bool,
+    Option<String>,
 );
 
 fn row_app(r: &Row<'_>) -> rusqlite::Result<AppRow> {
@@ -366,6 +369,7 @@ fn row_app(r: &Row<'_>) -> rusqlite::Result<AppRow> {
         r.get(8)?,
         r.get(9)?,
         r.get(10)?,
+        r.get(11)?,
     ))
 }
 
@@ -382,6 +386,7 @@ fn to_app(row: AppRow) -> Result<AppRecord, StoreError> {
         translate_headers,
         translate_body,
         maintenance,
+        home_path,
     ) = row;
     Ok(AppRecord {
         id: AppId::new(id).map_err(|e| corrupt("app id", e))?,
@@ -398,10 +403,11 @@ fn to_app(row: AppRow) -> Result<AppRecord, StoreError> {
             .map_err(|e| corrupt("required features", e))?,
         created_at,
         maintenance,
+        home_path,
     })
 }
 
-const APP_COLS: &str = "id, external_host, internal_url, connector_group, backend_timeout, validate_backend_tls, created_at, required_features, translate_headers, translate_body, maintenance";
+const APP_COLS: &str = "id, external_host, internal_url, connector_group, backend_timeout, validate_backend_tls, created_at, required_features, translate_headers, translate_body, maintenance, home_path";
 
 type TokenRow = (String, String, String, u64, u64, Option<u64>, Option<u64>);
 
@@ -903,7 +909,7 @@ impl Store for SqliteStore {
             }
             check_app_refs(tx, app)?;
             tx.execute(
-                &format!("INSERT INTO apps ({APP_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"),
+                &format!("INSERT INTO apps ({APP_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"),
                 params![
                     app.id.as_str(),
                     app.external_host,
@@ -915,7 +921,8 @@ impl Store for SqliteStore {
                     features,
                     app.translate_headers,
                     app.translate_body,
-                    app.maintenance
+                    app.maintenance,
+                    app.home_path
                 ],
             )?;
             bump(tx)
@@ -936,7 +943,8 @@ impl Store for SqliteStore {
             tx.execute(
                 "UPDATE apps SET external_host = ?2, internal_url = ?3, connector_group = ?4,
                     backend_timeout = ?5, validate_backend_tls = ?6, required_features = ?7,
-                    translate_headers = ?8, translate_body = ?9, maintenance = ?10
+                    translate_headers = ?8, translate_body = ?9, maintenance = ?10,
+                    home_path = ?11
                  WHERE id = ?1",
                 params![
                     app.id.as_str(),
@@ -948,7 +956,8 @@ impl Store for SqliteStore {
                     features,
                     app.translate_headers,
                     app.translate_body,
-                    app.maintenance
+                    app.maintenance,
+                    app.home_path
                 ],
             )?;
             bump(tx)
@@ -1494,6 +1503,7 @@ mod tests {
                 required_features: vec!["sign-in".into()],
                 created_at: 8,
                 maintenance: true,
+                home_path: Some("/portal/?x=1".into()),
             })
             .expect("a new app with features");
         store.close();
@@ -1512,6 +1522,8 @@ mod tests {
         assert!(apps[1].required_features.is_empty());
         // Apps stored before maintenance mode existed are not in it.
         assert!(apps[0].maintenance && !apps[1].maintenance);
+        assert_eq!(apps[0].home_path.as_deref(), Some("/portal/?x=1"));
+        assert_eq!(apps[1].home_path, None);
         // Its edge token's region is there, with `default`.
         let regions: Vec<String> = store
             .list_regions()

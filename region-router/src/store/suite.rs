@@ -35,6 +35,7 @@ fn app(id: &str, host: &str, group: &str) -> AppRecord {
         required_features: vec!["sign-in".into(), "mesh".into()],
         created_at: 200,
         maintenance: true,
+        home_path: Some("/portal/".into()),
     }
 }
 
@@ -203,6 +204,7 @@ fn populate(s: &dyn Store) {
         translate_body: false,
         required_features: vec![],
         maintenance: false,
+        home_path: None,
         ..app("upd", "upd.apps.test", "Default")
     };
     let v = s.update_app(&changed).expect("update");
