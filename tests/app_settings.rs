@@ -276,3 +276,151 @@ async fn home_pages_under_the_external_root_are_kept_and_others_refused() {
     assert_eq!(cleared.home_url, cleared.external_url);
     s.stop().await;
 }
+
+/// Wildcard apps through router, DNS-less curl (`--resolve`), edge,
+/// connector and three backends: the exact app wins over the wildcard,
+/// the most specific wildcard wins, the wildcard app's internal `*` is the
+/// label the host matched (`localhost.corp…` reaches `http://localhost:…`;
+/// `eu.corp…` tries `http://eu:…`, which does not resolve), a host two
+/// labels under a wildcard is no app's, and the edge's certificate names
+/// both wildcards (curl verifies it against the router's CA).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wildcard_apps_route_exact_first_then_the_most_specific_and_fill_in_the_label() {
+    let s = Stack::start().await;
+    let (a, b, c) = (backend("a").await, backend("b").await, backend("c").await);
+    let port = s.port();
+    portico(
+        &s,
+        &[
+            "app",
+            "create",
+            "corp",
+            "--external-host",
+            "*.corp.apps.localhost",
+            "--internal-url",
+            &format!("http://*:{}/", a.addr.port()),
+        ],
+    )
+    .await;
+    portico(
+        &s,
+        &[
+            "app",
+            "create",
+            "eu",
+            "--external-host",
+            "*.eu.corp.apps.localhost",
+            "--internal-url",
+            &format!("http://{}/", b.addr),
+        ],
+    )
+    .await;
+    portico(
+        &s,
+        &[
+            "app",
+            "create",
+            "payroll",
+            "--external-host",
+            "payroll.corp.apps.localhost",
+            "--internal-url",
+            &format!("http://{}/", c.addr),
+        ],
+    )
+    .await;
+    let get = |host: &'static str, extra: &'static [&'static str]| {
+        let resolve = format!("{host}:{port}:127.0.0.1");
+        let url = format!("https://{host}:{port}/x");
+        let s = &s;
+        async move {
+            let mut args = vec!["--resolve", resolve.as_str()];
+            args.extend_from_slice(extra);
+            args.push(&url);
+            s.curl(&args).await
+        }
+    };
+    // The edge asks for a certificate naming the new wildcards, and
+    // routes the apps: wait until a wildcard host verifies and answers.
+    let r = eventually("the edge serves the wildcard app", HANG_GUARD, || async {
+        let r = get("localhost.corp.apps.localhost", &[]).await;
+        (r.status == 200).then_some(r)
+    })
+    .await;
+    assert_eq!(r.text(), format!("a localhost:{} /x", a.addr.port()));
+    let r = eventually("the nested wildcard verifies", HANG_GUARD, || async {
+        let r = get("paris.eu.corp.apps.localhost", &[]).await;
+        (r.status == 200).then_some(r)
+    })
+    .await;
+    assert!(r.text().starts_with("b "), "{}", r.text());
+    // Exact wins over the wildcard it lies under.
+    let r = get("payroll.corp.apps.localhost", &[]).await;
+    assert_eq!(r.status, 200);
+    assert!(r.text().starts_with("c "), "{}", r.text());
+    // `eu.corp…` is one label under *.corp: the corp app, with `eu` as
+    // its internal host, which does not resolve.
+    let r = get("eu.corp.apps.localhost", &[]).await;
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert_eq!(
+        r.header("x-portico-error").as_deref(),
+        Some("BackendUnreachable")
+    );
+    // Two labels under *.corp: no app (and no certificate names it).
+    let r = get("a.b.corp.apps.localhost", &["--insecure"]).await;
+    assert_eq!(r.status, 404);
+    assert_eq!(r.header("x-portico-error").as_deref(), Some("AppNotFound"));
+    assert_eq!(
+        (
+            a.hits.load(Ordering::SeqCst) >= 1,
+            b.hits.load(Ordering::SeqCst) >= 1,
+            c.hits.load(Ordering::SeqCst)
+        ),
+        (true, true, 1)
+    );
+
+    // The router refuses a misplaced `*`, in either URL.
+    for (args, says) in [
+        (
+            vec![
+                "--external-host",
+                "a.*.apps.localhost",
+                "--internal-url",
+                "http://x/",
+            ],
+            "external_host",
+        ),
+        (
+            vec![
+                "--external-host",
+                "*.*.apps.localhost",
+                "--internal-url",
+                "http://x/",
+            ],
+            "external_host",
+        ),
+        (
+            vec![
+                "--external-host",
+                "bad.apps.localhost",
+                "--internal-url",
+                "http://*.x/",
+            ],
+            "only a wildcard app",
+        ),
+        (
+            vec![
+                "--external-host",
+                "*.bad.apps.localhost",
+                "--internal-url",
+                "http://x.*.y/",
+            ],
+            "whole first label",
+        ),
+    ] {
+        let mut all = vec!["app", "create", "bad"];
+        all.extend(args);
+        let err = portico_fails(&s, &all).await;
+        assert!(err.contains(says), "{all:?}: {err}");
+    }
+    s.stop().await;
+}

@@ -352,6 +352,10 @@ fn prepare(
     }
     // Borrowed, not cloned: the stream keeps the entry.
     let (uri, host) = match &entry.internal {
+        Ok(target) if target.is_wildcard() => {
+            let target = target.with_label(wildcard_label_of(&entry.app, head)?)?;
+            (target.join(head.path.clone())?, target.host)
+        }
         Ok(target) => (target.join(head.path.clone())?, target.host.clone()),
         Err(reason) => {
             return Err(ProxyError::Unreachable {
@@ -361,6 +365,36 @@ fn prepare(
         }
     };
     Ok(Prepared { entry, uri, host })
+}
+
+/// The label a wildcard app's request matched: its authority's host
+/// (port and a trailing dot dropped, lower-cased) less the app's
+/// `*.<suffix>`, one LDH label. The edge routed the request by that rule,
+/// so anything else is a bad request, never a guess.
+fn wildcard_label_of<'h>(app: &App, head: &'h StreamHead) -> Result<&'h str, ProxyError> {
+    let bad = |why: &str| ProxyError::BadRequest {
+        reason: format!(
+            "request host {:?} for wildcard app {} ({}): {why}",
+            String::from_utf8_lossy(&head.authority),
+            app.id,
+            app.external_host
+        ),
+    };
+    let suffix = portico_proto::api::wildcard_suffix(&app.external_host)
+        .ok_or_else(|| bad("the app's external host is not a wildcard, its internal host is"))?;
+    let authority = std::str::from_utf8(&head.authority).map_err(|_| bad("not UTF-8"))?;
+    let host = authority
+        .rsplit_once(':')
+        .filter(|(_, port)| port.bytes().all(|b| b.is_ascii_digit()))
+        .map_or(authority, |(host, _)| host);
+    let host = host.strip_suffix('.').unwrap_or(host);
+    let (label, parent) = host
+        .split_once('.')
+        .ok_or_else(|| bad("not under the wildcard"))?;
+    if !parent.eq_ignore_ascii_case(suffix) || !portico_proto::api::is_ldh_label(label) {
+        return Err(bad("not one label under the wildcard"));
+    }
+    Ok(label)
 }
 
 #[allow(clippy::too_many_arguments)]

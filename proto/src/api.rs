@@ -627,6 +627,36 @@ pub struct App {
     pub home_url: String,
 }
 
+/// The part of a wildcard app's external host its `*` stands before:
+/// `corp.apps.example.com` for `*.corp.apps.example.com`; `None` for an
+/// app of one exact host.
+pub fn wildcard_suffix(external_host: &str) -> Option<&str> {
+    external_host.strip_prefix("*.")
+}
+
+/// The label a request's `host` (lower-case, without port) puts in the
+/// place of the `*` of the wildcard host `*.<suffix>`: `hr` for
+/// `hr.corp.apps.test` under `corp.apps.test`. A wildcard stands for
+/// exactly one DNS label, as in a TLS certificate (RFC 6125 §6.4.3), so
+/// the edge's `*.<suffix>` certificate covers every host it routes; the
+/// label must be one LDH label ([`is_ldh_label`]). `None` otherwise.
+pub fn wildcard_label<'a>(host: &'a str, suffix: &str) -> Option<&'a str> {
+    let label = host.strip_suffix(suffix)?.strip_suffix('.')?;
+    is_ldh_label(label).then_some(label)
+}
+
+/// Whether `label` is one DNS label of letters, digits and `-` (not at
+/// either end), 1 to 63 bytes: what a wildcard's label may be, and so what
+/// an internal host's `*` may be replaced with.
+pub fn is_ldh_label(label: &str) -> bool {
+    (1..=63).contains(&label.len())
+        && label
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        && !label.starts_with('-')
+        && !label.ends_with('-')
+}
+
 /// The most features one app may require.
 pub const MAX_REQUIRED_FEATURES: usize = 16;
 /// The longest feature name, in bytes.
@@ -1243,6 +1273,31 @@ mod tests {
         assert_eq!(spec.home_page.as_deref(), Some("/portal/"));
         let clear: AppPatch = serde_json::from_str(r#"{"home_page":""}"#).unwrap();
         assert_eq!(clear.apply(spec).home_page, None);
+    }
+
+    #[test]
+    fn wildcard_labels_are_one_ldh_label() {
+        assert_eq!(wildcard_suffix("*.corp.apps.test"), Some("corp.apps.test"));
+        assert_eq!(wildcard_suffix("hr.apps.test"), None);
+        let label = |host| wildcard_label(host, "corp.apps.test");
+        assert_eq!(label("hr.corp.apps.test"), Some("hr"));
+        assert_eq!(label("a-1.corp.apps.test"), Some("a-1"));
+        let long = format!("{}.corp.apps.test", "a".repeat(63));
+        assert_eq!(label(&long).map(str::len), Some(63));
+        for host in [
+            "corp.apps.test",
+            ".corp.apps.test",
+            "a.b.corp.apps.test",
+            "hrcorp.apps.test",
+            "a_b.corp.apps.test",
+            "-a.corp.apps.test",
+            "a-.corp.apps.test",
+            "*.corp.apps.test",
+            "hr.corp.apps.test.evil",
+        ] {
+            assert_eq!(label(host), None, "{host}");
+        }
+        assert_eq!(label(&format!("{}.corp.apps.test", "a".repeat(64))), None);
     }
 
     #[test]

@@ -864,12 +864,49 @@ async fn edge_public_cert(
     Json(req): Json<CsrRequest>,
 ) -> Result<axum::Json<CertResponse>, ApiFail> {
     live_edge(&state, &edge.id).await?;
+    let apps_domain = state.config.apps_domain.clone();
+    let domain = apps_domain.clone();
+    let wildcards = state
+        .db(move |s| Ok(public_wildcards(&s.list_apps()?, &domain)))
+        .await?;
     let profile = Profile::PublicWildcard {
-        apps_domain: state.config.apps_domain.clone(),
+        apps_domain,
+        wildcards,
     };
     let issued = state.sign(&req.csr_pem, &profile, state.config.cert_ttl)?;
     tracing::info!(edge = %edge.id, serial = %issued.serial, "issued public certificate");
     Ok(axum::Json(state.cert_response(&issued)))
+}
+
+/// The most wildcard names an edge's public certificate carries besides
+/// `*.<apps domain>`: a bound on its size (a wildcard app past it is
+/// logged, and its hosts fail TLS until another is deleted).
+pub(crate) const MAX_PUBLIC_WILDCARDS: usize = 100;
+
+/// The suffixes of wildcard apps deeper than the apps domain (`corp.x`
+/// for `*.corp.x`), sorted, each once, at most [`MAX_PUBLIC_WILDCARDS`]:
+/// the edge's public certificate names `*.<suffix>` for each, since
+/// `*.<apps domain>` covers one label only. The edge asks for a new
+/// certificate when the apps call for one its certificate lacks
+/// (`edge::control::missing_wildcards`).
+pub(crate) fn public_wildcards(apps: &[AppRecord], apps_domain: &str) -> Vec<String> {
+    let mut out: Vec<String> = apps
+        .iter()
+        .filter_map(|a| api::wildcard_suffix(&a.external_host))
+        .filter(|suffix| *suffix != apps_domain)
+        .map(str::to_owned)
+        .collect();
+    out.sort();
+    out.dedup();
+    if out.len() > MAX_PUBLIC_WILDCARDS {
+        tracing::warn!(
+            wildcards = out.len(),
+            max = MAX_PUBLIC_WILDCARDS,
+            "more wildcard apps than an edge certificate names; the rest get no certificate"
+        );
+        out.truncate(MAX_PUBLIC_WILDCARDS);
+    }
+    out
 }
 
 // ---- distribution ----
@@ -1391,6 +1428,36 @@ pub(crate) fn check_internal_url(raw: &str) -> Result<String, String> {
     Ok(url.into())
 }
 
+/// An internal URL's `*`: allowed only as the whole first label of its
+/// host (or the whole host, for single-label internal names), and only for
+/// a wildcard app, whose requests each replace it with the label their
+/// host matched (`http://*.internal.corp/` serves `hr.corp.<domain>` from
+/// `http://hr.internal.corp/`; `http://*:8080/` from `http://hr:8080/`).
+fn check_wildcard_internal(internal_url: &str, external_host: &str) -> Result<(), String> {
+    let host = url::Url::parse(internal_url)
+        .ok()
+        .and_then(|u| u.host_str().map(str::to_owned))
+        .unwrap_or_default();
+    if !host.contains('*') {
+        return Ok(());
+    }
+    if api::wildcard_suffix(external_host).is_none() {
+        return Err(format!(
+            "host {host:?} has a `*`, which only a wildcard app (external host *.…) can fill in"
+        ));
+    }
+    if host == "*" {
+        return Ok(()); // the label is the whole host (a single-label name)
+    }
+    let rest = host.strip_prefix("*.").unwrap_or("*");
+    if rest.contains('*') || check_dns_name(rest).is_err() {
+        return Err(format!(
+            "host {host:?}: `*` may only be the whole first label (for example http://*.internal.corp/)"
+        ));
+    }
+    Ok(())
+}
+
 /// The port users reach the edges on, from the store.
 async fn users_port(state: &AppState) -> Result<u16, ApiFail> {
     let config = state.config.clone();
@@ -1421,6 +1488,11 @@ pub(crate) fn check_home_page(
     if let Some(c) = raw.chars().find(|c| c.is_control() || c.is_whitespace()) {
         return Err(format!(
             "must not contain control characters or whitespace (found {c:?}); percent-encode them"
+        ));
+    }
+    if api::wildcard_suffix(external_host).is_some() {
+        return Err(format!(
+            "a wildcard app ({external_host}) has no one host to launch; publish the host users should start at as an app of its own, with its home page"
         ));
     }
     let root = format!("https://{external_host}/");
@@ -1493,13 +1565,24 @@ pub(crate) fn check_home_page(
     Ok(tail(&url, prefix.len()))
 }
 
-/// Lower-cases and checks an external host against the apps domain.
+/// Lower-cases and checks an external host against the apps domain. A
+/// wildcard host (`*.corp.<apps domain>`, or `*.<apps domain>`) has `*` as
+/// its whole first label and nowhere else; it stands for one label.
 pub(crate) fn check_external_host(host: &str, apps_domain: &str) -> Result<String, String> {
     let host = host.trim().trim_end_matches('.').to_ascii_lowercase();
-    check_dns_name(&host).map_err(|e| format!("{host:?} is not a valid DNS name: {e}"))?;
-    let under = host
-        .strip_suffix(apps_domain)
-        .is_some_and(|prefix| prefix.len() > 1 && prefix.ends_with('.'));
+    let (wildcard, name) = match api::wildcard_suffix(&host) {
+        Some(suffix) => (true, suffix),
+        None => (false, host.as_str()),
+    };
+    if name.contains('*') {
+        return Err(format!(
+            "{host:?} is not a valid DNS name: a wildcard is `*.` before the rest of the host, once (for example *.corp.{apps_domain})"
+        ));
+    }
+    check_dns_name(name).map_err(|e| format!("{host:?} is not a valid DNS name: {e}"))?;
+    let under = name.strip_suffix(apps_domain).is_some_and(|prefix| {
+        (prefix.len() > 1 && prefix.ends_with('.')) || (wildcard && prefix.is_empty())
+    });
     if !under {
         return Err(format!(
             "{host:?} must lie under the apps domain {apps_domain:?} (for example app.{apps_domain})"
@@ -1620,6 +1703,8 @@ fn app_record(
             )
         })?,
     };
+    check_wildcard_internal(&internal_url, &external_host)
+        .map_err(|e| ApiFail::invalid("internal_url", e))?;
     let home_path = spec
         .home_page
         .as_deref()
@@ -2018,6 +2103,32 @@ mod tests {
     }
 
     #[test]
+    fn a_star_in_the_internal_host_needs_a_wildcard_app() {
+        let ok = |internal: &str, external: &str| {
+            check_internal_url(internal)
+                .and_then(|canonical| check_wildcard_internal(&canonical, external))
+        };
+        assert_eq!(ok("http://*.internal.corp/", "*.corp.apps.test"), Ok(()));
+        assert_eq!(
+            ok("https://*.internal.corp:8443/x/", "*.corp.apps.test"),
+            Ok(())
+        );
+        assert_eq!(ok("http://intra.corp/", "*.corp.apps.test"), Ok(()));
+        let err = ok("http://*.internal.corp/", "hr.apps.test").unwrap_err();
+        assert!(err.contains("only a wildcard app"), "{err}");
+        assert_eq!(ok("http://*:8080/", "*.corp.apps.test"), Ok(()));
+        for bad in [
+            "http://a.*.corp/",
+            "http://*a.corp/",
+            "http://*.*.corp/",
+            "http://**/",
+        ] {
+            let err = ok(bad, "*.corp.apps.test").unwrap_err();
+            assert!(err.contains("whole first label"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
     fn home_pages_sit_under_the_external_root() {
         let ok = |raw: &str, internal: &str| check_home_page(raw, "hr.apps.test", internal, 8443);
         let root = "http://hr.corp/";
@@ -2072,6 +2183,8 @@ mod tests {
             assert!(err.contains(says), "{raw} for {internal}: {err}");
         }
         assert!(ok(&format!("/{}", "a".repeat(MAX_URL)), root).is_err());
+        let err = check_home_page("/", "*.corp.apps.test", root, 443).unwrap_err();
+        assert!(err.contains("wildcard app"), "{err}");
     }
 
     #[test]
@@ -2084,6 +2197,25 @@ mod tests {
         assert!(check_external_host("evilapps.localhost", "apps.localhost").is_err());
         assert!(check_external_host("hr.example.com", "apps.localhost").is_err());
         assert!(check_external_host("a_b.apps.localhost", "apps.localhost").is_err());
+        // Wildcards: `*.` once, in front, under the apps domain.
+        assert_eq!(
+            check_external_host("*.Corp.Apps.Localhost", "apps.localhost").unwrap(),
+            "*.corp.apps.localhost"
+        );
+        assert!(check_external_host("*.apps.localhost", "apps.localhost").is_ok());
+        for bad in [
+            "*",
+            "*.localhost",
+            "*.evilapps.localhost",
+            "a.*.apps.localhost",
+            "*a.apps.localhost",
+            "*.*.apps.localhost",
+            "**.apps.localhost",
+            "*.a*.apps.localhost",
+            "x.*",
+        ] {
+            assert!(check_external_host(bad, "apps.localhost").is_err(), "{bad}");
+        }
     }
 
     #[test]
