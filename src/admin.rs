@@ -189,6 +189,7 @@ pub async fn app(cmd: AppCmd) -> anyhow::Result<()> {
                 preauth: a.preauth,
                 maintenance: a.maintenance,
                 home_page: a.home_page,
+                backend_ca_pem: a.backend_ca_file.as_deref().map(read_ca_file).transpose()?,
             };
             let app: App = client(&a.conn)?.post_json("/v1/apps", &spec).await?;
             print_one(a.conn.json, &app, app_lines)
@@ -226,6 +227,11 @@ pub async fn app(cmd: AppCmd) -> anyhow::Result<()> {
                     Some(String::new())
                 } else {
                     a.home_page
+                },
+                backend_ca_pem: if a.no_backend_ca {
+                    Some(String::new())
+                } else {
+                    a.backend_ca_file.as_deref().map(read_ca_file).transpose()?
                 },
             };
             let app: App = client(&a.conn)?
@@ -281,6 +287,10 @@ fn app_lines(app: &App) -> Vec<(&'static str, String)> {
         ("id", app.id.to_string()),
         ("external url", app.external_url.clone()),
         ("home url", app.home_url.clone()),
+        (
+            "backend ca sha256",
+            app.backend_ca_sha256.clone().unwrap_or_else(|| "-".into()),
+        ),
         ("internal url", app.internal_url.clone()),
         ("connector group", app.connector_group.to_string()),
         ("backend timeout", app.backend_timeout.to_string()),
@@ -291,6 +301,22 @@ fn app_lines(app: &App) -> Vec<(&'static str, String)> {
         ("required features", features(&app.required_features)),
         ("maintenance", app.maintenance.to_string()),
     ]
+}
+
+/// A `--backend-ca-file`, read whole when it is within the router's limit
+/// (which the router checks again, with what a bundle may hold).
+fn read_ca_file(path: &std::path::Path) -> anyhow::Result<String> {
+    let max = portico_proto::api::MAX_BACKEND_CA_BYTES;
+    let len = std::fs::metadata(path)
+        .with_context(|| format!("--backend-ca-file {}", path.display()))?
+        .len();
+    if len > max as u64 {
+        anyhow::bail!(
+            "--backend-ca-file {} is {len} bytes; a backend CA bundle may be at most {max}",
+            path.display()
+        );
+    }
+    std::fs::read_to_string(path).with_context(|| format!("--backend-ca-file {}", path.display()))
 }
 
 /// A `--x` / `--no-x` pair of `app update` as a patch field: `None` when

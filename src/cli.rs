@@ -572,6 +572,12 @@ pub struct AppCreateArgs {
     /// URL under the internal URL, translated; anything else is refused.
     #[arg(long, value_name = "URL")]
     pub home_page: Option<String>,
+    /// A PEM file of CA certificates the connector trusts for this app's
+    /// https backend, besides the system roots (at most 32 KiB, only
+    /// CERTIFICATE blocks): for a backend whose certificate comes from a
+    /// private CA. Ignored with --no-validate-backend-tls.
+    #[arg(long, value_name = "PEM")]
+    pub backend_ca_file: Option<std::path::PathBuf>,
     #[command(flatten)]
     pub conn: RouterConn,
 }
@@ -644,6 +650,17 @@ pub struct AppUpdateArgs {
     /// Make the external URL the home page again.
     #[arg(long, group = "change")]
     pub no_home_page: bool,
+    /// A new backend CA bundle (see `app create --help`).
+    #[arg(
+        long,
+        group = "change",
+        value_name = "PEM",
+        conflicts_with = "no_backend_ca"
+    )]
+    pub backend_ca_file: Option<std::path::PathBuf>,
+    /// Trust the system roots (and the connector's --backend-ca) only.
+    #[arg(long, group = "change")]
+    pub no_backend_ca: bool,
     #[command(flatten)]
     pub conn: RouterConn,
 }

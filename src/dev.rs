@@ -254,6 +254,7 @@ pub async fn publish(
         preauth: Default::default(),
         maintenance: false,
         home_page: None,
+        backend_ca_pem: None,
     };
     admin
         .post_json("/v1/apps", &spec)

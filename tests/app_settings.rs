@@ -424,3 +424,170 @@ async fn wildcard_apps_route_exact_first_then_the_most_specific_and_fill_in_the_
     }
     s.stop().await;
 }
+
+/// A private CA and an https backend with a certificate it signed (for
+/// `localhost`): its CA PEM, and the backend's address.
+async fn private_ca_backend() -> (String, SocketAddr) {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, "Private Test CA");
+    let ca_pem = ca.self_signed(&ca_key).unwrap().pem();
+    let issuer = rcgen::Issuer::from_ca_cert_pem(&ca_pem, ca_key).unwrap();
+    let leaf_key = rcgen::KeyPair::generate().unwrap();
+    let leaf = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+        .unwrap()
+        .signed_by(&leaf_key, &issuer)
+        .unwrap();
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf_key.serialize_der()));
+    let tls = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(vec![CertificateDer::from(leaf.der().to_vec())], key)
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let service = hyper::service::service_fn(|req: http::Request<_>| async move {
+                    let text = format!("private {}", req.uri().path());
+                    Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from(text))))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+    (ca_pem, addr)
+}
+
+/// Backend TLS validation with an app's own CA bundle: a backend whose
+/// certificate a private CA signed fails validation (502
+/// `BackendCertInvalid`) until `--backend-ca-file` gives that CA, and
+/// again once `--no-backend-ca` removes it; `--no-validate-backend-tls`
+/// still accepts it. Bundles with a key, without certificates, or too
+/// large are refused with what is wrong.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_private_ca_bundle_lets_the_connector_validate_the_backend() {
+    let s = Stack::start().await;
+    let (ca_pem, addr) = private_ca_backend().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, &ca_pem).unwrap();
+    let ca_path = ca_file.to_str().unwrap();
+    let internal = format!("https://localhost:{}/", addr.port());
+    let app = |json: String| serde_json::from_str::<portico_proto::api::App>(&json).unwrap();
+    let created = app(portico(
+        &s,
+        &[
+            "app",
+            "create",
+            "secure",
+            "--internal-url",
+            &internal,
+            "--json",
+        ],
+    )
+    .await);
+    assert!(created.validate_backend_tls && created.backend_ca_sha256.is_none());
+    let url = s.app_url("secure", "/page");
+    let status_is = |want: u16| {
+        let url = url.clone();
+        let s = &s;
+        async move {
+            eventually(&format!("the app answers {want}"), HANG_GUARD, || async {
+                let r = s.curl(&[&url]).await;
+                (r.status == want).then_some(r)
+            })
+            .await
+        }
+    };
+    let r = status_is(502).await;
+    assert_eq!(
+        r.header("x-portico-error").as_deref(),
+        Some("BackendCertInvalid")
+    );
+
+    let with_ca = app(portico(
+        &s,
+        &[
+            "app",
+            "update",
+            "secure",
+            "--backend-ca-file",
+            ca_path,
+            "--json",
+        ],
+    )
+    .await);
+    let sha = with_ca.backend_ca_sha256.clone().expect("a bundle");
+    assert_eq!(sha.len(), 64);
+    let r = status_is(200).await;
+    assert_eq!(r.text(), "private /page");
+
+    portico(&s, &["app", "update", "secure", "--no-backend-ca"]).await;
+    let r = status_is(502).await;
+    assert_eq!(
+        r.header("x-portico-error").as_deref(),
+        Some("BackendCertInvalid")
+    );
+    let lax = app(portico(
+        &s,
+        &[
+            "app",
+            "update",
+            "secure",
+            "--no-validate-backend-tls",
+            "--json",
+        ],
+    )
+    .await);
+    assert!(!lax.validate_backend_tls && lax.backend_ca_sha256.is_none());
+    let r = status_is(200).await;
+    assert_eq!(r.text(), "private /page");
+
+    // Bad bundles: refused by the router (or the CLI, for size).
+    let key_file = dir.path().join("with-key.pem");
+    let key = rcgen::KeyPair::generate().unwrap().serialize_pem();
+    std::fs::write(&key_file, format!("{ca_pem}{key}")).unwrap();
+    let empty_file = dir.path().join("empty.pem");
+    std::fs::write(&empty_file, "not a certificate\n").unwrap();
+    let big_file = dir.path().join("big.pem");
+    std::fs::write(&big_file, ca_pem.repeat(32 * 1024 / ca_pem.len() + 1)).unwrap();
+    for (file, says) in [
+        (&key_file, "private key"),
+        (&empty_file, "no CERTIFICATE block found"),
+        (&big_file, "may be at most 32768"),
+    ] {
+        let err = portico_fails(
+            &s,
+            &[
+                "app",
+                "update",
+                "secure",
+                "--backend-ca-file",
+                file.to_str().unwrap(),
+            ],
+        )
+        .await;
+        assert!(err.contains(says), "{file:?}: {err}");
+    }
+    let kept = app(portico(&s, &["app", "show", "secure", "--json"]).await);
+    assert_eq!(
+        kept.backend_ca_sha256, None,
+        "refused bundles change nothing"
+    );
+    s.stop().await;
+}

@@ -351,6 +351,7 @@ async fn invalid_admin_input_gets_precise_errors() {
         preauth: Default::default(),
         maintenance: false,
         home_page: None,
+        backend_ca_pem: None,
     };
     let expect = |r: Result<App, ClientError>, status: u16, field: &str| {
         let e = r.expect_err("refused");

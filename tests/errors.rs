@@ -30,6 +30,7 @@ fn spec(id: &str, internal_url: &str) -> AppSpec {
         preauth: Default::default(),
         maintenance: false,
         home_page: None,
+        backend_ca_pem: None,
     }
 }
 

@@ -45,6 +45,7 @@ async fn a_killed_connector_gives_connector_not_found_and_comes_back_from_its_st
                     preauth: Default::default(),
                     maintenance: false,
                     home_page: None,
+                    backend_ca_pem: None,
                 },
             )
             .await

@@ -205,6 +205,7 @@ async fn setup() -> Setup {
         preauth: Preauth::Oidc,
         maintenance: false,
         home_page: None,
+        backend_ca_pem: None,
     };
     let app: portico_proto::api::App = admin.post_json("/v1/apps", &spec).await.unwrap();
     assert_eq!(app.preauth, Preauth::Oidc);

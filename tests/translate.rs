@@ -152,6 +152,7 @@ async fn publish(s: &Stack, backend: SocketAddr, translate_body: bool) -> App {
         preauth: Default::default(),
         maintenance: false,
         home_page: None,
+        backend_ca_pem: None,
     };
     s.d.admin.post_json("/v1/apps", &spec).await.unwrap()
 }

@@ -13,7 +13,7 @@ use bytes::{Bytes, BytesMut};
 use http::{Request, StatusCode, Version};
 use http_body::{Body, Frame as BodyFrame, SizeHint};
 use http_body_util::BodyExt;
-use portico_proto::api::{App, AppLink};
+use portico_proto::api::{App, AppLink, BackendCa};
 use portico_proto::io::{read_frame, ReadError, WriteError};
 use portico_proto::{
     AppId, CloseCode, ErrorCode, Frame, GroupId, ResponseHead, StreamError, StreamHead, StreamKind,
@@ -47,6 +47,8 @@ pub(crate) struct AppEntry {
     pub app: App,
     /// The parsed internal URL, or why it cannot be used.
     pub internal: Result<InternalUrl, String>,
+    /// Its backend CA bundle, which `backend` trusts.
+    pub ca: Option<String>,
     /// Its client, pool and connection cap.
     pub backend: Arc<Backend>,
     /// Its link translation (every app's links, its own prefix and host),
@@ -58,7 +60,8 @@ pub(crate) struct AppEntry {
 pub(crate) type AppTable = HashMap<AppId, Arc<AppEntry>>;
 
 /// Builds the table of the apps in `group`, each translating links by
-/// `links`; apps of other groups are left out. An app whose internal URL, TLS validation and timeout are as in
+/// `links`; apps of other groups are left out. An app whose internal URL,
+/// TLS validation, backend CA bundle and timeout are as in
 /// `previous` keeps its backend (its pool, its open connections and the
 /// permits they hold), so a config change neither drops warm connections
 /// nor lets an app hold its cap twice.
@@ -68,26 +71,31 @@ pub(crate) fn app_table(
     origin: &Origin,
     previous: &AppTable,
     links: &Arc<Links>,
+    cas: &[BackendCa],
 ) -> AppTable {
     apps.iter()
         .filter(|a| &a.connector_group == group)
         .map(|a| {
             let internal = InternalUrl::parse(&a.internal_url).map_err(|e| e.to_string());
+            let ca = cas.iter().find(|c| c.app == a.id).map(|c| c.pem.as_str());
             let backend = match previous.get(&a.id) {
                 Some(p)
                     if p.app.internal_url == a.internal_url
                         && p.app.validate_backend_tls == a.validate_backend_tls
-                        && p.app.backend_timeout == a.backend_timeout =>
+                        && p.app.backend_timeout == a.backend_timeout
+                        && p.app.backend_ca_sha256 == a.backend_ca_sha256
+                        && p.ca.as_deref() == ca =>
                 {
                     p.backend.clone()
                 }
-                _ => Arc::new(origin.backend(a)),
+                _ => Arc::new(origin.backend(a, ca)),
             };
             (
                 a.id.clone(),
                 Arc::new(AppEntry {
                     app: a.clone(),
                     internal,
+                    ca: ca.map(str::to_owned),
                     backend,
                     translator: Translator::new(links.clone(), &a.internal_url).map(Arc::new),
                 }),
@@ -116,12 +124,12 @@ pub(crate) fn shard_streams(metrics: &Metrics, shards: usize) -> Vec<prometheus:
 
 impl StreamCtx {
     /// Serves `apps` (this group's) from now on, translating `links`
-    /// (every published app's; with none, those of `apps`); see
-    /// [`app_table`].
-    pub fn set_apps(&self, apps: &[App], links: &[AppLink]) {
+    /// (every published app's; with none, those of `apps`), each app's
+    /// backend trusting its bundle of `cas`; see [`app_table`].
+    pub fn set_apps(&self, apps: &[App], links: &[AppLink], cas: &[BackendCa]) {
         let previous = self.apps.load();
         let links = Arc::new(Links::of_config(links, apps));
-        let table = app_table(apps, &self.group, &self.origin, &previous, &links);
+        let table = app_table(apps, &self.group, &self.origin, &previous, &links, cas);
         self.apps.store(Arc::new(table));
     }
 }

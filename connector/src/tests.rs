@@ -56,6 +56,7 @@ fn app(id: &str, internal_url: String, validate: bool) -> App {
         preauth: Default::default(),
         maintenance: false,
         home_url: String::new(),
+        backend_ca_sha256: None,
         created_at: 0,
     }
 }
@@ -91,7 +92,7 @@ fn ctx_sharded(
         shard_streams: crate::stream::shard_streams(&metrics, shards),
         metrics,
     });
-    ctx.set_apps(&apps, &[]);
+    ctx.set_apps(&apps, &[], &[]);
     Ok(ctx)
 }
 
@@ -1154,6 +1155,7 @@ mod pool {
             region: None,
             tunnel_names: Default::default(),
             links: vec![],
+            backend_cas: vec![],
         })
     }
 
@@ -1457,6 +1459,7 @@ mod pool {
                 region: None,
                 tunnel_names: Default::default(),
                 links: vec![],
+                backend_cas: vec![],
             };
             crate::watch::apply(
                 &pool,

@@ -275,6 +275,7 @@ pub(crate) mod tests {
             preauth: Default::default(),
             maintenance: false,
             home_url: String::new(),
+            backend_ca_sha256: None,
             created_at: 0,
         }
     }

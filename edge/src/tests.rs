@@ -142,6 +142,7 @@ fn app(id: &str, host: &str, timeout: BackendTimeout) -> App {
         preauth: Default::default(),
         maintenance: false,
         home_url: String::new(),
+        backend_ca_sha256: None,
         created_at: 0,
     }
 }

@@ -509,7 +509,19 @@ pub struct AppSpec {
     /// external URL.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub home_page: Option<String>,
+    /// Root certificates (PEM, at most [`MAX_BACKEND_CA_BYTES`]) the
+    /// connector trusts for this app's https backend, in addition to the
+    /// system roots and its own `--backend-ca` files: for a backend with a
+    /// certificate from a private CA. Only `CERTIFICATE` blocks; a bundle
+    /// without one, or with a private key, is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend_ca_pem: Option<String>,
 }
+
+/// The largest [`AppSpec::backend_ca_pem`], in bytes: a root and a few
+/// intermediates take a few KiB, and the whole request to the router must
+/// stay within its 64 KiB body limit.
+pub const MAX_BACKEND_CA_BYTES: usize = 32 * 1024;
 
 /// `PATCH /v1/apps/{id}`: the fields to change, each optional; the others
 /// keep their values. The result is checked as `POST /v1/apps` checks a new
@@ -541,6 +553,9 @@ pub struct AppPatch {
     /// A new home page; `""` goes back to the external URL.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub home_page: Option<String>,
+    /// A new backend CA bundle; `""` removes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend_ca_pem: Option<String>,
 }
 
 impl AppPatch {
@@ -584,6 +599,9 @@ impl AppPatch {
         if let Some(v) = self.home_page {
             spec.home_page = (!v.is_empty()).then_some(v);
         }
+        if let Some(v) = self.backend_ca_pem {
+            spec.backend_ca_pem = (!v.is_empty()).then_some(v);
+        }
         spec
     }
 }
@@ -625,6 +643,11 @@ pub struct App {
     /// Empty from a router older than the setting: use `external_url`.
     #[serde(default)]
     pub home_url: String,
+    /// SHA-256 (hex) of the app's backend CA bundle as stored, when it has
+    /// one; the bundle itself goes only to its group's connectors
+    /// ([`ConnectorConfig::backend_cas`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend_ca_sha256: Option<String>,
 }
 
 /// The part of a wildcard app's external host its `*` stands before:
@@ -1099,6 +1122,17 @@ pub struct ConnectorConfig {
     /// an older router; the connector then knows only its group's apps.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub links: Vec<AppLink>,
+    /// The backend CA bundles of the group's apps that have one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub backend_cas: Vec<BackendCa>,
+}
+
+/// One app's backend CA bundle, for its connectors.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackendCa {
+    pub app: AppId,
+    /// `CERTIFICATE` blocks, at most [`MAX_BACKEND_CA_BYTES`].
+    pub pem: String,
 }
 
 /// The most [`AppLink`]s a connector config carries; a connector reads no

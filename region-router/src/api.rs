@@ -999,6 +999,10 @@ pub(crate) fn to_app(rec: AppRecord, port: u16) -> App {
     };
     App {
         home_url,
+        backend_ca_sha256: rec
+            .backend_ca_pem
+            .as_deref()
+            .map(|pem| util::sha256_hex(pem.as_bytes())),
         id: rec.id,
         external_host: rec.external_host,
         external_url,
@@ -1458,6 +1462,69 @@ fn check_wildcard_internal(internal_url: &str, external_host: &str) -> Result<()
     Ok(())
 }
 
+/// The most certificates one backend CA bundle may hold.
+const MAX_BACKEND_CA_CERTS: usize = 64;
+
+/// Checks an app's backend CA bundle and returns it as stored: its
+/// `CERTIFICATE` blocks, each a parsable X.509 certificate, written out
+/// again (other text dropped). Refused: more than
+/// `api::MAX_BACKEND_CA_BYTES`, a private key (it would be sent to every
+/// connector of the group), other PEM blocks, no certificate at all, more
+/// than [`MAX_BACKEND_CA_CERTS`].
+pub(crate) fn check_backend_ca(pem: &str) -> Result<String, String> {
+    use base64::Engine as _;
+    use rustls::pki_types::pem::{PemObject, SectionKind};
+    if pem.len() > api::MAX_BACKEND_CA_BYTES {
+        return Err(format!(
+            "the bundle is {} bytes; the limit is {} (give only the roots and intermediates the backend needs)",
+            pem.len(),
+            api::MAX_BACKEND_CA_BYTES
+        ));
+    }
+    let mut out = String::new();
+    let mut count = 0;
+    for (i, section) in <(SectionKind, Vec<u8>)>::pem_slice_iter(pem.as_bytes()).enumerate() {
+        let (kind, der) = section.map_err(|e| format!("block {} is not valid PEM ({e})", i + 1))?;
+        match kind {
+            SectionKind::Certificate => {}
+            SectionKind::PrivateKey | SectionKind::RsaPrivateKey | SectionKind::EcPrivateKey => {
+                return Err(format!(
+                    "block {} is a private key: a CA bundle holds certificates only, and it goes to every connector of the group",
+                    i + 1
+                ))
+            }
+            other => {
+                return Err(format!(
+                    "block {} is {other:?}, not a CERTIFICATE",
+                    i + 1
+                ))
+            }
+        }
+        x509_parser::parse_x509_certificate(&der)
+            .map_err(|e| format!("certificate {} does not parse as X.509 ({e})", i + 1))?;
+        count += 1;
+        if count > MAX_BACKEND_CA_CERTS {
+            return Err(format!(
+                "the bundle holds more than {MAX_BACKEND_CA_CERTS} certificates"
+            ));
+        }
+        let b64 = base64::engine::general_purpose::STANDARD.encode(&der);
+        out.push_str("-----BEGIN CERTIFICATE-----\n");
+        for line in b64.as_bytes().chunks(64) {
+            out.push_str(std::str::from_utf8(line).unwrap_or_default());
+            out.push('\n');
+        }
+        out.push_str("-----END CERTIFICATE-----\n");
+    }
+    if count == 0 {
+        return Err(
+            "no CERTIFICATE block found: give the CA certificates in PEM (-----BEGIN CERTIFICATE-----)"
+                .into(),
+        );
+    }
+    Ok(out)
+}
+
 /// The port users reach the edges on, from the store.
 async fn users_port(state: &AppState) -> Result<u16, ApiFail> {
     let config = state.config.clone();
@@ -1640,6 +1707,7 @@ async fn update_app(
         translate_body: current.translate_body,
         maintenance: current.maintenance,
         home_page: current.home_path,
+        backend_ca_pem: current.backend_ca_pem,
     });
     // The same checks as a new app, on the whole result.
     let port = users_port(&state).await?;
@@ -1705,6 +1773,12 @@ fn app_record(
     };
     check_wildcard_internal(&internal_url, &external_host)
         .map_err(|e| ApiFail::invalid("internal_url", e))?;
+    let backend_ca_pem = spec
+        .backend_ca_pem
+        .as_deref()
+        .map(check_backend_ca)
+        .transpose()
+        .map_err(|e| ApiFail::invalid("backend_ca_pem", e))?;
     let home_path = spec
         .home_page
         .as_deref()
@@ -1724,6 +1798,7 @@ fn app_record(
         created_at,
         maintenance: spec.maintenance,
         home_path,
+        backend_ca_pem,
     })
 }
 
@@ -2125,6 +2200,41 @@ mod tests {
         ] {
             let err = ok(bad, "*.corp.apps.test").unwrap_err();
             assert!(err.contains("whole first label"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn backend_ca_bundles_hold_certificates_only_within_bounds() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let ca = rcgen::CertificateParams::new(vec!["Private CA".into()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let pem = ca.pem();
+        // Text around the block is dropped; the block is kept as DER.
+        let stored = check_backend_ca(&format!("Subject: Private CA\n{pem}\n")).unwrap();
+        assert_eq!(stored.replace("\r\n", "\n"), pem.replace("\r\n", "\n"));
+        let two = check_backend_ca(&format!("{pem}{pem}")).unwrap();
+        assert_eq!(two.matches("BEGIN CERTIFICATE").count(), 2);
+        for (bad, says) in [
+            ("".to_owned(), "no CERTIFICATE block"),
+            ("hello".to_owned(), "no CERTIFICATE block"),
+            (format!("{pem}{}", key.serialize_pem()), "private key"),
+            (
+                "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n".to_owned(),
+                "does not parse as X.509",
+            ),
+            (
+                "-----BEGIN CERTIFICATE-----\n!!!!\n-----END CERTIFICATE-----\n".to_owned(),
+                "not valid PEM",
+            ),
+            (
+                pem.repeat(api::MAX_BACKEND_CA_BYTES / pem.len() + 1),
+                "the limit is",
+            ),
+        ] {
+            let err = check_backend_ca(&bad).unwrap_err();
+            assert!(err.contains(says), "{says}: {err}");
         }
     }
 

@@ -245,6 +245,7 @@ pub(crate) mod tests {
                 created_at: 0,
                 maintenance: false,
                 home_path: None,
+                backend_ca_pem: None,
             });
             self
         }

@@ -55,6 +55,9 @@ pub struct AppRecord {
     /// starts with `/`), as `api::check_home_page` made it; `None`: the
     /// external URL.
     pub home_path: Option<String>,
+    /// The backend CA bundle (only `CERTIFICATE` blocks, as
+    /// `api::check_backend_ca` wrote them out).
+    pub backend_ca_pem: Option<String>,
 }
 
 /// A join token. Only the SHA-256 of its secret is kept.

@@ -145,11 +145,12 @@ ALTER TABLE apps ADD COLUMN translate_body INTEGER NOT NULL DEFAULT 0;
 ";
 
 /// Version 10: app settings from Entra, per app: maintenance mode (off,
-/// as for every app stored before) and the home page (none: the external
-/// URL).
+/// as for every app stored before), the home page (none: the external
+/// URL) and the backend CA bundle (none).
 const SCHEMA_V10: &str = "
 ALTER TABLE apps ADD COLUMN maintenance INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE apps ADD COLUMN home_path TEXT;
+ALTER TABLE apps ADD COLUMN backend_ca_pem TEXT;
 ";
 
 /// The SQLite store: one connection behind a mutex.
@@ -354,6 +355,7 @@ type AppRow = (
     bool,
     bool,
     Option<String>,
+    Option<String>,
 );
 
 fn row_app(r: &Row<'_>) -> rusqlite::Result<AppRow> {
@@ -370,6 +372,7 @@ fn row_app(r: &Row<'_>) -> rusqlite::Result<AppRow> {
         r.get(9)?,
         r.get(10)?,
         r.get(11)?,
+        r.get(12)?,
     ))
 }
 
@@ -387,6 +390,7 @@ fn to_app(row: AppRow) -> Result<AppRecord, StoreError> {
         translate_body,
         maintenance,
         home_path,
+        backend_ca_pem,
     ) = row;
     Ok(AppRecord {
         id: AppId::new(id).map_err(|e| corrupt("app id", e))?,
@@ -404,10 +408,11 @@ fn to_app(row: AppRow) -> Result<AppRecord, StoreError> {
         created_at,
         maintenance,
         home_path,
+        backend_ca_pem,
     })
 }
 
-const APP_COLS: &str = "id, external_host, internal_url, connector_group, backend_timeout, validate_backend_tls, created_at, required_features, translate_headers, translate_body, maintenance, home_path";
+const APP_COLS: &str = "id, external_host, internal_url, connector_group, backend_timeout, validate_backend_tls, created_at, required_features, translate_headers, translate_body, maintenance, home_path, backend_ca_pem";
 
 type TokenRow = (String, String, String, u64, u64, Option<u64>, Option<u64>);
 
@@ -909,7 +914,7 @@ impl Store for SqliteStore {
             }
             check_app_refs(tx, app)?;
             tx.execute(
-                &format!("INSERT INTO apps ({APP_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"),
+                &format!("INSERT INTO apps ({APP_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"),
                 params![
                     app.id.as_str(),
                     app.external_host,
@@ -922,7 +927,8 @@ impl Store for SqliteStore {
                     app.translate_headers,
                     app.translate_body,
                     app.maintenance,
-                    app.home_path
+                    app.home_path,
+                    app.backend_ca_pem
                 ],
             )?;
             bump(tx)
@@ -944,7 +950,7 @@ impl Store for SqliteStore {
                 "UPDATE apps SET external_host = ?2, internal_url = ?3, connector_group = ?4,
                     backend_timeout = ?5, validate_backend_tls = ?6, required_features = ?7,
                     translate_headers = ?8, translate_body = ?9, maintenance = ?10,
-                    home_path = ?11
+                    home_path = ?11, backend_ca_pem = ?12
                  WHERE id = ?1",
                 params![
                     app.id.as_str(),
@@ -957,7 +963,8 @@ impl Store for SqliteStore {
                     app.translate_headers,
                     app.translate_body,
                     app.maintenance,
-                    app.home_path
+                    app.home_path,
+                    app.backend_ca_pem
                 ],
             )?;
             bump(tx)
@@ -1504,6 +1511,7 @@ mod tests {
                 created_at: 8,
                 maintenance: true,
                 home_path: Some("/portal/?x=1".into()),
+                backend_ca_pem: Some("-----BEGIN CERTIFICATE-----".into()),
             })
             .expect("a new app with features");
         store.close();
@@ -1524,6 +1532,7 @@ mod tests {
         assert!(apps[0].maintenance && !apps[1].maintenance);
         assert_eq!(apps[0].home_path.as_deref(), Some("/portal/?x=1"));
         assert_eq!(apps[1].home_path, None);
+        assert!(apps[0].backend_ca_pem.is_some() && apps[1].backend_ca_pem.is_none());
         // Its edge token's region is there, with `default`.
         let regions: Vec<String> = store
             .list_regions()

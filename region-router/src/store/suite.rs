@@ -36,6 +36,7 @@ fn app(id: &str, host: &str, group: &str) -> AppRecord {
         created_at: 200,
         maintenance: true,
         home_path: Some("/portal/".into()),
+        backend_ca_pem: Some("pem".into()),
     }
 }
 
@@ -205,6 +206,7 @@ fn populate(s: &dyn Store) {
         required_features: vec![],
         maintenance: false,
         home_path: None,
+        backend_ca_pem: None,
         ..app("upd", "upd.apps.test", "Default")
     };
     let v = s.update_app(&changed).expect("update");
