@@ -568,3 +568,45 @@ impl Backoff {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The names a config's wildcard apps need, and which of them a
+    /// certificate lacks.
+    #[test]
+    fn wildcard_apps_name_what_the_public_certificate_must_cover() {
+        let mut config =
+            crate::routing::RoutingTable::empty(portico_proto::RegionId::default_region())
+                .config
+                .clone();
+        config.apps_domain = "apps.test".into();
+        config.apps = vec![
+            crate::routing::tests::app("any", "*.apps.test"),
+            crate::routing::tests::app("corp", "*.corp.apps.test"),
+            crate::routing::tests::app("eu", "*.eu.corp.apps.test"),
+            crate::routing::tests::app("hr", "hr.apps.test"),
+        ];
+        let wanted = wildcard_names(&config);
+        assert_eq!(wanted, ["*.corp.apps.test", "*.eu.corp.apps.test"]);
+        let cert = |names: &[&str]| {
+            rcgen::generate_simple_self_signed(
+                names.iter().map(|n| n.to_string()).collect::<Vec<_>>(),
+            )
+            .unwrap()
+            .cert
+            .pem()
+        };
+        let partial = cert(&["*.apps.test", "apps.test", "*.corp.apps.test"]);
+        assert_eq!(
+            missing_wildcards(Some(&partial), &wanted),
+            ["*.eu.corp.apps.test"]
+        );
+        let full = cert(&["*.apps.test", "*.eu.corp.apps.test", "*.corp.apps.test"]);
+        assert!(missing_wildcards(Some(&full), &wanted).is_empty());
+        assert_eq!(missing_wildcards(None, &wanted).len(), 2);
+        assert_eq!(missing_wildcards(Some("junk"), &wanted).len(), 2);
+        assert!(missing_wildcards(None, &[]).is_empty());
+    }
+}
