@@ -1,6 +1,8 @@
 //! App settings from Entra Application Proxy, end to end through the real
-//! `portico app` CLI, the router, the edge, a connector and a backend of
-//! this test, with curl as the user: maintenance mode.
+//! `portico app` CLI, the router, the edge, a connector and backends of
+//! this test, with curl as the user: maintenance mode (and that it comes
+//! before sign-in), the home page, wildcard apps, and backend TLS
+//! validation with an app's own CA bundle.
 
 mod common;
 
@@ -590,4 +592,79 @@ async fn a_private_ca_bundle_lets_the_connector_validate_the_backend() {
         "refused bundles change nothing"
     );
     s.stop().await;
+}
+
+/// Maintenance comes before sign-in: an app with `--preauth oidc` in
+/// maintenance answers 503 `Maintenance` to a browser and to an API
+/// client alike, instead of sending either to sign in; out of maintenance,
+/// the browser is sent to the auth host and the API client gets 401. (The
+/// router's provider is never contacted on either path, so none runs.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn maintenance_comes_before_sign_in() {
+    common::init_tracing();
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let root = tokio_util::sync::CancellationToken::new();
+    let mut rc = portico_router::Config::new(d.join("router"));
+    rc.listen = "127.0.0.1:0".parse().unwrap();
+    rc.apps_domain = "apps.localhost".into();
+    rc.sign_in = Some(portico_router::SignInConfig {
+        issuer: "https://idp.invalid/".into(),
+        client_id: "portico".into(),
+        client_secret: "secret".into(),
+        session_lifetime: Duration::from_secs(3600),
+    });
+    let router = portico_router::start(rc, root.child_token()).await.unwrap();
+    let admin = common::router_admin(&router);
+    let edge = common::start_edge(&router, &admin, &d.join("edge"), root.child_token(), |ec| {
+        ec.http3 = false;
+    })
+    .await;
+    let api = router.url();
+    let cli = |args: &'static [&'static str]| {
+        let api = api.clone();
+        let dir = d.join("router");
+        async move { admin_cli(&api, &dir, args).await }
+    };
+    cli(&[
+        "app",
+        "create",
+        "hr",
+        "--internal-url",
+        "http://127.0.0.1:9/",
+        "--preauth",
+        "oidc",
+        "--maintenance",
+    ])
+    .await;
+    let ca = d.join("router/ca.pem");
+    let url = format!("https://hr.apps.localhost:{}/", edge.public_addr.port());
+    let browser = ["-H", "Accept: text/html"];
+    let r = eventually("the edge has the app", HANG_GUARD, || async {
+        let r = common::curl(&ca, &[browser[0], browser[1], &url]).await;
+        (r.status == 503).then_some(r)
+    })
+    .await;
+    assert_eq!(r.header("x-portico-error").as_deref(), Some("Maintenance"));
+    assert_eq!(r.header("location"), None);
+    let r = common::curl(&ca, &[&url]).await;
+    assert_eq!(r.status, 503);
+    assert_eq!(r.header("www-authenticate"), None);
+
+    cli(&["app", "update", "hr", "--no-maintenance"]).await;
+    let r = eventually("maintenance ends", HANG_GUARD, || async {
+        let r = common::curl(&ca, &[browser[0], browser[1], &url]).await;
+        (r.status != 503).then_some(r)
+    })
+    .await;
+    assert_eq!(r.status, 302);
+    let to = url::Url::parse(&r.header("location").unwrap()).unwrap();
+    assert_eq!(to.host_str(), Some("auth.apps.localhost"));
+    let r = common::curl(&ca, &[&url]).await;
+    assert_eq!(r.status, 401);
+    assert_eq!(
+        r.header("x-portico-error").as_deref(),
+        Some("SignInRequired")
+    );
+    root.cancel();
 }
