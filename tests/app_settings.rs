@@ -666,5 +666,23 @@ async fn maintenance_comes_before_sign_in() {
         r.header("x-portico-error").as_deref(),
         Some("SignInRequired")
     );
+    // A wildcard app cannot sign users in (sessions are bound to one host).
+    let (ok, _, err) = admin_cli_result(
+        &api,
+        &d.join("router"),
+        &[
+            "app",
+            "create",
+            "corp",
+            "--external-host",
+            "*.corp.apps.localhost",
+            "--internal-url",
+            "http://127.0.0.1:9/",
+            "--preauth",
+            "oidc",
+        ],
+    )
+    .await;
+    assert!(!ok && err.contains("cannot sign users in yet"), "{err}");
     root.cancel();
 }

@@ -1773,6 +1773,16 @@ fn app_record(
     };
     check_wildcard_internal(&internal_url, &external_host)
         .map_err(|e| ApiFail::invalid("internal_url", e))?;
+    if spec.preauth == api::Preauth::Oidc && api::wildcard_suffix(&external_host).is_some() {
+        // The edge's sign-in binds sessions and handoffs to the app's one
+        // host; a wildcard app has none.
+        return Err(ApiFail::invalid(
+            "preauth",
+            format!(
+                "a wildcard app ({external_host}) cannot sign users in yet: publish it with --preauth passthrough, or publish the hosts that need sign-in as apps of their own"
+            ),
+        ));
+    }
     let backend_ca_pem = spec
         .backend_ca_pem
         .as_deref()
