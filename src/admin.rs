@@ -191,6 +191,9 @@ pub async fn app(cmd: AppCmd) -> anyhow::Result<()> {
                 assignment: assignment(&a.assign)?,
                 identity_headers: identity_headers(&a.identity_headers)?,
                 hidden: a.hidden,
+                maintenance: a.maintenance,
+                home_page: a.home_page,
+                backend_ca_pem: a.backend_ca_file.as_deref().map(read_ca_file).transpose()?,
             };
             let app: App = client(&a.conn)?.post_json("/v1/apps", &spec).await?;
             print_one(a.conn.json, &app, app_lines)
@@ -238,6 +241,17 @@ pub async fn app(cmd: AppCmd) -> anyhow::Result<()> {
                     Some(identity_headers(&a.identity_headers)?)
                 },
                 hidden: switch(a.hidden, a.visible),
+                maintenance: switch(a.maintenance, a.no_maintenance),
+                home_page: if a.no_home_page {
+                    Some(String::new())
+                } else {
+                    a.home_page
+                },
+                backend_ca_pem: if a.no_backend_ca {
+                    Some(String::new())
+                } else {
+                    a.backend_ca_file.as_deref().map(read_ca_file).transpose()?
+                },
             };
             let app: App = client(&a.conn)?
                 .patch_json(&format!("/v1/apps/{}", id::<AppId>(&a.id)?), &patch)
@@ -294,6 +308,11 @@ fn app_lines(app: &App) -> Vec<(&'static str, String)> {
     vec![
         ("id", app.id.to_string()),
         ("external url", app.external_url.clone()),
+        ("home url", app.home_url.clone()),
+        (
+            "backend ca sha256",
+            app.backend_ca_sha256.clone().unwrap_or_else(|| "-".into()),
+        ),
         ("internal url", app.internal_url.clone()),
         ("connector group", app.connector_group.to_string()),
         ("backend timeout", app.backend_timeout.to_string()),
@@ -317,6 +336,7 @@ fn app_lines(app: &App) -> Vec<(&'static str, String)> {
         ),
         ("hidden", app.hidden.to_string()),
         ("certificate", cert_cell(app, now_unix())),
+        ("maintenance", app.maintenance.to_string()),
     ]
 }
 
@@ -468,6 +488,22 @@ fn cert_lines(c: &Certificate) -> Vec<(&'static str, String)> {
 
 fn rfc3339(secs: u64) -> String {
     humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(secs)).to_string()
+}
+
+/// A `--backend-ca-file`, read whole when it is within the router's limit
+/// (which the router checks again, with what a bundle may hold).
+fn read_ca_file(path: &std::path::Path) -> anyhow::Result<String> {
+    let max = portico_proto::api::MAX_BACKEND_CA_BYTES;
+    let len = std::fs::metadata(path)
+        .with_context(|| format!("--backend-ca-file {}", path.display()))?
+        .len();
+    if len > max as u64 {
+        anyhow::bail!(
+            "--backend-ca-file {} is {len} bytes; a backend CA bundle may be at most {max}",
+            path.display()
+        );
+    }
+    std::fs::read_to_string(path).with_context(|| format!("--backend-ca-file {}", path.display()))
 }
 
 /// A `--x` / `--no-x` pair of `app update` as a patch field: `None` when

@@ -622,6 +622,23 @@ pub struct AppCreateArgs {
     /// Leave the app out of the My Apps portal (`https://auth.<apps-domain>/`).
     #[arg(long)]
     pub hidden: bool,
+    /// Publish it in maintenance mode: every request gets 503
+    /// `Maintenance` (the branded page, with `Retry-After`) before sign-in,
+    /// and nothing reaches the backend. `app update --no-maintenance` ends it.
+    #[arg(long)]
+    pub maintenance: bool,
+    /// The app's home page, where My Apps and `app show` send users
+    /// (default: the external URL). A URL on the external host
+    /// (`https://hr.apps.example.com/portal/`), a path (`/portal/`), or a
+    /// URL under the internal URL, translated; anything else is refused.
+    #[arg(long, value_name = "URL")]
+    pub home_page: Option<String>,
+    /// A PEM file of CA certificates the connector trusts for this app's
+    /// https backend, besides the system roots (at most 32 KiB, only
+    /// CERTIFICATE blocks): for a backend whose certificate comes from a
+    /// private CA. Ignored with --no-validate-backend-tls.
+    #[arg(long, value_name = "PEM")]
+    pub backend_ca_file: Option<std::path::PathBuf>,
     #[command(flatten)]
     pub conn: RouterConn,
 }
@@ -708,6 +725,34 @@ pub struct AppUpdateArgs {
     /// List the app in My Apps again.
     #[arg(long, group = "change")]
     pub visible: bool,
+    /// Put the app in maintenance mode: 503 `Maintenance` to every request.
+    #[arg(long, group = "change", conflicts_with = "no_maintenance")]
+    pub maintenance: bool,
+    /// End maintenance mode.
+    #[arg(long, group = "change")]
+    pub no_maintenance: bool,
+    /// A new home page (see `app create --help`).
+    #[arg(
+        long,
+        group = "change",
+        value_name = "URL",
+        conflicts_with = "no_home_page"
+    )]
+    pub home_page: Option<String>,
+    /// Make the external URL the home page again.
+    #[arg(long, group = "change")]
+    pub no_home_page: bool,
+    /// A new backend CA bundle (see `app create --help`).
+    #[arg(
+        long,
+        group = "change",
+        value_name = "PEM",
+        conflicts_with = "no_backend_ca"
+    )]
+    pub backend_ca_file: Option<std::path::PathBuf>,
+    /// Trust the system roots (and the connector's --backend-ca) only.
+    #[arg(long, group = "change")]
+    pub no_backend_ca: bool,
     #[command(flatten)]
     pub conn: RouterConn,
 }

@@ -255,6 +255,9 @@ pub async fn publish(
         assignment: Default::default(),
         identity_headers: Default::default(),
         hidden: false,
+        maintenance: false,
+        home_page: None,
+        backend_ca_pem: None,
     };
     admin
         .post_json("/v1/apps", &spec)

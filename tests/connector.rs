@@ -295,6 +295,9 @@ async fn a_backend_that_never_answers_takes_only_its_apps_cap() {
             assignment: Default::default(),
             identity_headers: Default::default(),
             hidden: false,
+            maintenance: false,
+            home_page: None,
+            backend_ca_pem: None,
         };
         let _: portico_proto::api::App = s.d.admin.post_json("/v1/apps", &spec).await.unwrap();
     }

@@ -352,6 +352,9 @@ async fn invalid_admin_input_gets_precise_errors() {
         assignment: Default::default(),
         identity_headers: Default::default(),
         hidden: false,
+        maintenance: false,
+        home_page: None,
+        backend_ca_pem: None,
     };
     let expect = |r: Result<App, ClientError>, status: u16, field: &str| {
         let e = r.expect_err("refused");

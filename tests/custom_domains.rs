@@ -167,6 +167,9 @@ fn spec(id: &str, host: &str, internal: &str) -> AppSpec {
         assignment: Default::default(),
         identity_headers: Default::default(),
         hidden: false,
+        maintenance: false,
+        home_page: None,
+        backend_ca_pem: None,
     }
 }
 

@@ -31,6 +31,9 @@ fn spec(id: &str, internal_url: &str) -> AppSpec {
         assignment: Default::default(),
         identity_headers: Default::default(),
         hidden: false,
+        maintenance: false,
+        home_page: None,
+        backend_ca_pem: None,
     }
 }
 

@@ -46,6 +46,9 @@ async fn a_killed_connector_gives_connector_not_found_and_comes_back_from_its_st
                     assignment: Default::default(),
                     identity_headers: Default::default(),
                     hidden: false,
+                    maintenance: false,
+                    home_page: None,
+                    backend_ca_pem: None,
                 },
             )
             .await

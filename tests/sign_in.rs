@@ -211,6 +211,9 @@ async fn setup() -> Setup {
         },
         identity_headers: Default::default(),
         hidden: false,
+        maintenance: false,
+        home_page: None,
+        backend_ca_pem: None,
     };
     let app: portico_proto::api::App = admin.post_json("/v1/apps", &spec).await.unwrap();
     assert_eq!(app.preauth, Preauth::Oidc);
@@ -725,6 +728,9 @@ async fn a_session_from_one_regions_edge_works_at_anothers_and_the_identity_cros
             .map(|(h, c)| (h.to_owned(), c.to_owned()))
             .collect(),
         hidden: false,
+        maintenance: false,
+        home_page: None,
+        backend_ca_pem: None,
     };
     let _: portico_proto::api::App = admin.post_json("/v1/apps", &spec).await.unwrap();
     let mut cc = portico_connector::Config::new(router.url(), d.join("connector"));

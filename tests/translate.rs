@@ -153,6 +153,9 @@ async fn publish(s: &Stack, backend: SocketAddr, translate_body: bool) -> App {
         assignment: Default::default(),
         identity_headers: Default::default(),
         hidden: false,
+        maintenance: false,
+        home_page: None,
+        backend_ca_pem: None,
     };
     s.d.admin.post_json("/v1/apps", &spec).await.unwrap()
 }

@@ -89,6 +89,33 @@ pub fn identity_of(cert: &CertificateDer<'_>) -> Result<Identity, PkiError> {
     Identity::from_uris(uris).ok_or(PkiError::NoIdentity)
 }
 
+/// The DNS names a certificate's subject alternative names list, as
+/// written (`*.corp.apps.example.com` included); none when it has no SAN
+/// extension.
+pub fn dns_names(cert: &CertificateDer<'_>) -> Result<Vec<String>, PkiError> {
+    let cert = parse(cert)?;
+    let san = cert
+        .subject_alternative_name()
+        .map_err(|e| PkiError::BadCertificate {
+            what: "malformed subject alternative names",
+            source: e.into(),
+        })?;
+    Ok(san
+        .map(|san| {
+            san.value
+                .general_names
+                .iter()
+                .filter_map(|n| match n {
+                    x509_parser::extensions::GeneralName::DNSName(name) => {
+                        Some(name.to_ascii_lowercase())
+                    }
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
 /// A certificate's validity period.
 pub fn validity(cert: &CertificateDer<'_>) -> Result<(SystemTime, SystemTime), PkiError> {
     let cert = parse(cert)?;

@@ -50,6 +50,38 @@ impl InternalUrl {
         })
     }
 
+    /// Whether its host's first label is `*`: a wildcard app's internal
+    /// URL (`http://*.internal.corp/`), whose `*` each request replaces
+    /// with the label its external host matched ([`Self::with_label`]).
+    pub fn is_wildcard(&self) -> bool {
+        let a = self.authority.as_str();
+        a.starts_with("*.") || a.starts_with("*:") || a == "*"
+    }
+
+    /// This URL with its host's leading `*` replaced by `label` (one LDH
+    /// label, checked by the caller with `api::wildcard_label`):
+    /// `http://*.internal.corp:8080/x/` for `hr` is
+    /// `http://hr.internal.corp:8080/x/`.
+    pub fn with_label(&self, label: &str) -> Result<InternalUrl, ProxyError> {
+        let bad = || ProxyError::BadRequest {
+            reason: format!("host label {label:?} does not form a valid internal host"),
+        };
+        if !portico_proto::api::is_ldh_label(label) {
+            return Err(bad());
+        }
+        let rest = self.authority.as_str().strip_prefix('*').ok_or_else(bad)?;
+        let authority: Authority = format!("{}{rest}", label.to_ascii_lowercase())
+            .parse()
+            .map_err(|_| bad())?;
+        let host = HeaderValue::from_str(authority.as_str()).map_err(|_| bad())?;
+        Ok(InternalUrl {
+            scheme: self.scheme.clone(),
+            authority,
+            prefix: self.prefix.clone(),
+            host,
+        })
+    }
+
     /// The internal URL joined with the request's path and query:
     /// `http://h:8080/app/` + `/x?y` → `http://h:8080/app/x?y`, after the
     /// path's dot segments are removed (`crate::path`): a path that would
@@ -569,5 +601,29 @@ mod tests {
         let out = response_headers(h, false);
         assert_eq!(out.len(), 2, "{out:?}");
         assert_eq!(out["content-type"], "text/plain");
+    }
+
+    /// A wildcard internal URL's `*` becomes the label, and nothing but one
+    /// LDH label is put there.
+    #[test]
+    fn a_wildcard_internal_host_takes_the_matched_label() {
+        let url = InternalUrl::parse("http://*.internal.corp:8080/app/").unwrap();
+        assert!(url.is_wildcard());
+        let hr = url.with_label("HR").unwrap();
+        assert!(!hr.is_wildcard());
+        assert_eq!(hr.host, "hr.internal.corp:8080");
+        assert_eq!(
+            hr.join(Bytes::from_static(b"/x?y")).unwrap().to_string(),
+            "http://hr.internal.corp:8080/app/x?y"
+        );
+        for bad in ["", "a.b", "a_b", "-a", "a:1", "a/b", "a@b", &"a".repeat(64)] {
+            assert!(url.with_label(bad).is_err(), "{bad:?}");
+        }
+        let flat = InternalUrl::parse("http://*:8080/").unwrap();
+        assert!(flat.is_wildcard());
+        assert_eq!(flat.with_label("payroll").unwrap().host, "payroll:8080");
+        let plain = InternalUrl::parse("http://intra.corp/").unwrap();
+        assert!(!plain.is_wildcard());
+        assert!(plain.with_label("hr").is_err());
     }
 }

@@ -110,6 +110,10 @@ pub struct Origin {
     /// certificate exactly as its requests do.
     validating_tls: Arc<rustls::ClientConfig>,
     insecure_tls: Arc<rustls::ClientConfig>,
+    /// The roots `validating` trusts (system and `--backend-ca`), which an
+    /// app's own CA bundle is added to.
+    roots: RootCertStore,
+    provider: Arc<rustls::crypto::CryptoProvider>,
     limits: BackendLimits,
     budget: Arc<Semaphore>,
     metrics: Metrics,
@@ -171,11 +175,7 @@ impl Origin {
         let tls_err = |e: rustls::Error| Error::Tls {
             reason: e.to_string(),
         };
-        let validating = rustls::ClientConfig::builder_with_provider(provider.clone())
-            .with_safe_default_protocol_versions()
-            .map_err(tls_err)?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        let validating = validating_config(&provider, roots.clone()).map_err(tls_err)?;
         let insecure = rustls::ClientConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
             .map_err(tls_err)?
@@ -187,6 +187,8 @@ impl Origin {
             insecure_tls: Arc::new(insecure.clone()),
             validating: dialer(validating),
             insecure: dialer(insecure),
+            roots,
+            provider,
             budget: Arc::new(Semaphore::new(limits.budget)),
             limits,
             metrics,
@@ -205,8 +207,13 @@ impl Origin {
     }
 
     /// A backend for `app`: a client of its own, whose connections count
-    /// against the app's cap and the connector's budget.
-    pub(crate) fn backend(&self, app: &App) -> Backend {
+    /// against the app's cap and the connector's budget. With
+    /// `validate_backend_tls`, its backend's certificate is checked against
+    /// the connector's roots plus `ca_pem`, the app's own CA bundle (from
+    /// `ConnectorConfig::backend_cas`); a bundle that does not load (the
+    /// router checked it) is logged and left out, so validation fails
+    /// closed (`BackendCertInvalid`), never open.
+    pub(crate) fn backend(&self, app: &App, ca_pem: Option<&str>) -> Backend {
         let id = app.id.as_str();
         let limit = Arc::new(Limit {
             app: Arc::new(Semaphore::new(self.limits.per_app)),
@@ -222,10 +229,20 @@ impl Origin {
                 .with_label_values(&[id, "connected"]),
             busy: self.metrics.backend_waits.with_label_values(&[id, "busy"]),
         });
-        let dialer = if app.validate_backend_tls {
-            &self.validating
-        } else {
-            &self.insecure
+        let own;
+        let dialer = match (app.validate_backend_tls, ca_pem) {
+            (false, _) => &self.insecure,
+            (true, None) => &self.validating,
+            (true, Some(pem)) => match self.with_app_roots(pem) {
+                Ok(tls) => {
+                    own = dialer(tls);
+                    &own
+                }
+                Err(reason) => {
+                    tracing::warn!(app = %app.id, %reason, "the app's backend CA bundle does not load; validating against the connector's roots only");
+                    &self.validating
+                }
+            },
         };
         let clients = (0..self.shards)
             .map(|_| {
@@ -243,6 +260,36 @@ impl Origin {
             .collect();
         Backend { clients, limit }
     }
+}
+
+impl Origin {
+    /// A validating TLS config trusting the connector's roots and the
+    /// certificates of `pem`.
+    fn with_app_roots(&self, pem: &str) -> Result<rustls::ClientConfig, String> {
+        let mut roots = self.roots.clone();
+        let mut added = 0;
+        for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+            let cert = cert.map_err(|e| e.to_string())?;
+            roots.add(cert).map_err(|e| e.to_string())?;
+            added += 1;
+        }
+        if added == 0 {
+            return Err("no CERTIFICATE block".into());
+        }
+        validating_config(&self.provider, roots).map_err(|e| e.to_string())
+    }
+}
+
+fn validating_config(
+    provider: &Arc<rustls::crypto::CryptoProvider>,
+    roots: RootCertStore,
+) -> Result<rustls::ClientConfig, rustls::Error> {
+    Ok(
+        rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    )
 }
 
 fn dialer(tls: rustls::ClientConfig) -> Dialer {

@@ -13,7 +13,7 @@ use bytes::{Bytes, BytesMut};
 use http::{Request, StatusCode, Version};
 use http_body::{Body, Frame as BodyFrame, SizeHint};
 use http_body_util::BodyExt;
-use portico_proto::api::{App, AppLink};
+use portico_proto::api::{App, AppLink, BackendCa};
 use portico_proto::io::{read_frame, ReadError, WriteError};
 use portico_proto::{
     AppId, CloseCode, ErrorCode, Frame, GroupId, ResponseHead, StreamError, StreamHead, StreamKind,
@@ -47,6 +47,8 @@ pub(crate) struct AppEntry {
     pub app: App,
     /// The parsed internal URL, or why it cannot be used.
     pub internal: Result<InternalUrl, String>,
+    /// Its backend CA bundle, which `backend` trusts.
+    pub ca: Option<String>,
     /// Its client, pool and connection cap.
     pub backend: Arc<Backend>,
     /// Its link translation (every app's links, its own prefix and host),
@@ -61,7 +63,8 @@ pub(crate) struct AppEntry {
 pub(crate) type AppTable = HashMap<AppId, Arc<AppEntry>>;
 
 /// Builds the table of the apps in `group`, each translating links by
-/// `links`; apps of other groups are left out. An app whose internal URL, TLS validation and timeout are as in
+/// `links`; apps of other groups are left out. An app whose internal URL,
+/// TLS validation, backend CA bundle and timeout are as in
 /// `previous` keeps its backend (its pool, its open connections and the
 /// permits they hold), so a config change neither drops warm connections
 /// nor lets an app hold its cap twice.
@@ -71,26 +74,31 @@ pub(crate) fn app_table(
     origin: &Origin,
     previous: &AppTable,
     links: &Arc<Links>,
+    cas: &[BackendCa],
 ) -> AppTable {
     apps.iter()
         .filter(|a| &a.connector_group == group)
         .map(|a| {
             let internal = InternalUrl::parse(&a.internal_url).map_err(|e| e.to_string());
+            let ca = cas.iter().find(|c| c.app == a.id).map(|c| c.pem.as_str());
             let backend = match previous.get(&a.id) {
                 Some(p)
                     if p.app.internal_url == a.internal_url
                         && p.app.validate_backend_tls == a.validate_backend_tls
-                        && p.app.backend_timeout == a.backend_timeout =>
+                        && p.app.backend_timeout == a.backend_timeout
+                        && p.app.backend_ca_sha256 == a.backend_ca_sha256
+                        && p.ca.as_deref() == ca =>
                 {
                     p.backend.clone()
                 }
-                _ => Arc::new(origin.backend(a)),
+                _ => Arc::new(origin.backend(a, ca)),
             };
             (
                 a.id.clone(),
                 Arc::new(AppEntry {
                     app: a.clone(),
                     internal,
+                    ca: ca.map(str::to_owned),
                     backend,
                     translator: Translator::new(links.clone(), &a.internal_url).map(Arc::new),
                     identity_names: a
@@ -124,12 +132,12 @@ pub(crate) fn shard_streams(metrics: &Metrics, shards: usize) -> Vec<prometheus:
 
 impl StreamCtx {
     /// Serves `apps` (this group's) from now on, translating `links`
-    /// (every published app's; with none, those of `apps`); see
-    /// [`app_table`].
-    pub fn set_apps(&self, apps: &[App], links: &[AppLink]) {
+    /// (every published app's; with none, those of `apps`), each app's
+    /// backend trusting its bundle of `cas`; see [`app_table`].
+    pub fn set_apps(&self, apps: &[App], links: &[AppLink], cas: &[BackendCa]) {
         let previous = self.apps.load();
         let links = Arc::new(Links::of_config(links, apps));
-        let table = app_table(apps, &self.group, &self.origin, &previous, &links);
+        let table = app_table(apps, &self.group, &self.origin, &previous, &links, cas);
         self.apps.store(Arc::new(table));
     }
 }
@@ -361,6 +369,10 @@ fn prepare(
     }
     // Borrowed, not cloned: the stream keeps the entry.
     let (uri, host) = match &entry.internal {
+        Ok(target) if target.is_wildcard() => {
+            let target = target.with_label(wildcard_label_of(&entry.app, head)?)?;
+            (target.join(head.path.clone())?, target.host)
+        }
         Ok(target) => (target.join(head.path.clone())?, target.host.clone()),
         Err(reason) => {
             return Err(ProxyError::Unreachable {
@@ -370,6 +382,36 @@ fn prepare(
         }
     };
     Ok(Prepared { entry, uri, host })
+}
+
+/// The label a wildcard app's request matched: its authority's host
+/// (port and a trailing dot dropped, lower-cased) less the app's
+/// `*.<suffix>`, one LDH label. The edge routed the request by that rule,
+/// so anything else is a bad request, never a guess.
+fn wildcard_label_of<'h>(app: &App, head: &'h StreamHead) -> Result<&'h str, ProxyError> {
+    let bad = |why: &str| ProxyError::BadRequest {
+        reason: format!(
+            "request host {:?} for wildcard app {} ({}): {why}",
+            String::from_utf8_lossy(&head.authority),
+            app.id,
+            app.external_host
+        ),
+    };
+    let suffix = portico_proto::api::wildcard_suffix(&app.external_host)
+        .ok_or_else(|| bad("the app's external host is not a wildcard, its internal host is"))?;
+    let authority = std::str::from_utf8(&head.authority).map_err(|_| bad("not UTF-8"))?;
+    let host = authority
+        .rsplit_once(':')
+        .filter(|(_, port)| port.bytes().all(|b| b.is_ascii_digit()))
+        .map_or(authority, |(host, _)| host);
+    let host = host.strip_suffix('.').unwrap_or(host);
+    let (label, parent) = host
+        .split_once('.')
+        .ok_or_else(|| bad("not under the wildcard"))?;
+    if !parent.eq_ignore_ascii_case(suffix) || !portico_proto::api::is_ldh_label(label) {
+        return Err(bad("not one label under the wildcard"));
+    }
+    Ok(label)
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -57,6 +57,9 @@ fn app(id: &str, internal_url: String, validate: bool) -> App {
         assignment: Default::default(),
         identity_headers: Default::default(),
         hidden: false,
+        maintenance: false,
+        home_url: String::new(),
+        backend_ca_sha256: None,
         created_at: 0,
         certificate: None,
     }
@@ -93,7 +96,7 @@ fn ctx_sharded(
         shard_streams: crate::stream::shard_streams(&metrics, shards),
         metrics,
     });
-    ctx.set_apps(&apps, &[]);
+    ctx.set_apps(&apps, &[], &[]);
     Ok(ctx)
 }
 
@@ -1156,6 +1159,7 @@ mod pool {
             region: None,
             tunnel_names: Default::default(),
             links: vec![],
+            backend_cas: vec![],
         })
     }
 
@@ -1459,6 +1463,7 @@ mod pool {
                 region: None,
                 tunnel_names: Default::default(),
                 links: vec![],
+                backend_cas: vec![],
             };
             crate::watch::apply(
                 &pool,

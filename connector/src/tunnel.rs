@@ -1163,6 +1163,7 @@ mod tests {
             region: None,
             tunnel_names: Default::default(),
             links: vec![],
+            backend_cas: vec![],
         }
     }
 

@@ -28,7 +28,8 @@ pub(crate) fn apply(
     if config.group != pool.group {
         tracing::warn!(config_group = %config.group, group = %pool.group, "the router sent another group's config; serving only this group's apps");
     }
-    pool.streams.set_apps(&config.apps, &config.links);
+    pool.streams
+        .set_apps(&config.apps, &config.links, &config.backend_cas);
     tx.send_replace(Some(config));
 }
 

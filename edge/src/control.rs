@@ -174,6 +174,9 @@ pub(crate) async fn start(config: Config, shutdown: CancellationToken) -> Result
         url: config.router_url.clone(),
         creds: creds_rx,
     };
+    // The names wildcard apps need the public certificate to carry, from
+    // each config to the public certificate's loop.
+    let (wildcards_tx, wildcards_rx) = watch::channel(wildcard_names(&shared.table.load().config));
     if router_public_cert {
         if !public_cert.is_set() {
             // First start: try once now so that HTTPS works as soon as
@@ -194,14 +197,16 @@ pub(crate) async fn start(config: Config, shutdown: CancellationToken) -> Result
                 routers.clone(),
                 state.clone(),
                 public_cert,
+                wildcards_rx,
                 Arc::clone(&shared),
             )
             .instrument(span.clone()),
         );
     }
-    shared
-        .tracker
-        .spawn(config_loop(routers.clone(), state, Arc::clone(&shared)).instrument(span.clone()));
+    shared.tracker.spawn(
+        config_loop(routers.clone(), state, wildcards_tx, Arc::clone(&shared))
+            .instrument(span.clone()),
+    );
     let report = EdgeReport {
         tunnel_addr: advertised(&config.advertise_tunnel_addr, handle.tunnel_addr),
         public_addr: advertised(&config.advertise_public_addr, handle.public_addr),
@@ -238,7 +243,12 @@ impl Routers {
 
 /// Follows the router's config by long-poll, saving and applying each new
 /// version. Errors back off (1 s doubling to 30 s, jittered).
-async fn config_loop(routers: Routers, state: StateDir, shared: Arc<Shared>) {
+async fn config_loop(
+    routers: Routers,
+    state: StateDir,
+    wildcards: watch::Sender<Vec<String>>,
+    shared: Arc<Shared>,
+) {
     let mut backoff = Backoff::new();
     let mut client: Option<(Arc<Credentials>, RouterClient)> = None;
     let mut first = true;
@@ -296,6 +306,12 @@ async fn config_loop(routers: Routers, state: StateDir, shared: Arc<Shared>) {
                         "config change arrived"
                     );
                 }
+                let names = wildcard_names(&config);
+                wildcards.send_if_modified(|seen| {
+                    let changed = *seen != names;
+                    *seen = names;
+                    changed
+                });
                 // Serve it first; the snapshot on disk is for a restart.
                 shared.apply_config(config.clone());
                 if let Err(e) = state.save_json(CONFIG_FILE, &config) {
@@ -366,28 +382,75 @@ async fn report_loop(routers: Routers, mut report: EdgeReport, shared: Arc<Share
     }
 }
 
-/// Keeps the router-issued public certificate fresh (renewed at two thirds
-/// of its life).
+/// The `*.<suffix>` names the public certificate must carry for the
+/// config's wildcard apps deeper than the apps domain (`*.<apps domain>`
+/// is always there), sorted.
+fn wildcard_names(config: &EdgeConfig) -> Vec<String> {
+    let mut names: Vec<String> = config
+        .apps
+        .iter()
+        .filter_map(|a| portico_proto::api::wildcard_suffix(&a.external_host))
+        .filter(|suffix| *suffix != config.apps_domain)
+        .map(|suffix| format!("*.{}", suffix.to_ascii_lowercase()))
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
+/// Which of `wanted` the certificate `cert_pem` does not name (all of
+/// them when it cannot be read).
+fn missing_wildcards<'w>(cert_pem: Option<&str>, wanted: &'w [String]) -> Vec<&'w str> {
+    let names = cert_pem
+        .and_then(|pem| pki::parse_certs_pem(pem).ok())
+        .and_then(|chain| pki::dns_names(chain.first()?).ok())
+        .unwrap_or_default();
+    wanted
+        .iter()
+        .filter(|w| !names.contains(w))
+        .map(String::as_str)
+        .collect()
+}
+
+/// Keeps the router-issued public certificate fresh: renewed at two thirds
+/// of its life, and at once when a wildcard app appears whose `*.<suffix>`
+/// it does not name (the router names every wildcard app's in a new one).
 async fn public_cert_loop(
     routers: Routers,
     state: StateDir,
     store: Arc<CertStore>,
+    mut wildcards: watch::Receiver<Vec<String>>,
     shared: Arc<Shared>,
 ) {
     let mut backoff = Backoff::new();
-    let mut renew_at = state
+    let mut current = state
         .load_json::<SavedPublicCert>(PUBLIC_CERT_FILE)
         .ok()
         .flatten()
-        .and_then(|s| renew_time(&s.cert_pem))
+        .map(|s| s.cert_pem);
+    let mut renew_at = current
+        .as_deref()
+        .and_then(renew_time)
         .unwrap_or(SystemTime::now());
+    let mut watching = true;
     loop {
         let wait = renew_at
             .duration_since(SystemTime::now())
             .unwrap_or_default();
-        tokio::select! {
-            () = shared.shutdown.cancelled() => return,
-            () = tokio::time::sleep(wait) => {}
+        let wanted = wildcards.borrow_and_update().clone();
+        let missing = missing_wildcards(current.as_deref(), &wanted);
+        if missing.is_empty() {
+            tokio::select! {
+                () = shared.shutdown.cancelled() => return,
+                () = tokio::time::sleep(wait) => {}
+                r = wildcards.changed(), if watching => {
+                    // The config loop ended: renew on time only.
+                    watching = r.is_ok();
+                    continue;
+                }
+            }
+        } else {
+            tracing::info!(missing = ?missing, "the public certificate lacks wildcard apps' names; asking for a new one");
         }
         match fetch_public_cert(&routers, &state).await {
             Ok((cert_pem, key_pem, at)) => match store.set_pem(&cert_pem, &key_pem) {
@@ -395,6 +458,21 @@ async fn public_cert_loop(
                     tracing::info!("public certificate installed");
                     backoff.reset();
                     renew_at = at;
+                    let still = missing_wildcards(Some(&cert_pem), &wanted)
+                        .into_iter()
+                        .map(str::to_owned)
+                        .collect::<Vec<_>>();
+                    current = Some(cert_pem);
+                    if !still.is_empty() {
+                        // The router has not seen those apps yet, or names
+                        // no more: wait for the next config or renewal.
+                        tracing::warn!(missing = ?still, "the new public certificate still lacks wildcard apps' names");
+                        tokio::select! {
+                            () = shared.shutdown.cancelled() => return,
+                            () = tokio::time::sleep(renew_at.duration_since(SystemTime::now()).unwrap_or_default()) => {}
+                            r = wildcards.changed(), if watching => watching = r.is_ok(),
+                        }
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(error = %portico_agent::error_chain(&e), "router-issued public certificate unusable");
@@ -488,5 +566,47 @@ impl Backoff {
             () = shutdown.cancelled() => Err(()),
             () = tokio::time::sleep(d) => Ok(()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The names a config's wildcard apps need, and which of them a
+    /// certificate lacks.
+    #[test]
+    fn wildcard_apps_name_what_the_public_certificate_must_cover() {
+        let mut config =
+            crate::routing::RoutingTable::empty(portico_proto::RegionId::default_region())
+                .config
+                .clone();
+        config.apps_domain = "apps.test".into();
+        config.apps = vec![
+            crate::routing::tests::app("any", "*.apps.test"),
+            crate::routing::tests::app("corp", "*.corp.apps.test"),
+            crate::routing::tests::app("eu", "*.eu.corp.apps.test"),
+            crate::routing::tests::app("hr", "hr.apps.test"),
+        ];
+        let wanted = wildcard_names(&config);
+        assert_eq!(wanted, ["*.corp.apps.test", "*.eu.corp.apps.test"]);
+        let cert = |names: &[&str]| {
+            rcgen::generate_simple_self_signed(
+                names.iter().map(|n| n.to_string()).collect::<Vec<_>>(),
+            )
+            .unwrap()
+            .cert
+            .pem()
+        };
+        let partial = cert(&["*.apps.test", "apps.test", "*.corp.apps.test"]);
+        assert_eq!(
+            missing_wildcards(Some(&partial), &wanted),
+            ["*.eu.corp.apps.test"]
+        );
+        let full = cert(&["*.apps.test", "*.eu.corp.apps.test", "*.corp.apps.test"]);
+        assert!(missing_wildcards(Some(&full), &wanted).is_empty());
+        assert_eq!(missing_wildcards(None, &wanted).len(), 2);
+        assert_eq!(missing_wildcards(Some("junk"), &wanted).len(), 2);
+        assert!(missing_wildcards(None, &[]).is_empty());
     }
 }

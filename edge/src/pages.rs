@@ -4,7 +4,7 @@
 use std::time::SystemTime;
 
 use bytes::Bytes;
-use http::header::{HeaderValue, ACCEPT, CACHE_CONTROL, CONTENT_TYPE};
+use http::header::{HeaderValue, ACCEPT, CACHE_CONTROL, CONTENT_TYPE, RETRY_AFTER};
 use http::{HeaderMap, HeaderName, Response};
 use portico_proto::{ErrorCode, RequestId};
 
@@ -193,8 +193,19 @@ pub(crate) fn error_response<B: From<Bytes>>(
     h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
     h.insert(ERROR_HEADER, HeaderValue::from_static(code.as_str()));
     h.insert(REQUEST_ID_HEADER, request_id.header_value());
+    if code == ErrorCode::Maintenance {
+        h.insert(
+            RETRY_AFTER,
+            HeaderValue::from_static(MAINTENANCE_RETRY_AFTER),
+        );
+    }
     resp
 }
+
+/// `Retry-After` of a `Maintenance` answer, in seconds: when a client (or
+/// a crawler) should look again. The edge cannot know when the admin ends
+/// the maintenance, so this is a guess kept short.
+pub(crate) const MAINTENANCE_RETRY_AFTER: &str = "120";
 
 fn html(code: ErrorCode, status: u16, message: &str, request_id: RequestId, time: &str) -> String {
     // Every interpolated value is ours (code names, hex ids, a timestamp), so
@@ -330,5 +341,22 @@ mod tests {
         assert!(text.contains("ConnectorTimeout"));
         assert!(text.contains(&id.to_string()));
         assert!(text.contains(explanation(ErrorCode::ConnectorTimeout)));
+        assert!(resp_has_no_retry_after(ErrorCode::ConnectorTimeout));
+    }
+
+    fn resp_has_no_retry_after(code: ErrorCode) -> bool {
+        let resp: Response<Full<Bytes>> = error_response(code, RequestId(1), &HeaderMap::new());
+        resp.headers().get(RETRY_AFTER).is_none()
+    }
+
+    /// Maintenance is 503 with `Retry-After`, and its own explanation.
+    #[test]
+    fn maintenance_pages_say_when_to_retry() {
+        let resp: Response<Full<Bytes>> =
+            error_response(ErrorCode::Maintenance, RequestId(7), &HeaderMap::new());
+        assert_eq!(resp.status(), 503);
+        assert_eq!(resp.headers()[RETRY_AFTER], MAINTENANCE_RETRY_AFTER);
+        assert_eq!(resp.headers()[&ERROR_HEADER], "Maintenance");
+        assert!(resp_has_no_retry_after(ErrorCode::AppNotFound));
     }
 }

@@ -1,11 +1,12 @@
-//! The routing table: external host → app, plus the set of revoked
-//! connectors. Built from an `EdgeConfig` snapshot and swapped atomically.
+//! The routing table: external host → app (exact hosts first, then
+//! wildcard apps), plus the set of revoked connectors. Built from an
+//! `EdgeConfig` snapshot and swapped atomically.
 
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use portico_proto::api::{App, EdgeConfig, PeerEdge};
+use portico_proto::api::{is_ldh_label, wildcard_suffix, App, EdgeConfig, PeerEdge};
 use portico_proto::{ConnectorId, GroupId, RegionId};
 
 /// One immutable snapshot of what the edge routes.
@@ -13,20 +14,31 @@ use portico_proto::{ConnectorId, GroupId, RegionId};
 pub(crate) struct RoutingTable {
     pub(crate) config: EdgeConfig,
     by_host: HashMap<String, Arc<App>>,
+    /// Wildcard apps (`*.corp.apps.example.com`) by the suffix after the
+    /// `*.` (`corp.apps.example.com`).
+    by_wildcard: HashMap<String, Arc<App>>,
     by_id: HashMap<String, Arc<App>>,
     revoked: HashSet<ConnectorId>,
 }
 
 impl RoutingTable {
     pub(crate) fn new(config: EdgeConfig) -> Self {
-        let by_host = config
-            .apps
-            .iter()
-            .filter_map(|app| {
-                normalize_host(&app.external_host)
-                    .map(|host| (host.into_owned(), Arc::new(app.clone())))
-            })
-            .collect();
+        let mut by_host = HashMap::new();
+        let mut by_wildcard = HashMap::new();
+        for app in &config.apps {
+            match wildcard_suffix(&app.external_host) {
+                Some(suffix) => {
+                    if let Some(suffix) = normalize_host(suffix) {
+                        by_wildcard.insert(suffix.into_owned(), Arc::new(app.clone()));
+                    }
+                }
+                None => {
+                    if let Some(host) = normalize_host(&app.external_host) {
+                        by_host.insert(host.into_owned(), Arc::new(app.clone()));
+                    }
+                }
+            }
+        }
         let by_id = config
             .apps
             .iter()
@@ -36,6 +48,7 @@ impl RoutingTable {
         RoutingTable {
             config,
             by_host,
+            by_wildcard,
             by_id,
             revoked,
         }
@@ -62,9 +75,24 @@ impl RoutingTable {
         self.config.version
     }
 
-    /// The app published at this (already normalized) host.
+    /// The app published at this (already normalized) host: the app of
+    /// exactly this host, else the wildcard app whose `*` stands for the
+    /// host's first label, `*.<parent>` (a wildcard stands for one LDH
+    /// label, as in a certificate: see `api::wildcard_label`). So an exact
+    /// host wins over a wildcard, and of `*.corp.apps.test` and
+    /// `*.apps.test`, `hr.corp.apps.test` can only be the first's.
     pub(crate) fn app_for_host(&self, host: &str) -> Option<&Arc<App>> {
-        self.by_host.get(host)
+        if let Some(app) = self.by_host.get(host) {
+            return Some(app);
+        }
+        if self.by_wildcard.is_empty() {
+            return None;
+        }
+        let (label, parent) = host.split_once('.')?;
+        if !is_ldh_label(label) {
+            return None;
+        }
+        self.by_wildcard.get(parent)
     }
 
     /// The app with this id: how a request forwarded by another edge is
@@ -249,6 +277,9 @@ pub(crate) mod tests {
             assignment: Default::default(),
             identity_headers: Default::default(),
             hidden: false,
+            maintenance: false,
+            home_url: String::new(),
+            backend_ca_sha256: None,
             created_at: 0,
             certificate: None,
         }
@@ -302,8 +333,61 @@ pub(crate) mod tests {
             "wiki"
         );
         assert!(table.app_for_host("x.hr.apps.test").is_none());
+        assert!(table.app_for_host("apps.test").is_none());
         assert!(table.is_revoked(&ConnectorId::new("c-bad").unwrap()));
         assert!(!table.is_revoked(&ConnectorId::new("c-good").unwrap()));
         assert_eq!(table.version(), 3);
+    }
+
+    /// Which app each host goes to, with exact, wildcard and nested
+    /// wildcard apps published together: exact first, then the wildcard
+    /// of the host's parent; a wildcard stands for one LDH label only.
+    #[test]
+    fn exact_hosts_win_then_the_most_specific_wildcard() {
+        let table = RoutingTable::new(EdgeConfig {
+            version: 1,
+            changed_at_ms: 0,
+            region: RegionId::default_region(),
+            apps_domain: "apps.test".into(),
+            apps: vec![
+                app("any", "*.apps.test"),
+                app("corp", "*.corp.apps.test"),
+                app("deep", "*.eu.corp.apps.test"),
+                app("hr", "hr.corp.apps.test"),
+                app("wiki", "wiki.apps.test"),
+            ],
+            groups: vec![GroupId::default_group()],
+            revoked: vec![],
+            presence: Vec::new(),
+            peers: Vec::new(),
+            sign_in: None,
+            certificates: Vec::new(),
+        });
+        for (host, want) in [
+            // Exact hosts, also under a wildcard.
+            ("hr.corp.apps.test", Some("hr")),
+            ("wiki.apps.test", Some("wiki")),
+            // The wildcard of the host's parent, the longest that applies.
+            ("payroll.corp.apps.test", Some("corp")),
+            ("paris.eu.corp.apps.test", Some("deep")),
+            ("corp.apps.test", Some("any")),
+            ("eu.corp.apps.test", Some("corp")),
+            ("x-1.apps.test", Some("any")),
+            // More than one label, or not LDH: no wildcard takes it.
+            ("a.b.corp.apps.test", None),
+            ("a.paris.eu.corp.apps.test", None),
+            ("a_b.corp.apps.test", None),
+            ("-a.corp.apps.test", None),
+            ("*.corp.apps.test", None),
+            // Not under any of them.
+            ("apps.test", None),
+            ("x.example.com", None),
+        ] {
+            assert_eq!(
+                table.app_for_host(host).map(|a| a.id.as_str()),
+                want,
+                "{host}"
+            );
+        }
     }
 }

@@ -143,6 +143,9 @@ fn app(id: &str, host: &str, timeout: BackendTimeout) -> App {
         assignment: Default::default(),
         identity_headers: Default::default(),
         hidden: false,
+        maintenance: false,
+        home_url: String::new(),
+        backend_ca_sha256: None,
         created_at: 0,
         certificate: None,
     }

@@ -677,7 +677,33 @@ pub struct AppSpec {
     /// Left out of the My Apps portal (it still works for its users).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub hidden: bool,
+    /// Maintenance mode: the edge answers every request with 503
+    /// `Maintenance` (the branded page, `Retry-After`), before sign-in and
+    /// without opening a connector stream. Left out of the JSON when off.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub maintenance: bool,
+    /// The app's home page, where launchers (My Apps, `portico app list`)
+    /// send users, as Entra's "homepage URL": a URL on the app's external
+    /// host (`https://hr.apps.example.com/portal/`), a path under its
+    /// external root (`/portal/`), or a URL under its internal URL, which
+    /// is translated (`http://hr.corp/hr/portal/` for an app published
+    /// from `http://hr.corp/hr/`). Anything else is refused. `None`: the
+    /// external URL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub home_page: Option<String>,
+    /// Root certificates (PEM, at most [`MAX_BACKEND_CA_BYTES`]) the
+    /// connector trusts for this app's https backend, in addition to the
+    /// system roots and its own `--backend-ca` files: for a backend with a
+    /// certificate from a private CA. Only `CERTIFICATE` blocks; a bundle
+    /// without one, or with a private key, is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend_ca_pem: Option<String>,
 }
+
+/// The largest [`AppSpec::backend_ca_pem`], in bytes: a root and a few
+/// intermediates take a few KiB, and the whole request to the router must
+/// stay within its 64 KiB body limit.
+pub const MAX_BACKEND_CA_BYTES: usize = 32 * 1024;
 
 /// `PATCH /v1/apps/{id}`: the fields to change, each optional; the others
 /// keep their values. The result is checked as `POST /v1/apps` checks a new
@@ -712,6 +738,14 @@ pub struct AppPatch {
     pub identity_headers: Option<BTreeMap<String, String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hidden: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub maintenance: Option<bool>,
+    /// A new home page; `""` goes back to the external URL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub home_page: Option<String>,
+    /// A new backend CA bundle; `""` removes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend_ca_pem: Option<String>,
 }
 
 impl AppPatch {
@@ -757,6 +791,15 @@ impl AppPatch {
         }
         if let Some(v) = self.hidden {
             spec.hidden = v;
+        }
+        if let Some(v) = self.maintenance {
+            spec.maintenance = v;
+        }
+        if let Some(v) = self.home_page {
+            spec.home_page = (!v.is_empty()).then_some(v);
+        }
+        if let Some(v) = self.backend_ca_pem {
+            spec.backend_ca_pem = (!v.is_empty()).then_some(v);
         }
         spec
     }
@@ -804,6 +847,50 @@ pub struct App {
     /// apps domain then gets the router-issued wildcard).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub certificate: Option<AppCertificate>,
+    /// Maintenance mode: the edge answers 503 `Maintenance` to every
+    /// request (off for an app stored or sent before the setting existed).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub maintenance: bool,
+    /// Where to send a user who opens the app (My Apps links here): its
+    /// home page under the external URL, or the external URL itself.
+    /// Empty from a router older than the setting: use `external_url`.
+    #[serde(default)]
+    pub home_url: String,
+    /// SHA-256 (hex) of the app's backend CA bundle as stored, when it has
+    /// one; the bundle itself goes only to its group's connectors
+    /// ([`ConnectorConfig::backend_cas`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend_ca_sha256: Option<String>,
+}
+
+/// The part of a wildcard app's external host its `*` stands before:
+/// `corp.apps.example.com` for `*.corp.apps.example.com`; `None` for an
+/// app of one exact host.
+pub fn wildcard_suffix(external_host: &str) -> Option<&str> {
+    external_host.strip_prefix("*.")
+}
+
+/// The label a request's `host` (lower-case, without port) puts in the
+/// place of the `*` of the wildcard host `*.<suffix>`: `hr` for
+/// `hr.corp.apps.test` under `corp.apps.test`. A wildcard stands for
+/// exactly one DNS label, as in a TLS certificate (RFC 6125 §6.4.3), so
+/// the edge's `*.<suffix>` certificate covers every host it routes; the
+/// label must be one LDH label ([`is_ldh_label`]). `None` otherwise.
+pub fn wildcard_label<'a>(host: &'a str, suffix: &str) -> Option<&'a str> {
+    let label = host.strip_suffix(suffix)?.strip_suffix('.')?;
+    is_ldh_label(label).then_some(label)
+}
+
+/// Whether `label` is one DNS label of letters, digits and `-` (not at
+/// either end), 1 to 63 bytes: what a wildcard's label may be, and so what
+/// an internal host's `*` may be replaced with.
+pub fn is_ldh_label(label: &str) -> bool {
+    (1..=63).contains(&label.len())
+        && label
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        && !label.starts_with('-')
+        && !label.ends_with('-')
 }
 
 /// Which uploaded certificate serves an app's host, and until when.
@@ -1457,6 +1544,17 @@ pub struct ConnectorConfig {
     /// an older router; the connector then knows only its group's apps.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub links: Vec<AppLink>,
+    /// The backend CA bundles of the group's apps that have one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub backend_cas: Vec<BackendCa>,
+}
+
+/// One app's backend CA bundle, for its connectors.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackendCa {
+    pub app: AppId,
+    /// `CERTIFICATE` blocks, at most [`MAX_BACKEND_CA_BYTES`].
+    pub pem: String,
 }
 
 /// The most [`AppLink`]s a connector config carries; a connector reads no
@@ -1760,6 +1858,54 @@ mod tests {
                 .unwrap();
         assert!(c.links.is_empty());
         assert!(!serde_json::to_string(&c).unwrap().contains("links"));
+    }
+
+    #[test]
+    fn maintenance_defaults_off_and_stays_off_the_wire_when_off() {
+        let mut spec: AppSpec =
+            serde_json::from_str(r#"{"id":"hr","internal_url":"http://x/"}"#).unwrap();
+        assert!(!spec.maintenance);
+        assert!(!serde_json::to_string(&spec)
+            .unwrap()
+            .contains("maintenance"));
+        spec.maintenance = true;
+        let json = serde_json::to_string(&spec).unwrap();
+        assert!(json.contains(r#""maintenance":true"#), "{json}");
+        let off: AppPatch = serde_json::from_str(r#"{"maintenance":false}"#).unwrap();
+        assert!(!off.is_empty());
+        assert!(!off.apply(spec.clone()).maintenance);
+        // A home page is kept, replaced, or cleared with "".
+        assert!(!json.contains("home_page"), "{json}");
+        let set: AppPatch = serde_json::from_str(r#"{"home_page":"/portal/"}"#).unwrap();
+        let spec = set.apply(spec);
+        assert_eq!(spec.home_page.as_deref(), Some("/portal/"));
+        let clear: AppPatch = serde_json::from_str(r#"{"home_page":""}"#).unwrap();
+        assert_eq!(clear.apply(spec).home_page, None);
+    }
+
+    #[test]
+    fn wildcard_labels_are_one_ldh_label() {
+        assert_eq!(wildcard_suffix("*.corp.apps.test"), Some("corp.apps.test"));
+        assert_eq!(wildcard_suffix("hr.apps.test"), None);
+        let label = |host| wildcard_label(host, "corp.apps.test");
+        assert_eq!(label("hr.corp.apps.test"), Some("hr"));
+        assert_eq!(label("a-1.corp.apps.test"), Some("a-1"));
+        let long = format!("{}.corp.apps.test", "a".repeat(63));
+        assert_eq!(label(&long).map(str::len), Some(63));
+        for host in [
+            "corp.apps.test",
+            ".corp.apps.test",
+            "a.b.corp.apps.test",
+            "hrcorp.apps.test",
+            "a_b.corp.apps.test",
+            "-a.corp.apps.test",
+            "a-.corp.apps.test",
+            "*.corp.apps.test",
+            "hr.corp.apps.test.evil",
+        ] {
+            assert_eq!(label(host), None, "{host}");
+        }
+        assert_eq!(label(&format!("{}.corp.apps.test", "a".repeat(64))), None);
     }
 
     #[test]

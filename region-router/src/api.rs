@@ -902,12 +902,49 @@ async fn edge_public_cert(
     Json(req): Json<CsrRequest>,
 ) -> Result<axum::Json<CertResponse>, ApiFail> {
     live_edge(&state, &edge.id).await?;
+    let apps_domain = state.config.apps_domain.clone();
+    let domain = apps_domain.clone();
+    let wildcards = state
+        .db(move |s| Ok(public_wildcards(&s.list_apps()?, &domain)))
+        .await?;
     let profile = Profile::PublicWildcard {
-        apps_domain: state.config.apps_domain.clone(),
+        apps_domain,
+        wildcards,
     };
     let issued = state.sign(&req.csr_pem, &profile, state.config.cert_ttl)?;
     tracing::info!(edge = %edge.id, serial = %issued.serial, "issued public certificate");
     Ok(axum::Json(state.cert_response(&issued)))
+}
+
+/// The most wildcard names an edge's public certificate carries besides
+/// `*.<apps domain>`: a bound on its size (a wildcard app past it is
+/// logged, and its hosts fail TLS until another is deleted).
+pub(crate) const MAX_PUBLIC_WILDCARDS: usize = 100;
+
+/// The suffixes of wildcard apps deeper than the apps domain (`corp.x`
+/// for `*.corp.x`), sorted, each once, at most [`MAX_PUBLIC_WILDCARDS`]:
+/// the edge's public certificate names `*.<suffix>` for each, since
+/// `*.<apps domain>` covers one label only. The edge asks for a new
+/// certificate when the apps call for one its certificate lacks
+/// (`edge::control::missing_wildcards`).
+pub(crate) fn public_wildcards(apps: &[AppRecord], apps_domain: &str) -> Vec<String> {
+    let mut out: Vec<String> = apps
+        .iter()
+        .filter_map(|a| api::wildcard_suffix(&a.external_host))
+        .filter(|suffix| *suffix != apps_domain)
+        .map(str::to_owned)
+        .collect();
+    out.sort();
+    out.dedup();
+    if out.len() > MAX_PUBLIC_WILDCARDS {
+        tracing::warn!(
+            wildcards = out.len(),
+            max = MAX_PUBLIC_WILDCARDS,
+            "more wildcard apps than an edge certificate names; the rest get no certificate"
+        );
+        out.truncate(MAX_PUBLIC_WILDCARDS);
+    }
+    out
 }
 
 // ---- distribution ----
@@ -1070,7 +1107,16 @@ pub(crate) fn to_app(rec: AppRecord, port: u16) -> App {
     } else {
         format!("https://{}:{port}/", rec.external_host)
     };
+    let home_url = match &rec.home_path {
+        Some(path) => format!("{}{path}", external_url.trim_end_matches('/')),
+        None => external_url.clone(),
+    };
     App {
+        home_url,
+        backend_ca_sha256: rec
+            .backend_ca_pem
+            .as_deref()
+            .map(|pem| util::sha256_hex(pem.as_bytes())),
         id: rec.id,
         external_host: rec.external_host,
         external_url,
@@ -1087,6 +1133,7 @@ pub(crate) fn to_app(rec: AppRecord, port: u16) -> App {
         hidden: rec.hidden,
         created_at: rec.created_at,
         certificate: None,
+        maintenance: rec.maintenance,
     }
 }
 
@@ -1519,12 +1566,231 @@ pub(crate) fn check_internal_url(raw: &str) -> Result<String, String> {
     Ok(url.into())
 }
 
-/// Lower-cases and checks an external host against the apps domain: one
-/// under it, or one of a custom domain (outside it), whose CNAME chain
-/// [`check_custom_host`] checks.
+/// An internal URL's `*`: allowed only as the whole first label of its
+/// host (or the whole host, for single-label internal names), and only for
+/// a wildcard app, whose requests each replace it with the label their
+/// host matched (`http://*.internal.corp/` serves `hr.corp.<domain>` from
+/// `http://hr.internal.corp/`; `http://*:8080/` from `http://hr:8080/`).
+fn check_wildcard_internal(internal_url: &str, external_host: &str) -> Result<(), String> {
+    let host = url::Url::parse(internal_url)
+        .ok()
+        .and_then(|u| u.host_str().map(str::to_owned))
+        .unwrap_or_default();
+    if !host.contains('*') {
+        return Ok(());
+    }
+    if api::wildcard_suffix(external_host).is_none() {
+        return Err(format!(
+            "host {host:?} has a `*`, which only a wildcard app (external host *.…) can fill in"
+        ));
+    }
+    if host == "*" {
+        return Ok(()); // the label is the whole host (a single-label name)
+    }
+    let rest = host.strip_prefix("*.").unwrap_or("*");
+    if rest.contains('*') || check_dns_name(rest).is_err() {
+        return Err(format!(
+            "host {host:?}: `*` may only be the whole first label (for example http://*.internal.corp/)"
+        ));
+    }
+    Ok(())
+}
+
+/// The most certificates one backend CA bundle may hold.
+const MAX_BACKEND_CA_CERTS: usize = 64;
+
+/// Checks an app's backend CA bundle and returns it as stored: its
+/// `CERTIFICATE` blocks, each a parsable X.509 certificate, written out
+/// again (other text dropped). Refused: more than
+/// `api::MAX_BACKEND_CA_BYTES`, a private key (it would be sent to every
+/// connector of the group), other PEM blocks, no certificate at all, more
+/// than [`MAX_BACKEND_CA_CERTS`].
+pub(crate) fn check_backend_ca(pem: &str) -> Result<String, String> {
+    use base64::Engine as _;
+    use rustls::pki_types::pem::{PemObject, SectionKind};
+    if pem.len() > api::MAX_BACKEND_CA_BYTES {
+        return Err(format!(
+            "the bundle is {} bytes; the limit is {} (give only the roots and intermediates the backend needs)",
+            pem.len(),
+            api::MAX_BACKEND_CA_BYTES
+        ));
+    }
+    let mut out = String::new();
+    let mut count = 0;
+    for (i, section) in <(SectionKind, Vec<u8>)>::pem_slice_iter(pem.as_bytes()).enumerate() {
+        let (kind, der) = section.map_err(|e| format!("block {} is not valid PEM ({e})", i + 1))?;
+        match kind {
+            SectionKind::Certificate => {}
+            SectionKind::PrivateKey | SectionKind::RsaPrivateKey | SectionKind::EcPrivateKey => {
+                return Err(format!(
+                    "block {} is a private key: a CA bundle holds certificates only, and it goes to every connector of the group",
+                    i + 1
+                ))
+            }
+            other => {
+                return Err(format!(
+                    "block {} is {other:?}, not a CERTIFICATE",
+                    i + 1
+                ))
+            }
+        }
+        x509_parser::parse_x509_certificate(&der)
+            .map_err(|e| format!("certificate {} does not parse as X.509 ({e})", i + 1))?;
+        count += 1;
+        if count > MAX_BACKEND_CA_CERTS {
+            return Err(format!(
+                "the bundle holds more than {MAX_BACKEND_CA_CERTS} certificates"
+            ));
+        }
+        let b64 = base64::engine::general_purpose::STANDARD.encode(&der);
+        out.push_str("-----BEGIN CERTIFICATE-----\n");
+        for line in b64.as_bytes().chunks(64) {
+            out.push_str(std::str::from_utf8(line).unwrap_or_default());
+            out.push('\n');
+        }
+        out.push_str("-----END CERTIFICATE-----\n");
+    }
+    if count == 0 {
+        return Err(
+            "no CERTIFICATE block found: give the CA certificates in PEM (-----BEGIN CERTIFICATE-----)"
+                .into(),
+        );
+    }
+    Ok(out)
+}
+
+/// The port users reach the edges on, from the store.
+async fn users_port(state: &AppState) -> Result<u16, ApiFail> {
+    let config = state.config.clone();
+    state.db(move |s| public_port(s, &config)).await
+}
+
+/// Checks an app's home page and returns what is stored: the part under
+/// the external root (path, query and fragment, starting with `/`; dot
+/// segments resolved). Accepted:
+///
+/// - a path starting with `/` (not `//`): under the external root;
+/// - an `https` URL on the app's external host (any case), without a
+///   user name, on the default port or `port` (the edges');
+/// - a URL under the app's internal URL (same scheme, host and port, the
+///   path its prefix or under it), translated as link translation would
+///   (`http://hr.corp/hr/portal` → `/portal` for `http://hr.corp/hr/`).
+///
+/// Anything else is refused with what it should have been.
+pub(crate) fn check_home_page(
+    raw: &str,
+    external_host: &str,
+    internal_url: &str,
+    port: u16,
+) -> Result<String, String> {
+    if raw.len() > MAX_URL {
+        return Err(format!("is longer than {MAX_URL} bytes"));
+    }
+    if let Some(c) = raw.chars().find(|c| c.is_control() || c.is_whitespace()) {
+        return Err(format!(
+            "must not contain control characters or whitespace (found {c:?}); percent-encode them"
+        ));
+    }
+    if api::wildcard_suffix(external_host).is_some() {
+        return Err(format!(
+            "a wildcard app ({external_host}) has no one host to launch; publish the host users should start at as an app of its own, with its home page"
+        ));
+    }
+    let root = format!("https://{external_host}/");
+    let outside = || {
+        format!(
+            "{raw:?} must sit under the app's external URL {root} (a URL there, or a path such as /portal/), or under its internal URL {internal_url}"
+        )
+    };
+    let external = url::Url::parse(&root).map_err(|e| format!("external host: {e}"))?;
+    let url = if raw.starts_with('/') && !raw.starts_with("//") {
+        external
+            .join(raw)
+            .map_err(|e| format!("{raw:?} is not a path ({e})"))?
+    } else {
+        url::Url::parse(raw).map_err(|e| format!("{raw:?} is not a URL ({e})"))?
+    };
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err("must not contain a user name or password".into());
+    }
+    let tail = |url: &url::Url, from: usize| {
+        let path = &url.path()[from..];
+        let mut out = if path.starts_with('/') {
+            path.to_owned()
+        } else {
+            format!("/{path}")
+        };
+        if let Some(q) = url.query() {
+            out.push('?');
+            out.push_str(q);
+        }
+        if let Some(f) = url.fragment() {
+            out.push('#');
+            out.push_str(f);
+        }
+        out
+    };
+    if url.host_str() == Some(external_host) {
+        if url.scheme() != "https" {
+            return Err(format!(
+                "{raw:?} must be https: users reach the app at {root}"
+            ));
+        }
+        if url.port().is_some_and(|p| p != port) {
+            return Err(format!(
+                "{raw:?} names port {}, and users reach the app on port {port}: leave the port out",
+                url.port().unwrap_or_default()
+            ));
+        }
+        return Ok(tail(&url, 0));
+    }
+    let internal = url::Url::parse(internal_url).map_err(|_| outside())?;
+    let same_origin = url.scheme() == internal.scheme()
+        && url.host_str() == internal.host_str()
+        && url.port_or_known_default() == internal.port_or_known_default();
+    if !same_origin {
+        return Err(outside());
+    }
+    let prefix = internal.path().trim_end_matches('/');
+    let path = url.path();
+    let under = path
+        .strip_prefix(prefix)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'));
+    if !under {
+        return Err(format!(
+            "{raw:?} lies outside the app's published path {}: {}",
+            internal.path(),
+            outside()
+        ));
+    }
+    Ok(tail(&url, prefix.len()))
+}
+
+/// Lower-cases and checks an external host: one under the apps domain; a
+/// wildcard (`*.corp.<apps domain>`, or `*.<apps domain>`), whose `*` is
+/// its whole first label and nowhere else and stands for one label; or one
+/// of a custom domain (outside the apps domain), whose CNAME chain
+/// [`check_custom_host`] checks. A wildcard lies under the apps domain.
 pub(crate) fn check_external_host(host: &str, apps_domain: &str) -> Result<String, String> {
     let host = host.trim().trim_end_matches('.').to_ascii_lowercase();
-    check_dns_name(&host).map_err(|e| format!("{host:?} is not a valid DNS name: {e}"))?;
+    let (wildcard, name) = match api::wildcard_suffix(&host) {
+        Some(suffix) => (true, suffix),
+        None => (false, host.as_str()),
+    };
+    if name.contains('*') {
+        return Err(format!(
+            "{host:?} is not a valid DNS name: a wildcard is `*.` before the rest of the host, once (for example *.corp.{apps_domain})"
+        ));
+    }
+    check_dns_name(name).map_err(|e| format!("{host:?} is not a valid DNS name: {e}"))?;
+    let under = name
+        .strip_suffix(apps_domain)
+        .is_some_and(|prefix| (prefix.len() > 1 && prefix.ends_with('.')) || prefix.is_empty());
+    if wildcard && !under {
+        return Err(format!(
+            "{host:?} must lie under the apps domain {apps_domain:?} (for example *.corp.{apps_domain}): a custom domain takes exact hosts"
+        ));
+    }
     if host == apps_domain {
         return Err(format!(
             "{host:?} is the apps domain itself; an app lies under it (for example app.{apps_domain}) or in a custom domain"
@@ -1606,7 +1872,8 @@ async fn create_app(
     Json(spec): Json<api::AppSpec>,
 ) -> Result<(StatusCode, axum::Json<App>), ApiFail> {
     check_custom_host(&state, &spec, None).await?;
-    let rec = app_record(&state.config, spec, util::now_unix())?;
+    let port = users_port(&state).await?;
+    let rec = app_record(&state.config, spec, util::now_unix(), port)?;
     let app = write_app(&state, rec, |s, rec| s.create_app(rec)).await?;
     tracing::info!(app = %app.id, host = %app.external_host, group = %app.connector_group, "created app");
     Ok((StatusCode::CREATED, axum::Json(app)))
@@ -1651,11 +1918,15 @@ async fn update_app(
         assignment: current.assignment,
         identity_headers: current.identity_headers,
         hidden: current.hidden,
+        maintenance: current.maintenance,
+        home_page: current.home_path,
+        backend_ca_pem: current.backend_ca_pem,
     });
     // The same checks as a new app, on the whole result; a custom host's
     // chain only when the host changes.
     check_custom_host(&state, &spec, Some(&current_host)).await?;
-    let rec = app_record(&state.config, spec, created_at)?;
+    let port = users_port(&state).await?;
+    let rec = app_record(&state.config, spec, created_at, port)?;
     let app = write_app(&state, rec, |s, rec| s.update_app(rec)).await?;
     tracing::info!(app = %app.id, host = %app.external_host, group = %app.connector_group, "updated app");
     Ok(axum::Json(app))
@@ -1663,7 +1934,14 @@ async fn update_app(
 
 /// Checks an app as an admin describes it and makes the record to store:
 /// the one set of checks for creating and updating an app.
-fn app_record(config: &Config, spec: api::AppSpec, created_at: u64) -> Result<AppRecord, ApiFail> {
+///
+/// `port` is the one users reach the edges on (a home page may name it).
+fn app_record(
+    config: &Config,
+    spec: api::AppSpec,
+    created_at: u64,
+    port: u16,
+) -> Result<AppRecord, ApiFail> {
     let internal_url =
         check_internal_url(&spec.internal_url).map_err(|e| ApiFail::invalid("internal_url", e))?;
     api::check_required_features(&spec.required_features)
@@ -1709,6 +1987,30 @@ fn app_record(config: &Config, spec: api::AppSpec, created_at: u64) -> Result<Ap
             )
         })?,
     };
+    check_wildcard_internal(&internal_url, &external_host)
+        .map_err(|e| ApiFail::invalid("internal_url", e))?;
+    if spec.preauth == api::Preauth::Oidc && api::wildcard_suffix(&external_host).is_some() {
+        // The edge's sign-in binds sessions and handoffs to the app's one
+        // host; a wildcard app has none.
+        return Err(ApiFail::invalid(
+            "preauth",
+            format!(
+                "a wildcard app ({external_host}) cannot sign users in yet: publish it with --preauth passthrough, or publish the hosts that need sign-in as apps of their own"
+            ),
+        ));
+    }
+    let backend_ca_pem = spec
+        .backend_ca_pem
+        .as_deref()
+        .map(check_backend_ca)
+        .transpose()
+        .map_err(|e| ApiFail::invalid("backend_ca_pem", e))?;
+    let home_path = spec
+        .home_page
+        .as_deref()
+        .map(|page| check_home_page(page, &external_host, &internal_url, port))
+        .transpose()
+        .map_err(|e| ApiFail::invalid("home_page", e))?;
     Ok(AppRecord {
         id: spec.id,
         external_host,
@@ -1723,6 +2025,9 @@ fn app_record(config: &Config, spec: api::AppSpec, created_at: u64) -> Result<Ap
         identity_headers: spec.identity_headers,
         hidden: spec.hidden,
         created_at,
+        maintenance: spec.maintenance,
+        home_path,
+        backend_ca_pem,
     })
 }
 
@@ -2187,6 +2492,126 @@ mod tests {
     }
 
     #[test]
+    fn a_star_in_the_internal_host_needs_a_wildcard_app() {
+        let ok = |internal: &str, external: &str| {
+            check_internal_url(internal)
+                .and_then(|canonical| check_wildcard_internal(&canonical, external))
+        };
+        assert_eq!(ok("http://*.internal.corp/", "*.corp.apps.test"), Ok(()));
+        assert_eq!(
+            ok("https://*.internal.corp:8443/x/", "*.corp.apps.test"),
+            Ok(())
+        );
+        assert_eq!(ok("http://intra.corp/", "*.corp.apps.test"), Ok(()));
+        let err = ok("http://*.internal.corp/", "hr.apps.test").unwrap_err();
+        assert!(err.contains("only a wildcard app"), "{err}");
+        assert_eq!(ok("http://*:8080/", "*.corp.apps.test"), Ok(()));
+        for bad in [
+            "http://a.*.corp/",
+            "http://*a.corp/",
+            "http://*.*.corp/",
+            "http://**/",
+        ] {
+            let err = ok(bad, "*.corp.apps.test").unwrap_err();
+            assert!(err.contains("whole first label"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn backend_ca_bundles_hold_certificates_only_within_bounds() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let ca = rcgen::CertificateParams::new(vec!["Private CA".into()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let pem = ca.pem();
+        // Text around the block is dropped; the block is kept as DER.
+        let stored = check_backend_ca(&format!("Subject: Private CA\n{pem}\n")).unwrap();
+        assert_eq!(stored.replace("\r\n", "\n"), pem.replace("\r\n", "\n"));
+        let two = check_backend_ca(&format!("{pem}{pem}")).unwrap();
+        assert_eq!(two.matches("BEGIN CERTIFICATE").count(), 2);
+        for (bad, says) in [
+            ("".to_owned(), "no CERTIFICATE block"),
+            ("hello".to_owned(), "no CERTIFICATE block"),
+            (format!("{pem}{}", key.serialize_pem()), "private key"),
+            (
+                "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n".to_owned(),
+                "does not parse as X.509",
+            ),
+            (
+                "-----BEGIN CERTIFICATE-----\n!!!!\n-----END CERTIFICATE-----\n".to_owned(),
+                "not valid PEM",
+            ),
+            (
+                pem.repeat(api::MAX_BACKEND_CA_BYTES / pem.len() + 1),
+                "the limit is",
+            ),
+        ] {
+            let err = check_backend_ca(&bad).unwrap_err();
+            assert!(err.contains(says), "{says}: {err}");
+        }
+    }
+
+    #[test]
+    fn home_pages_sit_under_the_external_root() {
+        let ok = |raw: &str, internal: &str| check_home_page(raw, "hr.apps.test", internal, 8443);
+        let root = "http://hr.corp/";
+        let prefixed = "http://hr.corp:8080/hr/";
+        for (raw, internal, want) in [
+            ("https://hr.apps.test/portal/", root, "/portal/"),
+            (
+                "https://HR.Apps.Test/portal/?tab=1#top",
+                root,
+                "/portal/?tab=1#top",
+            ),
+            ("https://hr.apps.test:8443/a/../b", root, "/b"),
+            ("https://hr.apps.test:443/", root, "/"),
+            ("https://hr.apps.test", root, "/"),
+            ("/portal/", root, "/portal/"),
+            ("/portal/", prefixed, "/portal/"),
+            ("http://hr.corp/portal/", root, "/portal/"),
+            ("http://hr.corp:8080/hr/portal/", prefixed, "/portal/"),
+            ("http://HR.corp:8080/hr", prefixed, "/"),
+        ] {
+            assert_eq!(
+                ok(raw, internal).as_deref(),
+                Ok(want),
+                "{raw} for {internal}"
+            );
+        }
+        for (raw, internal, says) in [
+            // Another host, under the apps domain or not.
+            ("https://wiki.apps.test/", root, "must sit under"),
+            ("https://evil.example/hr.apps.test/", root, "must sit under"),
+            // Another scheme.
+            ("http://hr.apps.test/portal/", root, "must be https"),
+            ("ftp://hr.apps.test/", root, "must be https"),
+            ("https://hr.corp/portal/", root, "must sit under"),
+            // Another port than the edges'.
+            ("https://hr.apps.test:9999/", root, "port 9999"),
+            // Outside a path-published app's prefix.
+            (
+                "http://hr.corp:8080/other/",
+                prefixed,
+                "outside the app's published path /hr/",
+            ),
+            ("http://hr.corp:8080/hrx", prefixed, "outside"),
+            ("http://hr.corp/hr/x", prefixed, "must sit under"),
+            // Not URLs, or with credentials or whitespace.
+            ("//evil.example/", root, "not a URL"),
+            ("portal", root, "not a URL"),
+            ("https://u:p@hr.apps.test/", root, "user name"),
+            ("/a b", root, "whitespace"),
+        ] {
+            let err = ok(raw, internal).unwrap_err();
+            assert!(err.contains(says), "{raw} for {internal}: {err}");
+        }
+        assert!(ok(&format!("/{}", "a".repeat(MAX_URL)), root).is_err());
+        let err = check_home_page("/", "*.corp.apps.test", root, 443).unwrap_err();
+        assert!(err.contains("wildcard app"), "{err}");
+    }
+
+    #[test]
     fn external_hosts() {
         assert_eq!(
             check_external_host("HR.Apps.Localhost", "apps.localhost").unwrap(),
@@ -2203,6 +2628,25 @@ mod tests {
         assert!(is_custom(&host, "apps.localhost"));
         assert!(check_external_host("example.com", "apps.example.com").is_err());
         assert!(!is_custom("hr.apps.localhost", "apps.localhost"));
+        // Wildcards: `*.` once, in front, under the apps domain.
+        assert_eq!(
+            check_external_host("*.Corp.Apps.Localhost", "apps.localhost").unwrap(),
+            "*.corp.apps.localhost"
+        );
+        assert!(check_external_host("*.apps.localhost", "apps.localhost").is_ok());
+        for bad in [
+            "*",
+            "*.localhost",
+            "*.evilapps.localhost",
+            "a.*.apps.localhost",
+            "*a.apps.localhost",
+            "*.*.apps.localhost",
+            "**.apps.localhost",
+            "*.a*.apps.localhost",
+            "x.*",
+        ] {
+            assert!(check_external_host(bad, "apps.localhost").is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -48,8 +48,13 @@ pub enum Profile {
     Agent(Identity),
     /// The router API's server certificate.
     RouterServer,
-    /// An edge's public certificate for `*.<apps_domain>` and the domain.
-    PublicWildcard { apps_domain: String },
+    /// An edge's public certificate for `*.<apps_domain>` and the domain,
+    /// plus `*.<suffix>` for each of `wildcards` (the suffixes of wildcard
+    /// apps deeper than the apps domain, such as `corp.<apps_domain>`).
+    PublicWildcard {
+        apps_domain: String,
+        wildcards: Vec<String>,
+    },
 }
 
 /// A signed certificate.
@@ -262,12 +267,19 @@ impl Ca {
                     dns("localhost".to_owned())?,
                 ]
             }
-            Profile::PublicWildcard { apps_domain } => {
+            Profile::PublicWildcard {
+                apps_domain,
+                wildcards,
+            } => {
                 params
                     .distinguished_name
                     .push(DnType::CommonName, apps_domain.as_str());
                 params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-                vec![dns(format!("*.{apps_domain}"))?, dns(apps_domain.clone())?]
+                let mut sans = vec![dns(format!("*.{apps_domain}"))?, dns(apps_domain.clone())?];
+                for suffix in wildcards {
+                    sans.push(dns(format!("*.{suffix}"))?);
+                }
+                sans
             }
         };
         params.subject_alt_names = sans;

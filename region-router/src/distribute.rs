@@ -12,8 +12,8 @@
 use std::collections::BTreeMap;
 
 use portico_proto::api::{
-    App, AppLink, ConnectorConfig, EdgeCertificate, EdgeConfig, EdgeEndpoint, GroupPresence,
-    PeerEdge, Status, MAX_APP_LINKS,
+    App, AppLink, BackendCa, ConnectorConfig, EdgeCertificate, EdgeConfig, EdgeEndpoint,
+    GroupPresence, PeerEdge, Status, MAX_APP_LINKS,
 };
 use portico_proto::ids::{EdgeId, GroupId, RegionId};
 
@@ -249,6 +249,17 @@ pub(crate) fn connector_config(
     };
     let all = apps(s, config);
     let links = links(&all);
+    let backend_cas = s
+        .apps
+        .iter()
+        .filter(|a| a.connector_group == *group)
+        .filter_map(|a| {
+            a.backend_ca_pem.as_ref().map(|pem| BackendCa {
+                app: a.id.clone(),
+                pem: pem.clone(),
+            })
+        })
+        .collect();
     ConnectorConfig {
         version: s.version,
         group: group.clone(),
@@ -260,6 +271,7 @@ pub(crate) fn connector_config(
         region,
         tunnel_names,
         links,
+        backend_cas,
     }
 }
 

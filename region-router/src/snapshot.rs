@@ -236,7 +236,9 @@ pub(crate) mod tests {
 
         pub(crate) fn app(&mut self, host: &str, group: &str) -> &mut Self {
             self.store.apps.push(AppRecord {
-                id: portico_proto::ids::AppId::new(host.split('.').next().unwrap()).unwrap(),
+                // `*.corp.x` is app `corp`.
+                id: portico_proto::ids::AppId::new(host.split('.').find(|l| *l != "*").unwrap())
+                    .unwrap(),
                 external_host: host.into(),
                 internal_url: "http://intra/".into(),
                 connector_group: GroupId::new(group).unwrap(),
@@ -249,6 +251,9 @@ pub(crate) mod tests {
                 identity_headers: Default::default(),
                 hidden: false,
                 created_at: 0,
+                maintenance: false,
+                home_path: None,
+                backend_ca_pem: None,
             });
             self
         }

@@ -1206,6 +1206,8 @@ async fn apps_are_updated_field_by_field_with_the_checks_of_create() -> anyhow::
                 "translate_headers": false,
                 "translate_body": true,
                 "required_features": ["sign-in"],
+                "maintenance": true,
+                "home_page": "https://people.apps.localhost/portal/",
             }),
         )
         .await?;
@@ -1213,6 +1215,8 @@ async fn apps_are_updated_field_by_field_with_the_checks_of_create() -> anyhow::
         internal_url: "https://intra.corp/".into(),
         external_host: "people.apps.localhost".into(),
         external_url: "https://people.apps.localhost/".into(),
+        home_url: "https://people.apps.localhost/portal/".into(),
+        maintenance: true,
         connector_group: GroupId::new("dc1")?,
         backend_timeout: api::BackendTimeout::Long,
         validate_backend_tls: false,

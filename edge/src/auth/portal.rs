@@ -1,6 +1,6 @@
 //! My Apps: the signed-in user's portal on the auth host (`GET /`), as
 //! Entra's My Apps: the apps that sign users in, assign this user and are
-//! not hidden, each with its name and home URL. JSON for a client that
+//! not hidden, each with its name and home page (`App.home_url`). JSON for a client that
 //! prefers it (`[{"id", "url"}]`), else a small HTML page.
 
 use bytes::Bytes;
@@ -27,7 +27,13 @@ fn entries<'a>(user: &User, apps: &'a [App]) -> Vec<Entry<'a>> {
         .filter(|a| super::signs_in(a) && !a.hidden && super::assigned(a, user))
         .map(|a| Entry {
             id: a.id.as_str(),
-            url: a.external_url.as_str(),
+            // The home page (under the external URL); an older router
+            // sends none.
+            url: if a.home_url.is_empty() {
+                a.external_url.as_str()
+            } else {
+                a.home_url.as_str()
+            },
         })
         .collect();
     list.sort_by(|a, b| a.id.cmp(b.id));

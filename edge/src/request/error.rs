@@ -63,6 +63,8 @@ pub(crate) enum ProxyError {
     ExtendedConnect,
     #[error("no app is published at {host}")]
     AppNotFound { host: String },
+    #[error("the app is in maintenance mode")]
+    Maintenance,
     #[error("the app requires feature {feature:?}, which this edge does not implement")]
     FeatureUnsupported { feature: String },
     #[error("the request head does not fit a stream head")]
@@ -119,6 +121,7 @@ impl ProxyError {
             | ProxyError::ExtendedConnect
             | ProxyError::HeadTooLarge(_) => ErrorCode::BadRequest,
             ProxyError::AppNotFound { .. } => ErrorCode::AppNotFound,
+            ProxyError::Maintenance => ErrorCode::Maintenance,
             ProxyError::FeatureUnsupported { .. } | ProxyError::SignInUnavailable => {
                 ErrorCode::FeatureUnsupported
             }
@@ -152,6 +155,8 @@ impl ProxyError {
             | ProxyError::NotAssigned { .. } => Fault::Client,
             ProxyError::FeatureUnsupported { .. } | ProxyError::SignInUnavailable => Fault::Edge,
             ProxyError::Mesh { .. } => Fault::Peer,
+            // The app is down, by its admin's choice.
+            ProxyError::Maintenance => Fault::Backend,
             ProxyError::NoTunnel { .. }
             | ProxyError::Open(_)
             | ProxyError::HeadWrite(_)
@@ -228,6 +233,12 @@ mod tests {
                 Fault::Client,
                 Retry::Never,
                 ErrorCode::AppNotFound,
+            ),
+            (
+                ProxyError::Maintenance,
+                Fault::Backend,
+                Retry::Never,
+                ErrorCode::Maintenance,
             ),
             (
                 ProxyError::FeatureUnsupported {

@@ -181,10 +181,16 @@ pub(crate) fn route<B>(req: &Request<B>, table: &RoutingTable) -> Result<Arc<App
     }
 }
 
-/// Phase 2: whether this request may reach the app. An app that requires
-/// a feature this edge does not know is refused rather than served
-/// without it. Maintenance mode and sign-in belong here.
+/// Phase 2: whether this request may reach the app. An app in
+/// maintenance mode answers 503 `Maintenance` to everyone, before sign-in
+/// (nobody is sent to sign in to an app that is down) and before any
+/// connector stream. An app that requires a feature this edge does not
+/// know is refused rather than served without it. Sign-in (`auth::gate`)
+/// comes next.
 pub(crate) fn admit<B>(_req: &Request<B>, app: &App) -> Result<(), ProxyError> {
+    if app.maintenance {
+        return Err(ProxyError::Maintenance);
+    }
     if let Some(feature) = portico_proto::features::first_unknown(&app.required_features) {
         return Err(ProxyError::FeatureUnsupported {
             feature: feature.to_owned(),
@@ -262,6 +268,24 @@ mod tests {
         assert!(matches!(&e, ProxyError::FeatureUnsupported { feature } if feature == "mtls"));
         assert_eq!(e.code(), portico_proto::ErrorCode::FeatureUnsupported);
         assert_eq!(e.code().http_status(), 503);
+    }
+
+    /// An app in maintenance is refused before anything else is looked
+    /// at (an unknown feature included), with 503 `Maintenance`.
+    #[test]
+    fn admit_refuses_apps_in_maintenance() {
+        let mut app = crate::routing::tests::app("hr", "hr.apps.test");
+        let r = req(Version::HTTP_11, "/", &["hr.apps.test"]);
+        app.maintenance = true;
+        app.required_features = vec!["mtls".into()];
+        let e = admit(&r, &app).unwrap_err();
+        assert!(matches!(e, ProxyError::Maintenance), "{e:?}");
+        assert_eq!(e.code(), portico_proto::ErrorCode::Maintenance);
+        assert_eq!(e.code().http_status(), 503);
+        app.required_features.clear();
+        assert!(admit(&r, &app).is_err());
+        app.maintenance = false;
+        admit(&r, &app).unwrap();
     }
 
     #[test]

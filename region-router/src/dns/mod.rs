@@ -12,11 +12,18 @@
 //!   ([`EDGE_TTL`]). When no edge of a region is healthy, all of them (fail
 //!   open). A region without edges is a name without addresses (NODATA);
 //! - each app host: a CNAME to `<region>.edge.<domain>` of the region that
-//!   serves its group ([`Snapshot::group_region`], [`APP_TTL`]).
+//!   serves its group ([`Snapshot::group_region`], [`APP_TTL`]);
+//! - each wildcard app (`*.corp.<domain>`): the same CNAME for every name
+//!   one LDH label under `corp.<domain>` that the zone has no records for
+//!   (exact names first, as RFC 4592 has it, but one label only, as the
+//!   edge routes and the edge's `*.corp.<domain>` certificate covers; and
+//!   unlike RFC 4592, also for a name with only names below it, again as
+//!   the edge routes). The suffix itself is never NXDOMAIN.
 //!
 //! DNS carries no port: users and connectors use the port they know (443,
 //! or the one in the app's URL).
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
@@ -177,6 +184,9 @@ pub(crate) struct Zone {
     negative_soa: Record,
     /// Every record, by owner name.
     names: BTreeMap<LowerName, Vec<Record>>,
+    /// Wildcard apps' CNAMEs (owner `*.<suffix>`), by suffix: the answer
+    /// for a name one label under the suffix that `names` lacks.
+    wildcards: BTreeMap<LowerName, Record>,
     /// Names that own nothing but have names below them (`edge.<domain>`):
     /// NODATA, not NXDOMAIN (RFC 8020).
     non_terminals: BTreeSet<LowerName>,
@@ -190,7 +200,9 @@ pub(crate) struct Answer<'z> {
     pub rcode: ResponseCode,
     /// The AA bit: set for every name in the zone.
     pub authoritative: bool,
-    pub answers: Vec<&'z Record>,
+    /// Borrowed from the zone, or made for the name asked (a wildcard's
+    /// CNAME, owned by that name).
+    pub answers: Vec<Cow<'z, Record>>,
     pub authorities: Vec<&'z Record>,
 }
 
@@ -278,6 +290,7 @@ pub(crate) fn zone(snapshot: &Snapshot, origin: &Origin) -> Zone {
             || edge_parent.as_ref().is_some_and(|p| p.zone_of(name))
             || tunnel_parent.as_ref().is_some_and(|p| p.zone_of(name))
     };
+    let mut wildcards = BTreeMap::new();
     // Each app's external host; then, for an app whose host is in a
     // custom domain, its default host `<id>.<domain>`, which the custom
     // host is a CNAME to (an app's own host wins a clash with another's
@@ -321,6 +334,22 @@ pub(crate) fn zone(snapshot: &Snapshot, origin: &Origin) -> Zone {
         let Some(target) = region_names.get(&region) else {
             continue; // its region is not a label: noted above
         };
+        if host.is_wildcard() {
+            let suffix = host.base_name();
+            if reserved(&suffix) && suffix != apex {
+                notes.push(Note::AppHostReserved {
+                    app: app.id.clone(),
+                    host: app.external_host.clone(),
+                });
+                continue;
+            }
+            wildcards
+                .entry(LowerName::from(&suffix))
+                .or_insert_with(|| {
+                    Record::from_rdata(host.clone(), APP_TTL, RData::CNAME(CNAME(target.clone())))
+                });
+            continue;
+        }
         names.entry(LowerName::from(&host)).or_insert_with(|| {
             vec![Record::from_rdata(
                 host.clone(),
@@ -332,7 +361,13 @@ pub(crate) fn zone(snapshot: &Snapshot, origin: &Origin) -> Zone {
 
     let apex_lower = LowerName::from(&apex);
     let mut non_terminals = BTreeSet::new();
-    for name in names.keys() {
+    // A wildcard's suffix exists (as a name without records at least).
+    for suffix in wildcards.keys() {
+        if *suffix != apex_lower && !names.contains_key(suffix) {
+            non_terminals.insert(suffix.clone());
+        }
+    }
+    for name in names.keys().chain(wildcards.keys()) {
         let mut up = name.base_name();
         while up != apex_lower && apex_lower.zone_of(&up) {
             if !names.contains_key(&up) {
@@ -345,6 +380,7 @@ pub(crate) fn zone(snapshot: &Snapshot, origin: &Origin) -> Zone {
         apex: apex_lower,
         negative_soa,
         names,
+        wildcards,
         non_terminals,
         notes,
     }
@@ -375,32 +411,50 @@ impl Zone {
                 ..refused
             };
         }
-        let mut answers: Vec<&Record> = Vec::new();
+        let mut answers: Vec<Cow<'_, Record>> = Vec::new();
         let mut name = qname.clone();
         for _ in 0..MAX_CHAIN {
             let Some(records) = self.names.get(&name) else {
-                let rcode = if self.non_terminals.contains(&name) {
-                    ResponseCode::NoError
-                } else {
-                    ResponseCode::NXDomain
+                // A wildcard app's, as the edge routes it: also for a name
+                // that only has names below it (`corp.<domain>` under
+                // `*.<domain>`).
+                let Some(cname) = self.wildcard(&name) else {
+                    let rcode = if self.non_terminals.contains(&name) {
+                        ResponseCode::NoError
+                    } else {
+                        ResponseCode::NXDomain
+                    };
+                    return self.negative(rcode, answers);
                 };
-                return self.negative(rcode, answers);
+                // A wildcard app's name holds only its CNAME.
+                if matches!(qtype, RecordType::CNAME | RecordType::ANY) {
+                    answers.push(Cow::Owned(cname));
+                    return self.positive(answers);
+                }
+                let Some(target) = cname_target(&cname) else {
+                    return self.negative(ResponseCode::NoError, answers);
+                };
+                answers.push(Cow::Owned(cname));
+                if !self.apex.zone_of(&target) {
+                    return self.positive(answers);
+                }
+                name = target;
+                continue;
             };
             let matching: Vec<&Record> = records
                 .iter()
                 .filter(|r| qtype == RecordType::ANY || r.record_type() == qtype)
                 .collect();
             if !matching.is_empty() {
-                answers.extend(matching);
+                answers.extend(matching.into_iter().map(Cow::Borrowed));
                 return self.positive(answers);
             }
-            let Some((cname, target)) = records.iter().find_map(|r| match &r.data {
-                RData::CNAME(CNAME(target)) => Some((r, LowerName::from(target))),
-                _ => None,
-            }) else {
+            let Some((cname, target)) =
+                records.iter().find_map(|r| cname_target(r).map(|t| (r, t)))
+            else {
                 return self.negative(ResponseCode::NoError, answers);
             };
-            answers.push(cname);
+            answers.push(Cow::Borrowed(cname));
             if !self.apex.zone_of(&target) {
                 return self.positive(answers);
             }
@@ -409,7 +463,24 @@ impl Zone {
         self.positive(answers)
     }
 
-    fn positive<'z>(&'z self, answers: Vec<&'z Record>) -> Answer<'z> {
+    /// The CNAME a wildcard app gives `name`, owned by `name`: when `name`
+    /// is one LDH label under a wildcard's suffix.
+    fn wildcard(&self, name: &LowerName) -> Option<Record> {
+        if self.wildcards.is_empty() || name.num_labels() == 0 {
+            return None;
+        }
+        let first = Name::from(name).iter().next()?.to_vec();
+        let label = std::str::from_utf8(&first).ok()?;
+        if !portico_proto::api::is_ldh_label(label) {
+            return None;
+        }
+        let template = self.wildcards.get(&name.base_name())?;
+        let mut record = template.clone();
+        record.name = Name::from(name);
+        Some(record)
+    }
+
+    fn positive<'z>(&'z self, answers: Vec<Cow<'z, Record>>) -> Answer<'z> {
         Answer {
             rcode: ResponseCode::NoError,
             authoritative: true,
@@ -419,13 +490,21 @@ impl Zone {
     }
 
     /// NXDOMAIN, or NOERROR without data (NODATA), with the SOA.
-    fn negative<'z>(&'z self, rcode: ResponseCode, answers: Vec<&'z Record>) -> Answer<'z> {
+    fn negative<'z>(&'z self, rcode: ResponseCode, answers: Vec<Cow<'z, Record>>) -> Answer<'z> {
         Answer {
             rcode,
             authoritative: true,
             answers,
             authorities: vec![&self.negative_soa],
         }
+    }
+}
+
+/// Where a CNAME record points.
+fn cname_target(r: &Record) -> Option<LowerName> {
+    match &r.data {
+        RData::CNAME(CNAME(target)) => Some(LowerName::from(target)),
+        _ => None,
     }
 }
 

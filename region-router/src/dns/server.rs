@@ -276,7 +276,7 @@ impl RequestHandler for Handler {
         }
         let response = builder.build(
             metadata,
-            answer.answers.iter().copied(),
+            answer.answers.iter().map(|r| r.as_ref()),
             answer.authorities.iter().copied(),
             std::iter::empty::<&Record>(),
             std::iter::empty::<&Record>(),

@@ -25,16 +25,15 @@ fn ask(
     qtype: RecordType,
 ) -> (ResponseCode, bool, Vec<String>, Vec<String>) {
     let a = zone.answer(&name(qname), qtype, DNSClass::IN);
-    let show = |rs: &[&Record]| {
-        rs.iter()
-            .map(|r| format!("{} {} {} {}", r.name, r.ttl, r.record_type(), r.data))
+    let show = |rs: &mut dyn Iterator<Item = &Record>| {
+        rs.map(|r| format!("{} {} {} {}", r.name, r.ttl, r.record_type(), r.data))
             .collect::<Vec<_>>()
     };
     (
         a.rcode,
         a.authoritative,
-        show(&a.answers),
-        show(&a.authorities),
+        show(&mut a.answers.iter().map(|r| r.as_ref())),
+        show(&mut a.authorities.iter().copied()),
     )
 }
 
@@ -411,4 +410,101 @@ fn an_app_in_a_custom_domain_has_its_default_host_answered() {
     );
     let (rcode, ..) = ask(&zone, "pay.corp.example.com.", RecordType::A);
     assert_eq!(rcode, ResponseCode::Refused, "outside the zone");
+}
+
+/// Wildcard apps: a name one LDH label under a wildcard's suffix gets its
+/// CNAME, owned by the name asked; an exact app host wins; deeper names,
+/// and labels that are not LDH, get nothing; the suffix is never NXDOMAIN.
+#[test]
+fn wildcard_apps_answer_for_one_label_under_them_and_exact_hosts_win() {
+    let mut b = two_regions();
+    b.group("Home", "default")
+        .app("*.corp.apps.test", "Default")
+        .app("payroll.corp.apps.test", "Home")
+        .app("*.eu.corp.apps.test", "Home");
+    let zone = super::zone(&b.snapshot(), &origin());
+    assert!(zone.notes.is_empty(), "{:?}", zone.notes);
+    let (rcode, aa, answers, _) = ask(&zone, "X-1.Corp.apps.test.", RecordType::A);
+    assert_eq!((rcode, aa), (ResponseCode::NoError, true));
+    assert_eq!(
+        answers,
+        [
+            "x-1.corp.apps.test. 60 CNAME eu-west.edge.apps.test.",
+            "eu-west.edge.apps.test. 30 A 192.0.2.1",
+            "eu-west.edge.apps.test. 30 A 192.0.2.2",
+        ]
+    );
+    let (_, _, answers, _) = ask(&zone, "hr.corp.apps.test.", RecordType::CNAME);
+    assert_eq!(
+        answers,
+        ["hr.corp.apps.test. 60 CNAME eu-west.edge.apps.test."]
+    );
+    // The exact host, in its own group's region.
+    let (_, _, answers, _) = ask(&zone, "payroll.corp.apps.test.", RecordType::A);
+    assert_eq!(
+        answers,
+        [
+            "payroll.corp.apps.test. 60 CNAME default.edge.apps.test.",
+            "default.edge.apps.test. 30 A 203.0.113.9",
+        ]
+    );
+    // The more specific wildcard for names under eu.corp; eu.corp itself
+    // is one label under corp.
+    let (_, _, answers, _) = ask(&zone, "paris.eu.corp.apps.test.", RecordType::A);
+    assert_eq!(
+        answers[0],
+        "paris.eu.corp.apps.test. 60 CNAME default.edge.apps.test."
+    );
+    let (_, _, answers, _) = ask(&zone, "eu.corp.apps.test.", RecordType::A);
+    assert_eq!(
+        answers[0],
+        "eu.corp.apps.test. 60 CNAME eu-west.edge.apps.test."
+    );
+    // Two labels under a wildcard, or a label that is no LDH label.
+    for name in ["a.b.corp.apps.test.", "a_b.corp.apps.test."] {
+        let (rcode, _, answers, authorities) = ask(&zone, name, RecordType::A);
+        assert_eq!(rcode, ResponseCode::NXDomain, "{name}");
+        assert!(answers.is_empty() && authorities.len() == 1, "{name}");
+    }
+    // The suffix has names below it: NODATA, not NXDOMAIN.
+    let (rcode, _, answers, _) = ask(&zone, "corp.apps.test.", RecordType::A);
+    assert_eq!(rcode, ResponseCode::NoError);
+    assert!(answers.is_empty());
+    // The literal `*` name is the wildcard's own.
+    let (rcode, _, _, _) = ask(&zone, "*.corp.apps.test.", RecordType::A);
+    assert_eq!(rcode, ResponseCode::NXDomain);
+}
+
+/// A wildcard under a name the zone keeps (`*.edge.<domain>`) gets no
+/// records, and says so; `*.<domain>` is allowed and takes what is left.
+#[test]
+fn wildcards_keep_off_the_zones_own_names() {
+    let mut b = two_regions();
+    b.app("*.edge.apps.test", "Default")
+        .app("*.apps.test", "Default");
+    let zone = super::zone(&b.snapshot(), &origin());
+    assert_eq!(zone.notes.len(), 1, "{:?}", zone.notes);
+    assert!(
+        matches!(&zone.notes[0], Note::AppHostReserved { host, .. } if host == "*.edge.apps.test")
+    );
+    let (_, _, answers, _) = ask(&zone, "eu-west.edge.apps.test.", RecordType::A);
+    assert_eq!(answers.len(), 2, "{answers:?}");
+    let (_, _, answers, _) = ask(&zone, "x.edge.apps.test.", RecordType::A);
+    assert!(answers.is_empty());
+    let (_, _, answers, _) = ask(&zone, "hr.apps.test.", RecordType::CNAME);
+    assert_eq!(
+        answers,
+        ["hr.apps.test. 60 CNAME eu-west.edge.apps.test."],
+        "the exact app"
+    );
+    let (_, _, answers, _) = ask(&zone, "wiki.apps.test.", RecordType::CNAME);
+    assert_eq!(
+        answers,
+        ["wiki.apps.test. 60 CNAME eu-west.edge.apps.test."]
+    );
+    let (_, _, answers, _) = ask(&zone, "ns.apps.test.", RecordType::A);
+    assert!(
+        answers.iter().all(|a| a.starts_with("ns.apps.test. 300 A")),
+        "{answers:?}"
+    );
 }

@@ -56,6 +56,15 @@ pub struct AppRecord {
     /// Left out of My Apps.
     pub hidden: bool,
     pub created_at: u64,
+    /// Maintenance mode: edges answer 503 `Maintenance`.
+    pub maintenance: bool,
+    /// The home page under the external root (path, query, fragment;
+    /// starts with `/`), as `api::check_home_page` made it; `None`: the
+    /// external URL.
+    pub home_path: Option<String>,
+    /// The backend CA bundle (only `CERTIFICATE` blocks, as
+    /// `api::check_backend_ca` wrote them out).
+    pub backend_ca_pem: Option<String>,
 }
 
 /// An uploaded certificate for hosts of custom domains, validated by

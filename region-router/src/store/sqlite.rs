@@ -144,6 +144,15 @@ ALTER TABLE apps ADD COLUMN translate_headers INTEGER NOT NULL DEFAULT 1;
 ALTER TABLE apps ADD COLUMN translate_body INTEGER NOT NULL DEFAULT 0;
 ";
 
+/// Version 10: app settings from Entra, per app: maintenance mode (off,
+/// as for every app stored before), the home page (none: the external
+/// URL) and the backend CA bundle (none).
+const SCHEMA_V10: &str = "
+ALTER TABLE apps ADD COLUMN maintenance INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE apps ADD COLUMN home_path TEXT;
+ALTER TABLE apps ADD COLUMN backend_ca_pem TEXT;
+";
+
 /// Version 11: uploaded certificates for hosts of custom domains.
 const SCHEMA_V11: &str = "
 CREATE TABLE certificates (
@@ -276,6 +285,7 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
         (7, SCHEMA_V7),
         (8, SCHEMA_V8),
         (9, SCHEMA_V9),
+        (10, SCHEMA_V10),
         (11, SCHEMA_V11),
         (12, SCHEMA_V12),
     ] {
@@ -373,6 +383,9 @@ type AppRow = (
     String,
     String,
     bool,
+    bool,
+    Option<String>,
+    Option<String>,
 );
 
 fn row_app(r: &Row<'_>) -> rusqlite::Result<AppRow> {
@@ -390,6 +403,9 @@ fn row_app(r: &Row<'_>) -> rusqlite::Result<AppRow> {
         r.get(10)?,
         r.get(11)?,
         r.get(12)?,
+        r.get(13)?,
+        r.get(14)?,
+        r.get(15)?,
     ))
 }
 
@@ -408,6 +424,9 @@ fn to_app(row: AppRow) -> Result<AppRecord, StoreError> {
         assignment,
         identity_headers,
         hidden,
+        maintenance,
+        home_path,
+        backend_ca_pem,
     ) = row;
     Ok(AppRecord {
         id: AppId::new(id).map_err(|e| corrupt("app id", e))?,
@@ -427,6 +446,9 @@ fn to_app(row: AppRow) -> Result<AppRecord, StoreError> {
             .map_err(|e| corrupt("identity headers", e))?,
         hidden,
         created_at,
+        maintenance,
+        home_path,
+        backend_ca_pem,
     })
 }
 
@@ -440,7 +462,7 @@ fn app_json(app: &AppRecord) -> Result<(String, String, String), StoreError> {
     ))
 }
 
-const APP_COLS: &str = "id, external_host, internal_url, connector_group, backend_timeout, validate_backend_tls, created_at, required_features, translate_headers, translate_body, assignment, identity_headers, hidden";
+const APP_COLS: &str = "id, external_host, internal_url, connector_group, backend_timeout, validate_backend_tls, created_at, required_features, translate_headers, translate_body, assignment, identity_headers, hidden, maintenance, home_path, backend_ca_pem";
 
 type TokenRow = (String, String, String, u64, u64, Option<u64>, Option<u64>);
 
@@ -941,7 +963,7 @@ impl Store for SqliteStore {
             }
             check_app_refs(tx, app)?;
             tx.execute(
-                &format!("INSERT INTO apps ({APP_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"),
+                &format!("INSERT INTO apps ({APP_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)"),
                 params![
                     app.id.as_str(),
                     app.external_host,
@@ -955,7 +977,10 @@ impl Store for SqliteStore {
                     app.translate_body,
                     assignment,
                     identity_headers,
-                    app.hidden
+                    app.hidden,
+                    app.maintenance,
+                    app.home_path,
+                    app.backend_ca_pem
                 ],
             )?;
             bump(tx)
@@ -976,7 +1001,8 @@ impl Store for SqliteStore {
                 "UPDATE apps SET external_host = ?2, internal_url = ?3, connector_group = ?4,
                     backend_timeout = ?5, validate_backend_tls = ?6, required_features = ?7,
                     translate_headers = ?8, translate_body = ?9, assignment = ?10,
-                    identity_headers = ?11, hidden = ?12
+                    identity_headers = ?11, hidden = ?12, maintenance = ?13,
+                    home_path = ?14, backend_ca_pem = ?15
                  WHERE id = ?1",
                 params![
                     app.id.as_str(),
@@ -990,7 +1016,10 @@ impl Store for SqliteStore {
                     app.translate_body,
                     assignment,
                     identity_headers,
-                    app.hidden
+                    app.hidden,
+                    app.maintenance,
+                    app.home_path,
+                    app.backend_ca_pem
                 ],
             )?;
             bump(tx)
@@ -1664,6 +1693,9 @@ mod tests {
                 identity_headers: Default::default(),
                 hidden: false,
                 created_at: 8,
+                maintenance: true,
+                home_path: Some("/portal/?x=1".into()),
+                backend_ca_pem: Some("-----BEGIN CERTIFICATE-----".into()),
             })
             .expect("a new app with features");
         store.close();
@@ -1680,6 +1712,11 @@ mod tests {
         assert_eq!(apps[0].required_features, ["sign-in"]);
         assert!(!apps[0].translate_headers && apps[0].translate_body);
         assert!(apps[1].required_features.is_empty());
+        // Apps stored before maintenance mode existed are not in it.
+        assert!(apps[0].maintenance && !apps[1].maintenance);
+        assert_eq!(apps[0].home_path.as_deref(), Some("/portal/?x=1"));
+        assert_eq!(apps[1].home_path, None);
+        assert!(apps[0].backend_ca_pem.is_some() && apps[1].backend_ca_pem.is_none());
         // Its edge token's region is there, with `default`.
         let regions: Vec<String> = store
             .list_regions()

@@ -41,6 +41,9 @@ fn app(id: &str, host: &str, group: &str) -> AppRecord {
         identity_headers: [("X-Remote-User".to_owned(), "email".to_owned())].into(),
         hidden: true,
         created_at: 200,
+        maintenance: true,
+        home_path: Some("/portal/".into()),
+        backend_ca_pem: Some("pem".into()),
     }
 }
 
@@ -280,6 +283,9 @@ fn populate(s: &dyn Store) {
         translate_headers: true,
         translate_body: false,
         required_features: vec![],
+        maintenance: false,
+        home_path: None,
+        backend_ca_pem: None,
         ..app("upd", "upd.apps.test", "Default")
     };
     let v = s.update_app(&changed).expect("update");
