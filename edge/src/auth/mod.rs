@@ -16,10 +16,13 @@
 //!
 //! Everything handed to the browser is sealed ([`seal`]) with the router's
 //! session keys, bound to its purpose and host. An API client (not a
-//! browser navigation) gets 401 `SignInRequired` with `WWW-Authenticate`,
-//! never a redirect; a request without a valid session never opens a
-//! connector stream.
+//! browser navigation) may sign in with a bearer JWT of the same provider
+//! ([`bearer`]); without one it gets 401 `SignInRequired` with
+//! `WWW-Authenticate`, and with a refused one 401 with
+//! `error="invalid_token"`, never a redirect. A request without a valid
+//! session or token never opens a connector stream.
 
+mod bearer;
 pub(crate) mod oidc;
 pub(crate) mod seal;
 mod target;
@@ -30,7 +33,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 use bytes::Bytes;
-use http::header::{CACHE_CONTROL, COOKIE, LOCATION, SET_COOKIE, WWW_AUTHENTICATE};
+use http::header::{AUTHORIZATION, CACHE_CONTROL, COOKIE, LOCATION, SET_COOKIE, WWW_AUTHENTICATE};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use portico_proto::api::{App, SignInSettings, SIGN_IN_FEATURE};
@@ -102,6 +105,8 @@ struct SignIn {
     settings: SignInSettings,
     provider: Provider,
     keys: Keys,
+    /// API clients' bearer tokens.
+    bearer: bearer::Verifier,
     /// Handoff codes already used, with their expiry (unix seconds).
     used: Mutex<HashMap<String, u64>>,
 }
@@ -120,6 +125,7 @@ impl SignIn {
             settings,
             provider,
             keys,
+            bearer: bearer::Verifier::default(),
             used: Mutex::new(HashMap::new()),
         })
     }
@@ -220,6 +226,28 @@ pub(crate) async fn gate<B>(
         .and_then(|v| sign_in.keys.open::<Session>(Purpose::Session, host, &v));
     if let Some(s) = session {
         return Ok(Gate::Pass(Some(s.user)));
+    }
+    // An API client's bearer token: valid, or 401, never a redirect. The
+    // `Authorization` header goes on to the backend, the token's audience.
+    if let Some(token) = bearer_token(req.headers()) {
+        let audiences = audiences(app);
+        return match sign_in
+            .bearer
+            .verify(
+                &sign_in.provider,
+                &sign_in.settings.issuer,
+                &audiences,
+                token,
+            )
+            .await
+        {
+            Ok(user) => Ok(Gate::Pass(Some(user))),
+            Err(bearer::BearerError::Keys(reason)) => Err(ProxyError::SignInFailed { reason }),
+            Err(e) => {
+                tracing::debug!(error = %e, app = %app.id, "bearer token refused");
+                Ok(Gate::Respond(invalid_token(host, &e.to_string())))
+            }
+        };
     }
     if !is_navigation(req) {
         return Ok(Gate::Respond(unauthenticated(host)));
@@ -402,17 +430,63 @@ fn is_navigation<B>(req: &Request<B>) -> bool {
             .any(|v| v.contains("text/html"))
 }
 
+/// The token of an `Authorization: Bearer` header (the scheme in any
+/// case), if the request has one.
+fn bearer_token(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
+}
+
+/// The audiences a bearer token for `app` may name: the app's external
+/// URL, with and without its trailing slash.
+fn audiences(app: &App) -> Vec<String> {
+    let url = app.external_url.as_str();
+    let bare = url.trim_end_matches('/');
+    vec![bare.to_owned(), format!("{bare}/")]
+}
+
+/// 401 `SignInRequired` without credentials: `WWW-Authenticate: Bearer`
+/// with the realm only (RFC 6750, section 3).
 fn unauthenticated(host: &str) -> Response<Body> {
+    sign_in_required(&format!("Bearer realm=\"{}\"", quotable(host)))
+}
+
+/// 401 `SignInRequired` for a refused bearer token: `error="invalid_token"`
+/// and why (RFC 6750, section 3.1).
+fn invalid_token(host: &str, why: &str) -> Response<Body> {
+    sign_in_required(&format!(
+        "Bearer realm=\"{}\", error=\"invalid_token\", error_description=\"{}\"",
+        quotable(host),
+        quotable(why)
+    ))
+}
+
+fn sign_in_required(www_authenticate: &str) -> Response<Body> {
     let mut resp = crate::pages::error_response::<Full<Bytes>>(
         portico_proto::ErrorCode::SignInRequired,
         portico_proto::RequestId(0),
         &HeaderMap::new(),
     )
     .map(|b| b.map_err(|never| match never {}).boxed_unsync());
-    if let Ok(v) = HeaderValue::from_str(&format!("Bearer realm=\"{host}\"")) {
+    if let Ok(v) = HeaderValue::from_str(www_authenticate) {
         resp.headers_mut().insert(WWW_AUTHENTICATE, v);
     }
     resp
+}
+
+/// `s` with only what RFC 6750 allows in a quoted `error_description`
+/// (printable ASCII without `"` and `\`); anything else becomes `?`.
+fn quotable(s: &str) -> String {
+    s.chars()
+        .map(|c| match c {
+            ' '..='~' if c != '"' && c != '\\' => c,
+            _ => '?',
+        })
+        .collect()
 }
 
 fn signed_out() -> Response<Body> {
@@ -572,6 +646,21 @@ mod tests {
         h.append(COOKIE, HeaderValue::from_static("x=1"));
         assert!(take_cookie(&mut h, SESSION_COOKIE).is_none());
         assert_eq!(h[COOKIE], "x=1");
+    }
+
+    #[test]
+    fn the_bearer_token_is_read_in_any_case_of_the_scheme_and_the_challenge_is_quotable() {
+        let h = |v: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert(AUTHORIZATION, HeaderValue::from_static(v));
+            h
+        };
+        assert_eq!(bearer_token(&h("Bearer abc.def.ghi")), Some("abc.def.ghi"));
+        assert_eq!(bearer_token(&h("bearer  xyz ")), Some("xyz"));
+        assert_eq!(bearer_token(&h("Basic dXNlcjpwdw==")), None);
+        assert_eq!(bearer_token(&h("Bearer ")), None);
+        assert_eq!(bearer_token(&HeaderMap::new()), None);
+        assert_eq!(quotable("a \"b\" \\ é\n"), "a ?b? ? ??");
     }
 
     #[test]
