@@ -7,6 +7,7 @@
 //   OP_SIGNING_KEY    a PEM private key (RSA) to sign with, so a test can
 //                     sign tokens the provider's JWKS verifies; else a new one
 //   OP_SIGNING_KID    its kid (default test-key-1)
+//   OP_CONSENT=1      show the consent form (else every grant is given)
 //
 // `GET /_test/requests` answers how many requests each path got (JSON),
 // so a test can count the JWKS fetches of the edge.
@@ -76,14 +77,16 @@ server.listen(Number(process.env.OP_PORT ?? 0), '127.0.0.1', () => {
       }
       return undefined;
     },
-    // No consent page: every grant asked for is given.
-    async loadExistingGrant(ctx) {
-      const grant = new provider.Grant({ clientId: ctx.oidc.client.clientId, accountId: ctx.oidc.session.accountId });
-      grant.addOIDCScope('openid email profile groups');
-      grant.addResourceScope(API, 'api');
-      await grant.save();
-      return grant;
-    },
+    // No consent page unless OP_CONSENT=1: every grant asked for is given.
+    ...(process.env.OP_CONSENT === '1' ? {} : {
+      async loadExistingGrant(ctx) {
+        const grant = new provider.Grant({ clientId: ctx.oidc.client.clientId, accountId: ctx.oidc.session.accountId });
+        grant.addOIDCScope('openid email profile groups');
+        grant.addResourceScope(API, 'api');
+        await grant.save();
+        return grant;
+      },
+    }),
   });
   const callback = provider.callback();
   server.on('request', (req, res) => {
