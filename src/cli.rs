@@ -197,6 +197,10 @@ pub struct RouterArgs {
     /// How long a session lasts from its sign-in (at most 30 days).
     #[arg(long, default_value = "8h", value_parser = humantime::parse_duration)]
     pub session_lifetime: std::time::Duration,
+    /// How long a session lasts without a request (at most the lifetime);
+    /// every request within it extends it.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    pub session_idle_timeout: std::time::Duration,
 }
 
 #[derive(Debug, Args)]

@@ -177,6 +177,7 @@ async fn run_router(args: cli::RouterArgs) -> anyhow::Result<()> {
             client_id,
             client_secret,
             session_lifetime: args.session_lifetime,
+            session_idle_timeout: args.session_idle_timeout,
         });
     }
     let shutdown = shutdown_on_signal();

@@ -102,7 +102,11 @@ async fn wait_for_url(client: &Client, prefix: &str) -> url::Url {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chromium_signs_in_through_the_provider_and_curl_shares_its_session() {
-    let s = setup_with(true).await;
+    let s = setup_with(Options {
+        consent: true,
+        ..Options::default()
+    })
+    .await;
     let profile = tempfile::tempdir().unwrap();
     let (mut driver, client) = browser(profile.path()).await;
     // Whatever happens, the browser session ends (Chromium with it).

@@ -25,6 +25,7 @@ mod harness;
 
 use common::curl;
 use harness::*;
+use std::time::Duration;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_browser_signs_in_through_the_provider_and_reaches_the_app_api_clients_get_401() {
     let s = setup().await;
@@ -363,4 +364,63 @@ async fn bearer_tokens_of_the_provider_reach_the_api_and_crafted_ones_get_401_in
     // The provider's own token still passes after the refresh.
     let r = call(access, "application/json").await;
     assert_eq!(r.status, 200, "{}", r.text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_ends_when_idle_and_each_request_extends_it() {
+    // The router's --session-idle-timeout is 10 s here. The waits below
+    // leave seconds of margin on each side (the edge counts whole
+    // seconds); nothing measures how fast anything is.
+    let idle = Duration::from_secs(10);
+    let s = setup_with(Options {
+        idle,
+        ..Options::default()
+    })
+    .await;
+    let jar_file = tempfile::NamedTempFile::new().unwrap();
+    let jar = jar_file.path();
+    let signed_in = tokio::time::Instant::now();
+    let first = curl_sign_in(&s, jar, "alice").await;
+    let app = format!("https://hr.{DOMAIN}:{}", s.port);
+    let before = tempfile::NamedTempFile::new().unwrap();
+    std::fs::copy(jar, before.path()).unwrap();
+
+    // A request 4 s on: the app, and the cookie written again.
+    tokio::time::sleep_until(signed_in + Duration::from_secs(4)).await;
+    let r = hop(&s.ca, jar, &format!("{app}/headers"), &[]).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let renewed = session_set_cookie(&r.set_cookie)
+        .expect("the session cookie is written again")
+        .clone();
+    assert_ne!(renewed, first);
+    for attr in ["Secure", "HttpOnly", "SameSite=Lax", "Path=/"] {
+        assert!(renewed.contains(attr), "{renewed}");
+    }
+    assert!(!r.body.contains("portico-session"), "{}", r.body);
+
+    // 11.5 s after the sign-in: the cookie of the sign-in has been idle
+    // for more than 10 s, the renewed one for less.
+    tokio::time::sleep_until(signed_in + idle + Duration::from_millis(1500)).await;
+    let r = hop(&s.ca, before.path(), &format!("{app}/headers"), &[]).await;
+    assert_eq!(r.status, 302, "idle for too long: sign in again");
+    assert!(
+        r.location
+            .starts_with(&format!("https://auth.{DOMAIN}:{}/.portico/start?", s.port)),
+        "{}",
+        r.location
+    );
+    let api = curl(
+        &s.ca,
+        &[
+            "-b",
+            before.path().to_str().unwrap(),
+            "-H",
+            "Accept: application/json",
+            &format!("{app}/headers"),
+        ],
+    )
+    .await;
+    assert_eq!(api.status, 401);
+    let r = hop(&s.ca, jar, &format!("{app}/headers"), &[]).await;
+    assert_eq!(r.status, 200, "the renewed session: {}", r.body);
 }

@@ -948,6 +948,14 @@ pub struct SignInSettings {
     pub keys: Vec<SessionKey>,
     /// How long a session lasts from its sign-in, in seconds.
     pub session_lifetime_secs: u64,
+    /// How long a session lasts without a request, in seconds; 0 (a
+    /// router from before the setting): no idle limit.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub session_idle_secs: u64,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 impl fmt::Debug for SignInSettings {
@@ -958,6 +966,7 @@ impl fmt::Debug for SignInSettings {
             .field("client_secret", &"***")
             .field("keys", &self.keys.iter().map(|k| k.id).collect::<Vec<_>>())
             .field("session_lifetime_secs", &self.session_lifetime_secs)
+            .field("session_idle_secs", &self.session_idle_secs)
             .finish()
     }
 }

@@ -228,6 +228,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Handle
                 client_secret: s.client_secret.clone(),
                 keys: session_keys,
                 session_lifetime_secs: s.session_lifetime.as_secs(),
+                session_idle_secs: s.session_idle_timeout.as_secs(),
             }),
     });
 

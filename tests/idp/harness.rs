@@ -261,14 +261,31 @@ pub struct Setup {
     pub _connector: portico_connector::Handle,
 }
 
-/// [`setup_with`] a provider that asks no consent.
+/// What [`setup_with`] varies.
+pub struct Options {
+    /// The provider shows its consent form.
+    pub consent: bool,
+    /// The router's `--session-idle-timeout`.
+    pub idle: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            consent: false,
+            idle: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// [`setup_with`] the defaults: a provider that asks no consent.
 pub async fn setup() -> Setup {
-    setup_with(false).await
+    setup_with(Options::default()).await
 }
 
 /// A router with the test IdP, an edge, a connector, app `hr` (the demo
 /// backend) and app `api` ([`Echo`]), both `preauth = oidc`.
-pub async fn setup_with(consent: bool) -> Setup {
+pub async fn setup_with(opts: Options) -> Setup {
     common::init_tracing();
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path().to_owned();
@@ -281,7 +298,7 @@ pub async fn setup_with(consent: bool) -> Setup {
         &format!("https://auth.{DOMAIN}:{port}/.portico/callback"),
         &format!("https://api.{DOMAIN}:{port}"),
         &d.join("idp-key.pem"),
-        consent,
+        opts.consent,
     )
     .await;
 
@@ -294,6 +311,7 @@ pub async fn setup_with(consent: bool) -> Setup {
         client_id: "portico".into(),
         client_secret: "portico-secret".into(),
         session_lifetime: Duration::from_secs(3600),
+        session_idle_timeout: opts.idle,
     });
     let router = portico_router::start(rc, root.child_token()).await.unwrap();
     let ca = d.join("router/ca.pem");
@@ -451,4 +469,32 @@ pub fn unix_now() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs() as i64
+}
+
+/// Signs `user` in to app `hr` with curl and the cookie jar `jar`: the
+/// app's redirect, the auth host, the provider, the callback, the
+/// handoff. Returns the session's `Set-Cookie`.
+pub async fn curl_sign_in(s: &Setup, jar: &Path, user: &str) -> String {
+    let app = format!("https://hr.{DOMAIN}:{}", s.port);
+    let r = hop(&s.ca, jar, &format!("{app}/"), &[]).await;
+    assert_eq!(r.status, 302, "{}", r.body);
+    let r = hop(&s.ca, jar, &r.location, &[]).await;
+    assert_eq!(r.status, 302, "{}", r.body);
+    let callback = sign_in_at_provider(&s.ca, jar, &s.idp, &r.location, user).await;
+    let r = hop(&s.ca, jar, &callback, &[]).await;
+    assert_eq!(r.status, 302, "{}", r.body);
+    let r = hop(&s.ca, jar, &r.location, &[]).await;
+    assert_eq!(r.status, 302, "{}", r.body);
+    r.set_cookie
+        .iter()
+        .find(|c| c.starts_with("__Host-portico-session="))
+        .expect("a session cookie")
+        .clone()
+}
+
+/// The `Set-Cookie` of the session among `set_cookie`, if any.
+pub fn session_set_cookie(set_cookie: &[String]) -> Option<&String> {
+    set_cookie
+        .iter()
+        .find(|c| c.starts_with("__Host-portico-session="))
 }

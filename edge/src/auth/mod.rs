@@ -130,6 +130,46 @@ impl SignIn {
         })
     }
 
+    /// Whether session `s` is still good at `now`: within the lifetime
+    /// from its sign-in (the router's current one, however it was sealed)
+    /// and the idle timeout from its last request.
+    fn alive(&self, s: &Session, now: u64) -> bool {
+        let lifetime = self.settings.session_lifetime_secs;
+        let idle = self.settings.session_idle_secs;
+        let seen = s.seen.max(s.iat);
+        now < s.iat.saturating_add(lifetime) && (idle == 0 || now <= seen.saturating_add(idle))
+    }
+
+    /// The session cookie sealed again with `seen = now`, when the one it
+    /// came in is older than a tenth of the idle timeout (at least 1 s).
+    fn seen_again(&self, s: &Session, app: &App, now: u64) -> Option<HeaderValue> {
+        let idle = self.settings.session_idle_secs;
+        let seen = s.seen.max(s.iat);
+        if idle == 0 || now.saturating_sub(seen) < (idle / 10).max(1) {
+            return None;
+        }
+        let renewed = Session {
+            sid: s.sid.clone(),
+            user: s.user.clone(),
+            iat: s.iat,
+            seen: now,
+        };
+        Some(self.session_cookie(app, &renewed, now))
+    }
+
+    /// The `Set-Cookie` of `session` at `app`'s host, sealed until the end
+    /// of its lifetime.
+    fn session_cookie(&self, app: &App, session: &Session, now: u64) -> HeaderValue {
+        let end = session
+            .iat
+            .saturating_add(self.settings.session_lifetime_secs);
+        let left = Duration::from_secs(end.saturating_sub(now));
+        let sealed = self
+            .keys
+            .seal(Purpose::Session, &app.external_host, session, left);
+        cookie(SESSION_COOKIE, &sealed, None)
+    }
+
     /// Marks a handoff code used; false if it was already.
     fn first_use(&self, jti: &str, exp: u64) -> bool {
         let mut used = self.used.lock().unwrap_or_else(|p| p.into_inner());
@@ -173,7 +213,17 @@ pub(crate) struct Session {
     pub user: User,
     /// Unix seconds.
     pub iat: u64,
+    /// The last request seen, unix seconds, for the idle timeout; written
+    /// again at most every tenth of it (0: a session from before, `iat`).
+    #[serde(default)]
+    pub seen: u64,
 }
+
+/// A session cookie written again (the idle timeout starts over), for the
+/// response of the request that carried it: `gate` leaves it in the
+/// request's extensions, the request path adds it to the response.
+#[derive(Clone)]
+pub(crate) struct SessionCookie(pub HeaderValue);
 
 /// What the sign-in gate decided.
 pub(crate) enum Gate {
@@ -222,9 +272,14 @@ pub(crate) async fn gate<B>(
     if path == SIGN_OUT {
         return Ok(Gate::Respond(signed_out()));
     }
+    let now = seal::unix_now();
     let session = take_cookie(req.headers_mut(), SESSION_COOKIE)
-        .and_then(|v| sign_in.keys.open::<Session>(Purpose::Session, host, &v));
+        .and_then(|v| sign_in.keys.open::<Session>(Purpose::Session, host, &v))
+        .filter(|s| sign_in.alive(s, now));
     if let Some(s) = session {
+        if let Some(cookie) = sign_in.seen_again(&s, app, now) {
+            req.extensions_mut().insert(SessionCookie(cookie));
+        }
         return Ok(Gate::Pass(Some(s.user)));
     }
     // An API client's bearer token: valid, or 401, never a redirect. The
@@ -403,18 +458,16 @@ fn session_from_handoff<B>(
             reason: "the handoff code was used already".into(),
         });
     }
-    let lifetime = Duration::from_secs(sign_in.settings.session_lifetime_secs);
+    let now = seal::unix_now();
     let session = Session {
         sid: seal::random_token(16),
         user: handoff.user,
-        iat: seal::unix_now(),
+        iat: now,
+        seen: now,
     };
-    let sealed = sign_in
-        .keys
-        .seal(Purpose::Session, &app.external_host, &session, lifetime);
     Ok(redirect(
         &target::safe(&handoff.to),
-        Some(cookie(SESSION_COOKIE, &sealed, None)),
+        Some(sign_in.session_cookie(app, &session, now)),
     ))
 }
 

@@ -145,9 +145,16 @@ async fn proxy<B: RequestBody>(
     // The user's subject travels in the head (the claims, for headers and
     // the assertion, come with the identity issue's next part).
     let identity = user.as_ref().map(|u| u.sub.as_str());
+    // A session cookie the gate wrote again goes on the app's response.
+    let renewed = req.extensions_mut().remove::<crate::auth::SessionCookie>();
     upstream::forward(req, &app, shared, conn.addr, record, identity)
         .await
-        .map(Outcome::Relayed)
+        .map(|mut relayed| {
+            if let Some(crate::auth::SessionCookie(cookie)) = renewed {
+                relayed.headers.append(http::header::SET_COOKIE, cookie);
+            }
+            Outcome::Relayed(relayed)
+        })
 }
 
 /// What the phases end in: a response relayed from the app, or one the
