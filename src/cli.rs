@@ -565,6 +565,14 @@ pub struct AppCreateArgs {
     /// reaches the app.
     #[arg(long, default_value = "passthrough", value_name = "oidc|passthrough")]
     pub preauth: portico_proto::api::Preauth,
+    /// Let the page's scripts read the session cookie (`--preauth oidc`):
+    /// it is `HttpOnly` by default.
+    #[arg(long)]
+    pub no_http_only: bool,
+    /// Keep the session cookie when the browser closes (`Max-Age`, the
+    /// rest of the session's lifetime); by default it ends with the browser.
+    #[arg(long)]
+    pub persistent: bool,
     #[command(flatten)]
     pub conn: RouterConn,
 }
@@ -620,6 +628,18 @@ pub struct AppUpdateArgs {
     /// `oidc` or `passthrough` (see `app create --help`).
     #[arg(long, group = "change", value_name = "oidc|passthrough")]
     pub preauth: Option<portico_proto::api::Preauth>,
+    /// Make the session cookie `HttpOnly` again.
+    #[arg(long, group = "change", conflicts_with = "no_http_only")]
+    pub http_only: bool,
+    /// Let the page's scripts read the session cookie.
+    #[arg(long, group = "change")]
+    pub no_http_only: bool,
+    /// Keep the session cookie when the browser closes.
+    #[arg(long, group = "change", conflicts_with = "no_persistent")]
+    pub persistent: bool,
+    /// End the session cookie with the browser.
+    #[arg(long, group = "change")]
+    pub no_persistent: bool,
     #[command(flatten)]
     pub conn: RouterConn,
 }

@@ -252,6 +252,8 @@ pub async fn publish(
         translate_body: false,
         required_features: vec![],
         preauth: Default::default(),
+        http_only: true,
+        persistent: false,
     };
     admin
         .post_json("/v1/apps", &spec)

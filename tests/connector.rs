@@ -292,6 +292,8 @@ async fn a_backend_that_never_answers_takes_only_its_apps_cap() {
             translate_body: false,
             required_features: vec![],
             preauth: Default::default(),
+            http_only: true,
+            persistent: false,
         };
         let _: portico_proto::api::App = s.d.admin.post_json("/v1/apps", &spec).await.unwrap();
     }

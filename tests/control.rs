@@ -349,6 +349,8 @@ async fn invalid_admin_input_gets_precise_errors() {
         translate_body: false,
         required_features: vec![],
         preauth: Default::default(),
+        http_only: true,
+        persistent: false,
     };
     let expect = |r: Result<App, ClientError>, status: u16, field: &str| {
         let e = r.expect_err("refused");

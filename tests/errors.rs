@@ -28,6 +28,8 @@ fn spec(id: &str, internal_url: &str) -> AppSpec {
         translate_body: false,
         required_features: vec![],
         preauth: Default::default(),
+        http_only: true,
+        persistent: false,
     }
 }
 

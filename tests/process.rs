@@ -43,6 +43,8 @@ async fn a_killed_connector_gives_connector_not_found_and_comes_back_from_its_st
                     translate_body: false,
                     required_features: vec![],
                     preauth: Default::default(),
+                    http_only: true,
+                    persistent: false,
                 },
             )
             .await

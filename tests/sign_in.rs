@@ -424,3 +424,50 @@ async fn a_session_ends_when_idle_and_each_request_extends_it() {
     let r = hop(&s.ca, jar, &format!("{app}/headers"), &[]).await;
     assert_eq!(r.status, 200, "the renewed session: {}", r.body);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_apps_session_cookie_can_be_persistent_and_readable_by_scripts() {
+    let s = setup().await;
+    let router_dir = s.dir.path().join("router");
+    let update = |args: &'static [&'static str]| {
+        let (url, dir) = (s.router_url.clone(), router_dir.clone());
+        async move {
+            let mut all = vec!["app", "update", "hr"];
+            all.extend_from_slice(args);
+            common::admin_cli(&url, &dir, &all).await
+        }
+    };
+    let out = update(&["--no-http-only", "--persistent"]).await;
+    assert!(
+        out.contains("session cookie http only") && out.contains("false"),
+        "{out}"
+    );
+    let c = cookie_when(&s, |c| !c.contains("HttpOnly")).await;
+    for attr in ["Secure", "SameSite=Lax", "Path=/"] {
+        assert!(c.contains(attr), "{c}");
+    }
+    // Persistent: Max-Age is what is left of the 1 h lifetime.
+    let max_age: u64 = c
+        .split("; ")
+        .find_map(|a| a.strip_prefix("Max-Age="))
+        .unwrap_or_else(|| panic!("persistent: {c}"))
+        .parse()
+        .unwrap();
+    assert!((3500..=3600).contains(&max_age), "{c}");
+
+    // And back to the defaults.
+    update(&["--http-only", "--no-persistent"]).await;
+    let c = cookie_when(&s, |c| c.contains("HttpOnly")).await;
+    assert!(!c.contains("Max-Age"), "a browser session's cookie: {c}");
+}
+
+/// Signs in (each time as a new browser) until the edge's session cookie
+/// matches `ready`: the edge follows an app's update shortly after.
+async fn cookie_when(s: &Setup, ready: fn(&str) -> bool) -> String {
+    common::eventually("the edge to follow the app's settings", LIMIT, || async {
+        let jar = tempfile::NamedTempFile::new().unwrap();
+        let c = curl_sign_in(s, jar.path(), "bob").await;
+        ready(&c).then_some(c)
+    })
+    .await
+}

@@ -150,6 +150,8 @@ async fn publish(s: &Stack, backend: SocketAddr, translate_body: bool) -> App {
         translate_body,
         required_features: vec![],
         preauth: Default::default(),
+        http_only: true,
+        persistent: false,
     };
     s.d.admin.post_json("/v1/apps", &spec).await.unwrap()
 }

@@ -54,6 +54,8 @@ fn app(id: &str, internal_url: String, validate: bool) -> App {
         translate_body: false,
         required_features: vec![],
         preauth: Default::default(),
+        http_only: true,
+        persistent: false,
         created_at: 0,
     }
 }

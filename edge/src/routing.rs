@@ -245,6 +245,8 @@ pub(crate) mod tests {
             translate_body: false,
             required_features: vec![],
             preauth: Default::default(),
+            http_only: true,
+            persistent: false,
             created_at: 0,
         }
     }

@@ -140,6 +140,8 @@ fn app(id: &str, host: &str, timeout: BackendTimeout) -> App {
         translate_body: false,
         required_features: vec![],
         preauth: Default::default(),
+        http_only: true,
+        persistent: false,
         created_at: 0,
     }
 }

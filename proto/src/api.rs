@@ -495,6 +495,15 @@ pub struct AppSpec {
     /// Whether the edge signs users in before they reach the app.
     #[serde(default)]
     pub preauth: Preauth,
+    /// The session cookie is `HttpOnly`, out of the page's scripts' reach
+    /// (`preauth = oidc`). On by default; left out of the JSON when on.
+    #[serde(default = "default_true", skip_serializing_if = "is_true")]
+    pub http_only: bool,
+    /// The session cookie outlives the browser (`Max-Age` = what is left
+    /// of the session's lifetime) instead of ending when it closes. Off by
+    /// default; left out of the JSON when off.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub persistent: bool,
 }
 
 /// `PATCH /v1/apps/{id}`: the fields to change, each optional; the others
@@ -522,6 +531,10 @@ pub struct AppPatch {
     pub required_features: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub preauth: Option<Preauth>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_only: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub persistent: Option<bool>,
 }
 
 impl AppPatch {
@@ -559,6 +572,12 @@ impl AppPatch {
         if let Some(v) = self.preauth {
             spec.preauth = v;
         }
+        if let Some(v) = self.http_only {
+            spec.http_only = v;
+        }
+        if let Some(v) = self.persistent {
+            spec.persistent = v;
+        }
         spec
     }
 }
@@ -591,6 +610,13 @@ pub struct App {
     pub preauth: Preauth,
     /// Seconds since the Unix epoch.
     pub created_at: u64,
+    /// The session cookie is `HttpOnly` (on for an app stored before the
+    /// setting existed).
+    #[serde(default = "default_true")]
+    pub http_only: bool,
+    /// The session cookie outlives the browser.
+    #[serde(default)]
+    pub persistent: bool,
 }
 
 /// The most features one app may require.
@@ -1156,6 +1182,10 @@ mod tests {
         assert!(spec.validate_backend_tls);
         assert!(spec.translate_headers);
         assert!(!spec.translate_body);
+        assert!(
+            spec.http_only && !spec.persistent,
+            "the session cookie's defaults"
+        );
         assert_eq!(spec.backend_timeout, BackendTimeout::Default);
         assert!(spec.required_features.is_empty());
     }
@@ -1172,12 +1202,17 @@ mod tests {
         .unwrap();
         assert!(app.translate_headers);
         assert!(!app.translate_body);
+        assert!(app.http_only && !app.persistent);
         // A spec at the defaults names neither, so an older router (which
         // refuses unknown fields) still takes it; a changed one names it.
         let mut spec: AppSpec =
             serde_json::from_str(r#"{"id":"hr","internal_url":"http://x/"}"#).unwrap();
         let json = serde_json::to_string(&spec).unwrap();
         assert!(!json.contains("translate"), "{json}");
+        assert!(
+            !json.contains("http_only") && !json.contains("persistent"),
+            "{json}"
+        );
         spec.translate_headers = false;
         spec.translate_body = true;
         let json = serde_json::to_string(&spec).unwrap();

@@ -969,6 +969,8 @@ pub(crate) fn to_app(rec: AppRecord, port: u16) -> App {
         translate_body: rec.translate_body,
         required_features: rec.required_features,
         created_at: rec.created_at,
+        http_only: rec.http_only,
+        persistent: rec.persistent,
     }
 }
 
@@ -1446,6 +1448,8 @@ async fn update_app(
             .collect(),
         translate_headers: current.translate_headers,
         translate_body: current.translate_body,
+        http_only: current.http_only,
+        persistent: current.persistent,
     });
     // The same checks as a new app, on the whole result.
     let rec = app_record(&state.config, spec, created_at)?;
@@ -1512,6 +1516,8 @@ fn app_record(config: &Config, spec: api::AppSpec, created_at: u64) -> Result<Ap
         translate_headers: spec.translate_headers,
         translate_body: spec.translate_body,
         created_at,
+        http_only: spec.http_only,
+        persistent: spec.persistent,
     })
 }
 

@@ -241,6 +241,8 @@ pub(crate) mod tests {
                 translate_body: false,
                 required_features: vec![],
                 created_at: 0,
+                http_only: true,
+                persistent: false,
             });
             self
         }

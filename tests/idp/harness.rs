@@ -251,6 +251,8 @@ pub fn absolute(base: &str, location: &str) -> String {
 pub struct Setup {
     pub root: tokio_util::sync::CancellationToken,
     pub ca: PathBuf,
+    /// The router's API URL (its data directory is `dir/router`).
+    pub router_url: String,
     pub port: u16,
     pub idp: Idp,
     /// The provider's signing key (private PEM, public PEM).
@@ -338,6 +340,8 @@ pub async fn setup_with(opts: Options) -> Setup {
         translate_body: false,
         required_features: vec![],
         preauth: Preauth::Oidc,
+        http_only: true,
+        persistent: false,
     };
     let app: portico_proto::api::App = admin.post_json("/v1/apps", &spec).await.unwrap();
     assert_eq!(app.preauth, Preauth::Oidc);
@@ -381,6 +385,7 @@ pub async fn setup_with(opts: Options) -> Setup {
     Setup {
         root,
         ca,
+        router_url: router.url(),
         port,
         idp,
         idp_key,

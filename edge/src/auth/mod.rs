@@ -158,7 +158,8 @@ impl SignIn {
     }
 
     /// The `Set-Cookie` of `session` at `app`'s host, sealed until the end
-    /// of its lifetime.
+    /// of its lifetime; `HttpOnly` and persistent (`Max-Age`, what is left
+    /// of the lifetime) as the app says.
     fn session_cookie(&self, app: &App, session: &Session, now: u64) -> HeaderValue {
         let end = session
             .iat
@@ -167,7 +168,8 @@ impl SignIn {
         let sealed = self
             .keys
             .seal(Purpose::Session, &app.external_host, session, left);
-        cookie(SESSION_COOKIE, &sealed, None)
+        let max_age = app.persistent.then_some(left);
+        cookie_with(SESSION_COOKIE, &sealed, max_age, app.http_only)
     }
 
     /// Marks a handoff code used; false if it was already.
@@ -582,9 +584,15 @@ fn redirect(to: &str, cookie: Option<HeaderValue>) -> Response<Body> {
 /// host (`__Host-` requires all but the last two); a session cookie
 /// without `max_age`.
 fn cookie(name: &str, value: &str, max_age: Option<Duration>) -> HeaderValue {
+    cookie_with(name, value, max_age, true)
+}
+
+/// [`cookie`], `HttpOnly` only when `http_only`.
+fn cookie_with(name: &str, value: &str, max_age: Option<Duration>, http_only: bool) -> HeaderValue {
     let age = max_age.map_or(String::new(), |a| format!("; Max-Age={}", a.as_secs()));
+    let http_only = if http_only { "; HttpOnly" } else { "" };
     HeaderValue::from_str(&format!(
-        "{name}={value}; Path=/; Secure; HttpOnly; SameSite=Lax{age}"
+        "{name}={value}; Path=/; Secure{http_only}; SameSite=Lax{age}"
     ))
     .unwrap_or_else(|_| HeaderValue::from_static(""))
 }

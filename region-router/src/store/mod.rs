@@ -49,6 +49,10 @@ pub struct AppRecord {
     /// Checked by `portico_proto::api::check_required_features`.
     pub required_features: Vec<String>,
     pub created_at: u64,
+    /// The session cookie is `HttpOnly` (`preauth = oidc`).
+    pub http_only: bool,
+    /// The session cookie outlives the browser.
+    pub persistent: bool,
 }
 
 /// A join token. Only the SHA-256 of its secret is kept.

@@ -15,7 +15,7 @@ use super::{
 };
 use crate::error::StoreError;
 
-const SCHEMA_VERSION: i64 = 9;
+const SCHEMA_VERSION: i64 = 13;
 
 const SCHEMA_V1: &str = "
 CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -144,6 +144,15 @@ ALTER TABLE apps ADD COLUMN translate_headers INTEGER NOT NULL DEFAULT 1;
 ALTER TABLE apps ADD COLUMN translate_body INTEGER NOT NULL DEFAULT 0;
 ";
 
+/// Version 13: the session cookie's settings, per app: `HttpOnly` (on, as
+/// for every app stored before) and persistent (off). (Versions 10 to 12
+/// are other changes of issue 11; each step runs only when the database
+/// is older than it.)
+const SCHEMA_V13: &str = "
+ALTER TABLE apps ADD COLUMN http_only INTEGER NOT NULL DEFAULT 1;
+ALTER TABLE apps ADD COLUMN persistent INTEGER NOT NULL DEFAULT 0;
+";
+
 /// The SQLite store: one connection behind a mutex.
 pub struct SqliteStore {
     path: PathBuf,
@@ -251,6 +260,7 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
         (7, SCHEMA_V7),
         (8, SCHEMA_V8),
         (9, SCHEMA_V9),
+        (13, SCHEMA_V13),
     ] {
         if found < version {
             let tx = conn.transaction()?;
@@ -343,6 +353,8 @@ type AppRow = (
     String,
     bool,
     bool,
+    bool,
+    bool,
 );
 
 fn row_app(r: &Row<'_>) -> rusqlite::Result<AppRow> {
@@ -357,6 +369,8 @@ fn row_app(r: &Row<'_>) -> rusqlite::Result<AppRow> {
         r.get(7)?,
         r.get(8)?,
         r.get(9)?,
+        r.get(10)?,
+        r.get(11)?,
     ))
 }
 
@@ -372,6 +386,8 @@ fn to_app(row: AppRow) -> Result<AppRecord, StoreError> {
         features,
         translate_headers,
         translate_body,
+        http_only,
+        persistent,
     ) = row;
     Ok(AppRecord {
         id: AppId::new(id).map_err(|e| corrupt("app id", e))?,
@@ -387,10 +403,12 @@ fn to_app(row: AppRow) -> Result<AppRecord, StoreError> {
         required_features: serde_json::from_str(&features)
             .map_err(|e| corrupt("required features", e))?,
         created_at,
+        http_only,
+        persistent,
     })
 }
 
-const APP_COLS: &str = "id, external_host, internal_url, connector_group, backend_timeout, validate_backend_tls, created_at, required_features, translate_headers, translate_body";
+const APP_COLS: &str = "id, external_host, internal_url, connector_group, backend_timeout, validate_backend_tls, created_at, required_features, translate_headers, translate_body, http_only, persistent";
 
 type TokenRow = (String, String, String, u64, u64, Option<u64>, Option<u64>);
 
@@ -892,7 +910,7 @@ impl Store for SqliteStore {
             }
             check_app_refs(tx, app)?;
             tx.execute(
-                &format!("INSERT INTO apps ({APP_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"),
+                &format!("INSERT INTO apps ({APP_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"),
                 params![
                     app.id.as_str(),
                     app.external_host,
@@ -903,7 +921,9 @@ impl Store for SqliteStore {
                     app.created_at,
                     features,
                     app.translate_headers,
-                    app.translate_body
+                    app.translate_body,
+                    app.http_only,
+                    app.persistent
                 ],
             )?;
             bump(tx)
@@ -924,7 +944,8 @@ impl Store for SqliteStore {
             tx.execute(
                 "UPDATE apps SET external_host = ?2, internal_url = ?3, connector_group = ?4,
                     backend_timeout = ?5, validate_backend_tls = ?6, required_features = ?7,
-                    translate_headers = ?8, translate_body = ?9
+                    translate_headers = ?8, translate_body = ?9, http_only = ?10,
+                    persistent = ?11
                  WHERE id = ?1",
                 params![
                     app.id.as_str(),
@@ -935,7 +956,9 @@ impl Store for SqliteStore {
                     app.validate_backend_tls,
                     features,
                     app.translate_headers,
-                    app.translate_body
+                    app.translate_body,
+                    app.http_only,
+                    app.persistent
                 ],
             )?;
             bump(tx)
@@ -1463,6 +1486,7 @@ mod tests {
         assert!(app.required_features.is_empty());
         assert!(app.translate_headers, "an old app keeps header translation");
         assert!(!app.translate_body);
+        assert!(app.http_only && !app.persistent, "an old app: the defaults");
         let token = store
             .get_token("00000000000000aa")
             .expect("get")
@@ -1480,6 +1504,8 @@ mod tests {
                 translate_body: true,
                 required_features: vec!["sign-in".into()],
                 created_at: 8,
+                http_only: false,
+                persistent: true,
             })
             .expect("a new app with features");
         store.close();

@@ -34,6 +34,9 @@ fn app(id: &str, host: &str, group: &str) -> AppRecord {
         translate_body: true,
         required_features: vec!["sign-in".into(), "mesh".into()],
         created_at: 200,
+        // Both unlike their defaults, so that storing them is seen.
+        http_only: false,
+        persistent: true,
     }
 }
 
@@ -201,6 +204,8 @@ fn populate(s: &dyn Store) {
         translate_headers: true,
         translate_body: false,
         required_features: vec![],
+        http_only: true,
+        persistent: false,
         ..app("upd", "upd.apps.test", "Default")
     };
     let v = s.update_app(&changed).expect("update");
