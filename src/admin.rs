@@ -194,6 +194,8 @@ pub async fn app(cmd: AppCmd) -> anyhow::Result<()> {
                 maintenance: a.maintenance,
                 home_page: a.home_page,
                 backend_ca_pem: a.backend_ca_file.as_deref().map(read_ca_file).transpose()?,
+                http_only: !a.no_http_only,
+                persistent: a.persistent,
             };
             let app: App = client(&a.conn)?.post_json("/v1/apps", &spec).await?;
             print_one(a.conn.json, &app, app_lines)
@@ -252,6 +254,8 @@ pub async fn app(cmd: AppCmd) -> anyhow::Result<()> {
                 } else {
                     a.backend_ca_file.as_deref().map(read_ca_file).transpose()?
                 },
+                http_only: switch(a.http_only, a.no_http_only),
+                persistent: switch(a.persistent, a.no_persistent),
             };
             let app: App = client(&a.conn)?
                 .patch_json(&format!("/v1/apps/{}", id::<AppId>(&a.id)?), &patch)
@@ -318,6 +322,8 @@ fn app_lines(app: &App) -> Vec<(&'static str, String)> {
         ("backend timeout", app.backend_timeout.to_string()),
         ("validate backend tls", app.validate_backend_tls.to_string()),
         ("preauth", app.preauth.to_string()),
+        ("session cookie http only", app.http_only.to_string()),
+        ("session cookie persistent", app.persistent.to_string()),
         ("translate headers", app.translate_headers.to_string()),
         ("translate body", app.translate_body.to_string()),
         ("required features", features(&app.required_features)),

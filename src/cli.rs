@@ -212,6 +212,10 @@ pub struct RouterArgs {
     /// `<id>.<apps-domain>`. Default: the nameservers of /etc/resolv.conf.
     #[arg(long = "check-nameserver", value_name = "ADDR", value_parser = parse_nameserver_addr, value_delimiter = ',')]
     pub check_nameservers: Vec<SocketAddr>,
+    /// How long a session lasts without a request (at most the lifetime);
+    /// every request within it extends it.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    pub session_idle_timeout: std::time::Duration,
 }
 
 /// `IP` or `IP:port` (port 53 by default), `[v6]:port` for IPv6.
@@ -639,6 +643,14 @@ pub struct AppCreateArgs {
     /// private CA. Ignored with --no-validate-backend-tls.
     #[arg(long, value_name = "PEM")]
     pub backend_ca_file: Option<std::path::PathBuf>,
+    /// Let the page's scripts read the session cookie (`--preauth oidc`):
+    /// it is `HttpOnly` by default.
+    #[arg(long)]
+    pub no_http_only: bool,
+    /// Keep the session cookie when the browser closes (`Max-Age`, the
+    /// rest of the session's lifetime); by default it ends with the browser.
+    #[arg(long)]
+    pub persistent: bool,
     #[command(flatten)]
     pub conn: RouterConn,
 }
@@ -753,6 +765,18 @@ pub struct AppUpdateArgs {
     /// Trust the system roots (and the connector's --backend-ca) only.
     #[arg(long, group = "change")]
     pub no_backend_ca: bool,
+    /// Make the session cookie `HttpOnly` again.
+    #[arg(long, group = "change", conflicts_with = "no_http_only")]
+    pub http_only: bool,
+    /// Let the page's scripts read the session cookie.
+    #[arg(long, group = "change")]
+    pub no_http_only: bool,
+    /// Keep the session cookie when the browser closes.
+    #[arg(long, group = "change", conflicts_with = "no_persistent")]
+    pub persistent: bool,
+    /// End the session cookie with the browser.
+    #[arg(long, group = "change")]
+    pub no_persistent: bool,
     #[command(flatten)]
     pub conn: RouterConn,
 }

@@ -258,6 +258,8 @@ pub async fn publish(
         maintenance: false,
         home_page: None,
         backend_ca_pem: None,
+        http_only: true,
+        persistent: false,
     };
     admin
         .post_json("/v1/apps", &spec)

@@ -185,6 +185,7 @@ async fn run_router(args: cli::RouterArgs) -> anyhow::Result<()> {
             client_secret,
             session_lifetime: args.session_lifetime,
             groups_claim: args.oidc_groups_claim,
+            session_idle_timeout: args.session_idle_timeout,
         });
     }
     let shutdown = shutdown_on_signal();

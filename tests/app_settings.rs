@@ -613,6 +613,7 @@ async fn maintenance_comes_before_sign_in() {
         client_id: "portico".into(),
         client_secret: "secret".into(),
         session_lifetime: Duration::from_secs(3600),
+        session_idle_timeout: std::time::Duration::from_secs(3600),
         groups_claim: "groups".into(),
     });
     let router = portico_router::start(rc, root.child_token()).await.unwrap();

@@ -298,6 +298,8 @@ async fn a_backend_that_never_answers_takes_only_its_apps_cap() {
             maintenance: false,
             home_page: None,
             backend_ca_pem: None,
+            http_only: true,
+            persistent: false,
         };
         let _: portico_proto::api::App = s.d.admin.post_json("/v1/apps", &spec).await.unwrap();
     }

@@ -355,6 +355,8 @@ async fn invalid_admin_input_gets_precise_errors() {
         maintenance: false,
         home_page: None,
         backend_ca_pem: None,
+        http_only: true,
+        persistent: false,
     };
     let expect = |r: Result<App, ClientError>, status: u16, field: &str| {
         let e = r.expect_err("refused");

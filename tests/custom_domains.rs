@@ -170,6 +170,8 @@ fn spec(id: &str, host: &str, internal: &str) -> AppSpec {
         maintenance: false,
         home_page: None,
         backend_ca_pem: None,
+        http_only: true,
+        persistent: false,
     }
 }
 

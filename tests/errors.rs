@@ -34,6 +34,8 @@ fn spec(id: &str, internal_url: &str) -> AppSpec {
         maintenance: false,
         home_page: None,
         backend_ca_pem: None,
+        http_only: true,
+        persistent: false,
     }
 }
 

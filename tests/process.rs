@@ -49,6 +49,8 @@ async fn a_killed_connector_gives_connector_not_found_and_comes_back_from_its_st
                     maintenance: false,
                     home_page: None,
                     backend_ca_pem: None,
+                    http_only: true,
+                    persistent: false,
                 },
             )
             .await

@@ -11,274 +11,24 @@
 //! - No session from a replayed handoff code, a mismatched or missing
 //!   `state`, or a callback without the flow cookie; an open-redirect
 //!   target lands on `/`.
+//! - An API client's bearer token: a real JWT access token of the provider
+//!   reaches the backend; crafted ones (`alg: none`, an unknown `kid`,
+//!   another key, wrong issuer or audience, expired, not yet valid, HS256
+//!   keyed with the public key, an ID token, garbage) get 401
+//!   `invalid_token` and never reach it. The provider signs with a key the
+//!   test made, so the test signs with it too and varies one claim at a
+//!   time; the provider counts the edge's JWKS fetches.
 
 mod common;
+#[path = "idp/harness.rs"]
+mod harness;
 
+use common::curl;
+use harness::*;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::{curl, Child};
 use portico_proto::api::{AppSpec, Assignment, Preauth, TokenScope};
-
-const LIMIT: Duration = Duration::from_secs(60);
-const DOMAIN: &str = "apps.localhost";
-
-/// The test IdP (`tests/idp/provider.mjs`) on a free loopback port,
-/// accepting `redirect_uri` for client `portico`.
-struct Idp {
-    issuer: String,
-    _child: Child,
-}
-
-impl Idp {
-    async fn start(redirect_uri: &str) -> Idp {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/idp");
-        assert!(
-            dir.join("node_modules/oidc-provider").is_dir(),
-            "the test IdP is not installed: run `npm ci --prefix tests/idp` (scripts/test.sh does)"
-        );
-        let mut cmd = tokio::process::Command::new("node");
-        cmd.arg("provider.mjs")
-            .current_dir(&dir)
-            .env("OP_PORT", "0")
-            .env("OP_REDIRECT_URIS", redirect_uri);
-        let mut child = Child::spawn_cmd(cmd);
-        let line = child.line_starting("listening issuer=", LIMIT).await;
-        let issuer = line
-            .trim_start_matches("listening issuer=")
-            .trim()
-            .to_owned();
-        Idp {
-            issuer,
-            _child: child,
-        }
-    }
-}
-
-/// A TCP port free on 127.0.0.1 now: the edge's public port, which the
-/// provider's redirect URI must name before the edge starts.
-fn free_tcp_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// One request of a browser with a cookie jar (no redirects followed):
-/// status, `Location`, headers and body.
-struct Hop {
-    status: u16,
-    location: String,
-    set_cookie: Vec<String>,
-    body: String,
-}
-
-async fn hop(ca: &Path, jar: &Path, url: &str, extra: &[&str]) -> Hop {
-    let jar = jar.to_str().unwrap();
-    let mut args = vec!["-b", jar, "-c", jar, "-H", "Accept: text/html"];
-    args.extend_from_slice(extra);
-    args.push(url);
-    let r = curl(ca, &args).await;
-    let set_cookie = r
-        .headers
-        .lines()
-        .filter_map(|l| l.split_once(':'))
-        .filter(|(n, _)| n.trim().eq_ignore_ascii_case("set-cookie"))
-        .map(|(_, v)| v.trim().to_owned())
-        .collect();
-    Hop {
-        status: r.status,
-        location: r.header("location").unwrap_or_default(),
-        set_cookie,
-        body: r.text(),
-    }
-}
-
-/// Runs the provider's part: its authorization URL, the login form as
-/// `user`, until it redirects to the callback; returns the callback URL.
-async fn sign_in_at_provider(
-    ca: &Path,
-    jar: &Path,
-    idp: &Idp,
-    auth_url: &str,
-    user: &str,
-) -> String {
-    let mut url = auth_url.to_owned();
-    for _ in 0..10 {
-        if url.starts_with(&format!("https://auth.{DOMAIN}")) {
-            return url;
-        }
-        let r = hop(ca, jar, &url, &[]).await;
-        assert!(
-            matches!(r.status, 302 | 303),
-            "{url}: {} {}",
-            r.status,
-            r.body
-        );
-        let next = absolute(&idp.issuer, &r.location);
-        if next.contains("/interaction/") {
-            // The login form: any password; the login is the subject.
-            let login = format!("login={user}");
-            let r = hop(
-                ca,
-                jar,
-                &next,
-                &["-d", "prompt=login", "-d", &login, "-d", "password=x"],
-            )
-            .await;
-            assert!(
-                matches!(r.status, 302 | 303),
-                "login: {} {}",
-                r.status,
-                r.body
-            );
-            url = absolute(&idp.issuer, &r.location);
-        } else {
-            url = next;
-        }
-    }
-    panic!("the provider never redirected to the callback");
-}
-
-fn absolute(base: &str, location: &str) -> String {
-    url::Url::parse(base)
-        .unwrap()
-        .join(location)
-        .unwrap()
-        .to_string()
-}
-
-struct Setup {
-    _root: tokio_util::sync::CancellationToken,
-    ca: PathBuf,
-    port: u16,
-    idp: Idp,
-    admin: portico_agent::RouterClient,
-    _dir: tempfile::TempDir,
-    _connector: portico_connector::Handle,
-}
-
-async fn setup() -> Setup {
-    common::init_tracing();
-    let tmp = tempfile::tempdir().unwrap();
-    let d = tmp.path().to_owned();
-    let root = tokio_util::sync::CancellationToken::new();
-    let loopback: SocketAddr = "127.0.0.1:0".parse().unwrap();
-    let port = free_tcp_port();
-    let idp = Idp::start(&format!("https://auth.{DOMAIN}:{port}/.portico/callback")).await;
-
-    let mut rc = portico_router::Config::new(d.join("router"));
-    rc.listen = loopback;
-    rc.apps_domain = DOMAIN.into();
-    rc.public_port = Some(port);
-    rc.sign_in = Some(portico_router::SignInConfig {
-        issuer: idp.issuer.clone(),
-        client_id: "portico".into(),
-        client_secret: "portico-secret".into(),
-        session_lifetime: Duration::from_secs(3600),
-        groups_claim: "groups".into(),
-    });
-    let router = portico_router::start(rc, root.child_token()).await.unwrap();
-    let ca = d.join("router/ca.pem");
-    let admin = common::router_admin(&router);
-
-    let _edge = common::start_edge(&router, &admin, &d.join("edge"), root.child_token(), |ec| {
-        ec.public_listen = SocketAddr::from(([127, 0, 0, 1], port));
-        ec.http3 = false;
-    })
-    .await;
-
-    let demo = portico::demo::start(loopback, root.child_token())
-        .await
-        .unwrap();
-    let group = portico_proto::GroupId::default_group();
-    let spec = AppSpec {
-        id: "hr".parse().unwrap(),
-        external_host: None,
-        internal_url: format!("http://{}/", demo.addr),
-        connector_group: group.clone(),
-        backend_timeout: Default::default(),
-        validate_backend_tls: true,
-        translate_headers: true,
-        translate_body: false,
-        required_features: vec![],
-        preauth: Preauth::Oidc,
-        assignment: Assignment {
-            everyone: true,
-            ..Default::default()
-        },
-        identity_headers: Default::default(),
-        hidden: false,
-        maintenance: false,
-        home_page: None,
-        backend_ca_pem: None,
-    };
-    let app: portico_proto::api::App = admin.post_json("/v1/apps", &spec).await.unwrap();
-    assert_eq!(app.preauth, Preauth::Oidc);
-    assert!(app.required_features.iter().any(|f| f == "oidc"));
-    // payroll: for the admins group and carol only, with identity headers.
-    let payroll = AppSpec {
-        id: "payroll".parse().unwrap(),
-        assignment: Assignment {
-            everyone: false,
-            users: vec!["carol@example.test".into()],
-            groups: vec!["admins".into()],
-        },
-        identity_headers: [
-            ("X-Remote-User", "email"),
-            ("X-Remote-Groups", "groups"),
-            ("X-Remote-Sub", "sub"),
-        ]
-        .into_iter()
-        .map(|(h, c)| (h.to_owned(), c.to_owned()))
-        .collect(),
-        ..spec.clone()
-    };
-    let _: portico_proto::api::App = admin.post_json("/v1/apps", &payroll).await.unwrap();
-    // wiki: for everyone, but left out of My Apps.
-    let wiki = AppSpec {
-        id: "wiki".parse().unwrap(),
-        hidden: true,
-        ..spec.clone()
-    };
-    let _: portico_proto::api::App = admin.post_json("/v1/apps", &wiki).await.unwrap();
-    let mut cc = portico_connector::Config::new(router.url(), d.join("connector"));
-    cc.token = Some(
-        portico::dev::create_token(&admin, TokenScope::Connector { group })
-            .await
-            .unwrap(),
-    );
-    cc.tunnels = 1;
-    let connector = portico_connector::start(cc, root.child_token())
-        .await
-        .unwrap();
-    connector.wait_tunnels(1).await;
-    // The edge has the app (and the sign-in settings) once it redirects.
-    let probe = tempfile::NamedTempFile::new().unwrap();
-    common::eventually("the edge to know the app", LIMIT, || async {
-        let r = hop(
-            &ca,
-            probe.path(),
-            &format!("https://hr.{DOMAIN}:{port}/"),
-            &[],
-        )
-        .await;
-        (r.status == 302).then_some(())
-    })
-    .await;
-    Setup {
-        _root: root,
-        ca,
-        port,
-        idp,
-        admin,
-        _dir: tmp,
-        _connector: connector,
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_browser_signs_in_through_the_provider_and_reaches_the_app_api_clients_get_401() {
     let s = setup().await;
@@ -434,6 +184,297 @@ async fn open_redirect_targets_land_on_the_root() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bearer_tokens_of_the_provider_reach_the_api_and_crafted_ones_get_401_invalid_token() {
+    use jsonwebtoken::Algorithm::{HS256, RS256};
+    let s = setup().await;
+    let (ca, port) = (&s.ca, s.port);
+    let api = format!("https://api.{DOMAIN}:{port}/v1/things");
+    let call = |token: String, accept: &'static str| {
+        let api = api.clone();
+        async move {
+            curl(
+                ca,
+                &[
+                    "-H",
+                    &format!("Authorization: Bearer {token}"),
+                    "-H",
+                    &format!("Accept: {accept}"),
+                    &api,
+                ],
+            )
+            .await
+        }
+    };
+
+    // A real access token of the provider, for this app: the backend
+    // answers, and gets the Authorization header (the token is for it).
+    let (access, id_token) = provider_tokens(&s, "alice").await;
+    let r = call(access.clone(), "application/json").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(s.echo.count(), 1);
+    let echoed: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(echoed["authorization"], format!("Bearer {access}"));
+
+    // Crafted with the provider's own key: valid unless one claim is off.
+    let (idp_key, idp_public) = (&s.idp_key.0, &s.idp_key.1);
+    let now = unix_now();
+    let aud = format!("https://api.{DOMAIN}:{port}");
+    let good = serde_json::json!({
+        "iss": s.idp.issuer, "aud": aud, "sub": "carol", "exp": now + 300, "iat": now,
+        "email": "carol@example.test", "groups": ["devs"],
+    });
+    let with = |k: &str, v: serde_json::Value| {
+        let mut c = good.clone();
+        c[k] = v;
+        c
+    };
+    let real = |claims: &serde_json::Value| sign(RS256, idp_key, Some("test-key-1"), claims);
+    let r = call(real(&good), "application/json").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    // Within the 60 s of skew: still good.
+    for claims in [
+        with("exp", (now - 20).into()),
+        with("nbf", (now + 20).into()),
+    ] {
+        let r = call(real(&claims), "application/json").await;
+        assert_eq!(r.status, 200, "{claims}: {}", r.text());
+    }
+    // The audience with the external URL's trailing slash, and in a list.
+    for aud in [
+        serde_json::json!(format!("{aud}/")),
+        serde_json::json!(["other", aud]),
+    ] {
+        let r = call(real(&with("aud", aud.clone())), "application/json").await;
+        assert_eq!(r.status, 200, "{aud}: {}", r.text());
+    }
+    let reached = s.echo.count();
+    assert_eq!(reached, 6);
+
+    let (other_key, _) = rsa_key(s.dir.path(), "other").await;
+    let none = format!(
+        "{}.{}.",
+        b64(br#"{"alg":"none","typ":"JWT","kid":"test-key-1"}"#),
+        b64(good.to_string().as_bytes())
+    );
+    let mut no_exp = good.clone();
+    no_exp.as_object_mut().unwrap().remove("exp");
+    let refused: Vec<(&str, String, &str)> = vec![
+        ("alg none", none, "not a JWT"),
+        (
+            "alg none, signed",
+            format!(
+                "{}.{}.c2ln",
+                b64(br#"{"alg":"none"}"#),
+                b64(good.to_string().as_bytes())
+            ),
+            "not a JWT",
+        ),
+        (
+            "HS256 keyed with the public key",
+            sign(HS256, idp_public, Some("test-key-1"), &good),
+            "symmetric",
+        ),
+        (
+            "another key under the provider's kid",
+            sign(RS256, &other_key, Some("test-key-1"), &good),
+            "signature",
+        ),
+        (
+            "wrong issuer",
+            real(&with("iss", "https://evil.example".into())),
+            "issuer",
+        ),
+        (
+            "issuer with a trailing slash",
+            real(&with("iss", format!("{}/", s.idp.issuer).into())),
+            "issuer",
+        ),
+        (
+            "wrong audience",
+            real(&with("aud", format!("https://hr.{DOMAIN}:{port}").into())),
+            "audience",
+        ),
+        (
+            "the client id as audience",
+            real(&with("aud", "portico".into())),
+            "audience",
+        ),
+        ("expired", real(&with("exp", (now - 120).into())), "expired"),
+        (
+            "not yet valid",
+            real(&with("nbf", (now + 120).into())),
+            "not valid yet",
+        ),
+        ("no exp", real(&no_exp), "exp"),
+        ("the provider's ID token", id_token.clone(), "audience"),
+        ("garbage", "garbage".into(), "not a JWT"),
+        ("three garbage parts", "a.b.c".into(), "not a JWT"),
+    ];
+    for (what, token, why) in &refused {
+        for accept in ["application/json", "text/html"] {
+            let r = call(token.clone(), accept).await;
+            assert_eq!(r.status, 401, "{what}: {}", r.text());
+            assert!(r.header("location").is_none(), "{what}: never a redirect");
+            assert_eq!(
+                r.header("x-portico-error").as_deref(),
+                Some("SignInRequired"),
+                "{what}"
+            );
+            let challenge = r.header("www-authenticate").unwrap_or_default();
+            assert!(
+                challenge.starts_with(&format!(
+                    "Bearer realm=\"api.{DOMAIN}\", error=\"invalid_token\", error_description=\""
+                )),
+                "{what}: {challenge}"
+            );
+            assert!(challenge.contains(why), "{what}: {challenge}");
+        }
+    }
+    assert_eq!(
+        s.echo.count(),
+        reached,
+        "no refused token reached the backend"
+    );
+
+    // An unknown kid fetches the provider's keys again, once: more
+    // unknown kids within the 30 s that follow do not.
+    let fetched = s.idp.requests("/jwks").await;
+    let first = std::time::Instant::now();
+    for kid in ["rotated-1", "rotated-2", "rotated-3", "rotated-1"] {
+        let r = call(
+            sign(RS256, &other_key, Some(kid), &good),
+            "application/json",
+        )
+        .await;
+        assert_eq!(r.status, 401, "{kid}: {}", r.text());
+        let challenge = r.header("www-authenticate").unwrap_or_default();
+        assert!(
+            challenge.contains("is not one of the provider's"),
+            "{challenge}"
+        );
+    }
+    let refreshes = s.idp.requests("/jwks").await - fetched;
+    // The bound follows from the elapsed time (no timing assertion): one
+    // refresh, plus one per 30 s window if this machine was that slow.
+    let windows = first.elapsed().as_secs() / 30;
+    assert!(
+        refreshes >= 1 && refreshes <= 1 + windows,
+        "{refreshes} JWKS fetches for 4 unknown kids in {:?}",
+        first.elapsed()
+    );
+    assert_eq!(s.echo.count(), reached);
+    // The provider's own token still passes after the refresh.
+    let r = call(access, "application/json").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_ends_when_idle_and_each_request_extends_it() {
+    // The router's --session-idle-timeout is 10 s here. The waits below
+    // leave seconds of margin on each side (the edge counts whole
+    // seconds); nothing measures how fast anything is.
+    let idle = Duration::from_secs(10);
+    let s = setup_with(Options {
+        idle,
+        ..Options::default()
+    })
+    .await;
+    let jar_file = tempfile::NamedTempFile::new().unwrap();
+    let jar = jar_file.path();
+    let signed_in = tokio::time::Instant::now();
+    let first = curl_sign_in(&s, jar, "alice").await;
+    let app = format!("https://hr.{DOMAIN}:{}", s.port);
+    let before = tempfile::NamedTempFile::new().unwrap();
+    std::fs::copy(jar, before.path()).unwrap();
+
+    // A request 4 s on: the app, and the cookie written again.
+    tokio::time::sleep_until(signed_in + Duration::from_secs(4)).await;
+    let r = hop(&s.ca, jar, &format!("{app}/headers"), &[]).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let renewed = session_set_cookie(&r.set_cookie)
+        .expect("the session cookie is written again")
+        .clone();
+    assert_ne!(renewed, first);
+    for attr in ["Secure", "HttpOnly", "SameSite=Lax", "Path=/"] {
+        assert!(renewed.contains(attr), "{renewed}");
+    }
+    assert!(!r.body.contains("portico-session"), "{}", r.body);
+
+    // 11.5 s after the sign-in: the cookie of the sign-in has been idle
+    // for more than 10 s, the renewed one for less.
+    tokio::time::sleep_until(signed_in + idle + Duration::from_millis(1500)).await;
+    let r = hop(&s.ca, before.path(), &format!("{app}/headers"), &[]).await;
+    assert_eq!(r.status, 302, "idle for too long: sign in again");
+    assert!(
+        r.location
+            .starts_with(&format!("https://auth.{DOMAIN}:{}/.portico/start?", s.port)),
+        "{}",
+        r.location
+    );
+    let api = curl(
+        &s.ca,
+        &[
+            "-b",
+            before.path().to_str().unwrap(),
+            "-H",
+            "Accept: application/json",
+            &format!("{app}/headers"),
+        ],
+    )
+    .await;
+    assert_eq!(api.status, 401);
+    let r = hop(&s.ca, jar, &format!("{app}/headers"), &[]).await;
+    assert_eq!(r.status, 200, "the renewed session: {}", r.body);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_apps_session_cookie_can_be_persistent_and_readable_by_scripts() {
+    let s = setup().await;
+    let router_dir = s.dir.path().join("router");
+    let update = |args: &'static [&'static str]| {
+        let (url, dir) = (s.router_url.clone(), router_dir.clone());
+        async move {
+            let mut all = vec!["app", "update", "hr"];
+            all.extend_from_slice(args);
+            common::admin_cli(&url, &dir, &all).await
+        }
+    };
+    let out = update(&["--no-http-only", "--persistent"]).await;
+    assert!(
+        out.contains("session cookie http only") && out.contains("false"),
+        "{out}"
+    );
+    let c = cookie_when(&s, |c| !c.contains("HttpOnly")).await;
+    for attr in ["Secure", "SameSite=Lax", "Path=/"] {
+        assert!(c.contains(attr), "{c}");
+    }
+    // Persistent: Max-Age is what is left of the 1 h lifetime.
+    let max_age: u64 = c
+        .split("; ")
+        .find_map(|a| a.strip_prefix("Max-Age="))
+        .unwrap_or_else(|| panic!("persistent: {c}"))
+        .parse()
+        .unwrap();
+    assert!((3500..=3600).contains(&max_age), "{c}");
+
+    // And back to the defaults.
+    update(&["--http-only", "--no-persistent"]).await;
+    let c = cookie_when(&s, |c| c.contains("HttpOnly")).await;
+    assert!(!c.contains("Max-Age"), "a browser session's cookie: {c}");
+}
+
+/// Signs in (each time as a new browser) until the edge's session cookie
+/// matches `ready`: the edge follows an app's update shortly after.
+async fn cookie_when(s: &Setup, ready: fn(&str) -> bool) -> String {
+    common::eventually("the edge to follow the app's settings", LIMIT, || async {
+        let jar = tempfile::NamedTempFile::new().unwrap();
+        let c = curl_sign_in(s, jar.path(), "bob").await;
+        ready(&c).then_some(c)
+    })
+    .await
+}
+
 /// A browser (a cookie jar) signed in as `user` at `app` (`https://host:port`).
 async fn signed_in(s: &Setup, app: &str, user: &str) -> tempfile::NamedTempFile {
     let jar_file = tempfile::NamedTempFile::new().unwrap();
@@ -579,7 +620,10 @@ async fn my_apps_lists_exactly_the_apps_a_user_is_assigned_to() {
     )
     .await;
     assert_eq!(r.status, 401, "{}", r.text());
-    for (user, want) in [("alice", vec!["hr", "payroll"]), ("bob", vec!["hr"])] {
+    for (user, want) in [
+        ("alice", vec!["api", "hr", "payroll"]),
+        ("bob", vec!["api", "hr"]),
+    ] {
         let jar_file = tempfile::NamedTempFile::new().unwrap();
         let jar = jar_file.path();
         let r = hop(ca, jar, &format!("{portal}/"), &[]).await;
@@ -613,8 +657,9 @@ async fn my_apps_lists_exactly_the_apps_a_user_is_assigned_to() {
         let list: Vec<serde_json::Value> = serde_json::from_str(&r.text()).unwrap();
         let ids: Vec<&str> = list.iter().map(|e| e["id"].as_str().unwrap()).collect();
         assert_eq!(ids, want, "{user}");
+        let hr = list.iter().find(|e| e["id"] == "hr").unwrap();
         assert_eq!(
-            list[0]["url"],
+            hr["url"],
             format!("https://hr.{DOMAIN}:{port}/"),
             "{list:?}"
         );
@@ -643,7 +688,15 @@ async fn a_session_from_one_regions_edge_works_at_anothers_and_the_identity_cros
     let d = tmp.path().to_owned();
     let root = tokio_util::sync::CancellationToken::new();
     let port = free_tcp_port();
-    let idp = Idp::start(&format!("https://auth.{DOMAIN}:{port}/.portico/callback")).await;
+    let idp_key = rsa_key(&d, "idp").await;
+    std::fs::write(d.join("idp-key.pem"), &idp_key.0).unwrap();
+    let idp = Idp::start(
+        &format!("https://auth.{DOMAIN}:{port}/.portico/callback"),
+        &format!("https://api.{DOMAIN}:{port}"),
+        &d.join("idp-key.pem"),
+        false,
+    )
+    .await;
     let mut rc = portico_router::Config::new(d.join("router"));
     rc.listen = "127.0.0.1:0".parse().unwrap();
     rc.apps_domain = DOMAIN.into();
@@ -653,6 +706,7 @@ async fn a_session_from_one_regions_edge_works_at_anothers_and_the_identity_cros
         client_id: "portico".into(),
         client_secret: "portico-secret".into(),
         session_lifetime: Duration::from_secs(3600),
+        session_idle_timeout: Duration::from_secs(3600),
         groups_claim: "groups".into(),
     });
     let router = portico_router::start(rc, root.child_token()).await.unwrap();
@@ -731,6 +785,8 @@ async fn a_session_from_one_regions_edge_works_at_anothers_and_the_identity_cros
         maintenance: false,
         home_page: None,
         backend_ca_pem: None,
+        http_only: true,
+        persistent: false,
     };
     let _: portico_proto::api::App = admin.post_json("/v1/apps", &spec).await.unwrap();
     let mut cc = portico_connector::Config::new(router.url(), d.join("connector"));
@@ -803,19 +859,28 @@ async fn a_session_from_one_regions_edge_works_at_anothers_and_the_identity_cros
         Some(edge_a.id.as_str())
     );
     let direct: serde_json::Value = serde_json::from_str(&r.text()).unwrap();
-    // ...and at edge B of region default, through the mesh to A, with the
-    // same identity headers and a verifiable assertion.
-    let r = curl(
-        &ca,
-        &[
-            &["-b", jar.to_str().unwrap(), "-H", "X-Remote-User: root"][..],
-            &args(&via_b)[..],
-            &[url.as_str()][..],
-        ]
-        .concat(),
-    )
+    // ...and at edge B of region default, through the mesh to A (once B
+    // has learnt from the router that A holds the group's tunnels), with
+    // the same identity headers and a verifiable assertion.
+    let via_b_args = args(&via_b);
+    let r = common::eventually("edge B to forward to A", LIMIT, || async {
+        let r = curl(
+            &ca,
+            &[
+                &["-b", jar.to_str().unwrap(), "-H", "X-Remote-User: root"][..],
+                &via_b_args[..],
+                &[url.as_str()][..],
+            ]
+            .concat(),
+        )
+        .await;
+        match r.status {
+            200 => Some(r),
+            502 if r.text().contains("ConnectorNotFound") => None,
+            other => panic!("edge B answered {other}: {}", r.text()),
+        }
+    })
     .await;
-    assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(
         r.header("portico-route"),
         Some(format!("{}, {}", edge_b.id, edge_a.id)),

@@ -156,6 +156,8 @@ async fn publish(s: &Stack, backend: SocketAddr, translate_body: bool) -> App {
         maintenance: false,
         home_page: None,
         backend_ca_pem: None,
+        http_only: true,
+        persistent: false,
     };
     s.d.admin.post_json("/v1/apps", &spec).await.unwrap()
 }

@@ -60,6 +60,8 @@ fn app(id: &str, internal_url: String, validate: bool) -> App {
         maintenance: false,
         home_url: String::new(),
         backend_ca_sha256: None,
+        http_only: true,
+        persistent: false,
         created_at: 0,
         certificate: None,
     }

@@ -280,6 +280,8 @@ pub(crate) mod tests {
             maintenance: false,
             home_url: String::new(),
             backend_ca_sha256: None,
+            http_only: true,
+            persistent: false,
             created_at: 0,
             certificate: None,
         }

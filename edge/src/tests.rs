@@ -146,6 +146,8 @@ fn app(id: &str, host: &str, timeout: BackendTimeout) -> App {
         maintenance: false,
         home_url: String::new(),
         backend_ca_sha256: None,
+        http_only: true,
+        persistent: false,
         created_at: 0,
         certificate: None,
     }

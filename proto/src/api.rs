@@ -698,6 +698,15 @@ pub struct AppSpec {
     /// without one, or with a private key, is refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backend_ca_pem: Option<String>,
+    /// The session cookie is `HttpOnly`, out of the page's scripts' reach
+    /// (`preauth = oidc`). On by default; left out of the JSON when on.
+    #[serde(default = "default_true", skip_serializing_if = "is_true")]
+    pub http_only: bool,
+    /// The session cookie outlives the browser (`Max-Age` = what is left
+    /// of the session's lifetime) instead of ending when it closes. Off by
+    /// default; left out of the JSON when off.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub persistent: bool,
 }
 
 /// The largest [`AppSpec::backend_ca_pem`], in bytes: a root and a few
@@ -746,6 +755,10 @@ pub struct AppPatch {
     /// A new backend CA bundle; `""` removes it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backend_ca_pem: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_only: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub persistent: Option<bool>,
 }
 
 impl AppPatch {
@@ -800,6 +813,12 @@ impl AppPatch {
         }
         if let Some(v) = self.backend_ca_pem {
             spec.backend_ca_pem = (!v.is_empty()).then_some(v);
+        }
+        if let Some(v) = self.http_only {
+            spec.http_only = v;
+        }
+        if let Some(v) = self.persistent {
+            spec.persistent = v;
         }
         spec
     }
@@ -861,6 +880,13 @@ pub struct App {
     /// ([`ConnectorConfig::backend_cas`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backend_ca_sha256: Option<String>,
+    /// The session cookie is `HttpOnly` (on for an app stored before the
+    /// setting existed).
+    #[serde(default = "default_true")]
+    pub http_only: bool,
+    /// The session cookie outlives the browser.
+    #[serde(default)]
+    pub persistent: bool,
 }
 
 /// The part of a wildcard app's external host its `*` stands before:
@@ -1397,6 +1423,10 @@ pub struct SignInSettings {
     /// halves. Empty from an older router: no assertion is made.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub assertion_keys: Vec<AssertionKey>,
+    /// How long a session lasts without a request, in seconds; 0 (a
+    /// router from before the setting): no idle limit.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub session_idle_secs: u64,
 }
 
 fn default_groups_claim() -> String {
@@ -1450,6 +1480,10 @@ pub struct PublicJwk {
     pub y: String,
 }
 
+fn is_zero(v: &u64) -> bool {
+    *v == 0
+}
+
 impl fmt::Debug for SignInSettings {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SignInSettings")
@@ -1467,6 +1501,7 @@ impl fmt::Debug for SignInSettings {
                     .map(|k| &k.kid)
                     .collect::<Vec<_>>(),
             )
+            .field("session_idle_secs", &self.session_idle_secs)
             .finish()
     }
 }
@@ -1819,6 +1854,10 @@ mod tests {
         assert!(spec.validate_backend_tls);
         assert!(spec.translate_headers);
         assert!(!spec.translate_body);
+        assert!(
+            spec.http_only && !spec.persistent,
+            "the session cookie's defaults"
+        );
         assert_eq!(spec.backend_timeout, BackendTimeout::Default);
         assert!(spec.required_features.is_empty());
     }
@@ -1835,12 +1874,17 @@ mod tests {
         .unwrap();
         assert!(app.translate_headers);
         assert!(!app.translate_body);
+        assert!(app.http_only && !app.persistent);
         // A spec at the defaults names neither, so an older router (which
         // refuses unknown fields) still takes it; a changed one names it.
         let mut spec: AppSpec =
             serde_json::from_str(r#"{"id":"hr","internal_url":"http://x/"}"#).unwrap();
         let json = serde_json::to_string(&spec).unwrap();
         assert!(!json.contains("translate"), "{json}");
+        assert!(
+            !json.contains("http_only") && !json.contains("persistent"),
+            "{json}"
+        );
         spec.translate_headers = false;
         spec.translate_body = true;
         let json = serde_json::to_string(&spec).unwrap();

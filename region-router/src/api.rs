@@ -1134,6 +1134,8 @@ pub(crate) fn to_app(rec: AppRecord, port: u16) -> App {
         created_at: rec.created_at,
         certificate: None,
         maintenance: rec.maintenance,
+        http_only: rec.http_only,
+        persistent: rec.persistent,
     }
 }
 
@@ -1921,6 +1923,8 @@ async fn update_app(
         maintenance: current.maintenance,
         home_page: current.home_path,
         backend_ca_pem: current.backend_ca_pem,
+        http_only: current.http_only,
+        persistent: current.persistent,
     });
     // The same checks as a new app, on the whole result; a custom host's
     // chain only when the host changes.
@@ -2028,6 +2032,8 @@ fn app_record(
         maintenance: spec.maintenance,
         home_path,
         backend_ca_pem,
+        http_only: spec.http_only,
+        persistent: spec.persistent,
     })
 }
 

@@ -50,6 +50,9 @@ pub struct SignInConfig {
     /// The claim that lists a user's groups, for assignment (default
     /// `groups`).
     pub groups_claim: String,
+    /// How long a session lasts without a request (default 1 h); at most
+    /// the lifetime.
+    pub session_idle_timeout: Duration,
 }
 
 impl std::fmt::Debug for SignInConfig {
@@ -60,9 +63,13 @@ impl std::fmt::Debug for SignInConfig {
             .field("client_secret", &"***")
             .field("session_lifetime", &self.session_lifetime)
             .field("groups_claim", &self.groups_claim)
+            .field("session_idle_timeout", &self.session_idle_timeout)
             .finish()
     }
 }
+
+/// The shortest idle timeout of a session.
+pub const MIN_SESSION_IDLE: Duration = Duration::from_secs(1);
 
 /// The longest session lifetime.
 pub const MAX_SESSION_LIFETIME: Duration = Duration::from_secs(30 * 24 * 3600);
@@ -120,6 +127,18 @@ impl Config {
                     reason: format!(
                         "must be more than 0 and at most {}",
                         humantime::format_duration(MAX_SESSION_LIFETIME)
+                    ),
+                });
+            }
+            if s.session_idle_timeout < MIN_SESSION_IDLE
+                || s.session_idle_timeout > s.session_lifetime
+            {
+                return Err(Error::InvalidConfig {
+                    field: "session_idle_timeout",
+                    reason: format!(
+                        "must be at least {} and at most the session lifetime ({})",
+                        humantime::format_duration(MIN_SESSION_IDLE),
+                        humantime::format_duration(s.session_lifetime)
                     ),
                 });
             }

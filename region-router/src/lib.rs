@@ -238,6 +238,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Handle
                 session_lifetime_secs: s.session_lifetime.as_secs(),
                 groups_claim: s.groups_claim.clone(),
                 assertion_keys,
+                session_idle_secs: s.session_idle_timeout.as_secs(),
             }),
     });
 

@@ -254,6 +254,8 @@ pub(crate) mod tests {
                 maintenance: false,
                 home_path: None,
                 backend_ca_pem: None,
+                http_only: true,
+                persistent: false,
             });
             self
         }

@@ -1402,6 +1402,7 @@ async fn an_app_that_signs_users_in_must_assign_someone_and_the_jwks_is_public(
             client_id: "portico".into(),
             client_secret: "s".into(),
             session_lifetime: std::time::Duration::from_secs(3600),
+            session_idle_timeout: std::time::Duration::from_secs(3600),
             groups_claim: "groups".into(),
         });
     })
@@ -1470,6 +1471,7 @@ async fn an_app_that_signs_users_in_must_assign_someone_and_the_jwks_is_public(
             client_id: "portico".into(),
             client_secret: "s".into(),
             session_lifetime: std::time::Duration::from_secs(3600),
+            session_idle_timeout: std::time::Duration::from_secs(3600),
             groups_claim: "groups".into(),
         });
     })

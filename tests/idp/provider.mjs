@@ -4,11 +4,19 @@
 //   OP_PORT           port on 127.0.0.1 (0: any; the chosen one is printed)
 //   OP_REDIRECT_URIS  the client's exact redirect URIs, comma-separated
 //   OP_API            the audience of JWT access tokens for API clients
+//   OP_SIGNING_KEY    a PEM private key (RSA) to sign with, so a test can
+//                     sign tokens the provider's JWKS verifies; else a new one
+//   OP_SIGNING_KID    its kid (default test-key-1)
+//   OP_CONSENT=1      show the consent form (else every grant is given)
+//
+// `GET /_test/requests` answers how many requests each path got (JSON),
+// so a test can count the JWKS fetches of the edge.
 //
 // Prints `listening issuer=http://127.0.0.1:PORT` once it serves. Users sign
 // in with any password through the dev interaction form; the login is
 // `sub`. alice is in groups admins and devs; bob in none.
-import { generateKeyPairSync } from 'node:crypto';
+import { createPrivateKey, generateKeyPairSync } from 'node:crypto';
+import { readFileSync } from 'node:fs';
 import * as http from 'node:http';
 import Provider, { errors } from 'oidc-provider';
 
@@ -21,8 +29,12 @@ const claimsFor = (id) => {
   const u = USERS[id] ?? { email: `${id}@example.test`, name: id, groups: [] };
   return { sub: id, email: u.email, email_verified: true, name: u.name, groups: u.groups };
 };
-const { privateKey } = generateKeyPairSync('rsa', { modulusLength: 2048 });
-const jwk = { ...privateKey.export({ format: 'jwk' }), kid: 'test-key-1', use: 'sig', alg: 'RS256' };
+const privateKey = process.env.OP_SIGNING_KEY
+  ? createPrivateKey(readFileSync(process.env.OP_SIGNING_KEY))
+  : generateKeyPairSync('rsa', { modulusLength: 2048 }).privateKey;
+const kid = process.env.OP_SIGNING_KID ?? 'test-key-1';
+const jwk = { ...privateKey.export({ format: 'jwk' }), kid, use: 'sig', alg: 'RS256' };
+const requests = {};
 const redirectUris = (process.env.OP_REDIRECT_URIS ?? '').split(',').filter(Boolean);
 
 const server = http.createServer();
@@ -65,16 +77,28 @@ server.listen(Number(process.env.OP_PORT ?? 0), '127.0.0.1', () => {
       }
       return undefined;
     },
-    // No consent page: every grant asked for is given.
-    async loadExistingGrant(ctx) {
-      const grant = new provider.Grant({ clientId: ctx.oidc.client.clientId, accountId: ctx.oidc.session.accountId });
-      grant.addOIDCScope('openid email profile groups');
-      grant.addResourceScope(API, 'api');
-      await grant.save();
-      return grant;
-    },
+    // No consent page unless OP_CONSENT=1: every grant asked for is given.
+    ...(process.env.OP_CONSENT === '1' ? {} : {
+      async loadExistingGrant(ctx) {
+        const grant = new provider.Grant({ clientId: ctx.oidc.client.clientId, accountId: ctx.oidc.session.accountId });
+        grant.addOIDCScope('openid email profile groups');
+        grant.addResourceScope(API, 'api');
+        await grant.save();
+        return grant;
+      },
+    }),
   });
-  server.on('request', provider.callback());
+  const callback = provider.callback();
+  server.on('request', (req, res) => {
+    const path = new URL(req.url, issuer).pathname;
+    if (path === '/_test/requests') {
+      res.setHeader('content-type', 'application/json');
+      res.end(JSON.stringify(requests));
+      return;
+    }
+    requests[path] = (requests[path] ?? 0) + 1;
+    callback(req, res);
+  });
   console.log(`listening issuer=${issuer}`);
 });
 process.on('SIGTERM', () => process.exit(0));

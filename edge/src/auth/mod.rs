@@ -16,11 +16,14 @@
 //!
 //! Everything handed to the browser is sealed ([`seal`]) with the router's
 //! session keys, bound to its purpose and host. An API client (not a
-//! browser navigation) gets 401 `SignInRequired` with `WWW-Authenticate`,
-//! never a redirect; a request without a valid session never opens a
-//! connector stream.
+//! browser navigation) may sign in with a bearer JWT of the same provider
+//! ([`bearer`]); without one it gets 401 `SignInRequired` with
+//! `WWW-Authenticate`, and with a refused one 401 with
+//! `error="invalid_token"`, never a redirect. A request without a valid
+//! session or token never opens a connector stream.
 
 mod assert;
+mod bearer;
 pub(crate) mod oidc;
 mod portal;
 pub(crate) mod seal;
@@ -32,7 +35,9 @@ use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 use bytes::Bytes;
-use http::header::{CACHE_CONTROL, CONTENT_TYPE, COOKIE, LOCATION, SET_COOKIE, WWW_AUTHENTICATE};
+use http::header::{
+    AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE, COOKIE, LOCATION, SET_COOKIE, WWW_AUTHENTICATE,
+};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use portico_proto::api::{App, SignInSettings, SIGN_IN_FEATURE};
@@ -193,17 +198,22 @@ struct SignIn {
     /// Signs identity assertions; none when the router sent no key.
     asserter: Option<assert::Asserter>,
     keys: Keys,
+    /// API clients' bearer tokens.
+    bearer: bearer::Verifier,
     /// Handoff codes already used, with their expiry (unix seconds).
     used: Mutex<HashMap<String, u64>>,
     /// Session cookies opened before, by value: their host, expiry and
     /// user, so that a request of a known session costs a lookup, not a
     /// decryption, a JSON parse and its claims.
-    sessions: Mutex<HashMap<String, OpenedSession>>,
+    sessions: Mutex<HashMap<String, Arc<OpenedSession>>>,
 }
 
 struct OpenedSession {
     host: String,
     exp: u64,
+    /// As sealed: its sign-in and last-seen times decide whether it is
+    /// still alive at each request.
+    session: Session,
     principal: Arc<Principal>,
 }
 
@@ -234,20 +244,26 @@ impl SignIn {
             provider,
             asserter,
             keys,
+            bearer: bearer::Verifier::default(),
             used: Mutex::new(HashMap::new()),
             sessions: Mutex::new(HashMap::new()),
         })
     }
 
     /// The session a cookie of `host` holds: kept from before, or opened
-    /// now. `Ok(None)` for a cookie that is not a live session of `host`.
-    fn session(&self, host: &str, cookie: &str) -> Result<Option<Arc<Principal>>, ProxyError> {
-        let now = seal::unix_now();
+    /// now. `Ok(None)` for a cookie that is not a live session of `host`
+    /// (sealed for another host, expired, or over its idle timeout).
+    fn session(
+        &self,
+        host: &str,
+        cookie: &str,
+        now: u64,
+    ) -> Result<Option<Arc<OpenedSession>>, ProxyError> {
         {
             let sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(s) = sessions.get(cookie) {
                 if s.host == host && s.exp > now {
-                    return Ok(Some(Arc::clone(&s.principal)));
+                    return Ok(self.alive(&s.session, now).then(|| Arc::clone(s)));
                 }
             }
         }
@@ -257,7 +273,10 @@ impl SignIn {
         else {
             return Ok(None);
         };
-        let principal = Arc::new(Principal::new(session.user)?);
+        if !self.alive(&session, now) {
+            return Ok(None);
+        }
+        let principal = Arc::new(Principal::new(session.user.clone())?);
         let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
         if sessions.len() >= MAX_OPENED {
             sessions.retain(|_, s| s.exp > now);
@@ -265,15 +284,56 @@ impl SignIn {
                 sessions.clear();
             }
         }
-        sessions.insert(
-            cookie.to_owned(),
-            OpenedSession {
-                host: host.to_owned(),
-                exp,
-                principal: Arc::clone(&principal),
-            },
-        );
-        Ok(Some(principal))
+        let opened = Arc::new(OpenedSession {
+            host: host.to_owned(),
+            exp,
+            session,
+            principal,
+        });
+        sessions.insert(cookie.to_owned(), Arc::clone(&opened));
+        Ok(Some(opened))
+    }
+
+    /// Whether session `s` is still good at `now`: within the lifetime
+    /// from its sign-in (the router's current one, however it was sealed)
+    /// and the idle timeout from its last request.
+    fn alive(&self, s: &Session, now: u64) -> bool {
+        let lifetime = self.settings.session_lifetime_secs;
+        let idle = self.settings.session_idle_secs;
+        let seen = s.seen.max(s.iat);
+        now < s.iat.saturating_add(lifetime) && (idle == 0 || now <= seen.saturating_add(idle))
+    }
+
+    /// The session cookie sealed again with `seen = now`, when the one it
+    /// came in is older than a tenth of the idle timeout (at least 1 s).
+    fn seen_again(&self, s: &Session, app: &App, now: u64) -> Option<HeaderValue> {
+        let idle = self.settings.session_idle_secs;
+        let seen = s.seen.max(s.iat);
+        if idle == 0 || now.saturating_sub(seen) < (idle / 10).max(1) {
+            return None;
+        }
+        let renewed = Session {
+            sid: s.sid.clone(),
+            user: s.user.clone(),
+            iat: s.iat,
+            seen: now,
+        };
+        Some(self.session_cookie(app, &renewed, now))
+    }
+
+    /// The `Set-Cookie` of `session` at `app`'s host, sealed until the end
+    /// of its lifetime; `HttpOnly` and persistent (`Max-Age`, what is left
+    /// of the lifetime) as the app says.
+    fn session_cookie(&self, app: &App, session: &Session, now: u64) -> HeaderValue {
+        let end = session
+            .iat
+            .saturating_add(self.settings.session_lifetime_secs);
+        let left = Duration::from_secs(end.saturating_sub(now));
+        let sealed = self
+            .keys
+            .seal(Purpose::Session, &app.external_host, session, left);
+        let max_age = app.persistent.then_some(left);
+        cookie_with(SESSION_COOKIE, &sealed, max_age, app.http_only)
     }
 
     /// Marks a handoff code used; false if it was already.
@@ -319,7 +379,17 @@ pub(crate) struct Session {
     pub user: User,
     /// Unix seconds.
     pub iat: u64,
+    /// The last request seen, unix seconds, for the idle timeout; written
+    /// again at most every tenth of it (0: a session from before, `iat`).
+    #[serde(default)]
+    pub seen: u64,
 }
+
+/// A session cookie written again (the idle timeout starts over), for the
+/// response of the request that carried it: `gate` leaves it in the
+/// request's extensions, the request path adds it to the response.
+#[derive(Clone)]
+pub(crate) struct SessionCookie(pub HeaderValue);
 
 /// What the sign-in gate decided.
 pub(crate) enum Gate {
@@ -368,10 +438,36 @@ pub(crate) async fn gate<B>(
     if path == SIGN_OUT {
         return Ok(Gate::Respond(signed_out()));
     }
+    let now = seal::unix_now();
     if let Some(cookie) = take_cookie(req.headers_mut(), SESSION_COOKIE) {
-        if let Some(principal) = sign_in.session(host, &cookie)? {
-            return Ok(Gate::Pass(Some(principal)));
+        if let Some(opened) = sign_in.session(host, &cookie, now)? {
+            if let Some(cookie) = sign_in.seen_again(&opened.session, app, now) {
+                req.extensions_mut().insert(SessionCookie(cookie));
+            }
+            return Ok(Gate::Pass(Some(Arc::clone(&opened.principal))));
         }
+    }
+    // An API client's bearer token: valid, or 401, never a redirect. The
+    // `Authorization` header goes on to the backend, the token's audience.
+    if let Some(token) = bearer_token(req.headers()) {
+        let audiences = audiences(app);
+        return match sign_in
+            .bearer
+            .verify(
+                &sign_in.provider,
+                &sign_in.settings.issuer,
+                &audiences,
+                token,
+            )
+            .await
+        {
+            Ok(user) => Ok(Gate::Pass(Some(Arc::new(Principal::new(user)?)))),
+            Err(bearer::BearerError::Keys(reason)) => Err(ProxyError::SignInFailed { reason }),
+            Err(e) => {
+                tracing::debug!(error = %e, app = %app.id, "bearer token refused");
+                Ok(Gate::Respond(invalid_token(host, &e.to_string())))
+            }
+        };
     }
     if !is_navigation(req) {
         return Ok(Gate::Respond(unauthenticated(host)));
@@ -518,8 +614,10 @@ pub(crate) async fn serve_auth_host<B>(
         }
         (&Method::GET | &Method::HEAD, "/") => {
             let host = host_of(req).unwrap_or_default();
+            let now = seal::unix_now();
             let session = cookie_value(req.headers(), SESSION_COOKIE)
-                .and_then(|v| sign_in.keys.open::<Session>(Purpose::Session, &host, &v));
+                .and_then(|v| sign_in.keys.open::<Session>(Purpose::Session, &host, &v))
+                .filter(|s| sign_in.alive(s, now));
             match session {
                 Some(s) => Ok(portal::page(req, &s.user, &table.config.apps)),
                 None if is_navigation(req) => Ok(redirect(START, None)),
@@ -575,19 +673,29 @@ fn session_from_handoff<B>(
             reason: "the handoff code was used already".into(),
         });
     }
+    let now = seal::unix_now();
+    let session = Session {
+        sid: seal::random_token(16),
+        user: handoff.user,
+        iat: now,
+        seen: now,
+    };
     Ok(redirect(
         &target::safe(&handoff.to),
-        Some(new_session(sign_in, &app.external_host, handoff.user)),
+        Some(sign_in.session_cookie(app, &session, now)),
     ))
 }
 
-/// A new session of `user` on `host` (a new id), as its cookie.
+/// A new session of `user` on the auth host (a new id), as its cookie:
+/// My Apps' own, `HttpOnly` and not persistent.
 fn new_session(sign_in: &SignIn, host: &str, user: User) -> HeaderValue {
     let lifetime = Duration::from_secs(sign_in.settings.session_lifetime_secs);
+    let now = seal::unix_now();
     let session = Session {
         sid: seal::random_token(16),
         user,
-        iat: seal::unix_now(),
+        iat: now,
+        seen: now,
     };
     let sealed = sign_in
         .keys
@@ -621,17 +729,63 @@ fn is_navigation<B>(req: &Request<B>) -> bool {
             .any(|v| v.contains("text/html"))
 }
 
+/// The token of an `Authorization: Bearer` header (the scheme in any
+/// case), if the request has one.
+fn bearer_token(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
+}
+
+/// The audiences a bearer token for `app` may name: the app's external
+/// URL, with and without its trailing slash.
+fn audiences(app: &App) -> Vec<String> {
+    let url = app.external_url.as_str();
+    let bare = url.trim_end_matches('/');
+    vec![bare.to_owned(), format!("{bare}/")]
+}
+
+/// 401 `SignInRequired` without credentials: `WWW-Authenticate: Bearer`
+/// with the realm only (RFC 6750, section 3).
 fn unauthenticated(host: &str) -> Response<Body> {
+    sign_in_required(&format!("Bearer realm=\"{}\"", quotable(host)))
+}
+
+/// 401 `SignInRequired` for a refused bearer token: `error="invalid_token"`
+/// and why (RFC 6750, section 3.1).
+fn invalid_token(host: &str, why: &str) -> Response<Body> {
+    sign_in_required(&format!(
+        "Bearer realm=\"{}\", error=\"invalid_token\", error_description=\"{}\"",
+        quotable(host),
+        quotable(why)
+    ))
+}
+
+fn sign_in_required(www_authenticate: &str) -> Response<Body> {
     let mut resp = crate::pages::error_response::<Full<Bytes>>(
         portico_proto::ErrorCode::SignInRequired,
         portico_proto::RequestId(0),
         &HeaderMap::new(),
     )
     .map(|b| b.map_err(|never| match never {}).boxed_unsync());
-    if let Ok(v) = HeaderValue::from_str(&format!("Bearer realm=\"{host}\"")) {
+    if let Ok(v) = HeaderValue::from_str(www_authenticate) {
         resp.headers_mut().insert(WWW_AUTHENTICATE, v);
     }
     resp
+}
+
+/// `s` with only what RFC 6750 allows in a quoted `error_description`
+/// (printable ASCII without `"` and `\`); anything else becomes `?`.
+fn quotable(s: &str) -> String {
+    s.chars()
+        .map(|c| match c {
+            ' '..='~' if c != '"' && c != '\\' => c,
+            _ => '?',
+        })
+        .collect()
 }
 
 fn signed_out() -> Response<Body> {
@@ -674,9 +828,15 @@ fn redirect(to: &str, cookie: Option<HeaderValue>) -> Response<Body> {
 /// host (`__Host-` requires all but the last two); a session cookie
 /// without `max_age`.
 fn cookie(name: &str, value: &str, max_age: Option<Duration>) -> HeaderValue {
+    cookie_with(name, value, max_age, true)
+}
+
+/// [`cookie`], `HttpOnly` only when `http_only`.
+fn cookie_with(name: &str, value: &str, max_age: Option<Duration>, http_only: bool) -> HeaderValue {
     let age = max_age.map_or(String::new(), |a| format!("; Max-Age={}", a.as_secs()));
+    let http_only = if http_only { "; HttpOnly" } else { "" };
     HeaderValue::from_str(&format!(
-        "{name}={value}; Path=/; Secure; HttpOnly; SameSite=Lax{age}"
+        "{name}={value}; Path=/; Secure{http_only}; SameSite=Lax{age}"
     ))
     .unwrap_or_else(|_| HeaderValue::from_static(""))
 }
@@ -791,6 +951,21 @@ mod tests {
         h.append(COOKIE, HeaderValue::from_static("x=1"));
         assert!(take_cookie(&mut h, SESSION_COOKIE).is_none());
         assert_eq!(h[COOKIE], "x=1");
+    }
+
+    #[test]
+    fn the_bearer_token_is_read_in_any_case_of_the_scheme_and_the_challenge_is_quotable() {
+        let h = |v: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert(AUTHORIZATION, HeaderValue::from_static(v));
+            h
+        };
+        assert_eq!(bearer_token(&h("Bearer abc.def.ghi")), Some("abc.def.ghi"));
+        assert_eq!(bearer_token(&h("bearer  xyz ")), Some("xyz"));
+        assert_eq!(bearer_token(&h("Basic dXNlcjpwdw==")), None);
+        assert_eq!(bearer_token(&h("Bearer ")), None);
+        assert_eq!(bearer_token(&HeaderMap::new()), None);
+        assert_eq!(quotable("a \"b\" \\ é\n"), "a ?b? ? ??");
     }
 
     #[test]

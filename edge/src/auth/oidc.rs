@@ -26,6 +26,8 @@ const METADATA_TTL: Duration = Duration::from_secs(3600);
 const REFRESH_MIN: Duration = Duration::from_secs(30);
 /// How long one call to the provider may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// The largest key set read from the provider.
+const MAX_JWKS: usize = 64 * 1024;
 /// The most groups kept of a user, and the longest claim kept.
 pub(crate) const MAX_GROUPS: usize = 64;
 pub(crate) const MAX_CLAIM: usize = 256;
@@ -69,6 +71,27 @@ impl User {
     /// The verified email, for assignment.
     pub(crate) fn verified_email(&self) -> Option<&str> {
         self.email.as_deref().filter(|_| self.email_verified)
+    }
+
+    /// A user from a token's claims, each kept to [`MAX_CLAIM`] bytes and
+    /// at most [`MAX_GROUPS`] groups (the ID token's and a bearer token's
+    /// alike).
+    pub(crate) fn bounded(
+        sub: &str,
+        email: Option<&str>,
+        name: Option<&str>,
+        groups: &[String],
+    ) -> User {
+        User {
+            sub: bounded(sub),
+            email: email.map(bounded),
+            // A bearer token's email is not taken as verified: assignment
+            // by email needs the ID token's `email_verified`.
+            email_verified: false,
+            name: name.map(bounded),
+            preferred_username: None,
+            groups: groups_of(Some(&serde_json::json!(groups))),
+        }
     }
 }
 
@@ -176,6 +199,11 @@ impl Provider {
         Ok(discovered)
     }
 
+    /// The claim that lists a user's groups.
+    pub(crate) fn groups_claim(&self) -> &str {
+        &self.groups_claim
+    }
+
     fn client(
         &self,
         metadata: CoreProviderMetadata,
@@ -199,6 +227,42 @@ impl Provider {
             Some(self.client_secret.clone()),
         )
         .set_redirect_uri(redirect))
+    }
+
+    /// The provider's key set (its discovery's `jwks_uri`), fetched now:
+    /// the raw JSON, at most [`MAX_JWKS`] bytes within [`CALL_TIMEOUT`].
+    pub(crate) async fn fetch_jwks(&self) -> Result<Vec<u8>, OidcError> {
+        let url = self.metadata(false).await?.jwks_uri().url().clone();
+        let fetch = async {
+            let mut resp = self
+                .http
+                .get(url.clone())
+                .header(http::header::ACCEPT, "application/json")
+                .send()
+                .await
+                .map_err(|e| portico_agent::error_chain(&e).to_string())?;
+            if !resp.status().is_success() {
+                return Err(format!("{url} answered {}", resp.status()));
+            }
+            let mut body = Vec::new();
+            while let Some(chunk) = resp
+                .chunk()
+                .await
+                .map_err(|e| portico_agent::error_chain(&e).to_string())?
+            {
+                if body.len() + chunk.len() > MAX_JWKS {
+                    return Err(format!("{url} sent more than {MAX_JWKS} bytes"));
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok(body)
+        };
+        tokio::time::timeout(CALL_TIMEOUT, fetch)
+            .await
+            .map_err(|_| {
+                OidcError::Discovery(format!("the JWKS: no answer within {CALL_TIMEOUT:?}"))
+            })?
+            .map_err(|e| OidcError::Discovery(format!("the JWKS: {e}")))
     }
 
     /// Where to send the browser: the code flow with PKCE S256, fresh

@@ -154,9 +154,16 @@ async fn proxy<B: RequestBody>(
         Some(p) => Some(shared.auth.identity(&app, p)?),
         None => None,
     };
+    // A session cookie the gate wrote again goes on the app's response.
+    let renewed = req.extensions_mut().remove::<crate::auth::SessionCookie>();
     upstream::forward(req, &app, shared, conn.addr, record, identity.as_ref())
         .await
-        .map(Outcome::Relayed)
+        .map(|mut relayed| {
+            if let Some(crate::auth::SessionCookie(cookie)) = renewed {
+                relayed.headers.append(http::header::SET_COOKIE, cookie);
+            }
+            Outcome::Relayed(relayed)
+        })
 }
 
 /// What the phases end in: a response relayed from the app, or one the

@@ -65,6 +65,10 @@ pub struct AppRecord {
     /// The backend CA bundle (only `CERTIFICATE` blocks, as
     /// `api::check_backend_ca` wrote them out).
     pub backend_ca_pem: Option<String>,
+    /// The session cookie is `HttpOnly` (`preauth = oidc`).
+    pub http_only: bool,
+    /// The session cookie outlives the browser.
+    pub persistent: bool,
 }
 
 /// An uploaded certificate for hosts of custom domains, validated by

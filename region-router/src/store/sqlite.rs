@@ -15,7 +15,7 @@ use super::{
 };
 use crate::error::StoreError;
 
-const SCHEMA_VERSION: i64 = 12;
+const SCHEMA_VERSION: i64 = 13;
 
 const SCHEMA_V1: &str = "
 CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -178,6 +178,15 @@ ALTER TABLE apps ADD COLUMN hidden INTEGER NOT NULL DEFAULT 0;
 UPDATE apps SET assignment = '{"everyone":true}' WHERE required_features LIKE '%"oidc"%';
 "#;
 
+/// Version 13: the session cookie's settings, per app: `HttpOnly` (on, as
+/// for every app stored before) and persistent (off). (Versions 10 to 12
+/// are other changes of issue 11; each step runs only when the database
+/// is older than it.)
+const SCHEMA_V13: &str = "
+ALTER TABLE apps ADD COLUMN http_only INTEGER NOT NULL DEFAULT 1;
+ALTER TABLE apps ADD COLUMN persistent INTEGER NOT NULL DEFAULT 0;
+";
+
 /// The SQLite store: one connection behind a mutex.
 pub struct SqliteStore {
     path: PathBuf,
@@ -288,6 +297,7 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
         (10, SCHEMA_V10),
         (11, SCHEMA_V11),
         (12, SCHEMA_V12),
+        (13, SCHEMA_V13),
     ] {
         if found < version {
             let tx = conn.transaction()?;
@@ -386,6 +396,8 @@ type AppRow = (
     bool,
     Option<String>,
     Option<String>,
+    bool,
+    bool,
 );
 
 fn row_app(r: &Row<'_>) -> rusqlite::Result<AppRow> {
@@ -406,6 +418,8 @@ fn row_app(r: &Row<'_>) -> rusqlite::Result<AppRow> {
         r.get(13)?,
         r.get(14)?,
         r.get(15)?,
+        r.get(16)?,
+        r.get(17)?,
     ))
 }
 
@@ -427,6 +441,8 @@ fn to_app(row: AppRow) -> Result<AppRecord, StoreError> {
         maintenance,
         home_path,
         backend_ca_pem,
+        http_only,
+        persistent,
     ) = row;
     Ok(AppRecord {
         id: AppId::new(id).map_err(|e| corrupt("app id", e))?,
@@ -449,6 +465,8 @@ fn to_app(row: AppRow) -> Result<AppRecord, StoreError> {
         maintenance,
         home_path,
         backend_ca_pem,
+        http_only,
+        persistent,
     })
 }
 
@@ -462,7 +480,7 @@ fn app_json(app: &AppRecord) -> Result<(String, String, String), StoreError> {
     ))
 }
 
-const APP_COLS: &str = "id, external_host, internal_url, connector_group, backend_timeout, validate_backend_tls, created_at, required_features, translate_headers, translate_body, assignment, identity_headers, hidden, maintenance, home_path, backend_ca_pem";
+const APP_COLS: &str = "id, external_host, internal_url, connector_group, backend_timeout, validate_backend_tls, created_at, required_features, translate_headers, translate_body, assignment, identity_headers, hidden, maintenance, home_path, backend_ca_pem, http_only, persistent";
 
 type TokenRow = (String, String, String, u64, u64, Option<u64>, Option<u64>);
 
@@ -963,7 +981,7 @@ impl Store for SqliteStore {
             }
             check_app_refs(tx, app)?;
             tx.execute(
-                &format!("INSERT INTO apps ({APP_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)"),
+                &format!("INSERT INTO apps ({APP_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)"),
                 params![
                     app.id.as_str(),
                     app.external_host,
@@ -980,7 +998,9 @@ impl Store for SqliteStore {
                     app.hidden,
                     app.maintenance,
                     app.home_path,
-                    app.backend_ca_pem
+                    app.backend_ca_pem,
+                    app.http_only,
+                    app.persistent
                 ],
             )?;
             bump(tx)
@@ -1002,7 +1022,8 @@ impl Store for SqliteStore {
                     backend_timeout = ?5, validate_backend_tls = ?6, required_features = ?7,
                     translate_headers = ?8, translate_body = ?9, assignment = ?10,
                     identity_headers = ?11, hidden = ?12, maintenance = ?13,
-                    home_path = ?14, backend_ca_pem = ?15
+                    home_path = ?14, backend_ca_pem = ?15, http_only = ?16,
+                    persistent = ?17
                  WHERE id = ?1",
                 params![
                     app.id.as_str(),
@@ -1019,7 +1040,9 @@ impl Store for SqliteStore {
                     app.hidden,
                     app.maintenance,
                     app.home_path,
-                    app.backend_ca_pem
+                    app.backend_ca_pem,
+                    app.http_only,
+                    app.persistent
                 ],
             )?;
             bump(tx)
@@ -1673,6 +1696,7 @@ mod tests {
         assert!(app.required_features.is_empty());
         assert!(app.translate_headers, "an old app keeps header translation");
         assert!(!app.translate_body);
+        assert!(app.http_only && !app.persistent, "an old app: the defaults");
         let token = store
             .get_token("00000000000000aa")
             .expect("get")
@@ -1696,6 +1720,8 @@ mod tests {
                 maintenance: true,
                 home_path: Some("/portal/?x=1".into()),
                 backend_ca_pem: Some("-----BEGIN CERTIFICATE-----".into()),
+                http_only: false,
+                persistent: true,
             })
             .expect("a new app with features");
         store.close();

@@ -44,6 +44,9 @@ fn app(id: &str, host: &str, group: &str) -> AppRecord {
         maintenance: true,
         home_path: Some("/portal/".into()),
         backend_ca_pem: Some("pem".into()),
+        // Both unlike their defaults, so that storing them is seen.
+        http_only: false,
+        persistent: true,
     }
 }
 
@@ -286,6 +289,8 @@ fn populate(s: &dyn Store) {
         maintenance: false,
         home_path: None,
         backend_ca_pem: None,
+        http_only: true,
+        persistent: false,
         ..app("upd", "upd.apps.test", "Default")
     };
     let v = s.update_app(&changed).expect("update");
