@@ -11,6 +11,8 @@
 //! - curl with the browser's session cookie (read over WebDriver) gets the
 //!   page too; curl without it is sent to sign in.
 //! - A bearer token of the provider gets app `api`.
+//! - My Apps (the auth host) shows exactly the apps alice is assigned to,
+//!   and its link opens one.
 
 mod common;
 #[path = "idp/harness.rs"]
@@ -234,4 +236,76 @@ async fn signs_in(s: &Setup, client: &Client) {
     .await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(s.echo.count(), 1);
+
+    // My Apps on the auth host: its own sign-in (the provider remembers
+    // the browser), then exactly the apps alice is assigned to: hr and api
+    // (everyone), payroll (group admins); not wiki (hidden).
+    let portal = format!("https://auth.{DOMAIN}:{}/", s.port);
+    client.goto(&portal).await.unwrap();
+    let deadline = tokio::time::Instant::now() + PAGE;
+    loop {
+        let url = client.current_url().await.unwrap();
+        if url.as_str() == portal && client.find(Locator::Css("h1")).await.is_ok() {
+            break;
+        }
+        if let Ok(login) = client.find(Locator::Css("input[name=login]")).await {
+            login.send_keys("alice").await.unwrap();
+            client
+                .find(Locator::Css("input[name=password]"))
+                .await
+                .unwrap()
+                .send_keys("any password")
+                .await
+                .unwrap();
+            client
+                .find(Locator::Css("button[type=submit]"))
+                .await
+                .unwrap()
+                .click()
+                .await
+                .unwrap();
+        } else if client
+            .find(Locator::Css("input[name=prompt][value=consent]"))
+            .await
+            .is_ok()
+        {
+            client
+                .find(Locator::Css("button[type=submit]"))
+                .await
+                .unwrap()
+                .click()
+                .await
+                .unwrap();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the browser is at {url}, never on My Apps"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut shown = Vec::new();
+    for link in client.find_all(Locator::Css("a.app")).await.unwrap() {
+        let id = link.attr("data-app").await.unwrap().unwrap_or_default();
+        let href = link.attr("href").await.unwrap().unwrap_or_default();
+        assert_eq!(href, format!("https://{id}.{DOMAIN}:{}/", s.port), "{id}");
+        shown.push(id);
+    }
+    assert_eq!(
+        shown,
+        ["api", "hr", "payroll"],
+        "My Apps shows exactly the assigned apps"
+    );
+    // Following a link opens the app with its own session.
+    client
+        .find(Locator::Css("a.app[data-app=hr]"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    wait_for_url(client, &format!("{app}/")).await;
+    wait()
+        .for_element(Locator::Css("h1"))
+        .await
+        .expect("the demo page from My Apps");
 }
