@@ -86,6 +86,30 @@ async fn browser(profile: &Path) -> (tokio::process::Child, Client) {
     (driver, client)
 }
 
+/// Fills in the rest of the provider's login form (the login is typed
+/// already) and submits it.
+async fn finish_login(client: &Client) {
+    client
+        .find(Locator::Css("input[name=password]"))
+        .await
+        .unwrap()
+        .send_keys("any password")
+        .await
+        .unwrap();
+    submit(client).await;
+}
+
+/// Submits the page's form.
+async fn submit(client: &Client) {
+    client
+        .find(Locator::Css("button[type=submit]"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+}
+
 /// Polls the browser's URL until it starts with `prefix`.
 async fn wait_for_url(client: &Client, prefix: &str) -> url::Url {
     let deadline = tokio::time::Instant::now() + PAGE;
@@ -144,31 +168,12 @@ async fn signs_in(s: &Setup, client: &Client) {
             .starts_with(&s.idp.issuer),
         "the login form is the provider's"
     );
-    client
-        .find(Locator::Css("input[name=password]"))
-        .await
-        .unwrap()
-        .send_keys("any password")
-        .await
-        .unwrap();
-    client
-        .find(Locator::Css("button[type=submit]"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    finish_login(client).await;
     wait()
         .for_element(Locator::Css("input[name=prompt][value=consent]"))
         .await
         .expect("the provider's consent form");
-    client
-        .find(Locator::Css("button[type=submit]"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    submit(client).await;
 
     // Back on the page asked for, from the backend through the tunnel.
     let landed = wait_for_url(client, &format!("{app}/")).await;
@@ -250,32 +255,13 @@ async fn signs_in(s: &Setup, client: &Client) {
         }
         if let Ok(login) = client.find(Locator::Css("input[name=login]")).await {
             login.send_keys("alice").await.unwrap();
-            client
-                .find(Locator::Css("input[name=password]"))
-                .await
-                .unwrap()
-                .send_keys("any password")
-                .await
-                .unwrap();
-            client
-                .find(Locator::Css("button[type=submit]"))
-                .await
-                .unwrap()
-                .click()
-                .await
-                .unwrap();
+            finish_login(client).await;
         } else if client
             .find(Locator::Css("input[name=prompt][value=consent]"))
             .await
             .is_ok()
         {
-            client
-                .find(Locator::Css("button[type=submit]"))
-                .await
-                .unwrap()
-                .click()
-                .await
-                .unwrap();
+            submit(client).await;
         }
         assert!(
             tokio::time::Instant::now() < deadline,

@@ -1392,21 +1392,24 @@ async fn apps_are_updated_field_by_field_with_the_checks_of_create() -> anyhow::
     stop(h, shutdown).await
 }
 
+/// A router with an OpenID provider (never asked: the router does not
+/// call it).
+fn with_sign_in(c: &mut Config) {
+    c.sign_in = Some(portico_router::SignInConfig {
+        issuer: "http://127.0.0.1:9/".into(),
+        client_id: "portico".into(),
+        client_secret: "s".into(),
+        session_lifetime: std::time::Duration::from_secs(3600),
+        session_idle_timeout: std::time::Duration::from_secs(3600),
+        groups_claim: "groups".into(),
+    });
+}
+
 #[tokio::test]
 async fn an_app_that_signs_users_in_must_assign_someone_and_the_jwks_is_public(
 ) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let (h, shutdown) = start(dir.path(), |c| {
-        c.sign_in = Some(portico_router::SignInConfig {
-            issuer: "http://127.0.0.1:9/".into(),
-            client_id: "portico".into(),
-            client_secret: "s".into(),
-            session_lifetime: std::time::Duration::from_secs(3600),
-            session_idle_timeout: std::time::Duration::from_secs(3600),
-            groups_claim: "groups".into(),
-        });
-    })
-    .await?;
+    let (h, shutdown) = start(dir.path(), with_sign_in).await?;
     let admin = admin(&h)?;
     let spec = |extra: serde_json::Value| {
         let mut v = json!({ "id": "hr", "internal_url": "http://10.0.0.5/", "preauth": "oidc" });
@@ -1465,17 +1468,7 @@ async fn an_app_that_signs_users_in_must_assign_someone_and_the_jwks_is_public(
     );
     assert_eq!((key.x.len(), key.y.len()), (43, 43), "{key:?}");
     stop(h, shutdown).await?;
-    let (h, shutdown) = start(dir.path(), |c| {
-        c.sign_in = Some(portico_router::SignInConfig {
-            issuer: "http://127.0.0.1:9/".into(),
-            client_id: "portico".into(),
-            client_secret: "s".into(),
-            session_lifetime: std::time::Duration::from_secs(3600),
-            session_idle_timeout: std::time::Duration::from_secs(3600),
-            groups_claim: "groups".into(),
-        });
-    })
-    .await?;
+    let (h, shutdown) = start(dir.path(), with_sign_in).await?;
     let again: portico_proto::api::Jwks = anon(&h)?.get_json("/.well-known/jwks.json").await?;
     assert_eq!(again, jwks);
     stop(h, shutdown).await
