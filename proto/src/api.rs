@@ -1518,6 +1518,11 @@ pub struct SessionKey {
 /// sign users in refuses the app rather than serve it open.
 pub const SIGN_IN_FEATURE: &str = "oidc";
 
+/// The feature an app in maintenance mode requires: an edge of a build
+/// without maintenance mode refuses the app (503 `FeatureUnsupported`)
+/// rather than serve it.
+pub const MAINTENANCE_FEATURE: &str = "maintenance";
+
 /// The edges that hold tunnels of one group.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GroupPresence {

@@ -15,7 +15,9 @@
 ///   the app's backend.
 /// - `oidc`: the edge signs users in (`preauth = oidc`,
 ///   [`crate::api::SIGN_IN_FEATURE`]) before a request reaches the app.
-pub const KNOWN: &[&str] = &["websocket", "oidc"];
+/// - `maintenance`: the edge answers an app in maintenance mode with 503
+///   `Maintenance` ([`crate::api::MAINTENANCE_FEATURE`]).
+pub const KNOWN: &[&str] = &["websocket", "oidc", "maintenance"];
 
 /// Whether this build implements the feature `name`.
 pub fn is_known(name: &str) -> bool {

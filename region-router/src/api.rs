@@ -1909,11 +1909,12 @@ async fn update_app(
         backend_timeout: current.backend_timeout,
         validate_backend_tls: current.validate_backend_tls,
         preauth: api::Preauth::of_features(&current.required_features),
-        // The sign-in feature is the preauth's to set.
+        // The sign-in and maintenance features are preauth's and
+        // maintenance's to set.
         required_features: current
             .required_features
             .into_iter()
-            .filter(|f| f != api::SIGN_IN_FEATURE)
+            .filter(|f| f != api::SIGN_IN_FEATURE && f != api::MAINTENANCE_FEATURE)
             .collect(),
         translate_headers: current.translate_headers,
         translate_body: current.translate_body,
@@ -1963,6 +1964,19 @@ fn app_record(
             ),
         ));
     }
+    if spec
+        .required_features
+        .iter()
+        .any(|f| f == api::MAINTENANCE_FEATURE)
+    {
+        return Err(ApiFail::invalid(
+            "required_features",
+            format!(
+                "{:?} is what maintenance mode requires: set maintenance (--maintenance) instead",
+                api::MAINTENANCE_FEATURE
+            ),
+        ));
+    }
     if spec.preauth == api::Preauth::Oidc && config.sign_in.is_none() {
         return Err(ApiFail::invalid(
             "preauth",
@@ -1973,6 +1987,11 @@ fn app_record(
     let mut required_features = spec.required_features;
     if spec.preauth == api::Preauth::Oidc {
         required_features.push(api::SIGN_IN_FEATURE.to_owned());
+    }
+    // An edge of a build without maintenance mode refuses the app
+    // (FeatureUnsupported, 503) rather than serve it.
+    if spec.maintenance {
+        required_features.push(api::MAINTENANCE_FEATURE.to_owned());
     }
     api::check_required_features(&required_features)
         .map_err(|e| ApiFail::invalid("required_features", e.to_string()))?;

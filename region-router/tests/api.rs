@@ -1222,7 +1222,9 @@ async fn apps_are_updated_field_by_field_with_the_checks_of_create() -> anyhow::
         validate_backend_tls: false,
         translate_headers: false,
         translate_body: true,
-        required_features: vec!["sign-in".into()],
+        // In maintenance, the app requires the feature too, so that an
+        // edge without maintenance mode refuses it rather than serve it.
+        required_features: vec!["sign-in".into(), "maintenance".into()],
         ..created.clone()
     };
     assert_eq!(app, expected, "created_at and id are kept");
@@ -1230,7 +1232,11 @@ async fn apps_are_updated_field_by_field_with_the_checks_of_create() -> anyhow::
     let cleared: App = admin
         .patch_json("/v1/apps/hr", &json!({ "required_features": [] }))
         .await?;
-    assert!(cleared.required_features.is_empty());
+    assert_eq!(cleared.required_features, ["maintenance"]);
+    let out: App = admin
+        .patch_json("/v1/apps/hr", &json!({ "maintenance": false }))
+        .await?;
+    assert!(out.required_features.is_empty() && !out.maintenance);
     // Edges get the change.
     let after: EdgeConfig = edge
         .watch("/v1/edge/config", before.version, Duration::from_secs(50))
@@ -1314,6 +1320,12 @@ async fn apps_are_updated_field_by_field_with_the_checks_of_create() -> anyhow::
             400,
             Some("preauth"),
             "--oidc-issuer",
+        ),
+        (
+            json!({ "required_features": ["maintenance"] }),
+            400,
+            Some("required_features"),
+            "--maintenance",
         ),
         (
             json!({ "required_features": ["oidc"] }),
