@@ -28,7 +28,7 @@ use harness::*;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use portico_proto::api::{AppSpec, Assignment, Preauth, TokenScope};
+use portico_proto::api::{AppSpec, Assignment, TokenScope};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_browser_signs_in_through_the_provider_and_reaches_the_app_api_clients_get_401() {
     let s = setup().await;
@@ -688,28 +688,7 @@ async fn a_session_from_one_regions_edge_works_at_anothers_and_the_identity_cros
     let d = tmp.path().to_owned();
     let root = tokio_util::sync::CancellationToken::new();
     let port = free_tcp_port();
-    let idp_key = rsa_key(&d, "idp").await;
-    std::fs::write(d.join("idp-key.pem"), &idp_key.0).unwrap();
-    let idp = Idp::start(
-        &format!("https://auth.{DOMAIN}:{port}/.portico/callback"),
-        &format!("https://api.{DOMAIN}:{port}"),
-        &d.join("idp-key.pem"),
-        false,
-    )
-    .await;
-    let mut rc = portico_router::Config::new(d.join("router"));
-    rc.listen = "127.0.0.1:0".parse().unwrap();
-    rc.apps_domain = DOMAIN.into();
-    rc.public_port = Some(port);
-    rc.sign_in = Some(portico_router::SignInConfig {
-        issuer: idp.issuer.clone(),
-        client_id: "portico".into(),
-        client_secret: "portico-secret".into(),
-        session_lifetime: Duration::from_secs(3600),
-        session_idle_timeout: Duration::from_secs(3600),
-        groups_claim: "groups".into(),
-    });
-    let router = portico_router::start(rc, root.child_token()).await.unwrap();
+    let (idp, _, router) = idp_and_router(&d, port, &root, &Options::default()).await;
     let ca = d.join("router/ca.pem");
     let admin = common::router_admin(&router);
     let eu: portico_proto::RegionId = "eu".parse().unwrap();
@@ -763,16 +742,6 @@ async fn a_session_from_one_regions_edge_works_at_anothers_and_the_identity_cros
         .await
         .unwrap();
     let spec = AppSpec {
-        id: "hr".parse().unwrap(),
-        external_host: None,
-        internal_url: format!("http://{}/", demo.addr),
-        connector_group: group.clone(),
-        backend_timeout: Default::default(),
-        validate_backend_tls: true,
-        translate_headers: true,
-        translate_body: false,
-        required_features: vec![],
-        preauth: Preauth::Oidc,
         assignment: Assignment {
             groups: vec!["devs".into()],
             ..Default::default()
@@ -781,12 +750,7 @@ async fn a_session_from_one_regions_edge_works_at_anothers_and_the_identity_cros
             .into_iter()
             .map(|(h, c)| (h.to_owned(), c.to_owned()))
             .collect(),
-        hidden: false,
-        maintenance: false,
-        home_page: None,
-        backend_ca_pem: None,
-        http_only: true,
-        persistent: false,
+        ..oidc_app("hr", &format!("http://{}/", demo.addr), &group)
     };
     let _: portico_proto::api::App = admin.post_json("/v1/apps", &spec).await.unwrap();
     let mut cc = portico_connector::Config::new(router.url(), d.join("connector"));

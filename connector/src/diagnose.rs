@@ -22,7 +22,6 @@ use bytes::Bytes;
 use http::uri::Scheme;
 use http_body_util::Empty;
 use hyper_util::rt::TokioIo;
-use portico_agent::{RouterClient, RouterTrust};
 use portico_proto::api::{self, CheckStatus, ProbeJobs, ProbeResult, ProbeStep};
 use portico_proto::AppId;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -33,6 +32,7 @@ use tracing::Instrument as _;
 use crate::headers::InternalUrl;
 use crate::stream::StreamCtx;
 use crate::tunnel::Pool;
+use crate::watch::{pause, Router};
 
 /// The router path of the probe jobs (and, with `/{id}`, of a result).
 pub(crate) const PROBES_PATH: &str = "/v1/connector/probes";
@@ -57,29 +57,20 @@ const MAX_ADDRS: usize = 8;
 
 /// Polls the router for probe jobs until the pool stops.
 pub(crate) async fn run(pool: Arc<Pool>, router_url: String) {
-    let mut creds_rx = pool.creds.clone();
-    let mut client: Option<RouterClient> = None;
+    let mut router = Router::new(&pool, router_url);
     let mut retry = RETRY_MIN;
     let running = Arc::new(Semaphore::new(MAX_AT_ONCE));
     loop {
-        if client.is_none() || creds_rx.has_changed().unwrap_or(false) {
-            let creds = creds_rx.borrow_and_update().clone();
-            match RouterClient::new(
-                &router_url,
-                RouterTrust::CaPem(creds.ca_pem.clone()),
-                Some(&creds),
-            ) {
-                Ok(c) => client = Some(c),
-                Err(e) => {
-                    tracing::warn!(error = %portico_agent::error_chain(&e), "cannot build the router client");
-                    if !pause(&pool, &mut retry).await {
-                        return;
-                    }
-                    continue;
+        let c = match router.client() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %portico_agent::error_chain(&e), "cannot build the router client");
+                if !pause(&pool, &mut retry, RETRY_MAX).await {
+                    return;
                 }
+                continue;
             }
-        }
-        let Some(c) = client.clone() else { continue };
+        };
         let answer = tokio::select! {
             _ = pool.stop.cancelled() => return,
             r = c.watch::<ProbeJobs>(PROBES_PATH, 0, POLL_WAIT) => r,
@@ -123,21 +114,11 @@ pub(crate) async fn run(pool: Arc<Pool>, router_url: String) {
             Err(e) if e.is_revoked() => return,
             Err(e) => {
                 tracing::debug!(error = %portico_agent::error_chain(&e), retry_in = ?retry, "polling for probes failed");
-                if !pause(&pool, &mut retry).await {
+                if !pause(&pool, &mut retry, RETRY_MAX).await {
                     return;
                 }
             }
         }
-    }
-}
-
-/// Sleeps a jittered `retry` and doubles it; false when the pool stopped.
-async fn pause(pool: &Pool, retry: &mut Duration) -> bool {
-    let delay = retry.mul_f64(0.5 + fastrand::f64() / 2.0);
-    *retry = (*retry * 2).min(RETRY_MAX);
-    tokio::select! {
-        _ = pool.stop.cancelled() => false,
-        _ = tokio::time::sleep(delay) => true,
     }
 }
 

@@ -41,29 +41,20 @@ pub(crate) async fn run(
     router_url: String,
     tx: watch::Sender<Option<Arc<ConnectorConfig>>>,
 ) {
-    let mut creds_rx = pool.creds.clone();
-    let mut client: Option<RouterClient> = None;
+    let mut router = Router::new(&pool, router_url);
     let mut version = 0u64;
     let mut retry = RETRY_MIN;
     loop {
-        if client.is_none() || creds_rx.has_changed().unwrap_or(false) {
-            let creds: Arc<Credentials> = creds_rx.borrow_and_update().clone();
-            match RouterClient::new(
-                &router_url,
-                RouterTrust::CaPem(creds.ca_pem.clone()),
-                Some(&creds),
-            ) {
-                Ok(c) => client = Some(c),
-                Err(e) => {
-                    tracing::error!(error = %portico_agent::error_chain(&e), "cannot build the router client");
-                    if !pause(&pool, &mut retry).await {
-                        return;
-                    }
-                    continue;
+        let c = match router.client() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %portico_agent::error_chain(&e), "cannot build the router client");
+                if !pause(&pool, &mut retry, RETRY_MAX).await {
+                    return;
                 }
+                continue;
             }
-        }
-        let Some(c) = client.as_ref() else { continue };
+        };
         let answer = tokio::select! {
             _ = pool.stop.cancelled() => return,
             r = c.watch::<ConnectorConfig>(CONFIG_PATH, version, WATCH_WAIT) => r,
@@ -97,7 +88,7 @@ pub(crate) async fn run(
             }
             Err(e) => {
                 tracing::warn!(error = %portico_agent::error_chain(&e), retry_in = ?retry, "config watch failed; serving the last config");
-                if !pause(&pool, &mut retry).await {
+                if !pause(&pool, &mut retry, RETRY_MAX).await {
                     return;
                 }
             }
@@ -105,10 +96,47 @@ pub(crate) async fn run(
     }
 }
 
-/// Sleeps a jittered `retry` and doubles it; false when the pool stopped.
-async fn pause(pool: &Pool, retry: &mut Duration) -> bool {
+/// The router client of a connector's long-polls (its config, its probe
+/// jobs), on its current credentials: made again when they change (a
+/// renewed certificate), else kept.
+pub(crate) struct Router {
+    url: String,
+    creds: watch::Receiver<Arc<Credentials>>,
+    client: Option<RouterClient>,
+}
+
+impl Router {
+    pub(crate) fn new(pool: &Pool, url: String) -> Router {
+        Router {
+            url,
+            creds: pool.creds.clone(),
+            client: None,
+        }
+    }
+
+    /// The client (cheap to clone; clones share connections).
+    pub(crate) fn client(&mut self) -> Result<RouterClient, portico_agent::ClientError> {
+        if let Some(c) = &self.client {
+            if !self.creds.has_changed().unwrap_or(false) {
+                return Ok(c.clone());
+            }
+        }
+        let creds = self.creds.borrow_and_update().clone();
+        let c = RouterClient::new(
+            &self.url,
+            RouterTrust::CaPem(creds.ca_pem.clone()),
+            Some(&creds),
+        )?;
+        self.client = Some(c.clone());
+        Ok(c)
+    }
+}
+
+/// Sleeps a jittered `retry` and doubles it, up to `max`; false when the
+/// pool stopped.
+pub(crate) async fn pause(pool: &Pool, retry: &mut Duration, max: Duration) -> bool {
     let delay = retry.mul_f64(0.5 + fastrand::f64() / 2.0);
-    *retry = (*retry * 2).min(RETRY_MAX);
+    *retry = (*retry * 2).min(max);
     tokio::select! {
         _ = pool.stop.cancelled() => false,
         _ = tokio::time::sleep(delay) => true,

@@ -282,20 +282,15 @@ impl Default for Options {
 }
 
 /// [`setup_with`] the defaults: a provider that asks no consent.
-pub async fn setup() -> Setup {
-    setup_with(Options::default()).await
-}
-
-/// A router with the test IdP, an edge, a connector, app `hr` (the demo
-/// backend) and app `api` ([`Echo`]), both `preauth = oidc`.
-pub async fn setup_with(opts: Options) -> Setup {
-    common::init_tracing();
-    let tmp = tempfile::tempdir().unwrap();
-    let d = tmp.path().to_owned();
-    let root = tokio_util::sync::CancellationToken::new();
-    let loopback: SocketAddr = "127.0.0.1:0".parse().unwrap();
-    let port = free_tcp_port();
-    let idp_key = rsa_key(&d, "idp").await;
+/// The test IdP (its signing key in `d`, made now) and a router that
+/// signs users in with it, for edges on `port`.
+pub async fn idp_and_router(
+    d: &Path,
+    port: u16,
+    root: &tokio_util::sync::CancellationToken,
+    opts: &Options,
+) -> (Idp, (Vec<u8>, Vec<u8>), portico_router::Handle) {
+    let idp_key = rsa_key(d, "idp").await;
     std::fs::write(d.join("idp-key.pem"), &idp_key.0).unwrap();
     let idp = Idp::start(
         &format!("https://auth.{DOMAIN}:{port}/.portico/callback"),
@@ -304,9 +299,8 @@ pub async fn setup_with(opts: Options) -> Setup {
         opts.consent,
     )
     .await;
-
     let mut rc = portico_router::Config::new(d.join("router"));
-    rc.listen = loopback;
+    rc.listen = "127.0.0.1:0".parse().unwrap();
     rc.apps_domain = DOMAIN.into();
     rc.public_port = Some(port);
     rc.sign_in = Some(portico_router::SignInConfig {
@@ -318,23 +312,16 @@ pub async fn setup_with(opts: Options) -> Setup {
         groups_claim: "groups".into(),
     });
     let router = portico_router::start(rc, root.child_token()).await.unwrap();
-    let ca = d.join("router/ca.pem");
-    let admin = common::router_admin(&router);
+    (idp, idp_key, router)
+}
 
-    let _edge = common::start_edge(&router, &admin, &d.join("edge"), root.child_token(), |ec| {
-        ec.public_listen = SocketAddr::from(([127, 0, 0, 1], port));
-        ec.http3 = false;
-    })
-    .await;
-
-    let demo = portico::demo::start(loopback, root.child_token())
-        .await
-        .unwrap();
-    let group = portico_proto::GroupId::default_group();
-    let spec = AppSpec {
-        id: "hr".parse().unwrap(),
+/// App `id` of `group` at `internal_url`, signing users in, for everyone
+/// who does, with every other setting at its default.
+pub fn oidc_app(id: &str, internal_url: &str, group: &portico_proto::GroupId) -> AppSpec {
+    AppSpec {
+        id: id.parse().unwrap(),
         external_host: None,
-        internal_url: format!("http://{}/", demo.addr),
+        internal_url: internal_url.to_owned(),
         connector_group: group.clone(),
         backend_timeout: Default::default(),
         validate_backend_tls: true,
@@ -353,7 +340,37 @@ pub async fn setup_with(opts: Options) -> Setup {
         backend_ca_pem: None,
         http_only: true,
         persistent: false,
-    };
+    }
+}
+
+pub async fn setup() -> Setup {
+    setup_with(Options::default()).await
+}
+
+/// A router with the test IdP, an edge, a connector, app `hr` (the demo
+/// backend) and app `api` ([`Echo`]), both `preauth = oidc`.
+pub async fn setup_with(opts: Options) -> Setup {
+    common::init_tracing();
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path().to_owned();
+    let root = tokio_util::sync::CancellationToken::new();
+    let loopback: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let port = free_tcp_port();
+    let (idp, idp_key, router) = idp_and_router(&d, port, &root, &opts).await;
+    let ca = d.join("router/ca.pem");
+    let admin = common::router_admin(&router);
+
+    let _edge = common::start_edge(&router, &admin, &d.join("edge"), root.child_token(), |ec| {
+        ec.public_listen = SocketAddr::from(([127, 0, 0, 1], port));
+        ec.http3 = false;
+    })
+    .await;
+
+    let demo = portico::demo::start(loopback, root.child_token())
+        .await
+        .unwrap();
+    let group = portico_proto::GroupId::default_group();
+    let spec = oidc_app("hr", &format!("http://{}/", demo.addr), &group);
     let app: portico_proto::api::App = admin.post_json("/v1/apps", &spec).await.unwrap();
     assert_eq!(app.preauth, Preauth::Oidc);
     assert!(app.required_features.iter().any(|f| f == "oidc"));
