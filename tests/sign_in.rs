@@ -477,18 +477,7 @@ async fn cookie_when(s: &Setup, ready: fn(&str) -> bool) -> String {
 
 /// A browser (a cookie jar) signed in as `user` at `app` (`https://host:port`).
 async fn signed_in(s: &Setup, app: &str, user: &str) -> tempfile::NamedTempFile {
-    let jar_file = tempfile::NamedTempFile::new().unwrap();
-    let jar = jar_file.path();
-    let r = hop(&s.ca, jar, &format!("{app}/"), &[]).await;
-    assert_eq!(r.status, 302, "{app}: {}", r.body);
-    let r = hop(&s.ca, jar, &r.location, &[]).await;
-    assert_eq!(r.status, 302, "start: {}", r.body);
-    let callback = sign_in_at_provider(&s.ca, jar, &s.idp, &r.location, user).await;
-    let r = hop(&s.ca, jar, &callback, &[]).await;
-    assert_eq!(r.status, 302, "callback: {}", r.body);
-    let r = hop(&s.ca, jar, &r.location, &[]).await;
-    assert_eq!(r.status, 302, "handoff: {}", r.body);
-    jar_file
+    signed_in_at(&s.ca, &s.idp, app, &[], user).await
 }
 
 /// Verifies an assertion with a JWKS document: its claims.
@@ -876,4 +865,200 @@ async fn a_session_from_one_regions_edge_works_at_anothers_and_the_identity_cros
     assert_eq!(r.status, 403, "bob's session from B, at A: {}", r.body);
     drop(connector);
     root.cancel();
+}
+
+/// Two edges of one region (127.0.0.1 and 127.0.0.2, one port), both
+/// holding tunnels of the app's connector: a handoff code gives one
+/// session at one edge only, and signing out at one edge ends the session
+/// at the other (through the router) while another session of the same
+/// user stays; the same for My Apps on the auth host.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signing_out_at_one_edge_ends_the_session_at_every_edge_and_a_handoff_code_works_once_anywhere(
+) {
+    common::init_tracing();
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path().to_owned();
+    let root = tokio_util::sync::CancellationToken::new();
+    let port = free_tcp_port();
+    let (idp, _, router) = idp_and_router(&d, port, &root, &Options::default()).await;
+    let ca = d.join("router/ca.pem");
+    let admin = common::router_admin(&router);
+    let mut edges = Vec::new();
+    for (name, ip) in [("edge-a", [127, 0, 0, 1]), ("edge-b", [127, 0, 0, 2])] {
+        let ip = std::net::IpAddr::from(ip);
+        edges.push(
+            common::start_edge(&router, &admin, &d.join(name), root.child_token(), |ec| {
+                ec.public_listen = SocketAddr::new(ip, port);
+                ec.tunnel_listen = SocketAddr::new(ip, 0);
+                ec.mesh_listen = Some(SocketAddr::new(ip, 0));
+                ec.http3 = false;
+            })
+            .await,
+        );
+    }
+    let demo = portico::demo::start("127.0.0.1:0".parse().unwrap(), root.child_token())
+        .await
+        .unwrap();
+    let group = portico_proto::GroupId::default_group();
+    let spec = oidc_app("hr", &format!("http://{}/", demo.addr), &group);
+    let _: portico_proto::api::App = admin.post_json("/v1/apps", &spec).await.unwrap();
+    let mut cc = portico_connector::Config::new(router.url(), d.join("connector"));
+    cc.token = Some(
+        portico::dev::create_token(&admin, TokenScope::Connector { group })
+            .await
+            .unwrap(),
+    );
+    cc.tunnels = 2;
+    let connector = portico_connector::start(cc, root.child_token())
+        .await
+        .unwrap();
+    connector.wait_tunnels(2).await;
+
+    let hr = format!("https://hr.{DOMAIN}:{port}");
+    let auth = format!("https://auth.{DOMAIN}:{port}");
+    let resolve = |last: u8| -> Vec<String> {
+        ["hr", "auth"]
+            .iter()
+            .flat_map(|h| {
+                [
+                    "--resolve".to_owned(),
+                    format!("{h}.{DOMAIN}:{port}:127.0.0.{last}"),
+                ]
+            })
+            .collect()
+    };
+    let (a, b) = (resolve(1), resolve(2));
+    fn at(v: &[String]) -> Vec<&str> {
+        v.iter().map(String::as_str).collect()
+    }
+    let (at_a, at_b) = (at(&a), at(&b));
+    let get = |jar: &std::path::Path, url: &str, via: &[&str]| {
+        let jar = jar.to_str().unwrap().to_owned();
+        let mut args: Vec<String> = vec!["-b".into(), jar, "-H".into(), "Accept: text/html".into()];
+        args.extend(via.iter().map(|s| s.to_string()));
+        args.push(url.to_owned());
+        let ca = ca.clone();
+        async move {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            curl(&ca, &args).await
+        }
+    };
+
+    // Alice signs in at edge A, up to the handoff code.
+    let jar_file = tempfile::NamedTempFile::new().unwrap();
+    let jar = jar_file.path();
+    let r = hop(&ca, jar, &format!("{hr}/"), &at_a).await;
+    assert_eq!(r.status, 302, "{}", r.body);
+    let r = hop(&ca, jar, &r.location, &at_a).await;
+    assert_eq!(r.status, 302, "{}", r.body);
+    let callback = sign_in_at_provider(&ca, jar, &idp, &r.location, "alice").await;
+    let r = hop(&ca, jar, &callback, &at_a).await;
+    assert_eq!(r.status, 302, "{}", r.body);
+    let handoff = r.location.clone();
+    // The code becomes a session at A...
+    let r = hop(&ca, jar, &handoff, &at_a).await;
+    assert_eq!(r.status, 302, "{}", r.body);
+    assert!(r
+        .set_cookie
+        .iter()
+        .any(|c| c.starts_with("__Host-portico-session=")));
+    // ...and, copied to another browser at edge B (which never saw it),
+    // into none: the router knows A used it.
+    let thief = tempfile::NamedTempFile::new().unwrap();
+    let r = hop(&ca, thief.path(), &handoff, &at_b).await;
+    assert_eq!(r.status, 400, "a used code at another edge: {}", r.body);
+    assert!(r.body.contains("SignInFailed"), "{}", r.body);
+    assert!(r.set_cookie.iter().all(|c| !c.contains("portico-session")));
+
+    // The session works at both edges (an edge without a tunnel forwards
+    // once it knows where they are).
+    for via in [&at_a, &at_b] {
+        common::eventually("the session to work at both edges", LIMIT, || async {
+            let r = get(jar, &format!("{hr}/"), via).await;
+            match r.status {
+                200 => Some(()),
+                502 if r.text().contains("ConnectorNotFound") => None,
+                other => panic!("answered {other}: {}", r.text()),
+            }
+        })
+        .await;
+    }
+    // A second session of alice's (another browser), to stay signed in.
+    let other = signed_in_at(&ca, &idp, &hr, &at_a, "alice").await;
+
+    // The first browser's cookie, kept as someone who copied it would.
+    let copied = tempfile::NamedTempFile::new().unwrap();
+    std::fs::copy(jar, copied.path()).unwrap();
+    // Signed out at B: the cookie goes...
+    let r = hop(&ca, jar, &format!("{hr}/.portico/sign_out"), &at_b).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    // ...and the copy is refused at B at once, and at A once the router's
+    // change reaches it: to sign-in, no stream.
+    let r = get(copied.path(), &format!("{hr}/"), &at_b).await;
+    assert_eq!(r.status, 302, "signed out at B, at B: {}", r.text());
+    common::eventually("edge A to learn of the sign-out", LIMIT, || async {
+        let r = get(copied.path(), &format!("{hr}/"), &at_a).await;
+        match r.status {
+            302 => Some(()),
+            200 => None,
+            other => panic!("edge A answered {other}: {}", r.text()),
+        }
+    })
+    .await;
+    // The other session is not touched, at either edge.
+    for via in [&at_a, &at_b] {
+        let r = get(other.path(), &format!("{hr}/"), via).await;
+        assert_eq!(r.status, 200, "alice's other session: {}", r.text());
+    }
+
+    // My Apps: signed in at A's auth host, signed out at B's, refused at A.
+    let portal_file = tempfile::NamedTempFile::new().unwrap();
+    let portal = portal_file.path();
+    let r = hop(&ca, portal, &format!("{auth}/"), &at_a).await;
+    assert_eq!(r.status, 302, "{}", r.body);
+    let r = hop(&ca, portal, &format!("{auth}{}", r.location), &at_a).await;
+    assert_eq!(r.status, 302, "{}", r.body);
+    let callback = sign_in_at_provider(&ca, portal, &idp, &r.location, "alice").await;
+    let r = hop(&ca, portal, &callback, &at_a).await;
+    assert_eq!(r.status, 302, "{}", r.body);
+    let r = get(portal, &format!("{auth}/"), &at_a).await;
+    assert_eq!(r.status, 200, "My Apps: {}", r.text());
+    let copied = tempfile::NamedTempFile::new().unwrap();
+    std::fs::copy(portal, copied.path()).unwrap();
+    let r = hop(&ca, portal, &format!("{auth}/.portico/sign_out"), &at_b).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    common::eventually("edge A to learn of the My Apps sign-out", LIMIT, || async {
+        let r = get(copied.path(), &format!("{auth}/"), &at_a).await;
+        match r.status {
+            302 => Some(()),
+            200 => None,
+            other => panic!("edge A answered {other}: {}", r.text()),
+        }
+    })
+    .await;
+    drop((connector, edges));
+    root.cancel();
+}
+
+/// A browser (a cookie jar) signed in as `user` at `app` through the edge
+/// that `via` resolves to.
+async fn signed_in_at(
+    ca: &std::path::Path,
+    idp: &Idp,
+    app: &str,
+    via: &[&str],
+    user: &str,
+) -> tempfile::NamedTempFile {
+    let jar_file = tempfile::NamedTempFile::new().unwrap();
+    let jar = jar_file.path();
+    let r = hop(ca, jar, &format!("{app}/"), via).await;
+    assert_eq!(r.status, 302, "{app}: {}", r.body);
+    let r = hop(ca, jar, &r.location, via).await;
+    assert_eq!(r.status, 302, "start: {}", r.body);
+    let callback = sign_in_at_provider(ca, jar, idp, &r.location, user).await;
+    let r = hop(ca, jar, &callback, via).await;
+    assert_eq!(r.status, 302, "callback: {}", r.body);
+    let r = hop(ca, jar, &r.location, via).await;
+    assert_eq!(r.status, 302, "handoff: {}", r.body);
+    jar_file
 }

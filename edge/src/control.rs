@@ -7,12 +7,15 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use portico_agent::enroll::{self, EnrollOptions};
 use portico_agent::{pki, Credentials, RouterClient, RouterTrust, Secret, StateDir};
-use portico_proto::api::{CertResponse, CsrRequest, EdgeConfig, EdgeReport};
+use portico_proto::api::{
+    CertResponse, CsrRequest, EdgeConfig, EdgeReport, SignOuts, SignedOut, MAX_SIGN_OUTS_PER_REPORT,
+};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::auth::revoke::{HandoffAnswer, HandoffCheck};
 use crate::certs::CertStore;
 use crate::config::{advertised, Config};
 use crate::error::Error;
@@ -217,6 +220,18 @@ pub(crate) async fn start(config: Config, shutdown: CancellationToken) -> Result
         tunnels: Vec::new(),
         draining: false,
     };
+    let (sign_outs, sign_outs_rx) = tokio::sync::mpsc::channel(SIGN_OUT_QUEUE);
+    let (handoffs, handoffs_rx) = tokio::sync::mpsc::channel(SIGN_OUT_QUEUE);
+    shared.auth.connect_router(crate::auth::revoke::RouterLink {
+        sign_outs,
+        handoffs,
+    });
+    shared.tracker.spawn(
+        sign_out_loop(routers.clone(), sign_outs_rx, Arc::clone(&shared)).instrument(span.clone()),
+    );
+    shared.tracker.spawn(
+        handoff_loop(routers.clone(), handoffs_rx, Arc::clone(&shared)).instrument(span.clone()),
+    );
     shared
         .tracker
         .spawn(report_loop(routers, report, Arc::clone(&shared)).instrument(span));
@@ -313,7 +328,11 @@ async fn config_loop(
                     changed
                 });
                 // Serve it first; the snapshot on disk is for a restart.
+                let mut config = config;
                 shared.apply_config(config.clone());
+                // The config's sign-outs are a delta: the snapshot keeps
+                // every one still live.
+                config.signed_out = shared.auth.signed_out_live();
                 if let Err(e) = state.save_json(CONFIG_FILE, &config) {
                     tracing::warn!(error = %portico_agent::error_chain(&e), "cannot save the config snapshot");
                 }
@@ -379,6 +398,141 @@ async fn report_loop(routers: Routers, mut report: EdgeReport, shared: Arc<Share
                 }
             }
         }
+    }
+}
+
+/// How many sign-outs and handoff checks may wait for the loop.
+const SIGN_OUT_QUEUE: usize = 4096;
+/// The most sign-outs kept for the router while it does not take them.
+const MAX_PENDING_SIGN_OUTS: usize = 100_000;
+
+/// Carries the request path's sign-outs to the router (`auth::revoke`):
+/// in batches, retried with backoff until the router has them (or they
+/// are over).
+async fn sign_out_loop(
+    routers: Routers,
+    mut from_auth: tokio::sync::mpsc::Receiver<SignedOut>,
+    shared: Arc<Shared>,
+) {
+    let mut pending: Vec<SignedOut> = Vec::new();
+    let mut backoff = Backoff::new();
+    let take = |out: SignedOut, pending: &mut Vec<SignedOut>| {
+        if pending.len() >= MAX_PENDING_SIGN_OUTS {
+            let now = crate::auth::seal::unix_now();
+            pending.retain(|p| p.until > now);
+        }
+        if pending.len() >= MAX_PENDING_SIGN_OUTS {
+            tracing::error!("the router has not taken sign-outs for long; this one ends the session at this edge only");
+        } else {
+            pending.push(out);
+        }
+    };
+    loop {
+        if pending.is_empty() {
+            let out = tokio::select! {
+                () = shared.hard_stop.cancelled() => return,
+                out = from_auth.recv() => out,
+            };
+            match out {
+                Some(out) => take(out, &mut pending),
+                None => return,
+            }
+        }
+        while let Ok(out) = from_auth.try_recv() {
+            take(out, &mut pending);
+        }
+        let now = crate::auth::seal::unix_now();
+        pending.retain(|p| p.until > now);
+        while !pending.is_empty() {
+            let n = pending.len().min(MAX_SIGN_OUTS_PER_REPORT);
+            let batch = SignOuts {
+                sessions: pending[..n].to_vec(),
+            };
+            let sent = match routers.client() {
+                Ok(c) => tokio::select! {
+                    () = shared.hard_stop.cancelled() => return,
+                    r = c.post_empty("/v1/edge/sign-outs", &batch) => r.map_err(|e| {
+                        // Refused as it is: sending it again will not help.
+                        let keep = !matches!(e.status(), Some(400 | 409));
+                        (keep, portico_agent::error_chain(&e).to_string())
+                    }),
+                },
+                Err(e) => Err((true, portico_agent::error_chain(&e).to_string())),
+            };
+            match sent {
+                Ok(()) => {
+                    backoff.reset();
+                    pending.drain(..n);
+                    tracing::debug!(sessions = n, "the router has the sign-outs");
+                }
+                Err((false, error)) => {
+                    tracing::error!(
+                        error,
+                        sessions = n,
+                        "the router refused sign-outs; they end the sessions at this edge only"
+                    );
+                    pending.drain(..n);
+                }
+                Err((true, error)) => {
+                    tracing::warn!(
+                        error,
+                        sessions = pending.len(),
+                        "cannot tell the router of sign-outs yet; retrying"
+                    );
+                    break;
+                }
+            }
+        }
+        if !pending.is_empty() {
+            // Retry after the backoff, taking what comes meanwhile.
+            let wait = backoff.sleep(&shared.hard_stop);
+            tokio::pin!(wait);
+            loop {
+                tokio::select! {
+                    r = &mut wait => if r.is_err() { return } else { break },
+                    out = from_auth.recv() => match out {
+                        Some(out) => take(out, &mut pending),
+                        None => return,
+                    },
+                }
+            }
+        }
+    }
+}
+
+/// Asks the router about each handoff code (`auth::revoke`), each in its
+/// own task so that a slow answer holds up no other sign-in.
+async fn handoff_loop(
+    routers: Routers,
+    mut from_auth: tokio::sync::mpsc::Receiver<HandoffCheck>,
+    shared: Arc<Shared>,
+) {
+    loop {
+        let check = tokio::select! {
+            () = shared.hard_stop.cancelled() => return,
+            check = from_auth.recv() => check,
+        };
+        let Some(HandoffCheck { used, answer }) = check else {
+            return;
+        };
+        let client = routers.client();
+        shared.tracker.spawn(async move {
+            let word = match client {
+                Err(e) => HandoffAnswer::Unknown(portico_agent::error_chain(&e).to_string()),
+                Ok(c) => match c.post_empty("/v1/edge/handoffs", &used).await {
+                    Ok(()) => HandoffAnswer::First,
+                    Err(e)
+                        if e.status() == Some(409)
+                            && e.api_error()
+                                .is_some_and(|a| a.field.as_deref() == Some("jti")) =>
+                    {
+                        HandoffAnswer::Used
+                    }
+                    Err(e) => HandoffAnswer::Unknown(portico_agent::error_chain(&e).to_string()),
+                },
+            };
+            let _ = answer.send(word);
+        });
     }
 }
 

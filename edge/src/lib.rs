@@ -251,10 +251,13 @@ impl Shared {
 
     /// Installs a new config: swaps the routing table in one step, closes
     /// the tunnels of revoked connectors and marks the edge ready.
-    pub(crate) fn apply_config(&self, config: EdgeConfig) {
+    pub(crate) fn apply_config(&self, mut config: EdgeConfig) {
         let version = config.version;
         self.auth
             .update(config.sign_in.as_ref(), &config.apps_domain);
+        // A delta, held by `auth` (not by the routing table).
+        self.auth
+            .add_signed_out(&std::mem::take(&mut config.signed_out));
         let uploaded = self.public_certs.set_uploaded(&config.certificates);
         self.metrics.set_certificate_expiry(&uploaded);
         let table = Arc::new(RoutingTable::new(config));

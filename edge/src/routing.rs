@@ -68,6 +68,7 @@ impl RoutingTable {
             peers: Vec::new(),
             sign_in: None,
             certificates: Vec::new(),
+            signed_out: Vec::new(),
         })
     }
 
@@ -325,6 +326,7 @@ pub(crate) mod tests {
             peers: Vec::new(),
             sign_in: None,
             certificates: Vec::new(),
+            signed_out: Vec::new(),
         });
         assert_eq!(
             table.app_for_host("hr.apps.test").unwrap().id.as_str(),
@@ -364,6 +366,7 @@ pub(crate) mod tests {
             peers: Vec::new(),
             sign_in: None,
             certificates: Vec::new(),
+            signed_out: Vec::new(),
         });
         for (host, want) in [
             // Exact hosts, also under a wildcard.

@@ -173,6 +173,7 @@ fn edge_config(version: u64, revoked: Vec<ConnectorId>) -> EdgeConfig {
         peers: Vec::new(),
         sign_in: None,
         certificates: Vec::new(),
+        signed_out: Vec::new(),
     }
 }
 

@@ -11,6 +11,8 @@
 //! | POST | `/v1/renew` | client cert | [`CsrRequest`] → [`CertResponse`] |
 //! | GET | `/v1/edge/config?after=V&wait=S` | edge cert | → [`EdgeConfig`], or 304 when nothing changed within `wait` |
 //! | POST | `/v1/edge/report` | edge cert | [`EdgeReport`] → 204 |
+//! | POST | `/v1/edge/sign-outs` | edge cert | [`SignOuts`] → 204 (the sessions are revoked at every edge) |
+//! | POST | `/v1/edge/handoffs` | edge cert | [`HandoffUse`] → 204 on its first use at any edge, 409 `conflict` after |
 //! | POST | `/v1/edge/public-cert` | edge cert | [`CsrRequest`] → [`CertResponse`] (wildcard for the apps domain) |
 //! | GET | `/v1/connector/config?after=V&wait=S` | connector cert | → [`ConnectorConfig`], or 304 |
 //! | GET, POST | `/v1/regions` | admin token | → `[Region]`; [`CreateRegion`] → [`Region`] (409 when it exists) |
@@ -1273,6 +1275,59 @@ pub struct EdgeConfig {
     /// public certificate otherwise.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub certificates: Vec<EdgeCertificate>,
+    /// Sessions signed out (`/.portico/sign_out` at any edge) that are
+    /// not over yet: those stored after the version the edge asked
+    /// `after` (every one when it asked after 0). A delta: the edge adds
+    /// them to the ones it holds, and forgets each at its `until`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub signed_out: Vec<SignedOut>,
+}
+
+// ---- sign-out and one-time handoff codes, across edges ----
+
+/// The most sessions a router keeps signed out at once; past it (all of
+/// them still live) it refuses more with 503 and the edges retry.
+pub const MAX_SIGNED_OUT: usize = 200_000;
+/// The most sessions in one [`SignOuts`] report.
+pub const MAX_SIGN_OUTS_PER_REPORT: usize = 256;
+
+/// A session id: what an edge seals in a session cookie (base64url, 16
+/// to 64 characters).
+pub fn valid_session_id(sid: &str) -> bool {
+    (16..=64).contains(&sid.len())
+        && sid
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// One signed-out session.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SignedOut {
+    /// The session's id ([`valid_session_id`]).
+    pub sid: String,
+    /// When the session would have ended anyway (unix seconds): after
+    /// it, no edge needs to remember it.
+    pub until: u64,
+}
+
+/// `POST /v1/edge/sign-outs`: sessions an edge's users signed out of, at
+/// most [`MAX_SIGN_OUTS_PER_REPORT`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SignOuts {
+    pub sessions: Vec<SignedOut>,
+}
+
+/// `POST /v1/edge/handoffs`: an edge turned a one-time handoff code into a
+/// session; the router answers 409 when any edge did so before.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HandoffUse {
+    /// The code's id ([`valid_session_id`]).
+    pub jti: String,
+    /// When the code expires (unix seconds).
+    pub until: u64,
 }
 
 // ---- uploaded certificates (custom domains) ----

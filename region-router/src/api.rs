@@ -17,9 +17,10 @@ use bytes::Bytes;
 use portico_proto::api::{
     self, ApiError, App, CertResponse, Connector, ConnectorConfig, CreateGroup, CreateRegion,
     CreateToken, CsrRequest, Edge, EdgeConfig, EdgeReport, EnrollRequest, EnrollResponse, Group,
-    Identity, JoinToken, Region, RegionEdge, Status, TokenCreated, TokenInfo, TokenScope,
-    TokenStatus,
+    HandoffUse, Identity, JoinToken, Region, RegionEdge, SignOuts, SignedOut, Status, TokenCreated,
+    TokenInfo, TokenScope, TokenStatus,
 };
+use portico_proto::api::{valid_session_id, MAX_SIGN_OUTS_PER_REPORT};
 use portico_proto::ids::{AppId, ConnectorId, EdgeId, GroupId, RegionId};
 use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
@@ -204,6 +205,8 @@ pub(crate) fn routes(state: SharedState) -> axum::Router {
         .route("/v1/renew", post(renew))
         .route("/v1/edge/config", get(edge_config))
         .route("/v1/edge/report", post(edge_report))
+        .route("/v1/edge/sign-outs", post(edge_sign_outs))
+        .route("/v1/edge/handoffs", post(edge_handoff))
         .route("/v1/edge/public-cert", post(edge_public_cert))
         .route("/v1/connector/config", get(connector_config))
         .route("/v1/connector/report", post(connector_report))
@@ -976,7 +979,7 @@ async fn edge_config(
     }
     let rec = live_edge(&state, &edge.id).await?;
     let store = state.db(StoreState::read).await?;
-    let snapshot = distribute::edge_config(
+    let mut snapshot = distribute::edge_config(
         &store,
         &rec,
         &state.config,
@@ -986,7 +989,95 @@ async fn edge_config(
     if snapshot.version <= q.after {
         return Ok(Watched::Unchanged);
     }
+    // Read after the rest: every sign-out at a version up to the
+    // snapshot's is committed, so none the edge lacks is left out (one
+    // newer may come twice; the edge adds them).
+    let (after, now) = (q.after, util::now_unix());
+    snapshot.signed_out = state.db(move |s| s.signed_out_after(after, now)).await?;
     Ok(Watched::Changed(snapshot))
+}
+
+/// The longest an edge may say a signed-out session lasts past now: the
+/// session lifetime, and a minute of clock skew.
+fn sign_out_horizon(state: &AppState) -> Result<u64, ApiFail> {
+    match &state.sign_in {
+        Some(s) => Ok(s.session_lifetime_secs.saturating_add(60)),
+        None => Err(ApiFail::conflict(
+            None,
+            "this router signs no one in (no --oidc-issuer): there are no sessions to sign out of",
+        )),
+    }
+}
+
+/// `/.portico/sign_out` at an edge: the sessions are revoked at every edge
+/// (they come to each in its config's `signed_out`).
+async fn edge_sign_outs(
+    State(state): State<SharedState>,
+    edge: EdgePeer,
+    Json(report): Json<SignOuts>,
+) -> Result<StatusCode, ApiFail> {
+    let horizon = sign_out_horizon(&state)?;
+    if report.sessions.len() > MAX_SIGN_OUTS_PER_REPORT {
+        return Err(ApiFail::invalid(
+            "sessions",
+            format!("at most {MAX_SIGN_OUTS_PER_REPORT} entries"),
+        ));
+    }
+    if let Some(bad) = report.sessions.iter().find(|s| !valid_session_id(&s.sid)) {
+        return Err(ApiFail::invalid(
+            "sessions.sid",
+            format!(
+                "`{}` is not a session id (16 to 64 base64url characters)",
+                bad.sid.chars().take(80).collect::<String>().escape_debug()
+            ),
+        ));
+    }
+    live_edge(&state, &edge.id).await?;
+    let now = util::now_unix();
+    let sessions: Vec<SignedOut> = report
+        .sessions
+        .into_iter()
+        .map(|s| SignedOut {
+            until: s.until.min(now.saturating_add(horizon)),
+            sid: s.sid,
+        })
+        .collect();
+    let n = sessions.len();
+    if let Some(version) = state.db(move |s| s.sign_out(&sessions, now)).await? {
+        tracing::info!(edge = %edge.id, sessions = n, version, "sessions signed out");
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// A handoff code turned into a session at an edge: 204 the first time at
+/// any edge, 409 after, so that a code copied to another edge gives no
+/// second session.
+async fn edge_handoff(
+    State(state): State<SharedState>,
+    edge: EdgePeer,
+    Json(used): Json<HandoffUse>,
+) -> Result<StatusCode, ApiFail> {
+    sign_out_horizon(&state)?;
+    if !valid_session_id(&used.jti) {
+        return Err(ApiFail::invalid(
+            "jti",
+            "not a handoff code id (16 to 64 base64url characters)",
+        ));
+    }
+    live_edge(&state, &edge.id).await?;
+    let now = util::now_unix();
+    // Codes live a minute; keep one no longer than a few.
+    let until = used.until.min(now.saturating_add(300));
+    let jti = used.jti;
+    if state.db(move |s| s.use_handoff(&jti, until, now)).await? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        tracing::warn!(edge = %edge.id, "a handoff code came a second time: refused");
+        Err(ApiFail::conflict(
+            Some("jti"),
+            "the handoff code was used already (at this or another edge)",
+        ))
+    }
 }
 
 async fn connector_config(

@@ -201,6 +201,9 @@ pub(crate) fn edge_config(
             .collect(),
         sign_in: sign_in.cloned(),
         certificates: certificates(s),
+        // The API adds the sign-outs since the version the edge asked
+        // after (a delta, read from the store apart from the snapshot).
+        signed_out: Vec::new(),
     }
 }
 

@@ -2367,3 +2367,178 @@ async fn a_connector_reports_its_region_choice_and_the_list_shows_it() -> anyhow
     assert!(matches!(&r, Err(e) if e.is_revoked()), "{r:?}");
     stop(h, shutdown).await
 }
+
+/// A session id as edges make them (16 random bytes, base64url).
+fn sid(c: char) -> String {
+    std::iter::repeat_n(c, 22).collect()
+}
+
+#[tokio::test]
+async fn sign_outs_reach_every_edge_as_deltas_and_a_handoff_code_is_used_once() -> anyhow::Result<()>
+{
+    let dir = tempfile::tempdir()?;
+    let (h, shutdown) = start(dir.path(), with_sign_in).await?;
+    let operator = admin(&h)?;
+    let (a, _) = enroll_edge(&h, &operator).await?;
+    let (b, _) = enroll_edge(&h, &operator).await?;
+    let (connector, _) = enroll_connector(&h, &operator).await?;
+    let config = |c: &RouterClient, after: u64| {
+        let c = c.clone();
+        async move {
+            c.watch::<EdgeConfig>("/v1/edge/config", after, Duration::ZERO)
+                .await
+        }
+    };
+    let first = config(&b, 0).await?.context("a first config")?;
+    assert!(first.signed_out.is_empty());
+    let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
+    let out = |c: char, until: u64| api::SignedOut { sid: sid(c), until };
+
+    // Signed out at A: in B's next config, as a delta.
+    a.post_empty(
+        "/v1/edge/sign-outs",
+        &api::SignOuts {
+            sessions: vec![out('a', now + 600), out('b', now + 100_000_000)],
+        },
+    )
+    .await?;
+    let next = config(&b, first.version).await?.context("a change")?;
+    assert_eq!(next.signed_out.len(), 2, "{:?}", next.signed_out);
+    assert_eq!(next.signed_out[0], out('a', now + 600));
+    assert!(
+        next.signed_out[1].until <= now + 3600 + 60 + 5,
+        "held no longer than a session lives: {:?}",
+        next.signed_out[1]
+    );
+    // Nothing newer: no change. The same sign-out again changes nothing.
+    assert!(config(&b, next.version).await?.is_none());
+    a.post_empty(
+        "/v1/edge/sign-outs",
+        &api::SignOuts {
+            sessions: vec![out('a', now + 600)],
+        },
+    )
+    .await?;
+    assert!(config(&b, next.version).await?.is_none());
+    // A new edge (after 0) gets every live one; a later one only the new.
+    b.post_empty(
+        "/v1/edge/sign-outs",
+        &api::SignOuts {
+            sessions: vec![out('c', now + 600)],
+        },
+    )
+    .await?;
+    let all = config(&a, 0).await?.context("everything")?;
+    assert_eq!(all.signed_out.len(), 3);
+    let delta = config(&a, next.version).await?.context("the delta")?;
+    assert_eq!(delta.signed_out, [out('c', now + 600)]);
+
+    // Bad input is refused, naming the field.
+    for (bad, field) in [
+        (
+            json!({ "sessions": [{ "sid": "short", "until": now + 60 }] }),
+            "sessions.sid",
+        ),
+        (
+            json!({ "sessions": [{ "sid": "a".repeat(65), "until": now + 60 }] }),
+            "sessions.sid",
+        ),
+        (
+            json!({ "sessions": [{ "sid": "bad chars!bad chars!bad", "until": now + 60 }] }),
+            "sessions.sid",
+        ),
+        (
+            json!({ "sessions": vec![json!({ "sid": sid('d'), "until": now + 60 }); 257] }),
+            "sessions",
+        ),
+        (json!({ "sessions": [{ "sid": sid('d') }] }), "sessions[0]"),
+    ] {
+        assert_refused(
+            a.post_empty("/v1/edge/sign-outs", &bad)
+                .await
+                .map(|()| "ok"),
+            400,
+            Some(field),
+            "",
+        );
+    }
+    // Only edges.
+    for who in [&operator, &connector] {
+        assert_refused(
+            who.post_empty(
+                "/v1/edge/sign-outs",
+                &api::SignOuts {
+                    sessions: vec![out('e', now + 60)],
+                },
+            )
+            .await
+            .map(|()| "ok"),
+            401,
+            None,
+            "edge",
+        );
+    }
+
+    // A handoff code: once, at any edge.
+    let used = api::HandoffUse {
+        jti: sid('h'),
+        until: now + 60,
+    };
+    a.post_empty("/v1/edge/handoffs", &used).await?;
+    assert_refused(
+        b.post_empty("/v1/edge/handoffs", &used)
+            .await
+            .map(|()| "ok"),
+        409,
+        Some("jti"),
+        "used already",
+    );
+    assert_refused(
+        a.post_empty("/v1/edge/handoffs", &json!({ "jti": "x", "until": now }))
+            .await
+            .map(|()| "ok"),
+        400,
+        Some("jti"),
+        "handoff code",
+    );
+    // Both survive a restart.
+    stop(h, shutdown).await?;
+    let (h, shutdown) = start(dir.path(), with_sign_in).await?;
+    let (c, _) = enroll_edge(&h, &admin(&h)?).await?;
+    assert_eq!(
+        config(&c, 0)
+            .await?
+            .context("after a restart")?
+            .signed_out
+            .len(),
+        3
+    );
+    assert_refused(
+        c.post_empty("/v1/edge/handoffs", &used)
+            .await
+            .map(|()| "ok"),
+        409,
+        Some("jti"),
+        "used already",
+    );
+    stop(h, shutdown).await?;
+
+    // A router that signs no one in has no sessions to sign out of.
+    let dir = tempfile::tempdir()?;
+    let (h, shutdown) = start(dir.path(), |_| {}).await?;
+    let (e, _) = enroll_edge(&h, &admin(&h)?).await?;
+    assert_refused(
+        e.post_empty(
+            "/v1/edge/sign-outs",
+            &api::SignOuts {
+                sessions: vec![out('a', now + 60)],
+            },
+        )
+        .await
+        .map(|()| "ok"),
+        409,
+        None,
+        "--oidc-issuer",
+    );
+    stop(h, shutdown).await
+}

@@ -21,16 +21,20 @@
 //! `WWW-Authenticate`, and with a refused one 401 with
 //! `error="invalid_token"`, never a redirect. A request without a valid
 //! session or token never opens a connector stream.
+//!
+//! `/.portico/sign_out` ends the session at every edge, and a handoff code
+//! gives one session at any edge ([`revoke`]).
 
 mod assert;
 mod bearer;
 pub(crate) mod oidc;
 mod portal;
+pub(crate) mod revoke;
 pub(crate) mod seal;
 mod target;
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
@@ -40,12 +44,13 @@ use http::header::{
 };
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
-use portico_proto::api::{App, SignInSettings, SIGN_IN_FEATURE};
+use portico_proto::api::{App, HandoffUse, SignInSettings, SignedOut, SIGN_IN_FEATURE};
 use portico_proto::IdentityClaims;
 use serde::{Deserialize, Serialize};
 
 use crate::request::{Body, ProxyError};
 use oidc::{Provider, User};
+use revoke::{HandoffAnswer, HandoffCheck, RouterLink, SignedOutSet};
 use seal::{Keys, Purpose};
 
 /// The session cookie of an app's host.
@@ -65,12 +70,19 @@ const FLOW_TTL: Duration = Duration::from_secs(600);
 const HANDOFF_TTL: Duration = Duration::from_secs(60);
 /// The most handoff codes remembered as used.
 const MAX_USED: usize = 100_000;
+/// How long a sign-in waits for the router's word on its handoff code.
+const HANDOFF_CHECK: Duration = Duration::from_secs(3);
 
 /// The deployment's sign-in as this edge holds it; replaced when the
 /// router's settings change.
 #[derive(Default)]
 pub(crate) struct Auth {
     current: ArcSwapOption<SignIn>,
+    /// Sessions signed out at any edge (kept across changes of the
+    /// settings: a session id is never reused).
+    signed_out: SignedOutSet,
+    /// To the router, when this edge has one (not in unit tests).
+    router: OnceLock<RouterLink>,
 }
 
 impl std::fmt::Debug for Auth {
@@ -108,6 +120,65 @@ impl Auth {
 
     fn get(&self) -> Option<Arc<SignIn>> {
         self.current.load_full()
+    }
+
+    /// Where sign-outs and handoff checks go (the control plane's loop).
+    pub(crate) fn connect_router(&self, link: RouterLink) {
+        let _ = self.router.set(link);
+    }
+
+    /// Sessions signed out at other edges (a config's delta), or saved.
+    pub(crate) fn add_signed_out(&self, sessions: &[SignedOut]) {
+        let new = self.signed_out.add(sessions, seal::unix_now());
+        if new > 0 {
+            tracing::debug!(sessions = new, "sessions signed out elsewhere");
+        }
+    }
+
+    /// Every signed-out session still live: for the saved snapshot, so
+    /// that a restarted edge refuses them before the router answers.
+    pub(crate) fn signed_out_live(&self) -> Vec<SignedOut> {
+        self.signed_out.live(seal::unix_now())
+    }
+
+    /// Signs `sid` out here at once, and at every edge through the router.
+    fn sign_out(&self, sid: &str, until: u64) {
+        let out = SignedOut {
+            sid: sid.to_owned(),
+            until,
+        };
+        self.signed_out.add([&out], seal::unix_now());
+        let Some(router) = self.router.get() else {
+            return;
+        };
+        if let Err(e) = router.sign_outs.try_send(out) {
+            tracing::error!(error = %e, "cannot tell the router of a sign-out; the session ends at this edge only");
+        }
+    }
+
+    /// The router's word on handoff code `jti`, within [`HANDOFF_CHECK`].
+    async fn handoff_first_use(&self, jti: &str, until: u64) -> HandoffAnswer {
+        let Some(router) = self.router.get() else {
+            return HandoffAnswer::Unknown("this edge has no router".into());
+        };
+        let (answer, rx) = tokio::sync::oneshot::channel();
+        let ask = HandoffCheck {
+            used: HandoffUse {
+                jti: jti.to_owned(),
+                until,
+            },
+            answer,
+        };
+        if let Err(e) = router.handoffs.try_send(ask) {
+            return HandoffAnswer::Unknown(e.to_string());
+        }
+        match tokio::time::timeout(HANDOFF_CHECK, rx).await {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(_)) => HandoffAnswer::Unknown("the control plane stopped".into()),
+            Err(_) => {
+                HandoffAnswer::Unknown(format!("no answer within {} s", HANDOFF_CHECK.as_secs()))
+            }
+        }
     }
 
     /// What the connector learns of `user` for `app`: the claims its
@@ -258,12 +329,15 @@ impl SignIn {
         host: &str,
         cookie: &str,
         now: u64,
+        signed_out: &SignedOutSet,
     ) -> Result<Option<Arc<OpenedSession>>, ProxyError> {
         {
             let sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(s) = sessions.get(cookie) {
                 if s.host == host && s.exp > now {
-                    return Ok(self.alive(&s.session, now).then(|| Arc::clone(s)));
+                    let live =
+                        self.alive(&s.session, now) && !signed_out.contains(&s.session.sid, now);
+                    return Ok(live.then(|| Arc::clone(s)));
                 }
             }
         }
@@ -273,7 +347,7 @@ impl SignIn {
         else {
             return Ok(None);
         };
-        if !self.alive(&session, now) {
+        if !self.alive(&session, now) || signed_out.contains(&session.sid, now) {
             return Ok(None);
         }
         let principal = Arc::new(Principal::new(session.user.clone())?);
@@ -433,14 +507,17 @@ pub(crate) async fn gate<B>(
     let host = app.external_host.as_str();
     let path = req.uri().path();
     if path == SESSION {
-        return session_from_handoff(req, &sign_in, app).map(Gate::Respond);
+        return session_from_handoff(req, auth, &sign_in, app)
+            .await
+            .map(Gate::Respond);
     }
     if path == SIGN_OUT {
+        sign_out(req.headers(), auth, &sign_in, host);
         return Ok(Gate::Respond(signed_out()));
     }
     let now = seal::unix_now();
     if let Some(cookie) = take_cookie(req.headers_mut(), SESSION_COOKIE) {
-        if let Some(opened) = sign_in.session(host, &cookie, now)? {
+        if let Some(opened) = sign_in.session(host, &cookie, now, &auth.signed_out)? {
             if let Some(cookie) = sign_in.seen_again(&opened.session, app, now) {
                 req.extensions_mut().insert(SessionCookie(cookie));
             }
@@ -617,14 +694,22 @@ pub(crate) async fn serve_auth_host<B>(
             let now = seal::unix_now();
             let session = cookie_value(req.headers(), SESSION_COOKIE)
                 .and_then(|v| sign_in.keys.open::<Session>(Purpose::Session, &host, &v))
-                .filter(|s| sign_in.alive(s, now));
+                .filter(|s| sign_in.alive(s, now) && !auth.signed_out.contains(&s.sid, now));
             match session {
                 Some(s) => Ok(portal::page(req, &s.user, &table.config.apps)),
                 None if is_navigation(req) => Ok(redirect(START, None)),
                 None => Ok(unauthenticated(&host)),
             }
         }
-        (&Method::GET, SIGN_OUT) => Ok(signed_out()),
+        (&Method::GET, SIGN_OUT) => {
+            sign_out(
+                req.headers(),
+                auth,
+                &sign_in,
+                &host_of(req).unwrap_or_default(),
+            );
+            Ok(signed_out())
+        }
         (&Method::GET, JWKS) => {
             let asserter = sign_in
                 .asserter
@@ -651,9 +736,34 @@ pub(crate) async fn serve_auth_host<B>(
     }
 }
 
-/// `/.portico/session?code=`: the handoff, once, into a session cookie.
-fn session_from_handoff<B>(
+/// `/.portico/sign_out`: the session of the cookie `headers` carry for
+/// `host`, if any, ends at every edge ([`revoke`]). Any session sealed
+/// for `host` counts, live or not: one over its idle timeout now would
+/// not come back.
+fn sign_out(headers: &HeaderMap, auth: &Auth, sign_in: &SignIn, host: &str) {
+    let Some((session, exp)) = cookie_value(headers, SESSION_COOKIE).and_then(|v| {
+        sign_in
+            .keys
+            .open_until::<Session>(Purpose::Session, host, &v)
+    }) else {
+        return;
+    };
+    // The cookie cannot open after its seal's end; the lifetime from its
+    // sign-in covers a cookie of the same session sealed later.
+    let until = exp.max(
+        session
+            .iat
+            .saturating_add(sign_in.settings.session_lifetime_secs),
+    );
+    tracing::info!(user = %session.user.sub, host, "signed out");
+    auth.sign_out(&session.sid, until);
+}
+
+/// `/.portico/session?code=`: the handoff, once at any edge, into a
+/// session cookie.
+async fn session_from_handoff<B>(
     req: &Request<B>,
+    auth: &Auth,
     sign_in: &SignIn,
     app: &App,
 ) -> Result<Response<Body>, ProxyError> {
@@ -672,6 +782,17 @@ fn session_from_handoff<B>(
         return Err(ProxyError::SignInFailed {
             reason: "the handoff code was used already".into(),
         });
+    }
+    match auth.handoff_first_use(&handoff.jti, handoff.exp).await {
+        HandoffAnswer::First => {}
+        HandoffAnswer::Used => {
+            return Err(ProxyError::SignInFailed {
+                reason: "the handoff code was used already, at another edge".into(),
+            })
+        }
+        HandoffAnswer::Unknown(why) => {
+            tracing::warn!(app = %app.id, why, "the router could not say whether this handoff code was used at another edge; this edge's own record let it in");
+        }
     }
     let now = seal::unix_now();
     let session = Session {

@@ -5,7 +5,7 @@
 //! blocking tasks. [`SqliteStore`] is the embedded implementation, and
 //! [`suite::run`] is the test suite every implementation must pass.
 
-use portico_proto::api::{BackendTimeout, TokenScope};
+use portico_proto::api::{BackendTimeout, SignedOut, TokenScope};
 use portico_proto::ids::{AppId, ConnectorId, EdgeId, GroupId, RegionId};
 
 use crate::error::StoreError;
@@ -331,6 +331,20 @@ pub trait Store: Send + Sync + 'static {
     /// (unix seconds), in one transaction; the new config version if any
     /// had some.
     fn expire_presence(&self, stale_before: u64) -> Result<Option<u64>, StoreError>;
+    /// Keeps `sessions` signed out until their `until` (unix seconds),
+    /// and forgets those over at `now`. Bumps the version when one is new
+    /// (and returns it), so that every edge's watch brings it; at most
+    /// `portico_proto::api::MAX_SIGNED_OUT` live ones (`Limit` past it).
+    fn sign_out(&self, sessions: &[SignedOut], now: u64) -> Result<Option<u64>, StoreError>;
+    /// The sessions signed out at a config version after `after` and not
+    /// over at `now`, by version.
+    fn signed_out_after(&self, after: u64, now: u64) -> Result<Vec<SignedOut>, StoreError>;
+    /// Marks a one-time handoff code used until `until`: false when it
+    /// was already (by any edge). Forgets codes expired at `now`; `Limit`
+    /// past `portico_proto::api::MAX_SIGNED_OUT` live ones. The version
+    /// stays: no edge needs told.
+    fn use_handoff(&self, jti: &str, until: u64, now: u64) -> Result<bool, StoreError>;
+
     /// The config version, sent after every commit that changes it: the
     /// store's change notification, which every watch (edges' and
     /// connectors' long-polls, the DNS zone) follows. A replicated store

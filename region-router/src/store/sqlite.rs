@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
-use portico_proto::api::{BackendTimeout, TokenScope};
+use portico_proto::api::{BackendTimeout, SignedOut, TokenScope};
 use portico_proto::ids::{AppId, ConnectorId, EdgeId, GroupId, RegionId};
 use rusqlite::{params, Connection, OptionalExtension, Row, Transaction};
 
@@ -15,7 +15,7 @@ use super::{
 };
 use crate::error::StoreError;
 
-const SCHEMA_VERSION: i64 = 13;
+const SCHEMA_VERSION: i64 = 14;
 
 const SCHEMA_V1: &str = "
 CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -187,6 +187,21 @@ ALTER TABLE apps ADD COLUMN http_only INTEGER NOT NULL DEFAULT 1;
 ALTER TABLE apps ADD COLUMN persistent INTEGER NOT NULL DEFAULT 0;
 ";
 
+/// Version 14: sessions signed out (each with the config version that
+/// brought it, for the edges' deltas) and the one-time handoff codes used.
+const SCHEMA_V14: &str = "
+CREATE TABLE signed_out (
+    sid TEXT PRIMARY KEY,
+    until INTEGER NOT NULL,
+    version INTEGER NOT NULL
+);
+CREATE INDEX signed_out_by_version ON signed_out (version);
+CREATE TABLE used_handoffs (
+    jti TEXT PRIMARY KEY,
+    until INTEGER NOT NULL
+);
+";
+
 /// The SQLite store: one connection behind a mutex.
 pub struct SqliteStore {
     path: PathBuf,
@@ -298,6 +313,7 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
         (11, SCHEMA_V11),
         (12, SCHEMA_V12),
         (13, SCHEMA_V13),
+        (14, SCHEMA_V14),
     ] {
         if found < version {
             let tx = conn.transaction()?;
@@ -1169,6 +1185,79 @@ impl Store for SqliteStore {
                 });
             }
             bump(tx)
+        })
+    }
+
+    fn sign_out(&self, sessions: &[SignedOut], now: u64) -> Result<Option<u64>, StoreError> {
+        self.tx(|tx| {
+            tx.execute("DELETE FROM signed_out WHERE until <= ?1", [now])?;
+            let mut new = Vec::new();
+            for s in sessions.iter().filter(|s| s.until > now) {
+                let known = tx
+                    .query_row("SELECT 1 FROM signed_out WHERE sid = ?1", [&s.sid], |_| {
+                        Ok(())
+                    })
+                    .optional()?
+                    .is_some();
+                if !known && !new.iter().any(|n: &&SignedOut| n.sid == s.sid) {
+                    new.push(s);
+                }
+            }
+            if new.is_empty() {
+                return Ok(None);
+            }
+            let count: u64 = tx.query_row("SELECT COUNT(*) FROM signed_out", [], |r| r.get(0))?;
+            let max = portico_proto::api::MAX_SIGNED_OUT;
+            if count + new.len() as u64 > max as u64 {
+                return Err(StoreError::Limit {
+                    kind: "signed-out session",
+                    max,
+                });
+            }
+            let version = bump(tx)?;
+            for s in new {
+                tx.execute(
+                    "INSERT INTO signed_out (sid, until, version) VALUES (?1, ?2, ?3)",
+                    params![s.sid, s.until, version],
+                )?;
+            }
+            Ok(Some(version))
+        })
+    }
+
+    fn signed_out_after(&self, after: u64, now: u64) -> Result<Vec<SignedOut>, StoreError> {
+        self.with(|c| {
+            let mut stmt = c.prepare(
+                "SELECT sid, until FROM signed_out WHERE version > ?1 AND until > ?2
+                 ORDER BY version, sid",
+            )?;
+            let rows = stmt.query_map([after, now], |r| {
+                Ok(SignedOut {
+                    sid: r.get(0)?,
+                    until: r.get(1)?,
+                })
+            })?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+
+    fn use_handoff(&self, jti: &str, until: u64, now: u64) -> Result<bool, StoreError> {
+        self.tx(|tx| {
+            tx.execute("DELETE FROM used_handoffs WHERE until <= ?1", [now])?;
+            let count: u64 =
+                tx.query_row("SELECT COUNT(*) FROM used_handoffs", [], |r| r.get(0))?;
+            let max = portico_proto::api::MAX_SIGNED_OUT;
+            if count >= max as u64 {
+                return Err(StoreError::Limit {
+                    kind: "used handoff code",
+                    max,
+                });
+            }
+            let n = tx.execute(
+                "INSERT OR IGNORE INTO used_handoffs (jti, until) VALUES (?1, ?2)",
+                params![jti, until],
+            )?;
+            Ok(n == 1)
         })
     }
 

@@ -5,7 +5,7 @@
 //!
 //! It panics on the first failed check, like `assert!`.
 
-use portico_proto::api::{BackendTimeout, TokenScope};
+use portico_proto::api::{BackendTimeout, SignedOut, TokenScope};
 use portico_proto::ids::{AppId, ConnectorId, EdgeId, GroupId, RegionId};
 
 use super::{
@@ -139,9 +139,20 @@ pub fn run(open: &dyn Fn() -> Box<dyn Store>) {
         "the config version survives a reopen"
     );
     certificates(store.as_ref());
+    sign_outs(store.as_ref());
     store.close();
     drop(store);
     let store = open();
+    let kept = store.signed_out_after(0, 1000).expect("signed out");
+    assert_eq!(
+        kept.iter().map(|s| s.sid.as_str()).collect::<Vec<_>>(),
+        [SID_B, SID_C],
+        "signed-out sessions survive a reopen"
+    );
+    assert!(
+        !store.use_handoff(SID_A, 2000, 1000).expect("handoff"),
+        "used handoff codes survive a reopen"
+    );
     let kept = store.list_certificates().expect("list certificates");
     assert_eq!(
         kept.iter().map(|c| c.id.as_str()).collect::<Vec<_>>(),
@@ -211,6 +222,71 @@ fn certificates(s: &dyn Store) {
     for i in 1..max {
         s.delete_certificate(&format!("f{i:03}")).expect("empty");
     }
+}
+
+const SID_A: &str = "aaaaaaaaaaaaaaaaaaaaaa";
+const SID_B: &str = "bbbbbbbbbbbbbbbbbbbbbb";
+const SID_C: &str = "cccccccccccccccccccccc";
+
+fn out(sid: &str, until: u64) -> SignedOut {
+    SignedOut {
+        sid: sid.into(),
+        until,
+    }
+}
+
+/// Signed-out sessions: each new one bumps the version and is read back
+/// after the version before it; a known or ended one changes nothing; an
+/// ended one is forgotten. Handoff codes: used once.
+fn sign_outs(s: &dyn Store) {
+    let v0 = s.config_version().expect("version");
+    assert_eq!(s.signed_out_after(0, 10).expect("none yet"), []);
+    let v1 = s
+        .sign_out(&[out(SID_A, 500), out(SID_A, 500)], 10)
+        .expect("sign out")
+        .expect("a new one bumps the version");
+    assert!(v1 > v0);
+    assert_eq!(s.config_version().expect("version"), v1);
+    let v2 = s
+        .sign_out(&[out(SID_A, 500), out(SID_B, 2000), out(SID_C, 3000)], 20)
+        .expect("sign out")
+        .expect("two new ones");
+    assert_eq!(
+        s.sign_out(&[out(SID_B, 2000), out("dddddddddddddddddddddd", 20)], 20)
+            .expect("known and ended"),
+        None,
+        "known and ended sessions change nothing"
+    );
+    assert_eq!(s.config_version().expect("version"), v2);
+    assert_eq!(
+        s.signed_out_after(v0, 20).expect("after v0"),
+        [out(SID_A, 500), out(SID_B, 2000), out(SID_C, 3000)]
+    );
+    assert_eq!(
+        s.signed_out_after(v1, 20).expect("after v1"),
+        [out(SID_B, 2000), out(SID_C, 3000)],
+        "only what came after the version asked"
+    );
+    assert_eq!(s.signed_out_after(v2, 20).expect("after v2"), []);
+    assert_eq!(
+        s.signed_out_after(0, 600).expect("later"),
+        [out(SID_B, 2000), out(SID_C, 3000)],
+        "a session over is left out"
+    );
+
+    assert!(s.use_handoff(SID_A, 2000, 1000).expect("first use"));
+    assert!(!s.use_handoff(SID_A, 2000, 1000).expect("second use"));
+    assert!(s.use_handoff(SID_B, 1100, 1000).expect("another code"));
+    assert!(
+        s.use_handoff(SID_B, 1300, 1200)
+            .expect("expired, forgotten"),
+        "an expired code is forgotten (it is refused by its own expiry)"
+    );
+    assert_eq!(
+        s.config_version().expect("version"),
+        v2,
+        "handoff codes do not move the version"
+    );
 }
 
 fn populate(s: &dyn Store) {
