@@ -884,10 +884,14 @@ async fn signing_out_at_one_edge_ends_the_session_at_every_edge_and_a_handoff_co
     let ca = d.join("router/ca.pem");
     let admin = common::router_admin(&router);
     let mut edges = Vec::new();
-    for (name, ip) in [("edge-a", [127, 0, 0, 1]), ("edge-b", [127, 0, 0, 2])] {
+    let a_stop = root.child_token();
+    for (name, ip, stop) in [
+        ("edge-a", [127, 0, 0, 1], a_stop.clone()),
+        ("edge-b", [127, 0, 0, 2], root.child_token()),
+    ] {
         let ip = std::net::IpAddr::from(ip);
         edges.push(
-            common::start_edge(&router, &admin, &d.join(name), root.child_token(), |ec| {
+            common::start_edge(&router, &admin, &d.join(name), stop, |ec| {
                 ec.public_listen = SocketAddr::new(ip, port);
                 ec.tunnel_listen = SocketAddr::new(ip, 0);
                 ec.mesh_listen = Some(SocketAddr::new(ip, 0));
@@ -986,18 +990,18 @@ async fn signing_out_at_one_edge_ends_the_session_at_every_edge_and_a_handoff_co
     // A second session of alice's (another browser), to stay signed in.
     let other = signed_in_at(&ca, &idp, &hr, &at_a, "alice").await;
 
-    // The first browser's cookie, kept as someone who copied it would.
-    let copied = tempfile::NamedTempFile::new().unwrap();
-    std::fs::copy(jar, copied.path()).unwrap();
+    // The first browser's cookie, kept as someone who signed_out it would.
+    let signed_out = tempfile::NamedTempFile::new().unwrap();
+    std::fs::copy(jar, signed_out.path()).unwrap();
     // Signed out at B: the cookie goes...
     let r = hop(&ca, jar, &format!("{hr}/.portico/sign_out"), &at_b).await;
     assert_eq!(r.status, 200, "{}", r.body);
     // ...and the copy is refused at B at once, and at A once the router's
     // change reaches it: to sign-in, no stream.
-    let r = get(copied.path(), &format!("{hr}/"), &at_b).await;
+    let r = get(signed_out.path(), &format!("{hr}/"), &at_b).await;
     assert_eq!(r.status, 302, "signed out at B, at B: {}", r.text());
     common::eventually("edge A to learn of the sign-out", LIMIT, || async {
-        let r = get(copied.path(), &format!("{hr}/"), &at_a).await;
+        let r = get(signed_out.path(), &format!("{hr}/"), &at_a).await;
         match r.status {
             302 => Some(()),
             200 => None,
@@ -1036,6 +1040,31 @@ async fn signing_out_at_one_edge_ends_the_session_at_every_edge_and_a_handoff_co
         }
     })
     .await;
+    // Edge A restarted while it cannot reach the router: its saved
+    // snapshot holds the sign-out (the configs brought only a delta).
+    a_stop.cancel();
+    let old_a = edges.remove(0);
+    tokio::time::timeout(LIMIT, old_a.wait())
+        .await
+        .expect("edge A stops")
+        .unwrap();
+    let mut ec = portico_edge::Config::new("https://127.0.0.1:9", d.join("edge-a"));
+    ec.public_listen = SocketAddr::from(([127, 0, 0, 1], port));
+    ec.tunnel_listen = "127.0.0.1:0".parse().unwrap();
+    ec.metrics_listen = None;
+    ec.http3 = false;
+    let restarted = portico_edge::start(ec, root.child_token()).await.unwrap();
+    restarted.ready().await;
+    let r = get(signed_out.path(), &format!("{hr}/"), &at_a).await;
+    assert_eq!(r.status, 302, "signed out, after a restart: {}", r.text());
+    let r = get(other.path(), &format!("{hr}/"), &at_a).await;
+    assert_ne!(
+        r.status,
+        302,
+        "the other session, after a restart: {}",
+        r.text()
+    );
+    drop(restarted);
     drop((connector, edges));
     root.cancel();
 }
