@@ -142,6 +142,14 @@ async fn a_browser_signs_in_through_the_provider_and_reaches_the_app_api_clients
         api.header("x-portico-error").as_deref(),
         Some("SignInRequired")
     );
+    // The error as JSON, for a client that asks, with the request's id.
+    let body: serde_json::Value = serde_json::from_str(&api.text()).unwrap();
+    assert_eq!(body["error"], "SignInRequired", "{body}");
+    assert_eq!(
+        body["request_id"].as_str(),
+        api.header("x-portico-request-id").as_deref(),
+        "{body}"
+    );
 
     // Signed out: the cookie goes, and the next navigation signs in again.
     let r = hop(ca, jar, &format!("{app}/.portico/sign_out"), &[]).await;

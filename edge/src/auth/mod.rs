@@ -542,12 +542,12 @@ pub(crate) async fn gate<B>(
             Err(bearer::BearerError::Keys(reason)) => Err(ProxyError::SignInFailed { reason }),
             Err(e) => {
                 tracing::debug!(error = %e, app = %app.id, "bearer token refused");
-                Ok(Gate::Respond(invalid_token(host, &e.to_string())))
+                Ok(Gate::Respond(invalid_token(req, host, &e.to_string())))
             }
         };
     }
     if !is_navigation(req) {
-        return Ok(Gate::Respond(unauthenticated(host)));
+        return Ok(Gate::Respond(unauthenticated(req, host)));
     }
     let to = req
         .uri()
@@ -698,7 +698,7 @@ pub(crate) async fn serve_auth_host<B>(
             match session {
                 Some(s) => Ok(portal::page(req, &s.user, &table.config.apps)),
                 None if is_navigation(req) => Ok(redirect(START, None)),
-                None => Ok(unauthenticated(&host)),
+                None => Ok(unauthenticated(req, &host)),
             }
         }
         (&Method::GET, SIGN_OUT) => {
@@ -871,25 +871,35 @@ fn audiences(app: &App) -> Vec<String> {
 
 /// 401 `SignInRequired` without credentials: `WWW-Authenticate: Bearer`
 /// with the realm only (RFC 6750, section 3).
-fn unauthenticated(host: &str) -> Response<Body> {
-    sign_in_required(&format!("Bearer realm=\"{}\"", quotable(host)))
+fn unauthenticated<B>(req: &Request<B>, host: &str) -> Response<Body> {
+    sign_in_required(req, &format!("Bearer realm=\"{}\"", quotable(host)))
 }
 
 /// 401 `SignInRequired` for a refused bearer token: `error="invalid_token"`
 /// and why (RFC 6750, section 3.1).
-fn invalid_token(host: &str, why: &str) -> Response<Body> {
-    sign_in_required(&format!(
-        "Bearer realm=\"{}\", error=\"invalid_token\", error_description=\"{}\"",
-        quotable(host),
-        quotable(why)
-    ))
+fn invalid_token<B>(req: &Request<B>, host: &str, why: &str) -> Response<Body> {
+    sign_in_required(
+        req,
+        &format!(
+            "Bearer realm=\"{}\", error=\"invalid_token\", error_description=\"{}\"",
+            quotable(host),
+            quotable(why)
+        ),
+    )
 }
 
-fn sign_in_required(www_authenticate: &str) -> Response<Body> {
+/// 401 `SignInRequired`: the branded page (JSON for a client that
+/// prefers it) with the request's id, and `WWW-Authenticate`.
+fn sign_in_required<B>(req: &Request<B>, www_authenticate: &str) -> Response<Body> {
+    let id = req
+        .extensions()
+        .get::<portico_proto::RequestId>()
+        .copied()
+        .unwrap_or(portico_proto::RequestId(0));
     let mut resp = crate::pages::error_response::<Full<Bytes>>(
         portico_proto::ErrorCode::SignInRequired,
-        portico_proto::RequestId(0),
-        &HeaderMap::new(),
+        id,
+        req.headers(),
     )
     .map(|b| b.map_err(|never| match never {}).boxed_unsync());
     if let Ok(v) = HeaderValue::from_str(www_authenticate) {

@@ -74,6 +74,9 @@ pub(crate) async fn handle<B: RequestBody>(
     abort: Option<CancellationToken>,
 ) -> Response<Body> {
     let request_id = RequestId(fastrand::u128(..));
+    let mut req = req;
+    // For the pages the edge answers itself (the sign-in gate's 401).
+    req.extensions_mut().insert(request_id);
     let span = tracing::info_span!("request", request.id = %request_id, app = tracing::field::Empty, method = %req.method(), version = ?req.version());
     async move {
         let mut record = Record::new(
