@@ -48,7 +48,7 @@ const requests = {};
 // changes nothing but signs anew here, so a test can show that what this
 // crafting signs verifies unless a mode changes it.
 const tamperEnabled = process.env.OP_TEST_TAMPER === '1';
-const otherKey = generateKeyPairSync('rsa', { modulusLength: 2048 }).privateKey;
+const otherKey = tamperEnabled ? generateKeyPairSync('rsa', { modulusLength: 2048 }).privateKey : null;
 const publicPem = createPublicKey(privateKey).export({ type: 'spki', format: 'pem' });
 const b64 = (v) => Buffer.from(typeof v === 'string' ? v : JSON.stringify(v)).toString('base64url');
 const rs256 = (header, claims, key) => {
@@ -77,7 +77,7 @@ const TAMPER = {
   // RS256 for ID tokens).
   hs256_pubkey: (h, c) => hs256(h, c, publicPem),
   hs256_client_secret: (h, c) => hs256(h, c, CLIENT_SECRET),
-  // The real signature over claims changed after signing.
+  // A claim changed after signing, under the real signature.
   swapped_sub: (h, c, real) => `${b64(h)}.${b64({ ...c, sub: 'carol' })}.${real.split('.')[2]}`,
 };
 const tamper = { pending: null, applied: [] };
