@@ -536,8 +536,10 @@ async fn a_session_ends_when_idle_and_each_request_extends_it() {
     .await;
     let jar_file = tempfile::NamedTempFile::new().unwrap();
     let jar = jar_file.path();
-    let signed_in = tokio::time::Instant::now();
     let first = curl_sign_in(&s, jar, "alice").await;
+    // Taken once the session exists, so a slow sign-in cannot leave its
+    // cookie less idle than the waits below assume.
+    let signed_in = tokio::time::Instant::now();
     let app = format!("https://hr.{DOMAIN}:{}", s.port);
     let before = tempfile::NamedTempFile::new().unwrap();
     std::fs::copy(jar, before.path()).unwrap();
