@@ -11,6 +11,16 @@
 //! - No session from a replayed handoff code, a mismatched or missing
 //!   `state`, or a callback without the flow cookie; an open-redirect
 //!   target lands on `/`.
+//! - No session, and nothing at the backend, when the ID token the edge
+//!   gets from the provider's token endpoint is crafted (the provider's
+//!   test-only tamper hook, `OP_TEST_TAMPER`, rewrites it from the real
+//!   one's claims): `alg: none`, wrong or slashed issuer, wrong or extra
+//!   audience, expired, an unknown `kid`, another key under the real
+//!   `kid`, a wrong or missing nonce, HS256 keyed with the public key or
+//!   the client secret, a claim changed under the real signature. The
+//!   same hook re-signing the real claims is taken, as the control. A
+//!   replayed authorization code (the provider refuses it) and a callback
+//!   without `state` give no session either.
 //! - An API client's bearer token: a real JWT access token of the provider
 //!   reaches the backend; crafted ones (`alg: none`, an unknown `kid`,
 //!   another key, wrong issuer or audience, expired, not yet valid, HS256
@@ -377,6 +387,150 @@ async fn bearer_tokens_of_the_provider_reach_the_api_and_crafted_ones_get_401_in
     assert_eq!(r.status, 200, "{}", r.text());
 }
 
+/// A sign-in to app `api` (the [`Echo`] backend) in a new cookie jar, as
+/// `user`, up to the provider's redirect to the callback: (jar, callback
+/// URL).
+async fn to_the_callback(s: &Setup, user: &str) -> (tempfile::NamedTempFile, String) {
+    let jar_file = tempfile::NamedTempFile::new().unwrap();
+    let jar = jar_file.path();
+    let r = hop(
+        &s.ca,
+        jar,
+        &format!("https://api.{DOMAIN}:{}/", s.port),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 302, "{}", r.body);
+    let r = hop(&s.ca, jar, &r.location, &[]).await;
+    assert_eq!(r.status, 302, "{}", r.body);
+    let callback = sign_in_at_provider(&s.ca, jar, &s.idp, &r.location, user).await;
+    (jar_file, callback)
+}
+
+/// What a refused callback leaves: 400 `SignInFailed`, no session cookie
+/// set or in the jar, and app `api` still sends this browser to sign in.
+async fn no_session(s: &Setup, jar: &std::path::Path, r: &Hop, what: &str) {
+    assert_eq!(r.status, 400, "{what}: {}", r.body);
+    assert!(r.body.contains("SignInFailed"), "{what}: {}", r.body);
+    assert_eq!(session_set_cookie(&r.set_cookie), None, "{what}");
+    assert!(r.location.is_empty(), "{what}: {}", r.location);
+    let kept = std::fs::read_to_string(jar).unwrap();
+    assert!(!kept.contains("portico-session"), "{what}: {kept}");
+    let again = hop(
+        &s.ca,
+        jar,
+        &format!("https://api.{DOMAIN}:{}/", s.port),
+        &[],
+    )
+    .await;
+    assert_eq!(again.status, 302, "{what}: {}", again.body);
+    assert!(
+        again
+            .location
+            .starts_with(&format!("https://auth.{DOMAIN}:{}/.portico/start?", s.port)),
+        "{what}: {}",
+        again.location
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crafted_id_tokens_a_replayed_code_and_a_callback_without_state_give_no_session() {
+    let s = setup_with(Options {
+        tamper: true,
+        ..Options::default()
+    })
+    .await;
+    let (ca, port) = (&s.ca, s.port);
+    let api = format!("https://api.{DOMAIN}:{port}");
+
+    // The control: the provider's tamper hook re-signs the real claims
+    // with its key, and the edge takes that token. So each mode below is
+    // refused for the one thing it changes, not for how it is made.
+    let (jar_file, callback) = to_the_callback(&s, "alice").await;
+    let jar = jar_file.path();
+    s.idp.tamper("resign").await;
+    let r = hop(ca, jar, &callback, &[]).await;
+    assert_eq!(r.status, 302, "resign: {}", r.body);
+    let r = hop(ca, jar, &r.location, &[]).await;
+    assert_eq!(r.status, 302, "resign: {}", r.body);
+    assert!(session_set_cookie(&r.set_cookie).is_some(), "resign");
+    let r = hop(ca, jar, &format!("{api}/"), &[]).await;
+    assert_eq!(r.status, 200, "resign: {}", r.body);
+    assert_eq!(s.idp.tampered().await, (vec!["resign".to_owned()], None));
+    let reached = s.echo.count();
+    assert_eq!(reached, 1);
+
+    // Each crafted ID token, as the edge gets it from the token endpoint
+    // after a real sign-in at the provider: no session.
+    let modes = [
+        "alg_none",
+        "wrong_iss",
+        "iss_trailing_slash",
+        "wrong_aud",
+        "extra_aud",
+        "expired",
+        "unknown_kid",
+        "other_key",
+        "bad_nonce",
+        "no_nonce",
+        "hs256_pubkey",
+        "hs256_client_secret",
+        "swapped_sub",
+    ];
+    for (i, mode) in modes.iter().enumerate() {
+        let (jar_file, callback) = to_the_callback(&s, "alice").await;
+        let jar = jar_file.path();
+        let exchanges = s.idp.requests("/token").await;
+        s.idp.tamper(mode).await;
+        let r = hop(ca, jar, &callback, &[]).await;
+        // The edge exchanged the code, and got the crafted token.
+        assert_eq!(s.idp.requests("/token").await, exchanges + 1, "{mode}");
+        let (applied, pending) = s.idp.tampered().await;
+        assert_eq!(applied.len(), i + 2, "{mode}: {applied:?}");
+        assert_eq!(applied.last().map(String::as_str), Some(*mode));
+        assert_eq!(pending, None, "{mode}");
+        no_session(&s, jar, &r, mode).await;
+    }
+    assert_eq!(s.echo.count(), reached, "nothing reached the backend");
+
+    // A callback without `state`: refused before any code exchange.
+    let (jar_file, callback) = to_the_callback(&s, "alice").await;
+    let jar = jar_file.path();
+    let mut stateless = url::Url::parse(&callback).unwrap();
+    let pairs: Vec<(String, String)> = stateless
+        .query_pairs()
+        .filter(|(k, _)| k != "state")
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect();
+    assert!(pairs.iter().any(|(k, _)| k == "code"), "{callback}");
+    stateless.query_pairs_mut().clear().extend_pairs(pairs);
+    let exchanges = s.idp.requests("/token").await;
+    let r = hop(ca, jar, stateless.as_str(), &[]).await;
+    no_session(&s, jar, &r, "no state").await;
+    assert_eq!(s.idp.requests("/token").await, exchanges, "no exchange");
+
+    // A replayed authorization code: the first callback signs in; the same
+    // callback again, with the flow cookie as it was (a copy of the jar),
+    // has the edge exchange the code again, and the provider refuses it.
+    let (jar_file, callback) = to_the_callback(&s, "alice").await;
+    let jar = jar_file.path();
+    let replay_jar = tempfile::NamedTempFile::new().unwrap();
+    std::fs::copy(jar, replay_jar.path()).unwrap();
+    let r = hop(ca, jar, &callback, &[]).await;
+    assert_eq!(r.status, 302, "{}", r.body);
+    let r = hop(ca, jar, &r.location, &[]).await;
+    assert!(session_set_cookie(&r.set_cookie).is_some(), "{}", r.body);
+    let exchanges = s.idp.requests("/token").await;
+    let r = hop(ca, replay_jar.path(), &callback, &[]).await;
+    assert_eq!(s.idp.requests("/token").await, exchanges + 1, "exchanged");
+    no_session(&s, replay_jar.path(), &r, "replayed code").await;
+    assert_eq!(s.idp.tampered().await.0.len(), modes.len() + 1);
+    // The first sign-in's session still works.
+    let r = hop(ca, jar, &format!("{api}/"), &[]).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(s.echo.count(), reached + 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_ends_when_idle_and_each_request_extends_it() {
     // The router's --session-idle-timeout is 10 s here. The waits below
@@ -390,8 +544,10 @@ async fn a_session_ends_when_idle_and_each_request_extends_it() {
     .await;
     let jar_file = tempfile::NamedTempFile::new().unwrap();
     let jar = jar_file.path();
-    let signed_in = tokio::time::Instant::now();
     let first = curl_sign_in(&s, jar, "alice").await;
+    // Taken once the session exists, so a slow sign-in cannot leave its
+    // cookie less idle than the waits below assume.
+    let signed_in = tokio::time::Instant::now();
     let app = format!("https://hr.{DOMAIN}:{}", s.port);
     let before = tempfile::NamedTempFile::new().unwrap();
     std::fs::copy(jar, before.path()).unwrap();

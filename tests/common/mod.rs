@@ -190,6 +190,11 @@ pub async fn curl_plain(url: &str) -> Curl {
     curl_trusting(None, &[url]).await
 }
 
+/// curl with `args` for plain `http://` URLs (a test peer's own API).
+pub async fn curl_plain_args(args: &[&str]) -> Curl {
+    curl_trusting(None, args).await
+}
+
 async fn curl_trusting(ca: Option<&Path>, args: &[&str]) -> Curl {
     let dir = tempfile::tempdir().unwrap();
     let body = dir.path().join("body");

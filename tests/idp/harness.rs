@@ -25,9 +25,10 @@ pub struct Idp {
 
 impl Idp {
     /// `api`: the audience of its JWT access tokens; `key`: the PEM RSA
-    /// key it signs with, as `test-key-1`; `consent`: whether it asks for
-    /// consent (else every grant asked for is given).
-    pub async fn start(redirect_uri: &str, api: &str, key: &Path, consent: bool) -> Idp {
+    /// key it signs with, as `test-key-1`; `opts.consent`: whether it asks
+    /// for consent (else every grant asked for is given); `opts.tamper`:
+    /// whether it serves the tamper hook ([`Idp::tamper`]).
+    pub async fn start(redirect_uri: &str, api: &str, key: &Path, opts: &Options) -> Idp {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/idp");
         assert!(
             dir.join("node_modules/oidc-provider").is_dir(),
@@ -40,8 +41,11 @@ impl Idp {
             .env("OP_REDIRECT_URIS", redirect_uri)
             .env("OP_API", api)
             .env("OP_SIGNING_KEY", key);
-        if consent {
+        if opts.consent {
             cmd.env("OP_CONSENT", "1");
+        }
+        if opts.tamper {
+            cmd.env("OP_TEST_TAMPER", "1");
         }
         let mut child = Child::spawn_cmd(cmd);
         let line = child.line_starting("listening issuer=", LIMIT).await;
@@ -60,6 +64,38 @@ impl Idp {
         let r = common::curl_plain(&format!("{}/_test/requests", self.issuer)).await;
         let counts: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
         counts[path].as_u64().unwrap_or(0)
+    }
+
+    /// Makes the provider's next token response carry an ID token crafted
+    /// from the real one's claims by `mode` (`provider.mjs`'s `TAMPER`
+    /// names them) instead of the real one. Needs [`Options::tamper`].
+    pub async fn tamper(&self, mode: &str) {
+        let r = common::curl_plain_args(&[
+            "-X",
+            "POST",
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            &serde_json::json!({ "mode": mode }).to_string(),
+            &format!("{}/_test/tamper", self.issuer),
+        ])
+        .await;
+        assert_eq!(r.status, 200, "tamper {mode}: {}", r.text());
+    }
+
+    /// The tamper modes the provider served, in order, and the one still
+    /// pending, if any.
+    pub async fn tampered(&self) -> (Vec<String>, Option<String>) {
+        let r = common::curl_plain(&format!("{}/_test/tamper", self.issuer)).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        let applied = v["applied"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m.as_str().unwrap().to_owned())
+            .collect();
+        (applied, v["pending"].as_str().map(str::to_owned))
     }
 }
 
@@ -270,6 +306,8 @@ pub struct Options {
     pub consent: bool,
     /// The router's `--session-idle-timeout`.
     pub idle: Duration,
+    /// The provider serves its test-only tamper hook (`OP_TEST_TAMPER`).
+    pub tamper: bool,
 }
 
 impl Default for Options {
@@ -277,6 +315,7 @@ impl Default for Options {
         Options {
             consent: false,
             idle: Duration::from_secs(3600),
+            tamper: false,
         }
     }
 }
@@ -296,7 +335,7 @@ pub async fn idp_and_router(
         &format!("https://auth.{DOMAIN}:{port}/.portico/callback"),
         &format!("https://api.{DOMAIN}:{port}"),
         &d.join("idp-key.pem"),
-        opts.consent,
+        opts,
     )
     .await;
     let mut rc = portico_router::Config::new(d.join("router"));

@@ -14,8 +14,9 @@ use openidconnect::core::{
     CoreJwsSigningAlgorithm, CoreProviderMetadata,
 };
 use openidconnect::{
-    AdditionalClaims, AuthorizationCode, ClientId, ClientSecret, CsrfToken, IdToken, IssuerUrl,
-    Nonce, PkceCodeChallenge, PkceCodeVerifier, RedirectUrl, Scope, TokenResponse as _,
+    AdditionalClaims, AuthorizationCode, ClaimsVerificationError, ClientId, ClientSecret,
+    CsrfToken, IdToken, IssuerUrl, Nonce, PkceCodeChallenge, PkceCodeVerifier, RedirectUrl, Scope,
+    TokenResponse as _,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
@@ -314,26 +315,33 @@ impl Provider {
             .parse()
             .map_err(|e: serde_json::Error| OidcError::IdToken(e.to_string()))?;
         let nonce = Nonce::new(nonce.to_owned());
+        let chain = |e: &ClaimsVerificationError| portico_agent::error_chain(e).to_string();
         let verified = {
             let verifier = client.id_token_verifier();
             token
                 .claims(&verifier, &nonce)
                 .map(|c| user_of(c, &self.groups_claim))
-                .map_err(|e| e.to_string())
         };
         match verified {
             Ok(user) => Ok(user),
-            Err(first) => {
-                // The provider may have rotated its keys since discovery:
-                // once, with fresh ones.
+            // The provider may have rotated its keys since discovery:
+            // once, with fresh ones. A claim that is off stays off.
+            Err(first @ ClaimsVerificationError::SignatureVerification(_)) => {
                 let fresh = self.metadata(true).await?;
                 let client = self.client(fresh, redirect)?;
                 let verifier = client.id_token_verifier();
                 token
                     .claims(&verifier, &nonce)
                     .map(|c| user_of(c, &self.groups_claim))
-                    .map_err(|e| OidcError::IdToken(format!("{first}; again with fresh keys: {e}")))
+                    .map_err(|e| {
+                        OidcError::IdToken(format!(
+                            "{}; again with fresh keys: {}",
+                            chain(&first),
+                            chain(&e)
+                        ))
+                    })
             }
+            Err(e) => Err(OidcError::IdToken(chain(&e))),
         }
     }
 }
