@@ -6,15 +6,15 @@ use anyhow::Context as _;
 use portico_agent::{RouterClient, RouterTrust};
 use portico_proto::api::{
     App, AppPatch, AppSpec, Assignment, BackendTimeout, Certificate, CertificateUpload, Connector,
-    CreateGroup, CreateRegion, CreateToken, Edge, Group, Region, TokenCreated, TokenInfo,
-    TokenScope,
+    CreateGroup, CreateRegion, CreateToken, Edge, Group, Region, RevokeSessions, SessionsRevoked,
+    TokenCreated, TokenInfo, TokenScope,
 };
 use portico_proto::{AppId, ConnectorId, EdgeId, GroupId, IdError, RegionId};
 use serde::Serialize;
 
 use crate::cli::{
     AppAction, AppCmd, CertAction, CertCmd, DeleteArgs, GroupAction, GroupCmd, RegionAction,
-    RegionCmd, RouterConn, TokenAction, TokenCmd,
+    RegionCmd, RouterConn, SessionAction, SessionCmd, TokenAction, TokenCmd,
 };
 use crate::out;
 
@@ -414,6 +414,24 @@ fn now_unix() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+/// `portico session`.
+pub async fn session(cmd: SessionCmd) -> anyhow::Result<()> {
+    match cmd.action {
+        SessionAction::Revoke(a) => {
+            let done: SessionsRevoked = client(&a.conn)?
+                .post_json("/v1/sessions/revoke", &RevokeSessions { user: a.user })
+                .await?;
+            print_one(a.conn.json, &done, |d| {
+                vec![
+                    ("user", d.user.clone()),
+                    ("sessions begun until", rfc3339(d.before)),
+                    ("ended", "at every edge, within seconds".into()),
+                ]
+            })
+        }
+    }
 }
 
 /// `portico cert`.

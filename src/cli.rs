@@ -74,6 +74,8 @@ pub enum Command {
     /// Upload, list and delete certificates for app hosts in custom
     /// domains; edges present them by SNI.
     Cert(CertCmd),
+    /// End users' sessions at every edge (apps with `--preauth oidc`).
+    Session(SessionCmd),
     /// Measure a deployment: open- or closed-loop load over HTTP/1.1, HTTP/2
     /// or HTTP/3 with reports (`portico loadtest URL`), emulate a WAN path
     /// (`portico loadtest wan`), or start a whole deployment with a WAN
@@ -875,6 +877,31 @@ pub struct CertUploadArgs {
     /// An app whose external host the certificate must cover (repeatable).
     #[arg(long, value_name = "ID", group = "for")]
     pub app: Vec<String>,
+    #[command(flatten)]
+    pub conn: RouterConn,
+}
+
+#[derive(Debug, Args)]
+pub struct SessionCmd {
+    #[command(subcommand)]
+    pub action: SessionAction,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SessionAction {
+    /// Sign a user out of every session begun until now, at every edge of
+    /// every region, within seconds (each edge learns it from the
+    /// router). The user can sign in again, unless the provider or the
+    /// app's assignment stops them. Bearer tokens are the provider's: they
+    /// keep working until they expire.
+    Revoke(SessionRevokeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SessionRevokeArgs {
+    /// The user: their `sub`, or their email (matched when the provider
+    /// says it is verified, in any case), as in `app create --assign user:`.
+    pub user: String,
     #[command(flatten)]
     pub conn: RouterConn,
 }

@@ -44,6 +44,7 @@ pub async fn run(cli: cli::Cli) -> anyhow::Result<()> {
         },
         Command::App(cmd) => admin::app(cmd).await,
         Command::Cert(cmd) => admin::cert(cmd).await,
+        Command::Session(cmd) => admin::session(cmd).await,
         Command::Region(cmd) => admin::region(cmd).await,
         Command::Group(cmd) => admin::group(cmd).await,
         Command::Token(cmd) => admin::token(cmd).await,
@@ -78,7 +79,8 @@ pub fn raise_open_file_limit(command: &Command) {
         | Command::Region(_)
         | Command::Group(_)
         | Command::Token(_)
-        | Command::Cert(_) => false,
+        | Command::Cert(_)
+        | Command::Session(_) => false,
     };
     let show = |n: u64| {
         if n == u64::MAX {

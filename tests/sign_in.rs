@@ -1035,7 +1035,10 @@ async fn a_session_from_one_regions_edge_works_at_anothers_and_the_identity_cros
 /// holding tunnels of the app's connector: a handoff code gives one
 /// session at one edge only, and signing out at one edge ends the session
 /// at the other (through the router) while another session of the same
-/// user stays; the same for My Apps on the auth host.
+/// user stays; the same for My Apps on the auth host. An admin's
+/// `session revoke` ends every session of the user at both edges, and a
+/// new sign-in works. A restarted edge that cannot reach the router
+/// refuses all of them from its saved snapshot.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn signing_out_at_one_edge_ends_the_session_at_every_edge_and_a_handoff_code_works_once_anywhere(
 ) {
@@ -1204,6 +1207,44 @@ async fn signing_out_at_one_edge_ends_the_session_at_every_edge_and_a_handoff_co
         }
     })
     .await;
+    // An admin signs alice out of every session (by her verified email,
+    // in another case): her other browser is refused at both edges...
+    let done: portico_proto::api::SessionsRevoked = admin
+        .post_json(
+            "/v1/sessions/revoke",
+            &portico_proto::api::RevokeSessions {
+                user: "Alice@Example.test".into(),
+            },
+        )
+        .await
+        .unwrap();
+    for via in [&at_a, &at_b] {
+        common::eventually("the edges to learn alice is signed out", LIMIT, || async {
+            let r = get(other.path(), &format!("{hr}/"), via).await;
+            match r.status {
+                302 => Some(()),
+                200 => None,
+                other => panic!("answered {other}: {}", r.text()),
+            }
+        })
+        .await;
+    }
+    // ...and she can sign in again afterwards (sessions are cut by their
+    // sign-in second).
+    common::eventually("the clock to pass the cut", LIMIT, || async {
+        (std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            > done.before)
+            .then_some(())
+    })
+    .await;
+    let again = signed_in_at(&ca, &idp, &hr, &at_a, "alice").await;
+    let r = get(again.path(), &format!("{hr}/"), &at_b).await;
+    assert_eq!(r.status, 200, "alice signed in again: {}", r.text());
+    let (revoked, other) = (other, again);
+
     // Edge A restarted while it cannot reach the router: its saved
     // snapshot holds the sign-out (the configs brought only a delta).
     a_stop.cancel();
@@ -1221,6 +1262,13 @@ async fn signing_out_at_one_edge_ends_the_session_at_every_edge_and_a_handoff_co
     restarted.ready().await;
     let r = get(signed_out.path(), &format!("{hr}/"), &at_a).await;
     assert_eq!(r.status, 302, "signed out, after a restart: {}", r.text());
+    let r = get(revoked.path(), &format!("{hr}/"), &at_a).await;
+    assert_eq!(
+        r.status,
+        302,
+        "revoked by the admin, after a restart: {}",
+        r.text()
+    );
     let r = get(other.path(), &format!("{hr}/"), &at_a).await;
     assert_ne!(
         r.status,

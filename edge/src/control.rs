@@ -332,7 +332,7 @@ async fn config_loop(
                 shared.apply_config(config.clone());
                 // The config's sign-outs are a delta: the snapshot keeps
                 // every one still live.
-                config.signed_out = shared.auth.signed_out_live();
+                (config.signed_out, config.signed_out_users) = shared.auth.signed_out_live();
                 if let Err(e) = state.save_json(CONFIG_FILE, &config) {
                     tracing::warn!(error = %portico_agent::error_chain(&e), "cannot save the config snapshot");
                 }

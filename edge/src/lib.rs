@@ -255,9 +255,11 @@ impl Shared {
         let version = config.version;
         self.auth
             .update(config.sign_in.as_ref(), &config.apps_domain);
-        // A delta, held by `auth` (not by the routing table).
-        self.auth
-            .add_signed_out(&std::mem::take(&mut config.signed_out));
+        // Deltas, held by `auth` (not by the routing table).
+        self.auth.add_signed_out(
+            &std::mem::take(&mut config.signed_out),
+            &std::mem::take(&mut config.signed_out_users),
+        );
         let uploaded = self.public_certs.set_uploaded(&config.certificates);
         self.metrics.set_certificate_expiry(&uploaded);
         let table = Arc::new(RoutingTable::new(config));

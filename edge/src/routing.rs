@@ -69,6 +69,7 @@ impl RoutingTable {
             sign_in: None,
             certificates: Vec::new(),
             signed_out: Vec::new(),
+            signed_out_users: Vec::new(),
         })
     }
 
@@ -327,6 +328,7 @@ pub(crate) mod tests {
             sign_in: None,
             certificates: Vec::new(),
             signed_out: Vec::new(),
+            signed_out_users: Vec::new(),
         });
         assert_eq!(
             table.app_for_host("hr.apps.test").unwrap().id.as_str(),
@@ -367,6 +369,7 @@ pub(crate) mod tests {
             sign_in: None,
             certificates: Vec::new(),
             signed_out: Vec::new(),
+            signed_out_users: Vec::new(),
         });
         for (host, want) in [
             // Exact hosts, also under a wildcard.

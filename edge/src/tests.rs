@@ -174,6 +174,7 @@ fn edge_config(version: u64, revoked: Vec<ConnectorId>) -> EdgeConfig {
         sign_in: None,
         certificates: Vec::new(),
         signed_out: Vec::new(),
+        signed_out_users: Vec::new(),
     }
 }
 

@@ -13,6 +13,7 @@
 //! | POST | `/v1/edge/report` | edge cert | [`EdgeReport`] → 204 |
 //! | POST | `/v1/edge/sign-outs` | edge cert | [`SignOuts`] → 204 (the sessions are revoked at every edge) |
 //! | POST | `/v1/edge/handoffs` | edge cert | [`HandoffUse`] → 204 on its first use at any edge, 409 `conflict` after |
+//! | POST | `/v1/sessions/revoke` | admin token | [`RevokeSessions`] → [`SessionsRevoked`] (every session of the user, at every edge; 409 without sign-in) |
 //! | POST | `/v1/edge/public-cert` | edge cert | [`CsrRequest`] → [`CertResponse`] (wildcard for the apps domain) |
 //! | GET | `/v1/connector/config?after=V&wait=S` | connector cert | → [`ConnectorConfig`], or 304 |
 //! | GET, POST | `/v1/regions` | admin token | → `[Region]`; [`CreateRegion`] → [`Region`] (409 when it exists) |
@@ -1281,6 +1282,10 @@ pub struct EdgeConfig {
     /// them to the ones it holds, and forgets each at its `until`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub signed_out: Vec<SignedOut>,
+    /// Users an admin signed out of every session (`portico session
+    /// revoke`), as [`EdgeConfig::signed_out`]: a delta since `after`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub signed_out_users: Vec<SignedOutUser>,
 }
 
 // ---- sign-out and one-time handoff codes, across edges ----
@@ -1317,6 +1322,39 @@ pub struct SignedOut {
 #[serde(deny_unknown_fields)]
 pub struct SignOuts {
     pub sessions: Vec<SignedOut>,
+}
+
+/// A user whose sessions begun up to `before` are over, at every edge.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SignedOutUser {
+    /// Matched as an assignment's user entry is: the session's `sub`, or
+    /// its email when the provider said it is verified.
+    pub user: String,
+    /// Sessions that began at or before it (unix seconds) are refused.
+    pub before: u64,
+    /// When the last of them would have ended anyway (unix seconds).
+    pub until: u64,
+}
+
+/// The longest user name [`RevokeSessions`] takes, in bytes.
+pub const MAX_USER_LEN: usize = 256;
+
+/// `POST /v1/sessions/revoke` (`portico session revoke USER`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevokeSessions {
+    /// A `sub`, or a verified email (as in an assignment).
+    pub user: String,
+}
+
+/// The answer to [`RevokeSessions`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionsRevoked {
+    pub user: String,
+    /// Sessions of the user begun at or before it (unix seconds) are
+    /// refused at every edge, within a config round trip.
+    pub before: u64,
 }
 
 /// `POST /v1/edge/handoffs`: an edge turned a one-time handoff code into a

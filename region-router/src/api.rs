@@ -20,7 +20,9 @@ use portico_proto::api::{
     HandoffUse, Identity, JoinToken, Region, RegionEdge, SignOuts, SignedOut, Status, TokenCreated,
     TokenInfo, TokenScope, TokenStatus,
 };
-use portico_proto::api::{valid_session_id, MAX_SIGN_OUTS_PER_REPORT};
+use portico_proto::api::{
+    valid_session_id, RevokeSessions, SessionsRevoked, MAX_SIGN_OUTS_PER_REPORT, MAX_USER_LEN,
+};
 use portico_proto::ids::{AppId, ConnectorId, EdgeId, GroupId, RegionId};
 use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
@@ -207,6 +209,7 @@ pub(crate) fn routes(state: SharedState) -> axum::Router {
         .route("/v1/edge/report", post(edge_report))
         .route("/v1/edge/sign-outs", post(edge_sign_outs))
         .route("/v1/edge/handoffs", post(edge_handoff))
+        .route("/v1/sessions/revoke", post(revoke_sessions))
         .route("/v1/edge/public-cert", post(edge_public_cert))
         .route("/v1/connector/config", get(connector_config))
         .route("/v1/connector/report", post(connector_report))
@@ -993,7 +996,14 @@ async fn edge_config(
     // snapshot's is committed, so none the edge lacks is left out (one
     // newer may come twice; the edge adds them).
     let (after, now) = (q.after, util::now_unix());
-    snapshot.signed_out = state.db(move |s| s.signed_out_after(after, now)).await?;
+    (snapshot.signed_out, snapshot.signed_out_users) = state
+        .db(move |s| {
+            Ok((
+                s.signed_out_after(after, now)?,
+                s.signed_out_users_after(after, now)?,
+            ))
+        })
+        .await?;
     Ok(Watched::Changed(snapshot))
 }
 
@@ -1047,6 +1057,32 @@ async fn edge_sign_outs(
         tracing::info!(edge = %edge.id, sessions = n, version, "sessions signed out");
     }
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// `portico session revoke USER`: every session of the user begun until
+/// now ends at every edge (they come to each in its config's
+/// `signed_out_users`).
+async fn revoke_sessions(
+    State(state): State<SharedState>,
+    _: Admin,
+    Json(req): Json<RevokeSessions>,
+) -> Result<axum::Json<SessionsRevoked>, ApiFail> {
+    let horizon = sign_out_horizon(&state)?;
+    let user = req.user.trim().to_owned();
+    if user.is_empty() || user.len() > MAX_USER_LEN || user.chars().any(char::is_control) {
+        return Err(ApiFail::invalid(
+            "user",
+            format!("a user is a `sub` or a verified email: 1 to {MAX_USER_LEN} bytes, no control characters"),
+        ));
+    }
+    let before = util::now_unix();
+    let until = before.saturating_add(horizon);
+    let name = user.clone();
+    let version = state
+        .db(move |s| s.sign_out_user(&name, before, until, before))
+        .await?;
+    tracing::info!(user = %user, before, version, "every session of a user signed out");
+    Ok(axum::Json(SessionsRevoked { user, before }))
 }
 
 /// A handoff code turned into a session at an edge: 204 the first time at

@@ -204,6 +204,7 @@ pub(crate) fn edge_config(
         // The API adds the sign-outs since the version the edge asked
         // after (a delta, read from the store apart from the snapshot).
         signed_out: Vec::new(),
+        signed_out_users: Vec::new(),
     }
 }
 

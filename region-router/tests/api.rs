@@ -2479,6 +2479,48 @@ async fn sign_outs_reach_every_edge_as_deltas_and_a_handoff_code_is_used_once() 
         );
     }
 
+    // An admin signs a user out of every session: in the edges' configs,
+    // as a delta; bad names are refused; only admins.
+    let cut: api::SessionsRevoked = operator
+        .post_json(
+            "/v1/sessions/revoke",
+            &json!({ "user": " alice@example.test " }),
+        )
+        .await?;
+    assert_eq!(cut.user, "alice@example.test");
+    assert!(cut.before >= now);
+    let users = config(&b, delta.version).await?.context("the user's cut")?;
+    assert_eq!(
+        users.signed_out_users,
+        [api::SignedOutUser {
+            user: "alice@example.test".into(),
+            before: cut.before,
+            until: cut.before + 3600 + 60,
+        }]
+    );
+    assert!(users.signed_out.is_empty(), "only what is new");
+    for bad in [
+        json!({ "user": "" }),
+        json!({ "user": "a\nb" }),
+        json!({ "user": "x".repeat(257) }),
+    ] {
+        assert_refused(
+            operator
+                .post_json::<_, api::SessionsRevoked>("/v1/sessions/revoke", &bad)
+                .await,
+            400,
+            Some("user"),
+            "verified email",
+        );
+    }
+    assert_refused(
+        a.post_json::<_, api::SessionsRevoked>("/v1/sessions/revoke", &json!({ "user": "alice" }))
+            .await,
+        401,
+        None,
+        "admin",
+    );
+
     // A handoff code: once, at any edge.
     let used = api::HandoffUse {
         jti: sid('h'),
@@ -2505,14 +2547,9 @@ async fn sign_outs_reach_every_edge_as_deltas_and_a_handoff_code_is_used_once() 
     stop(h, shutdown).await?;
     let (h, shutdown) = start(dir.path(), with_sign_in).await?;
     let (c, _) = enroll_edge(&h, &admin(&h)?).await?;
-    assert_eq!(
-        config(&c, 0)
-            .await?
-            .context("after a restart")?
-            .signed_out
-            .len(),
-        3
-    );
+    let restarted = config(&c, 0).await?.context("after a restart")?;
+    assert_eq!(restarted.signed_out.len(), 3);
+    assert_eq!(restarted.signed_out_users.len(), 1);
     assert_refused(
         c.post_empty("/v1/edge/handoffs", &used)
             .await
@@ -2536,6 +2573,17 @@ async fn sign_outs_reach_every_edge_as_deltas_and_a_handoff_code_is_used_once() 
         )
         .await
         .map(|()| "ok"),
+        409,
+        None,
+        "--oidc-issuer",
+    );
+    assert_refused(
+        admin(&h)?
+            .post_json::<_, api::SessionsRevoked>(
+                "/v1/sessions/revoke",
+                &json!({ "user": "alice" }),
+            )
+            .await,
         409,
         None,
         "--oidc-issuer",

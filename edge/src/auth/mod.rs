@@ -44,7 +44,9 @@ use http::header::{
 };
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
-use portico_proto::api::{App, HandoffUse, SignInSettings, SignedOut, SIGN_IN_FEATURE};
+use portico_proto::api::{
+    App, HandoffUse, SignInSettings, SignedOut, SignedOutUser, SIGN_IN_FEATURE,
+};
 use portico_proto::IdentityClaims;
 use serde::{Deserialize, Serialize};
 
@@ -127,18 +129,26 @@ impl Auth {
         let _ = self.router.set(link);
     }
 
-    /// Sessions signed out at other edges (a config's delta), or saved.
-    pub(crate) fn add_signed_out(&self, sessions: &[SignedOut]) {
-        let new = self.signed_out.add(sessions, seal::unix_now());
+    /// Sessions signed out at other edges and users signed out by an
+    /// admin (a config's deltas), or saved.
+    pub(crate) fn add_signed_out(&self, sessions: &[SignedOut], users: &[SignedOutUser]) {
+        let now = seal::unix_now();
+        let new = self.signed_out.add(sessions, now);
         if new > 0 {
             tracing::debug!(sessions = new, "sessions signed out elsewhere");
         }
+        if !users.is_empty() {
+            self.signed_out.add_users(users, now);
+            tracing::info!(users = users.len(), "users signed out of every session");
+        }
     }
 
-    /// Every signed-out session still live: for the saved snapshot, so
-    /// that a restarted edge refuses them before the router answers.
-    pub(crate) fn signed_out_live(&self) -> Vec<SignedOut> {
-        self.signed_out.live(seal::unix_now())
+    /// Every signed-out session and user still live: for the saved
+    /// snapshot, so that a restarted edge refuses them before the router
+    /// answers.
+    pub(crate) fn signed_out_live(&self) -> (Vec<SignedOut>, Vec<SignedOutUser>) {
+        let now = seal::unix_now();
+        (self.signed_out.live(now), self.signed_out.live_users(now))
     }
 
     /// Signs `sid` out here at once, and at every edge through the router.
@@ -335,8 +345,8 @@ impl SignIn {
             let sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(s) = sessions.get(cookie) {
                 if s.host == host && s.exp > now {
-                    let live =
-                        self.alive(&s.session, now) && !signed_out.contains(&s.session.sid, now);
+                    let live = self.alive(&s.session, now)
+                        && !signed_out.refuses(&s.session.sid, &s.session.user, s.session.iat, now);
                     return Ok(live.then(|| Arc::clone(s)));
                 }
             }
@@ -347,7 +357,9 @@ impl SignIn {
         else {
             return Ok(None);
         };
-        if !self.alive(&session, now) || signed_out.contains(&session.sid, now) {
+        if !self.alive(&session, now)
+            || signed_out.refuses(&session.sid, &session.user, session.iat, now)
+        {
             return Ok(None);
         }
         let principal = Arc::new(Principal::new(session.user.clone())?);
@@ -694,7 +706,9 @@ pub(crate) async fn serve_auth_host<B>(
             let now = seal::unix_now();
             let session = cookie_value(req.headers(), SESSION_COOKIE)
                 .and_then(|v| sign_in.keys.open::<Session>(Purpose::Session, &host, &v))
-                .filter(|s| sign_in.alive(s, now) && !auth.signed_out.contains(&s.sid, now));
+                .filter(|s| {
+                    sign_in.alive(s, now) && !auth.signed_out.refuses(&s.sid, &s.user, s.iat, now)
+                });
             match session {
                 Some(s) => Ok(portal::page(req, &s.user, &table.config.apps)),
                 None if is_navigation(req) => Ok(redirect(START, None)),

@@ -22,20 +22,95 @@
 use std::collections::HashMap;
 use std::sync::RwLock;
 
-use portico_proto::api::{HandoffUse, SignedOut, MAX_SIGNED_OUT};
+use portico_proto::api::{HandoffUse, SignedOut, SignedOutUser, MAX_SIGNED_OUT};
+
+use super::oidc::User;
 use tokio::sync::{mpsc, oneshot};
 
 /// The most signed-out sessions an edge holds: the router's limit, and as
 /// many again signed out here and not yet taken by the router.
 const MAX_HELD: usize = 2 * MAX_SIGNED_OUT;
 
-/// The sessions signed out at any edge, until they would have ended.
+/// The sessions signed out at any edge, until they would have ended, and
+/// the users an admin signed out of every session (`portico session
+/// revoke`).
 #[derive(Default)]
 pub(crate) struct SignedOutSet {
     until: RwLock<HashMap<String, u64>>,
+    users: RwLock<Users>,
+}
+
+/// Signed-out users: `(before, until)` by name as given (a `sub`), and by
+/// its ASCII lowercase (an email, matched as an assignment matches it).
+#[derive(Default)]
+struct Users {
+    exact: HashMap<String, (u64, u64)>,
+    folded: HashMap<String, (u64, u64)>,
 }
 
 impl SignedOutSet {
+    /// Whether the session `sid` of `user`, begun at `iat`, is over at
+    /// `now`: signed out itself, or its user signed out of every session
+    /// begun at or before a time not before `iat`.
+    pub(crate) fn refuses(&self, sid: &str, user: &User, iat: u64, now: u64) -> bool {
+        self.contains(sid, now) || self.user_cut(user, now).is_some_and(|before| iat <= before)
+    }
+
+    /// The latest cut of `user` live at `now`, by `sub` or verified email.
+    fn user_cut(&self, user: &User, now: u64) -> Option<u64> {
+        let users = self.users.read().unwrap_or_else(|p| p.into_inner());
+        if users.exact.is_empty() {
+            return None;
+        }
+        let live = |e: Option<&(u64, u64)>| e.filter(|(_, until)| *until > now).map(|(b, _)| *b);
+        let by_sub = live(users.exact.get(&user.sub));
+        let by_email = user
+            .verified_email()
+            .and_then(|e| live(users.folded.get(&e.to_ascii_lowercase())));
+        by_sub.max(by_email)
+    }
+
+    /// Adds signed-out users, forgetting those over at `now`.
+    pub(crate) fn add_users<'a>(
+        &self,
+        list: impl IntoIterator<Item = &'a SignedOutUser>,
+        now: u64,
+    ) {
+        let mut guard = self.users.write().unwrap_or_else(|p| p.into_inner());
+        let users = &mut *guard;
+        users.exact.retain(|_, (_, until)| *until > now);
+        users.folded.retain(|_, (_, until)| *until > now);
+        for u in list {
+            if u.until <= now {
+                continue;
+            }
+            for (map, key) in [
+                (&mut users.exact, u.user.clone()),
+                (&mut users.folded, u.user.to_ascii_lowercase()),
+            ] {
+                let e = map.entry(key).or_insert((0, 0));
+                *e = (e.0.max(u.before), e.1.max(u.until));
+            }
+        }
+    }
+
+    /// Every signed-out user live at `now` (for the saved snapshot).
+    pub(crate) fn live_users(&self, now: u64) -> Vec<SignedOutUser> {
+        let users = self.users.read().unwrap_or_else(|p| p.into_inner());
+        let mut live: Vec<SignedOutUser> = users
+            .exact
+            .iter()
+            .filter(|(_, (_, until))| *until > now)
+            .map(|(user, (before, until))| SignedOutUser {
+                user: user.clone(),
+                before: *before,
+                until: *until,
+            })
+            .collect();
+        live.sort_by(|a, b| a.user.cmp(&b.user));
+        live
+    }
+
     /// Whether session `sid` was signed out (and would still be live at
     /// `now`).
     pub(crate) fn contains(&self, sid: &str, now: u64) -> bool {
@@ -141,5 +216,56 @@ mod tests {
         assert_eq!(set.add(&[out("a", 90)], 60), 0, "known");
         assert_eq!(set.live(60), [out("a", 120)]);
         assert_eq!(set.live(130), []);
+    }
+
+    #[test]
+    fn a_signed_out_user_loses_the_sessions_begun_until_the_cut_by_sub_or_verified_email() {
+        let set = SignedOutSet::default();
+        let user = |sub: &str, email: &str, verified: bool| User {
+            sub: sub.into(),
+            email: Some(email.into()),
+            email_verified: verified,
+            name: None,
+            preferred_username: None,
+            groups: vec![],
+        };
+        let alice = user("alice", "Alice@Example.test", true);
+        assert!(!set.refuses("s1", &alice, 100, 150));
+        set.add_users(
+            &[SignedOutUser {
+                user: "alice@example.TEST".into(),
+                before: 200,
+                until: 1000,
+            }],
+            150,
+        );
+        assert!(
+            set.refuses("s1", &alice, 100, 150),
+            "by verified email, any case"
+        );
+        assert!(set.refuses("s1", &alice, 200, 150), "at the cut");
+        assert!(!set.refuses("s2", &alice, 201, 250), "begun after it");
+        assert!(
+            !set.refuses("s1", &user("alice", "alice@example.test", false), 100, 150),
+            "an unverified email is not the user"
+        );
+        assert!(
+            !set.refuses("s1", &user("ALICE", "x@y", true), 100, 150),
+            "sub is exact"
+        );
+        assert!(!set.refuses("s1", &alice, 100, 1000), "over at its until");
+        set.add_users(
+            &[SignedOutUser {
+                user: "bob".into(),
+                before: 300,
+                until: 2000,
+            }],
+            150,
+        );
+        assert!(
+            set.refuses("s3", &user("bob", "b@x", false), 299, 150),
+            "by sub"
+        );
+        assert_eq!(set.live_users(1500).len(), 1);
     }
 }

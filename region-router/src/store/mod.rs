@@ -5,7 +5,7 @@
 //! blocking tasks. [`SqliteStore`] is the embedded implementation, and
 //! [`suite::run`] is the test suite every implementation must pass.
 
-use portico_proto::api::{BackendTimeout, SignedOut, TokenScope};
+use portico_proto::api::{BackendTimeout, SignedOut, SignedOutUser, TokenScope};
 use portico_proto::ids::{AppId, ConnectorId, EdgeId, GroupId, RegionId};
 
 use crate::error::StoreError;
@@ -339,6 +339,24 @@ pub trait Store: Send + Sync + 'static {
     /// The sessions signed out at a config version after `after` and not
     /// over at `now`, by version.
     fn signed_out_after(&self, after: u64, now: u64) -> Result<Vec<SignedOut>, StoreError>;
+    /// Signs `user` out of every session begun at or before `before`,
+    /// until `until` (when the last would have ended); a later call for
+    /// the same user moves both forward. Forgets entries over at `now`.
+    /// Bumps the version and returns it.
+    fn sign_out_user(
+        &self,
+        user: &str,
+        before: u64,
+        until: u64,
+        now: u64,
+    ) -> Result<u64, StoreError>;
+    /// The users signed out at a config version after `after` and not
+    /// over at `now`, by version.
+    fn signed_out_users_after(
+        &self,
+        after: u64,
+        now: u64,
+    ) -> Result<Vec<SignedOutUser>, StoreError>;
     /// Marks a one-time handoff code used until `until`: false when it
     /// was already (by any edge). Forgets codes expired at `now`; `Limit`
     /// past `portico_proto::api::MAX_SIGNED_OUT` live ones. The version

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
-use portico_proto::api::{BackendTimeout, SignedOut, TokenScope};
+use portico_proto::api::{BackendTimeout, SignedOut, SignedOutUser, TokenScope};
 use portico_proto::ids::{AppId, ConnectorId, EdgeId, GroupId, RegionId};
 use rusqlite::{params, Connection, OptionalExtension, Row, Transaction};
 
@@ -188,7 +188,8 @@ ALTER TABLE apps ADD COLUMN persistent INTEGER NOT NULL DEFAULT 0;
 ";
 
 /// Version 14: sessions signed out (each with the config version that
-/// brought it, for the edges' deltas) and the one-time handoff codes used.
+/// brought it, for the edges' deltas), users an admin signed out of every
+/// session, and the one-time handoff codes used.
 const SCHEMA_V14: &str = "
 CREATE TABLE signed_out (
     sid TEXT PRIMARY KEY,
@@ -199,6 +200,12 @@ CREATE INDEX signed_out_by_version ON signed_out (version);
 CREATE TABLE used_handoffs (
     jti TEXT PRIMARY KEY,
     until INTEGER NOT NULL
+);
+CREATE TABLE signed_out_users (
+    user TEXT PRIMARY KEY,
+    before INTEGER NOT NULL,
+    until INTEGER NOT NULL,
+    version INTEGER NOT NULL
 );
 ";
 
@@ -1235,6 +1242,50 @@ impl Store for SqliteStore {
                 Ok(SignedOut {
                     sid: r.get(0)?,
                     until: r.get(1)?,
+                })
+            })?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+
+    fn sign_out_user(
+        &self,
+        user: &str,
+        before: u64,
+        until: u64,
+        now: u64,
+    ) -> Result<u64, StoreError> {
+        self.tx(|tx| {
+            tx.execute("DELETE FROM signed_out_users WHERE until <= ?1", [now])?;
+            let version = bump(tx)?;
+            tx.execute(
+                "INSERT INTO signed_out_users (user, before, until, version)
+                 VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (user) DO UPDATE SET
+                    before = max(before, excluded.before),
+                    until = max(until, excluded.until),
+                    version = excluded.version",
+                params![user, before, until, version],
+            )?;
+            Ok(version)
+        })
+    }
+
+    fn signed_out_users_after(
+        &self,
+        after: u64,
+        now: u64,
+    ) -> Result<Vec<SignedOutUser>, StoreError> {
+        self.with(|c| {
+            let mut stmt = c.prepare(
+                "SELECT user, before, until FROM signed_out_users
+                 WHERE version > ?1 AND until > ?2 ORDER BY version, user",
+            )?;
+            let rows = stmt.query_map([after, now], |r| {
+                Ok(SignedOutUser {
+                    user: r.get(0)?,
+                    before: r.get(1)?,
+                    until: r.get(2)?,
                 })
             })?;
             Ok(rows.collect::<Result<_, _>>()?)

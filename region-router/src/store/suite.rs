@@ -5,7 +5,7 @@
 //!
 //! It panics on the first failed check, like `assert!`.
 
-use portico_proto::api::{BackendTimeout, SignedOut, TokenScope};
+use portico_proto::api::{BackendTimeout, SignedOut, SignedOutUser, TokenScope};
 use portico_proto::ids::{AppId, ConnectorId, EdgeId, GroupId, RegionId};
 
 use super::{
@@ -153,6 +153,11 @@ pub fn run(open: &dyn Fn() -> Box<dyn Store>) {
         !store.use_handoff(SID_A, 2000, 1000).expect("handoff"),
         "used handoff codes survive a reopen"
     );
+    assert_eq!(
+        store.signed_out_users_after(0, 1000).expect("users").len(),
+        1,
+        "signed-out users survive a reopen"
+    );
     let kept = store.list_certificates().expect("list certificates");
     assert_eq!(
         kept.iter().map(|c| c.id.as_str()).collect::<Vec<_>>(),
@@ -274,6 +279,34 @@ fn sign_outs(s: &dyn Store) {
         "a session over is left out"
     );
 
+    // Users: a later revocation moves the cut forward, never back.
+    let u1 = s.sign_out_user("alice", 100, 3700, 100).expect("alice");
+    assert!(u1 > v2);
+    assert_eq!(
+        s.signed_out_users_after(v2, 100).expect("after v2"),
+        [SignedOutUser {
+            user: "alice".into(),
+            before: 100,
+            until: 3700
+        }]
+    );
+    let u2 = s.sign_out_user("alice", 50, 60, 100).expect("an older one");
+    assert_eq!(
+        s.signed_out_users_after(u1, 100).expect("after u1"),
+        [SignedOutUser {
+            user: "alice".into(),
+            before: 100,
+            until: 3700
+        }],
+        "kept at the later cut, brought again at the new version"
+    );
+    assert_eq!(s.signed_out_users_after(u2, 100).expect("after u2"), []);
+    assert_eq!(
+        s.signed_out_users_after(0, 3700).expect("over"),
+        [],
+        "over when the last session would have ended"
+    );
+
     assert!(s.use_handoff(SID_A, 2000, 1000).expect("first use"));
     assert!(!s.use_handoff(SID_A, 2000, 1000).expect("second use"));
     assert!(s.use_handoff(SID_B, 1100, 1000).expect("another code"));
@@ -282,11 +315,8 @@ fn sign_outs(s: &dyn Store) {
             .expect("expired, forgotten"),
         "an expired code is forgotten (it is refused by its own expiry)"
     );
-    assert_eq!(
-        s.config_version().expect("version"),
-        v2,
-        "handoff codes do not move the version"
-    );
+    let v3 = s.config_version().expect("version");
+    assert_eq!(v3, u2, "handoff codes do not move the version");
 }
 
 fn populate(s: &dyn Store) {
