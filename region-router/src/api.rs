@@ -1136,6 +1136,7 @@ pub(crate) fn to_app(rec: AppRecord, port: u16) -> App {
         maintenance: rec.maintenance,
         http_only: rec.http_only,
         persistent: rec.persistent,
+        oidc_client_id: rec.oidc_client_id,
     }
 }
 
@@ -1909,12 +1910,12 @@ async fn update_app(
         backend_timeout: current.backend_timeout,
         validate_backend_tls: current.validate_backend_tls,
         preauth: api::Preauth::of_features(&current.required_features),
-        // The sign-in and maintenance features are preauth's and
-        // maintenance's to set.
+        // The sign-in, maintenance and own-client features are preauth's,
+        // maintenance's and the client's to set.
         required_features: current
             .required_features
             .into_iter()
-            .filter(|f| f != api::SIGN_IN_FEATURE && f != api::MAINTENANCE_FEATURE)
+            .filter(|f| !ROUTER_FEATURES.contains(&f.as_str()))
             .collect(),
         translate_headers: current.translate_headers,
         translate_body: current.translate_body,
@@ -1926,6 +1927,8 @@ async fn update_app(
         backend_ca_pem: current.backend_ca_pem,
         http_only: current.http_only,
         persistent: current.persistent,
+        oidc_client_id: current.oidc_client_id,
+        oidc_client_secret: current.oidc_client_secret,
     });
     // The same checks as a new app, on the whole result; a custom host's
     // chain only when the host changes.
@@ -1977,6 +1980,19 @@ fn app_record(
             ),
         ));
     }
+    if spec
+        .required_features
+        .iter()
+        .any(|f| f == api::APP_CLIENT_FEATURE)
+    {
+        return Err(ApiFail::invalid(
+            "required_features",
+            format!(
+                "{:?} is what an app's own OpenID client requires: set the client (--oidc-client-id, --oidc-client-secret-file) instead",
+                api::APP_CLIENT_FEATURE
+            ),
+        ));
+    }
     if spec.preauth == api::Preauth::Oidc && config.sign_in.is_none() {
         return Err(ApiFail::invalid(
             "preauth",
@@ -1984,6 +2000,7 @@ fn app_record(
         ));
     }
     check_access(&spec)?;
+    let (oidc_client_id, oidc_client_secret) = check_app_client(&spec)?;
     let mut required_features = spec.required_features;
     if spec.preauth == api::Preauth::Oidc {
         required_features.push(api::SIGN_IN_FEATURE.to_owned());
@@ -1992,6 +2009,11 @@ fn app_record(
     // (FeatureUnsupported, 503) rather than serve it.
     if spec.maintenance {
         required_features.push(api::MAINTENANCE_FEATURE.to_owned());
+    }
+    // An edge of a build that knows only the deployment's client refuses
+    // the app rather than sign its users in through that one.
+    if oidc_client_id.is_some() {
+        required_features.push(api::APP_CLIENT_FEATURE.to_owned());
     }
     api::check_required_features(&required_features)
         .map_err(|e| ApiFail::invalid("required_features", e.to_string()))?;
@@ -2053,7 +2075,59 @@ fn app_record(
         backend_ca_pem,
         http_only: spec.http_only,
         persistent: spec.persistent,
+        oidc_client_id,
+        oidc_client_secret,
     })
+}
+
+/// The features the router sets from an app's settings, never an admin's
+/// `required_features`.
+const ROUTER_FEATURES: &[&str] = &[
+    api::SIGN_IN_FEATURE,
+    api::MAINTENANCE_FEATURE,
+    api::APP_CLIENT_FEATURE,
+];
+
+/// An app's own OpenID client: only for an app that signs users in, the
+/// id and the secret together, each bounded and printable. The secret is
+/// in no message.
+fn check_app_client(
+    spec: &api::AppSpec,
+) -> Result<(Option<String>, Option<api::ClientSecret>), ApiFail> {
+    let (id, secret) = (&spec.oidc_client_id, &spec.oidc_client_secret);
+    if id.is_none() && secret.is_none() {
+        return Ok((None, None));
+    }
+    if spec.preauth != api::Preauth::Oidc {
+        return Err(ApiFail::invalid(
+            "oidc_client_id",
+            format!(
+                "app {} does not sign users in, so it has no OpenID client: add --preauth oidc, or leave out --oidc-client-id and --oidc-client-secret-file",
+                spec.id
+            ),
+        ));
+    }
+    match (id, secret) {
+        (Some(id), Some(secret)) => {
+            api::check_oidc_client_id(id).map_err(|e| ApiFail::invalid("oidc_client_id", e))?;
+            api::check_oidc_client_secret(secret)
+                .map_err(|e| ApiFail::invalid("oidc_client_secret", e))?;
+            Ok((Some(id.clone()), Some(secret.clone())))
+        }
+        (Some(id), None) => Err(ApiFail::invalid(
+            "oidc_client_secret",
+            format!(
+                "client id {id:?} needs its secret: give --oidc-client-secret-file with --oidc-client-id"
+            ),
+        )),
+        (None, _) => Err(ApiFail::invalid(
+            "oidc_client_id",
+            format!(
+                "app {} has no OpenID client of its own to give a secret to: give --oidc-client-id too",
+                spec.id
+            ),
+        )),
+    }
 }
 
 /// Assignment and identity headers: only for an app that signs users in,

@@ -340,6 +340,8 @@ pub fn oidc_app(id: &str, internal_url: &str, group: &portico_proto::GroupId) ->
         backend_ca_pem: None,
         http_only: true,
         persistent: false,
+        oidc_client_id: None,
+        oidc_client_secret: None,
     }
 }
 
