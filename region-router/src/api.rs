@@ -1915,7 +1915,7 @@ async fn update_app(
         required_features: current
             .required_features
             .into_iter()
-            .filter(|f| !ROUTER_FEATURES.contains(&f.as_str()))
+            .filter(|f| !ROUTER_FEATURES.iter().any(|(r, _)| r == f))
             .collect(),
         translate_headers: current.translate_headers,
         translate_body: current.translate_body,
@@ -1954,43 +1954,13 @@ fn app_record(
         check_internal_url(&spec.internal_url).map_err(|e| ApiFail::invalid("internal_url", e))?;
     api::check_required_features(&spec.required_features)
         .map_err(|e| ApiFail::invalid("required_features", e.to_string()))?;
-    if spec
-        .required_features
+    if let Some((feature, setting)) = ROUTER_FEATURES
         .iter()
-        .any(|f| f == api::SIGN_IN_FEATURE)
+        .find(|(f, _)| spec.required_features.iter().any(|r| r == f))
     {
         return Err(ApiFail::invalid(
             "required_features",
-            format!(
-                "{:?} is what preauth = oidc requires: set preauth (--preauth oidc) instead",
-                api::SIGN_IN_FEATURE
-            ),
-        ));
-    }
-    if spec
-        .required_features
-        .iter()
-        .any(|f| f == api::MAINTENANCE_FEATURE)
-    {
-        return Err(ApiFail::invalid(
-            "required_features",
-            format!(
-                "{:?} is what maintenance mode requires: set maintenance (--maintenance) instead",
-                api::MAINTENANCE_FEATURE
-            ),
-        ));
-    }
-    if spec
-        .required_features
-        .iter()
-        .any(|f| f == api::APP_CLIENT_FEATURE)
-    {
-        return Err(ApiFail::invalid(
-            "required_features",
-            format!(
-                "{:?} is what an app's own OpenID client requires: set the client (--oidc-client-id, --oidc-client-secret-file) instead",
-                api::APP_CLIENT_FEATURE
-            ),
+            format!("{feature:?} is what {setting} instead"),
         ));
     }
     if spec.preauth == api::Preauth::Oidc && config.sign_in.is_none() {
@@ -2081,11 +2051,20 @@ fn app_record(
 }
 
 /// The features the router sets from an app's settings, never an admin's
-/// `required_features`.
-const ROUTER_FEATURES: &[&str] = &[
-    api::SIGN_IN_FEATURE,
-    api::MAINTENANCE_FEATURE,
-    api::APP_CLIENT_FEATURE,
+/// `required_features`, with the setting to use instead.
+const ROUTER_FEATURES: &[(&str, &str)] = &[
+    (
+        api::SIGN_IN_FEATURE,
+        "preauth = oidc requires: set preauth (--preauth oidc)",
+    ),
+    (
+        api::MAINTENANCE_FEATURE,
+        "maintenance mode requires: set maintenance (--maintenance)",
+    ),
+    (
+        api::APP_CLIENT_FEATURE,
+        "an app's own OpenID client requires: set the client (--oidc-client-id, --oidc-client-secret-file)",
+    ),
 ];
 
 /// An app's own OpenID client: only for an app that signs users in, the

@@ -16,8 +16,13 @@ use portico_proto::api::{AppSpec, Assignment, Preauth, TokenScope};
 pub const LIMIT: Duration = Duration::from_secs(60);
 pub const DOMAIN: &str = "apps.localhost";
 
+/// A second client the test IdP registers (besides the deployment's
+/// `portico`), for an app with its own client.
+pub const OWN_CLIENT: &str = "portico-own";
+pub const OWN_SECRET: &str = "own-Secret~0123456789";
+
 /// The test IdP (`tests/idp/provider.mjs`) on a free loopback port,
-/// accepting `redirect_uri` for client `portico`.
+/// accepting `redirect_uri` for clients `portico` and [`OWN_CLIENT`].
 pub struct Idp {
     pub issuer: String,
     pub _child: Child,
@@ -39,7 +44,8 @@ impl Idp {
             .env("OP_PORT", "0")
             .env("OP_REDIRECT_URIS", redirect_uri)
             .env("OP_API", api)
-            .env("OP_SIGNING_KEY", key);
+            .env("OP_SIGNING_KEY", key)
+            .env("OP_EXTRA_CLIENTS", format!("{OWN_CLIENT}:{OWN_SECRET}"));
         if consent {
             cmd.env("OP_CONSENT", "1");
         }
@@ -53,6 +59,14 @@ impl Idp {
             issuer,
             _child: child,
         }
+    }
+
+    /// How many authorization requests (`kind` `authorization`) the
+    /// provider accepted, or codes it exchanged (`token`), for `client`.
+    pub async fn client_use(&self, kind: &str, client: &str) -> u64 {
+        let r = common::curl_plain(&format!("{}/_test/clients", self.issuer)).await;
+        let counts: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        counts[kind][client].as_u64().unwrap_or(0)
     }
 
     /// How many requests the provider had for `path`.

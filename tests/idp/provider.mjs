@@ -8,9 +8,14 @@
 //                     sign tokens the provider's JWKS verifies; else a new one
 //   OP_SIGNING_KID    its kid (default test-key-1)
 //   OP_CONSENT=1      show the consent form (else every grant is given)
+//   OP_EXTRA_CLIENTS  more clients besides `portico`, `id:secret` comma-
+//                     separated, with the same redirect URIs (apps' own)
 //
 // `GET /_test/requests` answers how many requests each path got (JSON),
-// so a test can count the JWKS fetches of the edge.
+// so a test can count the JWKS fetches of the edge. `GET /_test/clients`
+// answers, per client id, how many authorization requests the provider
+// accepted and how many codes it exchanged (`{"authorization": {id: n},
+// "token": {id: n}}`).
 //
 // Prints `listening issuer=http://127.0.0.1:PORT` once it serves. Users sign
 // in with any password through the dev interaction form; the login is
@@ -36,20 +41,31 @@ const kid = process.env.OP_SIGNING_KID ?? 'test-key-1';
 const jwk = { ...privateKey.export({ format: 'jwk' }), kid, use: 'sig', alg: 'RS256' };
 const requests = {};
 const redirectUris = (process.env.OP_REDIRECT_URIS ?? '').split(',').filter(Boolean);
+const client = (client_id, client_secret) => ({
+  client_id,
+  client_secret,
+  redirect_uris: redirectUris,
+  grant_types: ['authorization_code'],
+  response_types: ['code'],
+  token_endpoint_auth_method: 'client_secret_basic',
+});
+const extraClients = (process.env.OP_EXTRA_CLIENTS ?? '').split(',').filter(Boolean).map((pair) => {
+  const at = pair.indexOf(':');
+  if (at <= 0) throw new Error(`OP_EXTRA_CLIENTS: ${pair} is not id:secret`);
+  return client(pair.slice(0, at), pair.slice(at + 1));
+});
+const clientUse = { authorization: {}, token: {} };
+const count = (kind, ctx) => {
+  const id = ctx.oidc?.client?.clientId;
+  if (id) clientUse[kind][id] = (clientUse[kind][id] ?? 0) + 1;
+};
 
 const server = http.createServer();
 server.listen(Number(process.env.OP_PORT ?? 0), '127.0.0.1', () => {
   const port = server.address().port;
   const issuer = `http://127.0.0.1:${port}`;
   const provider = new Provider(issuer, {
-    clients: [{
-      client_id: 'portico',
-      client_secret: 'portico-secret',
-      redirect_uris: redirectUris,
-      grant_types: ['authorization_code'],
-      response_types: ['code'],
-      token_endpoint_auth_method: 'client_secret_basic',
-    }],
+    clients: [client('portico', 'portico-secret'), ...extraClients],
     pkce: { required: () => true },
     jwks: { keys: [jwk] },
     cookies: { keys: ['portico-test-idp-cookie-key'] },
@@ -88,9 +104,16 @@ server.listen(Number(process.env.OP_PORT ?? 0), '127.0.0.1', () => {
       },
     }),
   });
+  provider.on('authorization.accepted', (ctx) => count('authorization', ctx));
+  provider.on('grant.success', (ctx) => count('token', ctx));
   const callback = provider.callback();
   server.on('request', (req, res) => {
     const path = new URL(req.url, issuer).pathname;
+    if (path === '/_test/clients') {
+      res.setHeader('content-type', 'application/json');
+      res.end(JSON.stringify(clientUse));
+      return;
+    }
     if (path === '/_test/requests') {
       res.setHeader('content-type', 'application/json');
       res.end(JSON.stringify(requests));
