@@ -288,6 +288,7 @@ pub async fn app(cmd: AppCmd) -> anyhow::Result<()> {
                     "EXTERNAL URL",
                     "INTERNAL URL",
                     "GROUP",
+                    "CLIENT",
                     "TIMEOUT",
                     "TRANSLATE",
                     "FEATURES",
@@ -299,6 +300,8 @@ pub async fn app(cmd: AppCmd) -> anyhow::Result<()> {
                         app.external_url.clone(),
                         app.internal_url.clone(),
                         app.connector_group.to_string(),
+                        // An app's own OpenID client (never its secret).
+                        app.oidc_client_id.clone().unwrap_or_else(|| "-".into()),
                         app.backend_timeout.to_string(),
                         translated(app),
                         features(&app.required_features),

@@ -980,6 +980,27 @@ async fn an_app_with_its_own_oidc_client_signs_in_through_it_and_the_others_keep
         let out = common::admin_cli(&s.router_url, &router_dir, args).await;
         assert!(!out.contains(OWN_SECRET), "{args:?}: {out}");
     }
+    // `app list`: hr's client in the CLIENT column (the table is
+    // aligned), none for api.
+    let table = common::admin_cli(&s.router_url, &router_dir, &["app", "list"]).await;
+    let column = table
+        .lines()
+        .next()
+        .and_then(|h| h.find(" CLIENT ").map(|at| at + 1))
+        .unwrap_or_else(|| panic!("a CLIENT column: {table}"));
+    let client_of = |app: &str| {
+        table
+            .lines()
+            .find(|l| l.starts_with(&format!("{app} ")))
+            .and_then(|l| l.get(column..))
+            .and_then(|l| l.split_whitespace().next())
+            .unwrap_or_else(|| panic!("{app}: {table}"))
+            .to_owned()
+    };
+    assert_eq!(
+        (client_of("hr"), client_of("api")),
+        (OWN_CLIENT.into(), "-".into())
+    );
     let listed: serde_json::Value = s.admin.get_json("/v1/apps").await.unwrap();
     let listed = listed.to_string();
     assert!(
