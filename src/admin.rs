@@ -5,9 +5,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::Context as _;
 use portico_agent::{RouterClient, RouterTrust};
 use portico_proto::api::{
-    App, AppPatch, AppSpec, Assignment, BackendTimeout, Certificate, CertificateUpload, Connector,
-    CreateGroup, CreateRegion, CreateToken, Edge, Group, Region, RevokeSessions, SessionsRevoked,
-    TokenCreated, TokenInfo, TokenScope,
+    App, AppPatch, AppSpec, Assignment, BackendTimeout, Certificate, CertificateUpload,
+    ClientSecret, Connector, CreateGroup, CreateRegion, CreateToken, Edge, Group, Region,
+    RevokeSessions, SessionsRevoked, TokenCreated, TokenInfo, TokenScope,
 };
 use portico_proto::{AppId, ConnectorId, EdgeId, GroupId, IdError, RegionId};
 use serde::Serialize;
@@ -196,6 +196,12 @@ pub async fn app(cmd: AppCmd) -> anyhow::Result<()> {
                 backend_ca_pem: a.backend_ca_file.as_deref().map(read_ca_file).transpose()?,
                 http_only: !a.no_http_only,
                 persistent: a.persistent,
+                oidc_client_id: a.oidc_client_id,
+                oidc_client_secret: a
+                    .oidc_client_secret_file
+                    .as_deref()
+                    .map(read_client_secret)
+                    .transpose()?,
             };
             let app: App = client(&a.conn)?.post_json("/v1/apps", &spec).await?;
             print_one(a.conn.json, &app, app_lines)
@@ -256,6 +262,16 @@ pub async fn app(cmd: AppCmd) -> anyhow::Result<()> {
                 },
                 http_only: switch(a.http_only, a.no_http_only),
                 persistent: switch(a.persistent, a.no_persistent),
+                oidc_client_id: if a.no_oidc_client {
+                    Some(String::new())
+                } else {
+                    a.oidc_client_id
+                },
+                oidc_client_secret: a
+                    .oidc_client_secret_file
+                    .as_deref()
+                    .map(read_client_secret)
+                    .transpose()?,
             };
             let app: App = client(&a.conn)?
                 .patch_json(&format!("/v1/apps/{}", id::<AppId>(&a.id)?), &patch)
@@ -272,6 +288,7 @@ pub async fn app(cmd: AppCmd) -> anyhow::Result<()> {
                     "EXTERNAL URL",
                     "INTERNAL URL",
                     "GROUP",
+                    "CLIENT",
                     "TIMEOUT",
                     "TRANSLATE",
                     "FEATURES",
@@ -283,6 +300,8 @@ pub async fn app(cmd: AppCmd) -> anyhow::Result<()> {
                         app.external_url.clone(),
                         app.internal_url.clone(),
                         app.connector_group.to_string(),
+                        // An app's own OpenID client (never its secret).
+                        app.oidc_client_id.clone().unwrap_or_else(|| "-".into()),
                         app.backend_timeout.to_string(),
                         translated(app),
                         features(&app.required_features),
@@ -322,6 +341,16 @@ fn app_lines(app: &App) -> Vec<(&'static str, String)> {
         ("backend timeout", app.backend_timeout.to_string()),
         ("validate backend tls", app.validate_backend_tls.to_string()),
         ("preauth", app.preauth.to_string()),
+        (
+            "oidc client",
+            match &app.oidc_client_id {
+                Some(id) => format!("{id} (the app's own; secret set)"),
+                None if app.preauth == portico_proto::api::Preauth::Oidc => {
+                    "the deployment's".into()
+                }
+                None => "-".into(),
+            },
+        ),
         ("session cookie http only", app.http_only.to_string()),
         ("session cookie persistent", app.persistent.to_string()),
         ("translate headers", app.translate_headers.to_string()),
@@ -516,6 +545,11 @@ fn rfc3339(secs: u64) -> String {
 
 /// A `--backend-ca-file`, read whole when it is within the router's limit
 /// (which the router checks again, with what a bundle may hold).
+/// An app's `--oidc-client-secret-file`, as the API takes it.
+fn read_client_secret(path: &std::path::Path) -> anyhow::Result<ClientSecret> {
+    crate::read_client_secret(path).map(ClientSecret::new)
+}
+
 fn read_ca_file(path: &std::path::Path) -> anyhow::Result<String> {
     let max = portico_proto::api::MAX_BACKEND_CA_BYTES;
     let len = std::fs::metadata(path)

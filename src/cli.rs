@@ -653,6 +653,20 @@ pub struct AppCreateArgs {
     /// rest of the session's lifetime); by default it ends with the browser.
     #[arg(long)]
     pub persistent: bool,
+    /// Sign the app's users in through a client of its own at the router's
+    /// OpenID provider (`--preauth oidc`), instead of the deployment's
+    /// (`portico router --oidc-client-id`): for a provider that sets
+    /// access policies, consent or branding per client. Register the same
+    /// redirect URI with it, `https://auth.<apps-domain>[:port]/.portico/callback`.
+    /// Needs --oidc-client-secret-file. Edges of a build without per-app
+    /// clients refuse the app (503 `FeatureUnsupported`).
+    #[arg(long, value_name = "ID", requires = "oidc_client_secret_file")]
+    pub oidc_client_id: Option<String>,
+    /// A file holding the secret of --oidc-client-id (its first line), so
+    /// that it is in no process listing. It goes to the edges only: `app
+    /// show` and `GET /v1/apps` name the client id alone.
+    #[arg(long, value_name = "FILE", requires = "oidc_client_id")]
+    pub oidc_client_secret_file: Option<PathBuf>,
     #[command(flatten)]
     pub conn: RouterConn,
 }
@@ -718,7 +732,8 @@ pub struct AppUpdateArgs {
         conflicts_with = "no_assign"
     )]
     pub assign: Vec<String>,
-    /// Assign no one (needed before `--preauth passthrough`).
+    /// Assign no one (needed before `--preauth passthrough`, as is
+    /// --no-oidc-client for an app with its own client).
     #[arg(long, group = "change")]
     pub no_assign: bool,
     /// `HEADER=CLAIM` for the backend (repeatable; see `app create
@@ -779,6 +794,31 @@ pub struct AppUpdateArgs {
     /// End the session cookie with the browser.
     #[arg(long, group = "change")]
     pub no_persistent: bool,
+    /// Sign the app's users in through this client of its own (see `app
+    /// create --help`), with --oidc-client-secret-file.
+    #[arg(
+        long,
+        group = "change",
+        value_name = "ID",
+        requires = "oidc_client_secret_file",
+        conflicts_with = "no_oidc_client"
+    )]
+    pub oidc_client_id: Option<String>,
+    /// The secret of the app's own client (its first line): with
+    /// --oidc-client-id, or alone to replace the secret of the client the
+    /// app has.
+    #[arg(
+        long,
+        group = "change",
+        value_name = "FILE",
+        conflicts_with = "no_oidc_client"
+    )]
+    pub oidc_client_secret_file: Option<PathBuf>,
+    /// Sign the app's users in through the deployment's client again (its
+    /// own client's secret is forgotten); needed before `--preauth
+    /// passthrough`.
+    #[arg(long, group = "change")]
+    pub no_oidc_client: bool,
     #[command(flatten)]
     pub conn: RouterConn,
 }

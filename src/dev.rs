@@ -260,6 +260,8 @@ pub async fn publish(
         backend_ca_pem: None,
         http_only: true,
         persistent: false,
+        oidc_client_id: None,
+        oidc_client_secret: None,
     };
     admin
         .post_json("/v1/apps", &spec)

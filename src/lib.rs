@@ -169,18 +169,7 @@ async fn run_router(args: cli::RouterArgs) -> anyhow::Result<()> {
         args.oidc_client_id,
         args.oidc_client_secret_file.as_ref(),
     ) {
-        let text = std::fs::read_to_string(secret_file).with_context(|| {
-            format!(
-                "reading --oidc-client-secret-file {}",
-                secret_file.display()
-            )
-        })?;
-        let client_secret = text.lines().next().unwrap_or("").trim().to_owned();
-        anyhow::ensure!(
-            !client_secret.is_empty(),
-            "--oidc-client-secret-file {} is empty",
-            secret_file.display()
-        );
+        let client_secret = read_client_secret(secret_file)?;
         config.sign_in = Some(portico_router::SignInConfig {
             issuer,
             client_id,
@@ -332,4 +321,24 @@ async fn run_connector(
         connector.id, connector.group
     ));
     connector.wait().await.context("connector stopped")
+}
+
+/// The largest `--oidc-client-secret-file` read.
+const MAX_SECRET_FILE: u64 = 4096;
+
+/// The OpenID client secret in `path` (`--oidc-client-secret-file`, of the
+/// router or of an app): its first line, trimmed, which must not be empty.
+/// The message never shows it.
+pub(crate) fn read_client_secret(path: &std::path::Path) -> anyhow::Result<String> {
+    let flag = || format!("--oidc-client-secret-file {}", path.display());
+    let len = std::fs::metadata(path).with_context(flag)?.len();
+    anyhow::ensure!(
+        len <= MAX_SECRET_FILE,
+        "{} is {len} bytes; a client secret file may be at most {MAX_SECRET_FILE}",
+        flag()
+    );
+    let text = std::fs::read_to_string(path).with_context(flag)?;
+    let secret = text.lines().next().unwrap_or("").trim().to_owned();
+    anyhow::ensure!(!secret.is_empty(), "{} is empty", flag());
+    Ok(secret)
 }

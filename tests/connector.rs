@@ -300,6 +300,8 @@ async fn a_backend_that_never_answers_takes_only_its_apps_cap() {
             backend_ca_pem: None,
             http_only: true,
             persistent: false,
+            oidc_client_id: None,
+            oidc_client_secret: None,
         };
         let _: portico_proto::api::App = s.d.admin.post_json("/v1/apps", &spec).await.unwrap();
     }

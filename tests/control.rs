@@ -357,6 +357,8 @@ async fn invalid_admin_input_gets_precise_errors() {
         backend_ca_pem: None,
         http_only: true,
         persistent: false,
+        oidc_client_id: None,
+        oidc_client_secret: None,
     };
     let expect = |r: Result<App, ClientError>, status: u16, field: &str| {
         let e = r.expect_err("refused");

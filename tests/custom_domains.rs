@@ -172,6 +172,8 @@ fn spec(id: &str, host: &str, internal: &str) -> AppSpec {
         backend_ca_pem: None,
         http_only: true,
         persistent: false,
+        oidc_client_id: None,
+        oidc_client_secret: None,
     }
 }
 

@@ -36,6 +36,8 @@ fn spec(id: &str, internal_url: &str) -> AppSpec {
         backend_ca_pem: None,
         http_only: true,
         persistent: false,
+        oidc_client_id: None,
+        oidc_client_secret: None,
     }
 }
 

@@ -51,6 +51,8 @@ async fn a_killed_connector_gives_connector_not_found_and_comes_back_from_its_st
                     backend_ca_pem: None,
                     http_only: true,
                     persistent: false,
+                    oidc_client_id: None,
+                    oidc_client_secret: None,
                 },
             )
             .await

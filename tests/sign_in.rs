@@ -36,6 +36,7 @@ mod harness;
 use common::curl;
 use harness::*;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::time::Duration;
 
 use portico_proto::api::{AppSpec, Assignment, TokenScope};
@@ -1302,4 +1303,191 @@ async fn signed_in_at(
     let r = hop(ca, jar, &r.location, via).await;
     assert_eq!(r.status, 302, "handoff: {}", r.body);
     jar_file
+}
+
+/// Starts a sign-in at `app` (`https://host:port`, or the auth host for
+/// My Apps) in a new browser: the browser (its cookie jar), the provider's
+/// authorization URL, and the client id it names.
+async fn start_sign_in(s: &Setup, app: &str) -> (tempfile::NamedTempFile, String, String) {
+    let jar = tempfile::NamedTempFile::new().unwrap();
+    let mut url = format!("{app}/");
+    // The app's host sends the browser to the auth host, which sends it
+    // to the provider (My Apps' start is on the auth host itself).
+    for _ in 0..2 {
+        let r = hop(&s.ca, jar.path(), &url, &[]).await;
+        assert_eq!(r.status, 302, "{url}: {}", r.body);
+        url = absolute(&url, &r.location);
+        if url.starts_with(&s.idp.issuer) {
+            break;
+        }
+    }
+    assert!(url.starts_with(&s.idp.issuer), "{url}");
+    let client_id = url::Url::parse(&url)
+        .unwrap()
+        .query_pairs()
+        .find(|(k, _)| k == "client_id")
+        .map(|(_, v)| v.into_owned())
+        .expect("the authorization request names its client");
+    (jar, url, client_id)
+}
+
+/// The rest of a sign-in [`start_sign_in`] began, as `user`: the
+/// provider's login, the callback, the handoff; then `app`'s root answers.
+async fn finish_sign_in(s: &Setup, jar: &Path, auth_url: &str, app: &str, user: &str) {
+    let callback = sign_in_at_provider(&s.ca, jar, &s.idp, auth_url, user).await;
+    let r = hop(&s.ca, jar, &callback, &[]).await;
+    assert_eq!(r.status, 302, "callback: {}", r.body);
+    let r = hop(&s.ca, jar, &r.location, &[]).await;
+    assert_eq!(r.status, 302, "handoff: {}", r.body);
+    assert!(
+        session_set_cookie(&r.set_cookie).is_some(),
+        "{:?}",
+        r.set_cookie
+    );
+    let r = hop(&s.ca, jar, &format!("{app}/"), &[]).await;
+    assert_eq!(r.status, 200, "{app} signed in: {}", r.body);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_with_its_own_oidc_client_signs_in_through_it_and_the_others_keep_the_deployments() {
+    let s = setup().await;
+    let router_dir = s.dir.path().join("router");
+    let secret_file = s.dir.path().join("own-client-secret");
+    std::fs::write(&secret_file, format!("{OWN_SECRET}\n")).unwrap();
+    let secret_path = secret_file.to_str().unwrap();
+    let hr = format!("https://hr.{DOMAIN}:{}", s.port);
+    let api = format!("https://api.{DOMAIN}:{}", s.port);
+
+    // Refused on an app that does not sign users in, with the way out.
+    let (ok, out, err) = common::admin_cli_result(
+        &s.router_url,
+        &router_dir,
+        &[
+            "app",
+            "create",
+            "open",
+            "--internal-url",
+            "http://127.0.0.1:9/",
+            "--oidc-client-id",
+            OWN_CLIENT,
+            "--oidc-client-secret-file",
+            secret_path,
+        ],
+    )
+    .await;
+    assert!(!ok, "{out}");
+    assert!(
+        err.contains("does not sign users in") && err.contains("--preauth oidc"),
+        "{err}"
+    );
+
+    // hr gets its own client; the secret is never shown again.
+    let out = common::admin_cli(
+        &s.router_url,
+        &router_dir,
+        &[
+            "app",
+            "update",
+            "hr",
+            "--oidc-client-id",
+            OWN_CLIENT,
+            "--oidc-client-secret-file",
+            secret_path,
+        ],
+    )
+    .await;
+    let own = format!("{OWN_CLIENT} (the app's own; secret set)");
+    assert!(out.contains(&own) && !out.contains(OWN_SECRET), "{out}");
+    for args in [
+        &["app", "show", "hr"][..],
+        &["app", "list"],
+        &["app", "list", "--json"],
+    ] {
+        let out = common::admin_cli(&s.router_url, &router_dir, args).await;
+        assert!(!out.contains(OWN_SECRET), "{args:?}: {out}");
+    }
+    // `app list`: hr's client in the CLIENT column (the table is
+    // aligned), none for api.
+    let table = common::admin_cli(&s.router_url, &router_dir, &["app", "list"]).await;
+    let column = table
+        .lines()
+        .next()
+        .and_then(|h| h.find(" CLIENT ").map(|at| at + 1))
+        .unwrap_or_else(|| panic!("a CLIENT column: {table}"));
+    let client_of = |app: &str| {
+        table
+            .lines()
+            .find(|l| l.starts_with(&format!("{app} ")))
+            .and_then(|l| l.get(column..))
+            .and_then(|l| l.split_whitespace().next())
+            .unwrap_or_else(|| panic!("{app}: {table}"))
+            .to_owned()
+    };
+    assert_eq!(
+        (client_of("hr"), client_of("api")),
+        (OWN_CLIENT.into(), "-".into())
+    );
+    let listed: serde_json::Value = s.admin.get_json("/v1/apps").await.unwrap();
+    let listed = listed.to_string();
+    assert!(
+        listed.contains(OWN_CLIENT) && !listed.contains(OWN_SECRET),
+        "{listed}"
+    );
+
+    // Once the edge follows, hr's authorization request names its client,
+    // and the provider accepts it.
+    let (jar, auth_url) =
+        common::eventually("hr's sign-in to use its own client", LIMIT, || async {
+            let (jar, url, client_id) = start_sign_in(&s, &hr).await;
+            (client_id == OWN_CLIENT).then_some((jar, url))
+        })
+        .await;
+    let exchanged = s.idp.client_use("token", OWN_CLIENT).await;
+    finish_sign_in(&s, jar.path(), &auth_url, &hr, "alice").await;
+    assert!(s.idp.client_use("authorization", OWN_CLIENT).await >= 1);
+    assert_eq!(
+        s.idp.client_use("token", OWN_CLIENT).await,
+        exchanged + 1,
+        "the code was exchanged as the app's client"
+    );
+
+    // api, without a client of its own, and My Apps keep the deployment's.
+    let exchanged = s.idp.client_use("token", "portico").await;
+    let (jar, auth_url, client_id) = start_sign_in(&s, &api).await;
+    assert_eq!(client_id, "portico");
+    finish_sign_in(&s, jar.path(), &auth_url, &api, "alice").await;
+    assert_eq!(s.idp.client_use("token", "portico").await, exchanged + 1);
+    let (_, _, client_id) = start_sign_in(&s, &format!("https://auth.{DOMAIN}:{}", s.port)).await;
+    assert_eq!(client_id, "portico", "My Apps");
+
+    // A sign-in begun with hr's own client does not end with another:
+    // back to the deployment's client meanwhile, its callback is refused.
+    let (pending, pending_url, client_id) = start_sign_in(&s, &hr).await;
+    assert_eq!(client_id, OWN_CLIENT);
+    let out = common::admin_cli(
+        &s.router_url,
+        &router_dir,
+        &["app", "update", "hr", "--no-oidc-client"],
+    )
+    .await;
+    assert!(
+        out.contains("the deployment's") && !out.contains(OWN_CLIENT),
+        "{out}"
+    );
+    let (jar, auth_url) = common::eventually(
+        "hr's sign-in to use the deployment's client",
+        LIMIT,
+        || async {
+            let (jar, url, client_id) = start_sign_in(&s, &hr).await;
+            (client_id == "portico").then_some((jar, url))
+        },
+    )
+    .await;
+    let callback = sign_in_at_provider(&s.ca, pending.path(), &s.idp, &pending_url, "alice").await;
+    let r = hop(&s.ca, pending.path(), &callback, &[]).await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.body.contains("SignInFailed"), "{}", r.body);
+    assert!(session_set_cookie(&r.set_cookie).is_none());
+    // A new one signs in through the deployment's client.
+    finish_sign_in(&s, jar.path(), &auth_url, &hr, "bob").await;
 }

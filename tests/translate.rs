@@ -158,6 +158,8 @@ async fn publish(s: &Stack, backend: SocketAddr, translate_body: bool) -> App {
         backend_ca_pem: None,
         http_only: true,
         persistent: false,
+        oidc_client_id: None,
+        oidc_client_secret: None,
     };
     s.d.admin.post_json("/v1/apps", &spec).await.unwrap()
 }

@@ -62,6 +62,7 @@ fn app(id: &str, internal_url: String, validate: bool) -> App {
         backend_ca_sha256: None,
         http_only: true,
         persistent: false,
+        oidc_client_id: None,
         created_at: 0,
         certificate: None,
     }

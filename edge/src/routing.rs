@@ -284,6 +284,7 @@ pub(crate) mod tests {
             backend_ca_sha256: None,
             http_only: true,
             persistent: false,
+            oidc_client_id: None,
             created_at: 0,
             certificate: None,
         }

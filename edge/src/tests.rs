@@ -148,6 +148,7 @@ fn app(id: &str, host: &str, timeout: BackendTimeout) -> App {
         backend_ca_sha256: None,
         http_only: true,
         persistent: false,
+        oidc_client_id: None,
         created_at: 0,
         certificate: None,
     }

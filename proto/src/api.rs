@@ -710,6 +710,16 @@ pub struct AppSpec {
     /// default; left out of the JSON when off.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub persistent: bool,
+    /// The app's own client of the deployment's OpenID provider
+    /// (`preauth = oidc`; checked by [`check_oidc_client_id`]), with
+    /// [`AppSpec::oidc_client_secret`]: its users sign in through it
+    /// instead of the deployment's client. `None`: the deployment's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oidc_client_id: Option<String>,
+    /// The secret of [`AppSpec::oidc_client_id`] (given with it, or alone
+    /// to replace the secret of the client the app has). Never listed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oidc_client_secret: Option<ClientSecret>,
 }
 
 /// The largest [`AppSpec::backend_ca_pem`], in bytes: a root and a few
@@ -762,6 +772,15 @@ pub struct AppPatch {
     pub http_only: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub persistent: Option<bool>,
+    /// A new client id of the app's own OpenID client (with
+    /// `oidc_client_secret`); `""` goes back to the deployment's client
+    /// (and forgets the secret).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oidc_client_id: Option<String>,
+    /// A new secret of the app's own client: with a new
+    /// `oidc_client_id`, or alone to replace the secret of the same one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oidc_client_secret: Option<ClientSecret>,
 }
 
 impl AppPatch {
@@ -822,6 +841,23 @@ impl AppPatch {
         }
         if let Some(v) = self.persistent {
             spec.persistent = v;
+        }
+        match self.oidc_client_id {
+            Some(id) if id.is_empty() => {
+                spec.oidc_client_id = None;
+                spec.oidc_client_secret = None;
+            }
+            Some(id) => {
+                // Another client's secret is not this one's.
+                if spec.oidc_client_id.as_deref() != Some(id.as_str()) {
+                    spec.oidc_client_secret = None;
+                }
+                spec.oidc_client_id = Some(id);
+            }
+            None => {}
+        }
+        if let Some(v) = self.oidc_client_secret {
+            spec.oidc_client_secret = Some(v);
         }
         spec
     }
@@ -890,6 +926,11 @@ pub struct App {
     /// The session cookie outlives the browser.
     #[serde(default)]
     pub persistent: bool,
+    /// The app's own OpenID client, when it has one (its secret goes only
+    /// to edges, in [`SignInSettings::clients`]); `None`: its users sign
+    /// in through the deployment's client.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oidc_client_id: Option<String>,
 }
 
 /// The part of a wildcard app's external host its `*` stands before:
@@ -1520,6 +1561,83 @@ pub struct SignInSettings {
     /// router from before the setting): no idle limit.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub session_idle_secs: u64,
+    /// The apps with a client of their own ([`AppSpec::oidc_client_id`]):
+    /// their sign-ins use it, every other's the deployment's
+    /// `client_id`. Empty from an older router.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub clients: Vec<AppClient>,
+}
+
+/// An app's own client of the deployment's OpenID provider, as edges get
+/// it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppClient {
+    pub app: AppId,
+    pub client_id: String,
+    pub client_secret: ClientSecret,
+}
+
+/// An OpenID client secret: `Debug` prints `***`.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ClientSecret(String);
+
+impl ClientSecret {
+    pub fn new(secret: impl Into<String>) -> ClientSecret {
+        ClientSecret(secret.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for ClientSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// The longest OpenID client id an app may have, in bytes.
+pub const MAX_OIDC_CLIENT_ID: usize = 255;
+/// The longest OpenID client secret an app may have, in bytes.
+pub const MAX_OIDC_CLIENT_SECRET: usize = 512;
+
+/// Checks an app's OpenID client id: 1 to [`MAX_OIDC_CLIENT_ID`] bytes of
+/// printable ASCII without spaces (RFC 6749's client ids, as providers
+/// issue them: Entra's GUIDs, Okta's and Keycloak's names).
+pub fn check_oidc_client_id(id: &str) -> Result<(), String> {
+    if id.is_empty() || id.len() > MAX_OIDC_CLIENT_ID {
+        return Err(format!(
+            "a client id must be 1 to {MAX_OIDC_CLIENT_ID} bytes long, not {}",
+            id.len()
+        ));
+    }
+    if !id.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(format!(
+            "client id {id:?} may hold only printable ASCII without spaces"
+        ));
+    }
+    Ok(())
+}
+
+/// Checks an app's OpenID client secret: 1 to [`MAX_OIDC_CLIENT_SECRET`]
+/// bytes of printable ASCII without spaces. The message never shows it.
+pub fn check_oidc_client_secret(secret: &ClientSecret) -> Result<(), String> {
+    let s = secret.expose();
+    if s.is_empty() || s.len() > MAX_OIDC_CLIENT_SECRET {
+        return Err(format!(
+            "a client secret must be 1 to {MAX_OIDC_CLIENT_SECRET} bytes long, not {}",
+            s.len()
+        ));
+    }
+    if !s.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(
+            "the client secret may hold only printable ASCII without spaces (is the file's first line the secret alone?)"
+                .into(),
+        );
+    }
+    Ok(())
 }
 
 fn default_groups_claim() -> String {
@@ -1595,6 +1713,7 @@ impl fmt::Debug for SignInSettings {
                     .collect::<Vec<_>>(),
             )
             .field("session_idle_secs", &self.session_idle_secs)
+            .field("clients", &self.clients)
             .finish()
     }
 }
@@ -1615,6 +1734,13 @@ pub const SIGN_IN_FEATURE: &str = "oidc";
 /// without maintenance mode refuses the app (503 `FeatureUnsupported`)
 /// rather than serve it.
 pub const MAINTENANCE_FEATURE: &str = "maintenance";
+
+/// The feature an app with its own OpenID client
+/// ([`AppSpec::oidc_client_id`]) requires: an edge of a build that knows
+/// only the deployment's client refuses the app (503
+/// `FeatureUnsupported`) rather than sign its users in through the wrong
+/// client.
+pub const APP_CLIENT_FEATURE: &str = "oidc-app-client";
 
 /// The edges that hold tunnels of one group.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -2135,5 +2261,79 @@ mod tests {
             Some(0)
         );
         assert_eq!(pick_certificate(certs, "corp.example.com"), None);
+    }
+    #[test]
+    fn an_apps_own_client_is_patched_as_a_pair_and_its_secret_never_debug_printed() {
+        let spec: AppSpec = serde_json::from_str(
+            r#"{"id":"hr","internal_url":"http://10.0.0.5/","preauth":"oidc",
+                "oidc_client_id":"hr-client","oidc_client_secret":"s3cret"}"#,
+        )
+        .unwrap();
+        assert_eq!(spec.oidc_client_id.as_deref(), Some("hr-client"));
+        assert_eq!(
+            spec.oidc_client_secret.as_ref().map(ClientSecret::expose),
+            Some("s3cret")
+        );
+        assert!(!format!("{spec:?}").contains("s3cret"), "{spec:?}");
+        let patch = |json: &str| serde_json::from_str::<AppPatch>(json).unwrap();
+        // The secret alone: the same client, a new secret.
+        let rotated = patch(r#"{"oidc_client_secret":"n3w"}"#).apply(spec.clone());
+        assert_eq!(rotated.oidc_client_id.as_deref(), Some("hr-client"));
+        assert_eq!(rotated.oidc_client_secret, Some(ClientSecret::new("n3w")));
+        // Another id without a secret drops the old one (the router then
+        // asks for it); with one, both change.
+        let other = patch(r#"{"oidc_client_id":"other"}"#).apply(spec.clone());
+        assert_eq!(
+            (other.oidc_client_id.as_deref(), other.oidc_client_secret),
+            (Some("other"), None)
+        );
+        let same = patch(r#"{"oidc_client_id":"hr-client"}"#).apply(spec.clone());
+        assert_eq!(same.oidc_client_secret, spec.oidc_client_secret);
+        // "" goes back to the deployment's client.
+        let back = patch(r#"{"oidc_client_id":""}"#).apply(spec.clone());
+        assert_eq!((back.oidc_client_id, back.oidc_client_secret), (None, None));
+        // Left out of the JSON when unset.
+        let plain: AppSpec =
+            serde_json::from_str(r#"{"id":"hr","internal_url":"http://10.0.0.5/"}"#).unwrap();
+        let json = serde_json::to_string(&plain).unwrap();
+        assert!(!json.contains("oidc_client"), "{json}");
+        let settings = SignInSettings {
+            issuer: "https://idp".into(),
+            client_id: "portico".into(),
+            client_secret: "deployment-secret".into(),
+            keys: vec![],
+            session_lifetime_secs: 1,
+            groups_claim: "groups".into(),
+            assertion_keys: vec![],
+            session_idle_secs: 0,
+            clients: vec![AppClient {
+                app: AppId::new("hr").unwrap(),
+                client_id: "hr-client".into(),
+                client_secret: ClientSecret::new("s3cret"),
+            }],
+        };
+        let debug = format!("{settings:?}");
+        assert!(
+            debug.contains("hr-client") && !debug.contains("s3cret"),
+            "{debug}"
+        );
+    }
+
+    #[test]
+    fn an_apps_client_id_and_secret_are_bounded_printable_ascii() {
+        assert!(check_oidc_client_id("0f3c1d2e-aaaa-bbbb-cccc-1234567890ab").is_ok());
+        assert!(check_oidc_client_id(&"a".repeat(MAX_OIDC_CLIENT_ID)).is_ok());
+        for bad in ["", "has space", "tab\t", "é", "nul\0"] {
+            assert!(check_oidc_client_id(bad).is_err(), "{bad:?}");
+        }
+        assert!(check_oidc_client_id(&"a".repeat(MAX_OIDC_CLIENT_ID + 1)).is_err());
+        let ok = ClientSecret::new("Ab~.-_9xYz");
+        assert!(check_oidc_client_secret(&ok).is_ok());
+        for bad in ["", "two words", "line\n", "ü"] {
+            let err = check_oidc_client_secret(&ClientSecret::new(bad)).unwrap_err();
+            assert!(bad.is_empty() || !err.contains(bad), "{err}");
+        }
+        let long = ClientSecret::new("x".repeat(MAX_OIDC_CLIENT_SECRET + 1));
+        assert!(check_oidc_client_secret(&long).is_err());
     }
 }

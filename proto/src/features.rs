@@ -17,7 +17,9 @@
 ///   [`crate::api::SIGN_IN_FEATURE`]) before a request reaches the app.
 /// - `maintenance`: the edge answers an app in maintenance mode with 503
 ///   `Maintenance` ([`crate::api::MAINTENANCE_FEATURE`]).
-pub const KNOWN: &[&str] = &["websocket", "oidc", "maintenance"];
+/// - `oidc-app-client`: the edge signs an app's users in through the app's
+///   own OpenID client ([`crate::api::APP_CLIENT_FEATURE`]).
+pub const KNOWN: &[&str] = &["websocket", "oidc", "maintenance", "oidc-app-client"];
 
 /// Whether this build implements the feature `name`.
 pub fn is_known(name: &str) -> bool {

@@ -1263,6 +1263,7 @@ pub(crate) fn to_app(rec: AppRecord, port: u16) -> App {
         maintenance: rec.maintenance,
         http_only: rec.http_only,
         persistent: rec.persistent,
+        oidc_client_id: rec.oidc_client_id,
     }
 }
 
@@ -2036,12 +2037,12 @@ async fn update_app(
         backend_timeout: current.backend_timeout,
         validate_backend_tls: current.validate_backend_tls,
         preauth: api::Preauth::of_features(&current.required_features),
-        // The sign-in and maintenance features are preauth's and
-        // maintenance's to set.
+        // The sign-in, maintenance and own-client features are preauth's,
+        // maintenance's and the client's to set.
         required_features: current
             .required_features
             .into_iter()
-            .filter(|f| f != api::SIGN_IN_FEATURE && f != api::MAINTENANCE_FEATURE)
+            .filter(|f| !ROUTER_FEATURES.iter().any(|(r, _)| r == f))
             .collect(),
         translate_headers: current.translate_headers,
         translate_body: current.translate_body,
@@ -2053,6 +2054,8 @@ async fn update_app(
         backend_ca_pem: current.backend_ca_pem,
         http_only: current.http_only,
         persistent: current.persistent,
+        oidc_client_id: current.oidc_client_id,
+        oidc_client_secret: current.oidc_client_secret,
     });
     // The same checks as a new app, on the whole result; a custom host's
     // chain only when the host changes.
@@ -2078,30 +2081,13 @@ fn app_record(
         check_internal_url(&spec.internal_url).map_err(|e| ApiFail::invalid("internal_url", e))?;
     api::check_required_features(&spec.required_features)
         .map_err(|e| ApiFail::invalid("required_features", e.to_string()))?;
-    if spec
-        .required_features
+    if let Some((feature, setting)) = ROUTER_FEATURES
         .iter()
-        .any(|f| f == api::SIGN_IN_FEATURE)
+        .find(|(f, _)| spec.required_features.iter().any(|r| r == f))
     {
         return Err(ApiFail::invalid(
             "required_features",
-            format!(
-                "{:?} is what preauth = oidc requires: set preauth (--preauth oidc) instead",
-                api::SIGN_IN_FEATURE
-            ),
-        ));
-    }
-    if spec
-        .required_features
-        .iter()
-        .any(|f| f == api::MAINTENANCE_FEATURE)
-    {
-        return Err(ApiFail::invalid(
-            "required_features",
-            format!(
-                "{:?} is what maintenance mode requires: set maintenance (--maintenance) instead",
-                api::MAINTENANCE_FEATURE
-            ),
+            format!("{feature:?} is what {setting} instead"),
         ));
     }
     if spec.preauth == api::Preauth::Oidc && config.sign_in.is_none() {
@@ -2111,6 +2097,7 @@ fn app_record(
         ));
     }
     check_access(&spec)?;
+    let (oidc_client_id, oidc_client_secret) = check_app_client(&spec)?;
     let mut required_features = spec.required_features;
     if spec.preauth == api::Preauth::Oidc {
         required_features.push(api::SIGN_IN_FEATURE.to_owned());
@@ -2119,6 +2106,11 @@ fn app_record(
     // (FeatureUnsupported, 503) rather than serve it.
     if spec.maintenance {
         required_features.push(api::MAINTENANCE_FEATURE.to_owned());
+    }
+    // An edge of a build that knows only the deployment's client refuses
+    // the app rather than sign its users in through that one.
+    if oidc_client_id.is_some() {
+        required_features.push(api::APP_CLIENT_FEATURE.to_owned());
     }
     api::check_required_features(&required_features)
         .map_err(|e| ApiFail::invalid("required_features", e.to_string()))?;
@@ -2180,7 +2172,68 @@ fn app_record(
         backend_ca_pem,
         http_only: spec.http_only,
         persistent: spec.persistent,
+        oidc_client_id,
+        oidc_client_secret,
     })
+}
+
+/// The features the router sets from an app's settings, never an admin's
+/// `required_features`, with the setting to use instead.
+const ROUTER_FEATURES: &[(&str, &str)] = &[
+    (
+        api::SIGN_IN_FEATURE,
+        "preauth = oidc requires: set preauth (--preauth oidc)",
+    ),
+    (
+        api::MAINTENANCE_FEATURE,
+        "maintenance mode requires: set maintenance (--maintenance)",
+    ),
+    (
+        api::APP_CLIENT_FEATURE,
+        "an app's own OpenID client requires: set the client (--oidc-client-id, --oidc-client-secret-file)",
+    ),
+];
+
+/// An app's own OpenID client: only for an app that signs users in, the
+/// id and the secret together, each bounded and printable. The secret is
+/// in no message.
+fn check_app_client(
+    spec: &api::AppSpec,
+) -> Result<(Option<String>, Option<api::ClientSecret>), ApiFail> {
+    let (id, secret) = (&spec.oidc_client_id, &spec.oidc_client_secret);
+    if id.is_none() && secret.is_none() {
+        return Ok((None, None));
+    }
+    if spec.preauth != api::Preauth::Oidc {
+        return Err(ApiFail::invalid(
+            "oidc_client_id",
+            format!(
+                "app {} does not sign users in, so it has no OpenID client: add --preauth oidc, or leave out --oidc-client-id and --oidc-client-secret-file",
+                spec.id
+            ),
+        ));
+    }
+    match (id, secret) {
+        (Some(id), Some(secret)) => {
+            api::check_oidc_client_id(id).map_err(|e| ApiFail::invalid("oidc_client_id", e))?;
+            api::check_oidc_client_secret(secret)
+                .map_err(|e| ApiFail::invalid("oidc_client_secret", e))?;
+            Ok((Some(id.clone()), Some(secret.clone())))
+        }
+        (Some(id), None) => Err(ApiFail::invalid(
+            "oidc_client_secret",
+            format!(
+                "client id {id:?} needs its secret: give --oidc-client-secret-file with --oidc-client-id"
+            ),
+        )),
+        (None, _) => Err(ApiFail::invalid(
+            "oidc_client_id",
+            format!(
+                "app {} has no OpenID client of its own to give a secret to: give --oidc-client-id too",
+                spec.id
+            ),
+        )),
+    }
 }
 
 /// Assignment and identity headers: only for an app that signs users in,

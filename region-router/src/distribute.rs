@@ -12,8 +12,8 @@
 use std::collections::BTreeMap;
 
 use portico_proto::api::{
-    App, AppLink, BackendCa, ConnectorConfig, EdgeCertificate, EdgeConfig, EdgeEndpoint,
-    GroupPresence, PeerEdge, Status, MAX_APP_LINKS,
+    App, AppClient, AppLink, BackendCa, ConnectorConfig, EdgeCertificate, EdgeConfig, EdgeEndpoint,
+    GroupPresence, PeerEdge, SignInSettings, Status, MAX_APP_LINKS,
 };
 use portico_proto::ids::{EdgeId, GroupId, RegionId};
 
@@ -199,13 +199,32 @@ pub(crate) fn edge_config(
                 tunnels: e.tunnels,
             })
             .collect(),
-        sign_in: sign_in.cloned(),
+        sign_in: sign_in.map(|settings| SignInSettings {
+            clients: app_clients(s),
+            ..settings.clone()
+        }),
         certificates: certificates(s),
         // The API adds the sign-outs since the version the edge asked
         // after (a delta, read from the store apart from the snapshot).
         signed_out: Vec::new(),
         signed_out_users: Vec::new(),
     }
+}
+
+/// The apps' own OpenID clients, with their secrets: for edges only (an
+/// admin's listing shows the client id alone).
+fn app_clients(s: &StoreState) -> Vec<AppClient> {
+    s.apps
+        .iter()
+        .filter_map(|a| match (&a.oidc_client_id, &a.oidc_client_secret) {
+            (Some(id), Some(secret)) => Some(AppClient {
+                app: a.id.clone(),
+                client_id: id.clone(),
+                client_secret: secret.clone(),
+            }),
+            _ => None,
+        })
+        .collect()
 }
 
 /// The config of a connector of `group`: the group's apps, every app's

@@ -239,6 +239,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Handle
                 groups_claim: s.groups_claim.clone(),
                 assertion_keys,
                 session_idle_secs: s.session_idle_timeout.as_secs(),
+                clients: Vec::new(),
             }),
     });
 

@@ -256,6 +256,8 @@ pub(crate) mod tests {
                 backend_ca_pem: None,
                 http_only: true,
                 persistent: false,
+                oidc_client_id: None,
+                oidc_client_secret: None,
             });
             self
         }

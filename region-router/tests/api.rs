@@ -1486,6 +1486,173 @@ async fn an_app_that_signs_users_in_must_assign_someone_and_the_jwks_is_public(
     stop(h, shutdown).await
 }
 
+/// An app's own OpenID client: set with its secret on an app that signs
+/// users in (refused on a passthrough app, or half given), listed by its
+/// id alone, its secret only in the edges' config; the secret replaced
+/// alone, and the deployment's client back.
+#[tokio::test]
+async fn an_app_may_have_its_own_oidc_client_whose_secret_only_edges_get() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (h, shutdown) = start(dir.path(), with_sign_in).await?;
+    let admin = admin(&h)?;
+    let secret = "hr-Secret~0123456789";
+    let hr = json!({
+        "id": "hr", "internal_url": "http://10.0.0.5/", "preauth": "oidc",
+        "assignment": { "everyone": true },
+        "oidc_client_id": "hr-client", "oidc_client_secret": secret,
+    });
+    let app: App = admin.post_json("/v1/apps", &hr).await?;
+    assert_eq!(app.oidc_client_id.as_deref(), Some("hr-client"));
+    assert!(
+        app.required_features
+            .iter()
+            .any(|f| f == api::APP_CLIENT_FEATURE),
+        "{:?}",
+        app.required_features
+    );
+    // The listing names the client, never its secret.
+    for path in ["/v1/apps", "/v1/apps/hr"] {
+        let listed: serde_json::Value = admin.get_json(path).await?;
+        let text = listed.to_string();
+        assert!(
+            text.contains("hr-client") && !text.contains(secret),
+            "{text}"
+        );
+    }
+    // The edges get it.
+    let (edge, _) = enroll_edge(&h, &admin).await?;
+    let clients = |c: EdgeConfig| {
+        c.sign_in
+            .expect("sign-in settings")
+            .clients
+            .into_iter()
+            .map(|c| {
+                (
+                    c.app.to_string(),
+                    c.client_id,
+                    c.client_secret.expose().to_owned(),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    let ec: EdgeConfig = edge.get_json("/v1/edge/config").await?;
+    assert_eq!(
+        ec.sign_in.as_ref().map(|s| s.client_id.as_str()),
+        Some("portico")
+    );
+    assert_eq!(
+        clients(ec),
+        [("hr".into(), "hr-client".into(), secret.into())]
+    );
+
+    // Refused: on a passthrough app (also when it stops signing users
+    // in), half given, malformed, or the feature asked for by hand.
+    let open = json!({
+        "id": "open", "internal_url": "http://10.0.0.6/",
+        "oidc_client_id": "open-client", "oidc_client_secret": "s",
+    });
+    assert_refused(
+        admin.post_json::<_, App>("/v1/apps", &open).await,
+        400,
+        Some("oidc_client_id"),
+        "does not sign users in, so it has no OpenID client: add --preauth oidc",
+    );
+    assert_refused(
+        admin
+            .patch_json::<_, App>(
+                "/v1/apps/hr",
+                &json!({ "preauth": "passthrough", "assignment": {} }),
+            )
+            .await,
+        400,
+        Some("oidc_client_id"),
+        "--oidc-client-id",
+    );
+    let mut half = hr.clone();
+    half["id"] = json!("half");
+    half.as_object_mut().unwrap().remove("oidc_client_secret");
+    assert_refused(
+        admin.post_json::<_, App>("/v1/apps", &half).await,
+        400,
+        Some("oidc_client_secret"),
+        "needs its secret",
+    );
+    // Another client id without its secret: the old secret is not its.
+    assert_refused(
+        admin
+            .patch_json::<_, App>("/v1/apps/hr", &json!({ "oidc_client_id": "other" }))
+            .await,
+        400,
+        Some("oidc_client_secret"),
+        "needs its secret",
+    );
+    let mut bad = hr.clone();
+    bad["id"] = json!("bad");
+    bad["oidc_client_id"] = json!("has space");
+    assert_refused(
+        admin.post_json::<_, App>("/v1/apps", &bad).await,
+        400,
+        Some("oidc_client_id"),
+        "printable ASCII",
+    );
+    let long = "x".repeat(api::MAX_OIDC_CLIENT_SECRET + 1);
+    bad["oidc_client_id"] = json!("ok-client");
+    bad["oidc_client_secret"] = json!(long);
+    let (status, err) = refusal(admin.post_json::<_, App>("/v1/apps", &bad).await);
+    assert_eq!(
+        (status, err.field.as_deref()),
+        (400, Some("oidc_client_secret"))
+    );
+    assert!(!err.message.contains(&long), "{err:?}");
+    let mut by_hand = hr.clone();
+    by_hand["id"] = json!("byhand");
+    by_hand.as_object_mut().unwrap().remove("oidc_client_id");
+    by_hand
+        .as_object_mut()
+        .unwrap()
+        .remove("oidc_client_secret");
+    by_hand["required_features"] = json!([api::APP_CLIENT_FEATURE]);
+    assert_refused(
+        admin.post_json::<_, App>("/v1/apps", &by_hand).await,
+        400,
+        Some("required_features"),
+        "--oidc-client-id",
+    );
+    let ec: EdgeConfig = edge.get_json("/v1/edge/config").await?;
+    assert_eq!(ec.apps.len(), 1, "nothing refused was stored");
+
+    // The secret alone: the same client, a new secret.
+    let app: App = admin
+        .patch_json("/v1/apps/hr", &json!({ "oidc_client_secret": "rotated" }))
+        .await?;
+    assert_eq!(app.oidc_client_id.as_deref(), Some("hr-client"));
+    let ec: EdgeConfig = edge.get_json("/v1/edge/config").await?;
+    assert_eq!(
+        clients(ec),
+        [("hr".into(), "hr-client".into(), "rotated".into())]
+    );
+    // Back to the deployment's client: the feature and the secret go.
+    let app: App = admin
+        .patch_json("/v1/apps/hr", &json!({ "oidc_client_id": "" }))
+        .await?;
+    assert_eq!(app.oidc_client_id, None);
+    assert!(!app
+        .required_features
+        .iter()
+        .any(|f| f == api::APP_CLIENT_FEATURE));
+    let ec: EdgeConfig = edge.get_json("/v1/edge/config").await?;
+    assert!(clients(ec).is_empty());
+    assert_refused(
+        admin
+            .patch_json::<_, App>("/v1/apps/hr", &json!({ "oidc_client_secret": "lonely" }))
+            .await,
+        400,
+        Some("oidc_client_id"),
+        "--oidc-client-id too",
+    );
+    stop(h, shutdown).await
+}
+
 #[tokio::test]
 async fn tokens_are_listed_without_secrets_and_revoked_unused() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;

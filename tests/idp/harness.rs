@@ -16,8 +16,13 @@ use portico_proto::api::{AppSpec, Assignment, Preauth, TokenScope};
 pub const LIMIT: Duration = Duration::from_secs(60);
 pub const DOMAIN: &str = "apps.localhost";
 
+/// A second client the test IdP registers (besides the deployment's
+/// `portico`), for an app with its own client.
+pub const OWN_CLIENT: &str = "portico-own";
+pub const OWN_SECRET: &str = "own-Secret~0123456789";
+
 /// The test IdP (`tests/idp/provider.mjs`) on a free loopback port,
-/// accepting `redirect_uri` for client `portico`.
+/// accepting `redirect_uri` for clients `portico` and [`OWN_CLIENT`].
 pub struct Idp {
     pub issuer: String,
     pub _child: Child,
@@ -40,7 +45,8 @@ impl Idp {
             .env("OP_PORT", "0")
             .env("OP_REDIRECT_URIS", redirect_uri)
             .env("OP_API", api)
-            .env("OP_SIGNING_KEY", key);
+            .env("OP_SIGNING_KEY", key)
+            .env("OP_EXTRA_CLIENTS", format!("{OWN_CLIENT}:{OWN_SECRET}"));
         if opts.consent {
             cmd.env("OP_CONSENT", "1");
         }
@@ -57,6 +63,14 @@ impl Idp {
             issuer,
             _child: child,
         }
+    }
+
+    /// How many authorization requests (`kind` `authorization`) the
+    /// provider accepted, or codes it exchanged (`token`), for `client`.
+    pub async fn client_use(&self, kind: &str, client: &str) -> u64 {
+        let r = common::curl_plain(&format!("{}/_test/clients", self.issuer)).await;
+        let counts: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        counts[kind][client].as_u64().unwrap_or(0)
     }
 
     /// How many requests the provider had for `path`.
@@ -379,6 +393,8 @@ pub fn oidc_app(id: &str, internal_url: &str, group: &portico_proto::GroupId) ->
         backend_ca_pem: None,
         http_only: true,
         persistent: false,
+        oidc_client_id: None,
+        oidc_client_secret: None,
     }
 }
 

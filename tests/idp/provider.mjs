@@ -9,9 +9,14 @@
 //   OP_SIGNING_KID    its kid (default test-key-1)
 //   OP_CONSENT=1      show the consent form (else every grant is given)
 //   OP_TEST_TAMPER=1  serve /_test/tamper (below); off unless a test sets it
+//   OP_EXTRA_CLIENTS  more clients besides `portico`, `id:secret` comma-
+//                     separated, with the same redirect URIs (apps' own)
 //
 // `GET /_test/requests` answers how many requests each path got (JSON),
-// so a test can count the JWKS fetches of the edge.
+// so a test can count the JWKS fetches of the edge. `GET /_test/clients`
+// answers, per client id, how many authorization requests the provider
+// accepted and how many codes it exchanged (`{"authorization": {id: n},
+// "token": {id: n}}`).
 //
 // With OP_TEST_TAMPER=1, `POST /_test/tamper` with `{"mode": M}` makes the
 // next successful token response carry, instead of the real ID token, one
@@ -115,20 +120,31 @@ const serveTamper = async (req, res) => {
   }
 };
 const redirectUris = (process.env.OP_REDIRECT_URIS ?? '').split(',').filter(Boolean);
+const client = (client_id, client_secret) => ({
+  client_id,
+  client_secret,
+  redirect_uris: redirectUris,
+  grant_types: ['authorization_code'],
+  response_types: ['code'],
+  token_endpoint_auth_method: 'client_secret_basic',
+});
+const extraClients = (process.env.OP_EXTRA_CLIENTS ?? '').split(',').filter(Boolean).map((pair) => {
+  const at = pair.indexOf(':');
+  if (at <= 0) throw new Error(`OP_EXTRA_CLIENTS: ${pair} is not id:secret`);
+  return client(pair.slice(0, at), pair.slice(at + 1));
+});
+const clientUse = { authorization: {}, token: {} };
+const count = (kind, ctx) => {
+  const id = ctx.oidc?.client?.clientId;
+  if (id) clientUse[kind][id] = (clientUse[kind][id] ?? 0) + 1;
+};
 
 const server = http.createServer();
 server.listen(Number(process.env.OP_PORT ?? 0), '127.0.0.1', () => {
   const port = server.address().port;
   const issuer = `http://127.0.0.1:${port}`;
   const provider = new Provider(issuer, {
-    clients: [{
-      client_id: 'portico',
-      client_secret: CLIENT_SECRET,
-      redirect_uris: redirectUris,
-      grant_types: ['authorization_code'],
-      response_types: ['code'],
-      token_endpoint_auth_method: 'client_secret_basic',
-    }],
+    clients: [client('portico', CLIENT_SECRET), ...extraClients],
     pkce: { required: () => true },
     jwks: { keys: [jwk] },
     cookies: { keys: ['portico-test-idp-cookie-key'] },
@@ -181,9 +197,16 @@ server.listen(Number(process.env.OP_PORT ?? 0), '127.0.0.1', () => {
       }
     });
   }
+  provider.on('authorization.accepted', (ctx) => count('authorization', ctx));
+  provider.on('grant.success', (ctx) => count('token', ctx));
   const callback = provider.callback();
   server.on('request', (req, res) => {
     const path = new URL(req.url, issuer).pathname;
+    if (path === '/_test/clients') {
+      res.setHeader('content-type', 'application/json');
+      res.end(JSON.stringify(clientUse));
+      return;
+    }
     if (path === '/_test/requests') {
       res.setHeader('content-type', 'application/json');
       res.end(JSON.stringify(requests));

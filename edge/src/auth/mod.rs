@@ -37,7 +37,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use arc_swap::ArcSwapOption;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use bytes::Bytes;
 use http::header::{
     AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE, COOKIE, LOCATION, SET_COOKIE, WWW_AUTHENTICATE,
@@ -45,7 +45,7 @@ use http::header::{
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use portico_proto::api::{
-    App, HandoffUse, SignInSettings, SignedOut, SignedOutUser, SIGN_IN_FEATURE,
+    App, AppClient, HandoffUse, SignInSettings, SignedOut, SignedOutUser, SIGN_IN_FEATURE,
 };
 use portico_proto::IdentityClaims;
 use serde::{Deserialize, Serialize};
@@ -96,15 +96,21 @@ impl std::fmt::Debug for Auth {
 }
 
 impl Auth {
-    /// Follows the router's settings: a new provider client only when they
-    /// changed (it caches the provider's metadata).
+    /// Follows the router's settings: a new provider only when they
+    /// changed (it caches the provider's metadata); when only the apps'
+    /// own clients did, the same one with the new clients (its discovery,
+    /// used codes and opened sessions kept).
     pub(crate) fn update(&self, settings: Option<&SignInSettings>, apps_domain: &str) {
         let current = self.current.load();
+        let base = settings.map(without_clients);
         if current
             .as_ref()
             .map(|s| (&s.settings, s.apps_domain.as_str()))
-            == settings.map(|s| (s, apps_domain))
+            == base.as_ref().map(|s| (s, apps_domain))
         {
+            if let (Some(current), Some(s)) = (current.as_ref(), settings) {
+                current.set_clients(&s.clients);
+            }
             return;
         }
         let next = match settings {
@@ -271,11 +277,26 @@ pub(crate) fn assigned(app: &App, user: &User) -> bool {
     )
 }
 
+/// `s` without the apps' own clients: what, changed, needs a new
+/// [`SignIn`].
+fn without_clients(s: &SignInSettings) -> SignInSettings {
+    SignInSettings {
+        clients: Vec::new(),
+        ..s.clone()
+    }
+}
+
 /// One deployment's sign-in: the provider, the keys, the used codes.
 struct SignIn {
+    /// As the router sent them, without `clients` (those are in
+    /// [`SignIn::app_clients`]).
     settings: SignInSettings,
     apps_domain: String,
     provider: Provider,
+    /// The deployment's client: My Apps', and every app's without its own.
+    client: Arc<oidc::Client>,
+    /// The apps' own clients, by app id.
+    app_clients: ArcSwap<HashMap<String, Arc<oidc::Client>>>,
     /// Signs identity assertions; none when the router sent no key.
     asserter: Option<assert::Asserter>,
     keys: Keys,
@@ -303,13 +324,14 @@ const MAX_OPENED: usize = 50_000;
 
 impl SignIn {
     fn new(settings: SignInSettings, apps_domain: &str) -> Result<SignIn, String> {
-        let provider = Provider::new(
-            &settings.issuer,
+        let provider =
+            Provider::new(&settings.issuer, &settings.groups_claim).map_err(|e| e.to_string())?;
+        let client = Arc::new(oidc::Client::new(
             &settings.client_id,
             &settings.client_secret,
-            &settings.groups_claim,
-        )
-        .map_err(|e| e.to_string())?;
+        ));
+        let app_clients = ArcSwap::from_pointee(clients_by_app(&settings.clients));
+        let settings = without_clients(&settings);
         let asserter = match assert::Asserter::new(&settings.assertion_keys, apps_domain) {
             Ok(a) => Some(a),
             Err(e) => {
@@ -323,12 +345,30 @@ impl SignIn {
             settings,
             apps_domain: apps_domain.to_owned(),
             provider,
+            client,
+            app_clients,
             asserter,
             keys,
             bearer: bearer::Verifier::default(),
             used: Mutex::new(HashMap::new()),
             sessions: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// The client the sign-in of `app` goes through: the app's own, else
+    /// the deployment's (also My Apps', `None`).
+    fn client_for(&self, app: Option<&str>) -> Arc<oidc::Client> {
+        app.and_then(|id| self.app_clients.load().get(id).cloned())
+            .unwrap_or_else(|| Arc::clone(&self.client))
+    }
+
+    /// Follows the router's list of the apps' own clients.
+    fn set_clients(&self, clients: &[AppClient]) {
+        let next = clients_by_app(clients);
+        if **self.app_clients.load() != next {
+            tracing::info!(apps = next.len(), "apps' own OpenID clients changed");
+            self.app_clients.store(Arc::new(next));
+        }
     }
 
     /// The session a cookie of `host` holds: kept from before, or opened
@@ -437,6 +477,19 @@ impl SignIn {
     }
 }
 
+/// The apps' own clients, by app id.
+fn clients_by_app(clients: &[AppClient]) -> HashMap<String, Arc<oidc::Client>> {
+    clients
+        .iter()
+        .map(|c| {
+            (
+                c.app.as_str().to_owned(),
+                Arc::new(oidc::Client::new(&c.client_id, c.client_secret.expose())),
+            )
+        })
+        .collect()
+}
+
 /// The sign-in flow's state, in the auth host's cookie.
 #[derive(Serialize, Deserialize)]
 struct Flow {
@@ -446,6 +499,11 @@ struct Flow {
     redirect: String,
     app: String,
     to: String,
+    /// The client id the sign-in started with (empty in a flow from an
+    /// edge of before per-app clients): the callback exchanges the code
+    /// as the same client.
+    #[serde(default)]
+    client: String,
 }
 
 /// The one-time code from the auth host to the app's host.
@@ -613,11 +671,14 @@ pub(crate) async fn serve_auth_host<B>(
                     None => request_port(req),
                 }
             );
-            let started = sign_in.provider.start(&redirect_uri).await.map_err(|e| {
-                ProxyError::SignInFailed {
+            let client = sign_in.client_for(app.as_ref().map(|a| a.id.as_str()));
+            let started = sign_in
+                .provider
+                .start(&client, &redirect_uri)
+                .await
+                .map_err(|e| ProxyError::SignInFailed {
                     reason: e.to_string(),
-                }
-            })?;
+                })?;
             let flow = Flow {
                 state: started.state,
                 nonce: started.nonce,
@@ -625,6 +686,7 @@ pub(crate) async fn serve_auth_host<B>(
                 redirect: redirect_uri,
                 app: app.map_or_else(String::new, |a| a.id.as_str().to_owned()),
                 to,
+                client: client.id().to_owned(),
             };
             let host = host_of(req).unwrap_or_default();
             let sealed = sign_in.keys.seal(Purpose::Flow, &host, &flow, FLOW_TTL);
@@ -662,9 +724,18 @@ pub(crate) async fn serve_auth_host<B>(
                     }
                 })?),
             };
+            let client = sign_in.client_for(app.as_ref().map(|a| a.id.as_str()));
+            if !flow.client.is_empty() && flow.client != client.id() {
+                return Err(ProxyError::SignInFailed {
+                    reason: format!(
+                        "the OpenID client of app {} changed during the sign-in: sign in again",
+                        flow.app
+                    ),
+                });
+            }
             let user = sign_in
                 .provider
-                .finish(&flow.redirect, code, &flow.verifier, &flow.nonce)
+                .finish(&client, &flow.redirect, code, &flow.verifier, &flow.nonce)
                 .await
                 .map_err(|e| ProxyError::SignInFailed {
                     reason: e.to_string(),
@@ -1070,6 +1141,73 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn settings(deployment_secret: &str, clients: &[(&str, &str, &str)]) -> SignInSettings {
+        SignInSettings {
+            issuer: "https://idp.example.test".into(),
+            client_id: "portico".into(),
+            client_secret: deployment_secret.into(),
+            keys: vec![portico_proto::api::SessionKey {
+                id: 1,
+                secret: "A".repeat(43),
+            }],
+            session_lifetime_secs: 3600,
+            groups_claim: "groups".into(),
+            assertion_keys: vec![],
+            session_idle_secs: 0,
+            clients: clients
+                .iter()
+                .map(|(app, id, secret)| AppClient {
+                    app: app.parse().unwrap(),
+                    client_id: (*id).into(),
+                    client_secret: portico_proto::api::ClientSecret::new(*secret),
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn an_app_signs_in_through_its_own_client_and_a_change_of_clients_keeps_the_provider() {
+        let auth = Auth::default();
+        auth.update(
+            Some(&settings("s", &[("hr", "hr-client", "hr-secret")])),
+            "apps.test",
+        );
+        let first = auth.get().expect("configured");
+        let id = |s: &SignIn, app: Option<&str>| s.client_for(app).id().to_owned();
+        assert_eq!(id(&first, Some("hr")), "hr-client");
+        assert_eq!(id(&first, Some("api")), "portico", "no client of its own");
+        assert_eq!(id(&first, None), "portico", "My Apps: the deployment's");
+        assert_eq!(
+            *first.client_for(Some("hr")),
+            oidc::Client::new("hr-client", "hr-secret")
+        );
+        // Other clients: the same provider (its discovery, used codes and
+        // sessions), the new clients.
+        auth.update(
+            Some(&settings(
+                "s",
+                &[("hr", "hr-client", "rotated"), ("wiki", "wiki-client", "w")],
+            )),
+            "apps.test",
+        );
+        let second = auth.get().expect("configured");
+        assert!(Arc::ptr_eq(&first, &second));
+        assert_eq!(
+            *second.client_for(Some("hr")),
+            oidc::Client::new("hr-client", "rotated")
+        );
+        assert_eq!(id(&second, Some("wiki")), "wiki-client");
+        auth.update(Some(&settings("s", &[])), "apps.test");
+        let third = auth.get().expect("configured");
+        assert!(Arc::ptr_eq(&first, &third));
+        assert_eq!(id(&third, Some("hr")), "portico");
+        // The deployment's client changed: a new sign-in.
+        auth.update(Some(&settings("other", &[])), "apps.test");
+        assert!(!Arc::ptr_eq(&first, &auth.get().expect("configured")));
+        auth.update(None, "apps.test");
+        assert!(auth.get().is_none());
+    }
 
     #[test]
     fn the_edges_cookie_is_taken_out_and_the_others_kept() {

@@ -123,11 +123,10 @@ pub(crate) enum OidcError {
     IdToken(String),
 }
 
-/// The deployment's OpenID provider and this edge's client of it.
+/// The deployment's OpenID provider: one discovery (and key set) shared by
+/// every [`Client`] of it the edge signs users in through.
 pub(crate) struct Provider {
     issuer: IssuerUrl,
-    client_id: ClientId,
-    client_secret: ClientSecret,
     /// The claim that lists a user's groups.
     groups_claim: String,
     http: openidconnect::reqwest::Client,
@@ -138,8 +137,43 @@ impl std::fmt::Debug for Provider {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Provider")
             .field("issuer", &self.issuer.as_str())
-            .field("client_id", &self.client_id.as_str())
             .finish_non_exhaustive()
+    }
+}
+
+/// A client registered with the provider: the deployment's, or an app's
+/// own. Its id is the audience its ID tokens must name.
+#[derive(Clone)]
+pub(crate) struct Client {
+    id: ClientId,
+    secret: ClientSecret,
+}
+
+impl PartialEq for Client {
+    fn eq(&self, other: &Client) -> bool {
+        self.id == other.id && self.secret.secret() == other.secret.secret()
+    }
+}
+
+impl Client {
+    pub(crate) fn new(id: &str, secret: &str) -> Client {
+        Client {
+            id: ClientId::new(id.to_owned()),
+            secret: ClientSecret::new(secret.to_owned()),
+        }
+    }
+
+    pub(crate) fn id(&self) -> &str {
+        self.id.as_str()
+    }
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("id", &self.id.as_str())
+            .field("secret", &"***")
+            .finish()
     }
 }
 
@@ -153,12 +187,7 @@ pub(crate) struct Started {
 }
 
 impl Provider {
-    pub(crate) fn new(
-        issuer: &str,
-        client_id: &str,
-        client_secret: &str,
-        groups_claim: &str,
-    ) -> Result<Provider, OidcError> {
+    pub(crate) fn new(issuer: &str, groups_claim: &str) -> Result<Provider, OidcError> {
         let issuer =
             IssuerUrl::new(issuer.to_owned()).map_err(|e| OidcError::Config(e.to_string()))?;
         let http = openidconnect::reqwest::ClientBuilder::new()
@@ -170,8 +199,6 @@ impl Provider {
             .map_err(|e| OidcError::Config(e.to_string()))?;
         Ok(Provider {
             issuer,
-            client_id: ClientId::new(client_id.to_owned()),
-            client_secret: ClientSecret::new(client_secret.to_owned()),
             groups_claim: groups_claim.to_owned(),
             http,
             metadata: Mutex::new(None),
@@ -205,8 +232,11 @@ impl Provider {
         &self.groups_claim
     }
 
+    /// `client` as `openidconnect` takes it: the provider's endpoints and
+    /// keys, the client's id and secret, the redirect URI.
     fn client(
         &self,
+        client: &Client,
         metadata: CoreProviderMetadata,
         redirect: &str,
     ) -> Result<
@@ -224,8 +254,8 @@ impl Provider {
             RedirectUrl::new(redirect.to_owned()).map_err(|e| OidcError::Config(e.to_string()))?;
         Ok(CoreClient::from_provider_metadata(
             metadata,
-            self.client_id.clone(),
-            Some(self.client_secret.clone()),
+            client.id.clone(),
+            Some(client.secret.clone()),
         )
         .set_redirect_uri(redirect))
     }
@@ -266,10 +296,15 @@ impl Provider {
             .map_err(|e| OidcError::Discovery(format!("the JWKS: {e}")))
     }
 
-    /// Where to send the browser: the code flow with PKCE S256, fresh
-    /// `state` and `nonce` (256 bits each), scopes `openid email profile`.
-    pub(crate) async fn start(&self, redirect: &str) -> Result<Started, OidcError> {
-        let client = self.client(self.metadata(false).await?, redirect)?;
+    /// Where to send the browser, as `client`: the code flow with PKCE
+    /// S256, fresh `state` and `nonce` (256 bits each), scopes `openid
+    /// email profile`.
+    pub(crate) async fn start(
+        &self,
+        client: &Client,
+        redirect: &str,
+    ) -> Result<Started, OidcError> {
+        let client = self.client(client, self.metadata(false).await?, redirect)?;
         let (challenge, verifier) = PkceCodeChallenge::new_random_sha256();
         let (url, state, nonce) = client
             .authorize_url(
@@ -289,16 +324,18 @@ impl Provider {
         })
     }
 
-    /// Exchanges `code` (with the PKCE verifier) and checks the ID token
-    /// against `nonce`: the user it names.
+    /// Exchanges `code` (with the PKCE verifier) as `as_client`, the one
+    /// the sign-in started with, and checks the ID token against `nonce`
+    /// and that client's id (`aud`): the user it names.
     pub(crate) async fn finish(
         &self,
+        as_client: &Client,
         redirect: &str,
         code: &str,
         verifier: &str,
         nonce: &str,
     ) -> Result<User, OidcError> {
-        let client = self.client(self.metadata(false).await?, redirect)?;
+        let client = self.client(as_client, self.metadata(false).await?, redirect)?;
         let exchange = client
             .exchange_code(AuthorizationCode::new(code.to_owned()))
             .map_err(|e| OidcError::Config(e.to_string()))?
@@ -328,7 +365,7 @@ impl Provider {
             // once, with fresh ones. A claim that is off stays off.
             Err(first @ ClaimsVerificationError::SignatureVerification(_)) => {
                 let fresh = self.metadata(true).await?;
-                let client = self.client(fresh, redirect)?;
+                let client = self.client(as_client, fresh, redirect)?;
                 let verifier = client.id_token_verifier();
                 token
                     .claims(&verifier, &nonce)

@@ -69,6 +69,11 @@ pub struct AppRecord {
     pub http_only: bool,
     /// The session cookie outlives the browser.
     pub persistent: bool,
+    /// The app's own OpenID client, with its secret (both or neither, as
+    /// the API checked): kept in the database, which lives in the
+    /// router's private data directory (0700), as certificate keys are.
+    pub oidc_client_id: Option<String>,
+    pub oidc_client_secret: Option<portico_proto::api::ClientSecret>,
 }
 
 /// An uploaded certificate for hosts of custom domains, validated by

@@ -15,7 +15,7 @@ use super::{
 };
 use crate::error::StoreError;
 
-const SCHEMA_VERSION: i64 = 14;
+const SCHEMA_VERSION: i64 = 15;
 
 const SCHEMA_V1: &str = "
 CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -209,6 +209,13 @@ CREATE TABLE signed_out_users (
 );
 ";
 
+/// Version 15: an app's own OpenID client, id and secret (none: the
+/// deployment's client, as for every app stored before).
+const SCHEMA_V15: &str = "
+ALTER TABLE apps ADD COLUMN oidc_client_id TEXT;
+ALTER TABLE apps ADD COLUMN oidc_client_secret TEXT;
+";
+
 /// The SQLite store: one connection behind a mutex.
 pub struct SqliteStore {
     path: PathBuf,
@@ -321,6 +328,7 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
         (12, SCHEMA_V12),
         (13, SCHEMA_V13),
         (14, SCHEMA_V14),
+        (15, SCHEMA_V15),
     ] {
         if found < version {
             let tx = conn.transaction()?;
@@ -421,6 +429,8 @@ type AppRow = (
     Option<String>,
     bool,
     bool,
+    Option<String>,
+    Option<String>,
 );
 
 fn row_app(r: &Row<'_>) -> rusqlite::Result<AppRow> {
@@ -443,6 +453,8 @@ fn row_app(r: &Row<'_>) -> rusqlite::Result<AppRow> {
         r.get(15)?,
         r.get(16)?,
         r.get(17)?,
+        r.get(18)?,
+        r.get(19)?,
     ))
 }
 
@@ -466,6 +478,8 @@ fn to_app(row: AppRow) -> Result<AppRecord, StoreError> {
         backend_ca_pem,
         http_only,
         persistent,
+        oidc_client_id,
+        oidc_client_secret,
     ) = row;
     Ok(AppRecord {
         id: AppId::new(id).map_err(|e| corrupt("app id", e))?,
@@ -490,6 +504,8 @@ fn to_app(row: AppRow) -> Result<AppRecord, StoreError> {
         backend_ca_pem,
         http_only,
         persistent,
+        oidc_client_id,
+        oidc_client_secret: oidc_client_secret.map(portico_proto::api::ClientSecret::new),
     })
 }
 
@@ -503,7 +519,7 @@ fn app_json(app: &AppRecord) -> Result<(String, String, String), StoreError> {
     ))
 }
 
-const APP_COLS: &str = "id, external_host, internal_url, connector_group, backend_timeout, validate_backend_tls, created_at, required_features, translate_headers, translate_body, assignment, identity_headers, hidden, maintenance, home_path, backend_ca_pem, http_only, persistent";
+const APP_COLS: &str = "id, external_host, internal_url, connector_group, backend_timeout, validate_backend_tls, created_at, required_features, translate_headers, translate_body, assignment, identity_headers, hidden, maintenance, home_path, backend_ca_pem, http_only, persistent, oidc_client_id, oidc_client_secret";
 
 type TokenRow = (String, String, String, u64, u64, Option<u64>, Option<u64>);
 
@@ -1004,7 +1020,7 @@ impl Store for SqliteStore {
             }
             check_app_refs(tx, app)?;
             tx.execute(
-                &format!("INSERT INTO apps ({APP_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)"),
+                &format!("INSERT INTO apps ({APP_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20)"),
                 params![
                     app.id.as_str(),
                     app.external_host,
@@ -1023,7 +1039,9 @@ impl Store for SqliteStore {
                     app.home_path,
                     app.backend_ca_pem,
                     app.http_only,
-                    app.persistent
+                    app.persistent,
+                    app.oidc_client_id,
+                    app.oidc_client_secret.as_ref().map(|s| s.expose())
                 ],
             )?;
             bump(tx)
@@ -1046,7 +1064,7 @@ impl Store for SqliteStore {
                     translate_headers = ?8, translate_body = ?9, assignment = ?10,
                     identity_headers = ?11, hidden = ?12, maintenance = ?13,
                     home_path = ?14, backend_ca_pem = ?15, http_only = ?16,
-                    persistent = ?17
+                    persistent = ?17, oidc_client_id = ?18, oidc_client_secret = ?19
                  WHERE id = ?1",
                 params![
                     app.id.as_str(),
@@ -1065,7 +1083,9 @@ impl Store for SqliteStore {
                     app.home_path,
                     app.backend_ca_pem,
                     app.http_only,
-                    app.persistent
+                    app.persistent,
+                    app.oidc_client_id,
+                    app.oidc_client_secret.as_ref().map(|s| s.expose())
                 ],
             )?;
             bump(tx)
@@ -1837,6 +1857,11 @@ mod tests {
         assert!(app.translate_headers, "an old app keeps header translation");
         assert!(!app.translate_body);
         assert!(app.http_only && !app.persistent, "an old app: the defaults");
+        assert_eq!(
+            (app.oidc_client_id, app.oidc_client_secret),
+            (None, None),
+            "an old app signs in through the deployment's client"
+        );
         let token = store
             .get_token("00000000000000aa")
             .expect("get")
@@ -1862,6 +1887,8 @@ mod tests {
                 backend_ca_pem: Some("-----BEGIN CERTIFICATE-----".into()),
                 http_only: false,
                 persistent: true,
+                oidc_client_id: Some("new-client".into()),
+                oidc_client_secret: Some(portico_proto::api::ClientSecret::new("new-secret")),
             })
             .expect("a new app with features");
         store.close();
@@ -1883,6 +1910,12 @@ mod tests {
         assert_eq!(apps[0].home_path.as_deref(), Some("/portal/?x=1"));
         assert_eq!(apps[1].home_path, None);
         assert!(apps[0].backend_ca_pem.is_some() && apps[1].backend_ca_pem.is_none());
+        assert_eq!(apps[0].oidc_client_id.as_deref(), Some("new-client"));
+        assert_eq!(
+            apps[0].oidc_client_secret.as_ref().map(|s| s.expose()),
+            Some("new-secret")
+        );
+        assert_eq!(apps[1].oidc_client_id, None);
         // Its edge token's region is there, with `default`.
         let regions: Vec<String> = store
             .list_regions()

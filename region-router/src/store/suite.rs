@@ -47,6 +47,8 @@ fn app(id: &str, host: &str, group: &str) -> AppRecord {
         // Both unlike their defaults, so that storing them is seen.
         http_only: false,
         persistent: true,
+        oidc_client_id: Some("hr-client".into()),
+        oidc_client_secret: Some(portico_proto::api::ClientSecret::new("hr-secret")),
     }
 }
 
@@ -397,6 +399,8 @@ fn populate(s: &dyn Store) {
         backend_ca_pem: None,
         http_only: true,
         persistent: false,
+        oidc_client_id: None,
+        oidc_client_secret: None,
         ..app("upd", "upd.apps.test", "Default")
     };
     let v = s.update_app(&changed).expect("update");
