@@ -1210,15 +1210,24 @@ async fn signing_out_at_one_edge_ends_the_session_at_every_edge_and_a_handoff_co
     .await;
     // An admin signs alice out of every session (by her verified email,
     // in another case): her other browser is refused at both edges...
-    let done: portico_proto::api::SessionsRevoked = admin
-        .post_json(
-            "/v1/sessions/revoke",
-            &portico_proto::api::RevokeSessions {
-                user: "Alice@Example.test".into(),
-            },
-        )
-        .await
-        .unwrap();
+    let router_dir = d.join("router");
+    let out = common::admin_cli(
+        &router.url(),
+        &router_dir,
+        &["session", "revoke", "Alice@Example.test"],
+    )
+    .await;
+    assert!(
+        out.contains("Alice@Example.test") && out.contains("at every edge"),
+        "{out}"
+    );
+    let out = common::admin_cli(
+        &router.url(),
+        &router_dir,
+        &["session", "revoke", "Alice@Example.test", "--json"],
+    )
+    .await;
+    let done: portico_proto::api::SessionsRevoked = serde_json::from_str(&out).unwrap();
     for via in [&at_a, &at_b] {
         common::eventually("the edges to learn alice is signed out", LIMIT, || async {
             let r = get(other.path(), &format!("{hr}/"), via).await;
