@@ -519,16 +519,26 @@ async fn handoff_loop(
         shared.tracker.spawn(async move {
             let word = match client {
                 Err(e) => HandoffAnswer::Unknown(portico_agent::error_chain(&e).to_string()),
-                Ok(c) => match c.post_empty("/v1/edge/handoffs", &used).await {
-                    Ok(()) => HandoffAnswer::First,
-                    Err(e)
+                // No longer than the sign-in waits for it (the task must
+                // not hold a shutdown up for the client's own timeout).
+                Ok(c) => match tokio::time::timeout(
+                    crate::auth::HANDOFF_CHECK,
+                    c.post_empty("/v1/edge/handoffs", &used),
+                )
+                .await
+                {
+                    Err(_) => HandoffAnswer::Unknown("no answer in time".into()),
+                    Ok(Ok(())) => HandoffAnswer::First,
+                    Ok(Err(e))
                         if e.status() == Some(409)
                             && e.api_error()
                                 .is_some_and(|a| a.field.as_deref() == Some("jti")) =>
                     {
                         HandoffAnswer::Used
                     }
-                    Err(e) => HandoffAnswer::Unknown(portico_agent::error_chain(&e).to_string()),
+                    Ok(Err(e)) => {
+                        HandoffAnswer::Unknown(portico_agent::error_chain(&e).to_string())
+                    }
                 },
             };
             let _ = answer.send(word);

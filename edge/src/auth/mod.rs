@@ -73,7 +73,7 @@ const HANDOFF_TTL: Duration = Duration::from_secs(60);
 /// The most handoff codes remembered as used.
 const MAX_USED: usize = 100_000;
 /// How long a sign-in waits for the router's word on its handoff code.
-const HANDOFF_CHECK: Duration = Duration::from_secs(3);
+pub(crate) const HANDOFF_CHECK: Duration = Duration::from_secs(3);
 
 /// The deployment's sign-in as this edge holds it; replaced when the
 /// router's settings change.
