@@ -28,7 +28,7 @@ use hickory_server::store::in_memory::InMemoryZoneHandler;
 use hickory_server::zone_handler::{AxfrPolicy, Catalog, ZoneType};
 use hickory_server::Server;
 use portico_agent::ClientError;
-use portico_proto::api::{App, AppSpec, Certificate, CertificateUpload, TokenScope};
+use portico_proto::api::{App, AppSpec, Certificate, CertificateUpload};
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose,
 };
@@ -382,22 +382,15 @@ async fn a_custom_domain_is_checked_by_its_cname_chain_and_served_with_its_uploa
     assert_eq!(cert.names, ["*.corp.test"]);
 
     // 3. The connector, and the app through the edge by SNI.
-    let mut cc = portico_connector::Config::new(router.url(), d.join("connector"));
-    cc.token = Some(
-        portico::dev::create_token(
-            &admin,
-            TokenScope::Connector {
-                group: portico_proto::GroupId::default_group(),
-            },
-        )
-        .await
-        .unwrap(),
-    );
-    cc.tunnels = 1;
-    let connector = portico_connector::start(cc, root.child_token())
-        .await
-        .unwrap();
-    connector.wait_tunnels(1).await;
+    let connector = common::start_connector(
+        &router,
+        &admin,
+        &d.join("connector"),
+        portico_proto::GroupId::default_group(),
+        1,
+        root.child_token(),
+    )
+    .await;
     let ca_file = d.join("corp-ca.pem");
     std::fs::write(&ca_file, ca.pem()).unwrap();
     let resolve = format!("hr.corp.test:{port}:127.0.0.1");

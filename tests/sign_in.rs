@@ -39,7 +39,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use portico_proto::api::{AppSpec, Assignment, TokenScope};
+use portico_proto::api::{AppSpec, Assignment};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_browser_signs_in_through_the_provider_and_reaches_the_app_api_clients_get_401() {
     let s = setup().await;
@@ -907,17 +907,15 @@ async fn a_session_from_one_regions_edge_works_at_anothers_and_the_identity_cros
         ..oidc_app("hr", &format!("http://{}/", demo.addr), &group)
     };
     let _: portico_proto::api::App = admin.post_json("/v1/apps", &spec).await.unwrap();
-    let mut cc = portico_connector::Config::new(router.url(), d.join("connector"));
-    cc.token = Some(
-        portico::dev::create_token(&admin, TokenScope::Connector { group })
-            .await
-            .unwrap(),
-    );
-    cc.tunnels = 1;
-    let connector = portico_connector::start(cc, root.child_token())
-        .await
-        .unwrap();
-    connector.wait_tunnels(1).await;
+    let connector = common::start_connector(
+        &router,
+        &admin,
+        &d.join("connector"),
+        group,
+        1,
+        root.child_token(),
+    )
+    .await;
 
     let hr = format!("https://hr.{DOMAIN}:{port}");
     let at = |ip: std::net::IpAddr| {
@@ -1074,17 +1072,15 @@ async fn signing_out_at_one_edge_ends_the_session_at_every_edge_and_a_handoff_co
     let group = portico_proto::GroupId::default_group();
     let spec = oidc_app("hr", &format!("http://{}/", demo.addr), &group);
     let _: portico_proto::api::App = admin.post_json("/v1/apps", &spec).await.unwrap();
-    let mut cc = portico_connector::Config::new(router.url(), d.join("connector"));
-    cc.token = Some(
-        portico::dev::create_token(&admin, TokenScope::Connector { group })
-            .await
-            .unwrap(),
-    );
-    cc.tunnels = 2;
-    let connector = portico_connector::start(cc, root.child_token())
-        .await
-        .unwrap();
-    connector.wait_tunnels(2).await;
+    let connector = common::start_connector(
+        &router,
+        &admin,
+        &d.join("connector"),
+        group,
+        2,
+        root.child_token(),
+    )
+    .await;
 
     let hr = format!("https://hr.{DOMAIN}:{port}");
     let auth = format!("https://auth.{DOMAIN}:{port}");

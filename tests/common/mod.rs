@@ -823,6 +823,28 @@ pub async fn start_edge(
     start_edge_in(router, admin, dir, &region, shutdown, adjust).await
 }
 
+/// A connector of `group`, enrolled with a new token, keeping `tunnels`
+/// tunnels: returned once they are up.
+pub async fn start_connector(
+    router: &portico_router::Handle,
+    admin: &portico_agent::RouterClient,
+    dir: &Path,
+    group: portico_proto::GroupId,
+    tunnels: usize,
+    shutdown: CancellationToken,
+) -> portico_connector::Handle {
+    let mut cc = portico_connector::Config::new(router.url(), dir);
+    cc.token = Some(
+        portico::dev::create_token(admin, portico_proto::api::TokenScope::Connector { group })
+            .await
+            .unwrap(),
+    );
+    cc.tunnels = tunnels;
+    let connector = portico_connector::start(cc, shutdown).await.unwrap();
+    connector.wait_tunnels(tunnels).await;
+    connector
+}
+
 /// [`start_edge`] in `region` (which must exist).
 pub async fn start_edge_in(
     router: &portico_router::Handle,

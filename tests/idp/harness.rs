@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::common::{self, curl, Child};
-use portico_proto::api::{AppSpec, Assignment, Preauth, TokenScope};
+use portico_proto::api::{AppSpec, Assignment, Preauth};
 
 pub const LIMIT: Duration = Duration::from_secs(60);
 pub const DOMAIN: &str = "apps.localhost";
@@ -462,17 +462,15 @@ pub async fn setup_with(opts: Options) -> Setup {
         ..spec.clone()
     };
     let _: portico_proto::api::App = admin.post_json("/v1/apps", &wiki).await.unwrap();
-    let mut cc = portico_connector::Config::new(router.url(), d.join("connector"));
-    cc.token = Some(
-        portico::dev::create_token(&admin, TokenScope::Connector { group })
-            .await
-            .unwrap(),
-    );
-    cc.tunnels = 1;
-    let connector = portico_connector::start(cc, root.child_token())
-        .await
-        .unwrap();
-    connector.wait_tunnels(1).await;
+    let connector = common::start_connector(
+        &router,
+        &admin,
+        &d.join("connector"),
+        group,
+        1,
+        root.child_token(),
+    )
+    .await;
     // The edge has the app (and the sign-in settings) once it redirects.
     let probe = tempfile::NamedTempFile::new().unwrap();
     common::eventually("the edge to know the app", LIMIT, || async {
