@@ -88,7 +88,18 @@ fn answer(
             );
             b.header("content-type", "text/html; charset=utf-8")
                 .header("content-length", html.len())
+                .header("etag", "\"v1\"")
+                .header("accept-ranges", "bytes")
+                .header("content-digest", "sha-256=:AAAA:")
                 .body(full(html))
+        }
+        "/hr/part" => {
+            let part = format!("<a href=\"http://{me}/hr/x\">");
+            b.status(206)
+                .header("content-type", "text/html")
+                .header("content-range", format!("bytes 0-{}/100", part.len() - 1))
+                .header("content-length", part.len())
+                .body(full(part))
         }
         "/hr/big" => {
             let (tx, rx) = mpsc::channel::<Bytes>(4);
@@ -197,6 +208,19 @@ async fn redirects_cookies_and_html_are_translated_and_not_when_the_settings_are
         ),
         "this app's and the demo app's internal URLs are their external ones"
     );
+    // Another representation: a weak ETag, no digest of the backend's
+    // bytes, no ranges.
+    assert_eq!(page.header("etag").as_deref(), Some("W/\"v1\""));
+    assert_eq!(page.header("accept-ranges").as_deref(), Some("none"));
+    assert_eq!(page.header("content-digest"), None);
+    // A part of a body is the backend's bytes, untouched.
+    let part = s.curl(&[&s.app_url("hr", "/part")]).await;
+    assert_eq!(part.status, 206);
+    assert_eq!(part.text(), format!("<a href=\"http://{}/hr/x\">", b.addr));
+    assert_eq!(
+        part.header("content-length"),
+        Some(part.body.len().to_string())
+    );
 
     // Both settings off: what the backend sent.
     let patch = AppPatch {
@@ -229,6 +253,12 @@ async fn redirects_cookies_and_html_are_translated_and_not_when_the_settings_are
         Some(page.body.len().to_string()),
         "an untouched body keeps its length"
     );
+    assert_eq!(
+        page.header("etag").as_deref(),
+        Some("\"v1\""),
+        "and its ETag"
+    );
+    assert_eq!(page.header("accept-ranges").as_deref(), Some("bytes"));
     s.stop().await;
 }
 

@@ -463,15 +463,18 @@ async fn send_request(
     if let Some(t) = translator.filter(|_| entry.app.translate_headers) {
         crate::translate::response_headers(&mut headers, t);
     }
+    // A part of a body (206) keeps the backend's bytes: its range is of
+    // them, and a rewrite would break the offsets.
     let rewriter = match translator {
-        Some(t) if entry.app.translate_body && !switching => {
+        Some(t)
+            if entry.app.translate_body && !switching && status != StatusCode::PARTIAL_CONTENT =>
+        {
             BodyKind::of(&headers).map(|kind| BodyRewriter::new(kind, t.clone()))
         }
         _ => None,
     };
     if rewriter.is_some() {
-        // The body changes length: it goes chunked.
-        headers.remove(http::header::CONTENT_LENGTH);
+        rewritten_representation(&mut headers);
     }
     let head = ResponseHead { status, headers };
     if let Err(e) = send_frame(send, &Frame::ResponseHead(head)).await {
@@ -746,5 +749,57 @@ impl GaugeGuard {
 impl Drop for GaugeGuard {
     fn drop(&mut self) {
         self.0.dec();
+    }
+}
+
+/// The head of a body the connector rewrites: another representation of
+/// the resource, so its length goes (the body goes chunked), a strong
+/// `ETag` becomes weak (the same content, not the same bytes: RFC 9110,
+/// 8.8.1, as nginx does for gzip), digests of the backend's bytes go, and
+/// no range of it is offered (a range would be of the backend's bytes).
+fn rewritten_representation(headers: &mut http::HeaderMap) {
+    use http::header::{HeaderValue, ACCEPT_RANGES, CONTENT_LENGTH, ETAG};
+    headers.remove(CONTENT_LENGTH);
+    if let Some(tag) = headers.get(ETAG) {
+        if tag.as_bytes().starts_with(b"\"") {
+            let weak = [b"W/", tag.as_bytes()].concat();
+            match HeaderValue::from_bytes(&weak) {
+                Ok(v) => {
+                    headers.insert(ETAG, v);
+                }
+                Err(_) => {
+                    headers.remove(ETAG);
+                }
+            }
+        }
+    }
+    for digest in ["content-digest", "repr-digest", "digest", "content-md5"] {
+        headers.remove(digest);
+    }
+    headers.insert(ACCEPT_RANGES, HeaderValue::from_static("none"));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rewritten_body_has_a_weak_etag_no_length_no_digest_and_no_ranges() {
+        let mut h = http::HeaderMap::new();
+        h.insert("etag", "\"v1\"".parse().unwrap());
+        h.insert("content-length", "10".parse().unwrap());
+        h.insert("accept-ranges", "bytes".parse().unwrap());
+        h.insert("content-digest", "sha-256=:AA==:".parse().unwrap());
+        h.insert("content-type", "text/html".parse().unwrap());
+        rewritten_representation(&mut h);
+        assert_eq!(h["etag"], "W/\"v1\"");
+        assert_eq!(h["accept-ranges"], "none");
+        assert!(h.get("content-length").is_none() && h.get("content-digest").is_none());
+        assert_eq!(h["content-type"], "text/html");
+        // A weak one stays as it is.
+        let mut h = http::HeaderMap::new();
+        h.insert("etag", "W/\"v1\"".parse().unwrap());
+        rewritten_representation(&mut h);
+        assert_eq!(h["etag"], "W/\"v1\"");
     }
 }
