@@ -302,7 +302,8 @@ struct SignIn {
     keys: Keys,
     /// API clients' bearer tokens.
     bearer: bearer::Verifier,
-    /// Handoff codes already used, with their expiry (unix seconds).
+    /// Handoff codes and sign-in flows (by `state`) already used, with
+    /// their expiry (unix seconds).
     used: Mutex<HashMap<String, u64>>,
     /// Session cookies opened before, by value: their host, expiry and
     /// user, so that a request of a known session costs a lookup, not a
@@ -462,7 +463,8 @@ impl SignIn {
         cookie_with(SESSION_COOKIE, &sealed, max_age, app.http_only)
     }
 
-    /// Marks a handoff code used; false if it was already.
+    /// Marks a handoff code (or a flow's state) used; false if it was
+    /// already.
     fn first_use(&self, jti: &str, exp: u64) -> bool {
         let mut used = self.used.lock().unwrap_or_else(|p| p.into_inner());
         let now = seal::unix_now();
@@ -695,8 +697,8 @@ pub(crate) async fn serve_auth_host<B>(
         }
         (&Method::GET, CALLBACK) => {
             let host = host_of(req).unwrap_or_default();
-            let flow = cookie_value(req.headers(), FLOW_COOKIE)
-                .and_then(|v| sign_in.keys.open::<Flow>(Purpose::Flow, &host, &v))
+            let (flow, flow_exp) = cookie_value(req.headers(), FLOW_COOKIE)
+                .and_then(|v| sign_in.keys.open_until::<Flow>(Purpose::Flow, &host, &v))
                 .ok_or_else(|| ProxyError::SignInFailed {
                     reason: "no sign-in in progress in this browser (the flow cookie is missing, expired or not ours)".into(),
                 })?;
@@ -716,6 +718,13 @@ pub(crate) async fn serve_auth_host<B>(
             let code = query.get("code").ok_or_else(|| ProxyError::SignInFailed {
                 reason: "the callback has no code".into(),
             })?;
+            // One callback per sign-in (at this edge): a copy of the flow
+            // cookie and the callback URL gets no second exchange.
+            if !sign_in.first_use(&flow.state, flow_exp) {
+                return Err(ProxyError::SignInFailed {
+                    reason: "this sign-in was finished already: sign in again".into(),
+                });
+            }
             let app = match flow.app.as_str() {
                 "" => None,
                 id => Some(apps(id).filter(|a| signs_in(a)).ok_or_else(|| {
