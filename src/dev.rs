@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 use portico_agent::{RouterClient, RouterTrust};
-use portico_proto::api::{App, AppSpec, BackendTimeout, CreateToken, TokenCreated, TokenScope};
+use portico_proto::api::{App, AppSpec, CreateToken, TokenCreated, TokenScope};
 use portico_proto::{AppId, GroupId, RegionId};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -242,26 +242,8 @@ pub async fn publish(
         admin.delete(&path).await?;
     }
     let spec = AppSpec {
-        id: AppId::new(id)?,
-        external_host: None,
-        internal_url: internal_url.to_owned(),
         connector_group: group,
-        backend_timeout: BackendTimeout::Default,
-        validate_backend_tls: true,
-        translate_headers: true,
-        translate_body: false,
-        required_features: vec![],
-        preauth: Default::default(),
-        assignment: Default::default(),
-        identity_headers: Default::default(),
-        hidden: false,
-        maintenance: false,
-        home_page: None,
-        backend_ca_pem: None,
-        http_only: true,
-        persistent: false,
-        oidc_client_id: None,
-        oidc_client_secret: None,
+        ..AppSpec::new(AppId::new(id)?, internal_url)
     };
     admin
         .post_json("/v1/apps", &spec)

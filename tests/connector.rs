@@ -282,26 +282,9 @@ async fn a_backend_that_never_answers_takes_only_its_apps_cap() {
         ("healthy", format!("http://{}/", s.d.demo.addr)),
     ] {
         let spec = AppSpec {
-            id: AppId::new(id).unwrap(),
-            external_host: None,
-            internal_url: url,
             connector_group: group.clone(),
             backend_timeout: BackendTimeout::Seconds(15),
-            validate_backend_tls: true,
-            translate_headers: true,
-            translate_body: false,
-            required_features: vec![],
-            preauth: Default::default(),
-            assignment: Default::default(),
-            identity_headers: Default::default(),
-            hidden: false,
-            maintenance: false,
-            home_page: None,
-            backend_ca_pem: None,
-            http_only: true,
-            persistent: false,
-            oidc_client_id: None,
-            oidc_client_secret: None,
+            ..AppSpec::new(AppId::new(id).unwrap(), url)
         };
         let _: portico_proto::api::App = s.d.admin.post_json("/v1/apps", &spec).await.unwrap();
     }

@@ -10,7 +10,7 @@ use common::{eventually, Stack};
 use portico::dev::{create_token, DevOptions};
 use portico_agent::enroll::{obtain, EnrollOptions};
 use portico_agent::{ClientError, Credentials, EnrollError, StateDir};
-use portico_proto::api::{App, AppSpec, BackendTimeout, Connector, Group, Status, TokenScope};
+use portico_proto::api::{App, AppSpec, Connector, Group, Status, TokenScope};
 use portico_proto::{AppId, CloseCode, GroupId};
 
 fn opts(s: &Stack, token: Option<String>) -> EnrollOptions {
@@ -338,28 +338,7 @@ async fn apps_groups_and_connectors_survive_a_router_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_admin_input_gets_precise_errors() {
     let s = Stack::start().await;
-    let base = AppSpec {
-        id: AppId::new("x").unwrap(),
-        external_host: None,
-        internal_url: "http://127.0.0.1:9/".into(),
-        connector_group: GroupId::default_group(),
-        backend_timeout: BackendTimeout::Default,
-        validate_backend_tls: true,
-        translate_headers: true,
-        translate_body: false,
-        required_features: vec![],
-        preauth: Default::default(),
-        assignment: Default::default(),
-        identity_headers: Default::default(),
-        hidden: false,
-        maintenance: false,
-        home_page: None,
-        backend_ca_pem: None,
-        http_only: true,
-        persistent: false,
-        oidc_client_id: None,
-        oidc_client_secret: None,
-    };
+    let base = AppSpec::new(AppId::new("x").unwrap(), "http://127.0.0.1:9/");
     let expect = |r: Result<App, ClientError>, status: u16, field: &str| {
         let e = r.expect_err("refused");
         assert_eq!(e.status(), Some(status), "{e}");

@@ -154,26 +154,8 @@ async fn fetch(ca: &std::path::Path, resolve: &str, url: &str) -> (i32, u16, Str
 
 fn spec(id: &str, host: &str, internal: &str) -> AppSpec {
     AppSpec {
-        id: id.parse().unwrap(),
         external_host: Some(host.into()),
-        internal_url: internal.into(),
-        connector_group: portico_proto::GroupId::default_group(),
-        backend_timeout: Default::default(),
-        validate_backend_tls: true,
-        translate_headers: true,
-        translate_body: false,
-        required_features: vec![],
-        preauth: Default::default(),
-        assignment: Default::default(),
-        identity_headers: Default::default(),
-        hidden: false,
-        maintenance: false,
-        home_page: None,
-        backend_ca_pem: None,
-        http_only: true,
-        persistent: false,
-        oidc_client_id: None,
-        oidc_client_secret: None,
+        ..AppSpec::new(id.parse().unwrap(), internal)
     }
 }
 

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use common::Stack;
 use portico_proto::api::{App, AppSpec, BackendTimeout};
-use portico_proto::{AppId, GroupId};
+use portico_proto::AppId;
 
 async fn publish_with(s: &Stack, spec: AppSpec) -> App {
     s.d.admin
@@ -17,28 +17,7 @@ async fn publish_with(s: &Stack, spec: AppSpec) -> App {
 }
 
 fn spec(id: &str, internal_url: &str) -> AppSpec {
-    AppSpec {
-        id: AppId::new(id).unwrap(),
-        external_host: None,
-        internal_url: internal_url.to_owned(),
-        connector_group: GroupId::default_group(),
-        backend_timeout: BackendTimeout::Default,
-        validate_backend_tls: true,
-        translate_headers: true,
-        translate_body: false,
-        required_features: vec![],
-        preauth: Default::default(),
-        assignment: Default::default(),
-        identity_headers: Default::default(),
-        hidden: false,
-        maintenance: false,
-        home_page: None,
-        backend_ca_pem: None,
-        http_only: true,
-        persistent: false,
-        oidc_client_id: None,
-        oidc_client_secret: None,
-    }
+    AppSpec::new(AppId::new(id).unwrap(), internal_url)
 }
 
 /// Waits until the edge routes `host` (config reaches edges by long-poll).

@@ -33,26 +33,12 @@ async fn a_killed_connector_gives_connector_not_found_and_comes_back_from_its_st
             .post_json(
                 "/v1/apps",
                 &portico_proto::api::AppSpec {
-                    id: portico_proto::AppId::new("proc").unwrap(),
-                    external_host: None,
-                    internal_url: format!("http://{}/", s.d.demo.addr),
                     connector_group: GroupId::new("proc").unwrap(),
                     backend_timeout: portico_proto::api::BackendTimeout::Seconds(1),
-                    validate_backend_tls: true,
-                    translate_headers: true,
-                    translate_body: false,
-                    required_features: vec![],
-                    preauth: Default::default(),
-                    assignment: Default::default(),
-                    identity_headers: Default::default(),
-                    hidden: false,
-                    maintenance: false,
-                    home_page: None,
-                    backend_ca_pem: None,
-                    http_only: true,
-                    persistent: false,
-                    oidc_client_id: None,
-                    oidc_client_secret: None,
+                    ..portico_proto::api::AppSpec::new(
+                        portico_proto::AppId::new("proc").unwrap(),
+                        format!("http://{}/", s.d.demo.addr),
+                    )
                 },
             )
             .await

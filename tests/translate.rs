@@ -15,8 +15,8 @@ use bytes::Bytes;
 use common::{eventually, Stack};
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
-use portico_proto::api::{App, AppPatch, AppSpec, BackendTimeout};
-use portico_proto::{AppId, GroupId};
+use portico_proto::api::{App, AppPatch, AppSpec};
+use portico_proto::AppId;
 use tokio::sync::{mpsc, Notify};
 
 /// Bounds every wait: a hang guard, not a timing assertion.
@@ -151,26 +151,8 @@ fn big_page(me: SocketAddr) -> Vec<u8> {
 
 async fn publish(s: &Stack, backend: SocketAddr, translate_body: bool) -> App {
     let spec = AppSpec {
-        id: AppId::new("hr").unwrap(),
-        external_host: None,
-        internal_url: format!("http://{backend}/hr/"),
-        connector_group: GroupId::default_group(),
-        backend_timeout: BackendTimeout::Default,
-        validate_backend_tls: true,
-        translate_headers: true,
         translate_body,
-        required_features: vec![],
-        preauth: Default::default(),
-        assignment: Default::default(),
-        identity_headers: Default::default(),
-        hidden: false,
-        maintenance: false,
-        home_page: None,
-        backend_ca_pem: None,
-        http_only: true,
-        persistent: false,
-        oidc_client_id: None,
-        oidc_client_secret: None,
+        ..AppSpec::new(AppId::new("hr").unwrap(), format!("http://{backend}/hr/"))
     };
     s.d.admin.post_json("/v1/apps", &spec).await.unwrap()
 }

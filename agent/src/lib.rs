@@ -9,6 +9,7 @@
 //! `portico_proto::api` types.
 
 pub mod client;
+pub mod dns;
 pub mod enroll;
 pub mod error;
 pub mod headers;

@@ -506,8 +506,10 @@ mod tests {
         server.await.unwrap();
     }
 
-    #[tokio::test]
-    async fn an_https_backend_with_an_untrusted_certificate_fails_tls() {
+    /// A TLS listener on loopback with a self-signed `localhost`
+    /// certificate: the listener, its port, and the acceptor.
+    async fn self_signed_tls_listener() -> (tokio::net::TcpListener, u16, tokio_rustls::TlsAcceptor)
+    {
         let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
         let key = rustls::pki_types::PrivateKeyDer::Pkcs8(cert.signing_key.serialize_der().into());
         let server_tls = rustls::ServerConfig::builder_with_provider(Arc::new(
@@ -521,6 +523,12 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_tls));
+        (listener, port, acceptor)
+    }
+
+    #[tokio::test]
+    async fn an_https_backend_with_an_untrusted_certificate_fails_tls() {
+        let (listener, port, acceptor) = self_signed_tls_listener().await;
         let server = tokio::spawn(async move {
             let (s, _) = listener.accept().await.unwrap();
             // The client refuses the certificate: the handshake fails here too.
@@ -547,19 +555,7 @@ mod tests {
 
     #[tokio::test]
     async fn without_validation_the_same_certificate_passes_and_http_is_asked_over_tls() {
-        let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
-        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(cert.signing_key.serialize_der().into());
-        let server_tls = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(vec![cert.cert.der().clone()], key)
-        .unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_tls));
+        let (listener, port, acceptor) = self_signed_tls_listener().await;
         let server = tokio::spawn(async move {
             use tokio::io::{AsyncReadExt, AsyncWriteExt};
             let (s, _) = listener.accept().await.unwrap();

@@ -722,6 +722,36 @@ pub struct AppSpec {
     pub oidc_client_secret: Option<ClientSecret>,
 }
 
+impl AppSpec {
+    /// App `id` at `internal_url` in the `Default` group, every other
+    /// setting at the API's default (what a body naming only these two
+    /// gets).
+    pub fn new(id: AppId, internal_url: impl Into<String>) -> AppSpec {
+        AppSpec {
+            id,
+            external_host: None,
+            internal_url: internal_url.into(),
+            connector_group: GroupId::default_group(),
+            backend_timeout: BackendTimeout::default(),
+            validate_backend_tls: true,
+            translate_headers: true,
+            translate_body: false,
+            required_features: Vec::new(),
+            preauth: Preauth::default(),
+            assignment: Assignment::default(),
+            identity_headers: BTreeMap::new(),
+            hidden: false,
+            maintenance: false,
+            home_page: None,
+            backend_ca_pem: None,
+            http_only: true,
+            persistent: false,
+            oidc_client_id: None,
+            oidc_client_secret: None,
+        }
+    }
+}
+
 /// The largest [`AppSpec::backend_ca_pem`], in bytes: a root and a few
 /// intermediates take a few KiB, and the whole request to the router must
 /// stay within its 64 KiB body limit.
@@ -2016,6 +2046,16 @@ pub struct ProbeResult {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_new_app_spec_has_the_defaults_of_a_body_that_names_only_id_and_url() {
+        let parsed: AppSpec =
+            serde_json::from_str(r#"{"id": "hr", "internal_url": "http://10.0.0.5/"}"#).unwrap();
+        assert_eq!(
+            AppSpec::new("hr".parse().unwrap(), "http://10.0.0.5/"),
+            parsed
+        );
+    }
 
     #[test]
     fn identity_uris_round_trip() {

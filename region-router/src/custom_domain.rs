@@ -253,32 +253,7 @@ fn normalize(name: &str) -> String {
 }
 
 fn resolver(servers: &[SocketAddr]) -> Result<hickory_resolver::TokioResolver, String> {
-    use hickory_resolver::config::{NameServerConfig, ResolveHosts, ResolverConfig, ResolverOpts};
-    let name_servers = servers
-        .iter()
-        .map(|s| {
-            let mut ns = NameServerConfig::udp_and_tcp(s.ip());
-            for c in &mut ns.connections {
-                c.port = s.port();
-            }
-            ns
-        })
-        .collect();
-    let config = ResolverConfig::from_parts(None, vec![], name_servers);
-    let mut opts = ResolverOpts::default();
-    opts.preserve_intermediates = true;
-    opts.use_hosts_file = ResolveHosts::Never;
-    opts.cache_size = 0;
-    opts.ndots = 0;
-    opts.timeout = QUERY_TIMEOUT;
-    opts.attempts = QUERY_ATTEMPTS;
-    hickory_resolver::Resolver::builder_with_config(
-        config,
-        hickory_resolver::net::runtime::TokioRuntimeProvider::default(),
-    )
-    .with_options(opts)
-    .build()
-    .map_err(|e| format!("cannot set up the DNS resolver: {e}"))
+    portico_agent::dns::uncached_resolver(servers, QUERY_TIMEOUT, QUERY_ATTEMPTS)
 }
 
 fn system_nameservers() -> Result<Vec<SocketAddr>, String> {

@@ -372,29 +372,13 @@ pub async fn idp_and_router(
 /// who does, with every other setting at its default.
 pub fn oidc_app(id: &str, internal_url: &str, group: &portico_proto::GroupId) -> AppSpec {
     AppSpec {
-        id: id.parse().unwrap(),
-        external_host: None,
-        internal_url: internal_url.to_owned(),
         connector_group: group.clone(),
-        backend_timeout: Default::default(),
-        validate_backend_tls: true,
-        translate_headers: true,
-        translate_body: false,
-        required_features: vec![],
         preauth: Preauth::Oidc,
         assignment: Assignment {
             everyone: true,
             ..Default::default()
         },
-        identity_headers: Default::default(),
-        hidden: false,
-        maintenance: false,
-        home_page: None,
-        backend_ca_pem: None,
-        http_only: true,
-        persistent: false,
-        oidc_client_id: None,
-        oidc_client_secret: None,
+        ..AppSpec::new(id.parse().unwrap(), internal_url)
     }
 }
 

@@ -33,19 +33,21 @@ const MAX_HELD: usize = 2 * MAX_SIGNED_OUT;
 
 /// The sessions signed out at any edge, until they would have ended, and
 /// the users an admin signed out of every session (`portico session
-/// revoke`).
+/// revoke`): one lock, taken once per request of a session.
 #[derive(Default)]
 pub(crate) struct SignedOutSet {
-    until: RwLock<HashMap<String, u64>>,
-    users: RwLock<Users>,
+    held: RwLock<Held>,
 }
 
-/// Signed-out users: `(before, until)` by name as given (a `sub`), and by
-/// its ASCII lowercase (an email, matched as an assignment matches it).
 #[derive(Default)]
-struct Users {
-    exact: HashMap<String, (u64, u64)>,
-    folded: HashMap<String, (u64, u64)>,
+struct Held {
+    /// Signed-out session ids, with when each would have ended.
+    sessions: HashMap<String, u64>,
+    /// Signed-out users: `(before, until)` by name as given (a `sub`)...
+    users: HashMap<String, (u64, u64)>,
+    /// ...and by its ASCII lowercase (an email, matched as an assignment
+    /// matches it).
+    users_folded: HashMap<String, (u64, u64)>,
 }
 
 impl SignedOutSet {
@@ -53,21 +55,20 @@ impl SignedOutSet {
     /// `now`: signed out itself, or its user signed out of every session
     /// begun at or before a time not before `iat`.
     pub(crate) fn refuses(&self, sid: &str, user: &User, iat: u64, now: u64) -> bool {
-        self.contains(sid, now) || self.user_cut(user, now).is_some_and(|before| iat <= before)
-    }
-
-    /// The latest cut of `user` live at `now`, by `sub` or verified email.
-    fn user_cut(&self, user: &User, now: u64) -> Option<u64> {
-        let users = self.users.read().unwrap_or_else(|p| p.into_inner());
-        if users.exact.is_empty() {
-            return None;
+        let held = self.held.read().unwrap_or_else(|p| p.into_inner());
+        if held.sessions.get(sid).is_some_and(|u| *u > now) {
+            return true;
         }
-        let live = |e: Option<&(u64, u64)>| e.filter(|(_, until)| *until > now).map(|(b, _)| *b);
-        let by_sub = live(users.exact.get(&user.sub));
-        let by_email = user
-            .verified_email()
-            .and_then(|e| live(users.folded.get(&e.to_ascii_lowercase())));
-        by_sub.max(by_email)
+        if held.users.is_empty() {
+            return false;
+        }
+        let cut = |e: Option<&(u64, u64)>| {
+            e.is_some_and(|(before, until)| *until > now && iat <= *before)
+        };
+        cut(held.users.get(&user.sub))
+            || user
+                .verified_email()
+                .is_some_and(|e| cut(held.users_folded.get(&e.to_ascii_lowercase())))
     }
 
     /// Adds signed-out users, forgetting those over at `now`.
@@ -76,17 +77,17 @@ impl SignedOutSet {
         list: impl IntoIterator<Item = &'a SignedOutUser>,
         now: u64,
     ) {
-        let mut guard = self.users.write().unwrap_or_else(|p| p.into_inner());
-        let users = &mut *guard;
-        users.exact.retain(|_, (_, until)| *until > now);
-        users.folded.retain(|_, (_, until)| *until > now);
+        let mut guard = self.held.write().unwrap_or_else(|p| p.into_inner());
+        let held = &mut *guard;
+        held.users.retain(|_, (_, until)| *until > now);
+        held.users_folded.retain(|_, (_, until)| *until > now);
         for u in list {
             if u.until <= now {
                 continue;
             }
             for (map, key) in [
-                (&mut users.exact, u.user.clone()),
-                (&mut users.folded, u.user.to_ascii_lowercase()),
+                (&mut held.users, u.user.clone()),
+                (&mut held.users_folded, u.user.to_ascii_lowercase()),
             ] {
                 let e = map.entry(key).or_insert((0, 0));
                 *e = (e.0.max(u.before), e.1.max(u.until));
@@ -96,9 +97,9 @@ impl SignedOutSet {
 
     /// Every signed-out user live at `now` (for the saved snapshot).
     pub(crate) fn live_users(&self, now: u64) -> Vec<SignedOutUser> {
-        let users = self.users.read().unwrap_or_else(|p| p.into_inner());
-        let mut live: Vec<SignedOutUser> = users
-            .exact
+        let held = self.held.read().unwrap_or_else(|p| p.into_inner());
+        let mut live: Vec<SignedOutUser> = held
+            .users
             .iter()
             .filter(|(_, (_, until))| *until > now)
             .map(|(user, (before, until))| SignedOutUser {
@@ -111,13 +112,6 @@ impl SignedOutSet {
         live
     }
 
-    /// Whether session `sid` was signed out (and would still be live at
-    /// `now`).
-    pub(crate) fn contains(&self, sid: &str, now: u64) -> bool {
-        let until = self.until.read().unwrap_or_else(|p| p.into_inner());
-        until.get(sid).is_some_and(|u| *u > now)
-    }
-
     /// Adds `sessions`, forgetting those over at `now`. Returns how many
     /// were new.
     pub(crate) fn add<'a>(
@@ -125,7 +119,8 @@ impl SignedOutSet {
         sessions: impl IntoIterator<Item = &'a SignedOut>,
         now: u64,
     ) -> usize {
-        let mut until = self.until.write().unwrap_or_else(|p| p.into_inner());
+        let mut held = self.held.write().unwrap_or_else(|p| p.into_inner());
+        let until = &mut held.sessions;
         let mut new = 0;
         for s in sessions {
             if s.until <= now {
@@ -152,8 +147,9 @@ impl SignedOutSet {
 
     /// Every entry live at `now` (what a saved config snapshot keeps).
     pub(crate) fn live(&self, now: u64) -> Vec<SignedOut> {
-        let until = self.until.read().unwrap_or_else(|p| p.into_inner());
-        let mut live: Vec<SignedOut> = until
+        let held = self.held.read().unwrap_or_else(|p| p.into_inner());
+        let mut live: Vec<SignedOut> = held
+            .sessions
             .iter()
             .filter(|(_, u)| **u > now)
             .map(|(sid, u)| SignedOut {
@@ -195,6 +191,14 @@ pub(crate) enum HandoffAnswer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    impl SignedOutSet {
+        /// Whether session `sid` itself is signed out at `now`.
+        fn contains(&self, sid: &str, now: u64) -> bool {
+            let held = self.held.read().unwrap_or_else(|p| p.into_inner());
+            held.sessions.get(sid).is_some_and(|u| *u > now)
+        }
+    }
 
     fn out(sid: &str, until: u64) -> SignedOut {
         SignedOut {

@@ -132,12 +132,17 @@ async fn proxy<B: RequestBody>(
     let mut req = req;
     let table = shared.table.load_full();
     let apps_domain = table.config.apps_domain.as_str();
-    if request_host(&req).is_ok_and(|h| crate::auth::is_auth_host(&h, apps_domain)) {
+    // Read once: the auth host's check and the routing both need it.
+    let host = request_host(&req);
+    if host
+        .as_ref()
+        .is_ok_and(|h| crate::auth::is_auth_host(h, apps_domain))
+    {
         return crate::auth::serve_auth_host(&req, &shared.auth, &table)
             .await
             .map(Outcome::Local);
     }
-    let app = route(&req, &table)?;
+    let app = route(&req, host, &table)?;
     tracing::Span::current().record("app", app.id.as_str());
     record.app = Some(Arc::clone(&app));
     admit(&req, &app)?;
@@ -176,13 +181,18 @@ enum Outcome {
     Local(Response<Body>),
 }
 
-/// Phase 1: the app published at the request's host.
-pub(crate) fn route<B>(req: &Request<B>, table: &RoutingTable) -> Result<Arc<App>, ProxyError> {
+/// Phase 1: the app published at the request's host (`host`, as
+/// [`request_host`] read it).
+pub(crate) fn route<B>(
+    req: &Request<B>,
+    host: Result<std::borrow::Cow<'_, str>, ProxyError>,
+    table: &RoutingTable,
+) -> Result<Arc<App>, ProxyError> {
     if req.method() == Method::CONNECT && req.version() == Version::HTTP_3 {
         // Extended CONNECT (WebSocket over HTTP/3) is not carried.
         return Err(ProxyError::ExtendedConnect);
     }
-    let host = request_host(req)?;
+    let host = host?;
     match table.app_for_host(&host) {
         Some(app) => Ok(Arc::clone(app)),
         None => Err(ProxyError::AppNotFound {
