@@ -50,8 +50,9 @@ pub const MAX_TTL: Duration = Duration::from_secs(3600);
 pub const MAX_CACHED: usize = 64;
 /// The most addresses kept of one answer.
 pub const MAX_ADDRS: usize = 16;
-/// The most nameservers asked.
-pub const MAX_NAMESERVERS: usize = 8;
+/// The most nameservers asked; the `/etc/resolv.conf` reading is
+/// shared with the router's checks.
+pub use portico_agent::dns::MAX_NAMESERVERS;
 /// The last good answer per name, in the state directory.
 pub(crate) const SAVED_FILE: &str = "resolved-names.json";
 /// How long one resolution (the whole chain) may take.
@@ -67,9 +68,6 @@ const RETRY_MAX: Duration = Duration::from_secs(30);
 /// A saved answer older than this is written again when confirmed, so its
 /// age says when DNS last gave it.
 const RESAVE_AFTER: Duration = Duration::from_secs(600);
-/// The most read of `/etc/resolv.conf`.
-const MAX_RESOLV_CONF: u64 = 64 * 1024;
-const RESOLV_CONF: &str = "/etc/resolv.conf";
 
 /// The record types the walk asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -441,7 +439,7 @@ impl Resolver {
         metrics: Option<Metrics>,
     ) -> Self {
         let servers = if nameservers.is_empty() {
-            system_nameservers()
+            portico_agent::dns::system_nameservers("--nameserver")
         } else {
             Ok(nameservers.to_vec())
         };
@@ -966,41 +964,6 @@ pub fn parse_nameserver(s: &str) -> Result<SocketAddr, String> {
     Err(format!(
         "{s:?} is not a nameserver address: an IP with an optional port, such as 10.0.0.53, 10.0.0.53:5353 or [fd00::53]:53"
     ))
-}
-
-/// The `nameserver` lines of `/etc/resolv.conf`, port 53.
-fn system_nameservers() -> Result<Vec<SocketAddr>, String> {
-    use std::io::Read as _;
-    let mut text = String::new();
-    let read = std::fs::File::open(RESOLV_CONF)
-        .and_then(|f| f.take(MAX_RESOLV_CONF).read_to_string(&mut text));
-    if let Err(e) = read {
-        return Err(format!(
-            "--nameserver is not set and {RESOLV_CONF} cannot be read ({e})"
-        ));
-    }
-    let servers = parse_resolv_conf(&text);
-    if servers.is_empty() {
-        return Err(format!(
-            "--nameserver is not set and {RESOLV_CONF} lists no nameserver"
-        ));
-    }
-    Ok(servers)
-}
-
-/// The `nameserver IP` lines of a resolv.conf (a zone index such as
-/// `%eth0` is dropped), at most [`MAX_NAMESERVERS`].
-pub(crate) fn parse_resolv_conf(text: &str) -> Vec<SocketAddr> {
-    text.lines()
-        .filter_map(|l| {
-            let mut words = l.split_whitespace();
-            (words.next()? == "nameserver").then_some(())?;
-            let ip = words.next()?;
-            let ip = ip.split('%').next()?;
-            ip.parse::<IpAddr>().ok().map(|ip| SocketAddr::new(ip, 53))
-        })
-        .take(MAX_NAMESERVERS)
-        .collect()
 }
 
 /// hickory-resolver asking `servers`, one query at a time, its cache off.

@@ -13,19 +13,17 @@
 //! detected. Every refusal shows the chain it saw and what it expected.
 
 use std::future::Future;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::time::Duration;
 
 /// The most CNAME hops followed.
 pub(crate) const MAX_HOPS: usize = 8;
 /// How long one whole check may take.
 pub(crate) const CHECK_TIME: Duration = Duration::from_secs(10);
-/// The most nameservers asked.
-pub(crate) const MAX_NAMESERVERS: usize = 8;
+/// The most nameservers asked (the connector's bound too).
+pub(crate) use portico_agent::dns::MAX_NAMESERVERS;
 const QUERY_TIMEOUT: Duration = Duration::from_secs(2);
 const QUERY_ATTEMPTS: usize = 2;
-const RESOLV_CONF: &str = "/etc/resolv.conf";
-const MAX_RESOLV_CONF: u64 = 64 * 1024;
 
 /// A chain of names, printed `a -> b -> c`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -117,7 +115,7 @@ impl Checker {
     /// reason.
     pub(crate) fn new(nameservers: &[SocketAddr]) -> Checker {
         let servers = if nameservers.is_empty() {
-            system_nameservers()
+            portico_agent::dns::system_nameservers("--check-nameserver")
         } else {
             Ok(nameservers.to_vec())
         };
@@ -254,32 +252,6 @@ fn normalize(name: &str) -> String {
 
 fn resolver(servers: &[SocketAddr]) -> Result<hickory_resolver::TokioResolver, String> {
     portico_agent::dns::uncached_resolver(servers, QUERY_TIMEOUT, QUERY_ATTEMPTS)
-}
-
-fn system_nameservers() -> Result<Vec<SocketAddr>, String> {
-    use std::io::Read as _;
-    let mut text = String::new();
-    std::fs::File::open(RESOLV_CONF)
-        .and_then(|f| f.take(MAX_RESOLV_CONF).read_to_string(&mut text))
-        .map_err(|e| {
-            format!("--check-nameserver is not set and {RESOLV_CONF} cannot be read ({e})")
-        })?;
-    let servers: Vec<SocketAddr> = text
-        .lines()
-        .filter_map(|l| {
-            let mut words = l.split_whitespace();
-            (words.next()? == "nameserver").then_some(())?;
-            let ip = words.next()?.split('%').next()?;
-            ip.parse::<IpAddr>().ok().map(|ip| SocketAddr::new(ip, 53))
-        })
-        .take(MAX_NAMESERVERS)
-        .collect();
-    if servers.is_empty() {
-        return Err(format!(
-            "--check-nameserver is not set and {RESOLV_CONF} lists no nameserver"
-        ));
-    }
-    Ok(servers)
 }
 
 #[cfg(test)]

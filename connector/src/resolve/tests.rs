@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::*;
+use portico_agent::dns::parse_resolv_conf;
 
 /// A zone in memory: `CNAME`s and addresses by name; names listed in
 /// `failing` give no answer, those in neither map do not exist.
